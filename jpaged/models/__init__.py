@@ -1,0 +1,1 @@
+"""Functional model definitions: params pytrees and pure forward functions."""
