@@ -1,0 +1,189 @@
+"""ModelConfig: the static description of a Llama-family decoder, built from an HF config.json."""
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_ROPE_TYPES = ("llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hashable (a static jit argument). Field names follow jpaged's glossary, not HF's."""
+
+    architecture: str  # "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple | None  # sorted (key, value) items of HF's rope_scaling, without rope_theta
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # biases on q/k/v (Qwen2 always; Llama/Qwen3 also on o_proj)
+    qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    sliding_window: int | None  # Mistral: a query at p sees keys at positions > p - sliding_window
+    dtype: str  # "float32" | "bfloat16" | "float16": params and matmul inputs
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; jpaged supports "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES} (set --dtype)")
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_q_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_kv_heads}"
+            )
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """Qwen2 has q/k/v biases only; Llama-style attention_bias also biases o_proj."""
+        return self.attention_bias and self.architecture != "Qwen2ForCausalLM"
+
+    @property
+    def rope_scaling_dict(self) -> dict | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (tuples become lists); `from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "ModelConfig":
+        fields = dict(fields)
+        if fields.get("rope_scaling") is not None:
+            fields["rope_scaling"] = tuple(tuple(item) for item in fields["rope_scaling"])
+        fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+        return cls(**fields)
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict, dtype: str = "auto") -> "ModelConfig":
+        """Builds a config from the fields of an HF config.json.
+
+        dtype "auto" is float32 when JAX's default backend is the CPU, else the checkpoint's
+        dtype (`dtype` or `torch_dtype`; float32 when absent).
+        Raises ValueError naming the field for anything jpaged does not implement.
+        """
+        architectures = hf_config.get("architectures") or []
+        if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {architectures or hf_config.get('model_type')!r} in "
+                f"config.json; jpaged supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        architecture = architectures[0]
+        hidden_act = hf_config.get("hidden_act", "silu")
+        if hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {hidden_act!r} in config.json (only 'silu')")
+        if hf_config.get("mlp_bias"):
+            raise ValueError("unsupported mlp_bias=true in config.json")
+
+        num_q_heads = hf_config["num_attention_heads"]
+        head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // num_q_heads
+        rope_theta, rope_scaling = _rope_fields(hf_config)
+
+        if architecture == "Qwen2ForCausalLM":
+            attention_bias = True
+        else:
+            attention_bias = bool(hf_config.get("attention_bias", False))
+        sliding_window = hf_config.get("sliding_window")
+        if architecture != "MistralForCausalLM" and not hf_config.get("use_sliding_window", False):
+            sliding_window = None  # Qwen configs carry a window they do not use
+
+        eos = hf_config.get("eos_token_id")
+        eos_token_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+        return cls(
+            architecture=architecture,
+            vocab_size=hf_config["vocab_size"],
+            hidden_size=hf_config["hidden_size"],
+            intermediate_size=hf_config["intermediate_size"],
+            num_layers=hf_config["num_hidden_layers"],
+            num_q_heads=num_q_heads,
+            num_kv_heads=hf_config.get("num_key_value_heads") or num_q_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf_config.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            qk_norm=architecture == "Qwen3ForCausalLM",
+            sliding_window=sliding_window,
+            dtype=resolve_dtype(dtype, hf_config.get("dtype") or hf_config.get("torch_dtype")),
+            bos_token_id=hf_config.get("bos_token_id"),
+            eos_token_ids=eos_token_ids,
+        )
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str | None) -> str:
+    """The params dtype for `--dtype`: "auto" is float32 on CPU, else the checkpoint's dtype."""
+    if dtype == "auto":
+        if jax.default_backend() == "cpu" or checkpoint_dtype not in DTYPES:
+            return "float32"
+        return checkpoint_dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def _rope_fields(hf_config: dict) -> tuple[float, tuple | None]:
+    """(rope_theta, rope_scaling items) from either rope_scaling (transformers 4) or
+    rope_parameters (transformers 5)."""
+    params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    rope_theta = float(params.pop("rope_theta", hf_config.get("rope_theta", 10000.0)))
+    rope_type = params.pop("rope_type", None) or params.pop("type", None)
+    params.pop("type", None)
+    if rope_type in (None, "default"):
+        return rope_theta, None
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"unsupported rope_scaling type {rope_type!r} in config.json; jpaged supports "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    params["rope_type"] = rope_type
+    return rope_theta, tuple(sorted(params.items()))
+
+
+def rope_inv_freq(config: ModelConfig):
+    """float64 numpy [head_dim // 2] inverse frequencies, with llama3/linear scaling applied."""
+    exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    scaling = config.rope_scaling_dict
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: keep high frequencies, divide low ones by `factor`, blend in between.
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, blended, scaled)

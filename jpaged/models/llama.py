@@ -1,0 +1,192 @@
+"""Functional Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3).
+
+Params are a plain pytree (weights stored [in, out]):
+
+    {"embed": [vocab_size, hidden_size],
+     "layers": [  # a LIST, one dict per layer (never a stacked [num_layers, ...] array)
+        {"input_norm": [hidden], "q_proj": [hidden, q_heads*head_dim],
+         "k_proj"/"v_proj": [hidden, kv_heads*head_dim], "o_proj": [q_heads*head_dim, hidden],
+         "q_bias"/"k_bias"/"v_bias": [out]   (config.attention_bias),
+         "o_bias": [hidden]                  (config.o_proj_bias),
+         "q_norm"/"k_norm": [head_dim]        (config.qk_norm),
+         "post_attention_norm": [hidden], "gate_proj"/"up_proj": [hidden, intermediate],
+         "down_proj": [intermediate, hidden]}, ...],
+     "final_norm": [hidden_size],
+     "lm_head": [hidden_size, vocab_size]}   (absent when config.tie_word_embeddings)
+
+All weights are in config.dtype. Matmuls take config.dtype inputs and accumulate in float32;
+RMSNorm, RoPE, SiLU and softmax run in float32.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from jpaged.models.config import ModelConfig, rope_inv_freq
+from pallas_kernels.reference import write_kv
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The params pytree with shape tuples as leaves (what loaders must produce)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_size = config.num_q_heads * config.head_dim
+    kv_size = config.num_kv_heads * config.head_dim
+    layer = {
+        "input_norm": (hidden,),
+        "q_proj": (hidden, q_size),
+        "k_proj": (hidden, kv_size),
+        "v_proj": (hidden, kv_size),
+        "o_proj": (q_size, hidden),
+        "post_attention_norm": (hidden,),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+    if config.attention_bias:
+        layer.update(q_bias=(q_size,), k_bias=(kv_size,), v_bias=(kv_size,))
+    if config.o_proj_bias:
+        layer["o_bias"] = (hidden,)
+    if config.qk_norm:
+        layer.update(q_norm=(config.head_dim,), k_norm=(config.head_dim,))
+    shapes = {
+        "embed": (config.vocab_size, hidden),
+        "layers": [dict(layer) for _ in range(config.num_layers)],
+        "final_norm": (hidden,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (hidden, config.vocab_size)
+    return shapes
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> dict:
+    """Random params in config.dtype: N(0, 0.02) weights and biases, norms near 1."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    values = []
+    for (path, shape), leaf_key in zip(leaves, keys):
+        noise = jax.random.normal(leaf_key, shape, jnp.float32)
+        is_norm = str(getattr(path[-1], "key", "")).endswith("norm")
+        values.append(((1.0 + 0.1 * noise) if is_norm else 0.02 * noise).astype(config.dtype))
+    return jax.tree.unflatten(treedef, values)
+
+
+def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_meta, attention_fn):
+    """One paged step over packed tokens.
+
+    Args:
+      token_ids, positions: i32[num_tokens], packed over sequences and padded.
+      kv_cache: list (one per layer) of (k_pages, v_pages), each
+        [num_blocks, num_kv_heads, block_size, head_dim]; donate it.
+      attn_meta: AttentionMetadata (slot_mapping, block_tables, kv_lens, cu_q_lens).
+      attention_fn: a function with `pallas_kernels.reference.ragged_paged_attention`'s signature.
+    Returns:
+      (hidden [num_tokens, hidden_size] in config.dtype with the final norm applied, new kv_cache).
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
+    x = jnp.take(params["embed"], token_ids, axis=0)  # [T, hidden]
+    new_cache = []
+    for layer, (k_pages, v_pages) in zip(params["layers"], kv_cache):
+        q, k, v = _attention_inputs(layer, config, x, positions, inv_freq)  # [T, heads, head_dim]
+        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, attn_meta.slot_mapping)
+        attn = attention_fn(
+            q,
+            k_pages,
+            v_pages,
+            attn_meta.kv_lens,
+            attn_meta.block_tables,
+            attn_meta.cu_q_lens,
+            sm_scale=config.head_dim**-0.5,
+            sliding_window=config.sliding_window,
+            soft_cap=None,
+        )
+        x = _attention_output_and_mlp(layer, config, x, attn)
+        new_cache.append((k_pages, v_pages))
+    return _rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
+
+
+def compute_logits(params, config: ModelConfig, hidden):
+    """f32[n, vocab_size] from hidden [n, hidden_size] (tied to the embedding when configured)."""
+    if config.tie_word_embeddings:
+        return jnp.einsum("nh,vh->nv", hidden, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("nh,hv->nv", hidden, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def forward_dense(params, config: ModelConfig, token_ids):
+    """Causal forward without a cache, the oracle for `forward`.
+
+    token_ids: i32[batch, seq]; every row starts at position 0. Returns f32[batch, seq, vocab_size].
+    """
+    batch, seq = token_ids.shape
+    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    x = jnp.take(params["embed"], token_ids, axis=0)  # [B, S, hidden]
+    for layer in params["layers"]:
+        q, k, v = _attention_inputs(layer, config, x, positions, inv_freq)  # [B, S, heads, D]
+        attn = _dense_causal_attention(q, k, v, config.sliding_window)
+        x = _attention_output_and_mlp(layer, config, x, attn)
+    hidden = _rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    logits = compute_logits(params, config, hidden.reshape(batch * seq, -1))
+    return logits.reshape(batch, seq, -1)
+
+
+def _attention_inputs(layer, config, x, positions, inv_freq):
+    """q [..., num_q_heads, head_dim], k and v [..., num_kv_heads, head_dim] with RoPE applied."""
+    h = _rms_norm(x, layer["input_norm"], config.rms_norm_eps)
+    lead = h.shape[:-1]
+    q = _linear(h, layer["q_proj"], layer.get("q_bias")).reshape(*lead, config.num_q_heads, -1)
+    k = _linear(h, layer["k_proj"], layer.get("k_bias")).reshape(*lead, config.num_kv_heads, -1)
+    v = _linear(h, layer["v_proj"], layer.get("v_bias")).reshape(*lead, config.num_kv_heads, -1)
+    if config.qk_norm:
+        q = _rms_norm(q, layer["q_norm"], config.rms_norm_eps)
+        k = _rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+    return _rope(q, positions, inv_freq), _rope(k, positions, inv_freq), v
+
+
+def _attention_output_and_mlp(layer, config, x, attn):
+    """The residual stream after o_proj and the SwiGLU MLP. attn: [..., num_q_heads, head_dim]."""
+    attn = attn.reshape(*attn.shape[:-2], -1).astype(x.dtype)
+    x = x + _linear(attn, layer["o_proj"], layer.get("o_bias"))
+    h = _rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps)
+    gate = _linear(h, layer["gate_proj"]).astype(jnp.float32)
+    up = _linear(h, layer["up_proj"]).astype(jnp.float32)
+    return x + _linear((jax.nn.silu(gate) * up).astype(x.dtype), layer["down_proj"])
+
+
+def _linear(x, weight, bias=None):
+    """x [..., in] @ weight [in, out] (+ bias [out]) with float32 accumulation, in x.dtype."""
+    y = jnp.einsum("...i,io->...o", x, weight, preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _rms_norm(x, weight, eps):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def _rope(x, positions, inv_freq):
+    """Rotates halves (HF's rotate_half layout). x [..., heads, head_dim], positions i32[...]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., head_dim // 2]
+    cos = jnp.cos(angles)[..., None, :]
+    sin = jnp.sin(angles)[..., None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def _dense_causal_attention(q, k, v, sliding_window):
+    """q [B, S, Hq, D], k/v [B, S, Hkv, D] -> [B, S, Hq, D]; softmax in float32."""
+    batch, seq, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    qg = q.astype(jnp.float32).reshape(batch, seq, num_kv_heads, -1, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32)) * head_dim**-0.5
+    pos = jnp.arange(seq)
+    visible = pos[None, :] <= pos[:, None]  # [q, s]
+    if sliding_window is not None:
+        visible = visible & (pos[None, :] > pos[:, None] - sliding_window)
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(jnp.float32))
+    return out.reshape(batch, seq, num_q_heads, head_dim).astype(q.dtype)
