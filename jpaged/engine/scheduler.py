@@ -1,0 +1,324 @@
+"""Continuous batching: which requests run each step, under one token budget.
+
+Each step, `schedule()` lets every request's num_computed_tokens catch up with its num_tokens:
+1. running requests, decodes (1 token left) first, then partial prefills, chunked to the budget;
+   when the pool is out of blocks, the newest running request not yet scheduled this step is
+   preempted (recompute, or swap to host slots when `num_swap_blocks` > 0 and they have room);
+2. then, if nothing was preempted, waiting requests in FCFS order (preempted ones at the front),
+   each after its prefix-cache hits, until the budget, `max_num_seqs` or the pool runs out. The
+   queue is strictly FCFS: a request that does not fit blocks the ones behind it.
+
+The engine calls schedule(), runs the step, then update_from_output() with the sampled tokens.
+Not thread-safe: abort/finish calls must not run concurrently with schedule/update.
+"""
+
+import collections
+import dataclasses
+import time
+
+from jpaged.engine.block_manager import KVCacheManager, cdiv
+from jpaged.engine.request import Request, RequestStatus
+from jpaged.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int  # includes preempted and swapped requests
+    kv_cache_usage: float  # fraction of non-null blocks held by requests, 0..1
+    prefix_cache_queries: int  # tokens looked up in the prefix cache, cumulative
+    prefix_cache_hits: int  # tokens found there, cumulative
+    num_preemptions: int  # cumulative
+    kv_waste_slots: int  # allocated slots of running requests not holding a computed token
+
+
+class Scheduler:
+    """Owns every unfinished request and the KV cache manager."""
+
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        num_swap_blocks: int = 0,
+    ) -> None:
+        for name, value in [
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_model_len", max_model_len),
+        ]:
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}.")
+        if num_swap_blocks < 0:
+            raise ValueError(f"num_swap_blocks must be non-negative, got {num_swap_blocks}.")
+        if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) is smaller than max_model_len "
+                f"({max_model_len}) with chunked prefill disabled, so longer prompts could never run. "
+                "Raise --max-num-batched-tokens, lower --max-model-len, or enable chunked prefill."
+            )
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks=num_blocks,
+            block_size=block_size,
+            enable_caching=enable_prefix_caching,
+            num_swap_blocks=num_swap_blocks,
+        )
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self._finished_request_ids: set[str] = set()
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; resolves its max_tokens. ValueError (with the numbers and the flag
+        to change) for a request that could never finish."""
+        if request.request_id in self.requests:
+            raise ValueError(f"Request id {request.request_id!r} is already in use.")
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise ValueError("The prompt is empty: a request needs at least one prompt token.")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(
+                f"The prompt is {num_prompt} tokens long but the maximum model length is {self.max_model_len} "
+                "tokens, which leaves no room for an output token. Shorten the prompt or raise --max-model-len."
+            )
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - num_prompt
+        if num_prompt + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion, or raise --max-model-len."
+            )
+        # The last sampled token is never stored, so a request stores at most this many tokens.
+        num_blocks_needed = cdiv(num_prompt + max_tokens - 1, self.block_size)
+        num_usable = self.kv_cache_manager.num_usable_blocks
+        if num_blocks_needed > num_usable:
+            raise ValueError(
+                f"Request {request.request_id!r} may need {num_blocks_needed} KV blocks of {self.block_size} tokens "
+                f"({num_prompt} prompt + {max_tokens} max_tokens) but the KV pool has only {num_usable} blocks "
+                f"({num_usable * self.block_size} tokens). Raise --num-gpu-blocks-override or "
+                "--gpu-memory-utilization, or lower max_tokens."
+            )
+        request.max_tokens = max_tokens
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: dict[str, int] = {}  # request id -> num_scheduled_tokens, in scheduling order
+        blocks_to_swap_out: list[tuple[int, int]] = []
+        blocks_to_swap_in: list[tuple[int, int]] = []
+        num_preemptions_before = self.num_preemptions
+
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for request in decodes + prefills:
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._allocate_or_preempt(request, num_new_tokens, scheduled, blocks_to_swap_out):
+                scheduled[request.request_id] = num_new_tokens
+                budget -= num_new_tokens
+
+        # Swap-ins free host slots at once: admitting none in a step that swapped out means a
+        # slot is never written by a swap-out and read by a swap-in in the same step.
+        if self.num_preemptions == num_preemptions_before:
+            budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in)
+
+        finished_request_ids, self._finished_request_ids = self._finished_request_ids, set()
+        return SchedulerOutput(
+            scheduled=self._make_scheduled_requests(scheduled),
+            total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+            finished_request_ids=finished_request_ids,
+            blocks_to_swap_out=blocks_to_swap_out,
+            blocks_to_swap_in=blocks_to_swap_in,
+        )
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new_tokens: int, scheduled: dict[str, int], blocks_to_swap_out: list
+    ) -> bool:
+        """Allocate room for a running request's new tokens, preempting the newest running
+        request not scheduled this step (possibly `request` itself, then False) until it fits."""
+        while self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
+            victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
+            self._preempt(victim, blocks_to_swap_out)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request, blocks_to_swap_out: list[tuple[int, int]]) -> None:
+        self.running.remove(request)
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        mapping = self.kv_cache_manager.swap_out(request) if self.kv_cache_manager.num_swap_blocks else None
+        if mapping is None:
+            self.kv_cache_manager.free(request)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+        else:
+            blocks_to_swap_out.extend(mapping)
+            request.status = RequestStatus.SWAPPED
+        self.waiting.appendleft(request)
+
+    def _schedule_waiting(self, budget: int, scheduled: dict[str, int], blocks_to_swap_in: list) -> int:
+        """Admit waiting requests in FCFS order while they fit; returns the budget left."""
+        now = time.time()
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_cached_tokens = [], request.num_computed_tokens
+            if request.status != RequestStatus.SWAPPED:
+                computed_blocks, num_cached_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            num_new_tokens = request.num_tokens - num_cached_tokens
+            if num_new_tokens > budget and not self.enable_chunked_prefill:
+                break
+            num_new_tokens = min(num_new_tokens, budget)
+            if request.status == RequestStatus.SWAPPED:
+                mapping = self.kv_cache_manager.swap_in(request, num_new_tokens)
+                if mapping is None:
+                    break
+                blocks_to_swap_in.extend(mapping)
+            else:
+                if self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks) is None:
+                    break
+                request.num_computed_tokens = num_cached_tokens
+                if self.kv_cache_manager.enable_caching:
+                    self.prefix_cache_queries += request.num_tokens
+                    self.prefix_cache_hits += num_cached_tokens
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+                request.num_cached_tokens = num_cached_tokens
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = num_new_tokens
+            budget -= num_new_tokens
+        return budget
+
+    def _make_scheduled_requests(self, scheduled: dict[str, int]) -> list[ScheduledRequest]:
+        out = []
+        for request_id, num_new_tokens in scheduled.items():
+            request = self.requests[request_id]
+            start = request.num_computed_tokens
+            out.append(
+                ScheduledRequest(
+                    request_id=request_id,
+                    token_ids=request.all_token_ids[start : start + num_new_tokens],
+                    start_position=start,
+                    block_table=self.kv_cache_manager.get_block_ids(request_id),
+                    sample=start + num_new_tokens == request.num_tokens,
+                    sampling_params=request.sampling_params,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=request.output_token_ids,
+                )
+            )
+        # Decodes first, then prefill chunks (a stable sort keeps FCFS order within each).
+        out.sort(key=lambda s: not (s.sample and s.num_scheduled_tokens == 1))
+        return out
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Record a finished step: advance num_computed_tokens, append each sampled token, stop
+        requests that hit a token stop or a length cap (freeing their blocks). Returns the
+        requests that got a new token, finished or not, in batch order."""
+        now = time.time()
+        updated = []
+        for scheduled_request in scheduler_output.scheduled:
+            request = self.requests.get(scheduled_request.request_id)
+            if request is None:  # aborted while the step ran
+                continue
+            request.num_computed_tokens += scheduled_request.num_scheduled_tokens
+            if not scheduled_request.sample:
+                continue
+            if request.request_id not in sampled_token_ids:
+                raise ValueError(f"No sampled token for request {request.request_id!r}, which sampled this step.")
+            request.append_output_token(sampled_token_ids[request.request_id], now)
+            updated.append(request)
+            status, stop_reason = self._check_stop(request)
+            if status is not None:
+                self._finish(request, status, stop_reason, now)
+        return updated
+
+    def _check_stop(self, request: Request) -> tuple[RequestStatus | None, int | None]:
+        """vLLM's order: min_tokens, eos (unless ignore_eos), stop_token_ids, max_tokens, max_model_len."""
+        params = request.sampling_params
+        if request.num_output_tokens < params.min_tokens:
+            return None, None
+        last_token_id = request.output_token_ids[-1]
+        if not params.ignore_eos and last_token_id in request.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED, None
+        if last_token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, last_token_id
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED, None
+        return None, None
+
+    def finish_requests(
+        self, request_ids: str | list[str], status: RequestStatus, stop_reason: int | str | None = None
+    ) -> None:
+        """End requests in any state (the engine found a stop string, or an abort) and free all
+        their blocks. Unknown or already finished ids are ignored."""
+        if not status.is_finished():
+            raise ValueError(f"finish_requests needs a FINISHED_* status, got {status.name}.")
+        now = time.time()
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            request = self.requests.get(request_id)
+            if request is not None:
+                self._finish(request, status, stop_reason, now)
+
+    def abort_requests(self, request_ids: str | list[str]) -> None:
+        self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None, now: float) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        request.stop_reason = stop_reason
+        request.finished_time = now
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self._finished_request_ids.add(request.request_id)
+
+    def get_stats(self) -> SchedulerStats:
+        """Counters and gauges; kv_waste_slots is exact between steps (after update_from_output)."""
+        waste = sum(
+            len(self.kv_cache_manager.req_to_blocks.get(r.request_id, ())) * self.block_size - r.num_computed_tokens
+            for r in self.running
+        )
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv_cache_manager.block_pool.get_usage(),
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+            kv_waste_slots=waste,
+        )

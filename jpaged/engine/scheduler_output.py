@@ -1,0 +1,59 @@
+"""What runs in one step: a plain-Python description the runner turns into device arrays."""
+
+import dataclasses
+
+from jpaged.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(repr=False)
+class ScheduledRequest:
+    """One request's share of a step. The runner needs nothing else from the scheduler."""
+
+    request_id: str
+    token_ids: list[int]  # tokens to process this step; len = num_scheduled_tokens
+    start_position: int  # num_computed_tokens before this step = position of token_ids[0]
+    block_table: list[int]  # the request's whole current block table (a copy)
+    sample: bool  # this chunk reaches the last known token: a token is sampled from its last row
+    sampling_params: SamplingParams
+    # Read-only references to the request's live lists (penalties need them); never copied.
+    # The sampled token's index among outputs is len(output_token_ids) (seeds fold this in).
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"ScheduledRequest(request_id={self.request_id!r}, num_scheduled_tokens={self.num_scheduled_tokens}, "
+            f"start_position={self.start_position}, num_blocks={len(self.block_table)}, sample={self.sample})"
+        )
+
+
+@dataclasses.dataclass(repr=False)
+class SchedulerOutput:
+    """One step: the scheduled requests and the block copies to run before the forward."""
+
+    scheduled: list[ScheduledRequest]  # batch order: decodes first, then prefill chunks
+    total_num_scheduled_tokens: int
+    finished_request_ids: set[str]  # finished/aborted since the last schedule(): drop their state
+    blocks_to_swap_out: list[tuple[int, int]]  # (device block id, host slot): run before this step's forward
+    blocks_to_swap_in: list[tuple[int, int]]  # (host slot, device block id): run after swap-outs, before the forward
+
+    @classmethod
+    def make_empty(cls) -> "SchedulerOutput":
+        return cls(
+            scheduled=[],
+            total_num_scheduled_tokens=0,
+            finished_request_ids=set(),
+            blocks_to_swap_out=[],
+            blocks_to_swap_in=[],
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"SchedulerOutput(scheduled={self.scheduled!r}, total_num_scheduled_tokens={self.total_num_scheduled_tokens}, "
+            f"finished_request_ids={sorted(self.finished_request_ids)!r}, "
+            f"blocks_to_swap_out={self.blocks_to_swap_out!r}, blocks_to_swap_in={self.blocks_to_swap_in!r})"
+        )
