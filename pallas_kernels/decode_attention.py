@@ -1,0 +1,90 @@
+"""Decode-only paged attention in Pallas (Triton lowering): one query token per sequence.
+
+Same signature as `pallas_kernels.reference.ragged_paged_attention`, valid only when every
+sequence's q_len (cu_q_lens[s + 1] - cu_q_lens[s]) is 0 or 1 -- decode steps, which dominate
+serving. One program handles (sequence, KV head, KV split): its rows are the GQA group padded to
+at least 16, and the sequence's context is split across `num_kv_splits` programs whose partial
+softmax results are merged afterwards (so a small batch with long contexts still fills the GPU).
+The engine picks this kernel only for steps it knows are decode-only; it does not check q_lens.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import paged_flash_kernel
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=[
+        "sm_scale", "sliding_window", "soft_cap", "pages_per_compute_block", "num_kv_splits",
+        "num_warps", "num_stages", "interpret",
+    ],
+)
+def decode_attention(
+    q,  # [num_tokens, num_q_heads, head_dim]
+    k_pages,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_pages,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    kv_lens,  # i32[num_seqs]: context length including this step's token; 0 for padding
+    block_tables,  # i32[num_seqs, pages_per_seq]: padded with the null block 0
+    cu_q_lens,  # i32[num_seqs + 1]: cumulative query lengths, each step 0 or 1
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    pages_per_compute_block: int | None = None,
+    num_kv_splits: int = 8,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
+    """Decode attention over paged K/V. Returns [num_tokens, num_q_heads, head_dim] in q.dtype.
+
+    Precondition: every q_len is 0 or 1 (not checked: the result is wrong otherwise). Semantics
+    otherwise as `reference.ragged_paged_attention`. Static tuning knobs:
+      pages_per_compute_block: pages per inner step (a power of two); None picks 128 keys' worth.
+      num_kv_splits: programs sharing one sequence's context.
+      num_warps, num_stages: Triton launch parameters. interpret: run the Pallas interpreter.
+    """
+    if pages_per_compute_block is None:
+        pages_per_compute_block = max(1, 128 // k_pages.shape[2])
+    paged_flash_kernel.check_inputs(
+        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens,
+        pages_per_compute_block=pages_per_compute_block,
+    )
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_pages.shape
+    num_seqs = kv_lens.shape[0]
+    group = num_q_heads // num_kv_heads
+    group_rows = max(16, pl.next_power_of_2(group))
+
+    has_query = cu_q_lens[1:] > cu_q_lens[:-1]  # bool[num_seqs]
+    first_pos = kv_lens - 1
+    kv_end = jnp.where(has_query, kv_lens, 0)
+    first_page = paged_flash_kernel.first_compute_page(
+        first_pos, sliding_window, block_size, pages_per_compute_block
+    )
+    seq = jnp.arange(num_seqs, dtype=jnp.int32)
+    item_meta = jnp.stack([seq, first_pos, kv_end, first_page], axis=1)  # i32[num_seqs, 4]
+
+    q_rows = q[jnp.minimum(cu_q_lens[:-1], num_tokens - 1)]  # [num_seqs, num_q_heads, head_dim]
+    q_rows = jnp.where(has_query[:, None, None], q_rows, jnp.zeros((), q.dtype))
+    q_items = q_rows.reshape(num_seqs, num_kv_heads, group, head_dim)
+    q_items = jnp.pad(q_items, ((0, 0), (0, 0), (0, group_rows - group), (0, 0)))
+
+    out_items = paged_flash_kernel.paged_flash_attention(
+        q_items, item_meta, block_tables, k_pages, v_pages,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        group_rows=group_rows, pages_per_compute_block=pages_per_compute_block,
+        num_kv_splits=num_kv_splits, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret,
+    )  # f32[num_seqs, num_kv_heads, group_rows, head_dim]
+
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    token_seq = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], token, side="right"), num_seqs - 1)
+    out = out_items[token_seq, :, :group]  # [num_tokens, num_kv_heads, group, head_dim]
+    out = jnp.where((token < cu_q_lens[num_seqs])[:, None, None, None], out, 0.0)
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

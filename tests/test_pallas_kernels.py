@@ -1,0 +1,152 @@
+"""Pallas paged-attention kernels: interpret mode on CPU against a dense oracle, CUDA lowering on
+CPU through an abstract H100, and the compiled kernels on a GPU when one is present."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from paged_attention_cases import assert_close, dense_attention, make_case
+
+# (q_len, kv_len): decode rows, prefills longer than one work item, chunked prefills, an idle
+# sequence with context but no query, lengths on and off block boundaries.
+MIXED = [(1, 1), (1, 37), (20, 20), (0, 9), (16, 16), (7, 70), (1, 64), (23, 53)]
+DECODE = [(1, 1), (1, 17), (1, 64), (0, 30), (1, 100), (1, 33)]
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+
+
+def run(kernel, case, **kwargs):
+    return kernel(case.q, case.k_pages, case.v_pages, case.kv_lens, case.block_tables,
+                  case.cu_q_lens, **kwargs)
+
+
+def paged_case(seed, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size,
+               dtype=jnp.float32, num_tokens=128):
+    return make_case(
+        seed, seq_lens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, num_tokens=num_tokens, num_seqs=len(seq_lens) + 2,
+        pages_per_seq=-(-128 // block_size), dtype=dtype,
+    )
+
+
+@pytest.mark.parametrize(
+    "num_q_heads,num_kv_heads,head_dim,block_size,block_q",
+    [(2, 2, 64, 16, 16), (9, 3, 64, 16, None), (8, 2, 128, 32, None), (16, 2, 64, 64, None)],
+    ids=["gqa1", "gqa3", "gqa4-d128-bs32", "gqa8-bs64"],
+)
+def test_ragged_matches_dense(num_q_heads, num_kv_heads, head_dim, block_size, block_q):
+    case = paged_case(0, MIXED, num_q_heads, num_kv_heads, head_dim, block_size)
+    sm_scale = head_dim**-0.5
+    out = run(ragged_paged_attention, case, sm_scale=sm_scale, block_q=block_q, interpret=True)
+    assert_close(out, dense_attention(case, sm_scale=sm_scale), jnp.float32, what="ragged")
+
+
+def test_ragged_window_soft_cap_and_kv_splits():
+    # The window starts mid-page and mid compute block; three splits do not divide the steps.
+    case = paged_case(1, MIXED, 6, 2, 64, 16)
+    kwargs = dict(sm_scale=0.3, sliding_window=21, soft_cap=4.0)
+    out = run(ragged_paged_attention, case, **kwargs, pages_per_compute_block=2, num_kv_splits=3,
+              interpret=True)
+    assert_close(out, dense_attention(case, **kwargs), jnp.float32, what="ragged window")
+
+
+def test_ragged_bfloat16():
+    case = paged_case(2, MIXED, 9, 3, 128, 32, dtype=jnp.bfloat16)
+    out = run(ragged_paged_attention, case, sm_scale=0.1, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    assert_close(out, dense_attention(case, sm_scale=0.1), jnp.bfloat16, what="ragged bf16")
+
+
+@pytest.mark.parametrize(
+    "num_q_heads,num_kv_heads,head_dim,block_size,num_kv_splits",
+    [(2, 2, 64, 16, 1), (9, 3, 64, 16, 3), (16, 2, 128, 32, 8)],
+    ids=["gqa1", "gqa3-split3", "gqa8-d128-split8"],
+)
+def test_decode_matches_dense(num_q_heads, num_kv_heads, head_dim, block_size, num_kv_splits):
+    case = paged_case(3, DECODE, num_q_heads, num_kv_heads, head_dim, block_size, num_tokens=8)
+    sm_scale = head_dim**-0.5
+    out = run(decode_attention, case, sm_scale=sm_scale, num_kv_splits=num_kv_splits,
+              interpret=True)
+    assert_close(out, dense_attention(case, sm_scale=sm_scale), jnp.float32, what="decode")
+
+
+def test_decode_window_soft_cap_bfloat16():
+    case = paged_case(4, DECODE, 12, 4, 64, 16, dtype=jnp.bfloat16, num_tokens=8)
+    kwargs = dict(sm_scale=0.125, sliding_window=40, soft_cap=2.5)
+    out = run(decode_attention, case, **kwargs, pages_per_compute_block=2, num_kv_splits=2,
+              interpret=True)
+    assert_close(out, dense_attention(case, **kwargs), jnp.bfloat16, what="decode window bf16")
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(q=jnp.zeros((8, 5, 64))), "num_q_heads 5 is not a multiple of num_kv_heads 2"),
+        (dict(kv_lens=jnp.zeros((4,), jnp.float32)), "kv_lens must be i32"),
+        (dict(cu_q_lens=jnp.zeros((4,), jnp.int32)), r"cu_q_lens must be i32\[5\]"),
+        (dict(k_pages=jnp.zeros((4, 2, 12, 64)), v_pages=jnp.zeros((4, 2, 12, 64))),
+         "block_size must be a power of two"),
+    ],
+)
+@pytest.mark.parametrize("kernel", [ragged_paged_attention, decode_attention], ids=["ragged", "decode"])
+def test_bad_inputs_name_the_argument(kernel, bad, match):
+    args = dict(q=jnp.zeros((8, 4, 64)), k_pages=jnp.zeros((4, 2, 16, 64)),
+                v_pages=jnp.zeros((4, 2, 16, 64)), kv_lens=jnp.zeros((4,), jnp.int32),
+                block_tables=jnp.zeros((4, 2), jnp.int32), cu_q_lens=jnp.zeros((5,), jnp.int32))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        kernel(**args, sm_scale=0.125, interpret=True)
+
+
+def _abstract_cuda_mesh():
+    """An AbstractMesh over one abstract H100, or None where this jax lacks the (private) API."""
+    try:
+        from jax.sharding import AbstractDevice, AbstractMesh  # AbstractDevice is not public API
+        device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+        return AbstractMesh((1,), ("x",), abstract_device=device)
+    except (ImportError, TypeError):
+        return None
+
+
+@pytest.mark.parametrize("kernel", [ragged_paged_attention, decode_attention], ids=["ragged", "decode"])
+@pytest.mark.parametrize(
+    "num_q_heads,num_kv_heads,head_dim,block_size",
+    [(9, 3, 64, 16), (32, 8, 128, 32), (8, 8, 128, 64)],
+    ids=["smollm2", "llama3-8b-bs32", "mha-bs64"],
+)
+def test_lowers_to_triton_for_cuda(kernel, num_q_heads, num_kv_heads, head_dim, block_size):
+    """Catches Triton lowering errors (non power-of-two shapes, unsupported ops) without a GPU."""
+    mesh = _abstract_cuda_mesh()
+    if mesh is None:
+        pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for CUDA on CPU")
+    num_tokens, num_seqs, pages_per_seq, num_blocks = 256, 16, 64, 1000
+    pages = jax.ShapeDtypeStruct((num_blocks, num_kv_heads, block_size, head_dim), jnp.bfloat16)
+    args = (
+        jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), jnp.bfloat16), pages, pages,
+        jax.ShapeDtypeStruct((num_seqs,), jnp.int32),
+        jax.ShapeDtypeStruct((num_seqs, pages_per_seq), jnp.int32),
+        jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32),
+    )
+    fn = functools.partial(kernel, sm_scale=0.125, sliding_window=100, soft_cap=30.0)
+    with jax.sharding.use_abstract_mesh(mesh):
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", [ragged_paged_attention, decode_attention], ids=["ragged", "decode"])
+def test_compiled_kernel_matches_reference_on_gpu(kernel, dtype):
+    seq_lens = DECODE * 8 if kernel is decode_attention else MIXED * 4
+    case = make_case(
+        5, seq_lens, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+        num_tokens=512, num_seqs=64, pages_per_seq=16, dtype=dtype,
+    )
+    kwargs = dict(sm_scale=128**-0.5, sliding_window=50, soft_cap=20.0)
+    out = run(kernel, case, **kwargs)
+    assert_close(out, dense_attention(case, **kwargs), dtype, what="compiled on gpu")
