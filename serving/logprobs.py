@@ -1,0 +1,66 @@
+"""Engine logprobs (one `{token_id: Logprob}` dict per token) in OpenAI's two response shapes."""
+
+from jpaged.outputs import Logprob
+from serving.protocol import ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs
+
+# JSON has no -inf; OpenAI and vLLM clamp to this.
+MIN_LOGPROB = -9999.0
+
+
+def _token_text(token_id: int, logprob: Logprob | None, tokenizer) -> str:
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _clamp(value: float) -> float:
+    return max(value, MIN_LOGPROB)
+
+
+def _top_entries(step: dict[int, Logprob], num_top: int) -> list[tuple[int, Logprob]]:
+    """The step's `num_top` best tokens (rank 1..num_top), best first."""
+    ranked = [(tid, lp) for tid, lp in step.items() if lp.rank is not None and lp.rank <= num_top]
+    return sorted(ranked, key=lambda item: item[1].rank)
+
+
+def completion_logprobs(token_ids: list[int], steps: list[dict[int, Logprob] | None],
+                        num_top: int, tokenizer, text_offset: int) -> CompletionLogprobs:
+    """OpenAI completions `logprobs` for `token_ids` whose text starts at char `text_offset`.
+
+    A None step (the first prompt token under echo) has logprob None and top_logprobs None.
+    Each top_logprobs dict holds the `num_top` best tokens and the chosen one, as vLLM's does.
+    """
+    result = CompletionLogprobs()
+    for token_id, step in zip(token_ids, steps, strict=True):
+        chosen = step.get(token_id) if step is not None else None
+        text = _token_text(token_id, chosen, tokenizer)
+        result.tokens.append(text)
+        result.token_logprobs.append(None if chosen is None else _clamp(chosen.logprob))
+        result.text_offset.append(text_offset)
+        text_offset += len(text)
+        if step is None:
+            result.top_logprobs.append(None)
+            continue
+        top = {_token_text(tid, lp, tokenizer): _clamp(lp.logprob) for tid, lp in _top_entries(step, num_top)}
+        if chosen is not None:
+            top.setdefault(text, _clamp(chosen.logprob))
+        result.top_logprobs.append(top)
+    return result
+
+
+def chat_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_top: int,
+                  tokenizer) -> ChatLogprobs:
+    """OpenAI chat `logprobs.content`: per token its text, logprob, UTF-8 bytes and top list."""
+    content = []
+    for token_id, step in zip(token_ids, steps, strict=True):
+        chosen = step.get(token_id)
+        text = _token_text(token_id, chosen, tokenizer)
+        top = []
+        for tid, lp in _top_entries(step, num_top):
+            top_text = _token_text(tid, lp, tokenizer)
+            top.append(ChatTopLogprob(token=top_text, logprob=_clamp(lp.logprob),
+                                      bytes=list(top_text.encode("utf-8"))))
+        content.append(ChatTokenLogprob(
+            token=text, logprob=_clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB,
+            bytes=list(text.encode("utf-8")), top_logprobs=top))
+    return ChatLogprobs(content=content)
