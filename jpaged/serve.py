@@ -19,7 +19,7 @@ from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
 from jpaged.loaders import DEFAULT_MODEL
 from serving.app import build_app
-from serving.context import DEFAULT_MAX_REQUEST_BYTES, ServingContext, load_chat_template
+from serving.context import DEFAULT_MAX_REQUEST_BYTES, ServingContext
 
 logger = logging.getLogger("jpaged.serve")
 
@@ -40,6 +40,9 @@ def make_parser() -> argparse.ArgumentParser:
                              "JPAGED_API_KEY environment variable; unset means no key.")
     server.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                         help="Largest request body accepted; larger ones get 413.")
+    server.add_argument("--trust-request-chat-template", action="store_true",
+                        help="Accept a `chat_template` field in chat requests (refused by default: "
+                             "it runs client-supplied jinja and may name a file on the server).")
     server.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                         help="Seconds in-flight requests may run after SIGTERM before they are "
                              "ended with finish_reason 'abort'.")
@@ -85,7 +88,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
     engine = AsyncLLM.from_engine_args(engine_args)
     model_name = engine_args.served_model_name or engine_args.model or DEFAULT_MODEL
     ctx = ServingContext(engine, served_model_name=model_name,
-                         chat_template=load_chat_template(engine_args.chat_template),
+                         trust_request_chat_template=args.trust_request_chat_template,
                          max_request_bytes=args.max_request_bytes)
     app = build_app(ctx, api_key=api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,

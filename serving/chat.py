@@ -20,11 +20,19 @@ from serving.streaming import SSE_DONE, prepend, sse_error, sse_event, unless_di
 
 def render_chat_prompt(ctx: ServingContext, messages, add_generation_prompt: bool,
                        chat_template: str | None, chat_template_kwargs: dict | None) -> str:
-    """The conversation as prompt text; a template that fails to render is a 400."""
+    """The conversation as prompt text; a template that fails to render is a 400.
+
+    `chat_template` from a request is refused unless the server trusts request templates: the
+    tokenizer also accepts file paths, which would let a client read the server's files.
+    """
+    if chat_template is not None and not ctx.trust_request_chat_template:
+        raise APIError("This server does not accept chat templates in requests; start it with "
+                       "--trust-request-chat-template, or set one for all requests with "
+                       "--chat-template.", param="chat_template")
     try:
         return ctx.tokenizer.apply_chat_template(
             [m.to_template_message() for m in messages], add_generation_prompt=add_generation_prompt,
-            chat_template=chat_template or ctx.chat_template, **(chat_template_kwargs or {}))
+            chat_template=chat_template, **(chat_template_kwargs or {}))
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise APIError(f"The chat template could not render these messages: {exc}",
                        param="messages") from None

@@ -1,7 +1,6 @@
 """What every route shares: the engine, the served names, request-body parsing and validation."""
 
 import json
-import os
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import TypeVar
@@ -20,23 +19,15 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
-def load_chat_template(value: str | None) -> str | None:
-    """`--chat-template`: a path to a jinja file, or the template text itself (as in vLLM)."""
-    if value is None or not os.path.isfile(value):
-        return value
-    with open(value, encoding="utf-8") as f:
-        return f.read()
-
-
 class ServingContext:
     """The engine plus the server's settings; routes reach AsyncLLM only through this."""
 
-    def __init__(self, engine, *, served_model_name: str, chat_template: str | None = None,
+    def __init__(self, engine, *, served_model_name: str, trust_request_chat_template: bool = False,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.served_model_name = served_model_name
-        self.chat_template = chat_template
+        self.trust_request_chat_template = trust_request_chat_template
         self.max_request_bytes = max_request_bytes
         self.max_model_len = engine.max_model_len
         self.metrics = ServerMetrics(engine, served_model_name)
