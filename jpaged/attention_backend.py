@@ -1,0 +1,56 @@
+"""Picks the paged-attention implementation for --attention-backend.
+
+All backends share `pallas_kernels.reference.ragged_paged_attention`'s signature:
+- reference: pure JAX, runs everywhere (the oracle);
+- pallas: Pallas/Triton kernels, NVIDIA GPUs only;
+- cpu: the C++ kernel registered through jax.ffi (built by `python -m pallas_kernels.cpu.build`);
+- auto: pallas on GPU, cpu on CPU, falling back to reference with one warning when the C++
+  kernel is unavailable.
+"""
+
+import importlib
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def _cpu_kernel():
+    """(module, None) or (None, reason the C++ kernel cannot be used)."""
+    try:
+        module = importlib.import_module("pallas_kernels.cpu")
+    except ImportError as e:
+        return None, f"pallas_kernels.cpu cannot be imported ({e})"
+    if not module.is_available():
+        return None, module.load_error()
+    return module, None
+
+
+def select_attention(backend: str, platform: str):
+    """Returns (name, attention_fn) for --attention-backend `backend` on `platform` ("cpu"/"gpu")."""
+    if backend == "auto":
+        backend = "pallas" if platform == "gpu" else "cpu"
+        if backend == "cpu":
+            module, reason = _cpu_kernel()
+            if module is None:
+                logger.warning("The C++ CPU attention kernel is unavailable (%s); using the reference "
+                               "attention, which is several times slower. Build it with "
+                               "`python -m pallas_kernels.cpu.build`.", reason)
+                backend = "reference"
+    if backend == "reference":
+        from pallas_kernels.reference import ragged_paged_attention
+        return "reference", ragged_paged_attention
+    if backend == "pallas":
+        if platform != "gpu":
+            raise ValueError(f"--attention-backend pallas needs an NVIDIA GPU, but jax runs on {platform}; "
+                             f"use --attention-backend auto, cpu or reference.")
+        from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+        return "pallas", ragged_paged_attention
+    if backend == "cpu":
+        if platform != "cpu":
+            raise ValueError(f"--attention-backend cpu runs on CPU only, but jax runs on {platform}.")
+        module, reason = _cpu_kernel()
+        if module is None:
+            raise ValueError(f"--attention-backend cpu: the C++ kernel is unavailable ({reason}). "
+                             f"Build it with `python -m pallas_kernels.cpu.build` or use --attention-backend reference.")
+        return "cpu", module.ragged_paged_attention
+    raise ValueError(f"unknown --attention-backend {backend!r}; choose auto, reference, pallas or cpu.")

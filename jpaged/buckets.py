@@ -1,0 +1,80 @@
+"""Shape buckets: the one place warm-up and runtime agree on which padded shapes exist.
+
+A step is padded to (num_tokens, num_seqs, pages_per_seq) buckets so a fixed set of programs,
+all compiled at start, serves every batch:
+- num_tokens: powers of two from 16 up to max_num_batched_tokens (the top bucket is the cap);
+- num_seqs: powers of two from 8 up to max_num_seqs;
+- pages_per_seq (block-table width): powers of two from MIN_PAGES up to
+  cdiv(max_model_len, block_size), chosen from the batch's longest context (on the XLA path
+  attention cost follows the table width, not the real context).
+"""
+
+import dataclasses
+import itertools
+
+MIN_TOKENS = 16
+MIN_SEQS = 8
+# Tables narrower than 4 blocks cost the same as 4; fewer buckets means a faster start.
+MIN_PAGES = 4
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def power_of_2_buckets(low: int, cap: int) -> tuple[int, ...]:
+    """Powers of two from `low` below `cap`, then `cap` itself (the top bucket is the cap, even
+    when it is not a power of two or is below `low`)."""
+    sizes = []
+    size = low
+    while size < cap:
+        sizes.append(size)
+        size *= 2
+    sizes.append(cap)
+    return tuple(sizes)
+
+
+def pick(buckets: tuple[int, ...], n: int) -> int:
+    """Smallest bucket >= n."""
+    for size in buckets:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The padded sizes of every step. Build with `Buckets.create`."""
+
+    num_tokens: tuple[int, ...]
+    num_seqs: tuple[int, ...]
+    pages_per_seq: tuple[int, ...]
+
+    @classmethod
+    def create(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+               block_size: int) -> "Buckets":
+        max_pages = cdiv(max_model_len, block_size)
+        return cls(
+            num_tokens=power_of_2_buckets(MIN_TOKENS, max_num_batched_tokens),
+            num_seqs=power_of_2_buckets(MIN_SEQS, max_num_seqs),
+            pages_per_seq=power_of_2_buckets(min(MIN_PAGES, max_pages), max_pages),
+        )
+
+    def step_shapes(self):
+        """Every (num_tokens, num_seqs, pages_per_seq) a step can have.
+
+        A step has at least one token per sequence, so num_seqs buckets above the one that t
+        sequences would get never occur with token bucket t.
+        """
+        for t, s, p in itertools.product(self.num_tokens, self.num_seqs, self.pages_per_seq):
+            if s <= pick(self.num_seqs, min(t, self.num_seqs[-1])):
+                yield t, s, p
+
+    def for_step(self, num_tokens: int, num_seqs: int, max_context: int, block_size: int):
+        return (pick(self.num_tokens, num_tokens), pick(self.num_seqs, num_seqs),
+                pick(self.pages_per_seq, cdiv(max_context, block_size)))
+

@@ -1,0 +1,114 @@
+"""EngineArgs: the single source of engine flag names, defaults and help text.
+
+`python -m jpaged.serve` and `scripts/benchmark_throughput.py` build their flags from it with
+`EngineArgs.add_cli_args(parser)`; `LLM(model, **kwargs)` takes the same names as keywords.
+"""
+
+import argparse
+import dataclasses
+import os
+
+# On CPU the KV pool lives in host memory; this is its budget when --kv-cache-memory is unset.
+DEFAULT_CPU_KV_CACHE_GIB = 4.0
+# On CPU, a longer context than this costs more compile time and memory than it is worth by
+# default; --max-model-len raises it up to the model's own limit.
+DEFAULT_CPU_MAX_MODEL_LEN = 2048
+
+
+def _field(default, help: str, choices=None, type=None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "type": type})
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    """Every engine setting, with vLLM's names and (where they make sense on CPU) its defaults."""
+
+    model: str | None = _field(
+        None, "Model: a .gguf file, an HF folder, an orbax checkpoint folder or a hub id. "
+        "Default: the bundled SmolLM2-135M-Instruct (Q4_1 GGUF).", type=str)
+    tokenizer: str | None = _field(None, "Tokenizer folder or hub id (default: the model's).", type=str)
+    revision: str | None = _field(None, "Hub revision of the model.", type=str)
+    load_format: str = _field("auto", "Weights format.", choices=["auto", "safetensors", "gguf", "orbax", "dummy"])
+    dtype: str = _field(
+        "auto", "Params and compute dtype. auto: float32 on CPU, the checkpoint's dtype on GPU.",
+        choices=["auto", "float32", "bfloat16", "float16"])
+    seed: int = _field(0, "Seed of the engine's random stream (draws seeds for unseeded requests).", type=int)
+    max_model_len: int | None = _field(
+        None, f"Longest prompt + output, in tokens. Default: the model's limit, capped at "
+        f"{DEFAULT_CPU_MAX_MODEL_LEN} on CPU.", type=int)
+    block_size: int = _field(16, "Tokens per KV-cache block.", type=int)
+    gpu_memory_utilization: float = _field(
+        0.9, "Fraction of accelerator memory for weights + KV cache. On CPU: the fraction of "
+        "available host memory the KV cache may take (see --kv-cache-memory).", type=float)
+    kv_cache_memory: float | None = _field(
+        None, f"KV-cache size in GiB (overrides --gpu-memory-utilization). On CPU the default "
+        f"is min({DEFAULT_CPU_KV_CACHE_GIB:g} GiB, utilization x available memory).", type=float)
+    num_gpu_blocks_override: int | None = _field(
+        None, "Exact number of KV blocks (including the null block 0); wins over memory sizing.", type=int)
+    swap_space: float = _field(
+        0.0, "Host memory in GiB for swapping preempted requests' KV blocks. 0 (default) "
+        "preempts by recomputation instead.", type=float)
+    max_num_seqs: int = _field(64, "Most requests in one step.", type=int)
+    max_num_batched_tokens: int = _field(
+        512, "Most tokens in one step: the prefill chunk size.", type=int)
+    enable_prefix_caching: bool = _field(True, "Reuse KV blocks of identical prompt prefixes.")
+    enable_chunked_prefill: bool = _field(True, "Split long prompts across steps.")
+    quantization: str | None = _field(None, "Weight quantization. Not supported yet: only None.", type=str)
+    kv_cache_dtype: str = _field("auto", "KV-cache dtype (auto: the model dtype).", choices=["auto", "float32", "bfloat16"])
+    tensor_parallel_size: int = _field(1, "Devices to shard the model over. Only 1 is implemented.", type=int)
+    attention_backend: str = _field(
+        "auto", "Paged attention implementation. auto: pallas on GPU, the C++ cpu kernel on CPU "
+        "(falls back to reference with a warning when it is not built).",
+        choices=["auto", "reference", "pallas", "cpu"])
+    compilation_cache_dir: str = _field(
+        os.path.join(os.path.expanduser("~"), ".cache", "jpaged", "jax_cache"),
+        "JAX persistent compilation cache directory ('' disables it).", type=str)
+    disable_log_stats: bool = _field(False, "Do not log engine statistics.")
+    chat_template: str | None = _field(None, "Chat template (jinja text or a file) replacing the model's.", type=str)
+    served_model_name: str | None = _field(None, "Model name reported by the API (default: --model).", type=str)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Adds one `--flag-name` per field (booleans get `--x/--no-x`)."""
+        group = parser.add_argument_group("engine")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            meta = f.metadata
+            if f.type is bool or f.type == "bool":
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            elif meta["choices"] is not None:
+                group.add_argument(flag, choices=meta["choices"], default=f.default, help=meta["help"])
+            else:
+                group.add_argument(flag, type=meta["type"], default=f.default, help=meta["help"])
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    def __post_init__(self):
+        if self.quantization not in (None, "", "none"):
+            raise ValueError(
+                f"quantization={self.quantization!r} is not supported; GGUF weights are dequantized "
+                f"at load time. Leave --quantization unset.")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} is not implemented yet; use "
+                f"--tensor-parallel-size 1.")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len} (--max-model-len).")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization} "
+                f"(--gpu-memory-utilization).")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space} (--swap-space).")
+        for name, choices in (("load_format", ["auto", "safetensors", "gguf", "orbax", "dummy"]),
+                              ("dtype", ["auto", "float32", "bfloat16", "float16"]),
+                              ("kv_cache_dtype", ["auto", "float32", "bfloat16"]),
+                              ("attention_backend", ["auto", "reference", "pallas", "cpu"])):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}.")

@@ -1,0 +1,292 @@
+"""LLMEngine: the synchronous host loop tying the scheduler, the runner and the detokenizer.
+
+`add_request` fans a request with n > 1 out into child requests f"{i}_{request_id}" (seeds
+seed + i), `step` runs one scheduled batch and returns the RequestOutputs it produced (merged
+per parent, shaped by the request's output_kind), `abort_request` ends a request and returns
+its final output. JAX is reached only through the runner. Not thread-safe: one caller at a time.
+"""
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+
+from jpaged.config import DEFAULT_CPU_MAX_MODEL_LEN, EngineArgs
+from jpaged.detokenizer import IncrementalDetokenizer
+from jpaged.engine import Request, RequestStatus, Scheduler
+from jpaged.loaders import load_model
+from jpaged.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
+from jpaged.runner import build_runner, device_platform
+from jpaged.sampler import MAX_LOGPROBS
+from jpaged.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Sample:
+    """One child request's output state."""
+
+    request: Request
+    index: int
+    seed: int
+    detokenizer: IncrementalDetokenizer | None
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # What DELTA outputs already carried:
+    sent_text_len: int = 0
+    sent_tokens: int = 0
+
+
+@dataclasses.dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+def resolve_max_model_len(args: EngineArgs, model_config, platform: str) -> int:
+    """--max-model-len, or the model's limit (capped on CPU); never above the model's limit."""
+    model_max = model_config.max_position_embeddings
+    if args.max_model_len is None:
+        return min(model_max, DEFAULT_CPU_MAX_MODEL_LEN) if platform == "cpu" else model_max
+    if args.max_model_len > model_max:
+        raise ValueError(f"--max-model-len {args.max_model_len} exceeds the model's max_position_embeddings "
+                         f"({model_max}); use --max-model-len {model_max} or less.")
+    return args.max_model_len
+
+
+class LLMEngine:
+    """Loads the model, sizes and allocates the KV pool, precompiles every step bucket (blocking)."""
+
+    def __init__(self, engine_args: EngineArgs, show_progress: bool = True):
+        self.engine_args = args = engine_args
+        loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, revision=args.revision,
+                            tokenizer=args.tokenizer, chat_template=args.chat_template)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_path = loaded.model_path
+        self.max_model_len = resolve_max_model_len(args, self.model_config, device_platform())
+        self.runner = build_runner(self.model_config, loaded.params, args, self.max_model_len)
+        self.scheduler = Scheduler(
+            num_blocks=self.runner.pool_spec.num_blocks, block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=self.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
+            enable_chunked_prefill=args.enable_chunked_prefill, num_swap_blocks=self.runner.num_swap_blocks)
+        start = time.perf_counter()
+        num_programs = self.runner.warmup(show_progress)
+        logger.info("compiled %d programs in %.1f s", num_programs, time.perf_counter() - start)
+        self._seed_stream = np.random.default_rng(args.seed)
+        self._parents: dict[str, _Parent] = {}
+        self._samples: dict[str, tuple[_Parent, _Sample]] = {}  # child request id -> its parent, state
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            raise ValueError(f"a prompt dict needs a 'prompt' or 'prompt_token_ids' key, got {sorted(prompt)}.")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids contain ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported yet; leave it unset.")
+        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be at most {MAX_LOGPROBS}, got {params.logprobs}.")
+        for name, ids in (("logit_bias", (params.logit_bias or {}).keys()), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queues a prompt (str, token ids, or {"prompt"| "prompt_token_ids": ...}).
+
+        ValueError, with the numbers and the flag to change, for a request that cannot run.
+        """
+        params = SamplingParams() if params is None else params
+        if request_id in self._parents:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        prompt_text, prompt_ids = self._prompt_ids(prompt)
+        self._validate(prompt_ids, params)
+        base_seed = params.seed if params.seed is not None else int(self._seed_stream.integers(0, 2**31))
+        parent = _Parent(request_id, prompt_text, prompt_ids, params, [])
+        child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        added = []
+        try:
+            for index, child_id in enumerate(child_ids):
+                child_params = params.clone()
+                child_params.n = 1
+                request = Request(child_id, prompt_ids, child_params, self.model_config.eos_token_ids, arrival_time)
+                self.scheduler.add_request(request)
+                added.append(child_id)
+                detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params) if params.detokenize else None
+                sample = _Sample(request, index, base_seed + index, detokenizer,
+                                 [] if params.logprobs is not None else None)
+                parent.samples.append(sample)
+                self._samples[child_id] = (parent, sample)
+        except ValueError:
+            self.scheduler.abort_requests(added)
+            for child_id in added:
+                del self._samples[child_id]
+            raise
+        self._parents[request_id] = parent
+        self.prompt_tokens_total += len(prompt_ids) * params.n
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Ends a request (all its samples) with finish_reason "abort"; returns its final output."""
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return None
+        live = [s for s in parent.samples if s.finish_reason is None]
+        self.scheduler.abort_requests([s.request.request_id for s in live])
+        for sample in live:
+            sample.finish_reason, sample.stop_reason = "abort", None
+        return self._make_output(parent, live)
+
+    def abort_all_requests(self) -> list[RequestOutput]:
+        return [self.abort_request(request_id) for request_id in list(self._parents)]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedules and runs one batch; returns the outputs it produced."""
+        scheduler_output = self.scheduler.schedule()
+        scheduled = scheduler_output.scheduled
+        if not scheduled:
+            return []
+        seeds = [self._samples[r.request_id][1].seed for r in scheduled]
+        result = self.runner.execute(scheduler_output, seeds)
+        rows = {r.request_id: i for i, r in enumerate(scheduled) if r.sample}
+        sampled = {rid: int(result.token_ids[i]) for rid, i in rows.items()}
+        updated = self.scheduler.update_from_output(scheduler_output, sampled)
+        self.generation_tokens_total += len(updated)
+        touched: dict[str, tuple[_Parent, list[_Sample]]] = {}
+        for request in updated:
+            parent, sample = self._samples[request.request_id]
+            self._append_token(sample, request, result, rows[request.request_id])
+            touched.setdefault(parent.request_id, (parent, []))[1].append(sample)
+        outputs = []
+        for parent, samples in touched.values():
+            output = self._make_output(parent, samples)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _append_token(self, sample: _Sample, request: Request, result, row: int) -> None:
+        token_id = request.output_token_ids[-1]
+        if sample.logprobs is not None:
+            sample.logprobs.append(self._logprob_entry(sample.request.sampling_params.logprobs, token_id, result, row))
+            sample.cumulative_logprob += float(result.logprobs[row])
+        params = request.sampling_params
+        stopped_by_token = request.finish_reason == "stop"
+        if sample.detokenizer is not None and not (stopped_by_token and not params.include_stop_str_in_output):
+            stop_str = sample.detokenizer.append(token_id)
+            if stop_str is not None:
+                if not request.is_finished():
+                    self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED, stop_str)
+                sample.finish_reason, sample.stop_reason = "stop", stop_str
+                return
+        if request.is_finished():
+            sample.finish_reason, sample.stop_reason = request.finish_reason, request.stop_reason
+
+    def _logprob_entry(self, num: int, token_id: int, result, row: int) -> dict[int, Logprob]:
+        entry = {token_id: Logprob(float(result.logprobs[row]), int(result.ranks[row]),
+                                   self.tokenizer.decode([token_id], skip_special_tokens=False))}
+        for rank, (tok, lp) in enumerate(zip(result.top_token_ids[row][:num], result.top_logprobs[row][:num]), 1):
+            tok = int(tok)
+            if tok not in entry:
+                entry[tok] = Logprob(float(lp), rank, self.tokenizer.decode([tok], skip_special_tokens=False))
+        return entry
+
+    # ---- outputs -----------------------------------------------------------------------------
+
+    def _completion(self, sample: _Sample, delta: bool) -> CompletionOutput:
+        finished = sample.finish_reason is not None
+        det = sample.detokenizer
+        text = det.visible_text(finished) if det is not None else ""
+        token_ids = sample.request.output_token_ids
+        logprobs = sample.logprobs
+        if delta:
+            new_text, text_start = text[sample.sent_text_len:], sample.sent_text_len
+            start = sample.sent_tokens
+            sample.sent_text_len, sample.sent_tokens = max(text_start, len(text)), len(token_ids)
+            text, token_ids = new_text, token_ids[start:]
+            logprobs = None if logprobs is None else logprobs[start:]
+        else:
+            token_ids = list(token_ids)
+            logprobs = None if logprobs is None else list(logprobs)
+        return CompletionOutput(
+            index=sample.index, text=text, token_ids=token_ids,
+            cumulative_logprob=sample.cumulative_logprob if sample.logprobs is not None else None,
+            logprobs=logprobs, finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
+
+    def _make_output(self, parent: _Parent, samples: list[_Sample]) -> RequestOutput | None:
+        """The RequestOutput for `parent` after `samples` changed, per its output_kind (None: nothing to send)."""
+        finished = parent.finished
+        kind = parent.params.output_kind
+        if finished:
+            self._forget(parent)
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        if kind == RequestOutputKind.DELTA:
+            completions = [self._completion(s, delta=True) for s in samples]
+        else:
+            completions = [self._completion(s, delta=False) for s in parent.samples]
+        first = parent.samples[0].request
+        metrics = RequestMetrics(
+            arrival_time=first.arrival_time,
+            first_scheduled_time=min((s.request.first_scheduled_time for s in parent.samples
+                                      if s.request.first_scheduled_time is not None), default=None),
+            first_token_time=min((s.request.first_token_time for s in parent.samples
+                                  if s.request.first_token_time is not None), default=None),
+            last_token_time=max((s.request.last_token_time for s in parent.samples
+                                 if s.request.last_token_time is not None), default=None),
+            finished_time=time.time() if finished else None)
+        return RequestOutput(
+            request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
+            prompt_logprobs=None, outputs=completions, finished=finished, metrics=metrics,
+            num_cached_tokens=first.num_cached_tokens)
+
+    def _forget(self, parent: _Parent) -> None:
+        self._parents.pop(parent.request_id, None)
+        for sample in parent.samples:
+            self._samples.pop(sample.request.request_id, None)
+
+    # ---- misc --------------------------------------------------------------------------------
+
+    def get_stats(self) -> EngineStats:
+        stats = self.scheduler.get_stats()
+        return EngineStats(
+            num_running=stats.num_running, num_waiting=stats.num_waiting, kv_cache_usage=stats.kv_cache_usage,
+            prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
+            num_preemptions=stats.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total)
+
+    def update_weights(self, params) -> None:
+        """Swaps in new params of the same structure, shapes and dtypes (between steps; no recompile)."""
+        self.runner.update_weights(params)

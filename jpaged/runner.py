@@ -1,0 +1,243 @@
+"""ModelRunner: the one host<->device boundary. Owns the params, the KV pool and the compiled steps.
+
+Per step: swap blocks out/in if the scheduler asked, pack the forward blob and the sampling blob
+(two int32 transfers), run the precompiled forward for the step's (num_tokens, num_seqs,
+pages_per_seq) bucket with the KV pool donated, run the precompiled sampler on the sampled rows'
+logits, and copy the sampled ids (plus logprobs when a request asked) back in one device_get.
+"""
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jpaged import kv_pool
+from jpaged.attention_backend import select_attention
+from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
+from jpaged.models import llama
+from jpaged.sampler import sample
+from jpaged.step_metadata import SamplingMetadata, StepMetadata, bias_entries, has_penalties, pack_sampling, pack_step
+
+logger = logging.getLogger(__name__)
+
+# Smallest penalty-token / logit-bias list bucket.
+_MIN_EXTRA = 16
+
+
+def _forward_step(params, kv_cache, blob, *, config, attention_fn, num_tokens, num_seqs, pages_per_seq):
+    meta = StepMetadata.unpack(blob, num_tokens, num_seqs, pages_per_seq)
+    hidden, kv_cache = llama.forward(params, config, meta.token_ids, meta.positions, kv_cache, meta.attn,
+                                     attention_fn)
+    logits = llama.compute_logits(params, config, hidden[meta.logits_indices])  # f32[num_seqs, vocab]
+    return logits, kv_cache
+
+
+def _sample_step(logits, blob, *, num_seqs, penalty_len, num_bias):
+    return sample(logits, SamplingMetadata.unpack(blob, num_seqs, penalty_len, num_bias))
+
+
+def _gather_blocks(kv_cache, block_ids):
+    return [(k[block_ids], v[block_ids]) for k, v in kv_cache]
+
+
+def _scatter_blocks(kv_cache, block_ids, blocks):
+    return [(k.at[block_ids].set(nk), v.at[block_ids].set(nv)) for (k, v), (nk, nv) in zip(kv_cache, blocks)]
+
+
+@dataclasses.dataclass
+class RunnerOutput:
+    """Host copies of one step's samples; row i belongs to scheduled[i]."""
+
+    token_ids: np.ndarray  # i32[num_seqs]
+    # Present only when a scheduled request asked for logprobs:
+    logprobs: np.ndarray | None = None  # f32[num_seqs]: the sampled token's
+    ranks: np.ndarray | None = None  # i32[num_seqs]
+    top_logprobs: np.ndarray | None = None  # f32[num_seqs, MAX_LOGPROBS]
+    top_token_ids: np.ndarray | None = None  # i32[num_seqs, MAX_LOGPROBS]
+
+
+class ModelRunner:
+    """Runs scheduled batches on one device.
+
+    Args:
+      model_config: jpaged.models.config.ModelConfig. params: its params pytree (on device).
+      pool_spec: kv_pool.KVPoolSpec. num_swap_blocks: host blocks for swapping (0: none).
+      attention_fn: a paged attention with the reference signature.
+    """
+
+    def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
+                 max_num_seqs: int, max_model_len: int, attention_fn, device):
+        self.model_config = model_config
+        self.params = params
+        self.pool_spec = pool_spec
+        self.block_size = pool_spec.block_size
+        self.max_model_len = max_model_len
+        self.device = device
+        self.buckets = Buckets.create(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                      max_model_len=max_model_len, block_size=pool_spec.block_size)
+        self.penalty_buckets = power_of_2_buckets(_MIN_EXTRA, max(_MIN_EXTRA, next_power_of_2(max_model_len)))
+        self.kv_cache = kv_pool.allocate(pool_spec, device)
+        self._forward_jit = jax.jit(
+            functools.partial(_forward_step, config=model_config, attention_fn=attention_fn),
+            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
+        self._sample_jit = jax.jit(_sample_step, static_argnames=("num_seqs", "penalty_len", "num_bias"))
+        self._forward = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled
+        self._sample = {}  # (num_seqs, penalty_len, num_bias) -> compiled
+        self._swap = {}  # ("out" | "in", count bucket) -> compiled
+        self.num_swap_blocks = num_swap_blocks
+        self.swap_buckets = ()
+        if num_swap_blocks:
+            self.swap_buckets = power_of_2_buckets(1, next_power_of_2(min(num_swap_blocks, pool_spec.num_blocks)))
+            shape = pool_spec.page_shape[1:]
+            self._host_k = [np.zeros((num_swap_blocks, *shape), pool_spec.dtype) for _ in range(pool_spec.num_layers)]
+            self._host_v = [np.zeros((num_swap_blocks, *shape), pool_spec.dtype) for _ in range(pool_spec.num_layers)]
+
+    # ---- compilation -------------------------------------------------------------------------
+
+    def _abstract(self, tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+    def _blob_spec(self, size: int):
+        return jax.ShapeDtypeStruct((size,), jnp.int32)
+
+    def _compile_forward(self, t: int, s: int, p: int):
+        blob = self._blob_spec(StepMetadata.blob_size(t, s, p))
+        lowered = self._forward_jit.lower(self._abstract(self.params), self._abstract(self.kv_cache), blob,
+                                          num_tokens=t, num_seqs=s, pages_per_seq=p)
+        self._forward[(t, s, p)] = lowered.compile()
+
+    def _compile_sample(self, s: int, l: int, b: int):
+        logits = jax.ShapeDtypeStruct((s, self.model_config.vocab_size), jnp.float32)
+        blob = self._blob_spec(SamplingMetadata.blob_size(s, l, b))
+        self._sample[(s, l, b)] = self._sample_jit.lower(logits, blob, num_seqs=s, penalty_len=l,
+                                                         num_bias=b).compile()
+
+    def _compile_swap(self, direction: str, n: int):
+        ids = jax.ShapeDtypeStruct((n,), jnp.int32)
+        kv = self._abstract(self.kv_cache)
+        if direction == "out":
+            compiled = jax.jit(_gather_blocks).lower(kv, ids).compile()
+        else:
+            blocks = [(jax.ShapeDtypeStruct((n, *k.shape[1:]), k.dtype),) * 2 for k, _ in kv]
+            compiled = jax.jit(_scatter_blocks, donate_argnums=(0,)).lower(kv, ids, blocks).compile()
+        self._swap[(direction, n)] = compiled
+
+    def warmup(self, show_progress: bool = True) -> int:
+        """Compiles every forward bucket, the plain sampler per num_seqs bucket and the swap copies.
+
+        Sampler variants with penalties or logit_bias/min_tokens compile on first use (small
+        programs, independent of the model size). Returns the number of programs compiled.
+        """
+        jobs = [functools.partial(self._compile_forward, *shape) for shape in self.buckets.step_shapes()]
+        jobs += [functools.partial(self._compile_sample, s, 0, 0) for s in self.buckets.num_seqs]
+        jobs += [functools.partial(self._compile_swap, d, n) for d in ("out", "in") for n in self.swap_buckets]
+        for job in tqdm(jobs, desc="Compiling step buckets", disable=not show_progress, unit="program"):
+            job()
+        return len(jobs)
+
+    # ---- execution ---------------------------------------------------------------------------
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies device blocks to host slots: pairs of (device block id, host slot)."""
+        if not pairs:
+            return
+        n = pick(self.swap_buckets, len(pairs))
+        ids = np.zeros(n, np.int32)
+        ids[:len(pairs)] = [b for b, _ in pairs]
+        if ("out", n) not in self._swap:
+            self._compile_swap("out", n)
+        blocks = jax.device_get(self._swap[("out", n)](self.kv_cache, jax.device_put(ids, self.device)))
+        slots = [slot for _, slot in pairs]
+        for layer, (k, v) in enumerate(blocks):
+            self._host_k[layer][slots] = k[:len(pairs)]
+            self._host_v[layer][slots] = v[:len(pairs)]
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies host slots back into device blocks: pairs of (host slot, device block id)."""
+        if not pairs:
+            return
+        n = pick(self.swap_buckets, len(pairs))
+        ids = np.zeros(n, np.int32)  # padding rewrites the null block
+        ids[:len(pairs)] = [b for _, b in pairs]
+        slots = [slot for slot, _ in pairs] + [0] * (n - len(pairs))
+        blocks = [(hk[slots], hv[slots]) for hk, hv in zip(self._host_k, self._host_v)]
+        if ("in", n) not in self._swap:
+            self._compile_swap("in", n)
+        self.kv_cache = self._swap[("in", n)](self.kv_cache, jax.device_put(ids, self.device),
+                                              jax.device_put(blocks, self.device))
+
+    def _extras_sizes(self, scheduled) -> tuple[int, int]:
+        penalty_len = max((len(r.prompt_token_ids) + len(r.output_token_ids) for r in scheduled
+                           if has_penalties(r.sampling_params)), default=0)
+        num_bias = sum(len(bias_entries(r)) for r in scheduled)
+        l = pick(self.penalty_buckets, penalty_len) if penalty_len else 0
+        b = max(_MIN_EXTRA, next_power_of_2(num_bias)) if num_bias else 0
+        return l, b
+
+    def execute(self, scheduler_output, seeds: list[int]) -> RunnerOutput:
+        """Runs one scheduled step. `seeds[i]` is scheduled[i]'s resolved sampling seed."""
+        self.swap_out(scheduler_output.blocks_to_swap_out)
+        self.swap_in(scheduler_output.blocks_to_swap_in)
+        scheduled = scheduler_output.scheduled
+        max_context = max(r.start_position + len(r.token_ids) for r in scheduled)
+        t, s, p = self.buckets.for_step(scheduler_output.total_num_scheduled_tokens, len(scheduled), max_context,
+                                        self.block_size)
+        forward_blob = pack_step(scheduled, t, s, p, self.block_size)
+        l, b = self._extras_sizes(scheduled)
+        sampling_blob = pack_sampling(scheduled, seeds, s, l, b)
+        forward_blob, sampling_blob = jax.device_put((forward_blob, sampling_blob), self.device)
+        logits, self.kv_cache = self._forward[(t, s, p)](self.params, self.kv_cache, forward_blob)
+        if (s, l, b) not in self._sample:
+            logger.info("compiling the sampler for num_seqs=%d penalty_len=%d num_bias=%d", s, l, b)
+            self._compile_sample(s, l, b)
+        out = self._sample[(s, l, b)](logits, sampling_blob)
+        if any(r.sampling_params.logprobs is not None for r in scheduled):
+            ids, lps, ranks, top_lps, top_ids = jax.device_get(
+                (out.token_ids, out.logprobs, out.ranks, out.top_logprobs, out.top_token_ids))
+            return RunnerOutput(ids, lps, ranks, top_lps, top_ids)
+        return RunnerOutput(np.asarray(out.token_ids))
+
+    def update_weights(self, params) -> None:
+        """Replaces the params with a pytree of the same structure, shapes and dtypes (no recompile)."""
+        old = jax.tree.structure(self.params)
+        new = jax.tree.structure(params)
+        if old != new:
+            raise ValueError(f"update_weights: the params tree structure differs from the loaded model's "
+                             f"({new} vs {old}).")
+        for path_old, path_new in zip(jax.tree.leaves_with_path(self.params), jax.tree.leaves_with_path(params)):
+            (path, a), (_, b) = path_old, path_new
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise ValueError(f"update_weights: {jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)}, "
+                                 f"the model's is {a.dtype}{list(a.shape)}.")
+        self.params = jax.device_put(params, self.device)
+
+
+def device_platform() -> str:
+    """"gpu" or "cpu" (or another jax platform name) for the default device."""
+    platform = jax.devices()[0].platform
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+    """Turns on JAX's persistent compilation cache in `cache_dir` ("" leaves it off)."""
+    if cache_dir and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def build_runner(model_config, params, args, max_model_len: int) -> ModelRunner:
+    """Picks the device and attention backend, sizes the KV pool and swap space from EngineArgs."""
+    enable_compilation_cache(args.compilation_cache_dir)
+    device = jax.devices()[0]
+    backend, attention_fn = select_attention(args.attention_backend, device_platform())
+    logger.info("attention backend: %s on %s", backend, device)
+    kv_dtype = model_config.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+    pool_spec = kv_pool.size_pool(model_config, args, max_model_len, kv_dtype, device)
+    return ModelRunner(model_config, jax.device_put(params, device), pool_spec=pool_spec,
+                       num_swap_blocks=kv_pool.num_swap_blocks(model_config, args, kv_dtype),
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                       max_model_len=max_model_len, attention_fn=attention_fn, device=device)

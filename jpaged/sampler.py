@@ -1,0 +1,127 @@
+"""Vectorized on-device sampling: one row per sequence, per-row parameters as arrays.
+
+Order (vLLM's): logit_bias and min_tokens masks, then presence/frequency/repetition penalties;
+greedy rows take the argmax of that. Sampled rows are divided by their temperature, masked by
+min_p, top_k and top_p, and drawn with the Gumbel-max trick whose noise is keyed only on
+(request seed, output index), so a seeded request samples the same tokens in any batch.
+Logprobs are log_softmax of these processed logits (greedy rows: temperature 1, no masks).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jpaged.step_metadata import SamplingMetadata
+
+# vLLM's default max_logprobs: the most top logprobs a request may ask for.
+MAX_LOGPROBS = 20
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: jax.Array  # i32[num_seqs]
+    logprobs: jax.Array  # f32[num_seqs]: the sampled token's logprob (0 when no row asked)
+    ranks: jax.Array  # i32[num_seqs]: its 1-based rank
+    top_logprobs: jax.Array  # f32[num_seqs, min(MAX_LOGPROBS, vocab_size)]
+    top_token_ids: jax.Array  # i32[num_seqs, min(MAX_LOGPROBS, vocab_size)]
+
+
+def apply_bias(logits, meta: SamplingMetadata):
+    """Adds logit_bias values and -inf min_tokens masks. logits: f32[S, V]."""
+    if meta.bias_rows.shape[0] == 0:
+        return logits
+    return logits.at[meta.bias_rows, meta.bias_token_ids].add(meta.bias_values)
+
+
+def apply_penalties(logits, meta: SamplingMetadata):
+    """Presence/frequency penalties on output tokens, repetition penalty on prompt + output tokens."""
+    num_seqs, penalty_len = meta.penalty_tokens.shape
+    if penalty_len == 0:
+        return logits
+    vocab = logits.shape[1]
+    tokens = meta.penalty_tokens  # i32[S, L], -1 padded
+    valid = tokens >= 0
+    is_output = jnp.arange(penalty_len)[None, :] >= meta.prompt_lens[:, None]
+    rows = jnp.broadcast_to(jnp.arange(num_seqs)[:, None], tokens.shape)
+    safe = jnp.where(valid, tokens, 0)
+    output_counts = jnp.zeros((num_seqs, vocab), jnp.float32).at[rows, safe].add(
+        (valid & is_output).astype(jnp.float32))
+    seen = jnp.zeros((num_seqs, vocab), jnp.bool_).at[rows, safe].max(valid)
+    rep = meta.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - meta.frequency_penalty[:, None] * output_counts
+    return logits - meta.presence_penalty[:, None] * (output_counts > 0)
+
+
+def apply_top_k_top_p(logits, top_k, top_p):
+    """Masks tokens outside each row's top_k (0: off) and top_p nucleus. f32[S, V] -> f32[S, V]."""
+    vocab = logits.shape[1]
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    ranks = jnp.arange(vocab)[None, :]
+    sorted_desc = jnp.where(ranks < k[:, None], sorted_desc, -jnp.inf)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_before < top_p[:, None]) & (ranks < k[:, None])
+    num_kept = jnp.maximum(keep.sum(axis=-1), 1)
+    threshold = jnp.take_along_axis(sorted_desc, (num_kept - 1)[:, None], axis=-1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def apply_min_p(logits, min_p):
+    probs = jax.nn.softmax(logits, axis=-1)
+    limit = min_p[:, None] * probs.max(axis=-1, keepdims=True)
+    return jnp.where(probs >= limit, logits, -jnp.inf)
+
+
+def gumbel_noise(seeds, output_index, vocab: int):
+    """f32[S, V] standard Gumbel noise keyed on (seed, output index) of each row only."""
+
+    def row(seed, index):
+        key = jax.random.fold_in(jax.random.key(seed), index)
+        return jax.random.gumbel(key, (vocab,), jnp.float32)
+
+    return jax.vmap(row)(jax.lax.bitcast_convert_type(seeds, jnp.uint32), output_index)
+
+
+def _logprob_outputs(processed, token_ids):
+    logprobs = jax.nn.log_softmax(processed, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]
+    ranks = (logprobs > chosen[:, None]).sum(axis=-1).astype(jnp.int32) + 1
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logprobs.shape[1]))
+    return chosen, ranks, top_logprobs, top_ids.astype(jnp.int32)
+
+
+def sample(logits, meta: SamplingMetadata) -> SamplerOutput:
+    """Samples one token per row. logits: f32[num_seqs, vocab_size]."""
+    num_seqs, vocab = logits.shape
+    logits = apply_penalties(apply_bias(logits.astype(jnp.float32), meta), meta)
+    greedy = meta.temperature <= 0.0
+    greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled_branch(logits):
+        scaled = logits / jnp.where(greedy, 1.0, meta.temperature)[:, None]
+        needs_sort = jnp.any(~greedy & ((meta.top_k > 0) | (meta.top_p < 1.0)))
+        masked = jax.lax.cond(
+            needs_sort, lambda x: apply_top_k_top_p(x, meta.top_k, meta.top_p), lambda x: x, scaled)
+        masked = apply_min_p(masked, meta.min_p)
+        processed = jnp.where(greedy[:, None], logits, masked)
+        noisy = masked + gumbel_noise(meta.seeds, meta.output_index, vocab)
+        ids = jnp.where(greedy, greedy_ids, jnp.argmax(noisy, axis=-1).astype(jnp.int32))
+        return ids, processed
+
+    token_ids, processed = jax.lax.cond(
+        jnp.all(greedy), lambda x: (greedy_ids, x), sampled_branch, logits)
+
+    top = min(MAX_LOGPROBS, vocab)
+
+    def no_logprobs(processed, token_ids):
+        return (jnp.zeros(num_seqs, jnp.float32), jnp.zeros(num_seqs, jnp.int32),
+                jnp.zeros((num_seqs, top), jnp.float32), jnp.zeros((num_seqs, top), jnp.int32))
+
+    chosen, ranks, top_logprobs, top_ids = jax.lax.cond(
+        jnp.any(meta.num_logprobs >= 0), _logprob_outputs, no_logprobs, processed, token_ids)
+    return SamplerOutput(token_ids=token_ids, logprobs=chosen, ranks=ranks,
+                         top_logprobs=top_logprobs, top_token_ids=top_ids)

@@ -1,0 +1,175 @@
+"""Per-step device inputs: packed on the host into one int32 array each, unpacked inside jit.
+
+A step makes two host->device transfers: the forward blob (token ids, positions, attention
+metadata, logits indices; its size depends only on the step's (num_tokens, num_seqs,
+pages_per_seq) bucket) and the sampling blob (per-request sampling arrays; its size depends only
+on (num_seqs, penalty_len, num_bias) so the sampler compiles independently of the forward).
+Float fields travel bit-cast to int32.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpaged.models.attention_metadata import AttentionMetadata
+
+# An unsampled (padded) row's temperature: greedy.
+_GREEDY = 0.0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepMetadata:
+    """The forward's inputs for one step, padded to its bucket (only the bucket sizes are static)."""
+
+    token_ids: jax.Array  # i32[num_tokens]
+    positions: jax.Array  # i32[num_tokens]
+    attn: AttentionMetadata
+    logits_indices: jax.Array  # i32[num_seqs]: packed row of each sequence's last token
+
+    @staticmethod
+    def blob_size(num_tokens: int, num_seqs: int, pages_per_seq: int) -> int:
+        return 3 * num_tokens + num_seqs * pages_per_seq + 3 * num_seqs + 1
+
+    @classmethod
+    def unpack(cls, blob, num_tokens: int, num_seqs: int, pages_per_seq: int) -> "StepMetadata":
+        """Splits the forward blob (i32[blob_size]) inside jit."""
+        t, s, p = num_tokens, num_seqs, pages_per_seq
+        sizes = [t, t, t, s * p, s, s + 1, s]
+        parts = jnp.split(blob, np.cumsum(sizes)[:-1].tolist())
+        token_ids, positions, slot_mapping, tables, kv_lens, cu_q_lens, logits_indices = parts
+        attn = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables.reshape(s, p),
+                                 kv_lens=kv_lens, cu_q_lens=cu_q_lens)
+        return cls(token_ids=token_ids, positions=positions, attn=attn, logits_indices=logits_indices)
+
+
+def pack_step(scheduled, num_tokens: int, num_seqs: int, pages_per_seq: int, block_size: int) -> np.ndarray:
+    """Packs the scheduled requests (jpaged.engine ScheduledRequest list) into the forward blob."""
+    t, s, p = num_tokens, num_seqs, pages_per_seq
+    blob = np.zeros(StepMetadata.blob_size(t, s, p), np.int32)
+    token_ids = blob[0:t]
+    positions = blob[t:2 * t]
+    slot_mapping = blob[2 * t:3 * t]  # padding: slot 0 of the null block
+    tables = blob[3 * t:3 * t + s * p].reshape(s, p)
+    off = 3 * t + s * p
+    kv_lens = blob[off:off + s]
+    cu_q_lens = blob[off + s:off + 2 * s + 1]
+    logits_indices = blob[off + 2 * s + 1:]
+    start = 0
+    for i, req in enumerate(scheduled):
+        n = len(req.token_ids)
+        end = start + n
+        pos = np.arange(req.start_position, req.start_position + n, dtype=np.int32)
+        table = np.asarray(req.block_table, np.int32)
+        token_ids[start:end] = req.token_ids
+        positions[start:end] = pos
+        slot_mapping[start:end] = table[pos // block_size] * block_size + pos % block_size
+        used = min(len(table), p)
+        tables[i, :used] = table[:used]
+        kv_lens[i] = req.start_position + n
+        cu_q_lens[i + 1] = end
+        logits_indices[i] = end - 1
+        start = end
+    cu_q_lens[len(scheduled) + 1:] = start  # padded sequences: q_len 0
+    return blob
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingMetadata:
+    """Per-row sampling parameters for one step (rows = the step's sequences, padded)."""
+
+    temperature: jax.Array  # f32[num_seqs]: 0 = greedy
+    top_k: jax.Array  # i32[num_seqs]: 0 = off
+    top_p: jax.Array  # f32[num_seqs]
+    min_p: jax.Array  # f32[num_seqs]
+    presence_penalty: jax.Array  # f32[num_seqs]
+    frequency_penalty: jax.Array  # f32[num_seqs]
+    repetition_penalty: jax.Array  # f32[num_seqs]
+    seeds: jax.Array  # i32[num_seqs]: the request's seed (bits of a uint32)
+    output_index: jax.Array  # i32[num_seqs]: index of the token being sampled among the outputs
+    num_logprobs: jax.Array  # i32[num_seqs]: top logprobs wanted (-1: none)
+    # Penalty inputs (penalty_len 0: no row has penalties):
+    penalty_tokens: jax.Array  # i32[num_seqs, penalty_len]: prompt then output ids, -1 padded
+    prompt_lens: jax.Array  # i32[num_seqs]: how many of penalty_tokens are prompt ids
+    # Additive logit adjustments: logit_bias and min_tokens' eos/stop masks (num_bias 0: none).
+    bias_rows: jax.Array  # i32[num_bias]: row (padding: row 0 with value 0)
+    bias_token_ids: jax.Array  # i32[num_bias]
+    bias_values: jax.Array  # f32[num_bias]
+
+    @staticmethod
+    def blob_size(num_seqs: int, penalty_len: int, num_bias: int) -> int:
+        return 11 * num_seqs + num_seqs * penalty_len + 3 * num_bias
+
+    @classmethod
+    def unpack(cls, blob, num_seqs: int, penalty_len: int, num_bias: int) -> "SamplingMetadata":
+        s, l, b = num_seqs, penalty_len, num_bias
+        sizes = [s] * 10 + [s * l, s, b, b, b]
+        parts = jnp.split(blob, np.cumsum(sizes)[:-1].tolist())
+        as_f32 = lambda x: jax.lax.bitcast_convert_type(x, jnp.float32)  # noqa: E731
+        return cls(
+            temperature=as_f32(parts[0]), top_k=parts[1], top_p=as_f32(parts[2]), min_p=as_f32(parts[3]),
+            presence_penalty=as_f32(parts[4]), frequency_penalty=as_f32(parts[5]),
+            repetition_penalty=as_f32(parts[6]), seeds=parts[7], output_index=parts[8],
+            num_logprobs=parts[9], penalty_tokens=parts[10].reshape(s, l), prompt_lens=parts[11],
+            bias_rows=parts[12], bias_token_ids=parts[13], bias_values=as_f32(parts[14]))
+
+
+def has_penalties(params) -> bool:
+    return (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+            or params.repetition_penalty != 1.0)
+
+
+def bias_entries(req) -> list[tuple[int, float]]:
+    """(token id, additive value) pairs for a request's logit_bias and min_tokens masks."""
+    params = req.sampling_params
+    entries = list((params.logit_bias or {}).items())
+    if len(req.output_token_ids) < params.min_tokens:
+        banned = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            banned.update(req.eos_token_ids)
+        entries.extend((tok, float("-inf")) for tok in sorted(banned))
+    return entries
+
+
+def pack_sampling(scheduled, seeds: list[int], num_seqs: int, penalty_len: int, num_bias: int) -> np.ndarray:
+    """Packs the sampling blob. `seeds[i]` is the resolved seed of scheduled[i]."""
+    s, l, b = num_seqs, penalty_len, num_bias
+    blob = np.zeros(SamplingMetadata.blob_size(s, l, b), np.int32)
+    cols = blob[:10 * s].reshape(10, s)
+    floats = cols.view(np.float32)
+    floats[0] = _GREEDY
+    floats[2] = 1.0  # top_p
+    floats[6] = 1.0  # repetition_penalty
+    cols[9] = -1  # num_logprobs
+    penalty_tokens = blob[10 * s:10 * s + s * l].reshape(s, l)
+    penalty_tokens[:] = -1
+    prompt_lens = blob[10 * s + s * l:11 * s + s * l]
+    bias = blob[11 * s + s * l:].reshape(3, b)
+    k = 0
+    for i, req in enumerate(scheduled):
+        params = req.sampling_params
+        floats[0, i] = params.temperature if params.temperature >= 1e-5 else _GREEDY
+        cols[1, i] = max(params.top_k, 0)
+        floats[2, i] = params.top_p
+        floats[3, i] = params.min_p
+        floats[4, i] = params.presence_penalty
+        floats[5, i] = params.frequency_penalty
+        floats[6, i] = params.repetition_penalty
+        cols[7, i] = np.uint32(seeds[i] & 0xFFFFFFFF).view(np.int32)
+        cols[8, i] = len(req.output_token_ids)
+        cols[9, i] = -1 if params.logprobs is None else params.logprobs
+        if l and has_penalties(params):
+            prompt, output = req.prompt_token_ids, req.output_token_ids
+            penalty_tokens[i, :len(prompt)] = prompt
+            penalty_tokens[i, len(prompt):len(prompt) + len(output)] = output
+            prompt_lens[i] = len(prompt)
+        if b:
+            for tok, value in bias_entries(req):
+                bias[0, k] = i
+                bias[1, k] = tok
+                bias[2, k] = np.float32(value).view(np.int32)
+                k += 1
+    return blob
