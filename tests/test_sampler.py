@@ -1,0 +1,173 @@
+"""The on-device sampler against numpy oracles and sampling statistics."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged.sampler import MAX_LOGPROBS, apply_min_p, apply_penalties, apply_top_k_top_p, sample
+from jpaged.sampling_params import SamplingParams
+from jpaged.step_metadata import SamplingMetadata, pack_sampling
+
+VOCAB = 32
+_sample = jax.jit(sample)
+
+
+def make_meta(num_seqs, **fields):
+    """SamplingMetadata with neutral defaults; fields override per-row arrays."""
+    base = dict(
+        temperature=np.zeros(num_seqs, np.float32), top_k=np.zeros(num_seqs, np.int32),
+        top_p=np.ones(num_seqs, np.float32), min_p=np.zeros(num_seqs, np.float32),
+        presence_penalty=np.zeros(num_seqs, np.float32), frequency_penalty=np.zeros(num_seqs, np.float32),
+        repetition_penalty=np.ones(num_seqs, np.float32), seeds=np.zeros(num_seqs, np.int32),
+        output_index=np.zeros(num_seqs, np.int32), num_logprobs=np.full(num_seqs, -1, np.int32),
+        penalty_tokens=np.zeros((num_seqs, 0), np.int32), prompt_lens=np.zeros(num_seqs, np.int32),
+        bias_rows=np.zeros(0, np.int32), bias_token_ids=np.zeros(0, np.int32), bias_values=np.zeros(0, np.float32))
+    for name, value in fields.items():
+        base[name] = np.asarray(value, base[name].dtype)
+    return SamplingMetadata(**{k: jnp.asarray(v) for k, v in base.items()})
+
+
+def test_greedy_is_argmax_and_ignores_seed():
+    logits = np.random.default_rng(0).normal(size=(8, VOCAB)).astype(np.float32)
+    out = _sample(jnp.asarray(logits), make_meta(8, seeds=np.arange(8)))
+    np.testing.assert_array_equal(np.asarray(out.token_ids), logits.argmax(-1))
+
+
+def test_top_k_top_p_mask_matches_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, VOCAB)).astype(np.float32) * 3
+    top_k = np.array([0, 1, 5, 0, 3, 40], np.int32)
+    top_p = np.array([1.0, 1.0, 1.0, 0.5, 0.9, 0.3], np.float32)
+    got = np.asarray(apply_top_k_top_p(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p)))
+    for row in range(6):
+        order = np.argsort(-logits[row])
+        k = top_k[row] if top_k[row] > 0 else VOCAB
+        kept = order[:k]
+        probs = np.exp(logits[row, kept] - logits[row, kept].max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        kept = kept[before < top_p[row]]
+        expect = np.full(VOCAB, -np.inf, np.float32)
+        expect[kept] = logits[row, kept]
+        np.testing.assert_array_equal(got[row], expect, err_msg=f"row {row}")
+
+
+def test_min_p_mask_matches_numpy():
+    logits = np.random.default_rng(2).normal(size=(3, VOCAB)).astype(np.float32) * 2
+    min_p = np.array([0.0, 0.1, 0.5], np.float32)
+    got = np.asarray(apply_min_p(jnp.asarray(logits), jnp.asarray(min_p)))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    keep = probs >= min_p[:, None] * probs.max(-1, keepdims=True)
+    np.testing.assert_array_equal(np.isfinite(got), keep)
+    np.testing.assert_allclose(got[keep], logits[keep])
+
+
+def test_penalties_match_numpy():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, VOCAB)).astype(np.float32)
+    prompts = [[1, 2, 3], [4, 4], [5]]
+    outputs = [[3, 3, 7], [], [5, 9, 9, 9]]
+    presence, frequency, repetition = [0.5, 0.0, -1.0], [0.25, 1.0, 0.5], [1.3, 1.0, 0.7]
+    length = 8
+    tokens = np.full((3, length), -1, np.int32)
+    for i, (p, o) in enumerate(zip(prompts, outputs)):
+        tokens[i, :len(p) + len(o)] = p + o
+    meta = make_meta(3, presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
+                     penalty_tokens=tokens, prompt_lens=[len(p) for p in prompts])
+    got = np.asarray(apply_penalties(jnp.asarray(logits), meta))
+    expect = logits.copy()
+    for i in range(3):
+        for tok in set(prompts[i]) | set(outputs[i]):
+            x = expect[i, tok]
+            expect[i, tok] = x / repetition[i] if x > 0 else x * repetition[i]
+        for tok in set(outputs[i]):
+            expect[i, tok] -= frequency[i] * outputs[i].count(tok) + presence[i]
+    np.testing.assert_allclose(got, expect, rtol=1e-6)
+
+
+def test_gumbel_frequencies_follow_softmax():
+    """Chi-square of 4096 seeded draws against softmax(logits / temperature)."""
+    num = 4096
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, 1.5], np.float32)
+    temperature = 0.8
+    meta = make_meta(num, temperature=np.full(num, temperature), seeds=np.arange(num) * 7919,
+                     output_index=np.arange(num) % 5)
+    out = jax.jit(sample)(jnp.tile(jnp.asarray(logits), (num, 1)), meta)
+    counts = np.bincount(np.asarray(out.token_ids), minlength=8)
+    probs = np.exp(logits / temperature)
+    probs /= probs.sum()
+    expected = probs * num
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 24.3, (chi2, counts, expected)  # df=7, p=0.001
+
+
+def test_draws_depend_only_on_seed_and_output_index():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(8, VOCAB)).astype(np.float32)
+    seeds = rng.integers(0, 2**31, size=8)
+    index = rng.integers(0, 100, size=8)
+    meta = make_meta(8, temperature=np.ones(8), seeds=seeds, output_index=index)
+    first = np.asarray(_sample(jnp.asarray(logits), meta).token_ids)
+    perm = rng.permutation(8)
+    meta_perm = make_meta(8, temperature=np.ones(8), seeds=seeds[perm], output_index=index[perm])
+    second = np.asarray(_sample(jnp.asarray(logits[perm]), meta_perm).token_ids)
+    np.testing.assert_array_equal(first[perm], second)
+    # A different output index draws differently somewhere.
+    meta_next = make_meta(8, temperature=np.ones(8), seeds=seeds, output_index=index + 1)
+    assert (np.asarray(_sample(jnp.asarray(logits), meta_next).token_ids) != first).any()
+
+
+def test_logprobs_of_processed_distribution_with_ranks():
+    logits = np.random.default_rng(5).normal(size=(8, VOCAB)).astype(np.float32)
+    meta = make_meta(8, temperature=[0, 0.5, 0, 0, 0, 0, 0, 0], top_k=[0, 4, 0, 0, 0, 0, 0, 0],
+                     seeds=np.arange(8), num_logprobs=[3, 2, -1, -1, -1, -1, -1, -1])
+    out = _sample(jnp.asarray(logits), meta)
+    assert out.top_logprobs.shape == (8, MAX_LOGPROBS) and out.top_token_ids.shape == (8, MAX_LOGPROBS)
+    ref = jax.nn.log_softmax(logits[0])
+    np.testing.assert_allclose(out.logprobs[0], ref.max(), rtol=1e-6)
+    assert int(out.ranks[0]) == 1
+    np.testing.assert_array_equal(np.asarray(out.top_token_ids[0, :3]), np.argsort(-logits[0])[:3])
+    # Row 1: temperature 0.5 and top_k 4; the distribution has exactly 4 finite entries.
+    scaled = logits[1] / 0.5
+    top4 = np.argsort(-scaled)[:4]
+    ref1 = scaled[top4] - np.log(np.exp(scaled[top4] - scaled[top4].max()).sum()) - scaled[top4].max()
+    np.testing.assert_allclose(np.asarray(out.top_logprobs[1, :4]), ref1, rtol=1e-5)
+    assert np.isneginf(np.asarray(out.top_logprobs[1, 4]))
+    assert int(out.token_ids[1]) in top4
+
+
+def _request(params, prompt, output, eos=(2,)):
+    return types.SimpleNamespace(sampling_params=params, prompt_token_ids=prompt, output_token_ids=output,
+                                 eos_token_ids=eos)
+
+
+def test_packed_logit_bias_and_min_tokens_masks():
+    """pack_sampling -> unpack -> sample: bias forces a token; min_tokens bans eos and stop ids."""
+    logits = np.zeros((8, VOCAB), np.float32)
+    logits[:, 2] = 10.0  # eos would win
+    logits[:, 5] = 9.0  # then the stop token id
+    reqs = [
+        _request(SamplingParams(temperature=0, logit_bias={7: 100.0}), [1], []),
+        _request(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[5]), [1], [3]),
+        _request(SamplingParams(temperature=0, min_tokens=1), [1], [3]),  # min_tokens reached
+    ]
+    blob = pack_sampling(reqs, [0, 0, 0], num_seqs=8, penalty_len=0, num_bias=16)
+    meta = SamplingMetadata.unpack(jnp.asarray(blob), 8, 0, 16)
+    out = _sample(jnp.asarray(logits), meta)
+    assert list(np.asarray(out.token_ids[:3])) == [7, 0, 2]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_packed_penalties_roundtrip(temperature):
+    """A repetition penalty packed through the blob demotes a repeated argmax."""
+    logits = np.zeros((8, VOCAB), np.float32)
+    logits[:, 4] = 2.0
+    logits[:, 6] = 1.9
+    params = SamplingParams(temperature=temperature, top_k=1 if temperature else 0, repetition_penalty=2.0, seed=1)
+    blob = pack_sampling([_request(params, [1, 4], [])], [1], num_seqs=8, penalty_len=16, num_bias=0)
+    out = _sample(jnp.asarray(logits), SamplingMetadata.unpack(jnp.asarray(blob), 8, 16, 0))
+    assert int(out.token_ids[0]) == 6
