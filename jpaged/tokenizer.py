@@ -1,0 +1,89 @@
+"""Tokenizer: a thin, typed face over a transformers fast tokenizer (no torch needed)."""
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+
+class Tokenizer:
+    """Encodes, decodes and renders chat templates the way the model's HF tokenizer does.
+
+    `eos_token_ids` joins the tokenizer's EOS with any extra stop ids from the model config
+    (e.g. generation_config.json lists several for Llama 3).
+    """
+
+    def __init__(self, hf_tokenizer, eos_token_ids: Iterable[int] = (), chat_template: str | None = None):
+        self.hf = hf_tokenizer
+        if chat_template is not None:
+            self.hf.chat_template = _read_chat_template(chat_template)
+        own_eos = () if hf_tokenizer.eos_token_id is None else (hf_tokenizer.eos_token_id,)
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys((*own_eos, *eos_token_ids)))
+        self.bos_token_id: int | None = hf_tokenizer.bos_token_id
+        self.vocab_size: int = len(hf_tokenizer)  # includes added tokens
+        self.all_special_ids: set[int] = set(hf_tokenizer.all_special_ids)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "Tokenizer":
+        """Loads tokenizer.json / tokenizer_config.json (and chat_template.jinja) from a folder.
+
+        Folders whose tokenizer_config.json names the generic class skip AutoTokenizer, whose
+        imports alone take seconds.
+        """
+        import transformers
+
+        tokenizer_class = _tokenizer_class(path)
+        if tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return cls(transformers.PreTrainedTokenizerFast.from_pretrained(path), **kwargs)
+        return cls(transformers.AutoTokenizer.from_pretrained(path), **kwargs)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return self.hf.convert_ids_to_tokens(list(token_ids))
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **kwargs,
+    ) -> str:
+        """Renders `messages` with the model's (or the given) jinja2 chat template, as HF does.
+
+        Raises ValueError when there is no template (pass --chat-template).
+        """
+        template = None if chat_template is None else _read_chat_template(chat_template)
+        if template is None and self.hf.chat_template is None:
+            raise ValueError(
+                f"the tokenizer of {self.hf.name_or_path!r} has no chat template; pass one with "
+                "--chat-template (a file path or the template text)"
+            )
+        return self.hf.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=template,
+            **kwargs,
+        )
+
+
+def _read_chat_template(template: str) -> str:
+    """A chat template given as a file path or as the template text itself (like vLLM)."""
+    if os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in template and os.sep in template:
+        raise ValueError(f"chat template file {template!r} does not exist")
+    return template
+
+
+def _tokenizer_class(path: str) -> str | None:
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return None
+    with open(config_path, encoding="utf-8") as f:
+        return json.load(f).get("tokenizer_class")
