@@ -1,0 +1,110 @@
+"""Paged attention for CPUs: a C++ kernel registered with XLA through `jax.ffi`.
+
+`ragged_paged_attention` has the signature and results of
+`pallas_kernels.reference.ragged_paged_attention` and works inside `jit` (also with a donated KV
+pool). The library is built on first use when no build for this source, jaxlib, compiler and
+CPU exists yet (see `build.py`); when that fails `is_available()` is False and `load_error()`
+says why, so callers can fall back to the reference.
+"""
+
+import ctypes
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FFI_TARGET = "jpaged_ragged_paged_attention"
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+@functools.cache
+def _load() -> str | None:
+    """Builds if needed, loads and registers the kernel once. Returns None or the error."""
+    from pallas_kernels.cpu import build
+
+    try:
+        path = build.build()
+        library = ctypes.cdll.LoadLibrary(str(path))
+        handler = jax.ffi.pycapsule(library.JpagedRaggedPagedAttention)
+        jax.ffi.register_ffi_target(FFI_TARGET, handler, platform="cpu")
+    except (build.BuildError, OSError, AttributeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def is_available() -> bool:
+    """Whether the kernel is built (building it now if needed) and registered."""
+    return _load() is None
+
+
+def load_error() -> str | None:
+    """Why the kernel is unavailable (compiler missing, build failure, ...), or None."""
+    return _load()
+
+
+def _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens):
+    if q.ndim != 3 or k_pages.ndim != 4:
+        raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim] and k_pages "
+                         f"[num_blocks, num_kv_heads, block_size, head_dim]; got q {q.shape}, "
+                         f"k_pages {k_pages.shape}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[1]
+    if v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
+        raise ValueError(f"v_pages {v_pages.shape} {v_pages.dtype} must match k_pages "
+                         f"{k_pages.shape} {k_pages.dtype}")
+    if k_pages.shape[3] != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and k_pages ({k_pages.shape[3]}) differ")
+    if head_dim % 8 != 0:
+        raise ValueError(f"the CPU kernel needs head_dim % 8 == 0, got {head_dim}; "
+                         f"use --attention-backend reference")
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
+                         f"({num_kv_heads})")
+    for name, a in (("q", q), ("k_pages", k_pages)):
+        if jnp.dtype(a.dtype) not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype {a.dtype} unsupported: use float32 or bfloat16")
+    num_seqs = block_tables.shape[0]
+    if block_tables.ndim != 2 or kv_lens.shape != (num_seqs,) or cu_q_lens.shape != (num_seqs + 1,):
+        raise ValueError(f"need block_tables [num_seqs, pages_per_seq], kv_lens [num_seqs], "
+                         f"cu_q_lens [num_seqs + 1]; got {block_tables.shape}, {kv_lens.shape}, "
+                         f"{cu_q_lens.shape}")
+    for name, a in (("kv_lens", kv_lens), ("block_tables", block_tables), ("cu_q_lens", cu_q_lens)):
+        if jnp.dtype(a.dtype) != jnp.int32:
+            raise ValueError(f"{name} must be int32, got {a.dtype}")
+
+
+def ragged_paged_attention(
+    q,  # [num_tokens, num_q_heads, head_dim], f32 or bf16
+    k_pages,  # [num_blocks, num_kv_heads, block_size, head_dim], f32 or bf16
+    v_pages,  # [num_blocks, num_kv_heads, block_size, head_dim], same as k_pages
+    kv_lens,  # i32[num_seqs]: context length including this step's tokens; 0 for padding
+    block_tables,  # i32[num_seqs, pages_per_seq]: padded with the null block 0
+    cu_q_lens,  # i32[num_seqs + 1]: cumulative query lengths; padding repeats the last value
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    query_tile: int = 128,
+):
+    """Attention of packed queries over paged K/V on the CPU. Returns [num_tokens, num_q_heads,
+    head_dim] in q.dtype.
+
+    Semantics as `pallas_kernels.reference.ragged_paged_attention`: GQA, causal within each
+    sequence's new tokens, optional sliding window and soft cap, fp32 softmax, zeros for padded
+    query rows. `query_tile` is accepted for signature compatibility; the kernel picks its own
+    tiles. Raises RuntimeError with `load_error()` when the kernel is unavailable.
+    """
+    del query_tile  # the C++ kernel tiles queries itself
+    _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens)
+    error = _load()
+    if error is not None:
+        raise RuntimeError(f"the CPU attention kernel is unavailable ({error}); "
+                           f"use --attention-backend reference")
+    call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
+    return call(
+        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens,
+        sm_scale=np.float32(sm_scale),
+        sliding_window=np.int32(sliding_window or 0),
+        soft_cap=np.float32(soft_cap or 0.0),
+    )

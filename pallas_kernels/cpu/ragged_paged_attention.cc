@@ -1,0 +1,523 @@
+// Ragged paged attention for CPUs, registered with XLA as a typed FFI handler.
+//
+// Same contract as pallas_kernels/reference.py: packed queries q[T, Hq, D], KV pages
+// [num_blocks, KVH, block_size, D] (fp32 or bf16), kv_lens i32[S], block_tables i32[S, W],
+// cu_q_lens i32[S + 1]. Each work item is (sequence, KV head, query tile, KV block range): it
+// reads every KV block of its range once and uses it for all query rows of the tile and of the
+// GQA group. Softmax is online, in fp32. Keys at positions >= kv_len are never read, so garbage
+// (even NaN) in unused pages or padding entries cannot leak. Padded query rows get zeros.
+//
+// Work runs on the thread pool XLA hands to FFI handlers; the calling thread works too. When
+// there are fewer items than threads can use (a few long sequences), each item's block range
+// is split and the partial softmax states are merged afterwards, in a fixed order, so results
+// are bit-identical from call to call.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Eight fp32 lanes; the compiler maps it to AVX/AVX-512 halves or pairs of SSE registers.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+constexpr int kLanes = 8;
+// Query rows (tokens x GQA group) one item keeps in its fp32 accumulators.
+constexpr int kTileRows = 32;
+// Below this many KV tokens an item's range is never split further.
+constexpr int kMinSplitTokens = 256;
+// Items per thread wanted before splitting block ranges.
+constexpr int kItemsPerThread = 4;
+
+inline v8f Load(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline v8f Splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+inline float Sum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+inline float Bf16ToFloat(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline uint16_t FloatToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if (std::isnan(f)) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Eight bf16 values widened to fp32 (exact: bf16 is the top half of an fp32).
+inline v8f LoadBf16(const uint16_t* p) {
+  v8h h;
+  std::memcpy(&h, p, sizeof(h));
+  v8u bits = __builtin_convertvector(h, v8u) << 16;
+  v8f v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// exp for x <= 0 (Cody-Waite reduction + the Cephes expf polynomial, about 1 ulp);
+// exactly 0 below -87.3, including -inf.
+inline v8f Exp(v8f x) {
+  const v8f lo = Splat(-87.3f);
+  v8i underflow = x < lo;
+  x = underflow ? lo : x;
+  v8f n = x * Splat(1.44269504088896341f);
+  n = (n + Splat(12582912.0f)) - Splat(12582912.0f);  // round to nearest
+  v8f r = x - n * Splat(0.693359375f) - n * Splat(-2.12194440e-4f);
+  v8f p = Splat(1.9875691500e-4f);
+  p = p * r + Splat(1.3981999507e-3f);
+  p = p * r + Splat(8.3334519073e-3f);
+  p = p * r + Splat(4.1665795894e-2f);
+  p = p * r + Splat(1.6666665459e-1f);
+  p = p * r + Splat(5.0000001201e-1f);
+  p = p * r * r + r + Splat(1.0f);
+  v8i scale = (__builtin_convertvector(n, v8i) + 127) << 23;
+  v8f two_n;
+  std::memcpy(&two_n, &scale, sizeof(two_n));
+  return underflow ? Splat(0.0f) : p * two_n;
+}
+
+struct Shapes {
+  int64_t num_tokens, num_q_heads, head_dim;
+  int64_t num_blocks, num_kv_heads, block_size;
+  int64_t num_seqs, pages_per_seq;
+  int64_t group;
+};
+
+struct Options {
+  float sm_scale;
+  int32_t sliding_window;  // 0: none
+  float soft_cap;          // 0: none
+};
+
+// One query tile of one (sequence, KV head): tokens [tok_begin, tok_end) of the sequence's
+// new tokens, which sit at positions first_pos + t.
+struct Item {
+  int32_t seq, kv_head;
+  int32_t row_begin;  // first packed query row (token index in q)
+  int32_t tok_begin, tok_end;
+  int32_t first_pos;  // position of the sequence's first new token: kv_len - q_len
+  int32_t kv_len;
+  int32_t blk_begin, blk_end;  // KV blocks this item must read
+};
+
+// A contiguous block range of one item; `partial` >= 0 when the item is split.
+struct Piece {
+  int32_t item;
+  int32_t blk_begin, blk_end;
+  int64_t partial;  // offset into the partial buffers, or -1: write the output directly
+  int64_t work;
+};
+
+// fp32 scratch for one piece: rows x head_dim accumulators and per-row softmax state.
+struct Scratch {
+  std::vector<float> q, acc, m, l, scores, k, v;
+};
+
+// Running softmax state written by a split piece: m[rows], l[rows], acc[rows, head_dim].
+struct Partials {
+  std::vector<float> m, l, acc;
+};
+
+template <typename QT>
+inline void LoadQueryRow(const QT* src, float scale, int64_t d, float* dst) {
+  for (int64_t i = 0; i < d; ++i) {
+    if constexpr (std::is_same_v<QT, float>) {
+      dst[i] = src[i] * scale;
+    } else {
+      dst[i] = Bf16ToFloat(src[i]) * scale;
+    }
+  }
+}
+
+template <typename QT>
+inline void StoreOutputRow(const float* acc, float inv_l, int64_t d, QT* dst) {
+  for (int64_t i = 0; i < d; ++i) {
+    if constexpr (std::is_same_v<QT, float>) {
+      dst[i] = acc[i] * inv_l;
+    } else {
+      dst[i] = FloatToBf16(acc[i] * inv_l);
+    }
+  }
+}
+
+// K or V rows [n, d] of one (block, KV head) as fp32: the pages themselves for fp32, a
+// converted copy for bf16.
+template <typename KVT>
+inline const float* BlockRows(const KVT* src, int64_t n, int64_t d, float* buf) {
+  if constexpr (std::is_same_v<KVT, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n * d; i += kLanes) Store(buf + i, LoadBf16(src + i));
+    return buf;
+  }
+}
+
+// Online-softmax update of every row of one piece with one KV block.
+inline void AttendBlock(const Shapes& sh, const Options& opt, const Item& it, int64_t rows,
+                        int64_t blk, const float* k, const float* v, int64_t n,
+                        Scratch& s) {
+  const int64_t d = sh.head_dim, g = sh.group;
+  const int64_t ld = (sh.block_size + kLanes - 1) / kLanes * kLanes;
+  const int64_t key0 = blk * sh.block_size;  // position of the block's first key
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = it.first_pos + it.tok_begin + r / g;
+    // Visible keys j satisfy lo <= key0 + j <= pos.
+    int64_t lo = opt.sliding_window > 0 ? pos - opt.sliding_window + 1 : 0;
+    int64_t j_begin = std::max<int64_t>(0, lo - key0);
+    int64_t j_end = std::min<int64_t>(n, pos - key0 + 1);
+    if (j_begin >= j_end) continue;
+    float* sc = s.scores.data() + r * ld;
+    const float* qr = s.q.data() + r * d;
+    for (int64_t j = 0; j < ld; ++j) sc[j] = -INFINITY;
+    float row_max = -INFINITY;
+    for (int64_t j = j_begin; j < j_end; ++j) {
+      const float* kj = k + j * d;
+      v8f a0 = Splat(0.0f), a1 = Splat(0.0f);
+      int64_t i = 0;
+      for (; i + 2 * kLanes <= d; i += 2 * kLanes) {
+        a0 += Load(qr + i) * Load(kj + i);
+        a1 += Load(qr + i + kLanes) * Load(kj + i + kLanes);
+      }
+      if (i < d) a0 += Load(qr + i) * Load(kj + i);
+      float x = Sum(a0 + a1);
+      if (opt.soft_cap > 0.0f) x = opt.soft_cap * std::tanh(x / opt.soft_cap);
+      sc[j] = x;
+      row_max = std::max(row_max, x);
+    }
+    float m_old = s.m[r];
+    float m_new = std::max(m_old, row_max);
+    float alpha = std::exp(m_old - m_new);  // 0 on the first visible block (m_old = -inf)
+    v8f row_sum = Splat(0.0f);
+    for (int64_t j = 0; j < ld; j += kLanes) {
+      v8f p = Exp(Load(sc + j) - Splat(m_new));
+      Store(sc + j, p);
+      row_sum += p;
+    }
+    s.l[r] = s.l[r] * alpha + Sum(row_sum);
+    s.m[r] = m_new;
+    float* acc = s.acc.data() + r * d;
+    if (alpha != 1.0f) {
+      for (int64_t i = 0; i < d; i += kLanes) Store(acc + i, Load(acc + i) * Splat(alpha));
+    }
+    for (int64_t j = j_begin; j < j_end; ++j) {
+      const v8f p = Splat(sc[j]);
+      const float* vj = v + j * d;
+      for (int64_t i = 0; i < d; i += kLanes) Store(acc + i, Load(acc + i) + p * Load(vj + i));
+    }
+  }
+}
+
+template <typename QT, typename KVT>
+void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pages,
+              const KVT* v_pages, const int32_t* block_tables, const Item& it,
+              const Piece& pc, QT* out, Partials& partials, Scratch& s) {
+  const int64_t d = sh.head_dim, g = sh.group;
+  const int64_t rows = (it.tok_end - it.tok_begin) * g;
+  const int64_t ld = (sh.block_size + kLanes - 1) / kLanes * kLanes;
+  s.q.resize(rows * d);
+  s.acc.assign(rows * d, 0.0f);
+  s.m.assign(rows, -INFINITY);
+  s.l.assign(rows, 0.0f);
+  s.scores.resize(rows * ld);
+  s.k.resize(sh.block_size * d);
+  s.v.resize(sh.block_size * d);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = it.row_begin + r / g;
+    const int64_t head = it.kv_head * g + r % g;
+    LoadQueryRow(q + (token * sh.num_q_heads + head) * d, opt.sm_scale, d, s.q.data() + r * d);
+  }
+  const int64_t tile = sh.block_size * d;  // elements of one (block, KV head)
+  for (int64_t b = pc.blk_begin; b < pc.blk_end; ++b) {
+    int64_t block = block_tables[it.seq * sh.pages_per_seq + b];
+    block = std::clamp<int64_t>(block, 0, sh.num_blocks - 1);
+    const int64_t n = std::min<int64_t>(sh.block_size, it.kv_len - b * sh.block_size);
+    const int64_t offset = (block * sh.num_kv_heads + it.kv_head) * tile;
+    const float* k = BlockRows(k_pages + offset, n, d, s.k.data());
+    const float* v = BlockRows(v_pages + offset, n, d, s.v.data());
+    AttendBlock(sh, opt, it, rows, b, k, v, n, s);
+  }
+  if (pc.partial >= 0) {
+    std::copy(s.m.begin(), s.m.end(), partials.m.begin() + pc.partial);
+    std::copy(s.l.begin(), s.l.end(), partials.l.begin() + pc.partial);
+    std::copy(s.acc.begin(), s.acc.end(), partials.acc.begin() + pc.partial * d);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = it.row_begin + r / g;
+    const int64_t head = it.kv_head * g + r % g;
+    const float inv_l = s.l[r] > 0.0f ? 1.0f / s.l[r] : 0.0f;
+    StoreOutputRow(s.acc.data() + r * d, inv_l, d, out + (token * sh.num_q_heads + head) * d);
+  }
+}
+
+// Merges the partial softmax states of one split item's pieces, in piece order.
+template <typename QT>
+void MergePieces(const Shapes& sh, const Item& it, const Piece* pieces, int64_t count,
+                 const Partials& partials, QT* out) {
+  const int64_t d = sh.head_dim, g = sh.group;
+  const int64_t rows = (it.tok_end - it.tok_begin) * g;
+  std::vector<float> acc(d);
+  for (int64_t r = 0; r < rows; ++r) {
+    float m = -INFINITY;
+    for (int64_t p = 0; p < count; ++p) m = std::max(m, partials.m[pieces[p].partial + r]);
+    float l = 0.0f;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    if (m != -INFINITY) {
+      for (int64_t p = 0; p < count; ++p) {
+        const int64_t at = pieces[p].partial + r;
+        const float w = std::exp(partials.m[at] - m);
+        l += w * partials.l[at];
+        const float* src = partials.acc.data() + at * d;
+        for (int64_t i = 0; i < d; ++i) acc[i] += w * src[i];
+      }
+    }
+    const int64_t token = it.row_begin + r / g;
+    const int64_t head = it.kv_head * g + r % g;
+    StoreOutputRow(acc.data(), l > 0.0f ? 1.0f / l : 0.0f, d,
+                   out + (token * sh.num_q_heads + head) * d);
+  }
+}
+
+// Runs fn(i) for i in [0, n) on the pool's threads and the calling thread. Threads that start
+// after every index is taken return at once; the caller waits only for indices in flight.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  struct Counters {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto work = [counters, n, fn_ptr = &fn]() {
+    for (int64_t i = counters->next.fetch_add(1); i < n; i = counters->next.fetch_add(1)) {
+      (*fn_ptr)(i);
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  while (counters->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// Query tiles of every sequence. Padded sequences (q_len 0) give none.
+std::vector<Item> PlanItems(const Shapes& sh, const Options& opt, const int32_t* kv_lens,
+                            const int32_t* cu_q_lens) {
+  std::vector<Item> items;
+  const int64_t tile_tokens = std::max<int64_t>(1, kTileRows / sh.group);
+  const int64_t max_kv = sh.pages_per_seq * sh.block_size;
+  for (int64_t s = 0; s < sh.num_seqs; ++s) {
+    const int64_t q_begin = std::clamp<int64_t>(cu_q_lens[s], 0, sh.num_tokens);
+    const int64_t q_end = std::clamp<int64_t>(cu_q_lens[s + 1], q_begin, sh.num_tokens);
+    const int64_t kv_len = std::clamp<int64_t>(kv_lens[s], 0, max_kv);
+    const int64_t q_len = q_end - q_begin;
+    const int64_t first_pos = kv_len - q_len;
+    for (int64_t t0 = 0; t0 < q_len; t0 += tile_tokens) {
+      const int64_t t1 = std::min(q_len, t0 + tile_tokens);
+      const int64_t last_pos = first_pos + t1 - 1;  // keys beyond it are invisible to the tile
+      const int64_t key_end = std::clamp<int64_t>(last_pos + 1, 0, kv_len);
+      int64_t key_begin = 0;
+      if (opt.sliding_window > 0) {
+        key_begin = std::clamp<int64_t>(first_pos + t0 - opt.sliding_window + 1, 0, key_end);
+      }
+      for (int64_t h = 0; h < sh.num_kv_heads; ++h) {
+        Item it;
+        it.seq = s;
+        it.kv_head = h;
+        it.row_begin = q_begin + t0;
+        it.tok_begin = t0;
+        it.tok_end = t1;
+        it.first_pos = first_pos;
+        it.kv_len = kv_len;
+        it.blk_begin = key_begin / sh.block_size;
+        it.blk_end = (key_end + sh.block_size - 1) / sh.block_size;
+        if (it.blk_begin >= it.blk_end) it.blk_begin = it.blk_end = 0;
+        items.push_back(it);
+      }
+    }
+  }
+  return items;
+}
+
+// Splits items' block ranges when there are too few items to keep every thread busy.
+std::vector<Piece> PlanPieces(const Shapes& sh, const std::vector<Item>& items,
+                              int64_t num_threads, int64_t* partial_rows) {
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  const int64_t wanted = kItemsPerThread * num_threads;
+  const int64_t min_blocks = std::max<int64_t>(1, kMinSplitTokens / sh.block_size);
+  std::vector<Piece> pieces;
+  *partial_rows = 0;
+  for (int64_t i = 0; i < num_items; ++i) {
+    const Item& it = items[i];
+    const int64_t blocks = it.blk_end - it.blk_begin;
+    const int64_t rows = (it.tok_end - it.tok_begin) * sh.group;
+    int64_t splits = 1;
+    if (num_items < wanted) {
+      splits = std::clamp<int64_t>(blocks / min_blocks, 1, (wanted + num_items - 1) / num_items);
+    }
+    for (int64_t p = 0; p < splits; ++p) {
+      Piece pc;
+      pc.item = static_cast<int32_t>(i);
+      pc.blk_begin = it.blk_begin + blocks * p / splits;
+      pc.blk_end = it.blk_begin + blocks * (p + 1) / splits;
+      pc.partial = -1;
+      if (splits > 1) {
+        pc.partial = *partial_rows;
+        *partial_rows += rows;
+      }
+      pc.work = rows * (pc.blk_end - pc.blk_begin + 1);
+      pieces.push_back(pc);
+    }
+  }
+  return pieces;
+}
+
+template <typename QT, typename KVT>
+void Attend(ffi::ThreadPool& pool, const Shapes& sh, const Options& opt, const QT* q,
+            const KVT* k_pages, const KVT* v_pages, const int32_t* kv_lens,
+            const int32_t* block_tables, const int32_t* cu_q_lens, QT* out) {
+  // Rows no sequence owns (padding after cu_q_lens[-1]) are zeros.
+  const int64_t row_elems = sh.num_q_heads * sh.head_dim;
+  const int64_t used_begin = std::clamp<int64_t>(cu_q_lens[0], 0, sh.num_tokens);
+  const int64_t used_end = std::clamp<int64_t>(cu_q_lens[sh.num_seqs], used_begin, sh.num_tokens);
+  std::fill(out, out + used_begin * row_elems, QT{0});
+  std::fill(out + used_end * row_elems, out + sh.num_tokens * row_elems, QT{0});
+
+  const std::vector<Item> items = PlanItems(sh, opt, kv_lens, cu_q_lens);
+  const int64_t num_threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t partial_rows = 0;
+  const std::vector<Piece> pieces = PlanPieces(sh, items, num_threads, &partial_rows);
+  Partials partials;
+  partials.m.resize(partial_rows);
+  partials.l.resize(partial_rows);
+  partials.acc.resize(partial_rows * sh.head_dim);
+
+  // Heaviest pieces first, so the last ones to finish are short.
+  std::vector<int64_t> order(pieces.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return pieces[a].work > pieces[b].work; });
+  ParallelFor(pool, static_cast<int64_t>(order.size()), [&](int64_t i) {
+    thread_local Scratch scratch;
+    const Piece& pc = pieces[order[i]];
+    RunPiece(sh, opt, q, k_pages, v_pages, block_tables, items[pc.item], pc, out, partials,
+             scratch);
+  });
+
+  // Split items: merge their pieces (adjacent in `pieces`, in block order).
+  for (size_t p = 0; p < pieces.size();) {
+    size_t e = p + 1;
+    while (e < pieces.size() && pieces[e].item == pieces[p].item) ++e;
+    if (pieces[p].partial >= 0) {
+      MergePieces(sh, items[pieces[p].item], &pieces[p], e - p, partials, out);
+    }
+    p = e;
+  }
+}
+
+std::string Dims(ffi::AnyBuffer::Dimensions dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q,
+                                    ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages,
+                                    ffi::Buffer<ffi::S32> kv_lens,
+                                    ffi::Buffer<ffi::S32> block_tables,
+                                    ffi::Buffer<ffi::S32> cu_q_lens,
+                                    ffi::Result<ffi::AnyBuffer> out, float sm_scale,
+                                    int32_t sliding_window, float soft_cap) {
+  auto qd = q.dimensions();
+  auto kd = k_pages.dimensions();
+  auto bd = block_tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || bd.size() != 2 || k_pages.dimensions().size() != 4) {
+    return ffi::Error::InvalidArgument("ragged_paged_attention: bad ranks: q " + Dims(qd) +
+                                       ", k_pages " + Dims(kd) + ", block_tables " + Dims(bd));
+  }
+  Shapes sh{qd[0], qd[1], qd[2], kd[0], kd[1], kd[2], bd[0], bd[1], 0};
+  if (sh.num_kv_heads <= 0 || sh.num_q_heads % sh.num_kv_heads != 0 || kd[3] != sh.head_dim ||
+      sh.head_dim % kLanes != 0 || v_pages.dimensions().size() != 4 ||
+      !std::equal(kd.begin(), kd.end(), v_pages.dimensions().begin()) ||
+      k_pages.element_type() != v_pages.element_type() ||
+      kv_lens.dimensions()[0] != sh.num_seqs || cu_q_lens.dimensions()[0] != sh.num_seqs + 1) {
+    return ffi::Error::InvalidArgument(
+        "ragged_paged_attention: inconsistent shapes: q " + Dims(qd) + ", k_pages " + Dims(kd) +
+        ", v_pages " + Dims(v_pages.dimensions()) + ", kv_lens " + Dims(kv_lens.dimensions()) +
+        ", block_tables " + Dims(bd) + ", cu_q_lens " + Dims(cu_q_lens.dimensions()));
+  }
+  sh.group = sh.num_q_heads / sh.num_kv_heads;
+  if (sh.num_seqs == 0 || sh.num_tokens == 0) return ffi::Error::Success();
+  Options opt{sm_scale, sliding_window, soft_cap};
+  const int32_t* lens = kv_lens.typed_data();
+  const int32_t* tables = block_tables.typed_data();
+  const int32_t* cu = cu_q_lens.typed_data();
+  const bool q_bf16 = q.element_type() == ffi::DataType::BF16;
+  const bool kv_bf16 = k_pages.element_type() == ffi::DataType::BF16;
+  if ((!q_bf16 && q.element_type() != ffi::DataType::F32) ||
+      (!kv_bf16 && k_pages.element_type() != ffi::DataType::F32) ||
+      out->element_type() != q.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "ragged_paged_attention: q and the KV pages must be float32 or bfloat16");
+  }
+  void* o = out->untyped_data();
+  const void *qp = q.untyped_data(), *kp = k_pages.untyped_data(), *vp = v_pages.untyped_data();
+  using bf16 = uint16_t;
+  if (!q_bf16 && !kv_bf16) {
+    Attend(pool, sh, opt, static_cast<const float*>(qp), static_cast<const float*>(kp),
+           static_cast<const float*>(vp), lens, tables, cu, static_cast<float*>(o));
+  } else if (!q_bf16 && kv_bf16) {
+    Attend(pool, sh, opt, static_cast<const float*>(qp), static_cast<const bf16*>(kp),
+           static_cast<const bf16*>(vp), lens, tables, cu, static_cast<float*>(o));
+  } else if (q_bf16 && !kv_bf16) {
+    Attend(pool, sh, opt, static_cast<const bf16*>(qp), static_cast<const float*>(kp),
+           static_cast<const float*>(vp), lens, tables, cu, static_cast<bf16*>(o));
+  } else {
+    Attend(pool, sh, opt, static_cast<const bf16*>(qp), static_cast<const bf16*>(kp),
+           static_cast<const bf16*>(vp), lens, tables, cu, static_cast<bf16*>(o));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedRaggedPagedAttention, RaggedPagedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // q
+                                  .Arg<ffi::AnyBuffer>()          // k_pages
+                                  .Arg<ffi::AnyBuffer>()          // v_pages
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cu_q_lens
+                                  .Ret<ffi::AnyBuffer>()          // out
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int32_t>("sliding_window")
+                                  .Attr<float>("soft_cap"));

@@ -1,0 +1,185 @@
+"""The C++ CPU paged-attention kernel against the pure-JAX reference."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import cpu, reference
+from pallas_kernels.cpu import build
+
+pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"no CPU kernel: {cpu.load_error()}")
+
+
+@dataclasses.dataclass
+class Problem:
+    q: jax.Array  # [num_tokens, num_q_heads, head_dim]
+    k_pages: jax.Array  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_pages: jax.Array
+    kv_lens: jax.Array  # i32[num_seqs]
+    block_tables: jax.Array  # i32[num_seqs, pages_per_seq]
+    cu_q_lens: jax.Array  # i32[num_seqs + 1]
+
+    def args(self):
+        return (self.q, self.k_pages, self.v_pages, self.kv_lens, self.block_tables, self.cu_q_lens)
+
+
+def make_problem(seed, q_lens, kv_lens, *, num_q_heads, num_kv_heads, head_dim, block_size,
+                 num_padded_seqs=1, num_padded_tokens=3, dtype=jnp.float32):
+    """Random sequences with permuted block tables; everything no sequence may read is NaN:
+    the null block, blocks nobody owns, slots past kv_len in a sequence's last block."""
+    rng = np.random.default_rng(seed)
+    num_seqs = len(q_lens) + num_padded_seqs
+    pages = [-(-n // block_size) for n in kv_lens]
+    pages_per_seq = max(pages) + 2
+    num_blocks = sum(pages) + 5
+    shape = (num_blocks, num_kv_heads, block_size, head_dim)
+    k = rng.standard_normal(shape, np.float32)
+    v = rng.standard_normal(shape, np.float32)
+    owned = np.zeros(num_blocks, bool)
+    block_tables = np.zeros((num_seqs, pages_per_seq), np.int32)
+    free = iter(rng.permutation(np.arange(1, num_blocks)))
+    for s, (n, kv_len) in enumerate(zip(pages, kv_lens)):
+        block_tables[s, :n] = [next(free) for _ in range(n)]
+        owned[block_tables[s, :n]] = True
+        last, used = block_tables[s, n - 1], kv_len - (n - 1) * block_size
+        k[last, :, used:] = np.nan
+        v[last, :, used:] = np.nan
+    k[~owned] = np.nan
+    v[~owned] = np.nan
+    num_tokens = sum(q_lens) + num_padded_tokens
+    q = rng.standard_normal((num_tokens, num_q_heads, head_dim), np.float32)
+    q[sum(q_lens):] = np.nan  # padded query rows must come back as zeros anyway
+    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens), [sum(q_lens)] * num_padded_seqs])
+    kv = np.concatenate([kv_lens, [0] * num_padded_seqs])
+    return Problem(jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
+                   jnp.asarray(kv, jnp.int32), jnp.asarray(block_tables),
+                   jnp.asarray(cu_q_lens, jnp.int32))
+
+
+def run_both(p, **attrs):
+    sm_scale = p.q.shape[-1] ** -0.5
+    ref = jax.jit(lambda *a: reference.ragged_paged_attention(*a, sm_scale=sm_scale, **attrs))
+    ker = jax.jit(lambda *a: cpu.ragged_paged_attention(*a, sm_scale=sm_scale, **attrs))
+    return np.asarray(ref(*p.args()), np.float32), np.asarray(ker(*p.args()), np.float32)
+
+
+# Decode rows (q_len 1), prefill chunks (whole or continuing a context) and lengths off block
+# boundaries, from 1 token to many blocks.
+MIXED_Q_LENS = [1, 1, 7, 1, 19, 3]
+MIXED_KV_LENS = [1, 33, 7, 250, 40, 66]
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,block_size", [
+    (4, 4, 64, 16),  # MHA
+    (9, 3, 64, 16),  # SmolLM2
+    (8, 2, 128, 8),  # group 4, head_dim 128
+    (16, 2, 64, 32),  # group 8
+])
+def test_fp32_matches_reference(num_q_heads, num_kv_heads, head_dim, block_size):
+    p = make_problem(0, MIXED_Q_LENS, MIXED_KV_LENS, num_q_heads=num_q_heads,
+                     num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size)
+    ref, out = run_both(p)
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert not out[sum(MIXED_Q_LENS):].any(), "padded query rows must be zeros"
+
+
+def test_long_prefill_and_single_long_decode():
+    """A 300-token chunk after 200 cached tokens, and one decode over 1000 tokens (its block
+    range is split across threads and merged)."""
+    for q_lens, kv_lens in (([300], [500]), ([1], [1000])):
+        p = make_problem(1, q_lens, kv_lens, num_q_heads=9, num_kv_heads=3, head_dim=64,
+                         block_size=16)
+        ref, out = run_both(p)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attrs", [{"sliding_window": 5}, {"soft_cap": 1.5},
+                                   {"sliding_window": 40, "soft_cap": 30.0}])
+def test_sliding_window_and_soft_cap(attrs):
+    p = make_problem(2, MIXED_Q_LENS, MIXED_KV_LENS, num_q_heads=9, num_kv_heads=3, head_dim=64,
+                     block_size=16)
+    ref, out = run_both(p, **attrs)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
+def test_bf16_kv_matches_reference(q_dtype):
+    """bf16 pages (and optionally bf16 q): the kernel widens to fp32 exactly as the reference
+    does, so the only differences are summation order and the bf16 rounding of the output:
+    within 1e-2 absolute + relative (bf16 has an 8-bit mantissa)."""
+    p = make_problem(3, MIXED_Q_LENS, MIXED_KV_LENS, num_q_heads=9, num_kv_heads=3, head_dim=64,
+                     block_size=16, dtype=jnp.bfloat16)
+    p.q = p.q.astype(q_dtype)
+    ref, out = run_both(p)
+    assert out.dtype == np.float32 and not np.isnan(out).any()
+    tol = 1e-5 if q_dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
+
+
+def test_inside_jit_with_donated_pool_and_bit_identical_repeats():
+    """write_kv + attention in one jit that donates the pool, like the model's step."""
+    p = make_problem(4, [1, 12, 1], [90, 12, 17], num_q_heads=9, num_kv_heads=3, head_dim=64,
+                     block_size=16, num_padded_tokens=0)
+    rng = np.random.default_rng(5)
+    num_tokens = p.q.shape[0]
+    k_new = jnp.asarray(rng.standard_normal((num_tokens, 3, 64), np.float32))
+    v_new = jnp.asarray(rng.standard_normal((num_tokens, 3, 64), np.float32))
+    # Slots of each sequence's last q_len positions.
+    slots = []
+    for s, (q_len, kv_len) in enumerate([(1, 90), (12, 12), (1, 17)]):
+        for pos in range(kv_len - q_len, kv_len):
+            slots.append(int(p.block_tables[s, pos // 16]) * 16 + pos % 16)
+    slot_mapping = jnp.asarray(slots, jnp.int32)
+
+    def step(attention, k_pages, v_pages):
+        k_pages, v_pages = reference.write_kv(k_pages, v_pages, k_new, v_new, slot_mapping)
+        out = attention(p.q, k_pages, v_pages, p.kv_lens, p.block_tables, p.cu_q_lens,
+                        sm_scale=0.125)
+        return out, k_pages, v_pages
+
+    ref_out, _, _ = jax.jit(lambda k, v: step(reference.ragged_paged_attention, k, v))(
+        p.k_pages, p.v_pages)
+    donated = jax.jit(lambda k, v: step(cpu.ragged_paged_attention, k, v), donate_argnums=(0, 1))
+    k_pages, v_pages = jnp.copy(p.k_pages), jnp.copy(p.v_pages)
+    outs = []
+    for _ in range(3):
+        out, k_pages, v_pages = donated(k_pages, v_pages)
+        outs.append(np.asarray(out))
+    np.testing.assert_allclose(outs[0], np.asarray(ref_out), rtol=1e-5, atol=1e-5)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+
+
+def test_bad_inputs_name_the_problem():
+    p = make_problem(6, [1], [5], num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        cpu.ragged_paged_attention(p.q[:, :3], p.k_pages, p.v_pages, p.kv_lens, p.block_tables,
+                                   p.cu_q_lens, sm_scale=1.0)
+    with pytest.raises(ValueError, match="head_dim"):
+        cpu.ragged_paged_attention(p.q[..., :60], p.k_pages[..., :60], p.v_pages[..., :60],
+                                   p.kv_lens, p.block_tables, p.cu_q_lens, sm_scale=1.0)
+    with pytest.raises(ValueError, match="kv_lens must be int32"):
+        cpu.ragged_paged_attention(*p.args()[:3], p.kv_lens.astype(jnp.float32),
+                                   p.block_tables, p.cu_q_lens, sm_scale=1.0)
+
+
+def test_failed_build_is_reported(monkeypatch, tmp_path):
+    """A compiler that fails gives a BuildError naming the command, and nothing is left behind."""
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setattr(build, "candidate_dirs", lambda: [tmp_path])
+    with pytest.raises(build.BuildError, match="false"):
+        build.build()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_key_follows_the_source(monkeypatch, tmp_path):
+    compiler = build.find_compiler()
+    key = build.build_key(compiler)
+    changed = tmp_path / "changed.cc"
+    changed.write_text(build.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(build, "SOURCE", changed)
+    assert build.build_key(compiler) != key
