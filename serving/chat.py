@@ -8,14 +8,16 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import RequestOutputKind
 from serving.context import ServingContext
 from serving.errors import APIError
 from serving.logprobs import chat_logprobs
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest,
-                              ChatCompletionResponse, ChatDelta, ChatResponseMessage,
+                              ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
                               ChatStreamChoice, PromptTokensDetails, UsageInfo)
-from serving.streaming import SSE_DONE, prepend, sse_error, sse_event, unless_disconnected
+from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, prepend, sse_error, sse_event,
+                               unless_disconnected)
 
 
 def render_chat_prompt(ctx: ServingContext, messages, add_generation_prompt: bool,
@@ -50,89 +52,96 @@ def _check_request(body: ChatCompletionRequest) -> None:
         raise APIError("stream_options can only be set when stream is true.", param="stream_options")
 
 
-def _usage(num_prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
-    return UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=num_prompt_tokens + completion_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
-
-
 async def create_chat_completion(request: Request) -> Response:
     ctx: ServingContext = request.app.state.ctx
     body = await ctx.read_body(request, ChatCompletionRequest)
     ctx.check_model(body.model)
     ctx.check_ready()
     _check_request(body)
-    prompt = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template,
-                                body.chat_template_kwargs)
-    prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
-    ctx.check_prompt_tokens(prompt_ids, "messages")
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = ctx.resolve_max_tokens(len(prompt_ids), requested, "messages")
-    num_top = (body.top_logprobs or 0) if body.logprobs else None
-    kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
-    params = body.to_sampling_params(max_tokens=max_tokens, logprobs=num_top, prompt_logprobs=None,
-                                     vocab_size=ctx.tokenizer.vocab_size, output_kind=kind)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    model = ctx.served_model_name
-    outputs = ctx.generate(prompt_ids, params, request_id)
+    job = _ChatJob(ctx, body)
+    return await (job.stream(request) if body.stream else job.complete(request))
 
-    def logprobs_of(completion):
-        if num_top is None:
+
+class _ChatJob:
+    """One validated chat request: the rendered prompt and its engine stream."""
+
+    def __init__(self, ctx: ServingContext, body: ChatCompletionRequest):
+        self.ctx, self.body = ctx, body
+        prompt = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template,
+                                    body.chat_template_kwargs)
+        self.prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
+        ctx.check_prompt_tokens(self.prompt_ids, "messages")
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = ctx.resolve_max_tokens(len(self.prompt_ids), requested, "messages")
+        self.num_top = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.to_sampling_params(
+            max_tokens=max_tokens, logprobs=self.num_top, prompt_logprobs=None,
+            vocab_size=ctx.tokenizer.vocab_size,
+            output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
+        self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.outputs = ctx.generate(self.prompt_ids, params, self.request_id)
+
+    def _logprobs(self, completion: CompletionOutput) -> ChatLogprobs | None:
+        if self.num_top is None:
             return None
-        return chat_logprobs(completion.token_ids, completion.logprobs, num_top, ctx.tokenizer)
+        return chat_logprobs(completion.token_ids, completion.logprobs, self.num_top, self.ctx.tokenizer)
 
-    if not body.stream:
-        async def last(stream):
-            final = None
-            async for final in stream:
+    def _usage(self, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+        prompt_tokens = len(self.prompt_ids)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+    async def complete(self, request: Request) -> Response:
+        async def last() -> RequestOutput:
+            async for final in self.outputs:
                 pass
             return final
 
-        completed, final = await unless_disconnected(request, last(outputs))
+        completed, final = await unless_disconnected(request, last())
         if not completed:
-            return Response(status_code=499)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [ChatCompletionChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                                        logprobs=logprobs_of(c), finish_reason=c.finish_reason,
+                                        logprobs=self._logprobs(c), finish_reason=c.finish_reason,
                                         stop_reason=c.stop_reason)
                    for c in sorted(final.outputs, key=lambda c: c.index)]
-        usage = _usage(len(prompt_ids), sum(len(c.token_ids) for c in final.outputs),
-                       final.num_cached_tokens)
-        response = ChatCompletionResponse(id=request_id, created=created, model=model,
-                                          choices=choices, usage=usage)
+        usage = self._usage(sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens)
+        response = ChatCompletionResponse(id=self.request_id, created=self.created,
+                                          model=self.ctx.served_model_name, choices=choices, usage=usage)
         return JSONResponse(response.model_dump(mode="json"))
 
-    # Streaming: wait for the first output so an invalid request still gets a 400.
-    completed, first = await unless_disconnected(request, anext(outputs))
-    if not completed:
-        await outputs.aclose()
-        return Response(status_code=499)
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    async def stream(self, request: Request) -> Response:
+        # Wait for the first output so an invalid request still gets a 400, not a broken stream.
+        completed, first = await unless_disconnected(request, anext(self.outputs))
+        if not completed:
+            await self.outputs.aclose()
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return StreamingResponse(self._events(first), media_type="text/event-stream")
 
-    def chunk(choices, usage=None) -> str:
-        return sse_event(ChatCompletionChunk(id=request_id, created=created, model=model,
-                                             choices=choices, usage=usage))
+    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+        return sse_event(ChatCompletionChunk(id=self.request_id, created=self.created,
+                                             model=self.ctx.served_model_name, choices=choices,
+                                             usage=usage))
 
-    async def events() -> AsyncIterator[str]:
+    async def _events(self, first: RequestOutput) -> AsyncIterator[str]:
+        options = self.body.stream_options
         completion_tokens = cached = 0
         try:
-            for i in range(body.n):
-                yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-            async for output in prepend(first, outputs):
+            for i in range(self.body.n):
+                yield self._chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+            async for output in prepend(first, self.outputs):
                 cached = output.num_cached_tokens
                 for c in output.outputs:
-                    if not (c.text or c.token_ids or c.finish_reason):
-                        continue
-                    completion_tokens += len(c.token_ids)
-                    yield chunk([ChatStreamChoice(index=c.index, delta=ChatDelta(content=c.text),
-                                                  logprobs=logprobs_of(c), finish_reason=c.finish_reason,
-                                                  stop_reason=c.stop_reason)])
-            if include_usage:
-                yield chunk([], _usage(len(prompt_ids), completion_tokens, cached))
+                    if c.text or c.token_ids or c.finish_reason:
+                        completion_tokens += len(c.token_ids)
+                        yield self._chunk([ChatStreamChoice(
+                            index=c.index, delta=ChatDelta(content=c.text), logprobs=self._logprobs(c),
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+            if options is not None and options.include_usage:
+                yield self._chunk([], self._usage(completion_tokens, cached))
         except APIError as exc:
             yield sse_error(exc)
         finally:
-            await outputs.aclose()
+            await self.outputs.aclose()
         yield SSE_DONE
-
-    return StreamingResponse(events(), media_type="text/event-stream")

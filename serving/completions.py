@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from jpaged.outputs import RequestOutput
+from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.context import ServingContext
 from serving.errors import APIError
 from serving.logprobs import completion_logprobs
 from serving.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                               CompletionResponse, PromptTokensDetails, UsageInfo)
-from serving.streaming import (SSE_DONE, merge_async_iterators, prepend, sse_error, sse_event,
-                               unless_disconnected)
+from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, merge_async_iterators, prepend,
+                               sse_error, sse_event, unless_disconnected)
 
 
 def _prompt_list(prompt) -> list[str | list[int]]:
@@ -67,9 +67,9 @@ class _Choice:
         self.chars_sent = 0  # text_offset of the next piece
         self.echo_pending = body.echo
 
-    def piece(self, output: RequestOutput, text: str, token_ids: list[int], steps,
-              finish_reason, stop_reason) -> CompletionChoice:
-        logprobs = None
+    def piece(self, output: RequestOutput, completion: CompletionOutput) -> CompletionChoice:
+        """The choice for `completion`'s text (all of it, or the new part when streaming)."""
+        text, logprobs = completion.text, None
         if self.echo_pending:
             self.echo_pending = False
             text = self.prompt.text + text
@@ -78,12 +78,13 @@ class _Choice:
                                                self.body.logprobs, self.ctx.tokenizer, 0)
         if self.body.logprobs is not None:
             offset = self.chars_sent + (len(self.prompt.text) if logprobs is not None else 0)
-            generated = completion_logprobs(token_ids, steps, self.body.logprobs,
-                                            self.ctx.tokenizer, offset)
+            generated = completion_logprobs(completion.token_ids, completion.logprobs,
+                                            self.body.logprobs, self.ctx.tokenizer, offset)
             logprobs = _concat(logprobs, generated)
         self.chars_sent += len(text)
         return CompletionChoice(index=self.index, text=text, logprobs=logprobs,
-                                finish_reason=finish_reason, stop_reason=stop_reason)
+                                finish_reason=completion.finish_reason,
+                                stop_reason=completion.stop_reason)
 
 
 def _concat(first: CompletionLogprobs | None, second: CompletionLogprobs) -> CompletionLogprobs:
@@ -108,70 +109,72 @@ async def create_completion(request: Request) -> Response:
     ctx.check_model(body.model)
     ctx.check_ready()
     _check_request(body)
-    prompts = [_Prompt(ctx, p, body.add_special_tokens) for p in _prompt_list(body.prompt)]
-    kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
-    params = [_sampling_params(ctx, body, p, kind) for p in prompts]
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    model = ctx.served_model_name
-    choices = [[_Choice(ctx, body, p, i * body.n + j) for j in range(body.n)]
-               for i, p in enumerate(prompts)]
-    streams = merge_async_iterators([
-        ctx.generate(p.token_ids, sp, f"{request_id}-{i}")
-        for i, (p, sp) in enumerate(zip(prompts, params))])
+    job = _CompletionJob(ctx, body)
+    return await (job.stream(request) if body.stream else job.complete(request))
 
-    if not body.stream:
+
+class _CompletionJob:
+    """One validated completions request: its prompts' engine streams, merged."""
+
+    def __init__(self, ctx: ServingContext, body: CompletionRequest):
+        self.ctx, self.body = ctx, body
+        self.prompts = [_Prompt(ctx, p, body.add_special_tokens) for p in _prompt_list(body.prompt)]
+        kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
+        params = [_sampling_params(ctx, body, p, kind) for p in self.prompts]
+        self.request_id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.choices = [[_Choice(ctx, body, p, i * body.n + j) for j in range(body.n)]
+                        for i, p in enumerate(self.prompts)]
+        self.outputs = merge_async_iterators([
+            ctx.generate(p.token_ids, sp, f"{self.request_id}-{i}")
+            for i, (p, sp) in enumerate(zip(self.prompts, params))])
+
+    def _response(self, choices: list[CompletionChoice], usage: UsageInfo | None = None):
+        return CompletionResponse(id=self.request_id, created=self.created,
+                                  model=self.ctx.served_model_name, choices=choices, usage=usage)
+
+    async def complete(self, request: Request) -> Response:
         async def collect() -> list[RequestOutput]:
-            finals: list[RequestOutput | None] = [None] * len(prompts)
-            async for i, output in streams:
+            finals: list[RequestOutput | None] = [None] * len(self.prompts)
+            async for i, output in self.outputs:
                 finals[i] = output
             return finals
 
         completed, finals = await unless_disconnected(request, collect())
         if not completed:
-            return Response(status_code=499)
-        out_choices, completion_tokens = [], 0
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        choices, completion_tokens = [], 0
         for i, final in enumerate(finals):
             for c in final.outputs:
-                out_choices.append(choices[i][c.index].piece(
-                    final, c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason))
+                choices.append(self.choices[i][c.index].piece(final, c))
                 completion_tokens += len(c.token_ids)
-        out_choices.sort(key=lambda choice: choice.index)
-        cached = sum(f.num_cached_tokens for f in finals)
-        response = CompletionResponse(id=request_id, created=created, model=model,
-                                      choices=out_choices,
-                                      usage=_usage(prompts, completion_tokens, cached))
-        return JSONResponse(response.model_dump(mode="json"))
+        choices.sort(key=lambda choice: choice.index)
+        usage = _usage(self.prompts, completion_tokens, sum(f.num_cached_tokens for f in finals))
+        return JSONResponse(self._response(choices, usage).model_dump(mode="json"))
 
-    # Streaming: wait for the first output so an invalid request still gets a 400.
-    completed, first = await unless_disconnected(request, anext(streams))
-    if not completed:
-        await streams.aclose()
-        return Response(status_code=499)
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    async def stream(self, request: Request) -> Response:
+        # Wait for the first output so an invalid request still gets a 400, not a broken stream.
+        completed, first = await unless_disconnected(request, anext(self.outputs))
+        if not completed:
+            await self.outputs.aclose()
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return StreamingResponse(self._events(first), media_type="text/event-stream")
 
-    async def events() -> AsyncIterator[str]:
+    async def _events(self, first) -> AsyncIterator[str]:
+        options = self.body.stream_options
         completion_tokens = 0
-        cached = [0] * len(prompts)
+        cached = [0] * len(self.prompts)
         try:
-            async for i, output in prepend(first, streams):
+            async for i, output in prepend(first, self.outputs):
                 cached[i] = output.num_cached_tokens
                 for c in output.outputs:
-                    if not (c.text or c.token_ids or c.finish_reason):
-                        continue
-                    completion_tokens += len(c.token_ids)
-                    piece = choices[i][c.index].piece(output, c.text, c.token_ids, c.logprobs,
-                                                      c.finish_reason, c.stop_reason)
-                    yield sse_event(CompletionResponse(id=request_id, created=created, model=model,
-                                                       choices=[piece]))
-            if include_usage:
-                usage = _usage(prompts, completion_tokens, sum(cached))
-                yield sse_event(CompletionResponse(id=request_id, created=created, model=model,
-                                                   choices=[], usage=usage))
+                    if c.text or c.token_ids or c.finish_reason:
+                        completion_tokens += len(c.token_ids)
+                        yield sse_event(self._response([self.choices[i][c.index].piece(output, c)]))
+            if options is not None and options.include_usage:
+                yield sse_event(self._response([], _usage(self.prompts, completion_tokens, sum(cached))))
         except APIError as exc:
             yield sse_error(exc)
         finally:
-            await streams.aclose()
+            await self.outputs.aclose()
         yield SSE_DONE
-
-    return StreamingResponse(events(), media_type="text/event-stream")

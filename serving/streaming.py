@@ -13,6 +13,8 @@ from serving.errors import APIError
 T = TypeVar("T")
 
 SSE_DONE = "data: [DONE]\n\n"
+# nginx's status for a request whose client went away; nobody reads it, the logs do.
+CLIENT_CLOSED_REQUEST = 499
 
 
 def sse_event(payload: BaseModel) -> str:
