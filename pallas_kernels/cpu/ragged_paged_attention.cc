@@ -21,6 +21,7 @@
 #include <numeric>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -180,59 +181,129 @@ inline const float* BlockRows(const KVT* src, int64_t n, int64_t d, float* buf) 
   }
 }
 
-// Online-softmax update of every row of one piece with one KV block.
+// scores[r, j] = q[r] . k[j] for NR rows and keys j < n, two keys at a time so that 2 * NR
+// independent sums are in flight. q: [NR, d], k: [n, d], scores: [NR, ld].
+template <int NR>
+inline void ScoreRows(const float* q, const float* k, int64_t n, int64_t d, float* scores,
+                      int64_t ld) {
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    v8f a[2][NR] = {};
+    for (int64_t i = 0; i < d; i += kLanes) {
+      const v8f k0 = Load(k + j * d + i), k1 = Load(k + (j + 1) * d + i);
+      for (int r = 0; r < NR; ++r) {
+        const v8f qr = Load(q + r * d + i);
+        a[0][r] += qr * k0;
+        a[1][r] += qr * k1;
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      scores[r * ld + j] = Sum(a[0][r]);
+      scores[r * ld + j + 1] = Sum(a[1][r]);
+    }
+  }
+  if (j < n) {
+    v8f a[NR] = {};
+    for (int64_t i = 0; i < d; i += kLanes) {
+      const v8f k0 = Load(k + j * d + i);
+      for (int r = 0; r < NR; ++r) a[r] += Load(q + r * d + i) * k0;
+    }
+    for (int r = 0; r < NR; ++r) scores[r * ld + j] = Sum(a[r]);
+  }
+}
+
+// acc[r] += sum_j p[r, j] * v[j] for NR rows, NC * 8 columns of acc at a time in registers.
+// p: [NR, ld], v: [n, d], acc: [NR, d].
+template <int NR, int NC>
+inline void AccumulateColumns(const float* p, int64_t ld, const float* v, int64_t n, int64_t d,
+                              int64_t col, float* acc) {
+  v8f a[NR][NC];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) a[r][c] = Load(acc + r * d + col + c * kLanes);
+  for (int64_t j = 0; j < n; ++j) {
+    v8f vj[NC];
+    for (int c = 0; c < NC; ++c) vj[c] = Load(v + j * d + col + c * kLanes);
+    for (int r = 0; r < NR; ++r) {
+      const v8f pr = Splat(p[r * ld + j]);
+      for (int c = 0; c < NC; ++c) a[r][c] += pr * vj[c];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) Store(acc + r * d + col + c * kLanes, a[r][c]);
+}
+
+template <int NR>
+inline void AccumulateRows(const float* p, int64_t ld, const float* v, int64_t n, int64_t d,
+                           float* acc) {
+  int64_t col = 0;
+  for (; col + 2 * kLanes <= d; col += 2 * kLanes) {
+    AccumulateColumns<NR, 2>(p, ld, v, n, d, col, acc);
+  }
+  if (col < d) AccumulateColumns<NR, 1>(p, ld, v, n, d, col, acc);
+}
+
+// Runs fn<NR>(first_row) over `rows` rows in groups of up to 4.
+template <typename F>
+inline void ForRowGroups(int64_t rows, const F& fn) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) fn(std::integral_constant<int, 4>(), r);
+  switch (rows - r) {
+    case 3: fn(std::integral_constant<int, 3>(), r); break;
+    case 2: fn(std::integral_constant<int, 2>(), r); break;
+    case 1: fn(std::integral_constant<int, 1>(), r); break;
+    default: break;
+  }
+}
+
+// Online-softmax update of every row of one piece with one KV block of n valid keys.
 inline void AttendBlock(const Shapes& sh, const Options& opt, const Item& it, int64_t rows,
                         int64_t blk, const float* k, const float* v, int64_t n,
                         Scratch& s) {
   const int64_t d = sh.head_dim, g = sh.group;
   const int64_t ld = (sh.block_size + kLanes - 1) / kLanes * kLanes;
   const int64_t key0 = blk * sh.block_size;  // position of the block's first key
+  float* scores = s.scores.data();
+  ForRowGroups(rows, [&](auto nr, int64_t r0) {
+    ScoreRows<decltype(nr)::value>(s.q.data() + r0 * d, k, n, d, scores + r0 * ld, ld);
+  });
   for (int64_t r = 0; r < rows; ++r) {
+    float* sc = scores + r * ld;
     const int64_t pos = it.first_pos + it.tok_begin + r / g;
     // Visible keys j satisfy lo <= key0 + j <= pos.
-    int64_t lo = opt.sliding_window > 0 ? pos - opt.sliding_window + 1 : 0;
-    int64_t j_begin = std::max<int64_t>(0, lo - key0);
-    int64_t j_end = std::min<int64_t>(n, pos - key0 + 1);
-    if (j_begin >= j_end) continue;
-    float* sc = s.scores.data() + r * ld;
-    const float* qr = s.q.data() + r * d;
-    for (int64_t j = 0; j < ld; ++j) sc[j] = -INFINITY;
-    float row_max = -INFINITY;
-    for (int64_t j = j_begin; j < j_end; ++j) {
-      const float* kj = k + j * d;
-      v8f a0 = Splat(0.0f), a1 = Splat(0.0f);
-      int64_t i = 0;
-      for (; i + 2 * kLanes <= d; i += 2 * kLanes) {
-        a0 += Load(qr + i) * Load(kj + i);
-        a1 += Load(qr + i + kLanes) * Load(kj + i + kLanes);
-      }
-      if (i < d) a0 += Load(qr + i) * Load(kj + i);
-      float x = Sum(a0 + a1);
-      if (opt.soft_cap > 0.0f) x = opt.soft_cap * std::tanh(x / opt.soft_cap);
-      sc[j] = x;
-      row_max = std::max(row_max, x);
+    const int64_t lo = opt.sliding_window > 0 ? pos - opt.sliding_window + 1 : 0;
+    const int64_t j_begin = std::clamp<int64_t>(lo - key0, 0, n);
+    const int64_t j_end = std::clamp<int64_t>(pos - key0 + 1, j_begin, n);
+    if (j_begin == j_end) {  // nothing visible: this row's state is unchanged
+      std::fill(sc, sc + ld, 0.0f);
+      continue;
     }
-    float m_old = s.m[r];
-    float m_new = std::max(m_old, row_max);
-    float alpha = std::exp(m_old - m_new);  // 0 on the first visible block (m_old = -inf)
+    float row_max = -INFINITY;
+    for (int64_t j = 0; j < ld; ++j) {
+      if (j < j_begin || j >= j_end) {
+        sc[j] = -INFINITY;
+      } else {
+        if (opt.soft_cap > 0.0f) sc[j] = opt.soft_cap * std::tanh(sc[j] / opt.soft_cap);
+        row_max = std::max(row_max, sc[j]);
+      }
+    }
+    const float m_new = std::max(s.m[r], row_max);
+    const float alpha = std::exp(s.m[r] - m_new);  // 0 on the first visible block (m = -inf)
     v8f row_sum = Splat(0.0f);
     for (int64_t j = 0; j < ld; j += kLanes) {
-      v8f p = Exp(Load(sc + j) - Splat(m_new));
+      const v8f p = Exp(Load(sc + j) - Splat(m_new));
       Store(sc + j, p);
       row_sum += p;
     }
     s.l[r] = s.l[r] * alpha + Sum(row_sum);
     s.m[r] = m_new;
-    float* acc = s.acc.data() + r * d;
     if (alpha != 1.0f) {
+      float* acc = s.acc.data() + r * d;
       for (int64_t i = 0; i < d; i += kLanes) Store(acc + i, Load(acc + i) * Splat(alpha));
     }
-    for (int64_t j = j_begin; j < j_end; ++j) {
-      const v8f p = Splat(sc[j]);
-      const float* vj = v + j * d;
-      for (int64_t i = 0; i < d; i += kLanes) Store(acc + i, Load(acc + i) + p * Load(vj + i));
-    }
   }
+  ForRowGroups(rows, [&](auto nr, int64_t r0) {
+    AccumulateRows<decltype(nr)::value>(scores + r0 * ld, ld, v, n, d, s.acc.data() + r0 * d);
+  });
 }
 
 template <typename QT, typename KVT>
