@@ -17,6 +17,8 @@ Padded sequences have q_len 0 and kv_len 0; padded query rows (>= cu_q_lens[-1])
 import jax
 import jax.numpy as jnp
 
+_ROWS_PER_STEP = 64  # query tokens gathered per lax.map step: bounds the [n, context] temporaries
+
 
 def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int):
     """Shape of one layer's K (or V) pages."""
@@ -43,6 +45,16 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
     return k_pages, v_pages
 
 
+def default_query_tile(num_tokens: int, num_seqs: int) -> int:
+    """Query tokens per work item: the largest power of two <= num_tokens // num_seqs, in 1..128.
+
+    Decode buckets (num_tokens == num_seqs) get 1, so no row is wasted; prefill-heavy buckets get
+    long tiles, so a sequence's pages are gathered once per tile instead of once per token.
+    """
+    per_seq = max(1, num_tokens // max(num_seqs, 1))
+    return min(128, 1 << (per_seq.bit_length() - 1))
+
+
 def ragged_paged_attention(
     q,  # [num_tokens, num_q_heads, head_dim]
     k_pages,  # [num_blocks, num_kv_heads, block_size, head_dim]
@@ -54,62 +66,89 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    query_tile: int = 128,
+    query_tile: int | None = None,
 ):
     """Attention of packed queries over paged K/V. Returns [num_tokens, num_q_heads, head_dim] in q.dtype.
 
     GQA: query head h reads KV head h // (num_q_heads // num_kv_heads). Softmax in float32.
     With `sliding_window` w a query at position p sees keys at positions > p - w.
     With `soft_cap` c the scores become c * tanh(scores / c).
-    Queries are processed `query_tile` rows at a time so a long prefill never gathers
-    [num_tokens, context] keys at once.
+    Each sequence's queries are cut into work items of `query_tile` tokens (None:
+    `default_query_tile`); an item gathers its sequence's pages once. Items are processed
+    `_ROWS_PER_STEP // query_tile` at a time, so a long prefill never materializes
+    [num_tokens, context] scores.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_pages.shape
     num_seqs, pages_per_seq = block_tables.shape
     group = num_q_heads // num_kv_heads
-    context = pages_per_seq * block_size
+    tile = default_query_tile(num_tokens, num_seqs) if query_tile is None else query_tile
+    items_per_step = max(1, _ROWS_PER_STEP // tile)
 
-    token_idx = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq_ids = jnp.searchsorted(cu_q_lens[1:], token_idx, side="right").astype(jnp.int32)
-    token_valid = token_idx < cu_q_lens[num_seqs]
-    seq_ids = jnp.minimum(seq_ids, num_seqs - 1)
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    positions = kv_lens[seq_ids] - q_lens[seq_ids] + (token_idx - cu_q_lens[seq_ids])
+    # Work items: sequence s owns items item_start[s] .. item_end[s] - 1. Each item holds at
+    # least one token, so there are at most min(num_tokens, num_seqs + cdiv(num_tokens, tile)).
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # i32[num_seqs]
+    items_per_seq = -(-q_lens // tile)
+    item_end = jnp.cumsum(items_per_seq).astype(jnp.int32)
+    item_start = item_end - items_per_seq
+    max_items = min(num_tokens, num_seqs + -(-num_tokens // tile))
+    num_items = -(-max_items // items_per_step) * items_per_step
+    item = jnp.arange(num_items, dtype=jnp.int32)
+    item_seq = jnp.minimum(jnp.searchsorted(item_end, item, side="right"), num_seqs - 1)
+    chunk_start = (item - item_start[item_seq]) * tile  # i32[num_items]: offset in its sequence
+    num_q = jnp.where(item < item_end[-1], jnp.clip(q_lens[item_seq] - chunk_start, 0, tile), 0)
+    offsets = jnp.arange(tile, dtype=jnp.int32)
+    token_ok = offsets < num_q[:, None]  # bool[num_items, tile]
+    tokens = cu_q_lens[item_seq][:, None] + chunk_start[:, None] + offsets
+    q_pos = (kv_lens[item_seq] - q_lens[item_seq] + chunk_start)[:, None] + offsets
+    q_items = q[jnp.minimum(tokens, num_tokens - 1)]  # [num_items, tile, num_q_heads, head_dim]
+    q_items = q_items.reshape(num_items, tile, num_kv_heads, group, head_dim)
+    kv_pos = jnp.arange(pages_per_seq * block_size, dtype=jnp.int32).reshape(pages_per_seq, block_size)
 
-    tile = query_tile if num_tokens % query_tile == 0 else num_tokens
-    num_tiles = num_tokens // tile
-    kv_pos = jnp.arange(context, dtype=jnp.int32)
-
-    def attend_tile(args):
-        q_t, seq_t, pos_t, valid_t = args  # [tile, H, D], [tile], [tile], [tile]
-        pages = block_tables[seq_t]  # [tile, pages_per_seq]
-        # [tile, W, KVH, BS, D] -> [tile, KVH, W * BS, D]
-        k = k_pages[pages].transpose(0, 2, 1, 3, 4).reshape(tile, num_kv_heads, context, head_dim)
-        v = v_pages[pages].transpose(0, 2, 1, 3, 4).reshape(tile, num_kv_heads, context, head_dim)
-        in_context = kv_pos[None, :] < kv_lens[seq_t][:, None]  # [tile, L]
-        # Zero what lies past the context so garbage (even NaN) in unused pages cannot leak.
-        k = jnp.where(in_context[:, None, :, None], k.astype(jnp.float32), 0.0)
-        v = jnp.where(in_context[:, None, :, None], v.astype(jnp.float32), 0.0)
-        qg = q_t.astype(jnp.float32).reshape(tile, num_kv_heads, group, head_dim)
-        scores = jnp.einsum("tkgd,tkld->tkgl", qg, k) * sm_scale
+    def attend(args):
+        q_s, seq_s, pos_s, ok_s = args  # [n, tile, KVH, G, D], [n], [n, tile], [n, tile]
+        n = seq_s.shape[0]
+        context = pages_per_seq * block_size
+        pages = block_tables[seq_s]  # [n, W]
+        # [n, W, KVH, BS, D] -> [n, KVH, W * BS, D]
+        k = k_pages[pages].transpose(0, 2, 1, 3, 4).reshape(n, num_kv_heads, context, head_dim)
+        v = v_pages[pages].transpose(0, 2, 1, 3, 4).reshape(n, num_kv_heads, context, head_dim)
+        in_context = kv_pos.reshape(1, context) < kv_lens[seq_s][:, None]  # [n, L]
+        # Zero V past the context so garbage (even NaN) in unused slots cannot leak through 0 * NaN;
+        # K needs no zeroing because its scores are replaced below.
+        v = jnp.where(in_context[:, None, :, None], v, jnp.zeros((), v.dtype))
+        q_s = q_s.transpose(0, 2, 3, 1, 4).reshape(n, num_kv_heads, group * tile, head_dim)
+        scores = jnp.einsum("nkrd,nkld->nkrl", q_s, k, preferred_element_type=jnp.float32)
+        scores = scores * sm_scale
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
-        visible = in_context & (kv_pos[None, :] <= pos_t[:, None]) & valid_t[:, None]
+        key_pos, query_pos = kv_pos.reshape(1, 1, context), pos_s[:, :, None]  # [1,1,L], [n,tile,1]
+        visible = in_context[:, None] & (key_pos <= query_pos) & ok_s[:, :, None]  # [n, tile, L]
         if sliding_window is not None:
-            visible = visible & (kv_pos[None, :] > pos_t[:, None] - sliding_window)
-        visible = visible[:, None, None, :]
+            visible = visible & (key_pos > query_pos - sliding_window)
+        visible = jnp.tile(visible, (1, group, 1))[:, None]  # [n, 1, G * tile, L], rows g-major
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = jnp.where(visible, probs, 0.0)  # rows with nothing visible (padding) give zeros
-        out = jnp.einsum("tkgl,tkld->tkgd", probs, v)
-        return out.reshape(tile, num_q_heads, head_dim).astype(q.dtype)
+        probs = jnp.where(visible, jnp.exp(scores - scores.max(axis=-1, keepdims=True)), 0.0)
+        denom = probs.sum(axis=-1, keepdims=True)  # [n, KVH, G * tile, 1]; 0 for rows that see nothing
+        out = jnp.einsum("nkrl,nkld->nkrd", probs, v.astype(jnp.float32))
+        out = out / jnp.where(denom > 0.0, denom, 1.0)
+        out = out.reshape(n, num_kv_heads, group, tile, head_dim).transpose(0, 3, 1, 2, 4)
+        return out.astype(q.dtype)  # [n, tile, KVH, G, D]
 
-    tiled = (
-        q.reshape(num_tiles, tile, num_q_heads, head_dim),
-        seq_ids.reshape(num_tiles, tile),
-        positions.reshape(num_tiles, tile),
-        token_valid.reshape(num_tiles, tile),
-    )
-    out = jax.lax.map(attend_tile, tiled)
-    return out.reshape(num_tokens, num_q_heads, head_dim)
+    steps = num_items // items_per_step
+    out = jax.lax.map(
+        attend,
+        (
+            q_items.reshape(steps, items_per_step, tile, num_kv_heads, group, head_dim),
+            item_seq.reshape(steps, items_per_step),
+            q_pos.reshape(steps, items_per_step, tile),
+            token_ok.reshape(steps, items_per_step, tile),
+        ),
+    ).reshape(num_items, tile, num_q_heads, head_dim)
+
+    # Back to packed token order; padded rows (>= cu_q_lens[-1]) are zeros.
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    token_seq = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], token, side="right"), num_seqs - 1)
+    offset = token - cu_q_lens[token_seq]
+    out = out[item_start[token_seq] + offset // tile, offset % tile]
+    return jnp.where((token < cu_q_lens[num_seqs])[:, None, None], out, jnp.zeros((), q.dtype))
