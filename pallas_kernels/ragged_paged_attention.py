@@ -4,8 +4,9 @@ Same signature and semantics as `pallas_kernels.reference.ragged_paged_attention
 sequence's new tokens are cut into work items of `block_q` tokens; one program computes one
 (work item, KV head), with the item's tokens times the padded GQA group as its rows, walking the
 sequence's pages through its block table (see `paged_flash_kernel`). The static number of items
-is num_seqs + cdiv(num_tokens, block_q), an upper bound on sum(cdiv(q_len, block_q)); spare
-items are empty and cost one program launch each.
+is min(num_tokens, num_seqs + cdiv(num_tokens, block_q)), an upper bound on
+sum(cdiv(q_len, block_q)) since every item holds a token; spare items are empty and cost one
+program launch each.
 """
 
 import functools
@@ -78,7 +79,7 @@ def ragged_paged_attention(
     items_per_seq = pl.cdiv(q_lens, block_q)
     item_end = jnp.cumsum(items_per_seq).astype(jnp.int32)
     item_start = item_end - items_per_seq
-    num_items = num_seqs + pl.cdiv(num_tokens, block_q)
+    num_items = min(num_tokens, num_seqs + pl.cdiv(num_tokens, block_q))
     item = jnp.arange(num_items, dtype=jnp.int32)
     item_seq = jnp.minimum(jnp.searchsorted(item_end, item, side="right"), num_seqs - 1).astype(jnp.int32)
     chunk_start = (item - item_start[item_seq]) * block_q  # offset of the item in its sequence
