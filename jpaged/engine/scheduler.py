@@ -1,9 +1,9 @@
 """Continuous batching: which requests run each step, under one token budget.
 
 Each step, `schedule()` lets every request's num_computed_tokens catch up with its num_tokens:
-1. running requests, decodes (1 token left) first, then partial prefills, chunked to the budget;
-   when the pool is out of blocks, the newest running request not yet scheduled this step is
-   preempted (recompute, or swap to host slots when `num_swap_blocks` > 0 and they have room);
+1. running requests in admission order, each chunked to the budget; when the pool is out of
+   blocks, the newest running request is preempted (recompute, or swap to host slots when
+   `num_swap_blocks` > 0 and they have room);
 2. then, if nothing was preempted, waiting requests in FCFS order (preempted ones at the front),
    each after its prefix-cache hits, until the budget, `max_num_seqs` or the pool runs out. The
    queue is strictly FCFS: a request that does not fit blocks the ones behind it.
@@ -54,6 +54,12 @@ class Scheduler:
         ]:
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be greater than or equal to "
+                f"max_num_seqs ({max_num_seqs}), or some running requests could not decode every step. "
+                "Raise --max-num-batched-tokens or lower --max-num-seqs."
+            )
         if num_swap_blocks < 0:
             raise ValueError(f"num_swap_blocks must be non-negative, got {num_swap_blocks}.")
         if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
@@ -134,24 +140,24 @@ class Scheduler:
         scheduled: dict[str, int] = {}  # request id -> num_scheduled_tokens, in scheduling order
         blocks_to_swap_out: list[tuple[int, int]] = []
         blocks_to_swap_in: list[tuple[int, int]] = []
-        num_preemptions_before = self.num_preemptions
 
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
-        for request in decodes + prefills:
-            if budget == 0:
-                break
-            if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
-                continue
+        # Admission order. Only the newest running request can be mid-prefill (a prefill chunk
+        # that does not finish its tokens takes the whole budget, so nothing is admitted after
+        # it), hence no decode ever waits behind a prefill chunk.
+        index = 0
+        while index < len(self.running) and budget > 0:  # victims leave from the end
+            request = self.running[index]
             num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._allocate_or_preempt(request, num_new_tokens, scheduled, blocks_to_swap_out):
-                scheduled[request.request_id] = num_new_tokens
-                budget -= num_new_tokens
+            if not self._allocate_or_preempt(request, num_new_tokens, blocks_to_swap_out):
+                break
+            scheduled[request.request_id] = num_new_tokens
+            budget -= num_new_tokens
+            index += 1
 
-        # Swap-ins free host slots at once: admitting none in a step that swapped out means a
-        # slot is never written by a swap-out and read by a swap-in in the same step.
-        if self.num_preemptions == num_preemptions_before:
-            budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in)
+        # After a preemption the head of the queue is the oldest victim, which needs more blocks
+        # than are free, so FCFS admits nobody: host slots freed by a swap-in are never reused
+        # by a swap-out of the same step.
+        budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in)
 
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, set()
         return SchedulerOutput(
@@ -162,13 +168,12 @@ class Scheduler:
             blocks_to_swap_in=blocks_to_swap_in,
         )
 
-    def _allocate_or_preempt(
-        self, request: Request, num_new_tokens: int, scheduled: dict[str, int], blocks_to_swap_out: list
-    ) -> bool:
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, blocks_to_swap_out: list) -> bool:
         """Allocate room for a running request's new tokens, preempting the newest running
-        request not scheduled this step (possibly `request` itself, then False) until it fits."""
+        request (never one scheduled already this step: those are older) until it fits.
+        False when `request` itself was the one preempted."""
         while self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
-            victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
+            victim = self.running[-1]
             self._preempt(victim, blocks_to_swap_out)
             if victim is request:
                 return False
@@ -239,7 +244,7 @@ class Scheduler:
                     output_token_ids=request.output_token_ids,
                 )
             )
-        # Decodes first, then prefill chunks (a stable sort keeps FCFS order within each).
+        # Decodes first, then prefill chunks (a stable sort keeps admission order within each).
         out.sort(key=lambda s: not (s.sample and s.num_scheduled_tokens == 1))
         return out
 

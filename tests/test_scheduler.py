@@ -1,0 +1,562 @@
+"""Scheduler tests against a fake paged runner and an unpaged oracle.
+
+The fake runner keeps a paged "KV pool" that stores, per slot, the token whose KV would live
+there. Each step it performs the swap copies, writes every scheduled token through the block
+table, then reads back every scheduled request's whole context through its block table and
+checks it against the request's true tokens, as real attention would read it. Its "model"
+samples a token that depends on the whole context, so any block-table, prefix-cache, preemption
+or swap bug changes the outputs, which are compared with an unpaged oracle.
+"""
+
+import collections
+import random
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from jpaged.engine.block_manager import cdiv
+from jpaged.engine.request import Request, RequestStatus
+from jpaged.engine.scheduler import Scheduler
+from jpaged.sampling_params import SamplingParams
+
+VOCAB = 50
+EOS = 0
+
+
+def next_token(context: list[int]) -> int:
+    """The fake model: a token that depends on every context token and its position."""
+    return (sum((i + 1) * (t + 1) for i, t in enumerate(context)) * 2654435761 >> 7) % VOCAB
+
+
+def oracle_output(prompt: list[int], params: SamplingParams, max_tokens: int, max_model_len: int) -> list[int]:
+    """Unpaged generation with vLLM's stop order."""
+    tokens, out = list(prompt), []
+    while True:
+        token = next_token(tokens)
+        out.append(token)
+        tokens.append(token)
+        if len(out) < params.min_tokens:
+            continue
+        if (not params.ignore_eos and token == EOS) or token in params.stop_token_ids:
+            return out
+        if len(out) >= max_tokens or len(tokens) >= max_model_len:
+            return out
+
+
+class FakeRunner:
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.device: dict[tuple[int, int], int] = {}  # (block id, offset) -> token id
+        self.host: dict[int, dict[int, int]] = {}  # host slot -> offset -> token id
+
+    def execute(self, scheduler_output) -> dict[str, int]:
+        bs = self.block_size
+        for block_id, slot in scheduler_output.blocks_to_swap_out:
+            self.host[slot] = {o: self.device[(block_id, o)] for o in range(bs) if (block_id, o) in self.device}
+        for slot, block_id in scheduler_output.blocks_to_swap_in:
+            for offset in range(bs):
+                self.device.pop((block_id, offset), None)
+            self.device.update({(block_id, o): t for o, t in self.host.pop(slot).items()})
+        writer_of_block: dict[int, str] = {}
+        for scheduled in scheduler_output.scheduled:
+            assert 0 not in scheduled.block_table, "the null block is handed out"
+            for i, token in enumerate(scheduled.token_ids):
+                position = scheduled.start_position + i
+                block_id = scheduled.block_table[position // bs]
+                assert writer_of_block.setdefault(block_id, scheduled.request_id) == scheduled.request_id, (
+                    f"block {block_id} has two writers in one step"
+                )
+                self.device[(block_id, position % bs)] = token
+        sampled = {}
+        for scheduled in scheduler_output.scheduled:
+            end = scheduled.start_position + scheduled.num_scheduled_tokens
+            truth = scheduled.prompt_token_ids + scheduled.output_token_ids
+            assert scheduled.token_ids == truth[scheduled.start_position : end]
+            assert scheduled.sample == (end == len(truth))
+            context = [self.device.get((scheduled.block_table[p // bs], p % bs)) for p in range(end)]
+            assert context == truth[:end], f"request {scheduled.request_id} reads a corrupted KV context"
+            if scheduled.sample:
+                sampled[scheduled.request_id] = next_token(context)
+        return sampled
+
+
+def check_step(scheduler: Scheduler, scheduler_output) -> None:
+    scheduled = scheduler_output.scheduled
+    assert scheduler_output.total_num_scheduled_tokens == sum(s.num_scheduled_tokens for s in scheduled)
+    assert scheduler_output.total_num_scheduled_tokens <= scheduler.max_num_batched_tokens
+    assert len(scheduled) <= scheduler.max_num_seqs
+    assert len({s.request_id for s in scheduled}) == len(scheduled)
+    is_decode = [s.sample and s.num_scheduled_tokens == 1 for s in scheduled]
+    assert is_decode == sorted(is_decode, reverse=True), "decodes must come first in the batch"
+    for s in scheduled:
+        assert s.num_scheduled_tokens >= 1
+        assert len(s.block_table) * scheduler.block_size >= s.start_position + s.num_scheduled_tokens
+        assert s.block_table == scheduler.kv_cache_manager.get_block_ids(s.request_id)
+
+
+def check_invariants(scheduler: Scheduler) -> None:
+    """Block accounting and request-state invariants that hold between steps."""
+    manager = scheduler.kv_cache_manager
+    pool = manager.block_pool
+    bs = scheduler.block_size
+    holders = collections.Counter()
+    for request_id, blocks in manager.req_to_blocks.items():
+        assert scheduler.requests[request_id].status == RequestStatus.RUNNING
+        block_ids = [b.block_id for b in blocks]
+        assert 0 not in block_ids and len(set(block_ids)) == len(block_ids)
+        holders.update(block_ids)
+    for block in pool.blocks:
+        assert block.ref_cnt == holders[block.block_id] >= 0
+    free = {b.block_id for b in pool.free_block_queue.get_all_free_blocks()}
+    assert free == {b.block_id for b in pool.blocks[1:] if b.ref_cnt == 0}
+    assert pool.free_block_queue.num_free_blocks == len(free)
+    for block_hash, block in pool.cached_block_hash_to_block.items():
+        assert block.block_hash == block_hash
+    assert all(pool.cached_block_hash_to_block[b.block_hash] is b for b in pool.blocks if b.block_hash is not None)
+    assert pool.null_block.block_hash is None and pool.null_block.ref_cnt == 0
+
+    running_ids = [r.request_id for r in scheduler.running]
+    waiting_ids = [r.request_id for r in scheduler.waiting]
+    assert len(running_ids) <= scheduler.max_num_seqs
+    assert sorted(running_ids + waiting_ids) == sorted(scheduler.requests)
+    mid_prefill = [r for r in scheduler.running if r.num_tokens - r.num_computed_tokens > 1]
+    assert mid_prefill in ([], scheduler.running[-1:]), "only the newest running request may be mid-prefill"
+    for request in scheduler.running:
+        assert request.status == RequestStatus.RUNNING
+        assert 0 < request.num_computed_tokens < request.num_tokens
+        num_blocks = len(manager.req_to_blocks[request.request_id])
+        assert num_blocks == cdiv(request.num_computed_tokens, bs)
+        assert num_blocks * bs - request.num_computed_tokens < bs, "KV waste of a block or more"
+    for request in scheduler.waiting:
+        assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED, RequestStatus.SWAPPED)
+        assert request.request_id not in manager.req_to_blocks
+        if request.status == RequestStatus.SWAPPED:
+            slots = manager.req_to_host_slots[request.request_id]
+            assert len(slots) == cdiv(request.num_computed_tokens, bs)
+        else:
+            assert request.num_computed_tokens == 0
+    held_slots = [s for slots in manager.req_to_host_slots.values() for s in slots]
+    all_slots = held_slots + manager._free_host_slots
+    assert sorted(all_slots) == list(range(manager.num_swap_blocks))
+    stats = scheduler.get_stats()
+    assert stats.kv_waste_slots < bs * max(1, len(scheduler.running))
+    assert 0.0 <= stats.kv_cache_usage <= 1.0
+
+
+def check_all_free(scheduler: Scheduler) -> None:
+    """With no requests left every block but the null block is free and cached ones reusable."""
+    pool = scheduler.kv_cache_manager.block_pool
+    assert not scheduler.has_unfinished_requests()
+    assert pool.get_num_free_blocks() == pool.num_blocks - 1
+    assert scheduler.get_stats().kv_cache_usage == 0.0
+    free = set(pool.free_block_queue.get_all_free_blocks())
+    assert all(block in free for block in pool.cached_block_hash_to_block.values())
+    assert scheduler.kv_cache_manager.num_free_host_slots == scheduler.kv_cache_manager.num_swap_blocks
+
+
+class Harness:
+    """A scheduler, the fake runner and the oracle's expected outputs."""
+
+    def __init__(self, **scheduler_kwargs) -> None:
+        self.scheduler = Scheduler(**scheduler_kwargs)
+        self.runner = FakeRunner(self.scheduler.block_size)
+        self.expected: dict[str, list[int]] = {}
+        self.finished: dict[str, Request] = {}
+        self.batches: list = []
+
+    def add(self, request_id: str, prompt: list[int], **params) -> Request:
+        request = Request(request_id, prompt, SamplingParams(**params), eos_token_ids=(EOS,))
+        self.scheduler.add_request(request)
+        self.expected[request_id] = oracle_output(
+            prompt, request.sampling_params, request.max_tokens, self.scheduler.max_model_len
+        )
+        return request
+
+    def step(self) -> list[Request]:
+        running_before = {r.request_id for r in self.scheduler.running}
+        num_preemptions_before = self.scheduler.num_preemptions
+        out = self.scheduler.schedule()
+        check_step(self.scheduler, out)
+        if self.scheduler.num_preemptions > num_preemptions_before:
+            assert {s.request_id for s in out.scheduled} <= running_before, "admitted in a step that preempted"
+        self.batches.append(out)
+        updated = self.scheduler.update_from_output(out, self.runner.execute(out))
+        for request in updated:
+            expected = self.expected[request.request_id]
+            assert request.output_token_ids == expected[: request.num_output_tokens]
+            if request.is_finished():
+                assert request.output_token_ids == expected
+                self.finished[request.request_id] = request
+        check_invariants(self.scheduler)
+        return updated
+
+    def run(self, max_steps: int = 2000) -> None:
+        for _ in range(max_steps):
+            if not self.scheduler.has_unfinished_requests():
+                return
+            self.step()
+        raise AssertionError(f"requests left after {max_steps} steps: {self.scheduler.requests}")
+
+
+def random_prompts(rng: random.Random, num: int, max_len: int) -> list[list[int]]:
+    bases = [[rng.randrange(1, VOCAB) for _ in range(max_len)] for _ in range(3)]
+    prompts = []
+    for _ in range(num):
+        length = rng.randint(1, max_len)
+        shared = rng.randint(0, length)
+        prompts.append(rng.choice(bases)[:shared] + [rng.randrange(1, VOCAB) for _ in range(length - shared)])
+    return prompts
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("chunked_prefill", [True, False])
+@pytest.mark.parametrize("num_swap_blocks", [0, 6, 64])
+def test_tiny_pool_preempts_and_every_request_matches_the_oracle(prefix_caching, chunked_prefill, num_swap_blocks):
+    harness = Harness(
+        num_blocks=14,
+        block_size=4,
+        max_num_seqs=6,
+        max_num_batched_tokens=48 if chunked_prefill else 64,
+        max_model_len=48,
+        enable_prefix_caching=prefix_caching,
+        enable_chunked_prefill=chunked_prefill,
+        num_swap_blocks=num_swap_blocks,
+    )
+    rng = random.Random(0)
+    for i, prompt in enumerate(random_prompts(rng, 24, 30)):
+        harness.add(f"r{i}", prompt, max_tokens=rng.randint(1, 48 - len(prompt)), ignore_eos=rng.random() < 0.5)
+    harness.run()
+    assert sorted(harness.finished) == sorted(harness.expected)
+    stats = harness.scheduler.get_stats()
+    assert stats.num_preemptions > 0, "the pool is meant to be too small for the batch"
+    assert sum(r.num_preemptions for r in harness.finished.values()) == stats.num_preemptions
+    swapped = sum(len(out.blocks_to_swap_out) for out in harness.batches)
+    assert (swapped > 0) == (num_swap_blocks > 0)
+    assert sum(len(out.blocks_to_swap_in) for out in harness.batches) == swapped
+    if prefix_caching:
+        assert 0 < stats.prefix_cache_hits < stats.prefix_cache_queries
+    else:
+        assert stats.prefix_cache_queries == stats.prefix_cache_hits == 0
+    check_all_free(harness.scheduler)
+
+
+def test_swap_falls_back_to_recompute_when_host_slots_are_full():
+    harness = Harness(
+        num_blocks=9, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=32, num_swap_blocks=3
+    )
+    rng = random.Random(1)
+    # 4 x 2 blocks fill the pool; when all four need a third block the first victim swaps its
+    # 2 blocks into the 3 host slots and the second victim no longer fits there.
+    for i in range(4):
+        harness.add(f"r{i}", [rng.randrange(1, VOCAB) for _ in range(5)], max_tokens=20, ignore_eos=True)
+    statuses = set()
+    while harness.scheduler.has_unfinished_requests():
+        harness.step()
+        statuses.update(r.status for r in harness.scheduler.waiting)
+    assert {RequestStatus.SWAPPED, RequestStatus.PREEMPTED} <= statuses
+    check_all_free(harness.scheduler)
+
+
+def test_token_budget_and_max_num_seqs_hold_and_long_prompts_are_chunked():
+    harness = Harness(num_blocks=200, block_size=4, max_num_seqs=3, max_num_batched_tokens=16, max_model_len=128)
+    harness.add("long", list(range(1, 101)), max_tokens=4, ignore_eos=True)
+    for i in range(5):
+        harness.add(f"r{i}", [i + 1] * 5, max_tokens=6, ignore_eos=True)
+    harness.run()
+    sizes = [out.total_num_scheduled_tokens for out in harness.batches]
+    assert max(sizes) == 16
+    assert max(len(out.scheduled) for out in harness.batches) == 3
+    long_chunks = [s.num_scheduled_tokens for out in harness.batches for s in out.scheduled if s.request_id == "long"]
+    assert long_chunks[:6] == [16] * 6 and sum(long_chunks) == 100 + 3
+
+
+def test_decodes_are_never_starved_by_a_long_prefill():
+    harness = Harness(num_blocks=200, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=256)
+    harness.add("a", [3, 4, 5], max_tokens=40, ignore_eos=True)
+    harness.add("b", [6, 7], max_tokens=40, ignore_eos=True)
+    harness.step()
+    harness.add("long", list(range(1, 200)), max_tokens=2, ignore_eos=True)
+    while "long" not in harness.finished:
+        out = harness.scheduler.schedule()
+        check_step(harness.scheduler, out)
+        assert [s.request_id for s in out.scheduled[:2]] == ["a", "b"]
+        assert all(s.num_scheduled_tokens == 1 for s in out.scheduled[:2])
+        harness.batches.append(out)
+        for request in harness.scheduler.update_from_output(out, harness.runner.execute(out)):
+            if request.is_finished():
+                harness.finished[request.request_id] = request
+    assert harness.finished["long"].output_token_ids == harness.expected["long"]
+
+
+def test_waiting_requests_are_admitted_first_come_first_served():
+    harness = Harness(num_blocks=40, block_size=4, max_num_seqs=2, max_num_batched_tokens=8, max_model_len=64)
+    for i in range(6):
+        harness.add(f"r{i}", [i + 1] * (3 + 2 * i), max_tokens=3, ignore_eos=True)
+    harness.run()
+    first_seen = []
+    for out in harness.batches:
+        first_seen += [s.request_id for s in out.scheduled if s.request_id not in first_seen]
+    assert first_seen == [f"r{i}" for i in range(6)]
+    times = [harness.finished[f"r{i}"].first_scheduled_time for i in range(6)]
+    assert times == sorted(times)
+
+
+def test_a_request_that_does_not_fit_yet_blocks_the_queue_behind_it():
+    harness = Harness(num_blocks=9, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=32)
+    harness.add("a", [1] * 16, max_tokens=8, ignore_eos=True)  # 4 blocks, grows to 6
+    harness.step()
+    harness.add("big", [2] * 20, max_tokens=1)  # 5 blocks: does not fit while "a" runs
+    harness.add("small", [3], max_tokens=1)  # would fit, but must not overtake "big"
+    harness.step()
+    assert [s.request_id for s in harness.batches[-1].scheduled] == ["a"]
+    harness.run()
+    first_step = {}
+    for step, out in enumerate(harness.batches):
+        for s in out.scheduled:
+            first_step.setdefault(s.request_id, step)
+    assert first_step["a"] < first_step["big"] <= first_step["small"]
+
+
+def test_second_request_with_the_same_prefix_reuses_its_blocks_and_reports_hits():
+    harness = Harness(num_blocks=40, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    prefix = list(range(10, 22))  # 3 full blocks
+    harness.add("a", prefix + [1, 2], max_tokens=2, ignore_eos=True)
+    harness.run()
+    free_before = harness.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    second = harness.add("b", prefix + [7, 8, 9], max_tokens=2, ignore_eos=True)
+    harness.step()
+    (scheduled,) = harness.batches[-1].scheduled
+    assert scheduled.start_position == 12 and scheduled.token_ids == [7, 8, 9]
+    first_blocks = [s.block_table for out in harness.batches[:1] for s in out.scheduled][0]
+    assert scheduled.block_table[:3] == first_blocks[:3]
+    # Only one new block was taken out of the pool (the 3 hits were free but cached).
+    assert harness.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free_before - 4
+    assert second.num_cached_tokens == 12
+    stats = harness.scheduler.get_stats()
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (14 + 15, 12)
+    harness.run()
+    check_all_free(harness.scheduler)
+
+
+def test_n_siblings_scheduled_together_share_the_prompt_blocks():
+    harness = Harness(num_blocks=40, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    prompt = list(range(1, 11))
+    for i in range(3):
+        harness.add(f"{i}_req", prompt, max_tokens=5, ignore_eos=True, temperature=0.0)
+    harness.step()
+    tables = [s.block_table for s in harness.batches[0].scheduled]
+    assert tables[0][:2] == tables[1][:2] == tables[2][:2]
+    assert len({t[2] for t in tables}) == 3  # each writes its own partial last block
+    assert [s.num_scheduled_tokens for s in harness.batches[0].scheduled] == [10, 2, 2]
+    harness.run()
+    check_all_free(harness.scheduler)
+
+
+def test_stop_conditions_follow_vllms_order():
+    scheduler = Scheduler(num_blocks=40, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=20)
+    specs = {
+        "eos": (SamplingParams(max_tokens=10), [5, EOS], RequestStatus.FINISHED_STOPPED, None),
+        "min_tokens": (SamplingParams(max_tokens=10, min_tokens=3), [EOS, EOS, EOS], RequestStatus.FINISHED_STOPPED, None),
+        "ignore_eos": (SamplingParams(max_tokens=3, ignore_eos=True), [EOS, EOS, EOS], RequestStatus.FINISHED_LENGTH_CAPPED, None),
+        "stop_id": (SamplingParams(max_tokens=10, stop_token_ids=[7]), [5, 7], RequestStatus.FINISHED_STOPPED, 7),
+        "length": (SamplingParams(max_tokens=2), [5, 6], RequestStatus.FINISHED_LENGTH_CAPPED, None),
+        "model_len": (SamplingParams(max_tokens=None), [5] * 16, RequestStatus.FINISHED_LENGTH_CAPPED, None),
+    }
+    requests = {}
+    for name, (params, _, _, _) in specs.items():
+        requests[name] = Request(name, [1, 2, 3, 4], params, eos_token_ids=(EOS,))
+        scheduler.add_request(requests[name])
+    assert requests["model_len"].max_tokens == 16
+    reported = set()
+    for step in range(16):
+        out = scheduler.schedule()
+        reported |= out.finished_request_ids
+        tokens = {s.request_id: specs[s.request_id][1][step] for s in out.scheduled}
+        scheduler.update_from_output(out, tokens)
+    assert not scheduler.has_unfinished_requests()
+    for name, (_, tokens, status, stop_reason) in specs.items():
+        request = requests[name]
+        assert (request.output_token_ids, request.status, request.stop_reason) == (tokens, status, stop_reason), name
+        assert request.finish_reason == {RequestStatus.FINISHED_STOPPED: "stop"}.get(status, "length")
+        assert request.arrival_time <= request.first_scheduled_time <= request.first_token_time
+        assert request.first_token_time <= request.last_token_time <= request.finished_time
+    assert reported | scheduler.schedule().finished_request_ids == set(specs)
+
+
+def test_finish_requests_records_the_stop_string_and_frees_blocks():
+    harness = Harness(num_blocks=20, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    request = harness.add("a", [1, 2, 3, 4, 5], max_tokens=20, ignore_eos=True)
+    harness.step()
+    harness.scheduler.finish_requests("a", RequestStatus.FINISHED_STOPPED, stop_reason="\n\n")
+    assert (request.status, request.stop_reason, request.finish_reason) == (RequestStatus.FINISHED_STOPPED, "\n\n", "stop")
+    assert harness.scheduler.schedule().finished_request_ids == {"a"}
+    check_all_free(harness.scheduler)
+    with pytest.raises(ValueError, match="FINISHED_\\* status, got RUNNING"):
+        harness.scheduler.finish_requests("a", RequestStatus.RUNNING)
+
+
+@pytest.mark.parametrize("state", ["waiting", "running", "preempted", "swapped"])
+def test_abort_in_any_state_frees_every_block(state):
+    harness = Harness(
+        num_blocks=7,
+        block_size=4,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        max_model_len=32,
+        num_swap_blocks=8 if state == "swapped" else 0,
+    )
+    harness.add("old", [1] * 8, max_tokens=12, ignore_eos=True)
+    victim = harness.add("victim", [2] * 8, max_tokens=12, ignore_eos=True)
+    if state != "waiting":
+        harness.step()
+    expected_status = {
+        "waiting": RequestStatus.WAITING,
+        "running": RequestStatus.RUNNING,
+        "preempted": RequestStatus.PREEMPTED,
+        "swapped": RequestStatus.SWAPPED,
+    }[state]
+    while victim.status != expected_status:
+        harness.step()
+    harness.scheduler.abort_requests(["victim", "unknown-id"])
+    assert victim.status == RequestStatus.FINISHED_ABORTED and victim.finish_reason == "abort"
+    harness.step()
+    assert harness.batches[-1].finished_request_ids == {"victim"}
+    harness.scheduler.abort_requests("old")
+    check_all_free(harness.scheduler)
+
+
+def test_requests_aborted_while_the_step_runs_are_skipped():
+    harness = Harness(num_blocks=20, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    harness.add("a", [1, 2, 3], max_tokens=5)
+    harness.add("b", [4, 5, 6], max_tokens=5)
+    out = harness.scheduler.schedule()
+    sampled = harness.runner.execute(out)
+    harness.scheduler.abort_requests("a")
+    updated = harness.scheduler.update_from_output(out, sampled)
+    assert [r.request_id for r in updated] == ["b"]
+    with pytest.raises(ValueError, match="No sampled token for request 'b'"):
+        harness.scheduler.update_from_output(harness.scheduler.schedule(), {})
+
+
+@pytest.mark.parametrize(
+    "prompt_len, max_tokens, match",
+    [
+        (0, 4, "The prompt is empty"),
+        (64, None, r"The prompt is 64 tokens long but the maximum model length is 64 tokens.*--max-model-len"),
+        (70, 4, r"The prompt is 70 tokens long"),
+        (
+            60,
+            10,
+            r"maximum context length is 64 tokens. However, you requested 70 tokens \(60 in the messages, "
+            r"10 in the completion\).*--max-model-len",
+        ),
+        (40, 20, r"may need 15 KV blocks of 4 tokens \(40 prompt \+ 20 max_tokens\) but the KV pool has only 12 "
+         r"blocks \(48 tokens\).*--num-gpu-blocks-override.*--gpu-memory-utilization"),
+    ],
+)
+def test_requests_that_could_never_finish_are_rejected_with_the_numbers(prompt_len, max_tokens, match):
+    scheduler = Scheduler(num_blocks=13, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    with pytest.raises(ValueError, match=match):
+        scheduler.add_request(Request("x", [1] * prompt_len, SamplingParams(max_tokens=max_tokens)))
+    assert not scheduler.has_unfinished_requests()
+
+
+def test_duplicate_ids_and_bad_flags_are_rejected():
+    scheduler = Scheduler(num_blocks=13, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    scheduler.add_request(Request("x", [1], SamplingParams()))
+    with pytest.raises(ValueError, match="Request id 'x' is already in use"):
+        scheduler.add_request(Request("x", [1], SamplingParams()))
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(32\) is smaller than max_model_len \(64\).*--max-num-batched-tokens"):
+        Scheduler(num_blocks=13, block_size=4, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
+                  enable_chunked_prefill=False)
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) must be greater than or equal to max_num_seqs \(16\)"):
+        Scheduler(num_blocks=13, block_size=4, max_num_seqs=16, max_num_batched_tokens=8, max_model_len=64)
+    with pytest.raises(ValueError, match="max_num_seqs must be at least 1, got 0"):
+        Scheduler(num_blocks=13, block_size=4, max_num_seqs=0, max_num_batched_tokens=32, max_model_len=64)
+
+
+def test_scheduler_output_repr_hides_tokens():
+    harness = Harness(num_blocks=20, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    harness.add("a", [41, 42, 43], max_tokens=2)
+    text = repr(harness.scheduler.schedule())
+    assert "num_scheduled_tokens=3" in text and "41" not in text
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random add / step / finish / abort sequences on tiny pools (preemption happens often)."""
+
+    @initialize(
+        block_size=st.sampled_from([1, 2, 4]),
+        num_blocks=st.integers(6, 24),
+        max_num_seqs=st.integers(1, 5),
+        budget=st.sampled_from([5, 8, 32]),
+        prefix_caching=st.booleans(),
+        chunked_prefill=st.booleans(),
+        num_swap_blocks=st.sampled_from([0, 4, 32]),
+    )
+    def setup(self, block_size, num_blocks, max_num_seqs, budget, prefix_caching, chunked_prefill, num_swap_blocks):
+        self.harness = Harness(
+            num_blocks=num_blocks,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=budget if chunked_prefill else 24,
+            max_model_len=24,
+            enable_prefix_caching=prefix_caching,
+            enable_chunked_prefill=chunked_prefill,
+            num_swap_blocks=num_swap_blocks,
+        )
+        self.next_id = 0
+
+    @rule(
+        base=st.sampled_from([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [9] * 10]),
+        shared=st.integers(0, 10),
+        tail=st.lists(st.integers(1, VOCAB - 1), max_size=6),
+        max_tokens=st.integers(1, 10),
+        ignore_eos=st.booleans(),
+        prompt_logprobs=st.booleans(),
+    )
+    def add(self, base, shared, tail, max_tokens, ignore_eos, prompt_logprobs):
+        prompt = base[:shared] + tail
+        scheduler = self.harness.scheduler
+        request_id = f"r{self.next_id}"
+        self.next_id += 1
+        needed = cdiv(len(prompt) + max_tokens - 1, scheduler.block_size)
+        params = dict(max_tokens=max_tokens, ignore_eos=ignore_eos, prompt_logprobs=1 if prompt_logprobs else None)
+        if not prompt or len(prompt) + max_tokens > scheduler.max_model_len or needed > scheduler.kv_cache_manager.num_usable_blocks:
+            with pytest.raises(ValueError):
+                self.harness.add(request_id, prompt, **params)
+        else:
+            self.harness.add(request_id, prompt, **params)
+
+    @rule()
+    def step(self):
+        self.harness.step()
+
+    @precondition(lambda self: self.harness.scheduler.has_unfinished_requests())
+    @rule(data=st.data(), abort=st.booleans())
+    def finish_or_abort(self, data, abort):
+        scheduler = self.harness.scheduler
+        request_id = data.draw(st.sampled_from(sorted(scheduler.requests)))
+        request = scheduler.requests[request_id]
+        if abort:
+            scheduler.abort_requests([request_id])
+        else:
+            scheduler.finish_requests([request_id], RequestStatus.FINISHED_STOPPED, stop_reason="stop")
+        assert request.is_finished() and request_id not in scheduler.requests
+        assert request.output_token_ids == self.harness.expected[request_id][: request.num_output_tokens]
+
+    @invariant()
+    def blocks_are_accounted_for(self):
+        check_invariants(self.harness.scheduler)
+
+    def teardown(self):
+        self.harness.run(max_steps=1000)
+        check_all_free(self.harness.scheduler)
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+)
+test_scheduler_state_machine = SchedulerMachine.TestCase
