@@ -8,11 +8,11 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from jpaged.async_llm import EngineDeadError
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.errors import APIError, not_found_model, validation_error
 from serving.metrics import ServerMetrics
-from serving.streaming import prepend
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -95,32 +95,31 @@ class ServingContext:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        """AsyncLLM.generate, plus metrics on finish and an abort when the consumer stops early.
+        """AsyncLLM.generate, plus metrics when the request finishes.
 
         The engine's ValueError for an invalid request (raised before the first output) becomes
-        a 400 APIError.
+        a 400, a stopped engine a 503. Closing this stream closes the engine's, which aborts the
+        request if it is still running.
         """
         delta = params.output_kind == RequestOutputKind.DELTA
         tokens_per_output: dict[int, int] = {}
         outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
         try:
-            first = await anext(outputs)
-        except ValueError as exc:
-            raise APIError(str(exc)) from None
-        finished = first.finished
-        try:
-            async for output in prepend(first, outputs):
+            async for output in outputs:
                 for completion in output.outputs:
                     count = len(completion.token_ids)
                     tokens_per_output[completion.index] = (
                         tokens_per_output.get(completion.index, 0) + count if delta else count)
-                finished = output.finished
-                if finished:
+                if output.finished:
                     self._observe_finished(output, tokens_per_output)
                 yield output
+        except ValueError as exc:
+            raise APIError(str(exc)) from None
+        except EngineDeadError as exc:
+            raise APIError(f"{exc}; restart the server.", status_code=HTTPStatus.SERVICE_UNAVAILABLE,
+                           type="service_unavailable") from None
         finally:
-            if not finished:
-                await self.engine.abort(request_id)
+            await outputs.aclose()
 
     def _observe_finished(self, output: RequestOutput, tokens_per_output: dict[int, int]) -> None:
         reasons = {c.finish_reason for c in output.outputs if c.finish_reason}

@@ -1,0 +1,439 @@
+"""The OpenAI-compatible server, end to end: a real uvicorn on 127.0.0.1, the real AsyncLLM on the
+tiny random model, driven by the official `openai` client (sync, async, streaming) and httpx.
+
+Oracles: a dense no-cache greedy loop (llama.forward_dense) for content, the tokenizer for usage
+counts, the non-streamed response for the streamed one, and the engine's own stats (through
+AsyncLLM.get_stats) for freed KV blocks after disconnects.
+"""
+
+import asyncio
+import json
+import re
+import threading
+import time
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+from jpaged.async_llm import AsyncLLM
+from jpaged.config import EngineArgs
+from jpaged.loaders import load_model
+from jpaged.models import llama
+from serving.app import build_app
+from serving.context import ServingContext
+
+API_KEY = "test-key"
+MODEL_NAME = "tiny"
+MAX_MODEL_LEN = 128
+MAX_REQUEST_BYTES = 64 * 1024
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+class ThreadedServer:
+    """AsyncLLM + the app under uvicorn, all on one event loop in a background thread."""
+
+    def __init__(self, engine_args: EngineArgs):
+        self.engine_args = engine_args
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        if not self.ready.wait(timeout=300) or self.error is not None:
+            raise RuntimeError(f"the test server did not start: {self.error!r}")
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported to the test thread
+            self.error = exc
+            self.ready.set()
+
+    async def _serve(self) -> None:
+        self.engine = AsyncLLM.from_engine_args(self.engine_args)
+        self.ctx = ServingContext(self.engine, served_model_name=MODEL_NAME,
+                                  max_request_bytes=MAX_REQUEST_BYTES)
+        config = uvicorn.Config(build_app(self.ctx, api_key=API_KEY), host="127.0.0.1", port=0,
+                                log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        serving = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            await asyncio.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.ready.set()
+        await serving
+        await self.engine.shutdown()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    # Small buckets: two forward programs and one sampler program to compile.
+    engine_args = EngineArgs(model=str(tiny_model_dir), max_model_len=MAX_MODEL_LEN, max_num_seqs=8,
+                             max_num_batched_tokens=16, num_gpu_blocks_override=64,
+                             compilation_cache_dir="")
+    srv = ThreadedServer(engine_args)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+_forward_dense = jax.jit(llama.forward_dense, static_argnums=1)
+
+
+def dense_greedy(model, prompt_ids: list[int], num_tokens: int, padded_len: int = 64) -> list[int]:
+    """The oracle: greedy decoding with a full no-cache causal forward per token (the sequence
+    is padded at the end to one length, so this compiles once)."""
+    ids = list(prompt_ids)
+    for _ in range(num_tokens):
+        padded = jnp.asarray([ids + [0] * (padded_len - len(ids))], dtype=jnp.int32)
+        logits = _forward_dense(model.params, model.config, padded)
+        ids.append(int(np.argmax(np.asarray(logits[0, len(ids) - 1]))))
+    return ids[len(prompt_ids):]
+
+
+def wait_until_idle(server, timeout: float = 20.0):
+    """Polls the engine's stats until no request runs or waits and no KV block is in use."""
+    deadline = time.time() + timeout
+    while True:
+        stats = server.engine.get_stats()
+        if stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0:
+            return stats
+        if time.time() > deadline:
+            raise AssertionError(f"the engine did not go idle: {stats}")
+        time.sleep(0.05)
+
+
+def sse_payloads(raw: str) -> list[str]:
+    """Splits an SSE body into its `data:` payloads, checking the framing on the way."""
+    assert raw.endswith("\n\n")
+    events = raw[:-2].split("\n\n")
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), raw[:500]
+    return [e[len("data: "):] for e in events]
+
+
+def health_ok(server) -> bool:
+    return httpx.get(server.url + "/health").status_code == 200
+
+
+# --------------------------------------------------------------------------- completions
+
+
+def test_completion_greedy_matches_dense_oracle(server, client, tiny_model):
+    prompt = "The capital of France is"
+    prompt_ids = tiny_model.tokenizer.encode(prompt)
+    expected = dense_greedy(tiny_model, prompt_ids, 6)
+    result = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    choice = result.choices[0]
+    assert choice.text == tiny_model.tokenizer.decode(expected)
+    assert choice.finish_reason == "length"
+    assert result.usage.prompt_tokens == len(prompt_ids)
+    assert result.usage.completion_tokens == 6
+    assert result.usage.total_tokens == len(prompt_ids) + 6
+    # The same prompt as token ids gives the same completion.
+    by_ids = client.completions.create(model=MODEL_NAME, prompt=prompt_ids, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == choice.text
+    wait_until_idle(server)
+
+
+def test_completion_batch_with_n(server, client, tiny_model):
+    prompts = ["Once upon a time", "Paged attention"]
+    result = client.completions.create(model=MODEL_NAME, prompt=prompts, n=2, max_tokens=5,
+                                       temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" for c in result.choices)
+    assert result.usage.prompt_tokens == sum(len(tiny_model.tokenizer.encode(p)) for p in prompts)
+    assert result.usage.completion_tokens == 4 * 5
+    # Seeded sampling is reproducible: the same request again gives the same texts.
+    again = client.completions.create(model=MODEL_NAME, prompt=prompts, n=2, max_tokens=5,
+                                      temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text for c in result.choices]
+
+
+def test_completion_stream_equals_non_stream(server, client):
+    kwargs = dict(model=MODEL_NAME, prompt="Streaming test:", max_tokens=12, temperature=0.8, seed=1234,
+                  extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    *text_chunks, usage_chunk = chunks
+    assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage.completion_tokens == whole.usage.completion_tokens == 12
+    assert usage_chunk.usage.prompt_tokens == whole.usage.prompt_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completion_sse_framing(server):
+    body = {"prompt": "SSE framing", "max_tokens": 4, "stream": True, "temperature": 0, "ignore_eos": True}
+    response = httpx.post(server.url + "/v1/completions", json=body, headers=AUTH)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    payloads = sse_payloads(response.text)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "usage" not in chunks[-1]  # no include_usage: no usage anywhere
+
+
+def test_completion_logprobs_shape(server, client, tiny_model):
+    result = client.completions.create(model=MODEL_NAME, prompt="Logprobs", max_tokens=5, temperature=0,
+                                       logprobs=3, extra_body={"ignore_eos": True})
+    choice = result.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    offsets = [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert lp.text_offset == offsets
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 3 <= len(top) <= 4
+        assert top[token] == logprob
+        # Greedy picks the most likely token, so its logprob is the best of the top ones.
+        assert logprob == pytest.approx(max(top.values()))
+        assert logprob <= 0
+
+
+def test_completion_stop_string(server, client):
+    base = client.completions.create(model=MODEL_NAME, prompt="Stops", max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = base[3:5]
+    assert stop.strip(), f"pick a prompt whose greedy text has visible characters, got {base!r}"
+    result = client.completions.create(model=MODEL_NAME, prompt="Stops", max_tokens=10, temperature=0,
+                                       stop=[stop], extra_body={"ignore_eos": True})
+    choice = result.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.text == base[:base.index(stop)]
+    assert choice.model_extra["stop_reason"] == stop
+
+
+# --------------------------------------------------------------------------- chat
+
+
+MESSAGES = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_logprobs_and_usage(server, client, tiny_model):
+    prompt = tiny_model.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    prompt_ids = tiny_model.tokenizer.encode(prompt, add_special_tokens=False)
+    expected = dense_greedy(tiny_model, prompt_ids, 5)
+    result = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=5,
+                                            temperature=0, logprobs=True, top_logprobs=2,
+                                            extra_body={"ignore_eos": True})
+    choice = result.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == tiny_model.tokenizer.decode(expected)
+    assert result.usage.prompt_tokens == len(prompt_ids)
+    assert result.usage.completion_tokens == 5
+    content = choice.logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode("utf-8"))
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy = rank 1
+    # /tokenize renders the same template and counts the same tokens.
+    tokenized = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}).json()
+    assert tokenized["tokens"] == prompt_ids
+
+
+def test_chat_async_stream_equals_non_stream(server):
+    async def run():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+        kwargs = dict(model=MODEL_NAME, messages=MESSAGES, max_tokens=10, temperature=0.7, seed=99, n=2,
+                      extra_body={"ignore_eos": True})
+        whole = await client.chat.completions.create(**kwargs)
+        stream = await client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                      **kwargs)
+        chunks = [chunk async for chunk in stream]
+        await client.close()
+        return whole, chunks
+
+    whole, chunks = asyncio.run(run())
+    # The first chunk of each choice carries the role and no text.
+    firsts = {}
+    for chunk in chunks[:-1]:
+        for c in chunk.choices:
+            firsts.setdefault(c.index, c)
+    assert all(c.delta.role == "assistant" and c.delta.content == "" for c in firsts.values())
+    texts = {0: "", 1: ""}
+    finish = {}
+    for chunk in chunks[:-1]:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert finish == {0: "length", 1: "length"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+# --------------------------------------------------------------------------- other routes
+
+
+def test_models_version_tokenize_detokenize(server, tiny_model):
+    models = httpx.get(server.url + "/v1/models", headers=AUTH).json()
+    assert [m["id"] for m in models["data"]] == [MODEL_NAME]
+    assert models["data"][0]["max_model_len"] == MAX_MODEL_LEN
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", httpx.get(server.url + "/version").json()["version"])
+    text = "Hello, paged world!"
+    tokenized = httpx.post(server.url + "/tokenize", json={"prompt": text}).json()
+    assert tokenized["tokens"] == tiny_model.tokenizer.encode(text)
+    assert tokenized["count"] == len(tokenized["tokens"])
+    detokenized = httpx.post(server.url + "/detokenize", json={"tokens": tokenized["tokens"]}).json()
+    assert detokenized["prompt"] == tiny_model.tokenizer.decode(tokenized["tokens"], skip_special_tokens=False)
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics(server, client):
+    before = httpx.get(server.url + "/metrics").text
+    result = client.completions.create(model=MODEL_NAME, prompt="Count me", max_tokens=7, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    wait_until_idle(server)
+    after = httpx.get(server.url + "/metrics").text
+    for name in ("jpaged:num_requests_running", "jpaged:num_requests_waiting", "jpaged:kv_cache_usage_perc",
+                 "jpaged:prefix_cache_queries_total", "jpaged:prefix_cache_hits_total",
+                 "jpaged:time_to_first_token_seconds_count", "jpaged:time_per_output_token_seconds_count",
+                 "jpaged:e2e_request_latency_seconds_count"):
+        assert name in after, name
+    delta = lambda name: _metric(after, name) - _metric(before, name)  # noqa: E731
+    assert delta("jpaged:generation_tokens_total") == 7
+    assert delta("jpaged:prompt_tokens_total") == result.usage.prompt_tokens
+    assert delta("jpaged:e2e_request_latency_seconds_count") == 1
+    assert delta("jpaged:time_to_first_token_seconds_count") == 1
+    assert delta('jpaged:request_success_total') == 1
+    assert _metric(after, "jpaged:num_requests_running") == 0
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "Traceback" not in error["message"]
+    return error
+
+
+ERROR_CASES = {
+    "context_length": ("/v1/completions", {"prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400,
+                       "context_length_exceeded", [str(MAX_MODEL_LEN)]),
+    "negative_temperature": ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, None, ["temperature"]),
+    "bad_top_p": ("/v1/chat/completions", {"messages": MESSAGES, "top_p": 1.5}, 400, None, ["top_p"]),
+    "wrong_type": ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, None, ["max_tokens"]),
+    "missing_field": ("/v1/chat/completions", {"model": MODEL_NAME}, 400, None, ["messages"]),
+    "empty_prompt": ("/v1/completions", {"prompt": ""}, 400, None, ["prompt"]),
+    "token_out_of_vocab": ("/v1/completions", {"prompt": [1, 10**9]}, 400, None, ["1000000000"]),
+    "bad_role": ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, None, ["role"]),
+    "logit_bias_range": ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 500}}, 400, None, ["logit_bias"]),
+    "stream_options_without_stream": ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
+                                      400, None, ["stream_options"]),
+    "top_logprobs_without_logprobs": ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400,
+                                      None, ["logprobs"]),
+    "request_chat_template": ("/v1/chat/completions", {"messages": MESSAGES, "chat_template": "/etc/passwd"},
+                              400, None, ["--trust-request-chat-template"]),
+    "unknown_model": ("/v1/completions", {"prompt": "hi", "model": "gpt-5"}, 404, "model_not_found", ["gpt-5"]),
+    "unknown_route": ("/v1/edits", {"input": "x"}, 404, "unknown_url", ["/v1/edits"]),
+}
+
+
+# Cases whose streamed variant must fail the same way, before any SSE is sent.
+STREAMED_TOO = {"context_length", "negative_temperature", "bad_top_p", "token_out_of_vocab",
+                "top_logprobs_without_logprobs", "unknown_model"}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_error_then_healthy(server, case):
+    path, body, status, code, fragments = ERROR_CASES[case]
+    for stream in (False, True) if case in STREAMED_TOO else (False,):
+        error = _error(httpx.post(server.url + path, json={**body, "stream": stream} if stream else body,
+                                  headers=AUTH), status)
+        assert error["code"] == code
+        for fragment in fragments:
+            assert fragment in error["message"], error
+    assert health_ok(server)
+
+
+def test_invalid_json_then_healthy(server):
+    error = _error(httpx.post(server.url + "/v1/completions", content=b"{not json", headers=AUTH), 400)
+    assert "JSON" in error["message"]
+    assert health_ok(server)
+
+
+def test_oversized_body_then_healthy(server):
+    body = {"prompt": "x" * (MAX_REQUEST_BYTES + 1)}
+    error = _error(httpx.post(server.url + "/v1/completions", json=body, headers=AUTH), 413)
+    assert str(MAX_REQUEST_BYTES) in error["message"] and "--max-request-bytes" in error["message"]
+    assert health_ok(server)
+
+
+def test_api_key_guards_v1_only(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        error = _error(httpx.get(server.url + "/v1/models", headers=headers), 401)
+        assert error["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(server.url + "/metrics").status_code == 200
+    assert health_ok(server)
+
+
+# --------------------------------------------------------------------------- disconnects
+
+
+def test_stream_disconnect_aborts_and_frees_blocks(server):
+    wait_until_idle(server)
+    generated_before = server.engine.get_stats().generation_tokens_total
+    max_tokens = MAX_MODEL_LEN - 16
+    body = {"prompt": "Disconnect me", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=AUTH) as response:
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                break
+        assert server.engine.get_stats().kv_cache_usage > 0
+    stats = wait_until_idle(server)
+    assert stats.generation_tokens_total - generated_before < max_tokens, "the request ran to the end"
+    assert health_ok(server)
+
+
+def test_non_stream_disconnect_aborts_and_frees_blocks(server):
+    wait_until_idle(server)
+    generated_before = server.engine.get_stats().generation_tokens_total
+    max_tokens = MAX_MODEL_LEN - 16
+    body = {"prompt": "Disconnect me too", "max_tokens": max_tokens, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=0.3)
+    stats = wait_until_idle(server)
+    assert stats.generation_tokens_total - generated_before < max_tokens, "the request ran to the end"
+    assert health_ok(server)
