@@ -88,6 +88,8 @@ def check_step(scheduler: Scheduler, scheduler_output) -> None:
     assert scheduler_output.total_num_scheduled_tokens <= scheduler.max_num_batched_tokens
     assert len(scheduled) <= scheduler.max_num_seqs
     assert len({s.request_id for s in scheduled}) == len(scheduled)
+    # The engine may skip a step with nothing scheduled, so block copies never come alone.
+    assert scheduled or not (scheduler_output.blocks_to_swap_out or scheduler_output.blocks_to_swap_in)
     is_decode = [s.sample and s.num_scheduled_tokens == 1 for s in scheduled]
     assert is_decode == sorted(is_decode, reverse=True), "decodes must come first in the batch"
     for s in scheduled:
@@ -102,9 +104,11 @@ def check_invariants(scheduler: Scheduler) -> None:
     pool = manager.block_pool
     bs = scheduler.block_size
     holders = collections.Counter()
+    assert manager.req_to_block_ids.keys() == manager.req_to_blocks.keys()
     for request_id, blocks in manager.req_to_blocks.items():
         assert scheduler.requests[request_id].status == RequestStatus.RUNNING
         block_ids = [b.block_id for b in blocks]
+        assert manager.req_to_block_ids[request_id] == block_ids
         assert 0 not in block_ids and len(set(block_ids)) == len(block_ids)
         holders.update(block_ids)
     for block in pool.blocks:

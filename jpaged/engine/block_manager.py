@@ -28,6 +28,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.block_pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.req_to_block_ids: dict[str, list[int]] = {}  # the same tables as block ids
         self._num_cached_blocks: dict[str, int] = {}  # leading blocks of a request already indexed
         self.num_swap_blocks = num_swap_blocks
         self._free_host_slots = list(range(num_swap_blocks - 1, -1, -1))  # pop() gives slot 0 first
@@ -76,41 +77,46 @@ class KVCacheManager:
         shared, then fresh blocks are appended. Returns the fresh blocks, or None (and changes
         nothing) when the pool has too few free blocks.
         """
-        blocks = self.req_to_blocks.get(request.request_id, [])
+        request_id = request.request_id
+        num_blocks = len(self.req_to_blocks.get(request_id, ()))
         num_computed_tokens = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_required = cdiv(num_computed_tokens + num_new_tokens, self.block_size)
-        num_new_blocks = num_required - len(blocks) - len(new_computed_blocks)
-        # Hits on free cached blocks take them out of the free queue too.
-        num_revived = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
-        if num_new_blocks > self.block_pool.get_num_free_blocks() - num_revived:
-            return None
-        self.block_pool.touch(new_computed_blocks)
-        new_blocks = self.block_pool.get_new_blocks(max(num_new_blocks, 0))
-        blocks = self.req_to_blocks.setdefault(request.request_id, [])
-        blocks.extend(new_computed_blocks)
-        blocks.extend(new_blocks)
+        num_new_blocks = max(num_required - num_blocks - len(new_computed_blocks), 0)
+        new_blocks = []
+        if num_new_blocks or new_computed_blocks:
+            # Hits on free cached blocks take them out of the free queue too.
+            num_revived = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
+            if num_new_blocks > self.block_pool.get_num_free_blocks() - num_revived:
+                return None
+            self.block_pool.touch(new_computed_blocks)
+            new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
+            added = [*new_computed_blocks, *new_blocks]
+            self.req_to_blocks.setdefault(request_id, []).extend(added)
+            self.req_to_block_ids.setdefault(request_id, []).extend(block.block_id for block in added)
         self._cache_full_blocks(request, num_computed_tokens + num_new_tokens)
         return new_blocks
 
     def _cache_full_blocks(self, request: Request, num_tokens_after_step: int) -> None:
-        if not self.enable_caching:
+        """Index the request's blocks that are full once this step's tokens are computed."""
+        start = self._num_cached_blocks.get(request.request_id, 0)
+        num_full = num_tokens_after_step // self.block_size
+        if not self.enable_caching or num_full <= start:
             return
         blocks = self.req_to_blocks[request.request_id]
         hashes = self._update_block_hashes(request)
-        num_full = min(num_tokens_after_step // self.block_size, len(hashes))
-        start = self._num_cached_blocks.get(request.request_id, 0)
         for i in range(start, num_full):
             self.block_pool.cache_full_block(blocks[i], hashes[i])
-        self._num_cached_blocks[request.request_id] = max(start, num_full)
+        self._num_cached_blocks[request.request_id] = num_full
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """A copy of the request's block table."""
-        return [block.block_id for block in self.req_to_blocks.get(request_id, ())]
+        return list(self.req_to_block_ids.get(request_id, ()))
 
     def free(self, request: Request) -> None:
         """Return all of the request's blocks (tail first, so its prefix stays cached longest)
         and host slots."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
+        self.req_to_block_ids.pop(request.request_id, None)
         self.block_pool.free_blocks(list(reversed(blocks)))
         self._num_cached_blocks.pop(request.request_id, None)
         self._free_host_slots.extend(reversed(self.req_to_host_slots.pop(request.request_id, [])))
@@ -137,6 +143,7 @@ class KVCacheManager:
             return None
         blocks = self.block_pool.get_new_blocks(num_required)
         self.req_to_blocks[request.request_id] = blocks
+        self.req_to_block_ids[request.request_id] = [block.block_id for block in blocks]
         del self.req_to_host_slots[request.request_id]
         self._free_host_slots.extend(reversed(slots))
         self._cache_full_blocks(request, request.num_computed_tokens + num_new_tokens)
