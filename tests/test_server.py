@@ -228,6 +228,26 @@ def test_completion_stop_string(server, client):
     assert choice.model_extra["stop_reason"] == stop
 
 
+def test_completion_echo_logit_bias_and_stop_token_ids(server, client, tiny_model):
+    prompt = "Echo this"
+    plain = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    echoed = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0,
+                                       echo=True, extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    # OpenAI sends logit_bias keys as strings; +100 on one token makes greedy pick only it.
+    token_id = tiny_model.tokenizer.encode(" paged", add_special_tokens=False)[0]
+    biased = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias={str(token_id): 100}, extra_body={"ignore_eos": True})
+    assert biased.choices[0].text == tiny_model.tokenizer.decode([token_id] * 4)
+    stopped = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0,
+                                        logit_bias={str(token_id): 100},
+                                        extra_body={"ignore_eos": True, "stop_token_ids": [token_id]})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].model_extra["stop_reason"] == token_id
+    assert stopped.usage.completion_tokens == 1
+
+
 # --------------------------------------------------------------------------- chat
 
 
@@ -289,6 +309,26 @@ def test_chat_async_stream_equals_non_stream(server):
     assert finish == {0: "length", 1: "length"}
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_concurrent_requests_match_solo_runs(server):
+    """Sixteen concurrent seeded requests (two batches' worth) give what each gives alone."""
+    async def run():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+        async def one(seed: int) -> str:
+            result = await client.completions.create(model=MODEL_NAME, prompt=f"Request {seed}:", max_tokens=6,
+                                                     temperature=1.0, seed=seed, extra_body={"ignore_eos": True})
+            return result.choices[0].text
+
+        together = await asyncio.gather(*(one(seed) for seed in range(16)))
+        alone = [await one(seed) for seed in (0, 7, 15)]
+        await client.close()
+        return together, alone
+
+    together, alone = asyncio.run(run())
+    assert [together[0], together[7], together[15]] == alone
+    wait_until_idle(server)
 
 
 # --------------------------------------------------------------------------- other routes
