@@ -38,7 +38,7 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 
 constexpr int kLanes = 8;
 // Query rows (tokens x GQA group) one item keeps in its fp32 accumulators.
-constexpr int kTileRows = 32;
+constexpr int kTileRows = 24;
 // Below this many KV tokens an item's range is never split further.
 constexpr int kMinSplitTokens = 256;
 // Items per thread wanted before splitting block ranges.
@@ -137,9 +137,10 @@ struct Piece {
   int64_t work;
 };
 
-// fp32 scratch for one piece: rows x head_dim accumulators and per-row softmax state.
+// fp32 scratch for one piece: queries and accumulators (rows x head_dim, or head_dim x lanes),
+// per-row softmax state, scores of one block, one block of K and V widened from bf16.
 struct Scratch {
-  std::vector<float> q, acc, m, l, scores, k, v;
+  std::vector<float> q, qt, acc, m, l, alpha, pos, lo, scores, k, v;
 };
 
 // Running softmax state written by a split piece: m[rows], l[rows], acc[rows, head_dim].
@@ -242,28 +243,26 @@ inline void AccumulateRows(const float* p, int64_t ld, const float* v, int64_t n
   if (col < d) AccumulateColumns<NR, 1>(p, ld, v, n, d, col, acc);
 }
 
-// Runs fn<NR>(first_row) over `rows` rows in groups of up to 4.
-template <typename F>
-inline void ForRowGroups(int64_t rows, const F& fn) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) fn(std::integral_constant<int, 4>(), r);
-  switch (rows - r) {
-    case 3: fn(std::integral_constant<int, 3>(), r); break;
-    case 2: fn(std::integral_constant<int, 2>(), r); break;
-    case 1: fn(std::integral_constant<int, 1>(), r); break;
-    default: break;
+// Calls fn(std::integral_constant<int, N>, first) over [begin, end) in groups of kMax, then
+// the remainder in one smaller group, so fn can keep N rows or columns in registers.
+template <int kMax, typename F>
+inline void ForGroups(int64_t begin, int64_t end, const F& fn) {
+  for (; begin + kMax <= end; begin += kMax) fn(std::integral_constant<int, kMax>(), begin);
+  if constexpr (kMax > 1) {
+    if (begin < end) ForGroups<kMax - 1>(begin, end, fn);
   }
 }
 
-// Online-softmax update of every row of one piece with one KV block of n valid keys.
-inline void AttendBlock(const Shapes& sh, const Options& opt, const Item& it, int64_t rows,
+// Online-softmax update of every row of one piece with one KV block of n valid keys; rows
+// in row-major arrays (few rows: decode).
+inline void AttendBlockRows(const Shapes& sh, const Options& opt, const Item& it, int64_t rows,
                         int64_t blk, const float* k, const float* v, int64_t n,
                         Scratch& s) {
   const int64_t d = sh.head_dim, g = sh.group;
   const int64_t ld = (sh.block_size + kLanes - 1) / kLanes * kLanes;
   const int64_t key0 = blk * sh.block_size;  // position of the block's first key
   float* scores = s.scores.data();
-  ForRowGroups(rows, [&](auto nr, int64_t r0) {
+  ForGroups<4>(0, rows, [&](auto nr, int64_t r0) {
     ScoreRows<decltype(nr)::value>(s.q.data() + r0 * d, k, n, d, scores + r0 * ld, ld);
   });
   for (int64_t r = 0; r < rows; ++r) {
@@ -301,8 +300,101 @@ inline void AttendBlock(const Shapes& sh, const Options& opt, const Item& it, in
       for (int64_t i = 0; i < d; i += kLanes) Store(acc + i, Load(acc + i) * Splat(alpha));
     }
   }
-  ForRowGroups(rows, [&](auto nr, int64_t r0) {
+  ForGroups<4>(0, rows, [&](auto nr, int64_t r0) {
     AccumulateRows<decltype(nr)::value>(scores + r0 * ld, ld, v, n, d, s.acc.data() + r0 * d);
+  });
+}
+
+// The lanes layout (many rows: prefill) puts query rows on vector lanes, so a broadcast key or
+// value element meets 8 rows per instruction and the softmax runs 8 rows at a time:
+// qt [d, rp] and acct [d, rp] (rp = rows rounded up to 8), st [n, rp], m/l/alpha [rp].
+
+// st[j, lanes] = sum_i k[j, i] * qt[i, lanes] for NJ keys x NV lane vectors.
+template <int NJ, int NV>
+inline void ScoreLanes(const float* qt, int64_t rp, const float* k, int64_t d, int64_t j0,
+                       int64_t v0, float* st) {
+  v8f a[NJ][NV] = {};
+  for (int64_t i = 0; i < d; ++i) {
+    v8f qv[NV];
+    for (int c = 0; c < NV; ++c) qv[c] = Load(qt + i * rp + (v0 + c) * kLanes);
+    for (int j = 0; j < NJ; ++j) {
+      const v8f kv = Splat(k[(j0 + j) * d + i]);
+      for (int c = 0; c < NV; ++c) a[j][c] += kv * qv[c];
+    }
+  }
+  for (int j = 0; j < NJ; ++j)
+    for (int c = 0; c < NV; ++c) Store(st + (j0 + j) * rp + (v0 + c) * kLanes, a[j][c]);
+}
+
+// acct[i, lanes] = alpha[lanes] * acct[i, lanes] + sum_j v[j, i] * p[j, lanes] for ND head_dim
+// elements x NV lane vectors.
+template <int ND, int NV>
+inline void AccumulateLanes(const float* p, int64_t rp, const float* v, int64_t n, int64_t d,
+                            const float* alpha, int64_t i0, int64_t v0, float* acct) {
+  v8f a[ND][NV];
+  for (int i = 0; i < ND; ++i)
+    for (int c = 0; c < NV; ++c) {
+      const int64_t at = (i0 + i) * rp + (v0 + c) * kLanes;
+      a[i][c] = Load(acct + at) * Load(alpha + (v0 + c) * kLanes);
+    }
+  for (int64_t j = 0; j < n; ++j) {
+    v8f pv[NV];
+    for (int c = 0; c < NV; ++c) pv[c] = Load(p + j * rp + (v0 + c) * kLanes);
+    for (int i = 0; i < ND; ++i) {
+      const v8f vv = Splat(v[j * d + i0 + i]);
+      for (int c = 0; c < NV; ++c) a[i][c] += vv * pv[c];
+    }
+  }
+  for (int i = 0; i < ND; ++i)
+    for (int c = 0; c < NV; ++c) Store(acct + (i0 + i) * rp + (v0 + c) * kLanes, a[i][c]);
+}
+
+// Online-softmax update of all rows (on lanes) with one KV block of n valid keys.
+inline void AttendBlockLanes(const Shapes& sh, const Options& opt, int64_t rp, int64_t blk,
+                             const float* k, const float* v, int64_t n, Scratch& s) {
+  const int64_t d = sh.head_dim, nv = rp / kLanes;
+  float* st = s.scores.data();
+  ForGroups<4>(0, n, [&](auto nj, int64_t j0) {
+    ForGroups<3>(0, nv, [&](auto nvs, int64_t v0) {
+      ScoreLanes<decltype(nj)::value, decltype(nvs)::value>(s.q.data(), rp, k, d, j0, v0, st);
+    });
+  });
+  const v8f neg_inf = Splat(-INFINITY);
+  for (int64_t c = 0; c < nv; ++c) {
+    const v8f pos = Load(s.pos.data() + c * kLanes), lo = Load(s.lo.data() + c * kLanes);
+    v8f row_max = neg_inf;
+    for (int64_t j = 0; j < n; ++j) {
+      float* sj = st + j * rp + c * kLanes;
+      v8f x = Load(sj);
+      if (opt.soft_cap > 0.0f) {
+        for (int e = 0; e < kLanes; ++e) x[e] = opt.soft_cap * std::tanh(x[e] / opt.soft_cap);
+      }
+      const v8f key = Splat(static_cast<float>(blk * sh.block_size + j));
+      x = ((key <= pos) & (key >= lo)) ? x : neg_inf;
+      Store(sj, x);
+      row_max = row_max > x ? row_max : x;
+    }
+    const v8f m_old = Load(s.m.data() + c * kLanes);
+    const v8f m_new = m_old > row_max ? m_old : row_max;
+    // Rows that have seen nothing yet keep m = -inf; subtracting 0 keeps their p at 0, not NaN.
+    const v8f m_ref = m_new == neg_inf ? Splat(0.0f) : m_new;
+    const v8f alpha = Exp(m_old - m_ref);
+    v8f row_sum = Splat(0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+      float* sj = st + j * rp + c * kLanes;
+      const v8f p = Exp(Load(sj) - m_ref);
+      Store(sj, p);
+      row_sum += p;
+    }
+    Store(s.l.data() + c * kLanes, Load(s.l.data() + c * kLanes) * alpha + row_sum);
+    Store(s.m.data() + c * kLanes, m_new);
+    Store(s.alpha.data() + c * kLanes, alpha);
+  }
+  ForGroups<4>(0, d, [&](auto nd, int64_t i0) {
+    ForGroups<3>(0, nv, [&](auto nvs, int64_t v0) {
+      AccumulateLanes<decltype(nd)::value, decltype(nvs)::value>(st, rp, v, n, d, s.alpha.data(),
+                                                                  i0, v0, s.acc.data());
+    });
   });
 }
 
@@ -312,18 +404,35 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
               const Piece& pc, QT* out, Partials& partials, Scratch& s) {
   const int64_t d = sh.head_dim, g = sh.group;
   const int64_t rows = (it.tok_end - it.tok_begin) * g;
+  const bool lanes = rows >= kLanes;
+  const int64_t rp = (rows + kLanes - 1) / kLanes * kLanes;
   const int64_t ld = (sh.block_size + kLanes - 1) / kLanes * kLanes;
-  s.q.resize(rows * d);
-  s.acc.assign(rows * d, 0.0f);
-  s.m.assign(rows, -INFINITY);
-  s.l.assign(rows, 0.0f);
-  s.scores.resize(rows * ld);
+  s.q.assign(rp * d, 0.0f);
+  s.acc.assign(rp * d, 0.0f);
+  s.m.assign(rp, -INFINITY);
+  s.l.assign(rp, 0.0f);
+  s.scores.resize(lanes ? sh.block_size * rp : rows * ld);
   s.k.resize(sh.block_size * d);
   s.v.resize(sh.block_size * d);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = it.row_begin + r / g;
     const int64_t head = it.kv_head * g + r % g;
     LoadQueryRow(q + (token * sh.num_q_heads + head) * d, opt.sm_scale, d, s.q.data() + r * d);
+  }
+  if (lanes) {
+    // Queries to [d, rp]; each lane's visible key positions are [lo, pos] (padding: none).
+    s.qt.resize(rp * d);
+    for (int64_t r = 0; r < rp; ++r)
+      for (int64_t i = 0; i < d; ++i) s.qt[i * rp + r] = s.q[r * d + i];
+    std::swap(s.q, s.qt);
+    s.alpha.resize(rp);
+    s.pos.assign(rp, -1.0f);
+    s.lo.assign(rp, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = it.first_pos + it.tok_begin + r / g;
+      s.pos[r] = static_cast<float>(pos);
+      if (opt.sliding_window > 0) s.lo[r] = static_cast<float>(pos - opt.sliding_window + 1);
+    }
   }
   const int64_t tile = sh.block_size * d;  // elements of one (block, KV head)
   for (int64_t b = pc.blk_begin; b < pc.blk_end; ++b) {
@@ -333,7 +442,17 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
     const int64_t offset = (block * sh.num_kv_heads + it.kv_head) * tile;
     const float* k = BlockRows(k_pages + offset, n, d, s.k.data());
     const float* v = BlockRows(v_pages + offset, n, d, s.v.data());
-    AttendBlock(sh, opt, it, rows, b, k, v, n, s);
+    if (lanes) {
+      AttendBlockLanes(sh, opt, rp, b, k, v, n, s);
+    } else {
+      AttendBlockRows(sh, opt, it, rows, b, k, v, n, s);
+    }
+  }
+  if (lanes) {  // accumulators back to [rows, d]
+    s.q.resize(rp * d);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < d; ++i) s.q[r * d + i] = s.acc[i * rp + r];
+    std::swap(s.q, s.acc);
   }
   if (pc.partial >= 0) {
     std::copy(s.m.begin(), s.m.end(), partials.m.begin() + pc.partial);
