@@ -31,17 +31,17 @@ def next_token(context: list[int]) -> int:
 
 
 def oracle_output(prompt: list[int], params: SamplingParams, max_tokens: int, max_model_len: int) -> list[int]:
-    """Unpaged generation with vLLM's stop order."""
+    """Unpaged generation with vLLM v1's stop order."""
     tokens, out = list(prompt), []
     while True:
         token = next_token(tokens)
         out.append(token)
         tokens.append(token)
-        if len(out) < params.min_tokens:
-            continue
-        if (not params.ignore_eos and token == EOS) or token in params.stop_token_ids:
-            return out
         if len(out) >= max_tokens or len(tokens) >= max_model_len:
+            return out
+        if len(out) >= params.min_tokens and (
+            (not params.ignore_eos and token == EOS) or token in params.stop_token_ids
+        ):
             return out
 
 
@@ -358,7 +358,8 @@ def test_n_siblings_scheduled_together_share_the_prompt_blocks():
     check_all_free(harness.scheduler)
 
 
-def test_stop_conditions_follow_vllms_order():
+def test_stop_conditions_follow_vllm_v1s_order():
+    """Length caps first (min_tokens never holds a request past them), then min_tokens, eos, stop ids."""
     scheduler = Scheduler(num_blocks=40, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=20)
     specs = {
         "eos": (SamplingParams(max_tokens=10), [5, EOS], RequestStatus.FINISHED_STOPPED, None),
@@ -367,6 +368,8 @@ def test_stop_conditions_follow_vllms_order():
         "stop_id": (SamplingParams(max_tokens=10, stop_token_ids=[7]), [5, 7], RequestStatus.FINISHED_STOPPED, 7),
         "length": (SamplingParams(max_tokens=2), [5, 6], RequestStatus.FINISHED_LENGTH_CAPPED, None),
         "model_len": (SamplingParams(max_tokens=None), [5] * 16, RequestStatus.FINISHED_LENGTH_CAPPED, None),
+        "eos_at_length": (SamplingParams(max_tokens=2), [5, EOS], RequestStatus.FINISHED_LENGTH_CAPPED, None),
+        "min_over_len": (SamplingParams(max_tokens=None, min_tokens=99), [EOS] * 16, RequestStatus.FINISHED_LENGTH_CAPPED, None),
     }
     requests = {}
     for name, (params, _, _, _) in specs.items():

@@ -250,7 +250,7 @@ class Scheduler:
 
     def update_from_output(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
         """Record a finished step: advance num_computed_tokens, append each sampled token, stop
-        requests that hit a token stop or a length cap (freeing their blocks). Returns the
+        requests that hit a length cap or a token stop (freeing their blocks). Returns the
         requests that got a new token, finished or not, in batch order."""
         now = time.time()
         updated = []
@@ -271,8 +271,12 @@ class Scheduler:
         return updated
 
     def _check_stop(self, request: Request) -> tuple[RequestStatus | None, int | None]:
-        """vLLM's order: min_tokens, eos (unless ignore_eos), stop_token_ids, max_tokens, max_model_len."""
+        """vLLM v1's order: the length caps (max_tokens, max_model_len) first, so min_tokens can
+        never hold a request past them; then, once min_tokens are out, eos (unless ignore_eos)
+        and stop_token_ids."""
         params = request.sampling_params
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED, None
         if request.num_output_tokens < params.min_tokens:
             return None, None
         last_token_id = request.output_token_ids[-1]
@@ -280,8 +284,6 @@ class Scheduler:
             return RequestStatus.FINISHED_STOPPED, None
         if last_token_id in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED, last_token_id
-        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH_CAPPED, None
         return None, None
 
     def finish_requests(
