@@ -3,10 +3,14 @@
 A step is padded to (num_tokens, num_seqs, pages_per_seq) buckets so a fixed set of programs,
 all compiled at start, serves every batch:
 - num_tokens: powers of two from 16 up to max_num_batched_tokens (the top bucket is the cap);
-- num_seqs: powers of two from 8 up to max_num_seqs;
+- num_seqs: powers of two from 8 up to max_num_seqs, tied to the token bucket: a step of t
+  padded tokens gets the seqs bucket that min(t, max_num_seqs) sequences need (one step has at
+  most one sequence per token). The cost of extra padded rows (a few lm_head rows, q_len-0
+  sequences) is small next to compiling every (tokens, seqs) pair;
 - pages_per_seq (block-table width): powers of two from MIN_PAGES up to
-  cdiv(max_model_len, block_size), chosen from the batch's longest context (on the XLA path
-  attention cost follows the table width, not the real context).
+  cdiv(max_model_len, block_size), chosen from the batch's longest context, when the attention
+  cost follows the table width (the pure-XLA reference); one width (the cap) for kernels whose
+  cost follows the real context lengths (cpu, pallas).
 """
 
 import dataclasses
@@ -56,25 +60,28 @@ class Buckets:
 
     @classmethod
     def create(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
-               block_size: int) -> "Buckets":
+               block_size: int, bucket_pages: bool = True) -> "Buckets":
+        """bucket_pages: several table widths (True) or only the widest (False)."""
         max_pages = cdiv(max_model_len, block_size)
         return cls(
             num_tokens=power_of_2_buckets(MIN_TOKENS, max_num_batched_tokens),
             num_seqs=power_of_2_buckets(MIN_SEQS, max_num_seqs),
-            pages_per_seq=power_of_2_buckets(min(MIN_PAGES, max_pages), max_pages),
+            pages_per_seq=power_of_2_buckets(min(MIN_PAGES, max_pages), max_pages) if bucket_pages else (max_pages,),
         )
 
-    def step_shapes(self):
-        """Every (num_tokens, num_seqs, pages_per_seq) a step can have.
+    def seqs_for_tokens(self, num_tokens_bucket: int) -> int:
+        return pick(self.num_seqs, min(num_tokens_bucket, self.num_seqs[-1]))
 
-        A step has at least one token per sequence, so num_seqs buckets above the one that t
-        sequences would get never occur with token bucket t.
-        """
-        for t, s, p in itertools.product(self.num_tokens, self.num_seqs, self.pages_per_seq):
-            if s <= pick(self.num_seqs, min(t, self.num_seqs[-1])):
-                yield t, s, p
+    def step_shapes(self):
+        """Every (num_tokens, num_seqs, pages_per_seq) a step can have."""
+        for t, p in itertools.product(self.num_tokens, self.pages_per_seq):
+            yield t, self.seqs_for_tokens(t), p
 
     def for_step(self, num_tokens: int, num_seqs: int, max_context: int, block_size: int):
-        return (pick(self.num_tokens, num_tokens), pick(self.num_seqs, num_seqs),
-                pick(self.pages_per_seq, cdiv(max_context, block_size)))
+        """The bucket of a step with these real sizes (num_seqs <= num_tokens)."""
+        t = pick(self.num_tokens, num_tokens)
+        s = self.seqs_for_tokens(t)
+        if num_seqs > s:
+            raise ValueError(f"a step of {num_tokens} tokens cannot hold {num_seqs} sequences")
+        return t, s, pick(self.pages_per_seq, cdiv(max_context, block_size))
 

@@ -67,10 +67,11 @@ class ModelRunner:
       model_config: jpaged.models.config.ModelConfig. params: its params pytree (on device).
       pool_spec: kv_pool.KVPoolSpec. num_swap_blocks: host blocks for swapping (0: none).
       attention_fn: a paged attention with the reference signature.
+      bucket_pages: bucket the block-table width (for attention whose cost follows the width).
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int, attention_fn, device):
+                 max_num_seqs: int, max_model_len: int, attention_fn, bucket_pages: bool, device):
         self.model_config = model_config
         self.params = params
         self.pool_spec = pool_spec
@@ -78,7 +79,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = device
         self.buckets = Buckets.create(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      max_model_len=max_model_len, block_size=pool_spec.block_size)
+                                      max_model_len=max_model_len, block_size=pool_spec.block_size,
+                                      bucket_pages=bucket_pages)
         self.penalty_buckets = power_of_2_buckets(_MIN_EXTRA, max(_MIN_EXTRA, next_power_of_2(max_model_len)))
         self.kv_cache = kv_pool.allocate(pool_spec, device)
         self._forward_jit = jax.jit(
@@ -240,4 +242,5 @@ def build_runner(model_config, params, args, max_model_len: int) -> ModelRunner:
     return ModelRunner(model_config, jax.device_put(params, device), pool_spec=pool_spec,
                        num_swap_blocks=kv_pool.num_swap_blocks(model_config, args, kv_dtype),
                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                       max_model_len=max_model_len, attention_fn=attention_fn, device=device)
+                       max_model_len=max_model_len, attention_fn=attention_fn,
+                       bucket_pages=backend == "reference", device=device)

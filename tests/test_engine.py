@@ -1,0 +1,237 @@
+"""The paged engine end to end: greedy equality with a dense no-cache loop, seeds, compiles, the pool."""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged import LLM, SamplingParams
+from jpaged.models import llama
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+# A small engine: 16/32-token steps (chunked prefill), 8 sequences, tables of 4 or 8 blocks, and a
+# 16-block pool (15 usable) that the workload below overfills, forcing preemption.
+ENGINE_KWARGS = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, num_gpu_blocks_override=16,
+                     attention_backend="reference", compilation_cache_dir="", seed=0)
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA backend compiles inside the block: yields a list whose len is the count."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == COMPILE_EVENT:
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def dense_greedy(params, config, prompts, max_tokens, length):
+    """Greedy completions from llama.forward_dense (no cache): the oracle. All rows padded to `length`."""
+    forward = jax.jit(lambda p, ids: llama.forward_dense(p, config, ids))
+    rows = [list(p) for p in prompts]
+    for _ in range(max_tokens):
+        ids = np.zeros((len(rows), length), np.int32)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+        logits = np.asarray(forward(params, jnp.asarray(ids)))
+        for i, row in enumerate(rows):
+            row.append(int(logits[i, len(row) - 1].argmax()))
+    return [row[len(p):] for row, p in zip(rows, prompts)]
+
+
+def sharpened(params, scale):
+    """The same model with every weight scaled: logits vary more, so greedy paths are less flat."""
+    return jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, params)
+
+
+def assert_pool_free(llm):
+    scheduler = llm.llm_engine.scheduler
+    stats = scheduler.get_stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    pool = scheduler.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == llm.llm_engine.runner.pool_spec.num_blocks - 1
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), **ENGINE_KWARGS)
+    base = llm.llm_engine.runner.params
+    llm.update_weights(sharpened(base, 3.0))
+    yield llm
+    assert_pool_free(llm)
+
+
+def mixed_prompts(seed=0):
+    rng = np.random.default_rng(seed)
+    shared = rng.integers(100, 40000, size=40).tolist()
+    prompts = [rng.integers(100, 40000, size=int(n)).tolist() for n in (3, 17, 33, 50, 70, 9)]
+    prompts += [shared + [5, 6, 7], shared + [8, 9], list(prompts[2])]  # prefix-cache hits
+    return prompts
+
+
+@pytest.mark.parametrize("swap_space", [0.0, 0.001])
+def test_greedy_matches_dense_with_chunking_prefix_cache_and_preemption(tiny_model_dir, tiny_llm, swap_space):
+    if swap_space:
+        llm = LLM(str(tiny_model_dir), swap_space=swap_space, **ENGINE_KWARGS)
+        llm.update_weights(tiny_llm.llm_engine.runner.params)
+        assert llm.llm_engine.runner.num_swap_blocks > 0
+    else:
+        llm = tiny_llm
+    engine = llm.llm_engine
+    prompts = mixed_prompts()
+    before = engine.get_stats()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    after = engine.get_stats()
+    expect = dense_greedy(engine.runner.params, engine.model_config, prompts, 16, 128)
+    for prompt, output, want in zip(prompts, outputs, expect):
+        assert output.prompt_token_ids == prompt
+        assert output.outputs[0].token_ids == want
+        assert output.outputs[0].finish_reason == "length"
+    assert after.num_preemptions > before.num_preemptions, "the workload must force preemption"
+    assert after.prefix_cache_hits > before.prefix_cache_hits, "the workload must hit the prefix cache"
+    assert len({tuple(w) for w in expect}) > 3, "the oracle's outputs should differ between prompts"
+    assert_pool_free(llm)
+
+
+def test_seeded_request_same_alone_and_in_a_batch(tiny_llm):
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=12, ignore_eos=True)
+    prompt = {"prompt_token_ids": mixed_prompts()[1]}
+    alone = tiny_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    rng = np.random.default_rng(1)
+    others = [{"prompt_token_ids": rng.integers(100, 40000, size=int(rng.integers(2, 24))).tolist()}
+              for _ in range(30)]
+    other_params = [SamplingParams(temperature=float(rng.uniform(0.5, 1.5)), top_k=int(rng.integers(0, 50)),
+                                   max_tokens=int(rng.integers(1, 8)), ignore_eos=True) for _ in others]
+    batch = tiny_llm.generate(others[:15] + [prompt] + others[15:], other_params[:15] + [params] + other_params[15:],
+                              use_tqdm=False)
+    assert batch[15].outputs[0].token_ids == alone
+    unseeded = tiny_llm.generate([prompt] * 2, SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True),
+                                 use_tqdm=False)
+    assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
+
+
+def test_no_compiles_after_warmup_over_a_random_workload(tiny_llm):
+    rng = np.random.default_rng(2)
+    prompts, params = [], []
+    for i in range(12):
+        prompts.append({"prompt_token_ids": rng.integers(100, 40000, size=int(rng.integers(1, 70))).tolist()})
+        params.append(SamplingParams(
+            n=int(rng.integers(1, 3)), temperature=float(rng.choice([0.0, 0.7, 1.3])),
+            top_k=int(rng.choice([0, 5])), top_p=float(rng.choice([1.0, 0.8])), min_p=float(rng.choice([0.0, 0.1])),
+            seed=int(rng.integers(0, 1000)) if i % 2 else None, max_tokens=int(rng.integers(1, 12)),
+            logprobs=int(rng.choice([0, 3])) if i % 3 == 0 else None, stop=["the"] if i % 4 == 0 else None))
+    with count_compiles() as compiles:
+        outputs = tiny_llm.generate(prompts, params, use_tqdm=False)
+    assert len(outputs) == 12 and all(o.finished for o in outputs)
+    assert compiles == []
+
+
+def test_update_weights_changes_outputs_without_compiling(tiny_llm):
+    engine = tiny_llm.llm_engine
+    prompt = {"prompt_token_ids": mixed_prompts()[3]}
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    original = engine.runner.params
+    before = tiny_llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    with count_compiles() as compiles:
+        tiny_llm.update_weights(sharpened(original, 1.7))
+        changed = tiny_llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+        tiny_llm.update_weights(original)
+        restored = tiny_llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert changed != before and restored == before
+    assert compiles == []
+    with pytest.raises(ValueError, match="update_weights"):
+        tiny_llm.update_weights(jax.tree.map(lambda x: x.astype(jnp.bfloat16), original))
+
+
+def test_abort_frees_blocks(tiny_llm):
+    engine = tiny_llm.llm_engine
+    engine.add_request("a", {"prompt_token_ids": list(range(100, 160))}, SamplingParams(max_tokens=50))
+    engine.add_request("b", {"prompt_token_ids": list(range(200, 230))}, SamplingParams(max_tokens=50))
+    for _ in range(4):
+        engine.step()
+    assert engine.get_stats().kv_cache_usage > 0
+    out = engine.abort_request("a")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    engine.abort_request("b")
+    assert not engine.has_unfinished_requests()
+    assert_pool_free(tiny_llm)
+
+
+def test_stop_strings_finish_reasons_n_and_logprobs(tiny_llm):
+    engine = tiny_llm.llm_engine
+    prompt = {"prompt_token_ids": mixed_prompts()[4]}
+    full = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0]
+    assert full.finish_reason == "length" and full.stop_reason is None and len(full.token_ids) == 20
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+    cut = full.text[:full.text.index(stop)]
+    out = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop=[stop]),
+                            use_tqdm=False)[0].outputs[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == (cut, "stop", stop)
+    out = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop=stop,
+                                                   include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert out.text == cut + stop
+    token = full.token_ids[-1]
+    out = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[token]),
+                            use_tqdm=False)[0].outputs[0]
+    first = full.token_ids.index(token)
+    assert out.token_ids == full.token_ids[:first + 1] and (out.finish_reason, out.stop_reason) == ("stop", token)
+
+    # n samples: child i uses seed + i, so sample 1 equals a single request seeded seed + 1.
+    sampled = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True, logprobs=2)
+    multi = tiny_llm.generate(prompt, sampled, use_tqdm=False)[0]
+    assert [c.index for c in multi.outputs] == [0, 1, 2]
+    single = SamplingParams(temperature=1.0, seed=8, max_tokens=6, ignore_eos=True)
+    assert tiny_llm.generate(prompt, single, use_tqdm=False)[0].outputs[0].token_ids == multi.outputs[1].token_ids
+    for completion in multi.outputs:
+        assert len(completion.logprobs) == 6
+        for token_id, entry in zip(completion.token_ids, completion.logprobs):
+            assert token_id in entry and 1 <= len(entry) <= 3
+        total = sum(entry[t].logprob for t, entry in zip(completion.token_ids, completion.logprobs))
+        assert completion.cumulative_logprob == pytest.approx(total)
+
+    # Greedy logprobs equal the dense model's log-softmax.
+    out = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=1),
+                            use_tqdm=False)[0].outputs[0]
+    ids = jnp.asarray([prompt["prompt_token_ids"] + out.token_ids[:2]])
+    logprobs = jax.nn.log_softmax(llama.forward_dense(engine.runner.params, engine.model_config, ids)[0], axis=-1)
+    for step, token_id in enumerate(out.token_ids):
+        row = len(prompt["prompt_token_ids"]) - 1 + step
+        assert out.logprobs[step][token_id].rank == 1
+        assert out.logprobs[step][token_id].logprob == pytest.approx(float(logprobs[row, token_id]), abs=1e-4)
+
+
+def test_invalid_requests_raise_with_numbers(tiny_llm):
+    with pytest.raises(ValueError, match="maximum context length is 128"):
+        tiny_llm.generate({"prompt_token_ids": list(range(100, 200))}, SamplingParams(max_tokens=50), use_tqdm=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        tiny_llm.generate([[10**7]], use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        tiny_llm.generate("hi", SamplingParams(prompt_logprobs=1), use_tqdm=False)
+    assert_pool_free(tiny_llm)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_dense():
+    llm = LLM(max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32, num_gpu_blocks_override=8,
+              attention_backend="reference", compilation_cache_dir="", dtype="float32")
+    tokenizer = llm.get_tokenizer()
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    engine = llm.llm_engine
+    expect = dense_greedy(engine.runner.params, engine.model_config, prompts, 10, 32)
+    assert [o.outputs[0].token_ids for o in outputs] == expect
+    assert "Paris" in outputs[0].outputs[0].text
+    assert_pool_free(llm)
