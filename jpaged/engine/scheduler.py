@@ -4,9 +4,10 @@ Each step, `schedule()` lets every request's num_computed_tokens catch up with i
 1. running requests in admission order, each chunked to the budget; when the pool is out of
    blocks, the newest running request is preempted (recompute, or swap to host slots when
    `num_swap_blocks` > 0 and they have room);
-2. then, if nothing was preempted, waiting requests in FCFS order (preempted ones at the front),
-   each after its prefix-cache hits, until the budget, `max_num_seqs` or the pool runs out. The
-   queue is strictly FCFS: a request that does not fit blocks the ones behind it.
+2. then waiting requests in FCFS order (preempted ones at the front), each after its
+   prefix-cache hits, until the budget, `max_num_seqs` or the pool runs out. The queue is
+   strictly FCFS: a request that does not fit blocks the ones behind it (so after a preemption,
+   whose victim heads the queue and cannot fit, nobody is admitted that step).
 
 The engine calls schedule(), runs the step, then update_from_output() with the sampled tokens.
 Not thread-safe: abort/finish calls must not run concurrently with schedule/update.
@@ -136,6 +137,9 @@ class Scheduler:
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts; allocate, preempt, swap as needed. The
+        output's block tables are copies and its token lists slices: safe to read while the
+        step runs."""
         budget = self.max_num_batched_tokens
         scheduled: dict[str, int] = {}  # request id -> num_scheduled_tokens, in scheduling order
         blocks_to_swap_out: list[tuple[int, int]] = []
