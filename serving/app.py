@@ -4,6 +4,7 @@ import hmac
 import importlib.metadata
 from http import HTTPStatus
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -18,7 +19,6 @@ from serving.completions import create_completion
 from serving.context import ServingContext
 from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
-from serving.metrics import CONTENT_TYPE
 from serving.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                               TokenizeRequest, TokenizeResponse)
 
@@ -94,7 +94,7 @@ async def detokenize(request: Request) -> JSONResponse:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_context(request).metrics.render(), media_type=CONTENT_TYPE)
+    return Response(_context(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def build_app(ctx: ServingContext, *, api_key: str | None = None) -> Starlette:

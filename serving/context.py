@@ -8,7 +8,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from jpaged.async_llm import EngineDeadError
+from jpaged.async_llm import AsyncLLM, EngineDeadError
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.errors import APIError, not_found_model, validation_error
@@ -22,7 +22,7 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 class ServingContext:
     """The engine plus the server's settings; routes reach AsyncLLM only through this."""
 
-    def __init__(self, engine, *, served_model_name: str, trust_request_chat_template: bool = False,
+    def __init__(self, engine: AsyncLLM, *, served_model_name: str, trust_request_chat_template: bool = False,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -35,7 +35,7 @@ class ServingContext:
     def check_model(self, model: str | None) -> None:
         """404 for a model name this server does not serve (None means the served one)."""
         if model is not None and model != self.served_model_name:
-            raise not_found_model(model, [self.served_model_name])
+            raise not_found_model(model, self.served_model_name)
 
     def check_ready(self) -> None:
         if self.engine.errored:

@@ -47,8 +47,8 @@ def validation_error(exc: ValidationError) -> APIError:
     return APIError("Invalid request: " + "; ".join(messages), param=param)
 
 
-def not_found_model(model: str, served: list[str]) -> APIError:
-    return APIError(f"The model `{model}` does not exist. This server serves: {', '.join(served)}.",
+def not_found_model(model: str, served_model_name: str) -> APIError:
+    return APIError(f"The model `{model}` does not exist. This server serves `{served_model_name}`.",
                     status_code=HTTPStatus.NOT_FOUND, param="model", code="model_not_found")
 
 

@@ -9,9 +9,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from jpaged.async_llm import AsyncLLM
 from jpaged.outputs import RequestOutput
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -21,7 +20,7 @@ _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 2
 class EngineStatsCollector:
     """Turns one `get_stats()` snapshot into the engine gauges and counters."""
 
-    def __init__(self, engine, model_name: str):
+    def __init__(self, engine: AsyncLLM, model_name: str):
         self.engine = engine
         self.model_name = model_name
 
@@ -55,7 +54,7 @@ class EngineStatsCollector:
 class ServerMetrics:
     """A private registry (several servers may live in one process, e.g. in tests)."""
 
-    def __init__(self, engine, model_name: str):
+    def __init__(self, engine: AsyncLLM, model_name: str):
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.registry.register(EngineStatsCollector(engine, model_name))
