@@ -25,7 +25,7 @@ class SamplingParams:
     """How to sample the completion of one prompt (vLLM's fields and defaults).
 
     `__post_init__` validates every field (ValueError naming the field and its value) and
-    normalises: `stop` -> list[str], `stop_token_ids` -> list[int], `top_k` -1 -> 0 (off),
+    normalises: `stop` -> list[str], `stop_token_ids` -> list[int], `top_k` -1/None -> 0 (off),
     `logit_bias` keys -> int; a temperature below 1e-5 becomes exactly 0.0 (greedy), and greedy
     turns top_p/top_k/min_p off. `max_tokens=None` means "up to the model's context length"
     (the scheduler resolves it per request).
@@ -37,7 +37,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: off
+    top_k: int = 0  # 0, -1 or None: off
     min_p: float = 0.0
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -62,7 +62,7 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = [] if self.stop_token_ids is None else [int(t) for t in self.stop_token_ids]
-        if self.top_k == -1:
+        if self.top_k is None or self.top_k == -1:
             self.top_k = 0
         if self.logit_bias is not None:
             self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}

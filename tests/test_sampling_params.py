@@ -25,6 +25,7 @@ def test_normalisation():
     assert params.top_k == 0
     assert params.logit_bias == {12: 3.0, 7: -1.5}
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(top_k=None).top_k == 0
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1e-6])

@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from jpaged.engine.block_manager import cdiv
 from jpaged.engine.request import Request, RequestStatus
 from jpaged.engine.scheduler import Scheduler
+from jpaged.engine.scheduler_output import SchedulerOutput
 from jpaged.sampling_params import SamplingParams
 
 VOCAB = 50
@@ -482,6 +483,12 @@ def test_duplicate_ids_and_bad_flags_are_rejected():
         Scheduler(num_blocks=13, block_size=4, max_num_seqs=16, max_num_batched_tokens=8, max_model_len=64)
     with pytest.raises(ValueError, match="max_num_seqs must be at least 1, got 0"):
         Scheduler(num_blocks=13, block_size=4, max_num_seqs=0, max_num_batched_tokens=32, max_model_len=64)
+
+
+def test_empty_scheduler_output():
+    out = SchedulerOutput.make_empty()
+    assert (out.scheduled, out.total_num_scheduled_tokens, out.finished_request_ids) == ([], 0, set())
+    assert out.blocks_to_swap_out == out.blocks_to_swap_in == []
 
 
 def test_scheduler_output_repr_hides_tokens():
