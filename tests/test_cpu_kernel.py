@@ -88,9 +88,9 @@ def test_fp32_matches_reference(num_q_heads, num_kv_heads, head_dim, block_size)
 
 
 def test_long_prefill_and_single_long_decode():
-    """A 300-token chunk after 200 cached tokens, and one decode over 1000 tokens (its block
-    range is split across threads and merged)."""
-    for q_lens, kv_lens in (([300], [500]), ([1], [1000])):
+    """A 300-token chunk after 200 cached tokens; one decode and one 8-token chunk over 1000
+    tokens (too few items for the threads: block ranges are split and merged)."""
+    for q_lens, kv_lens in (([300], [500]), ([1], [1000]), ([8], [1000])):
         p = make_problem(1, q_lens, kv_lens, num_q_heads=9, num_kv_heads=3, head_dim=64,
                          block_size=16)
         ref, out = run_both(p)

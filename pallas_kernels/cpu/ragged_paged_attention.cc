@@ -455,9 +455,9 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
     std::swap(s.q, s.acc);
   }
   if (pc.partial >= 0) {
-    std::copy(s.m.begin(), s.m.end(), partials.m.begin() + pc.partial);
-    std::copy(s.l.begin(), s.l.end(), partials.l.begin() + pc.partial);
-    std::copy(s.acc.begin(), s.acc.end(), partials.acc.begin() + pc.partial * d);
+    std::copy_n(s.m.begin(), rows, partials.m.begin() + pc.partial);
+    std::copy_n(s.l.begin(), rows, partials.l.begin() + pc.partial);
+    std::copy_n(s.acc.begin(), rows * d, partials.acc.begin() + pc.partial * d);
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {
