@@ -50,7 +50,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_path):
     folder = tmp_path_factory.mktemp("tiny_llama")
     (folder / "config.json").write_text(json.dumps(TINY_HF_CONFIG, indent=2))
     config = ModelConfig.from_hf_config(TINY_HF_CONFIG, dtype="float32")
-    params = llama.init_params(config, jax.random.key(0))
+    params = llama.init_params(config, jax.random.key(1))
     state = {name: np.ascontiguousarray(array) for name, array in params_to_hf_state_dict(params).items()}
     save_file(state, str(folder / "model.safetensors"))
     tokenizer = load_gguf_tokenizer(read_gguf(smollm2_path), eos_token_ids=(), chat_template=None)

@@ -105,7 +105,7 @@ def load_model(
     elif load_format == "orbax":
         params = orbax_loader.restore_orbax_params(path, config)
     elif load_format == "dummy":
-        params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+        params = init_params(config, jax.random.key(0))
     else:
         params = hf_loader.load_safetensors_params(path, config)
     return LoadedModel(config=config, params=params, tokenizer=tok, model_path=path)

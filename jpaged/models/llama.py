@@ -20,6 +20,7 @@ RMSNorm, RoPE, SiLU and softmax run in float32.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpaged.models.config import ModelConfig, rope_inv_freq
 from pallas_kernels.reference import write_kv
@@ -58,16 +59,21 @@ def param_shapes(config: ModelConfig) -> dict:
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> dict:
-    """Random params in config.dtype: N(0, 0.02) weights and biases, norms near 1."""
-    shapes = param_shapes(config)
-    leaves, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(key, len(leaves))
-    values = []
-    for (path, shape), leaf_key in zip(leaves, keys):
-        noise = jax.random.normal(leaf_key, shape, jnp.float32)
+    """Random params in config.dtype: N(0, 0.02) weights and biases, norms N(1, 0.1).
+
+    Drawn with numpy from a generator seeded by `key` (a jax.random key): jax.random would
+    compile one program per distinct shape, which costs seconds on a CPU.
+    """
+    key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    rng = np.random.default_rng(np.asarray(key_data, np.uint32))
+    dtype = jnp.dtype(config.dtype)
+
+    def draw(path, shape):
+        noise = rng.standard_normal(shape, dtype=np.float32)
         is_norm = str(getattr(path[-1], "key", "")).endswith("norm")
-        values.append(((1.0 + 0.1 * noise) if is_norm else 0.02 * noise).astype(config.dtype))
-    return jax.tree.unflatten(treedef, values)
+        return jnp.asarray(((1.0 + 0.1 * noise) if is_norm else 0.02 * noise).astype(dtype))
+
+    return jax.tree.map_with_path(draw, param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_meta, attention_fn):
