@@ -1,7 +1,8 @@
 """`python -m jpaged.generate --prompt "..."`: a greedy completion from the command line.
 
-A dense, cache-free loop over `forward_dense` (the sequence is padded to one fixed length so it
-compiles once); it prints the completion and exits.
+Runs `LLM.generate` (the paged engine, sized for one short request) and prints the completion.
+`greedy_generate` is a dense, cache-free loop over `forward_dense` (the sequence is padded to
+one fixed length so it compiles once), kept as an independent oracle for tests.
 """
 
 import argparse
@@ -12,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.loaders import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
+from jpaged.llm import LLM
+from jpaged.loaders import DEFAULT_MODEL, LoadedModel, ModelLoadError
 from jpaged.models.llama import forward_dense
+from jpaged.sampling_params import SamplingParams
 
 
 def greedy_generate(loaded: LoadedModel, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -54,28 +57,23 @@ def main(argv=None) -> int:
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "orbax", "dummy"])
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--chat-template", default=None)
+    parser.add_argument("--max-model-len", type=int, default=256, help="longest prompt + completion, in tokens")
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     try:
-        loaded = load_model(
-            args.model,
-            dtype=args.dtype,
-            load_format=args.load_format,
-            tokenizer=args.tokenizer,
-            chat_template=args.chat_template,
-        )
-        tokenizer = loaded.tokenizer
+        llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format, tokenizer=args.tokenizer,
+                  chat_template=args.chat_template, max_model_len=args.max_model_len, max_num_seqs=1,
+                  max_num_batched_tokens=64)
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
         if args.chat:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-            prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+            outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
         else:
-            prompt_ids = tokenizer.encode(args.prompt)
-        output = greedy_generate(loaded, prompt_ids, args.max_tokens)
+            outputs = llm.generate(args.prompt, params, use_tqdm=False)
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(tokenizer.decode(output))
+    print(outputs[0].outputs[0].text)
     return 0
 
 
