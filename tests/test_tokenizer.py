@@ -1,0 +1,99 @@
+"""Tokenizer: the GGUF-built tokenizer against transformers' own GGUF tokenizer, chat templates
+against plain jinja2, and the small API the engine relies on."""
+
+import os
+
+import jinja2
+import pytest
+
+from jpaged.loaders.gguf import load_gguf_tokenizer
+from jpaged.loaders.gguf_file import read_gguf
+from jpaged.tokenizer import Tokenizer
+
+TEXTS = [
+    "Hello world",
+    "  leading spaces and trailing  ",
+    "Numbers 1234567 and 3.14159, symbols #$%^&*",
+    "Unicode: naïve café, 東京, emoji 🙂🚀",
+    "code:\n\tdef f(x):\n\t\treturn x ** 2\n",
+    "<|im_start|>user\nspecial tokens inline<|im_end|>",
+]
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_file(smollm2_path):
+    return read_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gguf_file):
+    return load_gguf_tokenizer(gguf_file, eos_token_ids=(), chat_template=None)
+
+
+def test_matches_transformers_gguf_tokenizer(tokenizer, smollm2_path):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(
+        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path)
+    )
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert ids == reference.encode(text)
+        assert tokenizer.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+        assert tokenizer.decode(ids, skip_special_tokens=False) == reference.decode(ids)
+    assert tokenizer.all_special_ids == set(reference.all_special_ids)
+    assert tokenizer.apply_chat_template(MESSAGES) == reference.apply_chat_template(
+        MESSAGES, tokenize=False, add_generation_prompt=True
+    )
+
+
+def test_vocabulary_and_special_tokens_follow_the_gguf_metadata(tokenizer, gguf_file):
+    meta = gguf_file.metadata
+    tokens = meta["tokenizer.ggml.tokens"]
+    ids = tokenizer.encode(TEXTS[3] + TEXTS[4])
+    assert tokenizer.convert_ids_to_tokens(ids) == [tokens[i] for i in ids]
+    assert tokenizer.vocab_size == len(tokens) == 49152
+    assert tokenizer.bos_token_id == meta["tokenizer.ggml.bos_token_id"] == 1
+    assert tokenizer.eos_token_ids == (meta["tokenizer.ggml.eos_token_id"],) == (2,)
+    assert {0, 1, 2} <= tokenizer.all_special_ids
+    for text in TEXTS[:5]:
+        assert tokenizer.decode(tokenizer.encode(text)) == text  # byte-level BPE round-trips
+    special = tokenizer.encode(TEXTS[5])
+    assert special[0] == 1 and special[-1] == 2  # inline special tokens are single ids
+    assert tokenizer.decode(special) == "user\nspecial tokens inline"
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_renders_as_plain_jinja2(tokenizer, gguf_file, add_generation_prompt):
+    template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
+        gguf_file.metadata["tokenizer.chat_template"]
+    )
+    expected = template.render(messages=MESSAGES, add_generation_prompt=add_generation_prompt)
+    rendered = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=add_generation_prompt)
+    assert rendered == expected
+    assert rendered.endswith("<|im_start|>assistant\n") == add_generation_prompt
+
+
+def test_chat_template_override_file_or_text(tokenizer, tmp_path):
+    text = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    expected = "[system] You are terse.\n[user] What is 2+2?\n[assistant] 4\n[user] And 3+3?\n>"
+    assert tokenizer.apply_chat_template(MESSAGES, chat_template=text) == expected
+    path = tmp_path / "template.jinja"
+    path.write_text(text)
+    assert tokenizer.apply_chat_template(MESSAGES, chat_template=str(path)) == expected
+    with pytest.raises(ValueError, match="chat template file .*missing.jinja.* does not exist"):
+        tokenizer.apply_chat_template(MESSAGES, chat_template=str(tmp_path / "missing.jinja"))
+
+
+def test_missing_chat_template_and_extra_eos(tiny_model_dir, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())  # no chat_template.jinja
+    tokenizer = Tokenizer.from_pretrained(str(tmp_path), eos_token_ids=(2, 0))
+    assert tokenizer.eos_token_ids == (2, 0)  # its own EOS first, no duplicates
+    with pytest.raises(ValueError, match="has no chat template; pass one with --chat-template"):
+        tokenizer.apply_chat_template(MESSAGES)
