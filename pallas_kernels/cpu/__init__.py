@@ -85,7 +85,7 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    query_tile: int = 128,
+    query_tile: int | None = None,
 ):
     """Attention of packed queries over paged K/V on the CPU. Returns [num_tokens, num_q_heads,
     head_dim] in q.dtype.

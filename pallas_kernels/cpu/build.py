@@ -112,6 +112,10 @@ def build(verbose: bool = False) -> Path:
         if result.returncode != 0:
             raise BuildError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
         os.replace(tmp, target)
+        if directory == SOURCE.parent:  # an editable install: drop builds of older sources
+            for stale in directory.glob(f"{LIBRARY_STEM}-*.so"):
+                if stale != target:
+                    stale.unlink(missing_ok=True)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
