@@ -108,7 +108,9 @@ class AsyncLLM:
     # ---- background loop ---------------------------------------------------------------------
 
     def _ensure_loop(self) -> None:
-        if self._loop_task is None:
+        """Starts the background task on the running event loop (again, if an earlier loop ended)."""
+        task = self._loop_task
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
         self._wake.set()

@@ -1,0 +1,137 @@
+"""AsyncLLM: concurrent streams, deltas, errors before the first yield, abort on disconnect, shutdown."""
+
+import asyncio
+
+import pytest
+
+from jpaged import AsyncLLM, EngineArgs, SamplingParams
+from jpaged.sampling_params import RequestOutputKind
+
+PROMPTS = [list(range(300, 300 + n)) for n in (5, 23, 40, 11)]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    args = EngineArgs(model=str(tiny_model_dir), max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
+                      num_gpu_blocks_override=40, attention_backend="reference", compilation_cache_dir="")
+    return AsyncLLM.from_engine_args(args)
+
+
+def assert_idle(engine):
+    stats = engine.get_stats()
+    assert (stats.num_running, stats.num_waiting, stats.kv_cache_usage) == (0, 0, 0.0)
+
+
+async def collect(engine, prompt, params, request_id):
+    return [out async for out in engine.generate(prompt, params, request_id)]
+
+
+def test_concurrent_delta_streams_add_up_to_the_final_output(engine):
+    delta = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    final = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        tick_task = asyncio.create_task(ticker())
+        streams = await asyncio.gather(*[collect(engine, {"prompt_token_ids": p}, delta, f"d{i}")
+                                         for i, p in enumerate(PROMPTS)])
+        finals = await asyncio.gather(*[collect(engine, {"prompt_token_ids": p}, final, f"f{i}")
+                                        for i, p in enumerate(PROMPTS)])
+        tick_task.cancel()
+        return streams, finals, ticks
+
+    streams, finals, ticks = asyncio.run(main())
+    for stream, (final,) in zip(streams, finals):
+        assert len(stream) > 1 and stream[-1].finished and not any(o.finished for o in stream[:-1])
+        assert [t for o in stream for t in o.outputs[0].token_ids] == final.outputs[0].token_ids
+        assert "".join(o.outputs[0].text for o in stream) == final.outputs[0].text
+        assert stream[-1].outputs[0].finish_reason == "length"
+    assert ticks > 10, "the event loop must stay responsive while steps run"
+    assert engine.get_stats().generation_tokens_total >= 2 * 4 * 12
+    assert_idle(engine)
+
+
+def test_cumulative_n_samples(engine):
+    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=5, ignore_eos=True)
+    outputs = asyncio.run(collect(engine, "Hello there", params, "n2"))
+    last = outputs[-1]
+    assert last.finished and [c.index for c in last.outputs] == [0, 1]
+    assert all(len(c.token_ids) == 5 for c in last.outputs)
+    assert last.prompt == "Hello there" and last.prompt_token_ids == engine.tokenizer.encode("Hello there")
+
+
+def test_invalid_request_raises_before_the_first_yield(engine):
+    async def main():
+        gen = engine.generate({"prompt_token_ids": list(range(100, 200))}, SamplingParams(max_tokens=100), "bad")
+        with pytest.raises(ValueError, match="maximum context length is 128 tokens"):
+            await gen.__anext__()
+        # The engine still serves.
+        return await collect(engine, "ok", SamplingParams(max_tokens=2), "after-bad")
+
+    assert asyncio.run(main())[-1].finished
+    assert_idle(engine)
+
+
+def test_consumer_that_stops_iterating_aborts_the_request(engine):
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+
+    async def main():
+        async def consume_two():
+            async for out in engine.generate({"prompt_token_ids": PROMPTS[1]}, params, "gone"):
+                if len(out.outputs[0].token_ids) and not out.finished:
+                    break  # closes the generator: a client disconnect
+
+        task = asyncio.create_task(consume_two())
+        await task
+        outputs = await collect(engine, {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=2), "next")
+        cancelled = asyncio.create_task(collect(engine, {"prompt_token_ids": PROMPTS[2]}, params, "cancelled"))
+        await asyncio.sleep(0.5)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await collect(engine, {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=1), "flush")
+        return outputs
+
+    assert asyncio.run(main())[-1].finished
+    assert_idle(engine)
+
+
+def test_abort_ends_the_stream_with_abort(engine):
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+
+    async def main():
+        gen = engine.generate({"prompt_token_ids": PROMPTS[3]}, params, "to-abort")
+        first = await gen.__anext__()
+        await engine.abort("to-abort")
+        rest = [out async for out in gen]
+        return first, rest
+
+    first, rest = asyncio.run(main())
+    assert not first.finished
+    assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+    assert len(rest[-1].outputs[0].token_ids) < 80
+    assert_idle(engine)
+
+
+def test_shutdown_aborts_in_flight_requests(tiny_model_dir, engine):
+    own = AsyncLLM(engine.engine)  # a second front on the same engine, shut down here
+
+    async def main():
+        gen = own.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=80, ignore_eos=True), "s")
+        await gen.__anext__()
+        await own.shutdown()
+        rest = [out async for out in gen]
+        with pytest.raises(RuntimeError, match="not running"):
+            await own.generate("x", None, "late").__anext__()
+        return rest
+
+    rest = asyncio.run(main())
+    assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+    assert not engine.engine.has_unfinished_requests()
