@@ -12,7 +12,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1
 
-# g++ builds the C++ paged-attention kernel for CPUs; without it the CPU path uses the reference.
+# g++ builds the C++ paged-attention kernel for CPUs (-march=native, keyed to the CPU): it is
+# prebuilt below for the build machine's CPU and rebuilt on first start on any other CPU, into
+# ~/.cache/jpaged. Without a compiler the CPU path falls back to the reference attention.
 # The distribution's current g++ is what we want, so it is not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
