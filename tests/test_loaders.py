@@ -201,9 +201,11 @@ def test_smollm2_greedy_chat_answer(smollm2, capsys, smollm2_path):
     assert "Paris" in tokenizer.decode(output)
 
 
-def test_generate_cli(tiny_model_dir, capsys):
-    assert main(["--model", str(tiny_model_dir), "--prompt", "Hello", "--max-tokens", "3"]) == 0
-    assert capsys.readouterr().out.strip() != ""
+def test_generate_cli_matches_the_dense_greedy_oracle(tiny, tiny_model_dir, capsys):
+    prompt = "Once upon a time"
+    expected = tiny.tokenizer.decode(greedy_generate(tiny, tiny.tokenizer.encode(prompt), 8))
+    assert main(["--model", str(tiny_model_dir), "--prompt", prompt, "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
     assert main(["--model", str(tiny_model_dir / "nope"), "--prompt", "Hello"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
