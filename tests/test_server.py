@@ -62,6 +62,9 @@ class ThreadedServer:
         self.server = uvicorn.Server(config)
         serving = asyncio.create_task(self.server.serve())
         while not self.server.started:
+            if serving.done():
+                serving.result()  # uvicorn's startup error (it exits with SystemExit)
+                raise RuntimeError("uvicorn stopped during startup")
             await asyncio.sleep(0.01)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         self.ready.set()
