@@ -406,6 +406,15 @@ ERROR_CASES = {
                                       None, ["logprobs"]),
     "request_chat_template": ("/v1/chat/completions", {"messages": MESSAGES, "chat_template": "/etc/passwd"},
                               400, None, ["--trust-request-chat-template"]),
+    "empty_prompt_in_batch": ("/v1/completions", {"prompt": [[5, 6], []]}, 400, None, ["prompt"]),
+    "n_zero": ("/v1/completions", {"prompt": "hi", "n": 0}, 400, None, ["n"]),
+    "min_tokens_over_max_tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, 400,
+                                   None, ["min_tokens"]),
+    # Checked by the engine itself (ValueError before its first output), not by the server:
+    "stop_token_out_of_vocab": ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9]}, 400, None,
+                                ["1000000000"]),
+    "non_text_content_part": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, None, ["messages"]),
     "unknown_model": ("/v1/completions", {"prompt": "hi", "model": "gpt-5"}, 404, "model_not_found", ["gpt-5"]),
     "unknown_route": ("/v1/edits", {"input": "x"}, 404, "unknown_url", ["/v1/edits"]),
 }
@@ -413,7 +422,7 @@ ERROR_CASES = {
 
 # Cases whose streamed variant must fail the same way, before any SSE is sent.
 STREAMED_TOO = {"context_length", "negative_temperature", "bad_top_p", "token_out_of_vocab",
-                "top_logprobs_without_logprobs", "unknown_model"}
+                "top_logprobs_without_logprobs", "stop_token_out_of_vocab", "unknown_model"}
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
