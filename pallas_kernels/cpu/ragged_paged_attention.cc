@@ -276,17 +276,23 @@ inline void AttendBlockRows(const Shapes& sh, const Options& opt, const Item& it
       std::fill(sc, sc + ld, 0.0f);
       continue;
     }
-    float row_max = -INFINITY;
-    for (int64_t j = 0; j < ld; ++j) {
-      if (j < j_begin || j >= j_end) {
-        sc[j] = -INFINITY;
-      } else {
-        if (opt.soft_cap > 0.0f) sc[j] = opt.soft_cap * std::tanh(sc[j] / opt.soft_cap);
-        row_max = std::max(row_max, sc[j]);
+    std::fill(sc, sc + j_begin, -INFINITY);
+    std::fill(sc + j_end, sc + ld, -INFINITY);
+    if (opt.soft_cap > 0.0f) {
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        sc[j] = opt.soft_cap * std::tanh(sc[j] / opt.soft_cap);
       }
     }
+    v8f vmax = Load(sc);
+    for (int64_t j = kLanes; j < ld; j += kLanes) {
+      const v8f x = Load(sc + j);
+      vmax = vmax > x ? vmax : x;
+    }
+    float row_max = vmax[0];
+    for (int e = 1; e < kLanes; ++e) row_max = std::max(row_max, vmax[e]);
     const float m_new = std::max(s.m[r], row_max);
-    const float alpha = std::exp(s.m[r] - m_new);  // 0 on the first visible block (m = -inf)
+    // 0 on the first visible block (m = -inf); 1, without an exp, while the max holds.
+    const float alpha = m_new == s.m[r] ? 1.0f : std::exp(s.m[r] - m_new);
     v8f row_sum = Splat(0.0f);
     for (int64_t j = 0; j < ld; j += kLanes) {
       const v8f p = Exp(Load(sc + j) - Splat(m_new));
