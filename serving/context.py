@@ -58,7 +58,7 @@ class ServingContext:
                 raise _too_large(len(body), limit)
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, >4300-digit ints, deep nesting
             raise APIError(f"The request body is not valid JSON: {exc}.") from None
         try:
             return model_cls.model_validate(data)

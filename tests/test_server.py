@@ -437,8 +437,10 @@ def test_error_then_healthy(server, case):
     assert health_ok(server)
 
 
-def test_invalid_json_then_healthy(server):
-    error = _error(httpx.post(server.url + "/v1/completions", content=b"{not json", headers=AUTH), 400)
+@pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe{}", b"[" * 30000 + b"]" * 30000,
+                                  b'{"prompt": "hi", "n": 1' + b"0" * 5000 + b"}"])
+def test_invalid_json_then_healthy(server, body):
+    error = _error(httpx.post(server.url + "/v1/completions", content=body, headers=AUTH), 400)
     assert "JSON" in error["message"]
     assert health_ok(server)
 
