@@ -93,6 +93,8 @@ def check_step(scheduler: Scheduler, scheduler_output) -> None:
     assert scheduled or not (scheduler_output.blocks_to_swap_out or scheduler_output.blocks_to_swap_in)
     is_decode = [s.sample and s.num_scheduled_tokens == 1 for s in scheduled]
     assert is_decode == sorted(is_decode, reverse=True), "decodes must come first in the batch"
+    if not scheduler.enable_chunked_prefill:
+        assert all(s.sample for s in scheduled), "a prompt was chunked with chunked prefill off"
     for s in scheduled:
         assert s.num_scheduled_tokens >= 1
         assert len(s.block_table) * scheduler.block_size >= s.start_position + s.num_scheduled_tokens
