@@ -283,3 +283,11 @@ def test_error_truncated_safetensors_and_wrong_shape(tiny_model_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="neither model.safetensors nor .*--load-format dummy"):
         load_model(str(folder))
     assert load_model(str(folder), load_format="dummy").config.num_layers == 2
+
+
+def test_tokenizer_and_chat_template_overrides(tiny_model_dir, smollm2_path, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}|{% endfor %}")
+    loaded = load_model(str(tiny_model_dir), tokenizer=smollm2_path, chat_template=str(template))
+    assert loaded.tokenizer.hf.name_or_path == smollm2_path  # built from the GGUF's metadata
+    assert loaded.tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "a|b|"

@@ -170,8 +170,9 @@ def test_sliding_window_changes_logits():
     full = windowed.replace(sliding_window=None)
     params = _random_params(windowed, seed=3)
     ids = jnp.asarray(np.arange(20, dtype=np.int32)[None] % VOCAB)
-    a = np.asarray(llama.forward_dense(params, windowed, ids))
-    b = np.asarray(llama.forward_dense(params, full, ids))
+    dense = jax.jit(llama.forward_dense, static_argnums=1)
+    a = np.asarray(dense(params, windowed, ids))
+    b = np.asarray(dense(params, full, ids))
     np.testing.assert_array_equal(a[:, :7], b[:, :7])  # inside the window: identical
     assert np.abs(a[:, 7:] - b[:, 7:]).max() > 1e-3
 
@@ -182,9 +183,10 @@ def test_bfloat16_params_and_forward_dtypes():
     params = llama.init_params(config, jax.random.key(0))
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     ids = jnp.asarray(np.arange(8, dtype=np.int32)[None])
-    logits = llama.forward_dense(params, config, ids)
+    dense = jax.jit(llama.forward_dense, static_argnums=1)
+    logits = dense(params, config, ids)
     assert logits.dtype == jnp.float32 and logits.shape == (1, 8, VOCAB)
-    f32 = llama.forward_dense(jax.tree.map(lambda x: x.astype(jnp.float32), params), config.replace(dtype="float32"), ids)
+    f32 = dense(jax.tree.map(lambda x: x.astype(jnp.float32), params), config.replace(dtype="float32"), ids)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(f32), atol=0.05)
 
 
