@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import paged_flash_kernel
+from pallas_kernels import paged_flash_kernel, reference
 
 
 @functools.partial(
@@ -35,6 +35,8 @@ def decode_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale=None,
+    v_scale=None,
     pages_per_compute_block: int | None = None,
     num_kv_splits: int = 8,
     num_warps: int = 4,
@@ -44,7 +46,8 @@ def decode_attention(
     """Decode attention over paged K/V. Returns [num_tokens, num_q_heads, head_dim] in q.dtype.
 
     Precondition: every q_len is 0 or 1 (not checked: the result is wrong otherwise). Semantics
-    otherwise as `reference.ragged_paged_attention`. Static tuning knobs:
+    otherwise as `reference.ragged_paged_attention` (including int8 / fp8 pages with k_scale /
+    v_scale). Static tuning knobs:
       pages_per_compute_block: pages per inner step (a power of two); None picks 128 keys' worth.
       num_kv_splits: programs sharing one sequence's context.
       num_warps, num_stages: Triton launch parameters. interpret: run the Pallas interpreter.
@@ -53,7 +56,7 @@ def decode_attention(
         pages_per_compute_block = max(1, 128 // k_pages.shape[2])
     paged_flash_kernel.check_inputs(
         q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens,
-        pages_per_compute_block=pages_per_compute_block,
+        pages_per_compute_block=pages_per_compute_block, k_scale=k_scale, v_scale=v_scale,
     )
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_pages.shape
@@ -81,6 +84,8 @@ def decode_attention(
         group_rows=group_rows, pages_per_compute_block=pages_per_compute_block,
         num_kv_splits=num_kv_splits, num_warps=num_warps, num_stages=num_stages,
         interpret=interpret,
+        k_scale=reference.kv_scales(k_scale, num_kv_heads),
+        v_scale=reference.kv_scales(v_scale, num_kv_heads),
     )  # f32[num_seqs, num_kv_heads, group_rows, head_dim]
 
     token = jnp.arange(num_tokens, dtype=jnp.int32)

@@ -43,6 +43,8 @@ def _kernel(
     q_ref,  # [rows, head_dim]
     k_pages_ref,  # [num_blocks, block_size, head_dim] (this program's KV head)
     v_pages_ref,  # [num_blocks, block_size, head_dim]
+    k_scale_ref,  # f32[1]: this KV head's k_scale (used when `quantized`)
+    v_scale_ref,  # f32[1]
     o_ref,  # f32[rows, head_dim]: this split's normalized output
     m_ref,  # f32[rows]: this split's running max
     l_ref,  # f32[rows]: this split's softmax denominator
@@ -53,6 +55,7 @@ def _kernel(
     group_rows: int,
     pages_per_compute_block: int,
     num_kv_splits: int,
+    quantized: bool,
 ):
     split = pl.program_id(2)
     rows, head_dim = q_ref.shape
@@ -68,6 +71,7 @@ def _kernel(
     step_hi = jnp.minimum(step_lo + steps_per_split, steps)
 
     q = q_ref[...]
+    scale = sm_scale * k_scale_ref[0] if quantized else sm_scale
     row_pos = first_pos + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group_rows  # [rows, 1]
 
     def step(i, carry):
@@ -79,9 +83,11 @@ def _kernel(
         key_pos = page * block_size + lax.broadcasted_iota(jnp.int32, (1, keys_per_step), 1)
         key_rows = page * block_size + lax.broadcasted_iota(jnp.int32, (keys_per_step, 1), 0)
         in_context = key_pos < kv_end  # [1, keys]
+        if quantized:  # int8 / fp8 -> q.dtype is exact; the scales are applied to s and acc
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         k = jnp.where(key_rows < kv_end, k, jnp.zeros_like(k))
         v = jnp.where(key_rows < kv_end, v, jnp.zeros_like(v))
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale  # [rows, keys]
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [rows, keys]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         visible = in_context & (key_pos <= row_pos)
@@ -102,6 +108,8 @@ def _kernel(
     )
     acc, m, l = lax.fori_loop(step_lo, step_hi, step, init)
     safe_l = jnp.where(l > 0.0, l, 1.0)
+    if quantized:
+        acc = acc * v_scale_ref[0]
     o_ref[...] = acc / safe_l[:, None]
     m_ref[...] = m
     l_ref[...] = l
@@ -123,6 +131,8 @@ def paged_flash_attention(
     num_warps: int,
     num_stages: int,
     interpret: bool,
+    k_scale=None,  # None, or f32[num_kv_heads] for int8 / fp8 pages
+    v_scale=None,
 ):
     """Runs the kernel over (item, KV head, KV split). Returns f32[num_items, num_kv_heads, rows, head_dim].
 
@@ -145,7 +155,10 @@ def paged_flash_attention(
         group_rows=group_rows,
         pages_per_compute_block=pages_per_compute_block,
         num_kv_splits=num_kv_splits,
+        quantized=k_scale is not None,
     )
+    if k_scale is None:
+        k_scale = v_scale = jnp.ones((num_kv_heads,), jnp.float32)
     pages_spec = pl.BlockSpec((num_blocks, None, block_size, head_dim), lambda i, h, s: (0, h, 0, 0))
     o, m, l = pl.pallas_call(
         kernel,
@@ -156,6 +169,8 @@ def paged_flash_attention(
             pl.BlockSpec((None, None, rows, head_dim), lambda i, h, s: (i, h, 0, 0)),
             pages_spec,
             pages_spec,
+            pl.BlockSpec((1,), lambda i, h, s: (h,)),
+            pl.BlockSpec((1,), lambda i, h, s: (h,)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, rows, head_dim), lambda i, h, s: (s, i, h, 0, 0)),
@@ -170,7 +185,7 @@ def paged_flash_attention(
         compiler_params=_triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=f"paged_flash_rows{rows}_pages{pages_per_compute_block}_splits{num_kv_splits}",
-    )(item_meta, block_tables, q_items, k_pages, v_pages)
+    )(item_meta, block_tables, q_items, k_pages, v_pages, k_scale, v_scale)
     return merge_kv_splits(o, m, l)
 
 
@@ -195,7 +210,8 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def check_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, *, pages_per_compute_block):
+def check_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, *, pages_per_compute_block,
+                 k_scale=None, v_scale=None):
     """Raises ValueError naming the argument when shapes or dtypes break the kernels' contract."""
     if q.ndim != 3:
         raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim], got shape {q.shape}")
@@ -214,6 +230,10 @@ def check_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, *, pages
                         ("pages_per_compute_block", pages_per_compute_block)):
         if not _is_power_of_two(value):
             raise ValueError(f"{name} must be a power of two for the Pallas Triton kernels, got {value}")
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("pass both k_scale and v_scale (quantized KV) or neither")
+    if k_scale is None and jnp.dtype(k_pages.dtype).itemsize == 1:
+        raise ValueError(f"k_pages/v_pages are {k_pages.dtype}: quantized KV needs k_scale and v_scale")
     num_seqs = kv_lens.shape[0]
     expected = {"kv_lens": (num_seqs,), "block_tables": (num_seqs, block_tables.shape[-1]),
                 "cu_q_lens": (num_seqs + 1,)}

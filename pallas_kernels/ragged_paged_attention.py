@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import paged_flash_kernel
+from pallas_kernels import paged_flash_kernel, reference
 
 
 @functools.partial(
@@ -36,6 +36,8 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale=None,
+    v_scale=None,
     block_q: int | None = None,
     pages_per_compute_block: int | None = None,
     num_kv_splits: int = 1,
@@ -46,7 +48,8 @@ def ragged_paged_attention(
     """Attention of packed queries over paged K/V. Returns [num_tokens, num_q_heads, head_dim] in q.dtype.
 
     Semantics as `reference.ragged_paged_attention` (causal within each sequence, GQA, optional
-    sliding window and soft cap, float32 softmax, zeros for padded rows). Static tuning knobs:
+    sliding window and soft cap, float32 softmax, zeros for padded rows, int8 / fp8 pages
+    dequantized with k_scale / v_scale, f32 scalars or f32[num_kv_heads]). Static tuning knobs:
       block_q: query tokens per program (a power of two); None picks 64 // padded group size,
         at least 1. Rows per program = block_q * next_power_of_two(group) must be >= 16.
       pages_per_compute_block: pages per inner step (a power of two); None picks 64 keys' worth.
@@ -58,7 +61,7 @@ def ragged_paged_attention(
         pages_per_compute_block = max(1, 64 // k_pages.shape[2])
     paged_flash_kernel.check_inputs(
         q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens,
-        pages_per_compute_block=pages_per_compute_block,
+        pages_per_compute_block=pages_per_compute_block, k_scale=k_scale, v_scale=v_scale,
     )
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_pages.shape
@@ -109,6 +112,8 @@ def ragged_paged_attention(
         group_rows=group_rows, pages_per_compute_block=pages_per_compute_block,
         num_kv_splits=num_kv_splits, num_warps=num_warps, num_stages=num_stages,
         interpret=interpret,
+        k_scale=reference.kv_scales(k_scale, num_kv_heads),
+        v_scale=reference.kv_scales(v_scale, num_kv_heads),
     )  # f32[num_items, num_kv_heads, rows, head_dim]
 
     # Back to packed token order.

@@ -12,6 +12,11 @@ A step's queries are packed over sequences ("ragged"): sequence s owns query row
 cu_q_lens[s]:cu_q_lens[s+1]; they are its last q_len tokens, at positions
 kv_lens[s] - q_len .. kv_lens[s] - 1, and each attends causally to positions <= its own.
 Padded sequences have q_len 0 and kv_len 0; padded query rows (>= cu_q_lens[-1]) return zeros.
+
+Quantized KV (optional): pages of dtype int8 or float8_e4m3fn hold K / k_scale and V / v_scale
+(int8 rounded and clipped to +-127), with k_scale, v_scale f32 scalars or f32[num_kv_heads]
+(static per layer and head, as vLLM's k_scale/v_scale); `write_kv` quantizes and attention
+dequantizes when the scales are passed.
 """
 
 import jax
@@ -25,7 +30,26 @@ def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head
     return (num_blocks, num_kv_heads, block_size, head_dim)
 
 
-def write_kv(k_pages, v_pages, k, v, slot_mapping):
+def kv_scales(scale, num_kv_heads: int):
+    """f32[num_kv_heads] from a scalar or per-head scale; None stays None."""
+    if scale is None:
+        return None
+    return jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (num_kv_heads,))
+
+
+def quantize_kv(x, scale, dtype):
+    """x [..., num_kv_heads, head_dim] / scale (f32[num_kv_heads] or None) stored as `dtype`."""
+    if scale is None:
+        return x.astype(dtype)
+    x = x.astype(jnp.float32) / scale[:, None]
+    if jnp.issubdtype(dtype, jnp.integer):
+        limit = jnp.iinfo(dtype).max
+        return jnp.clip(jnp.round(x), -limit, limit).astype(dtype)
+    limit = float(jnp.finfo(dtype).max)
+    return jnp.clip(x, -limit, limit).astype(dtype)
+
+
+def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale=None, v_scale=None):
     """Writes new keys/values into their slots.
 
     Args:
@@ -33,15 +57,19 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
       k, v: [num_tokens, num_kv_heads, head_dim], cast to the pages' dtype.
       slot_mapping: i32[num_tokens]; slot = block_id * block_size + offset. Padded tokens use a
         slot in the null block 0.
+      k_scale, v_scale: None, or f32 scalar / f32[num_kv_heads] for int8 / fp8 pages: the pages
+        get K / k_scale and V / v_scale (see the module docstring).
     Returns:
       (k_pages, v_pages) updated.
     """
-    block_size = k_pages.shape[2]
+    num_kv_heads, block_size = k_pages.shape[1], k_pages.shape[2]
     block_ids = slot_mapping // block_size
     offsets = slot_mapping % block_size
+    k = quantize_kv(k, kv_scales(k_scale, num_kv_heads), k_pages.dtype)
+    v = quantize_kv(v, kv_scales(v_scale, num_kv_heads), v_pages.dtype)
     # Advanced indices split by a slice put the token axis first: the target is [T, KVH, D].
-    k_pages = k_pages.at[block_ids, :, offsets, :].set(k.astype(k_pages.dtype))
-    v_pages = v_pages.at[block_ids, :, offsets, :].set(v.astype(v_pages.dtype))
+    k_pages = k_pages.at[block_ids, :, offsets, :].set(k)
+    v_pages = v_pages.at[block_ids, :, offsets, :].set(v)
     return k_pages, v_pages
 
 
@@ -67,6 +95,8 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     query_tile: int | None = None,
+    k_scale=None,
+    v_scale=None,
 ):
     """Attention of packed queries over paged K/V. Returns [num_tokens, num_q_heads, head_dim] in q.dtype.
 
@@ -76,13 +106,15 @@ def ragged_paged_attention(
     Each sequence's queries are cut into work items of `query_tile` tokens (None:
     `default_query_tile`); an item gathers its sequence's pages once. Items are processed
     `_ROWS_PER_STEP // query_tile` at a time, so a long prefill never materializes
-    [num_tokens, context] scores.
+    [num_tokens, context] scores. k_scale, v_scale: None, or f32 scalar / f32[num_kv_heads]
+    to dequantize int8 / fp8 pages (see the module docstring).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_pages.shape
     num_seqs, pages_per_seq = block_tables.shape
     group = num_q_heads // num_kv_heads
     tile = default_query_tile(num_tokens, num_seqs) if query_tile is None else query_tile
+    k_scale, v_scale = kv_scales(k_scale, num_kv_heads), kv_scales(v_scale, num_kv_heads)
     items_per_step = max(1, _ROWS_PER_STEP // tile)
 
     # Work items: sequence s owns items item_start[s] .. item_end[s] - 1. Each item holds at
@@ -113,6 +145,8 @@ def ragged_paged_attention(
         # [n, W, KVH, BS, D] -> [n, KVH, W * BS, D]
         k = k_pages[pages].transpose(0, 2, 1, 3, 4).reshape(n, num_kv_heads, context, head_dim)
         v = v_pages[pages].transpose(0, 2, 1, 3, 4).reshape(n, num_kv_heads, context, head_dim)
+        if k_scale is not None:
+            k = k.astype(q.dtype)  # exact for int8 / fp8 pages; k_scale is applied to the scores
         in_context = kv_pos.reshape(1, context) < kv_lens[seq_s][:, None]  # [n, L]
         # Zero V past the context so garbage (even NaN) in unused slots cannot leak through 0 * NaN;
         # K needs no zeroing because its scores are replaced below.
@@ -120,6 +154,8 @@ def ragged_paged_attention(
         q_s = q_s.transpose(0, 2, 3, 1, 4).reshape(n, num_kv_heads, group * tile, head_dim)
         scores = jnp.einsum("nkrd,nkld->nkrl", q_s, k, preferred_element_type=jnp.float32)
         scores = scores * sm_scale
+        if k_scale is not None:
+            scores = scores * k_scale[None, :, None, None]
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
         key_pos, query_pos = kv_pos.reshape(1, 1, context), pos_s[:, :, None]  # [1,1,L], [n,tile,1]
@@ -132,6 +168,8 @@ def ragged_paged_attention(
         denom = probs.sum(axis=-1, keepdims=True)  # [n, KVH, G * tile, 1]; 0 for rows that see nothing
         out = jnp.einsum("nkrl,nkld->nkrd", probs, v.astype(jnp.float32))
         out = out / jnp.where(denom > 0.0, denom, 1.0)
+        if v_scale is not None:
+            out = out * v_scale[None, :, None, None]
         out = out.reshape(n, num_kv_heads, group, tile, head_dim).transpose(0, 3, 1, 2, 4)
         return out.astype(q.dtype)  # [n, tile, KVH, G, D]
 

@@ -122,3 +122,24 @@ def assert_close(actual, expected, dtype, *, what=""):
     assert not np.isnan(actual).any(), f"{what}: NaN in the output (an unmasked read of a poisoned slot)"
     tol = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}[dtype]
     np.testing.assert_allclose(actual, expected, atol=tol, rtol=tol, err_msg=what)
+
+
+def quantize_case(case, dtype, k_scale, v_scale):
+    """The case with int8 / fp8 pages holding K / k_scale, V / v_scale (k_scale, v_scale:
+    f32[num_kv_heads]), and dense K/V replaced by what those pages dequantize to."""
+    from pallas_kernels.reference import quantize_kv
+
+    def dequantized(x, scale):
+        return np.asarray(quantize_kv(jnp.asarray(x, jnp.float32), scale, dtype).astype(jnp.float32)
+                          * scale[:, None], np.float64)
+
+    def pages(p, scale):  # quantize_kv works on [..., num_kv_heads, head_dim]
+        return quantize_kv(p.transpose(0, 2, 1, 3), scale, dtype).transpose(0, 2, 1, 3)
+
+    return dataclasses.replace(
+        case,
+        k_pages=pages(case.k_pages, k_scale),
+        v_pages=pages(case.v_pages, v_scale),
+        dense_k=[dequantized(k, k_scale) for k in case.dense_k],
+        dense_v=[dequantized(v, v_scale) for v in case.dense_v],
+    )

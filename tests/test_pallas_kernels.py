@@ -5,11 +5,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-from paged_attention_cases import assert_close, dense_attention, make_case
+from paged_attention_cases import assert_close, dense_attention, make_case, quantize_case
 
 # (q_len, kv_len): decode rows, prefills longer than one work item, chunked prefills, an idle
 # sequence with context but no query, lengths on and off block boundaries.
@@ -82,6 +83,20 @@ def test_decode_window_soft_cap_bfloat16():
 
 
 @pytest.mark.parametrize(
+    "kernel,kv_dtype", [(ragged_paged_attention, jnp.int8), (decode_attention, jnp.float8_e4m3fn)],
+    ids=["ragged-int8", "decode-fp8"],
+)
+def test_quantized_kv(kernel, kv_dtype):
+    seq_lens = DECODE if kernel is decode_attention else MIXED
+    case = paged_case(6, seq_lens, 6, 2, 64, 16, num_tokens=80)
+    k_scale, v_scale = np.asarray([0.03, 0.05], np.float32), np.asarray([0.02, 0.04], np.float32)
+    case = quantize_case(case, kv_dtype, k_scale, v_scale)
+    out = run(kernel, case, sm_scale=0.125, k_scale=jnp.asarray(k_scale), v_scale=jnp.asarray(v_scale),
+              interpret=True)
+    assert_close(out, dense_attention(case, sm_scale=0.125), jnp.float32, what="quantized")
+
+
+@pytest.mark.parametrize(
     "bad,match",
     [
         (dict(q=jnp.zeros((8, 5, 64))), "num_q_heads 5 is not a multiple of num_kv_heads 2"),
@@ -89,6 +104,8 @@ def test_decode_window_soft_cap_bfloat16():
         (dict(cu_q_lens=jnp.zeros((4,), jnp.int32)), r"cu_q_lens must be i32\[5\]"),
         (dict(k_pages=jnp.zeros((4, 2, 12, 64)), v_pages=jnp.zeros((4, 2, 12, 64))),
          "block_size must be a power of two"),
+        (dict(k_pages=jnp.zeros((4, 2, 16, 64), jnp.int8), v_pages=jnp.zeros((4, 2, 16, 64), jnp.int8)),
+         "int8: quantized KV needs k_scale and v_scale"),
     ],
 )
 @pytest.mark.parametrize("kernel", [ragged_paged_attention, decode_attention], ids=["ragged", "decode"])
@@ -113,17 +130,17 @@ def _abstract_cuda_mesh():
 
 @pytest.mark.parametrize("kernel", [ragged_paged_attention, decode_attention], ids=["ragged", "decode"])
 @pytest.mark.parametrize(
-    "num_q_heads,num_kv_heads,head_dim,block_size",
-    [(9, 3, 64, 16), (32, 8, 128, 32), (8, 8, 128, 64)],
-    ids=["smollm2", "llama3-8b-bs32", "mha-bs64"],
+    "num_q_heads,num_kv_heads,head_dim,block_size,kv_dtype",
+    [(9, 3, 64, 16, jnp.bfloat16), (32, 8, 128, 32, jnp.int8), (8, 8, 128, 64, jnp.float8_e4m3fn)],
+    ids=["smollm2-bf16", "llama3-8b-bs32-int8", "mha-bs64-fp8"],
 )
-def test_lowers_to_triton_for_cuda(kernel, num_q_heads, num_kv_heads, head_dim, block_size):
+def test_lowers_to_triton_for_cuda(kernel, num_q_heads, num_kv_heads, head_dim, block_size, kv_dtype):
     """Catches Triton lowering errors (non power-of-two shapes, unsupported ops) without a GPU."""
     mesh = _abstract_cuda_mesh()
     if mesh is None:
         pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for CUDA on CPU")
     num_tokens, num_seqs, pages_per_seq, num_blocks = 256, 16, 64, 1000
-    pages = jax.ShapeDtypeStruct((num_blocks, num_kv_heads, block_size, head_dim), jnp.bfloat16)
+    pages = jax.ShapeDtypeStruct((num_blocks, num_kv_heads, block_size, head_dim), kv_dtype)
     args = (
         jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), jnp.bfloat16), pages, pages,
         jax.ShapeDtypeStruct((num_seqs,), jnp.int32),
@@ -131,6 +148,8 @@ def test_lowers_to_triton_for_cuda(kernel, num_q_heads, num_kv_heads, head_dim, 
         jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32),
     )
     fn = functools.partial(kernel, sm_scale=0.125, sliding_window=100, soft_cap=30.0)
+    if jnp.dtype(kv_dtype).itemsize == 1:
+        fn = functools.partial(fn, k_scale=jnp.full((num_kv_heads,), 0.1), v_scale=0.2)
     with jax.sharding.use_abstract_mesh(mesh):
         lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
@@ -139,14 +158,20 @@ def test_lowers_to_triton_for_cuda(kernel, num_q_heads, num_kv_heads, head_dim, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,kv_dtype", [(jnp.float32, None), (jnp.bfloat16, None),
+                                            (jnp.bfloat16, jnp.float8_e4m3fn)], ids=["fp32", "bf16", "bf16-fp8kv"])
 @pytest.mark.parametrize("kernel", [ragged_paged_attention, decode_attention], ids=["ragged", "decode"])
-def test_compiled_kernel_matches_reference_on_gpu(kernel, dtype):
+def test_compiled_kernel_matches_dense_on_gpu(kernel, dtype, kv_dtype):
     seq_lens = DECODE * 8 if kernel is decode_attention else MIXED * 4
     case = make_case(
         5, seq_lens, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
         num_tokens=512, num_seqs=64, pages_per_seq=16, dtype=dtype,
     )
     kwargs = dict(sm_scale=128**-0.5, sliding_window=50, soft_cap=20.0)
-    out = run(kernel, case, **kwargs)
+    scales = {}
+    if kv_dtype is not None:
+        k_scale, v_scale = np.full(8, 0.02, np.float32), np.full(8, 0.03, np.float32)
+        case = quantize_case(case, kv_dtype, k_scale, v_scale)
+        scales = dict(k_scale=jnp.asarray(k_scale), v_scale=jnp.asarray(v_scale))
+    out = run(kernel, case, **kwargs, **scales)
     assert_close(out, dense_attention(case, **kwargs), dtype, what="compiled on gpu")

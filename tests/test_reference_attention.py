@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import reference
-from paged_attention_cases import assert_close, dense_attention, make_case
+from paged_attention_cases import assert_close, dense_attention, make_case, quantize_case
 
 # (q_len, kv_len): decode rows, whole prefills, chunked prefills, lengths on and off block
 # boundaries, a sequence longer than one query tile.
@@ -100,3 +100,32 @@ def test_write_kv_puts_each_token_in_its_slot():
     written = np.zeros((4, 8), bool)
     written[np.asarray(slot_mapping) // 8, np.asarray(slot_mapping) % 8] = True
     assert (np.asarray(new_k).transpose(0, 2, 1, 3)[~written] == 0).all()
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+def test_quantized_kv(kv_dtype):
+    case = make_case(
+        7, MIXED, num_q_heads=6, num_kv_heads=2, head_dim=64, block_size=16,
+        num_tokens=64, num_seqs=8, pages_per_seq=4,
+    )
+    k_scale, v_scale = np.asarray([0.03, 0.05], np.float32), np.asarray([0.02, 0.04], np.float32)
+    case = quantize_case(case, kv_dtype, k_scale, v_scale)
+    out = run_reference(case, sm_scale=0.125, k_scale=jnp.asarray(k_scale), v_scale=jnp.asarray(v_scale))
+    assert_close(out, dense_attention(case, sm_scale=0.125), jnp.float32)
+
+
+def test_write_kv_quantizes_int8_per_head():
+    rng = np.random.default_rng(8)
+    k = jnp.asarray(rng.standard_normal((3, 2, 64)) * 2, jnp.float32)
+    v = jnp.asarray(rng.standard_normal((3, 2, 64)), jnp.float32)
+    pages = jnp.zeros((2, 2, 4, 64), jnp.int8)
+    k_scale, v_scale = jnp.asarray([0.01, 0.05]), jnp.asarray(0.02)
+    slots = jnp.asarray([4, 5, 0], jnp.int32)
+    new_k, new_v = jax.jit(reference.write_kv)(pages, pages, k, v, slots, k_scale=k_scale, v_scale=v_scale)
+    assert new_k.dtype == jnp.int8
+    for pages_out, x, scale in ((new_k, k, np.asarray([0.01, 0.05])), (new_v, v, np.full(2, 0.02))):
+        stored = np.asarray(pages_out)[1, :, :2].transpose(1, 0, 2).astype(np.float32)  # tokens 0, 1
+        limit = 127 * scale[:, None]
+        expected = np.clip(np.asarray(x[:2]), -limit, limit)  # large values saturate at +-127
+        assert (np.abs(stored * scale[:, None] - expected) <= 0.5 * scale[:, None] + 1e-6).all()
+    assert np.abs(np.asarray(new_k)).max() == 127
