@@ -15,6 +15,8 @@ from serving.errors import APIError
 
 # --------------------------------------------------------------------------- requests
 
+INT32_MAX = 2**31 - 1
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -36,7 +38,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extra sampling fields
-    top_k: int | None = None
+    top_k: int | None = Field(None, le=INT32_MAX)  # the engine packs it as int32
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int = Field(0, ge=0)

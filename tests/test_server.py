@@ -407,6 +407,7 @@ ERROR_CASES = {
     "request_chat_template": ("/v1/chat/completions", {"messages": MESSAGES, "chat_template": "/etc/passwd"},
                               400, None, ["--trust-request-chat-template"]),
     "empty_prompt_in_batch": ("/v1/completions", {"prompt": [[5, 6], []]}, 400, None, ["prompt"]),
+    "top_k_over_int32": ("/v1/completions", {"prompt": "hi", "top_k": 10**12}, 400, None, ["top_k"]),
     "n_zero": ("/v1/completions", {"prompt": "hi", "n": 0}, 400, None, ["n"]),
     "min_tokens_over_max_tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, 400,
                                    None, ["min_tokens"]),
