@@ -251,6 +251,8 @@ def test_error_wrong_path_and_format(tiny_model_dir, tmp_path):
         load_model(str(tiny_model_dir), load_format="gguf")
     with pytest.raises(ModelLoadError, match="--load-format 'pt'"):
         load_model(str(tiny_model_dir), load_format="pt")
+    with pytest.raises(ModelLoadError, match="--dtype 'float64' is not one of auto, float32"):
+        load_model(str(tiny_model_dir), dtype="float64")
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"PK\x03\x04" + bytes(100))
     with pytest.raises(ModelLoadError, match=r"garbage.gguf is not a GGUF file .*b'PK"):

@@ -18,7 +18,7 @@ from jpaged.loaders import safetensors as hf_loader
 from jpaged.loaders.errors import ModelLoadError
 from jpaged.loaders.gguf_file import read_gguf
 from jpaged.loaders.hub import resolve_hub_model
-from jpaged.models.config import ModelConfig
+from jpaged.models.config import DTYPES, ModelConfig
 from jpaged.models.llama import init_params
 from jpaged.tokenizer import Tokenizer
 
@@ -75,6 +75,8 @@ def load_model(
     """
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"--load-format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     path = _resolve_path(model, revision)
     if load_format == "auto":
         load_format = _detect_format(path)

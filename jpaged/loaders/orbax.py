@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jpaged.loaders.errors import ModelLoadError
-from jpaged.models.config import ModelConfig
+from jpaged.models.config import ModelConfig, resolve_dtype
 from jpaged.models.llama import param_shapes
 
 CONFIG_FILE = "jpaged_config.json"
@@ -33,14 +33,18 @@ def save_orbax(folder: str, config: ModelConfig, params, tokenizer) -> None:
 
 
 def read_orbax_config(folder: str, dtype: str) -> ModelConfig:
-    """The saved ModelConfig; an explicit dtype other than "auto" replaces the saved one."""
+    """The saved ModelConfig with `dtype` resolved as for any checkpoint ("auto": float32 on CPU,
+    else the saved dtype)."""
     path = os.path.join(folder, CONFIG_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             config = ModelConfig.from_dict(json.load(f))
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ModelLoadError(f"{path} is not a jpaged config: {e}") from e
-    return config if dtype == "auto" else config.replace(dtype=dtype)
+    try:
+        return config.replace(dtype=resolve_dtype(dtype, config.dtype))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
 
 
 def restore_orbax_params(folder: str, config: ModelConfig, sharding: jax.sharding.Sharding | None = None):
