@@ -83,7 +83,7 @@ def _kernel(
         key_pos = page * block_size + lax.broadcasted_iota(jnp.int32, (1, keys_per_step), 1)
         key_rows = page * block_size + lax.broadcasted_iota(jnp.int32, (keys_per_step, 1), 0)
         in_context = key_pos < kv_end  # [1, keys]
-        if quantized:  # int8 / fp8 -> q.dtype is exact; the scales are applied to s and acc
+        if k.dtype != q.dtype:  # e.g. int8 / fp8 -> q.dtype, exact; scales go to s and acc
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         k = jnp.where(key_rows < kv_end, k, jnp.zeros_like(k))
         v = jnp.where(key_rows < kv_end, v, jnp.zeros_like(v))
