@@ -230,6 +230,11 @@ def check_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, *, pages
                         ("pages_per_compute_block", pages_per_compute_block)):
         if not _is_power_of_two(value):
             raise ValueError(f"{name} must be a power of two for the Pallas Triton kernels, got {value}")
+    if pages_per_compute_block * block_size < 16 or head_dim < 16:
+        raise ValueError(
+            f"Triton dots need >= 16 keys per step and head_dim >= 16: pages_per_compute_block "
+            f"{pages_per_compute_block} * block_size {block_size} keys, head_dim {head_dim}"
+        )
     if (k_scale is None) != (v_scale is None):
         raise ValueError("pass both k_scale and v_scale (quantized KV) or neither")
     if k_scale is None and jnp.dtype(k_pages.dtype).itemsize == 1:

@@ -106,6 +106,8 @@ def test_quantized_kv(kernel, kv_dtype):
          "block_size must be a power of two"),
         (dict(k_pages=jnp.zeros((4, 2, 16, 64), jnp.int8), v_pages=jnp.zeros((4, 2, 16, 64), jnp.int8)),
          "int8: quantized KV needs k_scale and v_scale"),
+        (dict(pages_per_compute_block=1, k_pages=jnp.zeros((4, 2, 8, 64)), v_pages=jnp.zeros((4, 2, 8, 64))),
+         "Triton dots need >= 16 keys per step"),
     ],
 )
 @pytest.mark.parametrize("kernel", [ragged_paged_attention, decode_attention], ids=["ragged", "decode"])
@@ -139,7 +141,7 @@ def test_lowers_to_triton_for_cuda(kernel, num_q_heads, num_kv_heads, head_dim, 
     mesh = _abstract_cuda_mesh()
     if mesh is None:
         pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for CUDA on CPU")
-    num_tokens, num_seqs, pages_per_seq, num_blocks = 256, 16, 64, 1000
+    num_tokens, num_seqs, pages_per_seq, num_blocks = 200, 13, 100, 777  # not powers of two
     pages = jax.ShapeDtypeStruct((num_blocks, num_kv_heads, block_size, head_dim), kv_dtype)
     args = (
         jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), jnp.bfloat16), pages, pages,
