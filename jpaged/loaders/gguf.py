@@ -2,7 +2,6 @@
 
 import jax.numpy as jnp
 import numpy as np
-
 from gguf.quants import dequantize
 
 from jpaged.loaders.errors import ModelLoadError
@@ -129,7 +128,8 @@ def load_gguf_params(gguf_file: GgufFile, config: ModelConfig) -> dict:
         target = params if layer is None else params["layers"][layer]
         target[key] = jnp.asarray(np.ascontiguousarray(array, dtype=dtype))
     missing = [k for k in shapes if k != "layers" and k not in params]
-    missing += [f"blk.{i}.{k}" for i, layer in enumerate(shapes["layers"]) for k in layer if k not in params["layers"][i]]
+    for i, (layer, loaded) in enumerate(zip(shapes["layers"], params["layers"])):
+        missing += [f"layer {i} {k}" for k in layer if k not in loaded]
     if missing:
         raise ModelLoadError(f"{path}: tensors missing: {', '.join(missing[:4])}")
     return params
@@ -159,7 +159,9 @@ def load_gguf_tokenizer(gguf_file: GgufFile, eos_token_ids, chat_template: str |
     try:
         backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer_dict)
     except (KeyError, ValueError, NotImplementedError) as e:
-        raise ModelLoadError(f"{gguf_file.path}: transformers cannot build this GGUF tokenizer ({e}); pass --tokenizer") from e
+        raise ModelLoadError(
+            f"{gguf_file.path}: transformers cannot build this GGUF tokenizer ({e}); pass --tokenizer"
+        ) from e
     hf = PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=gguf_file.path, **config, **extra)
     return Tokenizer(hf, eos_token_ids=eos_token_ids, chat_template=chat_template)
 
@@ -179,7 +181,8 @@ def _unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     llama.cpp interleaves the two RoPE halves of each head's rows; HF keeps them as halves.
     """
     rows = weight.shape[0]
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    per_head = weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+    return per_head.swapaxes(1, 2).reshape(weight.shape)
 
 
 _MISSING = object()

@@ -12,7 +12,10 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from jpaged.loaders.errors import ModelLoadError
 
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# GGUF metadata value type -> struct format (8 is a string, 9 an array).
+_SCALAR_FORMATS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"
+}
 _STRING, _ARRAY = 8, 9
 
 

@@ -20,7 +20,11 @@ LAYER_NAMES = {
     "up_proj": "mlp.up_proj.weight",
     "down_proj": "mlp.down_proj.weight",
 }
-TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+TOP_NAMES = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
 
 
 def hf_name(key: str, layer: int | None = None) -> str:

@@ -72,7 +72,9 @@ def load_safetensors_params(folder: str, config: ModelConfig) -> dict:
         except ModelLoadError:
             raise
         except Exception as e:  # safetensors raises its own error types for truncated headers/data
-            raise ModelLoadError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+            raise ModelLoadError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
+            ) from e
     if wanted:
         names = sorted(wanted)
         raise ModelLoadError(
