@@ -43,6 +43,8 @@ constexpr int kTileRows = 24;
 constexpr int kMinSplitTokens = 256;
 // Items per thread wanted before splitting block ranges.
 constexpr int kItemsPerThread = 4;
+// KV blocks requested ahead of the one being computed.
+constexpr int kPrefetchBlocks = 1;
 
 inline v8f Load(const float* p) {
   v8f v;
@@ -442,20 +444,24 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
   }
   const int64_t tile = sh.block_size * d;  // elements of one (block, KV head)
   const int32_t* table = block_tables + it.seq * sh.pages_per_seq;
+  // Blocks are scattered over the pool, beyond what hardware prefetchers predict: ask for the
+  // K and V of block b + kPrefetchBlocks while block b is computed.
+  auto prefetch = [&](int64_t b) {
+    if (b >= pc.blk_end) return;
+    const int64_t block = std::clamp<int64_t>(table[b], 0, sh.num_blocks - 1);
+    const int64_t offset = (block * sh.num_kv_heads + it.kv_head) * tile;
+    const int64_t n = std::min<int64_t>(sh.block_size, it.kv_len - b * sh.block_size);
+    const char* k = reinterpret_cast<const char*>(k_pages + offset);
+    const char* v = reinterpret_cast<const char*>(v_pages + offset);
+    for (int64_t byte = 0; byte < n * d * int64_t{sizeof(KVT)}; byte += 64) {
+      __builtin_prefetch(k + byte);
+      __builtin_prefetch(v + byte);
+    }
+  };
+  for (int64_t b = pc.blk_begin; b < pc.blk_begin + kPrefetchBlocks; ++b) prefetch(b);
   for (int64_t b = pc.blk_begin; b < pc.blk_end; ++b) {
     const int64_t block = std::clamp<int64_t>(table[b], 0, sh.num_blocks - 1);
-    if (b + 1 < pc.blk_end) {
-      // Blocks are scattered over the pool, beyond what hardware prefetchers predict.
-      const int64_t next = std::clamp<int64_t>(table[b + 1], 0, sh.num_blocks - 1);
-      const int64_t next_offset = (next * sh.num_kv_heads + it.kv_head) * tile;
-      const int64_t next_n = std::min<int64_t>(sh.block_size, it.kv_len - (b + 1) * sh.block_size);
-      const char* next_k = reinterpret_cast<const char*>(k_pages + next_offset);
-      const char* next_v = reinterpret_cast<const char*>(v_pages + next_offset);
-      for (int64_t byte = 0; byte < next_n * d * int64_t{sizeof(KVT)}; byte += 64) {
-        __builtin_prefetch(next_k + byte);
-        __builtin_prefetch(next_v + byte);
-      }
-    }
+    prefetch(b + kPrefetchBlocks);
     const int64_t n = std::min<int64_t>(sh.block_size, it.kv_len - b * sh.block_size);
     const int64_t offset = (block * sh.num_kv_heads + it.kv_head) * tile;
     const float* k = BlockRows(k_pages + offset, n, d, s.k.data());

@@ -1,0 +1,208 @@
+"""Paged-attention speed per layer: the pure-JAX reference vs the C++ CPU kernel (and the Pallas
+kernels when jax sees a GPU), against the floor set by the machine's memory bandwidth, measured
+in the same run.
+
+    python scripts/bench_attention.py [--quick] [--out docs/kernels_cpu.png]
+
+Shapes are SmolLM2-135M's: 9 query heads, 3 KV heads, head_dim 64, block size 16, fp32 KV.
+Block tables are as wide as the engine buckets them (the batch's longest context in blocks,
+rounded up to a power of two). Each time is the best of several calls of a jitted function
+(this machine is shared, so the best call is the one least disturbed); "floor" is the bytes of
+K and V the step must read divided by the measured read bandwidth. Prints a Markdown table.
+"""
+
+import argparse
+import importlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import cpu, reference
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
+SM_SCALE = HEAD_DIM**-0.5
+DECODE_BATCHES = (1, 8, 32, 64, 128)
+DECODE_CONTEXTS = (128, 512, 2048)
+PREFILL_TOKENS = 2048
+
+
+def best_time(fn, *args, budget_s=0.3, min_calls=3, max_calls=50):
+    """Best wall time in ms of fn(*args) over repeated calls, after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    times, spent = [], 0.0
+    while len(times) < min_calls or (spent < budget_s and len(times) < max_calls):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return min(times) * 1e3
+
+
+def read_bandwidth_gbs(num_bytes=512 * 2**20):
+    """Best read bandwidth in GB/s over a buffer far larger than the caches: every core sums its
+    share with BLAS (sdot), and XLA reduces the buffer; the faster of the two."""
+    x = np.ones(num_bytes // 4, np.float32)
+    parts = np.array_split(x, os.cpu_count())
+    with ThreadPoolExecutor(len(parts)) as pool:
+        numpy_ms = best_time(lambda: list(pool.map(lambda a: np.dot(a, a), parts)), min_calls=5)
+    xla_sum = jax.jit(lambda a: a.reshape(64, -1).sum(axis=1))
+    xla_ms = best_time(xla_sum, jax.device_put(x, jax.devices("cpu")[0]), min_calls=5)
+    return num_bytes / min(numpy_ms, xla_ms) / 1e6
+
+
+def make_inputs(q_lens, kv_lens, seed=0):
+    """Packed queries and a KV pool holding exactly these sequences, with permuted blocks."""
+    rng = np.random.default_rng(seed)
+    pages = [-(-n // BLOCK_SIZE) for n in kv_lens]
+    width = 1 << (max(pages) - 1).bit_length()
+    num_blocks = sum(pages) + 1
+    shape = (num_blocks, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM)
+    k_pages = rng.standard_normal(shape, np.float32)
+    v_pages = rng.standard_normal(shape, np.float32)
+    block_tables = np.zeros((len(kv_lens), width), np.int32)
+    order = iter(1 + rng.permutation(num_blocks - 1))
+    for s, n in enumerate(pages):
+        block_tables[s, :n] = [next(order) for _ in range(n)]
+    q = rng.standard_normal((sum(q_lens), NUM_Q_HEADS, HEAD_DIM), np.float32)
+    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    arrays = (q, k_pages, v_pages, np.asarray(kv_lens, np.int32), block_tables, cu_q_lens)
+    return tuple(jax.device_put(a, jax.devices("cpu")[0]) for a in arrays)
+
+
+def kv_bytes(kv_lens):
+    return sum(kv_lens) * NUM_KV_HEADS * HEAD_DIM * 4 * 2
+
+
+def attention_flops(q_lens, kv_lens):
+    """2 matmuls x 2 flops per multiply-add over every visible (query, key) pair."""
+    pairs = sum(q * k - q * (q - 1) // 2 for q, k in zip(q_lens, kv_lens))
+    return 4 * pairs * NUM_Q_HEADS * HEAD_DIM
+
+
+def backends(with_reference):
+    """(name, attention function, runs on the GPU) for every implementation to time."""
+    found = []
+    if with_reference:
+        found.append(("reference", reference.ragged_paged_attention, False))
+    if cpu.is_available():
+        found.append(("cpu", cpu.ragged_paged_attention, False))
+    else:
+        print(f"cpu kernel unavailable: {cpu.load_error()}")
+    if any(d.platform == "gpu" for d in jax.devices()):
+        ragged = importlib.import_module("pallas_kernels.ragged_paged_attention")
+        found.append(("pallas", ragged.ragged_paged_attention, True))
+        decode = importlib.import_module("pallas_kernels.decode_attention")
+        found.append(("pallas decode", decode.decode_attention, True))
+    return found
+
+
+def time_case(q_lens, kv_lens, fns):
+    """ms per call for each backend on one batch."""
+    inputs = make_inputs(q_lens, kv_lens)
+    times = {}
+    for name, fn, on_gpu in fns:
+        if name == "pallas decode" and max(q_lens) > 1:
+            continue
+        args = jax.device_put(inputs, jax.devices("gpu")[0]) if on_gpu else inputs
+        jitted = jax.jit(lambda *a, fn=fn: fn(*a, sm_scale=SM_SCALE))
+        times[name] = best_time(jitted, *args)
+    return times
+
+
+def write_kv_ms(batch, context, calls=50):
+    """Best time of writing one new token per sequence into the pool, as the model's step does."""
+    _, k_pages, v_pages, _, block_tables, _ = make_inputs([1] * batch, [context] * batch)
+    rng = np.random.default_rng(1)
+    k = jnp.asarray(rng.standard_normal((batch, NUM_KV_HEADS, HEAD_DIM), np.float32))
+    pos = context - 1
+    slot_mapping = block_tables[:, pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+    write = jax.jit(reference.write_kv, donate_argnums=(0, 1))
+    k_pages, v_pages = jax.block_until_ready(write(k_pages, v_pages, k, k, slot_mapping))
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        k_pages, v_pages = jax.block_until_ready(write(k_pages, v_pages, k, k, slot_mapping))
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--out", default=None, help="write a PNG plot of the decode times here")
+    parser.add_argument("--no-reference", action="store_true", help="time the kernels only")
+    args = parser.parse_args()
+    fns = backends(with_reference=not args.no_reference)
+    names = [name for name, _, _ in fns]
+    bandwidth = read_bandwidth_gbs()
+    print(f"read bandwidth: {bandwidth:.1f} GB/s; {os.cpu_count()} CPU cores; "
+          f"{jax.devices()[0].device_kind}\n")
+
+    cases = [(b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS] + [(64, 400)]
+    if args.quick:
+        cases = [(1, 2048), (64, 400)]
+    header = "| batch x context | KV read | floor | " + " | ".join(names) + " | cpu / floor |"
+    if "reference" in names and "cpu" in names:
+        header += " reference / cpu |"
+    print("Decode, ms per layer:\n")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    rows = []
+    for batch, context in cases:
+        kv_lens = [context] * batch
+        times = time_case([1] * batch, kv_lens, fns)
+        floor = kv_bytes(kv_lens) / bandwidth / 1e6
+        cells = [f"{batch} x {context}", f"{kv_bytes(kv_lens) / 2**20:.1f} MiB", f"{floor:.3f}"]
+        cells += [f"{times[n]:.3f}" if n in times else "-" for n in names]
+        if "cpu" in times:
+            cells.append(f"{times['cpu'] / floor:.2f}x")
+        if "reference" in times and "cpu" in times:
+            cells.append(f"{times['reference'] / times['cpu']:.1f}x")
+        print("| " + " | ".join(cells) + " |", flush=True)
+        rows.append((batch, context, floor, times))
+
+    print(f"\nKV write (reference.write_kv, an XLA scatter, pool donated) of 64 decode tokens into "
+          f"the 64 x 400 pool: {write_kv_ms(64, 400):.3f} ms")
+
+    print(f"\nPrefill: one chunk of {PREFILL_TOKENS} new tokens (causal), ms per layer:\n")
+    flops = attention_flops([PREFILL_TOKENS], [PREFILL_TOKENS])
+    times = time_case([PREFILL_TOKENS], [PREFILL_TOKENS], fns)
+    print("| backend | ms | GFLOP/s |\n|---|---|---|")
+    for name, ms in times.items():
+        print(f"| {name} | {ms:.1f} | {flops / ms / 1e6:.0f} |")
+
+    if args.out:
+        plot(rows, names, args.out)
+
+
+def plot(rows, names, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = sorted({c for _, c, _, _ in rows if c in DECODE_CONTEXTS})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.5 * len(contexts), 4), sharey=True)
+    for ax, context in zip(np.atleast_1d(axes), contexts):
+        sel = [(b, f, t) for b, c, f, t in rows if c == context]
+        batches = [b for b, _, _ in sel]
+        ax.plot(batches, [f for _, f, _ in sel], "k--", label="memory floor")
+        for name in names:
+            ax.plot(batches, [t.get(name, np.nan) for _, _, t in sel], "o-", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="batch (decode rows)",
+               title=f"context {context}")
+        ax.grid(True, which="both", alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("ms per layer")
+    np.atleast_1d(axes)[0].legend()
+    fig.suptitle("Paged decode attention, SmolLM2-135M shapes (9 q / 3 kv heads, d 64, fp32 KV)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"\nplot: {path}")
+
+
+if __name__ == "__main__":
+    main()
