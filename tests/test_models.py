@@ -196,6 +196,7 @@ def test_bfloat16_params_and_forward_dtypes():
         (dict(architectures=["GPT2LMHeadModel"]), "unsupported architecture"),
         (dict(hidden_act="gelu"), "hidden_act"),
         (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "rope_scaling type 'yarn'"),
+        (dict(use_sliding_window=True), "use_sliding_window"),
     ],
 )
 def test_from_hf_config_rejects_unsupported(change, message):

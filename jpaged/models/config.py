@@ -108,7 +108,9 @@ class ModelConfig:
         else:
             attention_bias = bool(hf_config.get("attention_bias", False))
         sliding_window = hf_config.get("sliding_window")
-        if architecture != "MistralForCausalLM" and not hf_config.get("use_sliding_window", False):
+        if architecture != "MistralForCausalLM":
+            if hf_config.get("use_sliding_window", False):
+                raise ValueError(f"unsupported use_sliding_window=true for {architecture} in config.json")
             sliding_window = None  # Qwen configs carry a window they do not use
 
         eos = hf_config.get("eos_token_id")
