@@ -16,6 +16,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import paged_flash_kernel, reference
 
+TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs; a guess until GPU timings exist
+
 
 @functools.partial(
     jax.jit,
@@ -38,7 +40,7 @@ def decode_attention(
     k_scale=None,
     v_scale=None,
     pages_per_compute_block: int | None = None,
-    num_kv_splits: int = 8,
+    num_kv_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
@@ -49,7 +51,9 @@ def decode_attention(
     otherwise as `reference.ragged_paged_attention` (including int8 / fp8 pages with k_scale /
     v_scale). Static tuning knobs:
       pages_per_compute_block: pages per inner step (a power of two); None picks 128 keys' worth.
-      num_kv_splits: programs sharing one sequence's context.
+      num_kv_splits: programs sharing one sequence's context; None picks enough to give
+        num_seqs * num_kv_heads * splits >= TARGET_PROGRAMS, at most 8 (large batches get 1, so
+        no partial results are written and merged).
       num_warps, num_stages: Triton launch parameters. interpret: run the Pallas interpreter.
     """
     if pages_per_compute_block is None:
@@ -63,6 +67,8 @@ def decode_attention(
     num_seqs = kv_lens.shape[0]
     group = num_q_heads // num_kv_heads
     group_rows = max(16, pl.next_power_of_2(group))
+    if num_kv_splits is None:
+        num_kv_splits = min(8, max(1, TARGET_PROGRAMS // (num_seqs * num_kv_heads)))
 
     has_query = cu_q_lens[1:] > cu_q_lens[:-1]  # bool[num_seqs]
     first_pos = kv_lens - 1
