@@ -1,14 +1,17 @@
 """The paged engine end to end: greedy equality with a dense no-cache loop, seeds, compiles, the pool."""
 
 import contextlib
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged import LLM, SamplingParams
+from jpaged import LLM, EngineArgs, SamplingParams, kv_pool
+from jpaged.buckets import Buckets
 from jpaged.models import llama
+from jpaged.models.config import ModelConfig
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -235,3 +238,31 @@ def test_smollm2_greedy_matches_dense():
     assert [o.outputs[0].token_ids for o in outputs] == expect
     assert "Paris" in outputs[0].outputs[0].text
     assert_pool_free(llm)
+
+
+def test_buckets_cover_every_step_shape():
+    buckets = Buckets.create(max_num_batched_tokens=100, max_num_seqs=24, max_model_len=300, block_size=16)
+    assert buckets.num_tokens == (16, 32, 64, 100) and buckets.num_seqs == (8, 16, 24)
+    assert buckets.pages_per_seq == (4, 8, 16, 19)
+    shapes = set(buckets.step_shapes())
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        num_tokens = int(rng.integers(1, 101))
+        num_seqs = int(rng.integers(1, min(num_tokens, 24) + 1))
+        context = int(rng.integers(num_tokens, 301))
+        assert buckets.for_step(num_tokens, num_seqs, context, 16) in shapes
+    one_width = Buckets.create(max_num_batched_tokens=100, max_num_seqs=24, max_model_len=300, block_size=16,
+                               bucket_pages=False)
+    assert one_width.pages_per_seq == (19,) and len(set(one_width.step_shapes())) == 4
+
+
+def test_pool_too_small_for_max_model_len_fails_with_numbers(tiny_model_dir):
+    config = ModelConfig.from_hf_config(json.loads((tiny_model_dir / "config.json").read_text()), dtype="float32")
+    args = EngineArgs(num_gpu_blocks_override=5)
+    with pytest.raises(ValueError, match=r"4 usable blocks.*max_model_len=128 needs 8 blocks.*--num-gpu-blocks-override"):
+        kv_pool.size_pool(config, args, 128, "float32", jax.devices()[0])
+    spec = kv_pool.size_pool(config, EngineArgs(kv_cache_memory=0.001, max_num_seqs=4), 128, "float32",
+                             jax.devices()[0])
+    # 1 MiB / (2 layers * 2 (K, V) * 2 heads * 16 tokens * 16 dims * 4 bytes) = 128 blocks, capped on
+    # CPU at what 4 sequences of 128 tokens can use (4 * 8 + the null block).
+    assert spec.num_blocks == (33 if jax.devices()[0].platform == "cpu" else 128)

@@ -1,0 +1,82 @@
+"""Offline throughput of LLM.generate (vLLM's `benchmark_throughput`, in spirit and flag names).
+
+Example (the 64-request workload of docs/engine.md):
+    python scripts/benchmark_throughput.py --num-prompts 64 --input-len-range 32 512 \\
+        --output-len 128 --dtype float32 --output-json /tmp/throughput.json
+
+Prompts are random token ids (default) or windows of a text file (--dataset-path), with lengths
+uniform in --input-len-range (or exactly --input-len). Greedy; EOS ignored unless --no-ignore-eos.
+Engine start (load + compile) is timed separately from generation.
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from jpaged import LLM, EngineArgs, SamplingParams
+
+
+def make_prompts(tokenizer, args, rng) -> list[list[int]]:
+    low, high = args.input_len_range or (args.input_len, args.input_len)
+    lengths = rng.integers(low, high + 1, size=args.num_prompts)
+    if args.dataset_path is None:
+        vocab = tokenizer.vocab_size
+        return [rng.integers(100, vocab - 100, size=int(n)).tolist() for n in lengths]
+    with open(args.dataset_path, encoding="utf-8", errors="replace") as f:
+        corpus = tokenizer.encode(f.read(), add_special_tokens=False)
+    if len(corpus) <= high:
+        raise ValueError(f"--dataset-path {args.dataset_path} has {len(corpus)} tokens; prompts need up to {high}.")
+    starts = rng.integers(0, len(corpus) - high, size=args.num_prompts)
+    return [corpus[s:s + int(n)] for s, n in zip(starts, lengths)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    EngineArgs.add_cli_args(parser)
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--num-prompts", type=int, default=64)
+    bench.add_argument("--input-len", type=int, default=256, help="prompt length (when no --input-len-range)")
+    bench.add_argument("--input-len-range", type=int, nargs=2, metavar=("MIN", "MAX"),
+                       help="prompt lengths uniform in [MIN, MAX]")
+    bench.add_argument("--output-len", type=int, default=128)
+    bench.add_argument("--dataset-path", help="a text file to cut prompt windows from (default: random ids)")
+    bench.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    bench.add_argument("--temperature", type=float, default=0.0)
+    bench.add_argument("--benchmark-seed", type=int, default=0, help="seed of the prompt generator")
+    bench.add_argument("--output-json", help="write the results here")
+    args = parser.parse_args()
+    engine_args = EngineArgs.from_cli_args(args)
+
+    start = time.perf_counter()
+    llm = LLM(**vars(engine_args))
+    startup_s = time.perf_counter() - start
+    prompts = make_prompts(llm.get_tokenizer(), args, np.random.default_rng(args.benchmark_seed))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=args.ignore_eos)
+
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    elapsed = time.perf_counter() - start
+
+    prompt_tokens = sum(len(p) for p in prompts)
+    output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    results = {
+        "num_requests": len(prompts), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "elapsed_time": elapsed, "startup_time": startup_s,
+        "requests_per_second": len(prompts) / elapsed,
+        "tokens_per_second": (prompt_tokens + output_tokens) / elapsed,
+        "output_tokens_per_second": output_tokens / elapsed,
+        "engine_args": vars(engine_args),
+    }
+    print(f"Startup (load + compile): {startup_s:.1f} s")
+    print(f"Throughput: {results['requests_per_second']:.2f} requests/s, {results['tokens_per_second']:.2f} "
+          f"total tokens/s, {results['output_tokens_per_second']:.2f} output tokens/s "
+          f"({len(prompts)} requests, {prompt_tokens} prompt + {output_tokens} output tokens in {elapsed:.1f} s)")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
