@@ -140,7 +140,7 @@ def main():
     names = [name for name, _, _ in fns]
     bandwidth = read_bandwidth_gbs()
     print(f"read bandwidth: {bandwidth:.1f} GB/s; {os.cpu_count()} CPU cores; "
-          f"{jax.devices()[0].device_kind}\n")
+          f"{jax.devices()[0].device_kind}; load average {os.getloadavg()[0]:.1f}\n")
 
     cases = [(b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS] + [(64, 400)]
     if args.quick:
@@ -175,6 +175,7 @@ def main():
     for name, ms in times.items():
         print(f"| {name} | {ms:.1f} | {flops / ms / 1e6:.0f} |")
 
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     if args.out:
         plot(rows, names, args.out)
 

@@ -120,6 +120,25 @@ def test_bf16_kv_matches_reference(q_dtype):
     np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype,scale", [(jnp.int8, [0.02, 0.05, 0.03]),
+                                         (jnp.float8_e4m3fn, [0.5, 0.25, 1.0])])
+def test_quantized_kv_matches_reference(dtype, scale):
+    """int8 / fp8 pages hold K / k_scale and V / v_scale per KV head; both sides widen the pages
+    exactly, so the tolerance is fp32's. Unused slots stay poisoned (NaN where fp8 has one)."""
+    p = make_problem(7, MIXED_Q_LENS, MIXED_KV_LENS, num_q_heads=9, num_kv_heads=3, head_dim=64,
+                     block_size=16)
+    k_scale = jnp.asarray(scale, jnp.float32)
+    v_scale = 2 * k_scale
+
+    def quantize(pages, s):  # [NB, KVH, BS, D] -> quantize_kv's [..., KVH, D] and back
+        return reference.quantize_kv(pages.transpose(0, 2, 1, 3), s, dtype).transpose(0, 2, 1, 3)
+
+    p.k_pages, p.v_pages = quantize(p.k_pages, k_scale), quantize(p.v_pages, v_scale)
+    ref, out = run_both(p, k_scale=k_scale, v_scale=v_scale)
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_inside_jit_with_donated_pool_and_bit_identical_repeats():
     """write_kv + attention in one jit that donates the pool, like the model's step."""
     p = make_problem(4, [1, 12, 1], [90, 12, 17], num_q_heads=9, num_kv_heads=3, head_dim=64,

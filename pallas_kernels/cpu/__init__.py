@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import reference
+
 FFI_TARGET = "jpaged_ragged_paged_attention"
-_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
 @functools.cache
@@ -61,9 +64,11 @@ def _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens):
     if num_q_heads % num_kv_heads != 0:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
                          f"({num_kv_heads})")
-    for name, a in (("q", q), ("k_pages", k_pages)):
-        if jnp.dtype(a.dtype) not in _SUPPORTED_DTYPES:
-            raise ValueError(f"{name} dtype {a.dtype} unsupported: use float32 or bfloat16")
+    if jnp.dtype(q.dtype) not in _Q_DTYPES:
+        raise ValueError(f"q dtype {q.dtype} unsupported: use float32 or bfloat16")
+    if jnp.dtype(k_pages.dtype) not in _KV_DTYPES:
+        raise ValueError(f"KV page dtype {k_pages.dtype} unsupported: use one of "
+                         f"{', '.join(str(d) for d in _KV_DTYPES)}")
     num_seqs = block_tables.shape[0]
     if block_tables.ndim != 2 or kv_lens.shape != (num_seqs,) or cu_q_lens.shape != (num_seqs + 1,):
         raise ValueError(f"need block_tables [num_seqs, pages_per_seq], kv_lens [num_seqs], "
@@ -86,14 +91,18 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     query_tile: int | None = None,
+    k_scale=None,
+    v_scale=None,
 ):
     """Attention of packed queries over paged K/V on the CPU. Returns [num_tokens, num_q_heads,
     head_dim] in q.dtype.
 
     Semantics as `pallas_kernels.reference.ragged_paged_attention`: GQA, causal within each
     sequence's new tokens, optional sliding window and soft cap, fp32 softmax, zeros for padded
-    query rows. `query_tile` is accepted for signature compatibility; the kernel picks its own
-    tiles. Raises RuntimeError with `load_error()` when the kernel is unavailable.
+    query rows; int8 / float8_e4m3fn pages hold K / k_scale and V / v_scale (k_scale, v_scale:
+    f32 scalars or f32[num_kv_heads]; None means 1). `query_tile` is accepted for signature
+    compatibility; the kernel picks its own tiles. Raises RuntimeError with `load_error()` when
+    the kernel is unavailable.
     """
     del query_tile  # the C++ kernel tiles queries itself
     _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens)
@@ -101,9 +110,13 @@ def ragged_paged_attention(
     if error is not None:
         raise RuntimeError(f"the CPU attention kernel is unavailable ({error}); "
                            f"use --attention-backend reference")
+    num_kv_heads = k_pages.shape[1]
+    ones = jnp.ones((num_kv_heads,), jnp.float32)
+    k_scale = ones if k_scale is None else reference.kv_scales(k_scale, num_kv_heads)
+    v_scale = ones if v_scale is None else reference.kv_scales(v_scale, num_kv_heads)
     call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(
-        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens,
+        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, k_scale, v_scale,
         sm_scale=np.float32(sm_scale),
         sliding_window=np.int32(sliding_window or 0),
         soft_cap=np.float32(soft_cap or 0.0),

@@ -1,8 +1,8 @@
 // Ragged paged attention for CPUs, registered with XLA as a typed FFI handler.
 //
 // Same contract as pallas_kernels/reference.py: packed queries q[T, Hq, D], KV pages
-// [num_blocks, KVH, block_size, D] (fp32 or bf16), kv_lens i32[S], block_tables i32[S, W],
-// cu_q_lens i32[S + 1]. Each work item is (sequence, KV head, query tile, KV block range): it
+// [num_blocks, KVH, block_size, D] (fp32, bf16, or int8 / fp8 e4m3fn holding K / k_scale and
+// V / v_scale with f32[KVH] scales), kv_lens i32[S], block_tables i32[S, W], cu_q_lens i32[S + 1]. Each work item is (sequence, KV head, query tile, KV block range): it
 // reads every KV block of its range once and uses it for all query rows of the tile and of the
 // GQA group. Softmax is online, in fp32. Keys at positions >= kv_len are never read, so garbage
 // (even NaN) in unused pages or padding entries cannot leak. Padded query rows get zeros.
@@ -118,7 +118,37 @@ struct Options {
   float sm_scale;
   int32_t sliding_window;  // 0: none
   float soft_cap;          // 0: none
+  const float* k_scale;    // f32[num_kv_heads]: stored K = K / k_scale (1 unless quantized)
+  const float* v_scale;    // f32[num_kv_heads]: stored V = V / v_scale
 };
+
+// An fp8 e4m3fn value (1 sign, 4 exponent bits with bias 7, 3 mantissa bits; no inf).
+struct Fp8E4M3FN {
+  uint8_t bits;
+};
+
+float Fp8ToFloat(uint8_t bits) {
+  const int exponent = (bits >> 3) & 0xF, mantissa = bits & 0x7;
+  float magnitude;
+  if (exponent == 0xF && mantissa == 0x7) {
+    magnitude = NAN;
+  } else if (exponent == 0) {
+    magnitude = std::ldexp(static_cast<float>(mantissa), -9);  // subnormal: m / 8 * 2^-6
+  } else {
+    magnitude = std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
+  }
+  return bits & 0x80 ? -magnitude : magnitude;
+}
+
+// All 256 fp8 e4m3fn values as fp32.
+const std::vector<float>& Fp8Table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(256);
+    for (int b = 0; b < 256; ++b) t[b] = Fp8ToFloat(static_cast<uint8_t>(b));
+    return t;
+  }();
+  return table;
+}
 
 // One query tile of one (sequence, KV head): tokens [tok_begin, tok_end) of the sequence's
 // new tokens, which sit at positions first_pos + t.
@@ -140,7 +170,7 @@ struct Piece {
 };
 
 // fp32 scratch for one piece: queries and accumulators (rows x head_dim, or head_dim x lanes),
-// per-row softmax state, scores of one block, one block of K and V widened from bf16.
+// per-row softmax state, scores of one block, one block of K and V widened to fp32.
 struct Scratch {
   std::vector<float> q, qt, acc, m, l, alpha, pos, lo, scores, k, v;
 };
@@ -173,15 +203,20 @@ inline void StoreOutputRow(const float* acc, float inv_l, int64_t d, QT* dst) {
 }
 
 // K or V rows [n, d] of one (block, KV head) as fp32: the pages themselves for fp32, a
-// converted copy for bf16.
+// converted copy (exact) for bf16, int8 and fp8.
 template <typename KVT>
 inline const float* BlockRows(const KVT* src, int64_t n, int64_t d, float* buf) {
   if constexpr (std::is_same_v<KVT, float>) {
     return src;
-  } else {
+  } else if constexpr (std::is_same_v<KVT, uint16_t>) {
     for (int64_t i = 0; i < n * d; i += kLanes) Store(buf + i, LoadBf16(src + i));
-    return buf;
+  } else if constexpr (std::is_same_v<KVT, int8_t>) {
+    for (int64_t i = 0; i < n * d; ++i) buf[i] = static_cast<float>(src[i]);
+  } else {
+    const float* table = Fp8Table().data();
+    for (int64_t i = 0; i < n * d; ++i) buf[i] = table[src[i].bits];
   }
+  return buf;
 }
 
 // scores[r, j] = q[r] . k[j] for NR rows and keys j < n, two keys at a time so that 2 * NR
@@ -425,7 +460,8 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = it.row_begin + r / g;
     const int64_t head = it.kv_head * g + r % g;
-    LoadQueryRow(q + (token * sh.num_q_heads + head) * d, opt.sm_scale, d, s.q.data() + r * d);
+    LoadQueryRow(q + (token * sh.num_q_heads + head) * d, opt.sm_scale * opt.k_scale[it.kv_head],
+                 d, s.q.data() + r * d);
   }
   if (lanes) {
     // Queries to [d, rp]; each lane's visible key positions are [lo, pos] (padding: none).
@@ -487,14 +523,14 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = it.row_begin + r / g;
     const int64_t head = it.kv_head * g + r % g;
-    const float inv_l = s.l[r] > 0.0f ? 1.0f / s.l[r] : 0.0f;
+    const float inv_l = s.l[r] > 0.0f ? opt.v_scale[it.kv_head] / s.l[r] : 0.0f;
     StoreOutputRow(s.acc.data() + r * d, inv_l, d, out + (token * sh.num_q_heads + head) * d);
   }
 }
 
 // Merges the partial softmax states of one split item's pieces, in piece order.
 template <typename QT>
-void MergePieces(const Shapes& sh, const Item& it, const Piece* pieces, int64_t count,
+void MergePieces(const Shapes& sh, const Options& opt, const Item& it, const Piece* pieces, int64_t count,
                  const Partials& partials, QT* out) {
   const int64_t d = sh.head_dim, g = sh.group;
   const int64_t rows = (it.tok_end - it.tok_begin) * g;
@@ -515,7 +551,7 @@ void MergePieces(const Shapes& sh, const Item& it, const Piece* pieces, int64_t 
     }
     const int64_t token = it.row_begin + r / g;
     const int64_t head = it.kv_head * g + r % g;
-    StoreOutputRow(acc.data(), l > 0.0f ? 1.0f / l : 0.0f, d,
+    StoreOutputRow(acc.data(), l > 0.0f ? opt.v_scale[it.kv_head] / l : 0.0f, d,
                    out + (token * sh.num_q_heads + head) * d);
   }
 }
@@ -650,7 +686,7 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, const Options& opt, const Q
     size_t e = p + 1;
     while (e < pieces.size() && pieces[e].item == pieces[p].item) ++e;
     if (pieces[p].partial >= 0) {
-      MergePieces(sh, items[pieces[p].item], &pieces[p], e - p, partials, out);
+      MergePieces(sh, opt, items[pieces[p].item], &pieces[p], e - p, partials, out);
     }
     p = e;
   }
@@ -662,17 +698,46 @@ std::string Dims(ffi::AnyBuffer::Dimensions dims) {
   return s + "]";
 }
 
+// Pointers to the operands, typed by the caller's dispatch.
+struct Operands {
+  const void *q, *k_pages, *v_pages;
+  const int32_t *kv_lens, *block_tables, *cu_q_lens;
+  void* out;
+};
+
+template <typename QT>
+ffi::Error AttendForKV(ffi::ThreadPool& pool, const Shapes& sh, const Options& opt,
+                       ffi::DataType kv_type, const Operands& o) {
+  auto run = [&](auto kv_tag) {
+    using KVT = decltype(kv_tag);
+    Attend(pool, sh, opt, static_cast<const QT*>(o.q), static_cast<const KVT*>(o.k_pages),
+           static_cast<const KVT*>(o.v_pages), o.kv_lens, o.block_tables, o.cu_q_lens,
+           static_cast<QT*>(o.out));
+    return ffi::Error::Success();
+  };
+  switch (kv_type) {
+    case ffi::DataType::F32: return run(float{});
+    case ffi::DataType::BF16: return run(uint16_t{});
+    case ffi::DataType::S8: return run(int8_t{});
+    case ffi::DataType::F8E4M3FN: return run(Fp8E4M3FN{});
+    default:
+      return ffi::Error::InvalidArgument(
+          "ragged_paged_attention: KV pages must be float32, bfloat16, int8 or float8_e4m3fn");
+  }
+}
+
 ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q,
                                     ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages,
                                     ffi::Buffer<ffi::S32> kv_lens,
                                     ffi::Buffer<ffi::S32> block_tables,
                                     ffi::Buffer<ffi::S32> cu_q_lens,
+                                    ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
                                     ffi::Result<ffi::AnyBuffer> out, float sm_scale,
                                     int32_t sliding_window, float soft_cap) {
   auto qd = q.dimensions();
   auto kd = k_pages.dimensions();
   auto bd = block_tables.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || bd.size() != 2 || k_pages.dimensions().size() != 4) {
+  if (qd.size() != 3 || kd.size() != 4 || bd.size() != 2) {
     return ffi::Error::InvalidArgument("ragged_paged_attention: bad ranks: q " + Dims(qd) +
                                        ", k_pages " + Dims(kd) + ", block_tables " + Dims(bd));
   }
@@ -681,43 +746,32 @@ ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q,
       sh.head_dim % kLanes != 0 || v_pages.dimensions().size() != 4 ||
       !std::equal(kd.begin(), kd.end(), v_pages.dimensions().begin()) ||
       k_pages.element_type() != v_pages.element_type() ||
-      kv_lens.dimensions()[0] != sh.num_seqs || cu_q_lens.dimensions()[0] != sh.num_seqs + 1) {
+      kv_lens.dimensions()[0] != sh.num_seqs || cu_q_lens.dimensions()[0] != sh.num_seqs + 1 ||
+      k_scale.element_count() != static_cast<size_t>(sh.num_kv_heads) ||
+      v_scale.element_count() != static_cast<size_t>(sh.num_kv_heads)) {
     return ffi::Error::InvalidArgument(
         "ragged_paged_attention: inconsistent shapes: q " + Dims(qd) + ", k_pages " + Dims(kd) +
         ", v_pages " + Dims(v_pages.dimensions()) + ", kv_lens " + Dims(kv_lens.dimensions()) +
-        ", block_tables " + Dims(bd) + ", cu_q_lens " + Dims(cu_q_lens.dimensions()));
+        ", block_tables " + Dims(bd) + ", cu_q_lens " + Dims(cu_q_lens.dimensions()) +
+        ", k_scale " + Dims(k_scale.dimensions()) + ", v_scale " + Dims(v_scale.dimensions()));
   }
   sh.group = sh.num_q_heads / sh.num_kv_heads;
   if (sh.num_seqs == 0 || sh.num_tokens == 0) return ffi::Error::Success();
-  Options opt{sm_scale, sliding_window, soft_cap};
-  const int32_t* lens = kv_lens.typed_data();
-  const int32_t* tables = block_tables.typed_data();
-  const int32_t* cu = cu_q_lens.typed_data();
-  const bool q_bf16 = q.element_type() == ffi::DataType::BF16;
-  const bool kv_bf16 = k_pages.element_type() == ffi::DataType::BF16;
-  if ((!q_bf16 && q.element_type() != ffi::DataType::F32) ||
-      (!kv_bf16 && k_pages.element_type() != ffi::DataType::F32) ||
-      out->element_type() != q.element_type()) {
-    return ffi::Error::InvalidArgument(
-        "ragged_paged_attention: q and the KV pages must be float32 or bfloat16");
+  const Options opt{sm_scale, sliding_window, soft_cap, k_scale.typed_data(),
+                    v_scale.typed_data()};
+  const Operands o{q.untyped_data(),      k_pages.untyped_data(),    v_pages.untyped_data(),
+                   kv_lens.typed_data(),  block_tables.typed_data(), cu_q_lens.typed_data(),
+                   out->untyped_data()};
+  if (out->element_type() != q.element_type()) {
+    return ffi::Error::InvalidArgument("ragged_paged_attention: out and q dtypes differ");
   }
-  void* o = out->untyped_data();
-  const void *qp = q.untyped_data(), *kp = k_pages.untyped_data(), *vp = v_pages.untyped_data();
-  using bf16 = uint16_t;
-  if (!q_bf16 && !kv_bf16) {
-    Attend(pool, sh, opt, static_cast<const float*>(qp), static_cast<const float*>(kp),
-           static_cast<const float*>(vp), lens, tables, cu, static_cast<float*>(o));
-  } else if (!q_bf16 && kv_bf16) {
-    Attend(pool, sh, opt, static_cast<const float*>(qp), static_cast<const bf16*>(kp),
-           static_cast<const bf16*>(vp), lens, tables, cu, static_cast<float*>(o));
-  } else if (q_bf16 && !kv_bf16) {
-    Attend(pool, sh, opt, static_cast<const bf16*>(qp), static_cast<const float*>(kp),
-           static_cast<const float*>(vp), lens, tables, cu, static_cast<bf16*>(o));
-  } else {
-    Attend(pool, sh, opt, static_cast<const bf16*>(qp), static_cast<const bf16*>(kp),
-           static_cast<const bf16*>(vp), lens, tables, cu, static_cast<bf16*>(o));
+  switch (q.element_type()) {
+    case ffi::DataType::F32: return AttendForKV<float>(pool, sh, opt, k_pages.element_type(), o);
+    case ffi::DataType::BF16:
+      return AttendForKV<uint16_t>(pool, sh, opt, k_pages.element_type(), o);
+    default:
+      return ffi::Error::InvalidArgument("ragged_paged_attention: q must be float32 or bfloat16");
   }
-  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -731,6 +785,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedRaggedPagedAttention, RaggedPagedAttentionIm
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
                                   .Arg<ffi::Buffer<ffi::S32>>()  // block_tables
                                   .Arg<ffi::Buffer<ffi::S32>>()  // cu_q_lens
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_scale
                                   .Ret<ffi::AnyBuffer>()          // out
                                   .Attr<float>("sm_scale")
                                   .Attr<int32_t>("sliding_window")
