@@ -1,6 +1,7 @@
 """LLM: offline batched generation in-process, vLLM's `LLM` class."""
 
 import dataclasses
+import logging
 
 from tqdm.auto import tqdm
 
@@ -21,6 +22,7 @@ class LLM:
         unknown = sorted(set(engine_args) - names)
         if unknown:
             raise TypeError(f"LLM() got unknown engine arguments {unknown}; valid ones are the EngineArgs fields.")
+        _show_info_logs()
         self.llm_engine = LLMEngine(EngineArgs(model=model, **engine_args))
         self._next_id = 0
 
@@ -83,6 +85,16 @@ class LLM:
                                                  chat_template=chat_template)
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
+
+
+def _show_info_logs() -> None:
+    """Prints jpaged's INFO logs (KV sizing, compile time, stats) unless the application set up logging."""
+    package_logger = logging.getLogger("jpaged")
+    if not logging.getLogger().handlers and not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
 
 
 def _as_prompt_list(prompts) -> list:

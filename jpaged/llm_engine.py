@@ -23,6 +23,8 @@ from jpaged.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
+STATS_INTERVAL_S = 5.0
+
 
 @dataclasses.dataclass
 class _Sample:
@@ -90,6 +92,7 @@ class LLMEngine:
         self._samples: dict[str, tuple[_Parent, _Sample]] = {}  # child request id -> its parent, state
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._last_log = (time.monotonic(), 0, 0)  # (time, prompt tokens, generation tokens) at the last stats log
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -195,7 +198,25 @@ class LLMEngine:
             output = self._make_output(parent, samples)
             if output is not None:
                 outputs.append(output)
+        if not self.engine_args.disable_log_stats:
+            self._maybe_log_stats()
         return outputs
+
+    def _maybe_log_stats(self) -> None:
+        """Every STATS_INTERVAL_S seconds: throughputs, queue sizes, KV usage and prefix-cache hit rate."""
+        now = time.monotonic()
+        then, prompt_then, generation_then = self._last_log
+        if now - then < STATS_INTERVAL_S:
+            return
+        self._last_log = (now, self.prompt_tokens_total, self.generation_tokens_total)
+        stats = self.scheduler.get_stats()
+        hit_rate = stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries else 0.0
+        logger.info(
+            "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
+            "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%, Preemptions: %d",
+            (self.prompt_tokens_total - prompt_then) / (now - then),
+            (self.generation_tokens_total - generation_then) / (now - then), stats.num_running, stats.num_waiting,
+            100 * stats.kv_cache_usage, 100 * hit_rate, stats.num_preemptions)
 
     def _append_token(self, sample: _Sample, request: Request, result, row: int) -> None:
         token_id = request.output_token_ids[-1]

@@ -184,7 +184,7 @@ def test_stop_strings_finish_reasons_n_and_logprobs(tiny_llm):
     out = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop=stop,
                                                    include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
     assert out.text == cut + stop
-    token = full.token_ids[-1]
+    token = full.token_ids[len(full.token_ids) // 2]
     out = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[token]),
                             use_tqdm=False)[0].outputs[0]
     first = full.token_ids.index(token)
