@@ -2,10 +2,12 @@
 //
 // Same contract as pallas_kernels/reference.py: packed queries q[T, Hq, D], KV pages
 // [num_blocks, KVH, block_size, D] (fp32, bf16, or int8 / fp8 e4m3fn holding K / k_scale and
-// V / v_scale with f32[KVH] scales), kv_lens i32[S], block_tables i32[S, W], cu_q_lens i32[S + 1]. Each work item is (sequence, KV head, query tile, KV block range): it
+// V / v_scale with f32[KVH] scales), kv_lens i32[S], block_tables i32[S, W],
+// cu_q_lens i32[S + 1]. Each work item is (sequence, KV head, query tile, KV block range): it
 // reads every KV block of its range once and uses it for all query rows of the tile and of the
 // GQA group. Softmax is online, in fp32. Keys at positions >= kv_len are never read, so garbage
 // (even NaN) in unused pages or padding entries cannot leak. Padded query rows get zeros.
+// Decode tiles keep query rows in row-major arrays; prefill tiles put them on vector lanes.
 //
 // Work runs on the thread pool XLA hands to FFI handlers; the calling thread works too. When
 // there are fewer items than threads can use (a few long sequences), each item's block range
@@ -30,7 +32,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Eight fp32 lanes; the compiler maps it to AVX/AVX-512 halves or pairs of SSE registers.
+// Eight fp32 lanes: one AVX register, or a pair of SSE / NEON registers.
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
@@ -531,8 +533,8 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
 
 // Merges the partial softmax states of one split item's pieces, in piece order.
 template <typename QT>
-void MergePieces(const Shapes& sh, const Options& opt, const Item& it, const Piece* pieces, int64_t count,
-                 const Partials& partials, QT* out) {
+void MergePieces(const Shapes& sh, const Options& opt, const Item& it, const Piece* pieces,
+                 int64_t count, const Partials& partials, QT* out) {
   const int64_t d = sh.head_dim, g = sh.group;
   const int64_t rows = (it.tok_end - it.tok_begin) * g;
   std::vector<float> acc(d);
