@@ -92,7 +92,8 @@ class LLMEngine:
         self._samples: dict[str, tuple[_Parent, _Sample]] = {}  # child request id -> its parent, state
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self._last_log = (time.monotonic(), 0, 0)  # (time, prompt tokens, generation tokens) at the last stats log
+        self._prefill_tokens_total = 0  # prompt tokens computed (recomputed ones again), for the stats log
+        self._last_log = (time.monotonic(), 0, 0)  # (time, prefill tokens, generation tokens) at the last stats log
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -183,6 +184,9 @@ class LLMEngine:
         if not scheduled:
             return []
         seeds = [self._samples[r.request_id][1].seed for r in scheduled]
+        self._prefill_tokens_total += sum(
+            max(0, min(r.start_position + len(r.token_ids), len(r.prompt_token_ids)) - r.start_position)
+            for r in scheduled)
         result = self.runner.execute(scheduler_output, seeds)
         rows = {r.request_id: i for i, r in enumerate(scheduled) if r.sample}
         sampled = {rid: int(result.token_ids[i]) for rid, i in rows.items()}
@@ -208,13 +212,13 @@ class LLMEngine:
         then, prompt_then, generation_then = self._last_log
         if now - then < STATS_INTERVAL_S:
             return
-        self._last_log = (now, self.prompt_tokens_total, self.generation_tokens_total)
+        self._last_log = (now, self._prefill_tokens_total, self.generation_tokens_total)
         stats = self.scheduler.get_stats()
         hit_rate = stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries else 0.0
         logger.info(
             "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
             "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%, Preemptions: %d",
-            (self.prompt_tokens_total - prompt_then) / (now - then),
+            (self._prefill_tokens_total - prompt_then) / (now - then),
             (self.generation_tokens_total - generation_then) / (now - then), stats.num_running, stats.num_waiting,
             100 * stats.kv_cache_usage, 100 * hit_rate, stats.num_preemptions)
 

@@ -55,19 +55,37 @@ def apply_penalties(logits, meta: SamplingMetadata):
     return logits - meta.presence_penalty[:, None] * (output_counts > 0)
 
 
+def _largest_threshold(logits, holds, low, high, iterations: int = 32):
+    """Per row, bisects for the largest t in [low, high] with holds(t) (holds(low) must be true)."""
+
+    def body(_, bounds):
+        low, high = bounds
+        mid = (low + high) / 2
+        ok = holds(mid[:, None])
+        return jnp.where(ok, mid, low), jnp.where(ok, high, mid)
+
+    low, _ = jax.lax.fori_loop(0, iterations, body, (low, high))
+    return low[:, None]
+
+
 def apply_top_k_top_p(logits, top_k, top_p):
-    """Masks tokens outside each row's top_k (0: off) and top_p nucleus. f32[S, V] -> f32[S, V]."""
+    """Masks tokens outside each row's top_k (0: off) and top_p nucleus. f32[S, V] -> f32[S, V].
+
+    Thresholds are found by bisection over logit values (a full sort of the vocabulary is far
+    slower on CPU): top_k keeps the logits >= the largest t with at least k logits >= t; top_p
+    then keeps the smallest head whose probability mass reaches top_p. Ties at a threshold are kept.
+    """
     vocab = logits.shape[1]
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    ranks = jnp.arange(vocab)[None, :]
-    sorted_desc = jnp.where(ranks < k[:, None], sorted_desc, -jnp.inf)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < top_p[:, None]) & (ranks < k[:, None])
-    num_kept = jnp.maximum(keep.sum(axis=-1), 1)
-    threshold = jnp.take_along_axis(sorted_desc, (num_kept - 1)[:, None], axis=-1)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+    finite = jnp.isfinite(logits)
+    low = jnp.min(jnp.where(finite, logits, jnp.inf), axis=-1)
+    high = jnp.max(logits, axis=-1) + 1.0
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
+    k_threshold = _largest_threshold(logits, lambda t: (logits >= t).sum(axis=-1) >= k[:, 0], low, high)
+    logits = jnp.where(logits >= k_threshold, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    p_threshold = _largest_threshold(
+        logits, lambda t: jnp.where(logits >= t, probs, 0.0).sum(axis=-1) >= top_p, low, high)
+    return jnp.where(logits >= p_threshold, logits, -jnp.inf)
 
 
 def apply_min_p(logits, min_p):
@@ -76,14 +94,28 @@ def apply_min_p(logits, min_p):
     return jnp.where(probs >= limit, logits, -jnp.inf)
 
 
+def _mix32(x):
+    """murmur3's 32-bit finalizer: a bijective hash with full avalanche. u32 -> u32."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
 def gumbel_noise(seeds, output_index, vocab: int):
-    """f32[S, V] standard Gumbel noise keyed on (seed, output index) of each row only."""
+    """f32[S, V] standard Gumbel noise keyed on (seed, output index) of each row only.
 
-    def row(seed, index):
-        key = jax.random.fold_in(jax.random.key(seed), index)
-        return jax.random.gumbel(key, (vocab,), jnp.float32)
-
-    return jax.vmap(row)(jax.lax.bitcast_convert_type(seeds, jnp.uint32), output_index)
+    A counter-based hash of (seed, output index, token id) gives the uniforms: vectorized integer
+    ops, about two orders of magnitude cheaper on CPU than threefry for a 50k-token vocabulary.
+    """
+    golden = jnp.uint32(0x9E3779B9)
+    seeds = jax.lax.bitcast_convert_type(seeds, jnp.uint32)
+    row_key = _mix32(seeds ^ _mix32(output_index.astype(jnp.uint32) * golden + jnp.uint32(0x632BE5AB)))
+    token = jnp.arange(vocab, dtype=jnp.uint32)
+    bits = _mix32(_mix32(row_key[:, None] + token[None, :] * golden))
+    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -jnp.log(-jnp.log(uniform))
 
 
 def _logprob_outputs(processed, token_ids):
