@@ -135,9 +135,9 @@ def sample(logits, meta: SamplingMetadata) -> SamplerOutput:
 
     def sampled_branch(logits):
         scaled = logits / jnp.where(greedy, 1.0, meta.temperature)[:, None]
-        needs_sort = jnp.any(~greedy & ((meta.top_k > 0) | (meta.top_p < 1.0)))
+        needs_top_k_top_p = jnp.any(~greedy & ((meta.top_k > 0) | (meta.top_p < 1.0)))
         masked = jax.lax.cond(
-            needs_sort, lambda x: apply_top_k_top_p(x, meta.top_k, meta.top_p), lambda x: x, scaled)
+            needs_top_k_top_p, lambda x: apply_top_k_top_p(x, meta.top_k, meta.top_p), lambda x: x, scaled)
         masked = apply_min_p(masked, meta.min_p)
         processed = jnp.where(greedy[:, None], logits, masked)
         noisy = masked + gumbel_noise(meta.seeds, meta.output_index, vocab)
