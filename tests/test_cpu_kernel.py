@@ -202,3 +202,16 @@ def test_build_key_follows_the_source(monkeypatch, tmp_path):
     changed.write_text(build.SOURCE.read_text() + "\n// changed\n")
     monkeypatch.setattr(build, "SOURCE", changed)
     assert build.build_key(compiler) != key
+
+
+def test_unavailable_kernel_reports_why(monkeypatch):
+    """A failed build becomes load_error()'s text, and calls name the fallback backend."""
+    def fail():
+        raise build.BuildError("no C++ compiler found")
+
+    monkeypatch.setattr(build, "build", fail)
+    assert cpu._load.__wrapped__() == "BuildError: no C++ compiler found"
+    monkeypatch.setattr(cpu, "_load", cpu._load.__wrapped__)
+    p = make_problem(8, [1], [5], num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler.*--attention-backend reference"):
+        cpu.ragged_paged_attention(*p.args(), sm_scale=1.0)
