@@ -2,7 +2,7 @@
 
 Order (vLLM's): logit_bias and min_tokens masks, then presence/frequency/repetition penalties;
 greedy rows take the argmax of that. Sampled rows are divided by their temperature, masked by
-min_p, top_k and top_p, and drawn with the Gumbel-max trick whose noise is keyed only on
+min_p, then top_k and top_p, and drawn with the Gumbel-max trick whose noise is keyed only on
 (request seed, output index), so a seeded request samples the same tokens in any batch.
 Logprobs are log_softmax of these processed logits (greedy rows: temperature 1, no masks).
 """
@@ -136,9 +136,9 @@ def sample(logits, meta: SamplingMetadata) -> SamplerOutput:
     def sampled_branch(logits):
         scaled = logits / jnp.where(greedy, 1.0, meta.temperature)[:, None]
         needs_top_k_top_p = jnp.any(~greedy & ((meta.top_k > 0) | (meta.top_p < 1.0)))
+        masked = apply_min_p(scaled, meta.min_p)
         masked = jax.lax.cond(
-            needs_top_k_top_p, lambda x: apply_top_k_top_p(x, meta.top_k, meta.top_p), lambda x: x, scaled)
-        masked = apply_min_p(masked, meta.min_p)
+            needs_top_k_top_p, lambda x: apply_top_k_top_p(x, meta.top_k, meta.top_p), lambda x: x, masked)
         processed = jnp.where(greedy[:, None], logits, masked)
         noisy = masked + gumbel_noise(meta.seeds, meta.output_index, vocab)
         ids = jnp.where(greedy, greedy_ids, jnp.argmax(noisy, axis=-1).astype(jnp.int32))
