@@ -50,6 +50,9 @@ class _Parent:
     prompt_token_ids: list[int]
     params: SamplingParams
     samples: list[_Sample]
+    # [None, then one entry per prompt token from the second on] when prompt_logprobs is set.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    sent_prompt_logprobs: bool = False
 
     @property
     def finished(self) -> bool:
@@ -113,10 +116,10 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids contain ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet; leave it unset.")
-        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be at most {MAX_LOGPROBS}, got {params.logprobs}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > MAX_LOGPROBS:
+                raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}.")
         for name, ids in (("logit_bias", (params.logit_bias or {}).keys()), ("stop_token_ids", params.stop_token_ids)):
             bad = [t for t in ids if t >= vocab]
             if bad:
@@ -134,7 +137,8 @@ class LLMEngine:
         prompt_text, prompt_ids = self._prompt_ids(prompt)
         self._validate(prompt_ids, params)
         base_seed = params.seed if params.seed is not None else int(self._seed_stream.integers(0, 2**31))
-        parent = _Parent(request_id, prompt_text, prompt_ids, params, [])
+        parent = _Parent(request_id, prompt_text, prompt_ids, params, [],
+                         [None] if params.prompt_logprobs is not None else None)
         child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
         arrival_time = time.time() if arrival_time is None else arrival_time
         added = []
@@ -188,6 +192,8 @@ class LLMEngine:
             max(0, min(r.start_position + len(r.token_ids), len(r.prompt_token_ids)) - r.start_position)
             for r in scheduled)
         result = self.runner.execute(scheduler_output, seeds)
+        if result.prompt_logprobs is not None:
+            self._record_prompt_logprobs(scheduled, result.prompt_logprobs)
         rows = {r.request_id: i for i, r in enumerate(scheduled) if r.sample}
         sampled = {rid: int(result.token_ids[i]) for rid, i in rows.items()}
         updated = self.scheduler.update_from_output(scheduler_output, sampled)
@@ -225,7 +231,9 @@ class LLMEngine:
     def _append_token(self, sample: _Sample, request: Request, result, row: int) -> None:
         token_id = request.output_token_ids[-1]
         if sample.logprobs is not None:
-            sample.logprobs.append(self._logprob_entry(sample.request.sampling_params.logprobs, token_id, result, row))
+            sample.logprobs.append(self._logprob_entry(
+                sample.request.sampling_params.logprobs, token_id, result.logprobs[row], result.ranks[row],
+                result.top_token_ids[row], result.top_logprobs[row]))
             sample.cumulative_logprob += float(result.logprobs[row])
         params = request.sampling_params
         stopped_by_token = request.finish_reason == "stop"
@@ -239,13 +247,30 @@ class LLMEngine:
         if request.is_finished():
             sample.finish_reason, sample.stop_reason = request.finish_reason, request.stop_reason
 
-    def _logprob_entry(self, num: int, token_id: int, result, row: int) -> dict[int, Logprob]:
-        entry = {token_id: Logprob(float(result.logprobs[row]), int(result.ranks[row]),
-                                   self.tokenizer.decode([token_id], skip_special_tokens=False))}
-        for rank, (tok, lp) in enumerate(zip(result.top_token_ids[row][:num], result.top_logprobs[row][:num]), 1):
+    def _record_prompt_logprobs(self, scheduled, arrays) -> None:
+        """Appends the entries of prompt tokens this step computed (sample 0 of each parent)."""
+        chosen, ranks, top_logprobs, top_ids = arrays
+        offset = 0
+        for req in scheduled:
+            parent, sample = self._samples[req.request_id]
+            entries = parent.prompt_logprobs
+            if entries is not None and sample.index == 0:
+                num = parent.params.prompt_logprobs
+                for row in range(offset, offset + len(req.token_ids)):
+                    target_position = req.start_position + row - offset + 1
+                    if target_position == len(entries) < len(parent.prompt_token_ids):  # skip recomputed rows
+                        entries.append(self._logprob_entry(num, parent.prompt_token_ids[target_position],
+                                                           chosen[row], ranks[row], top_ids[row], top_logprobs[row]))
+            offset += len(req.token_ids)
+
+    def _logprob_entry(self, num: int, token_id: int, logprob, rank, top_ids, top_logprobs) -> dict[int, Logprob]:
+        """{token_id: its Logprob, then the top `num` tokens'} (the sampled/prompt token first)."""
+        decode = self.tokenizer.decode
+        entry = {token_id: Logprob(float(logprob), int(rank), decode([token_id], skip_special_tokens=False))}
+        for top_rank, (tok, lp) in enumerate(zip(top_ids[:num], top_logprobs[:num]), 1):
             tok = int(tok)
             if tok not in entry:
-                entry[tok] = Logprob(float(lp), rank, self.tokenizer.decode([tok], skip_special_tokens=False))
+                entry[tok] = Logprob(float(lp), top_rank, decode([tok], skip_special_tokens=False))
         return entry
 
     # ---- outputs -----------------------------------------------------------------------------
@@ -283,6 +308,11 @@ class LLMEngine:
         else:
             completions = [self._completion(s, delta=False) for s in parent.samples]
         first = parent.samples[0].request
+        prompt_logprobs = None
+        if parent.prompt_logprobs is not None and len(parent.prompt_logprobs) == len(parent.prompt_token_ids):
+            if kind != RequestOutputKind.DELTA or not parent.sent_prompt_logprobs:
+                prompt_logprobs = parent.prompt_logprobs
+                parent.sent_prompt_logprobs = True
         metrics = RequestMetrics(
             arrival_time=first.arrival_time,
             first_scheduled_time=min((s.request.first_scheduled_time for s in parent.samples
@@ -294,7 +324,7 @@ class LLMEngine:
             finished_time=time.time() if finished else None)
         return RequestOutput(
             request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
-            prompt_logprobs=None, outputs=completions, finished=finished, metrics=metrics,
+            prompt_logprobs=prompt_logprobs, outputs=completions, finished=finished, metrics=metrics,
             num_cached_tokens=first.num_cached_tokens)
 
     def _forget(self, parent: _Parent) -> None:

@@ -19,7 +19,7 @@ from jpaged import kv_pool
 from jpaged.attention_backend import select_attention
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama
-from jpaged.sampler import sample
+from jpaged.sampler import MAX_LOGPROBS, sample
 from jpaged.step_metadata import SamplingMetadata, StepMetadata, bias_entries, has_penalties, pack_sampling, pack_step
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,19 @@ def _forward_step(params, kv_cache, blob, *, config, attention_fn, num_tokens, n
     hidden, kv_cache = llama.forward(params, config, meta.token_ids, meta.positions, kv_cache, meta.attn,
                                      attention_fn)
     logits = llama.compute_logits(params, config, hidden[meta.logits_indices])  # f32[num_seqs, vocab]
-    return logits, kv_cache
+    return logits, hidden, kv_cache
+
+
+def _prompt_logprobs_step(params, hidden, targets, *, config):
+    """Raw log-softmax of every packed row's logits at its next prompt token, with the top ones.
+
+    hidden: [num_tokens, hidden_size]; targets: i32[num_tokens] (the token each row predicts).
+    """
+    logprobs = jax.nn.log_softmax(llama.compute_logits(params, config, hidden), axis=-1)  # f32[T, vocab]
+    chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+    ranks = (logprobs > chosen[:, None]).sum(axis=-1).astype(jnp.int32) + 1
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logprobs.shape[1]))
+    return chosen, ranks, top_logprobs, top_ids.astype(jnp.int32)
 
 
 def _sample_step(logits, blob, *, num_seqs, penalty_len, num_bias):
@@ -58,6 +70,9 @@ class RunnerOutput:
     ranks: np.ndarray | None = None  # i32[num_seqs]
     top_logprobs: np.ndarray | None = None  # f32[num_seqs, MAX_LOGPROBS]
     top_token_ids: np.ndarray | None = None  # i32[num_seqs, MAX_LOGPROBS]
+    # Present only when a scheduled request asked for prompt_logprobs; one row per packed token
+    # (row r of scheduled[i] is at position start_position + r - its offset and predicts the next token):
+    prompt_logprobs: tuple[np.ndarray, ...] | None = None  # (logprob f32[T], rank i32[T], top f32[T, K], ids i32[T, K])
 
 
 class ModelRunner:
@@ -87,6 +102,8 @@ class ModelRunner:
             functools.partial(_forward_step, config=model_config, attention_fn=attention_fn),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
         self._sample_jit = jax.jit(_sample_step, static_argnames=("num_seqs", "penalty_len", "num_bias"))
+        self._prompt_logprobs_jit = jax.jit(functools.partial(_prompt_logprobs_step, config=model_config))
+        self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled
         self._sample = {}  # (num_seqs, penalty_len, num_bias) -> compiled
         self._swap = {}  # ("out" | "in", count bucket) -> compiled
@@ -192,16 +209,37 @@ class ModelRunner:
         l, b = self._extras_sizes(scheduled)
         sampling_blob = pack_sampling(scheduled, seeds, s, l, b)
         forward_blob, sampling_blob = jax.device_put((forward_blob, sampling_blob), self.device)
-        logits, self.kv_cache = self._forward[(t, s, p)](self.params, self.kv_cache, forward_blob)
+        logits, hidden, self.kv_cache = self._forward[(t, s, p)](self.params, self.kv_cache, forward_blob)
         if (s, l, b) not in self._sample:
             logger.info("compiling the sampler for num_seqs=%d penalty_len=%d num_bias=%d", s, l, b)
             self._compile_sample(s, l, b)
         out = self._sample[(s, l, b)](logits, sampling_blob)
+        prompt_logprobs = None
+        if any(r.sampling_params.prompt_logprobs is not None for r in scheduled):
+            prompt_logprobs = self._run_prompt_logprobs(scheduled, hidden, t)
         if any(r.sampling_params.logprobs is not None for r in scheduled):
             ids, lps, ranks, top_lps, top_ids = jax.device_get(
                 (out.token_ids, out.logprobs, out.ranks, out.top_logprobs, out.top_token_ids))
-            return RunnerOutput(ids, lps, ranks, top_lps, top_ids)
-        return RunnerOutput(np.asarray(out.token_ids))
+            return RunnerOutput(ids, lps, ranks, top_lps, top_ids, prompt_logprobs)
+        return RunnerOutput(np.asarray(out.token_ids), prompt_logprobs=prompt_logprobs)
+
+    def _run_prompt_logprobs(self, scheduled, hidden, num_tokens: int):
+        """Prompt logprobs for every packed row (compiled per token bucket on first use)."""
+        targets = np.zeros(num_tokens, np.int32)
+        start = 0
+        for req in scheduled:
+            n = len(req.token_ids)
+            prompt = req.prompt_token_ids
+            nxt = np.arange(req.start_position + 1, req.start_position + n + 1)
+            in_prompt = nxt < len(prompt)
+            targets[start:start + n][in_prompt] = np.asarray(prompt, np.int32)[nxt[in_prompt]]
+            start += n
+        if num_tokens not in self._prompt_logprobs:
+            logger.info("compiling prompt logprobs for %d tokens", num_tokens)
+            self._prompt_logprobs[num_tokens] = self._prompt_logprobs_jit.lower(
+                self._abstract(self.params), self._abstract(hidden), self._blob_spec(num_tokens)).compile()
+        return jax.device_get(self._prompt_logprobs[num_tokens](self.params, hidden,
+                                                                jax.device_put(targets, self.device)))
 
     def update_weights(self, params) -> None:
         """Replaces the params with a pytree of the same structure, shapes and dtypes (no recompile)."""

@@ -91,9 +91,16 @@ def test_consumer_that_stops_iterating_aborts_the_request(engine):
         task = asyncio.create_task(consume_two())
         await task
         outputs = await collect(engine, {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=2), "next")
-        cancelled = asyncio.create_task(collect(engine, {"prompt_token_ids": PROMPTS[2]}, params, "cancelled"))
-        await asyncio.sleep(0.5)
-        cancelled.cancel()
+        started = asyncio.Event()
+
+        async def slow_client():
+            async for _ in engine.generate({"prompt_token_ids": PROMPTS[2]}, params, "cancelled"):
+                started.set()
+                await asyncio.sleep(60)
+
+        cancelled = asyncio.create_task(slow_client())
+        await started.wait()
+        cancelled.cancel()  # a cancelled handler task
         with pytest.raises(asyncio.CancelledError):
             await cancelled
         await collect(engine, {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=1), "flush")

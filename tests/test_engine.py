@@ -219,8 +219,30 @@ def test_invalid_requests_raise_with_numbers(tiny_llm):
         tiny_llm.generate({"prompt_token_ids": list(range(100, 200))}, SamplingParams(max_tokens=50), use_tqdm=False)
     with pytest.raises(ValueError, match="vocabulary"):
         tiny_llm.generate([[10**7]], use_tqdm=False)
-    with pytest.raises(ValueError, match="prompt_logprobs"):
-        tiny_llm.generate("hi", SamplingParams(prompt_logprobs=1), use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_logprobs must be at most 20"):
+        tiny_llm.generate("hi", SamplingParams(prompt_logprobs=21), use_tqdm=False)
+    assert_pool_free(tiny_llm)
+
+
+def test_prompt_logprobs_match_dense_log_softmax(tiny_llm):
+    """A 50-token prompt (two 32-token chunks), asked twice so the second could hit the prefix cache."""
+    engine = tiny_llm.llm_engine
+    prompt = mixed_prompts()[3]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    tiny_llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1), use_tqdm=False)
+    outputs = tiny_llm.generate([{"prompt_token_ids": prompt}] * 2, [params, params.clone()], use_tqdm=False)
+    logits = llama.forward_dense(engine.runner.params, engine.model_config, jnp.asarray([prompt]))[0]
+    expect = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    for output in outputs:
+        entries = output.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None
+        for position in range(1, len(prompt)):
+            token = prompt[position]
+            row = expect[position - 1]
+            entry = entries[position]
+            assert entry[token].logprob == pytest.approx(float(row[token]), abs=1e-4)
+            assert entry[token].rank == int((row > row[token]).sum()) + 1
+            assert set(np.argsort(-row)[:2]) <= set(entry) and len(entry) <= 3
     assert_pool_free(tiny_llm)
 
 
