@@ -126,34 +126,42 @@ def _logprob_outputs(processed, token_ids):
     return chosen, ranks, top_logprobs, top_ids.astype(jnp.int32)
 
 
+def _processed_logits(logits, meta: SamplingMetadata, greedy):
+    """Sampled rows: temperature, min_p, then top_k/top_p masks. Greedy rows stay as they are."""
+    scaled = logits / jnp.where(greedy, 1.0, meta.temperature)[:, None]
+    masked = apply_min_p(scaled, meta.min_p)
+    needs_top_k_top_p = jnp.any(~greedy & ((meta.top_k > 0) | (meta.top_p < 1.0)))
+    masked = jax.lax.cond(
+        needs_top_k_top_p, lambda x: apply_top_k_top_p(x, meta.top_k, meta.top_p), lambda x: x, masked)
+    return jnp.where(greedy[:, None], logits, masked)
+
+
 def sample(logits, meta: SamplingMetadata) -> SamplerOutput:
-    """Samples one token per row. logits: f32[num_seqs, vocab_size]."""
+    """Samples one token per row. logits: f32[num_seqs, vocab_size].
+
+    The branches only return per-row values, so an all-greedy batch without logprobs costs one
+    argmax (vocabulary-sized arrays never pass through a cond).
+    """
     num_seqs, vocab = logits.shape
     logits = apply_penalties(apply_bias(logits.astype(jnp.float32), meta), meta)
     greedy = meta.temperature <= 0.0
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def sampled_branch(logits):
-        scaled = logits / jnp.where(greedy, 1.0, meta.temperature)[:, None]
-        needs_top_k_top_p = jnp.any(~greedy & ((meta.top_k > 0) | (meta.top_p < 1.0)))
-        masked = apply_min_p(scaled, meta.min_p)
-        masked = jax.lax.cond(
-            needs_top_k_top_p, lambda x: apply_top_k_top_p(x, meta.top_k, meta.top_p), lambda x: x, masked)
-        processed = jnp.where(greedy[:, None], logits, masked)
-        noisy = masked + gumbel_noise(meta.seeds, meta.output_index, vocab)
-        ids = jnp.where(greedy, greedy_ids, jnp.argmax(noisy, axis=-1).astype(jnp.int32))
-        return ids, processed
+    def sampled_ids(logits):
+        noisy = _processed_logits(logits, meta, greedy) + gumbel_noise(meta.seeds, meta.output_index, vocab)
+        return jnp.where(greedy, greedy_ids, jnp.argmax(noisy, axis=-1).astype(jnp.int32))
 
-    token_ids, processed = jax.lax.cond(
-        jnp.all(greedy), lambda x: (greedy_ids, x), sampled_branch, logits)
-
+    token_ids = jax.lax.cond(jnp.all(greedy), lambda _: greedy_ids, sampled_ids, logits)
     top = min(MAX_LOGPROBS, vocab)
 
-    def no_logprobs(processed, token_ids):
+    def with_logprobs(logits, token_ids):
+        return _logprob_outputs(_processed_logits(logits, meta, greedy), token_ids)
+
+    def no_logprobs(logits, token_ids):
         return (jnp.zeros(num_seqs, jnp.float32), jnp.zeros(num_seqs, jnp.int32),
                 jnp.zeros((num_seqs, top), jnp.float32), jnp.zeros((num_seqs, top), jnp.int32))
 
     chosen, ranks, top_logprobs, top_ids = jax.lax.cond(
-        jnp.any(meta.num_logprobs >= 0), _logprob_outputs, no_logprobs, processed, token_ids)
+        jnp.any(meta.num_logprobs >= 0), with_logprobs, no_logprobs, logits, token_ids)
     return SamplerOutput(token_ids=token_ids, logprobs=chosen, ranks=ranks,
                          top_logprobs=top_logprobs, top_token_ids=top_ids)
