@@ -343,5 +343,8 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total)
 
     def update_weights(self, params) -> None:
-        """Swaps in new params of the same structure, shapes and dtypes (between steps; no recompile)."""
+        """Swaps in new params of the same structure, shapes and dtypes (between steps; no recompile).
+
+        The prefix cache is emptied: its blocks hold KV computed with the old weights."""
         self.runner.update_weights(params)
+        self.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()

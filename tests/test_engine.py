@@ -152,6 +152,13 @@ def test_update_weights_changes_outputs_without_compiling(tiny_llm):
         restored = tiny_llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
     assert changed != before and restored == before
     assert compiles == []
+    # The prompt's full blocks were cached under the original weights: after a swap they must not
+    # be reused, so the output equals the dense model with the new weights.
+    new_params = sharpened(original, 1.7)
+    tiny_llm.update_weights(new_params)
+    again = tiny_llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    tiny_llm.update_weights(original)
+    assert again == dense_greedy(new_params, engine.model_config, [prompt["prompt_token_ids"]], 8, 128)[0]
     with pytest.raises(ValueError, match="update_weights"):
         tiny_llm.update_weights(jax.tree.map(lambda x: x.astype(jnp.bfloat16), original))
 

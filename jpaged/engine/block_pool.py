@@ -143,6 +143,13 @@ class BlockPool:
             block.block_hash = block_hash
             self.cached_block_hash_to_block[block_hash] = block
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block hash (their KV came from weights that were replaced).
+        Blocks keep their owners and free-queue places; only future cache hits are prevented."""
+        for block in self.cached_block_hash_to_block.values():
+            block.block_hash = None
+        self.cached_block_hash_to_block.clear()
+
     def free_blocks(self, ordered_blocks: list[KVCacheBlock]) -> None:
         """Drop one reference on each block; those reaching 0 join the free queue's tail in the
         given order (so pass the block table reversed: a prefix's tail is evicted first)."""
