@@ -115,7 +115,6 @@ def ragged_paged_attention(
     group = num_q_heads // num_kv_heads
     tile = default_query_tile(num_tokens, num_seqs) if query_tile is None else query_tile
     k_scale, v_scale = kv_scales(k_scale, num_kv_heads), kv_scales(v_scale, num_kv_heads)
-    items_per_step = max(1, _ROWS_PER_STEP // tile)
 
     # Work items: sequence s owns items item_start[s] .. item_end[s] - 1. Each item holds at
     # least one token, so there are at most min(num_tokens, num_seqs + cdiv(num_tokens, tile)).
@@ -124,6 +123,8 @@ def ragged_paged_attention(
     item_end = jnp.cumsum(items_per_seq).astype(jnp.int32)
     item_start = item_end - items_per_seq
     max_items = min(num_tokens, num_seqs + -(-num_tokens // tile))
+    # Never pad past max_items: a small decode bucket would otherwise gather 64 contexts.
+    items_per_step = max(1, min(_ROWS_PER_STEP // tile, max_items))
     num_items = -(-max_items // items_per_step) * items_per_step
     item = jnp.arange(num_items, dtype=jnp.int32)
     item_seq = jnp.minimum(jnp.searchsorted(item_end, item, side="right"), num_seqs - 1)
