@@ -15,8 +15,8 @@ DEFAULT_CPU_KV_CACHE_GIB = 4.0
 DEFAULT_CPU_MAX_MODEL_LEN = 2048
 
 
-def _field(default, help: str, choices=None, type=None):
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "type": type})
+def _field(default, help: str, choices=None, type=None, nargs=None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "type": type, "nargs": nargs})
 
 
 @dataclasses.dataclass
@@ -25,7 +25,8 @@ class EngineArgs:
 
     model: str | None = _field(
         None, "Model: a .gguf file, an HF folder, an orbax checkpoint folder or a hub id. "
-        "Default: the bundled SmolLM2-135M-Instruct (Q4_1 GGUF).", type=str)
+        "Without a value, or 'smollm2-135m-instruct': the bundled SmolLM2-135M-Instruct (Q4_1 GGUF).",
+        type=str, nargs="?")
     tokenizer: str | None = _field(None, "Tokenizer folder or hub id (default: the model's).", type=str)
     revision: str | None = _field(None, "Hub revision of the model.", type=str)
     load_format: str = _field("auto", "Weights format.", choices=["auto", "safetensors", "gguf", "orbax", "dummy"])
@@ -79,7 +80,7 @@ class EngineArgs:
             elif meta["choices"] is not None:
                 group.add_argument(flag, choices=meta["choices"], default=f.default, help=meta["help"])
             else:
-                group.add_argument(flag, type=meta["type"], default=f.default, help=meta["help"])
+                group.add_argument(flag, type=meta["type"], nargs=meta["nargs"], default=f.default, help=meta["help"])
         return parser
 
     @classmethod

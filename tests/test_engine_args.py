@@ -1,0 +1,35 @@
+"""EngineArgs as the source of CLI flags: names, value-less --model, and clear errors."""
+
+import argparse
+
+import pytest
+
+from jpaged.config import EngineArgs
+
+
+def parse(argv):
+    return EngineArgs.from_cli_args(EngineArgs.add_cli_args(argparse.ArgumentParser()).parse_args(argv))
+
+
+def test_model_flag_without_a_value_means_the_default_model():
+    assert parse(["--model"]).model is None
+    assert parse([]).model is None
+    assert parse(["--model", "some/model.gguf"]).model == "some/model.gguf"
+
+
+def test_vllm_flag_names_and_booleans():
+    args = parse(["--max-model-len", "512", "--no-enable-prefix-caching", "--num-gpu-blocks-override", "40",
+                  "--max-num-seqs", "8", "--max-num-batched-tokens", "64"])
+    assert (args.max_model_len, args.enable_prefix_caching, args.num_gpu_blocks_override) == (512, False, 40)
+    assert (args.max_num_seqs, args.max_num_batched_tokens) == (8, 64)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_num_seqs=0), "--max-num-seqs"),
+    (dict(gpu_memory_utilization=1.5), "--gpu-memory-utilization"),
+    (dict(swap_space=-1.0), "--swap-space"),
+    (dict(tensor_parallel_size=2), "--tensor-parallel-size"),
+])
+def test_bad_values_name_the_flag(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(**kwargs)
