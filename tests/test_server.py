@@ -218,6 +218,26 @@ def test_completion_logprobs_shape(server, client, tiny_model):
         assert logprob <= 0
 
 
+def test_completion_echo_with_logprobs(server, client, tiny_model):
+    prompt = "Hello there, world"
+    prompt_len = len(tiny_model.tokenizer.encode(prompt))
+    result = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, temperature=0,
+                                       echo=True, logprobs=2, extra_body={"ignore_eos": True})
+    lp = result.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == prompt_len + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts token 0
+    assert "".join(lp.tokens[:prompt_len]) == prompt
+    assert result.choices[0].text.startswith(prompt)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(prompt_len + 3)]
+    for token, logprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert top[token] == logprob and 2 <= len(top) <= 3
+    streamed = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, temperature=0,
+                                         echo=True, logprobs=2, stream=True, extra_body={"ignore_eos": True})
+    pieces = [chunk.choices[0].logprobs for chunk in streamed]
+    assert sum((p.tokens for p in pieces), []) == lp.tokens
+    assert sum((p.text_offset for p in pieces), []) == lp.text_offset
+
+
 def test_completion_stop_string(server, client):
     base = client.completions.create(model=MODEL_NAME, prompt="Stops", max_tokens=10, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
