@@ -152,7 +152,7 @@ def pack_sampling(scheduled, seeds: list[int], num_seqs: int, penalty_len: int, 
     for i, req in enumerate(scheduled):
         params = req.sampling_params
         floats[0, i] = params.temperature if params.temperature >= 1e-5 else _GREEDY
-        cols[1, i] = max(params.top_k, 0)
+        cols[1, i] = min(max(params.top_k, 0), np.iinfo(np.int32).max)  # any k >= vocab means off
         floats[2, i] = params.top_p
         floats[3, i] = params.min_p
         floats[4, i] = params.presence_penalty

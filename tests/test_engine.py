@@ -295,3 +295,21 @@ def test_pool_too_small_for_max_model_len_fails_with_numbers(tiny_model_dir):
     # 1 MiB / (2 layers * 2 (K, V) * 2 heads * 16 tokens * 16 dims * 4 bytes) = 128 blocks, capped on
     # CPU at what 4 sequences of 128 tokens can use (4 * 8 + the null block).
     assert spec.num_blocks == (33 if jax.devices()[0].platform == "cpu" else 128)
+
+
+def test_min_tokens_holds_back_eos_until_reached(tiny_llm):
+    """logit_bias makes eos the greedy choice; min_tokens must ban it for the first outputs."""
+    eos = tiny_llm.get_tokenizer().eos_token_ids[0]
+    prompt = {"prompt_token_ids": mixed_prompts()[0]}
+    params = SamplingParams(temperature=0, logit_bias={eos: 100.0}, min_tokens=3, max_tokens=8)
+    out = tiny_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert eos not in out.token_ids[:3]
+    assert out.token_ids[3:] == [eos] and out.finish_reason == "stop"
+    assert_pool_free(tiny_llm)
+
+
+def test_top_k_beyond_int32_means_off(tiny_llm):
+    prompt = {"prompt_token_ids": mixed_prompts()[1]}
+    off, huge = (SamplingParams(temperature=1.0, seed=3, top_k=k, max_tokens=6, ignore_eos=True) for k in (0, 2**40))
+    outs = tiny_llm.generate([prompt, prompt], [off, huge], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids

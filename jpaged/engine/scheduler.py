@@ -246,6 +246,7 @@ class Scheduler:
                     sampling_params=request.sampling_params,
                     prompt_token_ids=request.prompt_token_ids,
                     output_token_ids=request.output_token_ids,
+                    eos_token_ids=request.eos_token_ids,
                 )
             )
         # Decodes first, then prefill chunks (a stable sort keeps admission order within each).

@@ -19,6 +19,7 @@ class ScheduledRequest:
     # The sampled token's index among outputs is len(output_token_ids) (seeds fold this in).
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    eos_token_ids: tuple[int, ...]  # banned while fewer than min_tokens outputs exist
 
     @property
     def num_scheduled_tokens(self) -> int:
