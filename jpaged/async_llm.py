@@ -93,6 +93,7 @@ class AsyncLLM:
     async def shutdown(self) -> None:
         """Ends the background loop; in-flight requests finish with "abort"."""
         self._closed = True
+        self.is_ready = False
         if self._loop_task is not None:
             self._wake.set()
             await self._loop_task

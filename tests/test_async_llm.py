@@ -141,4 +141,5 @@ def test_shutdown_aborts_in_flight_requests(tiny_model_dir, engine):
 
     rest = asyncio.run(main())
     assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+    assert not own.is_ready
     assert not engine.engine.has_unfinished_requests()
