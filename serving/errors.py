@@ -1,8 +1,9 @@
 """OpenAI-shaped error responses: `{"error": {"message", "type", "param", "code"}}`.
 
 Every failure the server reports goes through `APIError` so clients (the official `openai` SDK
-included) see the status code and body they expect. Schema errors are 400 like vLLM's server
-(OpenAI returns 400 `invalid_request_error` for them too), not Starlette's default 422.
+included) see the status code and body they expect. A body that does not fit the schema (a
+missing field, a wrong type, an unknown enum value) is 422; a well-formed field with an invalid
+value (a range, a length, a cross-field rule) is 400.
 """
 
 from http import HTTPStatus
@@ -34,9 +35,16 @@ class APIError(Exception):
         return JSONResponse(self.to_dict(), status_code=self.status_code)
 
 
+# pydantic error types that reject a value of the right type; every other type is a schema error.
+_VALUE_ERROR_TYPES = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short",
+                      "too_long", "value_error", "multiple_of", "finite_number"}
+
+
 def validation_error(exc: ValidationError) -> APIError:
-    """A pydantic validation failure as a 400; `param` is the first offending top-level field."""
+    """A pydantic validation failure: 422 for schema errors, 400 when only values are out of
+    range; `param` is the first offending top-level field."""
     errors = exc.errors(include_url=False)
+    schema_error = any(err["type"] not in _VALUE_ERROR_TYPES for err in errors)
     messages = []
     for err in errors:
         loc = ".".join(str(part) for part in err["loc"])
@@ -44,7 +52,8 @@ def validation_error(exc: ValidationError) -> APIError:
         if message not in messages:
             messages.append(message)
     param = str(errors[0]["loc"][0]) if errors and errors[0]["loc"] else None
-    return APIError("Invalid request: " + "; ".join(messages), param=param)
+    status = HTTPStatus.UNPROCESSABLE_ENTITY if schema_error else HTTPStatus.BAD_REQUEST
+    return APIError("Invalid request: " + "; ".join(messages), status_code=status, param=param)
 
 
 def not_found_model(model: str, served_model_name: str) -> APIError:

@@ -414,11 +414,11 @@ ERROR_CASES = {
                        "context_length_exceeded", [str(MAX_MODEL_LEN)]),
     "negative_temperature": ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, None, ["temperature"]),
     "bad_top_p": ("/v1/chat/completions", {"messages": MESSAGES, "top_p": 1.5}, 400, None, ["top_p"]),
-    "wrong_type": ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, None, ["max_tokens"]),
-    "missing_field": ("/v1/chat/completions", {"model": MODEL_NAME}, 400, None, ["messages"]),
+    "wrong_type": ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 422, None, ["max_tokens"]),
+    "missing_field": ("/v1/chat/completions", {"model": MODEL_NAME}, 422, None, ["messages"]),
     "empty_prompt": ("/v1/completions", {"prompt": ""}, 400, None, ["prompt"]),
     "token_out_of_vocab": ("/v1/completions", {"prompt": [1, 10**9]}, 400, None, ["1000000000"]),
-    "bad_role": ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, None, ["role"]),
+    "bad_role": ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 422, None, ["role"]),
     "logit_bias_range": ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 500}}, 400, None, ["logit_bias"]),
     "stream_options_without_stream": ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
                                       400, None, ["stream_options"]),
@@ -435,7 +435,7 @@ ERROR_CASES = {
     "stop_token_out_of_vocab": ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9]}, 400, None,
                                 ["1000000000"]),
     "non_text_content_part": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, None, ["messages"]),
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 422, None, ["messages"]),
     "unknown_model": ("/v1/completions", {"prompt": "hi", "model": "gpt-5"}, 404, "model_not_found", ["gpt-5"]),
     "unknown_route": ("/v1/edits", {"input": "x"}, 404, "unknown_url", ["/v1/edits"]),
 }
