@@ -77,6 +77,8 @@ MIXED_KV_LENS = [1, 33, 7, 250, 40, 66]
     (9, 3, 64, 16),  # SmolLM2
     (8, 2, 128, 8),  # group 4, head_dim 128
     (16, 2, 64, 32),  # group 8
+    (9, 3, 64, 12),  # block size off the 8-lane vectors
+    (4, 2, 64, 5),  # odd block size: every block ends mid-vector
 ])
 def test_fp32_matches_reference(num_q_heads, num_kv_heads, head_dim, block_size):
     p = make_problem(0, MIXED_Q_LENS, MIXED_KV_LENS, num_q_heads=num_q_heads,

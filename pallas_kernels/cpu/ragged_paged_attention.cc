@@ -45,8 +45,6 @@ constexpr int kTileRows = 24;
 constexpr int kMinSplitTokens = 256;
 // Items per thread wanted before splitting block ranges.
 constexpr int kItemsPerThread = 4;
-// KV blocks requested ahead of the one being computed.
-constexpr int kPrefetchBlocks = 1;
 
 inline v8f Load(const float* p) {
   v8f v;
@@ -182,6 +180,46 @@ struct Partials {
   std::vector<float> m, l, acc;
 };
 
+// Cache lines of the next KV block, requested a few at a time from inside the compute loops.
+// Issued all at once they would fill the core's miss buffers and stall the loads of the block
+// being computed; spread evenly over the block's work they keep misses in flight throughout.
+struct PrefetchCursor {
+  const char *at = nullptr, *end = nullptr;  // lines still to request: [at, end)
+  const char *next_at = nullptr, *next_end = nullptr;
+  int per_step = 1;
+
+  // Queues two byte ranges (the K and the V of one block).
+  void Reset(const char* k, const char* v, int64_t bytes) {
+    at = k;
+    end = k + bytes;
+    next_at = v;
+    next_end = v + bytes;
+  }
+  void Clear() { at = end = next_at = next_end = nullptr; }
+  // Spreads the queued lines over `steps` calls of Step().
+  void Pace(int64_t steps) {
+    const int64_t lines = ((end - at) + (next_end - next_at) + 63) / 64;
+    per_step = static_cast<int>((lines + steps - 1) / std::max<int64_t>(steps, 1));
+  }
+  inline void Step() {
+    for (int i = 0; i < per_step; ++i) {
+      if (at >= end) {
+        if (next_at >= next_end) return;
+        at = next_at;
+        end = next_end;
+        next_at = next_end = nullptr;
+      }
+      __builtin_prefetch(at);
+      at += 64;
+    }
+  }
+  // Requests every line still queued.
+  void Drain() {
+    per_step = 64;
+    while (at < end || next_at < next_end) Step();
+  }
+};
+
 template <typename QT>
 inline void LoadQueryRow(const QT* src, float scale, int64_t d, float* dst) {
   for (int64_t i = 0; i < d; ++i) {
@@ -204,13 +242,12 @@ inline void StoreOutputRow(const float* acc, float inv_l, int64_t d, QT* dst) {
   }
 }
 
-// K or V rows [n, d] of one (block, KV head) copied to buf as fp32 (bf16, int8 and fp8 widen
-// exactly). fp32 is copied too: a tight copy loop keeps more cache misses in flight than the
-// compute loops would (about 10 % faster decode from a pool in DRAM).
+// K or V rows [n, d] of one (block, KV head) as fp32: fp32 rows in place, others widened into
+// buf (bf16, int8 and fp8 widen exactly).
 template <typename KVT>
 inline const float* BlockRows(const KVT* src, int64_t n, int64_t d, float* buf) {
   if constexpr (std::is_same_v<KVT, float>) {
-    std::memcpy(buf, src, n * d * sizeof(float));
+    return src;
   } else if constexpr (std::is_same_v<KVT, uint16_t>) {
     for (int64_t i = 0; i < n * d; i += kLanes) Store(buf + i, LoadBf16(src + i));
   } else if constexpr (std::is_same_v<KVT, int8_t>) {
@@ -222,65 +259,64 @@ inline const float* BlockRows(const KVT* src, int64_t n, int64_t d, float* buf) 
   return buf;
 }
 
-// scores[r, j] = q[r] . k[j] for NR rows and keys j < n, two keys at a time so that 2 * NR
-// independent sums are in flight. q: [NR, d], k: [n, d], scores: [NR, ld].
+// Two-input lane shuffles: GCC's and Clang's builtins spell them differently.
+#if defined(__clang__)
+#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
+#endif
+
+// {Sum(v[0]), ..., Sum(v[7])}: eight horizontal sums at once, by a transpose-and-add tree
+// (unpack, shuffle and 128-bit permute on AVX), far cheaper than eight separate reductions.
+inline v8f Sum8(const v8f* v) {
+  v8f w[2];
+  for (int h = 0; h < 2; ++h) {
+    const v8f* x = v + 4 * h;
+    // s01 = {x0_0+x0_2, x1_0+x1_2, x0_1+x0_3, x1_1+x1_3 | the same for lanes 4..7}
+    const v8f s01 = SHUFFLE8(x[0], x[1], 0, 8, 1, 9, 4, 12, 5, 13) +
+                    SHUFFLE8(x[0], x[1], 2, 10, 3, 11, 6, 14, 7, 15);
+    const v8f s23 = SHUFFLE8(x[2], x[3], 0, 8, 1, 9, 4, 12, 5, 13) +
+                    SHUFFLE8(x[2], x[3], 2, 10, 3, 11, 6, 14, 7, 15);
+    // {x0..x3 summed over lanes 0..3 | x0..x3 summed over lanes 4..7}
+    w[h] = SHUFFLE8(s01, s23, 0, 1, 8, 9, 4, 5, 12, 13) +
+           SHUFFLE8(s01, s23, 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  return SHUFFLE8(w[0], w[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         SHUFFLE8(w[0], w[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// Keys whose scores one step of ScoreRows<NR> computes together: about 12 independent sums
+// in flight (FMA latency x throughput), within the 16 vector registers of AVX2.
+template <int NR>
+constexpr int kScoreKeys = NR == 1 ? 8 : NR <= 3 ? 4 : 2;
+
+// scores[r, j] = q[r] . k[j] for NR rows and keys j < round_up(n, 8), kScoreKeys<NR> keys per
+// step; each group of eight keys is reduced at once. Keys j >= n read row n - 1 (their scores
+// are masked later). q: [NR, d], k: [n, d], scores: [NR, ld]. One pf.Step() per step.
 template <int NR>
 inline void ScoreRows(const float* q, const float* k, int64_t n, int64_t d, float* scores,
-                      int64_t ld) {
-  int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    v8f a[2][NR] = {};
-    for (int64_t i = 0; i < d; i += kLanes) {
-      const v8f k0 = Load(k + j * d + i), k1 = Load(k + (j + 1) * d + i);
-      for (int r = 0; r < NR; ++r) {
-        const v8f qr = Load(q + r * d + i);
-        a[0][r] += qr * k0;
-        a[1][r] += qr * k1;
+                      int64_t ld, PrefetchCursor& pf) {
+  constexpr int NK = kScoreKeys<NR>;
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+    v8f partial[NR][kLanes];
+    for (int jj = 0; jj < kLanes; jj += NK) {
+      pf.Step();
+      const float* kj[NK];
+      for (int t = 0; t < NK; ++t) kj[t] = k + std::min<int64_t>(j0 + jj + t, n - 1) * d;
+      v8f a[NK][NR] = {};
+      for (int64_t i = 0; i < d; i += kLanes) {
+        v8f qr[NR];
+        for (int r = 0; r < NR; ++r) qr[r] = Load(q + r * d + i);
+        for (int t = 0; t < NK; ++t) {
+          const v8f kv = Load(kj[t] + i);
+          for (int r = 0; r < NR; ++r) a[t][r] += qr[r] * kv;
+        }
       }
+      for (int t = 0; t < NK; ++t)
+        for (int r = 0; r < NR; ++r) partial[r][jj + t] = a[t][r];
     }
-    for (int r = 0; r < NR; ++r) {
-      scores[r * ld + j] = Sum(a[0][r]);
-      scores[r * ld + j + 1] = Sum(a[1][r]);
-    }
+    for (int r = 0; r < NR; ++r) Store(scores + r * ld + j0, Sum8(partial[r]));
   }
-  if (j < n) {
-    v8f a[NR] = {};
-    for (int64_t i = 0; i < d; i += kLanes) {
-      const v8f k0 = Load(k + j * d + i);
-      for (int r = 0; r < NR; ++r) a[r] += Load(q + r * d + i) * k0;
-    }
-    for (int r = 0; r < NR; ++r) scores[r * ld + j] = Sum(a[r]);
-  }
-}
-
-// acc[r] += sum_j p[r, j] * v[j] for NR rows, NC * 8 columns of acc at a time in registers.
-// p: [NR, ld], v: [n, d], acc: [NR, d].
-template <int NR, int NC>
-inline void AccumulateColumns(const float* p, int64_t ld, const float* v, int64_t n, int64_t d,
-                              int64_t col, float* acc) {
-  v8f a[NR][NC];
-  for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < NC; ++c) a[r][c] = Load(acc + r * d + col + c * kLanes);
-  for (int64_t j = 0; j < n; ++j) {
-    v8f vj[NC];
-    for (int c = 0; c < NC; ++c) vj[c] = Load(v + j * d + col + c * kLanes);
-    for (int r = 0; r < NR; ++r) {
-      const v8f pr = Splat(p[r * ld + j]);
-      for (int c = 0; c < NC; ++c) a[r][c] += pr * vj[c];
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < NC; ++c) Store(acc + r * d + col + c * kLanes, a[r][c]);
-}
-
-template <int NR>
-inline void AccumulateRows(const float* p, int64_t ld, const float* v, int64_t n, int64_t d,
-                           float* acc) {
-  int64_t col = 0;
-  for (; col + 2 * kLanes <= d; col += 2 * kLanes) {
-    AccumulateColumns<NR, 2>(p, ld, v, n, d, col, acc);
-  }
-  if (col < d) AccumulateColumns<NR, 1>(p, ld, v, n, d, col, acc);
 }
 
 // Calls fn(std::integral_constant<int, N>, first) over [begin, end) in groups of kMax, then
@@ -293,48 +329,95 @@ inline void ForGroups(int64_t begin, int64_t end, const F& fn) {
   }
 }
 
+// acc[r] += sum_j p[r, j] * v[j] for NR rows, NC * 8 columns of acc at a time in registers.
+// p: [NR, ld], v: [n, d], acc: [NR, d]. One pf.Step() per key.
+template <int NR, int NC>
+inline void AccumulateColumns(const float* p, int64_t ld, const float* v, int64_t n, int64_t d,
+                              int64_t col, float* acc, PrefetchCursor& pf) {
+  v8f a[NR][NC];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) a[r][c] = Load(acc + r * d + col + c * kLanes);
+  for (int64_t j = 0; j < n; ++j) {
+    pf.Step();
+    for (int r = 0; r < NR; ++r) {
+      const v8f pr = Splat(p[r * ld + j]);
+      for (int c = 0; c < NC; ++c) a[r][c] += pr * Load(v + j * d + col + c * kLanes);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) Store(acc + r * d + col + c * kLanes, a[r][c]);
+}
+
+// Column vectors AccumulateRows<NR> keeps in registers per pass: about 12 accumulators.
+template <int NR>
+constexpr int kAccumulateColumns = NR == 1 ? 8 : 12 / NR;
+
+template <int NR>
+inline void AccumulateRows(const float* p, int64_t ld, const float* v, int64_t n, int64_t d,
+                           float* acc, PrefetchCursor& pf) {
+  ForGroups<kAccumulateColumns<NR>>(0, d / kLanes, [&](auto nc, int64_t c0) {
+    AccumulateColumns<NR, decltype(nc)::value>(p, ld, v, n, d, c0 * kLanes, acc, pf);
+  });
+}
+
+// pf.Step() calls AttendBlockRows makes for `rows` rows and n keys.
+inline int64_t RowsSteps(int64_t rows, int64_t n, int64_t d) {
+  int64_t steps = 0;
+  ForGroups<4>(0, rows, [&](auto nr, int64_t) {
+    constexpr int NR = decltype(nr)::value, NC = kAccumulateColumns<NR>;
+    const int64_t chunks = d / kLanes;
+    steps += (n + kLanes - 1) / kLanes * (kLanes / kScoreKeys<NR>);
+    steps += n * (chunks / NC + (chunks % NC != 0));
+  });
+  return steps;
+}
+
 // Online-softmax update of every row of one piece with one KV block of n valid keys; rows
 // in row-major arrays (few rows: decode).
 inline void AttendBlockRows(const Shapes& sh, const Options& opt, const Item& it, int64_t rows,
-                        int64_t blk, const float* k, const float* v, int64_t n,
-                        Scratch& s) {
+                            int64_t blk, const float* k, const float* v, int64_t n, Scratch& s,
+                            PrefetchCursor& pf) {
   const int64_t d = sh.head_dim, g = sh.group;
   const int64_t ld = (sh.block_size + kLanes - 1) / kLanes * kLanes;
-  const int64_t key0 = blk * sh.block_size;  // position of the block's first key
+  const int64_t width = (n + kLanes - 1) / kLanes * kLanes;  // scores computed per row
   float* scores = s.scores.data();
   ForGroups<4>(0, rows, [&](auto nr, int64_t r0) {
-    ScoreRows<decltype(nr)::value>(s.q.data() + r0 * d, k, n, d, scores + r0 * ld, ld);
+    ScoreRows<decltype(nr)::value>(s.q.data() + r0 * d, k, n, d, scores + r0 * ld, ld, pf);
   });
+  const v8f neg_inf = Splat(-INFINITY);
+  v8i lane;  // {0, 1, ..., 7}
+  for (int e = 0; e < kLanes; ++e) lane[e] = e;
+  const int64_t key0 = blk * sh.block_size;  // the block's first position
   for (int64_t r = 0; r < rows; ++r) {
     float* sc = scores + r * ld;
+    // Key j is visible when j < n and lo <= key0 + j <= pos.
     const int64_t pos = it.first_pos + it.tok_begin + r / g;
-    // Visible keys j satisfy lo <= key0 + j <= pos.
     const int64_t lo = opt.sliding_window > 0 ? pos - opt.sliding_window + 1 : 0;
     const int64_t j_begin = std::clamp<int64_t>(lo - key0, 0, n);
-    const int64_t j_end = std::clamp<int64_t>(pos - key0 + 1, j_begin, n);
-    if (j_begin == j_end) {  // nothing visible: this row's state is unchanged
-      std::fill(sc, sc + ld, 0.0f);
-      continue;
-    }
-    std::fill(sc, sc + j_begin, -INFINITY);
-    std::fill(sc + j_end, sc + ld, -INFINITY);
-    if (opt.soft_cap > 0.0f) {
-      for (int64_t j = j_begin; j < j_end; ++j) {
-        sc[j] = opt.soft_cap * std::tanh(sc[j] / opt.soft_cap);
+    const v8i begin = v8i{} + static_cast<int32_t>(j_begin);
+    const v8i end = v8i{} + static_cast<int32_t>(std::clamp<int64_t>(pos - key0 + 1, j_begin, n));
+    v8f vmax = neg_inf;
+    for (int64_t j = 0; j < width; j += kLanes) {
+      v8f x = Load(sc + j);
+      if (opt.soft_cap > 0.0f) {
+        for (int e = 0; e < kLanes; ++e) x[e] = opt.soft_cap * std::tanh(x[e] / opt.soft_cap);
       }
-    }
-    v8f vmax = Load(sc);
-    for (int64_t j = kLanes; j < ld; j += kLanes) {
-      const v8f x = Load(sc + j);
+      const v8i key = lane + static_cast<int32_t>(j);
+      x = (key >= begin) & (key < end) ? x : neg_inf;
+      Store(sc + j, x);
       vmax = vmax > x ? vmax : x;
     }
     float row_max = vmax[0];
     for (int e = 1; e < kLanes; ++e) row_max = std::max(row_max, vmax[e]);
+    if (row_max == -INFINITY) {  // nothing visible: this row's state is unchanged
+      std::fill(sc, sc + width, 0.0f);
+      continue;
+    }
     const float m_new = std::max(s.m[r], row_max);
     // 0 on the first visible block (m = -inf); 1, without an exp, while the max holds.
     const float alpha = m_new == s.m[r] ? 1.0f : std::exp(s.m[r] - m_new);
     v8f row_sum = Splat(0.0f);
-    for (int64_t j = 0; j < ld; j += kLanes) {
+    for (int64_t j = 0; j < width; j += kLanes) {
       const v8f p = Exp(Load(sc + j) - Splat(m_new));
       Store(sc + j, p);
       row_sum += p;
@@ -347,7 +430,8 @@ inline void AttendBlockRows(const Shapes& sh, const Options& opt, const Item& it
     }
   }
   ForGroups<4>(0, rows, [&](auto nr, int64_t r0) {
-    AccumulateRows<decltype(nr)::value>(scores + r0 * ld, ld, v, n, d, s.acc.data() + r0 * d);
+    AccumulateRows<decltype(nr)::value>(scores + r0 * ld, ld, v, n, d, s.acc.data() + r0 * d,
+                                        pf);
   });
 }
 
@@ -444,10 +528,12 @@ inline void AttendBlockLanes(const Shapes& sh, const Options& opt, int64_t rp, i
   });
 }
 
+// Runs one piece. `next` is the piece this thread runs after it, or null.
 template <typename QT, typename KVT>
 void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pages,
-              const KVT* v_pages, const int32_t* block_tables, const Item& it,
-              const Piece& pc, QT* out, Partials& partials, Scratch& s) {
+              const KVT* v_pages, const int32_t* block_tables, const std::vector<Item>& items,
+              const Piece& pc, const Piece* next, QT* out, Partials& partials, Scratch& s) {
+  const Item& it = items[pc.item];
   const int64_t d = sh.head_dim, g = sh.group;
   const int64_t rows = (it.tok_end - it.tok_begin) * g;
   const bool lanes = rows >= kLanes;
@@ -482,33 +568,43 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
     }
   }
   const int64_t tile = sh.block_size * d;  // elements of one (block, KV head)
-  const int32_t* table = block_tables + it.seq * sh.pages_per_seq;
-  // Blocks are scattered over the pool, beyond what hardware prefetchers predict: ask for the
-  // K and V of block b + kPrefetchBlocks while block b is computed.
-  auto prefetch = [&](int64_t b) {
-    if (b >= pc.blk_end) return;
-    const int64_t block = std::clamp<int64_t>(table[b], 0, sh.num_blocks - 1);
-    const int64_t offset = (block * sh.num_kv_heads + it.kv_head) * tile;
-    const int64_t n = std::min<int64_t>(sh.block_size, it.kv_len - b * sh.block_size);
-    const char* k = reinterpret_cast<const char*>(k_pages + offset);
-    const char* v = reinterpret_cast<const char*>(v_pages + offset);
-    for (int64_t byte = 0; byte < n * d * int64_t{sizeof(KVT)}; byte += 64) {
-      __builtin_prefetch(k + byte);
-      __builtin_prefetch(v + byte);
-    }
+  // Blocks are scattered over the pool, beyond what hardware prefetchers predict: the K and V
+  // of the next block (after the last, the first of the thread's next piece) are requested
+  // while a block is computed, a few lines at a time (decode rows) or at once (prefill tiles,
+  // which compute far longer per block).
+  PrefetchCursor pf;
+  auto queue = [&](const Item& qit, int64_t b) {
+    const int32_t* qtable = block_tables + qit.seq * sh.pages_per_seq;
+    const int64_t block = std::clamp<int64_t>(qtable[b], 0, sh.num_blocks - 1);
+    const int64_t offset = (block * sh.num_kv_heads + qit.kv_head) * tile;
+    const int64_t n = std::min<int64_t>(sh.block_size, qit.kv_len - b * sh.block_size);
+    pf.Reset(reinterpret_cast<const char*>(k_pages + offset),
+             reinterpret_cast<const char*>(v_pages + offset), n * d * int64_t{sizeof(KVT)});
   };
-  for (int64_t b = pc.blk_begin; b < pc.blk_begin + kPrefetchBlocks; ++b) prefetch(b);
+  const int32_t* table = block_tables + it.seq * sh.pages_per_seq;
+  if (pc.blk_begin < pc.blk_end) {
+    queue(it, pc.blk_begin);
+    pf.Drain();
+  }
   for (int64_t b = pc.blk_begin; b < pc.blk_end; ++b) {
     const int64_t block = std::clamp<int64_t>(table[b], 0, sh.num_blocks - 1);
-    prefetch(b + kPrefetchBlocks);
+    pf.Drain();
+    pf.Clear();
+    if (b + 1 < pc.blk_end) {
+      queue(it, b + 1);
+    } else if (next != nullptr && next->blk_begin < next->blk_end) {
+      queue(items[next->item], next->blk_begin);
+    }
     const int64_t n = std::min<int64_t>(sh.block_size, it.kv_len - b * sh.block_size);
     const int64_t offset = (block * sh.num_kv_heads + it.kv_head) * tile;
     const float* k = BlockRows(k_pages + offset, n, d, s.k.data());
     const float* v = BlockRows(v_pages + offset, n, d, s.v.data());
     if (lanes) {
+      pf.Drain();
       AttendBlockLanes(sh, opt, rp, b, k, v, n, s);
     } else {
-      AttendBlockRows(sh, opt, it, rows, b, k, v, n, s);
+      pf.Pace(RowsSteps(rows, n, d));
+      AttendBlockRows(sh, opt, it, rows, b, k, v, n, s, pf);
     }
   }
   if (lanes) {  // accumulators back to [rows, d]
@@ -559,8 +655,10 @@ void MergePieces(const Shapes& sh, const Options& opt, const Item& it, const Pie
   }
 }
 
-// Runs fn(i) for i in [0, n) on the pool's threads and the calling thread. Threads that start
-// after every index is taken return at once; the caller waits only for indices in flight.
+// Runs fn(i, next) for i in [0, n) on the pool's threads and the calling thread, where next is
+// the index the same thread runs after i (or -1), so fn can request its data early. Threads
+// that start after every index is taken return at once; the caller waits only for indices in
+// flight.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
   struct Counters {
@@ -569,9 +667,12 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
   };
   auto counters = std::make_shared<Counters>();
   auto work = [counters, n, fn_ptr = &fn]() {
-    for (int64_t i = counters->next.fetch_add(1); i < n; i = counters->next.fetch_add(1)) {
-      (*fn_ptr)(i);
+    int64_t i = counters->next.fetch_add(1);
+    while (i < n) {
+      const int64_t next = counters->next.fetch_add(1);
+      (*fn_ptr)(i, next < n ? next : -1);
       counters->done.fetch_add(1, std::memory_order_release);
+      i = next;
     }
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
@@ -677,11 +778,10 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, const Options& opt, const Q
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return pieces[a].work > pieces[b].work; });
-  ParallelFor(pool, static_cast<int64_t>(order.size()), [&](int64_t i) {
+  ParallelFor(pool, static_cast<int64_t>(order.size()), [&](int64_t i, int64_t next) {
     thread_local Scratch scratch;
-    const Piece& pc = pieces[order[i]];
-    RunPiece(sh, opt, q, k_pages, v_pages, block_tables, items[pc.item], pc, out, partials,
-             scratch);
+    RunPiece(sh, opt, q, k_pages, v_pages, block_tables, items, pieces[order[i]],
+             next >= 0 ? &pieces[order[next]] : nullptr, out, partials, scratch);
   });
 
   // Split items: merge their pieces (adjacent in `pieces`, in block order).
