@@ -7,10 +7,16 @@ Sizing (first rule that applies):
    CPU: min(4 GiB, --gpu-memory-utilization x available host memory).
 On CPU (rules 2-3) the pool is also capped at what max_num_seqs sequences of max_model_len can
 use, so small models do not allocate gigabytes they can never fill.
+
+On Linux CPUs the pool is backed by transparent huge pages where the kernel allows it
+(`advise_huge_pages`): attention reads each sequence's blocks at scattered places in the pool,
+and with 4 KiB pages nearly every (block, KV head) read starts with a TLB miss.
 """
 
+import ctypes
 import dataclasses
 import logging
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +101,54 @@ def num_swap_blocks(model_config, args, kv_dtype: str) -> int:
 
 
 def allocate(spec: KVPoolSpec, device) -> list[tuple[jax.Array, jax.Array]]:
-    """Zeroed pool on `device`: one (k_pages, v_pages) per layer."""
+    """Zeroed pool on `device`: one (k_pages, v_pages) per layer. On CPU, backed by transparent
+    huge pages where the kernel allows it."""
     zeros = jax.jit(lambda: jnp.zeros(spec.page_shape, spec.dtype), out_shardings=jax.sharding.SingleDeviceSharding(device))
-    return [(zeros(), zeros()) for _ in range(spec.num_layers)]
+    pool = jax.block_until_ready([(zeros(), zeros()) for _ in range(spec.num_layers)])
+    if device.platform == "cpu":
+        huge = sum(advise_huge_pages(a) for layer in pool for a in layer)
+        if huge:
+            logger.info("KV cache: %.2f GiB advised onto transparent huge pages", huge / GIB)
+    return pool
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_DONTNEED = 4
+_MADV_HUGEPAGE = 14
+
+
+def advise_huge_pages(zeroed: jax.Array) -> int:
+    """Hands the memory of a freshly zeroed CPU array (its 2 MiB-aligned part) to transparent
+    huge pages: MADV_HUGEPAGE, then MADV_DONTNEED, so its pages come back as zero-filled 2 MiB
+    pages when first written. Instant, and memory is taken only as the array fills. Contents must
+    be zeros: that is what dropped anonymous pages read back as. Returns the bytes advised; 0
+    where nothing was done (not Linux, THP disabled, not anonymous memory, under 2 MiB). The advice
+    belongs to the address range; the runner donates the pool to every step and XLA updates it in
+    place, so it lasts as long as the pool."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    address = zeroed.unsafe_buffer_pointer()
+    begin = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+    end = (address + zeroed.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if end <= begin or not _is_anonymous(begin, end):
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.madvise(begin, end - begin, _MADV_HUGEPAGE) != 0:
+        return 0  # THP disabled
+    return end - begin if libc.madvise(begin, end - begin, _MADV_DONTNEED) == 0 else 0
+
+
+def _is_anonymous(begin: int, end: int) -> bool:
+    """Whether [begin, end) lies in private anonymous mappings (heap or mmap), where dropped pages
+    read back as zeros; a file-backed mapping would read back the file."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if hi <= begin or lo >= end:
+                continue
+            name = fields[5] if len(fields) > 5 else ""
+            if fields[1][3] != "p" or (name and not name.startswith("[heap") and not name.startswith("[anon")):
+                return False
+    return True

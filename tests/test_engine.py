@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -295,6 +296,42 @@ def test_pool_too_small_for_max_model_len_fails_with_numbers(tiny_model_dir):
     # 1 MiB / (2 layers * 2 (K, V) * 2 heads * 16 tokens * 16 dims * 4 bytes) = 128 blocks, capped on
     # CPU at what 4 sequences of 128 tokens can use (4 * 8 + the null block).
     assert spec.num_blocks == (33 if jax.devices()[0].platform == "cpu" else 128)
+
+
+
+def _thp_mode() -> str:
+    """The bracketed mode of /sys/kernel/mm/transparent_hugepage/enabled, or "never" without it."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "never"
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="huge-page advice is for CPU pools")
+def test_huge_page_advice_keeps_zeros_and_in_place_updates():
+    """A zeroed pool reads back zeros after its pages are dropped for huge pages, and donated
+    updates (one slot, then every page) land in the same buffer."""
+    shape = (1024, 4, 16, 64)  # 16 MiB of fp32 pages: several aligned 2 MiB pages
+    pages = jax.block_until_ready(jax.jit(lambda: jnp.zeros(shape, jnp.float32))())
+    advised = kv_pool.advise_huge_pages(pages)
+    if _thp_mode() == "never" or not sys.platform.startswith("linux"):
+        assert advised == 0
+    else:
+        assert advised >= 12 << 20
+    address = pages.unsafe_buffer_pointer()
+    assert not np.asarray(pages).any()
+    write_slot = jax.jit(lambda p, x: p.at[5, 1, 3].set(x), donate_argnums=0)
+    pages = write_slot(pages, jnp.arange(64, dtype=jnp.float32))
+    assert pages.unsafe_buffer_pointer() == address, "the pool must be updated in place"
+    host = np.array(pages)
+    np.testing.assert_array_equal(host[5, 1, 3], np.arange(64, dtype=np.float32))
+    host[5, 1, 3] = 0
+    assert not host.any()
+    data = np.random.default_rng(0).standard_normal(shape, np.float32)
+    pages = jax.jit(lambda p, x: p.at[...].set(x), donate_argnums=0)(pages, data)
+    assert pages.unsafe_buffer_pointer() == address
+    np.testing.assert_array_equal(np.asarray(pages), data)
 
 
 def test_min_tokens_holds_back_eos_until_reached(tiny_llm):
