@@ -6,9 +6,12 @@ in the same run.
 
 Shapes are SmolLM2-135M's: 9 query heads, 3 KV heads, head_dim 64, block size 16, fp32 KV.
 Block tables are as wide as the engine buckets them (the batch's longest context in blocks,
-rounded up to a power of two). Each time is the best of several calls of a jitted function
+rounded up to a power of two). Pools are made as the engine makes them: zeros handed to
+transparent huge pages on Linux (`jpaged.kv_pool.advise_huge_pages`; --no-huge-pages keeps
+4 KiB pages), then filled in place. Each time is the best of several calls of a jitted function
 (this machine is shared, so the best call is the one least disturbed); "floor" is the bytes of
-K and V the step must read divided by the measured read bandwidth. Prints a Markdown table.
+K and V the step must read divided by the read bandwidth, probed just before and after each
+row (the best of the two). Prints a Markdown table.
 """
 
 import argparse
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged.kv_pool import advise_huge_pages
 from pallas_kernels import cpu, reference
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
@@ -28,9 +32,10 @@ SM_SCALE = HEAD_DIM**-0.5
 DECODE_BATCHES = (1, 8, 32, 64, 128)
 DECODE_CONTEXTS = (128, 512, 2048)
 PREFILL_TOKENS = 2048
+HUGE_PAGES = True  # --no-huge-pages sets False
 
 
-def best_time(fn, *args, budget_s=0.3, min_calls=3, max_calls=50):
+def best_time(fn, *args, budget_s=1.0, min_calls=3, max_calls=400):
     """Best wall time in ms of fn(*args) over repeated calls, after one warm-up (compile) call."""
     jax.block_until_ready(fn(*args))
     times, spent = [], 0.0
@@ -42,16 +47,22 @@ def best_time(fn, *args, budget_s=0.3, min_calls=3, max_calls=50):
     return min(times) * 1e3
 
 
-def read_bandwidth_gbs(num_bytes=512 * 2**20):
-    """Best read bandwidth in GB/s over a buffer far larger than the caches: every core sums its
-    share with BLAS (sdot), and XLA reduces the buffer; the faster of the two."""
+def bandwidth_probe(num_bytes=512 * 2**20):
+    """A function giving the best read bandwidth in GB/s, now, over a buffer far larger than the
+    caches: every core sums its share with BLAS (sdot), and XLA reduces the buffer; the faster."""
     x = np.ones(num_bytes // 4, np.float32)
     parts = np.array_split(x, os.cpu_count())
-    with ThreadPoolExecutor(len(parts)) as pool:
-        numpy_ms = best_time(lambda: list(pool.map(lambda a: np.dot(a, a), parts)), min_calls=5)
+    xla_x = jax.device_put(x, jax.devices("cpu")[0])
     xla_sum = jax.jit(lambda a: a.reshape(64, -1).sum(axis=1))
-    xla_ms = best_time(xla_sum, jax.device_put(x, jax.devices("cpu")[0]), min_calls=5)
-    return num_bytes / min(numpy_ms, xla_ms) / 1e6
+    pool = ThreadPoolExecutor(len(parts))
+
+    def probe():
+        numpy_ms = best_time(lambda: list(pool.map(lambda a: np.dot(a, a), parts)), budget_s=0.3,
+                             min_calls=5)
+        xla_ms = best_time(xla_sum, xla_x, budget_s=0.3, min_calls=5)
+        return num_bytes / min(numpy_ms, xla_ms) / 1e6
+
+    return probe
 
 
 def make_inputs(q_lens, kv_lens, seed=0):
@@ -69,8 +80,19 @@ def make_inputs(q_lens, kv_lens, seed=0):
         block_tables[s, :n] = [next(order) for _ in range(n)]
     q = rng.standard_normal((sum(q_lens), NUM_Q_HEADS, HEAD_DIM), np.float32)
     cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    arrays = (q, k_pages, v_pages, np.asarray(kv_lens, np.int32), block_tables, cu_q_lens)
-    return tuple(jax.device_put(a, jax.devices("cpu")[0]) for a in arrays)
+    k_pages, v_pages = engine_pool(k_pages), engine_pool(v_pages)
+    arrays = (q, np.asarray(kv_lens, np.int32), block_tables, cu_q_lens)
+    q, kv_lens, block_tables, cu_q_lens = (jax.device_put(a, jax.devices("cpu")[0]) for a in arrays)
+    return q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
+
+
+def engine_pool(contents):
+    """A pool array made as the engine makes it: zeros (handed to huge pages unless
+    --no-huge-pages), then filled in place by a donated update."""
+    zeros = jax.block_until_ready(jax.jit(lambda: jnp.zeros(contents.shape, contents.dtype))())
+    if HUGE_PAGES:
+        advise_huge_pages(zeros)
+    return jax.jit(lambda pages, x: pages.at[...].set(x), donate_argnums=0)(zeros, contents)
 
 
 def kv_bytes(kv_lens):
@@ -100,16 +122,29 @@ def backends(with_reference):
     return found
 
 
-def time_case(q_lens, kv_lens, fns):
-    """ms per call for each backend on one batch."""
-    inputs = make_inputs(q_lens, kv_lens)
+def time_case(q_lens, kv_lens, fns, num_pools=1):
+    """ms per call for each backend on one batch. With num_pools > 1 the calls go round that
+    many pools (as an engine's layers do), so what one call leaves in the caches does not help
+    the next: the best per-call time of several rounds."""
+    pools = [make_inputs(q_lens, kv_lens, seed=i) for i in range(num_pools)]
     times = {}
     for name, fn, on_gpu in fns:
         if name == "pallas decode" and max(q_lens) > 1:
             continue
-        args = jax.device_put(inputs, jax.devices("gpu")[0]) if on_gpu else inputs
         jitted = jax.jit(lambda *a, fn=fn: fn(*a, sm_scale=SM_SCALE))
-        times[name] = best_time(jitted, *args)
+        args = [jax.device_put(p, jax.devices("gpu")[0]) if on_gpu else p for p in pools]
+        if num_pools == 1:
+            times[name] = best_time(jitted, *args[0])
+            continue
+        for a in args:
+            jax.block_until_ready(jitted(*a))  # compile
+        calls = []
+        for _ in range(20):
+            for a in args:
+                start = time.perf_counter()
+                jax.block_until_ready(jitted(*a))
+                calls.append(time.perf_counter() - start)
+        times[name] = min(calls) * 1e3
     return times
 
 
@@ -135,17 +170,22 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--out", default=None, help="write a PNG plot of the decode times here")
     parser.add_argument("--no-reference", action="store_true", help="time the kernels only")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="keep the KV pools on 4 KiB pages (the engine uses huge pages on Linux)")
     args = parser.parse_args()
+    global HUGE_PAGES
+    HUGE_PAGES = not args.no_huge_pages
     fns = backends(with_reference=not args.no_reference)
     names = [name for name, _, _ in fns]
-    bandwidth = read_bandwidth_gbs()
-    print(f"read bandwidth: {bandwidth:.1f} GB/s; {os.cpu_count()} CPU cores; "
-          f"{jax.devices()[0].device_kind}; load average {os.getloadavg()[0]:.1f}\n")
+    probe = bandwidth_probe()
+    print(f"{os.cpu_count()} CPU cores; {jax.devices()[0].device_kind}; KV pools on "
+          f"{'huge' if HUGE_PAGES else '4 KiB'} pages; load average {os.getloadavg()[0]:.1f}\n")
 
     cases = [(b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS] + [(64, 400)]
     if args.quick:
         cases = [(1, 2048), (64, 400)]
-    header = "| batch x context | KV read | floor | " + " | ".join(names) + " | cpu / floor |"
+    header = ("| batch x context | KV read | read GB/s | floor | " + " | ".join(names) +
+              " | cpu / floor |")
     if "reference" in names and "cpu" in names:
         header += " reference / cpu |"
     print("Decode, ms per layer:\n")
@@ -154,9 +194,13 @@ def main():
     rows = []
     for batch, context in cases:
         kv_lens = [context] * batch
+        # The machine's bandwidth drifts (other tenants): probe it around each row, keep the best.
+        bandwidth = probe()
         times = time_case([1] * batch, kv_lens, fns)
+        bandwidth = max(bandwidth, probe())
         floor = kv_bytes(kv_lens) / bandwidth / 1e6
-        cells = [f"{batch} x {context}", f"{kv_bytes(kv_lens) / 2**20:.1f} MiB", f"{floor:.3f}"]
+        cells = [f"{batch} x {context}", f"{kv_bytes(kv_lens) / 2**20:.1f} MiB", f"{bandwidth:.1f}",
+                 f"{floor:.3f}"]
         cells += [f"{times[n]:.3f}" if n in times else "-" for n in names]
         if "cpu" in times:
             cells.append(f"{times['cpu'] / floor:.2f}x")
@@ -164,6 +208,14 @@ def main():
             cells.append(f"{times['reference'] / times['cpu']:.1f}x")
         print("| " + " | ".join(cells) + " |", flush=True)
         rows.append((batch, context, floor, times))
+
+    cold_pools = 4
+    bandwidth = probe()
+    times = time_case([1] * 64, [400] * 64, fns, num_pools=cold_pools)
+    floor = kv_bytes([400] * 64) / max(bandwidth, probe()) / 1e6
+    print(f"\n64 x 400 with {cold_pools} pools called in turn, as an engine's layers are (no pool "
+          f"stays in the last-level cache between its calls): floor {floor:.3f} ms; " +
+          "; ".join(f"{n} {t:.3f} ms ({t / floor:.2f}x floor)" for n, t in times.items()))
 
     print(f"\nKV write (reference.write_kv, an XLA scatter, pool donated) of 64 decode tokens into "
           f"the 64 x 400 pool: {write_kv_ms(64, 400):.3f} ms")
