@@ -266,23 +266,23 @@ inline const float* BlockRows(const KVT* src, int64_t n, int64_t d, float* buf) 
 #define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
 #endif
 
-// {Sum(v[0]), ..., Sum(v[7])}: eight horizontal sums at once, by a transpose-and-add tree
-// (unpack, shuffle and 128-bit permute on AVX), far cheaper than eight separate reductions.
-inline v8f Sum8(const v8f* v) {
-  v8f w[2];
-  for (int h = 0; h < 2; ++h) {
-    const v8f* x = v + 4 * h;
-    // s01 = {x0_0+x0_2, x1_0+x1_2, x0_1+x0_3, x1_1+x1_3 | the same for lanes 4..7}
-    const v8f s01 = SHUFFLE8(x[0], x[1], 0, 8, 1, 9, 4, 12, 5, 13) +
-                    SHUFFLE8(x[0], x[1], 2, 10, 3, 11, 6, 14, 7, 15);
-    const v8f s23 = SHUFFLE8(x[2], x[3], 0, 8, 1, 9, 4, 12, 5, 13) +
-                    SHUFFLE8(x[2], x[3], 2, 10, 3, 11, 6, 14, 7, 15);
-    // {x0..x3 summed over lanes 0..3 | x0..x3 summed over lanes 4..7}
-    w[h] = SHUFFLE8(s01, s23, 0, 1, 8, 9, 4, 5, 12, 13) +
-           SHUFFLE8(s01, s23, 2, 3, 10, 11, 6, 7, 14, 15);
-  }
-  return SHUFFLE8(w[0], w[1], 0, 1, 2, 3, 8, 9, 10, 11) +
-         SHUFFLE8(w[0], w[1], 4, 5, 6, 7, 12, 13, 14, 15);
+// Eight horizontal sums at once, {Sum(x0), ..., Sum(x7)}, by a transpose-and-add tree (unpack,
+// shuffle and 128-bit permute on AVX), far cheaper than eight separate reductions. Its levels
+// are separate so callers can fold pairs as soon as they have them:
+// SumPair(x0, x1) = {x0_0+x0_2, x1_0+x1_2, x0_1+x0_3, x1_1+x1_3 | the same over lanes 4..7},
+// SumQuad(pair01, pair23) = {x0..x3 summed over lanes 0..3 | x0..x3 summed over lanes 4..7},
+// SumOct(quad0123, quad4567) = {Sum(x0), ..., Sum(x7)}.
+inline v8f SumPair(v8f x0, v8f x1) {
+  return SHUFFLE8(x0, x1, 0, 8, 1, 9, 4, 12, 5, 13) + SHUFFLE8(x0, x1, 2, 10, 3, 11, 6, 14, 7, 15);
+}
+
+inline v8f SumQuad(v8f p01, v8f p23) {
+  return SHUFFLE8(p01, p23, 0, 1, 8, 9, 4, 5, 12, 13) +
+         SHUFFLE8(p01, p23, 2, 3, 10, 11, 6, 7, 14, 15);
+}
+
+inline v8f SumOct(v8f w0, v8f w1) {
+  return SHUFFLE8(w0, w1, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE8(w0, w1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 // Keys whose scores one step of ScoreRows<NR> computes together: about 12 independent sums
@@ -291,14 +291,14 @@ template <int NR>
 constexpr int kScoreKeys = NR == 1 ? 8 : NR <= 3 ? 4 : 2;
 
 // scores[r, j] = q[r] . k[j] for NR rows and keys j < round_up(n, 8), kScoreKeys<NR> keys per
-// step; each group of eight keys is reduced at once. Keys j >= n read row n - 1 (their scores
+// step; each pair of keys is folded as soon as it is done, each group of eight at the end. Keys j >= n read row n - 1 (their scores
 // are masked later). q: [NR, d], k: [n, d], scores: [NR, ld]. One pf.Step() per step.
 template <int NR>
 inline void ScoreRows(const float* q, const float* k, int64_t n, int64_t d, float* scores,
                       int64_t ld, PrefetchCursor& pf) {
   constexpr int NK = kScoreKeys<NR>;
   for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
-    v8f partial[NR][kLanes];
+    v8f pairs[NR][kLanes / 2];  // SumPair of keys (2p, 2p + 1)
     for (int jj = 0; jj < kLanes; jj += NK) {
       pf.Step();
       const float* kj[NK];
@@ -312,10 +312,13 @@ inline void ScoreRows(const float* q, const float* k, int64_t n, int64_t d, floa
           for (int r = 0; r < NR; ++r) a[t][r] += qr[r] * kv;
         }
       }
-      for (int t = 0; t < NK; ++t)
-        for (int r = 0; r < NR; ++r) partial[r][jj + t] = a[t][r];
+      for (int t = 0; t < NK; t += 2)
+        for (int r = 0; r < NR; ++r) pairs[r][(jj + t) / 2] = SumPair(a[t][r], a[t + 1][r]);
     }
-    for (int r = 0; r < NR; ++r) Store(scores + r * ld + j0, Sum8(partial[r]));
+    for (int r = 0; r < NR; ++r) {
+      const v8f sums = SumOct(SumQuad(pairs[r][0], pairs[r][1]), SumQuad(pairs[r][2], pairs[r][3]));
+      Store(scores + r * ld + j0, sums);
+    }
   }
 }
 
