@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import reference
-from pallas_kernels.cpu import build
 
 FFI_TARGET = "jpaged_ragged_paged_attention"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -25,6 +24,10 @@ _KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 @functools.cache
 def _load() -> str | None:
     """Builds if needed, loads and registers the kernel once. Returns None or the error."""
+    # Imported here, not at the top: `python -m pallas_kernels.cpu.build` imports this package
+    # first, and a module already imported when runpy executes it draws a RuntimeWarning.
+    from pallas_kernels.cpu import build
+
     try:
         path = build.build()
         library = ctypes.cdll.LoadLibrary(str(path))
