@@ -103,7 +103,8 @@ def num_swap_blocks(model_config, args, kv_dtype: str) -> int:
 def allocate(spec: KVPoolSpec, device) -> list[tuple[jax.Array, jax.Array]]:
     """Zeroed pool on `device`: one (k_pages, v_pages) per layer. On CPU, backed by transparent
     huge pages where the kernel allows it."""
-    zeros = jax.jit(lambda: jnp.zeros(spec.page_shape, spec.dtype), out_shardings=jax.sharding.SingleDeviceSharding(device))
+    zeros = jax.jit(lambda: jnp.zeros(spec.page_shape, spec.dtype),
+                    out_shardings=jax.sharding.SingleDeviceSharding(device))
     pool = jax.block_until_ready([(zeros(), zeros()) for _ in range(spec.num_layers)])
     if device.platform == "cpu":
         huge = sum(advise_huge_pages(a) for layer in pool for a in layer)

@@ -171,7 +171,8 @@ def main():
     parser.add_argument("--out", default=None, help="write a PNG plot of the decode times here")
     parser.add_argument("--no-reference", action="store_true", help="time the kernels only")
     parser.add_argument("--no-huge-pages", action="store_true",
-                        help="keep the KV pools on 4 KiB pages (the engine uses huge pages on Linux)")
+                        help="keep the KV pools on 4 KiB pages (the engine uses huge pages on "
+                             "Linux)")
     args = parser.parse_args()
     global HUGE_PAGES
     HUGE_PAGES = not args.no_huge_pages

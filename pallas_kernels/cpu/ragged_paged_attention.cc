@@ -291,8 +291,9 @@ template <int NR>
 constexpr int kScoreKeys = NR == 1 ? 8 : NR <= 3 ? 4 : 2;
 
 // scores[r, j] = q[r] . k[j] for NR rows and keys j < round_up(n, 8), kScoreKeys<NR> keys per
-// step; each pair of keys is folded as soon as it is done, each group of eight at the end. Keys j >= n read row n - 1 (their scores
-// are masked later). q: [NR, d], k: [n, d], scores: [NR, ld]. One pf.Step() per step.
+// step; each pair of keys is folded as soon as it is done, each group of eight at the end.
+// Keys j >= n read row n - 1 (their scores are masked later). q: [NR, d], k: [n, d],
+// scores: [NR, ld]. One pf.Step() per step.
 template <int NR>
 inline void ScoreRows(const float* q, const float* k, int64_t n, int64_t d, float* scores,
                       int64_t ld, PrefetchCursor& pf) {
