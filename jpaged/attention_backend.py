@@ -54,3 +54,16 @@ def select_attention(backend: str, platform: str):
                              f"Build it with `python -m pallas_kernels.cpu.build` or use --attention-backend reference.")
         return "cpu", module.ragged_paged_attention
     raise ValueError(f"unknown --attention-backend {backend!r}; choose auto, reference, pallas or cpu.")
+
+
+def select_kv_writer(backend: str):
+    """The KV-write function (`pallas_kernels.reference.write_kv`'s signature) for a selected backend.
+
+    The C++ library's writes in place for every page dtype; XLA's CPU scatter rewrites the whole
+    pool for bf16 pages. Other backends use the XLA scatter.
+    """
+    if backend == "cpu":
+        from pallas_kernels.cpu import write_kv
+        return write_kv
+    from pallas_kernels.reference import write_kv
+    return write_kv

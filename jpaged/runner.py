@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jpaged import kv_pool
-from jpaged.attention_backend import select_attention
+from jpaged.attention_backend import select_attention, select_kv_writer
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama
 from jpaged.sampler import MAX_LOGPROBS, sample
@@ -28,10 +28,11 @@ logger = logging.getLogger(__name__)
 _MIN_EXTRA = 16
 
 
-def _forward_step(params, kv_cache, blob, *, config, attention_fn, num_tokens, num_seqs, pages_per_seq):
+def _forward_step(params, kv_cache, blob, *, config, attention_fn, write_kv_fn, num_tokens, num_seqs,
+                  pages_per_seq):
     meta = StepMetadata.unpack(blob, num_tokens, num_seqs, pages_per_seq)
     hidden, kv_cache = llama.forward(params, config, meta.token_ids, meta.positions, kv_cache, meta.attn,
-                                     attention_fn)
+                                     attention_fn, write_kv_fn)
     logits = llama.compute_logits(params, config, hidden[meta.logits_indices])  # f32[num_seqs, vocab]
     return logits, hidden, kv_cache
 
@@ -81,12 +82,12 @@ class ModelRunner:
     Args:
       model_config: jpaged.models.config.ModelConfig. params: its params pytree (on device).
       pool_spec: kv_pool.KVPoolSpec. num_swap_blocks: host blocks for swapping (0: none).
-      attention_fn: a paged attention with the reference signature.
+      attention_fn: a paged attention with the reference signature; write_kv_fn: the KV write to go with it.
       bucket_pages: bucket the block-table width (for attention whose cost follows the width).
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int, attention_fn, bucket_pages: bool, device):
+                 max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, device):
         self.model_config = model_config
         self.params = params
         self.pool_spec = pool_spec
@@ -99,7 +100,7 @@ class ModelRunner:
         self.penalty_buckets = power_of_2_buckets(_MIN_EXTRA, max(_MIN_EXTRA, next_power_of_2(max_model_len)))
         self.kv_cache = kv_pool.allocate(pool_spec, device)
         self._forward_jit = jax.jit(
-            functools.partial(_forward_step, config=model_config, attention_fn=attention_fn),
+            functools.partial(_forward_step, config=model_config, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
         self._sample_jit = jax.jit(_sample_step, static_argnames=("num_seqs", "penalty_len", "num_bias"))
         self._prompt_logprobs_jit = jax.jit(functools.partial(_prompt_logprobs_step, config=model_config))
@@ -281,4 +282,4 @@ def build_runner(model_config, params, args, max_model_len: int) -> ModelRunner:
                        num_swap_blocks=kv_pool.num_swap_blocks(model_config, args, kv_dtype),
                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                        max_model_len=max_model_len, attention_fn=attention_fn,
-                       bucket_pages=backend == "reference", device=device)
+                       write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", device=device)

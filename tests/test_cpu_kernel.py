@@ -1,6 +1,7 @@
 """The C++ CPU paged-attention kernel against the pure-JAX reference."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -217,3 +218,23 @@ def test_unavailable_kernel_reports_why(monkeypatch):
     p = make_problem(8, [1], [5], num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16)
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler.*--attention-backend reference"):
         cpu.ragged_paged_attention(*p.args(), sm_scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn])
+def test_write_kv_matches_reference_in_place(dtype):
+    """cpu.write_kv writes exactly what reference.write_kv writes, into the donated buffer."""
+    rng = np.random.default_rng(3)
+    shape = (9, 2, 4, 16)  # [num_blocks, num_kv_heads, block_size, head_dim]
+    pages = jnp.asarray(rng.standard_normal(shape, np.float32) * 4, dtype)
+    k = jnp.asarray(rng.standard_normal((6, 2, 16), np.float32) * 4)
+    v = k * -0.5
+    slots = jnp.asarray([5, 6, 7, 33, 0, 0], jnp.int32)  # two padded tokens write the null block
+    scale = None if dtype in (jnp.float32, jnp.bfloat16) else jnp.asarray([0.5, 2.0], jnp.float32)
+    want = jax.jit(functools.partial(reference.write_kv, k_scale=scale, v_scale=scale))(pages, pages, k, v, slots)
+    write = jax.jit(functools.partial(cpu.write_kv, k_scale=scale, v_scale=scale), donate_argnums=(0, 1))
+    k_pages, v_pages = pages + 0, pages + 0
+    pointer = k_pages.unsafe_buffer_pointer()
+    got = write(k_pages, v_pages, k, v, slots)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(np.asarray(w.astype(jnp.float32)), np.asarray(g.astype(jnp.float32)))
+    assert got[0].unsafe_buffer_pointer() == pointer

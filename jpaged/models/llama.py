@@ -76,7 +76,8 @@ def init_params(config: ModelConfig, key: jax.Array) -> dict:
     return jax.tree.map_with_path(draw, param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
 
 
-def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_meta, attention_fn):
+def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_meta, attention_fn,
+            write_kv_fn=write_kv):
     """One paged step over packed tokens.
 
     Args:
@@ -85,6 +86,7 @@ def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_me
         [num_blocks, num_kv_heads, block_size, head_dim]; donate it.
       attn_meta: AttentionMetadata (slot_mapping, block_tables, kv_lens, cu_q_lens).
       attention_fn: a function with `pallas_kernels.reference.ragged_paged_attention`'s signature.
+      write_kv_fn: a function with `pallas_kernels.reference.write_kv`'s signature.
     Returns:
       (hidden [num_tokens, hidden_size] in config.dtype with the final norm applied, new kv_cache).
     """
@@ -93,7 +95,7 @@ def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_me
     new_cache = []
     for layer, (k_pages, v_pages) in zip(params["layers"], kv_cache):
         q, k, v = _attention_inputs(layer, config, x, positions, inv_freq)  # [T, heads, head_dim]
-        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, attn_meta.slot_mapping)
+        k_pages, v_pages = write_kv_fn(k_pages, v_pages, k, v, attn_meta.slot_mapping)
         attn = attention_fn(
             q,
             k_pages,

@@ -17,6 +17,7 @@ import numpy as np
 from pallas_kernels import reference
 
 FFI_TARGET = "jpaged_ragged_paged_attention"
+WRITE_KV_TARGET = "jpaged_write_kv"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
@@ -31,8 +32,9 @@ def _load() -> str | None:
     try:
         path = build.build()
         library = ctypes.cdll.LoadLibrary(str(path))
-        handler = jax.ffi.pycapsule(library.JpagedRaggedPagedAttention)
-        jax.ffi.register_ffi_target(FFI_TARGET, handler, platform="cpu")
+        jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(library.JpagedRaggedPagedAttention),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(WRITE_KV_TARGET, jax.ffi.pycapsule(library.JpagedWriteKV), platform="cpu")
     except (build.BuildError, OSError, AttributeError) as e:
         return f"{type(e).__name__}: {e}"
     return None
@@ -123,3 +125,22 @@ def ragged_paged_attention(
         sliding_window=np.int32(sliding_window or 0),
         soft_cap=np.float32(soft_cap or 0.0),
     )
+
+
+def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale=None, v_scale=None):
+    """`pallas_kernels.reference.write_kv` done in place by the C++ library (donate the pages).
+
+    XLA's CPU scatter widens 2-byte float pages to f32 and back, rewriting the whole pool on
+    every call (50 ms per layer for a bf16 pool of 2,561 blocks against 0.04 ms in f32); this
+    copies only the new rows. Quantization to int8 / fp8 pages happens in JAX first.
+    """
+    error = _load()
+    if error is not None:
+        raise RuntimeError(f"the CPU attention kernel is unavailable ({error}); "
+                           f"use --attention-backend reference")
+    num_kv_heads = k_pages.shape[1]
+    k = reference.quantize_kv(k, reference.kv_scales(k_scale, num_kv_heads), k_pages.dtype)
+    v = reference.quantize_kv(v, reference.kv_scales(v_scale, num_kv_heads), v_pages.dtype)
+    pages = jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)
+    call = jax.ffi.ffi_call(WRITE_KV_TARGET, (pages, pages), input_output_aliases={0: 0, 1: 1})
+    return call(k_pages, v_pages, k, v, slot_mapping.astype(jnp.int32))

@@ -881,6 +881,45 @@ ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q,
   }
 }
 
+// Copies each new token's K and V rows ([num_kv_heads, head_dim], any element type) into the
+// slot slot_mapping[t] of the pages, in place: the outputs alias the page operands. XLA's own
+// scatter rewrites the whole pool for 2-byte float pages on CPU (it widens them to f32 first).
+ffi::Error WriteKVImpl(ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages, ffi::AnyBuffer k,
+                       ffi::AnyBuffer v, ffi::Buffer<ffi::S32> slot_mapping,
+                       ffi::Result<ffi::AnyBuffer> k_out, ffi::Result<ffi::AnyBuffer> v_out) {
+  auto pd = k_pages.dimensions();
+  auto kd = k.dimensions();
+  if (pd.size() != 4 || kd.size() != 3 || k.element_type() != k_pages.element_type() ||
+      v.element_type() != v_pages.element_type() ||
+      k_pages.element_type() != v_pages.element_type() ||
+      !std::equal(pd.begin(), pd.end(), v_pages.dimensions().begin()) ||
+      !std::equal(kd.begin(), kd.end(), v.dimensions().begin()) || kd[1] != pd[1] ||
+      kd[2] != pd[3] || slot_mapping.dimensions()[0] != kd[0]) {
+    return ffi::Error::InvalidArgument("write_kv: inconsistent operands: pages " + Dims(pd) +
+                                       ", k " + Dims(kd) + ", slot_mapping " +
+                                       Dims(slot_mapping.dimensions()));
+  }
+  const int64_t num_blocks = pd[0], heads = pd[1], block_size = pd[2];
+  const size_t row_bytes = k.size_bytes() / std::max<int64_t>(1, kd[0] * heads);
+  const int32_t* slots = slot_mapping.typed_data();
+  auto write = [&](const ffi::AnyBuffer& pages, const ffi::AnyBuffer& src, ffi::AnyBuffer* dst) {
+    auto* out = static_cast<char*>(dst->untyped_data());
+    if (out != pages.untyped_data()) std::memcpy(out, pages.untyped_data(), pages.size_bytes());
+    const auto* in = static_cast<const char*>(src.untyped_data());
+    for (int64_t t = 0; t < kd[0]; ++t) {
+      const int64_t block = std::clamp<int64_t>(slots[t] / block_size, 0, num_blocks - 1);
+      const int64_t offset = std::clamp<int64_t>(slots[t] % block_size, 0, block_size - 1);
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(out + ((block * heads + h) * block_size + offset) * row_bytes,
+                    in + (t * heads + h) * row_bytes, row_bytes);
+      }
+    }
+  };
+  write(k_pages, k, &*k_out);
+  write(v_pages, v, &*v_out);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedRaggedPagedAttention, RaggedPagedAttentionImpl,
@@ -898,3 +937,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedRaggedPagedAttention, RaggedPagedAttentionIm
                                   .Attr<float>("sm_scale")
                                   .Attr<int32_t>("sliding_window")
                                   .Attr<float>("soft_cap"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedWriteKV, WriteKVImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()          // k_pages
+                                  .Arg<ffi::AnyBuffer>()          // v_pages
+                                  .Arg<ffi::AnyBuffer>()          // k
+                                  .Arg<ffi::AnyBuffer>()          // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slot_mapping
+                                  .Ret<ffi::AnyBuffer>()          // k_pages (aliases arg 0)
+                                  .Ret<ffi::AnyBuffer>());        // v_pages (aliases arg 1)
