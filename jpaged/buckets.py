@@ -10,7 +10,10 @@ all compiled at start, serves every batch:
 - pages_per_seq (block-table width): powers of two from MIN_PAGES up to
   cdiv(max_model_len, block_size), chosen from the batch's longest context, when the attention
   cost follows the table width (the pure-XLA reference); one width (the cap) for kernels whose
-  cost follows the real context lengths (cpu, pallas).
+  cost follows the real context lengths (cpu, pallas);
+- sampler entries (logit_bias, min_tokens masks, penalty tokens) per sequence bucket s: none,
+  a few (SMALL_ENTRIES_PER_SEQ per row on average) or the most s rows can hold. Padded entries
+  only cost a scatter, so two sizes beat a ladder of programs to compile.
 """
 
 import dataclasses
@@ -20,6 +23,8 @@ MIN_TOKENS = 16
 MIN_SEQS = 8
 # Tables narrower than 4 blocks cost the same as 4; fewer buckets means a faster start.
 MIN_PAGES = 4
+# The small sampler-entries bucket holds this many entries per sequence row.
+SMALL_ENTRIES_PER_SEQ = 32
 
 
 def cdiv(a: int, b: int) -> int:
@@ -57,17 +62,31 @@ class Buckets:
     num_tokens: tuple[int, ...]
     num_seqs: tuple[int, ...]
     pages_per_seq: tuple[int, ...]
+    max_entries_per_seq: int  # the most sampler entries one request can bring
 
     @classmethod
     def create(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
-               block_size: int, bucket_pages: bool = True) -> "Buckets":
+               block_size: int, bucket_pages: bool = True, max_entries_per_seq: int = 0) -> "Buckets":
         """bucket_pages: several table widths (True) or only the widest (False)."""
         max_pages = cdiv(max_model_len, block_size)
         return cls(
             num_tokens=power_of_2_buckets(MIN_TOKENS, max_num_batched_tokens),
             num_seqs=power_of_2_buckets(MIN_SEQS, max_num_seqs),
             pages_per_seq=power_of_2_buckets(min(MIN_PAGES, max_pages), max_pages) if bucket_pages else (max_pages,),
+            max_entries_per_seq=max_entries_per_seq,
         )
+
+    def entries_for_seqs(self, num_seqs_bucket: int) -> tuple[int, ...]:
+        """The sampler-entries sizes of a sequence bucket: 0, a small one, the largest."""
+        largest = num_seqs_bucket * self.max_entries_per_seq
+        small = min(num_seqs_bucket * SMALL_ENTRIES_PER_SEQ, largest)
+        return tuple(sorted({0, small, largest}))
+
+    def sampler_shapes(self):
+        """Every (num_seqs, num_entries) a sampler call can have."""
+        for s in self.num_seqs:
+            for e in self.entries_for_seqs(s):
+                yield s, e
 
     def seqs_for_tokens(self, num_tokens_bucket: int) -> int:
         return pick(self.num_seqs, min(num_tokens_bucket, self.num_seqs[-1]))

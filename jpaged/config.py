@@ -67,6 +67,10 @@ class EngineArgs:
     disable_log_stats: bool = _field(False, "Do not log engine statistics.")
     chat_template: str | None = _field(None, "Chat template (jinja text or a file) replacing the model's.", type=str)
     served_model_name: str | None = _field(None, "Model name reported by the API (default: --model).", type=str)
+    max_logprobs: int = _field(20, "Most logprobs / prompt_logprobs a request may ask for.", type=int)
+    max_logit_bias: int = _field(300, "Most logit_bias entries in one request.", type=int)
+    max_stop_sequences: int = _field(64, "Most stop strings in one request.", type=int)
+    max_stop_token_ids: int = _field(64, "Most stop_token_ids in one request.", type=int)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -96,6 +100,9 @@ class EngineArgs:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not implemented yet; use "
                 f"--tensor-parallel-size 1.")
+        for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (--{name.replace('_', '-')}).")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")

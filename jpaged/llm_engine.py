@@ -18,7 +18,6 @@ from jpaged.engine import Request, RequestStatus, Scheduler
 from jpaged.loaders import load_model
 from jpaged.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
 from jpaged.runner import build_runner, device_platform
-from jpaged.sampler import MAX_LOGPROBS
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -116,10 +115,17 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids contain ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
+        args = self.engine_args
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
-            if value is not None and value > MAX_LOGPROBS:
-                raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}.")
+            if value is not None and value > args.max_logprobs:
+                raise ValueError(f"{name} must be at most {args.max_logprobs} (--max-logprobs), got {value}.")
+        for name, values, limit, flag in (
+                ("logit_bias", params.logit_bias or {}, args.max_logit_bias, "--max-logit-bias"),
+                ("stop", params.stop or [], args.max_stop_sequences, "--max-stop-sequences"),
+                ("stop_token_ids", params.stop_token_ids or [], args.max_stop_token_ids, "--max-stop-token-ids")):
+            if len(values) > limit:
+                raise ValueError(f"{name} has {len(values)} entries; at most {limit} are allowed ({flag}).")
         for name, ids in (("logit_bias", (params.logit_bias or {}).keys()), ("stop_token_ids", params.stop_token_ids)):
             bad = [t for t in ids if t >= vocab]
             if bad:

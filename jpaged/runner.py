@@ -19,13 +19,10 @@ from jpaged import kv_pool
 from jpaged.attention_backend import select_attention, select_kv_writer
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama
-from jpaged.sampler import MAX_LOGPROBS, sample
-from jpaged.step_metadata import SamplingMetadata, StepMetadata, bias_entries, has_penalties, pack_sampling, pack_step
+from jpaged.sampler import logprob_outputs, sample
+from jpaged.step_metadata import SamplingMetadata, StepMetadata, num_entries, pack_sampling, pack_step
 
 logger = logging.getLogger(__name__)
-
-# Smallest penalty-token / logit-bias list bucket.
-_MIN_EXTRA = 16
 
 
 def _forward_step(params, kv_cache, blob, *, config, attention_fn, write_kv_fn, num_tokens, num_seqs,
@@ -37,20 +34,17 @@ def _forward_step(params, kv_cache, blob, *, config, attention_fn, write_kv_fn, 
     return logits, hidden, kv_cache
 
 
-def _prompt_logprobs_step(params, hidden, targets, *, config):
+def _prompt_logprobs_step(params, hidden, targets, *, config, max_logprobs):
     """Raw log-softmax of every packed row's logits at its next prompt token, with the top ones.
 
     hidden: [num_tokens, hidden_size]; targets: i32[num_tokens] (the token each row predicts).
     """
-    logprobs = jax.nn.log_softmax(llama.compute_logits(params, config, hidden), axis=-1)  # f32[T, vocab]
-    chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
-    ranks = (logprobs > chosen[:, None]).sum(axis=-1).astype(jnp.int32) + 1
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logprobs.shape[1]))
-    return chosen, ranks, top_logprobs, top_ids.astype(jnp.int32)
+    logits = llama.compute_logits(params, config, hidden)  # f32[T, vocab]
+    return logprob_outputs(logits, targets, min(max_logprobs, logits.shape[1]))
 
 
-def _sample_step(logits, blob, *, num_seqs, penalty_len, num_bias):
-    return sample(logits, SamplingMetadata.unpack(blob, num_seqs, penalty_len, num_bias))
+def _sample_step(logits, blob, *, num_seqs, num_entries, max_logprobs):
+    return sample(logits, SamplingMetadata.unpack(blob, num_seqs, num_entries), max_logprobs)
 
 
 def _gather_blocks(kv_cache, block_ids):
@@ -69,8 +63,8 @@ class RunnerOutput:
     # Present only when a scheduled request asked for logprobs:
     logprobs: np.ndarray | None = None  # f32[num_seqs]: the sampled token's
     ranks: np.ndarray | None = None  # i32[num_seqs]
-    top_logprobs: np.ndarray | None = None  # f32[num_seqs, MAX_LOGPROBS]
-    top_token_ids: np.ndarray | None = None  # i32[num_seqs, MAX_LOGPROBS]
+    top_logprobs: np.ndarray | None = None  # f32[num_seqs, max_logprobs]
+    top_token_ids: np.ndarray | None = None  # i32[num_seqs, max_logprobs]
     # Present only when a scheduled request asked for prompt_logprobs; one row per packed token
     # (row r of scheduled[i] is at position start_position + r - its offset and predicts the next token):
     prompt_logprobs: tuple[np.ndarray, ...] | None = None  # (logprob f32[T], rank i32[T], top f32[T, K], ids i32[T, K])
@@ -84,10 +78,13 @@ class ModelRunner:
       pool_spec: kv_pool.KVPoolSpec. num_swap_blocks: host blocks for swapping (0: none).
       attention_fn: a paged attention with the reference signature; write_kv_fn: the KV write to go with it.
       bucket_pages: bucket the block-table width (for attention whose cost follows the width).
+      max_entries_per_seq: the most sampler entries (logit_bias, min_tokens masks, distinct
+        penalty tokens) one request can bring; max_logprobs: the widest top-logprobs request.
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, device):
+                 max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, device,
+                 max_entries_per_seq: int, max_logprobs: int):
         self.model_config = model_config
         self.params = params
         self.pool_spec = pool_spec
@@ -96,17 +93,18 @@ class ModelRunner:
         self.device = device
         self.buckets = Buckets.create(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       max_model_len=max_model_len, block_size=pool_spec.block_size,
-                                      bucket_pages=bucket_pages)
-        self.penalty_buckets = power_of_2_buckets(_MIN_EXTRA, max(_MIN_EXTRA, next_power_of_2(max_model_len)))
+                                      bucket_pages=bucket_pages, max_entries_per_seq=max_entries_per_seq)
         self.kv_cache = kv_pool.allocate(pool_spec, device)
         self._forward_jit = jax.jit(
             functools.partial(_forward_step, config=model_config, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
-        self._sample_jit = jax.jit(_sample_step, static_argnames=("num_seqs", "penalty_len", "num_bias"))
-        self._prompt_logprobs_jit = jax.jit(functools.partial(_prompt_logprobs_step, config=model_config))
+        self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs),
+                                   static_argnames=("num_seqs", "num_entries"))
+        self._prompt_logprobs_jit = jax.jit(
+            functools.partial(_prompt_logprobs_step, config=model_config, max_logprobs=max_logprobs))
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled
-        self._sample = {}  # (num_seqs, penalty_len, num_bias) -> compiled
+        self._sample = {}  # (num_seqs, num_entries) -> compiled
         self._swap = {}  # ("out" | "in", count bucket) -> compiled
         self.num_swap_blocks = num_swap_blocks
         self.swap_buckets = ()
@@ -130,11 +128,15 @@ class ModelRunner:
                                           num_tokens=t, num_seqs=s, pages_per_seq=p)
         self._forward[(t, s, p)] = lowered.compile()
 
-    def _compile_sample(self, s: int, l: int, b: int):
+    def _compile_sample(self, s: int, e: int):
         logits = jax.ShapeDtypeStruct((s, self.model_config.vocab_size), jnp.float32)
-        blob = self._blob_spec(SamplingMetadata.blob_size(s, l, b))
-        self._sample[(s, l, b)] = self._sample_jit.lower(logits, blob, num_seqs=s, penalty_len=l,
-                                                         num_bias=b).compile()
+        blob = self._blob_spec(SamplingMetadata.blob_size(s, e))
+        self._sample[(s, e)] = self._sample_jit.lower(logits, blob, num_seqs=s, num_entries=e).compile()
+
+    def _compile_prompt_logprobs(self, t: int):
+        hidden = jax.ShapeDtypeStruct((t, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
+        self._prompt_logprobs[t] = self._prompt_logprobs_jit.lower(
+            self._abstract(self.params), hidden, self._blob_spec(t)).compile()
 
     def _compile_swap(self, direction: str, n: int):
         ids = jax.ShapeDtypeStruct((n,), jnp.int32)
@@ -147,13 +149,12 @@ class ModelRunner:
         self._swap[(direction, n)] = compiled
 
     def warmup(self, show_progress: bool = True) -> int:
-        """Compiles every forward bucket, the plain sampler per num_seqs bucket and the swap copies.
-
-        Sampler variants with penalties or logit_bias/min_tokens compile on first use (small
-        programs, independent of the model size). Returns the number of programs compiled.
-        """
+        """Compiles every program a step can run: the forward per bucket, the sampler per
+        (num_seqs, num_entries) bucket, prompt logprobs per token bucket and the swap copies.
+        Returns the number of programs compiled (or loaded from the compilation cache)."""
         jobs = [functools.partial(self._compile_forward, *shape) for shape in self.buckets.step_shapes()]
-        jobs += [functools.partial(self._compile_sample, s, 0, 0) for s in self.buckets.num_seqs]
+        jobs += [functools.partial(self._compile_sample, *shape) for shape in self.buckets.sampler_shapes()]
+        jobs += [functools.partial(self._compile_prompt_logprobs, t) for t in self.buckets.num_tokens]
         jobs += [functools.partial(self._compile_swap, d, n) for d in ("out", "in") for n in self.swap_buckets]
         for job in tqdm(jobs, desc="Compiling step buckets", disable=not show_progress, unit="program"):
             job()
@@ -190,13 +191,6 @@ class ModelRunner:
         self.kv_cache = self._swap[("in", n)](self.kv_cache, jax.device_put(ids, self.device),
                                               jax.device_put(blocks, self.device))
 
-    def _extras_sizes(self, scheduled) -> tuple[int, int]:
-        penalty_len = max((len(r.prompt_token_ids) + len(r.output_token_ids) for r in scheduled
-                           if has_penalties(r.sampling_params)), default=0)
-        num_bias = sum(len(bias_entries(r)) for r in scheduled)
-        l = pick(self.penalty_buckets, penalty_len) if penalty_len else 0
-        b = max(_MIN_EXTRA, next_power_of_2(num_bias)) if num_bias else 0
-        return l, b
 
     def execute(self, scheduler_output, seeds: list[int]) -> RunnerOutput:
         """Runs one scheduled step. `seeds[i]` is scheduled[i]'s resolved sampling seed."""
@@ -207,14 +201,11 @@ class ModelRunner:
         t, s, p = self.buckets.for_step(scheduler_output.total_num_scheduled_tokens, len(scheduled), max_context,
                                         self.block_size)
         forward_blob = pack_step(scheduled, t, s, p, self.block_size)
-        l, b = self._extras_sizes(scheduled)
-        sampling_blob = pack_sampling(scheduled, seeds, s, l, b)
+        e = pick(self.buckets.entries_for_seqs(s), sum(num_entries(r) for r in scheduled))
+        sampling_blob = pack_sampling(scheduled, seeds, s, e)
         forward_blob, sampling_blob = jax.device_put((forward_blob, sampling_blob), self.device)
         logits, hidden, self.kv_cache = self._forward[(t, s, p)](self.params, self.kv_cache, forward_blob)
-        if (s, l, b) not in self._sample:
-            logger.info("compiling the sampler for num_seqs=%d penalty_len=%d num_bias=%d", s, l, b)
-            self._compile_sample(s, l, b)
-        out = self._sample[(s, l, b)](logits, sampling_blob)
+        out = self._sample[(s, e)](logits, sampling_blob)
         prompt_logprobs = None
         if any(r.sampling_params.prompt_logprobs is not None for r in scheduled):
             prompt_logprobs = self._run_prompt_logprobs(scheduled, hidden, t)
@@ -225,7 +216,7 @@ class ModelRunner:
         return RunnerOutput(np.asarray(out.token_ids), prompt_logprobs=prompt_logprobs)
 
     def _run_prompt_logprobs(self, scheduled, hidden, num_tokens: int):
-        """Prompt logprobs for every packed row (compiled per token bucket on first use)."""
+        """Prompt logprobs for every packed row."""
         targets = np.zeros(num_tokens, np.int32)
         start = 0
         for req in scheduled:
@@ -235,10 +226,6 @@ class ModelRunner:
             in_prompt = nxt < len(prompt)
             targets[start:start + n][in_prompt] = np.asarray(prompt, np.int32)[nxt[in_prompt]]
             start += n
-        if num_tokens not in self._prompt_logprobs:
-            logger.info("compiling prompt logprobs for %d tokens", num_tokens)
-            self._prompt_logprobs[num_tokens] = self._prompt_logprobs_jit.lower(
-                self._abstract(self.params), self._abstract(hidden), self._blob_spec(num_tokens)).compile()
         return jax.device_get(self._prompt_logprobs[num_tokens](self.params, hidden,
                                                                 jax.device_put(targets, self.device)))
 
@@ -282,4 +269,13 @@ def build_runner(model_config, params, args, max_model_len: int) -> ModelRunner:
                        num_swap_blocks=kv_pool.num_swap_blocks(model_config, args, kv_dtype),
                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                        max_model_len=max_model_len, attention_fn=attention_fn,
-                       write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", device=device)
+                       write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", device=device,
+                       max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
+                       max_logprobs=args.max_logprobs)
+
+
+def max_sampler_entries(model_config, args, max_model_len: int) -> int:
+    """The most sampler entries one request can bring: logit_bias, a min_tokens mask over its
+    stop_token_ids and EOS ids, one penalty entry per distinct token of its context."""
+    return (args.max_logit_bias + args.max_stop_token_ids + len(model_config.eos_token_ids)
+            + max_model_len)

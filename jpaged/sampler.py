@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jpaged.step_metadata import SamplingMetadata
 
-# vLLM's default max_logprobs: the most top logprobs a request may ask for.
+# vLLM's default --max-logprobs: the most top logprobs a request may ask for.
 MAX_LOGPROBS = 20
 
 
@@ -24,31 +24,22 @@ class SamplerOutput:
     token_ids: jax.Array  # i32[num_seqs]
     logprobs: jax.Array  # f32[num_seqs]: the sampled token's logprob (0 when no row asked)
     ranks: jax.Array  # i32[num_seqs]: its 1-based rank
-    top_logprobs: jax.Array  # f32[num_seqs, min(MAX_LOGPROBS, vocab_size)]
-    top_token_ids: jax.Array  # i32[num_seqs, min(MAX_LOGPROBS, vocab_size)]
+    top_logprobs: jax.Array  # f32[num_seqs, min(max_logprobs, vocab_size)]
+    top_token_ids: jax.Array  # i32[num_seqs, min(max_logprobs, vocab_size)]
 
 
-def apply_bias(logits, meta: SamplingMetadata):
-    """Adds logit_bias values and -inf min_tokens masks. logits: f32[S, V]."""
-    if meta.bias_rows.shape[0] == 0:
+def apply_adjustments(logits, meta: SamplingMetadata):
+    """logit_bias and min_tokens masks, then presence/frequency/repetition penalties. f32[S, V].
+
+    The entries are sparse (row, token) pairs; rows without penalties have neutral penalty
+    values, so the dense penalty arithmetic leaves them unchanged.
+    """
+    if meta.entry_rows.shape[0] == 0:
         return logits
-    return logits.at[meta.bias_rows, meta.bias_token_ids].add(meta.bias_values)
-
-
-def apply_penalties(logits, meta: SamplingMetadata):
-    """Presence/frequency penalties on output tokens, repetition penalty on prompt + output tokens."""
-    num_seqs, penalty_len = meta.penalty_tokens.shape
-    if penalty_len == 0:
-        return logits
-    vocab = logits.shape[1]
-    tokens = meta.penalty_tokens  # i32[S, L], -1 padded
-    valid = tokens >= 0
-    is_output = jnp.arange(penalty_len)[None, :] >= meta.prompt_lens[:, None]
-    rows = jnp.broadcast_to(jnp.arange(num_seqs)[:, None], tokens.shape)
-    safe = jnp.where(valid, tokens, 0)
-    output_counts = jnp.zeros((num_seqs, vocab), jnp.float32).at[rows, safe].add(
-        (valid & is_output).astype(jnp.float32))
-    seen = jnp.zeros((num_seqs, vocab), jnp.bool_).at[rows, safe].max(valid)
+    rows, tokens = meta.entry_rows, meta.entry_token_ids
+    logits = logits.at[rows, tokens].add(meta.entry_bias)
+    output_counts = jnp.zeros(logits.shape, jnp.float32).at[rows, tokens].add(meta.entry_output_counts)
+    seen = jnp.zeros(logits.shape, jnp.bool_).at[rows, tokens].max(meta.entry_seen > 0)
     rep = meta.repetition_penalty[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - meta.frequency_penalty[:, None] * output_counts
@@ -118,11 +109,13 @@ def gumbel_noise(seeds, output_index, vocab: int):
     return -jnp.log(-jnp.log(uniform))
 
 
-def _logprob_outputs(processed, token_ids):
-    logprobs = jax.nn.log_softmax(processed, axis=-1)
+def logprob_outputs(logits, token_ids, num_top: int):
+    """log_softmax of f32[S, V] logits: the given tokens' logprobs f32[S] and 1-based ranks i32[S],
+    and the top `num_top` logprobs f32[S, num_top] with their ids i32[S, num_top]."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]
     ranks = (logprobs > chosen[:, None]).sum(axis=-1).astype(jnp.int32) + 1
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logprobs.shape[1]))
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
     return chosen, ranks, top_logprobs, top_ids.astype(jnp.int32)
 
 
@@ -136,14 +129,16 @@ def _processed_logits(logits, meta: SamplingMetadata, greedy):
     return jnp.where(greedy[:, None], logits, masked)
 
 
-def sample(logits, meta: SamplingMetadata) -> SamplerOutput:
+def sample(logits, meta: SamplingMetadata, max_logprobs: int = MAX_LOGPROBS) -> SamplerOutput:
     """Samples one token per row. logits: f32[num_seqs, vocab_size].
+
+    max_logprobs (static): the width of the top-logprobs outputs (capped at the vocabulary).
 
     The branches only return per-row values, so an all-greedy batch without logprobs costs one
     argmax (vocabulary-sized arrays never pass through a cond).
     """
     num_seqs, vocab = logits.shape
-    logits = apply_penalties(apply_bias(logits.astype(jnp.float32), meta), meta)
+    logits = apply_adjustments(logits.astype(jnp.float32), meta)
     greedy = meta.temperature <= 0.0
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -152,10 +147,10 @@ def sample(logits, meta: SamplingMetadata) -> SamplerOutput:
         return jnp.where(greedy, greedy_ids, jnp.argmax(noisy, axis=-1).astype(jnp.int32))
 
     token_ids = jax.lax.cond(jnp.all(greedy), lambda _: greedy_ids, sampled_ids, logits)
-    top = min(MAX_LOGPROBS, vocab)
+    top = min(max_logprobs, vocab)
 
     def with_logprobs(logits, token_ids):
-        return _logprob_outputs(_processed_logits(logits, meta, greedy), token_ids)
+        return logprob_outputs(_processed_logits(logits, meta, greedy), token_ids, top)
 
     def no_logprobs(logits, token_ids):
         return (jnp.zeros(num_seqs, jnp.float32), jnp.zeros(num_seqs, jnp.int32),

@@ -2,11 +2,13 @@
 
 A step makes two host->device transfers: the forward blob (token ids, positions, attention
 metadata, logits indices; its size depends only on the step's (num_tokens, num_seqs,
-pages_per_seq) bucket) and the sampling blob (per-request sampling arrays; its size depends only
-on (num_seqs, penalty_len, num_bias) so the sampler compiles independently of the forward).
+pages_per_seq) bucket) and the sampling blob (per-request sampling arrays and logit-adjustment
+entries; its size depends only on (num_seqs, num_entries), so the sampler compiles
+independently of the forward).
 Float fields travel bit-cast to int32.
 """
 
+import collections
 import dataclasses
 
 import jax
@@ -79,7 +81,11 @@ def pack_step(scheduled, num_tokens: int, num_seqs: int, pages_per_seq: int, blo
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingMetadata:
-    """Per-row sampling parameters for one step (rows = the step's sequences, padded)."""
+    """Per-row sampling parameters for one step (rows = the step's sequences, padded).
+
+    Penalties and additive biases travel as one flat list of (row, token) entries whose length
+    comes from a small bucket set, so every sampler program exists before the first request.
+    """
 
     temperature: jax.Array  # f32[num_seqs]: 0 = greedy
     top_k: jax.Array  # i32[num_seqs]: 0 = off
@@ -91,30 +97,28 @@ class SamplingMetadata:
     seeds: jax.Array  # i32[num_seqs]: the request's seed (bits of a uint32)
     output_index: jax.Array  # i32[num_seqs]: index of the token being sampled among the outputs
     num_logprobs: jax.Array  # i32[num_seqs]: top logprobs wanted (-1: none)
-    # Penalty inputs (penalty_len 0: no row has penalties):
-    penalty_tokens: jax.Array  # i32[num_seqs, penalty_len]: prompt then output ids, -1 padded
-    prompt_lens: jax.Array  # i32[num_seqs]: how many of penalty_tokens are prompt ids
-    # Additive logit adjustments: logit_bias and min_tokens' eos/stop masks (num_bias 0: none).
-    bias_rows: jax.Array  # i32[num_bias]: row (padding: row 0 with value 0)
-    bias_token_ids: jax.Array  # i32[num_bias]
-    bias_values: jax.Array  # f32[num_bias]
+    # Logit adjustments (num_entries 0: none); padding entries are (row 0, token 0, all zero):
+    entry_rows: jax.Array  # i32[num_entries]
+    entry_token_ids: jax.Array  # i32[num_entries]
+    entry_bias: jax.Array  # f32[num_entries]: added to the logit (logit_bias; -inf for min_tokens masks)
+    entry_output_counts: jax.Array  # f32[num_entries]: occurrences among the row's outputs (penalties)
+    entry_seen: jax.Array  # i32[num_entries]: 1 if in the row's prompt or outputs (repetition penalty)
 
     @staticmethod
-    def blob_size(num_seqs: int, penalty_len: int, num_bias: int) -> int:
-        return 11 * num_seqs + num_seqs * penalty_len + 3 * num_bias
+    def blob_size(num_seqs: int, num_entries: int) -> int:
+        return 10 * num_seqs + 5 * num_entries
 
     @classmethod
-    def unpack(cls, blob, num_seqs: int, penalty_len: int, num_bias: int) -> "SamplingMetadata":
-        s, l, b = num_seqs, penalty_len, num_bias
-        sizes = [s] * 10 + [s * l, s, b, b, b]
-        parts = jnp.split(blob, np.cumsum(sizes)[:-1].tolist())
+    def unpack(cls, blob, num_seqs: int, num_entries: int) -> "SamplingMetadata":
+        s, e = num_seqs, num_entries
+        parts = jnp.split(blob, np.cumsum([s] * 10 + [e] * 4).tolist())
         as_f32 = lambda x: jax.lax.bitcast_convert_type(x, jnp.float32)  # noqa: E731
         return cls(
             temperature=as_f32(parts[0]), top_k=parts[1], top_p=as_f32(parts[2]), min_p=as_f32(parts[3]),
             presence_penalty=as_f32(parts[4]), frequency_penalty=as_f32(parts[5]),
             repetition_penalty=as_f32(parts[6]), seeds=parts[7], output_index=parts[8],
-            num_logprobs=parts[9], penalty_tokens=parts[10].reshape(s, l), prompt_lens=parts[11],
-            bias_rows=parts[12], bias_token_ids=parts[13], bias_values=as_f32(parts[14]))
+            num_logprobs=parts[9], entry_rows=parts[10], entry_token_ids=parts[11], entry_bias=as_f32(parts[12]),
+            entry_output_counts=as_f32(parts[13]), entry_seen=parts[14])
 
 
 def has_penalties(params) -> bool:
@@ -134,20 +138,35 @@ def bias_entries(req) -> list[tuple[int, float]]:
     return entries
 
 
-def pack_sampling(scheduled, seeds: list[int], num_seqs: int, penalty_len: int, num_bias: int) -> np.ndarray:
+def penalty_entries(req) -> list[tuple[int, int, int]]:
+    """(token id, output count, seen) for every distinct prompt or output token of a request
+    with penalties; none for a request without."""
+    if not has_penalties(req.sampling_params):
+        return []
+    counts = collections.Counter(req.output_token_ids)
+    for tok in set(req.prompt_token_ids).difference(counts):
+        counts[tok] = 0
+    # Prompt-only tokens carry count 0: seen for the repetition penalty, not for the others.
+    return [(tok, n, 1) for tok, n in counts.items()]
+
+
+def num_entries(req) -> int:
+    """How many logit-adjustment entries a request adds to a step."""
+    return len(bias_entries(req)) + len(penalty_entries(req))
+
+
+def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int) -> np.ndarray:
     """Packs the sampling blob. `seeds[i]` is the resolved seed of scheduled[i]."""
-    s, l, b = num_seqs, penalty_len, num_bias
-    blob = np.zeros(SamplingMetadata.blob_size(s, l, b), np.int32)
+    s, e = num_seqs, num_entries
+    blob = np.zeros(SamplingMetadata.blob_size(s, e), np.int32)
     cols = blob[:10 * s].reshape(10, s)
     floats = cols.view(np.float32)
     floats[0] = _GREEDY
     floats[2] = 1.0  # top_p
     floats[6] = 1.0  # repetition_penalty
     cols[9] = -1  # num_logprobs
-    penalty_tokens = blob[10 * s:10 * s + s * l].reshape(s, l)
-    penalty_tokens[:] = -1
-    prompt_lens = blob[10 * s + s * l:11 * s + s * l]
-    bias = blob[11 * s + s * l:].reshape(3, b)
+    entries = blob[10 * s:].reshape(5, e)
+    entry_floats = entries.view(np.float32)
     k = 0
     for i, req in enumerate(scheduled):
         params = req.sampling_params
@@ -161,15 +180,12 @@ def pack_sampling(scheduled, seeds: list[int], num_seqs: int, penalty_len: int, 
         cols[7, i] = np.uint32(seeds[i] & 0xFFFFFFFF).view(np.int32)
         cols[8, i] = len(req.output_token_ids)
         cols[9, i] = -1 if params.logprobs is None else params.logprobs
-        if l and has_penalties(params):
-            prompt, output = req.prompt_token_ids, req.output_token_ids
-            penalty_tokens[i, :len(prompt)] = prompt
-            penalty_tokens[i, len(prompt):len(prompt) + len(output)] = output
-            prompt_lens[i] = len(prompt)
-        if b:
-            for tok, value in bias_entries(req):
-                bias[0, k] = i
-                bias[1, k] = tok
-                bias[2, k] = np.float32(value).view(np.int32)
-                k += 1
+        if not e:
+            continue
+        for tok, value in bias_entries(req):
+            entries[0, k], entries[1, k], entry_floats[2, k] = i, tok, value
+            k += 1
+        for tok, count, seen in penalty_entries(req):
+            entries[0, k], entries[1, k], entry_floats[3, k], entries[4, k] = i, tok, count, seen
+            k += 1
     return blob

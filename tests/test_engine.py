@@ -124,20 +124,37 @@ def test_seeded_request_same_alone_and_in_a_batch(tiny_llm):
     assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
 
 
-def test_no_compiles_after_warmup_over_a_random_workload(tiny_llm):
-    rng = np.random.default_rng(2)
+def random_feature_requests(rng, count):
+    """Prompts and SamplingParams mixing every request feature (each shape must be precompiled)."""
     prompts, params = [], []
-    for i in range(12):
+    for i in range(count):
         prompts.append({"prompt_token_ids": rng.integers(100, 40000, size=int(rng.integers(1, 70))).tolist()})
         params.append(SamplingParams(
             n=int(rng.integers(1, 3)), temperature=float(rng.choice([0.0, 0.7, 1.3])),
             top_k=int(rng.choice([0, 5])), top_p=float(rng.choice([1.0, 0.8])), min_p=float(rng.choice([0.0, 0.1])),
             seed=int(rng.integers(0, 1000)) if i % 2 else None, max_tokens=int(rng.integers(1, 12)),
-            logprobs=int(rng.choice([0, 3])) if i % 3 == 0 else None, stop=["the"] if i % 4 == 0 else None))
+            logprobs=int(rng.choice([0, 3, 20])) if i % 3 == 0 else None, stop=["the"] if i % 4 == 0 else None,
+            presence_penalty=float(rng.choice([0.0, 0.5])), frequency_penalty=float(rng.choice([0.0, 0.3])),
+            repetition_penalty=float(rng.choice([1.0, 1.2])),
+            logit_bias={int(t): float(rng.uniform(-5, 5)) for t in rng.integers(0, 49152, int(rng.choice([0, 3, 300])))},
+            min_tokens=int(rng.choice([0, 1])), stop_token_ids=rng.integers(0, 49152, int(rng.choice([0, 64]))).tolist(),
+            prompt_logprobs=int(rng.choice([0, 5])) if i % 5 == 0 else None))
+    return prompts, params
+
+
+@pytest.mark.parametrize("swap_space", [0.0, 0.001])
+def test_no_compiles_after_warmup_with_every_request_feature(tiny_model_dir, tiny_llm, swap_space):
+    """Penalties, logit_bias (up to the cap), min_tokens with stop_token_ids, logprobs up to the cap,
+    prompt_logprobs, n > 1, seeds, stops, preemption by recompute and by swap: nothing compiles."""
+    llm = LLM(str(tiny_model_dir), swap_space=swap_space, **ENGINE_KWARGS) if swap_space else tiny_llm
+    prompts, params = random_feature_requests(np.random.default_rng(2), 16)
+    before = llm.llm_engine.get_stats()
     with count_compiles() as compiles:
-        outputs = tiny_llm.generate(prompts, params, use_tqdm=False)
-    assert len(outputs) == 12 and all(o.finished for o in outputs)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert len(outputs) == 16 and all(o.finished for o in outputs)
+    assert llm.llm_engine.get_stats().num_preemptions > before.num_preemptions
     assert compiles == []
+    assert_pool_free(llm)
 
 
 def test_update_weights_changes_outputs_without_compiling(tiny_llm):

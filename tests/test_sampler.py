@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged.sampler import MAX_LOGPROBS, apply_min_p, apply_penalties, apply_top_k_top_p, sample
+from jpaged.sampler import MAX_LOGPROBS, apply_adjustments, apply_min_p, apply_top_k_top_p, sample
 from jpaged.sampling_params import SamplingParams
 from jpaged.step_metadata import SamplingMetadata, pack_sampling
 
@@ -23,8 +23,8 @@ def make_meta(num_seqs, **fields):
         presence_penalty=np.zeros(num_seqs, np.float32), frequency_penalty=np.zeros(num_seqs, np.float32),
         repetition_penalty=np.ones(num_seqs, np.float32), seeds=np.zeros(num_seqs, np.int32),
         output_index=np.zeros(num_seqs, np.int32), num_logprobs=np.full(num_seqs, -1, np.int32),
-        penalty_tokens=np.zeros((num_seqs, 0), np.int32), prompt_lens=np.zeros(num_seqs, np.int32),
-        bias_rows=np.zeros(0, np.int32), bias_token_ids=np.zeros(0, np.int32), bias_values=np.zeros(0, np.float32))
+        entry_rows=np.zeros(0, np.int32), entry_token_ids=np.zeros(0, np.int32), entry_bias=np.zeros(0, np.float32),
+        entry_output_counts=np.zeros(0, np.float32), entry_seen=np.zeros(0, np.int32))
     for name, value in fields.items():
         base[name] = np.asarray(value, base[name].dtype)
     return SamplingMetadata(**{k: jnp.asarray(v) for k, v in base.items()})
@@ -66,20 +66,23 @@ def test_min_p_mask_matches_numpy():
     np.testing.assert_allclose(got[keep], logits[keep])
 
 
-def test_penalties_match_numpy():
+def test_penalties_and_bias_match_numpy():
+    """Packed through the blob (padded entries included) against a dense numpy oracle."""
     rng = np.random.default_rng(3)
-    logits = rng.normal(size=(3, VOCAB)).astype(np.float32)
-    prompts = [[1, 2, 3], [4, 4], [5]]
-    outputs = [[3, 3, 7], [], [5, 9, 9, 9]]
-    presence, frequency, repetition = [0.5, 0.0, -1.0], [0.25, 1.0, 0.5], [1.3, 1.0, 0.7]
-    length = 8
-    tokens = np.full((3, length), -1, np.int32)
-    for i, (p, o) in enumerate(zip(prompts, outputs)):
-        tokens[i, :len(p) + len(o)] = p + o
-    meta = make_meta(3, presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
-                     penalty_tokens=tokens, prompt_lens=[len(p) for p in prompts])
-    got = np.asarray(apply_penalties(jnp.asarray(logits), meta))
+    logits = rng.normal(size=(8, VOCAB)).astype(np.float32)
+    prompts = [[1, 2, 3], [4, 4], [5], [6]]
+    outputs = [[3, 3, 7], [], [5, 9, 9, 9], [6, 6]]
+    presence, frequency, repetition = [0.5, 0.0, -1.0, 0.0], [0.25, 1.0, 0.5, 0.0], [1.3, 1.0, 0.7, 1.0]
+    bias = [{}, {4: -2.0}, {9: 1.5, 11: 3.0}, {6: 1.0}]  # row 3: bias only, no penalties
+    reqs = [_request(SamplingParams(temperature=0, presence_penalty=presence[i], frequency_penalty=frequency[i],
+                                    repetition_penalty=repetition[i], logit_bias=bias[i]), prompts[i], outputs[i])
+            for i in range(4)]
+    blob = pack_sampling(reqs, [0] * 4, num_seqs=8, num_entries=32)
+    got = np.asarray(apply_adjustments(jnp.asarray(logits), SamplingMetadata.unpack(jnp.asarray(blob), 8, 32)))
     expect = logits.copy()
+    for i in range(4):
+        for tok, value in bias[i].items():
+            expect[i, tok] += value
     for i in range(3):
         for tok in set(prompts[i]) | set(outputs[i]):
             x = expect[i, tok]
@@ -155,8 +158,8 @@ def test_packed_logit_bias_and_min_tokens_masks():
         _request(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[5]), [1], [3]),
         _request(SamplingParams(temperature=0, min_tokens=1), [1], [3]),  # min_tokens reached
     ]
-    blob = pack_sampling(reqs, [0, 0, 0], num_seqs=8, penalty_len=0, num_bias=16)
-    meta = SamplingMetadata.unpack(jnp.asarray(blob), 8, 0, 16)
+    blob = pack_sampling(reqs, [0, 0, 0], num_seqs=8, num_entries=16)
+    meta = SamplingMetadata.unpack(jnp.asarray(blob), 8, 16)
     out = _sample(jnp.asarray(logits), meta)
     assert list(np.asarray(out.token_ids[:3])) == [7, 0, 2]
 
@@ -168,6 +171,6 @@ def test_packed_penalties_roundtrip(temperature):
     logits[:, 4] = 2.0
     logits[:, 6] = 1.9
     params = SamplingParams(temperature=temperature, top_k=1 if temperature else 0, repetition_penalty=2.0, seed=1)
-    blob = pack_sampling([_request(params, [1, 4], [])], [1], num_seqs=8, penalty_len=16, num_bias=0)
-    out = _sample(jnp.asarray(logits), SamplingMetadata.unpack(jnp.asarray(blob), 8, 16, 0))
+    blob = pack_sampling([_request(params, [1, 4], [])], [1], num_seqs=8, num_entries=16)
+    out = _sample(jnp.asarray(logits), SamplingMetadata.unpack(jnp.asarray(blob), 8, 16))
     assert int(out.token_ids[0]) == 6
