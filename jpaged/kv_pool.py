@@ -105,11 +105,20 @@ def allocate(spec: KVPoolSpec, device) -> list[tuple[jax.Array, jax.Array]]:
     huge pages where the kernel allows it."""
     zeros = jax.jit(lambda: jnp.zeros(spec.page_shape, spec.dtype),
                     out_shardings=jax.sharding.SingleDeviceSharding(device))
-    pool = jax.block_until_ready([(zeros(), zeros()) for _ in range(spec.num_layers)])
-    if device.platform == "cpu":
-        huge = sum(advise_huge_pages(a) for layer in pool for a in layer)
-        if huge:
-            logger.info("KV cache: %.2f GiB advised onto transparent huge pages", huge / GIB)
+    pool, huge = [], 0
+
+    def pages():
+        # One array at a time, each advised before the next is zeroed: the zeroing touches every
+        # page, so advising the whole pool at the end would take all of it into memory first.
+        array = jax.block_until_ready(zeros())
+        nonlocal huge
+        huge += advise_huge_pages(array) if device.platform == "cpu" else 0
+        return array
+
+    for _ in range(spec.num_layers):
+        pool.append((pages(), pages()))
+    if huge:
+        logger.info("KV cache: %.2f GiB advised onto transparent huge pages", huge / GIB)
     return pool
 
 
