@@ -21,6 +21,7 @@ from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama
 from jpaged.sampler import MAX_LOGPROBS, sample
 from jpaged.step_metadata import SamplingMetadata, StepMetadata, bias_entries, has_penalties, pack_sampling, pack_step
+from jpaged.structured_output.manager import bitmask_width
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ def _prompt_logprobs_step(params, hidden, targets, *, config):
     return chosen, ranks, top_logprobs, top_ids.astype(jnp.int32)
 
 
-def _sample_step(logits, blob, *, num_seqs, penalty_len, num_bias):
-    return sample(logits, SamplingMetadata.unpack(blob, num_seqs, penalty_len, num_bias))
+def _sample_step(logits, blob, token_bitmask=None, *, num_seqs, penalty_len, num_bias):
+    return sample(logits, SamplingMetadata.unpack(blob, num_seqs, penalty_len, num_bias), token_bitmask)
 
 
 def _gather_blocks(kv_cache, block_ids):
@@ -105,7 +106,7 @@ class ModelRunner:
         self._prompt_logprobs_jit = jax.jit(functools.partial(_prompt_logprobs_step, config=model_config))
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled
-        self._sample = {}  # (num_seqs, penalty_len, num_bias) -> compiled
+        self._sample = {}  # (num_seqs, penalty_len, num_bias, masked) -> compiled
         self._swap = {}  # ("out" | "in", count bucket) -> compiled
         self.num_swap_blocks = num_swap_blocks
         self.swap_buckets = ()
@@ -129,11 +130,13 @@ class ModelRunner:
                                           num_tokens=t, num_seqs=s, pages_per_seq=p)
         self._forward[(t, s, p)] = lowered.compile()
 
-    def _compile_sample(self, s: int, l: int, b: int):
-        logits = jax.ShapeDtypeStruct((s, self.model_config.vocab_size), jnp.float32)
+    def _compile_sample(self, s: int, l: int, b: int, masked: bool):
+        vocab = self.model_config.vocab_size
+        logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32)
         blob = self._blob_spec(SamplingMetadata.blob_size(s, l, b))
-        self._sample[(s, l, b)] = self._sample_jit.lower(logits, blob, num_seqs=s, penalty_len=l,
-                                                         num_bias=b).compile()
+        bitmask = jax.ShapeDtypeStruct((s, bitmask_width(vocab)), jnp.int32) if masked else None
+        self._sample[(s, l, b, masked)] = self._sample_jit.lower(logits, blob, bitmask, num_seqs=s, penalty_len=l,
+                                                                 num_bias=b).compile()
 
     def _compile_swap(self, direction: str, n: int):
         ids = jax.ShapeDtypeStruct((n,), jnp.int32)
@@ -146,13 +149,15 @@ class ModelRunner:
         self._swap[(direction, n)] = compiled
 
     def warmup(self, show_progress: bool = True) -> int:
-        """Compiles every forward bucket, the plain sampler per num_seqs bucket and the swap copies.
+        """Compiles every forward bucket, the plain and the token-masked (structured outputs)
+        sampler per num_seqs bucket, and the swap copies.
 
         Sampler variants with penalties or logit_bias/min_tokens compile on first use (small
         programs, independent of the model size). Returns the number of programs compiled.
         """
         jobs = [functools.partial(self._compile_forward, *shape) for shape in self.buckets.step_shapes()]
-        jobs += [functools.partial(self._compile_sample, s, 0, 0) for s in self.buckets.num_seqs]
+        jobs += [functools.partial(self._compile_sample, s, 0, 0, masked)
+                 for s in self.buckets.num_seqs for masked in (False, True)]
         jobs += [functools.partial(self._compile_swap, d, n) for d in ("out", "in") for n in self.swap_buckets]
         for job in tqdm(jobs, desc="Compiling step buckets", disable=not show_progress, unit="program"):
             job()
@@ -197,8 +202,12 @@ class ModelRunner:
         b = max(_MIN_EXTRA, next_power_of_2(num_bias)) if num_bias else 0
         return l, b
 
-    def execute(self, scheduler_output, seeds: list[int]) -> RunnerOutput:
-        """Runs one scheduled step. `seeds[i]` is scheduled[i]'s resolved sampling seed."""
+    def execute(self, scheduler_output, seeds: list[int], token_bitmask: np.ndarray | None = None) -> RunnerOutput:
+        """Runs one scheduled step. `seeds[i]` is scheduled[i]'s resolved sampling seed.
+
+        token_bitmask: None, or i32[len(scheduled), cdiv(vocab, 32)] of the tokens each row may
+        sample (structured outputs); it travels in the same device_put as the step's blobs.
+        """
         self.swap_out(scheduler_output.blocks_to_swap_out)
         self.swap_in(scheduler_output.blocks_to_swap_in)
         scheduled = scheduler_output.scheduled
@@ -208,12 +217,16 @@ class ModelRunner:
         forward_blob = pack_step(scheduled, t, s, p, self.block_size)
         l, b = self._extras_sizes(scheduled)
         sampling_blob = pack_sampling(scheduled, seeds, s, l, b)
-        forward_blob, sampling_blob = jax.device_put((forward_blob, sampling_blob), self.device)
+        masked = token_bitmask is not None
+        if masked:  # padded rows allow every token
+            token_bitmask = np.pad(token_bitmask, ((0, s - len(token_bitmask)), (0, 0)), constant_values=-1)
+        forward_blob, sampling_blob, token_bitmask = jax.device_put((forward_blob, sampling_blob, token_bitmask),
+                                                                    self.device)
         logits, hidden, self.kv_cache = self._forward[(t, s, p)](self.params, self.kv_cache, forward_blob)
-        if (s, l, b) not in self._sample:
-            logger.info("compiling the sampler for num_seqs=%d penalty_len=%d num_bias=%d", s, l, b)
-            self._compile_sample(s, l, b)
-        out = self._sample[(s, l, b)](logits, sampling_blob)
+        if (s, l, b, masked) not in self._sample:
+            logger.info("compiling the sampler for num_seqs=%d penalty_len=%d num_bias=%d masked=%s", s, l, b, masked)
+            self._compile_sample(s, l, b, masked)
+        out = self._sample[(s, l, b, masked)](logits, sampling_blob, token_bitmask)
         prompt_logprobs = None
         if any(r.sampling_params.prompt_logprobs is not None for r in scheduled):
             prompt_logprobs = self._run_prompt_logprobs(scheduled, hidden, t)
