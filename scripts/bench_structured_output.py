@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged import LLM, EngineArgs, SamplingParams, StructuredOutputsParams
-from jpaged.step_metadata import SamplingMetadata, pack_sampling
+from jpaged.step_metadata import pack_sampling
 from jpaged.structured_output import bitmask_width
 
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string", "minLength": 2000},

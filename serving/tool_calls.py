@@ -49,6 +49,7 @@ class ToolPlan:
     functions: dict[str, dict[str, Any]]  # name -> parameters schema
     parser_name: str | None = None  # auto: --tool-call-parser
     function_name: str | None = None  # named
+    parallel: bool = True  # parallel_tool_calls: False allows "required" one call only
 
     def constraint(self) -> StructuredOutputsParams | None:
         """The JSON-schema constraint that enforces "required" and named choices."""
@@ -59,7 +60,10 @@ class ToolPlan:
         one_call = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
                      "required": ["name", "parameters"], "additionalProperties": False}
                     for name, schema in self.functions.items()]
-        return StructuredOutputsParams(json={"type": "array", "minItems": 1, "items": {"anyOf": one_call}})
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": one_call}}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return StructuredOutputsParams(json=schema)
 
     def parse(self, text: str, final: bool) -> ParsedOutput:
         if self.mode == "named":
@@ -101,7 +105,7 @@ def plan_tools(body, *, enable_auto_tool_choice: bool, tool_call_parser: str | N
                            "to be set", param="tool_choice")
         return ToolPlan("auto", tools, functions, parser_name=tool_call_parser)
     if choice == "required":
-        return ToolPlan("required", tools, functions)
+        return ToolPlan("required", tools, functions, parallel=body.parallel_tool_calls is not False)
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         if name not in functions:
@@ -125,8 +129,11 @@ class ToolCallStream:
         return bool(self.sent_calls)
 
     def feed(self, new_text: str, final: bool) -> tuple[str | None, list[DeltaToolCall] | None]:
+        """(content delta, tool_calls deltas) after `new_text`; `final` on the choice's last piece
+        releases held-back text. Once calls were sent, a broken last call is not turned back
+        into content (it was streamed already)."""
         self.text += new_text
-        parsed = self.plan.parse(self.text, final)
+        parsed = self.plan.parse(self.text, final and not self.sent_calls)
         content = parsed.content[self.sent_content:] if len(parsed.content) > self.sent_content else ""
         self.sent_content = max(self.sent_content, len(parsed.content))
         deltas = []

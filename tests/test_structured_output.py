@@ -158,7 +158,8 @@ def test_stop_string_and_abort_free_the_request(llm):
     output = llm.generate(_prompts(1, 11)[0], params, use_tqdm=False)[0].outputs[0]
     assert output.finish_reason == "stop" and output.stop_reason == '"kind"'
     assert output.text.startswith('{"id": ')
-    engine.add_request("to-abort", _prompts(1, 12)[0], SamplingParams(max_tokens=50, structured_outputs=CONSTRAINTS["json"]))
+    engine.add_request("to-abort", _prompts(1, 12)[0],
+                       SamplingParams(max_tokens=50, structured_outputs=CONSTRAINTS["json"]))
     engine.step()
     final = engine.abort_request("to-abort")
     assert final.outputs[0].finish_reason == "abort"

@@ -49,9 +49,8 @@ def tiny_server(tiny_model_dir):
     server.stop()
 
 
-def _clients(server):
-    return (openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0),
-            openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0))
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
 
 
 def _streamed_message(stream):
@@ -71,7 +70,7 @@ def _streamed_message(stream):
 
 
 def test_response_format_json_schema_over_seeds(tiny_server):
-    client, _ = _clients(tiny_server)
+    client = _client(tiny_server)
     for seed in range(6):
         reply = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, response_format=RESPONSE_FORMAT,
                                                temperature=1.0, seed=seed, max_tokens=120, n=2)
@@ -89,7 +88,7 @@ def test_response_format_json_schema_over_seeds(tiny_server):
 
 
 def test_extra_fields_regex_choice_grammar(tiny_server):
-    client, _ = _clients(tiny_server)
+    client = _client(tiny_server)
     cases = [({"structured_outputs": {"regex": "[0-9]{2}:[0-9]{2}"}}, lambda t: re.fullmatch("[0-9]{2}:[0-9]{2}", t)),
              ({"guided_choice": ["red", "green", "blue"]}, lambda t: t in ("red", "green", "blue")),
              ({"guided_regex": "(yes|no)!"}, lambda t: t in ("yes!", "no!")),
@@ -104,7 +103,7 @@ def test_extra_fields_regex_choice_grammar(tiny_server):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_choice_required_and_named(tiny_server, stream):
-    client, _ = _clients(tiny_server)
+    client = _client(tiny_server)
     for seed in range(4):
         for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
             reply = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice=choice,
@@ -126,7 +125,7 @@ def test_tool_choice_required_and_named(tiny_server, stream):
 @pytest.mark.parametrize("stream", [False, True])
 def test_auto_tool_choice_parses_hermes_calls(tiny_server, stream):
     """The model's reply is forced into hermes format with a regex, so auto parsing has calls to find."""
-    client, _ = _clients(tiny_server)
+    client = _client(tiny_server)
     regex = r'Sure\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{2,6}", ' \
             r'"unit": "celsius"\}\}\n</tool_call>'
     reply = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, temperature=1.0, seed=3,
@@ -169,7 +168,7 @@ def test_invalid_constraints_are_400_and_queue_nothing(tiny_server, body, fragme
 def test_smollm2_json_schema_and_tools(smollm2_path):
     server = _server(smollm2_path, max_model_len=1024)
     try:
-        client, _ = _clients(server)
+        client = _client(server)
         for stream in (False, True):
             kwargs = dict(model=MODEL_NAME, temperature=0.7, seed=0, max_tokens=200, stream=stream)
             reply = client.chat.completions.create(

@@ -103,7 +103,8 @@ def test_json_value_end():
 def test_required_constraint_and_parse():
     plan = _plan(tools=[WEATHER, TIME], tool_choice="required")
     schema = plan.constraint().json
-    output = [{"name": "get_weather", "parameters": {"city": "Rome"}}, {"name": "get_time", "parameters": {"zone": "UTC"}}]
+    output = [{"name": "get_weather", "parameters": {"city": "Rome"}},
+              {"name": "get_time", "parameters": {"zone": "UTC"}}]
     jsonschema.validate(output, schema)
     for bad in ([], [{"name": "get_time", "parameters": {"zone": "PST"}}], [{"name": "nope", "parameters": {}}]):
         with pytest.raises(jsonschema.ValidationError):
@@ -115,6 +116,18 @@ def test_required_constraint_and_parse():
         (o["name"], o["parameters"]) for o in output]
     _, streamed, _ = _streamed(plan, text, 4)
     assert [(n, json.loads(a)) for n, a in streamed] == [(o["name"], o["parameters"]) for o in output]
+    single = _plan(tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False).constraint().json
+    jsonschema.validate(output[:1], single)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(output, single)
+
+
+def test_stream_keeps_sent_calls_when_the_last_one_breaks():
+    plan = _plan(tools=[WEATHER, TIME])
+    text = HERMES_TEXT[:HERMES_TEXT.index('"zone"')]  # cut inside the second call
+    content, calls, _ = _streamed(plan, text, 5)
+    assert content.strip() == "Let me check." and [n for n, _ in calls] == ["get_weather", "get_time"]
+    assert plan.message(text, "length") == (text, [], "length")  # non-streamed: all content
 
 
 def test_named_constraint_and_parse():
@@ -139,7 +152,8 @@ def test_named_constraint_and_parse():
 def test_tool_request_errors(fields, auto, message):
     with pytest.raises(APIError) as info:
         body = _chat(**fields)
-        chat_constraint(body, plan_tools(body, enable_auto_tool_choice=auto, tool_call_parser="hermes" if auto else None))
+        plan = plan_tools(body, enable_auto_tool_choice=auto, tool_call_parser="hermes" if auto else None)
+        chat_constraint(body, plan)
     assert message in info.value.message and info.value.status_code == 400
 
 
