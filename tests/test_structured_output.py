@@ -101,10 +101,16 @@ def test_json_object_tokens_all_follow_the_grammar(llm):
             assert _valid("json_object", c.text)
 
 
-def test_preemption_and_unconstrained_neighbours(llm):
+@pytest.mark.parametrize("swap_space", [0.0, 0.001])
+def test_preemption_and_unconstrained_neighbours(tiny_model_dir, llm, swap_space):
     """Constrained requests (seeded) share batches with greedy unconstrained ones and the pool
-    forces preemption: the greedy outputs equal those of the greedy requests run alone, the
-    seeded constrained outputs equal those run alone, and all constrained outputs are valid."""
+    forces preemption (recompute, or swap to host): the greedy outputs equal those of the greedy
+    requests run alone, the seeded constrained outputs equal those run alone, and all
+    constrained outputs are valid."""
+    if swap_space:
+        llm = LLM(str(tiny_model_dir), **{**ENGINE_KWARGS, "swap_space": swap_space})
+        llm.update_weights(sharpened(llm.llm_engine.runner.params, 3.0))
+        assert llm.llm_engine.runner.num_swap_blocks > 0
     engine = llm.llm_engine
     greedy_prompts = _prompts(4, seed=7)
     greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -120,6 +126,7 @@ def test_preemption_and_unconstrained_neighbours(llm):
     texts = [o.outputs[0].text for o in mixed[4:]]
     assert texts == json_alone
     assert all(_valid("json", t) for t in texts)
+    assert_pool_free(llm)
 
 
 def test_no_compiles_after_warmup_with_constrained_rows(llm):
