@@ -41,6 +41,9 @@ class AsyncLLM:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpaged-step")
+        # Structured-outputs grammars compile here, off the engine loop and the step thread.
+        self._grammar_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+                                                                       thread_name_prefix="jpaged-grammar")
         self._stats = engine.get_stats()
         self._closed = False
 
@@ -59,6 +62,10 @@ class AsyncLLM:
         """
         if self.errored or self._closed:
             raise EngineDeadError("the engine is not running (it failed or was shut down)")
+        if sampling_params is not None and sampling_params.structured_outputs is not None:
+            # Compiles (or finds cached) the grammar; ValueError for an invalid one, before queueing.
+            await asyncio.get_running_loop().run_in_executor(
+                self._grammar_executor, self.engine.structured_output.compile, sampling_params.structured_outputs)
         if request_id in self._queues:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         queue: asyncio.Queue = asyncio.Queue()
@@ -105,6 +112,7 @@ class AsyncLLM:
             self._put(request_id, EngineDeadError("the engine was shut down"))
         self._stats = self.engine.get_stats()
         self._executor.shutdown(wait=True)
+        self._grammar_executor.shutdown(wait=True)
 
     # ---- background loop ---------------------------------------------------------------------
 

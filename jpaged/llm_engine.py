@@ -19,6 +19,7 @@ from jpaged.loaders import load_model
 from jpaged.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
 from jpaged.runner import build_runner, device_platform
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
+from jpaged.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class _Sample:
     detokenizer: IncrementalDetokenizer | None
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float = 0.0
+    matcher: object | None = None  # llguidance LLMatcher of a structured-outputs request, fed every output token
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     # What DELTA outputs already carried:
@@ -86,6 +88,8 @@ class LLMEngine:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
             enable_chunked_prefill=args.enable_chunked_prefill, num_swap_blocks=self.runner.num_swap_blocks)
+        self.structured_output = StructuredOutputManager(self.tokenizer.hf, self.model_config.vocab_size,
+                                                         self.model_config.eos_token_ids)
         start = time.perf_counter()
         num_programs = self.runner.warmup(show_progress)
         logger.info("compiled %d programs in %.1f s", num_programs, time.perf_counter() - start)
@@ -142,6 +146,8 @@ class LLMEngine:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         prompt_text, prompt_ids = self._prompt_ids(prompt)
         self._validate(prompt_ids, params)
+        if params.structured_outputs is not None:
+            self.structured_output.compile(params.structured_outputs)  # ValueError before anything is queued
         base_seed = params.seed if params.seed is not None else int(self._seed_stream.integers(0, 2**31))
         parent = _Parent(request_id, prompt_text, prompt_ids, params, [],
                          [None] if params.prompt_logprobs is not None else None)
@@ -158,6 +164,8 @@ class LLMEngine:
                 detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params) if params.detokenize else None
                 sample = _Sample(request, index, base_seed + index, detokenizer,
                                  [] if params.logprobs is not None else None)
+                if params.structured_outputs is not None:
+                    sample.matcher = self.structured_output.new_matcher(params.structured_outputs)
                 parent.samples.append(sample)
                 self._samples[child_id] = (parent, sample)
         except ValueError:
@@ -197,7 +205,7 @@ class LLMEngine:
         self._prefill_tokens_total += sum(
             max(0, min(r.start_position + len(r.token_ids), len(r.prompt_token_ids)) - r.start_position)
             for r in scheduled)
-        result = self.runner.execute(scheduler_output, seeds)
+        result = self.runner.execute(scheduler_output, seeds, self._token_bitmask(scheduled))
         if result.prompt_logprobs is not None:
             self._record_prompt_logprobs(scheduled, result.prompt_logprobs)
         rows = {r.request_id: i for i, r in enumerate(scheduled) if r.sample}
@@ -208,6 +216,8 @@ class LLMEngine:
         for request in updated:
             parent, sample = self._samples[request.request_id]
             self._append_token(sample, request, result, rows[request.request_id])
+            if sample.matcher is not None and sample.finish_reason is None:
+                self._advance_grammar(sample, request)
             touched.setdefault(parent.request_id, (parent, []))[1].append(sample)
         outputs = []
         for parent, samples in touched.values():
@@ -217,6 +227,30 @@ class LLMEngine:
         if not self.engine_args.disable_log_stats:
             self._maybe_log_stats()
         return outputs
+
+    def _token_bitmask(self, scheduled) -> np.ndarray | None:
+        """The allowed tokens of the constrained rows sampled this step (None when there are none)."""
+        rows = []
+        for i, r in enumerate(scheduled):
+            matcher = self._samples[r.request_id][1].matcher
+            if r.sample and matcher is not None:
+                rows.append((i, matcher, r.sampling_params.stop_token_ids))
+        return self.structured_output.fill_bitmask(rows, len(scheduled)) if rows else None
+
+    def _advance_grammar(self, sample: _Sample, request: Request) -> None:
+        """Feeds the new output token to the request's matcher. A complete grammar (nothing but EOS
+        may follow) finishes the request with "stop"; a rejected token ends it with "abort"."""
+        token_id = request.output_token_ids[-1]
+        if not sample.matcher.consume_token(token_id):
+            logger.warning("request %s: the grammar rejected token %d (%s); aborting it", request.request_id,
+                           token_id, sample.matcher.get_error())
+            status, reason = RequestStatus.FINISHED_ABORTED, "abort"
+        elif sample.matcher.is_stopped():
+            status, reason = RequestStatus.FINISHED_STOPPED, "stop"
+        else:
+            return
+        self.scheduler.finish_requests([request.request_id], status)
+        sample.finish_reason, sample.stop_reason = reason, None
 
     def _maybe_log_stats(self) -> None:
         """Every STATS_INTERVAL_S seconds: throughputs, queue sizes, KV usage and prefix-cache hit rate."""

@@ -21,6 +21,7 @@ from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama
 from jpaged.sampler import logprob_outputs, sample
 from jpaged.step_metadata import SamplingMetadata, StepMetadata, num_entries, pack_sampling, pack_step
+from jpaged.structured_output.manager import bitmask_width
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def _prompt_logprobs_step(params, hidden, targets, *, config, max_logprobs):
     return logprob_outputs(logits, targets, min(max_logprobs, logits.shape[1]))
 
 
-def _sample_step(logits, blob, *, num_seqs, num_entries, max_logprobs):
-    return sample(logits, SamplingMetadata.unpack(blob, num_seqs, num_entries), max_logprobs)
+def _sample_step(logits, blob, token_bitmask=None, *, num_seqs, num_entries, max_logprobs):
+    return sample(logits, SamplingMetadata.unpack(blob, num_seqs, num_entries), token_bitmask, max_logprobs)
 
 
 def _gather_blocks(kv_cache, block_ids):
@@ -104,7 +105,7 @@ class ModelRunner:
             functools.partial(_prompt_logprobs_step, config=model_config, max_logprobs=max_logprobs))
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled
-        self._sample = {}  # (num_seqs, num_entries) -> compiled
+        self._sample = {}  # (num_seqs, num_entries, masked) -> compiled
         self._swap = {}  # ("out" | "in", count bucket) -> compiled
         self.num_swap_blocks = num_swap_blocks
         self.swap_buckets = ()
@@ -128,10 +129,13 @@ class ModelRunner:
                                           num_tokens=t, num_seqs=s, pages_per_seq=p)
         self._forward[(t, s, p)] = lowered.compile()
 
-    def _compile_sample(self, s: int, e: int):
-        logits = jax.ShapeDtypeStruct((s, self.model_config.vocab_size), jnp.float32)
+    def _compile_sample(self, s: int, e: int, masked: bool):
+        vocab = self.model_config.vocab_size
+        logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32)
         blob = self._blob_spec(SamplingMetadata.blob_size(s, e))
-        self._sample[(s, e)] = self._sample_jit.lower(logits, blob, num_seqs=s, num_entries=e).compile()
+        bitmask = jax.ShapeDtypeStruct((s, bitmask_width(vocab)), jnp.int32) if masked else None
+        self._sample[(s, e, masked)] = self._sample_jit.lower(logits, blob, bitmask, num_seqs=s,
+                                                              num_entries=e).compile()
 
     def _compile_prompt_logprobs(self, t: int):
         hidden = jax.ShapeDtypeStruct((t, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
@@ -150,10 +154,12 @@ class ModelRunner:
 
     def warmup(self, show_progress: bool = True) -> int:
         """Compiles every program a step can run: the forward per bucket, the sampler per
-        (num_seqs, num_entries) bucket, prompt logprobs per token bucket and the swap copies.
-        Returns the number of programs compiled (or loaded from the compilation cache)."""
+        (num_seqs, num_entries) bucket, plain and token-masked (structured outputs), prompt
+        logprobs per token bucket and the swap copies. Returns the number of programs compiled
+        (or loaded from the compilation cache)."""
         jobs = [functools.partial(self._compile_forward, *shape) for shape in self.buckets.step_shapes()]
-        jobs += [functools.partial(self._compile_sample, *shape) for shape in self.buckets.sampler_shapes()]
+        jobs += [functools.partial(self._compile_sample, *shape, masked)
+                 for shape in self.buckets.sampler_shapes() for masked in (False, True)]
         jobs += [functools.partial(self._compile_prompt_logprobs, t) for t in self.buckets.num_tokens]
         jobs += [functools.partial(self._compile_swap, d, n) for d in ("out", "in") for n in self.swap_buckets]
         for job in tqdm(jobs, desc="Compiling step buckets", disable=not show_progress, unit="program"):
@@ -191,9 +197,12 @@ class ModelRunner:
         self.kv_cache = self._swap[("in", n)](self.kv_cache, jax.device_put(ids, self.device),
                                               jax.device_put(blocks, self.device))
 
+    def execute(self, scheduler_output, seeds: list[int], token_bitmask: np.ndarray | None = None) -> RunnerOutput:
+        """Runs one scheduled step. `seeds[i]` is scheduled[i]'s resolved sampling seed.
 
-    def execute(self, scheduler_output, seeds: list[int]) -> RunnerOutput:
-        """Runs one scheduled step. `seeds[i]` is scheduled[i]'s resolved sampling seed."""
+        token_bitmask: None, or i32[len(scheduled), cdiv(vocab, 32)] of the tokens each row may
+        sample (structured outputs); it travels in the same device_put as the step's blobs.
+        """
         self.swap_out(scheduler_output.blocks_to_swap_out)
         self.swap_in(scheduler_output.blocks_to_swap_in)
         scheduled = scheduler_output.scheduled
@@ -203,9 +212,13 @@ class ModelRunner:
         forward_blob = pack_step(scheduled, t, s, p, self.block_size)
         e = pick(self.buckets.entries_for_seqs(s), sum(num_entries(r) for r in scheduled))
         sampling_blob = pack_sampling(scheduled, seeds, s, e)
-        forward_blob, sampling_blob = jax.device_put((forward_blob, sampling_blob), self.device)
+        masked = token_bitmask is not None
+        if masked:  # padded rows allow every token
+            token_bitmask = np.pad(token_bitmask, ((0, s - len(token_bitmask)), (0, 0)), constant_values=-1)
+        forward_blob, sampling_blob, token_bitmask = jax.device_put((forward_blob, sampling_blob, token_bitmask),
+                                                                    self.device)
         logits, hidden, self.kv_cache = self._forward[(t, s, p)](self.params, self.kv_cache, forward_blob)
-        out = self._sample[(s, e)](logits, sampling_blob)
+        out = self._sample[(s, e, masked)](logits, sampling_blob, token_bitmask)
         prompt_logprobs = None
         if any(r.sampling_params.prompt_logprobs is not None for r in scheduled):
             prompt_logprobs = self._run_prompt_logprobs(scheduled, hidden, t)

@@ -28,6 +28,15 @@ class SamplerOutput:
     top_token_ids: jax.Array  # i32[num_seqs, min(max_logprobs, vocab_size)]
 
 
+def apply_token_bitmask(logits, token_bitmask):
+    """Sets the logits of tokens whose bit is clear to -inf. logits: f32[S, V]; token_bitmask:
+    i32[S, cdiv(V, 32)], bit t % 32 of word t // 32 set = token t allowed (all ones: no mask)."""
+    vocab = logits.shape[1]
+    bits = (token_bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # i32[S, W, 32]
+    allowed = bits.reshape(token_bitmask.shape[0], -1)[:, :vocab] != 0
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def apply_adjustments(logits, meta: SamplingMetadata):
     """logit_bias and min_tokens masks, then presence/frequency/repetition penalties. f32[S, V].
 
@@ -129,16 +138,20 @@ def _processed_logits(logits, meta: SamplingMetadata, greedy):
     return jnp.where(greedy[:, None], logits, masked)
 
 
-def sample(logits, meta: SamplingMetadata, max_logprobs: int = MAX_LOGPROBS) -> SamplerOutput:
+def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int = MAX_LOGPROBS) -> SamplerOutput:
     """Samples one token per row. logits: f32[num_seqs, vocab_size].
 
-    max_logprobs (static): the width of the top-logprobs outputs (capped at the vocabulary).
-
-    The branches only return per-row values, so an all-greedy batch without logprobs costs one
-    argmax (vocabulary-sized arrays never pass through a cond).
+    token_bitmask: None, or i32[num_seqs, cdiv(vocab_size, 32)] of allowed tokens (structured
+    outputs), applied before everything else. max_logprobs (static): the width of the
+    top-logprobs outputs (capped at the vocabulary). The branches only return per-row values, so
+    an all-greedy batch without logprobs costs one argmax (vocabulary-sized arrays never pass
+    through a cond).
     """
     num_seqs, vocab = logits.shape
-    logits = apply_adjustments(logits.astype(jnp.float32), meta)
+    logits = logits.astype(jnp.float32)
+    if token_bitmask is not None:
+        logits = apply_token_bitmask(logits, token_bitmask)
+    logits = apply_adjustments(logits, meta)
     greedy = meta.temperature <= 0.0
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 

@@ -4,6 +4,8 @@ import copy
 import dataclasses
 import enum
 
+from jpaged.structured_output.params import StructuredOutputsParams
+
 # Temperatures below this are greedy: dividing logits by them would overflow float32.
 _SAMPLING_EPS = 1e-5
 
@@ -53,6 +55,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (jpaged.structured_output)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -112,6 +115,8 @@ class SamplingParams:
             raise ValueError(f"logit_bias keys must be non-negative token ids, got {sorted(self.logit_bias)}.")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}.")
 
     @property
     def sampling_type(self) -> SamplingType:

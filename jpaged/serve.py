@@ -20,6 +20,7 @@ from jpaged.config import EngineArgs
 from jpaged.loaders import DEFAULT_MODEL
 from serving.app import build_app
 from serving.context import DEFAULT_MAX_REQUEST_BYTES, ServingContext
+from serving.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("jpaged.serve")
 
@@ -43,6 +44,13 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--trust-request-chat-template", action="store_true",
                         help="Accept a `chat_template` field in chat requests (refused by default: "
                              "it runs client-supplied jinja and may name a file on the server).")
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="Allow tool_choice 'auto' on chat completions: the model decides whether to "
+                             "call tools, and its reply is parsed with --tool-call-parser.")
+    server.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                        help="How tool calls are found in a reply for tool_choice 'auto': 'hermes' "
+                             "(<tool_call>{...}</tool_call>, as Qwen2.5/Qwen3 write them) or "
+                             "'llama3_json' (a bare {\"name\", \"parameters\"} object).")
     server.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                         help="Seconds in-flight requests may run after SIGTERM before they are "
                              "ended with finish_reason 'abort'.")
@@ -89,7 +97,9 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
     model_name = engine_args.served_model_name or engine_args.model or DEFAULT_MODEL
     ctx = ServingContext(engine, served_model_name=model_name,
                          trust_request_chat_template=args.trust_request_chat_template,
-                         max_request_bytes=args.max_request_bytes)
+                         max_request_bytes=args.max_request_bytes,
+                         enable_auto_tool_choice=args.enable_auto_tool_choice,
+                         tool_call_parser=args.tool_call_parser)
     app = build_app(ctx, api_key=api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             lifespan="off", timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)
@@ -114,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         engine_args = EngineArgs.from_cli_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser.")
     api_key = args.api_key or os.environ.get("JPAGED_API_KEY") or None
     asyncio.run(_serve(args, engine_args, api_key))
     return 0

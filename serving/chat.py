@@ -18,6 +18,7 @@ from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCom
                               ChatStreamChoice, PromptTokensDetails, UsageInfo)
 from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, prepend, sse_error, sse_event,
                                unless_disconnected)
+from serving.tool_calls import ToolCallStream, chat_constraint, plan_tools
 
 
 def render_chat_prompt(ctx: ServingContext, messages, add_generation_prompt: bool,
@@ -41,11 +42,6 @@ def render_chat_prompt(ctx: ServingContext, messages, add_generation_prompt: boo
 
 
 def _check_request(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise APIError("tools are not supported by this server.", param="tools")
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise APIError("response_format other than {'type': 'text'} is not supported.",
-                       param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
     if body.stream_options is not None and not body.stream:
@@ -67,8 +63,13 @@ class _ChatJob:
 
     def __init__(self, ctx: ServingContext, body: ChatCompletionRequest):
         self.ctx, self.body = ctx, body
+        self.tool_plan = plan_tools(body, enable_auto_tool_choice=ctx.enable_auto_tool_choice,
+                                    tool_call_parser=ctx.tool_call_parser)
+        template_kwargs = dict(body.chat_template_kwargs or {})
+        if self.tool_plan is not None:
+            template_kwargs["tools"] = self.tool_plan.tools
         prompt = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template,
-                                    body.chat_template_kwargs)
+                                    template_kwargs)
         self.prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
         ctx.check_prompt_tokens(self.prompt_ids, "messages")
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -78,6 +79,7 @@ class _ChatJob:
             max_tokens=max_tokens, logprobs=self.num_top, prompt_logprobs=None,
             vocab_size=ctx.tokenizer.vocab_size,
             output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
+        params.structured_outputs = chat_constraint(body, self.tool_plan)
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.outputs = ctx.generate(self.prompt_ids, params, self.request_id)
@@ -102,10 +104,14 @@ class _ChatJob:
         completed, final = await unless_disconnected(request, last())
         if not completed:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        choices = [ChatCompletionChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                                        logprobs=self._logprobs(c), finish_reason=c.finish_reason,
-                                        stop_reason=c.stop_reason)
-                   for c in sorted(final.outputs, key=lambda c: c.index)]
+        choices = []
+        for c in sorted(final.outputs, key=lambda c: c.index):
+            content, tool_calls, finish_reason = c.text, [], c.finish_reason
+            if self.tool_plan is not None:
+                content, tool_calls, finish_reason = self.tool_plan.message(c.text, c.finish_reason)
+            choices.append(ChatCompletionChoice(
+                index=c.index, message=ChatResponseMessage(content=content, tool_calls=tool_calls),
+                logprobs=self._logprobs(c), finish_reason=finish_reason, stop_reason=c.stop_reason))
         usage = self._usage(sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens)
         response = ChatCompletionResponse(id=self.request_id, created=self.created,
                                           model=self.ctx.served_model_name, choices=choices, usage=usage)
@@ -127,6 +133,8 @@ class _ChatJob:
     async def _events(self, first: RequestOutput) -> AsyncIterator[str]:
         options = self.body.stream_options
         completion_tokens = cached = 0
+        tool_streams = [None if self.tool_plan is None else ToolCallStream(self.tool_plan)
+                        for _ in range(self.body.n)]
         try:
             for i in range(self.body.n):
                 yield self._chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
@@ -135,9 +143,16 @@ class _ChatJob:
                 for c in output.outputs:
                     if c.text or c.token_ids or c.finish_reason:
                         completion_tokens += len(c.token_ids)
+                        delta, finish_reason = ChatDelta(content=c.text), c.finish_reason
+                        stream = tool_streams[c.index]
+                        if stream is not None:
+                            content, tool_calls = stream.feed(c.text, final=c.finish_reason is not None)
+                            delta = ChatDelta(content=content, tool_calls=tool_calls)
+                            if stream.called and finish_reason == "stop" and self.tool_plan.mode != "named":
+                                finish_reason = "tool_calls"
                         yield self._chunk([ChatStreamChoice(
-                            index=c.index, delta=ChatDelta(content=c.text), logprobs=self._logprobs(c),
-                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+                            index=c.index, delta=delta, logprobs=self._logprobs(c),
+                            finish_reason=finish_reason, stop_reason=c.stop_reason)])
             if options is not None and options.include_usage:
                 yield self._chunk([], self._usage(completion_tokens, cached))
         except APIError as exc:

@@ -16,6 +16,7 @@ from serving.protocol import (CompletionChoice, CompletionLogprobs, CompletionRe
                               CompletionResponse, PromptTokensDetails, UsageInfo)
 from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, merge_async_iterators, prepend,
                                sse_error, sse_event, unless_disconnected)
+from serving.structured_outputs import structured_outputs_from_request
 
 
 def _prompt_list(prompt) -> list[str | list[int]]:
@@ -53,10 +54,12 @@ def _check_request(body: CompletionRequest) -> None:
 def _sampling_params(ctx: ServingContext, body: CompletionRequest, prompt: _Prompt,
                      output_kind: RequestOutputKind) -> SamplingParams:
     max_tokens = ctx.resolve_max_tokens(len(prompt.token_ids), body.max_tokens, "prompt")
-    return body.to_sampling_params(
+    params = body.to_sampling_params(
         max_tokens=max_tokens, logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
         vocab_size=ctx.tokenizer.vocab_size, output_kind=output_kind)
+    params.structured_outputs = structured_outputs_from_request(body)
+    return params
 
 
 class _Choice:

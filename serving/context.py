@@ -23,12 +23,15 @@ class ServingContext:
     """The engine plus the server's settings; routes reach AsyncLLM only through this."""
 
     def __init__(self, engine: AsyncLLM, *, served_model_name: str, trust_request_chat_template: bool = False,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, enable_auto_tool_choice: bool = False,
+                 tool_call_parser: str | None = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.served_model_name = served_model_name
         self.trust_request_chat_template = trust_request_chat_template
         self.max_request_bytes = max_request_bytes
+        self.enable_auto_tool_choice = enable_auto_tool_choice  # tool_choice "auto" (serving/tool_calls.py)
+        self.tool_call_parser = tool_call_parser
         self.max_model_len = engine.max_model_len
         self.metrics = ServerMetrics(engine, served_model_name)
 
