@@ -40,19 +40,22 @@ def apply_token_bitmask(logits, token_bitmask):
 def apply_adjustments(logits, meta: SamplingMetadata):
     """logit_bias and min_tokens masks, then presence/frequency/repetition penalties. f32[S, V].
 
-    The entries are sparse (row, token) pairs; rows without penalties have neutral penalty
-    values, so the dense penalty arithmetic leaves them unchanged.
+    Sparse over the entries: a scatter-add of the biases, then each penalty entry's logit is
+    gathered, penalised and scattered back (entries that are not penalty entries are dropped
+    from that scatter), so the cost follows the number of entries, not S x V.
     """
     if meta.entry_rows.shape[0] == 0:
         return logits
     rows, tokens = meta.entry_rows, meta.entry_token_ids
     logits = logits.at[rows, tokens].add(meta.entry_bias)
-    output_counts = jnp.zeros(logits.shape, jnp.float32).at[rows, tokens].add(meta.entry_output_counts)
-    seen = jnp.zeros(logits.shape, jnp.bool_).at[rows, tokens].max(meta.entry_seen > 0)
-    rep = meta.repetition_penalty[:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    logits = logits - meta.frequency_penalty[:, None] * output_counts
-    return logits - meta.presence_penalty[:, None] * (output_counts > 0)
+    x = logits[rows, tokens]
+    rep = meta.repetition_penalty[rows]
+    counts = meta.entry_output_counts
+    x = jnp.where(x > 0, x / rep, x * rep)
+    x = x - meta.frequency_penalty[rows] * counts - meta.presence_penalty[rows] * (counts > 0)
+    # Penalty entries are distinct per row; the others (bias, padding) go out of bounds: dropped.
+    targets = jnp.where(meta.entry_seen > 0, tokens, logits.shape[1])
+    return logits.at[rows, targets].set(x, mode="drop")
 
 
 def _largest_threshold(logits, holds, low, high, iterations: int = 32):
