@@ -31,7 +31,9 @@ class EngineArgs:
     revision: str | None = _field(None, "Hub revision of the model.", type=str)
     load_format: str = _field("auto", "Weights format.", choices=["auto", "safetensors", "gguf", "orbax", "dummy"])
     dtype: str = _field(
-        "auto", "Params and compute dtype. auto: float32 on CPU, the checkpoint's dtype on GPU.",
+        "auto", "Params and compute dtype. auto: float32 on CPU, the checkpoint's dtype on GPU. On a CPU "
+        "without AVX512-BF16 or AMX, bfloat16/float16 fall back to float32 (they would be slower); "
+        "with them, float16 runs as bfloat16.",
         choices=["auto", "float32", "bfloat16", "float16"])
     seed: int = _field(0, "Seed of the engine's random stream (draws seeds for unseeded requests).", type=int)
     max_model_len: int | None = _field(

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from jpaged.config import DEFAULT_CPU_MAX_MODEL_LEN, EngineArgs
+from jpaged.cpu_features import resolve_cpu_dtype
 from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine import Request, RequestStatus, Scheduler
 from jpaged.loaders import load_model
@@ -76,12 +77,14 @@ class LLMEngine:
 
     def __init__(self, engine_args: EngineArgs, show_progress: bool = True):
         self.engine_args = args = engine_args
-        loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, revision=args.revision,
+        platform = device_platform()
+        dtype = resolve_cpu_dtype(args.dtype) if platform == "cpu" else args.dtype
+        loaded = load_model(args.model, dtype=dtype, load_format=args.load_format, revision=args.revision,
                             tokenizer=args.tokenizer, chat_template=args.chat_template)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.model_path
-        self.max_model_len = resolve_max_model_len(args, self.model_config, device_platform())
+        self.max_model_len = resolve_max_model_len(args, self.model_config, platform)
         self.runner = build_runner(self.model_config, loaded.params, args, self.max_model_len)
         self.scheduler = Scheduler(
             num_blocks=self.runner.pool_spec.num_blocks, block_size=args.block_size,

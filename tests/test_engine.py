@@ -367,3 +367,18 @@ def test_top_k_beyond_int32_means_off(tiny_llm):
     off, huge = (SamplingParams(temperature=1.0, seed=3, top_k=k, max_tokens=6, ignore_eos=True) for k in (0, 2**40))
     outs = tiny_llm.generate([prompt, prompt], [off, huge], use_tqdm=False)
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+
+
+def test_cpu_dtype_falls_back_without_native_bf16(caplog):
+    from jpaged.cpu_features import has_fast_bf16, resolve_cpu_dtype
+
+    avx2 = frozenset({"avx2", "fma"})
+    bf16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
+    assert not has_fast_bf16(avx2) and has_fast_bf16(bf16) and has_fast_bf16(frozenset({"amx_bf16"}))
+    with caplog.at_level("WARNING"):
+        assert resolve_cpu_dtype("bfloat16", avx2) == "float32"
+    assert "no native bf16" in caplog.text
+    assert resolve_cpu_dtype("bfloat16", bf16) == "bfloat16"
+    assert resolve_cpu_dtype("float16", bf16) == "bfloat16"
+    assert resolve_cpu_dtype("float16", avx2) == "float32"
+    assert resolve_cpu_dtype("float32", avx2) == "float32" and resolve_cpu_dtype("auto", avx2) == "auto"
