@@ -1,15 +1,19 @@
 """AsyncLLM: the asyncio front of the engine, for servers.
 
-One background task owns the LLMEngine. It applies queued adds and aborts between steps, runs
-each `engine.step()` in a single worker thread (so the event loop stays responsive while the
-device computes), and routes the outputs to per-request asyncio queues. Any number of tasks may
-call `generate` concurrently; only the background task touches the engine while it runs.
+The LLMEngine lives on its own thread ("jpaged-engine"), which steps back to back while
+requests are unfinished and sleeps otherwise. Adds and aborts reach it through thread-safe
+deques and are applied between steps; each step's outputs go back to the event loop of the
+request's consumer (`call_soon_threadsafe` into its asyncio queue). So HTTP work (parsing,
+detokenized SSE chunks) runs on the event loop while the next step computes, instead of in
+the gap between two steps. Any number of tasks may call `generate` concurrently; only the
+engine thread touches the engine while it runs.
 """
 
 import asyncio
 import collections
 import concurrent.futures
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 from jpaged.config import EngineArgs
@@ -35,13 +39,14 @@ class AsyncLLM:
         self.max_model_len: int = engine.max_model_len
         self.is_ready = True
         self.errored = False
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._adds: collections.deque = collections.deque()  # (request_id, prompt, params)
+        # request id -> (its consumer's event loop, its asyncio queue); touched on event loops only.
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._adds: collections.deque = collections.deque()  # (request_id, prompt, params, loop, queue)
         self._aborts: collections.deque = collections.deque()  # request ids
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpaged-step")
-        # Structured-outputs grammars compile here, off the engine loop and the step thread.
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
+        # Structured-outputs grammars compile here, off the event loop and the engine thread.
         self._grammar_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2,
                                                                        thread_name_prefix="jpaged-grammar")
         self._stats = engine.get_stats()
@@ -68,10 +73,12 @@ class AsyncLLM:
                 self._grammar_executor, self.engine.structured_output.compile, sampling_params.structured_outputs)
         if request_id in self._queues:
             raise ValueError(f"Request id {request_id!r} is already in use.")
+        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._adds.append((request_id, prompt, SamplingParams() if sampling_params is None else sampling_params))
-        self._ensure_loop()
+        self._queues[request_id] = (loop, queue)
+        params = SamplingParams() if sampling_params is None else sampling_params
+        self._adds.append((request_id, prompt, params))
+        self._ensure_thread()
         finished = False
         try:
             while not finished:
@@ -85,49 +92,53 @@ class AsyncLLM:
             self._queues.pop(request_id, None)
             if not finished:
                 self._aborts.append(request_id)
-                if self._wake is not None:
-                    self._wake.set()
+                self._wake.set()
 
     async def abort(self, request_id: str) -> None:
         """Ends the request; its generator yields a final output with finish_reason "abort"."""
         self._aborts.append(request_id)
-        self._ensure_loop()
+        self._ensure_thread()
 
     def get_stats(self) -> EngineStats:
         """The engine's counters as of the last step."""
         return self._stats
 
     async def shutdown(self) -> None:
-        """Ends the background loop; in-flight requests finish with "abort"."""
+        """Stops the engine thread; in-flight requests finish with "abort"."""
         self._closed = True
         self.is_ready = False
-        if self._loop_task is not None:
-            self._wake.set()
-            await self._loop_task
-            self._loop_task = None
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         for output in self.engine.abort_all_requests():
             self._deliver(output)
         while self._adds:
             request_id, _, _ = self._adds.popleft()
             self._put(request_id, EngineDeadError("the engine was shut down"))
         self._stats = self.engine.get_stats()
-        self._executor.shutdown(wait=True)
         self._grammar_executor.shutdown(wait=True)
 
-    # ---- background loop ---------------------------------------------------------------------
+    # ---- the engine thread -------------------------------------------------------------------
 
-    def _ensure_loop(self) -> None:
-        """Starts the background task on the running event loop (again, if an earlier loop ended)."""
-        task = self._loop_task
-        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+    def _ensure_thread(self) -> None:
+        """Starts the engine thread (once) and wakes it."""
+        with self._thread_lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="jpaged-engine", daemon=True)
+                self._thread.start()
         self._wake.set()
 
     def _put(self, request_id: str, item) -> None:
-        queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(item)
+        """Hands an output or an exception to the request's consumer (from any thread)."""
+        entry = self._queues.get(request_id)
+        if entry is None:
+            return
+        loop, queue = entry
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            pass
 
     def _deliver(self, output: RequestOutput | None) -> None:
         if output is not None:
@@ -145,17 +156,18 @@ class AsyncLLM:
         while self._aborts:
             self._deliver(self.engine.abort_request(self._aborts.popleft()))
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _run(self) -> None:
         try:
             while not self._closed:
+                self._wake.clear()
                 self._apply_queued()
                 self._stats = self.engine.get_stats()
                 if not self.engine.has_unfinished_requests():
-                    self._wake.clear()
-                    await self._wake.wait()
+                    self._wake.wait()
                     continue
-                for output in await loop.run_in_executor(self._executor, self.engine.step):
+                outputs = self.engine.step()
+                self._stats = self.engine.get_stats()  # before delivering: a finished consumer sees it
+                for output in outputs:
                     self._deliver(output)
         except Exception as e:  # a device or engine failure: fail every request, accept no more
             logger.exception("the engine loop failed")
