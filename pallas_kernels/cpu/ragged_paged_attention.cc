@@ -39,8 +39,19 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 
 constexpr int kLanes = 8;
-// Query rows (tokens x GQA group) one item keeps in its fp32 accumulators.
-constexpr int kTileRows = 24;
+
+// The lanes layout (prefill tiles) uses the widest vectors the CPU has: 16 fp32 lanes with
+// AVX-512, else 8. Twice the lanes is twice the multiply-adds per instruction.
+#if defined(__AVX512F__)
+constexpr int kWide = 16;
+#else
+constexpr int kWide = 8;
+#endif
+typedef float vwf __attribute__((vector_size(kWide * 4)));
+typedef int32_t vwi __attribute__((vector_size(kWide * 4)));
+
+// Query rows (tokens x GQA group) one item keeps in its fp32 accumulators: three wide vectors.
+constexpr int kTileRows = 3 * kWide;
 // Below this many KV tokens an item's range is never split further.
 constexpr int kMinSplitTokens = 256;
 // Items per thread wanted before splitting block ranges.
@@ -55,6 +66,23 @@ inline v8f Load(const float* p) {
 inline void Store(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline v8f Splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+template <typename V>
+inline V LoadV(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename V>
+inline void StoreV(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename V>
+inline V SplatV(float x) {
+  return V{} + x;  // the scalar is broadcast to every lane (one vbroadcastss)
+}
 
 inline float Sum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -86,26 +114,29 @@ inline v8f LoadBf16(const uint16_t* p) {
 }
 
 // exp for x <= 0 (Cody-Waite reduction + the Cephes expf polynomial, about 1 ulp);
-// exactly 0 below -87.3, including -inf.
-inline v8f Exp(v8f x) {
-  const v8f lo = Splat(-87.3f);
-  v8i underflow = x < lo;
+// exactly 0 below -87.3, including -inf. VF/VI: an fp32 vector type and its int32 twin.
+template <typename VF, typename VI>
+inline VF ExpV(VF x) {
+  const VF lo = SplatV<VF>(-87.3f);
+  VI underflow = x < lo;
   x = underflow ? lo : x;
-  v8f n = x * Splat(1.44269504088896341f);
-  n = (n + Splat(12582912.0f)) - Splat(12582912.0f);  // round to nearest
-  v8f r = x - n * Splat(0.693359375f) - n * Splat(-2.12194440e-4f);
-  v8f p = Splat(1.9875691500e-4f);
-  p = p * r + Splat(1.3981999507e-3f);
-  p = p * r + Splat(8.3334519073e-3f);
-  p = p * r + Splat(4.1665795894e-2f);
-  p = p * r + Splat(1.6666665459e-1f);
-  p = p * r + Splat(5.0000001201e-1f);
-  p = p * r * r + r + Splat(1.0f);
-  v8i scale = (__builtin_convertvector(n, v8i) + 127) << 23;
-  v8f two_n;
+  VF n = x * SplatV<VF>(1.44269504088896341f);
+  n = (n + SplatV<VF>(12582912.0f)) - SplatV<VF>(12582912.0f);  // round to nearest
+  VF r = x - n * SplatV<VF>(0.693359375f) - n * SplatV<VF>(-2.12194440e-4f);
+  VF p = SplatV<VF>(1.9875691500e-4f);
+  p = p * r + SplatV<VF>(1.3981999507e-3f);
+  p = p * r + SplatV<VF>(8.3334519073e-3f);
+  p = p * r + SplatV<VF>(4.1665795894e-2f);
+  p = p * r + SplatV<VF>(1.6666665459e-1f);
+  p = p * r + SplatV<VF>(5.0000001201e-1f);
+  p = p * r * r + r + SplatV<VF>(1.0f);
+  VI scale = (__builtin_convertvector(n, VI) + 127) << 23;
+  VF two_n;
   std::memcpy(&two_n, &scale, sizeof(two_n));
-  return underflow ? Splat(0.0f) : p * two_n;
+  return underflow ? SplatV<VF>(0.0f) : p * two_n;
 }
+
+inline v8f Exp(v8f x) { return ExpV<v8f, v8i>(x); }
 
 struct Shapes {
   int64_t num_tokens, num_q_heads, head_dim;
@@ -440,24 +471,24 @@ inline void AttendBlockRows(const Shapes& sh, const Options& opt, const Item& it
 }
 
 // The lanes layout (many rows: prefill) puts query rows on vector lanes, so a broadcast key or
-// value element meets 8 rows per instruction and the softmax runs 8 rows at a time:
-// qt [d, rp] and acct [d, rp] (rp = rows rounded up to 8), st [n, rp], m/l/alpha [rp].
+// value element meets kWide rows per instruction and the softmax runs kWide rows at a time:
+// qt [d, rp] and acct [d, rp] (rp = rows rounded up to kWide), st [n, rp], m/l/alpha [rp].
 
 // st[j, lanes] = sum_i k[j, i] * qt[i, lanes] for NJ keys x NV lane vectors.
 template <int NJ, int NV>
 inline void ScoreLanes(const float* qt, int64_t rp, const float* k, int64_t d, int64_t j0,
                        int64_t v0, float* st) {
-  v8f a[NJ][NV] = {};
+  vwf a[NJ][NV] = {};
   for (int64_t i = 0; i < d; ++i) {
-    v8f qv[NV];
-    for (int c = 0; c < NV; ++c) qv[c] = Load(qt + i * rp + (v0 + c) * kLanes);
+    vwf qv[NV];
+    for (int c = 0; c < NV; ++c) qv[c] = LoadV<vwf>(qt + i * rp + (v0 + c) * kWide);
     for (int j = 0; j < NJ; ++j) {
-      const v8f kv = Splat(k[(j0 + j) * d + i]);
+      const vwf kv = SplatV<vwf>(k[(j0 + j) * d + i]);
       for (int c = 0; c < NV; ++c) a[j][c] += kv * qv[c];
     }
   }
   for (int j = 0; j < NJ; ++j)
-    for (int c = 0; c < NV; ++c) Store(st + (j0 + j) * rp + (v0 + c) * kLanes, a[j][c]);
+    for (int c = 0; c < NV; ++c) StoreV(st + (j0 + j) * rp + (v0 + c) * kWide, a[j][c]);
 }
 
 // acct[i, lanes] = alpha[lanes] * acct[i, lanes] + sum_j v[j, i] * p[j, lanes] for ND head_dim
@@ -465,64 +496,64 @@ inline void ScoreLanes(const float* qt, int64_t rp, const float* k, int64_t d, i
 template <int ND, int NV>
 inline void AccumulateLanes(const float* p, int64_t rp, const float* v, int64_t n, int64_t d,
                             const float* alpha, int64_t i0, int64_t v0, float* acct) {
-  v8f a[ND][NV];
+  vwf a[ND][NV];
   for (int i = 0; i < ND; ++i)
     for (int c = 0; c < NV; ++c) {
-      const int64_t at = (i0 + i) * rp + (v0 + c) * kLanes;
-      a[i][c] = Load(acct + at) * Load(alpha + (v0 + c) * kLanes);
+      const int64_t at = (i0 + i) * rp + (v0 + c) * kWide;
+      a[i][c] = LoadV<vwf>(acct + at) * LoadV<vwf>(alpha + (v0 + c) * kWide);
     }
   for (int64_t j = 0; j < n; ++j) {
-    v8f pv[NV];
-    for (int c = 0; c < NV; ++c) pv[c] = Load(p + j * rp + (v0 + c) * kLanes);
+    vwf pv[NV];
+    for (int c = 0; c < NV; ++c) pv[c] = LoadV<vwf>(p + j * rp + (v0 + c) * kWide);
     for (int i = 0; i < ND; ++i) {
-      const v8f vv = Splat(v[j * d + i0 + i]);
+      const vwf vv = SplatV<vwf>(v[j * d + i0 + i]);
       for (int c = 0; c < NV; ++c) a[i][c] += vv * pv[c];
     }
   }
   for (int i = 0; i < ND; ++i)
-    for (int c = 0; c < NV; ++c) Store(acct + (i0 + i) * rp + (v0 + c) * kLanes, a[i][c]);
+    for (int c = 0; c < NV; ++c) StoreV(acct + (i0 + i) * rp + (v0 + c) * kWide, a[i][c]);
 }
 
 // Online-softmax update of all rows (on lanes) with one KV block of n valid keys.
 inline void AttendBlockLanes(const Shapes& sh, const Options& opt, int64_t rp, int64_t blk,
                              const float* k, const float* v, int64_t n, Scratch& s) {
-  const int64_t d = sh.head_dim, nv = rp / kLanes;
+  const int64_t d = sh.head_dim, nv = rp / kWide;
   float* st = s.scores.data();
-  ForGroups<4>(0, n, [&](auto nj, int64_t j0) {
+  ForGroups<kWide / 2>(0, n, [&](auto nj, int64_t j0) {
     ForGroups<3>(0, nv, [&](auto nvs, int64_t v0) {
       ScoreLanes<decltype(nj)::value, decltype(nvs)::value>(s.q.data(), rp, k, d, j0, v0, st);
     });
   });
-  const v8f neg_inf = Splat(-INFINITY);
+  const vwf neg_inf = SplatV<vwf>(-INFINITY);
   for (int64_t c = 0; c < nv; ++c) {
-    const v8f pos = Load(s.pos.data() + c * kLanes), lo = Load(s.lo.data() + c * kLanes);
-    v8f row_max = neg_inf;
+    const vwf pos = LoadV<vwf>(s.pos.data() + c * kWide), lo = LoadV<vwf>(s.lo.data() + c * kWide);
+    vwf row_max = neg_inf;
     for (int64_t j = 0; j < n; ++j) {
-      float* sj = st + j * rp + c * kLanes;
-      v8f x = Load(sj);
+      float* sj = st + j * rp + c * kWide;
+      vwf x = LoadV<vwf>(sj);
       if (opt.soft_cap > 0.0f) {
-        for (int e = 0; e < kLanes; ++e) x[e] = opt.soft_cap * std::tanh(x[e] / opt.soft_cap);
+        for (int e = 0; e < kWide; ++e) x[e] = opt.soft_cap * std::tanh(x[e] / opt.soft_cap);
       }
-      const v8f key = Splat(static_cast<float>(blk * sh.block_size + j));
+      const vwf key = SplatV<vwf>(static_cast<float>(blk * sh.block_size + j));
       x = ((key <= pos) & (key >= lo)) ? x : neg_inf;
-      Store(sj, x);
+      StoreV(sj, x);
       row_max = row_max > x ? row_max : x;
     }
-    const v8f m_old = Load(s.m.data() + c * kLanes);
-    const v8f m_new = m_old > row_max ? m_old : row_max;
+    const vwf m_old = LoadV<vwf>(s.m.data() + c * kWide);
+    const vwf m_new = m_old > row_max ? m_old : row_max;
     // Rows that have seen nothing yet keep m = -inf; subtracting 0 keeps their p at 0, not NaN.
-    const v8f m_ref = m_new == neg_inf ? Splat(0.0f) : m_new;
-    const v8f alpha = Exp(m_old - m_ref);
-    v8f row_sum = Splat(0.0f);
+    const vwf m_ref = m_new == neg_inf ? SplatV<vwf>(0.0f) : m_new;
+    const vwf alpha = ExpV<vwf, vwi>(m_old - m_ref);
+    vwf row_sum = SplatV<vwf>(0.0f);
     for (int64_t j = 0; j < n; ++j) {
-      float* sj = st + j * rp + c * kLanes;
-      const v8f p = Exp(Load(sj) - m_ref);
-      Store(sj, p);
+      float* sj = st + j * rp + c * kWide;
+      const vwf p = ExpV<vwf, vwi>(LoadV<vwf>(sj) - m_ref);
+      StoreV(sj, p);
       row_sum += p;
     }
-    Store(s.l.data() + c * kLanes, Load(s.l.data() + c * kLanes) * alpha + row_sum);
-    Store(s.m.data() + c * kLanes, m_new);
-    Store(s.alpha.data() + c * kLanes, alpha);
+    StoreV(s.l.data() + c * kWide, LoadV<vwf>(s.l.data() + c * kWide) * alpha + row_sum);
+    StoreV(s.m.data() + c * kWide, m_new);
+    StoreV(s.alpha.data() + c * kWide, alpha);
   }
   ForGroups<4>(0, d, [&](auto nd, int64_t i0) {
     ForGroups<3>(0, nv, [&](auto nvs, int64_t v0) {
@@ -541,7 +572,7 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
   const int64_t d = sh.head_dim, g = sh.group;
   const int64_t rows = (it.tok_end - it.tok_begin) * g;
   const bool lanes = rows >= kLanes;
-  const int64_t rp = (rows + kLanes - 1) / kLanes * kLanes;
+  const int64_t rp = lanes ? (rows + kWide - 1) / kWide * kWide : (rows + kLanes - 1) / kLanes * kLanes;
   const int64_t ld = (sh.block_size + kLanes - 1) / kLanes * kLanes;
   s.q.assign(rp * d, 0.0f);
   s.acc.assign(rp * d, 0.0f);
