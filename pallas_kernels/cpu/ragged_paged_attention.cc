@@ -290,6 +290,14 @@ inline const float* BlockRows(const KVT* src, int64_t n, int64_t d, float* buf) 
   return buf;
 }
 
+// Eight K or V elements as fp32, straight from fp32 or bf16 pages (widened in registers).
+inline v8f LoadKV(const float* p) { return Load(p); }
+inline v8f LoadKV(const uint16_t* p) { return LoadBf16(p); }
+
+// Page types the decode path reads in place; the others are widened into scratch first.
+template <typename KVT>
+constexpr bool kReadInPlace = std::is_same_v<KVT, float> || std::is_same_v<KVT, uint16_t>;
+
 // Two-input lane shuffles: GCC's and Clang's builtins spell them differently.
 #if defined(__clang__)
 #define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -325,22 +333,22 @@ constexpr int kScoreKeys = NR == 1 ? 8 : NR <= 3 ? 4 : 2;
 // step; each pair of keys is folded as soon as it is done, each group of eight at the end.
 // Keys j >= n read row n - 1 (their scores are masked later). q: [NR, d], k: [n, d],
 // scores: [NR, ld]. One pf.Step() per step.
-template <int NR>
-inline void ScoreRows(const float* q, const float* k, int64_t n, int64_t d, float* scores,
+template <int NR, typename KT>
+inline void ScoreRows(const float* q, const KT* k, int64_t n, int64_t d, float* scores,
                       int64_t ld, PrefetchCursor& pf) {
   constexpr int NK = kScoreKeys<NR>;
   for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
     v8f pairs[NR][kLanes / 2];  // SumPair of keys (2p, 2p + 1)
     for (int jj = 0; jj < kLanes; jj += NK) {
       pf.Step();
-      const float* kj[NK];
+      const KT* kj[NK];
       for (int t = 0; t < NK; ++t) kj[t] = k + std::min<int64_t>(j0 + jj + t, n - 1) * d;
       v8f a[NK][NR] = {};
       for (int64_t i = 0; i < d; i += kLanes) {
         v8f qr[NR];
         for (int r = 0; r < NR; ++r) qr[r] = Load(q + r * d + i);
         for (int t = 0; t < NK; ++t) {
-          const v8f kv = Load(kj[t] + i);
+          const v8f kv = LoadKV(kj[t] + i);
           for (int r = 0; r < NR; ++r) a[t][r] += qr[r] * kv;
         }
       }
@@ -366,8 +374,8 @@ inline void ForGroups(int64_t begin, int64_t end, const F& fn) {
 
 // acc[r] += sum_j p[r, j] * v[j] for NR rows, NC * 8 columns of acc at a time in registers.
 // p: [NR, ld], v: [n, d], acc: [NR, d]. One pf.Step() per key.
-template <int NR, int NC>
-inline void AccumulateColumns(const float* p, int64_t ld, const float* v, int64_t n, int64_t d,
+template <int NR, int NC, typename VT>
+inline void AccumulateColumns(const float* p, int64_t ld, const VT* v, int64_t n, int64_t d,
                               int64_t col, float* acc, PrefetchCursor& pf) {
   v8f a[NR][NC];
   for (int r = 0; r < NR; ++r)
@@ -376,7 +384,7 @@ inline void AccumulateColumns(const float* p, int64_t ld, const float* v, int64_
     pf.Step();
     for (int r = 0; r < NR; ++r) {
       const v8f pr = Splat(p[r * ld + j]);
-      for (int c = 0; c < NC; ++c) a[r][c] += pr * Load(v + j * d + col + c * kLanes);
+      for (int c = 0; c < NC; ++c) a[r][c] += pr * LoadKV(v + j * d + col + c * kLanes);
     }
   }
   for (int r = 0; r < NR; ++r)
@@ -387,11 +395,11 @@ inline void AccumulateColumns(const float* p, int64_t ld, const float* v, int64_
 template <int NR>
 constexpr int kAccumulateColumns = NR == 1 ? 8 : 12 / NR;
 
-template <int NR>
-inline void AccumulateRows(const float* p, int64_t ld, const float* v, int64_t n, int64_t d,
+template <int NR, typename VT>
+inline void AccumulateRows(const float* p, int64_t ld, const VT* v, int64_t n, int64_t d,
                            float* acc, PrefetchCursor& pf) {
   ForGroups<kAccumulateColumns<NR>>(0, d / kLanes, [&](auto nc, int64_t c0) {
-    AccumulateColumns<NR, decltype(nc)::value>(p, ld, v, n, d, c0 * kLanes, acc, pf);
+    AccumulateColumns<NR, decltype(nc)::value, VT>(p, ld, v, n, d, c0 * kLanes, acc, pf);
   });
 }
 
@@ -408,16 +416,17 @@ inline int64_t RowsSteps(int64_t rows, int64_t n, int64_t d) {
 }
 
 // Online-softmax update of every row of one piece with one KV block of n valid keys; rows
-// in row-major arrays (few rows: decode).
+// in row-major arrays (few rows: decode). k, v: the block's [n, d] rows, fp32 or bf16.
+template <typename KT>
 inline void AttendBlockRows(const Shapes& sh, const Options& opt, const Item& it, int64_t rows,
-                            int64_t blk, const float* k, const float* v, int64_t n, Scratch& s,
+                            int64_t blk, const KT* k, const KT* v, int64_t n, Scratch& s,
                             PrefetchCursor& pf) {
   const int64_t d = sh.head_dim, g = sh.group;
   const int64_t ld = (sh.block_size + kLanes - 1) / kLanes * kLanes;
   const int64_t width = (n + kLanes - 1) / kLanes * kLanes;  // scores computed per row
   float* scores = s.scores.data();
   ForGroups<4>(0, rows, [&](auto nr, int64_t r0) {
-    ScoreRows<decltype(nr)::value>(s.q.data() + r0 * d, k, n, d, scores + r0 * ld, ld, pf);
+    ScoreRows<decltype(nr)::value, KT>(s.q.data() + r0 * d, k, n, d, scores + r0 * ld, ld, pf);
   });
   const v8f neg_inf = Splat(-INFINITY);
   v8i lane;  // {0, 1, ..., 7}
@@ -465,8 +474,8 @@ inline void AttendBlockRows(const Shapes& sh, const Options& opt, const Item& it
     }
   }
   ForGroups<4>(0, rows, [&](auto nr, int64_t r0) {
-    AccumulateRows<decltype(nr)::value>(scores + r0 * ld, ld, v, n, d, s.acc.data() + r0 * d,
-                                        pf);
+    AccumulateRows<decltype(nr)::value, KT>(scores + r0 * ld, ld, v, n, d, s.acc.data() + r0 * d,
+                                            pf);
   });
 }
 
@@ -632,14 +641,20 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
     }
     const int64_t n = std::min<int64_t>(sh.block_size, it.kv_len - b * sh.block_size);
     const int64_t offset = (block * sh.num_kv_heads + it.kv_head) * tile;
-    const float* k = BlockRows(k_pages + offset, n, d, s.k.data());
-    const float* v = BlockRows(v_pages + offset, n, d, s.v.data());
-    if (lanes) {
+    const KVT* kb = k_pages + offset;
+    const KVT* vb = v_pages + offset;
+    if (lanes) {  // prefill tiles compute long enough per block to widen it into scratch
       pf.Drain();
-      AttendBlockLanes(sh, opt, rp, b, k, v, n, s);
+      AttendBlockLanes(sh, opt, rp, b, BlockRows(kb, n, d, s.k.data()), BlockRows(vb, n, d, s.v.data()),
+                       n, s);
     } else {
       pf.Pace(RowsSteps(rows, n, d));
-      AttendBlockRows(sh, opt, it, rows, b, k, v, n, s, pf);
+      if constexpr (kReadInPlace<KVT>) {  // decode rows do too little work per element to copy it
+        AttendBlockRows(sh, opt, it, rows, b, kb, vb, n, s, pf);
+      } else {
+        AttendBlockRows(sh, opt, it, rows, b, BlockRows(kb, n, d, s.k.data()),
+                        BlockRows(vb, n, d, s.v.data()), n, s, pf);
+      }
     }
   }
   if (lanes) {  // accumulators back to [rows, d]
