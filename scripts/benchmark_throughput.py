@@ -4,35 +4,22 @@ Example (the 64-request workload of docs/engine.md):
     python scripts/benchmark_throughput.py --num-prompts 64 --input-len-range 32 512 \\
         --output-len 128 --dtype float32 --output-json /tmp/throughput.json
 
-Prompts are random token ids (default) or windows of a text file (--dataset-path), with lengths
-uniform in --input-len-range (or exactly --input-len). Greedy; EOS ignored unless --no-ignore-eos.
-Engine start (load + compile) is timed separately from generation.
+Prompts are random token ids (default) or windows of a text file (--dataset-path, e.g. from
+scripts/make_corpus.py), with lengths uniform in --input-len-range (or exactly --input-len); they
+come from scripts/bench_prompts.py, like those of benchmark_throughput_vllm.py. Greedy; EOS ignored
+unless --no-ignore-eos. Engine start (load + compile) is timed separately from generation; the
+--warmup-passes untimed passes run the same workload first.
 """
 
 import argparse
 import json
 import time
 
-import numpy as np
-
+from bench_prompts import PeakRss, offline_workload
 from jpaged import LLM, EngineArgs, SamplingParams
 
 
-def make_prompts(tokenizer, args, rng) -> list[list[int]]:
-    low, high = args.input_len_range or (args.input_len, args.input_len)
-    lengths = rng.integers(low, high + 1, size=args.num_prompts)
-    if args.dataset_path is None:
-        vocab = tokenizer.vocab_size
-        return [rng.integers(100, vocab - 100, size=int(n)).tolist() for n in lengths]
-    with open(args.dataset_path, encoding="utf-8", errors="replace") as f:
-        corpus = tokenizer.encode(f.read(), add_special_tokens=False)
-    if len(corpus) <= high:
-        raise ValueError(f"--dataset-path {args.dataset_path} has {len(corpus)} tokens; prompts need up to {high}.")
-    starts = rng.integers(0, len(corpus) - high, size=args.num_prompts)
-    return [corpus[s:s + int(n)] for s, n in zip(starts, lengths)]
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     EngineArgs.add_cli_args(parser)
     bench = parser.add_argument_group("benchmark")
@@ -45,18 +32,29 @@ def main() -> None:
     bench.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     bench.add_argument("--temperature", type=float, default=0.0)
     bench.add_argument("--benchmark-seed", type=int, default=0, help="seed of the prompt generator")
+    bench.add_argument("--warmup-passes", type=int, default=0,
+                       help="run the same workload this many times, untimed, before the timed pass")
     bench.add_argument("--output-json", help="write the results here")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     engine_args = EngineArgs.from_cli_args(args)
 
+    rss = PeakRss().start()
     start = time.perf_counter()
     llm = LLM(**vars(engine_args))
     startup_s = time.perf_counter() - start
-    prompts = make_prompts(llm.get_tokenizer(), args, np.random.default_rng(args.benchmark_seed))
+    tokenizer = llm.get_tokenizer()
+    prompts = offline_workload(args, lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.vocab_size)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=args.ignore_eos)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    for _ in range(args.warmup_passes):
+        llm.generate(requests, params, use_tqdm=False)
 
     start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    outputs = llm.generate(requests, params)
     elapsed = time.perf_counter() - start
 
     prompt_tokens = sum(len(p) for p in prompts)
@@ -67,9 +65,10 @@ def main() -> None:
         "requests_per_second": len(prompts) / elapsed,
         "tokens_per_second": (prompt_tokens + output_tokens) / elapsed,
         "output_tokens_per_second": output_tokens / elapsed,
+        "warmup_passes": args.warmup_passes, "peak_rss_gib": rss.stop(),
         "engine_args": vars(engine_args),
     }
-    print(f"Startup (load + compile): {startup_s:.1f} s")
+    print(f"Startup (load + compile): {startup_s:.1f} s; peak RSS {results['peak_rss_gib']:.2f} GiB")
     print(f"Throughput: {results['requests_per_second']:.2f} requests/s, {results['tokens_per_second']:.2f} "
           f"total tokens/s, {results['output_tokens_per_second']:.2f} output tokens/s "
           f"({len(prompts)} requests, {prompt_tokens} prompt + {output_tokens} output tokens in {elapsed:.1f} s)")

