@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jpaged import kv_pool
-from jpaged.attention_backend import select_attention
+from jpaged.attention_backend import decode_only_attention, select_attention
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama
 from jpaged.sampler import MAX_LOGPROBS, sample
@@ -83,10 +83,13 @@ class ModelRunner:
       pool_spec: kv_pool.KVPoolSpec. num_swap_blocks: host blocks for swapping (0: none).
       attention_fn: a paged attention with the reference signature.
       bucket_pages: bucket the block-table width (for attention whose cost follows the width).
+      decode_attention_fn: None, or an attention for steps where every sequence has one new
+        token (the pallas decode kernel); such steps then run their own compiled programs.
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int, attention_fn, bucket_pages: bool, device):
+                 max_num_seqs: int, max_model_len: int, attention_fn, bucket_pages: bool, device,
+                 decode_attention_fn=None):
         self.model_config = model_config
         self.params = params
         self.pool_spec = pool_spec
@@ -101,10 +104,13 @@ class ModelRunner:
         self._forward_jit = jax.jit(
             functools.partial(_forward_step, config=model_config, attention_fn=attention_fn),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
+        self._decode_jit = None if decode_attention_fn is None else jax.jit(
+            functools.partial(_forward_step, config=model_config, attention_fn=decode_attention_fn),
+            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
         self._sample_jit = jax.jit(_sample_step, static_argnames=("num_seqs", "penalty_len", "num_bias"))
         self._prompt_logprobs_jit = jax.jit(functools.partial(_prompt_logprobs_step, config=model_config))
         self._prompt_logprobs = {}  # num_tokens -> compiled
-        self._forward = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled
+        self._forward = {}  # (num_tokens, num_seqs, pages_per_seq, decode_only) -> compiled
         self._sample = {}  # (num_seqs, penalty_len, num_bias) -> compiled
         self._swap = {}  # ("out" | "in", count bucket) -> compiled
         self.num_swap_blocks = num_swap_blocks
@@ -123,11 +129,12 @@ class ModelRunner:
     def _blob_spec(self, size: int):
         return jax.ShapeDtypeStruct((size,), jnp.int32)
 
-    def _compile_forward(self, t: int, s: int, p: int):
+    def _compile_forward(self, t: int, s: int, p: int, decode_only: bool = False):
         blob = self._blob_spec(StepMetadata.blob_size(t, s, p))
-        lowered = self._forward_jit.lower(self._abstract(self.params), self._abstract(self.kv_cache), blob,
+        jitted = self._decode_jit if decode_only else self._forward_jit
+        lowered = jitted.lower(self._abstract(self.params), self._abstract(self.kv_cache), blob,
                                           num_tokens=t, num_seqs=s, pages_per_seq=p)
-        self._forward[(t, s, p)] = lowered.compile()
+        self._forward[(t, s, p, decode_only)] = lowered.compile()
 
     def _compile_sample(self, s: int, l: int, b: int):
         logits = jax.ShapeDtypeStruct((s, self.model_config.vocab_size), jnp.float32)
@@ -152,6 +159,10 @@ class ModelRunner:
         programs, independent of the model size). Returns the number of programs compiled.
         """
         jobs = [functools.partial(self._compile_forward, *shape) for shape in self.buckets.step_shapes()]
+        if self._decode_jit is not None:  # decode-only steps hold at most max_num_seqs tokens
+            most = pick(self.buckets.num_tokens, min(self.buckets.num_seqs[-1], self.buckets.num_tokens[-1]))
+            jobs += [functools.partial(self._compile_forward, *shape, True)
+                     for shape in self.buckets.step_shapes() if shape[0] <= most]
         jobs += [functools.partial(self._compile_sample, s, 0, 0) for s in self.buckets.num_seqs]
         jobs += [functools.partial(self._compile_swap, d, n) for d in ("out", "in") for n in self.swap_buckets]
         for job in tqdm(jobs, desc="Compiling step buckets", disable=not show_progress, unit="program"):
@@ -209,7 +220,9 @@ class ModelRunner:
         l, b = self._extras_sizes(scheduled)
         sampling_blob = pack_sampling(scheduled, seeds, s, l, b)
         forward_blob, sampling_blob = jax.device_put((forward_blob, sampling_blob), self.device)
-        logits, hidden, self.kv_cache = self._forward[(t, s, p)](self.params, self.kv_cache, forward_blob)
+        decode_only = self._decode_jit is not None and all(len(r.token_ids) == 1 for r in scheduled)
+        logits, hidden, self.kv_cache = self._forward[(t, s, p, decode_only)](self.params, self.kv_cache,
+                                                                              forward_blob)
         if (s, l, b) not in self._sample:
             logger.info("compiling the sampler for num_seqs=%d penalty_len=%d num_bias=%d", s, l, b)
             self._compile_sample(s, l, b)
@@ -274,6 +287,7 @@ def build_runner(model_config, params, args, max_model_len: int) -> ModelRunner:
     enable_compilation_cache(args.compilation_cache_dir)
     device = jax.devices()[0]
     backend, attention_fn = select_attention(args.attention_backend, device_platform())
+    decode_attention_fn = decode_only_attention(backend)
     logger.info("attention backend: %s on %s", backend, device)
     kv_dtype = model_config.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
     pool_spec = kv_pool.size_pool(model_config, args, max_model_len, kv_dtype, device)
@@ -281,4 +295,5 @@ def build_runner(model_config, params, args, max_model_len: int) -> ModelRunner:
                        num_swap_blocks=kv_pool.num_swap_blocks(model_config, args, kv_dtype),
                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                        max_model_len=max_model_len, attention_fn=attention_fn,
-                       bucket_pages=backend == "reference", device=device)
+                       bucket_pages=backend == "reference", device=device,
+                       decode_attention_fn=decode_attention_fn)
