@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from jpaged import kv_pool
 from jpaged.config import DEFAULT_CPU_MAX_MODEL_LEN, EngineArgs
 from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine import Request, RequestStatus, Scheduler
@@ -75,6 +76,7 @@ class LLMEngine:
 
     def __init__(self, engine_args: EngineArgs, show_progress: bool = True):
         self.engine_args = args = engine_args
+        kv_pool.configure_xla_allocator(args.gpu_memory_utilization)  # before JAX starts its GPU client
         loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, revision=args.revision,
                             tokenizer=args.tokenizer, chat_template=args.chat_template)
         self.model_config = loaded.config

@@ -290,10 +290,39 @@ def build_runner(model_config, params, args, max_model_len: int) -> ModelRunner:
     decode_attention_fn = decode_only_attention(backend)
     logger.info("attention backend: %s on %s", backend, device)
     kv_dtype = model_config.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
-    pool_spec = kv_pool.size_pool(model_config, args, max_model_len, kv_dtype, device)
-    return ModelRunner(model_config, jax.device_put(params, device), pool_spec=pool_spec,
+    params = jax.device_put(params, device)  # before sizing: the pool gets what the weights leave
+    step_bytes = functools.partial(largest_step_bytes, model_config, params, attention_fn, args, max_model_len,
+                                   kv_dtype, bucket_pages=backend == "reference")
+    pool_spec = kv_pool.size_pool(model_config, args, max_model_len, kv_dtype, device, step_bytes=step_bytes)
+    return ModelRunner(model_config, params, pool_spec=pool_spec,
                        num_swap_blocks=kv_pool.num_swap_blocks(model_config, args, kv_dtype),
                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                        max_model_len=max_model_len, attention_fn=attention_fn,
                        bucket_pages=backend == "reference", device=device,
                        decode_attention_fn=decode_attention_fn)
+
+
+def largest_step_bytes(model_config, params, attention_fn, args, max_model_len: int, kv_dtype: str, *,
+                       bucket_pages: bool) -> int:
+    """Device bytes the largest bucket's forward plus its sampler need besides the weights and the
+    pool (`kv_pool.compiled_step_bytes`), compiled once against a one-sequence pool (with the pool
+    donated, the temporaries do not depend on its size). Used to size the pool on a GPU."""
+    buckets = Buckets.create(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                             max_model_len=max_model_len, block_size=args.block_size, bucket_pages=bucket_pages)
+    t, p = buckets.num_tokens[-1], buckets.pages_per_seq[-1]
+    s = buckets.seqs_for_tokens(t)
+    page = jax.ShapeDtypeStruct(kv_pool.KVPoolSpec(p + 1, args.block_size, model_config.num_layers,
+                                                   model_config.num_kv_heads, model_config.head_dim,
+                                                   kv_dtype).page_shape, kv_dtype)
+    forward = jax.jit(functools.partial(_forward_step, config=model_config, attention_fn=attention_fn),
+                      static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    blob = jax.ShapeDtypeStruct((StepMetadata.blob_size(t, s, p),), jnp.int32)
+    compiled = forward.lower(abstract, [(page, page)] * model_config.num_layers, blob, num_tokens=t, num_seqs=s,
+                             pages_per_seq=p).compile()
+    logits = jax.ShapeDtypeStruct((s, model_config.vocab_size), jnp.float32)
+    sampler = jax.jit(_sample_step, static_argnames=("num_seqs", "penalty_len", "num_bias")).lower(
+        logits, jax.ShapeDtypeStruct((SamplingMetadata.blob_size(s, 0, 0),), jnp.int32),
+        num_seqs=s, penalty_len=0, num_bias=0).compile()
+    return kv_pool.compiled_step_bytes(compiled.memory_analysis()) + kv_pool.compiled_step_bytes(
+        sampler.memory_analysis())
