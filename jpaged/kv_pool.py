@@ -115,9 +115,9 @@ class GpuMemory:
             raise ValueError(
                 f"--gpu-memory-utilization {utilization:g} asks for {wanted / GIB:.2f} GiB of the "
                 f"device's {self.total / GIB:.2f} GiB, but {XLA_MEM_FRACTION}={self.fraction:g} "
-                f"lets JAX's allocator "
-                f"hold only {self.allocator_limit / GIB:.2f} GiB. Lower --gpu-memory-utilization or "
-                f"raise {XLA_MEM_FRACTION} (unset, jpaged sets it to --gpu-memory-utilization).")
+                f"lets JAX's allocator hold only {self.allocator_limit / GIB:.2f} GiB. Lower "
+                f"--gpu-memory-utilization or raise {XLA_MEM_FRACTION} before JAX starts (unset, the "
+                f"engine sets it to --gpu-memory-utilization, unless JAX already used the GPU).")
         return min(wanted, self.allocator_limit) - self.in_use - self.step
 
     def utilization_for(self, kv_bytes: int) -> float:

