@@ -274,7 +274,8 @@ def report(args) -> dict:
     result = {name: load(name) for name in ("pytest_gpu", "kernel", "step", "jpaged", "hf")}
     if result["jpaged"] and result["hf"]:
         ratio = result["jpaged"]["output_tokens_per_s"] / result["hf"]["output_tokens_per_s"]
-        result["throughput"] = {"ratio": round(ratio, 2), "target": THROUGHPUT_TARGET, "pass": ratio >= THROUGHPUT_TARGET}
+        result["throughput"] = {"ratio": round(ratio, 2), "target": THROUGHPUT_TARGET,
+                                "pass": ratio >= THROUGHPUT_TARGET}
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=2)
     lines = ["| check | measured | target | pass |", "|---|---|---|---|"]

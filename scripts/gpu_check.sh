@@ -69,7 +69,8 @@ gpu_tests=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
 step pytest_gpu 900 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider $gpu_tests
 pytest_rc=$?
 summary=$(tail -n 1 "$OUT/pytest_gpu.log")
-"$PYTHON" -c 'import json, sys; json.dump({"summary": sys.argv[1], "pass": sys.argv[2] == "0"}, open(sys.argv[3], "w"))' \
+"$PYTHON" -c 'import json, sys
+json.dump({"summary": sys.argv[1], "pass": sys.argv[2] == "0"}, open(sys.argv[3], "w"))' \
   "$summary" "$pytest_rc" "$OUT/pytest_gpu.json"
 
 step kernel 900 "$PYTHON" scripts/gpu_check.py kernel --out "$OUT"
