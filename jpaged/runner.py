@@ -133,7 +133,7 @@ class ModelRunner:
         blob = self._blob_spec(StepMetadata.blob_size(t, s, p))
         jitted = self._decode_jit if decode_only else self._forward_jit
         lowered = jitted.lower(self._abstract(self.params), self._abstract(self.kv_cache), blob,
-                                          num_tokens=t, num_seqs=s, pages_per_seq=p)
+                               num_tokens=t, num_seqs=s, pages_per_seq=p)
         self._forward[(t, s, p, decode_only)] = lowered.compile()
 
     def _compile_sample(self, s: int, l: int, b: int):

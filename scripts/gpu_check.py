@@ -232,7 +232,7 @@ def throughput_hf(args) -> dict:
     import transformers
 
     requests = workload(args)
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    device = "cpu" if args.smoke else "cuda"
     config = transformers.LlamaConfig.from_dict(hf_config(args.smoke))
     with torch.device(device):
         model = transformers.LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16).eval()
@@ -319,7 +319,12 @@ def main():
     if args.what == "report":
         report(args)
         return
-    if not args.smoke:
+    if not args.smoke and args.what == "hf":  # no JAX here: its allocator would take the GPU's memory
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("gpu_check.py hf: torch sees no CUDA GPU; use --smoke on CPU.")
+    elif not args.smoke:
         from jpaged import EngineArgs, kv_pool
 
         kv_pool.configure_xla_allocator(EngineArgs().gpu_memory_utilization)  # before JAX starts on the GPU
