@@ -146,7 +146,8 @@ def decode_step(args) -> dict:
     pages = -(-context // block_size)
     engine_args = EngineArgs(max_model_len=max_model_len, max_num_seqs=batch, max_num_batched_tokens=batch,
                              block_size=block_size, num_gpu_blocks_override=batch * pages + 1,
-                             attention_backend="reference" if args.smoke else "pallas", compilation_cache_dir="")
+                             attention_backend="reference" if args.smoke else "pallas",
+                             **({"compilation_cache_dir": ""} if args.smoke else {}))
     params = llama.init_params(config, jax.random.key(0))
     runner = build_runner(config, params, engine_args, max_model_len)
     greedy = SamplingParams(temperature=0.0, max_tokens=1)

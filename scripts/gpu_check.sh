@@ -12,7 +12,8 @@
 # Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md (plus one JSON and one log per step).
 # Every step has a time limit and the others still run when one fails; the exit status is 0 only
 # when every step ran (the targets' pass/fail are in the table). Without a GPU it stops at once
-# with exit status 2. Environment: PYTHON (default python3), GPU_CHECK_PROMPTS (default 128).
+# with exit status 2. Environment: PYTHON (default python3), GPU_CHECK_PROMPTS (default 128),
+# GPU_CHECK_STEPS (default "pytest_gpu kernel step jpaged hf": rerun a subset into the same OUT_DIR).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -50,9 +51,13 @@ fi
 cat "$OUT/device.log"
 
 failed=0
+STEPS=" ${GPU_CHECK_STEPS:-pytest_gpu kernel step jpaged hf} "
 step() {  # step NAME TIMEOUT_S COMMAND...: runs it with a limit, logs to OUT/NAME.log
   local name=$1 limit=$2
   shift 2
+  if [[ "$STEPS" != *" $name "* ]]; then
+    return 0
+  fi
   echo "gpu_check: $name (at most ${limit} s) ..."
   local start=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -68,10 +73,12 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs it with a limit, logs to OUT/NA
 gpu_tests=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
 step pytest_gpu 900 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider $gpu_tests
 pytest_rc=$?
-summary=$(tail -n 1 "$OUT/pytest_gpu.log")
-"$PYTHON" -c 'import json, sys
+if [[ "$STEPS" == *" pytest_gpu "* ]]; then
+  summary=$(tail -n 1 "$OUT/pytest_gpu.log")
+  "$PYTHON" -c 'import json, sys
 json.dump({"summary": sys.argv[1], "pass": sys.argv[2] == "0"}, open(sys.argv[3], "w"))' \
-  "$summary" "$pytest_rc" "$OUT/pytest_gpu.json"
+    "$summary" "$pytest_rc" "$OUT/pytest_gpu.json"
+fi
 
 step kernel 900 "$PYTHON" scripts/gpu_check.py kernel --out "$OUT"
 step step 900 "$PYTHON" scripts/gpu_check.py step --out "$OUT"
