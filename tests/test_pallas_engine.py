@@ -89,3 +89,11 @@ def test_engine_on_gpu_matches_dense(tmp_path):
         llm = LLM(str(folder), load_format="dummy", **{**ENGINE_KWARGS, "attention_backend": "auto"})
         assert llm.llm_engine.runner._decode_jit is not None
         check_engine_matches_dense(llm)
+
+
+def test_only_the_pallas_backend_has_decode_only_programs():
+    """Other backends keep the programs they had: no decode-only variants."""
+    from jpaged.attention_backend import decode_only_attention
+
+    assert decode_only_attention("pallas") is decode_attention
+    assert decode_only_attention("cpu") is None and decode_only_attention("reference") is None
