@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY_HF_CONFIG
 from jpaged import LLM, SamplingParams
-from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.decode_attention import decode_attention, default_num_kv_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from test_engine import ENGINE_KWARGS, assert_pool_free, dense_greedy, mixed_prompts, sharpened
 
@@ -59,7 +59,9 @@ def check_engine_matches_dense(llm):
 
 def test_engine_through_pallas_kernels_in_interpret_mode(tiny_model_dir, monkeypatch):
     ragged = functools.partial(ragged_paged_attention, interpret=True)
-    decode = functools.partial(decode_attention, interpret=True)
+    # One page per compute block, so decode steps split each context over 8 programs (flash-decoding).
+    decode = functools.partial(decode_attention, interpret=True, pages_per_compute_block=1)
+    assert default_num_kv_splits(8, TINY_HF_CONFIG["num_key_value_heads"], 8, 1) == 8
     monkeypatch.setattr("jpaged.runner.select_attention", lambda backend, platform: ("pallas", ragged))
     monkeypatch.setattr("jpaged.runner.decode_only_attention",
                         lambda backend: decode if backend == "pallas" else None)
