@@ -127,8 +127,13 @@ class GpuMemory:
 
 def compiled_step_bytes(memory_analysis) -> int:
     """Device bytes a compiled program needs besides its inputs: temporaries plus the outputs
-    that do not alias a (donated) input. `memory_analysis`: `compiled.memory_analysis()`."""
+    that do not alias a (donated) input. `memory_analysis`: `compiled.memory_analysis()`, which
+    is None where the backend cannot tell (then 0, with a warning)."""
     m = memory_analysis
+    if m is None:
+        logger.warning("XLA gave no memory analysis for a compiled step; the KV cache reserves nothing "
+                       "for its temporaries (lower --gpu-memory-utilization if the first steps run out of memory).")
+        return 0
     return m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
 
 

@@ -125,3 +125,8 @@ def test_largest_step_bytes_from_memory_analysis(tiny_model_dir):
     logits = 8 * config.vocab_size * 4
     hidden = 64 * config.hidden_size * 4
     assert logits + hidden <= step < 64 * (1 << 20)
+
+
+def test_compiled_step_bytes_without_an_analysis_reserves_nothing(caplog):
+    assert kv_pool.compiled_step_bytes(None) == 0
+    assert "no memory analysis" in caplog.text
