@@ -166,14 +166,16 @@ def size_pool(model_config, args, max_model_len: int, kv_dtype: str, device, ste
             source += (f"; {args.gpu_memory_utilization:g} x {gpu.total / GIB:.2f} GiB minus "
                        f"{gpu.in_use / GIB:.2f} GiB in use and {gpu.step / GIB:.2f} GiB for the largest step")
             if num_blocks - 1 < blocks_per_seq:
-                needed = gpu.utilization_for((blocks_per_seq + 1) * block_bytes)
+                kv_needed = (blocks_per_seq + 1) * block_bytes
+                needed = math.ceil(gpu.utilization_for(kv_needed) * 1000) / 1000
+                fix = (f"Raise --gpu-memory-utilization to at least {needed:g}" if needed <= 1.0 else
+                       "Even all of the device would not do; lower --max-num-batched-tokens / --max-num-seqs")
                 raise ValueError(
                     f"Out of GPU memory for the KV cache: one sequence of max_model_len={max_model_len} "
-                    f"needs {blocks_per_seq} blocks ({(blocks_per_seq + 1) * block_bytes / GIB:.2f} GiB with "
-                    f"the null block), but {source} leaves room for {max(num_blocks - 1, 0)}; short by "
-                    f"{((blocks_per_seq + 1) * block_bytes - max(budget, 0)) / GIB:.2f} GiB. Raise "
-                    f"--gpu-memory-utilization to at least {math.ceil(needed * 1000) / 1000:g}, or lower "
-                    f"--max-model-len (at most {max(num_blocks - 1, 0) * args.block_size} tokens fit).")
+                    f"needs {blocks_per_seq} blocks ({kv_needed / GIB:.2f} GiB with the null block), but "
+                    f"{source} leaves room for {max(num_blocks - 1, 0)}; short by "
+                    f"{(kv_needed - budget) / GIB:.2f} GiB. {fix}, or lower --max-model-len "
+                    f"(at most {max(num_blocks - 1, 0) * args.block_size} tokens fit now).")
         if device.platform == "cpu":
             num_blocks = min(num_blocks, args.max_num_seqs * blocks_per_seq + 1)
     if num_blocks - 1 < blocks_per_seq:

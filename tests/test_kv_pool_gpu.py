@@ -85,7 +85,7 @@ def test_out_of_memory_names_the_flag_and_by_how_much(llama3_8b, monkeypatch):
     # The utilization it names is enough: 24 GiB + 0.502 GiB over 80 GiB.
     needed = float(message.split("--gpu-memory-utilization to at least ")[1].split(",")[0])
     assert needed == pytest.approx((15 + 8.5 + 513 * 2 / 1024) / 80, abs=1e-3)
-    assert "--max-model-len (at most 4080 tokens fit)" in message
+    assert "--max-model-len (at most 4080 tokens fit now)" in message
     monkeypatch.setenv(kv_pool.XLA_MEM_FRACTION, str(needed))
     device = FakeGpu({"bytes_limit": int(needed * 80 * GIB), "bytes_in_use": 15 * GIB})
     spec = kv_pool.size_pool(llama3_8b, EngineArgs(gpu_memory_utilization=needed), 8192, "bfloat16", device,
@@ -130,3 +130,13 @@ def test_largest_step_bytes_from_memory_analysis(tiny_model_dir):
 def test_compiled_step_bytes_without_an_analysis_reserves_nothing(caplog):
     assert kv_pool.compiled_step_bytes(None) == 0
     assert "no memory analysis" in caplog.text
+
+
+def test_out_of_memory_when_even_the_whole_device_is_too_small(llama3_8b, monkeypatch):
+    """Weights and the step alone overflow the budget: the shortfall counts them too."""
+    monkeypatch.setenv(kv_pool.XLA_MEM_FRACTION, "0.9")
+    device = FakeGpu({"bytes_limit": int(0.9 * 20 * GIB), "bytes_in_use": 15 * GIB})
+    with pytest.raises(ValueError, match=r"short by 2.00 GiB. Even all of the device would not do; lower "
+                                         r"--max-num-batched-tokens / --max-num-seqs, or lower --max-model-len "
+                                         r"\(at most 0 tokens fit now\)"):
+        kv_pool.size_pool(llama3_8b, EngineArgs(), 8192, "bfloat16", device, step_bytes=lambda: 4 * GIB)
