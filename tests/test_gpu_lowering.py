@@ -92,3 +92,27 @@ def test_every_runner_program_lowers_for_cuda():
             assert text.count(TRITON_CALL) == 1, (name, kwargs)
             assert len(re.findall(rf"call @{kernel}\b", text)) == config.num_layers, (name, kwargs)
             assert f"paged_flash_rows{16 if name == '_decode_jit' else 64}" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("JPAGED_CUDA_PLUGIN_DIR"),
+                    reason="set JPAGED_CUDA_PLUGIN_DIR to the unpacked CUDA plugin wheels (scripts/aot_compile_cuda.py)")
+def test_every_runner_program_compiles_for_h100_without_a_gpu(tmp_path):
+    """XLA's CUDA plugin compiles (deviceless, for an H100 target config) every program the runner
+    compiles at start: the full GPU pipeline, the Pallas kernels through Triton to PTX."""
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "aot.json"
+    done = subprocess.run([sys.executable, os.path.join(root, "scripts", "aot_compile_cuda.py"), "--plugin-dir",
+                           os.environ["JPAGED_CUDA_PLUGIN_DIR"], "--max-num-batched-tokens", "64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "NVIDIA H100 80GB HBM3"
+    programs = [(r["program"], r.get("num_tokens", r.get("num_seqs"))) for r in result["results"]]
+    assert programs == [("forward", 16), ("forward", 32), ("forward", 64), ("decode", 16), ("decode", 32),
+                        ("decode", 64), ("sample", 8), ("sample", 16), ("sample", 32), ("sample", 64)]
+    # The pool is donated: every forward aliases it instead of copying it.
+    assert all(r["alias_mib"] == 40000.0 for r in result["results"] if r["program"] != "sample")
