@@ -13,8 +13,9 @@ use, so small models do not allocate gigabytes they can never fill.
 XLA's GPU allocator may hold XLA_PYTHON_CLIENT_MEM_FRACTION of the device's total memory (75 %
 when unset) and reports that limit as `memory_stats()["bytes_limit"]`. `configure_xla_allocator`
 (called before JAX starts its backends) sets the variable to --gpu-memory-utilization when the
-user left it unset, so the two agree; when the user set it, total memory is bytes_limit divided
-by it, and a utilization above it fails at start naming both.
+user left it unset, so the two agree; total memory is bytes_limit divided by the fraction. A
+utilization above a fraction the user set fails at start naming both; above JAX's default (JAX
+was started before the engine) it is lowered to the allocator's limit with a warning.
 
 On Linux CPUs the pool is backed by transparent huge pages where the kernel allows it
 (`advise_huge_pages`): attention reads each sequence's blocks at scattered places in the pool,
@@ -81,9 +82,11 @@ def configure_xla_allocator(gpu_memory_utilization: float, environ=os.environ) -
     environ[XLA_MEM_FRACTION] = f"{gpu_memory_utilization:g}"
 
 
-def xla_mem_fraction(environ=os.environ) -> float:
-    """The fraction of total device memory XLA's GPU allocator may hold."""
-    return float(environ.get(XLA_MEM_FRACTION, XLA_DEFAULT_MEM_FRACTION))
+def xla_mem_fraction(environ=os.environ) -> float | None:
+    """The fraction of total device memory XLA's GPU allocator may hold, when set (None: JAX's
+    default, XLA_DEFAULT_MEM_FRACTION)."""
+    value = environ.get(XLA_MEM_FRACTION)
+    return None if value is None else float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,29 +98,40 @@ class GpuMemory:
     in_use: int  # already allocated: the weights
     step: int  # what the largest compiled step needs besides the weights and the pool
     fraction: float  # XLA_PYTHON_CLIENT_MEM_FRACTION in effect
+    fraction_set: bool  # whether the variable was set (by the user, or by configure_xla_allocator)
 
     @classmethod
-    def from_stats(cls, stats: dict | None, fraction: float, step: int) -> "GpuMemory":
-        """From `device.memory_stats()` and XLA_PYTHON_CLIENT_MEM_FRACTION."""
+    def from_stats(cls, stats: dict | None, fraction: float | None, step: int) -> "GpuMemory":
+        """From `device.memory_stats()` and XLA_PYTHON_CLIENT_MEM_FRACTION (None: unset)."""
         if not stats or "bytes_limit" not in stats:
             raise ValueError(
                 "JAX reports no GPU memory limit (XLA_PYTHON_CLIENT_ALLOCATOR=platform?), so "
                 "--gpu-memory-utilization cannot size the KV cache; pass --kv-cache-memory or "
                 "--num-gpu-blocks-override, or use XLA's default allocator.")
         limit = stats["bytes_limit"]
+        fraction_set = fraction is not None
+        fraction = fraction if fraction_set else XLA_DEFAULT_MEM_FRACTION
         return cls(total=int(limit / fraction), allocator_limit=limit, in_use=stats["bytes_in_use"], step=step,
-                   fraction=fraction)
+                   fraction=fraction, fraction_set=fraction_set)
 
     def kv_budget(self, utilization: float) -> int:
         """Bytes left for the KV pool under --gpu-memory-utilization (negative: over budget)."""
         wanted = int(utilization * self.total)
-        if wanted > self.allocator_limit * 1.001:  # XLA rounds the limit down a little
+        if wanted > self.allocator_limit * 1.001 and not self.fraction_set:  # XLA rounds the limit down a little
+            # JAX started its GPU client (default fraction) before the engine could set the variable.
+            logger.warning(
+                "JAX started on the GPU before the engine could set %s, so its allocator holds only "
+                "%.2f of the device (%.2f GiB), less than --gpu-memory-utilization %g; sizing from that. "
+                "Set %s=%g before the first JAX call to use the flag's share.", XLA_MEM_FRACTION,
+                self.fraction, self.allocator_limit / GIB, utilization, XLA_MEM_FRACTION, utilization)
+            wanted = self.allocator_limit
+        elif wanted > self.allocator_limit * 1.001:
             raise ValueError(
                 f"--gpu-memory-utilization {utilization:g} asks for {wanted / GIB:.2f} GiB of the "
                 f"device's {self.total / GIB:.2f} GiB, but {XLA_MEM_FRACTION}={self.fraction:g} "
                 f"lets JAX's allocator hold only {self.allocator_limit / GIB:.2f} GiB. Lower "
-                f"--gpu-memory-utilization or raise {XLA_MEM_FRACTION} before JAX starts (unset, the "
-                f"engine sets it to --gpu-memory-utilization, unless JAX already used the GPU).")
+                f"--gpu-memory-utilization or raise {XLA_MEM_FRACTION} (unset, the engine sets it to "
+                f"--gpu-memory-utilization before JAX starts on the GPU).")
         return min(wanted, self.allocator_limit) - self.in_use - self.step
 
     def utilization_for(self, kv_bytes: int) -> float:

@@ -56,10 +56,17 @@ def test_user_fraction_above_utilization_still_means_total_memory(llama3_8b, mon
     assert spec.num_blocks == pytest.approx((0.8 * 80 - 16) * GIB / (2 << 20), abs=1)
 
 
-def test_default_xla_fraction_is_read_when_unset(monkeypatch):
+def test_jax_started_first_sizes_from_its_default_allocator_limit(llama3_8b, monkeypatch, caplog):
+    """The variable unset because JAX already ran on the GPU: its allocator holds 0.75 x 80 GiB,
+    less than 0.9 asks for; the pool takes what the allocator allows, with a warning."""
     monkeypatch.delenv(kv_pool.XLA_MEM_FRACTION, raising=False)
     memory = kv_pool.GpuMemory.from_stats({"bytes_limit": 60 * GIB, "bytes_in_use": 0}, kv_pool.xla_mem_fraction(), 0)
-    assert memory.total == 80 * GIB and memory.fraction == 0.75
+    assert memory.total == 80 * GIB and memory.fraction == 0.75 and not memory.fraction_set
+    device = FakeGpu({"bytes_limit": 60 * GIB, "bytes_in_use": 15 * GIB})
+    spec = kv_pool.size_pool(llama3_8b, EngineArgs(gpu_memory_utilization=0.9), 8192, "bfloat16", device,
+                             step_bytes=lambda: 1 * GIB)
+    assert spec.num_blocks == 44 * GIB // (2 << 20)
+    assert "JAX started on the GPU before the engine could set XLA_PYTHON_CLIENT_MEM_FRACTION" in caplog.text
 
 
 def test_utilization_above_the_allocator_fraction_names_both(llama3_8b, monkeypatch):
