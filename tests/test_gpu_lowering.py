@@ -96,7 +96,8 @@ def test_every_runner_program_lowers_for_cuda():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("JPAGED_CUDA_PLUGIN_DIR"),
-                    reason="set JPAGED_CUDA_PLUGIN_DIR to the unpacked CUDA plugin wheels (scripts/aot_compile_cuda.py)")
+                    reason="set JPAGED_CUDA_PLUGIN_DIR to the unpacked CUDA plugin wheels "
+                           "(scripts/aot_compile_cuda.py)")
 def test_every_runner_program_compiles_for_h100_without_a_gpu(tmp_path):
     """XLA's CUDA plugin compiles (deviceless, for an H100 target config) every program the runner
     compiles at start: the full GPU pipeline, the Pallas kernels through Triton to PTX."""
