@@ -6,6 +6,10 @@ All backends share `pallas_kernels.reference.ragged_paged_attention`'s signature
 - cpu: the C++ kernel registered through jax.ffi (built by `python -m pallas_kernels.cpu.build`);
 - auto: pallas on GPU, cpu on CPU, falling back to reference with one warning when the C++
   kernel is unavailable.
+
+The pallas backend also has a decode-only kernel (`decode_only_attention`): the runner compiles
+separate programs for steps it knows hold one new token per sequence, where that kernel reads
+each context with fewer wasted rows and splits long contexts across programs (flash-decoding).
 """
 
 import importlib
@@ -59,7 +63,7 @@ def select_attention(backend: str, platform: str):
 def select_kv_writer(backend: str):
     """The KV-write function (`pallas_kernels.reference.write_kv`'s signature) for a selected backend.
 
-    The C++ library's writes in place for every page dtype; XLA's CPU scatter rewrites the whole
+    The C++ library writes in place for every page dtype; XLA's CPU scatter rewrites the whole
     pool for bf16 pages. Other backends use the XLA scatter.
     """
     if backend == "cpu":
@@ -67,3 +71,12 @@ def select_kv_writer(backend: str):
         return write_kv
     from pallas_kernels.reference import write_kv
     return write_kv
+
+
+def decode_only_attention(backend: str):
+    """The attention for steps where every sequence has 0 or 1 new token, when `backend` (a name
+    returned by `select_attention`) has one that beats its general kernel there; else None."""
+    if backend == "pallas":
+        from pallas_kernels.decode_attention import decode_attention
+        return decode_attention
+    return None

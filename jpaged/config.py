@@ -41,8 +41,9 @@ class EngineArgs:
         f"{DEFAULT_CPU_MAX_MODEL_LEN} on CPU.", type=int)
     block_size: int = _field(16, "Tokens per KV-cache block.", type=int)
     gpu_memory_utilization: float = _field(
-        0.9, "Fraction of accelerator memory for weights + KV cache. On CPU: the fraction of "
-        "available host memory the KV cache may take (see --kv-cache-memory).", type=float)
+        0.9, "Fraction of the accelerator's total memory for weights, activations and KV cache. "
+        "On CPU: the fraction of available host memory the KV cache may take (see --kv-cache-memory).",
+        type=float)
     kv_cache_memory: float | None = _field(
         None, f"KV-cache size in GiB (overrides --gpu-memory-utilization). On CPU the default "
         f"is min({DEFAULT_CPU_KV_CACHE_GIB:g} GiB, utilization x available memory).", type=float)

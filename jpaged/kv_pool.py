@@ -3,10 +3,19 @@
 Sizing (first rule that applies):
 1. --num-gpu-blocks-override: exactly that many blocks (including the null block).
 2. --kv-cache-memory GiB.
-3. GPU: --gpu-memory-utilization x device memory, minus what is already in use (the weights).
+3. GPU: --gpu-memory-utilization x the device's TOTAL memory (vLLM's meaning), minus what is
+   already in use (the weights) and minus what the largest compiled step needs besides the
+   weights and the pool (its temporaries and outputs, from `compiled.memory_analysis()`).
    CPU: min(4 GiB, --gpu-memory-utilization x available host memory).
 On CPU (rules 2-3) the pool is also capped at what max_num_seqs sequences of max_model_len can
 use, so small models do not allocate gigabytes they can never fill.
+
+XLA's GPU allocator may hold XLA_PYTHON_CLIENT_MEM_FRACTION of the device's total memory (75 %
+when unset) and reports that limit as `memory_stats()["bytes_limit"]`. `configure_xla_allocator`
+(called before JAX starts its backends) sets the variable to --gpu-memory-utilization when the
+user left it unset, so the two agree; total memory is bytes_limit divided by the fraction. A
+utilization above a fraction the user set fails at start naming both; above JAX's default (JAX
+was started before the engine) it is lowered to the allocator's limit with a warning.
 
 On Linux CPUs the pool is backed by transparent huge pages where the kernel allows it
 (`advise_huge_pages`): attention reads each sequence's blocks at scattered places in the pool,
@@ -16,6 +25,8 @@ and with 4 KiB pages nearly every (block, KV head) read starts with a TLB miss.
 import ctypes
 import dataclasses
 import logging
+import math
+import os
 import sys
 
 import jax
@@ -28,6 +39,8 @@ from pallas_kernels.reference import get_kv_cache_shape
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
+XLA_MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+XLA_DEFAULT_MEM_FRACTION = 0.75  # what JAX's GPU allocator may hold when the variable is unset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,26 +71,125 @@ def _available_host_bytes() -> int:
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
 
 
-def _memory_budget(args, device) -> int:
+def configure_xla_allocator(gpu_memory_utilization: float, environ=os.environ) -> None:
+    """Makes XLA's GPU allocator limit --gpu-memory-utilization x total device memory: sets
+    XLA_PYTHON_CLIENT_MEM_FRACTION when the user left it unset and JAX has not started its
+    backends (the variable is read once, then). Call before anything touches a device."""
+    from jax._src import xla_bridge  # backends_are_initialized is not public API
+
+    if XLA_MEM_FRACTION in environ or xla_bridge.backends_are_initialized():
+        return
+    environ[XLA_MEM_FRACTION] = f"{gpu_memory_utilization:g}"
+
+
+def xla_mem_fraction(environ=os.environ) -> float | None:
+    """The fraction of total device memory XLA's GPU allocator may hold, when set (None: JAX's
+    default, XLA_DEFAULT_MEM_FRACTION)."""
+    value = environ.get(XLA_MEM_FRACTION)
+    return None if value is None else float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuMemory:
+    """A GPU's memory at pool-sizing time, in bytes."""
+
+    total: int  # the device's memory
+    allocator_limit: int  # what XLA's allocator may hold (XLA_PYTHON_CLIENT_MEM_FRACTION x total)
+    in_use: int  # already allocated: the weights
+    step: int  # what the largest compiled step needs besides the weights and the pool
+    fraction: float  # XLA_PYTHON_CLIENT_MEM_FRACTION in effect
+    fraction_set: bool  # whether the variable was set (by the user, or by configure_xla_allocator)
+
+    @classmethod
+    def from_stats(cls, stats: dict | None, fraction: float | None, step: int) -> "GpuMemory":
+        """From `device.memory_stats()` and XLA_PYTHON_CLIENT_MEM_FRACTION (None: unset)."""
+        if not stats or "bytes_limit" not in stats:
+            raise ValueError(
+                "JAX reports no GPU memory limit (XLA_PYTHON_CLIENT_ALLOCATOR=platform?), so "
+                "--gpu-memory-utilization cannot size the KV cache; pass --kv-cache-memory or "
+                "--num-gpu-blocks-override, or use XLA's default allocator.")
+        limit = stats["bytes_limit"]
+        fraction_set = fraction is not None
+        fraction = fraction if fraction_set else XLA_DEFAULT_MEM_FRACTION
+        return cls(total=int(limit / fraction), allocator_limit=limit, in_use=stats["bytes_in_use"], step=step,
+                   fraction=fraction, fraction_set=fraction_set)
+
+    def kv_budget(self, utilization: float) -> int:
+        """Bytes left for the KV pool under --gpu-memory-utilization (negative: over budget)."""
+        wanted = int(utilization * self.total)
+        if wanted > self.allocator_limit * 1.001 and not self.fraction_set:  # XLA rounds the limit down a little
+            # JAX started its GPU client (default fraction) before the engine could set the variable.
+            logger.warning(
+                "JAX started on the GPU before the engine could set %s, so its allocator holds only "
+                "%.2f of the device (%.2f GiB), less than --gpu-memory-utilization %g; sizing from that. "
+                "Set %s=%g before the first JAX call to use the flag's share.", XLA_MEM_FRACTION,
+                self.fraction, self.allocator_limit / GIB, utilization, XLA_MEM_FRACTION, utilization)
+            wanted = self.allocator_limit
+        elif wanted > self.allocator_limit * 1.001:
+            raise ValueError(
+                f"--gpu-memory-utilization {utilization:g} asks for {wanted / GIB:.2f} GiB of the "
+                f"device's {self.total / GIB:.2f} GiB, but {XLA_MEM_FRACTION}={self.fraction:g} "
+                f"lets JAX's allocator hold only {self.allocator_limit / GIB:.2f} GiB. Lower "
+                f"--gpu-memory-utilization or raise {XLA_MEM_FRACTION} (unset, the engine sets it to "
+                f"--gpu-memory-utilization before JAX starts on the GPU).")
+        return min(wanted, self.allocator_limit) - self.in_use - self.step
+
+    def utilization_for(self, kv_bytes: int) -> float:
+        """The --gpu-memory-utilization that leaves kv_bytes for the pool."""
+        return (self.in_use + self.step + kv_bytes) / self.total
+
+
+def compiled_step_bytes(memory_analysis) -> int:
+    """Device bytes a compiled program needs besides its inputs: temporaries plus the outputs
+    that do not alias a (donated) input. `memory_analysis`: `compiled.memory_analysis()`, which
+    is None where the backend cannot tell (then 0, with a warning)."""
+    m = memory_analysis
+    if m is None:
+        logger.warning("XLA gave no memory analysis for a compiled step; the KV cache reserves nothing "
+                       "for its temporaries (lower --gpu-memory-utilization if the first steps run out of memory).")
+        return 0
+    return m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+def _memory_budget(args, device, step_bytes) -> tuple[int, GpuMemory | None]:
     if args.kv_cache_memory is not None:
-        return int(args.kv_cache_memory * GIB)
+        return int(args.kv_cache_memory * GIB), None
     if device.platform == "cpu":
-        return int(min(DEFAULT_CPU_KV_CACHE_GIB * GIB, args.gpu_memory_utilization * _available_host_bytes()))
-    stats = device.memory_stats()
-    return int(stats["bytes_limit"] * args.gpu_memory_utilization) - stats["bytes_in_use"]
+        return int(min(DEFAULT_CPU_KV_CACHE_GIB * GIB, args.gpu_memory_utilization * _available_host_bytes())), None
+    memory = GpuMemory.from_stats(device.memory_stats(), xla_mem_fraction(), step_bytes() if step_bytes else 0)
+    return memory.kv_budget(args.gpu_memory_utilization), memory
 
 
-def size_pool(model_config, args, max_model_len: int, kv_dtype: str, device) -> KVPoolSpec:
-    """Chooses num_blocks (see the module docstring); fails when one max_model_len sequence cannot fit."""
+def size_pool(model_config, args, max_model_len: int, kv_dtype: str, device, step_bytes=None) -> KVPoolSpec:
+    """Chooses num_blocks (see the module docstring); fails when one max_model_len sequence cannot fit.
+
+    step_bytes: on a GPU, a function of no arguments returning what the largest compiled step
+    needs besides the weights and the pool (`compiled_step_bytes`); called only when sizing from
+    --gpu-memory-utilization.
+    """
     block_bytes = bytes_per_block(model_config, args.block_size, kv_dtype)
     blocks_per_seq = cdiv(max_model_len, args.block_size)
     if args.num_gpu_blocks_override is not None:
         num_blocks = args.num_gpu_blocks_override
         source = f"--num-gpu-blocks-override {num_blocks}"
     else:
-        budget = _memory_budget(args, device)
+        budget, gpu = _memory_budget(args, device, step_bytes)
         num_blocks = max(0, budget // block_bytes)
         source = f"{budget / GIB:.2f} GiB of KV memory ({block_bytes} bytes per block)"
+        if gpu is not None:
+            source += (f"; {args.gpu_memory_utilization:g} x {gpu.total / GIB:.2f} GiB minus "
+                       f"{gpu.in_use / GIB:.2f} GiB in use and {gpu.step / GIB:.2f} GiB for the largest step")
+            if num_blocks - 1 < blocks_per_seq:
+                kv_needed = (blocks_per_seq + 1) * block_bytes
+                needed = math.ceil(gpu.utilization_for(kv_needed) * 1000) / 1000
+                fix = (f"Raise --gpu-memory-utilization to at least {needed:g}" if needed <= 1.0 else
+                       "Even all of the device would not do; lower --max-num-batched-tokens / --max-num-seqs")
+                raise ValueError(
+                    f"Out of GPU memory for the KV cache: one sequence of max_model_len={max_model_len} "
+                    f"needs {blocks_per_seq} blocks ({kv_needed / GIB:.2f} GiB with the null block), but "
+                    f"{source} leaves room for {max(num_blocks - 1, 0)}; short by "
+                    f"{(kv_needed - budget) / GIB:.2f} GiB. {fix}, or lower --max-model-len "
+                    f"(at most {max(num_blocks - 1, 0) * args.block_size} tokens fit now).")
         if device.platform == "cpu":
             num_blocks = min(num_blocks, args.max_num_seqs * blocks_per_seq + 1)
     if num_blocks - 1 < blocks_per_seq:

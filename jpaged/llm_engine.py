@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from jpaged import kv_pool
 from jpaged.config import DEFAULT_CPU_MAX_MODEL_LEN, EngineArgs
 from jpaged.cpu_features import resolve_cpu_dtype
 from jpaged.detokenizer import IncrementalDetokenizer
@@ -77,6 +78,7 @@ class LLMEngine:
 
     def __init__(self, engine_args: EngineArgs, show_progress: bool = True):
         self.engine_args = args = engine_args
+        kv_pool.configure_xla_allocator(args.gpu_memory_utilization)  # before JAX starts its GPU client
         platform = device_platform()
         dtype = resolve_cpu_dtype(args.dtype) if platform == "cpu" else args.dtype
         loaded = load_model(args.model, dtype=dtype, load_format=args.load_format, revision=args.revision,

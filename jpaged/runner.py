@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jpaged import kv_pool
-from jpaged.attention_backend import select_attention, select_kv_writer
+from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama
 from jpaged.sampler import logprob_outputs, sample
@@ -81,11 +81,13 @@ class ModelRunner:
       bucket_pages: bucket the block-table width (for attention whose cost follows the width).
       max_entries_per_seq: the most sampler entries (logit_bias, min_tokens masks, distinct
         penalty tokens) one request can bring; max_logprobs: the widest top-logprobs request.
+      decode_attention_fn: None, or an attention for steps where every sequence has one new
+        token (the pallas decode kernel); such steps then run their own compiled programs.
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
                  max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, device,
-                 max_entries_per_seq: int, max_logprobs: int):
+                 max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None):
         self.model_config = model_config
         self.params = params
         self.pool_spec = pool_spec
@@ -99,12 +101,16 @@ class ModelRunner:
         self._forward_jit = jax.jit(
             functools.partial(_forward_step, config=model_config, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
+        self._decode_jit = None if decode_attention_fn is None else jax.jit(
+            functools.partial(_forward_step, config=model_config, attention_fn=decode_attention_fn,
+                              write_kv_fn=write_kv_fn),
+            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
         self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs),
                                    static_argnames=("num_seqs", "num_entries"))
         self._prompt_logprobs_jit = jax.jit(
             functools.partial(_prompt_logprobs_step, config=model_config, max_logprobs=max_logprobs))
         self._prompt_logprobs = {}  # num_tokens -> compiled
-        self._forward = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled
+        self._forward = {}  # (num_tokens, num_seqs, pages_per_seq, decode_only) -> compiled
         self._sample = {}  # (num_seqs, num_entries, masked) -> compiled
         self._swap = {}  # ("out" | "in", count bucket) -> compiled
         self.num_swap_blocks = num_swap_blocks
@@ -123,11 +129,12 @@ class ModelRunner:
     def _blob_spec(self, size: int):
         return jax.ShapeDtypeStruct((size,), jnp.int32)
 
-    def _compile_forward(self, t: int, s: int, p: int):
+    def _compile_forward(self, t: int, s: int, p: int, decode_only: bool = False):
         blob = self._blob_spec(StepMetadata.blob_size(t, s, p))
-        lowered = self._forward_jit.lower(self._abstract(self.params), self._abstract(self.kv_cache), blob,
-                                          num_tokens=t, num_seqs=s, pages_per_seq=p)
-        self._forward[(t, s, p)] = lowered.compile()
+        jitted = self._decode_jit if decode_only else self._forward_jit
+        lowered = jitted.lower(self._abstract(self.params), self._abstract(self.kv_cache), blob,
+                               num_tokens=t, num_seqs=s, pages_per_seq=p)
+        self._forward[(t, s, p, decode_only)] = lowered.compile()
 
     def _compile_sample(self, s: int, e: int, masked: bool):
         vocab = self.model_config.vocab_size
@@ -158,6 +165,10 @@ class ModelRunner:
         logprobs per token bucket and the swap copies. Returns the number of programs compiled
         (or loaded from the compilation cache)."""
         jobs = [functools.partial(self._compile_forward, *shape) for shape in self.buckets.step_shapes()]
+        if self._decode_jit is not None:  # decode-only steps hold at most max_num_seqs tokens
+            most = pick(self.buckets.num_tokens, min(self.buckets.num_seqs[-1], self.buckets.num_tokens[-1]))
+            jobs += [functools.partial(self._compile_forward, *shape, True)
+                     for shape in self.buckets.step_shapes() if shape[0] <= most]
         jobs += [functools.partial(self._compile_sample, *shape, masked)
                  for shape in self.buckets.sampler_shapes() for masked in (False, True)]
         jobs += [functools.partial(self._compile_prompt_logprobs, t) for t in self.buckets.num_tokens]
@@ -217,7 +228,9 @@ class ModelRunner:
             token_bitmask = np.pad(token_bitmask, ((0, s - len(token_bitmask)), (0, 0)), constant_values=-1)
         forward_blob, sampling_blob, token_bitmask = jax.device_put((forward_blob, sampling_blob, token_bitmask),
                                                                     self.device)
-        logits, hidden, self.kv_cache = self._forward[(t, s, p)](self.params, self.kv_cache, forward_blob)
+        decode_only = self._decode_jit is not None and all(len(r.token_ids) == 1 for r in scheduled)
+        logits, hidden, self.kv_cache = self._forward[(t, s, p, decode_only)](self.params, self.kv_cache,
+                                                                              forward_blob)
         out = self._sample[(s, e, masked)](logits, sampling_blob, token_bitmask)
         prompt_logprobs = None
         if any(r.sampling_params.prompt_logprobs is not None for r in scheduled):
@@ -275,16 +288,20 @@ def build_runner(model_config, params, args, max_model_len: int) -> ModelRunner:
     enable_compilation_cache(args.compilation_cache_dir)
     device = jax.devices()[0]
     backend, attention_fn = select_attention(args.attention_backend, device_platform())
+    decode_attention_fn = decode_only_attention(backend)
     logger.info("attention backend: %s on %s", backend, device)
     kv_dtype = model_config.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
-    pool_spec = kv_pool.size_pool(model_config, args, max_model_len, kv_dtype, device)
-    return ModelRunner(model_config, jax.device_put(params, device), pool_spec=pool_spec,
+    params = jax.device_put(params, device)  # before sizing: the pool gets what the weights leave
+    step_bytes = functools.partial(largest_step_bytes, model_config, params, attention_fn, select_kv_writer(backend),
+                                   args, max_model_len, kv_dtype, bucket_pages=backend == "reference")
+    pool_spec = kv_pool.size_pool(model_config, args, max_model_len, kv_dtype, device, step_bytes=step_bytes)
+    return ModelRunner(model_config, params, pool_spec=pool_spec,
                        num_swap_blocks=kv_pool.num_swap_blocks(model_config, args, kv_dtype),
                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                        max_model_len=max_model_len, attention_fn=attention_fn,
                        write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", device=device,
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
-                       max_logprobs=args.max_logprobs)
+                       max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn)
 
 
 def max_sampler_entries(model_config, args, max_model_len: int) -> int:
@@ -292,3 +309,32 @@ def max_sampler_entries(model_config, args, max_model_len: int) -> int:
     stop_token_ids and EOS ids, one penalty entry per distinct token of its context."""
     return (args.max_logit_bias + args.max_stop_token_ids + len(model_config.eos_token_ids)
             + max_model_len)
+
+
+def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, max_model_len: int, kv_dtype: str, *,
+                       bucket_pages: bool) -> int:
+    """Device bytes the largest bucket's forward plus its sampler need besides the weights and the
+    pool (`kv_pool.compiled_step_bytes`), compiled once against a one-sequence pool (with the pool
+    donated, the temporaries do not depend on its size). Used to size the pool on a GPU."""
+    buckets = Buckets.create(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                             max_model_len=max_model_len, block_size=args.block_size, bucket_pages=bucket_pages)
+    t, p = buckets.num_tokens[-1], buckets.pages_per_seq[-1]
+    s = buckets.seqs_for_tokens(t)
+    page = jax.ShapeDtypeStruct(kv_pool.KVPoolSpec(p + 1, args.block_size, model_config.num_layers,
+                                                   model_config.num_kv_heads, model_config.head_dim,
+                                                   kv_dtype).page_shape, kv_dtype)
+    forward = jax.jit(functools.partial(_forward_step, config=model_config, attention_fn=attention_fn,
+                                        write_kv_fn=write_kv_fn),
+                      static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    blob = jax.ShapeDtypeStruct((StepMetadata.blob_size(t, s, p),), jnp.int32)
+    compiled = forward.lower(abstract, [(page, page)] * model_config.num_layers, blob, num_tokens=t, num_seqs=s,
+                             pages_per_seq=p).compile()
+    vocab = model_config.vocab_size
+    e = s * max_sampler_entries(model_config, args, max_model_len)  # the largest sampler: all entries, masked
+    sampler = jax.jit(functools.partial(_sample_step, max_logprobs=args.max_logprobs),
+                      static_argnames=("num_seqs", "num_entries")).lower(
+        jax.ShapeDtypeStruct((s, vocab), jnp.float32), jax.ShapeDtypeStruct((SamplingMetadata.blob_size(s, e),), jnp.int32),
+        jax.ShapeDtypeStruct((s, bitmask_width(vocab)), jnp.int32), num_seqs=s, num_entries=e).compile()
+    return kv_pool.compiled_step_bytes(compiled.memory_analysis()) + kv_pool.compiled_step_bytes(
+        sampler.memory_analysis())

@@ -4,8 +4,12 @@ Same signature as `pallas_kernels.reference.ragged_paged_attention`, valid only 
 sequence's q_len (cu_q_lens[s + 1] - cu_q_lens[s]) is 0 or 1 -- decode steps, which dominate
 serving. One program handles (sequence, KV head, KV split): its rows are the GQA group padded to
 at least 16, and the sequence's context is split across `num_kv_splits` programs whose partial
-softmax results are merged afterwards (so a small batch with long contexts still fills the GPU).
-The engine picks this kernel only for steps it knows are decode-only; it does not check q_lens.
+softmax results are merged afterwards with their log-sum-exp weights (flash-decoding: a small
+batch with long contexts still fills the GPU). The split count is static, chosen per bucket from
+the shapes (`default_num_kv_splits`); each split takes an equal share of its sequence's real
+compute blocks, so short contexts are not penalized by a wide table.
+The runner calls this kernel for the steps it knows are decode-only (every scheduled request
+has one new token) and compiles separate programs for them; the kernel does not check q_lens.
 """
 
 import functools
@@ -17,6 +21,20 @@ from jax.experimental import pallas as pl
 from pallas_kernels import paged_flash_kernel, reference
 
 TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs; a guess until GPU timings exist
+MAX_KV_SPLITS = 8  # more splits write and merge more partial results than they save
+
+
+def default_num_kv_splits(num_seqs: int, num_kv_heads: int, pages_per_seq: int,
+                          pages_per_compute_block: int) -> int:
+    """Programs sharing one sequence's context, from static shapes only.
+
+    Enough that num_seqs * num_kv_heads * splits reaches TARGET_PROGRAMS, at most MAX_KV_SPLITS,
+    and never more than the widest table's compute blocks (a split without a block only costs).
+    Large batches get 1: no partial results are written and merged.
+    """
+    max_steps = pl.cdiv(pages_per_seq, pages_per_compute_block)
+    wanted = TARGET_PROGRAMS // (num_seqs * num_kv_heads)
+    return max(1, min(MAX_KV_SPLITS, max_steps, wanted))
 
 
 @functools.partial(
@@ -51,9 +69,7 @@ def decode_attention(
     otherwise as `reference.ragged_paged_attention` (including int8 / fp8 pages with k_scale /
     v_scale). Static tuning knobs:
       pages_per_compute_block: pages per inner step (a power of two); None picks 128 keys' worth.
-      num_kv_splits: programs sharing one sequence's context; None picks enough to give
-        num_seqs * num_kv_heads * splits >= TARGET_PROGRAMS, at most 8 (large batches get 1, so
-        no partial results are written and merged).
+      num_kv_splits: programs sharing one sequence's context; None: `default_num_kv_splits`.
       num_warps, num_stages: Triton launch parameters. interpret: run the Pallas interpreter.
     """
     if pages_per_compute_block is None:
@@ -68,7 +84,8 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     group_rows = max(16, pl.next_power_of_2(group))
     if num_kv_splits is None:
-        num_kv_splits = min(8, max(1, TARGET_PROGRAMS // (num_seqs * num_kv_heads)))
+        num_kv_splits = default_num_kv_splits(num_seqs, num_kv_heads, block_tables.shape[1],
+                                              pages_per_compute_block)
 
     has_query = cu_q_lens[1:] > cu_q_lens[:-1]  # bool[num_seqs]
     first_pos = kv_lens - 1

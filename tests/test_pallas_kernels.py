@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels import reference
+from pallas_kernels.decode_attention import TARGET_PROGRAMS, decode_attention, default_num_kv_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from paged_attention_cases import assert_close, dense_attention, make_case, quantize_case
 
@@ -72,6 +73,37 @@ def test_decode_matches_dense(num_q_heads, num_kv_heads, head_dim, block_size, n
     out = run(decode_attention, case, sm_scale=sm_scale, num_kv_splits=num_kv_splits,
               interpret=True)
     assert_close(out, dense_attention(case, sm_scale=sm_scale), jnp.float32, what="decode")
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (6, 3), (9, 3), (8, 2), (16, 2)],
+                         ids=["gqa1", "gqa2", "gqa3", "gqa4", "gqa8"])
+def test_flash_decoding_default_splits(num_q_heads, num_kv_heads):
+    """Few sequences with long contexts: the default split count (from the bucket's static
+    shapes) splits each context across programs, and the log-sum-exp merge of the partial
+    softmaxes equals both the dense oracle and the pure-JAX reference. Random lengths off page
+    boundaries, permuted tables, NaN-poisoned unused pages (make_case), padded sequences."""
+    rng = np.random.default_rng(num_q_heads * 10 + num_kv_heads)
+    lens = [int(n) for n in rng.integers(1, 500, size=3)] + [16 * int(rng.integers(1, 31)) + 1]
+    case = make_case(
+        7, [(1, n) for n in lens], num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+        head_dim=64, block_size=16, num_tokens=8, num_seqs=8, pages_per_seq=32,
+    )
+    assert default_num_kv_splits(8, num_kv_heads, 32, 8) == 4  # 32 pages / 8 per compute block
+    out = run(decode_attention, case, sm_scale=0.125, interpret=True)
+    assert_close(out, dense_attention(case, sm_scale=0.125), jnp.float32, what="flash-decoding")
+    want = run(reference.ragged_paged_attention, case, sm_scale=0.125)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_default_num_kv_splits_from_static_shapes():
+    # Few sequences x KV heads: enough splits for TARGET_PROGRAMS, capped at MAX_KV_SPLITS.
+    assert default_num_kv_splits(8, 3, 128, 8) == 8
+    assert default_num_kv_splits(8, 8, 128, 8) == TARGET_PROGRAMS // 64
+    # Never more splits than the widest table has compute blocks.
+    assert default_num_kv_splits(8, 3, 16, 8) == 2
+    # Large batches: no split, nothing to merge.
+    assert default_num_kv_splits(64, 8, 128, 8) == 1
+    assert default_num_kv_splits(256, 1, 4096, 8) == 1
 
 
 def test_decode_window_soft_cap_bfloat16():

@@ -2,7 +2,6 @@
 
 import jax.numpy as jnp
 import numpy as np
-from gguf.quants import dequantize
 
 from jpaged.loaders.errors import ModelLoadError
 from jpaged.loaders.gguf_file import GgufFile
@@ -102,6 +101,8 @@ def read_gguf_config(gguf_file: GgufFile, dtype: str) -> ModelConfig:
 
 def load_gguf_params(gguf_file: GgufFile, config: ModelConfig) -> dict:
     """Dequantized params in config.dtype, with llama.cpp's Q/K row permutation undone."""
+    from gguf.quants import dequantize  # only GGUF users need the gguf package
+
     path = gguf_file.path
     shapes = param_shapes(config)
     params = {"layers": [{} for _ in shapes["layers"]]}

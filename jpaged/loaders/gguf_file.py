@@ -8,7 +8,6 @@ import dataclasses
 import struct
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from jpaged.loaders.errors import ModelLoadError
 
@@ -23,7 +22,7 @@ _STRING, _ARRAY = 8, 9
 class GgufTensor:
     name: str
     dims: tuple[int, ...]  # numpy order (llama.cpp's ne reversed): [out, in] for a weight
-    qtype: GGMLQuantizationType
+    qtype: "gguf.constants.GGMLQuantizationType"  # noqa: F821 (gguf is imported when a file is read)
     data: np.ndarray  # u8[*dims[:-1], bytes per row], a view into the file
 
 
@@ -59,6 +58,8 @@ def _parse(path: str, blob: np.memmap) -> GgufFile:
         key, pos = _read_string(buf, pos)
         (value_type,) = struct.unpack_from("<I", buf, pos)
         metadata[key], pos = _read_value(buf, pos + 4, value_type)
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # only GGUF users need gguf
+
     infos = []
     for _ in range(tensor_count):
         name, pos = _read_string(buf, pos)

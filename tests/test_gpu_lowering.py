@@ -1,0 +1,117 @@
+"""Every program the runner compiles on a GPU, lowered for CUDA on this CPU-only machine, for a
+Llama-3-8B-shaped model (bf16, abstract weights: nothing 8B-sized is allocated).
+
+The runner's own `warmup` enumerates the programs; its jitted functions are wrapped so that
+`lower(...).compile()` becomes `trace(...).lower(lowering_platforms=("cuda",))` under an abstract
+mesh of one H100 (the Pallas Triton lowering wants the target device). This runs JAX's whole
+CUDA lowering (StableHLO for the model and sampler, the Pallas->Triton kernel lowering); what it
+cannot run without a GPU is XLA's GPU compiler and Triton's PTX compilation.
+"""
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jpaged import EngineArgs
+from jpaged import runner as runner_module
+from jpaged.kv_pool import KVPoolSpec
+from jpaged.models import llama
+from jpaged.models.config import ModelConfig
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.reference import write_kv
+from test_pallas_kernels import _abstract_cuda_mesh
+
+LLAMA3_8B = os.path.join(os.path.dirname(__file__), "..", "scripts", "llama3_8b_config.json")
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+class CudaLowering:
+    """Stands in for a jitted function: `lower(*args).compile()` lowers for CUDA and records it."""
+
+    def __init__(self, jitted, name, record):
+        self.jitted, self.name, self.record = jitted, name, record
+
+    def lower(self, *args, **kwargs):
+        lowered = self.jitted.trace(*args, **kwargs).lower(lowering_platforms=("cuda",))
+        self.record.append((self.name, kwargs, lowered.as_text()))
+        return self
+
+    def compile(self):
+        return None
+
+
+def llama3_8b_config() -> ModelConfig:
+    with open(LLAMA3_8B) as f:
+        return ModelConfig.from_hf_config(json.load(f), dtype="bfloat16")
+
+
+def test_every_runner_program_lowers_for_cuda():
+    mesh = _abstract_cuda_mesh()
+    if mesh is None:
+        pytest.skip("this jax has no jax.sharding.AbstractDevice to lower for CUDA on CPU")
+    config = llama3_8b_config()
+    params = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16), llama.param_shapes(config),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    # A two-block pool is allocated on the host; the lowering sees the pool as abstract shapes.
+    spec = KVPoolSpec(num_blocks=2, block_size=16, num_layers=config.num_layers,
+                      num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype="bfloat16")
+    runner = runner_module.ModelRunner(
+        config, params, pool_spec=spec, num_swap_blocks=0, max_num_batched_tokens=512, max_num_seqs=64,
+        max_model_len=8192, attention_fn=ragged_paged_attention, write_kv_fn=write_kv, bucket_pages=False,
+        device=jax.devices()[0], decode_attention_fn=decode_attention,
+        max_entries_per_seq=runner_module.max_sampler_entries(config, EngineArgs(), 8192), max_logprobs=20)
+    record = []
+    for name in ("_forward_jit", "_decode_jit", "_sample_jit", "_prompt_logprobs_jit"):
+        setattr(runner, name, CudaLowering(getattr(runner, name), name, record))
+    with jax.sharding.use_abstract_mesh(mesh):
+        num_programs = runner.warmup(show_progress=False)
+        # Swap copies (compiled at start when --swap-space > 0), on a 4096-block pool.
+        pool = [(jax.ShapeDtypeStruct((4096, *spec.page_shape[1:]), jnp.bfloat16),) * 2] * config.num_layers
+        ids = jax.ShapeDtypeStruct((64,), jnp.int32)
+        blocks = [(jax.ShapeDtypeStruct((64, *spec.page_shape[1:]), jnp.bfloat16),) * 2] * config.num_layers
+        CudaLowering(jax.jit(runner_module._gather_blocks), "swap_out", record).lower(pool, ids)
+        CudaLowering(jax.jit(runner_module._scatter_blocks, donate_argnums=(0,)), "swap_in", record).lower(
+            pool, ids, blocks)
+    assert num_programs == len(record) - 2
+    forwards = [(kw["num_tokens"], kw["num_seqs"]) for name, kw, _ in record if name == "_forward_jit"]
+    decodes = [(kw["num_tokens"], kw["num_seqs"]) for name, kw, _ in record if name == "_decode_jit"]
+    assert forwards == [(16, 16), (32, 32), (64, 64), (128, 64), (256, 64), (512, 64)]
+    assert decodes == [(16, 16), (32, 32), (64, 64)]
+    for name, kwargs, text in record:
+        if name in ("_sample_jit", "_prompt_logprobs_jit", "swap_out", "swap_in"):
+            assert TRITON_CALL not in text
+        else:  # one Triton attention kernel (a shared function), called once per layer
+            kernel = "decode_attention" if name == "_decode_jit" else "ragged_paged_attention"
+            assert text.count(TRITON_CALL) == 1, (name, kwargs)
+            assert len(re.findall(rf"call @{kernel}\b", text)) == config.num_layers, (name, kwargs)
+            assert f"paged_flash_rows{16 if name == '_decode_jit' else 64}" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("JPAGED_CUDA_PLUGIN_DIR"),
+                    reason="set JPAGED_CUDA_PLUGIN_DIR to the unpacked CUDA plugin wheels "
+                           "(scripts/aot_compile_cuda.py)")
+def test_every_runner_program_compiles_for_h100_without_a_gpu(tmp_path):
+    """XLA's CUDA plugin compiles (deviceless, for an H100 target config) every program the runner
+    compiles at start: the full GPU pipeline, the Pallas kernels through Triton to PTX."""
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "aot.json"
+    done = subprocess.run([sys.executable, os.path.join(root, "scripts", "aot_compile_cuda.py"), "--plugin-dir",
+                           os.environ["JPAGED_CUDA_PLUGIN_DIR"], "--max-num-batched-tokens", "64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "NVIDIA H100 80GB HBM3"
+    programs = [(r["program"], r.get("num_tokens", r.get("num_seqs"))) for r in result["results"]]
+    assert programs == [("forward", 16), ("forward", 32), ("forward", 64), ("decode", 16), ("decode", 32),
+                        ("decode", 64), ("sample", 8), ("sample", 16), ("sample", 32), ("sample", 64)]
+    # The pool is donated: every forward aliases it instead of copying it.
+    assert all(r["alias_mib"] == 40000.0 for r in result["results"] if r["program"] != "sample")
