@@ -229,7 +229,8 @@ def print_result(result: dict) -> None:
         value = result[key]
         print(f"{key:<40} {value:.2f}" if isinstance(value, float) else f"{key:<40} {value}")
     for name in ("ttft", "tpot", "itl", "e2el"):
-        print(" ".join(f"{stat}_{name}_ms {result[f'{stat}_{name}_ms']:.2f}" for stat in ("mean", "median", "std", "p99")))
+        stats = (f"{stat}_{name}_ms {result[f'{stat}_{name}_ms']:.2f}" for stat in ("mean", "median", "std", "p99"))
+        print(" ".join(stats))
     for error in dict.fromkeys(e for e in result["errors"] if e):
         print(f"error: {error[:300]}", file=sys.stderr)
 
@@ -276,6 +277,8 @@ def plot_sweep(results: list[dict], path: str, title: str) -> None:
     right.set_xscale("log", base=2)
     right.set_yscale("log")
     right.legend()
+    for axis in (left, right):
+        axis.set_xticks(concurrency, [str(c) for c in concurrency])
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -300,8 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="Model name (default: the first of /v1/models).")
     parser.add_argument("--tokenizer", default=None,
                         help="HF tokenizer folder for the text dataset when the server has no /tokenize.")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                        help="Bearer key, if the server has --api-key (default: $OPENAI_API_KEY).")
+    parser.add_argument("--api-key", default=None,
+                        help="Bearer key, if the server has --api-key (else $OPENAI_API_KEY, if set).")
     parser.add_argument("--num-prompts", type=int, default=16, help="Requests to send.")
     parser.add_argument("--request-rate", type=float, default=math.inf,
                         help="Requests per second, Poisson arrivals; inf sends them all at once.")
@@ -335,6 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--dataset-name text needs --dataset-path")
     if args.dataset_path and args.dataset_name == "random":
         parser.error("--dataset-path is the corpus of --dataset-name text")
+    args.api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     return args
 
 

@@ -1,8 +1,10 @@
 """Offline throughput of LLM.generate (vLLM's `benchmark_throughput`, in spirit and flag names).
 
-Example (the 64-request workload of docs/engine.md):
+Example (the 64-request workload of docs/performance.md):
+    python scripts/make_corpus.py /tmp/corpus.txt
     python scripts/benchmark_throughput.py --num-prompts 64 --input-len-range 32 512 \\
-        --output-len 128 --dtype float32 --output-json /tmp/throughput.json
+        --output-len 128 --dtype float32 --dataset-path /tmp/corpus.txt --warmup-passes 1 \\
+        --output-json /tmp/throughput.json
 
 Prompts are random token ids (default) or windows of a text file (--dataset-path, e.g. from
 scripts/make_corpus.py), with lengths uniform in --input-len-range (or exactly --input-len); they
@@ -47,7 +49,8 @@ def main() -> None:
     llm = LLM(**vars(engine_args))
     startup_s = time.perf_counter() - start
     tokenizer = llm.get_tokenizer()
-    prompts = offline_workload(args, lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.vocab_size)
+    prompts = offline_workload(args, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                               tokenizer.vocab_size)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=args.ignore_eos)
     requests = [{"prompt_token_ids": p} for p in prompts]
     for _ in range(args.warmup_passes):
@@ -66,6 +69,7 @@ def main() -> None:
         "tokens_per_second": (prompt_tokens + output_tokens) / elapsed,
         "output_tokens_per_second": output_tokens / elapsed,
         "warmup_passes": args.warmup_passes, "peak_rss_gib": rss.stop(),
+        "output_token_ids": [list(c.token_ids) for o in outputs for c in o.outputs],
         "engine_args": vars(engine_args),
     }
     print(f"Startup (load + compile): {startup_s:.1f} s; peak RSS {results['peak_rss_gib']:.2f} GiB")

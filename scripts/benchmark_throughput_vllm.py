@@ -73,6 +73,7 @@ def main() -> None:
         "tokens_per_second": (prompt_tokens + output_tokens) / elapsed,
         "output_tokens_per_second": output_tokens / elapsed,
         "warmup_passes": args.warmup_passes, "peak_rss_gib": rss.stop(),
+        "output_token_ids": [list(c.token_ids) for o in outputs for c in o.outputs],
         "engine_args": {**engine_args, "vllm_version": vllm.__version__},
     }
     print(f"Startup (load + compile): {startup_s:.1f} s; peak RSS {results['peak_rss_gib']:.2f} GiB")

