@@ -10,18 +10,15 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from jpaged.config import EngineArgs
-from jpaged.llm_engine import LLMEngine
+from jpaged.llm_engine import EngineDeadError, LLMEngine
 from jpaged.outputs import EngineStats, RequestOutput
 from jpaged.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The background loop failed; the engine accepts no more requests."""
 
 
 class AsyncLLM:
@@ -33,11 +30,13 @@ class AsyncLLM:
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len: int = engine.max_model_len
+        self.validator = engine.validator  # immutable: safe to call from any task
         self.is_ready = True
         self.errored = False
         self._queues: dict[str, asyncio.Queue] = {}
         self._adds: collections.deque = collections.deque()  # (request_id, prompt, params)
         self._aborts: collections.deque = collections.deque()  # request ids
+        self._weight_updates: collections.deque = collections.deque()  # (params, future)
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpaged-step")
@@ -50,20 +49,23 @@ class AsyncLLM:
 
     # ---- public API --------------------------------------------------------------------------
 
-    async def generate(self, prompt, sampling_params: SamplingParams | None,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt, sampling_params: SamplingParams | None, request_id: str,
+                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """Streams RequestOutputs for one prompt (str, token ids, or a prompt dict).
 
         Yields per sampling_params.output_kind. Raises ValueError before the first yield for an
-        invalid request. If the consumer stops iterating, the request is aborted.
+        invalid request. If the consumer stops iterating, the request is aborted. `arrival_time`
+        (time.time(); default: this call) is when queue time and TTFT start counting.
         """
+        arrival_time = time.time() if arrival_time is None else arrival_time
         if self.errored or self._closed:
             raise EngineDeadError("the engine is not running (it failed or was shut down)")
         if request_id in self._queues:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._adds.append((request_id, prompt, SamplingParams() if sampling_params is None else sampling_params))
+        self._adds.append((request_id, prompt, SamplingParams() if sampling_params is None else sampling_params,
+                           arrival_time))
         self._ensure_loop()
         finished = False
         try:
@@ -86,6 +88,16 @@ class AsyncLLM:
         self._aborts.append(request_id)
         self._ensure_loop()
 
+    async def update_weights(self, params) -> None:
+        """Swaps in new params between two steps (LLMEngine.update_weights: same structure,
+        shapes and dtypes, else ValueError). Requests keep running; later tokens use the new weights."""
+        if self.errored or self._closed:
+            raise EngineDeadError("the engine is not running (it failed or was shut down)")
+        done = asyncio.get_running_loop().create_future()
+        self._weight_updates.append((params, done))
+        self._ensure_loop()
+        await done
+
     def get_stats(self) -> EngineStats:
         """The engine's counters as of the last step."""
         return self._stats
@@ -101,8 +113,10 @@ class AsyncLLM:
         for output in self.engine.abort_all_requests():
             self._deliver(output)
         while self._adds:
-            request_id, _, _ = self._adds.popleft()
+            request_id = self._adds.popleft()[0]
             self._put(request_id, EngineDeadError("the engine was shut down"))
+        while self._weight_updates:
+            self._weight_updates.popleft()[1].set_exception(EngineDeadError("the engine was shut down"))
         self._stats = self.engine.get_stats()
         self._executor.shutdown(wait=True)
 
@@ -127,11 +141,11 @@ class AsyncLLM:
 
     def _apply_queued(self) -> None:
         while self._adds:
-            request_id, prompt, params = self._adds.popleft()
+            request_id, prompt, params, arrival_time = self._adds.popleft()
             if request_id not in self._queues:  # the consumer left before it was added
                 continue
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, arrival_time)
             except ValueError as e:
                 self._put(request_id, e)
         while self._aborts:
@@ -142,6 +156,13 @@ class AsyncLLM:
         try:
             while not self._closed:
                 self._apply_queued()
+                while self._weight_updates:
+                    params, done = self._weight_updates.popleft()
+                    try:
+                        await loop.run_in_executor(self._executor, self.engine.update_weights, params)
+                        done.set_result(None)
+                    except ValueError as e:
+                        done.set_exception(e)
                 self._stats = self.engine.get_stats()
                 if not self.engine.has_unfinished_requests():
                     self._wake.clear()

@@ -209,6 +209,9 @@ class ModelRunner:
         l, b = self._extras_sizes(scheduled)
         sampling_blob = pack_sampling(scheduled, seeds, s, l, b)
         forward_blob, sampling_blob = jax.device_put((forward_blob, sampling_blob), self.device)
+        if (t, s, p) not in self._forward:  # only with enforce_eager: warmup compiles every bucket
+            logger.info("compiling the forward for num_tokens=%d num_seqs=%d pages_per_seq=%d", t, s, p)
+            self._compile_forward(t, s, p)
         logits, hidden, self.kv_cache = self._forward[(t, s, p)](self.params, self.kv_cache, forward_blob)
         if (s, l, b) not in self._sample:
             logger.info("compiling the sampler for num_seqs=%d penalty_len=%d num_bias=%d", s, l, b)
@@ -240,6 +243,10 @@ class ModelRunner:
                 self._abstract(self.params), self._abstract(hidden), self._blob_spec(num_tokens)).compile()
         return jax.device_get(self._prompt_logprobs[num_tokens](self.params, hidden,
                                                                 jax.device_put(targets, self.device)))
+
+    def kv_pool_lost(self) -> bool:
+        """True when a failed step consumed the donated KV pool (its buffers are deleted)."""
+        return any(array.is_deleted() for array in jax.tree.leaves(self.kv_cache))
 
     def update_weights(self, params) -> None:
         """Replaces the params with a pytree of the same structure, shapes and dtypes (no recompile)."""

@@ -1,5 +1,7 @@
-"""The Starlette application: routes, API-key guard, error handlers."""
+"""The Starlette application: routes, API-key guard, CORS, error handlers."""
 
+import asyncio
+import dataclasses
 import hmac
 import importlib.metadata
 from http import HTTPStatus
@@ -9,29 +11,49 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from jpaged.loaders import ModelLoadError, load_model
 from serving.chat import create_chat_completion, render_chat_prompt
 from serving.completions import create_completion
 from serving.context import ServingContext
 from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
 from serving.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-                              TokenizeRequest, TokenizeResponse)
+                              TokenizeRequest, TokenizeResponse, UpdateWeightsRequest)
+
+
+@dataclasses.dataclass
+class CORSSettings:
+    """vLLM's --allowed-origins, --allow-credentials, --allowed-methods, --allowed-headers."""
+
+    allowed_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    allowed_methods: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+
+
+# Routes that reach the model; /health, /version and /metrics stay open, as in vLLM.
+GUARDED_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/update_weights_from_disk")
 
 
 class APIKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on every /v1 route (constant-time compare)."""
+    """Requires `Authorization: Bearer <key>` on every route that reaches the model
+    (GUARDED_PREFIXES), comparing in constant time. The key is never logged or echoed."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
+    def __repr__(self) -> str:  # keeps the key out of any log that prints the middleware stack
+        return "APIKeyMiddleware(api_key=<hidden>)"
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and scope["path"].startswith(GUARDED_PREFIXES):
             given = Headers(scope=scope).get("authorization", "").encode()
             if not hmac.compare_digest(given, self.expected):
                 error = APIError("Missing or incorrect API key: send 'Authorization: Bearer <key>' "
@@ -59,9 +81,9 @@ async def version(request: Request) -> JSONResponse:
 
 async def list_models(request: Request) -> JSONResponse:
     ctx = _context(request)
-    card = ModelCard(id=ctx.served_model_name, root=ctx.engine.engine_args.model,
-                     max_model_len=ctx.max_model_len)
-    return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+    cards = [ModelCard(id=name, root=ctx.engine.engine_args.model, max_model_len=ctx.max_model_len)
+             for name in ctx.served_model_names]
+    return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
 
 async def tokenize(request: Request) -> JSONResponse:
@@ -88,7 +110,7 @@ async def detokenize(request: Request) -> JSONResponse:
     body = await ctx.read_body(request, DetokenizeRequest)
     ctx.check_model(body.model)
     if body.tokens:
-        ctx.check_prompt_tokens(body.tokens, "tokens")
+        ctx.check_token_ids(body.tokens, "tokens")
     text = ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)
     return JSONResponse(DetokenizeResponse(prompt=text).model_dump(mode="json"))
 
@@ -97,8 +119,27 @@ async def metrics(request: Request) -> Response:
     return Response(_context(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def build_app(ctx: ServingContext, *, api_key: str | None = None) -> Starlette:
-    """The ASGI app serving `ctx`'s engine; `api_key` (if set) guards /v1 routes."""
+async def update_weights_from_disk(request: Request) -> JSONResponse:
+    """Loads the checkpoint at `model_path` on the server and swaps its params in between two
+    steps (same structure, shapes and dtypes as the served model, else 400). For RL rollouts;
+    only routed with --enable-update-weights-route."""
+    ctx = _context(request)
+    body = await ctx.read_body(request, UpdateWeightsRequest)
+    ctx.check_ready()
+    engine = ctx.engine
+    try:
+        loaded = await asyncio.to_thread(load_model, body.model_path, dtype=engine.model_config.dtype,
+                                         load_format=body.load_format)
+        await engine.update_weights(loaded.params)
+    except (ModelLoadError, ValueError) as exc:
+        raise APIError(f"update_weights: {exc}", param="model_path") from None
+    return JSONResponse({"success": True, "model_path": body.model_path})
+
+
+def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSettings | None = None,
+              enable_update_weights_route: bool = False) -> Starlette:
+    """The ASGI app serving `ctx`'s engine; `api_key` (if set) guards GUARDED_PREFIXES, `cors`
+    (if set) answers browsers' cross-origin requests."""
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
@@ -109,7 +150,15 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None) -> Starlette:
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
     ]
-    middleware = [Middleware(APIKeyMiddleware, api_key=api_key)] if api_key else []
+    if enable_update_weights_route:
+        routes.append(Route("/update_weights_from_disk", update_weights_from_disk, methods=["POST"]))
+    middleware = []
+    if cors is not None:  # outermost, so preflights and 401s carry the CORS headers
+        middleware.append(Middleware(CORSMiddleware, allow_origins=cors.allowed_origins,
+                                     allow_credentials=cors.allow_credentials, allow_methods=cors.allowed_methods,
+                                     allow_headers=cors.allowed_headers))
+    if api_key:
+        middleware.append(Middleware(APIKeyMiddleware, api_key=api_key))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={
         APIError: api_error_handler,
         HTTPException: http_exception_handler,

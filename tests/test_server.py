@@ -298,7 +298,7 @@ def test_chat_logprobs_and_usage(server, client, tiny_model):
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy = rank 1
     # /tokenize renders the same template and counts the same tokens.
-    tokenized = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}).json()
+    tokenized = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}, headers=AUTH).json()
     assert tokenized["tokens"] == prompt_ids
 
 
@@ -363,10 +363,10 @@ def test_models_version_tokenize_detokenize(server, tiny_model):
     assert models["data"][0]["max_model_len"] == MAX_MODEL_LEN
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", httpx.get(server.url + "/version").json()["version"])
     text = "Hello, paged world!"
-    tokenized = httpx.post(server.url + "/tokenize", json={"prompt": text}).json()
+    tokenized = httpx.post(server.url + "/tokenize", json={"prompt": text}, headers=AUTH).json()
     assert tokenized["tokens"] == tiny_model.tokenizer.encode(text)
     assert tokenized["count"] == len(tokenized["tokens"])
-    detokenized = httpx.post(server.url + "/detokenize", json={"tokens": tokenized["tokens"]}).json()
+    detokenized = httpx.post(server.url + "/detokenize", json={"tokens": tokenized["tokens"]}, headers=AUTH).json()
     assert detokenized["prompt"] == tiny_model.tokenizer.decode(tokenized["tokens"], skip_special_tokens=False)
 
 
