@@ -20,7 +20,7 @@ from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
 from jpaged.generation_config import load_generation_defaults
 from jpaged.loaders import DEFAULT_MODEL
-from serving.app import CORSSettings, build_app
+from serving.app import DEFAULT_MAX_HEADER_BYTES, CORSSettings, build_app
 from serving.context import DEFAULT_MAX_PROMPTS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, ServingContext
 
 logger = logging.getLogger("jpaged.serve")
@@ -45,6 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
                              "environment variable; unset means no key.")
     server.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                         help="Largest request body accepted; larger ones get 413.")
+    server.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
+                        help="Largest total size of a request's headers; larger ones get 431.")
     server.add_argument("--max-prompts-per-request", type=int, default=DEFAULT_MAX_PROMPTS_PER_REQUEST,
                         help="Most prompts in one /v1/completions batch (`prompt` as a list).")
     server.add_argument("--allowed-origins", type=_str_list, nargs="+", default=["*"],
@@ -132,7 +134,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
                          log_requests=not args.disable_log_requests)
     cors = CORSSettings(allowed_origins=_flatten(args.allowed_origins), allow_credentials=args.allow_credentials,
                         allowed_methods=_flatten(args.allowed_methods), allowed_headers=_flatten(args.allowed_headers))
-    app = build_app(ctx, api_key=api_key, cors=cors, enable_update_weights_route=args.enable_update_weights_route)
+    app = build_app(ctx, api_key=api_key, cors=cors, enable_update_weights_route=args.enable_update_weights_route,
+                    max_header_bytes=args.max_header_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             lifespan="off", timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,
                             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,

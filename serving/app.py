@@ -65,6 +65,28 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+
+
+class HeaderLimitMiddleware:
+    """431 for a request whose headers total more than `max_bytes` (names + values)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > self.max_bytes:
+                error = APIError(f"The request headers are {size} bytes, over the server's limit of "
+                                 f"{self.max_bytes} bytes (--max-header-bytes).",
+                                 status_code=HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, code="headers_too_large")
+                await error.to_response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _context(request: Request) -> ServingContext:
     return request.app.state.ctx
 
@@ -137,7 +159,8 @@ async def update_weights_from_disk(request: Request) -> JSONResponse:
 
 
 def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSettings | None = None,
-              enable_update_weights_route: bool = False) -> Starlette:
+              enable_update_weights_route: bool = False,
+              max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Starlette:
     """The ASGI app serving `ctx`'s engine; `api_key` (if set) guards GUARDED_PREFIXES, `cors`
     (if set) answers browsers' cross-origin requests."""
     routes = [
@@ -152,7 +175,7 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
     ]
     if enable_update_weights_route:
         routes.append(Route("/update_weights_from_disk", update_weights_from_disk, methods=["POST"]))
-    middleware = []
+    middleware = [Middleware(HeaderLimitMiddleware, max_bytes=max_header_bytes)]
     if cors is not None:  # outermost, so preflights and 401s carry the CORS headers
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors.allowed_origins,
                                      allow_credentials=cors.allow_credentials, allow_methods=cors.allowed_methods,

@@ -65,7 +65,13 @@ class ServingContext:
                            status_code=HTTPStatus.SERVICE_UNAVAILABLE, type="service_unavailable")
 
     async def read_body(self, request: Request, model_cls: type[ModelT]) -> ModelT:
-        """Reads and validates a JSON body: 413 over --max-request-bytes, 400 for bad JSON/schema."""
+        """Reads and validates a JSON body: 415 for a non-JSON content type, 413 over
+        --max-request-bytes, 400 for bad JSON, 400/422 for values/schema."""
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type != "application/json" and not content_type.endswith("+json"):
+            raise APIError(f"The request body must be JSON: send 'Content-Type: application/json', not "
+                           f"{content_type!r}.", status_code=HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                           code="unsupported_media_type")
         limit = self.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -9,7 +9,6 @@ AsyncLLM.get_stats) for freed KV blocks after disconnects.
 import asyncio
 import json
 import re
-import threading
 import time
 
 import httpx
@@ -18,66 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
-from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
 from jpaged.loaders import load_model
 from jpaged.models import llama
-from serving.app import build_app
-from serving.context import ServingContext
+from server_harness import API_KEY, MAX_REQUEST_BYTES, MODEL_NAME, ThreadedServer, health_ok, wait_until_idle
 
-API_KEY = "test-key"
-MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 128
-MAX_REQUEST_BYTES = 64 * 1024
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-class ThreadedServer:
-    """AsyncLLM + the app under uvicorn, all on one event loop in a background thread."""
-
-    def __init__(self, engine_args: EngineArgs):
-        self.engine_args = engine_args
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        if not self.ready.wait(timeout=300) or self.error is not None:
-            raise RuntimeError(f"the test server did not start: {self.error!r}")
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # reported to the test thread
-            self.error = exc
-            self.ready.set()
-
-    async def _serve(self) -> None:
-        self.engine = AsyncLLM.from_engine_args(self.engine_args)
-        self.ctx = ServingContext(self.engine, served_model_name=MODEL_NAME,
-                                  max_request_bytes=MAX_REQUEST_BYTES)
-        config = uvicorn.Config(build_app(self.ctx, api_key=API_KEY), host="127.0.0.1", port=0,
-                                log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        serving = asyncio.create_task(self.server.serve())
-        while not self.server.started:
-            if serving.done():
-                serving.result()  # uvicorn's startup error (it exits with SystemExit)
-                raise RuntimeError("uvicorn stopped during startup")
-            await asyncio.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.ready.set()
-        await serving
-        await self.engine.shutdown()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -115,28 +62,12 @@ def dense_greedy(model, prompt_ids: list[int], num_tokens: int, padded_len: int 
     return ids[len(prompt_ids):]
 
 
-def wait_until_idle(server, timeout: float = 20.0):
-    """Polls the engine's stats until no request runs or waits and no KV block is in use."""
-    deadline = time.time() + timeout
-    while True:
-        stats = server.engine.get_stats()
-        if stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0:
-            return stats
-        if time.time() > deadline:
-            raise AssertionError(f"the engine did not go idle: {stats}")
-        time.sleep(0.05)
-
-
 def sse_payloads(raw: str) -> list[str]:
     """Splits an SSE body into its `data:` payloads, checking the framing on the way."""
     assert raw.endswith("\n\n")
     events = raw[:-2].split("\n\n")
     assert all(e.startswith("data: ") and "\n" not in e for e in events), raw[:500]
     return [e[len("data: "):] for e in events]
-
-
-def health_ok(server) -> bool:
-    return httpx.get(server.url + "/health").status_code == 200
 
 
 # --------------------------------------------------------------------------- completions
