@@ -3,6 +3,7 @@
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import TypeVar
@@ -136,14 +137,19 @@ class ServingContext:
         if self.log_requests:
             logger.info("request %s: %d prompt tokens, %s", request_id, len(prompt_token_ids), params)
         outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time)
+        last_output_time = None
         try:
             async for output in outputs:
+                now = time.time()
                 for completion in output.outputs:
                     count = len(completion.token_ids)
                     tokens_per_output[completion.index] = (
                         tokens_per_output.get(completion.index, 0) + count if delta else count)
+                    if delta and last_output_time is not None and count:
+                        self.metrics.observe_token_gap(now - last_output_time, count)
+                last_output_time = now
                 if output.finished:
-                    self._observe_finished(output, tokens_per_output)
+                    self._observe_finished(output, tokens_per_output, delta)
                 if output.error is not None:
                     raise APIError(f"The engine failed while running this request: {output.error}. "
                                    "Other requests are unaffected; retrying may succeed.",
@@ -160,11 +166,11 @@ class ServingContext:
         finally:
             await outputs.aclose()
 
-    def _observe_finished(self, output: RequestOutput, tokens_per_output: dict[int, int]) -> None:
+    def _observe_finished(self, output: RequestOutput, tokens_per_output: dict[int, int], streamed: bool) -> None:
         reasons = {c.finish_reason for c in output.outputs if c.finish_reason}
         reason = next((r for r in ("error", "abort", "length") if r in reasons), "stop")
         self.metrics.observe_finished(output, sum(tokens_per_output.values()),
-                                      max(tokens_per_output.values(), default=0), reason)
+                                      max(tokens_per_output.values(), default=0), reason, streamed)
 
 
 def _too_large(size: int, limit: int) -> APIError:

@@ -309,24 +309,31 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-def test_metrics(server, client):
+@pytest.mark.parametrize("prefix", ["jpaged", "vllm"])
+def test_metrics(server, client, tiny_model, prefix):
     before = httpx.get(server.url + "/metrics").text
     result = client.completions.create(model=MODEL_NAME, prompt="Count me", max_tokens=7, temperature=0,
                                        extra_body={"ignore_eos": True})
+    streamed = client.completions.create(model=MODEL_NAME, prompt="Count me too", max_tokens=5, temperature=0,
+                                         stream=True, extra_body={"ignore_eos": True})
+    assert len([chunk for chunk in streamed if chunk.choices and chunk.choices[0].text]) >= 1
     wait_until_idle(server)
     after = httpx.get(server.url + "/metrics").text
-    for name in ("jpaged:num_requests_running", "jpaged:num_requests_waiting", "jpaged:kv_cache_usage_perc",
-                 "jpaged:prefix_cache_queries_total", "jpaged:prefix_cache_hits_total",
-                 "jpaged:time_to_first_token_seconds_count", "jpaged:time_per_output_token_seconds_count",
-                 "jpaged:e2e_request_latency_seconds_count"):
-        assert name in after, name
-    delta = lambda name: _metric(after, name) - _metric(before, name)  # noqa: E731
-    assert delta("jpaged:generation_tokens_total") == 7
-    assert delta("jpaged:prompt_tokens_total") == result.usage.prompt_tokens
-    assert delta("jpaged:e2e_request_latency_seconds_count") == 1
-    assert delta("jpaged:time_to_first_token_seconds_count") == 1
-    assert delta('jpaged:request_success_total') == 1
-    assert _metric(after, "jpaged:num_requests_running") == 0
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "prefix_cache_queries_total", "prefix_cache_hits_total", "time_to_first_token_seconds_count",
+                 "time_per_output_token_seconds_count", "e2e_request_latency_seconds_count"):
+        assert f"{prefix}:{name}" in after, name
+    delta = lambda name: _metric(after, f"{prefix}:{name}") - _metric(before, f"{prefix}:{name}")  # noqa: E731
+    assert delta("generation_tokens_total") == 7 + 5
+    assert delta("prompt_tokens_total") == result.usage.prompt_tokens + len(tiny_model.tokenizer.encode("Count me too"))
+    for histogram in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "request_queue_time_seconds",
+                      "request_prefill_time_seconds", "request_decode_time_seconds",
+                      "request_inference_time_seconds"):
+        assert delta(histogram + "_count") == 2, histogram
+    # One inter-token gap per token after the first, streamed (observed per chunk) or not (the mean gap).
+    assert delta("inter_token_latency_seconds_count") == 6 + 4
+    assert delta("request_success_total") == 2
+    assert _metric(after, f"{prefix}:num_requests_running") == 0
 
 
 # --------------------------------------------------------------------------- errors
