@@ -118,8 +118,9 @@ def _str_list(value: str) -> list[str]:
     return [value]
 
 
-def _flatten(values: list[list[str]]) -> list[str]:
-    return [v for group in values for v in group]
+def _flatten(values: list) -> list[str]:
+    """nargs="+" of `_str_list` values (lists) or the plain default (strings) as one list."""
+    return [v for group in values for v in ([group] if isinstance(group, str) else group)]
 
 
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str | None) -> None:
@@ -153,7 +154,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
         await engine.shutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EngineArgs]:
+    """The server's flags and the EngineArgs; exits 2 (argparse's way) naming a bad flag."""
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.model_tag is not None:
@@ -162,11 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         args.model = args.model_tag
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         parser.error("--ssl-keyfile and --ssl-certfile go together: give both or neither.")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine_args = EngineArgs.from_cli_args(args)
+        return args, EngineArgs.from_cli_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, engine_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = args.api_key or os.environ.get("JPAGED_API_KEY") or None
     asyncio.run(_serve(args, engine_args, api_key))
     return 0

@@ -20,8 +20,10 @@ MAX_REQUEST_BYTES = 64 * 1024
 class ThreadedServer:
     """AsyncLLM + the app under uvicorn, all on one event loop in a background thread."""
 
-    def __init__(self, engine_args: EngineArgs, **context_kwargs):
+    def __init__(self, engine_args: EngineArgs, app_kwargs: dict | None = None, **context_kwargs):
+        """`app_kwargs`: build_app's options besides the key; `context_kwargs`: ServingContext's."""
         self.engine_args = engine_args
+        self.app_kwargs = app_kwargs or {}
         self.context_kwargs = {"served_model_name": MODEL_NAME, "max_request_bytes": MAX_REQUEST_BYTES,
                                **context_kwargs}
         self.ready = threading.Event()
@@ -41,7 +43,7 @@ class ThreadedServer:
     async def _serve(self) -> None:
         self.engine = AsyncLLM.from_engine_args(self.engine_args)
         self.ctx = ServingContext(self.engine, **self.context_kwargs)
-        config = uvicorn.Config(build_app(self.ctx, api_key=API_KEY), host="127.0.0.1", port=0,
+        config = uvicorn.Config(build_app(self.ctx, api_key=API_KEY, **self.app_kwargs), host="127.0.0.1", port=0,
                                 log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         serving = asyncio.create_task(self.server.serve())
