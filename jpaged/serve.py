@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = args.api_key or os.environ.get("JPAGED_API_KEY") or None
     asyncio.run(_serve(args, engine_args, api_key))
+    # Interpreter teardown resets Python-level signal handlers to the default, so a second
+    # SIGTERM arriving now (an impatient supervisor) would end the process with -15; the server
+    # has already stopped, so ignore it (SIG_IGN survives teardown).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     return 0
 
 
