@@ -36,8 +36,8 @@ import time
 
 import httpx
 
-DEFAULT_SERVER_FLAGS = ["--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
-                        "--num-gpu-blocks-override", "48", "--swap-space", "0.05", "--disable-log-requests"]
+DEFAULT_SERVER_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+                        "--num-gpu-blocks-override", "24", "--swap-space", "0.05", "--disable-log-requests"]
 WORDS = ("paged attention keeps the cache in blocks so many requests share one pool of memory while "
          "the scheduler decides who runs next and who waits for a free block").split()
 GREEDY_PROMPTS = ["The cache holds", "A block of sixteen tokens", "Requests wait when", "Paged attention is"]
