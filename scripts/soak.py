@@ -122,8 +122,31 @@ class Tally:
 
     def fail(self, scenario: str, why: str) -> None:
         self.counts[scenario]["failed"] += 1
-        if len(self.failures) < 50:
+        if self.counts[scenario]["failed"] <= 3:  # the first few of each scenario
             self.failures.append(f"{scenario}: {why}")
+
+
+class NotAnswered(Exception):
+    """The connection failed before any response header came back: the server never took the
+    request (no connection, or a keep-alive connection it closed while shutting down)."""
+
+
+async def send(http: httpx.AsyncClient, path: str, body: dict) -> httpx.Response:
+    """POSTs `body` and returns the response with its headers read (stream it or `aread()` it)."""
+    try:
+        return await http.send(http.build_request("POST", path, json=body), stream=True)
+    except httpx.TransportError as exc:
+        raise NotAnswered(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def post(http: httpx.AsyncClient, path: str, body: dict) -> httpx.Response:
+    """POSTs `body` and reads the whole response (a failure after the headers is a TransportError)."""
+    response = await send(http, path, body)
+    try:
+        await response.aread()
+    finally:
+        await response.aclose()
+    return response
 
 
 def _prompt(rng: random.Random) -> str:
@@ -138,6 +161,14 @@ def _sampling(rng: random.Random, max_tokens_cap: int) -> dict:
     if rng.random() < 0.5:
         body["ignore_eos"] = True
     return body
+
+
+def refused(tally: Tally, scenario: str, response: httpx.Response) -> bool:
+    """Counts a 503 after SIGTERM (the engine has shut down) as refused; False for any other status."""
+    if SHUTDOWN["expected"] and response.status_code == 503:
+        tally.counts[scenario]["refused_after_sigterm"] += 1
+        return True
+    return False
 
 
 def record(tally: Tally, scenario: str, body: dict, choices: dict[int, str | None],
@@ -172,9 +203,10 @@ async def plain(http, rng, tally, cap, chat: bool) -> None:
         body["messages"] = [{"role": "user", "content": _prompt(rng)}]
     else:
         body["prompt"] = _prompt(rng)
-    response = await http.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
+    response = await post(http, "/v1/chat/completions" if chat else "/v1/completions", body)
     if response.status_code != 200:
-        return tally.fail(scenario, f"HTTP {response.status_code}: {response.text[:200]}")
+        return refused(tally, scenario, response) or tally.fail(
+            scenario, f"HTTP {response.status_code}: {response.text[:200]}")
     data = response.json()
     record(tally, scenario, body, {c["index"]: c["finish_reason"] for c in data["choices"]},
            data["usage"]["completion_tokens"])
@@ -191,9 +223,10 @@ async def streamed(http, rng, tally, cap, chat: bool, stop_after: int | None = N
         body["prompt"] = _prompt(rng)
     reasons: dict[int, str | None] = {}
     usage, chunks, done = None, 0, False
-    async with http.stream("POST", "/v1/chat/completions" if chat else "/v1/completions", json=body) as response:
+    response = await send(http, "/v1/chat/completions" if chat else "/v1/completions", body)
+    try:
         if response.status_code != 200:
-            return tally.fail(scenario, f"HTTP {response.status_code}")
+            return refused(tally, scenario, response) or tally.fail(scenario, f"HTTP {response.status_code}")
         if stall_s:
             await asyncio.sleep(stall_s)
             return tally.cancelled(scenario)
@@ -215,6 +248,8 @@ async def streamed(http, rng, tally, cap, chat: bool, stop_after: int | None = N
                 if choice.get("finish_reason"):
                     reasons[choice["index"]] = choice["finish_reason"]
             usage = event.get("usage") or usage
+    finally:
+        await response.aclose()
     if stop_after is not None:
         return tally.ok(scenario)  # it finished before the client meant to leave
     if not done:
@@ -225,7 +260,7 @@ async def streamed(http, rng, tally, cap, chat: bool, stop_after: int | None = N
 async def abort_early(http, rng, tally, cap) -> None:
     body = {**_sampling(rng, cap), "prompt": _prompt(rng)}
     try:
-        await asyncio.wait_for(http.post("/v1/completions", json=body), timeout=rng.uniform(0.001, 0.05))
+        await asyncio.wait_for(post(http, "/v1/completions", body), timeout=rng.uniform(0.001, 0.05))
         tally.ok("abort_early")
     except asyncio.TimeoutError:
         tally.cancelled("abort_early")
@@ -233,10 +268,10 @@ async def abort_early(http, rng, tally, cap) -> None:
 
 async def greedy(http, rng, tally, references: dict[str, str]) -> None:
     prompt = rng.choice(GREEDY_PROMPTS)
-    response = await http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0,
-                                                        "ignore_eos": True})
+    response = await post(http, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                    "ignore_eos": True})
     if response.status_code != 200:
-        return tally.fail("greedy", f"HTTP {response.status_code}")
+        return refused(tally, "greedy", response) or tally.fail("greedy", f"HTTP {response.status_code}")
     choice = response.json()["choices"][0]
     if SHUTDOWN["expected"] and choice["finish_reason"] == "abort":
         tally.counts["greedy"]["aborted_by_shutdown"] += 1
@@ -249,10 +284,12 @@ async def greedy(http, rng, tally, references: dict[str, str]) -> None:
 
 async def burst(http, rng, tally, size: int) -> None:
     bodies = [{"prompt": _prompt(rng), "max_tokens": 4, "ignore_eos": True} for _ in range(size)]
-    responses = await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))
+    responses = await asyncio.gather(*(post(http, "/v1/completions", b) for b in bodies))
     for response in responses:
         if response.status_code != 200:
-            tally.fail("burst", f"HTTP {response.status_code}")
+            refused(tally, "burst", response) or tally.fail("burst", f"HTTP {response.status_code}")
+        elif SHUTDOWN["expected"] and response.json()["choices"][0]["finish_reason"] == "abort":
+            tally.counts["burst"]["aborted_by_shutdown"] += 1
         elif response.json()["usage"]["completion_tokens"] != 4:
             tally.fail("burst", f"{response.json()['usage']} for max_tokens=4 with ignore_eos")
         else:
@@ -263,10 +300,10 @@ async def malformed(http, rng, tally) -> None:
     body = rng.choice([{"prompt": [-1]}, {"prompt": "x", "max_tokens": -1}, {"messages": []}, {"prompt": ""},
                        {"prompt": "x", "logprobs": 10**6}, {"prompt": [10**12], "echo": True}])
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-    response = await http.post(path, json=body)
+    response = await post(http, path, body)
     if 400 <= response.status_code < 500 and "error" in response.json():
         tally.ok("malformed")
-    else:
+    elif not refused(tally, "malformed", response):
         tally.fail("malformed", f"{body} got HTTP {response.status_code}")
 
 
@@ -296,20 +333,17 @@ async def client_loop(url: str, rng: random.Random, tally: Tally, deadline: floa
                     await burst(http, rng, tally, burst_size)
                 else:
                     await malformed(http, rng, tally)
-            except (httpx.TransportError, httpx.StreamError) as exc:
-                if args.sigterm_under_load and _not_accepted(exc):  # expected once SIGTERM is sent
+            except NotAnswered as exc:
+                if args.sigterm_under_load:  # expected once SIGTERM is sent: the client stops
                     tally.counts[scenario]["refused_after_sigterm"] += 1
                     return
-                tally.fail(scenario, f"{type(exc).__name__}: {exc}")
+                tally.fail(scenario, str(exc))
+            except (httpx.TransportError, httpx.StreamError) as exc:  # cut off mid-response
+                tally.fail(scenario, f"cut off after the headers: {type(exc).__name__}: {exc}")
                 if args.sigterm_under_load:
                     return
-
-
-def _not_accepted(exc: Exception) -> bool:
-    """A request the server never took: no connection, or a closing keep-alive connection that
-    answered nothing."""
-    return isinstance(exc, httpx.ConnectError) or (
-        isinstance(exc, httpx.RemoteProtocolError) and "without sending" in str(exc))
+            except Exception as exc:  # a malformed response (or a bug here): never lost silently
+                tally.fail(scenario, f"{type(exc).__name__}: {exc}")
 
 
 def read_metrics(url: str) -> dict[str, float]:
@@ -416,7 +450,7 @@ def print_summary(args, tally: Tally, checks, elapsed: float) -> None:
     print()
     for name, ok, detail in checks:
         print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}")
-    for failure in tally.failures[:20]:
+    for failure in tally.failures:
         print("  failure:", failure)
     sys.stdout.flush()
 
