@@ -81,8 +81,10 @@ until grep -q "jpaged is ready" "$LOG"; do
 done
 echo "docker_smoke: ready after $(($(date +%s) - start)) s"
 
-grep -q "attention backend: cpu" "$LOG" \
-    || fail "the server does not run the C++ CPU kernel: $(grep -m1 'attention backend' "$LOG" || echo 'no backend line')"
+if ! grep -q "attention backend: cpu" "$LOG"; then
+    backend=$(grep -m1 'attention backend' "$LOG" || echo 'no backend line')
+    fail "the server does not run the C++ CPU kernel: $backend"
+fi
 if grep -q "C++ CPU attention kernel is unavailable" "$LOG"; then
     fail "the kernel fell back: $(grep -m1 'C++ CPU attention kernel is unavailable' "$LOG")"
 fi

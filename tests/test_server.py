@@ -9,7 +9,6 @@ AsyncLLM.get_stats) for freed KV blocks after disconnects.
 import asyncio
 import json
 import re
-import time
 
 import httpx
 import jax
