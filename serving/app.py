@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import hashlib
 import hmac
 import importlib.metadata
 from http import HTTPStatus
@@ -37,6 +38,11 @@ class CORSSettings:
     allowed_headers: list[str] = dataclasses.field(default_factory=lambda: ["*"])
 
 
+def _digest(value: bytes) -> bytes:
+    """Fixed-length digests, so the compare takes the same time whatever the header's length."""
+    return hashlib.sha256(value).digest()
+
+
 # Routes that reach the model; /health, /version and /metrics stay open, as in vLLM.
 GUARDED_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/update_weights_from_disk")
 
@@ -47,14 +53,14 @@ class APIKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = _digest(f"Bearer {api_key}".encode())
 
     def __repr__(self) -> str:  # keeps the key out of any log that prints the middleware stack
         return "APIKeyMiddleware(api_key=<hidden>)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("method") != "OPTIONS" and scope["path"].startswith(GUARDED_PREFIXES):
-            given = Headers(scope=scope).get("authorization", "").encode()
+            given = _digest(Headers(scope=scope).get("authorization", "").encode())
             if not hmac.compare_digest(given, self.expected):
                 error = APIError("Missing or incorrect API key: send 'Authorization: Bearer <key>' "
                                  "with the key the server was started with (--api-key or "

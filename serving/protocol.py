@@ -3,10 +3,12 @@
 Request models validate types and ranges that OpenAI documents; the values SamplingParams checks
 itself (e.g. top_p in (0, 1]) are left to it, and what depends on the model or the server's flags
 (vocabulary, context length, request limits) to jpaged/request_validation.py, so each check lives
-once. Unknown fields are ignored, as vLLM and OpenAI do, except vLLM's own extra fields that jpaged
-does not implement: those are refused with a 400 naming them (`unsupported_extra_fields`).
+once. Unknown fields are ignored with a warning in the log, as vLLM does, except vLLM's own extra
+fields that jpaged does not implement: those are refused with a 400 naming them
+(UNSUPPORTED_EXTRA_FIELDS).
 """
 
+import logging
 import time
 from typing import Annotated, Any, Literal
 
@@ -14,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.errors import APIError
+
+logger = logging.getLogger("jpaged.serve")
 
 # --------------------------------------------------------------------------- requests
 
@@ -67,10 +71,14 @@ class SamplingFields(BaseModel):
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
     def check_unsupported_extras(self) -> None:
-        """400 naming each vLLM extra field this request sets that jpaged does not implement."""
+        """400 naming each vLLM extra field this request sets that jpaged does not implement;
+        a warning naming (never showing) the other unknown fields, which are ignored as vLLM does."""
         extras = self.model_extra or {}
         used = [name for name, unused in UNSUPPORTED_EXTRA_FIELDS.items()
                 if name in extras and extras[name] != unused]
+        ignored = sorted(name for name in extras if name not in UNSUPPORTED_EXTRA_FIELDS)
+        if ignored:
+            logger.warning("The request has fields this server ignores: %s", ", ".join(ignored)[:500])
         if used:
             raise APIError(f"This server does not implement the request field(s) {', '.join(used)}; "
                            "remove them (jpaged refuses them rather than ignoring them).", param=used[0],
