@@ -49,17 +49,16 @@ GUARDED_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/update_weights_from_dis
 
 class APIKeyMiddleware:
     """Requires `Authorization: Bearer <key>` on every route that reaches the model
-    (GUARDED_PREFIXES), comparing in constant time. The key is never logged or echoed."""
+    (GUARDED_PREFIXES), comparing digests in constant time. It holds only the expected header's
+    digest, so the key itself is nowhere in the app to be logged or echoed."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+    def __init__(self, app: ASGIApp, expected_digest: bytes):
         self.app = app
-        self.expected = _digest(f"Bearer {api_key}".encode())
-
-    def __repr__(self) -> str:  # keeps the key out of any log that prints the middleware stack
-        return "APIKeyMiddleware(api_key=<hidden>)"
+        self.expected = expected_digest
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and scope["path"].startswith(GUARDED_PREFIXES):
+        guarded = scope["type"] == "http" and scope["path"].startswith(GUARDED_PREFIXES)
+        if guarded and scope["method"] != "OPTIONS":  # CORS preflights carry no credentials
             given = _digest(Headers(scope=scope).get("authorization", "").encode())
             if not hmac.compare_digest(given, self.expected):
                 error = APIError("Missing or incorrect API key: send 'Authorization: Bearer <key>' "
@@ -187,7 +186,7 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
                                      allow_credentials=cors.allow_credentials, allow_methods=cors.allowed_methods,
                                      allow_headers=cors.allowed_headers))
     if api_key:
-        middleware.append(Middleware(APIKeyMiddleware, api_key=api_key))
+        middleware.append(Middleware(APIKeyMiddleware, expected_digest=_digest(f"Bearer {api_key}".encode())))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={
         APIError: api_error_handler,
         HTTPException: http_exception_handler,
