@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from jpaged.config import EngineArgs
 from jpaged.llm_engine import EngineDeadError, LLMEngine
+from jpaged.loaders import load_model
 from jpaged.outputs import EngineStats, RequestOutput
 from jpaged.sampling_params import SamplingParams
 
@@ -97,6 +98,13 @@ class AsyncLLM:
         self._weight_updates.append((params, done))
         self._ensure_loop()
         await done
+
+    async def update_weights_from_disk(self, model_path: str, load_format: str = "auto") -> None:
+        """Loads a checkpoint's params (in a thread, in the served dtype) and swaps them in with
+        `update_weights`. ModelLoadError (a ValueError) when it cannot be loaded or does not fit."""
+        loaded = await asyncio.to_thread(load_model, model_path, dtype=self.model_config.dtype,
+                                         load_format=load_format)
+        await self.update_weights(loaded.params)
 
     def get_stats(self) -> EngineStats:
         """The engine's counters as of the last step."""

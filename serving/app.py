@@ -1,6 +1,5 @@
 """The Starlette application: routes, API-key guard, CORS, error handlers."""
 
-import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -18,7 +17,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from jpaged.loaders import ModelLoadError, load_model
 from serving.chat import create_chat_completion, render_chat_prompt
 from serving.completions import create_completion
 from serving.context import ServingContext
@@ -153,12 +151,9 @@ async def update_weights_from_disk(request: Request) -> JSONResponse:
     ctx = _context(request)
     body = await ctx.read_body(request, UpdateWeightsRequest)
     ctx.check_ready()
-    engine = ctx.engine
     try:
-        loaded = await asyncio.to_thread(load_model, body.model_path, dtype=engine.model_config.dtype,
-                                         load_format=body.load_format)
-        await engine.update_weights(loaded.params)
-    except (ModelLoadError, ValueError) as exc:
+        await ctx.engine.update_weights_from_disk(body.model_path, body.load_format)
+    except ValueError as exc:  # ModelLoadError included
         raise APIError(f"update_weights: {exc}", param="model_path") from None
     return JSONResponse({"success": True, "model_path": body.model_path})
 
