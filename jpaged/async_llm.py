@@ -14,18 +14,16 @@ import collections
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from jpaged.config import EngineArgs
-from jpaged.llm_engine import LLMEngine
+from jpaged.llm_engine import EngineDeadError, LLMEngine
+from jpaged.loaders import load_model
 from jpaged.outputs import EngineStats, RequestOutput
 from jpaged.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The background loop failed; the engine accepts no more requests."""
 
 
 class AsyncLLM:
@@ -37,12 +35,14 @@ class AsyncLLM:
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len: int = engine.max_model_len
+        self.validator = engine.validator  # immutable: safe to call from any task
         self.is_ready = True
         self.errored = False
         # request id -> (its consumer's event loop, its asyncio queue); touched on event loops only.
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._adds: collections.deque = collections.deque()  # (request_id, prompt, params, loop, queue)
+        self._adds: collections.deque = collections.deque()  # (request_id, prompt, params, arrival_time)
         self._aborts: collections.deque = collections.deque()  # request ids
+        self._weight_updates: collections.deque = collections.deque()  # (params, loop, future)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
@@ -58,13 +58,15 @@ class AsyncLLM:
 
     # ---- public API --------------------------------------------------------------------------
 
-    async def generate(self, prompt, sampling_params: SamplingParams | None,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt, sampling_params: SamplingParams | None, request_id: str,
+                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """Streams RequestOutputs for one prompt (str, token ids, or a prompt dict).
 
         Yields per sampling_params.output_kind. Raises ValueError before the first yield for an
-        invalid request. If the consumer stops iterating, the request is aborted.
+        invalid request. If the consumer stops iterating, the request is aborted. `arrival_time`
+        (time.time(); default: this call) is when queue time and TTFT start counting.
         """
+        arrival_time = time.time() if arrival_time is None else arrival_time
         if self.errored or self._closed:
             raise EngineDeadError("the engine is not running (it failed or was shut down)")
         if sampling_params is not None and sampling_params.structured_outputs is not None:
@@ -77,7 +79,7 @@ class AsyncLLM:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (loop, queue)
         params = SamplingParams() if sampling_params is None else sampling_params
-        self._adds.append((request_id, prompt, params))
+        self._adds.append((request_id, prompt, params, arrival_time))
         self._ensure_thread()
         finished = False
         try:
@@ -99,6 +101,24 @@ class AsyncLLM:
         self._aborts.append(request_id)
         self._ensure_thread()
 
+    async def update_weights(self, params) -> None:
+        """Swaps in new params between two steps (LLMEngine.update_weights: same structure,
+        shapes and dtypes, else ValueError). Requests keep running; later tokens use the new weights."""
+        if self.errored or self._closed:
+            raise EngineDeadError("the engine is not running (it failed or was shut down)")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._weight_updates.append((params, loop, done))
+        self._ensure_thread()
+        await done
+
+    async def update_weights_from_disk(self, model_path: str, load_format: str = "auto") -> None:
+        """Loads a checkpoint's params (in a thread, in the served dtype) and swaps them in with
+        `update_weights`. ModelLoadError (a ValueError) when it cannot be loaded or does not fit."""
+        loaded = await asyncio.to_thread(load_model, model_path, dtype=self.model_config.dtype,
+                                         load_format=load_format)
+        await self.update_weights(loaded.params)
+
     def get_stats(self) -> EngineStats:
         """The engine's counters as of the last step."""
         return self._stats
@@ -114,8 +134,10 @@ class AsyncLLM:
         for output in self.engine.abort_all_requests():
             self._deliver(output)
         while self._adds:
-            request_id, _, _ = self._adds.popleft()
+            request_id = self._adds.popleft()[0]
             self._put(request_id, EngineDeadError("the engine was shut down"))
+        while self._weight_updates:
+            self._weight_updates.popleft()[2].set_exception(EngineDeadError("the engine was shut down"))
         self._stats = self.engine.get_stats()
         self._grammar_executor.shutdown(wait=True)
 
@@ -146,22 +168,32 @@ class AsyncLLM:
 
     def _apply_queued(self) -> None:
         while self._adds:
-            request_id, prompt, params = self._adds.popleft()
+            request_id, prompt, params, arrival_time = self._adds.popleft()
             if request_id not in self._queues:  # the consumer left before it was added
                 continue
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, arrival_time)
             except ValueError as e:
                 self._put(request_id, e)
+        aborted = []
         while self._aborts:
-            self._deliver(self.engine.abort_request(self._aborts.popleft()))
+            aborted.append(self.engine.abort_request(self._aborts.popleft()))
+        self._stats = self.engine.get_stats()  # before delivering: a finished consumer sees it
+        for output in aborted:
+            self._deliver(output)
+        while self._weight_updates:
+            params, loop, done = self._weight_updates.popleft()
+            try:
+                self.engine.update_weights(params)
+                loop.call_soon_threadsafe(done.set_result, None)
+            except ValueError as e:
+                loop.call_soon_threadsafe(done.set_exception, e)
 
     def _run(self) -> None:
         try:
             while not self._closed:
                 self._wake.clear()
                 self._apply_queued()
-                self._stats = self.engine.get_stats()
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait()
                     continue

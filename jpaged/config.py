@@ -69,11 +69,27 @@ class EngineArgs:
         "JAX persistent compilation cache directory ('' disables it).", type=str)
     disable_log_stats: bool = _field(False, "Do not log engine statistics.")
     chat_template: str | None = _field(None, "Chat template (jinja text or a file) replacing the model's.", type=str)
-    served_model_name: str | None = _field(None, "Model name reported by the API (default: --model).", type=str)
-    max_logprobs: int = _field(20, "Most logprobs / prompt_logprobs a request may ask for.", type=int)
+    served_model_name: list[str] | None = _field(
+        None, "Model names the API answers to; the first is reported in responses (default: --model).",
+        type=str, nargs="+")
+    download_dir: str | None = _field(
+        None, "Folder to download and cache hub models in (default: the Hugging Face cache).", type=str)
+    generation_config: str = _field(
+        "auto", "Default sampling parameters: 'auto' or a folder applies the model's (or that folder's) "
+        "generation_config.json, 'vllm' uses vLLM's defaults. A request's own fields always win.", type=str)
+    trust_remote_code: bool = _field(
+        False, "Accepted for vLLM compatibility; jpaged runs no model code from the hub and refuses a "
+        "model whose config needs it.")
+    enforce_eager: bool = _field(
+        False, "Skip precompiling every step shape at startup: each shape compiles on first use "
+        "(faster start, slower first requests).")
+    # Request limits: checked before a request is queued (jpaged/request_validation.py).
+    max_logprobs: int = _field(20, "Most logprobs / prompt_logprobs (top_logprobs in chat) a request may ask for.",
+                               type=int)
     max_logit_bias: int = _field(300, "Most logit_bias entries in one request.", type=int)
     max_stop_sequences: int = _field(64, "Most stop strings in one request.", type=int)
     max_stop_token_ids: int = _field(64, "Most stop_token_ids in one request.", type=int)
+    max_n: int = _field(128, "Largest n (samples per prompt) a request may ask for.", type=int)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -103,12 +119,16 @@ class EngineArgs:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not implemented yet; use "
                 f"--tensor-parallel-size 1.")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
         for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (--{name.replace('_', '-')}).")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
+        if isinstance(self.served_model_name, str):
+            self.served_model_name = [self.served_model_name]
+        if self.served_model_name is not None and not all(self.served_model_name):
+            raise ValueError(f"served_model_name must be non-empty names, got {self.served_model_name!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len} (--max-model-len).")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -19,6 +19,7 @@ from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine import Request, RequestStatus, Scheduler
 from jpaged.loaders import load_model
 from jpaged.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
+from jpaged.request_validation import RequestValidator
 from jpaged.runner import build_runner, device_platform
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from jpaged.structured_output import StructuredOutputManager
@@ -26,6 +27,11 @@ from jpaged.structured_output import StructuredOutputManager
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 5.0
+
+
+class EngineDeadError(RuntimeError):
+    """The engine can no longer be trusted (its KV pool was lost in a failed step); it refuses
+    every request until the process restarts."""
 
 
 @dataclasses.dataclass
@@ -56,6 +62,7 @@ class _Parent:
     # [None, then one entry per prompt token from the second on] when prompt_logprobs is set.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     sent_prompt_logprobs: bool = False
+    error: str | None = None  # why a failed step ended this request
 
     @property
     def finished(self) -> bool:
@@ -82,7 +89,8 @@ class LLMEngine:
         platform = device_platform()
         dtype = resolve_cpu_dtype(args.dtype) if platform == "cpu" else args.dtype
         loaded = load_model(args.model, dtype=dtype, load_format=args.load_format, revision=args.revision,
-                            tokenizer=args.tokenizer, chat_template=args.chat_template)
+                            tokenizer=args.tokenizer, chat_template=args.chat_template,
+                            download_dir=args.download_dir, trust_remote_code=args.trust_remote_code)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.model_path
@@ -95,9 +103,16 @@ class LLMEngine:
             enable_chunked_prefill=args.enable_chunked_prefill, num_swap_blocks=self.runner.num_swap_blocks)
         self.structured_output = StructuredOutputManager(self.tokenizer.hf, self.model_config.vocab_size,
                                                          self.model_config.eos_token_ids)
-        start = time.perf_counter()
-        num_programs = self.runner.warmup(show_progress)
-        logger.info("compiled %d programs in %.1f s", num_programs, time.perf_counter() - start)
+        self.validator = RequestValidator.from_engine_args(args, self.model_config.vocab_size, self.max_model_len)
+        if args.enforce_eager:
+            logger.info("enforce_eager: no precompilation; each step shape compiles on first use")
+        else:
+            start = time.perf_counter()
+            num_programs = self.runner.warmup(show_progress)
+            logger.info("compiled %d programs in %.1f s", num_programs, time.perf_counter() - start)
+        # Why the engine stopped trusting its device state (None while healthy).
+        self.dead_reason: str | None = None
+        self.num_failed_steps = 0
         self._seed_stream = np.random.default_rng(args.seed)
         self._parents: dict[str, _Parent] = {}
         self._samples: dict[str, tuple[_Parent, _Sample]] = {}  # child request id -> its parent, state
@@ -119,38 +134,21 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         return None, [int(t) for t in prompt]
 
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_token_ids contain ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
-        args = self.engine_args
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > args.max_logprobs:
-                raise ValueError(f"{name} must be at most {args.max_logprobs} (--max-logprobs), got {value}.")
-        for name, values, limit, flag in (
-                ("logit_bias", params.logit_bias or {}, args.max_logit_bias, "--max-logit-bias"),
-                ("stop", params.stop or [], args.max_stop_sequences, "--max-stop-sequences"),
-                ("stop_token_ids", params.stop_token_ids or [], args.max_stop_token_ids, "--max-stop-token-ids")):
-            if len(values) > limit:
-                raise ValueError(f"{name} has {len(values)} entries; at most {limit} are allowed ({flag}).")
-        for name, ids in (("logit_bias", (params.logit_bias or {}).keys()), ("stop_token_ids", params.stop_token_ids)):
-            bad = [t for t in ids if t >= vocab]
-            if bad:
-                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
-
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         """Queues a prompt (str, token ids, or {"prompt"| "prompt_token_ids": ...}).
 
-        ValueError, with the numbers and the flag to change, for a request that cannot run.
+        InvalidRequestError (a ValueError; jpaged/request_validation.py) or ValueError, with the
+        numbers and the flag to change, for a request that cannot run; EngineDeadError once the
+        engine lost its device state. `arrival_time` (time.time()) defaults to now.
         """
         params = SamplingParams() if params is None else params
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
         if request_id in self._parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         prompt_text, prompt_ids = self._prompt_ids(prompt)
-        self._validate(prompt_ids, params)
+        self.validator.validate(prompt_ids, params)
         if params.structured_outputs is not None:
             self.structured_output.compile(params.structured_outputs)  # ValueError before anything is queued
         base_seed = params.seed if params.seed is not None else int(self._seed_stream.integers(0, 2**31))
@@ -210,7 +208,10 @@ class LLMEngine:
         self._prefill_tokens_total += sum(
             max(0, min(r.start_position + len(r.token_ids), len(r.prompt_token_ids)) - r.start_position)
             for r in scheduled)
-        result = self.runner.execute(scheduler_output, seeds, self._token_bitmask(scheduled))
+        try:
+            result = self.runner.execute(scheduler_output, seeds, self._token_bitmask(scheduled))
+        except Exception as exc:  # a device, compiler or sampler fault: fail this step's requests only
+            return self._fail_step(scheduled, exc)
         if result.prompt_logprobs is not None:
             self._record_prompt_logprobs(scheduled, result.prompt_logprobs)
         rows = {r.request_id: i for i, r in enumerate(scheduled) if r.sample}
@@ -256,6 +257,31 @@ class LLMEngine:
             return
         self.scheduler.finish_requests([request.request_id], status)
         sample.finish_reason, sample.stop_reason = reason, None
+
+    def _fail_step(self, scheduled, exc: Exception) -> list[RequestOutput]:
+        """Ends every request of a failed step (all samples of their parents) with finish_reason
+        "error", freeing their blocks, and returns their final outputs. Raises EngineDeadError
+        instead when the failure consumed the donated KV pool: nothing computed later could be
+        trusted."""
+        self.num_failed_steps += 1
+        message = f"the engine step running this request failed ({type(exc).__name__}: {exc})"
+        parents = {self._samples[r.request_id][0].request_id: self._samples[r.request_id][0] for r in scheduled}
+        logger.error("step failed for requests %s: %s", sorted(parents), message, exc_info=exc)
+        outputs = []
+        for parent in parents.values():
+            live = [s for s in parent.samples if s.finish_reason is None]
+            self.scheduler.abort_requests([s.request.request_id for s in live])
+            for sample in live:
+                sample.finish_reason, sample.stop_reason = "error", None
+            parent.error = message
+            output = self._make_output(parent, live)
+            if output is not None:
+                outputs.append(output)
+        if self.runner.kv_pool_lost():
+            self.dead_reason = (f"the KV cache was lost when a step failed ({type(exc).__name__}: {exc}); "
+                                "restart the server")
+            raise EngineDeadError(self.dead_reason) from exc
+        return outputs
 
     def _maybe_log_stats(self) -> None:
         """Every STATS_INTERVAL_S seconds: throughputs, queue sizes, KV usage and prefix-cache hit rate."""
@@ -370,7 +396,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
             prompt_logprobs=prompt_logprobs, outputs=completions, finished=finished, metrics=metrics,
-            num_cached_tokens=first.num_cached_tokens)
+            num_cached_tokens=first.num_cached_tokens, error=parent.error)
 
     def _forget(self, parent: _Parent) -> None:
         self._parents.pop(parent.request_id, None)

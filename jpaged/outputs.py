@@ -21,7 +21,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None  # None unless logprobs were requested
     logprobs: list[dict[int, Logprob]] | None  # per output token: sampled + top `logprobs` tokens
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 
     def finished(self) -> bool:
@@ -51,6 +51,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    # Set (with finish_reason "error") when a step running this request failed; the message says why.
+    error: str | None = None
 
 
 @dataclasses.dataclass

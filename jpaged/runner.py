@@ -229,6 +229,11 @@ class ModelRunner:
         forward_blob, sampling_blob, token_bitmask = jax.device_put((forward_blob, sampling_blob, token_bitmask),
                                                                     self.device)
         decode_only = self._decode_jit is not None and all(len(r.token_ids) == 1 for r in scheduled)
+        # Programs missing here only with enforce_eager (warmup compiles every shape): compiled on first use.
+        if (t, s, p, decode_only) not in self._forward:
+            self._compile_forward(t, s, p, decode_only)
+        if (s, e, masked) not in self._sample:
+            self._compile_sample(s, e, masked)
         logits, hidden, self.kv_cache = self._forward[(t, s, p, decode_only)](self.params, self.kv_cache,
                                                                               forward_blob)
         out = self._sample[(s, e, masked)](logits, sampling_blob, token_bitmask)
@@ -252,8 +257,14 @@ class ModelRunner:
             in_prompt = nxt < len(prompt)
             targets[start:start + n][in_prompt] = np.asarray(prompt, np.int32)[nxt[in_prompt]]
             start += n
+        if num_tokens not in self._prompt_logprobs:  # only with enforce_eager
+            self._compile_prompt_logprobs(num_tokens)
         return jax.device_get(self._prompt_logprobs[num_tokens](self.params, hidden,
                                                                 jax.device_put(targets, self.device)))
+
+    def kv_pool_lost(self) -> bool:
+        """True when a failed step consumed the donated KV pool (its buffers are deleted)."""
+        return any(array.is_deleted() for array in jax.tree.leaves(self.kv_cache))
 
     def update_weights(self, params) -> None:
         """Replaces the params with a pytree of the same structure, shapes and dtypes (no recompile)."""

@@ -8,6 +8,7 @@ exits 0.
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -17,9 +18,10 @@ import uvicorn
 
 from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
+from jpaged.generation_config import load_generation_defaults
 from jpaged.loaders import DEFAULT_MODEL
-from serving.app import build_app
-from serving.context import DEFAULT_MAX_REQUEST_BYTES, ServingContext
+from serving.app import DEFAULT_MAX_HEADER_BYTES, CORSSettings, build_app
+from serving.context import DEFAULT_MAX_PROMPTS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, ServingContext
 from serving.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("jpaged.serve")
@@ -32,15 +34,37 @@ def make_parser() -> argparse.ArgumentParser:
                     "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, "
                     "/version, /metrics).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="The model, as `vllm serve MODEL` takes it (same as --model).")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="Address to listen on (0.0.0.0 for every interface).")
     server.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port).")
     server.add_argument("--api-key", default=None,
-                        help="Require 'Authorization: Bearer KEY' on /v1 routes. Default: the "
-                             "JPAGED_API_KEY environment variable; unset means no key.")
+                        help="Require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
+                             "(/health, /version and /metrics stay open). Default: the JPAGED_API_KEY "
+                             "environment variable; unset means no key.")
     server.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                         help="Largest request body accepted; larger ones get 413.")
+    server.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
+                        help="Largest total size of a request's headers; larger ones get 431.")
+    server.add_argument("--max-prompts-per-request", type=int, default=DEFAULT_MAX_PROMPTS_PER_REQUEST,
+                        help="Most prompts in one /v1/completions batch (`prompt` as a list).")
+    server.add_argument("--allowed-origins", type=_str_list, nargs="+", default=["*"],
+                        help="CORS: origins browsers may call from (names, or one JSON list as vLLM takes).")
+    server.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials.")
+    server.add_argument("--allowed-methods", type=_str_list, nargs="+", default=["*"], help="CORS: allowed methods.")
+    server.add_argument("--allowed-headers", type=_str_list, nargs="+", default=["*"], help="CORS: allowed headers.")
+    server.add_argument("--ssl-keyfile", default=None, help="Serve HTTPS with this private key file.")
+    server.add_argument("--ssl-certfile", default=None, help="Serve HTTPS with this certificate file.")
+    server.add_argument("--ssl-ca-certs", default=None, help="CA certificates file (for client certificates).")
+    server.add_argument("--disable-log-requests", action="store_true",
+                        help="Do not log each request (its id, prompt length and sampling parameters; "
+                             "prompts are never logged).")
+    server.add_argument("--enable-update-weights-route", action="store_true",
+                        help="Route POST /update_weights_from_disk {\"model_path\": ...}: load a checkpoint "
+                             "of the same shapes and swap it in between steps (RL rollouts). Guarded by "
+                             "--api-key when one is set.")
     server.add_argument("--trust-request-chat-template", action="store_true",
                         help="Accept a `chat_template` field in chat requests (refused by default: "
                              "it runs client-supplied jinja and may name a file on the server).")
@@ -76,8 +100,8 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            logger.info("jpaged is ready: serving %s on http://%s:%d (OpenAI API at /v1)",
-                        self.model_name, host, port)
+            logger.info("jpaged is ready: serving %s on %s://%s:%d (OpenAI API at /v1)",
+                        self.model_name, "https" if self.config.is_ssl else "http", host, port)
 
     def handle_exit(self, sig: int, frame) -> None:
         super().handle_exit(sig, frame)
@@ -92,18 +116,42 @@ class _Server(uvicorn.Server):
         await self.engine.shutdown()
 
 
+def _str_list(value: str) -> list[str]:
+    """One flag value: a JSON list (vLLM's `--allowed-origins '["*"]'`) or a single name."""
+    if value.startswith("["):
+        parsed = json.loads(value)
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}")
+        return parsed
+    return [value]
+
+
+def _flatten(values: list) -> list[str]:
+    """nargs="+" of `_str_list` values (lists) or the plain default (strings) as one list."""
+    return [v for group in values for v in ([group] if isinstance(group, str) else group)]
+
+
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str | None) -> None:
     engine = AsyncLLM.from_engine_args(engine_args)
-    model_name = engine_args.served_model_name or engine_args.model or DEFAULT_MODEL
-    ctx = ServingContext(engine, served_model_name=model_name,
+    names = engine_args.served_model_name or [engine_args.model or DEFAULT_MODEL]
+    ctx = ServingContext(engine, served_model_name=names,
                          trust_request_chat_template=args.trust_request_chat_template,
                          max_request_bytes=args.max_request_bytes,
+                         max_prompts_per_request=args.max_prompts_per_request,
+                         generation_defaults=load_generation_defaults(engine_args.generation_config,
+                                                                      engine.engine.model_path),
+                         log_requests=not args.disable_log_requests,
                          enable_auto_tool_choice=args.enable_auto_tool_choice,
                          tool_call_parser=args.tool_call_parser)
-    app = build_app(ctx, api_key=api_key)
+    cors = CORSSettings(allowed_origins=_flatten(args.allowed_origins), allow_credentials=args.allow_credentials,
+                        allowed_methods=_flatten(args.allowed_methods), allowed_headers=_flatten(args.allowed_headers))
+    app = build_app(ctx, api_key=api_key, cors=cors, enable_update_weights_route=args.enable_update_weights_route,
+                    max_header_bytes=args.max_header_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            lifespan="off", timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)
-    server = _Server(config, engine, args.graceful_shutdown_timeout, model_name)
+                            lifespan="off", timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,
+                            ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                            ssl_ca_certs=args.ssl_ca_certs)
+    server = _Server(config, engine, args.graceful_shutdown_timeout, names[0])
     ender = asyncio.create_task(server.end_in_flight_requests())
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; these
     # handlers make that a no-op, so the process exits 0.
@@ -116,18 +164,34 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
         await engine.shutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EngineArgs]:
+    """The server's flags and the EngineArgs; exits 2 (argparse's way) naming a bad flag."""
     parser = make_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        engine_args = EngineArgs.from_cli_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            parser.error(f"the positional MODEL ({args.model_tag}) and --model ({args.model}) differ; give one.")
+        args.model = args.model_tag
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        parser.error("--ssl-keyfile and --ssl-certfile go together: give both or neither.")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser.")
+    try:
+        return args, EngineArgs.from_cli_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, engine_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = args.api_key or os.environ.get("JPAGED_API_KEY") or None
     asyncio.run(_serve(args, engine_args, api_key))
+    # Interpreter teardown resets Python-level signal handlers to the default, so a second
+    # SIGTERM arriving now (an impatient supervisor) would end the process with -15; the server
+    # has already stopped, so ignore it (SIG_IGN survives teardown).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

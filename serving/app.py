@@ -1,5 +1,7 @@
-"""The Starlette application: routes, API-key guard, error handlers."""
+"""The Starlette application: routes, API-key guard, CORS, error handlers."""
 
+import dataclasses
+import hashlib
 import hmac
 import importlib.metadata
 from http import HTTPStatus
@@ -9,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -20,24 +23,68 @@ from serving.context import ServingContext
 from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
 from serving.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-                              TokenizeRequest, TokenizeResponse)
+                              TokenizeRequest, TokenizeResponse, UpdateWeightsRequest)
+
+
+@dataclasses.dataclass
+class CORSSettings:
+    """vLLM's --allowed-origins, --allow-credentials, --allowed-methods, --allowed-headers."""
+
+    allowed_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    allowed_methods: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+
+
+def _digest(value: bytes) -> bytes:
+    """Fixed-length digests, so the compare takes the same time whatever the header's length."""
+    return hashlib.sha256(value).digest()
+
+
+# Routes that reach the model; /health, /version and /metrics stay open, as in vLLM.
+GUARDED_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/update_weights_from_disk")
 
 
 class APIKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on every /v1 route (constant-time compare)."""
+    """Requires `Authorization: Bearer <key>` on every route that reaches the model
+    (GUARDED_PREFIXES), comparing digests in constant time. It holds only the expected header's
+    digest, so the key itself is nowhere in the app to be logged or echoed."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+    def __init__(self, app: ASGIApp, expected_digest: bytes):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = expected_digest
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = Headers(scope=scope).get("authorization", "").encode()
+        guarded = scope["type"] == "http" and scope["path"].startswith(GUARDED_PREFIXES)
+        if guarded and scope["method"] != "OPTIONS":  # CORS preflights carry no credentials
+            given = _digest(Headers(scope=scope).get("authorization", "").encode())
             if not hmac.compare_digest(given, self.expected):
                 error = APIError("Missing or incorrect API key: send 'Authorization: Bearer <key>' "
                                  "with the key the server was started with (--api-key or "
                                  "JPAGED_API_KEY).", status_code=HTTPStatus.UNAUTHORIZED,
                                  code="invalid_api_key")
+                await error.to_response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+
+
+class HeaderLimitMiddleware:
+    """431 for a request whose headers total more than `max_bytes` (names + values)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > self.max_bytes:
+                error = APIError(f"The request headers are {size} bytes, over the server's limit of "
+                                 f"{self.max_bytes} bytes (--max-header-bytes).",
+                                 status_code=HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, code="headers_too_large")
                 await error.to_response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -59,9 +106,9 @@ async def version(request: Request) -> JSONResponse:
 
 async def list_models(request: Request) -> JSONResponse:
     ctx = _context(request)
-    card = ModelCard(id=ctx.served_model_name, root=ctx.engine.engine_args.model,
-                     max_model_len=ctx.max_model_len)
-    return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+    cards = [ModelCard(id=name, root=ctx.engine.engine_args.model, max_model_len=ctx.max_model_len)
+             for name in ctx.served_model_names]
+    return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
 
 async def tokenize(request: Request) -> JSONResponse:
@@ -88,7 +135,7 @@ async def detokenize(request: Request) -> JSONResponse:
     body = await ctx.read_body(request, DetokenizeRequest)
     ctx.check_model(body.model)
     if body.tokens:
-        ctx.check_prompt_tokens(body.tokens, "tokens")
+        ctx.check_token_ids(body.tokens, "tokens")
     text = ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)
     return JSONResponse(DetokenizeResponse(prompt=text).model_dump(mode="json"))
 
@@ -97,8 +144,25 @@ async def metrics(request: Request) -> Response:
     return Response(_context(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def build_app(ctx: ServingContext, *, api_key: str | None = None) -> Starlette:
-    """The ASGI app serving `ctx`'s engine; `api_key` (if set) guards /v1 routes."""
+async def update_weights_from_disk(request: Request) -> JSONResponse:
+    """Loads the checkpoint at `model_path` on the server and swaps its params in between two
+    steps (same structure, shapes and dtypes as the served model, else 400). For RL rollouts;
+    only routed with --enable-update-weights-route."""
+    ctx = _context(request)
+    body = await ctx.read_body(request, UpdateWeightsRequest)
+    ctx.check_ready()
+    try:
+        await ctx.engine.update_weights_from_disk(body.model_path, body.load_format)
+    except ValueError as exc:  # ModelLoadError included
+        raise APIError(f"update_weights: {exc}", param="model_path") from None
+    return JSONResponse({"success": True, "model_path": body.model_path})
+
+
+def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSettings | None = None,
+              enable_update_weights_route: bool = False,
+              max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Starlette:
+    """The ASGI app serving `ctx`'s engine; `api_key` (if set) guards GUARDED_PREFIXES, `cors`
+    (if set) answers browsers' cross-origin requests."""
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
@@ -109,7 +173,15 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None) -> Starlette:
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
     ]
-    middleware = [Middleware(APIKeyMiddleware, api_key=api_key)] if api_key else []
+    if enable_update_weights_route:
+        routes.append(Route("/update_weights_from_disk", update_weights_from_disk, methods=["POST"]))
+    middleware = [Middleware(HeaderLimitMiddleware, max_bytes=max_header_bytes)]
+    if cors is not None:  # outermost, so preflights and 401s carry the CORS headers
+        middleware.append(Middleware(CORSMiddleware, allow_origins=cors.allowed_origins,
+                                     allow_credentials=cors.allow_credentials, allow_methods=cors.allowed_methods,
+                                     allow_headers=cors.allowed_headers))
+    if api_key:
+        middleware.append(Middleware(APIKeyMiddleware, expected_digest=_digest(f"Bearer {api_key}".encode())))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={
         APIError: api_error_handler,
         HTTPException: http_exception_handler,

@@ -42,6 +42,7 @@ def render_chat_prompt(ctx: ServingContext, messages, add_generation_prompt: boo
 
 
 def _check_request(body: ChatCompletionRequest) -> None:
+    body.check_unsupported_extras()
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
     if body.stream_options is not None and not body.stream:
@@ -49,40 +50,44 @@ def _check_request(body: ChatCompletionRequest) -> None:
 
 
 async def create_chat_completion(request: Request) -> Response:
+    arrival_time = time.time()
     ctx: ServingContext = request.app.state.ctx
     body = await ctx.read_body(request, ChatCompletionRequest)
-    ctx.check_model(body.model)
+    model_name = ctx.check_model(body.model)
     ctx.check_ready()
     _check_request(body)
-    job = _ChatJob(ctx, body)
+    job = _ChatJob(ctx, body, model_name, arrival_time)
     return await (job.stream(request) if body.stream else job.complete(request))
 
 
 class _ChatJob:
     """One validated chat request: the rendered prompt and its engine stream."""
 
-    def __init__(self, ctx: ServingContext, body: ChatCompletionRequest):
-        self.ctx, self.body = ctx, body
+    def __init__(self, ctx: ServingContext, body: ChatCompletionRequest, model_name: str, arrival_time: float):
+        self.ctx, self.body, self.model_name = ctx, body, model_name
         self.tool_plan = plan_tools(body, enable_auto_tool_choice=ctx.enable_auto_tool_choice,
                                     tool_call_parser=ctx.tool_call_parser)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:
+            max_tokens = ctx.generation_defaults.get("max_tokens")
+        self.num_top = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.to_sampling_params(
+            max_tokens=max_tokens, logprobs=self.num_top, prompt_logprobs=None,
+            output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
+            defaults=ctx.generation_defaults)
+        params.structured_outputs = chat_constraint(body, self.tool_plan)
+        ctx.check_limits(params)  # before the template renders
         template_kwargs = dict(body.chat_template_kwargs or {})
         if self.tool_plan is not None:
             template_kwargs["tools"] = self.tool_plan.tools
         prompt = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template,
                                     template_kwargs)
-        self.prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
-        ctx.check_prompt_tokens(self.prompt_ids, "messages")
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = ctx.resolve_max_tokens(len(self.prompt_ids), requested, "messages")
-        self.num_top = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.to_sampling_params(
-            max_tokens=max_tokens, logprobs=self.num_top, prompt_logprobs=None,
-            vocab_size=ctx.tokenizer.vocab_size,
-            output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
-        params.structured_outputs = chat_constraint(body, self.tool_plan)
+        prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
+        self.prompt_ids = ctx.truncate_prompt(prompt_ids, body.truncate_prompt_tokens)
+        ctx.validate(self.prompt_ids, params, "messages")
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.outputs = ctx.generate(self.prompt_ids, params, self.request_id)
+        self.outputs = ctx.generate(self.prompt_ids, params, self.request_id, arrival_time)
 
     def _logprobs(self, completion: CompletionOutput) -> ChatLogprobs | None:
         if self.num_top is None:
@@ -114,7 +119,7 @@ class _ChatJob:
                 logprobs=self._logprobs(c), finish_reason=finish_reason, stop_reason=c.stop_reason))
         usage = self._usage(sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens)
         response = ChatCompletionResponse(id=self.request_id, created=self.created,
-                                          model=self.ctx.served_model_name, choices=choices, usage=usage)
+                                          model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(response.model_dump(mode="json"))
 
     async def stream(self, request: Request) -> Response:
@@ -127,7 +132,7 @@ class _ChatJob:
 
     def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
         return sse_event(ChatCompletionChunk(id=self.request_id, created=self.created,
-                                             model=self.ctx.served_model_name, choices=choices,
+                                             model=self.model_name, choices=choices,
                                              usage=usage))
 
     async def _events(self, first: RequestOutput) -> AsyncIterator[str]:

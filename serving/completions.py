@@ -1,5 +1,6 @@
 """POST /v1/completions: text or token-id prompts (one or a batch), streamed or not."""
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,39 +28,64 @@ def _prompt_list(prompt) -> list[str | list[int]]:
 
 
 class _Prompt:
-    """One prompt of the batch: its text (for echo) and token ids."""
+    """One prompt of the batch: its token ids, and its text for echo (decoded only once the ids
+    passed the engine's checks: a negative or huge id would crash the tokenizer)."""
 
-    def __init__(self, ctx: ServingContext, prompt: str | list[int], add_special_tokens: bool):
+    def __init__(self, ctx: ServingContext, prompt: str | list[int], body: CompletionRequest):
+        self.given_text = prompt if isinstance(prompt, str) else None
         if isinstance(prompt, str):
-            self.token_ids = ctx.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-            self.text = prompt
+            token_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
         else:
-            self.token_ids = list(prompt)
+            token_ids = list(prompt)
+            ctx.check_token_ids(token_ids, "prompt")
+        self.token_ids = ctx.truncate_prompt(token_ids, body.truncate_prompt_tokens)
+        self.text = ""
+
+    def decode_for_echo(self, ctx: ServingContext, truncated: bool) -> None:
+        if self.given_text is not None and not truncated:
+            self.text = self.given_text
+        else:
             self.text = ctx.tokenizer.decode(self.token_ids, skip_special_tokens=False)
-        ctx.check_prompt_tokens(self.token_ids, "prompt")
 
 
 def _check_request(body: CompletionRequest) -> None:
+    body.check_unsupported_extras()
     if body.suffix:
         raise APIError("suffix is not supported.", param="suffix")
-    if body.best_of is not None and body.best_of != body.n:
-        raise APIError(f"best_of={body.best_of} is not supported; leave it unset or equal to n "
-                       f"({body.n}).", param="best_of")
+    if body.best_of is not None and body.best_of < body.n:
+        raise APIError(f"best_of must be greater than or equal to n, got n={body.n} and best_of={body.best_of}.",
+                       param="best_of")
+    if body.best_of is not None and body.best_of > body.n and body.stream:
+        raise APIError("best_of > n cannot be streamed: the best samples are known only at the end. "
+                       "Set stream to false or best_of to n.", param="best_of")
     if body.stream_options is not None and not body.stream:
         raise APIError("stream_options can only be set when stream is true.", param="stream_options")
     if not body.prompt:
         raise APIError("The prompt is empty.", param="prompt")
 
 
-def _sampling_params(ctx: ServingContext, body: CompletionRequest, prompt: _Prompt,
-                     output_kind: RequestOutputKind) -> SamplingParams:
-    max_tokens = ctx.resolve_max_tokens(len(prompt.token_ids), body.max_tokens, "prompt")
+def _sampling_params(ctx: ServingContext, body: CompletionRequest, output_kind: RequestOutputKind) -> SamplingParams:
+    """The request's SamplingParams. With best_of > n the engine samples best_of sequences with
+    their logprobs (for the ranking); the response keeps the n most likely."""
+    best_of = body.best_of if body.best_of is not None and body.best_of > body.n else None
+    logprobs = body.logprobs
+    if best_of is not None and logprobs is None:
+        logprobs = 0  # the sampled tokens' logprobs: cumulative_logprob ranks the samples
+    max_tokens = body.max_tokens
+    if "max_tokens" not in body.model_fields_set:  # OpenAI's default of 16, unless generation_config has one
+        max_tokens = ctx.generation_defaults.get("max_tokens", max_tokens)
     params = body.to_sampling_params(
-        max_tokens=max_tokens, logprobs=body.logprobs,
+        max_tokens=max_tokens, logprobs=logprobs,
         prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
-        vocab_size=ctx.tokenizer.vocab_size, output_kind=output_kind)
+        output_kind=output_kind, defaults=ctx.generation_defaults, n=best_of)
     params.structured_outputs = structured_outputs_from_request(body)
     return params
+
+
+def _best(outputs: list[CompletionOutput], n: int) -> list[CompletionOutput]:
+    """The n samples of highest cumulative logprob (ties: lowest index), re-indexed 0..n-1."""
+    ranked = sorted(outputs, key=lambda c: (-(c.cumulative_logprob or 0.0), c.index))[:n]
+    return [dataclasses.replace(c, index=i) for i, c in enumerate(ranked)]
 
 
 class _Choice:
@@ -107,34 +133,43 @@ def _usage(prompts: list[_Prompt], completion_tokens: int, cached_tokens: int) -
 
 
 async def create_completion(request: Request) -> Response:
+    arrival_time = time.time()
     ctx: ServingContext = request.app.state.ctx
     body = await ctx.read_body(request, CompletionRequest)
-    ctx.check_model(body.model)
+    model_name = ctx.check_model(body.model)
     ctx.check_ready()
     _check_request(body)
-    job = _CompletionJob(ctx, body)
+    job = _CompletionJob(ctx, body, model_name, arrival_time)
     return await (job.stream(request) if body.stream else job.complete(request))
 
 
 class _CompletionJob:
     """One validated completions request: its prompts' engine streams, merged."""
 
-    def __init__(self, ctx: ServingContext, body: CompletionRequest):
-        self.ctx, self.body = ctx, body
-        self.prompts = [_Prompt(ctx, p, body.add_special_tokens) for p in _prompt_list(body.prompt)]
+    def __init__(self, ctx: ServingContext, body: CompletionRequest, model_name: str, arrival_time: float):
+        self.ctx, self.body, self.model_name = ctx, body, model_name
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
-        params = [_sampling_params(ctx, body, p, kind) for p in self.prompts]
+        params = _sampling_params(ctx, body, kind)
+        ctx.check_limits(params)  # before any prompt is tokenized
+        prompts = _prompt_list(body.prompt)
+        ctx.check_num_prompts(len(prompts))
+        self.prompts = [_Prompt(ctx, p, body) for p in prompts]
+        for prompt in self.prompts:
+            ctx.validate(prompt.token_ids, params, "prompt")
+        if body.echo:
+            for prompt in self.prompts:
+                prompt.decode_for_echo(ctx, body.truncate_prompt_tokens is not None)
         self.request_id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.choices = [[_Choice(ctx, body, p, i * body.n + j) for j in range(body.n)]
                         for i, p in enumerate(self.prompts)]
         self.outputs = merge_async_iterators([
-            ctx.generate(p.token_ids, sp, f"{self.request_id}-{i}")
-            for i, (p, sp) in enumerate(zip(self.prompts, params))])
+            ctx.generate(p.token_ids, params, f"{self.request_id}-{i}", arrival_time)
+            for i, p in enumerate(self.prompts)])
 
     def _response(self, choices: list[CompletionChoice], usage: UsageInfo | None = None):
         return CompletionResponse(id=self.request_id, created=self.created,
-                                  model=self.ctx.served_model_name, choices=choices, usage=usage)
+                                  model=self.model_name, choices=choices, usage=usage)
 
     async def complete(self, request: Request) -> Response:
         async def collect() -> list[RequestOutput]:
@@ -148,9 +183,10 @@ class _CompletionJob:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices, completion_tokens = [], 0
         for i, final in enumerate(finals):
-            for c in final.outputs:
+            completion_tokens += sum(len(c.token_ids) for c in final.outputs)  # best_of: all samples count
+            kept = _best(final.outputs, self.body.n) if len(final.outputs) > self.body.n else final.outputs
+            for c in kept:
                 choices.append(self.choices[i][c.index].piece(final, c))
-                completion_tokens += len(c.token_ids)
         choices.sort(key=lambda choice: choice.index)
         usage = _usage(self.prompts, completion_tokens, sum(f.num_cached_tokens for f in finals))
         return JSONResponse(self._response(choices, usage).model_dump(mode="json"))

@@ -1,6 +1,9 @@
 """What every route shares: the engine, the served names, request-body parsing and validation."""
 
+import contextlib
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import TypeVar
@@ -10,6 +13,7 @@ from starlette.requests import Request
 
 from jpaged.async_llm import AsyncLLM, EngineDeadError
 from jpaged.outputs import RequestOutput
+from jpaged.request_validation import InvalidRequestError, RequestValidator
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.errors import APIError, not_found_model, validation_error
 from serving.metrics import ServerMetrics
@@ -17,39 +21,61 @@ from serving.metrics import ServerMetrics
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 256
+
+logger = logging.getLogger("jpaged.serve")
 
 
 class ServingContext:
     """The engine plus the server's settings; routes reach AsyncLLM only through this."""
 
-    def __init__(self, engine: AsyncLLM, *, served_model_name: str, trust_request_chat_template: bool = False,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, enable_auto_tool_choice: bool = False,
-                 tool_call_parser: str | None = None):
+    def __init__(self, engine: AsyncLLM, *, served_model_name: str | list[str],
+                 trust_request_chat_template: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 generation_defaults: dict | None = None, log_requests: bool = False,
+                 max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
+                 enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.served_model_name = served_model_name
+        names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+        self.served_model_names = names
+        self.served_model_name = names[0]  # the name responses report unless the request named another
         self.trust_request_chat_template = trust_request_chat_template
         self.max_request_bytes = max_request_bytes
         self.enable_auto_tool_choice = enable_auto_tool_choice  # tool_choice "auto" (serving/tool_calls.py)
         self.tool_call_parser = tool_call_parser
         self.max_model_len = engine.max_model_len
-        self.metrics = ServerMetrics(engine, served_model_name)
+        self.validator: RequestValidator = engine.validator
+        # Sampling defaults from generation_config.json (--generation-config); request fields win.
+        self.generation_defaults = dict(generation_defaults or {})
+        self.log_requests = log_requests
+        self.max_prompts_per_request = max_prompts_per_request
+        self.metrics = ServerMetrics(engine, self.served_model_name)
 
-    def check_model(self, model: str | None) -> None:
-        """404 for a model name this server does not serve (None means the served one)."""
-        if model is not None and model != self.served_model_name:
-            raise not_found_model(model, self.served_model_name)
+    def check_model(self, model: str | None) -> str:
+        """The name to report for a request naming `model`; 404 for a name this server does not serve."""
+        if model is None:
+            return self.served_model_name
+        if model not in self.served_model_names:
+            raise not_found_model(model, self.served_model_names)
+        return model
 
     def check_ready(self) -> None:
         if self.engine.errored:
-            raise APIError("The engine stopped after an internal error; restart the server.",
-                           status_code=HTTPStatus.SERVICE_UNAVAILABLE, type="service_unavailable")
+            raise APIError("The engine stopped after an internal error (its device state was lost); "
+                           "restart the server.", status_code=HTTPStatus.SERVICE_UNAVAILABLE,
+                           type="service_unavailable")
         if not self.engine.is_ready:
             raise APIError("The engine is not ready (starting up or shutting down).",
                            status_code=HTTPStatus.SERVICE_UNAVAILABLE, type="service_unavailable")
 
     async def read_body(self, request: Request, model_cls: type[ModelT]) -> ModelT:
-        """Reads and validates a JSON body: 413 over --max-request-bytes, 400 for bad JSON/schema."""
+        """Reads and validates a JSON body: 415 for a non-JSON content type, 413 over
+        --max-request-bytes, 400 for bad JSON, 400/422 for values/schema."""
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type != "application/json" and not content_type.endswith("+json"):
+            raise APIError(f"The request body must be JSON: send 'Content-Type: application/json', not "
+                           f"{content_type!r}.", status_code=HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                           code="unsupported_media_type")
         limit = self.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -67,55 +93,74 @@ class ServingContext:
             return model_cls.model_validate(data)
         except ValidationError as exc:
             raise validation_error(exc) from None
+        except RecursionError:  # nesting pydantic cannot walk
+            raise APIError("The request body is nested too deeply.") from None
 
-    def check_prompt_tokens(self, token_ids: list[int], param: str) -> None:
-        """400 for an empty prompt or token ids outside the vocabulary."""
-        if not token_ids:
-            raise APIError(f"The {param} is empty: send at least one token.", param=param)
-        vocab_size = self.tokenizer.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise APIError(f"Token ids {bad[:8]} in the {param} are outside the vocabulary "
-                           f"[0, {vocab_size}).", param=param)
+    def check_limits(self, params: SamplingParams) -> None:
+        """400 when the request is over a request-size flag (before any tokenizing)."""
+        with invalid_request_as_api_error():
+            self.validator.check_limits(params)
 
-    def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> int:
-        """`max_tokens` (None: the rest of the context); 400 with the numbers when it cannot fit."""
-        limit = self.max_model_len
-        if num_prompt_tokens >= limit:
-            raise APIError(
-                f"This model's maximum context length is {limit} tokens. However, your request "
-                f"has {num_prompt_tokens} input tokens. Please reduce the length of the input "
-                f"{param}.", param=param, code="context_length_exceeded")
-        if max_tokens is None:
-            return limit - num_prompt_tokens
-        if num_prompt_tokens + max_tokens > limit:
-            raise APIError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {param}, "
-                f"{max_tokens} in the completion). Please reduce the length of the {param} or "
-                f"completion.", param="max_tokens", code="context_length_exceeded")
-        return max_tokens
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        """400 for an empty list or ids outside the vocabulary (before anything decodes them)."""
+        with invalid_request_as_api_error():
+            self.validator.check_token_ids(token_ids, param)
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    def check_num_prompts(self, num_prompts: int) -> None:
+        if num_prompts > self.max_prompts_per_request:
+            raise APIError(f"prompt is a batch of {num_prompts} prompts, over this server's limit of "
+                           f"{self.max_prompts_per_request} (--max-prompts-per-request).", param="prompt",
+                           code="request_limit_exceeded")
+
+    def truncate_prompt(self, token_ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:
+        """vLLM's `truncate_prompt_tokens`: keep the last k tokens (-1: the last max_model_len - 1)."""
+        if truncate_prompt_tokens is None:
+            return token_ids
+        if truncate_prompt_tokens == 0:
+            raise APIError("truncate_prompt_tokens must be -1 or at least 1, got 0.", param="truncate_prompt_tokens")
+        keep = self.max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+        return token_ids[-keep:]
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, param: str) -> None:
+        """The engine's own check of a whole request (jpaged/request_validation.py), as a 400."""
+        with invalid_request_as_api_error():
+            self.validator.validate(prompt_token_ids, params, param)
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """AsyncLLM.generate, plus metrics when the request finishes.
 
         The engine's ValueError for an invalid request (raised before the first output) becomes
-        a 400, a stopped engine a 503. Closing this stream closes the engine's, which aborts the
-        request if it is still running.
+        a 400, a stopped engine a 503, a failed engine step (output.error) a 500 naming the
+        fault. Closing this stream closes the engine's, which aborts the request if it is still
+        running. `arrival_time`: when the HTTP request arrived (time.time()).
         """
         delta = params.output_kind == RequestOutputKind.DELTA
         tokens_per_output: dict[int, int] = {}
-        outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+        if self.log_requests:
+            logger.info("request %s: %d prompt tokens, %s", request_id, len(prompt_token_ids), params)
+        outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time)
+        last_output_time = None
         try:
             async for output in outputs:
+                now = time.time()
                 for completion in output.outputs:
                     count = len(completion.token_ids)
                     tokens_per_output[completion.index] = (
                         tokens_per_output.get(completion.index, 0) + count if delta else count)
+                    if delta and last_output_time is not None and count:
+                        self.metrics.observe_token_gap(now - last_output_time, count)
+                last_output_time = now
                 if output.finished:
-                    self._observe_finished(output, tokens_per_output)
+                    self._observe_finished(output, tokens_per_output, delta)
+                if output.error is not None:
+                    raise APIError(f"The engine failed while running this request: {output.error}. "
+                                   "Other requests are unaffected; retrying may succeed.",
+                                   status_code=HTTPStatus.INTERNAL_SERVER_ERROR,
+                                   type="internal_server_error", code="engine_step_failed")
                 yield output
+        except InvalidRequestError as exc:
+            raise _api_error(exc) from None
         except ValueError as exc:
             raise APIError(str(exc)) from None
         except EngineDeadError as exc:
@@ -124,14 +169,27 @@ class ServingContext:
         finally:
             await outputs.aclose()
 
-    def _observe_finished(self, output: RequestOutput, tokens_per_output: dict[int, int]) -> None:
+    def _observe_finished(self, output: RequestOutput, tokens_per_output: dict[int, int], streamed: bool) -> None:
         reasons = {c.finish_reason for c in output.outputs if c.finish_reason}
-        reason = "abort" if "abort" in reasons else "length" if "length" in reasons else "stop"
+        reason = next((r for r in ("error", "abort", "length") if r in reasons), "stop")
         self.metrics.observe_finished(output, sum(tokens_per_output.values()),
-                                      max(tokens_per_output.values(), default=0), reason)
+                                      max(tokens_per_output.values(), default=0), reason, streamed)
 
 
 def _too_large(size: int, limit: int) -> APIError:
     return APIError(f"The request body is {size} bytes, over the server's limit of {limit} bytes "
                     f"(--max-request-bytes).", status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     code="request_too_large")
+
+
+def _api_error(exc: InvalidRequestError) -> APIError:
+    return APIError(str(exc), param=exc.param, code=exc.code)
+
+
+@contextlib.contextmanager
+def invalid_request_as_api_error():
+    """Turns the engine's InvalidRequestError into the 400 the client gets."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        raise _api_error(exc) from None

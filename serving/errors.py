@@ -56,8 +56,9 @@ def validation_error(exc: ValidationError) -> APIError:
     return APIError("Invalid request: " + "; ".join(messages), status_code=status, param=param)
 
 
-def not_found_model(model: str, served_model_name: str) -> APIError:
-    return APIError(f"The model `{model}` does not exist. This server serves `{served_model_name}`.",
+def not_found_model(model: str, served_model_names: list[str]) -> APIError:
+    names = ", ".join(f"`{name}`" for name in served_model_names)
+    return APIError(f"The model `{model}` does not exist. This server serves {names}.",
                     status_code=HTTPStatus.NOT_FOUND, param="model", code="model_not_found")
 
 

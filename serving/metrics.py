@@ -1,7 +1,8 @@
-"""Prometheus metrics for GET /metrics, named like vLLM's with a `jpaged:` prefix.
+"""Prometheus metrics for GET /metrics: vLLM's names, each under `jpaged:` and `vllm:`.
 
-Engine-wide gauges and counters are read from `AsyncLLM.get_stats()` at scrape time; the
-per-request histograms are observed by the server when a request finishes.
+Both prefixes carry the same values, so dashboards built for vLLM work unchanged. Engine-wide
+gauges and counters are read from `AsyncLLM.get_stats()` at scrape time; the per-request
+histograms are observed by the server as a request streams and when it finishes.
 """
 
 import time
@@ -15,6 +16,7 @@ from jpaged.outputs import RequestOutput
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+PREFIXES = ("jpaged", "vllm")
 
 
 class EngineStatsCollector:
@@ -27,28 +29,41 @@ class EngineStatsCollector:
     def collect(self):
         stats = self.engine.get_stats()
         gauges = (
-            ("jpaged:num_requests_running", "Requests in the running batch.", stats.num_running),
-            ("jpaged:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
-            ("jpaged:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
+            ("num_requests_running", "Requests in the running batch.", stats.num_running),
+            ("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
+            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
              stats.kv_cache_usage),
         )
         counters = (
-            ("jpaged:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              stats.prefix_cache_queries),
-            ("jpaged:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
              stats.prefix_cache_hits),
-            ("jpaged:num_preemptions", "Preemptions of running requests.", stats.num_preemptions),
-            ("jpaged:prompt_tokens", "Prompt tokens processed.", stats.prompt_tokens_total),
-            ("jpaged:generation_tokens", "Tokens generated.", stats.generation_tokens_total),
+            ("num_preemptions", "Preemptions of running requests.", stats.num_preemptions),
+            ("prompt_tokens", "Prompt tokens processed.", stats.prompt_tokens_total),
+            ("generation_tokens", "Tokens generated.", stats.generation_tokens_total),
         )
-        for name, documentation, value in gauges:
-            family = GaugeMetricFamily(name, documentation, labels=["model_name"])
-            family.add_metric([self.model_name], value)
-            yield family
-        for name, documentation, value in counters:
-            family = CounterMetricFamily(name, documentation, labels=["model_name"])
-            family.add_metric([self.model_name], value)
-            yield family
+        for prefix in PREFIXES:
+            for name, documentation, value in gauges:
+                family = GaugeMetricFamily(f"{prefix}:{name}", documentation, labels=["model_name"])
+                family.add_metric([self.model_name], value)
+                yield family
+            for name, documentation, value in counters:
+                family = CounterMetricFamily(f"{prefix}:{name}", documentation, labels=["model_name"])
+                family.add_metric([self.model_name], value)
+                yield family
+
+
+class _Histogram:
+    """One histogram under every prefix in PREFIXES."""
+
+    def __init__(self, registry, name: str, documentation: str, buckets):
+        self.histograms = [Histogram(f"{prefix}:{name}", documentation, ["model_name"], buckets=buckets,
+                                     registry=registry) for prefix in PREFIXES]
+
+    def observe(self, label: str, value: float) -> None:
+        for histogram in self.histograms:
+            histogram.labels(label).observe(value)
 
 
 class ServerMetrics:
@@ -58,47 +73,69 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.registry.register(EngineStatsCollector(engine, model_name))
-        labels = ["model_name"]
 
         def histogram(name, documentation, buckets):
-            return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
+            return _Histogram(self.registry, name, documentation, buckets)
 
         self.time_to_first_token = histogram(
-            "jpaged:time_to_first_token_seconds", "Time from arrival to the first token.", _LATENCY_BUCKETS)
+            "time_to_first_token_seconds", "Time from arrival to the first token.", _LATENCY_BUCKETS)
         self.time_per_output_token = histogram(
-            "jpaged:time_per_output_token_seconds",
+            "time_per_output_token_seconds",
             "Mean time between output tokens of a request, after the first.", _LATENCY_BUCKETS)
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds", "Time between two output tokens of a request (one observation per "
+            "token after the first; a non-streamed request contributes its mean gap).", _LATENCY_BUCKETS)
         self.e2e_request_latency = histogram(
-            "jpaged:e2e_request_latency_seconds", "Time from arrival to the last token.", _LATENCY_BUCKETS)
+            "e2e_request_latency_seconds", "Time from arrival to the last token.", _LATENCY_BUCKETS)
         self.request_queue_time = histogram(
-            "jpaged:request_queue_time_seconds", "Time from arrival to first scheduling.", _LATENCY_BUCKETS)
+            "request_queue_time_seconds", "Time from arrival to first scheduling.", _LATENCY_BUCKETS)
+        self.request_prefill_time = histogram(
+            "request_prefill_time_seconds", "Time from first scheduling to the first token.", _LATENCY_BUCKETS)
+        self.request_decode_time = histogram(
+            "request_decode_time_seconds", "Time from the first token to the last.", _LATENCY_BUCKETS)
+        self.request_inference_time = histogram(
+            "request_inference_time_seconds", "Time from first scheduling to the last token.", _LATENCY_BUCKETS)
         self.request_prompt_tokens = histogram(
-            "jpaged:request_prompt_tokens", "Prompt length of finished requests.", _TOKEN_BUCKETS)
+            "request_prompt_tokens", "Prompt length of finished requests.", _TOKEN_BUCKETS)
         self.request_generation_tokens = histogram(
-            "jpaged:request_generation_tokens", "Tokens generated by finished requests (all n samples).",
-            _TOKEN_BUCKETS)
-        self.request_success = Counter(
-            "jpaged:request_success", "Finished requests, by finish reason.",
-            labels + ["finished_reason"], registry=self.registry)
+            "request_generation_tokens", "Tokens generated by finished requests (all n samples).", _TOKEN_BUCKETS)
+        self.request_success = [Counter(f"{prefix}:request_success", "Finished requests, by finish reason.",
+                                        ["model_name", "finished_reason"], registry=self.registry)
+                                for prefix in PREFIXES]
 
-    def observe_finished(self, output: RequestOutput, num_generation_tokens: int,
-                         longest_output: int, finish_reason: str) -> None:
+    def observe_token_gap(self, gap_s: float, num_tokens: int) -> None:
+        """A streamed output carried `num_tokens` new tokens `gap_s` after the previous one."""
+        for _ in range(num_tokens):
+            self.inter_token_latency.observe(self.model_name, gap_s / num_tokens)
+
+    def observe_finished(self, output: RequestOutput, num_generation_tokens: int, longest_output: int,
+                         finish_reason: str, streamed: bool) -> None:
         """Records one finished request; `longest_output` = tokens of its longest sample."""
         m = output.metrics
         finished = m.finished_time or time.time()
         label = self.model_name
         if m.arrival_time is not None:
-            self.e2e_request_latency.labels(label).observe(finished - m.arrival_time)
+            self.e2e_request_latency.observe(label, finished - m.arrival_time)
             if m.first_token_time is not None:
-                self.time_to_first_token.labels(label).observe(m.first_token_time - m.arrival_time)
+                self.time_to_first_token.observe(label, m.first_token_time - m.arrival_time)
             if m.first_scheduled_time is not None:
-                self.request_queue_time.labels(label).observe(m.first_scheduled_time - m.arrival_time)
-        if longest_output > 1 and m.first_token_time is not None and m.last_token_time is not None:
-            self.time_per_output_token.labels(label).observe(
-                (m.last_token_time - m.first_token_time) / (longest_output - 1))
-        self.request_prompt_tokens.labels(label).observe(len(output.prompt_token_ids))
-        self.request_generation_tokens.labels(label).observe(num_generation_tokens)
-        self.request_success.labels(label, finish_reason).inc()
+                self.request_queue_time.observe(label, m.first_scheduled_time - m.arrival_time)
+        if m.first_scheduled_time is not None and m.first_token_time is not None:
+            self.request_prefill_time.observe(label, m.first_token_time - m.first_scheduled_time)
+        if m.first_token_time is not None and m.last_token_time is not None:
+            self.request_decode_time.observe(label, m.last_token_time - m.first_token_time)
+            if m.first_scheduled_time is not None:
+                self.request_inference_time.observe(label, m.last_token_time - m.first_scheduled_time)
+            if longest_output > 1:
+                mean_gap = (m.last_token_time - m.first_token_time) / (longest_output - 1)
+                self.time_per_output_token.observe(label, mean_gap)
+                if not streamed:
+                    for _ in range(longest_output - 1):
+                        self.inter_token_latency.observe(label, mean_gap)
+        self.request_prompt_tokens.observe(label, len(output.prompt_token_ids))
+        self.request_generation_tokens.observe(label, num_generation_tokens)
+        for counter in self.request_success:
+            counter.labels(label, finish_reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,10 +1,14 @@
 """Pydantic models of the OpenAI API bodies the server reads and writes, plus vLLM's extra fields.
 
 Request models validate types and ranges that OpenAI documents; the values SamplingParams checks
-itself (e.g. top_p in (0, 1]) are left to it so there is one source of truth. Unknown fields are
-ignored, as vLLM and OpenAI do.
+itself (e.g. top_p in (0, 1]) are left to it, and what depends on the model or the server's flags
+(vocabulary, context length, request limits) to jpaged/request_validation.py, so each check lives
+once. Unknown fields are ignored with a warning in the log, as vLLM does, except vLLM's own extra
+fields that jpaged does not implement: those are refused with a 400 naming them
+(UNSUPPORTED_EXTRA_FIELDS).
 """
 
+import logging
 import time
 from typing import Annotated, Any, Literal
 
@@ -12,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.errors import APIError
+
+logger = logging.getLogger("jpaged.serve")
 
 # --------------------------------------------------------------------------- requests
 
@@ -22,11 +28,25 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# vLLM request fields jpaged does not implement, with the value that means "not used". A request
+# setting one to anything else gets a 400 naming it instead of being silently served without it.
+UNSUPPORTED_EXTRA_FIELDS: dict[str, Any] = {
+    "allowed_token_ids": None, "bad_words": None, "use_beam_search": False, "length_penalty": 1.0,
+    "logits_processors": None, "return_tokens_as_token_ids": False, "priority": 0, "cache_salt": None,
+    "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_embeds": None,
+    "guided_decoding_backend": None, "guided_whitespace_pattern": None,
+    "documents": None, "continue_final_message": False, "echo_last_message": False,
+    "return_token_ids": False, "request_id": None, "prompt_logprobs": None,
+}
+
+
 class SamplingFields(BaseModel):
     """Sampling fields common to completions and chat (OpenAI's, then vLLM's extras)."""
 
+    model_config = ConfigDict(extra="allow")  # kept to refuse UNSUPPORTED_EXTRA_FIELDS by name
+
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1)
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
@@ -53,21 +73,45 @@ class SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
-    def to_sampling_params(self, *, max_tokens: int, logprobs: int | None,
-                           prompt_logprobs: int | None, vocab_size: int,
-                           output_kind: RequestOutputKind) -> SamplingParams:
-        """The engine's SamplingParams; a 400 APIError naming the field for values it rejects."""
+    def check_unsupported_extras(self) -> None:
+        """400 naming each vLLM extra field this request sets that jpaged does not implement;
+        a warning naming (never showing) the other unknown fields, which are ignored as vLLM does."""
+        extras = self.model_extra or {}
+        used = [name for name, unused in UNSUPPORTED_EXTRA_FIELDS.items()
+                if name in extras and extras[name] != unused]
+        ignored = sorted(name for name in extras if name not in UNSUPPORTED_EXTRA_FIELDS)
+        if ignored:
+            logger.warning("The request has fields this server ignores: %s", ", ".join(ignored)[:500])
+        if used:
+            raise APIError(f"This server does not implement the request field(s) {', '.join(used)}; "
+                           "remove them (jpaged refuses them rather than ignoring them).", param=used[0],
+                           code="unsupported_field")
+
+    def to_sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
+                           prompt_logprobs: int | None, output_kind: RequestOutputKind,
+                           defaults: dict | None = None, n: int | None = None) -> SamplingParams:
+        """The engine's SamplingParams; a 400 APIError naming the field for values it rejects.
+
+        `defaults`: sampling defaults from the model's generation_config.json (--generation-config),
+        used for fields the request leaves unset. `n`: overrides the request's n (best_of)."""
+        defaults = defaults or {}
+
+        def pick(name: str, fallback):
+            value = getattr(self, name)
+            return defaults.get(name, fallback) if value is None else value
+
         try:
             return SamplingParams(
-                n=self.n,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=0 if self.top_k is None else self.top_k,
-                min_p=0.0 if self.min_p is None else self.min_p,
+                n=self.n if n is None else n,
+                temperature=pick("temperature", 1.0),
+                top_p=pick("top_p", 1.0),
+                top_k=pick("top_k", 0),
+                min_p=pick("min_p", 0.0),
                 presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty,
-                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                repetition_penalty=pick("repetition_penalty", 1.0),
                 seed=self.seed,
                 stop=self.stop,
                 stop_token_ids=self.stop_token_ids,
@@ -79,15 +123,16 @@ class SamplingFields(BaseModel):
                 skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
-                logit_bias=self._logit_bias_by_id(vocab_size),
+                logit_bias=self._logit_bias_by_id(),
                 output_kind=output_kind,
             )
         except ValueError as exc:
             field = str(exc).split(" ", 1)[0]
             raise APIError(str(exc), param=field if field in type(self).model_fields else None) from None
 
-    def _logit_bias_by_id(self, vocab_size: int) -> dict[int, float] | None:
-        """OpenAI's `{"token id as string": bias}` as `{int: float}`, checked against the vocab."""
+    def _logit_bias_by_id(self) -> dict[int, float] | None:
+        """OpenAI's `{"token id as string": bias}` as `{int: float}` (the engine checks the ids
+        against the vocabulary)."""
         if not self.logit_bias:
             return None
         bias_by_id = {}
@@ -96,9 +141,6 @@ class SamplingFields(BaseModel):
                 token_id = int(key)
             except ValueError:
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}.") from None
-            if not 0 <= token_id < vocab_size:
-                raise ValueError(f"logit_bias token id {token_id} is outside the vocabulary "
-                                 f"[0, {vocab_size}).")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for "
                                  f"token {token_id}.")
@@ -111,10 +153,10 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs (checked by the engine)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1)
     add_special_tokens: bool = True
     response_format: dict[str, Any] | None = None
 
@@ -153,7 +195,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs (checked by the engine)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = True
@@ -179,6 +221,13 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[int]
+
+
+class UpdateWeightsRequest(BaseModel):
+    """POST /update_weights_from_disk: a checkpoint folder (or .gguf) on the server."""
+
+    model_path: str = Field(min_length=1)
+    load_format: Literal["auto", "safetensors", "gguf", "orbax"] = "auto"
 
 
 # --------------------------------------------------------------------------- responses

@@ -1,6 +1,7 @@
 """AsyncLLM: concurrent streams, deltas, errors before the first yield, abort on disconnect, shutdown."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -110,8 +111,15 @@ def test_consumer_that_stops_iterating_aborts_the_request(engine):
     assert_idle(engine)
 
 
-def test_abort_ends_the_stream_with_abort(engine):
+def test_abort_ends_the_stream_with_abort(engine, monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    step = engine.engine.step
+
+    def slow_step():  # steps as long as a real model's, so the abort lands before the 80th token
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(engine.engine, "step", slow_step)
 
     async def main():
         gen = engine.generate({"prompt_token_ids": PROMPTS[3]}, params, "to-abort")

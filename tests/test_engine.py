@@ -244,7 +244,7 @@ def test_invalid_requests_raise_with_numbers(tiny_llm):
         tiny_llm.generate({"prompt_token_ids": list(range(100, 200))}, SamplingParams(max_tokens=50), use_tqdm=False)
     with pytest.raises(ValueError, match="vocabulary"):
         tiny_llm.generate([[10**7]], use_tqdm=False)
-    with pytest.raises(ValueError, match="prompt_logprobs must be at most 20"):
+    with pytest.raises(ValueError, match=r"prompt_logprobs is 21, over this server.s limit of 20 \(--max-logprobs\)"):
         tiny_llm.generate("hi", SamplingParams(prompt_logprobs=21), use_tqdm=False)
     assert_pool_free(tiny_llm)
 

@@ -454,12 +454,12 @@ def test_requests_aborted_while_the_step_runs_are_skipped():
     "prompt_len, max_tokens, match",
     [
         (0, 4, "The prompt is empty"),
-        (64, None, r"The prompt is 64 tokens long but the maximum model length is 64 tokens.*--max-model-len"),
-        (70, 4, r"The prompt is 70 tokens long"),
+        (64, None, r"maximum context length is 64 tokens. However, your request has 64 input tokens.*--max-model-len"),
+        (70, 4, r"your request has 70 input tokens"),
         (
             60,
             10,
-            r"maximum context length is 64 tokens. However, you requested 70 tokens \(60 in the messages, "
+            r"maximum context length is 64 tokens. However, you requested 70 tokens \(60 in the prompt, "
             r"10 in the completion\).*--max-model-len",
         ),
         (40, 20, r"may need 15 KV blocks of 4 tokens \(40 prompt \+ 20 max_tokens\) but the KV pool has only 12 "

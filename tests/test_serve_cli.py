@@ -5,6 +5,7 @@ import os
 import queue
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -14,14 +15,19 @@ import httpx
 import openai
 import pytest
 
-from jpaged.serve import main
+from jpaged.serve import main, parse_args
 
 ENGINE_FLAGS = ["--max-model-len", "--block-size", "--gpu-memory-utilization", "--num-gpu-blocks-override",
                 "--max-num-seqs", "--max-num-batched-tokens", "--swap-space", "--enable-prefix-caching",
                 "--no-enable-prefix-caching", "--quantization", "--kv-cache-dtype", "--dtype", "--seed",
-                "--tensor-parallel-size", "--attention-backend", "--disable-log-stats"]
+                "--tensor-parallel-size", "--attention-backend", "--disable-log-stats", "--enforce-eager",
+                "--download-dir", "--generation-config", "--trust-remote-code", "--max-logprobs", "--max-logit-bias",
+                "--max-stop-sequences", "--max-stop-token-ids", "--max-n"]
 SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-template",
-                "--max-request-bytes", "--graceful-shutdown-timeout", "--trust-request-chat-template"]
+                "--max-request-bytes", "--graceful-shutdown-timeout", "--trust-request-chat-template",
+                "--max-header-bytes", "--max-prompts-per-request", "--allowed-origins", "--allow-credentials",
+                "--allowed-methods", "--allowed-headers", "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs",
+                "--disable-log-requests", "--enable-update-weights-route"]
 # Small buckets, so that only two programs compile: one forward shape and one sampler.
 SMALL_ENGINE = ["--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "16",
                 "--num-gpu-blocks-override", "32"]
@@ -43,6 +49,27 @@ def test_bad_flag_value_names_the_flag(capsys):
     assert "--block-size" in capsys.readouterr().err
 
 
+def test_positional_model_and_vllm_list_flags():
+    args, engine_args = parse_args(["some/model", "--served-model-name", "a", "b", "--allowed-origins",
+                                    '["https://x.example", "https://y.example"]', "--enforce-eager"])
+    assert engine_args.model == "some/model" and engine_args.served_model_name == ["a", "b"]
+    assert engine_args.enforce_eager and args.allowed_origins == [["https://x.example", "https://y.example"]]
+    assert parse_args(["--model", "m"])[1].model == "m"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["m1", "--model", "m2"], "positional MODEL"),
+    (["--ssl-keyfile", "k.pem"], "--ssl-certfile"),
+    (["--max-logprobs", "-1"], "--max-logprobs"),
+    (["--max-n", "0"], "--max-n"),
+])
+def test_conflicting_or_bad_flags_exit_2_naming_them(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
 class ServeProcess:
     """`python -m jpaged.serve` in a subprocess; its log is read on a thread."""
 
@@ -60,7 +87,7 @@ class ServeProcess:
             except queue.Empty:
                 self.proc.kill()
                 raise AssertionError("the server did not log readiness:\n" + "".join(self.log)) from None
-            match = re.search(r"jpaged is ready: serving (\S+) on (http://127\.0\.0\.1:\d+)", line)
+            match = re.search(r"jpaged is ready: serving (\S+) on (https?://127\.0\.0\.1:\d+)", line)
             if match:
                 self.model_name, self.url = match.groups()
                 return
@@ -81,7 +108,7 @@ class ServeProcess:
 
 def test_sigterm_ends_in_flight_requests_and_exits_0(tiny_model_dir):
     server = ServeProcess(["--model", str(tiny_model_dir), "--served-model-name", "tiny",
-                           "--graceful-shutdown-timeout", "0.5", *SMALL_ENGINE],
+                           "--graceful-shutdown-timeout", "0.5", "--disable-log-requests", *SMALL_ENGINE],
                           env={"JPAGED_API_KEY": "from-env"})
     try:
         assert httpx.get(server.url + "/v1/models").status_code == 401
@@ -107,6 +134,7 @@ def test_sigterm_ends_in_flight_requests_and_exits_0(tiny_model_dir):
         server.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health")
+    assert "request cmpl-" not in "".join(server.log)  # --disable-log-requests
 
 
 @pytest.mark.slow
@@ -127,3 +155,29 @@ def test_bundled_smollm2_end_to_end():
         assert streamed == whole.choices[0].message.content
     finally:
         assert server.stop() == 0
+
+
+def test_vllm_style_invocation_over_https(tiny_model_dir, tmp_path):
+    """`python -m jpaged.serve MODEL` with vLLM's flags: TLS, two names, enforce-eager, request
+    logs without the key or the prompt."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
+                    str(cert)], check=True, capture_output=True)
+    secret = "sk-do-not-log-me"
+    server = ServeProcess([str(tiny_model_dir), "--served-model-name", "tiny", "alias", "--enforce-eager",
+                           "--api-key", secret, "--ssl-keyfile", str(key), "--ssl-certfile", str(cert),
+                           *SMALL_ENGINE])
+    try:
+        assert server.url.startswith("https://") and server.model_name == "tiny"
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=secret, max_retries=0,
+                               http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(cert))))
+        assert [m.id for m in client.models.list().data] == ["tiny", "alias"]
+        result = client.completions.create(model="alias", prompt="a secret prompt", max_tokens=3)
+        assert result.model == "alias" and result.usage.completion_tokens >= 1
+    finally:
+        assert server.stop() == 0
+    log = "".join(server.log)
+    assert "enforce_eager: no precompilation" in log and "Compiling step buckets" not in log
+    assert re.search(r"request cmpl-\w+-0: \d+ prompt tokens", log)
+    assert secret not in log and "a secret prompt" not in log

@@ -9,8 +9,6 @@ AsyncLLM.get_stats) for freed KV blocks after disconnects.
 import asyncio
 import json
 import re
-import threading
-import time
 
 import httpx
 import jax
@@ -18,66 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
-from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
 from jpaged.loaders import load_model
 from jpaged.models import llama
-from serving.app import build_app
-from serving.context import ServingContext
+from server_harness import API_KEY, MAX_REQUEST_BYTES, MODEL_NAME, ThreadedServer, health_ok, wait_until_idle
 
-API_KEY = "test-key"
-MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 128
-MAX_REQUEST_BYTES = 64 * 1024
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-class ThreadedServer:
-    """AsyncLLM + the app under uvicorn, all on one event loop in a background thread."""
-
-    def __init__(self, engine_args: EngineArgs):
-        self.engine_args = engine_args
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        if not self.ready.wait(timeout=300) or self.error is not None:
-            raise RuntimeError(f"the test server did not start: {self.error!r}")
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # reported to the test thread
-            self.error = exc
-            self.ready.set()
-
-    async def _serve(self) -> None:
-        self.engine = AsyncLLM.from_engine_args(self.engine_args)
-        self.ctx = ServingContext(self.engine, served_model_name=MODEL_NAME,
-                                  max_request_bytes=MAX_REQUEST_BYTES)
-        config = uvicorn.Config(build_app(self.ctx, api_key=API_KEY), host="127.0.0.1", port=0,
-                                log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        serving = asyncio.create_task(self.server.serve())
-        while not self.server.started:
-            if serving.done():
-                serving.result()  # uvicorn's startup error (it exits with SystemExit)
-                raise RuntimeError("uvicorn stopped during startup")
-            await asyncio.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.ready.set()
-        await serving
-        await self.engine.shutdown()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -115,28 +61,12 @@ def dense_greedy(model, prompt_ids: list[int], num_tokens: int, padded_len: int 
     return ids[len(prompt_ids):]
 
 
-def wait_until_idle(server, timeout: float = 20.0):
-    """Polls the engine's stats until no request runs or waits and no KV block is in use."""
-    deadline = time.time() + timeout
-    while True:
-        stats = server.engine.get_stats()
-        if stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0:
-            return stats
-        if time.time() > deadline:
-            raise AssertionError(f"the engine did not go idle: {stats}")
-        time.sleep(0.05)
-
-
 def sse_payloads(raw: str) -> list[str]:
     """Splits an SSE body into its `data:` payloads, checking the framing on the way."""
     assert raw.endswith("\n\n")
     events = raw[:-2].split("\n\n")
     assert all(e.startswith("data: ") and "\n" not in e for e in events), raw[:500]
     return [e[len("data: "):] for e in events]
-
-
-def health_ok(server) -> bool:
-    return httpx.get(server.url + "/health").status_code == 200
 
 
 # --------------------------------------------------------------------------- completions
@@ -298,7 +228,7 @@ def test_chat_logprobs_and_usage(server, client, tiny_model):
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy = rank 1
     # /tokenize renders the same template and counts the same tokens.
-    tokenized = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}).json()
+    tokenized = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}, headers=AUTH).json()
     assert tokenized["tokens"] == prompt_ids
 
 
@@ -363,10 +293,10 @@ def test_models_version_tokenize_detokenize(server, tiny_model):
     assert models["data"][0]["max_model_len"] == MAX_MODEL_LEN
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", httpx.get(server.url + "/version").json()["version"])
     text = "Hello, paged world!"
-    tokenized = httpx.post(server.url + "/tokenize", json={"prompt": text}).json()
+    tokenized = httpx.post(server.url + "/tokenize", json={"prompt": text}, headers=AUTH).json()
     assert tokenized["tokens"] == tiny_model.tokenizer.encode(text)
     assert tokenized["count"] == len(tokenized["tokens"])
-    detokenized = httpx.post(server.url + "/detokenize", json={"tokens": tokenized["tokens"]}).json()
+    detokenized = httpx.post(server.url + "/detokenize", json={"tokens": tokenized["tokens"]}, headers=AUTH).json()
     assert detokenized["prompt"] == tiny_model.tokenizer.decode(tokenized["tokens"], skip_special_tokens=False)
 
 
@@ -378,24 +308,31 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-def test_metrics(server, client):
+@pytest.mark.parametrize("prefix", ["jpaged", "vllm"])
+def test_metrics(server, client, tiny_model, prefix):
     before = httpx.get(server.url + "/metrics").text
     result = client.completions.create(model=MODEL_NAME, prompt="Count me", max_tokens=7, temperature=0,
                                        extra_body={"ignore_eos": True})
+    streamed = client.completions.create(model=MODEL_NAME, prompt="Count me too", max_tokens=5, temperature=0,
+                                         stream=True, extra_body={"ignore_eos": True})
+    assert len([chunk for chunk in streamed if chunk.choices and chunk.choices[0].text]) >= 1
     wait_until_idle(server)
     after = httpx.get(server.url + "/metrics").text
-    for name in ("jpaged:num_requests_running", "jpaged:num_requests_waiting", "jpaged:kv_cache_usage_perc",
-                 "jpaged:prefix_cache_queries_total", "jpaged:prefix_cache_hits_total",
-                 "jpaged:time_to_first_token_seconds_count", "jpaged:time_per_output_token_seconds_count",
-                 "jpaged:e2e_request_latency_seconds_count"):
-        assert name in after, name
-    delta = lambda name: _metric(after, name) - _metric(before, name)  # noqa: E731
-    assert delta("jpaged:generation_tokens_total") == 7
-    assert delta("jpaged:prompt_tokens_total") == result.usage.prompt_tokens
-    assert delta("jpaged:e2e_request_latency_seconds_count") == 1
-    assert delta("jpaged:time_to_first_token_seconds_count") == 1
-    assert delta('jpaged:request_success_total') == 1
-    assert _metric(after, "jpaged:num_requests_running") == 0
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "prefix_cache_queries_total", "prefix_cache_hits_total", "time_to_first_token_seconds_count",
+                 "time_per_output_token_seconds_count", "e2e_request_latency_seconds_count"):
+        assert f"{prefix}:{name}" in after, name
+    delta = lambda name: _metric(after, f"{prefix}:{name}") - _metric(before, f"{prefix}:{name}")  # noqa: E731
+    assert delta("generation_tokens_total") == 7 + 5
+    assert delta("prompt_tokens_total") == result.usage.prompt_tokens + len(tiny_model.tokenizer.encode("Count me too"))
+    for histogram in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "request_queue_time_seconds",
+                      "request_prefill_time_seconds", "request_decode_time_seconds",
+                      "request_inference_time_seconds"):
+        assert delta(histogram + "_count") == 2, histogram
+    # One inter-token gap per token after the first, streamed (observed per chunk) or not (the mean gap).
+    assert delta("inter_token_latency_seconds_count") == 6 + 4
+    assert delta("request_success_total") == 2
+    assert _metric(after, f"{prefix}:num_requests_running") == 0
 
 
 # --------------------------------------------------------------------------- errors

@@ -20,6 +20,7 @@ import time
 from jpaged.engine.block_manager import KVCacheManager, cdiv
 from jpaged.engine.request import Request, RequestStatus
 from jpaged.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from jpaged.request_validation import check_context_length
 
 
 @dataclasses.dataclass
@@ -101,26 +102,15 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queue a request; resolves its max_tokens. ValueError (with the numbers and the flag
-        to change) for a request that could never finish."""
+        to change) for a request that could never finish: its length is checked by the same
+        function the engine validates requests with (jpaged/request_validation.py)."""
         if request.request_id in self.requests:
             raise ValueError(f"Request id {request.request_id!r} is already in use.")
         num_prompt = request.num_prompt_tokens
-        if num_prompt == 0:
-            raise ValueError("The prompt is empty: a request needs at least one prompt token.")
-        if num_prompt >= self.max_model_len:
-            raise ValueError(
-                f"The prompt is {num_prompt} tokens long but the maximum model length is {self.max_model_len} "
-                "tokens, which leaves no room for an output token. Shorten the prompt or raise --max-model-len."
-            )
+        check_context_length(num_prompt, request.sampling_params.max_tokens, self.max_model_len)
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is None:
             max_tokens = self.max_model_len - num_prompt
-        if num_prompt + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the completion). "
-                "Please reduce the length of the messages or completion, or raise --max-model-len."
-            )
         # The last sampled token is never stored, so a request stores at most this many tokens.
         num_blocks_needed = cdiv(num_prompt + max_tokens - 1, self.block_size)
         num_usable = self.kv_cache_manager.num_usable_blocks

@@ -7,6 +7,7 @@ model folder (config.json + safetensors + tokenizer), an Orbax folder written by
 
 import dataclasses
 import importlib.metadata
+import json
 import os
 import re
 
@@ -18,7 +19,7 @@ from jpaged.loaders import safetensors as hf_loader
 from jpaged.loaders.errors import ModelLoadError
 from jpaged.loaders.gguf_file import read_gguf
 from jpaged.loaders.hub import resolve_hub_model
-from jpaged.models.config import DTYPES, ModelConfig
+from jpaged.models.config import DTYPES, SUPPORTED_ARCHITECTURES, ModelConfig
 from jpaged.models.llama import init_params
 from jpaged.tokenizer import Tokenizer
 
@@ -60,6 +61,8 @@ def load_model(
     revision: str | None = None,
     tokenizer: str | None = None,
     chat_template: str | None = None,
+    download_dir: str | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Loads config, params (on the default device, in the resolved dtype) and tokenizer.
 
@@ -70,6 +73,9 @@ def load_model(
       revision: hub revision (branch, tag or commit) for hub ids.
       tokenizer: a folder (or hub id) to take the tokenizer from instead of the model's.
       chat_template: a file path or template text that replaces the tokenizer's chat template.
+      download_dir: where hub models are downloaded and cached (default: the HF cache).
+      trust_remote_code: accepted for vLLM compatibility; jpaged never runs a repo's Python code,
+        so a model that needs it is refused either way (with a message that says so).
     Raises:
       ModelLoadError naming the path and the problem.
     """
@@ -77,7 +83,8 @@ def load_model(
         raise ModelLoadError(f"--load-format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     if dtype != "auto" and dtype not in DTYPES:
         raise ModelLoadError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    path = _resolve_path(model, revision)
+    path = _resolve_path(model, revision, download_dir)
+    _refuse_remote_code(path, trust_remote_code)
     if load_format == "auto":
         load_format = _detect_format(path)
     _check_format_matches(path, load_format)
@@ -94,7 +101,7 @@ def load_model(
         raise e if isinstance(e, ModelLoadError) else ModelLoadError(f"{path}: {e}") from e
 
     if tokenizer is not None:
-        tokenizer_path = _resolve_path(tokenizer, revision)
+        tokenizer_path = _resolve_path(tokenizer, revision, download_dir)
         tok = _folder_tokenizer(tokenizer_path, config, chat_template)
     elif load_format == "gguf":
         tok = gguf_loader.load_gguf_tokenizer(gguf_file, config.eos_token_ids, chat_template)
@@ -118,18 +125,44 @@ def save_orbax(loaded: LoadedModel, folder: str) -> None:
     orbax_loader.save_orbax(folder, loaded.config, loaded.params, loaded.tokenizer)
 
 
-def _resolve_path(model: str | None, revision: str | None) -> str:
+def _resolve_path(model: str | None, revision: str | None, download_dir: str | None = None) -> str:
     if not model or model == DEFAULT_MODEL:
         return default_model_path()
     expanded = os.path.expanduser(model)
     if os.path.exists(expanded):
         return expanded
     if _HUB_ID.fullmatch(model) and not model.startswith("."):
-        return resolve_hub_model(model, revision)
+        return resolve_hub_model(model, revision, download_dir)
     raise ModelLoadError(
         f"model {model!r} does not exist: pass a .gguf file, an HF model folder, an Orbax folder "
         f"saved by jpaged, a hub id like 'org/name', or omit --model for {DEFAULT_MODEL}"
     )
+
+
+def _refuse_remote_code(path: str, trust_remote_code: bool) -> None:
+    """A config.json whose architecture lives in the repo's own Python (`auto_map` plus an
+    architecture jpaged does not implement) cannot be served: say so instead of a bare
+    'unsupported architecture'."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return  # read_hf_config reports it
+    if not isinstance(config, dict):
+        return
+    auto_map, architectures = config.get("auto_map"), config.get("architectures") or []
+    if not auto_map or all(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        return
+    hint = ("--trust-remote-code does not change this: jpaged implements each architecture natively and "
+            "never runs a model repository's Python code." if trust_remote_code else
+            "vLLM would ask for --trust-remote-code; jpaged never runs a model repository's Python code, "
+            "so the flag cannot help.")
+    raise ModelLoadError(f"{config_path}: this model needs remote code (auto_map: {sorted(auto_map)}, "
+                         f"architectures: {architectures}); jpaged supports {', '.join(SUPPORTED_ARCHITECTURES)}. "
+                         + hint)
 
 
 def _detect_format(path: str) -> str:

@@ -1,0 +1,82 @@
+"""A real uvicorn + AsyncLLM on 127.0.0.1 in a background thread, for the server tests."""
+
+import asyncio
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from jpaged.async_llm import AsyncLLM
+from jpaged.config import EngineArgs
+from serving.app import build_app
+from serving.context import ServingContext
+
+API_KEY = "test-key"
+MODEL_NAME = "tiny"
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class ThreadedServer:
+    """AsyncLLM + the app under uvicorn, all on one event loop in a background thread."""
+
+    def __init__(self, engine_args: EngineArgs, app_kwargs: dict | None = None, **context_kwargs):
+        """`app_kwargs`: build_app's options besides the key; `context_kwargs`: ServingContext's."""
+        self.engine_args = engine_args
+        self.app_kwargs = app_kwargs or {}
+        self.context_kwargs = {"served_model_name": MODEL_NAME, "max_request_bytes": MAX_REQUEST_BYTES,
+                               **context_kwargs}
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        if not self.ready.wait(timeout=300) or self.error is not None:
+            raise RuntimeError(f"the test server did not start: {self.error!r}")
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported to the test thread
+            self.error = exc
+            self.ready.set()
+
+    async def _serve(self) -> None:
+        self.engine = AsyncLLM.from_engine_args(self.engine_args)
+        self.ctx = ServingContext(self.engine, **self.context_kwargs)
+        config = uvicorn.Config(build_app(self.ctx, api_key=API_KEY, **self.app_kwargs), host="127.0.0.1", port=0,
+                                log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        serving = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if serving.done():
+                serving.result()  # uvicorn's startup error (it exits with SystemExit)
+                raise RuntimeError("uvicorn stopped during startup")
+            await asyncio.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.ready.set()
+        await serving
+        await self.engine.shutdown()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def wait_until_idle(server, timeout: float = 20.0):
+    """Polls the engine's stats until no request runs or waits and no KV block is in use."""
+    deadline = time.time() + timeout
+    while True:
+        stats = server.engine.get_stats()
+        if stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0:
+            return stats
+        if time.time() > deadline:
+            raise AssertionError(f"the engine did not go idle: {stats}")
+        time.sleep(0.05)
+
+
+def health_ok(server) -> bool:
+    return httpx.get(server.url + "/health").status_code == 200
