@@ -1,13 +1,16 @@
-"""The benchmark prompts every engine gets: the same token ids from the same seed (and the peak-RSS
-measure that the offline benchmarks report).
+"""The benchmark prompts every engine gets: the same token ids from the same seed (and the flags,
+the peak-RSS measure and the result keys that the offline benchmarks share).
 
-Shared by benchmark_throughput.py (jpaged), benchmark_throughput_vllm.py and
-benchmark_serving.py; imports neither jpaged nor vLLM, so it runs in either venv.
+Shared by benchmark_throughput.py (jpaged), benchmark_throughput_vllm.py,
+benchmark_throughput_hf.py and benchmark_serving.py; imports neither jpaged nor vLLM, so it runs
+in either venv.
 Prompt lengths are uniform in [low, high]; a prompt is a window of the tokenized corpus at a
 random start, or random ids in [100, vocab_size - 100) without a corpus.
 """
 
+import argparse
 import bisect
+import json
 import os
 import re
 import resource
@@ -70,6 +73,48 @@ def make_prompts(num_prompts: int, low: int, high: int, seed: int, *,
         raise ValueError(f"the corpus has {len(corpus_ids)} tokens; prompts need up to {high}")
     starts = rng.integers(0, len(corpus_ids) - high, size=num_prompts)
     return [list(corpus_ids[s:s + int(n)]) for s, n in zip(starts, lengths)]
+
+
+def add_offline_args(parser: argparse.ArgumentParser) -> None:
+    """The offline benchmarks' workload flags (the same in every engine's script)."""
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--num-prompts", type=int, default=64)
+    bench.add_argument("--input-len", type=int, default=256, help="prompt length (when no --input-len-range)")
+    bench.add_argument("--input-len-range", type=int, nargs=2, metavar=("MIN", "MAX"),
+                       help="prompt lengths uniform in [MIN, MAX]")
+    bench.add_argument("--output-len", type=int, default=128)
+    bench.add_argument("--dataset-path", help="a text file to cut prompt windows from (default: random ids)")
+    bench.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    bench.add_argument("--temperature", type=float, default=0.0)
+    bench.add_argument("--benchmark-seed", type=int, default=0, help="seed of the prompt generator")
+    bench.add_argument("--warmup-passes", type=int, default=0,
+                       help="run the same workload this many times, untimed, before the timed pass")
+    bench.add_argument("--output-json", help="write the results here")
+
+
+def report_offline(args, prompts: list[list[int]], output_token_ids: list[list[int]], *, elapsed: float,
+                   startup_s: float, peak_rss_gib: float, engine_args: dict) -> dict:
+    """The offline benchmarks' result keys: printed, written to --output-json, returned."""
+    prompt_tokens = sum(len(p) for p in prompts)
+    output_tokens = sum(len(ids) for ids in output_token_ids)
+    results = {
+        "num_requests": len(prompts), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "elapsed_time": elapsed, "startup_time": startup_s,
+        "requests_per_second": len(prompts) / elapsed,
+        "tokens_per_second": (prompt_tokens + output_tokens) / elapsed,
+        "output_tokens_per_second": output_tokens / elapsed,
+        "warmup_passes": args.warmup_passes, "peak_rss_gib": peak_rss_gib,
+        "output_token_ids": [list(ids) for ids in output_token_ids],
+        "engine_args": engine_args,
+    }
+    print(f"Startup (load + compile): {startup_s:.1f} s; peak RSS {peak_rss_gib:.2f} GiB")
+    print(f"Throughput: {results['requests_per_second']:.2f} requests/s, {results['tokens_per_second']:.2f} "
+          f"total tokens/s, {results['output_tokens_per_second']:.2f} output tokens/s "
+          f"({len(prompts)} requests, {prompt_tokens} prompt + {output_tokens} output tokens in {elapsed:.1f} s)")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
 
 
 def offline_workload(args, encode: Callable[[str], list[int]], vocab_size: int) -> list[list[int]]:

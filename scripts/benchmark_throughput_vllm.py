@@ -11,10 +11,9 @@ The corpus is tokenized with the folder's HF tokenizer, as jpaged tokenizes it w
 """
 
 import argparse
-import json
 import time
 
-from bench_prompts import PeakRss, offline_workload
+from bench_prompts import PeakRss, add_offline_args, offline_workload, report_offline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,19 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     engine.add_argument("--max-model-len", type=int, default=1024)
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False)
     engine.add_argument("--seed", type=int, default=0)
-    bench = parser.add_argument_group("benchmark (as benchmark_throughput.py)")
-    bench.add_argument("--num-prompts", type=int, default=64)
-    bench.add_argument("--input-len", type=int, default=256, help="prompt length (when no --input-len-range)")
-    bench.add_argument("--input-len-range", type=int, nargs=2, metavar=("MIN", "MAX"),
-                       help="prompt lengths uniform in [MIN, MAX]")
-    bench.add_argument("--output-len", type=int, default=128)
-    bench.add_argument("--dataset-path", help="a text file to cut prompt windows from (default: random ids)")
-    bench.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
-    bench.add_argument("--temperature", type=float, default=0.0)
-    bench.add_argument("--benchmark-seed", type=int, default=0, help="seed of the prompt generator")
-    bench.add_argument("--warmup-passes", type=int, default=0,
-                       help="run the same workload this many times, untimed, before the timed pass")
-    bench.add_argument("--output-json", help="write the results here")
+    add_offline_args(parser)
     return parser.parse_args(argv)
 
 
@@ -64,25 +51,9 @@ def main() -> None:
     outputs = llm.generate(requests, params)
     elapsed = time.perf_counter() - start
 
-    prompt_tokens = sum(len(p) for p in prompts)
-    output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    results = {
-        "num_requests": len(prompts), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
-        "elapsed_time": elapsed, "startup_time": startup_s,
-        "requests_per_second": len(prompts) / elapsed,
-        "tokens_per_second": (prompt_tokens + output_tokens) / elapsed,
-        "output_tokens_per_second": output_tokens / elapsed,
-        "warmup_passes": args.warmup_passes, "peak_rss_gib": rss.stop(),
-        "output_token_ids": [list(c.token_ids) for o in outputs for c in o.outputs],
-        "engine_args": {**engine_args, "vllm_version": vllm.__version__},
-    }
-    print(f"Startup (load + compile): {startup_s:.1f} s; peak RSS {results['peak_rss_gib']:.2f} GiB")
-    print(f"Throughput: {results['requests_per_second']:.2f} requests/s, {results['tokens_per_second']:.2f} "
-          f"total tokens/s, {results['output_tokens_per_second']:.2f} output tokens/s "
-          f"({len(prompts)} requests, {prompt_tokens} prompt + {output_tokens} output tokens in {elapsed:.1f} s)")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(results, f, indent=2)
+    report_offline(args, prompts, [c.token_ids for o in outputs for c in o.outputs], elapsed=elapsed,
+                   startup_s=startup_s, peak_rss_gib=rss.stop(),
+                   engine_args={**engine_args, "vllm_version": vllm.__version__})
 
 
 if __name__ == "__main__":

