@@ -20,7 +20,7 @@ from jpaged.attention_backend import decode_only_attention, select_attention, se
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama
 from jpaged.sampler import logprob_outputs, sample
-from jpaged.step_metadata import SamplingMetadata, StepMetadata, num_entries, pack_sampling, pack_step
+from jpaged.step_metadata import SamplingMetadata, StepMetadata, logit_entries, pack_sampling, pack_step
 from jpaged.structured_output.manager import bitmask_width
 
 logger = logging.getLogger(__name__)
@@ -221,8 +221,9 @@ class ModelRunner:
         t, s, p = self.buckets.for_step(scheduler_output.total_num_scheduled_tokens, len(scheduled), max_context,
                                         self.block_size)
         forward_blob = pack_step(scheduled, t, s, p, self.block_size)
-        e = pick(self.buckets.entries_for_seqs(s), sum(num_entries(r) for r in scheduled))
-        sampling_blob = pack_sampling(scheduled, seeds, s, e)
+        entries = [logit_entries(r) for r in scheduled]
+        e = pick(self.buckets.entries_for_seqs(s), sum(map(len, entries)))
+        sampling_blob = pack_sampling(scheduled, seeds, s, e, entries)
         masked = token_bitmask is not None
         if masked:  # padded rows allow every token
             token_bitmask = np.pad(token_bitmask, ((0, s - len(token_bitmask)), (0, 0)), constant_values=-1)

@@ -138,25 +138,22 @@ def bias_entries(req) -> list[tuple[int, float]]:
     return entries
 
 
-def penalty_entries(req) -> list[tuple[int, int, int]]:
-    """(token id, output count, seen) for every distinct prompt or output token of a request
-    with penalties; none for a request without."""
-    if not has_penalties(req.sampling_params):
-        return []
-    counts = collections.Counter(req.output_token_ids)
-    for tok in set(req.prompt_token_ids).difference(counts):
-        counts[tok] = 0
-    # Prompt-only tokens carry count 0: seen for the repetition penalty, not for the others.
-    return [(tok, n, 1) for tok, n in counts.items()]
+def logit_entries(req) -> list[tuple[int, float, int, int]]:
+    """A request's sampler entries, (token id, bias, output count, seen): its logit_bias and
+    min_tokens masks (bias only), then, with penalties, one per distinct prompt or output token
+    (prompt-only tokens count 0: seen for the repetition penalty, not for the others)."""
+    entries = [(tok, value, 0, 0) for tok, value in bias_entries(req)]
+    if has_penalties(req.sampling_params):
+        counts = collections.Counter(req.output_token_ids)
+        for tok in set(req.prompt_token_ids).difference(counts):
+            counts[tok] = 0
+        entries += [(tok, 0.0, n, 1) for tok, n in counts.items()]
+    return entries
 
 
-def num_entries(req) -> int:
-    """How many logit-adjustment entries a request adds to a step."""
-    return len(bias_entries(req)) + len(penalty_entries(req))
-
-
-def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int) -> np.ndarray:
-    """Packs the sampling blob. `seeds[i]` is the resolved seed of scheduled[i]."""
+def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int, entries) -> np.ndarray:
+    """Packs the sampling blob. `seeds[i]` is the resolved seed of scheduled[i] and `entries[i]`
+    its `logit_entries` (their total at most num_entries)."""
     s, e = num_seqs, num_entries
     blob = np.zeros(SamplingMetadata.blob_size(s, e), np.int32)
     cols = blob[:10 * s].reshape(10, s)
@@ -165,8 +162,8 @@ def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int) 
     floats[2] = 1.0  # top_p
     floats[6] = 1.0  # repetition_penalty
     cols[9] = -1  # num_logprobs
-    entries = blob[10 * s:].reshape(5, e)
-    entry_floats = entries.view(np.float32)
+    packed = blob[10 * s:].reshape(5, e)
+    packed_floats = packed.view(np.float32)
     k = 0
     for i, req in enumerate(scheduled):
         params = req.sampling_params
@@ -180,12 +177,13 @@ def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int) 
         cols[7, i] = np.uint32(seeds[i] & 0xFFFFFFFF).view(np.int32)
         cols[8, i] = len(req.output_token_ids)
         cols[9, i] = -1 if params.logprobs is None else params.logprobs
-        if not e:
-            continue
-        for tok, value in bias_entries(req):
-            entries[0, k], entries[1, k], entry_floats[2, k] = i, tok, value
-            k += 1
-        for tok, count, seen in penalty_entries(req):
-            entries[0, k], entries[1, k], entry_floats[3, k], entries[4, k] = i, tok, count, seen
-            k += 1
+        if entries[i]:
+            tokens, bias, counts, seen = zip(*entries[i])
+            end = k + len(tokens)
+            packed[0, k:end] = i
+            packed[1, k:end] = tokens
+            packed_floats[2, k:end] = bias
+            packed_floats[3, k:end] = counts
+            packed[4, k:end] = seen
+            k = end
     return blob

@@ -55,10 +55,10 @@ def device_apply_cost(llm, num_seqs: int) -> tuple[float, float]:
     runner = llm.llm_engine.runner
     vocab = runner.model_config.vocab_size
     logits = jax.device_put(jnp.asarray(np.random.default_rng(0).normal(size=(num_seqs, vocab)), jnp.float32))
-    blob = jax.device_put(pack_sampling([], [], num_seqs, 0, 0))
+    blob = jax.device_put(pack_sampling([], [], num_seqs, 0, []))
     bitmask = jax.device_put(np.full((num_seqs, bitmask_width(vocab)), 0x55555555, np.int32))
-    plain = runner._sample[(num_seqs, 0, 0, False)]
-    masked = runner._sample[(num_seqs, 0, 0, True)]
+    plain = runner._sample[(num_seqs, 0, False)]
+    masked = runner._sample[(num_seqs, 0, True)]
     return (_median_us(lambda: plain(logits, blob, None).token_ids.block_until_ready(), 30),
             _median_us(lambda: masked(logits, blob, bitmask).token_ids.block_until_ready(), 30))
 

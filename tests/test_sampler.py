@@ -9,7 +9,7 @@ import pytest
 
 from jpaged.sampler import MAX_LOGPROBS, apply_adjustments, apply_min_p, apply_top_k_top_p, sample
 from jpaged.sampling_params import SamplingParams
-from jpaged.step_metadata import SamplingMetadata, pack_sampling
+from jpaged.step_metadata import SamplingMetadata, logit_entries, pack_sampling
 
 VOCAB = 32
 _sample = jax.jit(sample)
@@ -77,7 +77,7 @@ def test_penalties_and_bias_match_numpy():
     reqs = [_request(SamplingParams(temperature=0, presence_penalty=presence[i], frequency_penalty=frequency[i],
                                     repetition_penalty=repetition[i], logit_bias=bias[i]), prompts[i], outputs[i])
             for i in range(4)]
-    blob = pack_sampling(reqs, [0] * 4, num_seqs=8, num_entries=32)
+    blob = pack_sampling(reqs, [0] * 4, num_seqs=8, num_entries=32, entries=[logit_entries(r) for r in reqs])
     got = np.asarray(apply_adjustments(jnp.asarray(logits), SamplingMetadata.unpack(jnp.asarray(blob), 8, 32)))
     expect = logits.copy()
     for i in range(4):
@@ -158,7 +158,7 @@ def test_packed_logit_bias_and_min_tokens_masks():
         _request(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[5]), [1], [3]),
         _request(SamplingParams(temperature=0, min_tokens=1), [1], [3]),  # min_tokens reached
     ]
-    blob = pack_sampling(reqs, [0, 0, 0], num_seqs=8, num_entries=16)
+    blob = pack_sampling(reqs, [0, 0, 0], num_seqs=8, num_entries=16, entries=[logit_entries(r) for r in reqs])
     meta = SamplingMetadata.unpack(jnp.asarray(blob), 8, 16)
     out = _sample(jnp.asarray(logits), meta)
     assert list(np.asarray(out.token_ids[:3])) == [7, 0, 2]
@@ -171,6 +171,7 @@ def test_packed_penalties_roundtrip(temperature):
     logits[:, 4] = 2.0
     logits[:, 6] = 1.9
     params = SamplingParams(temperature=temperature, top_k=1 if temperature else 0, repetition_penalty=2.0, seed=1)
-    blob = pack_sampling([_request(params, [1, 4], [])], [1], num_seqs=8, num_entries=16)
+    reqs = [_request(params, [1, 4], [])]
+    blob = pack_sampling(reqs, [1], num_seqs=8, num_entries=16, entries=[logit_entries(r) for r in reqs])
     out = _sample(jnp.asarray(logits), SamplingMetadata.unpack(jnp.asarray(blob), 8, 16))
     assert int(out.token_ids[0]) == 6
