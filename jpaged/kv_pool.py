@@ -217,18 +217,14 @@ def allocate(spec: KVPoolSpec, device) -> list[tuple[jax.Array, jax.Array]]:
     huge pages where the kernel allows it."""
     zeros = jax.jit(lambda: jnp.zeros(spec.page_shape, spec.dtype),
                     out_shardings=jax.sharding.SingleDeviceSharding(device))
-    pool, huge = [], 0
-
-    def pages():
-        # One array at a time, each advised before the next is zeroed: the zeroing touches every
-        # page, so advising the whole pool at the end would take all of it into memory first.
-        array = jax.block_until_ready(zeros())
-        nonlocal huge
-        huge += advise_huge_pages(array) if device.platform == "cpu" else 0
-        return array
-
-    for _ in range(spec.num_layers):
-        pool.append((pages(), pages()))
+    # One array at a time, each advised before the next is zeroed: the zeroing touches every page,
+    # so advising the whole pool at the end would take all of it into memory first.
+    arrays, huge = [], 0
+    for _ in range(2 * spec.num_layers):
+        arrays.append(jax.block_until_ready(zeros()))
+        if device.platform == "cpu":
+            huge += advise_huge_pages(arrays[-1])
+    pool = list(zip(arrays[0::2], arrays[1::2]))
     if huge:
         logger.info("KV cache: %.2f GiB advised onto transparent huge pages", huge / GIB)
     return pool
