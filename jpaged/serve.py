@@ -20,7 +20,7 @@ from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
 from jpaged.generation_config import load_generation_defaults
 from jpaged.loaders import DEFAULT_MODEL
-from serving.app import DEFAULT_MAX_HEADER_BYTES, CORSSettings, build_app
+from serving.app import DEFAULT_MAX_HEADER_BYTES, CORSSettings, build_app, h11_buffer_bytes
 from serving.context import DEFAULT_MAX_PROMPTS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, ServingContext
 from serving.tool_parsers import TOOL_PARSERS
 
@@ -148,7 +148,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
     app = build_app(ctx, api_key=api_key, cors=cors, enable_update_weights_route=args.enable_update_weights_route,
                     max_header_bytes=args.max_header_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            lifespan="off", timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,
+                            lifespan="off", h11_max_incomplete_event_size=h11_buffer_bytes(args.max_header_bytes),
+                            timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,
                             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                             ssl_ca_certs=args.ssl_ca_certs)
     server = _Server(config, engine, args.graceful_shutdown_timeout, names[0])

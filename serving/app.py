@@ -71,6 +71,16 @@ class APIKeyMiddleware:
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 
 
+def h11_buffer_bytes(max_header_bytes: int) -> int:
+    """uvicorn's `h11_max_incomplete_event_size` for a given header limit.
+
+    h11 answers a plain 400 once a request head it has not finished reading outgrows its buffer
+    (16 KiB by default), so whether a header under our limit passes depended on how TCP split it.
+    With room for the request line and the framing, HeaderLimitMiddleware decides instead.
+    """
+    return max_header_bytes + 16 * 1024
+
+
 class HeaderLimitMiddleware:
     """431 for a request whose headers total more than `max_bytes` (names + values)."""
 

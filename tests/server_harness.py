@@ -9,7 +9,7 @@ import uvicorn
 
 from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
-from serving.app import build_app
+from serving.app import DEFAULT_MAX_HEADER_BYTES, build_app, h11_buffer_bytes
 from serving.context import ServingContext
 
 API_KEY = "test-key"
@@ -43,8 +43,10 @@ class ThreadedServer:
     async def _serve(self) -> None:
         self.engine = AsyncLLM.from_engine_args(self.engine_args)
         self.ctx = ServingContext(self.engine, **self.context_kwargs)
+        max_header_bytes = self.app_kwargs.get("max_header_bytes", DEFAULT_MAX_HEADER_BYTES)
         config = uvicorn.Config(build_app(self.ctx, api_key=API_KEY, **self.app_kwargs), host="127.0.0.1", port=0,
-                                log_level="warning", lifespan="off")
+                                log_level="warning", lifespan="off",
+                                h11_max_incomplete_event_size=h11_buffer_bytes(max_header_bytes))
         self.server = uvicorn.Server(config)
         serving = asyncio.create_task(self.server.serve())
         while not self.server.started:
