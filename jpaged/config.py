@@ -59,7 +59,9 @@ class EngineArgs:
     enable_chunked_prefill: bool = _field(True, "Split long prompts across steps.")
     quantization: str | None = _field(None, "Weight quantization. Not supported yet: only None.", type=str)
     kv_cache_dtype: str = _field("auto", "KV-cache dtype (auto: the model dtype).", choices=["auto", "float32", "bfloat16"])
-    tensor_parallel_size: int = _field(1, "Devices to shard the model over. Only 1 is implemented.", type=int)
+    tensor_parallel_size: int = _field(
+        1, "Devices to shard the model over (tensor parallel: attention heads, MLP and vocabulary split, "
+        "KV cache split by KV heads; docs/distributed.md).", type=int)
     attention_backend: str = _field(
         "auto", "Paged attention implementation. auto: pallas on GPU, the C++ cpu kernel on CPU "
         "(falls back to reference with a warning when it is not built).",
@@ -115,11 +117,7 @@ class EngineArgs:
             raise ValueError(
                 f"quantization={self.quantization!r} is not supported; GGUF weights are dequantized "
                 f"at load time. Leave --quantization unset.")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} is not implemented yet; use "
-                f"--tensor-parallel-size 1.")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n"):
+        for name in ("tensor_parallel_size", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
         for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids"):

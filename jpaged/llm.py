@@ -15,15 +15,17 @@ class LLM:
     """`LLM(model, **engine_args)`: loads the model and precompiles at construction.
 
     Keyword arguments are EngineArgs fields (max_model_len=..., num_gpu_blocks_override=...).
+    flax_model, params: serve your own Flax model of the Llama family with its params pytree
+    (docs/models.md); `model` then names where the tokenizer comes from.
     """
 
-    def __init__(self, model: str | None = None, **engine_args):
+    def __init__(self, model: str | None = None, *, flax_model=None, params=None, **engine_args):
         names = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(set(engine_args) - names)
         if unknown:
             raise TypeError(f"LLM() got unknown engine arguments {unknown}; valid ones are the EngineArgs fields.")
         _show_info_logs()
-        self.llm_engine = LLMEngine(EngineArgs(model=model, **engine_args))
+        self.llm_engine = LLMEngine(EngineArgs(model=model, **engine_args), flax_model=flax_model, params=params)
         self._next_id = 0
 
     def get_tokenizer(self):

@@ -81,9 +81,17 @@ def resolve_max_model_len(args: EngineArgs, model_config, platform: str) -> int:
 
 
 class LLMEngine:
-    """Loads the model, sizes and allocates the KV pool, precompiles every step bucket (blocking)."""
+    """Loads the model, sizes and allocates the KV pool, precompiles every step bucket (blocking).
 
-    def __init__(self, engine_args: EngineArgs, show_progress: bool = True):
+    devices: the jax devices the engine runs on (None: the first --tensor-parallel-size of
+    jax.devices()). flax_model, params: a user's Flax model of the Llama family and its params
+    pytree (docs/models.md, "Your own Flax model"); --model then supplies only the tokenizer.
+    """
+
+    def __init__(self, engine_args: EngineArgs, show_progress: bool = True, *, devices=None, flax_model=None,
+                 params=None):
+        if (flax_model is None) != (params is None):
+            raise ValueError("pass flax_model and params together (a Flax model and its params pytree), or neither.")
         self.engine_args = args = engine_args
         kv_pool.configure_xla_allocator(args.gpu_memory_utilization)  # before JAX starts its GPU client
         platform = device_platform()
@@ -92,10 +100,14 @@ class LLMEngine:
                             tokenizer=args.tokenizer, chat_template=args.chat_template,
                             download_dir=args.download_dir, trust_remote_code=args.trust_remote_code)
         self.model_config = loaded.config
+        if flax_model is not None:
+            self.model_config = flax_model.config.replace(eos_token_ids=loaded.tokenizer.eos_token_ids)
+            flax_model = flax_model.clone(config=self.model_config)
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.model_path
         self.max_model_len = resolve_max_model_len(args, self.model_config, platform)
-        self.runner = build_runner(self.model_config, loaded.params, args, self.max_model_len)
+        self.runner = build_runner(self.model_config, loaded.params if params is None else params, args,
+                                   self.max_model_len, devices=devices, model=flax_model)
         self.scheduler = Scheduler(
             num_blocks=self.runner.pool_spec.num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -1,5 +1,9 @@
 """ModelRunner: the one host<->device boundary. Owns the params, the KV pool and the compiled steps.
 
+It runs on a mesh of the engine's devices (jpaged/sharding.py): one device, or tensor parallel
+over several, where every program runs SPMD with params and pool split by the logical rules and
+the step's inputs and sampled outputs replicated.
+
 Per step: swap blocks out/in if the scheduler asked, pack the forward blob and the sampling blob
 (two int32 transfers), run the precompiled forward for the step's (num_tokens, num_seqs,
 pages_per_seq) bucket with the KV pool donated, run the precompiled sampler on the sampled rows'
@@ -15,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jpaged import kv_pool
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jpaged import kv_pool, sharding
 from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama
@@ -26,21 +32,23 @@ from jpaged.structured_output.manager import bitmask_width
 logger = logging.getLogger(__name__)
 
 
-def _forward_step(params, kv_cache, blob, *, config, attention_fn, write_kv_fn, num_tokens, num_seqs,
+def _forward_step(params, kv_cache, blob, *, model, attention_fn, write_kv_fn, num_tokens, num_seqs,
                   pages_per_seq):
+    """model: a Flax module with the engine's model contract (docs/models.md)."""
     meta = StepMetadata.unpack(blob, num_tokens, num_seqs, pages_per_seq)
-    hidden, kv_cache = llama.forward(params, config, meta.token_ids, meta.positions, kv_cache, meta.attn,
-                                     attention_fn, write_kv_fn)
-    logits = llama.compute_logits(params, config, hidden[meta.logits_indices])  # f32[num_seqs, vocab]
+    variables = {"params": params}
+    hidden, kv_cache = model.apply(variables, meta.token_ids, meta.positions, kv_cache, meta.attn, attention_fn,
+                                   write_kv_fn)
+    logits = model.apply(variables, hidden[meta.logits_indices], method="compute_logits")  # f32[num_seqs, vocab]
     return logits, hidden, kv_cache
 
 
-def _prompt_logprobs_step(params, hidden, targets, *, config, max_logprobs):
+def _prompt_logprobs_step(params, hidden, targets, *, model, max_logprobs):
     """Raw log-softmax of every packed row's logits at its next prompt token, with the top ones.
 
     hidden: [num_tokens, hidden_size]; targets: i32[num_tokens] (the token each row predicts).
     """
-    logits = llama.compute_logits(params, config, hidden)  # f32[T, vocab]
+    logits = model.apply({"params": params}, hidden, method="compute_logits")  # f32[T, vocab]
     return logprob_outputs(logits, targets, min(max_logprobs, logits.shape[1]))
 
 
@@ -72,10 +80,13 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    """Runs scheduled batches on one device.
+    """Runs scheduled batches on a mesh of devices (tensor parallel over its "tp" axis).
 
     Args:
-      model_config: jpaged.models.config.ModelConfig. params: its params pytree (on device).
+      model_config: jpaged.models.config.ModelConfig. params: its params pytree (placed with
+        `sharding.param_shardings`, or abstract shapes for lowering only).
+      mesh: a `sharding.make_mesh` mesh. model: the Flax module (default
+        `LlamaForCausalLM(model_config)`; docs/models.md gives the contract for others).
       pool_spec: kv_pool.KVPoolSpec. num_swap_blocks: host blocks for swapping (0: none).
       attention_fn: a paged attention with the reference signature; write_kv_fn: the KV write to go with it.
       bucket_pages: bucket the block-table width (for attention whose cost follows the width).
@@ -86,29 +97,45 @@ class ModelRunner:
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, device,
-                 max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None):
+                 max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, mesh,
+                 max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, model=None):
         self.model_config = model_config
+        self.model = llama.LlamaForCausalLM(model_config) if model is None else model
         self.params = params
         self.pool_spec = pool_spec
         self.block_size = pool_spec.block_size
         self.max_model_len = max_model_len
-        self.device = device
+        self.mesh = mesh
+        tp = mesh.shape[sharding.TP_AXIS]
+        # Step inputs and sampled outputs are replicated on every device. Abstract inputs carry
+        # the sharding only on several devices, so single-device programs stay device-agnostic.
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self._input_sharding = self.replicated if tp > 1 else None
+        self.kv_sharding = NamedSharding(mesh, sharding.kv_spec(model_config, tp))
+        if tp > 1:
+            attention_fn, write_kv = sharding.shard_attention(attention_fn, write_kv_fn, mesh, model_config)
+            if decode_attention_fn is not None:
+                decode_attention_fn, _ = sharding.shard_attention(decode_attention_fn, write_kv_fn, mesh, model_config)
+            write_kv_fn = write_kv
+        forward_out = None if tp == 1 else (self.replicated, self.replicated,
+                                            [(self.kv_sharding,) * 2] * pool_spec.num_layers)
         self.buckets = Buckets.create(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       max_model_len=max_model_len, block_size=pool_spec.block_size,
                                       bucket_pages=bucket_pages, max_entries_per_seq=max_entries_per_seq)
-        self.kv_cache = kv_pool.allocate(pool_spec, device)
+        self.kv_cache = kv_pool.allocate(pool_spec, self.kv_sharding)
         self._forward_jit = jax.jit(
-            functools.partial(_forward_step, config=model_config, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
-            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
+            functools.partial(_forward_step, model=self.model, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
+            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
+            out_shardings=forward_out)
         self._decode_jit = None if decode_attention_fn is None else jax.jit(
-            functools.partial(_forward_step, config=model_config, attention_fn=decode_attention_fn,
+            functools.partial(_forward_step, model=self.model, attention_fn=decode_attention_fn,
                               write_kv_fn=write_kv_fn),
-            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
+            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
+            out_shardings=forward_out)
         self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs),
                                    static_argnames=("num_seqs", "num_entries"))
         self._prompt_logprobs_jit = jax.jit(
-            functools.partial(_prompt_logprobs_step, config=model_config, max_logprobs=max_logprobs))
+            functools.partial(_prompt_logprobs_step, model=self.model, max_logprobs=max_logprobs))
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq, decode_only) -> compiled
         self._sample = {}  # (num_seqs, num_entries, masked) -> compiled
@@ -126,8 +153,11 @@ class ModelRunner:
     def _abstract(self, tree):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
+    def _input_spec(self, shape: tuple[int, ...], dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._input_sharding)
+
     def _blob_spec(self, size: int):
-        return jax.ShapeDtypeStruct((size,), jnp.int32)
+        return self._input_spec((size,))
 
     def _compile_forward(self, t: int, s: int, p: int, decode_only: bool = False):
         blob = self._blob_spec(StepMetadata.blob_size(t, s, p))
@@ -138,24 +168,24 @@ class ModelRunner:
 
     def _compile_sample(self, s: int, e: int, masked: bool):
         vocab = self.model_config.vocab_size
-        logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32)
+        logits = self._input_spec((s, vocab), jnp.float32)
         blob = self._blob_spec(SamplingMetadata.blob_size(s, e))
-        bitmask = jax.ShapeDtypeStruct((s, bitmask_width(vocab)), jnp.int32) if masked else None
+        bitmask = self._input_spec((s, bitmask_width(vocab))) if masked else None
         self._sample[(s, e, masked)] = self._sample_jit.lower(logits, blob, bitmask, num_seqs=s,
                                                               num_entries=e).compile()
 
     def _compile_prompt_logprobs(self, t: int):
-        hidden = jax.ShapeDtypeStruct((t, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
+        hidden = self._input_spec((t, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
         self._prompt_logprobs[t] = self._prompt_logprobs_jit.lower(
             self._abstract(self.params), hidden, self._blob_spec(t)).compile()
 
     def _compile_swap(self, direction: str, n: int):
-        ids = jax.ShapeDtypeStruct((n,), jnp.int32)
+        ids = self._input_spec((n,))
         kv = self._abstract(self.kv_cache)
         if direction == "out":
             compiled = jax.jit(_gather_blocks).lower(kv, ids).compile()
         else:
-            blocks = [(jax.ShapeDtypeStruct((n, *k.shape[1:]), k.dtype),) * 2 for k, _ in kv]
+            blocks = [(jax.ShapeDtypeStruct((n, *k.shape[1:]), k.dtype, sharding=k.sharding),) * 2 for k, _ in kv]
             compiled = jax.jit(_scatter_blocks, donate_argnums=(0,)).lower(kv, ids, blocks).compile()
         self._swap[(direction, n)] = compiled
 
@@ -188,7 +218,7 @@ class ModelRunner:
         ids[:len(pairs)] = [b for b, _ in pairs]
         if ("out", n) not in self._swap:
             self._compile_swap("out", n)
-        blocks = jax.device_get(self._swap[("out", n)](self.kv_cache, jax.device_put(ids, self.device)))
+        blocks = jax.device_get(self._swap[("out", n)](self.kv_cache, jax.device_put(ids, self.replicated)))
         slots = [slot for _, slot in pairs]
         for layer, (k, v) in enumerate(blocks):
             self._host_k[layer][slots] = k[:len(pairs)]
@@ -205,8 +235,8 @@ class ModelRunner:
         blocks = [(hk[slots], hv[slots]) for hk, hv in zip(self._host_k, self._host_v)]
         if ("in", n) not in self._swap:
             self._compile_swap("in", n)
-        self.kv_cache = self._swap[("in", n)](self.kv_cache, jax.device_put(ids, self.device),
-                                              jax.device_put(blocks, self.device))
+        self.kv_cache = self._swap[("in", n)](self.kv_cache, jax.device_put(ids, self.replicated),
+                                              jax.device_put(blocks, self.kv_sharding))
 
     def execute(self, scheduler_output, seeds: list[int], token_bitmask: np.ndarray | None = None) -> RunnerOutput:
         """Runs one scheduled step. `seeds[i]` is scheduled[i]'s resolved sampling seed.
@@ -228,7 +258,7 @@ class ModelRunner:
         if masked:  # padded rows allow every token
             token_bitmask = np.pad(token_bitmask, ((0, s - len(token_bitmask)), (0, 0)), constant_values=-1)
         forward_blob, sampling_blob, token_bitmask = jax.device_put((forward_blob, sampling_blob, token_bitmask),
-                                                                    self.device)
+                                                                    self.replicated)
         decode_only = self._decode_jit is not None and all(len(r.token_ids) == 1 for r in scheduled)
         # Programs missing here only with enforce_eager (warmup compiles every shape): compiled on first use.
         if (t, s, p, decode_only) not in self._forward:
@@ -261,7 +291,7 @@ class ModelRunner:
         if num_tokens not in self._prompt_logprobs:  # only with enforce_eager
             self._compile_prompt_logprobs(num_tokens)
         return jax.device_get(self._prompt_logprobs[num_tokens](self.params, hidden,
-                                                                jax.device_put(targets, self.device)))
+                                                                jax.device_put(targets, self.replicated)))
 
     def kv_pool_lost(self) -> bool:
         """True when a failed step consumed the donated KV pool (its buffers are deleted)."""
@@ -279,7 +309,7 @@ class ModelRunner:
             if a.shape != b.shape or a.dtype != b.dtype:
                 raise ValueError(f"update_weights: {jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)}, "
                                  f"the model's is {a.dtype}{list(a.shape)}.")
-        self.params = jax.device_put(params, self.device)
+        self.params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, self.params))
 
 
 def device_platform() -> str:
@@ -295,25 +325,41 @@ def enable_compilation_cache(cache_dir: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-def build_runner(model_config, params, args, max_model_len: int) -> ModelRunner:
-    """Picks the device and attention backend, sizes the KV pool and swap space from EngineArgs."""
+def build_runner(model_config, params, args, max_model_len: int, devices=None, model=None) -> ModelRunner:
+    """Builds the mesh, picks the attention backend, places the params, sizes the KV pool (per
+    device) and swap space from EngineArgs.
+
+    devices: the engine's devices (None: the first --tensor-parallel-size of jax.devices()).
+    model: the Flax module (None: `LlamaForCausalLM(model_config)`).
+    """
     enable_compilation_cache(args.compilation_cache_dir)
-    device = jax.devices()[0]
+    tp = args.tensor_parallel_size
+    devices = jax.devices()[:tp] if devices is None else list(devices)
+    if len(devices) != tp:
+        raise ValueError(f"--tensor-parallel-size {tp} needs {tp} devices, but the engine got {len(devices)} "
+                         f"(jax sees {jax.device_count()}: {jax.devices()}).")
+    mesh = sharding.make_mesh(devices)
+    model = llama.LlamaForCausalLM(model_config) if model is None else model
     backend, attention_fn = select_attention(args.attention_backend, device_platform())
     decode_attention_fn = decode_only_attention(backend)
-    logger.info("attention backend: %s on %s", backend, device)
+    logger.info("attention backend: %s on %s", backend, ", ".join(map(str, devices)))
+    if tp > 1:
+        logger.info("tensor parallel over %d devices: %s", tp, sharding.describe(model_config, tp))
     kv_dtype = model_config.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
-    params = jax.device_put(params, device)  # before sizing: the pool gets what the weights leave
+    # Before sizing: the pool gets what the weights leave.
+    params = jax.device_put(params, sharding.param_shardings(model, params, mesh))
     step_bytes = functools.partial(largest_step_bytes, model_config, params, attention_fn, select_kv_writer(backend),
-                                   args, max_model_len, kv_dtype, bucket_pages=backend == "reference")
-    pool_spec = kv_pool.size_pool(model_config, args, max_model_len, kv_dtype, device, step_bytes=step_bytes)
+                                   args, max_model_len, kv_dtype, bucket_pages=backend == "reference", mesh=mesh,
+                                   model=model)
+    pool_spec = kv_pool.size_pool(model_config, args, max_model_len, kv_dtype, devices[0], step_bytes=step_bytes,
+                                  kv_shards=sharding.kv_shards(model_config, tp))
     return ModelRunner(model_config, params, pool_spec=pool_spec,
                        num_swap_blocks=kv_pool.num_swap_blocks(model_config, args, kv_dtype),
                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                        max_model_len=max_model_len, attention_fn=attention_fn,
-                       write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", device=device,
+                       write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", mesh=mesh,
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
-                       max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn)
+                       max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model)
 
 
 def max_sampler_entries(model_config, args, max_model_len: int) -> int:
@@ -324,29 +370,40 @@ def max_sampler_entries(model_config, args, max_model_len: int) -> int:
 
 
 def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, max_model_len: int, kv_dtype: str, *,
-                       bucket_pages: bool) -> int:
-    """Device bytes the largest bucket's forward plus its sampler need besides the weights and the
-    pool (`kv_pool.compiled_step_bytes`), compiled once against a one-sequence pool (with the pool
-    donated, the temporaries do not depend on its size). Used to size the pool on a GPU."""
+                       bucket_pages: bool, mesh=None, model=None) -> int:
+    """Device bytes (per device) the largest bucket's forward plus its sampler need besides the
+    weights and the pool (`kv_pool.compiled_step_bytes`), compiled once against a one-sequence
+    pool (with the pool donated, the temporaries do not depend on its size). Used to size the
+    pool on a GPU. params: arrays or ShapeDtypeStructs, placed on `mesh` (None: one device)."""
     buckets = Buckets.create(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                              max_model_len=max_model_len, block_size=args.block_size, bucket_pages=bucket_pages)
     t, p = buckets.num_tokens[-1], buckets.pages_per_seq[-1]
     s = buckets.seqs_for_tokens(t)
+    mesh = sharding.make_mesh(jax.devices()[:1]) if mesh is None else mesh
+    model = llama.LlamaForCausalLM(model_config) if model is None else model
+    tp = mesh.shape[sharding.TP_AXIS]
+    replicated = NamedSharding(mesh, PartitionSpec()) if tp > 1 else None
+    kv_sharding = NamedSharding(mesh, sharding.kv_spec(model_config, tp)) if tp > 1 else None
+    if tp > 1:
+        attention_fn, write_kv_fn = sharding.shard_attention(attention_fn, write_kv_fn, mesh, model_config)
     page = jax.ShapeDtypeStruct(kv_pool.KVPoolSpec(p + 1, args.block_size, model_config.num_layers,
                                                    model_config.num_kv_heads, model_config.head_dim,
-                                                   kv_dtype).page_shape, kv_dtype)
-    forward = jax.jit(functools.partial(_forward_step, config=model_config, attention_fn=attention_fn,
-                                        write_kv_fn=write_kv_fn),
-                      static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    blob = jax.ShapeDtypeStruct((StepMetadata.blob_size(t, s, p),), jnp.int32)
+                                                   kv_dtype).page_shape, kv_dtype, sharding=kv_sharding)
+    forward = jax.jit(functools.partial(_forward_step, model=model, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
+                      static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
+                      out_shardings=None if tp == 1 else (replicated, replicated,
+                                                          [(kv_sharding,) * 2] * model_config.num_layers))
+    shardings = sharding.param_shardings(model, params, mesh) if tp > 1 else jax.tree.map(lambda _: None, params)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params, shardings)
+    blob = jax.ShapeDtypeStruct((StepMetadata.blob_size(t, s, p),), jnp.int32, sharding=replicated)
     compiled = forward.lower(abstract, [(page, page)] * model_config.num_layers, blob, num_tokens=t, num_seqs=s,
                              pages_per_seq=p).compile()
     vocab = model_config.vocab_size
     e = s * max_sampler_entries(model_config, args, max_model_len)  # the largest sampler: all entries, masked
+    spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
     sampler = jax.jit(functools.partial(_sample_step, max_logprobs=args.max_logprobs),
                       static_argnames=("num_seqs", "num_entries")).lower(
-        jax.ShapeDtypeStruct((s, vocab), jnp.float32), jax.ShapeDtypeStruct((SamplingMetadata.blob_size(s, e),), jnp.int32),
-        jax.ShapeDtypeStruct((s, bitmask_width(vocab)), jnp.int32), num_seqs=s, num_entries=e).compile()
+        spec((s, vocab), jnp.float32), spec((SamplingMetadata.blob_size(s, e),)),
+        spec((s, bitmask_width(vocab))), num_seqs=s, num_entries=e).compile()
     return kv_pool.compiled_step_bytes(compiled.memory_analysis()) + kv_pool.compiled_step_bytes(
         sampler.memory_analysis())

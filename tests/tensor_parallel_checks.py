@@ -1,0 +1,65 @@
+"""Run by tests/test_tensor_parallel.py in a subprocess with 8 fake CPU devices (XLA_FLAGS must be
+set before jax starts): greedy tokens at tensor parallel 1, 2 and 4, and the shardings of the
+params and the KV pool. Prints one JSON line per engine.
+
+usage: python tests/tensor_parallel_checks.py MODEL_DIR:BACKEND ...
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from jpaged import LLM, SamplingParams  # noqa: E402
+from jpaged.models import llama  # noqa: E402
+from jpaged.models.config import ModelConfig  # noqa: E402
+from jpaged.models.llama import LlamaForCausalLM  # noqa: E402
+
+PROMPTS = [[1, 5, 9, 200, 17, 4000, 31, 8, 77, 12, 5, 6, 99, 100, 101, 7, 3000, 45], [1, 42, 43], [1, 7] * 12]
+
+
+def spec(array) -> list:
+    return [None if axis is None else str(axis) for axis in array.sharding.spec]
+
+
+def sharp_params(model_dir: str):
+    """The model's dummy weights scaled up, so greedy picks are far from ties and vary by context."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = ModelConfig.from_hf_config(json.load(f), dtype="float32")
+    params = llama.init_params(config, jax.random.key(0))
+    scale = lambda path, x: x if str(path[-1]).endswith("norm')") else x * 4  # noqa: E731
+    return LlamaForCausalLM(config), jax.tree.map_with_path(scale, params)
+
+
+def run(model_dir: str, backend: str, tp: int) -> dict:
+    model, params = sharp_params(model_dir)
+    llm = LLM(model_dir, load_format="dummy", flax_model=model, params=params, tensor_parallel_size=tp, attention_backend=backend,
+              max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=24,
+              enforce_eager=True, compilation_cache_dir="")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    tokens = [out.outputs[0].token_ids for out in llm.generate(PROMPTS, params, use_tqdm=False)]
+    runner = llm.llm_engine.runner
+    layer = runner.params["layers"][0]
+    shardings = {name: spec(layer[name]) for name in sorted(layer)}
+    shardings.update({name: spec(runner.params[name]) for name in ("embed", "final_norm", "lm_head")
+                      if name in runner.params})
+    k_pages = runner.kv_cache[0][0]
+    return {"model": model_dir, "backend": backend, "tp": tp, "tokens": tokens, "shardings": shardings,
+            "kv_pool": spec(k_pages), "kv_shard_shape": list(k_pages.addressable_shards[0].data.shape),
+            "devices": sorted(d.id for d in k_pages.sharding.device_set)}
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    for item in sys.argv[1:]:
+        model_dir, backend = item.rsplit(":", 1)
+        for tp in (1, 2, 4):
+            print(json.dumps(run(model_dir, backend, tp)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
