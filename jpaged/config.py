@@ -62,6 +62,11 @@ class EngineArgs:
     tensor_parallel_size: int = _field(
         1, "Devices to shard the model over (tensor parallel: attention heads, MLP and vocabulary split, "
         "KV cache split by KV heads; docs/distributed.md).", type=int)
+    distributed_coordinator: str | None = _field(
+        None, "HOST:PORT of host 0's jax.distributed coordinator: join a multi-host engine "
+        "(docs/distributed.md). Every host runs the same command but for --host-id.", type=str)
+    num_hosts: int = _field(1, "Hosts (processes) in the multi-host engine.", type=int)
+    host_id: int = _field(0, "This host's rank, 0 to --num-hosts - 1; host 0 schedules and serves.", type=int)
     attention_backend: str = _field(
         "auto", "Paged attention implementation. auto: pallas on GPU, the C++ cpu kernel on CPU "
         "(falls back to reference with a warning when it is not built).",
@@ -117,7 +122,14 @@ class EngineArgs:
             raise ValueError(
                 f"quantization={self.quantization!r} is not supported; GGUF weights are dequantized "
                 f"at load time. Leave --quantization unset.")
-        for name in ("tensor_parallel_size", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_n"):
+        if self.num_hosts > 1 and self.distributed_coordinator is None:
+            raise ValueError(f"num_hosts={self.num_hosts} needs --distributed-coordinator HOST:PORT (host 0's address).")
+        if not 0 <= self.host_id < self.num_hosts:
+            raise ValueError(f"host_id must be in [0, {self.num_hosts}), got {self.host_id} (--host-id).")
+        if self.num_hosts > 1 and self.swap_space:
+            raise ValueError("--swap-space is not supported with --num-hosts > 1 (each host would keep its own "
+                             "swapped blocks); leave it 0, preemption then recomputes.")
+        for name in ("tensor_parallel_size", "num_hosts", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
         for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids"):

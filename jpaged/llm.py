@@ -27,6 +27,12 @@ class LLM:
         _show_info_logs()
         self.llm_engine = LLMEngine(EngineArgs(model=model, **engine_args), flax_model=flax_model, params=params)
         self._next_id = 0
+        if self.llm_engine.engine_args.host_id != 0:  # multi-host: run host 0's steps until its shutdown()
+            self.llm_engine.follow()
+
+    def shutdown(self) -> None:
+        """Multi-host, on host 0: releases the other hosts (their LLM() returns). Nothing on one host."""
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -44,6 +50,9 @@ class LLM:
         {"prompt": ...} / {"prompt_token_ids": ...} dict or a list of them.
         sampling_params: one for all prompts or one per prompt (default SamplingParams()).
         """
+        if self.llm_engine.engine_args.host_id != 0:
+            raise RuntimeError("generate() runs on host 0 of a multi-host engine; this is host "
+                               f"{self.llm_engine.engine_args.host_id}.")
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()

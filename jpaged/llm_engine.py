@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from jpaged import kv_pool
+from jpaged import kv_pool, multihost
 from jpaged.config import DEFAULT_CPU_MAX_MODEL_LEN, EngineArgs
 from jpaged.cpu_features import resolve_cpu_dtype
 from jpaged.detokenizer import IncrementalDetokenizer
@@ -94,6 +94,7 @@ class LLMEngine:
             raise ValueError("pass flax_model and params together (a Flax model and its params pytree), or neither.")
         self.engine_args = args = engine_args
         kv_pool.configure_xla_allocator(args.gpu_memory_utilization)  # before JAX starts its GPU client
+        multihost.initialize(args.distributed_coordinator, args.num_hosts, args.host_id)
         platform = device_platform()
         dtype = resolve_cpu_dtype(args.dtype) if platform == "cpu" else args.dtype
         loaded = load_model(args.model, dtype=dtype, load_format=args.load_format, revision=args.revision,
@@ -201,6 +202,17 @@ class LLMEngine:
         for sample in live:
             sample.finish_reason, sample.stop_reason = "abort", None
         return self._make_output(parent, live)
+
+    def follow(self) -> None:
+        """On a host other than 0 (multi-host): runs every step host 0 runs, until its shutdown()."""
+        if multihost.is_leader():
+            raise RuntimeError("follow() runs on hosts other than 0; host 0 schedules the steps.")
+        steps = self.runner.follow()
+        logger.info("host 0 stopped after %d steps", steps)
+
+    def shutdown(self) -> None:
+        """On host 0 of a multi-host engine: ends the other hosts' follow(). Nothing on one host."""
+        multihost.stop_followers()
 
     def abort_all_requests(self) -> list[RequestOutput]:
         return [self.abort_request(request_id) for request_id in list(self._parents)]

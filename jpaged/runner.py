@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jpaged import kv_pool, sharding
+from jpaged import kv_pool, multihost, sharding
 from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama
@@ -62,6 +62,26 @@ def _gather_blocks(kv_cache, block_ids):
 
 def _scatter_blocks(kv_cache, block_ids, blocks):
     return [(k.at[block_ids].set(nk), v.at[block_ids].set(nv)) for (k, v), (nk, nv) in zip(kv_cache, blocks)]
+
+
+def _to_host(tree):
+    """numpy copies of replicated device arrays (one device->host copy), from this host's replica:
+    on several hosts the arrays span devices this process cannot read."""
+    return jax.device_get(jax.tree.map(lambda x: x if x.is_fully_addressable else x.addressable_data(0), tree))
+
+
+def _prompt_targets(scheduled, num_tokens: int) -> np.ndarray:
+    """i32[num_tokens]: the prompt token each packed row predicts (0 past the prompt or in padding)."""
+    targets = np.zeros(num_tokens, np.int32)
+    start = 0
+    for req in scheduled:
+        n = len(req.token_ids)
+        prompt = req.prompt_token_ids
+        nxt = np.arange(req.start_position + 1, req.start_position + n + 1)
+        in_prompt = nxt < len(prompt)
+        targets[start:start + n][in_prompt] = np.asarray(prompt, np.int32)[nxt[in_prompt]]
+        start += n
+    return targets
 
 
 @dataclasses.dataclass
@@ -132,10 +152,12 @@ class ModelRunner:
                               write_kv_fn=write_kv_fn),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
             out_shardings=forward_out)
+        replicated_out = None if tp == 1 else self.replicated  # readable on every host
         self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs),
-                                   static_argnames=("num_seqs", "num_entries"))
+                                   static_argnames=("num_seqs", "num_entries"), out_shardings=replicated_out)
         self._prompt_logprobs_jit = jax.jit(
-            functools.partial(_prompt_logprobs_step, model=self.model, max_logprobs=max_logprobs))
+            functools.partial(_prompt_logprobs_step, model=self.model, max_logprobs=max_logprobs),
+            out_shardings=replicated_out)
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq, decode_only) -> compiled
         self._sample = {}  # (num_seqs, num_entries, masked) -> compiled
@@ -243,6 +265,7 @@ class ModelRunner:
 
         token_bitmask: None, or i32[len(scheduled), cdiv(vocab, 32)] of the tokens each row may
         sample (structured outputs); it travels in the same device_put as the step's blobs.
+        On several hosts, host 0 first sends the step to the others (jpaged/multihost.py).
         """
         self.swap_out(scheduler_output.blocks_to_swap_out)
         self.swap_in(scheduler_output.blocks_to_swap_in)
@@ -250,16 +273,32 @@ class ModelRunner:
         max_context = max(r.start_position + len(r.token_ids) for r in scheduled)
         t, s, p = self.buckets.for_step(scheduler_output.total_num_scheduled_tokens, len(scheduled), max_context,
                                         self.block_size)
-        forward_blob = pack_step(scheduled, t, s, p, self.block_size)
         entries = [logit_entries(r) for r in scheduled]
         e = pick(self.buckets.entries_for_seqs(s), sum(map(len, entries)))
-        sampling_blob = pack_sampling(scheduled, seeds, s, e, entries)
-        masked = token_bitmask is not None
-        if masked:  # padded rows allow every token
+        if token_bitmask is not None:  # padded rows allow every token
             token_bitmask = np.pad(token_bitmask, ((0, s - len(token_bitmask)), (0, 0)), constant_values=-1)
-        forward_blob, sampling_blob, token_bitmask = jax.device_put((forward_blob, sampling_blob, token_bitmask),
-                                                                    self.replicated)
-        decode_only = self._decode_jit is not None and all(len(r.token_ids) == 1 for r in scheduled)
+        step = multihost.StepInputs(
+            t, s, p, e, decode_only=self._decode_jit is not None and all(len(r.token_ids) == 1 for r in scheduled),
+            forward_blob=pack_step(scheduled, t, s, p, self.block_size),
+            sampling_blob=pack_sampling(scheduled, seeds, s, e, entries), token_bitmask=token_bitmask,
+            prompt_targets=_prompt_targets(scheduled, t) if any(
+                r.sampling_params.prompt_logprobs is not None for r in scheduled) else None)
+        if jax.process_count() > 1:
+            multihost.send_step(step)
+        out, prompt_logprobs = self._run(step)
+        prompt_logprobs = None if prompt_logprobs is None else _to_host(prompt_logprobs)
+        if any(r.sampling_params.logprobs is not None for r in scheduled):
+            ids, lps, ranks, top_lps, top_ids = _to_host(
+                (out.token_ids, out.logprobs, out.ranks, out.top_logprobs, out.top_token_ids))
+            return RunnerOutput(ids, lps, ranks, top_lps, top_ids, prompt_logprobs)
+        return RunnerOutput(_to_host(out.token_ids), prompt_logprobs=prompt_logprobs)
+
+    def _run(self, step: "multihost.StepInputs"):
+        """The device part of a step: (sampler output, prompt logprobs or None), on device."""
+        t, s, p, e, decode_only = step.num_tokens, step.num_seqs, step.pages_per_seq, step.num_entries, step.decode_only
+        masked = step.token_bitmask is not None
+        forward_blob, sampling_blob, token_bitmask = jax.device_put(
+            (step.forward_blob, step.sampling_blob, step.token_bitmask), self.replicated)
         # Programs missing here only with enforce_eager (warmup compiles every shape): compiled on first use.
         if (t, s, p, decode_only) not in self._forward:
             self._compile_forward(t, s, p, decode_only)
@@ -269,29 +308,20 @@ class ModelRunner:
                                                                               forward_blob)
         out = self._sample[(s, e, masked)](logits, sampling_blob, token_bitmask)
         prompt_logprobs = None
-        if any(r.sampling_params.prompt_logprobs is not None for r in scheduled):
-            prompt_logprobs = self._run_prompt_logprobs(scheduled, hidden, t)
-        if any(r.sampling_params.logprobs is not None for r in scheduled):
-            ids, lps, ranks, top_lps, top_ids = jax.device_get(
-                (out.token_ids, out.logprobs, out.ranks, out.top_logprobs, out.top_token_ids))
-            return RunnerOutput(ids, lps, ranks, top_lps, top_ids, prompt_logprobs)
-        return RunnerOutput(np.asarray(out.token_ids), prompt_logprobs=prompt_logprobs)
+        if step.prompt_targets is not None:
+            if t not in self._prompt_logprobs:  # only with enforce_eager
+                self._compile_prompt_logprobs(t)
+            prompt_logprobs = self._prompt_logprobs[t](self.params, hidden,
+                                                       jax.device_put(step.prompt_targets, self.replicated))
+        return out, prompt_logprobs
 
-    def _run_prompt_logprobs(self, scheduled, hidden, num_tokens: int):
-        """Prompt logprobs for every packed row."""
-        targets = np.zeros(num_tokens, np.int32)
-        start = 0
-        for req in scheduled:
-            n = len(req.token_ids)
-            prompt = req.prompt_token_ids
-            nxt = np.arange(req.start_position + 1, req.start_position + n + 1)
-            in_prompt = nxt < len(prompt)
-            targets[start:start + n][in_prompt] = np.asarray(prompt, np.int32)[nxt[in_prompt]]
-            start += n
-        if num_tokens not in self._prompt_logprobs:  # only with enforce_eager
-            self._compile_prompt_logprobs(num_tokens)
-        return jax.device_get(self._prompt_logprobs[num_tokens](self.params, hidden,
-                                                                jax.device_put(targets, self.replicated)))
+    def follow(self) -> int:
+        """On a host other than 0: runs the steps host 0 sends until it stops; returns their number."""
+        steps = 0
+        while (step := multihost.receive_step(StepMetadata.blob_size, SamplingMetadata.blob_size)) is not None:
+            self._run(step)
+            steps += 1
+        return steps
 
     def kv_pool_lost(self) -> bool:
         """True when a failed step consumed the donated KV pool (its buffers are deleted)."""
