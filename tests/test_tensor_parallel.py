@@ -66,3 +66,17 @@ def test_greedy_tokens_and_shardings_at_tp_1_2_4(tp_results, name, hf_config):
         assert expected["q_proj"] == [None, TP_AXIS if split else None]
         assert expected["gate_proj"] == [None, TP_AXIS] and expected["down_proj"] == [TP_AXIS, None]
         assert expected["embed"] == [TP_AXIS, None]
+
+
+@pytest.mark.slow
+def test_tp_memory_script_splits_weights_and_kv():
+    """scripts/tp_memory.py (docs/distributed.md's table) on the Llama-3-8B shape, TP 1 and 2."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "tp_memory.py"), "--models", "8b",
+                           "--tp", "1", "2", "--json"], env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert 14.9 < one["weights_gib"] < 15.0  # Llama-3-8B in bf16: 8.03e9 params
+    assert abs(two["weights_gib"] - one["weights_gib"] / 2) < 0.01
+    assert two["kv_kib_per_token"] == one["kv_kib_per_token"] / 2 == 64
+    assert 0 < two["step_gib"] < 1
