@@ -55,6 +55,9 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "AsyncLLM":
+        if engine_args.data_parallel_size > 1:
+            raise ValueError(f"AsyncLLM runs one engine; data_parallel_size={engine_args.data_parallel_size} "
+                             "needs jpaged.data_parallel.DataParallelAsyncLLM.from_engine_args.")
         return cls(LLMEngine(engine_args))
 
     # ---- public API --------------------------------------------------------------------------

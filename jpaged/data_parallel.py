@@ -51,7 +51,8 @@ class DataParallelAsyncLLM:
     """Build with `DataParallelAsyncLLM.from_engine_args(args)` (blocking: builds every replica).
 
     replicas: the AsyncLLMs, all of the same model and engine args. affinity_slack: the router's
-    (default max(1, max_num_seqs // 8)).
+    (default max(1, max_num_seqs // 8)). Like AsyncLLM, any number of tasks may call `generate`
+    concurrently; the routing state is touched by one event loop at a time.
     """
 
     def __init__(self, replicas: list[AsyncLLM], affinity_slack: int | None = None):

@@ -9,6 +9,7 @@ import sys
 import jax
 import pytest
 
+from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
 from jpaged.data_parallel import replica_devices
 from jpaged.serve import parse_args
@@ -38,6 +39,9 @@ def test_flag():
     assert engine_args.data_parallel_size == 2
     with pytest.raises(ValueError, match="data_parallel_size must be >= 1"):
         EngineArgs(data_parallel_size=0)
+    # One AsyncLLM is one engine: it refuses (before loading anything) rather than ignore the flag.
+    with pytest.raises(ValueError, match="DataParallelAsyncLLM"):
+        AsyncLLM.from_engine_args(engine_args)
 
 
 def run_checks(mode: str, model: str, cache_dir: str, timeout: float) -> None:
