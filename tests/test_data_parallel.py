@@ -1,13 +1,15 @@
 """--data-parallel-size: flags and device checks here; the replicas themselves in a child process
 with 8 fake CPU devices (tests/data_parallel_checks.py: greedy equality with one engine, abort
-routing with no leaked blocks, a server over two replicas)."""
+routing with no leaked blocks, a server over two replicas); `python -m jpaged.serve` with two."""
 
 import os
 import subprocess
 import sys
 
+import httpx
 import jax
 import pytest
+from test_serve_cli import SMALL_ENGINE, ServeProcess
 
 from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
@@ -59,3 +61,25 @@ def test_replicas_on_a_tiny_model(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_replicas_on_the_bundled_model(smollm2_path, tmp_path):
     run_checks("bundled", smollm2_path, str(tmp_path / "jax_cache"), timeout=600)
+
+
+@pytest.mark.slow  # a cold start of two replicas; the fast test covers the same front through the harness
+def test_serve_cli_with_two_replicas(tiny_model_dir, tmp_path):
+    """`python -m jpaged.serve --data-parallel-size 2` on 2 fake CPU devices: serves, streams, exits 0 on SIGTERM."""
+    server = ServeProcess(["--model", str(tiny_model_dir), "--served-model-name", "tiny", "--data-parallel-size", "2",
+                           "--compilation-cache-dir", str(tmp_path / "jax_cache"), "--disable-log-requests",
+                           *SMALL_ENGINE],
+                          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JPAGED_API_KEY": ""})
+    try:
+        log = "".join(server.log)
+        assert "building replica 1 of 2 on cpu:1" in log, log
+        body = {"model": "tiny", "prompt": [[5, 6, 7], [8, 9]], "max_tokens": 4, "ignore_eos": True, "temperature": 0}
+        result = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+        assert [c["finish_reason"] for c in result["choices"]] == ["length", "length"], result
+        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "prompt": "Hi", "stream": True},
+                          timeout=60) as response:
+            lines = [line for line in response.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and len(lines) > 2, lines
+        assert server.stop() == 0
+    finally:
+        server.stop()
