@@ -80,7 +80,10 @@ class DataParallelAsyncLLM:
         def build(index: int) -> AsyncLLM:
             logger.info("data parallel: building replica %d of %d on %s", index, len(slices),
                         ", ".join(str(d) for d in slices[index]))
-            return AsyncLLM(LLMEngine(engine_args, show_progress=index == 0, devices=slices[index]))
+            # The loaders put weights on the default device: make it this replica's (thread-local),
+            # so replica i's weights never pass through device 0's memory.
+            with jax.default_device(slices[index][0]):
+                return AsyncLLM(LLMEngine(engine_args, show_progress=index == 0, devices=slices[index]))
 
         # Each replica loads the model and compiles its programs for its own devices (compiled
         # programs are per device assignment: nothing to share). Replica 0 first, alone, so the
