@@ -3,8 +3,8 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/data_parallel_checks.py MODE MODEL CACHE_DIR
 
 MODE "tiny": greedy outputs of LLM(data_parallel_size=2) equal one engine's; abort reaches the
-owning replica and no replica keeps a block; a server over 2 replicas answers completions,
-streams and /metrics per engine. MODE "bundled": greedy equality only. CACHE_DIR: a persistent
+owning replica and no replica keeps a block; update_weights reaches every replica on its own
+device; a server over 2 replicas answers completions, streams and /metrics per engine. MODE "bundled": greedy equality only. CACHE_DIR: a persistent
 compilation cache shared by the engines of the run (an engine on cpu:0 or cpu:1 compiles once).
 Exits non-zero (an AssertionError) on the first failed check.
 """
@@ -107,6 +107,16 @@ def check_abort_reaches_the_owner(front) -> None:
     assert_no_blocks_held(front)
 
 
+def check_update_weights(llm: LLM) -> None:
+    """LLM.update_weights swaps a copy (made on device 0) into every replica, on its own device."""
+    front = llm.data_parallel
+    copy = jax.tree.map(lambda leaf: leaf + 0, front.replicas[0].engine.runner.params)
+    llm.update_weights(copy)
+    for replica in front.replicas:
+        runner = replica.engine.runner
+        assert all(leaf.devices() == {runner.device} for leaf in jax.tree.leaves(runner.params))
+
+
 def check_server(kwargs: dict, expected_texts: list[str]) -> None:
     server = ThreadedServer(EngineArgs(**kwargs, data_parallel_size=2))
     try:
@@ -144,7 +154,9 @@ def main() -> None:
     start = time.perf_counter()
     check_abort_reaches_the_owner(llm.data_parallel)
     print(f"abort routed, no blocks held: {time.perf_counter() - start:.1f} s", flush=True)
+    check_update_weights(llm)
     start = time.perf_counter()
+    # After the weight swap: the server's fresh replicas must agree with these.
     texts = [output.outputs[0].text for output in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     check_server(kwargs, texts)
     print(f"server over 2 replicas: {time.perf_counter() - start:.1f} s", flush=True)
