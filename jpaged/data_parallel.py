@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import jax
 
+from jpaged import kv_pool
 from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
 from jpaged.dp_router import DEFAULT_MAX_AFFINITY_BLOCKS, DataParallelRouter
@@ -75,6 +76,8 @@ class DataParallelAsyncLLM:
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "DataParallelAsyncLLM":
+        # As LLMEngine does, before the first device query starts JAX's GPU client.
+        kv_pool.configure_xla_allocator(engine_args.gpu_memory_utilization)
         slices = replica_devices(engine_args.data_parallel_size, engine_args.tensor_parallel_size)
 
         def build(index: int) -> AsyncLLM:

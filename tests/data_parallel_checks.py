@@ -4,7 +4,8 @@
 
 MODE "tiny": greedy outputs of LLM(data_parallel_size=2) equal one engine's; abort reaches the
 owning replica and no replica keeps a block; update_weights reaches every replica on its own
-device; a server over 2 replicas answers completions, streams and /metrics per engine. MODE "bundled": greedy equality only. CACHE_DIR: a persistent
+device; a server over 2 replicas answers completions, streams and /metrics per engine; a
+replica whose engine loop failed gets no more requests. MODE "bundled": greedy equality only. CACHE_DIR: a persistent
 compilation cache shared by the engines of the run (an engine on cpu:0 or cpu:1 compiles once).
 Exits non-zero (an AssertionError) on the first failed check.
 """
@@ -117,6 +118,31 @@ def check_update_weights(llm: LLM) -> None:
         assert all(leaf.devices() == {runner.device} for leaf in jax.tree.leaves(runner.params))
 
 
+def check_failed_replica_is_skipped(front) -> None:
+    """A replica whose engine loop failed fails its own requests and gets no more; the front serves on."""
+
+    def broken_step():
+        raise RuntimeError("injected device fault")
+
+    front.replicas[1].engine.step = broken_step
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def final(request_id):
+        outputs = [o async for o in front.generate({"prompt_token_ids": [7, 8, 9]}, params, request_id)]
+        return outputs[-1]
+
+    async def run():
+        first = await asyncio.gather(final("ok"), final("on-broken"), return_exceptions=True)
+        return first, [await final(f"after{i}") for i in range(3)]
+
+    (ok, failed), after = asyncio.run(run())
+    assert ok.outputs[0].finish_reason == "length", ok
+    assert type(failed).__name__ == "EngineDeadError", failed
+    assert front.replicas[1].errored and not front.errored and front.is_ready
+    assert all(o.outputs[0].finish_reason == "length" for o in after)
+    assert front.router.loads == [0, 0] and not front._owners
+
+
 def check_server(kwargs: dict, expected_texts: list[str]) -> None:
     server = ThreadedServer(EngineArgs(**kwargs, data_parallel_size=2))
     try:
@@ -160,6 +186,8 @@ def main() -> None:
     texts = [output.outputs[0].text for output in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     check_server(kwargs, texts)
     print(f"server over 2 replicas: {time.perf_counter() - start:.1f} s", flush=True)
+    check_failed_replica_is_skipped(llm.data_parallel)
+    print("a failed replica is skipped", flush=True)
 
 
 if __name__ == "__main__":
