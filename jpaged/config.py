@@ -67,6 +67,12 @@ class EngineArgs:
         "(docs/distributed.md). Every host runs the same command but for --host-id.", type=str)
     num_hosts: int = _field(1, "Hosts (processes) in the multi-host engine.", type=int)
     host_id: int = _field(0, "This host's rank, 0 to --num-hosts - 1; host 0 schedules and serves.", type=int)
+    data_parallel_size: int = _field(
+        1, "Engine replicas behind one router, replica i on jax.devices()[i*TP:(i+1)*TP] (TP: "
+        "--tensor-parallel-size), each with its own scheduler and KV cache. Requests go to the least-loaded "
+        "replica, or to the one that served the same prompt prefix unless that is much busier "
+        "(docs/data_parallel.md). KV-cache flags are per replica, except that the CPU default budget is "
+        "shared among them.", type=int)
     attention_backend: str = _field(
         "auto", "Paged attention implementation. auto: pallas on GPU, the C++ cpu kernel on CPU "
         "(falls back to reference with a warning when it is not built).",
@@ -126,10 +132,13 @@ class EngineArgs:
             raise ValueError(f"num_hosts={self.num_hosts} needs --distributed-coordinator HOST:PORT (host 0's address).")
         if not 0 <= self.host_id < self.num_hosts:
             raise ValueError(f"host_id must be in [0, {self.num_hosts}), got {self.host_id} (--host-id).")
+        if self.num_hosts > 1 and self.data_parallel_size > 1:
+            raise ValueError("--data-parallel-size > 1 is not supported with --num-hosts > 1; use one or the other.")
         if self.num_hosts > 1 and self.swap_space:
             raise ValueError("--swap-space is not supported with --num-hosts > 1 (each host would keep its own "
                              "swapped blocks); leave it 0, preemption then recomputes.")
-        for name in ("tensor_parallel_size", "num_hosts", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_n"):
+        for name in ("tensor_parallel_size", "num_hosts", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "max_n", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
         for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids"):

@@ -127,10 +127,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.mesh = mesh
         tp = mesh.shape[sharding.TP_AXIS]
-        # Step inputs and sampled outputs are replicated on every device. Abstract inputs carry
-        # the sharding only on several devices, so single-device programs stay device-agnostic.
+        # Step inputs and sampled outputs are replicated on every device of the mesh (programs
+        # compile for these devices, not for jax.devices()[0]: a data-parallel replica has its own).
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        self._input_sharding = self.replicated if tp > 1 else None
         self.kv_sharding = NamedSharding(mesh, sharding.kv_spec(model_config, tp))
         if tp > 1:
             attention_fn, write_kv = sharding.shard_attention(attention_fn, write_kv_fn, mesh, model_config)
@@ -176,7 +175,7 @@ class ModelRunner:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
     def _input_spec(self, shape: tuple[int, ...], dtype=jnp.int32):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._input_sharding)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
 
     def _blob_spec(self, size: int):
         return self._input_spec((size,))
@@ -412,8 +411,8 @@ def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, ma
     mesh = sharding.make_mesh(jax.devices()[:1]) if mesh is None else mesh
     model = llama.LlamaForCausalLM(model_config) if model is None else model
     tp = mesh.shape[sharding.TP_AXIS]
-    replicated = NamedSharding(mesh, PartitionSpec()) if tp > 1 else None
-    kv_sharding = NamedSharding(mesh, sharding.kv_spec(model_config, tp)) if tp > 1 else None
+    replicated = NamedSharding(mesh, PartitionSpec())
+    kv_sharding = NamedSharding(mesh, sharding.kv_spec(model_config, tp))
     if tp > 1:
         attention_fn, write_kv_fn = sharding.shard_attention(attention_fn, write_kv_fn, mesh, model_config)
     page = jax.ShapeDtypeStruct(kv_pool.KVPoolSpec(p + 1, args.block_size, model_config.num_layers,
@@ -423,7 +422,7 @@ def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, ma
                       static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
                       out_shardings=None if tp == 1 else (replicated, replicated,
                                                           [(kv_sharding,) * 2] * model_config.num_layers))
-    shardings = sharding.param_shardings(model, params, mesh) if tp > 1 else jax.tree.map(lambda _: None, params)
+    shardings = sharding.param_shardings(model, params, mesh)
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params, shardings)
     blob = jax.ShapeDtypeStruct((StepMetadata.blob_size(t, s, p),), jnp.int32, sharding=replicated)
     compiled = forward.lower(abstract, [(page, page)] * model_config.num_layers, blob, num_tokens=t, num_seqs=s,

@@ -16,8 +16,10 @@ import sys
 
 import uvicorn
 
+from jpaged import multihost
 from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
+from jpaged.data_parallel import DataParallelAsyncLLM
 from jpaged.generation_config import load_generation_defaults
 from jpaged.llm_engine import LLMEngine
 from jpaged.loaders import DEFAULT_MODEL
@@ -89,7 +91,8 @@ def make_parser() -> argparse.ArgumentParser:
 class _Server(uvicorn.Server):
     """uvicorn's server plus a readiness log line and an engine shutdown after the grace period."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncLLM, grace_s: float, model_name: str):
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLM | DataParallelAsyncLLM, grace_s: float,
+                 model_name: str):
         super().__init__(config)
         self.engine = engine
         self.grace_s = grace_s
@@ -133,14 +136,15 @@ def _flatten(values: list) -> list[str]:
 
 
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str | None) -> None:
-    engine = AsyncLLM.from_engine_args(engine_args)
+    engine_cls = DataParallelAsyncLLM if engine_args.data_parallel_size > 1 else AsyncLLM
+    engine = engine_cls.from_engine_args(engine_args)
     names = engine_args.served_model_name or [engine_args.model or DEFAULT_MODEL]
     ctx = ServingContext(engine, served_model_name=names,
                          trust_request_chat_template=args.trust_request_chat_template,
                          max_request_bytes=args.max_request_bytes,
                          max_prompts_per_request=args.max_prompts_per_request,
                          generation_defaults=load_generation_defaults(engine_args.generation_config,
-                                                                      engine.engine.model_path),
+                                                                      engine.model_path),
                          log_requests=not args.disable_log_requests,
                          enable_auto_tool_choice=args.enable_auto_tool_choice,
                          tool_call_parser=args.tool_call_parser)
@@ -164,7 +168,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
     finally:
         ender.cancel()
         await engine.shutdown()
-        engine.engine.shutdown()  # multi-host: releases the other hosts
+        multihost.stop_followers()  # multi-host: releases the other hosts (nothing on one host)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EngineArgs]:
