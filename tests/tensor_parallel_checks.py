@@ -1,6 +1,6 @@
 """Run by tests/test_tensor_parallel.py in a subprocess with 8 fake CPU devices (XLA_FLAGS must be
-set before jax starts): greedy tokens at tensor parallel 1, 2 and 4, and the shardings of the
-params and the KV pool. Prints one JSON line per engine.
+set before jax starts): greedy tokens at tensor parallel 1, 2 and 4 (and 2 data-parallel replicas of
+TP 2), and the shardings of the params and the KV pool. Prints one JSON line per engine.
 
 usage: python tests/tensor_parallel_checks.py MODEL_DIR:BACKEND ...
 """
@@ -35,8 +35,21 @@ def sharp_params(model_dir: str):
     return LlamaForCausalLM(config), jax.tree.map_with_path(scale, params)
 
 
-def run(model_dir: str, backend: str, tp: int) -> dict:
-    model, params = sharp_params(model_dir)
+def run_data_parallel(model_dir: str, backend: str) -> dict:
+    """2 replicas of TP 2 on devices 0-1 and 2-3, on the model's dummy weights (a data-parallel
+    engine loads its own weights)."""
+    llm = LLM(model_dir, load_format="dummy", data_parallel_size=2, tensor_parallel_size=2, attention_backend=backend,
+              max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=24,
+              enforce_eager=True, compilation_cache_dir="")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    return {"model": model_dir, "backend": backend, "dp": 2, "tp": 2,
+            "tokens": [out.outputs[0].token_ids for out in llm.generate(PROMPTS, params, use_tqdm=False)],
+            "devices": [[d.id for d in r.engine.runner.mesh.devices.flat] for r in llm.data_parallel.replicas]}
+
+
+def run(model_dir: str, backend: str, tp: int, dummy: bool = False) -> dict:
+    """One engine at TP tp on the sharpened weights (dummy: the plain dummy weights, as loaded)."""
+    model, params = sharp_params(model_dir) if not dummy else (None, None)
     llm = LLM(model_dir, load_format="dummy", flax_model=model, params=params, tensor_parallel_size=tp, attention_backend=backend,
               max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=24,
               enforce_eager=True, compilation_cache_dir="")
@@ -59,6 +72,9 @@ def main():
         model_dir, backend = item.rsplit(":", 1)
         for tp in (1, 2, 4):
             print(json.dumps(run(model_dir, backend, tp)), flush=True)
+    model_dir, backend = sys.argv[1].rsplit(":", 1)
+    print(json.dumps(dict(run(model_dir, backend, 1, dummy=True), dp=1)), flush=True)
+    print(json.dumps(run_data_parallel(model_dir, backend)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Tensor parallel on 8 fake CPU devices (in a subprocess: the device count is fixed when jax
-starts): greedy tokens at TP 1, 2 and 4 identical, params and KV pool sharded by the rules."""
+starts): greedy tokens at TP 1, 2 and 4 (and data parallel 2 x TP 2) identical, params and KV pool
+sharded by the rules."""
 
 import json
 import os
@@ -41,17 +42,17 @@ def tp_results(tmp_path_factory, tiny_model_dir):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return {(name, r["tp"]): r for name, (d, _) in models.items() for r in lines if r["model"] == d}
+    return {(name, r.get("dp"), r["tp"]): r for name, (d, _) in models.items() for r in lines if r["model"] == d}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, hf_config", [("llama", TINY_HF_CONFIG), ("qwen2", QWEN2)])
 def test_greedy_tokens_and_shardings_at_tp_1_2_4(tp_results, name, hf_config):
     config = ModelConfig.from_hf_config(hf_config, dtype="float32")
-    single = tp_results[(name, 1)]["tokens"]
+    single = tp_results[(name, None, 1)]["tokens"]
     assert len({tuple(t) for t in single}) == 3 and len(set(single[0])) > 6  # varied output, not a degenerate loop
     for tp in (2, 4):
-        result = tp_results[(name, tp)]
+        result = tp_results[(name, None, tp)]
         assert result["tokens"] == single, (name, tp)
         assert result["devices"] == list(range(tp))
         rules = logical_rules(config, tp)
@@ -80,3 +81,11 @@ def test_tp_memory_script_splits_weights_and_kv():
     assert abs(two["weights_gib"] - one["weights_gib"] / 2) < 0.01
     assert two["kv_kib_per_token"] == one["kv_kib_per_token"] / 2 == 64
     assert 0 < two["step_gib"] < 1
+
+
+@pytest.mark.slow
+def test_data_parallel_replicas_of_tensor_parallel(tp_results):
+    """2 replicas of TP 2 (devices 0-1 and 2-3) give the single-device tokens."""
+    result = tp_results[("llama", 2, 2)]
+    assert result["devices"] == [[0, 1], [2, 3]]
+    assert result["tokens"] == tp_results[("llama", 1, 1)]["tokens"]
