@@ -129,7 +129,8 @@ class EngineArgs:
                 f"quantization={self.quantization!r} is not supported; GGUF weights are dequantized "
                 f"at load time. Leave --quantization unset.")
         if self.num_hosts > 1 and self.distributed_coordinator is None:
-            raise ValueError(f"num_hosts={self.num_hosts} needs --distributed-coordinator HOST:PORT (host 0's address).")
+            raise ValueError(f"num_hosts={self.num_hosts} needs --distributed-coordinator HOST:PORT "
+                             f"(host 0's address).")
         if not 0 <= self.host_id < self.num_hosts:
             raise ValueError(f"host_id must be in [0, {self.num_hosts}), got {self.host_id} (--host-id).")
         if self.num_hosts > 1 and self.data_parallel_size > 1:

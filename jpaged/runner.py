@@ -328,6 +328,9 @@ class ModelRunner:
 
     def update_weights(self, params) -> None:
         """Replaces the params with a pytree of the same structure, shapes and dtypes (no recompile)."""
+        if jax.process_count() > 1:
+            raise ValueError("update_weights is not supported on a multi-host engine (the other hosts would keep "
+                             "the old weights).")
         old = jax.tree.structure(self.params)
         new = jax.tree.structure(params)
         if old != new:

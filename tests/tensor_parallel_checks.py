@@ -50,7 +50,8 @@ def run_data_parallel(model_dir: str, backend: str) -> dict:
 def run(model_dir: str, backend: str, tp: int, dummy: bool = False) -> dict:
     """One engine at TP tp on the sharpened weights (dummy: the plain dummy weights, as loaded)."""
     model, params = sharp_params(model_dir) if not dummy else (None, None)
-    llm = LLM(model_dir, load_format="dummy", flax_model=model, params=params, tensor_parallel_size=tp, attention_backend=backend,
+    llm = LLM(model_dir, load_format="dummy", flax_model=model, params=params, tensor_parallel_size=tp,
+              attention_backend=backend,
               max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=24,
               enforce_eager=True, compilation_cache_dir="")
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -50,8 +50,11 @@ class ParamSpec:
         """A flax initializer (key, shape, dtype) -> array, boxed with the logical axes."""
         normal = jax.nn.initializers.normal(0.1 if self.is_norm else 0.02)
         offset = 1.0 if self.is_norm else 0.0
-        return nn.with_logical_partitioning(lambda key, shape, dtype: (offset + normal(key, shape, jnp.float32)).astype(dtype),
-                                            self.axes)
+
+        def init(key, shape, dtype):
+            return (offset + normal(key, shape, jnp.float32)).astype(dtype)
+
+        return nn.with_logical_partitioning(init, self.axes)
 
 
 def param_specs(config: ModelConfig) -> dict:
