@@ -89,3 +89,12 @@ def test_data_parallel_replicas_of_tensor_parallel(tp_results):
     result = tp_results[("llama", 2, 2)]
     assert result["devices"] == [[0, 1], [2, 3]]
     assert result["tokens"] == tp_results[("llama", 1, 1)]["tokens"]
+
+
+@pytest.mark.slow
+def test_swapping_blocks_of_a_split_pool(tp_results):
+    """TP 2 with 4 usable blocks and --swap-space: preempted requests' blocks go to the host and
+    back (gathered from and scattered to both devices), and the tokens do not change."""
+    result = tp_results[("llama", "swap", 2)]
+    assert result["preemptions"] > 0 and result["kv_pool"] == [None, TP_AXIS]
+    assert result["tokens"] == tp_results[("llama", None, 1)]["tokens"]
