@@ -11,6 +11,7 @@ static scales f32[num_kv_heads] per layer. Where they come from (`kv_cache_scale
 vLLM's default for fp8 is scale 1.0; calibrated scales agree better here (docs/quantization.md).
 """
 
+import functools
 import glob
 import logging
 import os
@@ -77,30 +78,34 @@ def calibrate(params, config, token_ids: list[int], dtype: str, block_size: int 
     """Per layer (k_scale, v_scale), each f32[num_kv_heads]: absmax x margin (None:
     KV_SCALE_MARGIN[dtype]) / QMAX[dtype] of the K and V that one fp32 paged forward over
     `token_ids` (one sequence from position 0) writes."""
+    dtype = jnp.dtype(dtype).name
+    margin = KV_SCALE_MARGIN[dtype] if margin is None else margin
+    found = _kv_absmax(params, jnp.asarray(token_ids, jnp.int32), config=config, block_size=block_size)
+    # A head that never saw a nonzero value keeps scale 1 (any scale stores its zeros exactly).
+    return [tuple(jnp.where(m > 0, m * margin / QMAX[dtype], 1.0).astype(jnp.float32) for m in pair)
+            for pair in found]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "block_size"))
+def _kv_absmax(params, token_ids, *, config, block_size: int):
+    """Per layer (|K| max, |V| max) f32[num_kv_heads] over token_ids i32[n] at positions 0..n-1,
+    written by llama.forward into an fp32 pool (reference attention; block 0 stays unused).
+    Module-level, so update_weights recalibrates without compiling again."""
     from jpaged.models import llama
     from jpaged.models.attention_metadata import AttentionMetadata
     from pallas_kernels import reference
 
-    n = len(token_ids)
+    n = token_ids.shape[0]
     num_pages = -(-n // block_size)
     shape = reference.get_kv_cache_shape(num_pages + 1, block_size, config.num_kv_heads, config.head_dim)
     meta = AttentionMetadata(
-        slot_mapping=jnp.arange(block_size, block_size + n, dtype=jnp.int32),  # block 0 stays unused
+        slot_mapping=jnp.arange(block_size, block_size + n, dtype=jnp.int32),
         block_tables=jnp.arange(1, num_pages + 1, dtype=jnp.int32)[None],
         kv_lens=jnp.asarray([n], jnp.int32), cu_q_lens=jnp.asarray([0, n], jnp.int32))
-
-    def absmax(params, ids, meta):
-        cache = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(config.num_layers)]
-        _, cache = llama.forward(params, config, ids, jnp.arange(n, dtype=jnp.int32), cache, meta,
-                                 reference.ragged_paged_attention, reference.write_kv)
-        return [(jnp.abs(k).max(axis=(0, 2, 3)), jnp.abs(v).max(axis=(0, 2, 3))) for k, v in cache]
-
-    found = jax.jit(absmax)(params, jnp.asarray(token_ids, jnp.int32), meta)
-    dtype = jnp.dtype(dtype).name
-    margin = KV_SCALE_MARGIN[dtype] if margin is None else margin
-    qmax = QMAX[dtype]
-    # A head that never saw a nonzero value keeps scale 1 (any scale stores its zeros exactly).
-    return [tuple(jnp.where(m > 0, m * margin / qmax, 1.0).astype(jnp.float32) for m in pair) for pair in found]
+    cache = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(config.num_layers)]
+    _, cache = llama.forward(params, config, token_ids, jnp.arange(n, dtype=jnp.int32), cache, meta,
+                             reference.ragged_paged_attention, reference.write_kv)
+    return [(jnp.abs(k).max(axis=(0, 2, 3)), jnp.abs(v).max(axis=(0, 2, 3))) for k, v in cache]
 
 
 def checkpoint_scales(model_path: str, num_layers: int, num_kv_heads: int):
