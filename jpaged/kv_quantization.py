@@ -4,8 +4,8 @@ Pages of a 1-byte dtype hold K / k_scale and V / v_scale (see `pallas_kernels.re
 static scales f32[num_kv_heads] per layer. Where they come from (`kv_cache_scales`):
 1. the checkpoint, when its safetensors hold `*.self_attn.k_scale` / `*.self_attn.v_scale` for
    every layer (as vLLM and compressed-tensors store them: a scalar or one value per KV head);
-2. otherwise calibration at start (`calibrate`): one paged forward in fp32 over a short built-in
-   text (chat-formatted when the tokenizer has a template, so special tokens are seen), then
+2. otherwise calibration at start (`calibrate`): one paged forward (reference attention, fp32
+   pool) over a short built-in text (chat-formatted when the tokenizer has a template, so special tokens are seen), then
    scale = absmax of that layer and head's K (or V) x KV_SCALE_MARGIN / the dtype's largest
    value (127 for int8, 448 for e4m3, 57344 for e5m2). Values beyond that are clipped.
 vLLM's default for fp8 is scale 1.0; calibrated scales agree better here (docs/quantization.md).
@@ -18,6 +18,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import jinja2
 import numpy as np
 
 from jpaged.config import KV_CACHE_DTYPES
@@ -69,15 +70,15 @@ def calibration_token_ids(tokenizer) -> list[int]:
     try:
         text = tokenizer.apply_chat_template(CALIBRATION_MESSAGES, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
-    except ValueError:  # no chat template
+    except (ValueError, jinja2.TemplateError):  # no chat template, or one that refuses these roles
         return tokenizer.encode("\n\n".join(m["content"] for m in CALIBRATION_MESSAGES))
 
 
 def calibrate(params, config, token_ids: list[int], dtype: str, block_size: int = 16,
               margin: float | None = None) -> list[tuple[jax.Array, jax.Array]]:
     """Per layer (k_scale, v_scale), each f32[num_kv_heads]: absmax x margin (None:
-    KV_SCALE_MARGIN[dtype]) / QMAX[dtype] of the K and V that one fp32 paged forward over
-    `token_ids` (one sequence from position 0) writes."""
+    KV_SCALE_MARGIN[dtype]) / QMAX[dtype] of the K and V that one paged forward over `token_ids`
+    (one sequence from position 0) writes into an fp32 pool."""
     dtype = jnp.dtype(dtype).name
     margin = KV_SCALE_MARGIN[dtype] if margin is None else margin
     found = _kv_absmax(params, jnp.asarray(token_ids, jnp.int32), config=config, block_size=block_size)
