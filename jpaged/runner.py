@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jpaged import kv_pool, multihost, sharding
+from jpaged import kv_pool, kv_quantization, multihost, sharding
 from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama
@@ -32,13 +32,14 @@ from jpaged.structured_output.manager import bitmask_width
 logger = logging.getLogger(__name__)
 
 
-def _forward_step(params, kv_cache, blob, *, model, attention_fn, write_kv_fn, num_tokens, num_seqs,
+def _forward_step(params, kv_cache, kv_scales, blob, *, model, attention_fn, write_kv_fn, num_tokens, num_seqs,
                   pages_per_seq):
     """model: a Flax module with the engine's model contract (docs/models.md)."""
     meta = StepMetadata.unpack(blob, num_tokens, num_seqs, pages_per_seq)
     variables = {"params": params}
+    scales = {} if kv_scales is None else {"kv_scales": kv_scales}  # a user's model may not take them
     hidden, kv_cache = model.apply(variables, meta.token_ids, meta.positions, kv_cache, meta.attn, attention_fn,
-                                   write_kv_fn)
+                                   write_kv_fn, **scales)
     logits = model.apply(variables, hidden[meta.logits_indices], method="compute_logits")  # f32[num_seqs, vocab]
     return logits, hidden, kv_cache
 
@@ -114,14 +115,20 @@ class ModelRunner:
         penalty tokens) one request can bring; max_logprobs: the widest top-logprobs request.
       decode_attention_fn: None, or an attention for steps where every sequence has one new
         token (the pallas decode kernel); such steps then run their own compiled programs.
+      kv_scales: None, or per layer (k_scale, v_scale) f32[num_kv_heads] for int8 / fp8 pages
+        (`jpaged.kv_quantization`); static: never donated, never changed by a step or a swap.
+      recalibrate_kv: None, or a function of the params giving new kv_scales, called by
+        update_weights (scales calibrated at start follow the weights; a checkpoint's do not).
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
                  max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, mesh,
-                 max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, model=None):
+                 max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, model=None, kv_scales=None,
+                 recalibrate_kv=None):
         self.model_config = model_config
         self.model = llama.LlamaForCausalLM(model_config) if model is None else model
         self.params = params
+        self._recalibrate_kv = recalibrate_kv
         self.pool_spec = pool_spec
         self.block_size = pool_spec.block_size
         self.max_model_len = max_model_len
@@ -131,6 +138,8 @@ class ModelRunner:
         # compile for these devices, not for jax.devices()[0]: a data-parallel replica has its own).
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.kv_sharding = NamedSharding(mesh, sharding.kv_spec(model_config, tp))
+        self.kv_scale_sharding = NamedSharding(mesh, sharding.kv_scale_spec(model_config, tp))
+        self.kv_scales = None if kv_scales is None else jax.device_put(kv_scales, self.kv_scale_sharding)
         if tp > 1:
             attention_fn, write_kv = sharding.shard_attention(attention_fn, write_kv_fn, mesh, model_config)
             if decode_attention_fn is not None:
@@ -166,8 +175,9 @@ class ModelRunner:
         if num_swap_blocks:
             self.swap_buckets = power_of_2_buckets(1, next_power_of_2(min(num_swap_blocks, pool_spec.num_blocks)))
             shape = pool_spec.page_shape[1:]
-            self._host_k = [np.zeros((num_swap_blocks, *shape), pool_spec.dtype) for _ in range(pool_spec.num_layers)]
-            self._host_v = [np.zeros((num_swap_blocks, *shape), pool_spec.dtype) for _ in range(pool_spec.num_layers)]
+            dtype = jnp.dtype(pool_spec.dtype)  # ml_dtypes' fp8 types for fp8 pages
+            self._host_k = [np.zeros((num_swap_blocks, *shape), dtype) for _ in range(pool_spec.num_layers)]
+            self._host_v = [np.zeros((num_swap_blocks, *shape), dtype) for _ in range(pool_spec.num_layers)]
 
     # ---- compilation -------------------------------------------------------------------------
 
@@ -183,8 +193,8 @@ class ModelRunner:
     def _compile_forward(self, t: int, s: int, p: int, decode_only: bool = False):
         blob = self._blob_spec(StepMetadata.blob_size(t, s, p))
         jitted = self._decode_jit if decode_only else self._forward_jit
-        lowered = jitted.lower(self._abstract(self.params), self._abstract(self.kv_cache), blob,
-                               num_tokens=t, num_seqs=s, pages_per_seq=p)
+        lowered = jitted.lower(self._abstract(self.params), self._abstract(self.kv_cache),
+                               self._abstract(self.kv_scales), blob, num_tokens=t, num_seqs=s, pages_per_seq=p)
         self._forward[(t, s, p, decode_only)] = lowered.compile()
 
     def _compile_sample(self, s: int, e: int, masked: bool):
@@ -304,7 +314,7 @@ class ModelRunner:
         if (s, e, masked) not in self._sample:
             self._compile_sample(s, e, masked)
         logits, hidden, self.kv_cache = self._forward[(t, s, p, decode_only)](self.params, self.kv_cache,
-                                                                              forward_blob)
+                                                                              self.kv_scales, forward_blob)
         out = self._sample[(s, e, masked)](logits, sampling_blob, token_bitmask)
         prompt_logprobs = None
         if step.prompt_targets is not None:
@@ -342,6 +352,8 @@ class ModelRunner:
                 raise ValueError(f"update_weights: {jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)}, "
                                  f"the model's is {a.dtype}{list(a.shape)}.")
         self.params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, self.params))
+        if self._recalibrate_kv is not None:
+            self.kv_scales = jax.device_put(self._recalibrate_kv(self.params), self.kv_scale_sharding)
 
 
 def device_platform() -> str:
@@ -357,12 +369,15 @@ def enable_compilation_cache(cache_dir: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-def build_runner(model_config, params, args, max_model_len: int, devices=None, model=None) -> ModelRunner:
+def build_runner(model_config, params, args, max_model_len: int, devices=None, model=None, *, tokenizer=None,
+                 model_path: str | None = None) -> ModelRunner:
     """Builds the mesh, picks the attention backend, places the params, sizes the KV pool (per
     device) and swap space from EngineArgs.
 
-    devices: the engine's devices (None: the first --tensor-parallel-size of jax.devices()).
-    model: the Flax module (None: `LlamaForCausalLM(model_config)`).
+    devices: the engine's devices (a data-parallel replica's slice of jax.devices()); None means
+    jax.devices()[:tensor_parallel_size]. model: the Flax module (None: `LlamaForCausalLM(model_config)`).
+    For an int8 / fp8 KV cache the scales come from the checkpoint at `model_path`, else from a
+    calibration pass over `tokenizer`'s encoding of the built-in text (`jpaged.kv_quantization`).
     """
     enable_compilation_cache(args.compilation_cache_dir)
     tp = args.tensor_parallel_size
@@ -377,9 +392,12 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
     logger.info("attention backend: %s on %s", backend, ", ".join(map(str, devices)))
     if tp > 1:
         logger.info("tensor parallel over %d devices: %s", tp, sharding.describe(model_config, tp))
-    kv_dtype = model_config.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+    kv_dtype = kv_quantization.page_dtype(args.kv_cache_dtype, model_config.dtype)
+    kv_quantization.check_backend(backend, kv_dtype, devices[0])
     # Before sizing: the pool gets what the weights leave.
     params = jax.device_put(params, sharding.param_shardings(model, params, mesh))
+    kv_scales, recalibrate_kv = kv_quantization.kv_cache_scales(model_config, params, kv_dtype, args.block_size,
+                                                                tokenizer, model_path)
     step_bytes = functools.partial(largest_step_bytes, model_config, params, attention_fn, select_kv_writer(backend),
                                    args, max_model_len, kv_dtype, bucket_pages=backend == "reference", mesh=mesh,
                                    model=model)
@@ -391,7 +409,8 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
                        max_model_len=max_model_len, attention_fn=attention_fn,
                        write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", mesh=mesh,
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
-                       max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model)
+                       max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model,
+                       kv_scales=kv_scales, recalibrate_kv=recalibrate_kv)
 
 
 def max_sampler_entries(model_config, args, max_model_len: int) -> int:
@@ -421,6 +440,9 @@ def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, ma
     page = jax.ShapeDtypeStruct(kv_pool.KVPoolSpec(p + 1, args.block_size, model_config.num_layers,
                                                    model_config.num_kv_heads, model_config.head_dim,
                                                    kv_dtype).page_shape, kv_dtype, sharding=kv_sharding)
+    scale = jax.ShapeDtypeStruct((model_config.num_kv_heads,), jnp.float32,
+                                 sharding=NamedSharding(mesh, sharding.kv_scale_spec(model_config, tp)))
+    scales = [(scale, scale)] * model_config.num_layers if kv_quantization.is_quantized(kv_dtype) else None
     forward = jax.jit(functools.partial(_forward_step, model=model, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
                       static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
                       out_shardings=None if tp == 1 else (replicated, replicated,
@@ -428,8 +450,8 @@ def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, ma
     shardings = sharding.param_shardings(model, params, mesh)
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params, shardings)
     blob = jax.ShapeDtypeStruct((StepMetadata.blob_size(t, s, p),), jnp.int32, sharding=replicated)
-    compiled = forward.lower(abstract, [(page, page)] * model_config.num_layers, blob, num_tokens=t, num_seqs=s,
-                             pages_per_seq=p).compile()
+    compiled = forward.lower(abstract, [(page, page)] * model_config.num_layers, scales, blob, num_tokens=t,
+                             num_seqs=s, pages_per_seq=p).compile()
     vocab = model_config.vocab_size
     e = s * max_sampler_entries(model_config, args, max_model_len)  # the largest sampler: all entries, masked
     spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731

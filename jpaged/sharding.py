@@ -108,6 +108,11 @@ def kv_spec(config, tp: int) -> P:
     return P(None, TP_AXIS) if kv_heads_sharded(config, tp) else P()
 
 
+def kv_scale_spec(config, tp: int) -> P:
+    """PartitionSpec of a layer's KV scale f32[num_kv_heads] (int8 / fp8 pages): split like the heads."""
+    return P(TP_AXIS) if kv_heads_sharded(config, tp) else P()
+
+
 def kv_shards(config, tp: int) -> int:
     """Into how many parts each KV block is split across the devices."""
     return tp if kv_heads_sharded(config, tp) else 1
@@ -116,13 +121,17 @@ def kv_shards(config, tp: int) -> int:
 def shard_attention(attention_fn, write_kv_fn, mesh: Mesh, config):
     """(attention_fn, write_kv_fn) that run the given kernels once per device under shard_map,
     each on its devices' heads (or on all heads where the pool is replicated). Array keyword
-    arguments of the attention (per-KV-head scales) are split like the heads."""
-    heads = kv_spec(config, mesh.shape[TP_AXIS])
-    per_head = P(TP_AXIS) if heads != P() else P()
+    arguments (the per-KV-head k_scale / v_scale of int8 / fp8 pages) are split like the heads;
+    the others (sm_scale, sliding_window, soft_cap) are static."""
+    tp = mesh.shape[TP_AXIS]
+    heads, per_head = kv_spec(config, tp), kv_scale_spec(config, tp)
+
+    def split_kwargs(kwargs):
+        arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
+        return arrays, {k: v for k, v in kwargs.items() if k not in arrays}
 
     def attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, **kwargs):
-        arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
-        static = {k: v for k, v in kwargs.items() if k not in arrays}
+        arrays, static = split_kwargs(kwargs)
 
         def body(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, arrays):
             return attention_fn(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, **static, **arrays)
@@ -132,6 +141,14 @@ def shard_attention(attention_fn, write_kv_fn, mesh: Mesh, config):
                              out_specs=heads, check_vma=False)(q, k_pages, v_pages, kv_lens, block_tables,
                                                                cu_q_lens, arrays)
 
-    write = jax.shard_map(write_kv_fn, mesh=mesh, in_specs=(heads, heads, heads, heads, P()),
-                          out_specs=(heads, heads), check_vma=False)
+    def write(k_pages, v_pages, k, v, slot_mapping, **kwargs):
+        arrays, static = split_kwargs(kwargs)
+
+        def body(k_pages, v_pages, k, v, slot_mapping, arrays):
+            return write_kv_fn(k_pages, v_pages, k, v, slot_mapping, **static, **arrays)
+
+        return jax.shard_map(body, mesh=mesh, in_specs=(heads, heads, heads, heads, P(),
+                                                        {k: per_head for k in arrays}),
+                             out_specs=(heads, heads), check_vma=False)(k_pages, v_pages, k, v, slot_mapping, arrays)
+
     return attention, write
