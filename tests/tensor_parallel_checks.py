@@ -48,14 +48,14 @@ def run_data_parallel(model_dir: str, backend: str) -> dict:
 
 
 def run(model_dir: str, backend: str, tp: int, dummy: bool = False, num_blocks: int = 24,
-        swap_space: float = 0.0) -> dict:
+        swap_space: float = 0.0, kv_cache_dtype: str = "auto") -> dict:
     """One engine at TP tp on the sharpened weights (dummy: the plain dummy weights, as loaded).
     With few blocks and swap space, requests are preempted by swapping their blocks out and in."""
     model, params = sharp_params(model_dir) if not dummy else (None, None)
     llm = LLM(model_dir, load_format="dummy", flax_model=model, params=params, tensor_parallel_size=tp,
               attention_backend=backend,
               max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=num_blocks,
-              swap_space=swap_space, enforce_eager=True, compilation_cache_dir="")
+              swap_space=swap_space, kv_cache_dtype=kv_cache_dtype, enforce_eager=True, compilation_cache_dir="")
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     tokens = [out.outputs[0].token_ids for out in llm.generate(PROMPTS, params, use_tqdm=False)]
     runner = llm.llm_engine.runner
@@ -66,6 +66,7 @@ def run(model_dir: str, backend: str, tp: int, dummy: bool = False, num_blocks: 
     k_pages = runner.kv_cache[0][0]
     return {"model": model_dir, "backend": backend, "tp": tp, "tokens": tokens, "shardings": shardings,
             "preemptions": llm.llm_engine.scheduler.num_preemptions,
+            "kv_scale": None if runner.kv_scales is None else spec(runner.kv_scales[0][0]),
             "kv_pool": spec(k_pages), "kv_shard_shape": list(k_pages.addressable_shards[0].data.shape),
             "devices": sorted(d.id for d in k_pages.sharding.device_set)}
 
@@ -80,6 +81,8 @@ def main():
     print(json.dumps(dict(run(model_dir, backend, 1, dummy=True), dp=1)), flush=True)
     print(json.dumps(run_data_parallel(model_dir, backend)), flush=True)
     print(json.dumps(dict(run(model_dir, backend, 2, num_blocks=5, swap_space=0.01), dp="swap")), flush=True)
+    for tp in (1, 2):
+        print(json.dumps(dict(run(model_dir, backend, tp, kv_cache_dtype="int8"), dp="int8")), flush=True)
 
 
 if __name__ == "__main__":

@@ -98,3 +98,11 @@ def test_swapping_blocks_of_a_split_pool(tp_results):
     result = tp_results[("llama", "swap", 2)]
     assert result["preemptions"] > 0 and result["kv_pool"] == [None, TP_AXIS]
     assert result["tokens"] == tp_results[("llama", None, 1)]["tokens"]
+
+
+@pytest.mark.slow
+def test_int8_kv_cache_scales_split_with_the_heads(tp_results):
+    """--kv-cache-dtype int8 at TP 2: each device holds its KV heads' scales; tokens as on one device."""
+    one, two = tp_results[("llama", "int8", 1)], tp_results[("llama", "int8", 2)]
+    assert two["kv_scale"] == [TP_AXIS] and two["kv_pool"] == [None, TP_AXIS]
+    assert two["tokens"] == one["tokens"]
