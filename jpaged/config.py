@@ -57,7 +57,12 @@ class EngineArgs:
         512, "Most tokens in one step: the prefill chunk size.", type=int)
     enable_prefix_caching: bool = _field(True, "Reuse KV blocks of identical prompt prefixes.")
     enable_chunked_prefill: bool = _field(True, "Split long prompts across steps.")
-    quantization: str | None = _field(None, "Weight quantization. Not supported yet: only None.", type=str)
+    quantization: str | None = _field(
+        None, "Weight quantization (docs/quantization.md). int8: weight-only int8 with per-output-channel "
+        "scales for every linear layer, quantized at load (a GGUF's Q8_0 tensors are kept). fp8: the same with "
+        "e4m3 values (GPU only). gguf: keep a .gguf model's Q8_0/Q4_0/Q4_1 blocks (embedding included) and "
+        "dequantize them inside the step. Unset: weights in --dtype (a .gguf is dequantized at load, which is "
+        "faster on CPU), except a compressed-tensors int8 checkpoint, which stays int8.", type=str)
     kv_cache_dtype: str = _field("auto", "KV-cache dtype (auto: the model dtype).", choices=["auto", "float32", "bfloat16"])
     tensor_parallel_size: int = _field(1, "Devices to shard the model over. Only 1 is implemented.", type=int)
     attention_backend: str = _field(
@@ -111,10 +116,11 @@ class EngineArgs:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
     def __post_init__(self):
-        if self.quantization not in (None, "", "none"):
-            raise ValueError(
-                f"quantization={self.quantization!r} is not supported; GGUF weights are dequantized "
-                f"at load time. Leave --quantization unset.")
+        if self.quantization in ("", "none"):
+            self.quantization = None
+        from jpaged.models.quantization import check_method  # imports jax: only when EngineArgs is built
+
+        check_method(self.quantization)
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not implemented yet; use "
