@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from jpaged import LLM, EngineArgs, SamplingParams
 from jpaged.generate import greedy_generate
-from jpaged.loaders import ModelLoadError, load_model
+from jpaged.loaders import ModelLoadError, load_model, save_orbax
 from jpaged.loaders.gguf import load_gguf_params
 from jpaged.loaders.gguf_file import read_gguf
 from jpaged.loaders.hf_names import LAYER_NAMES, params_to_hf_state_dict
@@ -62,6 +62,24 @@ def test_per_channel_linear_within_the_rounding_bound(fmt):
     bound = np.abs(x) @ element_bound + 1e-5 * (np.abs(x) @ np.abs(w))  # + f32 accumulation
     assert (np.abs(y - x @ w) <= bound).all()
     assert np.abs(y[:, 7]).max() == 0.0
+
+
+def test_cpu_programs_fuse_the_conversion_into_the_dot():
+    """With quantization.compiler_options, XLA:CPU never materialises a converted f32 weight
+    (its default writes one f32[out, in] copy per weight before the dot); results are unchanged."""
+    weight = q.quantize(_random((192, 64), 5), "int8")
+    x = jnp.asarray(_random((8, 64), 6))
+    options = q.compiler_options({"w": weight}, "cpu")
+    assert q.compiler_options({"w": jnp.zeros(3)}, "cpu") == {} and q.compiler_options({"w": weight}, "gpu") == {}
+
+    def top_level_f32_weight_copies(compiled):
+        entry = compiled.as_text().split("ENTRY")[1]
+        return [line for line in entry.splitlines() if "= f32[192,64]" in line]
+
+    fused = jax.jit(q.linear, compiler_options=options).lower(x, weight).compile()
+    default = jax.jit(q.linear).lower(x, weight).compile()
+    assert top_level_f32_weight_copies(default) and not top_level_f32_weight_copies(fused)
+    np.testing.assert_array_equal(np.asarray(fused(x, weight)), np.asarray(default(x, weight)))
 
 
 @pytest.mark.parametrize("fmt", q.GGUF_FORMATS)
@@ -139,6 +157,8 @@ def test_kept_gguf_equals_the_dequantized_load(tiny, smollm2_path, tmp_path):
     layer = int8.params["layers"][0]
     assert layer["v_proj"].format == "q8_0" and layer["q_proj"].format == "int8"
     assert not _is_quantized(int8.params["embed"])
+    with pytest.raises(ValueError, match="save_orbax saves unquantized params only"):
+        save_orbax(int8, str(tmp_path / "orbax"))
 
 
 def _write_compressed_tensors_checkpoint(folder, tiny, tiny_model_dir, strategy="channel"):
