@@ -84,18 +84,19 @@ def test_cpu_programs_fuse_the_conversion_into_the_dot():
 
 @pytest.mark.parametrize("fmt", q.GGUF_FORMATS)
 def test_gguf_blocks_dequantize_exactly_like_the_gguf_package(fmt):
-    w = _random((48, 256), 2) * 0.05  # [out, in], 8 blocks per row
+    out, cols = 2304, 512  # 16 blocks per row; linear takes it in two chunks of 1152 rows
+    w = _random((out, cols), 2) * 0.05
     raw = gguf.quants.quantize(w, QTYPES[fmt])  # u8[out, bytes per row]
     weight = q.from_gguf_blocks(raw, fmt)
     expect = gguf.quants.dequantize(raw, QTYPES[fmt])
     np.testing.assert_array_equal(np.asarray(jax.jit(q.dequantize)(weight)), expect)
-    data_bytes = 48 * 256 if fmt == "q8_0" else 48 * 128
-    assert weight.nbytes == raw.nbytes == data_bytes + 48 * 8 * (4 if fmt == "q4_1" else 2)
-    assert weight.scale.dtype == jnp.float16 and weight.shape == (48, 256)
+    data_bytes = out * cols if fmt == "q8_0" else out * cols // 2
+    assert weight.nbytes == raw.nbytes == data_bytes + out * 16 * (4 if fmt == "q4_1" else 2)
+    assert weight.scale.dtype == jnp.float16 and weight.shape == (out, cols)
     # linear and the embedding gather see the same weights
-    x = _random((3, 256), 3)
-    np.testing.assert_allclose(np.asarray(q.linear(jnp.asarray(x), weight)), x @ expect.T, rtol=1e-5, atol=1e-5)
-    ids = jnp.asarray([[5, 0], [47, 5]])
+    x = _random((2, 3, cols), 3)
+    np.testing.assert_allclose(np.asarray(jax.jit(q.linear)(jnp.asarray(x), weight)), x @ expect.T, rtol=1e-5, atol=1e-5)
+    ids = jnp.asarray([[5, 0], [2303, 5]])
     np.testing.assert_array_equal(np.asarray(q.embed(weight, ids, jnp.float32)), expect[np.asarray(ids)])
 
 

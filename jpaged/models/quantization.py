@@ -30,6 +30,8 @@ METHODS = ("int8", "fp8", "gguf")
 GGUF_FORMATS = ("q8_0", "q4_0", "q4_1")
 FORMATS = ("int8", "fp8", *GGUF_FORMATS)
 GGUF_BLOCK = 32  # values per GGUF quantization block (Q8_0, Q4_0, Q4_1)
+# Dequantized values per chunk of a GGUF-block linear: 2.25 MiB of f32, about one core's L2.
+_CHUNK_VALUES = 1024 * 576
 _QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448 for e4m3
 
 
@@ -80,10 +82,23 @@ def linear(x, weight, bias=None, out_dtype=None):
         y = jnp.einsum("...i,oi->...o", x, weight.data.astype(x.dtype), preferred_element_type=jnp.float32)
         y = y * weight.scale
     else:
-        y = jnp.einsum("...i,oi->...o", x, dequantize(weight, x.dtype), preferred_element_type=jnp.float32)
+        y = _block_linear(x, weight)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(out_dtype or x.dtype)
+
+
+def _block_linear(x, weight: QuantizedWeight):
+    """f32 x [..., in] @ a GGUF-block weight, dequantized _CHUNK_ROWS output rows at a time so that
+    each dequantized chunk stays in cache until its dot reads it (a whole f32 copy would not)."""
+    out, cols = weight.shape
+    rows = max(d for d in range(1, out + 1) if out % d == 0 and d * cols <= _CHUNK_VALUES)
+    if rows == out:
+        return jnp.einsum("...i,oi->...o", x, dequantize(weight, x.dtype), preferred_element_type=jnp.float32)
+    chunks = jax.tree.map(lambda a: a.reshape(out // rows, rows, *a.shape[1:]), weight)  # [chunks, rows, ...]
+    y = jax.lax.map(lambda w: jnp.einsum("...i,oi->...o", x, dequantize(w, x.dtype), preferred_element_type=jnp.float32),
+                    chunks)  # [chunks, ..., rows]
+    return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], out)
 
 
 def embed(table, token_ids, dtype):
@@ -164,13 +179,14 @@ def quantize_params(params: dict, fmt: str) -> dict:
 
 
 def compiler_options(params, platform: str) -> dict:
-    """XLA options for programs that take `params`: on CPU with quantized weights, let YNNPACK fuse
-    elementwise ops (the weight's conversion and scaling) into its dot fusions. XLA:CPU's default
-    converts each weight to a full f32 copy before the dot; fused, int8 weights decode as fast as
-    fp32 ones (docs/quantization.md). Results are unchanged; programs without quantized weights
-    keep XLA's defaults."""
-    quantized = any(isinstance(w, QuantizedWeight) for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
-    if platform != "cpu" or not quantized:
+    """XLA options for programs that take `params`: on CPU with int8/fp8 weights, let YNNPACK fuse
+    elementwise ops (the weight's conversion) into its dot fusions. XLA:CPU's default converts
+    each weight to a whole f32 copy before the dot; fused, int8 weights decode as fast as fp32
+    (docs/quantization.md). Results are unchanged. GGUF blocks are dequantized in cache-sized
+    chunks instead (`_block_linear`), which the fusion slows down, so they keep XLA's defaults."""
+    formats = {w.format for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+               if isinstance(w, QuantizedWeight)}
+    if platform != "cpu" or not formats & set(_QMAX):
         return {}
     return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"}
 
