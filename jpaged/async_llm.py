@@ -34,6 +34,7 @@ class AsyncLLM:
         self.engine_args: EngineArgs = engine.engine_args
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
+        self.model_path = engine.model_path
         self.max_model_len: int = engine.max_model_len
         self.validator = engine.validator  # immutable: safe to call from any task
         self.is_ready = True
@@ -54,6 +55,9 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "AsyncLLM":
+        if engine_args.data_parallel_size > 1:
+            raise ValueError(f"AsyncLLM runs one engine; data_parallel_size={engine_args.data_parallel_size} "
+                             "needs jpaged.data_parallel.DataParallelAsyncLLM.from_engine_args.")
         return cls(LLMEngine(engine_args))
 
     # ---- public API --------------------------------------------------------------------------
@@ -122,6 +126,10 @@ class AsyncLLM:
     def get_stats(self) -> EngineStats:
         """The engine's counters as of the last step."""
         return self._stats
+
+    def get_stats_per_engine(self) -> list[EngineStats]:
+        """[get_stats()]: one engine (a DataParallelAsyncLLM gives one per replica)."""
+        return [self._stats]
 
     async def shutdown(self) -> None:
         """Stops the engine thread; in-flight requests finish with "abort"."""

@@ -65,6 +65,12 @@ class EngineArgs:
         "faster on CPU), except a compressed-tensors int8 checkpoint, which stays int8.", type=str)
     kv_cache_dtype: str = _field("auto", "KV-cache dtype (auto: the model dtype).", choices=["auto", "float32", "bfloat16"])
     tensor_parallel_size: int = _field(1, "Devices to shard the model over. Only 1 is implemented.", type=int)
+    data_parallel_size: int = _field(
+        1, "Engine replicas behind one router, replica i on jax.devices()[i*TP:(i+1)*TP] (TP: "
+        "--tensor-parallel-size), each with its own scheduler and KV cache. Requests go to the least-loaded "
+        "replica, or to the one that served the same prompt prefix unless that is much busier "
+        "(docs/data_parallel.md). KV-cache flags are per replica, except that the CPU default budget is "
+        "shared among them.", type=int)
     attention_backend: str = _field(
         "auto", "Paged attention implementation. auto: pallas on GPU, the C++ cpu kernel on CPU "
         "(falls back to reference with a warning when it is not built).",
@@ -125,7 +131,7 @@ class EngineArgs:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not implemented yet; use "
                 f"--tensor-parallel-size 1.")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
         for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids"):

@@ -6,7 +6,8 @@ Sizing (first rule that applies):
 3. GPU: --gpu-memory-utilization x the device's TOTAL memory (vLLM's meaning), minus what is
    already in use (the weights) and minus what the largest compiled step needs besides the
    weights and the pool (its temporaries and outputs, from `compiled.memory_analysis()`).
-   CPU: min(4 GiB, --gpu-memory-utilization x available host memory).
+   CPU: min(4 GiB, --gpu-memory-utilization x available host memory), divided among the
+   --data-parallel-size replicas (their fake CPU devices share the host's memory).
 On CPU (rules 2-3) the pool is also capped at what max_num_seqs sequences of max_model_len can
 use, so small models do not allocate gigabytes they can never fill.
 
@@ -155,7 +156,8 @@ def _memory_budget(args, device, step_bytes) -> tuple[int, GpuMemory | None]:
     if args.kv_cache_memory is not None:
         return int(args.kv_cache_memory * GIB), None
     if device.platform == "cpu":
-        return int(min(DEFAULT_CPU_KV_CACHE_GIB * GIB, args.gpu_memory_utilization * _available_host_bytes())), None
+        shared = min(DEFAULT_CPU_KV_CACHE_GIB * GIB, args.gpu_memory_utilization * _available_host_bytes())
+        return int(shared / args.data_parallel_size), None
     memory = GpuMemory.from_stats(device.memory_stats(), xla_mem_fraction(), step_bytes() if step_bytes else 0)
     return memory.kv_budget(args.gpu_memory_utilization), memory
 

@@ -1,11 +1,18 @@
-"""LLM: offline batched generation in-process, vLLM's `LLM` class."""
+"""LLM: offline batched generation in-process, vLLM's `LLM` class.
 
+With data_parallel_size > 1 the prompts are spread over the replicas of a DataParallelAsyncLLM
+(each steps on its own thread); otherwise one LLMEngine is stepped on the caller's thread.
+"""
+
+import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 
 from tqdm.auto import tqdm
 
 from jpaged.config import EngineArgs
+from jpaged.data_parallel import DataParallelAsyncLLM
 from jpaged.llm_engine import LLMEngine
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
@@ -23,16 +30,22 @@ class LLM:
         if unknown:
             raise TypeError(f"LLM() got unknown engine arguments {unknown}; valid ones are the EngineArgs fields.")
         _show_info_logs()
-        self.llm_engine = LLMEngine(EngineArgs(model=model, **engine_args))
+        args = EngineArgs(model=model, **engine_args)
+        # Exactly one of the two is set:
+        self.llm_engine: LLMEngine | None = None if args.data_parallel_size > 1 else LLMEngine(args)
+        self.data_parallel = DataParallelAsyncLLM.from_engine_args(args) if self.llm_engine is None else None
         self._next_id = 0
 
     def get_tokenizer(self):
-        return self.llm_engine.tokenizer
+        return (self.llm_engine or self.data_parallel).tokenizer
 
     def update_weights(self, params) -> None:
         """Replaces the weights with a params pytree of the same structure, shapes and dtypes
         (e.g. from a JAX training loop); nothing recompiles."""
-        self.llm_engine.update_weights(params)
+        if self.llm_engine is not None:
+            self.llm_engine.update_weights(params)
+        else:
+            _run_to_completion(self.data_parallel.update_weights(params))
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -50,14 +63,17 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts; "
                              f"pass one, or one per prompt.")
+        sampling_params = [params.clone() for params in sampling_params]
+        for params in sampling_params:
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+        if self.data_parallel is not None:
+            with tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm, unit="prompt") as bar:
+                return _run_to_completion(self._generate_data_parallel(prompts, sampling_params, bar))
         engine = self.llm_engine
         ids = []
         try:
             for prompt, params in zip(prompts, sampling_params):
-                params = params.clone()
-                params.output_kind = RequestOutputKind.FINAL_ONLY
-                request_id = str(self._next_id)
-                self._next_id += 1
+                request_id = self._new_request_id()
                 engine.add_request(request_id, prompt, params)
                 ids.append(request_id)
         except ValueError:
@@ -73,12 +89,36 @@ class LLM:
                         bar.update(1)
         return [finished[request_id] for request_id in ids]
 
+    async def _generate_data_parallel(self, prompts: list, sampling_params: list[SamplingParams],
+                                      bar: tqdm) -> list[RequestOutput]:
+        """Runs every prompt through the data-parallel front at once; the first error aborts the rest."""
+
+        async def run(prompt, params: SamplingParams, request_id: str) -> RequestOutput:
+            async for output in self.data_parallel.generate(prompt, params, request_id):
+                final = output
+            bar.update(1)
+            return final
+
+        tasks = [asyncio.create_task(run(prompt, params, self._new_request_id()))
+                 for prompt, params in zip(prompts, sampling_params)]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()  # closes its stream, which aborts the request
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    def _new_request_id(self) -> str:
+        self._next_id += 1
+        return str(self._next_id - 1)
+
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Generates replies to one conversation (a list of {"role", "content"} dicts) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tokenizer = self.llm_engine.tokenizer
+        tokenizer = self.get_tokenizer()
         prompts = []
         for conversation in conversations:
             text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
@@ -95,6 +135,13 @@ def _show_info_logs() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
         package_logger.addHandler(handler)
         package_logger.setLevel(logging.INFO)
+
+
+def _run_to_completion(coroutine):
+    """Runs a coroutine on a fresh event loop in a worker thread and returns its result (so LLM
+    works from code that already runs an event loop, e.g. a notebook)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def _as_prompt_list(prompts) -> list:

@@ -82,9 +82,13 @@ def resolve_max_model_len(args: EngineArgs, model_config, platform: str) -> int:
 
 
 class LLMEngine:
-    """Loads the model, sizes and allocates the KV pool, precompiles every step bucket (blocking)."""
+    """Loads the model, sizes and allocates the KV pool, precompiles every step bucket (blocking).
 
-    def __init__(self, engine_args: EngineArgs, show_progress: bool = True):
+    devices: the jax devices this engine runs on (None: jax.devices()[:tensor_parallel_size]);
+    a data-parallel replica gets its own slice (jpaged/data_parallel.py).
+    """
+
+    def __init__(self, engine_args: EngineArgs, show_progress: bool = True, devices=None):
         self.engine_args = args = engine_args
         kv_pool.configure_xla_allocator(args.gpu_memory_utilization)  # before JAX starts its GPU client
         platform = device_platform()
@@ -98,7 +102,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.model_path
         self.max_model_len = resolve_max_model_len(args, self.model_config, platform)
-        self.runner = build_runner(self.model_config, loaded.params, args, self.max_model_len)
+        self.runner = build_runner(self.model_config, loaded.params, args, self.max_model_len, devices)
         self.scheduler = Scheduler(
             num_blocks=self.runner.pool_spec.num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -128,8 +128,12 @@ class ModelRunner:
     def _abstract(self, tree):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
+    def _spec(self, shape: tuple[int, ...], dtype):
+        """An input placed on the runner's device: programs compile for it, not for jax.devices()[0]."""
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(self.device))
+
     def _blob_spec(self, size: int):
-        return jax.ShapeDtypeStruct((size,), jnp.int32)
+        return self._spec((size,), jnp.int32)
 
     def _compile_forward(self, t: int, s: int, p: int, decode_only: bool = False):
         blob = self._blob_spec(StepMetadata.blob_size(t, s, p))
@@ -140,24 +144,24 @@ class ModelRunner:
 
     def _compile_sample(self, s: int, e: int, masked: bool):
         vocab = self.model_config.vocab_size
-        logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32)
+        logits = self._spec((s, vocab), jnp.float32)
         blob = self._blob_spec(SamplingMetadata.blob_size(s, e))
-        bitmask = jax.ShapeDtypeStruct((s, bitmask_width(vocab)), jnp.int32) if masked else None
+        bitmask = self._spec((s, bitmask_width(vocab)), jnp.int32) if masked else None
         self._sample[(s, e, masked)] = self._sample_jit.lower(logits, blob, bitmask, num_seqs=s,
                                                               num_entries=e).compile()
 
     def _compile_prompt_logprobs(self, t: int):
-        hidden = jax.ShapeDtypeStruct((t, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
+        hidden = self._spec((t, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
         self._prompt_logprobs[t] = self._prompt_logprobs_jit.lower(
             self._abstract(self.params), hidden, self._blob_spec(t)).compile()
 
     def _compile_swap(self, direction: str, n: int):
-        ids = jax.ShapeDtypeStruct((n,), jnp.int32)
+        ids = self._spec((n,), jnp.int32)
         kv = self._abstract(self.kv_cache)
         if direction == "out":
             compiled = jax.jit(_gather_blocks).lower(kv, ids).compile()
         else:
-            blocks = [(jax.ShapeDtypeStruct((n, *k.shape[1:]), k.dtype),) * 2 for k, _ in kv]
+            blocks = [(self._spec((n, *k.shape[1:]), k.dtype),) * 2 for k, _ in kv]
             compiled = jax.jit(_scatter_blocks, donate_argnums=(0,)).lower(kv, ids, blocks).compile()
         self._swap[(direction, n)] = compiled
 
@@ -297,10 +301,16 @@ def enable_compilation_cache(cache_dir: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-def build_runner(model_config, params, args, max_model_len: int) -> ModelRunner:
-    """Picks the device and attention backend, sizes the KV pool and swap space from EngineArgs."""
+def build_runner(model_config, params, args, max_model_len: int, devices=None) -> ModelRunner:
+    """Picks the attention backend, sizes the KV pool and swap space from EngineArgs.
+
+    devices: the engine's devices (a data-parallel replica's slice of jax.devices()); None means
+    jax.devices()[:tensor_parallel_size]. Params and pool go on devices[0].
+    """
     enable_compilation_cache(args.compilation_cache_dir)
-    device = jax.devices()[0]
+    if devices is None:
+        devices = jax.devices()[:args.tensor_parallel_size]
+    device = devices[0]
     backend, attention_fn = select_attention(args.attention_backend, device_platform())
     decode_attention_fn = decode_only_attention(backend)
     logger.info("attention backend: %s on %s", backend, device)

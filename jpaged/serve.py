@@ -18,6 +18,7 @@ import uvicorn
 
 from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
+from jpaged.data_parallel import DataParallelAsyncLLM
 from jpaged.generation_config import load_generation_defaults
 from jpaged.loaders import DEFAULT_MODEL
 from serving.app import DEFAULT_MAX_HEADER_BYTES, CORSSettings, build_app, h11_buffer_bytes
@@ -88,7 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
 class _Server(uvicorn.Server):
     """uvicorn's server plus a readiness log line and an engine shutdown after the grace period."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncLLM, grace_s: float, model_name: str):
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLM | DataParallelAsyncLLM, grace_s: float,
+                 model_name: str):
         super().__init__(config)
         self.engine = engine
         self.grace_s = grace_s
@@ -132,14 +134,15 @@ def _flatten(values: list) -> list[str]:
 
 
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str | None) -> None:
-    engine = AsyncLLM.from_engine_args(engine_args)
+    engine_cls = DataParallelAsyncLLM if engine_args.data_parallel_size > 1 else AsyncLLM
+    engine = engine_cls.from_engine_args(engine_args)
     names = engine_args.served_model_name or [engine_args.model or DEFAULT_MODEL]
     ctx = ServingContext(engine, served_model_name=names,
                          trust_request_chat_template=args.trust_request_chat_template,
                          max_request_bytes=args.max_request_bytes,
                          max_prompts_per_request=args.max_prompts_per_request,
                          generation_defaults=load_generation_defaults(engine_args.generation_config,
-                                                                      engine.engine.model_path),
+                                                                      engine.model_path),
                          log_requests=not args.disable_log_requests,
                          enable_auto_tool_choice=args.enable_auto_tool_choice,
                          tool_call_parser=args.tool_call_parser)

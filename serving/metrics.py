@@ -1,7 +1,8 @@
 """Prometheus metrics for GET /metrics: vLLM's names, each under `jpaged:` and `vllm:`.
 
 Both prefixes carry the same values, so dashboards built for vLLM work unchanged. Engine-wide
-gauges and counters are read from `AsyncLLM.get_stats()` at scrape time; the per-request
+gauges and counters are read from `get_stats_per_engine()` at scrape time, one sample per engine
+labelled engine="i" (several with --data-parallel-size, as vLLM labels them); the per-request
 histograms are observed by the server as a request streams and when it finishes.
 """
 
@@ -20,38 +21,33 @@ PREFIXES = ("jpaged", "vllm")
 
 
 class EngineStatsCollector:
-    """Turns one `get_stats()` snapshot into the engine gauges and counters."""
+    """Turns the `get_stats_per_engine()` snapshots into the engine gauges and counters."""
 
     def __init__(self, engine: AsyncLLM, model_name: str):
         self.engine = engine
         self.model_name = model_name
 
     def collect(self):
-        stats = self.engine.get_stats()
+        per_engine = self.engine.get_stats_per_engine()
         gauges = (
-            ("num_requests_running", "Requests in the running batch.", stats.num_running),
-            ("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
-            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
-             stats.kv_cache_usage),
+            ("num_requests_running", "Requests in the running batch.", "num_running"),
+            ("num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting"),
+            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", "kv_cache_usage"),
         )
         counters = (
-            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-             stats.prefix_cache_queries),
-            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-             stats.prefix_cache_hits),
-            ("num_preemptions", "Preemptions of running requests.", stats.num_preemptions),
-            ("prompt_tokens", "Prompt tokens processed.", stats.prompt_tokens_total),
-            ("generation_tokens", "Tokens generated.", stats.generation_tokens_total),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+            ("num_preemptions", "Preemptions of running requests.", "num_preemptions"),
+            ("prompt_tokens", "Prompt tokens processed.", "prompt_tokens_total"),
+            ("generation_tokens", "Tokens generated.", "generation_tokens_total"),
         )
         for prefix in PREFIXES:
-            for name, documentation, value in gauges:
-                family = GaugeMetricFamily(f"{prefix}:{name}", documentation, labels=["model_name"])
-                family.add_metric([self.model_name], value)
-                yield family
-            for name, documentation, value in counters:
-                family = CounterMetricFamily(f"{prefix}:{name}", documentation, labels=["model_name"])
-                family.add_metric([self.model_name], value)
-                yield family
+            for family_type, metrics in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+                for name, documentation, field in metrics:
+                    family = family_type(f"{prefix}:{name}", documentation, labels=["model_name", "engine"])
+                    for index, stats in enumerate(per_engine):
+                        family.add_metric([self.model_name, str(index)], getattr(stats, field))
+                    yield family
 
 
 class _Histogram:

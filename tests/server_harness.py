@@ -9,6 +9,7 @@ import uvicorn
 
 from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
+from jpaged.data_parallel import DataParallelAsyncLLM
 from serving.app import DEFAULT_MAX_HEADER_BYTES, build_app, h11_buffer_bytes
 from serving.context import ServingContext
 
@@ -18,7 +19,8 @@ MAX_REQUEST_BYTES = 64 * 1024
 
 
 class ThreadedServer:
-    """AsyncLLM + the app under uvicorn, all on one event loop in a background thread."""
+    """AsyncLLM (DataParallelAsyncLLM with data_parallel_size > 1) + the app under uvicorn, all on
+    one event loop in a background thread."""
 
     def __init__(self, engine_args: EngineArgs, app_kwargs: dict | None = None, **context_kwargs):
         """`app_kwargs`: build_app's options besides the key; `context_kwargs`: ServingContext's."""
@@ -41,7 +43,8 @@ class ThreadedServer:
             self.ready.set()
 
     async def _serve(self) -> None:
-        self.engine = AsyncLLM.from_engine_args(self.engine_args)
+        engine_cls = DataParallelAsyncLLM if self.engine_args.data_parallel_size > 1 else AsyncLLM
+        self.engine = engine_cls.from_engine_args(self.engine_args)
         self.ctx = ServingContext(self.engine, **self.context_kwargs)
         max_header_bytes = self.app_kwargs.get("max_header_bytes", DEFAULT_MAX_HEADER_BYTES)
         config = uvicorn.Config(build_app(self.ctx, api_key=API_KEY, **self.app_kwargs), host="127.0.0.1", port=0,

@@ -20,7 +20,7 @@ from jpaged.serve import main, parse_args
 ENGINE_FLAGS = ["--max-model-len", "--block-size", "--gpu-memory-utilization", "--num-gpu-blocks-override",
                 "--max-num-seqs", "--max-num-batched-tokens", "--swap-space", "--enable-prefix-caching",
                 "--no-enable-prefix-caching", "--quantization", "--kv-cache-dtype", "--dtype", "--seed",
-                "--tensor-parallel-size", "--attention-backend", "--disable-log-stats", "--enforce-eager",
+                "--tensor-parallel-size", "--data-parallel-size", "--attention-backend", "--disable-log-stats", "--enforce-eager",
                 "--download-dir", "--generation-config", "--trust-remote-code", "--max-logprobs", "--max-logit-bias",
                 "--max-stop-sequences", "--max-stop-token-ids", "--max-n"]
 SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-template",
