@@ -28,7 +28,6 @@ import numpy as np
 # --quantization values (vLLM's names). gguf: keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks.
 METHODS = ("int8", "fp8", "gguf")
 GGUF_FORMATS = ("q8_0", "q4_0", "q4_1")
-FORMATS = ("int8", "fp8", *GGUF_FORMATS)
 GGUF_BLOCK = 32  # values per GGUF quantization block (Q8_0, Q4_0, Q4_1)
 # Dequantized values per chunk of a GGUF-block linear: 2.25 MiB of f32, about one core's L2.
 _CHUNK_VALUES = 1024 * 576
@@ -167,9 +166,8 @@ def quantize_params(params: dict, fmt: str) -> dict:
     """The params with every linear (a layer's "*_proj" [in, out] array) quantized to fmt ("int8"
     or "fp8") per output channel; leaves that are already QuantizedWeight are kept as they are.
 
-    The embedding and lm_head stay in the model dtype: on XLA CPU the converted weight is
-    materialised before the dot (no fusion into it), and for SmolLM2's 49152 x 576 lm_head that
-    made the logits 4x slower (25 -> 104 ms at 64 rows), a cost the small linears do not show.
+    The embedding and lm_head stay in the model dtype (docs/quantization.md: measured when XLA:CPU
+    still materialised the converted weight, the int8 lm_head made the logits 4x slower).
     """
     def convert(layer):
         return {k: quantize(np.asarray(v).T, fmt) if k.endswith("_proj") and not isinstance(v, QuantizedWeight)
