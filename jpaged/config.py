@@ -13,6 +13,8 @@ DEFAULT_CPU_KV_CACHE_GIB = 4.0
 # On CPU, a longer context than this costs more compile time and memory than it is worth by
 # default; --max-model-len raises it up to the model's own limit.
 DEFAULT_CPU_MAX_MODEL_LEN = 2048
+# --kv-cache-dtype values, vLLM's names (fp8 is fp8_e4m3); jpaged/kv_quantization.py maps them to page dtypes.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 def _field(default, help: str, choices=None, type=None, nargs=None):
@@ -63,7 +65,11 @@ class EngineArgs:
         "e4m3 values (GPU only). gguf: keep a .gguf model's Q8_0/Q4_0/Q4_1 blocks (embedding included) and "
         "dequantize them inside the step. Unset: weights in --dtype (a .gguf is dequantized at load, which is "
         "faster on CPU), except a compressed-tensors int8 checkpoint, which stays int8.", type=str)
-    kv_cache_dtype: str = _field("auto", "KV-cache dtype (auto: the model dtype).", choices=["auto", "float32", "bfloat16"])
+    kv_cache_dtype: str = _field(
+        "auto", "KV-cache dtype. auto: the model dtype. int8, fp8 (= fp8_e4m3) and fp8_e5m2 store K and V in "
+        "one byte with a static scale per layer and KV head (the checkpoint's k_scale/v_scale, else "
+        "calibrated at start): 4x the blocks of float32 in the same memory, 2x those of bfloat16.",
+        choices=list(KV_CACHE_DTYPES))
     tensor_parallel_size: int = _field(1, "Devices to shard the model over. Only 1 is implemented.", type=int)
     data_parallel_size: int = _field(
         1, "Engine replicas behind one router, replica i on jax.devices()[i*TP:(i+1)*TP] (TP: "
@@ -151,7 +157,7 @@ class EngineArgs:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space} (--swap-space).")
         for name, choices in (("load_format", ["auto", "safetensors", "gguf", "orbax", "dummy"]),
                               ("dtype", ["auto", "float32", "bfloat16", "float16"]),
-                              ("kv_cache_dtype", ["auto", "float32", "bfloat16"]),
+                              ("kv_cache_dtype", list(KV_CACHE_DTYPES)),
                               ("attention_backend", ["auto", "reference", "pallas", "cpu"])):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}.")

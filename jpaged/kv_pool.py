@@ -203,8 +203,8 @@ def size_pool(model_config, args, max_model_len: int, kv_dtype: str, device, ste
     spec = KVPoolSpec(num_blocks=num_blocks, block_size=args.block_size, num_layers=model_config.num_layers,
                       num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=kv_dtype)
     logger.info(
-        "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, from %s); max concurrency at "
-        "max_model_len=%d: %.2fx", num_blocks, args.block_size, (num_blocks - 1) * args.block_size,
+        "KV cache: %d blocks x %d tokens = %d tokens of %s KV (%.2f GiB, from %s); max concurrency at "
+        "max_model_len=%d: %.2fx", num_blocks, args.block_size, (num_blocks - 1) * args.block_size, kv_dtype,
         num_blocks * block_bytes / GIB, source, max_model_len, (num_blocks - 1) / blocks_per_seq)
     return spec
 

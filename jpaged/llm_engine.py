@@ -102,7 +102,8 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.model_path
         self.max_model_len = resolve_max_model_len(args, self.model_config, platform)
-        self.runner = build_runner(self.model_config, loaded.params, args, self.max_model_len, devices)
+        self.runner = build_runner(self.model_config, loaded.params, args, self.max_model_len, devices,
+                                   tokenizer=self.tokenizer, model_path=self.model_path)
         self.scheduler = Scheduler(
             num_blocks=self.runner.pool_spec.num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

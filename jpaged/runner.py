@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jpaged import kv_pool
+from jpaged import kv_pool, kv_quantization
 from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama, quantization
@@ -26,11 +26,11 @@ from jpaged.structured_output.manager import bitmask_width
 logger = logging.getLogger(__name__)
 
 
-def _forward_step(params, kv_cache, blob, *, config, attention_fn, write_kv_fn, num_tokens, num_seqs,
+def _forward_step(params, kv_cache, kv_scales, blob, *, config, attention_fn, write_kv_fn, num_tokens, num_seqs,
                   pages_per_seq):
     meta = StepMetadata.unpack(blob, num_tokens, num_seqs, pages_per_seq)
     hidden, kv_cache = llama.forward(params, config, meta.token_ids, meta.positions, kv_cache, meta.attn,
-                                     attention_fn, write_kv_fn)
+                                     attention_fn, write_kv_fn, kv_scales=kv_scales)
     logits = llama.compute_logits(params, config, hidden[meta.logits_indices])  # f32[num_seqs, vocab]
     return logits, hidden, kv_cache
 
@@ -83,13 +83,20 @@ class ModelRunner:
         penalty tokens) one request can bring; max_logprobs: the widest top-logprobs request.
       decode_attention_fn: None, or an attention for steps where every sequence has one new
         token (the pallas decode kernel); such steps then run their own compiled programs.
+      kv_scales: None, or per layer (k_scale, v_scale) f32[num_kv_heads] for int8 / fp8 pages
+        (`jpaged.kv_quantization`); static: never donated, never changed by a step or a swap.
+      recalibrate_kv: None, or a function of the params giving new kv_scales, called by
+        update_weights (scales calibrated at start follow the weights; a checkpoint's do not).
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
                  max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, device,
-                 max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None):
+                 max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, kv_scales=None,
+                 recalibrate_kv=None):
         self.model_config = model_config
         self.params = params
+        self.kv_scales = None if kv_scales is None else jax.device_put(kv_scales, device)
+        self._recalibrate_kv = recalibrate_kv
         self.pool_spec = pool_spec
         self.block_size = pool_spec.block_size
         self.max_model_len = max_model_len
@@ -120,8 +127,9 @@ class ModelRunner:
         if num_swap_blocks:
             self.swap_buckets = power_of_2_buckets(1, next_power_of_2(min(num_swap_blocks, pool_spec.num_blocks)))
             shape = pool_spec.page_shape[1:]
-            self._host_k = [np.zeros((num_swap_blocks, *shape), pool_spec.dtype) for _ in range(pool_spec.num_layers)]
-            self._host_v = [np.zeros((num_swap_blocks, *shape), pool_spec.dtype) for _ in range(pool_spec.num_layers)]
+            dtype = jnp.dtype(pool_spec.dtype)  # ml_dtypes' fp8 types for fp8 pages
+            self._host_k = [np.zeros((num_swap_blocks, *shape), dtype) for _ in range(pool_spec.num_layers)]
+            self._host_v = [np.zeros((num_swap_blocks, *shape), dtype) for _ in range(pool_spec.num_layers)]
 
     # ---- compilation -------------------------------------------------------------------------
 
@@ -138,8 +146,8 @@ class ModelRunner:
     def _compile_forward(self, t: int, s: int, p: int, decode_only: bool = False):
         blob = self._blob_spec(StepMetadata.blob_size(t, s, p))
         jitted = self._decode_jit if decode_only else self._forward_jit
-        lowered = jitted.lower(self._abstract(self.params), self._abstract(self.kv_cache), blob,
-                               num_tokens=t, num_seqs=s, pages_per_seq=p)
+        lowered = jitted.lower(self._abstract(self.params), self._abstract(self.kv_cache),
+                               self._abstract(self.kv_scales), blob, num_tokens=t, num_seqs=s, pages_per_seq=p)
         self._forward[(t, s, p, decode_only)] = lowered.compile()
 
     def _compile_sample(self, s: int, e: int, masked: bool):
@@ -242,7 +250,7 @@ class ModelRunner:
         if (s, e, masked) not in self._sample:
             self._compile_sample(s, e, masked)
         logits, hidden, self.kv_cache = self._forward[(t, s, p, decode_only)](self.params, self.kv_cache,
-                                                                              forward_blob)
+                                                                              self.kv_scales, forward_blob)
         out = self._sample[(s, e, masked)](logits, sampling_blob, token_bitmask)
         prompt_logprobs = None
         if any(r.sampling_params.prompt_logprobs is not None for r in scheduled):
@@ -286,6 +294,8 @@ class ModelRunner:
                 raise ValueError(f"update_weights: {jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)}, "
                                  f"the model's is {a.dtype}{list(a.shape)}.")
         self.params = jax.device_put(params, self.device)
+        if self._recalibrate_kv is not None:
+            self.kv_scales = jax.device_put(self._recalibrate_kv(self.params), self.device)
 
 
 def device_platform() -> str:
@@ -301,11 +311,14 @@ def enable_compilation_cache(cache_dir: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-def build_runner(model_config, params, args, max_model_len: int, devices=None) -> ModelRunner:
+def build_runner(model_config, params, args, max_model_len: int, devices=None, *, tokenizer=None,
+                 model_path: str | None = None) -> ModelRunner:
     """Picks the attention backend, sizes the KV pool and swap space from EngineArgs.
 
     devices: the engine's devices (a data-parallel replica's slice of jax.devices()); None means
     jax.devices()[:tensor_parallel_size]. Params and pool go on devices[0].
+    For an int8 / fp8 KV cache the scales come from the checkpoint at `model_path`, else from a
+    calibration pass over `tokenizer`'s encoding of the built-in text (`jpaged.kv_quantization`).
     """
     enable_compilation_cache(args.compilation_cache_dir)
     if devices is None:
@@ -314,8 +327,11 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None) -
     backend, attention_fn = select_attention(args.attention_backend, device_platform())
     decode_attention_fn = decode_only_attention(backend)
     logger.info("attention backend: %s on %s", backend, device)
-    kv_dtype = model_config.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+    kv_dtype = kv_quantization.page_dtype(args.kv_cache_dtype, model_config.dtype)
+    kv_quantization.check_backend(backend, kv_dtype, device)
     params = jax.device_put(params, device)  # before sizing: the pool gets what the weights leave
+    kv_scales, recalibrate_kv = kv_quantization.kv_cache_scales(model_config, params, kv_dtype, args.block_size,
+                                                                tokenizer, model_path)
     step_bytes = functools.partial(largest_step_bytes, model_config, params, attention_fn, select_kv_writer(backend),
                                    args, max_model_len, kv_dtype, bucket_pages=backend == "reference")
     pool_spec = kv_pool.size_pool(model_config, args, max_model_len, kv_dtype, device, step_bytes=step_bytes)
@@ -325,7 +341,8 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None) -
                        max_model_len=max_model_len, attention_fn=attention_fn,
                        write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", device=device,
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
-                       max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn)
+                       max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn,
+                       kv_scales=kv_scales, recalibrate_kv=recalibrate_kv)
 
 
 def max_sampler_entries(model_config, args, max_model_len: int) -> int:
@@ -347,13 +364,15 @@ def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, ma
     page = jax.ShapeDtypeStruct(kv_pool.KVPoolSpec(p + 1, args.block_size, model_config.num_layers,
                                                    model_config.num_kv_heads, model_config.head_dim,
                                                    kv_dtype).page_shape, kv_dtype)
+    scale = jax.ShapeDtypeStruct((model_config.num_kv_heads,), jnp.float32)
+    scales = [(scale, scale)] * model_config.num_layers if kv_quantization.is_quantized(kv_dtype) else None
     forward = jax.jit(functools.partial(_forward_step, config=model_config, attention_fn=attention_fn,
                                         write_kv_fn=write_kv_fn),
                       static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     blob = jax.ShapeDtypeStruct((StepMetadata.blob_size(t, s, p),), jnp.int32)
-    compiled = forward.lower(abstract, [(page, page)] * model_config.num_layers, blob, num_tokens=t, num_seqs=s,
-                             pages_per_seq=p).compile()
+    compiled = forward.lower(abstract, [(page, page)] * model_config.num_layers, scales, blob, num_tokens=t,
+                             num_seqs=s, pages_per_seq=p).compile()
     vocab = model_config.vocab_size
     e = s * max_sampler_entries(model_config, args, max_model_len)  # the largest sampler: all entries, masked
     sampler = jax.jit(functools.partial(_sample_step, max_logprobs=args.max_logprobs),

@@ -2,9 +2,10 @@
 kernels when jax sees a GPU), against the floor set by the machine's memory bandwidth, measured
 in the same run.
 
-    python scripts/bench_attention.py [--quick] [--out docs/kernels_cpu.png]
+    python scripts/bench_attention.py [--quick] [--out docs/kernels_cpu.png] [--kv-dtype int8]
 
-Shapes are SmolLM2-135M's: 9 query heads, 3 KV heads, head_dim 64, block size 16, fp32 KV.
+Shapes are SmolLM2-135M's: 9 query heads, 3 KV heads, head_dim 64, block size 16, fp32 KV
+(--kv-dtype: bfloat16, or int8 / float8_e4m3fn / float8_e5m2 pages with per-head scales).
 Block tables are as wide as the engine buckets them (the batch's longest context in blocks,
 rounded up to a power of two). Pools are made as the engine makes them: zeros handed to
 transparent huge pages on Linux (`jpaged.kv_pool.advise_huge_pages`; --no-huge-pages keeps
@@ -33,6 +34,13 @@ DECODE_BATCHES = (1, 8, 32, 64, 128)
 DECODE_CONTEXTS = (128, 512, 2048)
 PREFILL_TOKENS = 2048
 HUGE_PAGES = True  # --no-huge-pages sets False
+KV_DTYPE = jnp.dtype(jnp.float32)  # --kv-dtype
+KV_SCALE = jnp.asarray([0.03, 0.02, 0.025], jnp.float32)  # per KV head, for int8 / fp8 pages
+
+
+def kv_scales():
+    """{k_scale, v_scale} keywords for the attention call: empty unless the pages are quantized."""
+    return {"k_scale": KV_SCALE, "v_scale": KV_SCALE} if KV_DTYPE.itemsize == 1 else {}
 
 
 def best_time(fn, *args, budget_s=1.0, min_calls=3, max_calls=400):
@@ -80,10 +88,17 @@ def make_inputs(q_lens, kv_lens, seed=0):
         block_tables[s, :n] = [next(order) for _ in range(n)]
     q = rng.standard_normal((sum(q_lens), NUM_Q_HEADS, HEAD_DIM), np.float32)
     cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    k_pages, v_pages = engine_pool(k_pages), engine_pool(v_pages)
+    k_pages, v_pages = engine_pool(to_kv_dtype(k_pages)), engine_pool(to_kv_dtype(v_pages))
     arrays = (q, np.asarray(kv_lens, np.int32), block_tables, cu_q_lens)
     q, kv_lens, block_tables, cu_q_lens = (jax.device_put(a, jax.devices("cpu")[0]) for a in arrays)
     return q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
+
+
+def to_kv_dtype(pages):
+    """fp32 pages [NB, KVH, BS, D] as KV_DTYPE (quantized with KV_SCALE when 1 byte wide)."""
+    scale = kv_scales().get("k_scale")
+    return np.asarray(reference.quantize_kv(jnp.asarray(pages).transpose(0, 2, 1, 3), scale, KV_DTYPE)
+                      .transpose(0, 2, 1, 3))
 
 
 def engine_pool(contents):
@@ -96,7 +111,7 @@ def engine_pool(contents):
 
 
 def kv_bytes(kv_lens):
-    return sum(kv_lens) * NUM_KV_HEADS * HEAD_DIM * 4 * 2
+    return sum(kv_lens) * NUM_KV_HEADS * HEAD_DIM * KV_DTYPE.itemsize * 2
 
 
 def attention_flops(q_lens, kv_lens):
@@ -131,7 +146,7 @@ def time_case(q_lens, kv_lens, fns, num_pools=1):
     for name, fn, on_gpu in fns:
         if name == "pallas decode" and max(q_lens) > 1:
             continue
-        jitted = jax.jit(lambda *a, fn=fn: fn(*a, sm_scale=SM_SCALE))
+        jitted = jax.jit(lambda *a, fn=fn: fn(*a, sm_scale=SM_SCALE, **kv_scales()))
         args = [jax.device_put(p, jax.devices("gpu")[0]) if on_gpu else p for p in pools]
         if num_pools == 1:
             times[name] = best_time(jitted, *args[0])
@@ -155,7 +170,7 @@ def write_kv_ms(batch, context, calls=50):
     k = jnp.asarray(rng.standard_normal((batch, NUM_KV_HEADS, HEAD_DIM), np.float32))
     pos = context - 1
     slot_mapping = block_tables[:, pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
-    write = jax.jit(reference.write_kv, donate_argnums=(0, 1))
+    write = jax.jit(lambda *a: reference.write_kv(*a, **kv_scales()), donate_argnums=(0, 1))
     k_pages, v_pages = jax.block_until_ready(write(k_pages, v_pages, k, k, slot_mapping))
     times = []
     for _ in range(calls):
@@ -173,14 +188,18 @@ def main():
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="keep the KV pools on 4 KiB pages (the engine uses huge pages on "
                              "Linux)")
+    parser.add_argument("--kv-dtype", default="float32",
+                        choices=["float32", "bfloat16", "int8", "float8_e4m3fn", "float8_e5m2"],
+                        help="KV page dtype (1-byte dtypes with per-head scales)")
     args = parser.parse_args()
-    global HUGE_PAGES
+    global HUGE_PAGES, KV_DTYPE
     HUGE_PAGES = not args.no_huge_pages
+    KV_DTYPE = jnp.dtype(args.kv_dtype)
     fns = backends(with_reference=not args.no_reference)
     names = [name for name, _, _ in fns]
     probe = bandwidth_probe()
     print(f"{os.cpu_count()} CPU cores; {jax.devices()[0].device_kind}; KV pools on "
-          f"{'huge' if HUGE_PAGES else '4 KiB'} pages; load average {os.getloadavg()[0]:.1f}\n")
+          f"{'huge' if HUGE_PAGES else '4 KiB'} pages; {KV_DTYPE.name} KV; load average {os.getloadavg()[0]:.1f}\n")
 
     cases = [(b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS] + [(64, 400)]
     if args.quick:

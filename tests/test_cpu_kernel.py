@@ -124,7 +124,8 @@ def test_bf16_kv_matches_reference(q_dtype):
 
 
 @pytest.mark.parametrize("dtype,scale", [(jnp.int8, [0.02, 0.05, 0.03]),
-                                         (jnp.float8_e4m3fn, [0.5, 0.25, 1.0])])
+                                         (jnp.float8_e4m3fn, [0.5, 0.25, 1.0]),
+                                         (jnp.float8_e5m2, [0.5, 0.25, 1.0])])
 def test_quantized_kv_matches_reference(dtype, scale):
     """int8 / fp8 pages hold K / k_scale and V / v_scale per KV head; both sides widen the pages
     exactly, so the tolerance is fp32's. Unused slots stay poisoned (NaN where fp8 has one)."""
@@ -220,7 +221,31 @@ def test_unavailable_kernel_reports_why(monkeypatch):
         cpu.ragged_paged_attention(*p.args(), sm_scale=1.0)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("q_len", [1, 5], ids=["decode-rows", "prefill-lanes"])
+def test_every_quantized_byte_widens_exactly(dtype, q_len):
+    """All 256 byte values of a page element, read by the kernel, equal ml_dtypes' conversion to
+    fp32 exactly (fp8 subnormals, e5m2 inf and NaN included). They sit in V row 0 of a
+    one-block sequence whose K is zero: query row 0 sees only key 0, so its output is that row
+    times v_scale 1 (exact). q_len 1 goes through the decode (rows) path, 5 through the prefill (lanes)
+    path, which widen the pages differently."""
+    values = np.arange(256, dtype=np.uint8).view(np.dtype(dtype))
+    want = values.astype(np.float32)
+    v = np.zeros((2, 1, 8, 256), np.dtype(dtype))  # [num_blocks, KVH, block_size, head_dim]
+    v[1, 0, 0] = values
+    k = np.zeros_like(v)
+    q = jnp.ones((q_len, 1, 256), jnp.float32)
+    ones = jnp.ones((1,), jnp.float32)
+    out = cpu.ragged_paged_attention(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray([q_len], jnp.int32),
+                                     jnp.asarray([[1]], jnp.int32), jnp.asarray([0, q_len], jnp.int32),
+                                     sm_scale=1.0, k_scale=ones, v_scale=ones)
+    got = np.asarray(out)[0, 0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = ~np.isnan(want)
+    np.testing.assert_array_equal(got[finite], want[finite])  # -0 reads back as +0: acc starts at +0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2])
 def test_write_kv_matches_reference_in_place(dtype):
     """cpu.write_kv writes exactly what reference.write_kv writes, into the donated buffer."""
     rng = np.random.default_rng(3)

@@ -115,8 +115,9 @@ def test_decode_window_soft_cap_bfloat16():
 
 
 @pytest.mark.parametrize(
-    "kernel,kv_dtype", [(ragged_paged_attention, jnp.int8), (decode_attention, jnp.float8_e4m3fn)],
-    ids=["ragged-int8", "decode-fp8"],
+    "kernel,kv_dtype", [(ragged_paged_attention, jnp.int8), (decode_attention, jnp.float8_e4m3fn),
+                        (ragged_paged_attention, jnp.float8_e5m2), (decode_attention, jnp.float8_e5m2)],
+    ids=["ragged-int8", "decode-fp8", "ragged-fp8_e5m2", "decode-fp8_e5m2"],
 )
 def test_quantized_kv(kernel, kv_dtype):
     seq_lens = DECODE if kernel is decode_attention else MIXED
@@ -165,8 +166,9 @@ def _abstract_cuda_mesh():
 @pytest.mark.parametrize("kernel", [ragged_paged_attention, decode_attention], ids=["ragged", "decode"])
 @pytest.mark.parametrize(
     "num_q_heads,num_kv_heads,head_dim,block_size,kv_dtype",
-    [(9, 3, 64, 16, jnp.bfloat16), (32, 8, 128, 32, jnp.int8), (8, 8, 128, 64, jnp.float8_e4m3fn)],
-    ids=["smollm2-bf16", "llama3-8b-bs32-int8", "mha-bs64-fp8"],
+    [(9, 3, 64, 16, jnp.bfloat16), (32, 8, 128, 32, jnp.int8), (8, 8, 128, 64, jnp.float8_e4m3fn),
+     (9, 3, 64, 16, jnp.float8_e5m2)],
+    ids=["smollm2-bf16", "llama3-8b-bs32-int8", "mha-bs64-fp8", "smollm2-fp8_e5m2"],
 )
 def test_lowers_to_triton_for_cuda(kernel, num_q_heads, num_kv_heads, head_dim, block_size, kv_dtype):
     """Catches Triton lowering errors (non power-of-two shapes, unsupported ops) without a GPU."""
@@ -193,7 +195,9 @@ def test_lowers_to_triton_for_cuda(kernel, num_q_heads, num_kv_heads, head_dim, 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("dtype,kv_dtype", [(jnp.float32, None), (jnp.bfloat16, None),
-                                            (jnp.bfloat16, jnp.float8_e4m3fn)], ids=["fp32", "bf16", "bf16-fp8kv"])
+                                            (jnp.bfloat16, jnp.float8_e4m3fn), (jnp.float32, jnp.int8),
+                                            (jnp.bfloat16, jnp.float8_e5m2)],
+                         ids=["fp32", "bf16", "bf16-fp8kv", "fp32-int8kv", "bf16-fp8_e5m2kv"])
 @pytest.mark.parametrize("kernel", [ragged_paged_attention, decode_attention], ids=["ragged", "decode"])
 def test_compiled_kernel_matches_dense_on_gpu(kernel, dtype, kv_dtype):
     seq_lens = DECODE * 8 if kernel is decode_attention else MIXED * 4

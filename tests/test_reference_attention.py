@@ -102,7 +102,7 @@ def test_write_kv_puts_each_token_in_its_slot():
     assert (np.asarray(new_k).transpose(0, 2, 1, 3)[~written] == 0).all()
 
 
-@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2], ids=["int8", "fp8", "fp8_e5m2"])
 def test_quantized_kv(kv_dtype):
     case = make_case(
         7, MIXED, num_q_heads=6, num_kv_heads=2, head_dim=64, block_size=16,

@@ -80,7 +80,7 @@ def init_params(config: ModelConfig, key: jax.Array) -> dict:
 
 
 def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_meta, attention_fn,
-            write_kv_fn=write_kv):
+            write_kv_fn=write_kv, kv_scales=None):
     """One paged step over packed tokens.
 
     Args:
@@ -90,15 +90,18 @@ def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_me
       attn_meta: AttentionMetadata (slot_mapping, block_tables, kv_lens, cu_q_lens).
       attention_fn: a function with `pallas_kernels.reference.ragged_paged_attention`'s signature.
       write_kv_fn: a function with `pallas_kernels.reference.write_kv`'s signature.
+      kv_scales: None, or per layer (k_scale, v_scale) f32[num_kv_heads] for int8 / fp8 pages,
+        passed to write_kv_fn and attention_fn.
     Returns:
       (hidden [num_tokens, hidden_size] in config.dtype with the final norm applied, new kv_cache).
     """
     inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
     x = embed(params["embed"], token_ids, config.dtype)  # [T, hidden]
     new_cache = []
-    for layer, (k_pages, v_pages) in zip(params["layers"], kv_cache):
+    for i, (layer, (k_pages, v_pages)) in enumerate(zip(params["layers"], kv_cache)):
+        scales = {} if kv_scales is None else dict(zip(("k_scale", "v_scale"), kv_scales[i]))
         q, k, v = _attention_inputs(layer, config, x, positions, inv_freq)  # [T, heads, head_dim]
-        k_pages, v_pages = write_kv_fn(k_pages, v_pages, k, v, attn_meta.slot_mapping)
+        k_pages, v_pages = write_kv_fn(k_pages, v_pages, k, v, attn_meta.slot_mapping, **scales)
         attn = attention_fn(
             q,
             k_pages,
@@ -109,6 +112,7 @@ def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_me
             sm_scale=config.head_dim**-0.5,
             sliding_window=config.sliding_window,
             soft_cap=None,
+            **scales,
         )
         x = _attention_output_and_mlp(layer, config, x, attn)
         new_cache.append((k_pages, v_pages))

@@ -19,7 +19,7 @@ from pallas_kernels import reference
 FFI_TARGET = "jpaged_ragged_paged_attention"
 WRITE_KV_TARGET = "jpaged_write_kv"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-_KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+_KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 
 
 @functools.cache
@@ -103,7 +103,7 @@ def ragged_paged_attention(
 
     Semantics as `pallas_kernels.reference.ragged_paged_attention`: GQA, causal within each
     sequence's new tokens, optional sliding window and soft cap, fp32 softmax, zeros for padded
-    query rows; int8 / float8_e4m3fn pages hold K / k_scale and V / v_scale (k_scale, v_scale:
+    query rows; int8 / float8_e4m3fn / float8_e5m2 pages hold K / k_scale and V / v_scale (k_scale, v_scale:
     f32 scalars or f32[num_kv_heads]; None means 1). `query_tile` is accepted for signature
     compatibility; the kernel picks its own tiles. Raises RuntimeError with `load_error()` when
     the kernel is unavailable.

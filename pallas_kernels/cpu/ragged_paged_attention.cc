@@ -1,8 +1,8 @@
 // Ragged paged attention for CPUs, registered with XLA as a typed FFI handler.
 //
 // Same contract as pallas_kernels/reference.py: packed queries q[T, Hq, D], KV pages
-// [num_blocks, KVH, block_size, D] (fp32, bf16, or int8 / fp8 e4m3fn holding K / k_scale and
-// V / v_scale with f32[KVH] scales), kv_lens i32[S], block_tables i32[S, W],
+// [num_blocks, KVH, block_size, D] (fp32, bf16, or int8 / fp8 e4m3fn / fp8 e5m2 holding
+// K / k_scale and V / v_scale with f32[KVH] scales), kv_lens i32[S], block_tables i32[S, W],
 // cu_q_lens i32[S + 1]. Each work item is (sequence, KV head, query tile, KV block range): it
 // reads every KV block of its range once and uses it for all query rows of the tile and of the
 // GQA group. Softmax is online, in fp32. Keys at positions >= kv_len are never read, so garbage
@@ -28,6 +28,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -37,6 +41,8 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int8_t v8c __attribute__((vector_size(8)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
 
 constexpr int kLanes = 8;
 
@@ -153,32 +159,87 @@ struct Options {
   const float* v_scale;    // f32[num_kv_heads]: stored V = V / v_scale
 };
 
-// An fp8 e4m3fn value (1 sign, 4 exponent bits with bias 7, 3 mantissa bits; no inf).
+// fp8 page elements: e4m3fn (1 sign, 4 exponent bits with bias 7, 3 mantissa bits; no inf,
+// NaN = S.1111.111) and e5m2 (1 sign, 5 exponent bits with bias 15, 2 mantissa bits: the top
+// byte of an IEEE fp16, inf and NaN included).
 struct Fp8E4M3FN {
   uint8_t bits;
 };
+struct Fp8E5M2 {
+  uint8_t bits;
+};
 
-float Fp8ToFloat(uint8_t bits) {
-  const int exponent = (bits >> 3) & 0xF, mantissa = bits & 0x7;
+// An IEEE fp16 as fp32, exactly (subnormals, inf and NaN included).
+inline float HalfToFloat(uint16_t h) {
+  const int exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
   float magnitude;
-  if (exponent == 0xF && mantissa == 0x7) {
-    magnitude = NAN;
+  if (exponent == 0x1F) {
+    magnitude = mantissa ? NAN : INFINITY;
   } else if (exponent == 0) {
-    magnitude = std::ldexp(static_cast<float>(mantissa), -9);  // subnormal: m / 8 * 2^-6
+    magnitude = std::ldexp(static_cast<float>(mantissa), -24);
   } else {
-    magnitude = std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
+    magnitude = std::ldexp(static_cast<float>(1024 + mantissa), exponent - 25);
   }
-  return bits & 0x80 ? -magnitude : magnitude;
+  return h & 0x8000 ? -magnitude : magnitude;
 }
 
-// All 256 fp8 e4m3fn values as fp32.
-const std::vector<float>& Fp8Table() {
-  static const std::vector<float> table = [] {
-    std::vector<float> t(256);
-    for (int b = 0; b < 256; ++b) t[b] = Fp8ToFloat(static_cast<uint8_t>(b));
-    return t;
-  }();
-  return table;
+// Eight fp16 bit patterns as fp32, exactly: one vcvtph2ps with F16C (which converts fp16
+// subnormals even under XLA's denormals-are-zero mode), else one at a time.
+inline v8f HalvesToFloats(v8h h) {
+#if defined(__F16C__)
+  __m128i bits;
+  std::memcpy(&bits, &h, sizeof(bits));
+  const __m256 f = _mm256_cvtph_ps(bits);
+  v8f v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+#else
+  v8f v;
+  for (int i = 0; i < kLanes; ++i) v[i] = HalfToFloat(h[i]);
+  return v;
+#endif
+}
+
+// Eight bytes widened to 16 bits (zero-extended): one vpmovzxbw with AVX2. GCC 12 compiles
+// __builtin_convertvector of 8-byte vectors to scalar code, hence the intrinsics.
+inline v8h LoadBytesAsHalves(const void* p) {
+#if defined(__AVX2__)
+  const __m128i wide = _mm_cvtepu8_epi16(_mm_loadl_epi64(static_cast<const __m128i*>(p)));
+  v8h h;
+  std::memcpy(&h, &wide, sizeof(h));
+  return h;
+#else
+  v8b b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(b, v8h);
+#endif
+}
+
+// Eight int8 values as fp32 (exact).
+inline v8f LoadInt8(const int8_t* p) {
+#if defined(__AVX2__)
+  const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  v8f v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+#else
+  v8c c;
+  std::memcpy(&c, p, sizeof(c));
+  return __builtin_convertvector(c, v8f);
+#endif
+}
+
+// Eight fp8 e5m2 values as fp32: byte << 8 is the same number as an fp16.
+inline v8f LoadE5M2(const Fp8E5M2* p) { return HalvesToFloats(LoadBytesAsHalves(p) << 8); }
+
+// Eight fp8 e4m3fn values as fp32: the 7 magnitude bits shifted into an fp16 (exponent bias 15
+// instead of 7, subnormals onto subnormals) are the value / 2^8; S.1111.111 is NaN.
+inline v8f LoadE4M3(const Fp8E4M3FN* p) {
+  const v8h b = LoadBytesAsHalves(p);
+  const v8h magnitude = b & 0x7F;
+  const v8f v = HalvesToFloats((magnitude << 7) | ((b & 0x80) << 8)) * Splat(256.0f);
+  // S.1111.111 became 1.875 * 2^0 * 2^8 = 480, a value no other byte gives.
+  return (v == Splat(480.0f)) | (v == Splat(-480.0f)) ? Splat(NAN) : v;
 }
 
 // One query tile of one (sequence, KV head): tokens [tok_begin, tok_end) of the sequence's
@@ -273,30 +334,24 @@ inline void StoreOutputRow(const float* acc, float inv_l, int64_t d, QT* dst) {
   }
 }
 
+// Eight K or V elements as fp32, widened in registers (exact for every page type).
+inline v8f LoadKV(const float* p) { return Load(p); }
+inline v8f LoadKV(const uint16_t* p) { return LoadBf16(p); }
+inline v8f LoadKV(const int8_t* p) { return LoadInt8(p); }
+inline v8f LoadKV(const Fp8E4M3FN* p) { return LoadE4M3(p); }
+inline v8f LoadKV(const Fp8E5M2* p) { return LoadE5M2(p); }
+
 // K or V rows [n, d] of one (block, KV head) as fp32: fp32 rows in place, others widened into
-// buf (bf16, int8 and fp8 widen exactly).
+// buf (d is a multiple of 8).
 template <typename KVT>
 inline const float* BlockRows(const KVT* src, int64_t n, int64_t d, float* buf) {
   if constexpr (std::is_same_v<KVT, float>) {
     return src;
-  } else if constexpr (std::is_same_v<KVT, uint16_t>) {
-    for (int64_t i = 0; i < n * d; i += kLanes) Store(buf + i, LoadBf16(src + i));
-  } else if constexpr (std::is_same_v<KVT, int8_t>) {
-    for (int64_t i = 0; i < n * d; ++i) buf[i] = static_cast<float>(src[i]);
   } else {
-    const float* table = Fp8Table().data();
-    for (int64_t i = 0; i < n * d; ++i) buf[i] = table[src[i].bits];
+    for (int64_t i = 0; i < n * d; i += kLanes) Store(buf + i, LoadKV(src + i));
+    return buf;
   }
-  return buf;
 }
-
-// Eight K or V elements as fp32, straight from fp32 or bf16 pages (widened in registers).
-inline v8f LoadKV(const float* p) { return Load(p); }
-inline v8f LoadKV(const uint16_t* p) { return LoadBf16(p); }
-
-// Page types the decode path reads in place; the others are widened into scratch first.
-template <typename KVT>
-constexpr bool kReadInPlace = std::is_same_v<KVT, float> || std::is_same_v<KVT, uint16_t>;
 
 // Two-input lane shuffles: GCC's and Clang's builtins spell them differently.
 #if defined(__clang__)
@@ -649,12 +704,8 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
                        n, s);
     } else {
       pf.Pace(RowsSteps(rows, n, d));
-      if constexpr (kReadInPlace<KVT>) {  // decode rows do too little work per element to copy it
-        AttendBlockRows(sh, opt, it, rows, b, kb, vb, n, s, pf);
-      } else {
-        AttendBlockRows(sh, opt, it, rows, b, BlockRows(kb, n, d, s.k.data()),
-                        BlockRows(vb, n, d, s.v.data()), n, s, pf);
-      }
+      // Decode rows do too little work per element to copy it: they widen in registers.
+      AttendBlockRows(sh, opt, it, rows, b, kb, vb, n, s, pf);
     }
   }
   if (lanes) {  // accumulators back to [rows, d]
@@ -873,9 +924,11 @@ ffi::Error AttendForKV(ffi::ThreadPool& pool, const Shapes& sh, const Options& o
     case ffi::DataType::BF16: return run(uint16_t{});
     case ffi::DataType::S8: return run(int8_t{});
     case ffi::DataType::F8E4M3FN: return run(Fp8E4M3FN{});
+    case ffi::DataType::F8E5M2: return run(Fp8E5M2{});
     default:
       return ffi::Error::InvalidArgument(
-          "ragged_paged_attention: KV pages must be float32, bfloat16, int8 or float8_e4m3fn");
+          "ragged_paged_attention: KV pages must be float32, bfloat16, int8, float8_e4m3fn or "
+          "float8_e5m2");
   }
 }
 
