@@ -59,7 +59,12 @@ class EngineArgs:
         512, "Most tokens in one step: the prefill chunk size.", type=int)
     enable_prefix_caching: bool = _field(True, "Reuse KV blocks of identical prompt prefixes.")
     enable_chunked_prefill: bool = _field(True, "Split long prompts across steps.")
-    quantization: str | None = _field(None, "Weight quantization. Not supported yet: only None.", type=str)
+    quantization: str | None = _field(
+        None, "Weight quantization (docs/quantization.md). int8: weight-only int8 with per-output-channel "
+        "scales for every linear layer, quantized at load (a GGUF's Q8_0 tensors are kept). fp8: the same with "
+        "e4m3 values (GPU only). gguf: keep a .gguf model's Q8_0/Q4_0/Q4_1 blocks (embedding included) and "
+        "dequantize them inside the step. Unset: weights in --dtype (a .gguf is dequantized at load, which is "
+        "faster on CPU), except a compressed-tensors int8 checkpoint, which stays int8.", type=str)
     kv_cache_dtype: str = _field(
         "auto", "KV-cache dtype. auto: the model dtype. int8, fp8 (= fp8_e4m3) and fp8_e5m2 store K and V in "
         "one byte with a static scale per layer and KV head (the checkpoint's k_scale/v_scale, else "
@@ -130,10 +135,11 @@ class EngineArgs:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
     def __post_init__(self):
-        if self.quantization not in (None, "", "none"):
-            raise ValueError(
-                f"quantization={self.quantization!r} is not supported; GGUF weights are dequantized "
-                f"at load time. Leave --quantization unset.")
+        if self.quantization in ("", "none"):
+            self.quantization = None
+        from jpaged.models.quantization import check_method  # imports jax: only when EngineArgs is built
+
+        check_method(self.quantization)
         if self.num_hosts > 1 and self.distributed_coordinator is None:
             raise ValueError(f"num_hosts={self.num_hosts} needs --distributed-coordinator HOST:PORT "
                              f"(host 0's address).")

@@ -18,6 +18,7 @@ from jpaged.cpu_features import resolve_cpu_dtype
 from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine import Request, RequestStatus, Scheduler
 from jpaged.loaders import load_model
+from jpaged.models.quantization import param_bytes
 from jpaged.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
 from jpaged.request_validation import RequestValidator
 from jpaged.runner import build_runner, device_platform
@@ -99,7 +100,9 @@ class LLMEngine:
         dtype = resolve_cpu_dtype(args.dtype) if platform == "cpu" else args.dtype
         loaded = load_model(args.model, dtype=dtype, load_format=args.load_format, revision=args.revision,
                             tokenizer=args.tokenizer, chat_template=args.chat_template,
-                            download_dir=args.download_dir, trust_remote_code=args.trust_remote_code)
+                            download_dir=args.download_dir, trust_remote_code=args.trust_remote_code,
+                            quantization=args.quantization)
+        logger.info("weights: %.1f MiB (quantization: %s)", param_bytes(loaded.params) / 2**20, args.quantization)
         self.model_config = loaded.config
         if flax_model is not None:
             self.model_config = flax_model.config.replace(eos_token_ids=loaded.tokenizer.eos_token_ids)

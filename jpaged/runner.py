@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jpaged import kv_pool, kv_quantization, multihost, sharding
 from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
-from jpaged.models import llama
+from jpaged.models import llama, quantization
 from jpaged.sampler import logprob_outputs, sample
 from jpaged.step_metadata import SamplingMetadata, StepMetadata, logit_entries, pack_sampling, pack_step
 from jpaged.structured_output.manager import bitmask_width
@@ -151,21 +151,22 @@ class ModelRunner:
                                       max_model_len=max_model_len, block_size=pool_spec.block_size,
                                       bucket_pages=bucket_pages, max_entries_per_seq=max_entries_per_seq)
         self.kv_cache = kv_pool.allocate(pool_spec, self.kv_sharding)
+        options = quantization.compiler_options(params, mesh.devices.flat[0].platform)  # programs that read the weights
         self._forward_jit = jax.jit(
             functools.partial(_forward_step, model=self.model, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
-            out_shardings=forward_out)
+            out_shardings=forward_out, compiler_options=options)
         self._decode_jit = None if decode_attention_fn is None else jax.jit(
             functools.partial(_forward_step, model=self.model, attention_fn=decode_attention_fn,
                               write_kv_fn=write_kv_fn),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
-            out_shardings=forward_out)
+            out_shardings=forward_out, compiler_options=options)
         replicated_out = None if tp == 1 else self.replicated  # readable on every host
         self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs),
                                    static_argnames=("num_seqs", "num_entries"), out_shardings=replicated_out)
         self._prompt_logprobs_jit = jax.jit(
             functools.partial(_prompt_logprobs_step, model=self.model, max_logprobs=max_logprobs),
-            out_shardings=replicated_out)
+            out_shardings=replicated_out, compiler_options=options)
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq, decode_only) -> compiled
         self._sample = {}  # (num_seqs, num_entries, masked) -> compiled

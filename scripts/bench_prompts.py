@@ -93,8 +93,9 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
 
 
 def report_offline(args, prompts: list[list[int]], output_token_ids: list[list[int]], *, elapsed: float,
-                   startup_s: float, peak_rss_gib: float, engine_args: dict) -> dict:
-    """The offline benchmarks' result keys: printed, written to --output-json, returned."""
+                   startup_s: float, peak_rss_gib: float, engine_args: dict, weight_bytes: int | None = None) -> dict:
+    """The offline benchmarks' result keys: printed, written to --output-json, returned.
+    weight_bytes: the engine's params in memory (jpaged; None where unknown)."""
     prompt_tokens = sum(len(p) for p in prompts)
     output_tokens = sum(len(ids) for ids in output_token_ids)
     results = {
@@ -103,11 +104,12 @@ def report_offline(args, prompts: list[list[int]], output_token_ids: list[list[i
         "requests_per_second": len(prompts) / elapsed,
         "tokens_per_second": (prompt_tokens + output_tokens) / elapsed,
         "output_tokens_per_second": output_tokens / elapsed,
-        "warmup_passes": args.warmup_passes, "peak_rss_gib": peak_rss_gib,
+        "warmup_passes": args.warmup_passes, "peak_rss_gib": peak_rss_gib, "weight_bytes": weight_bytes,
         "output_token_ids": [list(ids) for ids in output_token_ids],
         "engine_args": engine_args,
     }
-    print(f"Startup (load + compile): {startup_s:.1f} s; peak RSS {peak_rss_gib:.2f} GiB")
+    weights = "" if weight_bytes is None else f"; weights {weight_bytes / 2**20:.1f} MiB"
+    print(f"Startup (load + compile): {startup_s:.1f} s; peak RSS {peak_rss_gib:.2f} GiB{weights}")
     print(f"Throughput: {results['requests_per_second']:.2f} requests/s, {results['tokens_per_second']:.2f} "
           f"total tokens/s, {results['output_tokens_per_second']:.2f} output tokens/s "
           f"({len(prompts)} requests, {prompt_tokens} prompt + {output_tokens} output tokens in {elapsed:.1f} s)")

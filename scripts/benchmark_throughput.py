@@ -9,7 +9,8 @@ Example (the 64-request workload of docs/performance.md):
 Prompts are random token ids (default) or windows of a text file (--dataset-path, e.g. from
 scripts/make_corpus.py), with lengths uniform in --input-len-range (or exactly --input-len); they
 come from scripts/bench_prompts.py, like those of benchmark_throughput_vllm.py. Greedy; EOS ignored
-unless --no-ignore-eos. Engine start (load + compile) is timed separately from generation; the
+unless --no-ignore-eos. Weight modes are the engine flags (--dtype, --quantization int8|gguf).
+Engine start (load + compile) is timed separately from generation; the
 --warmup-passes untimed passes run the same workload first.
 """
 
@@ -18,6 +19,7 @@ import time
 
 from bench_prompts import PeakRss, add_offline_args, offline_workload, report_offline
 from jpaged import LLM, EngineArgs, SamplingParams
+from jpaged.models.quantization import param_bytes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +50,8 @@ def main() -> None:
     elapsed = time.perf_counter() - start
 
     report_offline(args, prompts, [c.token_ids for o in outputs for c in o.outputs], elapsed=elapsed,
-                   startup_s=startup_s, peak_rss_gib=rss.stop(), engine_args=vars(engine_args))
+                   startup_s=startup_s, peak_rss_gib=rss.stop(), engine_args=vars(engine_args),
+                   weight_bytes=param_bytes(llm.llm_engine.runner.params))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,20 @@ import benchmark_serving  # noqa: E402
 import benchmark_throughput  # noqa: E402
 import benchmark_throughput_vllm  # noqa: E402
 import compare_summary  # noqa: E402
+import quant_agreement  # noqa: E402
 from benchmark_serving import RequestRecord, compute_metrics  # noqa: E402
 from test_serve_cli import ServeProcess  # noqa: E402
 
 from jpaged.loaders import default_model_path  # noqa: E402
 from jpaged.loaders.gguf import load_gguf_tokenizer  # noqa: E402
 from jpaged.loaders.gguf_file import read_gguf  # noqa: E402
+
+
+def test_quant_agreement_metrics():
+    reference = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]
+    other = [[1, 2, 3, 4], [5, 6, 0, 8], [0, 9, 9, 9]]
+    assert quant_agreement.agreement(reference, other) == {"identical_fraction": 1 / 3,
+                                                           "mean_matching_prefix": (4 + 2 + 0) / 3}
 
 
 def test_compute_metrics_exact():

@@ -115,9 +115,20 @@ def _llama_cpp_permute(weight, num_heads):
     return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _write_tiny_gguf(path, tiny, smollm2_path):
-    """An F32 GGUF of the tiny model, Q/K permuted as llama.cpp does, with SmolLM2's tokenizer."""
+def _write_tiny_gguf(path, tiny, smollm2_path, qtypes=None):
+    """A GGUF of the tiny model, Q/K permuted as llama.cpp does, with SmolLM2's tokenizer.
+
+    qtypes: {jpaged key ("embed", "q_proj", ...): gguf.GGMLQuantizationType} for tensors to
+    quantize (gguf.quants.quantize); the others are F32."""
     gguf = pytest.importorskip("gguf")
+    qtypes = qtypes or {}
+
+    def add(name, key, array):
+        if key in qtypes:
+            writer.add_tensor(name, gguf.quants.quantize(array, qtypes[key]), raw_dtype=qtypes[key])
+        else:
+            writer.add_tensor(name, array)
+
     config = tiny.config
     meta = read_gguf(smollm2_path).metadata
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -140,7 +151,7 @@ def _write_tiny_gguf(path, tiny, smollm2_path):
     names = {"input_norm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
              "o_proj": "attn_output", "post_attention_norm": "ffn_norm", "gate_proj": "ffn_gate",
              "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
-    writer.add_tensor("token_embd.weight", np.asarray(tiny.params["embed"]))
+    add("token_embd.weight", "embed", np.asarray(tiny.params["embed"]))
     writer.add_tensor("output_norm.weight", np.asarray(tiny.params["final_norm"]))
     for i, layer in enumerate(tiny.params["layers"]):
         for key, name in names.items():
@@ -149,7 +160,7 @@ def _write_tiny_gguf(path, tiny, smollm2_path):
             if key in ("q_proj", "k_proj"):
                 heads = config.num_q_heads if key == "q_proj" else config.num_kv_heads
                 array = _llama_cpp_permute(array, heads)
-            writer.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(array))
+            add(f"blk.{i}.{name}.weight", key, np.ascontiguousarray(array))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -19,6 +19,7 @@ from jpaged.loaders import safetensors as hf_loader
 from jpaged.loaders.errors import ModelLoadError
 from jpaged.loaders.gguf_file import read_gguf
 from jpaged.loaders.hub import resolve_hub_model
+from jpaged.models import quantization as quantization_lib
 from jpaged.models.config import DTYPES, SUPPORTED_ARCHITECTURES, ModelConfig
 from jpaged.models.llama import init_params
 from jpaged.tokenizer import Tokenizer
@@ -63,6 +64,7 @@ def load_model(
     chat_template: str | None = None,
     download_dir: str | None = None,
     trust_remote_code: bool = False,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Loads config, params (on the default device, in the resolved dtype) and tokenizer.
 
@@ -76,6 +78,10 @@ def load_model(
       download_dir: where hub models are downloaded and cached (default: the HF cache).
       trust_remote_code: accepted for vLLM compatibility; jpaged never runs a repo's Python code,
         so a model that needs it is refused either way (with a message that says so).
+      quantization: None|int8|fp8|gguf (jpaged.models.quantization). None loads weights in dtype,
+        except a compressed-tensors int8 checkpoint, which stays int8. int8/fp8: every linear per
+        output channel (a GGUF's Q8_0 linears are kept as they are under int8). gguf: a .gguf
+        file's Q8_0/Q4_0/Q4_1 tensors, embedding included, stay in their blocks.
     Raises:
       ModelLoadError naming the path and the problem.
     """
@@ -83,11 +89,22 @@ def load_model(
         raise ModelLoadError(f"--load-format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     if dtype != "auto" and dtype not in DTYPES:
         raise ModelLoadError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    try:
+        quantization_lib.check_method(quantization, jax.devices()[0].platform)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
     path = _resolve_path(model, revision, download_dir)
     _refuse_remote_code(path, trust_remote_code)
     if load_format == "auto":
         load_format = _detect_format(path)
     _check_format_matches(path, load_format)
+    if quantization == "gguf" and load_format != "gguf":
+        raise ModelLoadError(f"--quantization gguf keeps a GGUF file's quantized blocks, but {path} loads as "
+                             f"{load_format}; use --quantization int8 (any checkpoint) or a .gguf model")
+    checkpoint_quantization = hf_loader.checkpoint_quantization(path) if load_format == "safetensors" else None
+    if checkpoint_quantization is not None and quantization not in (None, checkpoint_quantization):
+        raise ModelLoadError(f"{path} is a {checkpoint_quantization} checkpoint; --quantization {quantization} "
+                             f"cannot convert it (leave --quantization unset)")
 
     try:
         if load_format == "gguf":
@@ -110,13 +127,16 @@ def load_model(
     config = config.replace(eos_token_ids=tok.eos_token_ids)
 
     if load_format == "gguf":
-        params = gguf_loader.load_gguf_params(gguf_file, config)
+        kept = {"gguf": quantization_lib.GGUF_FORMATS, "int8": ("q8_0",)}.get(quantization, ())
+        params = gguf_loader.load_gguf_params(gguf_file, config, kept, keep_embedding=quantization == "gguf")
     elif load_format == "orbax":
         params = orbax_loader.restore_orbax_params(path, config)
     elif load_format == "dummy":
         params = init_params(config, jax.random.key(0))
     else:
         params = hf_loader.load_safetensors_params(path, config)
+    if quantization in ("int8", "fp8"):
+        params = quantization_lib.quantize_params(params, quantization)
     return LoadedModel(config=config, params=params, tokenizer=tok, model_path=path)
 
 

@@ -1,10 +1,12 @@
-"""Loads a GGUF file (llama.cpp's format): config and tokenizer from metadata, dequantized tensors."""
+"""Loads a GGUF file (llama.cpp's format): config and tokenizer from metadata, tensors dequantized
+or kept in their Q8_0/Q4_0/Q4_1 blocks (jpaged.models.quantization)."""
 
 import jax.numpy as jnp
 import numpy as np
 
 from jpaged.loaders.errors import ModelLoadError
 from jpaged.loaders.gguf_file import GgufFile
+from jpaged.models import quantization
 from jpaged.models.config import ModelConfig
 from jpaged.models.llama import param_shapes
 from jpaged.tokenizer import Tokenizer
@@ -99,8 +101,14 @@ def read_gguf_config(gguf_file: GgufFile, dtype: str) -> ModelConfig:
         raise ModelLoadError(f"{path}: {e}") from e
 
 
-def load_gguf_params(gguf_file: GgufFile, config: ModelConfig) -> dict:
-    """Dequantized params in config.dtype, with llama.cpp's Q/K row permutation undone."""
+def load_gguf_params(gguf_file: GgufFile, config: ModelConfig, kept_formats: tuple[str, ...] = (),
+                     keep_embedding: bool = False) -> dict:
+    """Params in config.dtype, with llama.cpp's Q/K row permutation undone.
+
+    Tensors whose GGUF type is in kept_formats (of quantization.GGUF_FORMATS: "q8_0", "q4_0",
+    "q4_1") stay quantized as QuantizedWeight leaves: every linear, plus the embedding and lm_head
+    when keep_embedding. Everything else is dequantized (gguf.quants.dequantize, f32) and cast.
+    """
     from gguf.quants import dequantize  # only GGUF users need the gguf package
 
     path = gguf_file.path
@@ -112,22 +120,32 @@ def load_gguf_params(gguf_file: GgufFile, config: ModelConfig) -> dict:
         key, layer = _jpaged_key(tensor.name)
         if key is None:
             continue
-        try:
-            array = dequantize(tensor.data, tensor.qtype)  # f32, HF layout [out, in]
-        except NotImplementedError as e:
-            raise ModelLoadError(
-                f"{path}: tensor {tensor.name} has GGUF type {tensor.qtype.name}, which the "
-                f"gguf package cannot dequantize: {e}"
-            ) from e
-        if permuted and key in ("q_proj", "k_proj"):
+        expected = shapes[key] if layer is None else shapes["layers"][layer][key]
+        fmt = tensor.qtype.name.lower()
+        keep = fmt in kept_formats and len(expected) == 2 and (keep_embedding or key not in ("embed", "lm_head"))
+        if keep:
+            raw = tensor.data  # u8[out, bytes per row]: whole rows of blocks, so rows permute as bytes
+            if permuted and key in ("q_proj", "k_proj"):
+                raw = _unpermute_rows(raw, config.num_q_heads if key == "q_proj" else config.num_kv_heads)
+            array = quantization.from_gguf_blocks(raw, fmt)
+        else:
+            try:
+                array = dequantize(tensor.data, tensor.qtype)  # f32, HF layout [out, in]
+            except NotImplementedError as e:
+                raise ModelLoadError(
+                    f"{path}: tensor {tensor.name} has GGUF type {tensor.qtype.name}, which the "
+                    f"gguf package cannot dequantize: {e}"
+                ) from e
+        if not keep and permuted and key in ("q_proj", "k_proj"):
             heads = config.num_q_heads if key == "q_proj" else config.num_kv_heads
             array = _unpermute_rows(array, heads)
-        expected = shapes[key] if layer is None else shapes["layers"][layer][key]
-        array = array.T if array.ndim == 2 and key != "embed" else array
-        if array.shape != expected:
-            raise ModelLoadError(f"{path}: tensor {tensor.name} has shape {array.shape}, expected {expected}")
+        hf_shape = expected[::-1] if len(expected) == 2 and key != "embed" else expected  # [out, in]
+        if tuple(array.shape) != hf_shape:
+            raise ModelLoadError(f"{path}: tensor {tensor.name} has shape {tuple(array.shape)}, expected {hf_shape}")
+        if not keep and array.ndim == 2 and key != "embed":
+            array = array.T
         target = params if layer is None else params["layers"][layer]
-        target[key] = jnp.asarray(np.ascontiguousarray(array, dtype=dtype))
+        target[key] = array if keep else jnp.asarray(np.ascontiguousarray(array, dtype=dtype))
     missing = [k for k in shapes if k != "layers" and k not in params]
     for i, (layer, loaded) in enumerate(zip(shapes["layers"], params["layers"])):
         missing += [f"layer {i} {k}" for k in layer if k not in loaded]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jpaged.loaders.errors import ModelLoadError
 from jpaged.models.config import ModelConfig, resolve_dtype
 from jpaged.models.llama import param_shapes
+from jpaged.models.quantization import QuantizedWeight
 
 CONFIG_FILE = "jpaged_config.json"
 
@@ -21,8 +22,13 @@ def is_orbax_folder(path: str) -> bool:
 
 
 def save_orbax(folder: str, config: ModelConfig, params, tokenizer) -> None:
-    """Writes config, tokenizer and params to `folder` (created; must not hold a checkpoint yet)."""
+    """Writes config, tokenizer and params to `folder` (created; must not hold a checkpoint yet).
+    Quantized params are refused: save the unquantized model and load it with --quantization."""
     import orbax.checkpoint as ocp
+
+    if any(isinstance(w, QuantizedWeight) for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))):
+        raise ValueError("save_orbax saves unquantized params only; load the model without --quantization to save "
+                         "it, and pass --quantization when loading the saved folder")
 
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:

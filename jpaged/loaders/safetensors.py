@@ -1,4 +1,9 @@
-"""Loads an HF model folder: config.json, model.safetensors (or a sharded index), tokenizer."""
+"""Loads an HF model folder: config.json, model.safetensors (or a sharded index), tokenizer.
+
+Checkpoints quantized in compressed-tensors' int8 format (llm-compressor's W8A16 / W8A8 schemes:
+int8 `weight` [out, in] plus `weight_scale` [out, 1] per channel, or [1] per tensor) load as
+int8 QuantizedWeight leaves; their activations are not quantized (jpaged is weight-only).
+"""
 
 import json
 import os
@@ -8,7 +13,8 @@ import numpy as np
 from safetensors import safe_open
 
 from jpaged.loaders.errors import ModelLoadError
-from jpaged.loaders.hf_names import LAYER_NAMES, TOP_NAMES
+from jpaged.loaders.hf_names import LAYER_NAMES, TOP_NAMES, hf_name
+from jpaged.models import quantization
 from jpaged.models.config import ModelConfig
 from jpaged.models.llama import param_shapes
 
@@ -40,11 +46,39 @@ def read_json(path: str) -> dict:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_safetensors_params(folder: str, config: ModelConfig) -> dict:
-    """Params pytree in config.dtype from model.safetensors or model.safetensors.index.json.
+def checkpoint_quantization(folder: str) -> str | None:
+    """"int8" for a compressed-tensors int8 checkpoint, None for an unquantized one; ModelLoadError
+    naming what is supported for any other config.json `quantization_config`."""
+    config_path = os.path.join(folder, "config.json")
+    qconfig = read_json(config_path).get("quantization_config")
+    if not qconfig:
+        return None
+    supported = ("jpaged loads compressed-tensors int8 checkpoints (formats naive-quantized / int-quantized, "
+                 "symmetric, per-channel or per-tensor weight scales), or quantizes an unquantized checkpoint "
+                 "itself with --quantization int8")
+    method, fmt = qconfig.get("quant_method"), qconfig.get("format")
+    if method != "compressed-tensors":
+        raise ModelLoadError(f"{config_path}: quantization_config.quant_method {method!r} is not supported; {supported}")
+    if fmt not in ("naive-quantized", "int-quantized"):
+        raise ModelLoadError(f"{config_path}: compressed-tensors format {fmt!r} is not supported; {supported}")
+    for name, group in (qconfig.get("config_groups") or {}).items():
+        weights = group.get("weights") or {}
+        scheme = (weights.get("num_bits"), weights.get("type"), weights.get("symmetric", True), weights.get("strategy"))
+        if scheme[:3] != (8, "int", True) or scheme[3] not in ("channel", "tensor"):
+            raise ModelLoadError(
+                f"{config_path}: config group {name!r} has weights num_bits={scheme[0]}, type={scheme[1]!r}, "
+                f"symmetric={scheme[2]}, strategy={scheme[3]!r}; {supported}")
+    return "int8"
 
-    Each tensor is read as numpy, transposed to [in, out] and cast once.
+
+def load_safetensors_params(folder: str, config: ModelConfig) -> dict:
+    """Params pytree from model.safetensors or model.safetensors.index.json.
+
+    Each tensor is read as numpy, transposed to [in, out] and cast once to config.dtype; an int8
+    projection of a compressed-tensors checkpoint stays int8 ([out, in]) with its weight_scale.
     """
+    quantized = checkpoint_quantization(folder) is not None
+    scales = {}  # compressed-tensors "<name>.weight_scale" -> f32 array
     files = _safetensors_files(folder)
     shapes = param_shapes(config)
     wanted = {TOP_NAMES[k]: (k, None) for k in shapes if k != "layers"}
@@ -56,8 +90,10 @@ def load_safetensors_params(folder: str, config: ModelConfig) -> dict:
         try:
             with safe_open(path, framework="numpy") as f:
                 for name in f.keys():
+                    if quantized and name.endswith(".weight_scale"):
+                        scales[name.removesuffix("_scale")] = f.get_tensor(name).astype(np.float32)
                     if name not in wanted:
-                        continue  # e.g. rotary inv_freq buffers, or lm_head when tied
+                        continue  # e.g. rotary inv_freq buffers, lm_head when tied, zero points
                     key, layer = wanted.pop(name)
                     expected = shapes[key] if layer is None else shapes["layers"][layer][key]
                     tensor = f.get_tensor(name)
@@ -66,8 +102,11 @@ def load_safetensors_params(folder: str, config: ModelConfig) -> dict:
                             f"{path}: tensor {name} has shape {tensor.shape}, but config.json "
                             f"implies {_hf_shape(key, expected)}"
                         )
-                    array = tensor.T if tensor.ndim == 2 and key != "embed" else tensor
                     target = params if layer is None else params["layers"][layer]
+                    if tensor.dtype == np.int8:
+                        target[key] = tensor  # [out, in]; becomes a QuantizedWeight with its scale below
+                        continue
+                    array = tensor.T if tensor.ndim == 2 and key != "embed" else tensor
                     target[key] = jnp.asarray(np.ascontiguousarray(array, dtype=dtype))
         except ModelLoadError:
             raise
@@ -80,7 +119,23 @@ def load_safetensors_params(folder: str, config: ModelConfig) -> dict:
         raise ModelLoadError(
             f"{folder}: {len(names)} tensors missing from the safetensors files, e.g. {', '.join(names[:3])}"
         )
+    for target, layer in [(params, None), *((t, i) for i, t in enumerate(params["layers"]))]:
+        for key, value in target.items():
+            if isinstance(value, np.ndarray):
+                target[key] = _int8_weight(folder, hf_name(key, layer), value, scales)
     return params
+
+
+def _int8_weight(folder: str, name: str, data: np.ndarray, scales: dict) -> quantization.QuantizedWeight:
+    """QuantizedWeight("int8") from an int8 [out, in] tensor and its weight_scale ([out, 1] or [1])."""
+    if name not in scales:
+        raise ModelLoadError(f"{folder}: int8 tensor {name} has no {name}_scale")
+    scale = scales[name].reshape(-1)
+    if scale.size not in (1, data.shape[0]):
+        raise ModelLoadError(f"{folder}: {name}_scale has {scale.size} values; expected 1 or {data.shape[0]} "
+                             "(group-wise scales are not supported)")
+    scale = np.broadcast_to(scale, (data.shape[0],))
+    return quantization.QuantizedWeight(data=jnp.asarray(data), scale=jnp.asarray(scale), offset=None, format="int8")
 
 
 def _hf_shape(key: str, shape: tuple) -> tuple:

@@ -20,11 +20,11 @@ pytree (weights stored [in, out]):
 declares its params from it (boxed with their logical axes when initialised), and from it come
 the loaders' target shapes (`param_shapes`), the dummy weights (`init_params`) and the sharding
 rules (jpaged/sharding.py). Applying reads the params as given, unchecked and unboxed, so a
-weight may be a quantized pytree instead of an array: every matmul against a weight goes
-through `_linear`.
+weight may be a quantized pytree instead of an array.
 
-All weights are in config.dtype. Matmuls take config.dtype inputs and accumulate in float32;
-RMSNorm, RoPE, SiLU and softmax run in float32.
+All weights are in config.dtype, except that a projection, the embedding or the lm_head may be a
+`quantization.QuantizedWeight` ([out, in] rows). Matmuls go through `quantization.linear`: they
+take config.dtype inputs and accumulate in float32; RMSNorm, RoPE, SiLU and softmax run in float32.
 """
 
 import dataclasses
@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.models.config import ModelConfig, rope_inv_freq
+from jpaged.models.quantization import QuantizedWeight, embed
+from jpaged.models.quantization import linear as _linear
 from pallas_kernels.reference import write_kv
 
 
@@ -148,7 +150,7 @@ class LlamaForCausalLM(nn.Module):
         """
         config, params = self.config, self.weights()
         inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
-        x = jnp.take(params["embed"], token_ids, axis=0)  # [T, hidden]
+        x = embed(params["embed"], token_ids, config.dtype)  # [T, hidden]
         new_cache = []
         for i, (layer, (k_pages, v_pages)) in enumerate(zip(params["layers"], kv_cache)):
             scales = {} if kv_scales is None else dict(zip(("k_scale", "v_scale"), kv_scales[i]))
@@ -172,10 +174,11 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden):
         """f32[n, vocab_size] from hidden [n, hidden_size] (tied to the embedding when configured)."""
-        params = self.weights()
-        if self.config.tie_word_embeddings:
+        params, tied = self.weights(), self.config.tie_word_embeddings
+        if tied and not isinstance(params["embed"], QuantizedWeight):
             return jnp.einsum("nh,vh->nv", hidden, params["embed"], preferred_element_type=jnp.float32)
-        return jnp.einsum("nh,hv->nv", hidden, params["lm_head"], preferred_element_type=jnp.float32)
+        weight = params["embed"] if tied else params["lm_head"]  # [out=vocab, in] if quantized
+        return _linear(hidden, weight, out_dtype=jnp.float32)
 
     def forward_dense(self, token_ids):
         """Causal forward without a cache, the oracle for `__call__`.
@@ -186,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
         batch, seq = token_ids.shape
         inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        x = jnp.take(params["embed"], token_ids, axis=0)  # [B, S, hidden]
+        x = embed(params["embed"], token_ids, config.dtype)  # [B, S, hidden]
         for layer in params["layers"]:
             q, k, v = _attention_inputs(layer, config, x, positions, inv_freq)  # [B, S, heads, D]
             attn = _dense_causal_attention(q, k, v, config.sliding_window)
@@ -254,14 +257,6 @@ def _attention_output_and_mlp(layer, config, x, attn):
     gate = _linear(h, layer["gate_proj"]).astype(jnp.float32)
     up = _linear(h, layer["up_proj"]).astype(jnp.float32)
     return x + _linear((jax.nn.silu(gate) * up).astype(x.dtype), layer["down_proj"])
-
-
-def _linear(x, weight, bias=None):
-    """x [..., in] @ weight [in, out] (+ bias [out]) with float32 accumulation, in x.dtype."""
-    y = jnp.einsum("...i,io->...o", x, weight, preferred_element_type=jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
 
 
 def _rms_norm(x, weight, eps):

@@ -1,0 +1,194 @@
+"""Quantized weights: one pytree type, one `linear`, one embedding lookup.
+
+A weight leaf of the params pytree is either a plain array (linears [in, out], the embedding
+[vocab, hidden]) or a `QuantizedWeight`. A QuantizedWeight always stores its rows as OUTPUT
+channels (HF's and GGUF's [out, in] orientation), so one layout serves a linear, the embedding
+gather (a row per token) and the tied lm_head (a row per vocabulary entry).
+
+Formats (`QuantizedWeight.format`):
+  int8   data i8[out, in], scale f32[out]: w = data * scale (per output channel, symmetric).
+  fp8    data float8_e4m3fn[out, in], scale f32[out]: the same with e4m3 values (GPU only).
+  q8_0   GGUF Q8_0: data i8[out, in], scale f16[out, in/32]: w = data * scale of its 32-block.
+  q4_0   GGUF Q4_0: data u8[out, in/2], scale f16[out, in/32]: each 16-byte group holds a
+         block's 32 values, element j in the low nibble of byte j and element j+16 in the high
+         nibble; w = (nibble - 8) * scale.
+  q4_1   GGUF Q4_1: as q4_0 plus offset f16[out, in/32]: w = nibble * scale + offset.
+
+Dequantizing reproduces gguf.quants.dequantize bit for bit (f16 scales widened to f32, the same
+operations in the same order), so a kept-quantized GGUF computes with the exact weights the
+dequantize-at-load path would hold.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# --quantization values (vLLM's names). gguf: keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks.
+METHODS = ("int8", "fp8", "gguf")
+GGUF_FORMATS = ("q8_0", "q4_0", "q4_1")
+GGUF_BLOCK = 32  # values per GGUF quantization block (Q8_0, Q4_0, Q4_1)
+# Dequantized values per chunk of a GGUF-block linear: 2.25 MiB of f32, about one core's L2.
+_CHUNK_VALUES = 1024 * 576
+_QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448 for e4m3
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight matrix of logical shape [out, in] kept quantized (see the module docstring)."""
+
+    data: jax.Array  # i8 | float8_e4m3fn [out, in], or u8[out, in/2] for q4_*
+    scale: jax.Array  # f32[out] (int8, fp8) or f16[out, in/32] (GGUF)
+    offset: jax.Array | None  # f16[out, in/32] for q4_1, else None
+    format: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical [out, in] shape."""
+        out, cols = self.data.shape
+        return out, cols * 2 if self.format in ("q4_0", "q4_1") else cols
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in (self.data, self.scale, self.offset) if a is not None)
+
+
+def check_method(method: str | None, platform: str | None = None) -> None:
+    """ValueError saying what works when `method` is unknown or `platform` (a jax platform name;
+    None: not checked) cannot run it."""
+    works = ("int8 (weight-only, per-channel scales, any checkpoint), fp8 (e4m3, GPU only) or gguf (keep a "
+             ".gguf file's Q8_0/Q4_0/Q4_1 blocks); compressed-tensors int8 checkpoints load without the flag")
+    if method is not None and method not in METHODS:
+        raise ValueError(f"quantization={method!r} is not supported by jpaged; use {works}.")
+    if method == "fp8" and platform is not None and platform not in ("gpu", "cuda", "rocm"):
+        raise ValueError(f"quantization='fp8' needs a GPU: XLA on {platform} has no fp8 matmul; "
+                         "use --quantization int8 (or gguf for a .gguf model) instead.")
+
+
+def linear(x, weight, bias=None, out_dtype=None):
+    """x [..., in] @ weight (+ bias [out]) with float32 accumulation, returned in out_dtype
+    (default x.dtype).
+
+    weight: a plain [in, out] array or a QuantizedWeight of logical shape [out, in]. int8/fp8
+    weights enter the dot converted to x.dtype and their per-channel scale multiplies the f32
+    result; GGUF block formats are dequantized to x.dtype first (their scales vary along `in`).
+    """
+    if not isinstance(weight, QuantizedWeight):
+        y = jnp.einsum("...i,io->...o", x, weight, preferred_element_type=jnp.float32)
+    elif weight.format in _QMAX:
+        y = jnp.einsum("...i,oi->...o", x, weight.data.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = y * weight.scale
+    else:
+        y = _block_linear(x, weight)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
+def _block_linear(x, weight: QuantizedWeight):
+    """f32 x [..., in] @ a GGUF-block weight, dequantized _CHUNK_ROWS output rows at a time so that
+    each dequantized chunk stays in cache until its dot reads it (a whole f32 copy would not)."""
+    out, cols = weight.shape
+    rows = max(d for d in range(1, out + 1) if out % d == 0 and d * cols <= _CHUNK_VALUES)
+    if rows == out:
+        return jnp.einsum("...i,oi->...o", x, dequantize(weight, x.dtype), preferred_element_type=jnp.float32)
+    chunks = jax.tree.map(lambda a: a.reshape(out // rows, rows, *a.shape[1:]), weight)  # [chunks, rows, ...]
+    y = jax.lax.map(lambda w: jnp.einsum("...i,oi->...o", x, dequantize(w, x.dtype), preferred_element_type=jnp.float32),
+                    chunks)  # [chunks, ..., rows]
+    return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], out)
+
+
+def embed(table, token_ids, dtype):
+    """Rows of the embedding `table` ([vocab, hidden] array or QuantizedWeight) for token_ids
+    i32[...], as dtype [..., hidden]. A quantized table is gathered first, then dequantized."""
+    if not isinstance(table, QuantizedWeight):
+        return jnp.take(table, token_ids, axis=0).astype(dtype)
+    rows = jax.tree.map(lambda a: jnp.take(a, token_ids, axis=0), table)
+    return dequantize(rows, dtype)
+
+
+def dequantize(weight: QuantizedWeight, dtype=jnp.float32):
+    """The logical [..., out, in] weight in dtype (leading axes: gathered rows)."""
+    if weight.format in _QMAX:
+        return (weight.data.astype(jnp.float32) * weight.scale[..., None]).astype(dtype)
+    lead = weight.data.shape[:-1]
+    blocks = weight.scale.shape[-1]
+    scale = weight.scale.astype(jnp.float32)[..., None]  # [..., blocks, 1]
+    if weight.format == "q8_0":
+        values = weight.data.reshape(*lead, blocks, GGUF_BLOCK).astype(jnp.float32)
+        w = scale * values
+    else:
+        packed = weight.data.reshape(*lead, blocks, GGUF_BLOCK // 2)
+        nibbles = jnp.concatenate([packed & 0xF, packed >> 4], axis=-1)  # [..., blocks, 32]
+        if weight.format == "q4_0":
+            w = scale * (nibbles.astype(jnp.int8) - 8).astype(jnp.float32)
+        else:
+            w = scale * nibbles.astype(jnp.float32) + weight.offset.astype(jnp.float32)[..., None]
+    return w.reshape(*lead, blocks * GGUF_BLOCK).astype(dtype)
+
+
+def quantize(w_out_in, fmt: str) -> QuantizedWeight:
+    """Per-output-channel symmetric int8 or fp8 from a float [out, in] numpy array (host side).
+
+    scale = max|row| / qmax (127 for int8, 448 for e4m3); int8 rounds to nearest. An all-zero
+    row gets scale 1 so that it dequantizes to zeros.
+    """
+    w = np.asarray(w_out_in, np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / _QMAX[fmt], 1.0).astype(np.float32)
+    scaled = w / scale[:, None]
+    if fmt == "int8":
+        data = np.clip(np.rint(scaled), -127, 127).astype(np.int8)
+    else:
+        data = scaled.astype(jnp.float8_e4m3fn)
+    return QuantizedWeight(data=jnp.asarray(data), scale=jnp.asarray(scale), offset=None, format=fmt)
+
+
+def from_gguf_blocks(raw: np.ndarray, fmt: str) -> QuantizedWeight:
+    """A QuantizedWeight over a GGUF tensor's bytes u8[out, bytes per row] (Q8_0, Q4_0, Q4_1),
+    split into its fields without changing a value."""
+    out = raw.shape[0]
+    header = {"q8_0": 2, "q4_0": 2, "q4_1": 4}[fmt]  # f16 d (and f16 m for q4_1) lead each block
+    block_bytes = header + (GGUF_BLOCK if fmt == "q8_0" else GGUF_BLOCK // 2)
+    blocks = np.ascontiguousarray(raw).reshape(out, -1, block_bytes)
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # [out, blocks]
+    offset = blocks[..., 2:4].copy().view(np.float16)[..., 0] if fmt == "q4_1" else None
+    data = blocks[..., header:].reshape(out, -1).copy()
+    if fmt == "q8_0":
+        data = data.view(np.int8)
+    return QuantizedWeight(data=jnp.asarray(data), scale=jnp.asarray(scale),
+                           offset=None if offset is None else jnp.asarray(offset), format=fmt)
+
+
+def quantize_params(params: dict, fmt: str) -> dict:
+    """The params with every linear (a layer's "*_proj" [in, out] array) quantized to fmt ("int8"
+    or "fp8") per output channel; leaves that are already QuantizedWeight are kept as they are.
+
+    The embedding and lm_head stay in the model dtype (docs/quantization.md: measured when XLA:CPU
+    still materialised the converted weight, the int8 lm_head made the logits 4x slower).
+    """
+    def convert(layer):
+        return {k: quantize(np.asarray(v).T, fmt) if k.endswith("_proj") and not isinstance(v, QuantizedWeight)
+                else v for k, v in layer.items()}
+
+    return {**params, "layers": [convert(layer) for layer in params["layers"]]}
+
+
+def compiler_options(params, platform: str) -> dict:
+    """XLA options for programs that take `params`: on CPU with int8/fp8 weights, let YNNPACK fuse
+    elementwise ops (the weight's conversion) into its dot fusions. XLA:CPU's default converts
+    each weight to a whole f32 copy before the dot; fused, int8 weights decode as fast as fp32
+    (docs/quantization.md). Results are unchanged. GGUF blocks are dequantized in cache-sized
+    chunks instead (`_block_linear`), which the fusion slows down, so they keep XLA's defaults."""
+    formats = {w.format for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+               if isinstance(w, QuantizedWeight)}
+    if platform != "cpu" or not formats & set(_QMAX):
+        return {}
+    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"}
+
+
+def param_bytes(params) -> int:
+    """Bytes of every array in a params pytree (quantized leaves count data, scales and offsets)."""
+    return sum(int(a.nbytes) for a in jax.tree.leaves(params))
