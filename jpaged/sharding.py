@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpaged.models.attention_metadata import AttentionMetadata
+from jpaged.models.quantization import QuantizedWeight
 from pallas_kernels.reference import ragged_paged_attention, write_kv
 
 TP_AXIS = "tp"
@@ -76,21 +77,29 @@ def logical_specs(model) -> dict:
 def param_shardings(model, params, mesh: Mesh) -> dict:
     """NamedShardings for `params` (arrays or ShapeDtypeStructs) from `model`'s logical axes.
 
-    A leaf of the model's pytree may itself be a pytree (a quantized weight): each of its arrays
-    takes the leaf's axes when its rank matches and the splits divide, else it is replicated.
+    A quantized weight (`quantization.QuantizedWeight`: data, scale and offset all [out, ...])
+    is the declared [in, out] weight transposed (the embedding's rows stay its vocabulary), so
+    its arrays take the declared axes reversed. An array whose rank differs from its axes, or
+    whose split does not divide its dimension, is replicated.
     """
     tp = mesh.shape[TP_AXIS]
     rules = logical_rules(model.config, tp)
 
-    def shard(logical, leaf):
-        def one(array):
-            axes = tuple(rules.get(name) if name else None for name in logical)
-            if len(axes) != array.ndim or any(a is not None and d % tp for a, d in zip(axes, array.shape)):
-                axes = ()
-            return NamedSharding(mesh, P(*axes))
-        return jax.tree.map(one, leaf)
+    def place(names, array):
+        axes = tuple(rules.get(name) if name else None for name in names)[:array.ndim]
+        axes += (None,) * (array.ndim - len(axes))
+        if any(a is not None and d % tp for a, d in zip(axes, array.shape)):
+            axes = ()
+        return NamedSharding(mesh, P(*axes))
 
-    return jax.tree.map(shard, logical_specs(model), params, is_leaf=lambda x: isinstance(x, P))
+    def shard(path, logical, leaf):
+        if isinstance(leaf, QuantizedWeight):
+            is_embedding = getattr(path[-1], "key", None) == "embed"
+            names = tuple(logical) if is_embedding else tuple(logical)[::-1]
+            return jax.tree.map(lambda array: place(names, array), leaf)
+        return place(logical, leaf) if len(logical) == leaf.ndim else NamedSharding(mesh, P())
+
+    return jax.tree.map_with_path(shard, logical_specs(model), params, is_leaf=lambda x: isinstance(x, P))
 
 
 def describe(config, tp: int) -> str:
