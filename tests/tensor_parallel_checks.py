@@ -18,12 +18,20 @@ from jpaged import LLM, SamplingParams  # noqa: E402
 from jpaged.models import llama  # noqa: E402
 from jpaged.models.config import ModelConfig  # noqa: E402
 from jpaged.models.llama import LlamaForCausalLM  # noqa: E402
+from jpaged.models.quantization import QuantizedWeight  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 200, 17, 4000, 31, 8, 77, 12, 5, 6, 99, 100, 101, 7, 3000, 45], [1, 42, 43], [1, 7] * 12]
 
 
 def spec(array) -> list:
     return [None if axis is None else str(axis) for axis in array.sharding.spec]
+
+
+def specs(weight):
+    """A param's mesh axes; a quantized weight's per array: {"data": [...], "scale": [...]}."""
+    if isinstance(weight, QuantizedWeight):
+        return {name: spec(getattr(weight, name)) for name in ("data", "scale")}
+    return spec(weight)
 
 
 def sharp_params(model_dir: str):
@@ -48,19 +56,20 @@ def run_data_parallel(model_dir: str, backend: str) -> dict:
 
 
 def run(model_dir: str, backend: str, tp: int, dummy: bool = False, num_blocks: int = 24,
-        swap_space: float = 0.0, kv_cache_dtype: str = "auto") -> dict:
+        swap_space: float = 0.0, kv_cache_dtype: str = "auto", quantization: str | None = None) -> dict:
     """One engine at TP tp on the sharpened weights (dummy: the plain dummy weights, as loaded).
     With few blocks and swap space, requests are preempted by swapping their blocks out and in."""
-    model, params = sharp_params(model_dir) if not dummy else (None, None)
+    model, params = sharp_params(model_dir) if not (dummy or quantization) else (None, None)
     llm = LLM(model_dir, load_format="dummy", flax_model=model, params=params, tensor_parallel_size=tp,
               attention_backend=backend,
               max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=num_blocks,
-              swap_space=swap_space, kv_cache_dtype=kv_cache_dtype, enforce_eager=True, compilation_cache_dir="")
+              swap_space=swap_space, kv_cache_dtype=kv_cache_dtype, quantization=quantization, enforce_eager=True,
+              compilation_cache_dir="")
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     tokens = [out.outputs[0].token_ids for out in llm.generate(PROMPTS, params, use_tqdm=False)]
     runner = llm.llm_engine.runner
     layer = runner.params["layers"][0]
-    shardings = {name: spec(layer[name]) for name in sorted(layer)}
+    shardings = {name: specs(layer[name]) for name in sorted(layer)}
     shardings.update({name: spec(runner.params[name]) for name in ("embed", "final_norm", "lm_head")
                       if name in runner.params})
     k_pages = runner.kv_cache[0][0]
@@ -83,6 +92,7 @@ def main():
     print(json.dumps(dict(run(model_dir, backend, 2, num_blocks=5, swap_space=0.01), dp="swap")), flush=True)
     for tp in (1, 2):
         print(json.dumps(dict(run(model_dir, backend, tp, kv_cache_dtype="int8"), dp="int8")), flush=True)
+        print(json.dumps(dict(run(model_dir, backend, tp, quantization="int8"), dp="int8-weights")), flush=True)
 
 
 if __name__ == "__main__":

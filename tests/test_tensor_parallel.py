@@ -101,6 +101,18 @@ def test_swapping_blocks_of_a_split_pool(tp_results):
 
 
 @pytest.mark.slow
+def test_int8_weights_split_like_plain_weights(tp_results):
+    """--quantization int8 at TP 2: the [out, in] int8 data and f32[out] scales split along the plain
+    weight's rows/columns (q_proj by output heads, o_proj and down_proj by input); tokens as at TP 1."""
+    one, two = tp_results[("llama", "int8-weights", 1)], tp_results[("llama", "int8-weights", 2)]
+    assert two["tokens"] == one["tokens"]
+    q, o, down = (two["shardings"][name] for name in ("q_proj", "o_proj", "down_proj"))
+    assert q["data"] == [TP_AXIS, None] and q["scale"] == [TP_AXIS]
+    assert o["data"] == [None, TP_AXIS] and o["scale"] == [None]
+    assert down["data"] == [None, TP_AXIS] and down["scale"] == [None]
+
+
+@pytest.mark.slow
 def test_int8_kv_cache_scales_split_with_the_heads(tp_results):
     """--kv-cache-dtype int8 at TP 2: each device holds its KV heads' scales; tokens as on one device."""
     one, two = tp_results[("llama", "int8", 1)], tp_results[("llama", "int8", 2)]
