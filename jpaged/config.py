@@ -70,7 +70,14 @@ class EngineArgs:
         "one byte with a static scale per layer and KV head (the checkpoint's k_scale/v_scale, else "
         "calibrated at start): 4x the blocks of float32 in the same memory, 2x those of bfloat16.",
         choices=list(KV_CACHE_DTYPES))
-    tensor_parallel_size: int = _field(1, "Devices to shard the model over. Only 1 is implemented.", type=int)
+    tensor_parallel_size: int = _field(
+        1, "Devices to shard the model over (tensor parallel: attention heads, MLP and vocabulary split, "
+        "KV cache split by KV heads; docs/distributed.md).", type=int)
+    distributed_coordinator: str | None = _field(
+        None, "HOST:PORT of host 0's jax.distributed coordinator: join a multi-host engine "
+        "(docs/distributed.md). Every host runs the same command but for --host-id.", type=str)
+    num_hosts: int = _field(1, "Hosts (processes) in the multi-host engine.", type=int)
+    host_id: int = _field(0, "This host's rank, 0 to --num-hosts - 1; host 0 schedules and serves.", type=int)
     data_parallel_size: int = _field(
         1, "Engine replicas behind one router, replica i on jax.devices()[i*TP:(i+1)*TP] (TP: "
         "--tensor-parallel-size), each with its own scheduler and KV cache. Requests go to the least-loaded "
@@ -133,11 +140,18 @@ class EngineArgs:
         from jpaged.models.quantization import check_method  # imports jax: only when EngineArgs is built
 
         check_method(self.quantization)
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} is not implemented yet; use "
-                f"--tensor-parallel-size 1.")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n", "data_parallel_size"):
+        if self.num_hosts > 1 and self.distributed_coordinator is None:
+            raise ValueError(f"num_hosts={self.num_hosts} needs --distributed-coordinator HOST:PORT "
+                             f"(host 0's address).")
+        if not 0 <= self.host_id < self.num_hosts:
+            raise ValueError(f"host_id must be in [0, {self.num_hosts}), got {self.host_id} (--host-id).")
+        if self.num_hosts > 1 and self.data_parallel_size > 1:
+            raise ValueError("--data-parallel-size > 1 is not supported with --num-hosts > 1; use one or the other.")
+        if self.num_hosts > 1 and self.swap_space:
+            raise ValueError("--swap-space is not supported with --num-hosts > 1 (each host would keep its own "
+                             "swapped blocks); leave it 0, preemption then recomputes.")
+        for name in ("tensor_parallel_size", "num_hosts", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "max_n", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
         for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids"):

@@ -162,14 +162,18 @@ def _memory_budget(args, device, step_bytes) -> tuple[int, GpuMemory | None]:
     return memory.kv_budget(args.gpu_memory_utilization), memory
 
 
-def size_pool(model_config, args, max_model_len: int, kv_dtype: str, device, step_bytes=None) -> KVPoolSpec:
+def size_pool(model_config, args, max_model_len: int, kv_dtype: str, device, step_bytes=None,
+              kv_shards: int = 1) -> KVPoolSpec:
     """Chooses num_blocks (see the module docstring); fails when one max_model_len sequence cannot fit.
+
+    device: one of the engine's devices (all alike). kv_shards: into how many devices' parts each
+    block is split (tensor parallel by KV heads): the memory rules size one device's share.
 
     step_bytes: on a GPU, a function of no arguments returning what the largest compiled step
     needs besides the weights and the pool (`compiled_step_bytes`); called only when sizing from
     --gpu-memory-utilization.
     """
-    block_bytes = bytes_per_block(model_config, args.block_size, kv_dtype)
+    block_bytes = bytes_per_block(model_config, args.block_size, kv_dtype) // kv_shards  # on one device
     blocks_per_seq = cdiv(max_model_len, args.block_size)
     if args.num_gpu_blocks_override is not None:
         num_blocks = args.num_gpu_blocks_override
@@ -203,9 +207,10 @@ def size_pool(model_config, args, max_model_len: int, kv_dtype: str, device, ste
     spec = KVPoolSpec(num_blocks=num_blocks, block_size=args.block_size, num_layers=model_config.num_layers,
                       num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=kv_dtype)
     logger.info(
-        "KV cache: %d blocks x %d tokens = %d tokens of %s KV (%.2f GiB, from %s); max concurrency at "
-        "max_model_len=%d: %.2fx", num_blocks, args.block_size, (num_blocks - 1) * args.block_size, kv_dtype,
-        num_blocks * block_bytes / GIB, source, max_model_len, (num_blocks - 1) / blocks_per_seq)
+        "KV cache: %d blocks x %d tokens = %d tokens of %s KV (%.2f GiB per device%s, from %s); max concurrency "
+        "at max_model_len=%d: %.2fx", num_blocks, args.block_size, (num_blocks - 1) * args.block_size, kv_dtype,
+        num_blocks * block_bytes / GIB, f", each block split over {kv_shards} devices" if kv_shards > 1 else "",
+        source, max_model_len, (num_blocks - 1) / blocks_per_seq)
     return spec
 
 
@@ -214,18 +219,17 @@ def num_swap_blocks(model_config, args, kv_dtype: str) -> int:
     return int(args.swap_space * GIB) // bytes_per_block(model_config, args.block_size, kv_dtype)
 
 
-def allocate(spec: KVPoolSpec, device) -> list[tuple[jax.Array, jax.Array]]:
-    """Zeroed pool on `device`: one (k_pages, v_pages) per layer. On CPU, backed by transparent
-    huge pages where the kernel allows it."""
-    zeros = jax.jit(lambda: jnp.zeros(spec.page_shape, spec.dtype),
-                    out_shardings=jax.sharding.SingleDeviceSharding(device))
+def allocate(spec: KVPoolSpec, sharding: jax.sharding.Sharding) -> list[tuple[jax.Array, jax.Array]]:
+    """Zeroed pool placed by `sharding` (a device's, or split by KV heads over a mesh): one
+    (k_pages, v_pages) per layer. On CPU, backed by transparent huge pages where the kernel allows it."""
+    zeros = jax.jit(lambda: jnp.zeros(spec.page_shape, spec.dtype), out_shardings=sharding)
     # One array at a time, each advised before the next is zeroed: the zeroing touches every page,
     # so advising the whole pool at the end would take all of it into memory first.
     arrays, huge = [], 0
     for _ in range(2 * spec.num_layers):
         arrays.append(jax.block_until_ready(zeros()))
-        if device.platform == "cpu":
-            huge += advise_huge_pages(arrays[-1])
+        huge += sum(advise_huge_pages(shard.data) for shard in arrays[-1].addressable_shards
+                    if shard.device.platform == "cpu")
     pool = list(zip(arrays[0::2], arrays[1::2]))
     if huge:
         logger.info("KV cache: %.2f GiB advised onto transparent huge pages", huge / GIB)

@@ -22,19 +22,32 @@ class LLM:
     """`LLM(model, **engine_args)`: loads the model and precompiles at construction.
 
     Keyword arguments are EngineArgs fields (max_model_len=..., num_gpu_blocks_override=...).
+    flax_model, params: serve your own Flax model of the Llama family with its params pytree
+    (docs/models.md); `model` then names where the tokenizer comes from.
     """
 
-    def __init__(self, model: str | None = None, **engine_args):
+    def __init__(self, model: str | None = None, *, flax_model=None, params=None, **engine_args):
         names = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(set(engine_args) - names)
         if unknown:
             raise TypeError(f"LLM() got unknown engine arguments {unknown}; valid ones are the EngineArgs fields.")
         _show_info_logs()
         args = EngineArgs(model=model, **engine_args)
+        if flax_model is not None and args.data_parallel_size > 1:
+            raise ValueError("flax_model with --data-parallel-size > 1 is not supported; serve it with one replica.")
+        self.host_id = args.host_id
         # Exactly one of the two is set:
-        self.llm_engine: LLMEngine | None = None if args.data_parallel_size > 1 else LLMEngine(args)
+        self.llm_engine: LLMEngine | None = None if args.data_parallel_size > 1 else LLMEngine(
+            args, flax_model=flax_model, params=params)
         self.data_parallel = DataParallelAsyncLLM.from_engine_args(args) if self.llm_engine is None else None
         self._next_id = 0
+        if self.host_id != 0:  # multi-host: run host 0's steps until its shutdown()
+            self.llm_engine.follow()
+
+    def shutdown(self) -> None:
+        """Multi-host, on host 0: releases the other hosts (their LLM() returns). Nothing on one host."""
+        if self.llm_engine is not None:
+            self.llm_engine.shutdown()
 
     def get_tokenizer(self):
         return (self.llm_engine or self.data_parallel).tokenizer
@@ -55,6 +68,8 @@ class LLM:
         {"prompt": ...} / {"prompt_token_ids": ...} dict or a list of them.
         sampling_params: one for all prompts or one per prompt (default SamplingParams()).
         """
+        if self.host_id != 0:
+            raise RuntimeError(f"generate() runs on host 0 of a multi-host engine; this is host {self.host_id}.")
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()

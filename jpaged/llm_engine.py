@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from jpaged import kv_pool
+from jpaged import kv_pool, multihost
 from jpaged.config import DEFAULT_CPU_MAX_MODEL_LEN, EngineArgs
 from jpaged.cpu_features import resolve_cpu_dtype
 from jpaged.detokenizer import IncrementalDetokenizer
@@ -84,13 +84,18 @@ def resolve_max_model_len(args: EngineArgs, model_config, platform: str) -> int:
 class LLMEngine:
     """Loads the model, sizes and allocates the KV pool, precompiles every step bucket (blocking).
 
-    devices: the jax devices this engine runs on (None: jax.devices()[:tensor_parallel_size]);
-    a data-parallel replica gets its own slice (jpaged/data_parallel.py).
+    devices: the jax devices the engine runs on (None: the first --tensor-parallel-size of
+    jax.devices()). flax_model, params: a user's Flax model of the Llama family and its params
+    pytree (docs/models.md, "Your own Flax model"); --model then supplies only the tokenizer.
     """
 
-    def __init__(self, engine_args: EngineArgs, show_progress: bool = True, devices=None):
+    def __init__(self, engine_args: EngineArgs, show_progress: bool = True, *, devices=None, flax_model=None,
+                 params=None):
+        if (flax_model is None) != (params is None):
+            raise ValueError("pass flax_model and params together (a Flax model and its params pytree), or neither.")
         self.engine_args = args = engine_args
         kv_pool.configure_xla_allocator(args.gpu_memory_utilization)  # before JAX starts its GPU client
+        multihost.initialize(args.distributed_coordinator, args.num_hosts, args.host_id)
         platform = device_platform()
         dtype = resolve_cpu_dtype(args.dtype) if platform == "cpu" else args.dtype
         loaded = load_model(args.model, dtype=dtype, load_format=args.load_format, revision=args.revision,
@@ -99,11 +104,15 @@ class LLMEngine:
                             quantization=args.quantization)
         logger.info("weights: %.1f MiB (quantization: %s)", param_bytes(loaded.params) / 2**20, args.quantization)
         self.model_config = loaded.config
+        if flax_model is not None:
+            self.model_config = flax_model.config.replace(eos_token_ids=loaded.tokenizer.eos_token_ids)
+            flax_model = flax_model.clone(config=self.model_config)
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.model_path
         self.max_model_len = resolve_max_model_len(args, self.model_config, platform)
-        self.runner = build_runner(self.model_config, loaded.params, args, self.max_model_len, devices,
-                                   tokenizer=self.tokenizer, model_path=self.model_path)
+        self.runner = build_runner(self.model_config, loaded.params if params is None else params, args,
+                                   self.max_model_len, devices=devices, model=flax_model, tokenizer=self.tokenizer,
+                                   model_path=self.model_path)
         self.scheduler = Scheduler(
             num_blocks=self.runner.pool_spec.num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -197,6 +206,17 @@ class LLMEngine:
         for sample in live:
             sample.finish_reason, sample.stop_reason = "abort", None
         return self._make_output(parent, live)
+
+    def follow(self) -> None:
+        """On a host other than 0 (multi-host): runs every step host 0 runs, until its shutdown()."""
+        if multihost.is_leader():
+            raise RuntimeError("follow() runs on hosts other than 0; host 0 schedules the steps.")
+        steps = self.runner.follow()
+        logger.info("host 0 stopped after %d steps", steps)
+
+    def shutdown(self) -> None:
+        """On host 0 of a multi-host engine: ends the other hosts' follow(). Nothing on one host."""
+        multihost.stop_followers()
 
     def abort_all_requests(self) -> list[RequestOutput]:
         return [self.abort_request(request_id) for request_id in list(self._parents)]

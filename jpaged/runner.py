@@ -1,5 +1,9 @@
 """ModelRunner: the one host<->device boundary. Owns the params, the KV pool and the compiled steps.
 
+It runs on a mesh of the engine's devices (jpaged/sharding.py): one device, or tensor parallel
+over several, where every program runs SPMD with params and pool split by the logical rules and
+the step's inputs and sampled outputs replicated.
+
 Per step: swap blocks out/in if the scheduler asked, pack the forward blob and the sampling blob
 (two int32 transfers), run the precompiled forward for the step's (num_tokens, num_seqs,
 pages_per_seq) bucket with the KV pool donated, run the precompiled sampler on the sampled rows'
@@ -15,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jpaged import kv_pool, kv_quantization
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jpaged import kv_pool, kv_quantization, multihost, sharding
 from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.models import llama, quantization
@@ -26,21 +32,24 @@ from jpaged.structured_output.manager import bitmask_width
 logger = logging.getLogger(__name__)
 
 
-def _forward_step(params, kv_cache, kv_scales, blob, *, config, attention_fn, write_kv_fn, num_tokens, num_seqs,
+def _forward_step(params, kv_cache, kv_scales, blob, *, model, attention_fn, write_kv_fn, num_tokens, num_seqs,
                   pages_per_seq):
+    """model: a Flax module with the engine's model contract (docs/models.md)."""
     meta = StepMetadata.unpack(blob, num_tokens, num_seqs, pages_per_seq)
-    hidden, kv_cache = llama.forward(params, config, meta.token_ids, meta.positions, kv_cache, meta.attn,
-                                     attention_fn, write_kv_fn, kv_scales=kv_scales)
-    logits = llama.compute_logits(params, config, hidden[meta.logits_indices])  # f32[num_seqs, vocab]
+    variables = {"params": params}
+    scales = {} if kv_scales is None else {"kv_scales": kv_scales}  # a user's model may not take them
+    hidden, kv_cache = model.apply(variables, meta.token_ids, meta.positions, kv_cache, meta.attn, attention_fn,
+                                   write_kv_fn, **scales)
+    logits = model.apply(variables, hidden[meta.logits_indices], method="compute_logits")  # f32[num_seqs, vocab]
     return logits, hidden, kv_cache
 
 
-def _prompt_logprobs_step(params, hidden, targets, *, config, max_logprobs):
+def _prompt_logprobs_step(params, hidden, targets, *, model, max_logprobs):
     """Raw log-softmax of every packed row's logits at its next prompt token, with the top ones.
 
     hidden: [num_tokens, hidden_size]; targets: i32[num_tokens] (the token each row predicts).
     """
-    logits = llama.compute_logits(params, config, hidden)  # f32[T, vocab]
+    logits = model.apply({"params": params}, hidden, method="compute_logits")  # f32[T, vocab]
     return logprob_outputs(logits, targets, min(max_logprobs, logits.shape[1]))
 
 
@@ -54,6 +63,26 @@ def _gather_blocks(kv_cache, block_ids):
 
 def _scatter_blocks(kv_cache, block_ids, blocks):
     return [(k.at[block_ids].set(nk), v.at[block_ids].set(nv)) for (k, v), (nk, nv) in zip(kv_cache, blocks)]
+
+
+def _to_host(tree):
+    """numpy copies of replicated device arrays (one device->host copy), from this host's replica:
+    on several hosts the arrays span devices this process cannot read."""
+    return jax.device_get(jax.tree.map(lambda x: x if x.is_fully_addressable else x.addressable_data(0), tree))
+
+
+def _prompt_targets(scheduled, num_tokens: int) -> np.ndarray:
+    """i32[num_tokens]: the prompt token each packed row predicts (0 past the prompt or in padding)."""
+    targets = np.zeros(num_tokens, np.int32)
+    start = 0
+    for req in scheduled:
+        n = len(req.token_ids)
+        prompt = req.prompt_token_ids
+        nxt = np.arange(req.start_position + 1, req.start_position + n + 1)
+        in_prompt = nxt < len(prompt)
+        targets[start:start + n][in_prompt] = np.asarray(prompt, np.int32)[nxt[in_prompt]]
+        start += n
+    return targets
 
 
 @dataclasses.dataclass
@@ -72,10 +101,13 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    """Runs scheduled batches on one device.
+    """Runs scheduled batches on a mesh of devices (tensor parallel over its "tp" axis).
 
     Args:
-      model_config: jpaged.models.config.ModelConfig. params: its params pytree (on device).
+      model_config: jpaged.models.config.ModelConfig. params: its params pytree (placed with
+        `sharding.param_shardings`, or abstract shapes for lowering only).
+      mesh: a `sharding.make_mesh` mesh. model: the Flax module (default
+        `LlamaForCausalLM(model_config)`; docs/models.md gives the contract for others).
       pool_spec: kv_pool.KVPoolSpec. num_swap_blocks: host blocks for swapping (0: none).
       attention_fn: a paged attention with the reference signature; write_kv_fn: the KV write to go with it.
       bucket_pages: bucket the block-table width (for attention whose cost follows the width).
@@ -90,34 +122,51 @@ class ModelRunner:
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, device,
-                 max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, kv_scales=None,
+                 max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, mesh,
+                 max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, model=None, kv_scales=None,
                  recalibrate_kv=None):
         self.model_config = model_config
+        self.model = llama.LlamaForCausalLM(model_config) if model is None else model
         self.params = params
-        self.kv_scales = None if kv_scales is None else jax.device_put(kv_scales, device)
         self._recalibrate_kv = recalibrate_kv
         self.pool_spec = pool_spec
         self.block_size = pool_spec.block_size
         self.max_model_len = max_model_len
-        self.device = device
+        self.mesh = mesh
+        tp = mesh.shape[sharding.TP_AXIS]
+        # Step inputs and sampled outputs are replicated on every device of the mesh (programs
+        # compile for these devices, not for jax.devices()[0]: a data-parallel replica has its own).
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.kv_sharding = NamedSharding(mesh, sharding.kv_spec(model_config, tp))
+        self.kv_scale_sharding = NamedSharding(mesh, sharding.kv_scale_spec(model_config, tp))
+        self.kv_scales = None if kv_scales is None else jax.device_put(kv_scales, self.kv_scale_sharding)
+        if tp > 1:
+            attention_fn, write_kv = sharding.shard_attention(attention_fn, write_kv_fn, mesh, model_config)
+            if decode_attention_fn is not None:
+                decode_attention_fn, _ = sharding.shard_attention(decode_attention_fn, write_kv_fn, mesh, model_config)
+            write_kv_fn = write_kv
+        forward_out = None if tp == 1 else (self.replicated, self.replicated,
+                                            [(self.kv_sharding,) * 2] * pool_spec.num_layers)
         self.buckets = Buckets.create(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       max_model_len=max_model_len, block_size=pool_spec.block_size,
                                       bucket_pages=bucket_pages, max_entries_per_seq=max_entries_per_seq)
-        self.kv_cache = kv_pool.allocate(pool_spec, device)
-        options = quantization.compiler_options(params, device.platform)  # programs that read the weights
+        self.kv_cache = kv_pool.allocate(pool_spec, self.kv_sharding)
+        options = quantization.compiler_options(params, mesh.devices.flat[0].platform)  # programs that read the weights
         self._forward_jit = jax.jit(
-            functools.partial(_forward_step, config=model_config, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
-            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,), compiler_options=options)
+            functools.partial(_forward_step, model=self.model, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
+            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
+            out_shardings=forward_out, compiler_options=options)
         self._decode_jit = None if decode_attention_fn is None else jax.jit(
-            functools.partial(_forward_step, config=model_config, attention_fn=decode_attention_fn,
+            functools.partial(_forward_step, model=self.model, attention_fn=decode_attention_fn,
                               write_kv_fn=write_kv_fn),
-            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,), compiler_options=options)
+            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
+            out_shardings=forward_out, compiler_options=options)
+        replicated_out = None if tp == 1 else self.replicated  # readable on every host
         self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs),
-                                   static_argnames=("num_seqs", "num_entries"))
+                                   static_argnames=("num_seqs", "num_entries"), out_shardings=replicated_out)
         self._prompt_logprobs_jit = jax.jit(
-            functools.partial(_prompt_logprobs_step, config=model_config, max_logprobs=max_logprobs),
-            compiler_options=options)
+            functools.partial(_prompt_logprobs_step, model=self.model, max_logprobs=max_logprobs),
+            out_shardings=replicated_out, compiler_options=options)
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq, decode_only) -> compiled
         self._sample = {}  # (num_seqs, num_entries, masked) -> compiled
@@ -136,12 +185,11 @@ class ModelRunner:
     def _abstract(self, tree):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
-    def _spec(self, shape: tuple[int, ...], dtype):
-        """An input placed on the runner's device: programs compile for it, not for jax.devices()[0]."""
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(self.device))
+    def _input_spec(self, shape: tuple[int, ...], dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
 
     def _blob_spec(self, size: int):
-        return self._spec((size,), jnp.int32)
+        return self._input_spec((size,))
 
     def _compile_forward(self, t: int, s: int, p: int, decode_only: bool = False):
         blob = self._blob_spec(StepMetadata.blob_size(t, s, p))
@@ -152,24 +200,24 @@ class ModelRunner:
 
     def _compile_sample(self, s: int, e: int, masked: bool):
         vocab = self.model_config.vocab_size
-        logits = self._spec((s, vocab), jnp.float32)
+        logits = self._input_spec((s, vocab), jnp.float32)
         blob = self._blob_spec(SamplingMetadata.blob_size(s, e))
-        bitmask = self._spec((s, bitmask_width(vocab)), jnp.int32) if masked else None
+        bitmask = self._input_spec((s, bitmask_width(vocab))) if masked else None
         self._sample[(s, e, masked)] = self._sample_jit.lower(logits, blob, bitmask, num_seqs=s,
                                                               num_entries=e).compile()
 
     def _compile_prompt_logprobs(self, t: int):
-        hidden = self._spec((t, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
+        hidden = self._input_spec((t, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
         self._prompt_logprobs[t] = self._prompt_logprobs_jit.lower(
             self._abstract(self.params), hidden, self._blob_spec(t)).compile()
 
     def _compile_swap(self, direction: str, n: int):
-        ids = self._spec((n,), jnp.int32)
+        ids = self._input_spec((n,))
         kv = self._abstract(self.kv_cache)
         if direction == "out":
             compiled = jax.jit(_gather_blocks).lower(kv, ids).compile()
         else:
-            blocks = [(self._spec((n, *k.shape[1:]), k.dtype),) * 2 for k, _ in kv]
+            blocks = [(jax.ShapeDtypeStruct((n, *k.shape[1:]), k.dtype, sharding=k.sharding),) * 2 for k, _ in kv]
             compiled = jax.jit(_scatter_blocks, donate_argnums=(0,)).lower(kv, ids, blocks).compile()
         self._swap[(direction, n)] = compiled
 
@@ -202,7 +250,7 @@ class ModelRunner:
         ids[:len(pairs)] = [b for b, _ in pairs]
         if ("out", n) not in self._swap:
             self._compile_swap("out", n)
-        blocks = jax.device_get(self._swap[("out", n)](self.kv_cache, jax.device_put(ids, self.device)))
+        blocks = jax.device_get(self._swap[("out", n)](self.kv_cache, jax.device_put(ids, self.replicated)))
         slots = [slot for _, slot in pairs]
         for layer, (k, v) in enumerate(blocks):
             self._host_k[layer][slots] = k[:len(pairs)]
@@ -219,14 +267,15 @@ class ModelRunner:
         blocks = [(hk[slots], hv[slots]) for hk, hv in zip(self._host_k, self._host_v)]
         if ("in", n) not in self._swap:
             self._compile_swap("in", n)
-        self.kv_cache = self._swap[("in", n)](self.kv_cache, jax.device_put(ids, self.device),
-                                              jax.device_put(blocks, self.device))
+        self.kv_cache = self._swap[("in", n)](self.kv_cache, jax.device_put(ids, self.replicated),
+                                              jax.device_put(blocks, self.kv_sharding))
 
     def execute(self, scheduler_output, seeds: list[int], token_bitmask: np.ndarray | None = None) -> RunnerOutput:
         """Runs one scheduled step. `seeds[i]` is scheduled[i]'s resolved sampling seed.
 
         token_bitmask: None, or i32[len(scheduled), cdiv(vocab, 32)] of the tokens each row may
         sample (structured outputs); it travels in the same device_put as the step's blobs.
+        On several hosts, host 0 first sends the step to the others (jpaged/multihost.py).
         """
         self.swap_out(scheduler_output.blocks_to_swap_out)
         self.swap_in(scheduler_output.blocks_to_swap_in)
@@ -234,16 +283,32 @@ class ModelRunner:
         max_context = max(r.start_position + len(r.token_ids) for r in scheduled)
         t, s, p = self.buckets.for_step(scheduler_output.total_num_scheduled_tokens, len(scheduled), max_context,
                                         self.block_size)
-        forward_blob = pack_step(scheduled, t, s, p, self.block_size)
         entries = [logit_entries(r) for r in scheduled]
         e = pick(self.buckets.entries_for_seqs(s), sum(map(len, entries)))
-        sampling_blob = pack_sampling(scheduled, seeds, s, e, entries)
-        masked = token_bitmask is not None
-        if masked:  # padded rows allow every token
+        if token_bitmask is not None:  # padded rows allow every token
             token_bitmask = np.pad(token_bitmask, ((0, s - len(token_bitmask)), (0, 0)), constant_values=-1)
-        forward_blob, sampling_blob, token_bitmask = jax.device_put((forward_blob, sampling_blob, token_bitmask),
-                                                                    self.device)
-        decode_only = self._decode_jit is not None and all(len(r.token_ids) == 1 for r in scheduled)
+        step = multihost.StepInputs(
+            t, s, p, e, decode_only=self._decode_jit is not None and all(len(r.token_ids) == 1 for r in scheduled),
+            forward_blob=pack_step(scheduled, t, s, p, self.block_size),
+            sampling_blob=pack_sampling(scheduled, seeds, s, e, entries), token_bitmask=token_bitmask,
+            prompt_targets=_prompt_targets(scheduled, t) if any(
+                r.sampling_params.prompt_logprobs is not None for r in scheduled) else None)
+        if jax.process_count() > 1:
+            multihost.send_step(step)
+        out, prompt_logprobs = self._run(step)
+        prompt_logprobs = None if prompt_logprobs is None else _to_host(prompt_logprobs)
+        if any(r.sampling_params.logprobs is not None for r in scheduled):
+            ids, lps, ranks, top_lps, top_ids = _to_host(
+                (out.token_ids, out.logprobs, out.ranks, out.top_logprobs, out.top_token_ids))
+            return RunnerOutput(ids, lps, ranks, top_lps, top_ids, prompt_logprobs)
+        return RunnerOutput(_to_host(out.token_ids), prompt_logprobs=prompt_logprobs)
+
+    def _run(self, step: "multihost.StepInputs"):
+        """The device part of a step: (sampler output, prompt logprobs or None), on device."""
+        t, s, p, e, decode_only = step.num_tokens, step.num_seqs, step.pages_per_seq, step.num_entries, step.decode_only
+        masked = step.token_bitmask is not None
+        forward_blob, sampling_blob, token_bitmask = jax.device_put(
+            (step.forward_blob, step.sampling_blob, step.token_bitmask), self.replicated)
         # Programs missing here only with enforce_eager (warmup compiles every shape): compiled on first use.
         if (t, s, p, decode_only) not in self._forward:
             self._compile_forward(t, s, p, decode_only)
@@ -253,29 +318,20 @@ class ModelRunner:
                                                                               self.kv_scales, forward_blob)
         out = self._sample[(s, e, masked)](logits, sampling_blob, token_bitmask)
         prompt_logprobs = None
-        if any(r.sampling_params.prompt_logprobs is not None for r in scheduled):
-            prompt_logprobs = self._run_prompt_logprobs(scheduled, hidden, t)
-        if any(r.sampling_params.logprobs is not None for r in scheduled):
-            ids, lps, ranks, top_lps, top_ids = jax.device_get(
-                (out.token_ids, out.logprobs, out.ranks, out.top_logprobs, out.top_token_ids))
-            return RunnerOutput(ids, lps, ranks, top_lps, top_ids, prompt_logprobs)
-        return RunnerOutput(np.asarray(out.token_ids), prompt_logprobs=prompt_logprobs)
+        if step.prompt_targets is not None:
+            if t not in self._prompt_logprobs:  # only with enforce_eager
+                self._compile_prompt_logprobs(t)
+            prompt_logprobs = self._prompt_logprobs[t](self.params, hidden,
+                                                       jax.device_put(step.prompt_targets, self.replicated))
+        return out, prompt_logprobs
 
-    def _run_prompt_logprobs(self, scheduled, hidden, num_tokens: int):
-        """Prompt logprobs for every packed row."""
-        targets = np.zeros(num_tokens, np.int32)
-        start = 0
-        for req in scheduled:
-            n = len(req.token_ids)
-            prompt = req.prompt_token_ids
-            nxt = np.arange(req.start_position + 1, req.start_position + n + 1)
-            in_prompt = nxt < len(prompt)
-            targets[start:start + n][in_prompt] = np.asarray(prompt, np.int32)[nxt[in_prompt]]
-            start += n
-        if num_tokens not in self._prompt_logprobs:  # only with enforce_eager
-            self._compile_prompt_logprobs(num_tokens)
-        return jax.device_get(self._prompt_logprobs[num_tokens](self.params, hidden,
-                                                                jax.device_put(targets, self.device)))
+    def follow(self) -> int:
+        """On a host other than 0: runs the steps host 0 sends until it stops; returns their number."""
+        steps = 0
+        while (step := multihost.receive_step(StepMetadata.blob_size, SamplingMetadata.blob_size)) is not None:
+            self._run(step)
+            steps += 1
+        return steps
 
     def kv_pool_lost(self) -> bool:
         """True when a failed step consumed the donated KV pool (its buffers are deleted)."""
@@ -283,6 +339,9 @@ class ModelRunner:
 
     def update_weights(self, params) -> None:
         """Replaces the params with a pytree of the same structure, shapes and dtypes (no recompile)."""
+        if jax.process_count() > 1:
+            raise ValueError("update_weights is not supported on a multi-host engine (the other hosts would keep "
+                             "the old weights).")
         old = jax.tree.structure(self.params)
         new = jax.tree.structure(params)
         if old != new:
@@ -293,9 +352,9 @@ class ModelRunner:
             if a.shape != b.shape or a.dtype != b.dtype:
                 raise ValueError(f"update_weights: {jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)}, "
                                  f"the model's is {a.dtype}{list(a.shape)}.")
-        self.params = jax.device_put(params, self.device)
+        self.params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, self.params))
         if self._recalibrate_kv is not None:
-            self.kv_scales = jax.device_put(self._recalibrate_kv(self.params), self.device)
+            self.kv_scales = jax.device_put(self._recalibrate_kv(self.params), self.kv_scale_sharding)
 
 
 def device_platform() -> str:
@@ -311,37 +370,47 @@ def enable_compilation_cache(cache_dir: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-def build_runner(model_config, params, args, max_model_len: int, devices=None, *, tokenizer=None,
+def build_runner(model_config, params, args, max_model_len: int, devices=None, model=None, *, tokenizer=None,
                  model_path: str | None = None) -> ModelRunner:
-    """Picks the attention backend, sizes the KV pool and swap space from EngineArgs.
+    """Builds the mesh, picks the attention backend, places the params, sizes the KV pool (per
+    device) and swap space from EngineArgs.
 
     devices: the engine's devices (a data-parallel replica's slice of jax.devices()); None means
-    jax.devices()[:tensor_parallel_size]. Params and pool go on devices[0].
+    jax.devices()[:tensor_parallel_size]. model: the Flax module (None: `LlamaForCausalLM(model_config)`).
     For an int8 / fp8 KV cache the scales come from the checkpoint at `model_path`, else from a
     calibration pass over `tokenizer`'s encoding of the built-in text (`jpaged.kv_quantization`).
     """
     enable_compilation_cache(args.compilation_cache_dir)
-    if devices is None:
-        devices = jax.devices()[:args.tensor_parallel_size]
-    device = devices[0]
+    tp = args.tensor_parallel_size
+    devices = jax.devices()[:tp] if devices is None else list(devices)
+    if len(devices) != tp:
+        raise ValueError(f"--tensor-parallel-size {tp} needs {tp} devices, but the engine got {len(devices)} "
+                         f"(jax sees {jax.device_count()}: {jax.devices()}).")
+    mesh = sharding.make_mesh(devices)
+    model = llama.LlamaForCausalLM(model_config) if model is None else model
     backend, attention_fn = select_attention(args.attention_backend, device_platform())
     decode_attention_fn = decode_only_attention(backend)
-    logger.info("attention backend: %s on %s", backend, device)
+    logger.info("attention backend: %s on %s", backend, ", ".join(map(str, devices)))
+    if tp > 1:
+        logger.info("tensor parallel over %d devices: %s", tp, sharding.describe(model_config, tp))
     kv_dtype = kv_quantization.page_dtype(args.kv_cache_dtype, model_config.dtype)
-    kv_quantization.check_backend(backend, kv_dtype, device)
-    params = jax.device_put(params, device)  # before sizing: the pool gets what the weights leave
+    kv_quantization.check_backend(backend, kv_dtype, devices[0])
+    # Before sizing: the pool gets what the weights leave.
+    params = jax.device_put(params, sharding.param_shardings(model, params, mesh))
     kv_scales, recalibrate_kv = kv_quantization.kv_cache_scales(model_config, params, kv_dtype, args.block_size,
                                                                 tokenizer, model_path)
     step_bytes = functools.partial(largest_step_bytes, model_config, params, attention_fn, select_kv_writer(backend),
-                                   args, max_model_len, kv_dtype, bucket_pages=backend == "reference")
-    pool_spec = kv_pool.size_pool(model_config, args, max_model_len, kv_dtype, device, step_bytes=step_bytes)
+                                   args, max_model_len, kv_dtype, bucket_pages=backend == "reference", mesh=mesh,
+                                   model=model)
+    pool_spec = kv_pool.size_pool(model_config, args, max_model_len, kv_dtype, devices[0], step_bytes=step_bytes,
+                                  kv_shards=sharding.kv_shards(model_config, tp))
     return ModelRunner(model_config, params, pool_spec=pool_spec,
                        num_swap_blocks=kv_pool.num_swap_blocks(model_config, args, kv_dtype),
                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                        max_model_len=max_model_len, attention_fn=attention_fn,
-                       write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", device=device,
+                       write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", mesh=mesh,
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
-                       max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn,
+                       max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model,
                        kv_scales=kv_scales, recalibrate_kv=recalibrate_kv)
 
 
@@ -353,31 +422,43 @@ def max_sampler_entries(model_config, args, max_model_len: int) -> int:
 
 
 def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, max_model_len: int, kv_dtype: str, *,
-                       bucket_pages: bool) -> int:
-    """Device bytes the largest bucket's forward plus its sampler need besides the weights and the
-    pool (`kv_pool.compiled_step_bytes`), compiled once against a one-sequence pool (with the pool
-    donated, the temporaries do not depend on its size). Used to size the pool on a GPU."""
+                       bucket_pages: bool, mesh=None, model=None) -> int:
+    """Device bytes (per device) the largest bucket's forward plus its sampler need besides the
+    weights and the pool (`kv_pool.compiled_step_bytes`), compiled once against a one-sequence
+    pool (with the pool donated, the temporaries do not depend on its size). Used to size the
+    pool on a GPU. params: arrays or ShapeDtypeStructs, placed on `mesh` (None: one device)."""
     buckets = Buckets.create(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                              max_model_len=max_model_len, block_size=args.block_size, bucket_pages=bucket_pages)
     t, p = buckets.num_tokens[-1], buckets.pages_per_seq[-1]
     s = buckets.seqs_for_tokens(t)
+    mesh = sharding.make_mesh(jax.devices()[:1]) if mesh is None else mesh
+    model = llama.LlamaForCausalLM(model_config) if model is None else model
+    tp = mesh.shape[sharding.TP_AXIS]
+    replicated = NamedSharding(mesh, PartitionSpec())
+    kv_sharding = NamedSharding(mesh, sharding.kv_spec(model_config, tp))
+    if tp > 1:
+        attention_fn, write_kv_fn = sharding.shard_attention(attention_fn, write_kv_fn, mesh, model_config)
     page = jax.ShapeDtypeStruct(kv_pool.KVPoolSpec(p + 1, args.block_size, model_config.num_layers,
                                                    model_config.num_kv_heads, model_config.head_dim,
-                                                   kv_dtype).page_shape, kv_dtype)
-    scale = jax.ShapeDtypeStruct((model_config.num_kv_heads,), jnp.float32)
+                                                   kv_dtype).page_shape, kv_dtype, sharding=kv_sharding)
+    scale = jax.ShapeDtypeStruct((model_config.num_kv_heads,), jnp.float32,
+                                 sharding=NamedSharding(mesh, sharding.kv_scale_spec(model_config, tp)))
     scales = [(scale, scale)] * model_config.num_layers if kv_quantization.is_quantized(kv_dtype) else None
-    forward = jax.jit(functools.partial(_forward_step, config=model_config, attention_fn=attention_fn,
-                                        write_kv_fn=write_kv_fn),
-                      static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    blob = jax.ShapeDtypeStruct((StepMetadata.blob_size(t, s, p),), jnp.int32)
+    forward = jax.jit(functools.partial(_forward_step, model=model, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
+                      static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
+                      out_shardings=None if tp == 1 else (replicated, replicated,
+                                                          [(kv_sharding,) * 2] * model_config.num_layers))
+    shardings = sharding.param_shardings(model, params, mesh)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params, shardings)
+    blob = jax.ShapeDtypeStruct((StepMetadata.blob_size(t, s, p),), jnp.int32, sharding=replicated)
     compiled = forward.lower(abstract, [(page, page)] * model_config.num_layers, scales, blob, num_tokens=t,
                              num_seqs=s, pages_per_seq=p).compile()
     vocab = model_config.vocab_size
     e = s * max_sampler_entries(model_config, args, max_model_len)  # the largest sampler: all entries, masked
+    spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
     sampler = jax.jit(functools.partial(_sample_step, max_logprobs=args.max_logprobs),
                       static_argnames=("num_seqs", "num_entries")).lower(
-        jax.ShapeDtypeStruct((s, vocab), jnp.float32), jax.ShapeDtypeStruct((SamplingMetadata.blob_size(s, e),), jnp.int32),
-        jax.ShapeDtypeStruct((s, bitmask_width(vocab)), jnp.int32), num_seqs=s, num_entries=e).compile()
+        spec((s, vocab), jnp.float32), spec((SamplingMetadata.blob_size(s, e),)),
+        spec((s, bitmask_width(vocab))), num_seqs=s, num_entries=e).compile()
     return kv_pool.compiled_step_bytes(compiled.memory_analysis()) + kv_pool.compiled_step_bytes(
         sampler.memory_analysis())

@@ -16,10 +16,12 @@ import sys
 
 import uvicorn
 
+from jpaged import multihost
 from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
 from jpaged.data_parallel import DataParallelAsyncLLM
 from jpaged.generation_config import load_generation_defaults
+from jpaged.llm_engine import LLMEngine
 from jpaged.loaders import DEFAULT_MODEL
 from serving.app import DEFAULT_MAX_HEADER_BYTES, CORSSettings, build_app, h11_buffer_bytes
 from serving.context import DEFAULT_MAX_PROMPTS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, ServingContext
@@ -166,6 +168,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
     finally:
         ender.cancel()
         await engine.shutdown()
+        multihost.stop_followers()  # multi-host: releases the other hosts (nothing on one host)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EngineArgs]:
@@ -190,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     args, engine_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = args.api_key or os.environ.get("JPAGED_API_KEY") or None
+    if engine_args.host_id != 0:  # multi-host: run host 0's steps; host 0 serves
+        LLMEngine(engine_args).follow()
+        return 0
     asyncio.run(_serve(args, engine_args, api_key))
     # Interpreter teardown resets Python-level signal handlers to the default, so a second
     # SIGTERM arriving now (an impatient supervisor) would end the process with -15; the server

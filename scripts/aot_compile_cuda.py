@@ -53,6 +53,7 @@ def main():
     from jpaged.models.config import ModelConfig
     from jpaged.config import EngineArgs
     from jpaged.runner import ModelRunner, max_sampler_entries
+    from jpaged.sharding import make_mesh
     from pallas_kernels.decode_attention import decode_attention
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
     from pallas_kernels.reference import write_kv
@@ -94,7 +95,7 @@ def main():
     runner = ModelRunner(config, params, pool_spec=spec, num_swap_blocks=0,
                          max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                          max_model_len=args.max_model_len, attention_fn=ragged_paged_attention, write_kv_fn=write_kv,
-                         bucket_pages=False, device=jax.devices()[0], decode_attention_fn=decode_attention,
+                         bucket_pages=False, mesh=make_mesh(jax.devices()[:1]), decode_attention_fn=decode_attention,
                          max_entries_per_seq=max_sampler_entries(config, EngineArgs(), args.max_model_len),
                          max_logprobs=EngineArgs().max_logprobs)
     # The pool the programs see: 20000 blocks (~40 GiB for Llama-3-8B), donated.

@@ -45,7 +45,7 @@ def check_greedy_equals_one_engine(kwargs: dict) -> LLM:
         assert [c.token_ids for c in g.outputs] == [c.token_ids for c in e.outputs], (e, g)
         assert [c.text for c in g.outputs] == [c.text for c in e.outputs]
     front = llm.data_parallel
-    assert [r.engine.runner.device for r in front.replicas] == jax.devices()[:2]
+    assert [list(r.engine.runner.mesh.devices.flat) for r in front.replicas] == [[d] for d in jax.devices()[:2]]
     served = [s.prompt_tokens_total for s in front.get_stats_per_engine()]
     assert all(served), f"both replicas must have served prompts: {served}"
     assert front.router.loads == [0, 0] and not front._owners
@@ -115,7 +115,7 @@ def check_update_weights(llm: LLM) -> None:
     llm.update_weights(copy)
     for replica in front.replicas:
         runner = replica.engine.runner
-        assert all(leaf.devices() == {runner.device} for leaf in jax.tree.leaves(runner.params))
+        assert all(leaf.devices() == set(runner.mesh.devices.flat) for leaf in jax.tree.leaves(runner.params))
 
 
 def check_failed_replica_is_skipped(front) -> None:

@@ -28,7 +28,7 @@ def test_vllm_flag_names_and_booleans():
     (dict(max_num_seqs=0), "--max-num-seqs"),
     (dict(gpu_memory_utilization=1.5), "--gpu-memory-utilization"),
     (dict(swap_space=-1.0), "--swap-space"),
-    (dict(tensor_parallel_size=2), "--tensor-parallel-size"),
+    (dict(tensor_parallel_size=0), "--tensor-parallel-size"),
 ])
 def test_bad_values_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -21,6 +21,7 @@ from jpaged import runner as runner_module
 from jpaged.kv_pool import KVPoolSpec
 from jpaged.models import llama
 from jpaged.models.config import ModelConfig
+from jpaged.sharding import make_mesh
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.reference import write_kv
@@ -63,7 +64,7 @@ def test_every_runner_program_lowers_for_cuda():
     runner = runner_module.ModelRunner(
         config, params, pool_spec=spec, num_swap_blocks=0, max_num_batched_tokens=512, max_num_seqs=64,
         max_model_len=8192, attention_fn=ragged_paged_attention, write_kv_fn=write_kv, bucket_pages=False,
-        device=jax.devices()[0], decode_attention_fn=decode_attention,
+        mesh=make_mesh(jax.devices()[:1]), decode_attention_fn=decode_attention,
         max_entries_per_seq=runner_module.max_sampler_entries(config, EngineArgs(), 8192), max_logprobs=20)
     record = []
     for name in ("_forward_jit", "_decode_jit", "_sample_jit", "_prompt_logprobs_jit"):

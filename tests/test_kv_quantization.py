@@ -47,7 +47,7 @@ def test_same_memory_gives_proportionally_more_blocks(dtype, ratio):
 @pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn", "float8_e5m2"])
 def test_allocated_pool_dtype_and_bytes(dtype):
     spec = kv_pool.KVPoolSpec(num_blocks=5, block_size=16, num_layers=2, num_kv_heads=3, head_dim=64, dtype=dtype)
-    pool = kv_pool.allocate(spec, jax.devices("cpu")[0])
+    pool = kv_pool.allocate(spec, jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
     assert len(pool) == 2
     for k, v in pool:
         assert k.dtype == v.dtype == jnp.dtype(dtype) and k.shape == (5, 3, 16, 64)

@@ -1,6 +1,7 @@
-"""Functional Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3).
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) as a functional Flax module.
 
-Params are a plain pytree (weights stored [in, out]):
+`LlamaForCausalLM(config)` is a flax.linen Module applied functionally over a plain params
+pytree (weights stored [in, out]):
 
     {"embed": [vocab_size, hidden_size],
      "layers": [  # a LIST, one dict per layer (never a stacked [num_layers, ...] array)
@@ -14,11 +15,21 @@ Params are a plain pytree (weights stored [in, out]):
      "final_norm": [hidden_size],
      "lm_head": [hidden_size, vocab_size]}   (absent when config.tie_word_embeddings)
 
+`param_specs` is the one description of that tree: each leaf's shape, logical axis names
+(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`) and initializer. The module
+declares its params from it (boxed with their logical axes when initialised), and from it come
+the loaders' target shapes (`param_shapes`), the dummy weights (`init_params`) and the sharding
+rules (jpaged/sharding.py). Applying reads the params as given, unchecked and unboxed, so a
+weight may be a quantized pytree instead of an array.
+
 All weights are in config.dtype, except that a projection, the embedding or the lm_head may be a
 `quantization.QuantizedWeight` ([out, in] rows). Matmuls go through `quantization.linear`: they
 take config.dtype inputs and accumulate in float32; RMSNorm, RoPE, SiLU and softmax run in float32.
 """
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,120 +40,200 @@ from jpaged.models.quantization import linear as _linear
 from pallas_kernels.reference import write_kv
 
 
-def param_shapes(config: ModelConfig) -> dict:
-    """The params pytree with shape tuples as leaves (what loaders must produce)."""
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One param: its shape, a logical axis name per dimension, and how dummy weights draw it."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    is_norm: bool = False  # norms draw N(1, 0.1), everything else N(0, 0.02)
+
+    def initializer(self, dtype):
+        """A flax initializer (key, shape, dtype) -> array, boxed with the logical axes."""
+        normal = jax.nn.initializers.normal(0.1 if self.is_norm else 0.02)
+        offset = 1.0 if self.is_norm else 0.0
+
+        def init(key, shape, dtype):
+            return (offset + normal(key, shape, jnp.float32)).astype(dtype)
+
+        return nn.with_logical_partitioning(init, self.axes)
+
+
+def param_specs(config: ModelConfig) -> dict:
+    """The params pytree (module docstring) with a ParamSpec per leaf."""
     hidden, inter = config.hidden_size, config.intermediate_size
     q_size = config.num_q_heads * config.head_dim
     kv_size = config.num_kv_heads * config.head_dim
+    norm = ParamSpec((hidden,), ("norm",), is_norm=True)
     layer = {
-        "input_norm": (hidden,),
-        "q_proj": (hidden, q_size),
-        "k_proj": (hidden, kv_size),
-        "v_proj": (hidden, kv_size),
-        "o_proj": (q_size, hidden),
-        "post_attention_norm": (hidden,),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
+        "input_norm": norm,
+        "q_proj": ParamSpec((hidden, q_size), ("embed", "heads")),
+        "k_proj": ParamSpec((hidden, kv_size), ("embed", "kv_heads")),
+        "v_proj": ParamSpec((hidden, kv_size), ("embed", "kv_heads")),
+        "o_proj": ParamSpec((q_size, hidden), ("heads", "embed")),
+        "post_attention_norm": norm,
+        "gate_proj": ParamSpec((hidden, inter), ("embed", "mlp")),
+        "up_proj": ParamSpec((hidden, inter), ("embed", "mlp")),
+        "down_proj": ParamSpec((inter, hidden), ("mlp", "embed")),
     }
     if config.attention_bias:
-        layer.update(q_bias=(q_size,), k_bias=(kv_size,), v_bias=(kv_size,))
+        layer.update(q_bias=ParamSpec((q_size,), ("heads",)), k_bias=ParamSpec((kv_size,), ("kv_heads",)),
+                     v_bias=ParamSpec((kv_size,), ("kv_heads",)))
     if config.o_proj_bias:
-        layer["o_bias"] = (hidden,)
+        layer["o_bias"] = ParamSpec((hidden,), ("embed",))
     if config.qk_norm:
-        layer.update(q_norm=(config.head_dim,), k_norm=(config.head_dim,))
-    shapes = {
-        "embed": (config.vocab_size, hidden),
+        head_norm = ParamSpec((config.head_dim,), ("head_dim",), is_norm=True)
+        layer.update(q_norm=head_norm, k_norm=head_norm)
+    specs = {
+        "embed": ParamSpec((config.vocab_size, hidden), ("vocab", "embed")),
         "layers": [dict(layer) for _ in range(config.num_layers)],
-        "final_norm": (hidden,),
+        "final_norm": norm,
     }
     if not config.tie_word_embeddings:
-        shapes["lm_head"] = (hidden, config.vocab_size)
-    return shapes
+        specs["lm_head"] = ParamSpec((hidden, config.vocab_size), ("embed", "vocab"))
+    return specs
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The params pytree with shape tuples as leaves (what loaders must produce)."""
+    return jax.tree.map(lambda spec: spec.shape, param_specs(config), is_leaf=_is_spec)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family decoder over the paged KV pool; see the module docstring for its params.
+
+    Methods (all applied with `module.apply({"params": params}, ..., method=...)`):
+      __call__(token_ids, positions, kv_cache, attn_meta, attention_fn, write_kv_fn) -> (hidden, kv_cache)
+      compute_logits(hidden) -> f32[n, vocab_size]
+      forward_dense(token_ids) -> f32[batch, seq, vocab_size]
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def weights(self) -> dict:
+        """The params pytree. Initialising draws it from `param_specs` (boxed with logical axes);
+        applying returns the given pytree as is (no shape check: weights may be quantized pytrees)."""
+        if not self.is_initializing():
+            return self.variables["params"]
+        dtype = jnp.dtype(self.config.dtype)
+        specs = param_specs(self.config)
+
+        def declare(name, spec):
+            if _is_spec(spec):
+                return self.param(name, spec.initializer(dtype), spec.shape, dtype)
+            return self.param(name, lambda key: [  # one fold of the key per layer, per param
+                {n: s.initializer(dtype)(jax.random.fold_in(jax.random.fold_in(key, i), j), s.shape, dtype)
+                 for j, (n, s) in enumerate(sorted(layer.items()))} for i, layer in enumerate(spec)])
+
+        return {name: declare(name, spec) for name, spec in specs.items()}
+
+    def __call__(self, token_ids, positions, kv_cache, attn_meta, attention_fn, write_kv_fn=write_kv,
+                 kv_scales=None):
+        """One paged step over packed tokens.
+
+        Args:
+          token_ids, positions: i32[num_tokens], packed over sequences and padded.
+          kv_cache: list (one per layer) of (k_pages, v_pages), each
+            [num_blocks, num_kv_heads, block_size, head_dim]; donate it.
+          attn_meta: AttentionMetadata (slot_mapping, block_tables, kv_lens, cu_q_lens).
+          attention_fn: a function with `pallas_kernels.reference.ragged_paged_attention`'s signature.
+          write_kv_fn: a function with `pallas_kernels.reference.write_kv`'s signature.
+          kv_scales: None, or per layer (k_scale, v_scale) f32[num_kv_heads] for int8 / fp8 pages,
+            passed to write_kv_fn and attention_fn.
+        Returns:
+          (hidden [num_tokens, hidden_size] in config.dtype with the final norm applied, new kv_cache).
+        """
+        config, params = self.config, self.weights()
+        inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
+        x = embed(params["embed"], token_ids, config.dtype)  # [T, hidden]
+        new_cache = []
+        for i, (layer, (k_pages, v_pages)) in enumerate(zip(params["layers"], kv_cache)):
+            scales = {} if kv_scales is None else dict(zip(("k_scale", "v_scale"), kv_scales[i]))
+            q, k, v = _attention_inputs(layer, config, x, positions, inv_freq)  # [T, heads, head_dim]
+            k_pages, v_pages = write_kv_fn(k_pages, v_pages, k, v, attn_meta.slot_mapping, **scales)
+            attn = attention_fn(
+                q,
+                k_pages,
+                v_pages,
+                attn_meta.kv_lens,
+                attn_meta.block_tables,
+                attn_meta.cu_q_lens,
+                sm_scale=config.head_dim**-0.5,
+                sliding_window=config.sliding_window,
+                soft_cap=None,
+                **scales,
+            )
+            x = _attention_output_and_mlp(layer, config, x, attn)
+            new_cache.append((k_pages, v_pages))
+        return _rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
+
+    def compute_logits(self, hidden):
+        """f32[n, vocab_size] from hidden [n, hidden_size] (tied to the embedding when configured)."""
+        params, tied = self.weights(), self.config.tie_word_embeddings
+        if tied and not isinstance(params["embed"], QuantizedWeight):
+            return jnp.einsum("nh,vh->nv", hidden, params["embed"], preferred_element_type=jnp.float32)
+        weight = params["embed"] if tied else params["lm_head"]  # [out=vocab, in] if quantized
+        return _linear(hidden, weight, out_dtype=jnp.float32)
+
+    def forward_dense(self, token_ids):
+        """Causal forward without a cache, the oracle for `__call__`.
+
+        token_ids: i32[batch, seq]; every row starts at position 0. Returns f32[batch, seq, vocab_size].
+        """
+        config, params = self.config, self.weights()
+        batch, seq = token_ids.shape
+        inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        x = embed(params["embed"], token_ids, config.dtype)  # [B, S, hidden]
+        for layer in params["layers"]:
+            q, k, v = _attention_inputs(layer, config, x, positions, inv_freq)  # [B, S, heads, D]
+            attn = _dense_causal_attention(q, k, v, config.sliding_window)
+            x = _attention_output_and_mlp(layer, config, x, attn)
+        hidden = _rms_norm(x, params["final_norm"], config.rms_norm_eps)
+        logits = self.compute_logits(hidden.reshape(batch * seq, -1))
+        return logits.reshape(batch, seq, -1)
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> dict:
-    """Random params in config.dtype: N(0, 0.02) weights and biases, norms N(1, 0.1).
+    """Dummy params in config.dtype with `param_specs`' distributions (N(0, 0.02), norms N(1, 0.1)).
 
     Drawn with numpy from a generator seeded by `key` (a jax.random key): jax.random would
-    compile one program per distinct shape, which costs seconds on a CPU.
+    compile one program per distinct shape, which costs seconds on a CPU. (`module.init` draws
+    the same distributions with jax.random.)
     """
     key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     rng = np.random.default_rng(np.asarray(key_data, np.uint32))
     dtype = jnp.dtype(config.dtype)
 
-    def draw(path, shape):
-        noise = rng.standard_normal(shape, dtype=np.float32)
-        is_norm = str(getattr(path[-1], "key", "")).endswith("norm")
-        return jnp.asarray(((1.0 + 0.1 * noise) if is_norm else 0.02 * noise).astype(dtype))
+    def draw(spec):
+        noise = rng.standard_normal(spec.shape, dtype=np.float32)
+        return jnp.asarray(((1.0 + 0.1 * noise) if spec.is_norm else 0.02 * noise).astype(dtype))
 
-    return jax.tree.map_with_path(draw, param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(draw, param_specs(config), is_leaf=_is_spec)
 
 
 def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_meta, attention_fn,
             write_kv_fn=write_kv, kv_scales=None):
-    """One paged step over packed tokens.
-
-    Args:
-      token_ids, positions: i32[num_tokens], packed over sequences and padded.
-      kv_cache: list (one per layer) of (k_pages, v_pages), each
-        [num_blocks, num_kv_heads, block_size, head_dim]; donate it.
-      attn_meta: AttentionMetadata (slot_mapping, block_tables, kv_lens, cu_q_lens).
-      attention_fn: a function with `pallas_kernels.reference.ragged_paged_attention`'s signature.
-      write_kv_fn: a function with `pallas_kernels.reference.write_kv`'s signature.
-      kv_scales: None, or per layer (k_scale, v_scale) f32[num_kv_heads] for int8 / fp8 pages,
-        passed to write_kv_fn and attention_fn.
-    Returns:
-      (hidden [num_tokens, hidden_size] in config.dtype with the final norm applied, new kv_cache).
-    """
-    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
-    x = embed(params["embed"], token_ids, config.dtype)  # [T, hidden]
-    new_cache = []
-    for i, (layer, (k_pages, v_pages)) in enumerate(zip(params["layers"], kv_cache)):
-        scales = {} if kv_scales is None else dict(zip(("k_scale", "v_scale"), kv_scales[i]))
-        q, k, v = _attention_inputs(layer, config, x, positions, inv_freq)  # [T, heads, head_dim]
-        k_pages, v_pages = write_kv_fn(k_pages, v_pages, k, v, attn_meta.slot_mapping, **scales)
-        attn = attention_fn(
-            q,
-            k_pages,
-            v_pages,
-            attn_meta.kv_lens,
-            attn_meta.block_tables,
-            attn_meta.cu_q_lens,
-            sm_scale=config.head_dim**-0.5,
-            sliding_window=config.sliding_window,
-            soft_cap=None,
-            **scales,
-        )
-        x = _attention_output_and_mlp(layer, config, x, attn)
-        new_cache.append((k_pages, v_pages))
-    return _rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
+    """`LlamaForCausalLM(config)` applied to `params`: (hidden, new kv_cache); see its __call__."""
+    return LlamaForCausalLM(config).apply({"params": params}, token_ids, positions, kv_cache, attn_meta,
+                                          attention_fn, write_kv_fn, kv_scales)
 
 
 def compute_logits(params, config: ModelConfig, hidden):
-    """f32[n, vocab_size] from hidden [n, hidden_size] (tied to the embedding when configured)."""
-    if config.tie_word_embeddings and not isinstance(params["embed"], QuantizedWeight):
-        return jnp.einsum("nh,vh->nv", hidden, params["embed"], preferred_element_type=jnp.float32)
-    weight = params["embed"] if config.tie_word_embeddings else params["lm_head"]  # [out=vocab, in] if quantized
-    return _linear(hidden, weight, out_dtype=jnp.float32)
+    """f32[n, vocab_size] from hidden [n, hidden_size]; see LlamaForCausalLM.compute_logits."""
+    model = LlamaForCausalLM(config)
+    return model.apply({"params": params}, hidden, method=model.compute_logits)
 
 
 def forward_dense(params, config: ModelConfig, token_ids):
-    """Causal forward without a cache, the oracle for `forward`.
-
-    token_ids: i32[batch, seq]; every row starts at position 0. Returns f32[batch, seq, vocab_size].
-    """
-    batch, seq = token_ids.shape
-    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
-    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    x = embed(params["embed"], token_ids, config.dtype)  # [B, S, hidden]
-    for layer in params["layers"]:
-        q, k, v = _attention_inputs(layer, config, x, positions, inv_freq)  # [B, S, heads, D]
-        attn = _dense_causal_attention(q, k, v, config.sliding_window)
-        x = _attention_output_and_mlp(layer, config, x, attn)
-    hidden = _rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    logits = compute_logits(params, config, hidden.reshape(batch * seq, -1))
-    return logits.reshape(batch, seq, -1)
+    """The dense oracle, f32[batch, seq, vocab_size]; see LlamaForCausalLM.forward_dense."""
+    model = LlamaForCausalLM(config)
+    return model.apply({"params": params}, token_ids, method=model.forward_dense)
 
 
 def _attention_inputs(layer, config, x, positions, inv_freq):
