@@ -69,6 +69,17 @@ def _streamed_message(stream):
     return content, [tuple(c) for c in calls.values()], finish
 
 
+def _tool_message(reply, stream: bool):
+    """(content, [(name, arguments)], finish_reason) of a streamed or whole chat reply; a whole
+    reply's tool calls must carry vLLM's id prefix and type."""
+    if stream:
+        return _streamed_message(reply)
+    message = reply.choices[0].message
+    calls = message.tool_calls or []
+    assert all(c.id.startswith("chatcmpl-tool-") and c.type == "function" for c in calls)
+    return message.content, [(c.function.name, c.function.arguments) for c in calls], reply.choices[0].finish_reason
+
+
 def test_response_format_json_schema_over_seeds(tiny_server):
     client = _client(tiny_server)
     for seed in range(6):
@@ -108,13 +119,7 @@ def test_tool_choice_required_and_named(tiny_server, stream):
         for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
             reply = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice=choice,
                                                    temperature=1.0, seed=seed, max_tokens=150, stream=stream)
-            if stream:
-                content, calls, finish = _streamed_message(reply)
-            else:
-                message = reply.choices[0].message
-                content, finish = message.content, reply.choices[0].finish_reason
-                calls = [(c.function.name, c.function.arguments) for c in message.tool_calls]
-                assert all(c.id.startswith("chatcmpl-tool-") and c.type == "function" for c in message.tool_calls)
+            content, calls, finish = _tool_message(reply, stream)
             assert not content and calls
             assert finish == ("tool_calls" if choice == "required" else "stop")
             for name, arguments in calls:
@@ -130,12 +135,7 @@ def test_auto_tool_choice_parses_hermes_calls(tiny_server, stream):
             r'"unit": "celsius"\}\}\n</tool_call>'
     reply = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, temperature=1.0, seed=3,
                                            max_tokens=150, stream=stream, extra_body={"guided_regex": regex})
-    if stream:
-        content, calls, finish = _streamed_message(reply)
-    else:
-        message = reply.choices[0].message
-        content, finish = message.content, reply.choices[0].finish_reason
-        calls = [(c.function.name, c.function.arguments) for c in message.tool_calls]
+    content, calls, finish = _tool_message(reply, stream)
     assert content.strip() == "Sure." and finish == "tool_calls"
     assert len(calls) == 1 and calls[0][0] == "get_weather"
     arguments = json.loads(calls[0][1])
@@ -178,11 +178,7 @@ def test_smollm2_json_schema_and_tools(smollm2_path):
             jsonschema.validate(json.loads(content), SCHEMA)
             for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
                 reply = client.chat.completions.create(messages=MESSAGES, tools=TOOLS, tool_choice=choice, **kwargs)
-                if stream:
-                    _, calls, finish = _streamed_message(reply)
-                else:
-                    calls = [(c.function.name, c.function.arguments) for c in reply.choices[0].message.tool_calls]
-                    finish = reply.choices[0].finish_reason
+                _, calls, finish = _tool_message(reply, stream)
                 assert calls and finish == ("tool_calls" if choice == "required" else "stop")
                 for name, arguments in calls:
                     jsonschema.validate(json.loads(arguments), SCHEMAS[name])
