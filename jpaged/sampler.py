@@ -131,6 +131,24 @@ def logprob_outputs(logits, token_ids, num_top: int):
     return chosen, ranks, top_logprobs, top_ids.astype(jnp.int32)
 
 
+def argmax(logits, chunk: int = 128):
+    """jnp.argmax(logits, axis=-1) as i32[S] for f32[S, V]: the first index on ties (a row with
+    NaN gets some index below V: XLA:CPU's max reduction may skip NaN).
+
+    Two levels: the largest value of each `chunk`-wide slice, the first slice holding the row's
+    largest, then the argmax within that slice. XLA:CPU lowers a vocabulary-wide argmax to a
+    scalar (value, index) reduction: 7.8 ms for 64 x 49152, against 0.27 ms this way.
+    """
+    num_rows, vocab = logits.shape
+    pad = -vocab % chunk
+    if pad:
+        logits = jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    slices = logits.reshape(num_rows, -1, chunk)
+    best_slice = jnp.argmax(jnp.max(slices, axis=-1), axis=-1)
+    within = jnp.take_along_axis(slices, best_slice[:, None, None], axis=1)[:, 0]
+    return (best_slice * chunk + jnp.argmax(within, axis=-1)).astype(jnp.int32)
+
+
 def _processed_logits(logits, meta: SamplingMetadata, greedy):
     """Sampled rows: temperature, min_p, then top_k/top_p masks. Greedy rows stay as they are."""
     scaled = logits / jnp.where(greedy, 1.0, meta.temperature)[:, None]
@@ -156,11 +174,11 @@ def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int
         logits = apply_token_bitmask(logits, token_bitmask)
     logits = apply_adjustments(logits, meta)
     greedy = meta.temperature <= 0.0
-    greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_ids = argmax(logits)
 
     def sampled_ids(logits):
         noisy = _processed_logits(logits, meta, greedy) + gumbel_noise(meta.seeds, meta.output_index, vocab)
-        return jnp.where(greedy, greedy_ids, jnp.argmax(noisy, axis=-1).astype(jnp.int32))
+        return jnp.where(greedy, greedy_ids, argmax(noisy))
 
     token_ids = jax.lax.cond(jnp.all(greedy), lambda _: greedy_ids, sampled_ids, logits)
     top = min(max_logprobs, vocab)

@@ -13,7 +13,6 @@ from safetensors.numpy import load_file, save_file
 from jpaged import LLM, EngineArgs, SamplingParams, kv_pool, kv_quantization
 from jpaged.loaders import load_model
 from jpaged.models import llama
-from jpaged.models.config import rope_inv_freq
 from test_engine import ENGINE_KWARGS, assert_pool_free, mixed_prompts, sharpened
 
 QUANTIZED = ["int8", "fp8", "fp8_e5m2"]
@@ -142,8 +141,8 @@ def test_calibrated_scales_are_absmax_over_qmax(tiny_model_dir, tiny_params, kv_
     scales = kv_quantization.calibrate(tiny_params, config, ids, dtype)
     assert len(scales) == config.num_layers
     x = jnp.take(tiny_params["embed"], jnp.asarray(ids), axis=0)
-    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
-    _, k, v = llama._attention_inputs(tiny_params["layers"][0], config, x, jnp.arange(len(ids)), inv_freq)
+    rope = llama.rope_tables(config, jnp.arange(len(ids)))
+    _, k, v = llama._attention_inputs(tiny_params["layers"][0], config, x, rope)
     factor = kv_quantization.KV_SCALE_MARGIN[dtype] / kv_quantization.QMAX[dtype]
     k_scale, v_scale = scales[0]
     assert k_scale.shape == v_scale.shape == (config.num_kv_heads,)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged.sampler import MAX_LOGPROBS, apply_adjustments, apply_min_p, apply_top_k_top_p, sample
+from jpaged.sampler import MAX_LOGPROBS, apply_adjustments, apply_min_p, apply_top_k_top_p, argmax, sample
 from jpaged.sampling_params import SamplingParams
 from jpaged.step_metadata import SamplingMetadata, logit_entries, pack_sampling
 
@@ -34,6 +34,24 @@ def test_greedy_is_argmax_and_ignores_seed():
     logits = np.random.default_rng(0).normal(size=(8, VOCAB)).astype(np.float32)
     out = _sample(jnp.asarray(logits), make_meta(8, seeds=np.arange(8)))
     np.testing.assert_array_equal(np.asarray(out.token_ids), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 7])
+def test_two_level_argmax_equals_numpy(vocab):
+    """First index on ties and all -inf rows as np.argmax, chunked or not; a NaN row (a broken
+    model) still gets an index inside the vocabulary."""
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((9, vocab)).astype(np.float32)
+    logits[1, :] = -np.inf
+    logits[2, [3 % vocab, 200 % vocab, vocab - 1]] = 50.0  # ties, across chunks when the vocab allows
+    logits[3, vocab // 2] = np.nan
+    logits[4, :] = 1.0
+    logits[5, vocab - 1] = np.inf
+    logits[6] = np.round(logits[6])  # many ties inside chunks
+    ids = np.asarray(jax.jit(argmax)(jnp.asarray(logits)))
+    assert 0 <= ids[3] < vocab
+    keep = np.arange(len(logits)) != 3
+    np.testing.assert_array_equal(ids[keep], np.argmax(logits, axis=-1)[keep])
 
 
 def test_top_k_top_p_mask_matches_numpy():

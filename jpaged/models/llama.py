@@ -149,12 +149,12 @@ class LlamaForCausalLM(nn.Module):
           (hidden [num_tokens, hidden_size] in config.dtype with the final norm applied, new kv_cache).
         """
         config, params = self.config, self.weights()
-        inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
+        rope = rope_tables(config, positions)
         x = embed(params["embed"], token_ids, config.dtype)  # [T, hidden]
         new_cache = []
         for i, (layer, (k_pages, v_pages)) in enumerate(zip(params["layers"], kv_cache)):
             scales = {} if kv_scales is None else dict(zip(("k_scale", "v_scale"), kv_scales[i]))
-            q, k, v = _attention_inputs(layer, config, x, positions, inv_freq)  # [T, heads, head_dim]
+            q, k, v = _attention_inputs(layer, config, x, rope)  # [T, heads, head_dim]
             k_pages, v_pages = write_kv_fn(k_pages, v_pages, k, v, attn_meta.slot_mapping, **scales)
             attn = attention_fn(
                 q,
@@ -187,11 +187,11 @@ class LlamaForCausalLM(nn.Module):
         """
         config, params = self.config, self.weights()
         batch, seq = token_ids.shape
-        inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        rope = rope_tables(config, positions)
         x = embed(params["embed"], token_ids, config.dtype)  # [B, S, hidden]
         for layer in params["layers"]:
-            q, k, v = _attention_inputs(layer, config, x, positions, inv_freq)  # [B, S, heads, D]
+            q, k, v = _attention_inputs(layer, config, x, rope)  # [B, S, heads, D]
             attn = _dense_causal_attention(q, k, v, config.sliding_window)
             x = _attention_output_and_mlp(layer, config, x, attn)
         hidden = _rms_norm(x, params["final_norm"], config.rms_norm_eps)
@@ -236,8 +236,10 @@ def forward_dense(params, config: ModelConfig, token_ids):
     return model.apply({"params": params}, token_ids, method=model.forward_dense)
 
 
-def _attention_inputs(layer, config, x, positions, inv_freq):
-    """q [..., num_q_heads, head_dim], k and v [..., num_kv_heads, head_dim] with RoPE applied."""
+def _attention_inputs(layer, config, x, rope):
+    """q [..., num_q_heads, head_dim], k and v [..., num_kv_heads, head_dim] with RoPE applied.
+
+    rope: `rope_tables(config, positions)`."""
     h = _rms_norm(x, layer["input_norm"], config.rms_norm_eps)
     lead = h.shape[:-1]
     q = _linear(h, layer["q_proj"], layer.get("q_bias")).reshape(*lead, config.num_q_heads, -1)
@@ -246,7 +248,7 @@ def _attention_inputs(layer, config, x, positions, inv_freq):
     if config.qk_norm:
         q = _rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = _rms_norm(k, layer["k_norm"], config.rms_norm_eps)
-    return _rope(q, positions, inv_freq), _rope(k, positions, inv_freq), v
+    return _rope(q, *rope), _rope(k, *rope), v
 
 
 def _attention_output_and_mlp(layer, config, x, attn):
@@ -265,14 +267,26 @@ def _rms_norm(x, weight, eps):
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def _rope(x, positions, inv_freq):
-    """Rotates halves (HF's rotate_half layout). x [..., heads, head_dim], positions i32[...]."""
+def rope_tables(config: ModelConfig, positions):
+    """(cos, signed_sin), each f32[..., 1, head_dim], for `_rope` at i32 positions [...].
+
+    Computed once per step and shared by every layer: left to XLA:CPU, the cos/sin were fused
+    into each layer's q and k rotation and evaluated again per head (8x slower at 512 tokens).
+    The optimization barrier keeps them one materialized pair.
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., head_dim // 2]
-    cos = jnp.cos(angles)[..., None, :]
-    sin = jnp.sin(angles)[..., None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    tables = (jnp.concatenate([cos, cos], axis=-1)[..., None, :], jnp.concatenate([-sin, sin], axis=-1)[..., None, :])
+    return jax.lax.optimization_barrier(tables)
+
+
+def _rope(x, cos, signed_sin):
+    """Rotates halves (HF's rotate_half layout): x * cos + [x2, x1] * [-sin, sin], which equals
+    [x1 cos - x2 sin, x2 cos + x1 sin] bit for bit. x [..., heads, head_dim]."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    return (x32 * cos + jnp.concatenate([x2, x1], axis=-1) * signed_sin).astype(x.dtype)
 
 
 def _dense_causal_attention(q, k, v, sliding_window):
