@@ -1,4 +1,7 @@
-"""Pure-JAX reference paged attention: the oracle for every kernel and the fallback everywhere.
+"""Pure-JAX references: the oracle for every kernel and the fallback everywhere.
+
+Paged attention (`ragged_paged_attention`, `write_kv`) and the matmul over packed weight panels
+(`pack_panels`, `packed_matmul`), described below in that order.
 
 KV pool layout, per layer, for K and V alike (chosen so one (block, kv head) tile is contiguous,
 which is what the GPU and CPU kernels read):
@@ -17,11 +20,16 @@ Quantized KV (optional): pages of dtype int8 or float8_e4m3fn hold K / k_scale a
 (int8 rounded and clipped to +-127), with k_scale, v_scale f32 scalars or f32[num_kv_heads]
 (static per layer and head, as vLLM's k_scale/v_scale); `write_kv` quantizes and attention
 dequantizes when the scales are passed.
+
+Packed weight panels: a weight w f32[K, N] (x @ w) is stored as panels f32[P, K, PANEL_WIDTH],
+P = ceil(N / PANEL_WIDTH), panel p holding columns p * PANEL_WIDTH onward, the last one padded
+with zero columns. Each panel is contiguous, which is what the CPU matmul kernel streams.
 """
 
 import jax
 import jax.numpy as jnp
 
+PANEL_WIDTH = 48  # weight columns per packed panel
 _ROWS_PER_STEP = 64  # query tokens gathered per lax.map step: bounds the [n, context] temporaries
 
 
@@ -191,3 +199,18 @@ def ragged_paged_attention(
     offset = token - cu_q_lens[token_seq]
     out = out[item_start[token_seq] + offset // tile, offset % tile]
     return jnp.where((token < cu_q_lens[num_seqs])[:, None, None], out, jnp.zeros((), q.dtype))
+
+
+def pack_panels(w):
+    """f32[ceil(N / PANEL_WIDTH), K, PANEL_WIDTH] panels of a weight w [K, N] (see the module docstring)."""
+    k, n = w.shape
+    num_panels = -(-n // PANEL_WIDTH)
+    w = jnp.pad(jnp.asarray(w, jnp.float32), ((0, 0), (0, num_panels * PANEL_WIDTH - n)))
+    return w.reshape(k, num_panels, PANEL_WIDTH).transpose(1, 0, 2)
+
+
+def packed_matmul(x, panels, out_features: int):
+    """x f32[M, K] @ w, for w f32[K, out_features] given as `pack_panels(w)`. Returns f32[M, out_features]."""
+    num_panels, k, width = panels.shape
+    w = panels.transpose(1, 0, 2).reshape(k, num_panels * width)[:, :out_features]
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)

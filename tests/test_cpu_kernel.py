@@ -199,12 +199,16 @@ def test_failed_build_is_reported(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_build_key_follows_the_source(monkeypatch, tmp_path):
+@pytest.mark.parametrize("index", range(len(build.SOURCES + build.HEADERS)))
+def test_build_key_follows_every_source(monkeypatch, tmp_path, index):
     compiler = build.find_compiler()
     key = build.build_key(compiler)
-    changed = tmp_path / "changed.cc"
-    changed.write_text(build.SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(build, "SOURCE", changed)
+    files = list(build.SOURCES + build.HEADERS)
+    changed = tmp_path / files[index].name
+    changed.write_text(files[index].read_text() + "\n// changed\n")
+    files[index] = changed
+    monkeypatch.setattr(build, "SOURCES", tuple(files[:len(build.SOURCES)]))
+    monkeypatch.setattr(build, "HEADERS", tuple(files[len(build.SOURCES):]))
     assert build.build_key(compiler) != key
 
 

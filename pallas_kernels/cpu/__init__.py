@@ -1,8 +1,9 @@
-"""Paged attention for CPUs: a C++ kernel registered with XLA through `jax.ffi`.
+"""C++ kernels for CPUs, registered with XLA through `jax.ffi`: paged attention and a matmul
+over packed weight panels.
 
 `ragged_paged_attention` has the signature and results of
 `pallas_kernels.reference.ragged_paged_attention` and works inside `jit` (also with a donated KV
-pool). The library is built on first use when no build for this source, jaxlib, compiler and
+pool); `packed_matmul` those of `pallas_kernels.reference.packed_matmul`. The library is built on first use when no build for this source, jaxlib, compiler and
 CPU exists yet (see `build.py`); when that fails `is_available()` is False and `load_error()`
 says why, so callers can fall back to the reference.
 """
@@ -18,6 +19,7 @@ from pallas_kernels import reference
 
 FFI_TARGET = "jpaged_ragged_paged_attention"
 WRITE_KV_TARGET = "jpaged_write_kv"
+PACKED_MATMUL_TARGET = "jpaged_packed_matmul"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 
@@ -35,13 +37,15 @@ def _load() -> str | None:
         jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(library.JpagedRaggedPagedAttention),
                                     platform="cpu")
         jax.ffi.register_ffi_target(WRITE_KV_TARGET, jax.ffi.pycapsule(library.JpagedWriteKV), platform="cpu")
+        jax.ffi.register_ffi_target(PACKED_MATMUL_TARGET, jax.ffi.pycapsule(library.JpagedPackedMatmul),
+                                    platform="cpu")
     except (build.BuildError, OSError, AttributeError) as e:
         return f"{type(e).__name__}: {e}"
     return None
 
 
 def is_available() -> bool:
-    """Whether the kernel is built (building it now if needed) and registered."""
+    """Whether the kernels are built (building it now if needed) and registered."""
     return _load() is None
 
 
@@ -144,3 +148,25 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale=None, v_scale=None
     pages = jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)
     call = jax.ffi.ffi_call(WRITE_KV_TARGET, (pages, pages), input_output_aliases={0: 0, 1: 1})
     return call(k_pages, v_pages, k, v, slot_mapping.astype(jnp.int32))
+
+
+def packed_matmul(x, panels, out_features: int):
+    """x f32[M, K] @ w, for w f32[K, out_features] packed by `reference.pack_panels`. Returns
+    f32[M, out_features].
+
+    Streams each panel once from memory, in address order, for every M; at decode sizes
+    (M <= 64) that is 1.3-1.8x faster than XLA's dot over w [K, N] (docs/kernels_cpu.md). The
+    order of the additions is fixed, so results are the same for every thread count.
+    """
+    num_panels, k, width = panels.shape
+    if x.ndim != 2 or x.shape[1] != k or width != reference.PANEL_WIDTH or num_panels != -(-out_features // width):
+        raise ValueError(f"packed_matmul needs x [M, K] and panels [ceil(N / {reference.PANEL_WIDTH}), K, "
+                         f"{reference.PANEL_WIDTH}] for N = out_features; got x {x.shape}, panels {panels.shape}, "
+                         f"out_features {out_features}")
+    if jnp.dtype(x.dtype) != jnp.float32 or jnp.dtype(panels.dtype) != jnp.float32:
+        raise ValueError(f"packed_matmul takes float32 x and panels, got {x.dtype} and {panels.dtype}")
+    error = _load()
+    if error is not None:
+        raise RuntimeError(f"the CPU kernels are unavailable ({error})")
+    call = jax.ffi.ffi_call(PACKED_MATMUL_TARGET, jax.ShapeDtypeStruct((x.shape[0], out_features), jnp.float32))
+    return call(x, panels)

@@ -1,6 +1,7 @@
-"""Builds the C++ CPU attention kernel into a shared library: `python -m pallas_kernels.cpu.build`.
+"""Builds the C++ CPU kernels into one shared library: `python -m pallas_kernels.cpu.build`.
 
-The library's file name carries a key hashed from the source, the jaxlib version, the compiler
+The library holds the paged attention (ragged_paged_attention.cc) and the packed-weight matmul
+(packed_matmul.cc). Its file name carries a key hashed from the sources, the jaxlib version, the compiler
 and its flags and the host CPU (the flags include -march=native), so a stale build is never
 loaded. It goes next to the source when that directory is writable (an editable install), else
 under the user cache directory ($XDG_CACHE_HOME or ~/.cache, then jpaged/cpu_kernels). The
@@ -20,9 +21,11 @@ from pathlib import Path
 import jax
 import jaxlib
 
-SOURCE = Path(__file__).with_name("ragged_paged_attention.cc")
+SOURCE_DIR = Path(__file__).parent
+SOURCES = (SOURCE_DIR / "ragged_paged_attention.cc", SOURCE_DIR / "packed_matmul.cc")
+HEADERS = (SOURCE_DIR / "ffi_helpers.h",)
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-fPIC", "-shared")
-LIBRARY_STEM = "ragged_paged_attention"
+LIBRARY_STEM = "cpu_kernels"
 
 
 class BuildError(RuntimeError):
@@ -50,7 +53,7 @@ def _cpu_signature() -> str:
 def build_key(compiler: str) -> str:
     """Hash of everything that changes the built library."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    parts = [SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
+    parts = [*(path.read_bytes() for path in SOURCES + HEADERS), jaxlib.__version__.encode(), compiler.encode(),
              version.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
              _cpu_signature().encode()]
     digest = hashlib.sha256()
@@ -62,7 +65,7 @@ def build_key(compiler: str) -> str:
 def candidate_dirs() -> list[Path]:
     """Where a built library may live, in lookup order."""
     cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return [SOURCE.parent, cache_home / "jpaged" / "cpu_kernels"]
+    return [SOURCE_DIR, cache_home / "jpaged" / "cpu_kernels"]
 
 
 def library_name(key: str) -> str:
@@ -104,7 +107,7 @@ def build(verbose: bool = False) -> Path:
     # Compile to a temporary name, then rename: concurrent builds never see a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".building-", dir=directory)
     os.close(fd)
-    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
     if verbose:
         print(" ".join(cmd), file=sys.stderr)
     try:
@@ -112,7 +115,7 @@ def build(verbose: bool = False) -> Path:
         if result.returncode != 0:
             raise BuildError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
         os.replace(tmp, target)
-        if directory == SOURCE.parent:  # an editable install: drop builds of older sources
+        if directory == SOURCE_DIR:  # an editable install: drop builds of older sources
             for stale in directory.glob(f"{LIBRARY_STEM}-*.so"):
                 if stale != target:
                     stale.unlink(missing_ok=True)

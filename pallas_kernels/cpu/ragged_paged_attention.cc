@@ -27,14 +27,17 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "ffi_helpers.h"
 
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-namespace ffi = xla::ffi;
-
 namespace {
+
+using jpaged_cpu::Dims;
+using jpaged_cpu::ParallelFor;
+namespace ffi = xla::ffi;
 
 // Eight fp32 lanes: one AVX register, or a pair of SSE / NEON registers.
 typedef float v8f __attribute__((vector_size(32)));
@@ -756,32 +759,6 @@ void MergePieces(const Shapes& sh, const Options& opt, const Item& it, const Pie
   }
 }
 
-// Runs fn(i, next) for i in [0, n) on the pool's threads and the calling thread, where next is
-// the index the same thread runs after i (or -1), so fn can request its data early. Threads
-// that start after every index is taken return at once; the caller waits only for indices in
-// flight.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
-  struct Counters {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  auto work = [counters, n, fn_ptr = &fn]() {
-    int64_t i = counters->next.fetch_add(1);
-    while (i < n) {
-      const int64_t next = counters->next.fetch_add(1);
-      (*fn_ptr)(i, next < n ? next : -1);
-      counters->done.fetch_add(1, std::memory_order_release);
-      i = next;
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  while (counters->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
-
 // Query tiles of every sequence. Padded sequences (q_len 0) give none.
 std::vector<Item> PlanItems(const Shapes& sh, const Options& opt, const int32_t* kv_lens,
                             const int32_t* cu_q_lens) {
@@ -894,12 +871,6 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, const Options& opt, const Q
     }
     p = e;
   }
-}
-
-std::string Dims(ffi::AnyBuffer::Dimensions dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
 }
 
 // Pointers to the operands, typed by the caller's dispatch.
