@@ -119,15 +119,23 @@ class ModelRunner:
         (`jpaged.kv_quantization`); static: never donated, never changed by a step or a swap.
       recalibrate_kv: None, or a function of the params giving new kv_scales, called by
         update_weights (scales calibrated at start follow the weights; a checkpoint's do not).
+      pack_params: None, or a function applied to `params` (and to update_weights' params) before
+        they are used: `quantization.pack_linears` for the C++ CPU matmul kernel.
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
                  max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, mesh,
                  max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, model=None, kv_scales=None,
-                 recalibrate_kv=None):
+                 recalibrate_kv=None, pack_params=None):
         self.model_config = model_config
         self.model = llama.LlamaForCausalLM(model_config) if model is None else model
-        self.params = params
+        self._param_avals = self._abstract(params)  # what update_weights must be given
+        self._pack_params = pack_params
+        self.params = params if pack_params is None else pack_params(params)
+        packed = [w for w in jax.tree.leaves(self.params, is_leaf=lambda x: isinstance(x, quantization.PackedWeight))
+                  if isinstance(w, quantization.PackedWeight)]
+        if packed:
+            logger.info("%d float32 linears packed for the C++ CPU matmul kernel", len(packed))
         self._recalibrate_kv = recalibrate_kv
         self.pool_spec = pool_spec
         self.block_size = pool_spec.block_size
@@ -338,21 +346,26 @@ class ModelRunner:
         return any(array.is_deleted() for array in jax.tree.leaves(self.kv_cache))
 
     def update_weights(self, params) -> None:
-        """Replaces the params with a pytree of the same structure, shapes and dtypes (no recompile)."""
+        """Replaces the params with a pytree of the same structure, shapes and dtypes (no recompile):
+        those of the params the runner was built with, or of `self.params` (packed, with pack_params)."""
         if jax.process_count() > 1:
             raise ValueError("update_weights is not supported on a multi-host engine (the other hosts would keep "
                              "the old weights).")
-        old = jax.tree.structure(self.params)
+        expected, pack = self._param_avals, self._pack_params
+        if pack is not None and jax.tree.structure(params) == jax.tree.structure(self.params):
+            expected, pack = self._abstract(self.params), None  # e.g. a transformed copy of self.params
+        old = jax.tree.structure(expected)
         new = jax.tree.structure(params)
         if old != new:
             raise ValueError(f"update_weights: the params tree structure differs from the loaded model's "
                              f"({new} vs {old}).")
-        for path_old, path_new in zip(jax.tree.leaves_with_path(self.params), jax.tree.leaves_with_path(params)):
+        for path_old, path_new in zip(jax.tree.leaves_with_path(expected), jax.tree.leaves_with_path(params)):
             (path, a), (_, b) = path_old, path_new
             if a.shape != b.shape or a.dtype != b.dtype:
                 raise ValueError(f"update_weights: {jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)}, "
                                  f"the model's is {a.dtype}{list(a.shape)}.")
-        self.params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, self.params))
+        params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, expected))
+        self.params = params if pack is None else pack(params)
         if self._recalibrate_kv is not None:
             self.kv_scales = jax.device_put(self._recalibrate_kv(self.params), self.kv_scale_sharding)
 
@@ -397,6 +410,10 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
     kv_quantization.check_backend(backend, kv_dtype, devices[0])
     # Before sizing: the pool gets what the weights leave.
     params = jax.device_put(params, sharding.param_shardings(model, params, mesh))
+    # The C++ attention's library also holds the packed-weight matmul; it runs on one device
+    # and only where the built-in model calls quantization.linear.
+    pack_params = (quantization.pack_linears if backend == "cpu" and tp == 1
+                   and type(model) is llama.LlamaForCausalLM else None)
     kv_scales, recalibrate_kv = kv_quantization.kv_cache_scales(model_config, params, kv_dtype, args.block_size,
                                                                 tokenizer, model_path)
     step_bytes = functools.partial(largest_step_bytes, model_config, params, attention_fn, select_kv_writer(backend),
@@ -411,7 +428,7 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
                        write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", mesh=mesh,
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
                        max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model,
-                       kv_scales=kv_scales, recalibrate_kv=recalibrate_kv)
+                       kv_scales=kv_scales, recalibrate_kv=recalibrate_kv, pack_params=pack_params)
 
 
 def max_sampler_entries(model_config, args, max_model_len: int) -> int:

@@ -18,7 +18,7 @@ from jpaged import LLM, SamplingParams  # noqa: E402
 from jpaged.models import llama  # noqa: E402
 from jpaged.models.config import ModelConfig  # noqa: E402
 from jpaged.models.llama import LlamaForCausalLM  # noqa: E402
-from jpaged.models.quantization import QuantizedWeight  # noqa: E402
+from jpaged.models.quantization import PackedWeight, QuantizedWeight  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 200, 17, 4000, 31, 8, 77, 12, 5, 6, 99, 100, 101, 7, 3000, 45], [1, 42, 43], [1, 7] * 12]
 
@@ -28,10 +28,11 @@ def spec(array) -> list:
 
 
 def specs(weight):
-    """A param's mesh axes; a quantized weight's per array: {"data": [...], "scale": [...]}."""
+    """A param's mesh axes; a quantized weight's per array: {"data": [...], "scale": [...]}; a
+    packed one's (one device only) are its panels'."""
     if isinstance(weight, QuantizedWeight):
         return {name: spec(getattr(weight, name)) for name in ("data", "scale")}
-    return spec(weight)
+    return spec(weight.panels if isinstance(weight, PackedWeight) else weight)
 
 
 def sharp_params(model_dir: str):
@@ -70,7 +71,7 @@ def run(model_dir: str, backend: str, tp: int, dummy: bool = False, num_blocks: 
     runner = llm.llm_engine.runner
     layer = runner.params["layers"][0]
     shardings = {name: specs(layer[name]) for name in sorted(layer)}
-    shardings.update({name: spec(runner.params[name]) for name in ("embed", "final_norm", "lm_head")
+    shardings.update({name: specs(runner.params[name]) for name in ("embed", "final_norm", "lm_head")
                       if name in runner.params})
     k_pages = runner.kv_cache[0][0]
     return {"model": model_dir, "backend": backend, "tp": tp, "tokens": tokens, "shardings": shardings,

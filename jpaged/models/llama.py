@@ -13,7 +13,8 @@ pytree (weights stored [in, out]):
          "post_attention_norm": [hidden], "gate_proj"/"up_proj": [hidden, intermediate],
          "down_proj": [intermediate, hidden]}, ...],
      "final_norm": [hidden_size],
-     "lm_head": [hidden_size, vocab_size]}   (absent when config.tie_word_embeddings)
+     "lm_head": [hidden_size, vocab_size]}   (absent when config.tie_word_embeddings, unless
+                                               quantization.pack_linears added a packed copy)
 
 `param_specs` is the one description of that tree: each leaf's shape, logical axis names
 (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`) and initializer. The module
@@ -23,7 +24,8 @@ rules (jpaged/sharding.py). Applying reads the params as given, unchecked and un
 weight may be a quantized pytree instead of an array.
 
 All weights are in config.dtype, except that a projection, the embedding or the lm_head may be a
-`quantization.QuantizedWeight` ([out, in] rows). Matmuls go through `quantization.linear`: they
+`quantization.QuantizedWeight` ([out, in] rows), and that on CPU the runner turns float32
+projections and the lm_head into `quantization.PackedWeight` panels for the C++ matmul kernel. Matmuls go through `quantization.linear`: they
 take config.dtype inputs and accumulate in float32; RMSNorm, RoPE, SiLU and softmax run in float32.
 """
 
@@ -174,11 +176,12 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden):
         """f32[n, vocab_size] from hidden [n, hidden_size] (tied to the embedding when configured)."""
-        params, tied = self.weights(), self.config.tie_word_embeddings
-        if tied and not isinstance(params["embed"], QuantizedWeight):
+        params = self.weights()
+        if "lm_head" in params:  # untied, or tied with a packed copy (quantization.pack_linears)
+            return _linear(hidden, params["lm_head"], out_dtype=jnp.float32)
+        if not isinstance(params["embed"], QuantizedWeight):
             return jnp.einsum("nh,vh->nv", hidden, params["embed"], preferred_element_type=jnp.float32)
-        weight = params["embed"] if tied else params["lm_head"]  # [out=vocab, in] if quantized
-        return _linear(hidden, weight, out_dtype=jnp.float32)
+        return _linear(hidden, params["embed"], out_dtype=jnp.float32)  # [out=vocab, in]
 
     def forward_dense(self, token_ids):
         """Causal forward without a cache, the oracle for `__call__`.

@@ -1,7 +1,8 @@
-"""Quantized weights: one pytree type, one `linear`, one embedding lookup.
+"""Weight leaves other than plain arrays, one `linear` over all of them, one embedding lookup.
 
-A weight leaf of the params pytree is either a plain array (linears [in, out], the embedding
-[vocab, hidden]) or a `QuantizedWeight`. A QuantizedWeight always stores its rows as OUTPUT
+A weight leaf of the params pytree is a plain array (linears [in, out], the embedding
+[vocab, hidden]), a `QuantizedWeight`, or a `PackedWeight` (a float32 linear repacked for the
+C++ CPU matmul kernel; `pack_linears`, applied by the runner on CPU). A QuantizedWeight always stores its rows as OUTPUT
 channels (HF's and GGUF's [out, in] orientation), so one layout serves a linear, the embedding
 gather (a row per token) and the tied lm_head (a row per vocabulary entry).
 
@@ -24,6 +25,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import pallas_kernels.cpu as cpu_kernels
+from pallas_kernels import reference
 
 # --quantization values (vLLM's names). gguf: keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks.
 METHODS = ("int8", "fp8", "gguf")
@@ -55,6 +59,25 @@ class QuantizedWeight:
         return sum(int(a.nbytes) for a in (self.data, self.scale, self.offset) if a is not None)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A float32 linear weight [in, out] as the CPU matmul kernel's column panels
+    (`pallas_kernels.reference.pack_panels`): panels f32[ceil(out / 48), in, 48]."""
+
+    panels: jax.Array
+    out_features: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical [in, out] shape."""
+        return self.panels.shape[1], self.out_features
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.panels.nbytes)
+
+
 def check_method(method: str | None, platform: str | None = None) -> None:
     """ValueError saying what works when `method` is unknown or `platform` (a jax platform name;
     None: not checked) cannot run it."""
@@ -71,11 +94,16 @@ def linear(x, weight, bias=None, out_dtype=None):
     """x [..., in] @ weight (+ bias [out]) with float32 accumulation, returned in out_dtype
     (default x.dtype).
 
-    weight: a plain [in, out] array or a QuantizedWeight of logical shape [out, in]. int8/fp8
-    weights enter the dot converted to x.dtype and their per-channel scale multiplies the f32
-    result; GGUF block formats are dequantized to x.dtype first (their scales vary along `in`).
+    weight: a plain [in, out] array, a PackedWeight (f32 x only: the C++ CPU kernel) or a
+    QuantizedWeight of logical shape [out, in]. int8/fp8 weights enter the dot converted to
+    x.dtype and their per-channel scale multiplies the f32 result; GGUF block formats are
+    dequantized to x.dtype first (their scales vary along `in`).
     """
-    if not isinstance(weight, QuantizedWeight):
+    if isinstance(weight, PackedWeight):
+        lead, k = x.shape[:-1], x.shape[-1]
+        y = cpu_kernels.packed_matmul(x.reshape(-1, k), weight.panels, weight.out_features)
+        y = y.reshape(*lead, weight.out_features)
+    elif not isinstance(weight, QuantizedWeight):
         y = jnp.einsum("...i,io->...o", x, weight, preferred_element_type=jnp.float32)
     elif weight.format in _QMAX:
         y = jnp.einsum("...i,oi->...o", x, weight.data.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -174,6 +202,30 @@ def quantize_params(params: dict, fmt: str) -> dict:
                 else v for k, v in layer.items()}
 
     return {**params, "layers": [convert(layer) for layer in params["layers"]]}
+
+
+def pack_linears(params: dict) -> dict:
+    """The params with every float32 linear (a layer's "*_proj" and the "lm_head" [in, out]
+    arrays) as a PackedWeight for the C++ CPU matmul kernel; other leaves (bf16 or quantized
+    weights, norms) are kept. A float32 embedding tied to the lm_head stays for the token
+    lookup and gets a packed "lm_head" copy of its transpose (vocab x hidden x 4 bytes more)."""
+    def pack(name, w):
+        if not _is_f32_array(w) or not (name.endswith("_proj") or name == "lm_head"):
+            return w
+        return PackedWeight(panels=_pack_panels(w), out_features=w.shape[1])
+
+    packed = {name: pack(name, w) for name, w in params.items() if name != "layers"}
+    packed["layers"] = [{name: pack(name, w) for name, w in layer.items()} for layer in params["layers"]]
+    if "lm_head" not in params and _is_f32_array(params["embed"]):
+        packed["lm_head"] = pack("lm_head", params["embed"].T)
+    return packed
+
+
+def _is_f32_array(w) -> bool:
+    return not isinstance(w, (QuantizedWeight, PackedWeight)) and w.dtype == jnp.float32
+
+
+_pack_panels = jax.jit(reference.pack_panels)
 
 
 def compiler_options(params, platform: str) -> dict:

@@ -1,0 +1,98 @@
+"""The C++ CPU matmul over packed weight panels against numpy and the pure-JAX reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged.models import quantization
+from pallas_kernels import cpu, reference
+
+pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"no CPU kernel: {cpu.load_error()}")
+
+# (M, K, N): decode and prefill row counts, remainders of every row block (8, 4, 2, 1), a last
+# panel narrower than 48 columns, K past four 256-row chunks, M past one 256-row chunk.
+SHAPES = [(1, 576, 576), (3, 64, 48), (7, 40, 100), (16, 576, 192), (15, 1536, 576), (64, 96, 1),
+          (300, 72, 130), (513, 24, 49), (5, 1030, 97)]
+
+packed_matmul = jax.jit(cpu.packed_matmul, static_argnums=2)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_integer_products_are_exact(m, k, n):
+    """Small integers multiply and add exactly in f32 in any order, so every output must equal
+    numpy's integer product: a wrong row, column, panel or K chunk shows as a mismatch."""
+    rng = np.random.default_rng(m * 7 + n)
+    x = rng.integers(-4, 5, (m, k))
+    w = rng.integers(-4, 5, (k, n))
+    got = packed_matmul(jnp.asarray(x, jnp.float32), reference.pack_panels(w.astype(np.float32)), n)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), (x @ w).astype(np.float32))
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_float_products_match_numpy_and_reference(m, k, n):
+    rng = np.random.default_rng(m + n)
+    x = rng.standard_normal((m, k), np.float32)
+    w = rng.standard_normal((k, n), np.float32)
+    panels = reference.pack_panels(w)
+    expect = x.astype(np.float64) @ w.astype(np.float64)
+    tol = 1e-5 * np.sqrt(k) * np.abs(expect).max()
+    np.testing.assert_allclose(np.asarray(packed_matmul(x, panels, n)), expect, rtol=0, atol=tol)
+    np.testing.assert_allclose(np.asarray(reference.packed_matmul(x, panels, n)), expect, rtol=0, atol=tol)
+
+
+def test_panels_layout():
+    """Panel p holds columns 48p.. of w, row by row; the last one is padded with zeros."""
+    w = np.arange(5 * 100, dtype=np.float32).reshape(5, 100)
+    panels = np.asarray(reference.pack_panels(w))
+    assert panels.shape == (3, 5, reference.PANEL_WIDTH)
+    np.testing.assert_array_equal(panels[1], w[:, 48:96])
+    np.testing.assert_array_equal(panels[2, :, :4], w[:, 96:])
+    assert not panels[2, :, 4:].any()
+
+
+def test_results_repeat_bit_for_bit():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((37, 576), np.float32)
+    panels = reference.pack_panels(rng.standard_normal((576, 1536), np.float32))
+    first = np.asarray(packed_matmul(x, panels, 1536))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(packed_matmul(x, panels, 1536)), first)
+
+
+def test_bad_operands_are_refused():
+    panels = reference.pack_panels(np.ones((8, 100), np.float32))
+    with pytest.raises(ValueError, match="panels"):
+        cpu.packed_matmul(jnp.ones((2, 9)), panels, 100)
+    with pytest.raises(ValueError, match="panels"):
+        cpu.packed_matmul(jnp.ones((2, 8)), panels, 150)
+    with pytest.raises(ValueError, match="float32"):
+        cpu.packed_matmul(jnp.ones((2, 8), jnp.bfloat16), panels, 100)
+
+
+def test_linear_over_packed_weight_equals_plain_weight():
+    """quantization.linear takes any leading axes and a bias, as for a plain [in, out] weight."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.integers(-3, 4, (2, 5, 40)), jnp.float32)
+    w = jnp.asarray(rng.integers(-3, 4, (40, 70)), jnp.float32)
+    bias = jnp.asarray(rng.integers(-3, 4, (70,)), jnp.float32)
+    packed = quantization.pack_linears({"embed": jnp.ones((3, 4)), "layers": [{"q_proj": w}]})
+    weight = packed["layers"][0]["q_proj"]
+    assert isinstance(weight, quantization.PackedWeight) and weight.shape == (40, 70)
+    got = jax.jit(quantization.linear)(x, weight, bias)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(quantization.linear(x, w, bias)))
+
+
+def test_pack_linears_keeps_what_it_cannot_pack():
+    """bf16 and quantized weights and norms stay; a tied f32 embedding gains a packed lm_head."""
+    rng = np.random.default_rng(3)
+    embed = jnp.asarray(rng.standard_normal((50, 8)), jnp.float32)
+    layer = {"q_proj": jnp.ones((8, 8), jnp.bfloat16), "input_norm": jnp.ones((8,)),
+             "k_proj": quantization.quantize(np.ones((8, 8)), "int8")}
+    packed = quantization.pack_linears({"embed": embed, "layers": [layer]})
+    assert packed["layers"][0] == layer and packed["embed"] is embed
+    np.testing.assert_array_equal(
+        np.asarray(reference.packed_matmul(jnp.eye(8), packed["lm_head"].panels, 50)), np.asarray(embed.T))
+    untied = quantization.pack_linears({"embed": embed, "lm_head": embed.T.astype(jnp.bfloat16), "layers": []})
+    assert untied["lm_head"].dtype == jnp.bfloat16
