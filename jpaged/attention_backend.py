@@ -36,8 +36,8 @@ def select_attention(backend: str, platform: str):
         if backend == "cpu":
             module, reason = _cpu_kernel()
             if module is None:
-                logger.warning("The C++ CPU attention kernel is unavailable (%s); using the reference "
-                               "attention, which is several times slower. Build it with "
+                logger.warning("The C++ CPU kernels are unavailable (%s); using the reference attention "
+                               "and XLA's dots, which are several times slower. Build them with "
                                "`python -m pallas_kernels.cpu.build`.", reason)
                 backend = "reference"
     if backend == "reference":
