@@ -25,8 +25,9 @@ weight may be a quantized pytree instead of an array.
 
 All weights are in config.dtype, except that a projection, the embedding or the lm_head may be a
 `quantization.QuantizedWeight` ([out, in] rows), and that on CPU the runner turns float32
-projections and the lm_head into `quantization.PackedWeight` panels for the C++ matmul kernel. Matmuls go through `quantization.linear`: they
-take config.dtype inputs and accumulate in float32; RMSNorm, RoPE, SiLU and softmax run in float32.
+projections and the lm_head into `quantization.PackedWeight` panels for the C++ matmul kernel.
+Matmuls go through `quantization.linear`: they take config.dtype inputs and accumulate in
+float32; RMSNorm, RoPE, SiLU and softmax run in float32.
 """
 
 import dataclasses

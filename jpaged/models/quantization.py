@@ -2,9 +2,10 @@
 
 A weight leaf of the params pytree is a plain array (linears [in, out], the embedding
 [vocab, hidden]), a `QuantizedWeight`, or a `PackedWeight` (a float32 linear repacked for the
-C++ CPU matmul kernel; `pack_linears`, applied by the runner on CPU). A QuantizedWeight always stores its rows as OUTPUT
-channels (HF's and GGUF's [out, in] orientation), so one layout serves a linear, the embedding
-gather (a row per token) and the tied lm_head (a row per vocabulary entry).
+C++ CPU matmul kernel by `pack_linears`, which the runner applies on CPU). A QuantizedWeight
+always stores its rows as OUTPUT channels (HF's and GGUF's [out, in] orientation), so one layout
+serves a linear, the embedding gather (a row per token) and the tied lm_head (a row per
+vocabulary entry).
 
 Formats (`QuantizedWeight.format`):
   int8   data i8[out, in], scale f32[out]: w = data * scale (per output channel, symmetric).
@@ -72,10 +73,6 @@ class PackedWeight:
     def shape(self) -> tuple[int, int]:
         """The logical [in, out] shape."""
         return self.panels.shape[1], self.out_features
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.panels.nbytes)
 
 
 def check_method(method: str | None, platform: str | None = None) -> None:
