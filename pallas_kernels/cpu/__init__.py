@@ -3,8 +3,9 @@ over packed weight panels.
 
 `ragged_paged_attention` has the signature and results of
 `pallas_kernels.reference.ragged_paged_attention` and works inside `jit` (also with a donated KV
-pool); `packed_matmul` those of `pallas_kernels.reference.packed_matmul`. The library is built on first use when no build for this source, jaxlib, compiler and
-CPU exists yet (see `build.py`); when that fails `is_available()` is False and `load_error()`
+pool); `packed_matmul` those of `pallas_kernels.reference.packed_matmul`. The library is built
+on first use when no build for these sources, jaxlib, compiler and CPU exists yet (see
+`build.py`); when that fails `is_available()` is False and `load_error()`
 says why, so callers can fall back to the reference.
 """
 
@@ -44,8 +45,15 @@ def _load() -> str | None:
     return None
 
 
+def _require_library(advice: str = "") -> None:
+    """RuntimeError with load_error() (and `advice`) when the library is unavailable."""
+    error = _load()
+    if error is not None:
+        raise RuntimeError(f"the CPU kernels are unavailable ({error}){advice}")
+
+
 def is_available() -> bool:
-    """Whether the kernels are built (building it now if needed) and registered."""
+    """Whether the kernels are built (building them now if needed) and registered."""
     return _load() is None
 
 
@@ -114,10 +122,7 @@ def ragged_paged_attention(
     """
     del query_tile  # the C++ kernel tiles queries itself
     _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens)
-    error = _load()
-    if error is not None:
-        raise RuntimeError(f"the CPU attention kernel is unavailable ({error}); "
-                           f"use --attention-backend reference")
+    _require_library("; use --attention-backend reference")
     num_kv_heads = k_pages.shape[1]
     ones = jnp.ones((num_kv_heads,), jnp.float32)
     k_scale = ones if k_scale is None else reference.kv_scales(k_scale, num_kv_heads)
@@ -138,10 +143,7 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale=None, v_scale=None
     every call (50 ms per layer for a bf16 pool of 2,561 blocks against 0.04 ms in f32); this
     copies only the new rows. Quantization to int8 / fp8 pages happens in JAX first.
     """
-    error = _load()
-    if error is not None:
-        raise RuntimeError(f"the CPU attention kernel is unavailable ({error}); "
-                           f"use --attention-backend reference")
+    _require_library("; use --attention-backend reference")
     num_kv_heads = k_pages.shape[1]
     k = reference.quantize_kv(k, reference.kv_scales(k_scale, num_kv_heads), k_pages.dtype)
     v = reference.quantize_kv(v, reference.kv_scales(v_scale, num_kv_heads), v_pages.dtype)
@@ -165,8 +167,6 @@ def packed_matmul(x, panels, out_features: int):
                          f"out_features {out_features}")
     if jnp.dtype(x.dtype) != jnp.float32 or jnp.dtype(panels.dtype) != jnp.float32:
         raise ValueError(f"packed_matmul takes float32 x and panels, got {x.dtype} and {panels.dtype}")
-    error = _load()
-    if error is not None:
-        raise RuntimeError(f"the CPU kernels are unavailable ({error})")
+    _require_library()
     call = jax.ffi.ffi_call(PACKED_MATMUL_TARGET, jax.ShapeDtypeStruct((x.shape[0], out_features), jnp.float32))
     return call(x, panels)

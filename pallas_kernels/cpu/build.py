@@ -1,9 +1,9 @@
 """Builds the C++ CPU kernels into one shared library: `python -m pallas_kernels.cpu.build`.
 
 The library holds the paged attention (ragged_paged_attention.cc) and the packed-weight matmul
-(packed_matmul.cc). Its file name carries a key hashed from the sources, the jaxlib version, the compiler
-and its flags and the host CPU (the flags include -march=native), so a stale build is never
-loaded. It goes next to the source when that directory is writable (an editable install), else
+(packed_matmul.cc). Its file name carries a key hashed from the sources, the jaxlib version,
+the compiler and its flags and the host CPU (the flags include -march=native), so a stale build
+is never loaded. It goes next to the source when that directory is writable (an editable install), else
 under the user cache directory ($XDG_CACHE_HOME or ~/.cache, then jpaged/cpu_kernels). The
 compiler is $CXX, else c++ or g++ from PATH.
 """
@@ -53,8 +53,8 @@ def _cpu_signature() -> str:
 def build_key(compiler: str) -> str:
     """Hash of everything that changes the built library."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    parts = [*(path.read_bytes() for path in SOURCES + HEADERS), jaxlib.__version__.encode(), compiler.encode(),
-             version.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
+    parts = [*(path.read_bytes() for path in SOURCES + HEADERS), jaxlib.__version__.encode(),
+             compiler.encode(), version.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
              _cpu_signature().encode()]
     digest = hashlib.sha256()
     for part in parts:
