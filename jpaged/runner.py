@@ -133,9 +133,10 @@ class ModelRunner:
         self._pack_params = pack_params
         self.params = params if pack_params is None else pack_params(params)
         is_packed = lambda x: isinstance(x, quantization.PackedWeight)  # noqa: E731
-        num_packed = sum(map(is_packed, jax.tree.leaves(self.params, is_leaf=is_packed)))
-        if num_packed:
-            logger.info("%d float32 linears packed for the C++ CPU matmul kernel", num_packed)
+        packed = [w for w in jax.tree.leaves(self.params, is_leaf=is_packed) if is_packed(w)]
+        if packed:
+            logger.info("%d linears (%s) packed for the C++ CPU matmul kernel", len(packed),
+                        ", ".join(sorted({str(w.panels.dtype) for w in packed})))
         self._recalibrate_kv = recalibrate_kv
         self.pool_spec = pool_spec
         self.block_size = pool_spec.block_size

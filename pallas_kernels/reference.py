@@ -23,7 +23,10 @@ dequantizes when the scales are passed.
 
 Packed weight panels: a weight w f32[K, N] (x @ w) is stored as panels f32[P, K, PANEL_WIDTH],
 P = ceil(N / PANEL_WIDTH), panel p holding columns p * PANEL_WIDTH onward, the last one padded
-with zero columns. Each panel is contiguous, which is what the CPU matmul kernel streams.
+with zero columns. Each panel is contiguous, which is what the CPU matmul kernel streams. A
+bfloat16 weight (K even) is stored as bf16[P, K / 2, PANEL_WIDTH, 2]: the same panels with rows
+k and k + 1 interleaved, so that a column's two weights are adjacent (one 32-bit lane, the
+operand of AVX512-BF16's pairwise dot product).
 """
 
 import jax
@@ -202,15 +205,33 @@ def ragged_paged_attention(
 
 
 def pack_panels(w):
-    """f32[ceil(N / PANEL_WIDTH), K, PANEL_WIDTH] panels of a weight w [K, N] (see the module docstring)."""
+    """Panels of a weight w [K, N] (see the module docstring): f32[ceil(N / PANEL_WIDTH), K,
+    PANEL_WIDTH] for a float32 w, bf16[ceil(N / PANEL_WIDTH), K / 2, PANEL_WIDTH, 2] for a
+    bfloat16 w with K even. Any other dtype is packed as float32."""
     k, n = w.shape
     num_panels = -(-n // PANEL_WIDTH)
-    w = jnp.pad(jnp.asarray(w, jnp.float32), ((0, 0), (0, num_panels * PANEL_WIDTH - n)))
-    return w.reshape(k, num_panels, PANEL_WIDTH).transpose(1, 0, 2)
+    dtype = jnp.bfloat16 if w.dtype == jnp.bfloat16 else jnp.float32
+    w = jnp.pad(jnp.asarray(w, dtype), ((0, 0), (0, num_panels * PANEL_WIDTH - n)))
+    if dtype == jnp.float32:
+        return w.reshape(k, num_panels, PANEL_WIDTH).transpose(1, 0, 2)
+    if k % 2:
+        raise ValueError(f"bfloat16 panels pair the rows of w; w has an odd number of rows ({k})")
+    return w.reshape(k // 2, 2, num_panels, PANEL_WIDTH).transpose(2, 0, 3, 1)
+
+
+def unpack_panels(panels, out_features: int):
+    """The weight [K, out_features] that `pack_panels` packed into `panels`."""
+    if panels.ndim == 3:
+        num_panels, k, width = panels.shape
+        w = panels.transpose(1, 0, 2).reshape(k, num_panels * width)
+    else:
+        num_panels, pairs, width, _ = panels.shape
+        w = panels.transpose(1, 3, 0, 2).reshape(2 * pairs, num_panels * width)
+    return w[:, :out_features]
 
 
 def packed_matmul(x, panels, out_features: int):
-    """x f32[M, K] @ w, for w f32[K, out_features] given as `pack_panels(w)`. Returns f32[M, out_features]."""
-    num_panels, k, width = panels.shape
-    w = panels.transpose(1, 0, 2).reshape(k, num_panels * width)[:, :out_features]
+    """x [M, K] @ w, for w [K, out_features] given as `pack_panels(w)` (x and w both float32 or
+    both bfloat16). Returns f32[M, out_features], accumulated in float32."""
+    w = unpack_panels(panels, out_features)
     return jnp.dot(x, w, preferred_element_type=jnp.float32)

@@ -1,12 +1,12 @@
 """Linear-layer speed on CPU: XLA's dot over [in, out] weights vs the C++ matmul over packed
 panels (`pallas_kernels.cpu.packed_matmul`), measured in the same run, calls interleaved.
 
-    python scripts/bench_matmul.py [--rows 1 16 64 256 512] [--repeats 9]
+    python scripts/bench_matmul.py [--dtype float32|bfloat16] [--rows 1 16 64 256 512] [--repeats 9]
 
 Two programs per row count, each jitted once:
   - "30 layers": the 210 linears of SmolLM2-135M (q, k, v, o, gate, up, down of 30 layers; 425 MB
-    of fp32 weights, each read from memory once per call, as in an engine step), chained as the
-    model chains them;
+    of fp32 weights or 212 MB of bf16, each read from memory once per call, as in an engine
+    step), chained as the model chains them;
   - "lm_head": the tied 49,152 x 576 lm_head, from the embedding [vocab, hidden] for XLA (the
     engine's einsum) and from its packed copy for the kernel.
 Each time is the best of --repeats calls (this machine is shared: the best call is the one least
@@ -28,7 +28,7 @@ SHAPES = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV_WIDTH), "v": (HIDDEN, KV_WIDTH
 
 
 def xla_dot(x, w):
-    return jnp.einsum("mi,io->mo", x, w, preferred_element_type=jnp.float32)
+    return jnp.einsum("mi,io->mo", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def layers(x, weights, dot):
@@ -50,13 +50,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 512])
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="of x and the weights (both kernels accumulate in float32)")
     args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
     if not cpu.is_available():
         raise SystemExit(f"the C++ CPU kernels are unavailable: {cpu.load_error()}")
     rng = np.random.default_rng(0)
 
     def draw(*shape):
-        return jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02)
+        return jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02, dtype)
 
     plain = [{name: draw(*shape) for name, shape in SHAPES.items()} for _ in range(LAYERS)]
     pack = jax.jit(reference.pack_panels)
@@ -68,7 +71,7 @@ def main() -> None:
     programs = {
         "30 layers": (jax.jit(lambda x, w: layers(x, w, xla_dot)), plain,
                       jax.jit(lambda x, p: layers(x, [{n: (a, widths[n]) for n, a in l.items()} for l in p],
-                                                  lambda x, w: cpu.packed_matmul(x, *w))), packed),
+                                                  lambda x, w: cpu.packed_matmul(x, *w).astype(x.dtype))), packed),
         "lm_head": (jax.jit(lambda x, e: jnp.einsum("nh,vh->nv", x, e, preferred_element_type=jnp.float32)), embed,
                     jax.jit(lambda x, p: cpu.packed_matmul(x, p, VOCAB)), lm_head),
     }
@@ -77,8 +80,10 @@ def main() -> None:
     for name, (xla_fn, xla_w, packed_fn, packed_w) in programs.items():
         for rows in args.rows:
             x = draw(rows, HIDDEN)
-            np.testing.assert_allclose(np.asarray(packed_fn(x, packed_w)), np.asarray(xla_fn(x, xla_w)),
-                                       rtol=1e-3, atol=1e-3)  # also the warm-up call of each
+            tolerance = 1e-3 if dtype == jnp.float32 else 3e-2  # bf16 activations round between layers
+            np.testing.assert_allclose(np.asarray(packed_fn(x, packed_w), np.float32),
+                                       np.asarray(xla_fn(x, xla_w), np.float32),
+                                       rtol=tolerance, atol=tolerance)  # also the warm-up call of each
             xla_times, packed_times = [], []
             for _ in range(args.repeats):  # interleaved, so both see the same neighbours
                 xla_times.append(seconds(xla_fn, x, xla_w))

@@ -51,3 +51,31 @@ def test_greedy_cpu_backend_equals_reference(tiny_model_dir):
     llm.update_weights(jax.tree.map(lambda x: x * 1.0, runner.params))
     assert len(packed_weights(llm.llm_engine.runner)) == 7 * config.num_layers + 1
     assert greedy_tokens(llm, prompts) == tokens
+
+
+def test_bfloat16_linears_packed_and_close_to_reference(tiny_model_dir):
+    """--dtype bfloat16: the cpu backend packs the bf16 linears (pairs of rows for AVX512-BF16)
+    and the tied lm_head. Both backends accumulate in float32 and round each linear's output to
+    bfloat16; only the order of the float32 additions differs, so each prompt's first-step logits
+    agree to bf16 rounding and the greedy paths agree where the logits are decided."""
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(100, 40000, size=int(n)).tolist() for n in (5, 40, 66)]
+    kwargs = dict(ENGINE_KWARGS, dtype="bfloat16")
+    reference = LLM(str(tiny_model_dir), attention_backend="reference", **kwargs)
+    sharp = jax.tree.map(lambda x: x * 3.0 if x.ndim >= 2 else x, reference.llm_engine.runner.params)
+    reference.update_weights(sharp)
+    llm = LLM(str(tiny_model_dir), attention_backend="cpu", **kwargs)
+    llm.update_weights(sharp)
+    runner = llm.llm_engine.runner
+    packed = packed_weights(runner)
+    assert len(packed) == 7 * runner.model_config.num_layers + 1
+    assert {str(w.panels.dtype) for w in packed} == {"bfloat16"}
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+    [got, want] = [[o.outputs[0] for o in engine.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                          use_tqdm=False)]
+                   for engine in (llm, reference)]
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        top_got, top_want = g.logprobs[0], w.logprobs[0]
+        for token in set(top_got) & set(top_want):
+            assert abs(top_got[token].logprob - top_want[token].logprob) < 0.1

@@ -1,4 +1,5 @@
-"""The C++ CPU matmul over packed weight panels against numpy and the pure-JAX reference."""
+"""The C++ CPU matmul over packed weight panels (float32, and bfloat16 with pairs of rows
+interleaved) against numpy and the pure-JAX reference."""
 
 import jax
 import jax.numpy as jnp
@@ -11,32 +12,41 @@ from pallas_kernels import cpu, reference
 pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"no CPU kernel: {cpu.load_error()}")
 
 # (M, K, N): decode and prefill row counts, remainders of every row block (8, 4, 2, 1), a last
-# panel narrower than 48 columns, K past four 256-row chunks, M past one 256-row chunk.
+# panel narrower than 48 columns, K past four 256-row chunks, M past one 256-row chunk. Every K
+# is even, as bfloat16 panels need.
 SHAPES = [(1, 576, 576), (3, 64, 48), (7, 40, 100), (16, 576, 192), (15, 1536, 576), (64, 96, 1),
           (300, 72, 130), (513, 24, 49), (5, 1030, 97)]
 
 packed_matmul = jax.jit(cpu.packed_matmul, static_argnums=2)
 
 
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_integer_products_are_exact(m, k, n):
-    """Small integers multiply and add exactly in f32 in any order, so every output must equal
-    numpy's integer product: a wrong row, column, panel or K chunk shows as a mismatch."""
+def test_integer_products_are_exact(m, k, n, dtype):
+    """Small integers are exact in bf16 and multiply and add exactly in f32 in any order, so
+    every output must equal numpy's integer product: a wrong row, column, panel, pair of rows or
+    K chunk shows as a mismatch."""
     rng = np.random.default_rng(m * 7 + n)
     x = rng.integers(-4, 5, (m, k))
     w = rng.integers(-4, 5, (k, n))
-    got = packed_matmul(jnp.asarray(x, jnp.float32), reference.pack_panels(w.astype(np.float32)), n)
+    got = packed_matmul(jnp.asarray(x, dtype), reference.pack_panels(jnp.asarray(w, dtype)), n)
     assert got.shape == (m, n) and got.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(got), (x @ w).astype(np.float32))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_float_products_match_numpy_and_reference(m, k, n):
+def test_float_products_match_numpy_and_reference(m, k, n, dtype):
+    """Against the float64 product of the same (for bf16: rounded) operands: both accumulate in
+    float32, so the error bound is float32's whatever the operands' dtype."""
     rng = np.random.default_rng(m + n)
-    x = rng.standard_normal((m, k), np.float32)
-    w = rng.standard_normal((k, n), np.float32)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)), dtype)
     panels = reference.pack_panels(w)
-    expect = x.astype(np.float64) @ w.astype(np.float64)
+    expect = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     tol = 1e-5 * np.sqrt(k) * np.abs(expect).max()
     np.testing.assert_allclose(np.asarray(packed_matmul(x, panels, n)), expect, rtol=0, atol=tol)
     np.testing.assert_allclose(np.asarray(reference.packed_matmul(x, panels, n)), expect, rtol=0, atol=tol)
@@ -50,6 +60,21 @@ def test_panels_layout():
     np.testing.assert_array_equal(panels[1], w[:, 48:96])
     np.testing.assert_array_equal(panels[2, :, :4], w[:, 96:])
     assert not panels[2, :, 4:].any()
+
+
+def test_bfloat16_panels_interleave_pairs_of_rows():
+    """bf16 panel p, pair i holds rows 2i and 2i + 1 of columns 48p.., column by column."""
+    w = jnp.asarray(np.arange(6 * 100).reshape(6, 100), jnp.bfloat16)
+    panels = reference.pack_panels(w)
+    assert panels.shape == (3, 3, reference.PANEL_WIDTH, 2) and panels.dtype == jnp.bfloat16
+    panels, w = np.asarray(panels, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_array_equal(panels[1, 2, :, 0], w[4, 48:96])
+    np.testing.assert_array_equal(panels[1, 2, :, 1], w[5, 48:96])
+    np.testing.assert_array_equal(panels[2, 0, :4], w[0:2, 96:].T)
+    assert not panels[2, :, 4:].any()
+    np.testing.assert_array_equal(np.asarray(reference.unpack_panels(reference.pack_panels(w), 100)), w)
+    with pytest.raises(ValueError, match="odd"):
+        reference.pack_panels(jnp.ones((5, 8), jnp.bfloat16))
 
 
 def test_results_repeat_bit_for_bit():
@@ -67,32 +92,44 @@ def test_bad_operands_are_refused():
         cpu.packed_matmul(jnp.ones((2, 9)), panels, 100)
     with pytest.raises(ValueError, match="panels"):
         cpu.packed_matmul(jnp.ones((2, 8)), panels, 150)
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="same dtype"):
         cpu.packed_matmul(jnp.ones((2, 8), jnp.bfloat16), panels, 100)
+    bf16_panels = reference.pack_panels(jnp.ones((8, 100), jnp.bfloat16))
+    with pytest.raises(ValueError, match="same dtype"):
+        cpu.packed_matmul(jnp.ones((2, 8)), bf16_panels, 100)
+    with pytest.raises(ValueError, match="K / 2"):
+        cpu.packed_matmul(jnp.ones((2, 9), jnp.bfloat16), bf16_panels, 100)
 
 
-def test_linear_over_packed_weight_equals_plain_weight():
-    """quantization.linear takes any leading axes and a bias, as for a plain [in, out] weight."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_over_packed_weight_equals_plain_weight(dtype):
+    """quantization.linear takes any leading axes and a bias, as for a plain [in, out] weight,
+    and returns x's dtype."""
     rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.integers(-3, 4, (2, 5, 40)), jnp.float32)
-    w = jnp.asarray(rng.integers(-3, 4, (40, 70)), jnp.float32)
-    bias = jnp.asarray(rng.integers(-3, 4, (70,)), jnp.float32)
+    x = jnp.asarray(rng.integers(-3, 4, (2, 5, 40)), dtype)
+    w = jnp.asarray(rng.integers(-3, 4, (40, 70)), dtype)
+    bias = jnp.asarray(rng.integers(-3, 4, (70,)), dtype)
     packed = quantization.pack_linears({"embed": jnp.ones((3, 4)), "layers": [{"q_proj": w}]})
     weight = packed["layers"][0]["q_proj"]
     assert isinstance(weight, quantization.PackedWeight) and weight.shape == (40, 70)
     got = jax.jit(quantization.linear)(x, weight, bias)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(quantization.linear(x, w, bias)))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(quantization.linear(x, w, bias), np.float32))
 
 
 def test_pack_linears_keeps_what_it_cannot_pack():
-    """bf16 and quantized weights and norms stay; a tied f32 embedding gains a packed lm_head."""
+    """Quantized weights, norms and bf16 weights with an odd `in` stay; f32 and bf16 linears are
+    packed; a tied embedding gains a packed lm_head in its dtype."""
     rng = np.random.default_rng(3)
     embed = jnp.asarray(rng.standard_normal((50, 8)), jnp.float32)
-    layer = {"q_proj": jnp.ones((8, 8), jnp.bfloat16), "input_norm": jnp.ones((8,)),
+    layer = {"o_proj": jnp.ones((7, 8), jnp.bfloat16), "input_norm": jnp.ones((8,)),
              "k_proj": quantization.quantize(np.ones((8, 8)), "int8")}
-    packed = quantization.pack_linears({"embed": embed, "layers": [layer]})
-    assert packed["layers"][0] == layer and packed["embed"] is embed
+    packed = quantization.pack_linears({"embed": embed, "layers": [dict(layer, q_proj=jnp.ones((8, 6), jnp.bfloat16))]})
+    assert {name: w for name, w in packed["layers"][0].items() if name != "q_proj"} == layer
+    assert packed["layers"][0]["q_proj"].panels.dtype == jnp.bfloat16 and packed["embed"] is embed
     np.testing.assert_array_equal(
         np.asarray(reference.packed_matmul(jnp.eye(8), packed["lm_head"].panels, 50)), np.asarray(embed.T))
-    untied = quantization.pack_linears({"embed": embed, "lm_head": embed.T.astype(jnp.bfloat16), "layers": []})
-    assert untied["lm_head"].dtype == jnp.bfloat16
+    tied_bf16 = quantization.pack_linears({"embed": embed.astype(jnp.bfloat16), "layers": []})
+    assert tied_bf16["lm_head"].panels.dtype == jnp.bfloat16 and tied_bf16["lm_head"].shape == (8, 50)
+    quantized = quantization.quantize(np.ones((50, 8)), "int8")
+    assert "lm_head" not in quantization.pack_linears({"embed": quantized, "layers": []})

@@ -63,8 +63,9 @@ class QuantizedWeight:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
-    """A float32 linear weight [in, out] as the CPU matmul kernel's column panels
-    (`pallas_kernels.reference.pack_panels`): panels f32[ceil(out / 48), in, 48]."""
+    """A float32 or bfloat16 linear weight [in, out] as the CPU matmul kernel's column panels
+    (`pallas_kernels.reference.pack_panels`): panels f32[ceil(out / 48), in, 48] or
+    bf16[ceil(out / 48), in / 2, 48, 2]."""
 
     panels: jax.Array
     out_features: int = dataclasses.field(metadata=dict(static=True))
@@ -72,7 +73,7 @@ class PackedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         """The logical [in, out] shape."""
-        return self.panels.shape[1], self.out_features
+        return self.panels.shape[1] * (2 if self.panels.ndim == 4 else 1), self.out_features
 
 
 def check_method(method: str | None, platform: str | None = None) -> None:
@@ -91,7 +92,7 @@ def linear(x, weight, bias=None, out_dtype=None):
     """x [..., in] @ weight (+ bias [out]) with float32 accumulation, returned in out_dtype
     (default x.dtype).
 
-    weight: a plain [in, out] array, a PackedWeight (f32 x only: the C++ CPU kernel) or a
+    weight: a plain [in, out] array, a PackedWeight (x of its dtype: the C++ CPU kernel) or a
     QuantizedWeight of logical shape [out, in]. int8/fp8 weights enter the dot converted to
     x.dtype and their per-channel scale multiplies the f32 result; GGUF block formats are
     dequantized to x.dtype first (their scales vary along `in`).
@@ -202,24 +203,29 @@ def quantize_params(params: dict, fmt: str) -> dict:
 
 
 def pack_linears(params: dict) -> dict:
-    """The params with every float32 linear (a layer's "*_proj" and the "lm_head" [in, out]
-    arrays) as a PackedWeight for the C++ CPU matmul kernel; other leaves (bf16 or quantized
-    weights, norms) are kept. A float32 embedding tied to the lm_head stays for the token
-    lookup and gets a packed "lm_head" copy of its transpose (vocab x hidden x 4 bytes more)."""
+    """The params with every float32 or bfloat16 linear (a layer's "*_proj" and the "lm_head"
+    [in, out] arrays; bfloat16 ones with an even `in`) as a PackedWeight for the C++ CPU matmul
+    kernel; other leaves (quantized weights, norms) are kept. An embedding tied to the lm_head
+    stays for the token lookup and gets a packed "lm_head" copy of its transpose (vocab x hidden
+    elements more)."""
     def pack(name, w):
-        if not _is_f32_array(w) or not (name.endswith("_proj") or name == "lm_head"):
+        if not _is_packable(w) or not (name.endswith("_proj") or name == "lm_head"):
             return w
         return PackedWeight(panels=_pack_panels(w), out_features=w.shape[1])
 
     packed = {name: pack(name, w) for name, w in params.items() if name != "layers"}
     packed["layers"] = [{name: pack(name, w) for name, w in layer.items()} for layer in params["layers"]]
-    if "lm_head" not in params and _is_f32_array(params["embed"]):
-        packed["lm_head"] = pack("lm_head", params["embed"].T)
+    embed = params["embed"]
+    if "lm_head" not in params and not isinstance(embed, QuantizedWeight) and _is_packable(embed.T):
+        packed["lm_head"] = pack("lm_head", embed.T)
     return packed
 
 
-def _is_f32_array(w) -> bool:
-    return not isinstance(w, (QuantizedWeight, PackedWeight)) and w.dtype == jnp.float32
+def _is_packable(w) -> bool:
+    """A plain float32 array, or bfloat16 [in, out] with `in` even (the kernel pairs its rows)."""
+    if isinstance(w, (QuantizedWeight, PackedWeight)):
+        return False
+    return w.dtype == jnp.float32 or w.dtype == jnp.bfloat16 and w.ndim == 2 and w.shape[0] % 2 == 0
 
 
 _pack_panels = jax.jit(reference.pack_panels)
