@@ -1,12 +1,16 @@
 """The C++ CPU matmul over packed weight panels (float32, and bfloat16 with pairs of rows
 interleaved) against numpy and the pure-JAX reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_HF_CONFIG
 
-from jpaged.models import quantization
+from jpaged.models import llama, quantization
+from jpaged.models.config import ModelConfig
 from pallas_kernels import cpu, reference
 
 pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"no CPU kernel: {cpu.load_error()}")
@@ -133,3 +137,23 @@ def test_pack_linears_keeps_what_it_cannot_pack():
     assert tied_bf16["lm_head"].panels.dtype == jnp.bfloat16 and tied_bf16["lm_head"].shape == (8, 50)
     quantized = quantization.quantize(np.ones((50, 8)), "int8")
     assert "lm_head" not in quantization.pack_linears({"embed": quantized, "layers": []})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tied_lm_head_uses_packed_copy_up_to_its_row_limit(dtype):
+    """compute_logits reads a tied embedding's packed copy up to PACKED_LM_HEAD_MAX_ROWS rows
+    and XLA's dot over the embedding beyond, with the same logits either way."""
+    config = ModelConfig.from_hf_config(TINY_HF_CONFIG, dtype=dtype)
+    params = quantization.pack_linears(llama.init_params(config, jax.random.key(0)))
+    assert config.tie_word_embeddings and isinstance(params["lm_head"], quantization.PackedWeight)
+    limit = llama.PACKED_LM_HEAD_MAX_ROWS
+    hidden = jnp.asarray(np.random.default_rng(4).standard_normal((limit + 1, config.hidden_size)), config.dtype)
+
+    def logits_and_kernel_calls(rows):
+        fn = functools.partial(llama.compute_logits, params, config)
+        return np.asarray(fn(rows)), str(jax.make_jaxpr(fn)(rows)).count(cpu.PACKED_MATMUL_TARGET)  # either dtype's target
+
+    at_limit, at_limit_calls = logits_and_kernel_calls(hidden[:limit])
+    beyond, beyond_calls = logits_and_kernel_calls(hidden)
+    assert (at_limit_calls, beyond_calls) == (1, 0)
+    np.testing.assert_allclose(beyond[:limit], at_limit, rtol=1e-5, atol=1e-5)

@@ -43,6 +43,9 @@ from jpaged.models.quantization import linear as _linear
 from pallas_kernels.reference import write_kv
 
 
+PACKED_LM_HEAD_MAX_ROWS = 128
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     """One param: its shape, a logical axis name per dimension, and how dummy weights draw it."""
@@ -178,7 +181,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden):
         """f32[n, vocab_size] from hidden [n, hidden_size] (tied to the embedding when configured)."""
         params = self.weights()
-        if "lm_head" in params:  # untied, or tied with a packed copy (quantization.pack_linears)
+        # A tied embedding's packed copy (quantization.pack_linears) is the faster operand up to
+        # PACKED_LM_HEAD_MAX_ROWS rows; XLA's dot over the embedding is beyond (docs/kernels_cpu.md).
+        tied_copy = self.config.tie_word_embeddings and "lm_head" in params
+        if "lm_head" in params and not (tied_copy and hidden.shape[0] > PACKED_LM_HEAD_MAX_ROWS):
             return _linear(hidden, params["lm_head"], out_dtype=jnp.float32)
         if not isinstance(params["embed"], QuantizedWeight):
             return jnp.einsum("nh,vh->nv", hidden, params["embed"], preferred_element_type=jnp.float32)
