@@ -183,8 +183,8 @@ class LlamaForCausalLM(nn.Module):
         params = self.weights()
         # A tied embedding's packed copy (quantization.pack_linears) is the faster operand up to
         # PACKED_LM_HEAD_MAX_ROWS rows; XLA's dot over the embedding is beyond (docs/kernels_cpu.md).
-        tied_copy = self.config.tie_word_embeddings and "lm_head" in params
-        if "lm_head" in params and not (tied_copy and hidden.shape[0] > PACKED_LM_HEAD_MAX_ROWS):
+        past_packed_copy = self.config.tie_word_embeddings and hidden.shape[0] > PACKED_LM_HEAD_MAX_ROWS
+        if "lm_head" in params and not past_packed_copy:
             return _linear(hidden, params["lm_head"], out_dtype=jnp.float32)
         if not isinstance(params["embed"], QuantizedWeight):
             return jnp.einsum("nh,vh->nv", hidden, params["embed"], preferred_element_type=jnp.float32)

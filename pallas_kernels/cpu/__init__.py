@@ -166,9 +166,9 @@ def packed_matmul(x, panels, out_features: int):
     every thread count.
     """
     width = reference.PANEL_WIDTH
+    num_panels = -(-out_features // width)
     bf16 = jnp.dtype(panels.dtype) == jnp.bfloat16
-    expected = (-(-out_features // width), x.shape[-1] // 2, width, 2) if bf16 else (-(-out_features // width),
-                                                                                      x.shape[-1], width)
+    expected = (num_panels, x.shape[-1] // 2, width, 2) if bf16 else (num_panels, x.shape[-1], width)
     if x.ndim != 2 or tuple(panels.shape) != expected or (bf16 and x.shape[1] % 2):
         layout = "[ceil(N / 48), K / 2, 48, 2] with K even" if bf16 else "[ceil(N / 48), K, 48]"
         raise ValueError(f"packed_matmul needs x [M, K] and {panels.dtype} panels {layout} for N = out_features; "
