@@ -230,8 +230,12 @@ def unpack_panels(panels, out_features: int):
     return w[:, :out_features]
 
 
-def packed_matmul(x, panels, out_features: int):
+def packed_matmul(x, panels, out_features: int, num_rows=None):
     """x [M, K] @ w, for w [K, out_features] given as `pack_panels(w)` (x and w both float32 or
-    both bfloat16). Returns f32[M, out_features], accumulated in float32."""
+    both bfloat16). Returns f32[M, out_features], accumulated in float32; rows from `num_rows`
+    (an int32 scalar; None means M) on are zeros."""
     w = unpack_panels(panels, out_features)
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    if num_rows is None:
+        return y
+    return jnp.where(jnp.arange(x.shape[0])[:, None] < num_rows, y, 0.0)

@@ -56,6 +56,28 @@ def test_float_products_match_numpy_and_reference(m, k, n, dtype):
     np.testing.assert_allclose(np.asarray(reference.packed_matmul(x, panels, n)), expect, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows", [0, 1, 9, 140, 300, -2])
+def test_num_rows_multiplies_the_first_rows_and_zeros_the_rest(num_rows, dtype):
+    """With num_rows (traced), the first rows equal the full product bit for bit (the same
+    additions in the same order) and the rest are zeros; the count is clamped to [0, M]. The
+    reference does the same."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.integers(-4, 5, (260, 96)), dtype)
+    w = jnp.asarray(rng.standard_normal((96, 130)), dtype)
+    panels = reference.pack_panels(w)
+    full = np.asarray(packed_matmul(x, panels, 130))
+    got = np.asarray(jax.jit(cpu.packed_matmul, static_argnums=2)(x, panels, 130, jnp.int32(num_rows)))
+    real = min(max(num_rows, 0), 260)
+    np.testing.assert_array_equal(got[:real], full[:real])
+    assert not got[real:].any()
+    expect = np.asarray(reference.packed_matmul(x, panels, 130, jnp.int32(num_rows)))
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-4)
+    assert not expect[real:].any()
+    with pytest.raises(ValueError, match="scalar"):
+        cpu.packed_matmul(x, panels, 130, jnp.ones((2,), jnp.int32))
+
+
 def test_panels_layout():
     """Panel p holds columns 48p.. of w, row by row; the last one is padded with zeros."""
     w = np.arange(5 * 100, dtype=np.float32).reshape(5, 100)

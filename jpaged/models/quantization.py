@@ -88,9 +88,13 @@ def check_method(method: str | None, platform: str | None = None) -> None:
                          "use --quantization int8 (or gguf for a .gguf model) instead.")
 
 
-def linear(x, weight, bias=None, out_dtype=None):
+def linear(x, weight, bias=None, out_dtype=None, num_rows=None):
     """x [..., in] @ weight (+ bias [out]) with float32 accumulation, returned in out_dtype
     (default x.dtype).
+
+    num_rows: None, or an i32 scalar saying that only the first num_rows rows of x (flattened
+    over its leading dims) are real: the rows after them are padding, whose results are
+    unspecified (the C++ kernel skips them and returns bias; the other paths compute them).
 
     weight: a plain [in, out] array, a PackedWeight (x of its dtype: the C++ CPU kernel) or a
     QuantizedWeight of logical shape [out, in]. int8/fp8 weights enter the dot converted to
@@ -99,7 +103,7 @@ def linear(x, weight, bias=None, out_dtype=None):
     """
     if isinstance(weight, PackedWeight):
         lead, k = x.shape[:-1], x.shape[-1]
-        y = cpu_kernels.packed_matmul(x.reshape(-1, k), weight.panels, weight.out_features)
+        y = cpu_kernels.packed_matmul(x.reshape(-1, k), weight.panels, weight.out_features, num_rows)
         y = y.reshape(*lead, weight.out_features)
     elif not isinstance(weight, QuantizedWeight):
         y = jnp.einsum("...i,io->...o", x, weight, preferred_element_type=jnp.float32)

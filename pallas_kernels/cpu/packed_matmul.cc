@@ -5,7 +5,9 @@
 //             columns (the last one zero-padded);
 //   bfloat16: x bf16[M, K], panels bf16[P, K / 2, 48, 2]: the same panels with each pair of
 //             rows k, k + 1 interleaved, so one 32-bit lane holds a column's two weights (K even).
-// out is f32[M, N] in both. A panel is contiguous, so the kernel streams each weight byte once
+// out is f32[M, N] in both. Only x's first num_rows rows (an i32 scalar, clamped to [0, M]) are
+// multiplied; out's rows from num_rows on are zeros, so a step padded to a bucket pays for its
+// real tokens only. A panel is contiguous, so the kernel streams each weight byte once
 // from memory in address order, however few rows x has; XLA:CPU's dot reads w [K, N] with a
 // stride of N and falls behind at decode sizes (M <= 64), in bfloat16 by 10-15x at M = 1.
 //
@@ -202,6 +204,7 @@ void PanelProduct(const typename Format::T* x, int64_t K, int64_t N, const typen
 template <typename Format>
 void PackedMatmul(ffi::ThreadPool& pool, const typename Format::T* x, const typename Format::T* panels,
                   float* out, int64_t M, int64_t K, int64_t N) {
+  if (M == 0 || N == 0) return;
   const int64_t num_panels = (N + kPanel - 1) / kPanel;
   const int64_t row_chunks = (M + kRowChunk - 1) / kRowChunk;
   // Items run row chunk by row chunk, so a chunk of x stays in cache while panels stream past.
@@ -213,8 +216,17 @@ void PackedMatmul(ffi::ThreadPool& pool, const typename Format::T* x, const type
   });
 }
 
-ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::Buffer<ffi::F32> panels, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+// num_rows' value clamped to [0, M].
+int64_t ValidRows(ffi::Buffer<ffi::S32> num_rows, int64_t M) {
+  return std::clamp<int64_t>(*num_rows.typed_data(), 0, M);
+}
+
+ffi::Error NumRowsError(ffi::Buffer<ffi::S32> num_rows) {
+  return ffi::Error::InvalidArgument("packed_matmul: num_rows must be one int32, got " + Dims(num_rows.dimensions()));
+}
+
+ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> panels,
+                           ffi::Buffer<ffi::S32> num_rows, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   auto xd = x.dimensions();
   auto pd = panels.dimensions();
   auto od = out->dimensions();
@@ -224,14 +236,15 @@ ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                        " and out [M, N]; got x " + Dims(xd) + ", panels " +
                                        Dims(pd) + ", out " + Dims(od));
   }
-  if (xd[0] > 0 && od[1] > 0) {
-    PackedMatmul<F32>(pool, x.typed_data(), panels.typed_data(), out->typed_data(), xd[0], xd[1], od[1]);
-  }
+  if (num_rows.element_count() != 1) return NumRowsError(num_rows);
+  const int64_t rows = ValidRows(num_rows, xd[0]);
+  PackedMatmul<F32>(pool, x.typed_data(), panels.typed_data(), out->typed_data(), rows, xd[1], od[1]);
+  std::memset(out->typed_data() + rows * od[1], 0, (xd[0] - rows) * od[1] * sizeof(float));
   return ffi::Error::Success();
 }
 
-ffi::Error PackedMatmulBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
-                            ffi::Buffer<ffi::BF16> panels, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+ffi::Error PackedMatmulBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> panels,
+                            ffi::Buffer<ffi::S32> num_rows, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   auto xd = x.dimensions();
   auto pd = panels.dimensions();
   auto od = out->dimensions();
@@ -241,9 +254,10 @@ ffi::Error PackedMatmulBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
                                        " K / 2, 48, 2] and out [M, N]; got x " + Dims(xd) +
                                        ", panels " + Dims(pd) + ", out " + Dims(od));
   }
-  if (xd[0] > 0 && od[1] > 0) {
-    PackedMatmul<BF16>(pool, x.typed_data(), panels.typed_data(), out->typed_data(), xd[0], xd[1], od[1]);
-  }
+  if (num_rows.element_count() != 1) return NumRowsError(num_rows);
+  const int64_t rows = ValidRows(num_rows, xd[0]);
+  PackedMatmul<BF16>(pool, x.typed_data(), panels.typed_data(), out->typed_data(), rows, xd[1], od[1]);
+  std::memset(out->typed_data() + rows * od[1], 0, (xd[0] - rows) * od[1] * sizeof(float));
   return ffi::Error::Success();
 }
 
@@ -254,6 +268,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPackedMatmul, PackedMatmulF32,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // panels
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_rows
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPackedMatmulBF16, PackedMatmulBF16,
@@ -261,4 +276,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPackedMatmulBF16, PackedMatmulBF16,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // x
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // panels
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_rows
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out
