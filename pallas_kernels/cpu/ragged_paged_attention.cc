@@ -88,9 +88,12 @@ inline void StoreV(float* p, V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// The scalar in every lane: one vbroadcastss, which can read x straight from memory. x - 0.0 is
+// x for every x, so the compiler drops the subtraction; V{} + x would cost a scalar add first
+// (-0.0 + 0.0 is +0.0, so that add cannot be dropped).
 template <typename V>
 inline V SplatV(float x) {
-  return V{} + x;  // the scalar is broadcast to every lane (one vbroadcastss)
+  return x - V{};
 }
 
 inline float Sum(v8f v) {
@@ -622,7 +625,7 @@ inline void AttendBlockLanes(const Shapes& sh, const Options& opt, int64_t rp, i
     StoreV(s.m.data() + c * kWide, m_new);
     StoreV(s.alpha.data() + c * kWide, alpha);
   }
-  ForGroups<4>(0, d, [&](auto nd, int64_t i0) {
+  ForGroups<kWide / 2>(0, d, [&](auto nd, int64_t i0) {
     ForGroups<3>(0, nv, [&](auto nvs, int64_t v0) {
       AccumulateLanes<decltype(nd)::value, decltype(nvs)::value>(st, rp, v, n, d, s.alpha.data(),
                                                                   i0, v0, s.acc.data());
