@@ -109,6 +109,17 @@ def test_sliding_window_and_soft_cap(attrs):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attrs", [{}, {"sliding_window": 64}, {"sliding_window": 64, "soft_cap": 30.0}])
+def test_long_prefill_tiles_skip_masks_only_where_every_key_is_visible(attrs):
+    """Prefill tiles skip the masks of blocks that every real row sees whole. Chunks of 100 and
+    40 tokens over longer contexts give tiles whose blocks are whole, cut by the causal edge,
+    cut by the window's lower edge, or outside it, and a last tile with padded lanes."""
+    p = make_problem(4, [100, 40, 1], [300, 40, 90], num_q_heads=9, num_kv_heads=3, head_dim=64,
+                     block_size=16)
+    ref, out = run_both(p, **attrs)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
 def test_bf16_kv_matches_reference(q_dtype):
     """bf16 pages (and optionally bf16 q): the kernel widens to fp32 exactly as the reference

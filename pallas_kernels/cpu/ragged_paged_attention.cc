@@ -271,6 +271,8 @@ struct Piece {
 // per-row softmax state, scores of one block, one block of K and V widened to fp32.
 struct Scratch {
   std::vector<float> q, qt, acc, m, l, alpha, pos, lo, scores, k, v;
+  // Lanes layout: every real row sees keys [max_lo, min_pos] (rows lie at consecutive positions).
+  int64_t min_pos = 0, max_lo = 0;
 };
 
 // Running softmax state written by a split piece: m[rows], l[rows], acc[rows, head_dim].
@@ -595,6 +597,9 @@ inline void AttendBlockLanes(const Shapes& sh, const Options& opt, int64_t rp, i
     });
   });
   const vwf neg_inf = SplatV<vwf>(-INFINITY);
+  // Every key of the block visible to every real row: no masks (padded lanes are never stored).
+  const int64_t first_key = blk * sh.block_size;
+  const bool visible = first_key + n - 1 <= s.min_pos && first_key >= s.max_lo;
   for (int64_t c = 0; c < nv; ++c) {
     const vwf pos = LoadV<vwf>(s.pos.data() + c * kWide), lo = LoadV<vwf>(s.lo.data() + c * kWide);
     vwf row_max = neg_inf;
@@ -604,9 +609,11 @@ inline void AttendBlockLanes(const Shapes& sh, const Options& opt, int64_t rp, i
       if (opt.soft_cap > 0.0f) {
         for (int e = 0; e < kWide; ++e) x[e] = opt.soft_cap * std::tanh(x[e] / opt.soft_cap);
       }
-      const vwf key = SplatV<vwf>(static_cast<float>(blk * sh.block_size + j));
-      x = ((key <= pos) & (key >= lo)) ? x : neg_inf;
-      StoreV(sj, x);
+      if (!visible) {
+        const vwf key = SplatV<vwf>(static_cast<float>(blk * sh.block_size + j));
+        x = ((key <= pos) & (key >= lo)) ? x : neg_inf;
+      }
+      if (!visible || opt.soft_cap > 0.0f) StoreV(sj, x);
       row_max = row_max > x ? row_max : x;
     }
     const vwf m_old = LoadV<vwf>(s.m.data() + c * kWide);
@@ -671,6 +678,8 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
       s.pos[r] = static_cast<float>(pos);
       if (opt.sliding_window > 0) s.lo[r] = static_cast<float>(pos - opt.sliding_window + 1);
     }
+    s.min_pos = it.first_pos + it.tok_begin;
+    s.max_lo = opt.sliding_window > 0 ? it.first_pos + it.tok_end - opt.sliding_window : 0;
   }
   const int64_t tile = sh.block_size * d;  // elements of one (block, KV head)
   // Blocks are scattered over the pool, beyond what hardware prefetchers predict: the K and V
