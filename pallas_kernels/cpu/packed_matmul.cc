@@ -216,13 +216,18 @@ void PackedMatmul(ffi::ThreadPool& pool, const typename Format::T* x, const type
   });
 }
 
-// num_rows' value clamped to [0, M].
-int64_t ValidRows(ffi::Buffer<ffi::S32> num_rows, int64_t M) {
-  return std::clamp<int64_t>(*num_rows.typed_data(), 0, M);
-}
-
-ffi::Error NumRowsError(ffi::Buffer<ffi::S32> num_rows) {
-  return ffi::Error::InvalidArgument("packed_matmul: num_rows must be one int32, got " + Dims(num_rows.dimensions()));
+// out f32[M, N]: x's first num_rows rows (clamped to [0, M]) times the panels, zeros after them.
+template <typename Format>
+ffi::Error MultiplyRealRows(ffi::ThreadPool& pool, const typename Format::T* x, const typename Format::T* panels,
+                            ffi::Buffer<ffi::S32> num_rows, float* out, int64_t M, int64_t K, int64_t N) {
+  if (num_rows.element_count() != 1) {
+    return ffi::Error::InvalidArgument("packed_matmul: num_rows must be one int32, got " +
+                                       Dims(num_rows.dimensions()));
+  }
+  const int64_t rows = std::clamp<int64_t>(*num_rows.typed_data(), 0, M);
+  PackedMatmul<Format>(pool, x, panels, out, rows, K, N);
+  std::memset(out + rows * N, 0, (M - rows) * N * sizeof(float));
+  return ffi::Error::Success();
 }
 
 ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> panels,
@@ -236,11 +241,8 @@ ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
                                        " and out [M, N]; got x " + Dims(xd) + ", panels " +
                                        Dims(pd) + ", out " + Dims(od));
   }
-  if (num_rows.element_count() != 1) return NumRowsError(num_rows);
-  const int64_t rows = ValidRows(num_rows, xd[0]);
-  PackedMatmul<F32>(pool, x.typed_data(), panels.typed_data(), out->typed_data(), rows, xd[1], od[1]);
-  std::memset(out->typed_data() + rows * od[1], 0, (xd[0] - rows) * od[1] * sizeof(float));
-  return ffi::Error::Success();
+  return MultiplyRealRows<F32>(pool, x.typed_data(), panels.typed_data(), num_rows, out->typed_data(), xd[0],
+                              xd[1], od[1]);
 }
 
 ffi::Error PackedMatmulBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> panels,
@@ -254,11 +256,8 @@ ffi::Error PackedMatmulBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi:
                                        " K / 2, 48, 2] and out [M, N]; got x " + Dims(xd) +
                                        ", panels " + Dims(pd) + ", out " + Dims(od));
   }
-  if (num_rows.element_count() != 1) return NumRowsError(num_rows);
-  const int64_t rows = ValidRows(num_rows, xd[0]);
-  PackedMatmul<BF16>(pool, x.typed_data(), panels.typed_data(), out->typed_data(), rows, xd[1], od[1]);
-  std::memset(out->typed_data() + rows * od[1], 0, (xd[0] - rows) * od[1] * sizeof(float));
-  return ffi::Error::Success();
+  return MultiplyRealRows<BF16>(pool, x.typed_data(), panels.typed_data(), num_rows, out->typed_data(), xd[0],
+                              xd[1], od[1]);
 }
 
 }  // namespace
