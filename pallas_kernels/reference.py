@@ -27,12 +27,20 @@ with zero columns. Each panel is contiguous, which is what the CPU matmul kernel
 bfloat16 weight (K even) is stored as bf16[P, K / 2, PANEL_WIDTH, 2]: the same panels with rows
 k and k + 1 interleaved, so that a column's two weights are adjacent (one 32-bit lane, the
 operand of AVX512-BF16's pairwise dot product).
+
+Quantized panels (`pack_q4_panels`, `pack_q8_panels`) hold GGUF-style block weights for float32
+x: values in the same panel order plus, per 32-row block (QUANT_BLOCK) of each column, a
+float32 scale (and for 4-bit weights an offset), padded columns all zero:
+  q4: values u8[P, K / 2, PANEL_WIDTH] (rows k, k + 1 of a column in the low, high nibble of one
+      byte), scale and offset f32[P, K / 32, PANEL_WIDTH]: w = nibble * scale + offset;
+  q8: values i8[P, K, PANEL_WIDTH], scale f32[P, K / 32, PANEL_WIDTH]: w = value * scale.
 """
 
 import jax
 import jax.numpy as jnp
 
 PANEL_WIDTH = 48  # weight columns per packed panel
+QUANT_BLOCK = 32  # rows of a column that share one scale (and offset) in quantized panels
 _ROWS_PER_STEP = 64  # query tokens gathered per lax.map step: bounds the [n, context] temporaries
 
 
@@ -219,8 +227,51 @@ def pack_panels(w):
     return w.reshape(k // 2, 2, num_panels, PANEL_WIDTH).transpose(2, 0, 3, 1)
 
 
-def unpack_panels(panels, out_features: int):
-    """The weight [K, out_features] that `pack_panels` packed into `panels`."""
+def _column_panels(a):
+    """a [R, N] as [P, R, PANEL_WIDTH], padded with zero columns."""
+    rows, n = a.shape
+    num_panels = -(-n // PANEL_WIDTH)
+    a = jnp.pad(jnp.asarray(a), ((0, 0), (0, num_panels * PANEL_WIDTH - n)))
+    return a.reshape(rows, num_panels, PANEL_WIDTH).transpose(1, 0, 2)
+
+
+def _check_blocks(values, scale, offset=None):
+    k, n = values.shape
+    if k % QUANT_BLOCK or scale.shape != (k // QUANT_BLOCK, n) or offset is not None and offset.shape != scale.shape:
+        raise ValueError(f"quantized panels need values [K, N] with K a multiple of {QUANT_BLOCK} and scales "
+                         f"[K / {QUANT_BLOCK}, N]; got values {values.shape}, scale {scale.shape}"
+                         + ("" if offset is None else f", offset {offset.shape}"))
+
+
+def pack_q4_panels(nibbles, scale, offset):
+    """q4 panels (values, scale, offset) of w = nibbles * scale + offset, for nibbles u8[K, N]
+    (values 0..15) and scale, offset f32[K / 32, N], one per 32-row block of a column."""
+    _check_blocks(nibbles, scale, offset)
+    paired = _column_panels(jnp.asarray(nibbles, jnp.uint8))  # [P, K, 48]
+    values = paired[:, 0::2] | (paired[:, 1::2] << 4)
+    return values, _column_panels(jnp.asarray(scale, jnp.float32)), _column_panels(jnp.asarray(offset, jnp.float32))
+
+
+def pack_q8_panels(values, scale):
+    """q8 panels (values, scale) of w = values * scale, for values i8[K, N] and scale f32[K / 32, N]."""
+    _check_blocks(values, scale)
+    return _column_panels(jnp.asarray(values, jnp.int8)), _column_panels(jnp.asarray(scale, jnp.float32))
+
+
+def unpack_panels(panels, out_features: int, scale=None, offset=None):
+    """The weight [K, out_features] that `pack_panels` (panels alone), `pack_q4_panels` (u8
+    panels, scale, offset) or `pack_q8_panels` (i8 panels, scale) packed; quantized ones come
+    back dequantized to float32."""
+    if scale is not None:
+        if panels.dtype == jnp.uint8:
+            values = jnp.stack([panels & 0xF, panels >> 4], axis=2).reshape(panels.shape[0], -1, PANEL_WIDTH)
+        else:
+            values = panels
+        block = lambda a: jnp.repeat(a, QUANT_BLOCK, axis=1)  # noqa: E731  [P, K, 48]
+        panels = values.astype(jnp.float32) * block(scale)
+        if offset is not None:
+            panels = panels + block(offset)
+        return unpack_panels(panels, out_features)
     if panels.ndim == 3:
         num_panels, k, width = panels.shape
         w = panels.transpose(1, 0, 2).reshape(k, num_panels * width)
@@ -230,11 +281,12 @@ def unpack_panels(panels, out_features: int):
     return w[:, :out_features]
 
 
-def packed_matmul(x, panels, out_features: int, num_rows=None):
+def packed_matmul(x, panels, out_features: int, num_rows=None, *, scale=None, offset=None):
     """x [M, K] @ w, for w [K, out_features] given as `pack_panels(w)` (x and w both float32 or
-    both bfloat16). Returns f32[M, out_features], accumulated in float32; rows from `num_rows`
-    (an int32 scalar; None means M) on are zeros."""
-    w = unpack_panels(panels, out_features)
+    both bfloat16), or for float32 x as q4 (panels, scale, offset) or q8 (panels, scale) panels.
+    Returns f32[M, out_features], accumulated in float32; rows from `num_rows` (an int32 scalar;
+    None means M) on are zeros."""
+    w = unpack_panels(panels, out_features, scale, offset)
     y = jnp.dot(x, w, preferred_element_type=jnp.float32)
     if num_rows is None:
         return y

@@ -1,5 +1,5 @@
-"""The C++ CPU matmul over packed weight panels (float32, and bfloat16 with pairs of rows
-interleaved) against numpy and the pure-JAX reference."""
+"""The C++ CPU matmul over packed weight panels (float32, bfloat16 with pairs of rows
+interleaved, and q4 / q8 block-quantized for float32 x) against numpy and the pure-JAX reference."""
 
 import functools
 
@@ -76,6 +76,86 @@ def test_num_rows_multiplies_the_first_rows_and_zeros_the_rest(num_rows, dtype):
     assert not expect[real:].any()
     with pytest.raises(ValueError, match="scalar"):
         cpu.packed_matmul(x, panels, 130, jnp.ones((2,), jnp.int32))
+
+
+# (M, K, N) for quantized panels, K a multiple of 32: the row-block remainders, a narrow last
+# panel, K past several 256-row chunks, M past one 256-row chunk.
+QUANT_SHAPES = [(1, 576, 576), (3, 64, 48), (7, 32, 100), (16, 576, 192), (15, 1536, 576), (300, 96, 130),
+                (513, 32, 49), (5, 1056, 97)]
+
+
+def _random_blocks(bits, k, n, seed):
+    """(values, scale, offset or None) of random q4 / q8 weights [k, n] with f16-valued scales."""
+    rng = np.random.default_rng(seed)
+    f16 = lambda shape, s: (rng.standard_normal(shape) * s).astype(np.float16).astype(np.float32)  # noqa: E731
+    if bits == 4:
+        return rng.integers(0, 16, (k, n)).astype(np.uint8), f16((k // 32, n), 0.01), f16((k // 32, n), 0.05)
+    return rng.integers(-128, 128, (k, n)).astype(np.int8), f16((k // 32, n), 0.01), None
+
+
+def _pack_blocks(bits, values, scale, offset):
+    if bits == 4:
+        panels, scale, offset = reference.pack_q4_panels(values, scale, offset)
+        return panels, dict(scale=scale, offset=offset)
+    panels, scale = reference.pack_q8_panels(values, scale)
+    return panels, dict(scale=scale)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,k,n", QUANT_SHAPES)
+def test_quantized_panels_give_the_dequantized_weights_results_bit_for_bit(m, k, n, bits):
+    """q4 / q8 panels are dequantized into exactly the float32 panels of w = value * scale
+    (+ offset) and multiplied the same way: the output equals that of pack_panels(w) bit for
+    bit, and numpy's float64 product of w within float32's bound; the reference agrees."""
+    values, scale, offset = _random_blocks(bits, k, n, seed=m + n + bits)
+    w = values.astype(np.float32) * np.repeat(scale, 32, axis=0)
+    if offset is not None:
+        w = w + np.repeat(offset, 32, axis=0)
+    panels, scales = _pack_blocks(bits, values, scale, offset)
+    np.testing.assert_array_equal(np.asarray(reference.unpack_panels(panels, n, **scales)), w)
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.float32)
+    got = np.asarray(jax.jit(cpu.packed_matmul, static_argnums=2)(x, panels, n, **scales))
+    np.testing.assert_array_equal(got, np.asarray(packed_matmul(x, reference.pack_panels(w), n)))
+    expect = np.asarray(x, np.float64) @ w.astype(np.float64)
+    tol = 1e-5 * np.sqrt(k) * np.abs(expect).max()
+    np.testing.assert_allclose(got, expect, rtol=0, atol=tol)
+    np.testing.assert_allclose(np.asarray(reference.packed_matmul(x, panels, n, **scales)), expect, rtol=0, atol=tol)
+    rows = jnp.int32(m // 2)
+    part = np.asarray(cpu.packed_matmul(x, panels, n, rows, **scales))
+    np.testing.assert_array_equal(part[:m // 2], got[:m // 2])
+    assert not part[m // 2:].any()
+
+
+def test_q4_panels_pair_rows_in_nibbles():
+    """q4 panel p, byte (i, c) holds rows 2i (low nibble) and 2i + 1 (high) of column 48p + c;
+    each 32-row block of a column has one scale and offset; padded columns are all zeros."""
+    values = (np.arange(64 * 100) % 16).astype(np.uint8).reshape(64, 100)
+    scale = np.arange(2 * 100, dtype=np.float32).reshape(2, 100)
+    panels, scales, offsets = reference.pack_q4_panels(values, scale, -scale)
+    assert panels.shape == (3, 32, 48) and panels.dtype == jnp.uint8 and scales.shape == (3, 2, 48)
+    panels = np.asarray(panels)
+    np.testing.assert_array_equal(panels[1, 5] & 0xF, values[10, 48:96])
+    np.testing.assert_array_equal(panels[1, 5] >> 4, values[11, 48:96])
+    np.testing.assert_array_equal(np.asarray(scales)[2, 1, :4], scale[1, 96:])
+    np.testing.assert_array_equal(np.asarray(offsets)[0, 0], -scale[0, :48])
+    assert not panels[2, :, 4:].any() and not np.asarray(scales)[2, :, 4:].any()
+
+
+def test_bad_quantized_operands_are_refused():
+    panels, scales = _pack_blocks(4, *_random_blocks(4, 64, 100, seed=0))
+    q8_panels, q8_scales = _pack_blocks(8, *_random_blocks(8, 64, 100, seed=0))
+    with pytest.raises(ValueError, match="float32 x"):
+        cpu.packed_matmul(jnp.ones((2, 64), jnp.bfloat16), panels, 100, **scales)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu.packed_matmul(jnp.ones((2, 48)), panels, 100, **scales)
+    with pytest.raises(ValueError, match="q4"):
+        cpu.packed_matmul(jnp.ones((2, 64)), panels, 100, scale=scales["scale"])  # no offset
+    with pytest.raises(ValueError, match="q8"):
+        cpu.packed_matmul(jnp.ones((2, 64)), q8_panels, 100, scale=q8_scales["scale"], offset=q8_scales["scale"])
+    with pytest.raises(ValueError, match="out_features 150"):
+        cpu.packed_matmul(jnp.ones((2, 64)), q8_panels, 150, **q8_scales)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        reference.pack_q8_panels(np.ones((40, 8), np.int8), np.ones((1, 8), np.float32))
 
 
 def test_panels_layout():

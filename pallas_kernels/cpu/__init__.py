@@ -22,6 +22,8 @@ FFI_TARGET = "jpaged_ragged_paged_attention"
 WRITE_KV_TARGET = "jpaged_write_kv"
 PACKED_MATMUL_TARGET = "jpaged_packed_matmul"
 PACKED_MATMUL_BF16_TARGET = "jpaged_packed_matmul_bf16"
+PACKED_MATMUL_Q4_TARGET = "jpaged_packed_matmul_q4"
+PACKED_MATMUL_Q8_TARGET = "jpaged_packed_matmul_q8"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 
@@ -42,6 +44,10 @@ def _load() -> str | None:
         jax.ffi.register_ffi_target(PACKED_MATMUL_TARGET, jax.ffi.pycapsule(library.JpagedPackedMatmul),
                                     platform="cpu")
         jax.ffi.register_ffi_target(PACKED_MATMUL_BF16_TARGET, jax.ffi.pycapsule(library.JpagedPackedMatmulBF16),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(PACKED_MATMUL_Q4_TARGET, jax.ffi.pycapsule(library.JpagedPackedMatmulQ4),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(PACKED_MATMUL_Q8_TARGET, jax.ffi.pycapsule(library.JpagedPackedMatmulQ8),
                                     platform="cpu")
     except (build.BuildError, OSError, AttributeError) as e:
         return f"{type(e).__name__}: {e}"
@@ -155,9 +161,12 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale=None, v_scale=None
     return call(k_pages, v_pages, k, v, slot_mapping.astype(jnp.int32))
 
 
-def packed_matmul(x, panels, out_features: int, num_rows=None):
+def packed_matmul(x, panels, out_features: int, num_rows=None, *, scale=None, offset=None):
     """x [M, K] @ w, for w [K, out_features] packed by `reference.pack_panels`: x f32 with
     panels f32[ceil(N / 48), K, 48], or x bf16 with panels bf16[ceil(N / 48), K / 2, 48, 2].
+    Or x f32 with quantized panels: q4 (`reference.pack_q4_panels`: u8 panels, scale, offset)
+    or q8 (`reference.pack_q8_panels`: i8 panels, scale), whose results are bit-identical to
+    those of the float32 panels of the dequantized w.
     Returns f32[M, out_features], accumulated in float32. With `num_rows` (an int32 scalar,
     traced or not; None means M), only x's first num_rows rows are multiplied and the rows after
     them are zeros: a step padded to a shape bucket pays for its real rows.
@@ -167,6 +176,12 @@ def packed_matmul(x, panels, out_features: int, num_rows=None):
     (docs/kernels_cpu.md). The order of the additions is fixed, so results are the same for
     every thread count.
     """
+    num_rows = jnp.asarray(x.shape[0] if num_rows is None else num_rows, jnp.int32)
+    if num_rows.shape != ():
+        raise ValueError(f"packed_matmul's num_rows must be a scalar, got shape {num_rows.shape}")
+    out = jax.ShapeDtypeStruct((x.shape[0], out_features), jnp.float32)
+    if scale is not None:
+        return _quantized_matmul(x, panels, scale, offset, out, num_rows)
     width = reference.PANEL_WIDTH
     num_panels = -(-out_features // width)
     bf16 = jnp.dtype(panels.dtype) == jnp.bfloat16
@@ -180,8 +195,29 @@ def packed_matmul(x, panels, out_features: int, num_rows=None):
                          f"got {x.dtype} and {panels.dtype}")
     _require_library()
     target = PACKED_MATMUL_BF16_TARGET if bf16 else PACKED_MATMUL_TARGET
-    num_rows = jnp.asarray(x.shape[0] if num_rows is None else num_rows, jnp.int32)
-    if num_rows.shape != ():
-        raise ValueError(f"packed_matmul's num_rows must be a scalar, got shape {num_rows.shape}")
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], out_features), jnp.float32))
-    return call(x, panels, num_rows)
+    return jax.ffi.ffi_call(target, out)(x, panels, num_rows)
+
+
+def _quantized_matmul(x, values, scale, offset, out, num_rows):
+    """packed_matmul over q4 (u8 values with an offset) or q8 (i8 values, no offset) panels."""
+    width, block = reference.PANEL_WIDTH, reference.QUANT_BLOCK
+    q4 = jnp.dtype(values.dtype) == jnp.uint8
+    k = x.shape[-1]
+    num_panels = -(-out.shape[1] // width)
+    blocks = (num_panels, k // block, width)
+    if (x.ndim != 2 or k % block or jnp.dtype(x.dtype) != jnp.float32
+            or jnp.dtype(values.dtype) not in (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8))
+            or tuple(values.shape) != (num_panels, k // 2 if q4 else k, width)
+            or tuple(scale.shape) != blocks or (offset is not None) != q4
+            or offset is not None and tuple(offset.shape) != blocks):
+        raise ValueError(f"packed_matmul over quantized panels needs float32 x [M, K] (K a multiple of {block}) "
+                         f"and q4 (u8 values [ceil(N / 48), K / 2, 48], scale and offset [ceil(N / 48), K / 32, "
+                         f"48]) or q8 (i8 values [ceil(N / 48), K, 48], scale) panels for N = out_features; got x "
+                         f"{x.dtype}{list(x.shape)}, values {values.dtype}{list(values.shape)}, scale "
+                         f"{list(scale.shape)}, offset {None if offset is None else list(offset.shape)}, "
+                         f"out_features {out.shape[1]}")
+    _require_library()
+    if q4:
+        return jax.ffi.ffi_call(PACKED_MATMUL_Q4_TARGET, out)(x, values, scale.astype(jnp.float32),
+                                                              offset.astype(jnp.float32), num_rows)
+    return jax.ffi.ffi_call(PACKED_MATMUL_Q8_TARGET, out)(x, values, scale.astype(jnp.float32), num_rows)

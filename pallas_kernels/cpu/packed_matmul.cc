@@ -5,7 +5,13 @@
 //             columns (the last one zero-padded);
 //   bfloat16: x bf16[M, K], panels bf16[P, K / 2, 48, 2]: the same panels with each pair of
 //             rows k, k + 1 interleaved, so one 32-bit lane holds a column's two weights (K even).
-// out is f32[M, N] in both. Only x's first num_rows rows (an i32 scalar, clamped to [0, M]) are
+//   q4:       x f32[M, K], values u8[P, K / 2, 48], scale and offset f32[P, K / 32, 48]: 4-bit
+//             weights (GGUF Q4_0 / Q4_1) in the same panels. Byte (k / 2, c) holds column c's
+//             values of rows k and k + 1 in its low and high nibble, and each 32-row block of a
+//             column has w = nibble * scale + offset.
+//   q8:       x f32[M, K], values i8[P, K, 48], scale f32[P, K / 32, 48]: 8-bit weights (GGUF
+//             Q8_0), w = value * scale of its 32-row block.
+// For q4 and q8, K is a multiple of 32. out is f32[M, N] in every format. Only x's first num_rows rows (an i32 scalar, clamped to [0, M]) are
 // multiplied; out's rows from num_rows on are zeros, so a step padded to a bucket pays for its
 // real tokens only. A panel is contiguous, so the kernel streams each weight byte once
 // from memory in address order, however few rows x has; XLA:CPU's dot reads w [K, N] with a
@@ -17,6 +23,11 @@
 // whole chunk, then adds them to the output. The order of the additions does not depend on the
 // split between threads, so neither do the results.
 //
+// q4 and q8 panels are dequantized a chunk at a time into float32 panel rows, which are exactly
+// the values dequantizing at load would have packed (value * scale is exact in float32), and are
+// multiplied as float32: the results are bit-identical to the float32 format's, from a fifth
+// (q4, 6 bits per weight) or a third (q8) of the bytes.
+//
 // bfloat16 products use AVX512-BF16's vdpbf16ps where the CPU has it (both weights of a lane
 // times the matching pair of x, added in float32); elsewhere the pairs are widened to float32
 // in registers (a bfloat16 is the top half of a float32) and multiplied with FMAs.
@@ -26,7 +37,7 @@
 #include <cstring>
 #include <string>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -50,12 +61,15 @@ constexpr int kBlockRows = 4;  // 4 rows x 3 vectors = 12 accumulators of 16 reg
 #endif
 typedef float vec __attribute__((vector_size(kLanes * 4)));
 typedef uint32_t uvec __attribute__((vector_size(kLanes * 4)));
+typedef int32_t ivec __attribute__((vector_size(kLanes * 4)));
 constexpr int kVectors = 3;                        // vectors per row of a block
 constexpr int64_t kSliceCols = kVectors * kLanes;  // 48 with AVX-512, 24 otherwise
 
 constexpr int64_t kChunkK = 256;  // k per chunk: 48 KiB of f32 panel rows (24 of bf16), in L2
 constexpr int64_t kPrefetchRows = 32;  // panel rows ahead of the one being read
 constexpr int64_t kRowChunk = 256;  // rows of x per work item
+constexpr int64_t kValuePrefetchBytes = 2304;  // q4 / q8 values ahead of those dequantized
+constexpr int64_t kQuantBlock = 32;  // rows of a GGUF block: one scale (and offset) per column
 
 // The two formats. A panel row holds kDepth consecutive k of kPanel columns (192 bytes in both);
 // its 32-bit lanes hold one float, or the two bfloat16 weights of one column.
@@ -76,6 +90,25 @@ inline V LoadVec(const void* p) {
 }
 
 inline void StoreVec(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+// kLanes bytes from p, widened to 32-bit lanes (zero- or sign-extended): GCC turns
+// __builtin_convertvector into scalar code here.
+template <bool kSigned>
+inline ivec WidenBytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (ivec)(kSigned ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
+#elif defined(__AVX2__)
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (ivec)(kSigned ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes));
+#else
+  ivec v;
+  for (int i = 0; i < kLanes; ++i) v[i] = kSigned ? int32_t{static_cast<int8_t>(p[i])} : int32_t{p[i]};
+  return v;
+#endif
+}
+
+inline vec ToFloat(ivec v) { return __builtin_convertvector(v, vec); }
 
 inline float WidenBF16(uint16_t bits) {  // a bfloat16 is the top half of a float32
   const uint32_t wide = uint32_t{bits} << 16;
@@ -176,10 +209,80 @@ void Rows(int64_t rows, const typename Format::T* x, int64_t ldx, const typename
   }
 }
 
-// out[r0:r1, panel columns] = x[r0:r1] @ panel. `tail` is scratch of kRowChunk x kPanel floats
-// for a last panel narrower than kPanel, whose padded columns must not reach `out`.
+// Where PanelProduct finds a chunk of one panel's rows. Float32 and bfloat16 panels are read in
+// place, from memory, so the first pass over a chunk requests its rows ahead.
 template <typename Format>
-void PanelProduct(const typename Format::T* x, int64_t K, int64_t N, const typename Format::T* panel,
+struct InPlaceChunks {
+  static constexpr bool kFromMemory = true;
+  const typename Format::T* panel;
+  const typename Format::T* Rows(int64_t k0, int64_t) const { return panel + k0 * kPanel; }
+};
+
+template <typename Format>
+struct InPlacePanels {
+  const typename Format::T* panels;  // [P, K * kPanel] elements
+  InPlaceChunks<Format> Panel(int64_t p, int64_t K) const { return {panels + p * K * kPanel}; }
+};
+
+// q4 (kBits 4) or q8 (kBits 8) panel rows k0 .. k0 + kc dequantized into `rows` (f32[kc, kPanel],
+// in cache), k0 a multiple of kQuantBlock and kc even.
+template <int kBits>
+struct QuantizedChunks {
+  static constexpr bool kFromMemory = false;
+  const uint8_t* values;  // u8[K / 2, kPanel] (q4) or i8[K, kPanel] (q8)
+  const float* scale;     // [K / 32, kPanel]
+  const float* offset;    // [K / 32, kPanel] (q4)
+  float* rows;            // kChunkK * kPanel floats of the calling thread
+
+  const float* Rows(int64_t k0, int64_t kc) const {
+    constexpr int64_t kRowsPerStep = kBits == 4 ? 2 : 1;  // weight rows per kPanel bytes of values
+    for (int64_t k = 0; k < kc; k += kRowsPerStep) {
+      const uint8_t* v = values + (k0 + k) / kRowsPerStep * kPanel;
+      const float* s = scale + (k0 + k) / kQuantBlock * kPanel;
+      const float* o = offset + (k0 + k) / kQuantBlock * kPanel;
+      float* row = rows + k * kPanel;
+      // A work item streams one panel's few KiB: too short a run for the hardware prefetcher.
+      __builtin_prefetch(v + kValuePrefetchBytes);
+      if ((k0 + k) % kQuantBlock == 0) {
+        for (int64_t line = 0; line < kPanel * 4; line += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(s + 2 * kPanel) + line);
+          if constexpr (kBits == 4) __builtin_prefetch(reinterpret_cast<const char*>(o + 2 * kPanel) + line);
+        }
+      }
+      for (int64_t c = 0; c < kPanel; c += kLanes) {
+        const vec sv = LoadVec<vec>(s + c);
+        if constexpr (kBits == 4) {
+          const ivec pair = WidenBytes<false>(v + c);
+          const vec ov = LoadVec<vec>(o + c);
+          StoreVec(row + c, ToFloat(pair & 15) * sv + ov);
+          StoreVec(row + kPanel + c, ToFloat(pair >> 4) * sv + ov);
+        } else {
+          StoreVec(row + c, ToFloat(WidenBytes<true>(v + c)) * sv);
+        }
+      }
+    }
+    return rows;
+  }
+};
+
+template <int kBits>
+struct QuantizedPanels {
+  const uint8_t* values;
+  const float* scale;
+  const float* offset;  // nullptr for q8
+  QuantizedChunks<kBits> Panel(int64_t p, int64_t K) const {
+    thread_local float rows[kChunkK * kPanel];
+    const int64_t blocks = K / kQuantBlock * kPanel;
+    return {values + p * (K * kBits / 8) * kPanel, scale + p * blocks,
+            offset == nullptr ? nullptr : offset + p * blocks, rows};
+  }
+};
+
+// out[r0:r1, panel columns] = x[r0:r1] @ the panel that `chunks` reads. `tail` is scratch of
+// kRowChunk x kPanel floats for a last panel narrower than kPanel, whose padded columns must
+// not reach `out`.
+template <typename Format, typename Chunks>
+void PanelProduct(const typename Format::T* x, int64_t K, int64_t N, const Chunks& chunks,
                   int64_t p, int64_t r0, int64_t r1, float* out, float* tail) {
   const int64_t col0 = p * kPanel;
   const int64_t width = std::min(kPanel, N - col0);
@@ -187,10 +290,10 @@ void PanelProduct(const typename Format::T* x, int64_t K, int64_t N, const typen
   const int64_t ldo = width == kPanel ? N : kPanel;
   for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
     const int64_t kc = std::min(kChunkK, K - k0);
-    for (int64_t c = 0; c < kPanel; c += kSliceCols) {
-      // The chunk's panel rows start k0 * kPanel elements into the panel; a slice is c columns in.
-      Rows<Format, kBlockRows>(r1 - r0, x + r0 * K + k0, K, panel + k0 * kPanel + c * Format::kDepth,
-                               kc, dst + c, ldo, k0 > 0, c == 0);
+    const typename Format::T* rows = chunks.Rows(k0, kc);
+    for (int64_t c = 0; c < kPanel; c += kSliceCols) {  // a slice is c columns in
+      Rows<Format, kBlockRows>(r1 - r0, x + r0 * K + k0, K, rows + c * Format::kDepth, kc, dst + c, ldo,
+                               k0 > 0, Chunks::kFromMemory && c == 0);
     }
   }
   if (width < kPanel) {
@@ -200,9 +303,9 @@ void PanelProduct(const typename Format::T* x, int64_t K, int64_t N, const typen
   }
 }
 
-// out f32[M, N] = x [M, K] @ panels, both of Format.
-template <typename Format>
-void PackedMatmul(ffi::ThreadPool& pool, const typename Format::T* x, const typename Format::T* panels,
+// out f32[M, N] = x [M, K] @ panels (InPlacePanels<Format>, or QuantizedPanels with F32 x).
+template <typename Format, typename Panels>
+void PackedMatmul(ffi::ThreadPool& pool, const typename Format::T* x, const Panels& panels,
                   float* out, int64_t M, int64_t K, int64_t N) {
   if (M == 0 || N == 0) return;
   const int64_t num_panels = (N + kPanel - 1) / kPanel;
@@ -212,13 +315,13 @@ void PackedMatmul(ffi::ThreadPool& pool, const typename Format::T* x, const type
     thread_local float tail[kRowChunk * kPanel];
     const int64_t chunk = item / num_panels, p = item % num_panels;
     const int64_t r0 = chunk * kRowChunk, r1 = std::min(M, r0 + kRowChunk);
-    PanelProduct<Format>(x, K, N, panels + p * K * kPanel, p, r0, r1, out, tail);
+    PanelProduct<Format>(x, K, N, panels.Panel(p, K), p, r0, r1, out, tail);
   });
 }
 
 // out f32[M, N]: x's first num_rows rows (clamped to [0, M]) times the panels, zeros after them.
-template <typename Format>
-ffi::Error MultiplyRealRows(ffi::ThreadPool& pool, const typename Format::T* x, const typename Format::T* panels,
+template <typename Format, typename Panels>
+ffi::Error MultiplyRealRows(ffi::ThreadPool& pool, const typename Format::T* x, const Panels& panels,
                             ffi::Buffer<ffi::S32> num_rows, float* out, int64_t M, int64_t K, int64_t N) {
   if (num_rows.element_count() != 1) {
     return ffi::Error::InvalidArgument("packed_matmul: num_rows must be one int32, got " +
@@ -241,8 +344,8 @@ ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
                                        " and out [M, N]; got x " + Dims(xd) + ", panels " +
                                        Dims(pd) + ", out " + Dims(od));
   }
-  return MultiplyRealRows<F32>(pool, x.typed_data(), panels.typed_data(), num_rows, out->typed_data(), xd[0],
-                              xd[1], od[1]);
+  return MultiplyRealRows<F32>(pool, x.typed_data(), InPlacePanels<F32>{panels.typed_data()}, num_rows,
+                              out->typed_data(), xd[0], xd[1], od[1]);
 }
 
 ffi::Error PackedMatmulBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> panels,
@@ -256,8 +359,46 @@ ffi::Error PackedMatmulBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi:
                                        " K / 2, 48, 2] and out [M, N]; got x " + Dims(xd) +
                                        ", panels " + Dims(pd) + ", out " + Dims(od));
   }
-  return MultiplyRealRows<BF16>(pool, x.typed_data(), panels.typed_data(), num_rows, out->typed_data(), xd[0],
-                              xd[1], od[1]);
+  return MultiplyRealRows<BF16>(pool, x.typed_data(), InPlacePanels<BF16>{panels.typed_data()}, num_rows,
+                               out->typed_data(), xd[0], xd[1], od[1]);
+}
+
+// The q4 and q8 formats: `values` and `scales` (scale, and offset for q4) as the format says.
+template <int kBits, typename Values>
+ffi::Error QuantizedMatmul(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, Values values,
+                           const ffi::Buffer<ffi::F32>* offset, ffi::Buffer<ffi::F32> scale,
+                           ffi::Buffer<ffi::S32> num_rows, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  auto xd = x.dimensions();
+  auto vd = values.dimensions();
+  auto sd = scale.dimensions();
+  auto od = out->dimensions();
+  const bool offset_ok = offset == nullptr || (offset->dimensions().size() == sd.size() &&
+                                               std::equal(sd.begin(), sd.end(), offset->dimensions().begin()));
+  if (xd.size() != 2 || vd.size() != 3 || sd.size() != 3 || od.size() != 2 || !offset_ok ||
+      xd[1] % kQuantBlock != 0 || vd[2] != kPanel || vd[1] * 8 / kBits != xd[1] || sd[0] != vd[0] ||
+      sd[1] * kQuantBlock != xd[1] || sd[2] != kPanel || od[0] != xd[0] || vd[0] != (od[1] + kPanel - 1) / kPanel) {
+    const std::string rows = kBits == 4 ? "K / 2" : "K";
+    return ffi::Error::InvalidArgument(
+        "packed_matmul: need x [M, K] with K a multiple of 32, values [ceil(N / 48), " + rows +
+        ", 48], scales [ceil(N / 48), K / 32, 48] and out [M, N]; got x " + Dims(xd) + ", values " + Dims(vd) +
+        ", scale " + Dims(sd) + (offset == nullptr ? "" : ", offset " + Dims(offset->dimensions())) +
+        ", out " + Dims(od));
+  }
+  const QuantizedPanels<kBits> panels{reinterpret_cast<const uint8_t*>(values.typed_data()), scale.typed_data(),
+                                      offset == nullptr ? nullptr : offset->typed_data()};
+  return MultiplyRealRows<F32>(pool, x.typed_data(), panels, num_rows, out->typed_data(), xd[0], xd[1], od[1]);
+}
+
+ffi::Error PackedMatmulQ4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> values,
+                          ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> num_rows,
+                          ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  return QuantizedMatmul<4>(pool, x, values, &offset, scale, num_rows, out);
+}
+
+ffi::Error PackedMatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> values,
+                          ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> num_rows,
+                          ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  return QuantizedMatmul<8>(pool, x, values, nullptr, scale, num_rows, out);
 }
 
 }  // namespace
@@ -275,5 +416,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPackedMatmulBF16, PackedMatmulBF16,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // x
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // panels
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_rows
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPackedMatmulQ4, PackedMatmulQ4,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // values
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // offset
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_rows
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPackedMatmulQ8, PackedMatmulQ8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::S8>>()    // values
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale
                                   .Arg<ffi::Buffer<ffi::S32>>()   // num_rows
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out
