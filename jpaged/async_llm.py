@@ -120,7 +120,8 @@ class AsyncLLM:
         """Loads a checkpoint's params (in a thread, in the served dtype) and swaps them in with
         `update_weights`. ModelLoadError (a ValueError) when it cannot be loaded or does not fit."""
         loaded = await asyncio.to_thread(load_model, model_path, dtype=self.model_config.dtype,
-                                         load_format=load_format, quantization=self.engine.engine_args.quantization)
+                                         load_format=load_format, quantization=self.engine_args.quantization,
+                                         keep_gguf_blocks=self.engine.keep_gguf_blocks)
         await self.update_weights(loaded.params)
 
     def get_stats(self) -> EngineStats:

@@ -63,8 +63,9 @@ class EngineArgs:
         None, "Weight quantization (docs/quantization.md). int8: weight-only int8 with per-output-channel "
         "scales for every linear layer, quantized at load (a GGUF's Q8_0 tensors are kept). fp8: the same with "
         "e4m3 values (GPU only). gguf: keep a .gguf model's Q8_0/Q4_0/Q4_1 blocks (embedding included) and "
-        "dequantize them inside the step. Unset: weights in --dtype (a .gguf is dequantized at load, which is "
-        "faster on CPU), except a compressed-tensors int8 checkpoint, which stays int8.", type=str)
+        "dequantize them inside the step. Unset: weights in --dtype, except a compressed-tensors int8 checkpoint, "
+        "which stays int8, and a .gguf on CPU in float32, which loads as with gguf (the C++ kernel gives the "
+        "dequantized weights' results, faster); elsewhere a .gguf is dequantized at load.", type=str)
     kv_cache_dtype: str = _field(
         "auto", "KV-cache dtype. auto: the model dtype. int8, fp8 (= fp8_e4m3) and fp8_e5m2 store K and V in "
         "one byte with a static scale per layer and KV head (the checkpoint's k_scale/v_scale, else "

@@ -145,7 +145,8 @@ class DataParallelAsyncLLM:
     async def update_weights_from_disk(self, model_path: str, load_format: str = "auto") -> None:
         """Loads a checkpoint once and swaps it into every replica (see AsyncLLM's)."""
         loaded = await asyncio.to_thread(load_model, model_path, dtype=self.model_config.dtype,
-                                         load_format=load_format, quantization=self.engine_args.quantization)
+                                         load_format=load_format, quantization=self.engine_args.quantization,
+                                         keep_gguf_blocks=self.replicas[0].engine.keep_gguf_blocks)
         await self.update_weights(loaded.params)
 
     def get_stats(self) -> EngineStats:

@@ -21,7 +21,7 @@ from jpaged.loaders import load_model
 from jpaged.models.quantization import param_bytes
 from jpaged.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
 from jpaged.request_validation import RequestValidator
-from jpaged.runner import build_runner, device_platform
+from jpaged.runner import build_runner, device_platform, packs_gguf_blocks
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from jpaged.structured_output import StructuredOutputManager
 
@@ -98,11 +98,13 @@ class LLMEngine:
         multihost.initialize(args.distributed_coordinator, args.num_hosts, args.host_id)
         platform = device_platform()
         dtype = resolve_cpu_dtype(args.dtype) if platform == "cpu" else args.dtype
+        # Also for update_weights_from_disk, which must load a checkpoint the same way.
+        self.keep_gguf_blocks = packs_gguf_blocks(args, platform, dtype, flax_model)
         loaded = load_model(args.model, dtype=dtype, load_format=args.load_format, revision=args.revision,
                             tokenizer=args.tokenizer, chat_template=args.chat_template,
                             download_dir=args.download_dir, trust_remote_code=args.trust_remote_code,
-                            quantization=args.quantization)
-        logger.info("weights: %.1f MiB (quantization: %s)", param_bytes(loaded.params) / 2**20, args.quantization)
+                            quantization=args.quantization, keep_gguf_blocks=self.keep_gguf_blocks)
+        logger.info("weights: %.1f MiB (quantization: %s)", param_bytes(loaded.params) / 2**20, loaded.quantization)
         self.model_config = loaded.config
         if flax_model is not None:
             self.model_config = flax_model.config.replace(eos_token_ids=loaded.tokenizer.eos_token_ids)

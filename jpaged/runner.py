@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from jax.sharding import NamedSharding, PartitionSpec
 
+import pallas_kernels.cpu as cpu_kernels
+
 from jpaged import kv_pool, kv_quantization, multihost, sharding
 from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
@@ -411,12 +413,16 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
     kv_quantization.check_backend(backend, kv_dtype, devices[0])
     # Before sizing: the pool gets what the weights leave.
     params = jax.device_put(params, sharding.param_shardings(model, params, mesh))
-    # The C++ attention's library also holds the packed-weight matmul; it runs on one device
-    # and only where the built-in model calls quantization.linear.
-    pack_params = (quantization.pack_linears if backend == "cpu" and tp == 1
-                   and type(model) is llama.LlamaForCausalLM else None)
-    kv_scales, recalibrate_kv = kv_quantization.kv_cache_scales(model_config, params, kv_dtype, args.block_size,
-                                                                tokenizer, model_path)
+    pack_params = (functools.partial(quantization.pack_linears, dtype=model_config.dtype)
+                   if packs_linears(backend, tp, model) else None)
+    # Calibrated KV scales come from the arithmetic the steps run (and update_weights recalibrates
+    # on the runner's packed params too): a lossy cache's rounding follows its scales closely.
+    calibration_params = params
+    if pack_params is not None and kv_quantization.is_quantized(kv_dtype):
+        calibration_params = pack_params(params)
+    kv_scales, recalibrate_kv = kv_quantization.kv_cache_scales(model_config, calibration_params, kv_dtype,
+                                                                args.block_size, tokenizer, model_path)
+    del calibration_params
     step_bytes = functools.partial(largest_step_bytes, model_config, params, attention_fn, select_kv_writer(backend),
                                    args, max_model_len, kv_dtype, bucket_pages=backend == "reference", mesh=mesh,
                                    model=model)
@@ -430,6 +436,23 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
                        max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model,
                        kv_scales=kv_scales, recalibrate_kv=recalibrate_kv, pack_params=pack_params)
+
+
+def packs_linears(backend: str, tp: int, model) -> bool:
+    """Whether the runner packs the linears for the C++ CPU matmul (`quantization.pack_linears`):
+    its library comes with the cpu attention backend, and it runs on one device, where the
+    built-in model calls `quantization.linear`."""
+    return backend == "cpu" and tp == 1 and type(model) is llama.LlamaForCausalLM
+
+
+def packs_gguf_blocks(args, platform: str, dtype: str, model=None) -> bool:
+    """Whether a .gguf's Q4_0 / Q4_1 / Q8_0 tensors should load as they are with --quantization
+    unset: where the runner will pack them for the C++ CPU matmul in a float32 step, whose results
+    are bit-identical to those of the dequantized weights, from a fifth of their bytes.
+    model: the engine's Flax module (None: the built-in one)."""
+    model = llama.LlamaForCausalLM if model is None else type(model)
+    return (platform == "cpu" and dtype in ("auto", "float32") and args.attention_backend in ("auto", "cpu")
+            and args.tensor_parallel_size == 1 and model is llama.LlamaForCausalLM and cpu_kernels.is_available())
 
 
 def max_sampler_entries(model_config, args, max_model_len: int) -> int:

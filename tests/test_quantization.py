@@ -17,6 +17,7 @@ from jpaged.loaders.gguf_file import read_gguf
 from jpaged.loaders.hf_names import LAYER_NAMES, params_to_hf_state_dict
 from jpaged.models import llama
 from jpaged.models import quantization as q
+from pallas_kernels import cpu as cpu_kernels
 from test_loaders import _write_tiny_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -162,6 +163,29 @@ def test_kept_gguf_equals_the_dequantized_load(tiny, smollm2_path, tmp_path):
         save_orbax(int8, str(tmp_path / "orbax"))
 
 
+@pytest.mark.skipif(not cpu_kernels.is_available(), reason=f"no CPU kernel: {cpu_kernels.load_error()}")
+def test_packed_gguf_blocks_compute_exactly_what_the_dequantized_weights_do(tiny, smollm2_path, tmp_path):
+    """pack_linears turns kept Q4_0 / Q4_1 / Q8_0 blocks (Q/K permuted by llama.cpp) into q4 / q8
+    panels, in a float32 step only; the model's logits over them are bit for bit those over the
+    float32 panels of the dequantize-at-load weights."""
+    qtypes = {"embed": QTYPES["q8_0"], "q_proj": QTYPES["q4_1"], "k_proj": QTYPES["q4_0"], "v_proj": QTYPES["q8_0"],
+              "o_proj": QTYPES["q4_1"], "gate_proj": QTYPES["q4_0"], "up_proj": QTYPES["q4_1"],
+              "down_proj": QTYPES["q4_1"]}
+    path = tmp_path / "tiny_q.gguf"
+    _write_tiny_gguf(path, tiny, smollm2_path, qtypes)
+    gguf_file = read_gguf(str(path))
+    plain = q.pack_linears(load_gguf_params(gguf_file, tiny.config))
+    kept = load_gguf_params(gguf_file, tiny.config, q.GGUF_FORMATS, keep_embedding=True)
+    assert _kinds(q.pack_linears(kept, dtype="bfloat16")) == {"q4_0", "q4_1", "q8_0"}  # x would not be f32
+    packed = q.pack_linears(kept)
+    assert _kinds(packed) == {"packed uint8", "packed int8", "q8_0"}  # q8_0: the embedding, gathered
+    assert packed["lm_head"].shape == (tiny.config.hidden_size, tiny.config.vocab_size)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, tiny.config.vocab_size, (3, 40)), jnp.int32)
+    forward = jax.jit(llama.forward_dense, static_argnums=1)
+    np.testing.assert_array_equal(np.asarray(forward(packed, tiny.config, tokens)),
+                                  np.asarray(forward(plain, tiny.config, tokens)))
+
+
 def _write_compressed_tensors_checkpoint(folder, tiny, tiny_model_dir, strategy="channel"):
     """An HF folder as llm-compressor saves a W8A16 int8 model: int8 `weight` [out, in] plus
     `weight_scale` ([out, 1] per channel or [1] per tensor) for every projection; the rest f32."""
@@ -238,20 +262,29 @@ def test_unsupported_methods_and_combinations_fail_with_what_works(tiny, tiny_mo
 # ---- the bundled model ---------------------------------------------------------------------------
 
 
+def _kinds(params):
+    """The formats of a params tree's weights: QuantizedWeight formats and PackedWeight panel dtypes."""
+    is_leaf = lambda x: isinstance(x, (q.QuantizedWeight, q.PackedWeight))  # noqa: E731
+    return {w.format if _is_quantized(w) else f"packed {w.panels.dtype}"
+            for w in jax.tree.leaves(params, is_leaf=is_leaf) if is_leaf(w)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization", ["int8", "gguf"])
+@pytest.mark.parametrize("quantization", ["int8", "gguf", None])
 def test_smollm2_quantized_answers_paris(quantization):
-    """The engine's greedy chat answer equals the dense oracle's over the same quantized params."""
+    """The engine's greedy chat answer equals the dense oracle's over the same quantized params.
+    On CPU in float32, the default keeps the GGUF's blocks as "gguf" does, for the C++ kernel."""
     llm = LLM(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64, num_gpu_blocks_override=12,
               compilation_cache_dir="", dtype="float32", quantization=quantization, enforce_eager=True)
     engine = llm.llm_engine
-    kinds = {w.format for w in jax.tree.leaves(engine.runner.params, is_leaf=_is_quantized) if _is_quantized(w)}
-    # the default GGUF: Q4_1 linears, a Q8_0 embedding (int8 keeps the embedding in float32)
-    assert kinds == ({"int8"} if quantization == "int8" else {"q4_1", "q8_0"})
+    # the default GGUF: Q4_1 linears (q4 panels), a Q8_0 embedding (gathered as it is; the tied
+    # lm_head as q8 panels); int8 keeps the embedding in float32 (a float32 packed lm_head)
+    expected = ({"int8", "packed float32"} if quantization == "int8" else {"q8_0", "packed uint8", "packed int8"})
+    assert _kinds(engine.runner.params) == expected
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     output = llm.chat(messages, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
     assert "Paris" in output.outputs[0].text
-    loaded = load_model(dtype="float32", quantization=quantization)
+    loaded = load_model(dtype="float32", quantization=quantization or "gguf")
     expect = greedy_generate(loaded, output.prompt_token_ids, 12)
     assert list(output.outputs[0].token_ids) == expect
 

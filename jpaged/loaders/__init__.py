@@ -37,6 +37,7 @@ class LoadedModel:
     params: dict  # see jpaged.models.llama for the pytree layout
     tokenizer: Tokenizer
     model_path: str  # the resolved file or folder
+    quantization: str | None = None  # what load_model applied (a --quantization value), or None
 
 
 def default_model_path() -> str:
@@ -65,6 +66,7 @@ def load_model(
     download_dir: str | None = None,
     trust_remote_code: bool = False,
     quantization: str | None = None,
+    keep_gguf_blocks: bool = False,
 ) -> LoadedModel:
     """Loads config, params (on the default device, in the resolved dtype) and tokenizer.
 
@@ -82,6 +84,8 @@ def load_model(
         except a compressed-tensors int8 checkpoint, which stays int8. int8/fp8: every linear per
         output channel (a GGUF's Q8_0 linears are kept as they are under int8). gguf: a .gguf
         file's Q8_0/Q4_0/Q4_1 tensors, embedding included, stay in their blocks.
+      keep_gguf_blocks: with quantization None, load a .gguf as with "gguf" (the engine sets it
+        where the C++ CPU kernel multiplies those blocks in float32, docs/quantization.md).
     Raises:
       ModelLoadError naming the path and the problem.
     """
@@ -98,6 +102,8 @@ def load_model(
     if load_format == "auto":
         load_format = _detect_format(path)
     _check_format_matches(path, load_format)
+    if quantization is None and keep_gguf_blocks and load_format == "gguf":
+        quantization = "gguf"
     if quantization == "gguf" and load_format != "gguf":
         raise ModelLoadError(f"--quantization gguf keeps a GGUF file's quantized blocks, but {path} loads as "
                              f"{load_format}; use --quantization int8 (any checkpoint) or a .gguf model")
@@ -137,7 +143,7 @@ def load_model(
         params = hf_loader.load_safetensors_params(path, config)
     if quantization in ("int8", "fp8"):
         params = quantization_lib.quantize_params(params, quantization)
-    return LoadedModel(config=config, params=params, tokenizer=tok, model_path=path)
+    return LoadedModel(config=config, params=params, tokenizer=tok, model_path=path, quantization=quantization)
 
 
 def save_orbax(loaded: LoadedModel, folder: str) -> None:

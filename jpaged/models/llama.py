@@ -24,8 +24,9 @@ rules (jpaged/sharding.py). Applying reads the params as given, unchecked and un
 weight may be a quantized pytree instead of an array.
 
 All weights are in config.dtype, except that a projection, the embedding or the lm_head may be a
-`quantization.QuantizedWeight` ([out, in] rows), and that on CPU the runner turns float32
-projections and the lm_head into `quantization.PackedWeight` panels for the C++ matmul kernel.
+`quantization.QuantizedWeight` ([out, in] rows), and that on CPU the runner turns float32 and
+bfloat16 projections and the lm_head (and, in a float32 step, GGUF-block ones) into
+`quantization.PackedWeight` panels for the C++ matmul kernel.
 Matmuls go through `quantization.linear`: they take config.dtype inputs and accumulate in
 float32; RMSNorm, RoPE, SiLU and softmax run in float32.
 """
@@ -182,9 +183,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden):
         """f32[n, vocab_size] from hidden [n, hidden_size] (tied to the embedding when configured)."""
         params = self.weights()
-        # A tied embedding's packed copy (quantization.pack_linears) is the faster operand up to
-        # PACKED_LM_HEAD_MAX_ROWS rows; XLA's dot over the embedding is beyond (docs/kernels_cpu.md).
-        past_packed_copy = self.config.tie_word_embeddings and hidden.shape[0] > PACKED_LM_HEAD_MAX_ROWS
+        # A tied float embedding's packed copy (quantization.pack_linears) is the faster operand up
+        # to PACKED_LM_HEAD_MAX_ROWS rows; XLA's dot over the embedding is beyond (docs/kernels_cpu.md).
+        # A GGUF-block embedding's packed copy is faster than dequantizing it in XLA at any size.
+        past_packed_copy = (self.config.tie_word_embeddings and not isinstance(params["embed"], QuantizedWeight)
+                            and hidden.shape[0] > PACKED_LM_HEAD_MAX_ROWS)
         if "lm_head" in params and not past_packed_copy:
             return _linear(hidden, params["lm_head"], out_dtype=jnp.float32)
         if not isinstance(params["embed"], QuantizedWeight):

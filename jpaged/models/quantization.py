@@ -1,8 +1,9 @@
 """Weight leaves other than plain arrays, one `linear` over all of them, one embedding lookup.
 
 A weight leaf of the params pytree is a plain array (linears [in, out], the embedding
-[vocab, hidden]), a `QuantizedWeight`, or a `PackedWeight` (a float32 linear repacked for the
-C++ CPU matmul kernel by `pack_linears`, which the runner applies on CPU). A QuantizedWeight
+[vocab, hidden]), a `QuantizedWeight`, or a `PackedWeight` (a float32 or bfloat16 linear, or a
+GGUF-block one computed in float32, repacked for the C++ CPU matmul kernel by `pack_linears`,
+which the runner applies on CPU). A QuantizedWeight
 always stores its rows as OUTPUT channels (HF's and GGUF's [out, in] orientation), so one layout
 serves a linear, the embedding gather (a row per token) and the tied lm_head (a row per
 vocabulary entry).
@@ -63,17 +64,22 @@ class QuantizedWeight:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
-    """A float32 or bfloat16 linear weight [in, out] as the CPU matmul kernel's column panels
-    (`pallas_kernels.reference.pack_panels`): panels f32[ceil(out / 48), in, 48] or
-    bf16[ceil(out / 48), in / 2, 48, 2]."""
+    """A linear weight [in, out] as the CPU matmul kernel's column panels: float32 or bfloat16
+    (`pallas_kernels.reference.pack_panels`: panels f32[ceil(out / 48), in, 48] or
+    bf16[ceil(out / 48), in / 2, 48, 2]), or GGUF blocks for float32 x (`pack_q4_panels`: u8
+    panels [ceil(out / 48), in / 2, 48], scale and offset f32[ceil(out / 48), in / 32, 48];
+    `pack_q8_panels`: i8 panels [ceil(out / 48), in, 48] and scale)."""
 
     panels: jax.Array
     out_features: int = dataclasses.field(metadata=dict(static=True))
+    scale: jax.Array | None = None  # quantized panels only
+    offset: jax.Array | None = None  # q4 panels only
 
     @property
     def shape(self) -> tuple[int, int]:
         """The logical [in, out] shape."""
-        return self.panels.shape[1] * (2 if self.panels.ndim == 4 else 1), self.out_features
+        rows_per_entry = 2 if self.panels.ndim == 4 or self.panels.dtype == jnp.uint8 else 1
+        return self.panels.shape[1] * rows_per_entry, self.out_features
 
 
 def check_method(method: str | None, platform: str | None = None) -> None:
@@ -103,7 +109,8 @@ def linear(x, weight, bias=None, out_dtype=None, num_rows=None):
     """
     if isinstance(weight, PackedWeight):
         lead, k = x.shape[:-1], x.shape[-1]
-        y = cpu_kernels.packed_matmul(x.reshape(-1, k), weight.panels, weight.out_features, num_rows)
+        y = cpu_kernels.packed_matmul(x.reshape(-1, k), weight.panels, weight.out_features, num_rows,
+                                      scale=weight.scale, offset=weight.offset)
         y = y.reshape(*lead, weight.out_features)
     elif not isinstance(weight, QuantizedWeight):
         y = jnp.einsum("...i,io->...o", x, weight, preferred_element_type=jnp.float32)
@@ -206,22 +213,33 @@ def quantize_params(params: dict, fmt: str) -> dict:
     return {**params, "layers": [convert(layer) for layer in params["layers"]]}
 
 
-def pack_linears(params: dict) -> dict:
-    """The params with every float32 or bfloat16 linear (a layer's "*_proj" and the "lm_head"
-    [in, out] arrays; bfloat16 ones with an even `in`) as a PackedWeight for the C++ CPU matmul
-    kernel; other leaves (quantized weights, norms) are kept. An embedding tied to the lm_head
-    stays for the token lookup and gets a packed "lm_head" copy of its transpose (vocab x hidden
-    elements more)."""
+def pack_linears(params: dict, dtype="float32") -> dict:
+    """The params with their linears (a layer's "*_proj" and the "lm_head") as PackedWeights for
+    the C++ CPU matmul kernel: float32 or bfloat16 [in, out] arrays (bfloat16 ones with an even
+    `in`), and, when the step computes in float32 (`dtype`), GGUF Q4_0 / Q4_1 / Q8_0
+    QuantizedWeights, which keep their values and scales (the kernel's results are bit-identical
+    to those of the dequantized weights). Other leaves (int8 / fp8 weights, norms) are kept. An
+    embedding tied to the lm_head stays for the token lookup and gets a packed "lm_head" copy of
+    its transpose (vocab x hidden elements more, or its blocks again)."""
+    gguf = jnp.dtype(dtype) == jnp.float32
+
     def pack(name, w):
-        if not _is_packable(w) or not (name.endswith("_proj") or name == "lm_head"):
+        if not (name.endswith("_proj") or name == "lm_head"):
+            return w
+        if isinstance(w, QuantizedWeight):
+            return _pack_gguf(w) if gguf and w.format in GGUF_FORMATS else w
+        if not _is_packable(w):
             return w
         return PackedWeight(panels=_pack_panels(w), out_features=w.shape[1])
 
     packed = {name: pack(name, w) for name, w in params.items() if name != "layers"}
     packed["layers"] = [{name: pack(name, w) for name, w in layer.items()} for layer in params["layers"]]
     embed = params["embed"]
-    if "lm_head" not in params and not isinstance(embed, QuantizedWeight) and _is_packable(embed.T):
-        packed["lm_head"] = pack("lm_head", embed.T)
+    if "lm_head" not in params:
+        tied = embed if isinstance(embed, QuantizedWeight) else embed.T  # both [hidden, vocab] to x
+        lm_head = pack("lm_head", tied)
+        if lm_head is not tied:
+            packed["lm_head"] = lm_head
     return packed
 
 
@@ -233,6 +251,28 @@ def _is_packable(w) -> bool:
 
 
 _pack_panels = jax.jit(reference.pack_panels)
+
+
+@jax.jit
+def _gguf_panels(weight: QuantizedWeight):
+    """q4 or q8 panel arrays (values, scale[, offset]) of a GGUF-block [out, in] weight, for x @ w
+    with w [in, out]: the same values and f16 scales widened to f32, so nothing is rounded."""
+    out, cols = weight.shape
+    scale = weight.scale.astype(jnp.float32)  # [out, blocks]
+    if weight.format == "q8_0":
+        return reference.pack_q8_panels(weight.data.T, scale.T)
+    packed = weight.data.reshape(out, -1, GGUF_BLOCK // 2)  # a block's 32 values in 16 bytes
+    nibbles = jnp.concatenate([packed & 0xF, packed >> 4], axis=-1).reshape(out, cols)
+    # Q4_0's w = (nibble - 8) * scale is nibble * scale + (-8 * scale), exactly: every term is exact.
+    offset = -8.0 * scale if weight.format == "q4_0" else weight.offset.astype(jnp.float32)
+    return reference.pack_q4_panels(nibbles.T, scale.T, offset.T)
+
+
+def _pack_gguf(weight: QuantizedWeight) -> PackedWeight:
+    """A GGUF-block QuantizedWeight [out, in] as q4 / q8 panels for the C++ kernel."""
+    panels, scale, *offset = _gguf_panels(weight)
+    return PackedWeight(panels=panels, out_features=weight.shape[0], scale=scale,
+                        offset=offset[0] if offset else None)
 
 
 def compiler_options(params, platform: str) -> dict:
