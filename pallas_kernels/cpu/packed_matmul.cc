@@ -11,9 +11,9 @@
 //             column has w = nibble * scale + offset.
 //   q8:       x f32[M, K], values i8[P, K, 48], scale f32[P, K / 32, 48]: 8-bit weights (GGUF
 //             Q8_0), w = value * scale of its 32-row block.
-// For q4 and q8, K is a multiple of 32. out is f32[M, N] in every format. Only x's first num_rows rows (an i32 scalar, clamped to [0, M]) are
-// multiplied; out's rows from num_rows on are zeros, so a step padded to a bucket pays for its
-// real tokens only. A panel is contiguous, so the kernel streams each weight byte once
+// For q4 and q8, K is a multiple of 32. out is f32[M, N] in every format. Only x's first
+// num_rows rows (an i32 scalar, clamped to [0, M]) are multiplied; out's rows from num_rows on
+// are zeros, so a step padded to a bucket pays for its real tokens only. A panel is contiguous, so the kernel streams each weight byte once
 // from memory in address order, however few rows x has; XLA:CPU's dot reads w [K, N] with a
 // stride of N and falls behind at decode sizes (M <= 64), in bfloat16 by 10-15x at M = 1.
 //
@@ -238,22 +238,23 @@ struct QuantizedChunks {
     constexpr int64_t kRowsPerStep = kBits == 4 ? 2 : 1;  // weight rows per kPanel bytes of values
     for (int64_t k = 0; k < kc; k += kRowsPerStep) {
       const uint8_t* v = values + (k0 + k) / kRowsPerStep * kPanel;
-      const float* s = scale + (k0 + k) / kQuantBlock * kPanel;
-      const float* o = offset + (k0 + k) / kQuantBlock * kPanel;
+      const int64_t block = (k0 + k) / kQuantBlock * kPanel;  // the row's scales (and offsets)
       float* row = rows + k * kPanel;
       // A work item streams one panel's few KiB: too short a run for the hardware prefetcher.
       __builtin_prefetch(v + kValuePrefetchBytes);
       if ((k0 + k) % kQuantBlock == 0) {
         for (int64_t line = 0; line < kPanel * 4; line += 64) {
-          __builtin_prefetch(reinterpret_cast<const char*>(s + 2 * kPanel) + line);
-          if constexpr (kBits == 4) __builtin_prefetch(reinterpret_cast<const char*>(o + 2 * kPanel) + line);
+          __builtin_prefetch(reinterpret_cast<const char*>(scale + block + 2 * kPanel) + line);
+          if constexpr (kBits == 4) {
+            __builtin_prefetch(reinterpret_cast<const char*>(offset + block + 2 * kPanel) + line);
+          }
         }
       }
       for (int64_t c = 0; c < kPanel; c += kLanes) {
-        const vec sv = LoadVec<vec>(s + c);
+        const vec sv = LoadVec<vec>(scale + block + c);
         if constexpr (kBits == 4) {
           const ivec pair = WidenBytes<false>(v + c);
-          const vec ov = LoadVec<vec>(o + c);
+          const vec ov = LoadVec<vec>(offset + block + c);
           StoreVec(row + c, ToFloat(pair & 15) * sv + ov);
           StoreVec(row + kPanel + c, ToFloat(pair >> 4) * sv + ov);
         } else {
