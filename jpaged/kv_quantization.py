@@ -143,12 +143,13 @@ def checkpoint_scales(model_path: str, num_layers: int, num_kv_heads: int):
     return scales
 
 
-def kv_cache_scales(config, params, dtype: str, block_size: int, tokenizer, model_path: str | None):
-    """(kv_scales, recalibrate) for a pool of `dtype` pages: (None, None) unless int8 / fp8.
+def kv_cache_scales(config, dtype: str, block_size: int, tokenizer, model_path: str | None):
+    """(kv_scales, calibrate) for a pool of `dtype` pages: (None, None) unless int8 / fp8.
 
-    kv_scales: per layer (k_scale, v_scale) f32[num_kv_heads], from the checkpoint at
-    `model_path` or calibrated over `tokenizer`'s encoding of the built-in text. recalibrate:
-    None (checkpoint scales), or params -> new calibrated kv_scales (for update_weights).
+    kv_scales: per layer (k_scale, v_scale) f32[num_kv_heads] from the checkpoint at
+    `model_path`, and calibrate None; or kv_scales None and calibrate: params -> calibrated
+    kv_scales over `tokenizer`'s encoding of the built-in text, which the runner calls on the
+    params its steps run (at start and in update_weights).
     """
     if not is_quantized(dtype):
         return None, None
@@ -160,14 +161,9 @@ def kv_cache_scales(config, params, dtype: str, block_size: int, tokenizer, mode
         raise ValueError(f"a {dtype} KV cache needs scales: the checkpoint has none and no tokenizer was "
                          f"given to calibrate them.")
     ids = calibration_token_ids(tokenizer)
-
-    def recalibrate(params):
-        return calibrate(params, config, ids, dtype, block_size)
-
-    scales = recalibrate(params)
     logger.info("KV cache %s: k_scale / v_scale calibrated on %d tokens (absmax x %g / %g per layer and KV head)",
                 dtype, len(ids), KV_SCALE_MARGIN[dtype], QMAX[dtype])
-    return scales, recalibrate
+    return None, functools.partial(calibrate, config=config, token_ids=ids, dtype=dtype, block_size=block_size)
 
 
 def check_backend(backend: str, dtype: str, device) -> None:

@@ -119,8 +119,9 @@ class ModelRunner:
         token (the pallas decode kernel); such steps then run their own compiled programs.
       kv_scales: None, or per layer (k_scale, v_scale) f32[num_kv_heads] for int8 / fp8 pages
         (`jpaged.kv_quantization`); static: never donated, never changed by a step or a swap.
-      recalibrate_kv: None, or a function of the params giving new kv_scales, called by
-        update_weights (scales calibrated at start follow the weights; a checkpoint's do not).
+      recalibrate_kv: None, or a function of the params giving kv_scales, called on the runner's
+        params at start (when kv_scales is None) and by update_weights (calibrated scales follow
+        the weights; a checkpoint's do not).
       pack_params: None, or a function applied to `params` (and to update_weights' params) before
         they are used: `quantization.pack_linears` for the C++ CPU matmul kernel.
     """
@@ -150,6 +151,10 @@ class ModelRunner:
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.kv_sharding = NamedSharding(mesh, sharding.kv_spec(model_config, tp))
         self.kv_scale_sharding = NamedSharding(mesh, sharding.kv_scale_spec(model_config, tp))
+        if kv_scales is None and recalibrate_kv is not None:
+            # On the params the steps run (packed, for the C++ matmul): a lossy cache's rounding
+            # follows its scales closely.
+            kv_scales = recalibrate_kv(self.params)
         self.kv_scales = None if kv_scales is None else jax.device_put(kv_scales, self.kv_scale_sharding)
         if tp > 1:
             attention_fn, write_kv = sharding.shard_attention(attention_fn, write_kv_fn, mesh, model_config)
@@ -414,15 +419,9 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
     # Before sizing: the pool gets what the weights leave.
     params = jax.device_put(params, sharding.param_shardings(model, params, mesh))
     pack_params = (functools.partial(quantization.pack_linears, dtype=model_config.dtype)
-                   if packs_linears(backend, tp, model) else None)
-    # Calibrated KV scales come from the arithmetic the steps run (and update_weights recalibrates
-    # on the runner's packed params too): a lossy cache's rounding follows its scales closely.
-    calibration_params = params
-    if pack_params is not None and kv_quantization.is_quantized(kv_dtype):
-        calibration_params = pack_params(params)
-    kv_scales, recalibrate_kv = kv_quantization.kv_cache_scales(model_config, calibration_params, kv_dtype,
-                                                                args.block_size, tokenizer, model_path)
-    del calibration_params
+                   if packs_linears(backend, tp, type(model)) else None)
+    kv_scales, recalibrate_kv = kv_quantization.kv_cache_scales(model_config, kv_dtype, args.block_size, tokenizer,
+                                                                model_path)
     step_bytes = functools.partial(largest_step_bytes, model_config, params, attention_fn, select_kv_writer(backend),
                                    args, max_model_len, kv_dtype, bucket_pages=backend == "reference", mesh=mesh,
                                    model=model)
@@ -438,11 +437,11 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
                        kv_scales=kv_scales, recalibrate_kv=recalibrate_kv, pack_params=pack_params)
 
 
-def packs_linears(backend: str, tp: int, model) -> bool:
+def packs_linears(backend: str, tp: int, model_class) -> bool:
     """Whether the runner packs the linears for the C++ CPU matmul (`quantization.pack_linears`):
     its library comes with the cpu attention backend, and it runs on one device, where the
     built-in model calls `quantization.linear`."""
-    return backend == "cpu" and tp == 1 and type(model) is llama.LlamaForCausalLM
+    return backend == "cpu" and tp == 1 and model_class is llama.LlamaForCausalLM
 
 
 def packs_gguf_blocks(args, platform: str, dtype: str, model=None) -> bool:
@@ -450,9 +449,10 @@ def packs_gguf_blocks(args, platform: str, dtype: str, model=None) -> bool:
     unset: where the runner will pack them for the C++ CPU matmul in a float32 step, whose results
     are bit-identical to those of the dequantized weights, from a fifth of their bytes.
     model: the engine's Flax module (None: the built-in one)."""
-    model = llama.LlamaForCausalLM if model is None else type(model)
-    return (platform == "cpu" and dtype in ("auto", "float32") and args.attention_backend in ("auto", "cpu")
-            and args.tensor_parallel_size == 1 and model is llama.LlamaForCausalLM and cpu_kernels.is_available())
+    cpu_backend = args.attention_backend in ("auto", "cpu") and cpu_kernels.is_available()
+    model_class = llama.LlamaForCausalLM if model is None else type(model)
+    return (platform == "cpu" and dtype in ("auto", "float32")
+            and packs_linears("cpu" if cpu_backend else args.attention_backend, args.tensor_parallel_size, model_class))
 
 
 def max_sampler_entries(model_config, args, max_model_len: int) -> int:

@@ -49,7 +49,7 @@ def generate(kv_cache_dtype: str, args, unit_scales: bool = False) -> dict:
                        max_num_seqs=len(QUESTIONS), enforce_eager=True, attention_backend=args.attention_backend,
                        dtype="float32", compilation_cache_dir="")
 
-    def ones(config, params, dtype, *rest):
+    def ones(config, dtype, *rest):
         scale = jnp.ones((config.num_kv_heads,), jnp.float32)
         return [(scale, scale)] * config.num_layers, None
 

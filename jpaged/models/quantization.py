@@ -236,9 +236,8 @@ def pack_linears(params: dict, dtype="float32") -> dict:
     packed["layers"] = [{name: pack(name, w) for name, w in layer.items()} for layer in params["layers"]]
     embed = params["embed"]
     if "lm_head" not in params:
-        tied = embed if isinstance(embed, QuantizedWeight) else embed.T  # both [hidden, vocab] to x
-        lm_head = pack("lm_head", tied)
-        if lm_head is not tied:
+        lm_head = pack("lm_head", embed if isinstance(embed, QuantizedWeight) else embed.T)  # [hidden, vocab] to x
+        if isinstance(lm_head, PackedWeight):
             packed["lm_head"] = lm_head
     return packed
 
