@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jpaged import LLM, SamplingParams
+from jpaged import LLM, SamplingParams, cpu_features
 from jpaged.models.quantization import PackedWeight
 from pallas_kernels import cpu
 
@@ -42,22 +42,26 @@ def test_greedy_cpu_backend_equals_reference(tiny_model_dir):
     llm.update_weights(sharp)
     runner = llm.llm_engine.runner
     config = runner.model_config
-    assert len(packed_weights(runner)) == 7 * config.num_layers + 1  # + the tied lm_head's copy
+    # q/k/v and gate/up fused, o and down: 4 per layer, + the tied lm_head's copy.
+    assert len(packed_weights(runner)) == 4 * config.num_layers + 1
     assert "lm_head" not in sharp and runner.params["lm_head"].shape == (config.hidden_size, config.vocab_size)
     tokens = greedy_tokens(llm, prompts)
     assert tokens == greedy_tokens(reference, prompts)
     assert all(len(t) == 12 for t in tokens)
     # A transformed copy of the packed params is accepted too, and leaves nothing unpacked.
     llm.update_weights(jax.tree.map(lambda x: x * 1.0, runner.params))
-    assert len(packed_weights(llm.llm_engine.runner)) == 7 * config.num_layers + 1
+    assert len(packed_weights(llm.llm_engine.runner)) == 4 * config.num_layers + 1
     assert greedy_tokens(llm, prompts) == tokens
 
 
-def test_bfloat16_linears_packed_and_close_to_reference(tiny_model_dir):
+def test_bfloat16_linears_packed_and_close_to_reference(tiny_model_dir, monkeypatch):
     """--dtype bfloat16: the cpu backend packs the bf16 linears (pairs of rows for AVX512-BF16)
     and the tied lm_head. Both backends accumulate in float32 and round each linear's output to
     bfloat16; only the order of the float32 additions differs, so each prompt's first-step logits
-    agree to bf16 rounding and the greedy paths agree where the logits are decided."""
+    agree to bf16 rounding and the greedy paths agree where the logits are decided. The engine
+    is told the CPU has AVX512-BF16, so it keeps bf16 on any CPU (it would fall back to float32
+    without; the kernel then widens the pairs in registers)."""
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     rng = np.random.default_rng(1)
     prompts = [rng.integers(100, 40000, size=int(n)).tolist() for n in (5, 40, 66)]
     kwargs = dict(ENGINE_KWARGS, dtype="bfloat16")
@@ -68,7 +72,7 @@ def test_bfloat16_linears_packed_and_close_to_reference(tiny_model_dir):
     llm.update_weights(sharp)
     runner = llm.llm_engine.runner
     packed = packed_weights(runner)
-    assert len(packed) == 7 * runner.model_config.num_layers + 1
+    assert len(packed) == 4 * runner.model_config.num_layers + 1  # q/k/v and gate/up fused
     assert {str(w.panels.dtype) for w in packed} == {"bfloat16"}
     params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
     [got, want] = [[o.outputs[0] for o in engine.generate([{"prompt_token_ids": p} for p in prompts], params,
