@@ -42,15 +42,14 @@ def test_greedy_cpu_backend_equals_reference(tiny_model_dir):
     llm.update_weights(sharp)
     runner = llm.llm_engine.runner
     config = runner.model_config
-    # q/k/v and gate/up fused, o and down: 4 per layer, + the tied lm_head's copy.
-    assert len(packed_weights(runner)) == 4 * config.num_layers + 1
+    assert len(packed_weights(runner)) == 7 * config.num_layers + 1  # + the tied lm_head's copy
     assert "lm_head" not in sharp and runner.params["lm_head"].shape == (config.hidden_size, config.vocab_size)
     tokens = greedy_tokens(llm, prompts)
     assert tokens == greedy_tokens(reference, prompts)
     assert all(len(t) == 12 for t in tokens)
     # A transformed copy of the packed params is accepted too, and leaves nothing unpacked.
     llm.update_weights(jax.tree.map(lambda x: x * 1.0, runner.params))
-    assert len(packed_weights(llm.llm_engine.runner)) == 4 * config.num_layers + 1
+    assert len(packed_weights(llm.llm_engine.runner)) == 7 * config.num_layers + 1
     assert greedy_tokens(llm, prompts) == tokens
 
 
@@ -72,7 +71,7 @@ def test_bfloat16_linears_packed_and_close_to_reference(tiny_model_dir, monkeypa
     llm.update_weights(sharp)
     runner = llm.llm_engine.runner
     packed = packed_weights(runner)
-    assert len(packed) == 4 * runner.model_config.num_layers + 1  # q/k/v and gate/up fused
+    assert len(packed) == 7 * runner.model_config.num_layers + 1
     assert {str(w.panels.dtype) for w in packed} == {"bfloat16"}
     params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
     [got, want] = [[o.outputs[0] for o in engine.generate([{"prompt_token_ids": p} for p in prompts], params,
