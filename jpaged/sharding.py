@@ -80,9 +80,12 @@ def param_shardings(model, params, mesh: Mesh) -> dict:
     A quantized weight (`quantization.QuantizedWeight`: data, scale and offset all [out, ...])
     is the declared [in, out] weight transposed (the embedding's rows stay its vocabulary), so
     its arrays take the declared axes reversed. An array whose rank differs from its axes, or
-    whose split does not divide its dimension, is replicated.
+    whose split does not divide its dimension, is replicated. On one device every array is, and
+    the model's axes are not read (tracing its init abstractly takes seconds for a 30-layer model).
     """
     tp = mesh.shape[TP_AXIS]
+    if tp == 1:
+        return jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
     rules = logical_rules(model.config, tp)
 
     def place(names, array):
