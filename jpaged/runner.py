@@ -13,6 +13,8 @@ logits, and copy the sampled ids (plus logprobs when a request asked) back in on
 import dataclasses
 import functools
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -207,52 +209,65 @@ class ModelRunner:
     def _blob_spec(self, size: int):
         return self._input_spec((size,))
 
-    def _compile_forward(self, t: int, s: int, p: int, decode_only: bool = False):
+    # Each _lower_* traces and lowers one program and returns (table, key, lowered); _compile
+    # compiles it (or loads it from the compilation cache) into table[key].
+
+    def _lower_forward(self, t: int, s: int, p: int, decode_only: bool = False):
         blob = self._blob_spec(StepMetadata.blob_size(t, s, p))
         jitted = self._decode_jit if decode_only else self._forward_jit
         lowered = jitted.lower(self._abstract(self.params), self._abstract(self.kv_cache),
                                self._abstract(self.kv_scales), blob, num_tokens=t, num_seqs=s, pages_per_seq=p)
-        self._forward[(t, s, p, decode_only)] = lowered.compile()
+        return self._forward, (t, s, p, decode_only), lowered
 
-    def _compile_sample(self, s: int, e: int, masked: bool):
+    def _lower_sample(self, s: int, e: int, masked: bool):
         vocab = self.model_config.vocab_size
         logits = self._input_spec((s, vocab), jnp.float32)
         blob = self._blob_spec(SamplingMetadata.blob_size(s, e))
         bitmask = self._input_spec((s, bitmask_width(vocab))) if masked else None
-        self._sample[(s, e, masked)] = self._sample_jit.lower(logits, blob, bitmask, num_seqs=s,
-                                                              num_entries=e).compile()
+        return self._sample, (s, e, masked), self._sample_jit.lower(logits, blob, bitmask, num_seqs=s, num_entries=e)
 
-    def _compile_prompt_logprobs(self, t: int):
+    def _lower_prompt_logprobs(self, t: int):
         hidden = self._input_spec((t, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
-        self._prompt_logprobs[t] = self._prompt_logprobs_jit.lower(
-            self._abstract(self.params), hidden, self._blob_spec(t)).compile()
+        return self._prompt_logprobs, t, self._prompt_logprobs_jit.lower(self._abstract(self.params), hidden,
+                                                                         self._blob_spec(t))
 
-    def _compile_swap(self, direction: str, n: int):
+    def _lower_swap(self, direction: str, n: int):
         ids = self._input_spec((n,))
         kv = self._abstract(self.kv_cache)
         if direction == "out":
-            compiled = jax.jit(_gather_blocks).lower(kv, ids).compile()
+            lowered = jax.jit(_gather_blocks).lower(kv, ids)
         else:
             blocks = [(jax.ShapeDtypeStruct((n, *k.shape[1:]), k.dtype, sharding=k.sharding),) * 2 for k, _ in kv]
-            compiled = jax.jit(_scatter_blocks, donate_argnums=(0,)).lower(kv, ids, blocks).compile()
-        self._swap[(direction, n)] = compiled
+            lowered = jax.jit(_scatter_blocks, donate_argnums=(0,)).lower(kv, ids, blocks)
+        return self._swap, (direction, n), lowered
+
+    @staticmethod
+    def _compile(lowering) -> None:
+        table, key, lowered = lowering
+        table[key] = lowered.compile()
 
     def warmup(self, show_progress: bool = True) -> int:
         """Compiles every program a step can run: the forward per bucket, the sampler per
         (num_seqs, num_entries) bucket, plain and token-masked (structured outputs), prompt
         logprobs per token bucket and the swap copies. Returns the number of programs compiled
-        (or loaded from the compilation cache)."""
-        jobs = [functools.partial(self._compile_forward, *shape) for shape in self.buckets.step_shapes()]
+        (or loaded from the compilation cache).
+
+        Tracing and lowering hold the GIL; XLA's compiling (or loading from the cache) does not, so
+        it runs on a thread pool while the next programs are traced."""
+        jobs = [functools.partial(self._lower_forward, *shape) for shape in self.buckets.step_shapes()]
         if self._decode_jit is not None:  # decode-only steps hold at most max_num_seqs tokens
             most = pick(self.buckets.num_tokens, min(self.buckets.num_seqs[-1], self.buckets.num_tokens[-1]))
-            jobs += [functools.partial(self._compile_forward, *shape, True)
+            jobs += [functools.partial(self._lower_forward, *shape, True)
                      for shape in self.buckets.step_shapes() if shape[0] <= most]
-        jobs += [functools.partial(self._compile_sample, *shape, masked)
+        jobs += [functools.partial(self._lower_sample, *shape, masked)
                  for shape in self.buckets.sampler_shapes() for masked in (False, True)]
-        jobs += [functools.partial(self._compile_prompt_logprobs, t) for t in self.buckets.num_tokens]
-        jobs += [functools.partial(self._compile_swap, d, n) for d in ("out", "in") for n in self.swap_buckets]
-        for job in tqdm(jobs, desc="Compiling step buckets", disable=not show_progress, unit="program"):
-            job()
+        jobs += [functools.partial(self._lower_prompt_logprobs, t) for t in self.buckets.num_tokens]
+        jobs += [functools.partial(self._lower_swap, d, n) for d in ("out", "in") for n in self.swap_buckets]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="jpaged-compile") as pool:
+            compiled = [pool.submit(self._compile, job()) for job in
+                        tqdm(jobs, desc="Compiling step buckets", disable=not show_progress, unit="program")]
+            for future in compiled:
+                future.result()
         return len(jobs)
 
     # ---- execution ---------------------------------------------------------------------------
@@ -265,7 +280,7 @@ class ModelRunner:
         ids = np.zeros(n, np.int32)
         ids[:len(pairs)] = [b for b, _ in pairs]
         if ("out", n) not in self._swap:
-            self._compile_swap("out", n)
+            self._compile(self._lower_swap("out", n))
         blocks = jax.device_get(self._swap[("out", n)](self.kv_cache, jax.device_put(ids, self.replicated)))
         slots = [slot for _, slot in pairs]
         for layer, (k, v) in enumerate(blocks):
@@ -282,7 +297,7 @@ class ModelRunner:
         slots = [slot for slot, _ in pairs] + [0] * (n - len(pairs))
         blocks = [(hk[slots], hv[slots]) for hk, hv in zip(self._host_k, self._host_v)]
         if ("in", n) not in self._swap:
-            self._compile_swap("in", n)
+            self._compile(self._lower_swap("in", n))
         self.kv_cache = self._swap[("in", n)](self.kv_cache, jax.device_put(ids, self.replicated),
                                               jax.device_put(blocks, self.kv_sharding))
 
@@ -327,16 +342,16 @@ class ModelRunner:
             (step.forward_blob, step.sampling_blob, step.token_bitmask), self.replicated)
         # Programs missing here only with enforce_eager (warmup compiles every shape): compiled on first use.
         if (t, s, p, decode_only) not in self._forward:
-            self._compile_forward(t, s, p, decode_only)
+            self._compile(self._lower_forward(t, s, p, decode_only))
         if (s, e, masked) not in self._sample:
-            self._compile_sample(s, e, masked)
+            self._compile(self._lower_sample(s, e, masked))
         logits, hidden, self.kv_cache = self._forward[(t, s, p, decode_only)](self.params, self.kv_cache,
                                                                               self.kv_scales, forward_blob)
         out = self._sample[(s, e, masked)](logits, sampling_blob, token_bitmask)
         prompt_logprobs = None
         if step.prompt_targets is not None:
             if t not in self._prompt_logprobs:  # only with enforce_eager
-                self._compile_prompt_logprobs(t)
+                self._compile(self._lower_prompt_logprobs(t))
             prompt_logprobs = self._prompt_logprobs[t](self.params, hidden,
                                                        jax.device_put(step.prompt_targets, self.replicated))
         return out, prompt_logprobs
