@@ -19,20 +19,22 @@ utilization above a fraction the user set fails at start naming both; above JAX'
 was started before the engine) it is lowered to the allocator's limit with a warning.
 
 On Linux CPUs the pool is backed by transparent huge pages where the kernel allows it
-(`advise_huge_pages`): attention reads each sequence's blocks at scattered places in the pool,
-and with 4 KiB pages nearly every (block, KV head) read starts with a TLB miss.
+(`advise_huge_pages`, `zero_pages`): attention reads each sequence's blocks at scattered places
+in the pool, and with 4 KiB pages nearly every (block, KV head) read starts with a TLB miss.
 """
 
 import ctypes
 import dataclasses
 import logging
 import math
+import mmap
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels.cpu as cpu_kernels
 from jpaged.buckets import cdiv
 from jpaged.config import DEFAULT_CPU_KV_CACHE_GIB
 from pallas_kernels.reference import get_kv_cache_shape
@@ -221,15 +223,23 @@ def num_swap_blocks(model_config, args, kv_dtype: str) -> int:
 
 def allocate(spec: KVPoolSpec, sharding: jax.sharding.Sharding) -> list[tuple[jax.Array, jax.Array]]:
     """Zeroed pool placed by `sharding` (a device's, or split by KV heads over a mesh): one
-    (k_pages, v_pages) per layer. On CPU, backed by transparent huge pages where the kernel allows it."""
-    zeros = jax.jit(lambda: jnp.zeros(spec.page_shape, spec.dtype), out_shardings=sharding)
-    # One array at a time, each advised before the next is zeroed: the zeroing touches every page,
-    # so advising the whole pool at the end would take all of it into memory first.
+    (k_pages, v_pages) per layer. On CPU, backed by transparent huge pages where the kernel allows it.
+
+    On one Linux CPU device with the C++ kernels, XLA allocates each array without writing it
+    (`pallas_kernels.cpu.uninitialized`) and `zero_pages` has the OS kernel map zero pages on
+    first touch: writing the default 4 GiB of zeros took ~3 s of start-up on a 2-core VM."""
+    devices = sharding.device_set
+    lazy = (len(devices) == 1 and next(iter(devices)).platform == "cpu" and sys.platform.startswith("linux")
+            and cpu_kernels.is_available())
+    new_array = cpu_kernels.uninitialized if lazy else jnp.zeros
+    make = jax.jit(lambda: new_array(spec.page_shape, spec.dtype), out_shardings=sharding)
+    # One array at a time, each advised before the next is made: zeroing with XLA touches every
+    # page, so advising the whole pool at the end would take all of it into memory first.
     arrays, huge = [], 0
     for _ in range(2 * spec.num_layers):
-        arrays.append(jax.block_until_ready(zeros()))
-        huge += sum(advise_huge_pages(shard.data) for shard in arrays[-1].addressable_shards
-                    if shard.device.platform == "cpu")
+        arrays.append(jax.block_until_ready(make()))
+        huge += sum((zero_pages if lazy else advise_huge_pages)(shard.data)
+                    for shard in arrays[-1].addressable_shards if shard.device.platform == "cpu")
     pool = list(zip(arrays[0::2], arrays[1::2]))
     if huge:
         logger.info("KV cache: %.2f GiB advised onto transparent huge pages", huge / GIB)
@@ -237,8 +247,20 @@ def allocate(spec: KVPoolSpec, sharding: jax.sharding.Sharding) -> list[tuple[ja
 
 
 _HUGE_PAGE = 2 << 20
+_PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
 _MADV_HUGEPAGE = 14
+
+
+def _madvise(begin: int, end: int, advice: int) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.madvise(begin, end - begin, advice) == 0
+
+
+def _huge_range(address: int, nbytes: int) -> tuple[int, int]:
+    """The 2 MiB-aligned part [begin, end) of [address, address + nbytes) (empty: end <= begin)."""
+    return -(-address // _HUGE_PAGE) * _HUGE_PAGE, (address + nbytes) // _HUGE_PAGE * _HUGE_PAGE
 
 
 def advise_huge_pages(zeroed: jax.Array) -> int:
@@ -251,16 +273,28 @@ def advise_huge_pages(zeroed: jax.Array) -> int:
     place, so it lasts as long as the pool."""
     if not sys.platform.startswith("linux"):
         return 0
-    address = zeroed.unsafe_buffer_pointer()
-    begin = -(-address // _HUGE_PAGE) * _HUGE_PAGE
-    end = (address + zeroed.nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    if end <= begin or not _is_anonymous(begin, end):
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if libc.madvise(begin, end - begin, _MADV_HUGEPAGE) != 0:
+    begin, end = _huge_range(zeroed.unsafe_buffer_pointer(), zeroed.nbytes)
+    if end <= begin or not _is_anonymous(begin, end) or not _madvise(begin, end, _MADV_HUGEPAGE):
         return 0  # THP disabled
-    return end - begin if libc.madvise(begin, end - begin, _MADV_DONTNEED) == 0 else 0
+    return end - begin if _madvise(begin, end, _MADV_DONTNEED) else 0
+
+
+def zero_pages(array: jax.Array) -> int:
+    """Zeroes a CPU array (Linux) mostly without writing it: its whole pages are dropped
+    (MADV_DONTNEED; anonymous pages come back zero-filled when first touched, as transparent
+    huge pages where MADV_HUGEPAGE took) and only the bytes outside them are written. Where the
+    pages cannot be dropped (not anonymous memory, madvise refused) every byte is written.
+    Returns the bytes advised onto huge pages, as advise_huge_pages."""
+    address, nbytes = array.unsafe_buffer_pointer(), array.nbytes
+    begin, end = -(-address // _PAGE) * _PAGE, (address + nbytes) // _PAGE * _PAGE
+    if end <= begin or not _is_anonymous(begin, end) or not _madvise(begin, end, _MADV_DONTNEED):
+        ctypes.memset(address, 0, nbytes)
+        return 0
+    ctypes.memset(address, 0, begin - address)
+    ctypes.memset(end, 0, address + nbytes - end)
+    huge_begin, huge_end = _huge_range(address, nbytes)
+    # Advised after the drop: nothing is mapped there until the pool is first written.
+    return huge_end - huge_begin if huge_end > huge_begin and _madvise(huge_begin, huge_end, _MADV_HUGEPAGE) else 0
 
 
 def _is_anonymous(begin: int, end: int) -> bool:

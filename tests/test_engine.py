@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels.cpu as cpu_kernels
 from jpaged import LLM, EngineArgs, SamplingParams, kv_pool
 from jpaged.buckets import Buckets
 from jpaged.models import llama
@@ -349,6 +350,30 @@ def test_huge_page_advice_keeps_zeros_and_in_place_updates():
     pages = jax.jit(lambda p, x: p.at[...].set(x), donate_argnums=0)(pages, data)
     assert pages.unsafe_buffer_pointer() == address
     np.testing.assert_array_equal(np.asarray(pages), data)
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "cpu" or not cpu_kernels.is_available(),
+                    reason="the pool is allocated unwritten only on CPU with the C++ kernels")
+@pytest.mark.parametrize("shape", [(1024, 4, 16, 64), (5, 3, 16, 64), (7, 3, 5, 33)], ids=["16MiB", "60KiB", "odd"])
+def test_unwritten_pool_reads_zeros_after_zero_pages(shape):
+    """An array XLA allocates without writing may reuse memory that held other data: zero_pages
+    must leave every byte zero (dropped whole pages and written edges), whatever its size and
+    alignment, and the array must take donated updates in place."""
+    make_garbage = jax.jit(lambda: jnp.full(shape, jnp.nan, jnp.float32))
+    uninitialized = jax.jit(lambda: cpu_kernels.uninitialized(shape, jnp.float32))
+    for _ in range(3):  # free garbage of the same size first, so the allocator may hand it back
+        jax.block_until_ready(make_garbage()).delete()
+        pages = jax.block_until_ready(uninitialized())
+        advised = kv_pool.zero_pages(pages)
+        assert advised >= 0 and advised <= pages.nbytes
+        assert not np.asarray(pages).any()
+    address = pages.unsafe_buffer_pointer()
+    pages = jax.jit(lambda p: p.at[-1].set(1.0), donate_argnums=0)(pages)
+    assert pages.unsafe_buffer_pointer() == address
+    assert np.asarray(pages)[-1].all() and not np.asarray(pages)[:-1].any()
+    spec = kv_pool.KVPoolSpec(num_blocks=9, block_size=16, num_layers=2, num_kv_heads=3, head_dim=64, dtype="float32")
+    for k, v in kv_pool.allocate(spec, jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])):
+        assert k.shape == v.shape == (9, 3, 16, 64) and not np.asarray(k).any() and not np.asarray(v).any()
 
 
 def test_min_tokens_holds_back_eos_until_reached(tiny_llm):

@@ -24,6 +24,7 @@ PACKED_MATMUL_TARGET = "jpaged_packed_matmul"
 PACKED_MATMUL_BF16_TARGET = "jpaged_packed_matmul_bf16"
 PACKED_MATMUL_Q4_TARGET = "jpaged_packed_matmul_q4"
 PACKED_MATMUL_Q8_TARGET = "jpaged_packed_matmul_q8"
+UNINITIALIZED_TARGET = "jpaged_uninitialized"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 
@@ -48,6 +49,8 @@ def _load() -> str | None:
         jax.ffi.register_ffi_target(PACKED_MATMUL_Q4_TARGET, jax.ffi.pycapsule(library.JpagedPackedMatmulQ4),
                                     platform="cpu")
         jax.ffi.register_ffi_target(PACKED_MATMUL_Q8_TARGET, jax.ffi.pycapsule(library.JpagedPackedMatmulQ8),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(UNINITIALIZED_TARGET, jax.ffi.pycapsule(library.JpagedUninitialized),
                                     platform="cpu")
     except (build.BuildError, OSError, AttributeError) as e:
         return f"{type(e).__name__}: {e}"
@@ -143,6 +146,14 @@ def ragged_paged_attention(
         sliding_window=np.int32(sliding_window or 0),
         soft_cap=np.float32(soft_cap or 0.0),
     )
+
+
+def uninitialized(shape: tuple[int, ...], dtype):
+    """An array of `shape` and `dtype` whose memory XLA allocates and nothing writes: its contents
+    are whatever that memory held. For a buffer the caller zeroes another way (the engine's KV
+    pool: `jpaged.kv_pool.zero_pages`). Works inside `jit`."""
+    _require_library()
+    return jax.ffi.ffi_call(UNINITIALIZED_TARGET, jax.ShapeDtypeStruct(shape, dtype))()
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale=None, v_scale=None):
