@@ -70,23 +70,30 @@ def main():
     results = []
 
     class Compile:
-        """Stands in for a runner jit: `lower(...).compile()` compiles for the H100 target."""
+        """Stands in for a runner jit: `lower(...)` lowers for the H100 target and returns a
+        program whose `compile()` compiles it there. Results keep the order of lowering (the
+        runner compiles on a thread pool)."""
 
         def __init__(self, jitted, name):
             self.jitted, self.name = jitted, name
 
         def lower(self, *lower_args, **static):
-            self.lowered, self.static = self.jitted.lower(*on_gpu(lower_args), **static), static
-            return self
+            result = {"program": self.name, **static}
+            results.append(result)
+            return Program(self.jitted.lower(*on_gpu(lower_args), **static), result)
+
+    class Program:
+        def __init__(self, lowered, result):
+            self.lowered, self.result = lowered, result
 
         def compile(self):
             start = time.perf_counter()
             memory = self.lowered.compile().memory_analysis()
-            results.append({"program": self.name, **self.static, "compile_s": round(time.perf_counter() - start, 1),
-                            "temp_mib": round(memory.temp_size_in_bytes / 2**20, 1),
-                            "output_mib": round(memory.output_size_in_bytes / 2**20, 1),
-                            "alias_mib": round(memory.alias_size_in_bytes / 2**20, 1)})
-            print(results[-1], flush=True)
+            self.result.update({"compile_s": round(time.perf_counter() - start, 1),
+                                "temp_mib": round(memory.temp_size_in_bytes / 2**20, 1),
+                                "output_mib": round(memory.output_size_in_bytes / 2**20, 1),
+                                "alias_mib": round(memory.alias_size_in_bytes / 2**20, 1)})
+            print(self.result, flush=True)
 
     params = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16), llama.param_shapes(config),
                           is_leaf=lambda x: isinstance(x, tuple))
