@@ -12,6 +12,7 @@ logits, and copy the sampled ids (plus logprobs when a request asked) back in on
 
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,12 @@ def _forward_step(params, kv_cache, kv_scales, blob, *, model, attention_fn, wri
     scales = {} if kv_scales is None else {"kv_scales": kv_scales}  # a user's model may not take them
     hidden, kv_cache = model.apply(variables, meta.token_ids, meta.positions, kv_cache, meta.attn, attention_fn,
                                    write_kv_fn, **scales)
-    logits = model.apply(variables, hidden[meta.logits_indices], method="compute_logits")  # f32[num_seqs, vocab]
+    # The padded sequences (after the real ones, with no tokens) need no logits; a model whose
+    # compute_logits takes num_rows (docs/models.md) skips their lm_head rows.
+    rows = {}
+    if "num_rows" in inspect.signature(type(model).compute_logits).parameters:
+        rows["num_rows"] = jnp.sum(jnp.diff(meta.attn.cu_q_lens) > 0, dtype=jnp.int32)
+    logits = model.apply(variables, hidden[meta.logits_indices], method="compute_logits", **rows)  # f32[num_seqs, vocab]
     return logits, hidden, kv_cache
 
 

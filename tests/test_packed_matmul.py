@@ -259,3 +259,15 @@ def test_tied_lm_head_uses_packed_copy_up_to_its_row_limit(dtype):
     beyond, beyond_calls = logits_and_kernel_calls(hidden)
     assert (at_limit_calls, beyond_calls) == (1, 0)
     np.testing.assert_allclose(beyond[:limit], at_limit, rtol=1e-5, atol=1e-5)
+
+
+def test_lm_head_skips_the_rows_after_num_rows():
+    """compute_logits with num_rows (the runner passes a step's real sequence count) gives the
+    same logits for those rows, and the packed lm_head does not compute the padding after them."""
+    config = ModelConfig.from_hf_config(TINY_HF_CONFIG, dtype="float32")
+    params = quantization.pack_linears(llama.init_params(config, jax.random.key(0)))
+    hidden = jnp.asarray(np.random.default_rng(5).standard_normal((8, config.hidden_size)), jnp.float32)
+    full = np.asarray(llama.compute_logits(params, config, hidden))
+    real = np.asarray(llama.compute_logits(params, config, hidden, jnp.int32(3)))
+    np.testing.assert_array_equal(real[:3], full[:3])
+    assert full[3:].any() and not real[3:].any()

@@ -115,7 +115,7 @@ class LlamaForCausalLM(nn.Module):
 
     Methods (all applied with `module.apply({"params": params}, ..., method=...)`):
       __call__(token_ids, positions, kv_cache, attn_meta, attention_fn, write_kv_fn) -> (hidden, kv_cache)
-      compute_logits(hidden) -> f32[n, vocab_size]
+      compute_logits(hidden, num_rows=None) -> f32[n, vocab_size]
       forward_dense(token_ids) -> f32[batch, seq, vocab_size]
     """
 
@@ -180,8 +180,11 @@ class LlamaForCausalLM(nn.Module):
             new_cache.append((k_pages, v_pages))
         return _rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
 
-    def compute_logits(self, hidden):
-        """f32[n, vocab_size] from hidden [n, hidden_size] (tied to the embedding when configured)."""
+    def compute_logits(self, hidden, num_rows=None):
+        """f32[n, vocab_size] from hidden [n, hidden_size] (tied to the embedding when configured).
+
+        num_rows: None, or an i32 scalar: only hidden's first num_rows rows are real, and the
+        logits of the rows after them are unspecified (the C++ kernel skips them)."""
         params = self.weights()
         # A tied float embedding's packed copy (quantization.pack_linears) is the faster operand up
         # to PACKED_LM_HEAD_MAX_ROWS rows; XLA's dot over the embedding is beyond (docs/kernels_cpu.md).
@@ -189,10 +192,10 @@ class LlamaForCausalLM(nn.Module):
         past_packed_copy = (self.config.tie_word_embeddings and not isinstance(params["embed"], QuantizedWeight)
                             and hidden.shape[0] > PACKED_LM_HEAD_MAX_ROWS)
         if "lm_head" in params and not past_packed_copy:
-            return _linear(hidden, params["lm_head"], out_dtype=jnp.float32)
+            return _linear(hidden, params["lm_head"], out_dtype=jnp.float32, num_rows=num_rows)
         if not isinstance(params["embed"], QuantizedWeight):
             return jnp.einsum("nh,vh->nv", hidden, params["embed"], preferred_element_type=jnp.float32)
-        return _linear(hidden, params["embed"], out_dtype=jnp.float32)  # [out=vocab, in]
+        return _linear(hidden, params["embed"], out_dtype=jnp.float32, num_rows=num_rows)  # [out=vocab, in]
 
     def forward_dense(self, token_ids):
         """Causal forward without a cache, the oracle for `__call__`.
@@ -238,10 +241,10 @@ def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_me
                                           attention_fn, write_kv_fn, kv_scales)
 
 
-def compute_logits(params, config: ModelConfig, hidden):
+def compute_logits(params, config: ModelConfig, hidden, num_rows=None):
     """f32[n, vocab_size] from hidden [n, hidden_size]; see LlamaForCausalLM.compute_logits."""
     model = LlamaForCausalLM(config)
-    return model.apply({"params": params}, hidden, method=model.compute_logits)
+    return model.apply({"params": params}, hidden, num_rows, method=model.compute_logits)
 
 
 def forward_dense(params, config: ModelConfig, token_ids):
