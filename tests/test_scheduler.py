@@ -52,7 +52,29 @@ class FakeRunner:
         self.device: dict[tuple[int, int], int] = {}  # (block id, offset) -> token id
         self.host: dict[int, dict[int, int]] = {}  # host slot -> offset -> token id
 
-    def execute(self, scheduler_output) -> dict[str, int]:
+    def execute(self, scheduler_output) -> list[dict[str, int]]:
+        """The sampled token of each sampling request, one dict per decode step of the step."""
+        if scheduler_output.num_steps > 1:
+            return self.execute_decode_steps(scheduler_output)
+        return [self.execute_step(scheduler_output)]
+
+    def execute_decode_steps(self, scheduler_output) -> list[dict[str, int]]:
+        """A multi-step decode: each step writes the token the previous one sampled."""
+        bs, steps = self.block_size, []
+        pending = {s.request_id: s.token_ids for s in scheduler_output.scheduled}
+        for step in range(scheduler_output.num_steps):
+            sampled = {}
+            for scheduled in scheduler_output.scheduled:
+                assert scheduled.sample and scheduled.num_scheduled_tokens == 1
+                position = scheduled.start_position + step
+                self.device[(scheduled.block_table[position // bs], position % bs)] = pending[scheduled.request_id][0]
+                context = [self.device[(scheduled.block_table[p // bs], p % bs)] for p in range(position + 1)]
+                sampled[scheduled.request_id] = next_token(context)
+                pending[scheduled.request_id] = [sampled[scheduled.request_id]]
+            steps.append(sampled)
+        return steps
+
+    def execute_step(self, scheduler_output) -> dict[str, int]:
         bs = self.block_size
         for block_id, slot in scheduler_output.blocks_to_swap_out:
             self.host[slot] = {o: self.device[(block_id, o)] for o in range(bs) if (block_id, o) in self.device}
@@ -189,7 +211,13 @@ class Harness:
         if self.scheduler.num_preemptions > num_preemptions_before:
             assert {s.request_id for s in out.scheduled} <= running_before, "admitted in a step that preempted"
         self.batches.append(out)
-        updated = self.scheduler.update_from_output(out, self.runner.execute(out))
+        updated = []
+        # As the engine does: each decode step's tokens in turn, for the requests still running.
+        for step, sampled in enumerate(self.runner.execute(out)):
+            sampled = {rid: token for rid, token in sampled.items() if rid in self.scheduler.requests}
+            if step and not sampled:
+                break
+            updated += self.scheduler.update_from_output(out, sampled)
         for request in updated:
             expected = self.expected[request.request_id]
             assert request.output_token_ids == expected[: request.num_output_tokens]
@@ -291,7 +319,7 @@ def test_decodes_are_never_starved_by_a_long_prefill():
         assert [s.request_id for s in out.scheduled[:2]] == ["a", "b"]
         assert all(s.num_scheduled_tokens == 1 for s in out.scheduled[:2])
         harness.batches.append(out)
-        for request in harness.scheduler.update_from_output(out, harness.runner.execute(out)):
+        for request in harness.scheduler.update_from_output(out, harness.runner.execute_step(out)):
             if request.is_finished():
                 harness.finished[request.request_id] = request
     assert harness.finished["long"].output_token_ids == harness.expected["long"]
@@ -442,7 +470,7 @@ def test_requests_aborted_while_the_step_runs_are_skipped():
     harness.add("a", [1, 2, 3], max_tokens=5)
     harness.add("b", [4, 5, 6], max_tokens=5)
     out = harness.scheduler.schedule()
-    sampled = harness.runner.execute(out)
+    sampled = harness.runner.execute_step(out)
     harness.scheduler.abort_requests("a")
     updated = harness.scheduler.update_from_output(out, sampled)
     assert [r.request_id for r in updated] == ["b"]
@@ -576,3 +604,59 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
 )
 test_scheduler_state_machine = SchedulerMachine.TestCase
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_multi_step_decodes_match_the_oracle_and_stop_inside_a_round(prefix_caching):
+    """Rounds of 4 decode steps (num_scheduler_steps): tokens after a stop inside a round are
+    dropped, the blocks written ahead are freed, and no round preempts anybody."""
+    harness = Harness(num_blocks=120, block_size=4, max_num_seqs=16, max_num_batched_tokens=32, max_model_len=64,
+                      enable_prefix_caching=prefix_caching, num_scheduler_steps=4)
+    rng = random.Random(3)
+    for i, prompt in enumerate(random_prompts(rng, 16, 20)):
+        stop_ids = [rng.randrange(1, VOCAB) for _ in range(3)] if i % 3 == 0 else None
+        harness.add(f"r{i}", prompt, max_tokens=rng.randint(1, 40), ignore_eos=i % 2 == 0, stop_token_ids=stop_ids)
+    preemptions = []
+    for _ in range(2000):
+        if not harness.scheduler.has_unfinished_requests():
+            break
+        before = harness.scheduler.num_preemptions
+        harness.step()
+        if harness.batches[-1].num_steps > 1:
+            preemptions.append(harness.scheduler.num_preemptions - before)
+    assert sorted(harness.finished) == sorted(harness.expected)
+    assert len(preemptions) >= 5 and not any(preemptions), "rounds must run, and never preempt"
+    assert all(out.num_steps in (1, 4) for out in harness.batches)
+    stopped = [r for r in harness.finished.values() if r.finish_reason == "stop"]
+    assert stopped, "some requests must stop on a token"
+    check_all_free(harness.scheduler)
+
+
+def test_a_round_needs_every_request_decoding_with_room_and_nothing_waiting():
+    def scheduler_with(*requests, num_blocks=40):
+        scheduler = Scheduler(num_blocks=num_blocks, block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
+                              max_model_len=64, num_scheduler_steps=4)
+        for request in requests:
+            scheduler.add_request(request)
+        out = scheduler.schedule()  # the prefills
+        scheduler.update_from_output(out, {s.request_id: 7 for s in out.scheduled})
+        return scheduler
+
+    def plain(request_id, **params):
+        params = {"max_tokens": 20, **params}
+        return Request(request_id, [1, 2, 3], SamplingParams(**params), eos_token_ids=(EOS,))
+
+    scheduler = scheduler_with(plain("a"), plain("b"))
+    out = scheduler.schedule()
+    assert out.num_steps == 4
+    for s in out.scheduled:  # blocks for every position the round writes: 3 .. 6
+        assert len(s.block_table) * 4 >= s.start_position + 4
+    for feature in (dict(logprobs=2), dict(presence_penalty=0.5), dict(repetition_penalty=1.1),
+                    dict(logit_bias={3: 1.0}), dict(min_tokens=3), dict(max_tokens=3)):
+        assert scheduler_with(plain("a"), plain("b", **feature)).schedule().num_steps == 1, feature
+    scheduler = scheduler_with(plain("a"))
+    scheduler.add_request(plain("late"))
+    assert scheduler.schedule().num_steps == 1  # a waiting request is admitted first
+    # 3 usable blocks: the two requests hold one each and a round of 4 needs a second each.
+    small = scheduler_with(plain("a", max_tokens=8), plain("b", max_tokens=8), num_blocks=4)
+    assert small.schedule().num_steps == 1

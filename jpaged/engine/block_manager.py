@@ -93,7 +93,9 @@ class KVCacheManager:
             added = [*new_computed_blocks, *new_blocks]
             self.req_to_blocks.setdefault(request_id, []).extend(added)
             self.req_to_block_ids.setdefault(request_id, []).extend(block.block_id for block in added)
-        self._cache_full_blocks(request, num_computed_tokens + num_new_tokens)
+        # Only known tokens are hashed: a multi-step decode allocates for tokens not sampled yet,
+        # whose blocks are indexed by a later call.
+        self._cache_full_blocks(request, min(num_computed_tokens + num_new_tokens, request.num_tokens))
         return new_blocks
 
     def _cache_full_blocks(self, request: Request, num_tokens_after_step: int) -> None:

@@ -10,6 +10,9 @@ Each step, `schedule()` lets every request's num_computed_tokens catch up with i
    whose victim heads the queue and cannot fit, nobody is admitted that step).
 
 The engine calls schedule(), runs the step, then update_from_output() with the sampled tokens.
+With num_scheduler_steps = k > 1, a decode-only batch that needs nothing from the host between
+tokens becomes a round of k steps (SchedulerOutput.num_steps): blocks for all k tokens are
+allocated, and the engine calls update_from_output() once per step of the round.
 Not thread-safe: abort/finish calls must not run concurrently with schedule/update.
 """
 
@@ -21,6 +24,16 @@ from jpaged.engine.block_manager import KVCacheManager, cdiv
 from jpaged.engine.request import Request, RequestStatus
 from jpaged.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from jpaged.request_validation import check_context_length
+
+
+def _samples_ahead(request: Request) -> bool:
+    """Whether the request's next tokens can be sampled without the host in between: the
+    sampler needs neither entries (penalties, logit_bias, min_tokens masks) nor logprobs, and no
+    grammar constrains the tokens."""
+    params = request.sampling_params
+    return (params.logprobs is None and not params.logit_bias and params.structured_outputs is None
+            and request.num_output_tokens >= params.min_tokens and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0 and params.repetition_penalty == 1.0)
 
 
 @dataclasses.dataclass
@@ -48,11 +61,13 @@ class Scheduler:
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         num_swap_blocks: int = 0,
+        num_scheduler_steps: int = 1,
     ) -> None:
         for name, value in [
             ("max_num_seqs", max_num_seqs),
             ("max_num_batched_tokens", max_num_batched_tokens),
             ("max_model_len", max_model_len),
+            ("num_scheduler_steps", num_scheduler_steps),
         ]:
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
@@ -75,6 +90,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.num_scheduler_steps = num_scheduler_steps
         self.kv_cache_manager = KVCacheManager(
             num_blocks=num_blocks,
             block_size=block_size,
@@ -134,6 +150,7 @@ class Scheduler:
         scheduled: dict[str, int] = {}  # request id -> num_scheduled_tokens, in scheduling order
         blocks_to_swap_out: list[tuple[int, int]] = []
         blocks_to_swap_in: list[tuple[int, int]] = []
+        num_steps = self._num_steps_ahead()
 
         # Admission order. Only the newest running request can be mid-prefill (a prefill chunk
         # that does not finish its tokens takes the whole budget, so nothing is admitted after
@@ -142,7 +159,8 @@ class Scheduler:
         while index < len(self.running) and budget > 0:  # victims leave from the end
             request = self.running[index]
             num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new_tokens, blocks_to_swap_out):
+            # A multi-step decode writes the KV of its later steps' tokens too.
+            if not self._allocate_or_preempt(request, num_new_tokens + num_steps - 1, blocks_to_swap_out):
                 break
             scheduled[request.request_id] = num_new_tokens
             budget -= num_new_tokens
@@ -160,7 +178,32 @@ class Scheduler:
             finished_request_ids=finished_request_ids,
             blocks_to_swap_out=blocks_to_swap_out,
             blocks_to_swap_in=blocks_to_swap_in,
+            num_steps=num_steps,
         )
+
+    def _num_steps_ahead(self) -> int:
+        """num_scheduler_steps when this step can be a multi-step decode, else 1. It can when
+        nothing waits, every running request has exactly its last sampled token to compute and
+        samples nothing that needs the host between tokens (logprobs, penalties, logit_bias,
+        min_tokens still pending, structured outputs) and has all the steps' tokens left before
+        max_tokens and max_model_len (a request that would reach its cap inside the steps would
+        waste the rest, and hold back the next request until they end), and the free blocks
+        hold every lookahead token (so nobody is preempted). Stop tokens and strings are found
+        afterwards: the engine records the steps' tokens one step at a time."""
+        steps = self.num_scheduler_steps
+        if steps == 1 or self.waiting or not self.running:
+            return 1
+        new_blocks = 0
+        for request in self.running:
+            if (request.num_tokens - request.num_computed_tokens != 1 or not _samples_ahead(request)
+                    or request.num_computed_tokens + steps > self.max_model_len
+                    or request.num_output_tokens + steps > request.max_tokens):
+                return 1
+            held = len(self.kv_cache_manager.req_to_blocks.get(request.request_id, ()))
+            new_blocks += max(cdiv(request.num_computed_tokens + steps, self.block_size) - held, 0)
+        if new_blocks > self.kv_cache_manager.block_pool.get_num_free_blocks():
+            return 1
+        return steps
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int, blocks_to_swap_out: list) -> bool:
         """Allocate room for a running request's new tokens, preempting the newest running

@@ -41,6 +41,9 @@ class SchedulerOutput:
     finished_request_ids: set[str]  # finished/aborted since the last schedule(): drop their state
     blocks_to_swap_out: list[tuple[int, int]]  # (device block id, host slot): run before this step's forward
     blocks_to_swap_in: list[tuple[int, int]]  # (host slot, device block id): run after swap-outs, before the forward
+    # Decode steps to run before the host sees the tokens (multi-step scheduling): > 1 only when
+    # every scheduled request decodes its one pending token and has the blocks of all of them.
+    num_steps: int = 1
 
     @classmethod
     def make_empty(cls) -> "SchedulerOutput":
@@ -56,5 +59,6 @@ class SchedulerOutput:
         return (
             f"SchedulerOutput(scheduled={self.scheduled!r}, total_num_scheduled_tokens={self.total_num_scheduled_tokens}, "
             f"finished_request_ids={sorted(self.finished_request_ids)!r}, "
-            f"blocks_to_swap_out={self.blocks_to_swap_out!r}, blocks_to_swap_in={self.blocks_to_swap_in!r})"
+            f"blocks_to_swap_out={self.blocks_to_swap_out!r}, blocks_to_swap_in={self.blocks_to_swap_in!r}, "
+            f"num_steps={self.num_steps})"
         )
