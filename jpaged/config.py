@@ -13,6 +13,9 @@ DEFAULT_CPU_KV_CACHE_GIB = 4.0
 # On CPU, a longer context than this costs more compile time and memory than it is worth by
 # default; --max-model-len raises it up to the model's own limit.
 DEFAULT_CPU_MAX_MODEL_LEN = 2048
+# On CPU the host's work between decode steps is ~10% of a small model's step (docs/performance.md);
+# four steps per round take most of it away without holding new requests back long.
+DEFAULT_CPU_SCHEDULER_STEPS = 4
 # --kv-cache-dtype values, vLLM's names (fp8 is fp8_e4m3); jpaged/kv_quantization.py maps them to page dtypes.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")
 
@@ -57,6 +60,13 @@ class EngineArgs:
     max_num_seqs: int = _field(64, "Most requests in one step.", type=int)
     max_num_batched_tokens: int = _field(
         512, "Most tokens in one step: the prefill chunk size.", type=int)
+    num_scheduler_steps: int | None = _field(
+        None, "Decode steps per scheduling round (multi-step scheduling): when every running request is "
+        "decoding with at least this many tokens left, nothing waits and no request needs the host "
+        "between tokens (logprobs, penalties, logit_bias, min_tokens, structured outputs), one program "
+        "runs this many steps, feeding each sampled token to the next, and the tokens arrive together. "
+        f"Saves the host's work between steps; a request arriving meanwhile waits for the round. "
+        f"Default: {DEFAULT_CPU_SCHEDULER_STEPS} on CPU, 1 (off) elsewhere.", type=int)
     enable_prefix_caching: bool = _field(True, "Reuse KV blocks of identical prompt prefixes.")
     enable_chunked_prefill: bool = _field(True, "Split long prompts across steps.")
     quantization: str | None = _field(
@@ -163,6 +173,9 @@ class EngineArgs:
             self.served_model_name = [self.served_model_name]
         if self.served_model_name is not None and not all(self.served_model_name):
             raise ValueError(f"served_model_name must be non-empty names, got {self.served_model_name!r}.")
+        if self.num_scheduler_steps is not None and self.num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps must be >= 1, got {self.num_scheduler_steps} "
+                             f"(--num-scheduler-steps).")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len} (--max-model-len).")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -119,7 +119,8 @@ class LLMEngine:
             num_blocks=self.runner.pool_spec.num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
-            enable_chunked_prefill=args.enable_chunked_prefill, num_swap_blocks=self.runner.num_swap_blocks)
+            enable_chunked_prefill=args.enable_chunked_prefill, num_swap_blocks=self.runner.num_swap_blocks,
+            num_scheduler_steps=self.runner.num_scheduler_steps)
         self.structured_output = StructuredOutputManager(self.tokenizer.hf, self.model_config.vocab_size,
                                                          self.model_config.eos_token_ids)
         self.validator = RequestValidator.from_engine_args(args, self.model_config.vocab_size, self.max_model_len)
@@ -245,7 +246,21 @@ class LLMEngine:
         if result.prompt_logprobs is not None:
             self._record_prompt_logprobs(scheduled, result.prompt_logprobs)
         rows = {r.request_id: i for i, r in enumerate(scheduled) if r.sample}
-        sampled = {rid: int(result.token_ids[i]) for rid, i in rows.items()}
+        outputs = []
+        # One row of ids per decode step the runner ran (several for a multi-step decode): each
+        # is recorded as its own step, so a request that stops drops the ids sampled after it.
+        for step, ids in enumerate(np.reshape(result.token_ids, (scheduler_output.num_steps, -1))):
+            sampled = {rid: int(ids[i]) for rid, i in rows.items() if rid in self.scheduler.requests}
+            if step and not sampled:
+                break
+            outputs += self._record_step(scheduler_output, sampled, result, rows)
+        if not self.engine_args.disable_log_stats:
+            self._maybe_log_stats()
+        return outputs
+
+    def _record_step(self, scheduler_output, sampled: dict[str, int], result,
+                     rows: dict[str, int]) -> list[RequestOutput]:
+        """Appends one decode step's sampled ids (request id -> token id) and returns the outputs."""
         updated = self.scheduler.update_from_output(scheduler_output, sampled)
         self.generation_tokens_total += len(updated)
         touched: dict[str, tuple[_Parent, list[_Sample]]] = {}
@@ -260,8 +275,6 @@ class LLMEngine:
             output = self._make_output(parent, samples)
             if output is not None:
                 outputs.append(output)
-        if not self.engine_args.disable_log_stats:
-            self._maybe_log_stats()
         return outputs
 
     def _token_bitmask(self, scheduled) -> np.ndarray | None:

@@ -8,6 +8,8 @@ Per step: swap blocks out/in if the scheduler asked, pack the forward blob and t
 (two int32 transfers), run the precompiled forward for the step's (num_tokens, num_seqs,
 pages_per_seq) bucket with the KV pool donated, run the precompiled sampler on the sampled rows'
 logits, and copy the sampled ids (plus logprobs when a request asked) back in one device_get.
+A multi-step round (the scheduler's num_steps > 1) runs num_steps forwards and samplers in one
+program instead (`_decode_steps`).
 """
 
 import dataclasses
@@ -29,6 +31,7 @@ import pallas_kernels.cpu as cpu_kernels
 from jpaged import kv_pool, kv_quantization, multihost, sharding
 from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
+from jpaged.config import DEFAULT_CPU_SCHEDULER_STEPS
 from jpaged.models import llama, quantization
 from jpaged.sampler import logprob_outputs, sample
 from jpaged.step_metadata import SamplingMetadata, StepMetadata, logit_entries, pack_sampling, pack_step
@@ -37,10 +40,9 @@ from jpaged.structured_output.manager import bitmask_width
 logger = logging.getLogger(__name__)
 
 
-def _forward_step(params, kv_cache, kv_scales, blob, *, model, attention_fn, write_kv_fn, num_tokens, num_seqs,
-                  pages_per_seq):
-    """model: a Flax module with the engine's model contract (docs/models.md)."""
-    meta = StepMetadata.unpack(blob, num_tokens, num_seqs, pages_per_seq)
+def _forward(params, kv_cache, kv_scales, meta: StepMetadata, *, model, attention_fn, write_kv_fn):
+    """The model over one step's packed tokens: (logits f32[num_seqs, vocab], hidden, kv_cache).
+    model: a Flax module with the engine's model contract (docs/models.md)."""
     variables = {"params": params}
     scales = {} if kv_scales is None else {"kv_scales": kv_scales}  # a user's model may not take them
     hidden, kv_cache = model.apply(variables, meta.token_ids, meta.positions, kv_cache, meta.attn, attention_fn,
@@ -52,6 +54,48 @@ def _forward_step(params, kv_cache, kv_scales, blob, *, model, attention_fn, wri
         rows["num_rows"] = jnp.sum(jnp.diff(meta.attn.cu_q_lens) > 0, dtype=jnp.int32)
     logits = model.apply(variables, hidden[meta.logits_indices], method="compute_logits", **rows)  # f32[num_seqs, vocab]
     return logits, hidden, kv_cache
+
+
+def _forward_step(params, kv_cache, kv_scales, blob, *, num_tokens, num_seqs, pages_per_seq, **model_fns):
+    """One step from its forward blob; model_fns: _forward's model, attention_fn and write_kv_fn."""
+    return _forward(params, kv_cache, kv_scales, StepMetadata.unpack(blob, num_tokens, num_seqs, pages_per_seq),
+                    **model_fns)
+
+
+def _decode_steps(params, kv_cache, kv_scales, blob, sampling_blob, *, num_tokens, num_seqs, pages_per_seq,
+                  num_steps, block_size, max_logprobs, **model_fns):
+    """num_steps decode steps of a decode-only batch in one program (multi-step scheduling):
+    each step samples one token per sequence and feeds it to the next one.
+
+    blob and sampling_blob describe the first step (one new token per sequence, packed in
+    sequence order, no sampler entries); the scheduler has allocated the KV blocks of every
+    position the steps write. Returns (sampled ids i32[num_steps, num_seqs], kv_cache).
+    """
+    meta = StepMetadata.unpack(blob, num_tokens, num_seqs, pages_per_seq)
+    sampling = SamplingMetadata.unpack(sampling_blob, num_seqs, 0)
+    attn = meta.attn
+    real_seq = jnp.diff(attn.cu_q_lens) > 0
+    rows = jnp.arange(num_tokens)
+    real_row = rows < attn.cu_q_lens[-1]
+    row_seq = jnp.minimum(rows, num_seqs - 1)  # decode rows are packed in sequence order
+    feed = jnp.where(real_seq, meta.logits_indices, num_tokens)  # each sampled id's next row; padding: dropped
+
+    def step(i, carry):
+        kv_cache, token_ids, sampled = carry
+        positions = jnp.where(real_row, meta.positions + i, 0)
+        slots = attn.block_tables[row_seq, positions // block_size] * block_size + positions % block_size
+        step_attn = dataclasses.replace(attn, slot_mapping=jnp.where(real_row, slots, 0),
+                                        kv_lens=jnp.where(real_seq, attn.kv_lens + i, 0))
+        step_meta = StepMetadata(token_ids=token_ids, positions=positions, attn=step_attn,
+                                 logits_indices=meta.logits_indices)
+        logits, _, kv_cache = _forward(params, kv_cache, kv_scales, step_meta, **model_fns)
+        ids = sample(logits, dataclasses.replace(sampling, output_index=sampling.output_index + i),
+                     max_logprobs=max_logprobs).token_ids
+        return kv_cache, token_ids.at[feed].set(ids, mode="drop"), sampled.at[i].set(ids)
+
+    init = (kv_cache, meta.token_ids, jnp.zeros((num_steps, num_seqs), jnp.int32))
+    kv_cache, _, sampled = jax.lax.fori_loop(0, num_steps, step, init)
+    return sampled, kv_cache
 
 
 def _prompt_logprobs_step(params, hidden, targets, *, model, max_logprobs):
@@ -99,7 +143,7 @@ def _prompt_targets(scheduled, num_tokens: int) -> np.ndarray:
 class RunnerOutput:
     """Host copies of one step's samples; row i belongs to scheduled[i]."""
 
-    token_ids: np.ndarray  # i32[num_seqs]
+    token_ids: np.ndarray  # i32[num_seqs]; i32[num_steps, num_seqs] for a multi-step decode
     # Present only when a scheduled request asked for logprobs:
     logprobs: np.ndarray | None = None  # f32[num_seqs]: the sampled token's
     ranks: np.ndarray | None = None  # i32[num_seqs]
@@ -132,12 +176,13 @@ class ModelRunner:
         the weights; a checkpoint's do not).
       pack_params: None, or a function applied to `params` (and to update_weights' params) before
         they are used: `quantization.pack_linears` for the C++ CPU matmul kernel.
+      num_scheduler_steps: decode steps one multi-step program runs (`_decode_steps`); 1: none.
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
                  max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, mesh,
                  max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, model=None, kv_scales=None,
-                 recalibrate_kv=None, pack_params=None):
+                 recalibrate_kv=None, pack_params=None, num_scheduler_steps: int = 1):
         self.model_config = model_config
         self.model = llama.LlamaForCausalLM(model_config) if model is None else model
         self._param_avals = self._abstract(params)  # what update_weights must be given
@@ -186,6 +231,13 @@ class ModelRunner:
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
             out_shardings=forward_out, compiler_options=options)
         replicated_out = None if tp == 1 else self.replicated  # readable on every host
+        self.num_scheduler_steps = num_scheduler_steps
+        self._decode_steps_jit = jax.jit(
+            functools.partial(_decode_steps, model=self.model, attention_fn=decode_attention_fn or attention_fn,
+                              write_kv_fn=write_kv_fn, num_steps=num_scheduler_steps,
+                              block_size=pool_spec.block_size, max_logprobs=max_logprobs),
+            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
+            out_shardings=None if tp == 1 else (self.replicated, forward_out[2]), compiler_options=options)
         self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs),
                                    static_argnames=("num_seqs", "num_entries"), out_shardings=replicated_out)
         self._prompt_logprobs_jit = jax.jit(
@@ -193,6 +245,7 @@ class ModelRunner:
             out_shardings=replicated_out, compiler_options=options)
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq, decode_only) -> compiled
+        self._decode_steps = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled, with num_scheduler_steps > 1
         self._sample = {}  # (num_seqs, num_entries, masked) -> compiled
         self._swap = {}  # ("out" | "in", count bucket) -> compiled
         self.num_swap_blocks = num_swap_blocks
@@ -225,6 +278,18 @@ class ModelRunner:
                                self._abstract(self.kv_scales), blob, num_tokens=t, num_seqs=s, pages_per_seq=p)
         return self._forward, (t, s, p, decode_only), lowered
 
+    def _lower_decode_steps(self, t: int, s: int, p: int):
+        lowered = self._decode_steps_jit.lower(
+            self._abstract(self.params), self._abstract(self.kv_cache), self._abstract(self.kv_scales),
+            self._blob_spec(StepMetadata.blob_size(t, s, p)), self._blob_spec(SamplingMetadata.blob_size(s, 0)),
+            num_tokens=t, num_seqs=s, pages_per_seq=p)
+        return self._decode_steps, (t, s, p), lowered
+
+    def _decode_shapes(self):
+        """The step shapes of decode-only steps, which hold at most max_num_seqs tokens."""
+        most = pick(self.buckets.num_tokens, min(self.buckets.num_seqs[-1], self.buckets.num_tokens[-1]))
+        return [shape for shape in self.buckets.step_shapes() if shape[0] <= most]
+
     def _lower_sample(self, s: int, e: int, masked: bool):
         vocab = self.model_config.vocab_size
         logits = self._input_spec((s, vocab), jnp.float32)
@@ -255,16 +320,17 @@ class ModelRunner:
     def warmup(self, show_progress: bool = True) -> int:
         """Compiles every program a step can run: the forward per bucket, the sampler per
         (num_seqs, num_entries) bucket, plain and token-masked (structured outputs), prompt
-        logprobs per token bucket and the swap copies. Returns the number of programs compiled
+        logprobs per token bucket, the swap copies and, with num_scheduler_steps > 1, the
+        multi-step decode per decode bucket. Returns the number of programs compiled
         (or loaded from the compilation cache).
 
         Tracing and lowering hold the GIL; XLA's compiling (or loading from the cache) does not, so
         it runs on a thread pool while the next programs are traced."""
         jobs = [functools.partial(self._lower_forward, *shape) for shape in self.buckets.step_shapes()]
-        if self._decode_jit is not None:  # decode-only steps hold at most max_num_seqs tokens
-            most = pick(self.buckets.num_tokens, min(self.buckets.num_seqs[-1], self.buckets.num_tokens[-1]))
-            jobs += [functools.partial(self._lower_forward, *shape, True)
-                     for shape in self.buckets.step_shapes() if shape[0] <= most]
+        if self._decode_jit is not None:
+            jobs += [functools.partial(self._lower_forward, *shape, True) for shape in self._decode_shapes()]
+        if self.num_scheduler_steps > 1:
+            jobs += [functools.partial(self._lower_decode_steps, *shape) for shape in self._decode_shapes()]
         jobs += [functools.partial(self._lower_sample, *shape, masked)
                  for shape in self.buckets.sampler_shapes() for masked in (False, True)]
         jobs += [functools.partial(self._lower_prompt_logprobs, t) for t in self.buckets.num_tokens]
@@ -316,6 +382,8 @@ class ModelRunner:
         """
         self.swap_out(scheduler_output.blocks_to_swap_out)
         self.swap_in(scheduler_output.blocks_to_swap_in)
+        if scheduler_output.num_steps > 1:
+            return self._execute_decode_steps(scheduler_output, seeds)
         scheduled = scheduler_output.scheduled
         max_context = max(r.start_position + len(r.token_ids) for r in scheduled)
         t, s, p = self.buckets.for_step(scheduler_output.total_num_scheduled_tokens, len(scheduled), max_context,
@@ -339,6 +407,22 @@ class ModelRunner:
                 (out.token_ids, out.logprobs, out.ranks, out.top_logprobs, out.top_token_ids))
             return RunnerOutput(ids, lps, ranks, top_lps, top_ids, prompt_logprobs)
         return RunnerOutput(_to_host(out.token_ids), prompt_logprobs=prompt_logprobs)
+
+    def _execute_decode_steps(self, scheduler_output, seeds: list[int]) -> RunnerOutput:
+        """A multi-step decode (the scheduler checked that every request can run ahead: one
+        pending token each, no sampler entries, logprobs or token masks): num_steps tokens per
+        request from one program."""
+        scheduled, num_steps = scheduler_output.scheduled, scheduler_output.num_steps
+        if num_steps != self.num_scheduler_steps:
+            raise ValueError(f"a step of {num_steps} decode steps, but the runner compiles {self.num_scheduler_steps}")
+        max_context = max(r.start_position + num_steps for r in scheduled)  # the last step's kv_len
+        t, s, p = self.buckets.for_step(len(scheduled), len(scheduled), max_context, self.block_size)
+        blobs = jax.device_put((pack_step(scheduled, t, s, p, self.block_size),
+                                pack_sampling(scheduled, seeds, s, 0, [()] * len(scheduled))), self.replicated)
+        if (t, s, p) not in self._decode_steps:  # only with enforce_eager
+            self._compile(self._lower_decode_steps(t, s, p))
+        sampled, self.kv_cache = self._decode_steps[(t, s, p)](self.params, self.kv_cache, self.kv_scales, *blobs)
+        return RunnerOutput(_to_host(sampled))
 
     def _run(self, step: "multihost.StepInputs"):
         """The device part of a step: (sampler output, prompt logprobs or None), on device."""
@@ -412,6 +496,17 @@ def enable_compilation_cache(cache_dir: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+def scheduler_steps(args) -> int:
+    """The decode steps of a multi-step round: --num-scheduler-steps, by default
+    DEFAULT_CPU_SCHEDULER_STEPS on CPU and 1 elsewhere; 1 on several hosts, which replay single
+    steps only (multihost.StepInputs)."""
+    if jax.process_count() > 1:
+        return 1
+    if args.num_scheduler_steps is not None:
+        return args.num_scheduler_steps
+    return DEFAULT_CPU_SCHEDULER_STEPS if device_platform() == "cpu" else 1
+
+
 def build_runner(model_config, params, args, max_model_len: int, devices=None, model=None, *, tokenizer=None,
                  model_path: str | None = None) -> ModelRunner:
     """Builds the mesh, picks the attention backend, places the params, sizes the KV pool (per
@@ -455,7 +550,8 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
                        write_kv_fn=select_kv_writer(backend), bucket_pages=backend == "reference", mesh=mesh,
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
                        max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model,
-                       kv_scales=kv_scales, recalibrate_kv=recalibrate_kv, pack_params=pack_params)
+                       kv_scales=kv_scales, recalibrate_kv=recalibrate_kv, pack_params=pack_params,
+                       num_scheduler_steps=scheduler_steps(args))
 
 
 def packs_linears(backend: str, tp: int, model_class) -> bool:

@@ -240,6 +240,46 @@ def test_stop_strings_finish_reasons_n_and_logprobs(tiny_llm):
         assert out.logprobs[step][token_id].logprob == pytest.approx(float(logprobs[row, token_id]), abs=1e-4)
 
 
+def test_multi_step_rounds_give_the_tokens_of_single_steps(tiny_model_dir, tiny_llm):
+    """--num-scheduler-steps 4 against 1 on the same weights: the same greedy and seeded tokens
+    and texts, stops on a string or a token id inside a round (the round's later tokens dropped),
+    a request with logprobs in the batch (no rounds while it runs), no compiles, every block freed."""
+    kwargs = {**ENGINE_KWARGS, "num_gpu_blocks_override": 128}
+    engines = {k: LLM(str(tiny_model_dir), num_scheduler_steps=k, **kwargs) for k in (1, 4)}
+    for llm in engines.values():
+        llm.update_weights(tiny_llm.llm_engine.runner.params)
+    rounds = []
+    runner = engines[4].llm_engine.runner
+    run_round = runner._execute_decode_steps
+    runner._execute_decode_steps = lambda *a: rounds.append(a[0].num_steps) or run_round(*a)
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts()[:6]]
+    greedy = SamplingParams(temperature=0, max_tokens=21, ignore_eos=True)
+    full = [o.outputs[0] for o in engines[1].generate(prompts, greedy, use_tqdm=False)]
+    stop_at = next(i for i in range(6, 21) if full[2].token_ids.index(full[2].token_ids[i]) == i)
+    params = [greedy,
+              SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=21, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=21, stop_token_ids=[full[2].token_ids[stop_at]]),
+              SamplingParams(temperature=0, max_tokens=21, stop=[full[3].text[len(full[3].text) // 2:][:3]]),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=17, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=21, ignore_eos=True)]
+    for with_logprobs in (False, True):
+        if with_logprobs:
+            params[5] = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+        with count_compiles() as compiles:  # the rounds' programs are compiled at start too
+            outputs = {k: [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+                       for k, llm in engines.items()}
+        assert compiles == []
+        for single, multi in zip(outputs[1], outputs[4]):
+            assert (multi.token_ids, multi.text, multi.finish_reason, multi.stop_reason) == (
+                single.token_ids, single.text, single.finish_reason, single.stop_reason)
+        assert [o.finish_reason for o in outputs[1][2:4]] == ["stop", "stop"]
+        assert len(outputs[1][2].token_ids) == stop_at + 1 and len(outputs[1][3].token_ids) < 21
+    assert outputs[4][0].token_ids == full[0].token_ids
+    assert rounds and set(rounds) == {4}, "the 4-step engine must run rounds"
+    for llm in engines.values():
+        assert_pool_free(llm)
+
+
 def test_invalid_requests_raise_with_numbers(tiny_llm):
     with pytest.raises(ValueError, match="maximum context length is 128"):
         tiny_llm.generate({"prompt_token_ids": list(range(100, 200))}, SamplingParams(max_tokens=50), use_tqdm=False)
