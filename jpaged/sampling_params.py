@@ -130,6 +130,11 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.sampling_type == SamplingType.GREEDY
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the sampler adjusts logits by the tokens seen (presence, frequency, repetition)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
     def clone(self) -> "SamplingParams":
         """A deep copy (the engine gives each of n child requests its own)."""
         return copy.deepcopy(self)

@@ -121,11 +121,6 @@ class SamplingMetadata:
             entry_output_counts=as_f32(parts[13]), entry_seen=parts[14])
 
 
-def has_penalties(params) -> bool:
-    return (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-            or params.repetition_penalty != 1.0)
-
-
 def bias_entries(req) -> list[tuple[int, float]]:
     """(token id, additive value) pairs for a request's logit_bias and min_tokens masks."""
     params = req.sampling_params
@@ -143,7 +138,7 @@ def logit_entries(req) -> list[tuple[int, float, int, int]]:
     min_tokens masks (bias only), then, with penalties, one per distinct prompt or output token
     (prompt-only tokens count 0: seen for the repetition penalty, not for the others)."""
     entries = [(tok, value, 0, 0) for tok, value in bias_entries(req)]
-    if has_penalties(req.sampling_params):
+    if req.sampling_params.has_penalties:
         counts = collections.Counter(req.output_token_ids)
         for tok in set(req.prompt_token_ids).difference(counts):
             counts[tok] = 0
