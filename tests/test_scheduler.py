@@ -18,6 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from jpaged.engine.block_manager import cdiv
 from jpaged.engine.request import Request, RequestStatus
+from jpaged.engine import scheduler as scheduler_module
 from jpaged.engine.scheduler import Scheduler
 from jpaged.engine.scheduler_output import SchedulerOutput
 from jpaged.sampling_params import SamplingParams
@@ -513,6 +514,9 @@ def test_duplicate_ids_and_bad_flags_are_rejected():
         Scheduler(num_blocks=13, block_size=4, max_num_seqs=16, max_num_batched_tokens=8, max_model_len=64)
     with pytest.raises(ValueError, match="max_num_seqs must be at least 1, got 0"):
         Scheduler(num_blocks=13, block_size=4, max_num_seqs=0, max_num_batched_tokens=32, max_model_len=64)
+    with pytest.raises(ValueError, match="scheduler_delay_factor must be non-negative, got -1"):
+        Scheduler(num_blocks=13, block_size=4, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
+                  scheduler_delay_factor=-1.0)
 
 
 def test_empty_scheduler_output():
@@ -606,12 +610,13 @@ SchedulerMachine.TestCase.settings = settings(
 test_scheduler_state_machine = SchedulerMachine.TestCase
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False])
-def test_multi_step_decodes_match_the_oracle_and_stop_inside_a_round(prefix_caching):
+@pytest.mark.parametrize("prefix_caching, delay_factor", [(True, 0.0), (False, 0.0), (True, 1.0)])
+def test_multi_step_decodes_match_the_oracle_and_stop_inside_a_round(prefix_caching, delay_factor):
     """Rounds of 4 decode steps (num_scheduler_steps): tokens after a stop inside a round are
     dropped, the blocks written ahead are freed, and no round preempts anybody."""
     harness = Harness(num_blocks=120, block_size=4, max_num_seqs=16, max_num_batched_tokens=32, max_model_len=64,
-                      enable_prefix_caching=prefix_caching, num_scheduler_steps=4)
+                      enable_prefix_caching=prefix_caching, num_scheduler_steps=4,
+                      scheduler_delay_factor=delay_factor)
     rng = random.Random(3)
     for i, prompt in enumerate(random_prompts(rng, 16, 20)):
         stop_ids = [rng.randrange(1, VOCAB) for _ in range(3)] if i % 3 == 0 else None
@@ -660,3 +665,51 @@ def test_a_round_needs_every_request_decoding_with_room_and_nothing_waiting():
     # 3 usable blocks: the two requests hold one each and a round of 4 needs a second each.
     small = scheduler_with(plain("a", max_tokens=8), plain("b", max_tokens=8), num_blocks=4)
     assert small.schedule().num_steps == 1
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_the_delay_factor_holds_arrivals_for_the_last_prompt_steps_latency(monkeypatch):
+    """vLLM V0's rule: while requests run, a waiting request is admitted once it has waited
+    scheduler_delay_factor x the latency of the last step that ran prompt tokens; decode rounds
+    run while it is held."""
+    clock = FakeClock(100.0)
+    monkeypatch.setattr(scheduler_module, "time", clock)
+    scheduler = Scheduler(num_blocks=40, block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
+                          max_model_len=64, num_scheduler_steps=4, scheduler_delay_factor=2.0)
+
+    def arrive(request_id):
+        scheduler.add_request(Request(request_id, [1, 2, 3], SamplingParams(max_tokens=40), arrival_time=clock.now))
+
+    def step(seconds):
+        out = scheduler.schedule()
+        clock.now += seconds
+        for _ in range(out.num_steps):
+            scheduler.update_from_output(out, {s.request_id: 7 for s in out.scheduled if s.sample})
+        return [s.request_id for s in out.scheduled], out.num_steps
+
+    arrive("a")
+    assert step(0.25) == (["a"], 1)  # nothing runs: admitted at once; the prompt step took 0.25 s
+    arrive("b")
+    assert step(0.2) == (["a"], 4)  # b has waited 0 s of 2 x 0.25: held, and a decodes a round
+    assert step(0.2) == (["a"], 4)  # 0.2 s
+    assert step(0.2) == (["a"], 4)  # 0.4 s
+    assert step(0.5) == (["a", "b"], 1)  # 0.6 s > 0.5 s: admitted; this prompt step takes 0.5 s
+    arrive("c")
+    assert step(0.9)[0] == ["a", "b"]  # 0 s of 2 x 0.5 s
+    assert step(0.2)[0] == ["a", "b"]  # 0.9 s
+    assert step(0.2)[0] == ["a", "b", "c"]  # 1.1 s
+
+    idle = Scheduler(num_blocks=40, block_size=4, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
+                     scheduler_delay_factor=0.0)
+    idle.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=40), arrival_time=clock.now))
+    out = idle.schedule()
+    idle.update_from_output(out, {"a": 7})
+    idle.add_request(Request("b", [1, 2, 3], SamplingParams(max_tokens=40), arrival_time=clock.now))
+    assert [s.request_id for s in idle.schedule().scheduled] == ["a", "b"]  # factor 0: at once

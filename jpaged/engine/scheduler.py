@@ -13,6 +13,10 @@ The engine calls schedule(), runs the step, then update_from_output() with the s
 With num_scheduler_steps = k > 1, a decode-only batch that needs nothing from the host between
 tokens becomes a round of k steps (SchedulerOutput.num_steps): blocks for all k tokens are
 allocated, and the engine calls update_from_output() once per step of the round.
+With scheduler_delay_factor = f > 0 (vLLM V0's --scheduler-delay-factor), while requests run,
+waiting requests are admitted only once the oldest has waited f x the latency of the last step
+that ran prompt tokens, so that arrivals gather into fewer prefill steps (each one stalls every
+running decode); rounds may run meanwhile.
 Not thread-safe: abort/finish calls must not run concurrently with schedule/update.
 """
 
@@ -32,8 +36,7 @@ def _samples_ahead(request: Request) -> bool:
     grammar constrains the tokens."""
     params = request.sampling_params
     return (params.logprobs is None and not params.logit_bias and params.structured_outputs is None
-            and request.num_output_tokens >= params.min_tokens and params.presence_penalty == 0.0
-            and params.frequency_penalty == 0.0 and params.repetition_penalty == 1.0)
+            and request.num_output_tokens >= params.min_tokens and not params.has_penalties)
 
 
 @dataclasses.dataclass
@@ -62,6 +65,7 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         num_swap_blocks: int = 0,
         num_scheduler_steps: int = 1,
+        scheduler_delay_factor: float = 0.0,
     ) -> None:
         for name, value in [
             ("max_num_seqs", max_num_seqs),
@@ -77,6 +81,8 @@ class Scheduler:
                 f"max_num_seqs ({max_num_seqs}), or some running requests could not decode every step. "
                 "Raise --max-num-batched-tokens or lower --max-num-seqs."
             )
+        if not scheduler_delay_factor >= 0:  # NaN too
+            raise ValueError(f"scheduler_delay_factor must be non-negative, got {scheduler_delay_factor}.")
         if num_swap_blocks < 0:
             raise ValueError(f"num_swap_blocks must be non-negative, got {num_swap_blocks}.")
         if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
@@ -91,6 +97,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
         self.num_scheduler_steps = num_scheduler_steps
+        self.scheduler_delay_factor = scheduler_delay_factor
         self.kv_cache_manager = KVCacheManager(
             num_blocks=num_blocks,
             block_size=block_size,
@@ -104,6 +111,11 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        # For the admission delay: when schedule() last ran, whether that step ran prompt
+        # tokens, and how long the last such step took (schedule() to the next schedule()).
+        self._last_schedule_time = 0.0
+        self._last_step_ran_prompt = False
+        self._last_prompt_latency = 0.0
 
     @property
     def num_running(self) -> int:
@@ -150,7 +162,8 @@ class Scheduler:
         scheduled: dict[str, int] = {}  # request id -> num_scheduled_tokens, in scheduling order
         blocks_to_swap_out: list[tuple[int, int]] = []
         blocks_to_swap_in: list[tuple[int, int]] = []
-        num_steps = self._num_steps_ahead()
+        admission_due = self._admission_due(time.time())
+        num_steps = self._num_steps_ahead(admission_due)
 
         # Admission order. Only the newest running request can be mid-prefill (a prefill chunk
         # that does not finish its tokens takes the whole budget, so nothing is admitted after
@@ -169,7 +182,11 @@ class Scheduler:
         # After a preemption the head of the queue is the oldest victim, which needs more blocks
         # than are free, so FCFS admits nobody: host slots freed by a swap-in are never reused
         # by a swap-out of the same step.
-        budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in)
+        if admission_due:
+            budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in)
+        self._last_step_ran_prompt = any(
+            self.requests[request_id].num_computed_tokens < self.requests[request_id].num_prompt_tokens
+            for request_id in scheduled)
 
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, set()
         return SchedulerOutput(
@@ -181,17 +198,29 @@ class Scheduler:
             num_steps=num_steps,
         )
 
-    def _num_steps_ahead(self) -> int:
-        """num_scheduler_steps when this step can be a multi-step decode, else 1. It can when
-        nothing waits, every running request has exactly its last sampled token to compute and
-        samples nothing that needs the host between tokens (logprobs, penalties, logit_bias,
-        min_tokens still pending, structured outputs) and has all the steps' tokens left before
-        max_tokens and max_model_len (a request that would reach its cap inside the steps would
-        waste the rest, and hold back the next request until they end), and the free blocks
-        hold every lookahead token (so nobody is preempted). Stop tokens and strings are found
-        afterwards: the engine records the steps' tokens one step at a time."""
+    def _admission_due(self, now: float) -> bool:
+        """Whether waiting requests may be admitted this step: always with no delay factor, when
+        nothing runs or nothing waits; otherwise once the oldest waiting request has waited
+        scheduler_delay_factor x the last prompt step's latency (vLLM V0's rule)."""
+        if self._last_step_ran_prompt:
+            self._last_prompt_latency = now - self._last_schedule_time
+        self._last_schedule_time = now
+        if self.scheduler_delay_factor == 0 or not self.running or not self.waiting:
+            return True
+        return now - self.waiting[0].arrival_time > self.scheduler_delay_factor * self._last_prompt_latency
+
+    def _num_steps_ahead(self, admission_due: bool) -> int:
+        """num_scheduler_steps when this step can be a multi-step decode, else 1. It can when no
+        request waits to be admitted this step (see _admission_due), every running request has
+        exactly its last sampled token to compute and samples nothing that needs the host
+        between tokens (logprobs, penalties, logit_bias, min_tokens still pending, structured
+        outputs) and has all the steps' tokens left before max_tokens and max_model_len (a
+        request that would reach its cap inside the steps would waste the rest, and hold back
+        the next request until they end), and the free blocks hold every lookahead token (so
+        nobody is preempted). Stop tokens and strings are found afterwards: the engine records
+        the steps' tokens one step at a time."""
         steps = self.num_scheduler_steps
-        if steps == 1 or self.waiting or not self.running:
+        if steps == 1 or (self.waiting and admission_due) or not self.running:
             return 1
         new_blocks = 0
         for request in self.running:
