@@ -38,6 +38,8 @@ def main():
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--num-scheduler-steps", type=int, default=1,
+                        help="> 1 also compiles the multi-step decode programs (one per decode bucket)")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     os.environ["JAX_PLATFORMS"] = "cpu"  # the host runs on the CPU; the CUDA plugin only compiles
@@ -104,10 +106,10 @@ def main():
                          max_model_len=args.max_model_len, attention_fn=ragged_paged_attention, write_kv_fn=write_kv,
                          bucket_pages=False, mesh=make_mesh(jax.devices()[:1]), decode_attention_fn=decode_attention,
                          max_entries_per_seq=max_sampler_entries(config, EngineArgs(), args.max_model_len),
-                         max_logprobs=EngineArgs().max_logprobs)
+                         max_logprobs=EngineArgs().max_logprobs, num_scheduler_steps=args.num_scheduler_steps)
     # The pool the programs see: 20000 blocks (~40 GiB for Llama-3-8B), donated.
     runner.kv_cache = [(jax.ShapeDtypeStruct((20000, *spec.page_shape[1:]), jnp.bfloat16),) * 2] * config.num_layers
-    for name in ("_forward_jit", "_decode_jit", "_sample_jit", "_prompt_logprobs_jit"):
+    for name in ("_forward_jit", "_decode_jit", "_decode_steps_jit", "_sample_jit", "_prompt_logprobs_jit"):
         setattr(runner, name, Compile(getattr(runner, name), name.strip("_").removesuffix("_jit")))
     start = time.perf_counter()
     runner.warmup(show_progress=False)

@@ -65,9 +65,10 @@ def test_every_runner_program_lowers_for_cuda():
         config, params, pool_spec=spec, num_swap_blocks=0, max_num_batched_tokens=512, max_num_seqs=64,
         max_model_len=8192, attention_fn=ragged_paged_attention, write_kv_fn=write_kv, bucket_pages=False,
         mesh=make_mesh(jax.devices()[:1]), decode_attention_fn=decode_attention,
-        max_entries_per_seq=runner_module.max_sampler_entries(config, EngineArgs(), 8192), max_logprobs=20)
+        max_entries_per_seq=runner_module.max_sampler_entries(config, EngineArgs(), 8192), max_logprobs=20,
+        num_scheduler_steps=4)
     record = []
-    for name in ("_forward_jit", "_decode_jit", "_sample_jit", "_prompt_logprobs_jit"):
+    for name in ("_forward_jit", "_decode_jit", "_decode_steps_jit", "_sample_jit", "_prompt_logprobs_jit"):
         setattr(runner, name, CudaLowering(getattr(runner, name), name, record))
     with jax.sharding.use_abstract_mesh(mesh):
         num_programs = runner.warmup(show_progress=False)
@@ -83,14 +84,18 @@ def test_every_runner_program_lowers_for_cuda():
     decodes = [(kw["num_tokens"], kw["num_seqs"]) for name, kw, _ in record if name == "_decode_jit"]
     assert forwards == [(16, 16), (32, 32), (64, 64), (128, 64), (256, 64), (512, 64)]
     assert decodes == [(16, 16), (32, 32), (64, 64)]
+    # Multi-step rounds (--num-scheduler-steps 4): one program per decode bucket.
+    rounds = [(kw["num_tokens"], kw["num_seqs"]) for name, kw, _ in record if name == "_decode_steps_jit"]
+    assert rounds == decodes
     for name, kwargs, text in record:
         if name in ("_sample_jit", "_prompt_logprobs_jit", "swap_out", "swap_in"):
             assert TRITON_CALL not in text
         else:  # one Triton attention kernel (a shared function), called once per layer
-            kernel = "decode_attention" if name == "_decode_jit" else "ragged_paged_attention"
+            decode = name in ("_decode_jit", "_decode_steps_jit")
+            kernel = "decode_attention" if decode else "ragged_paged_attention"
             assert text.count(TRITON_CALL) == 1, (name, kwargs)
             assert len(re.findall(rf"call @{kernel}\b", text)) == config.num_layers, (name, kwargs)
-            assert f"paged_flash_rows{16 if name == '_decode_jit' else 64}" in text
+            assert f"paged_flash_rows{16 if decode else 64}" in text
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +137,8 @@ def test_every_runner_program_compiles_for_h100_without_a_gpu(tmp_path, cuda_plu
     root = os.path.join(os.path.dirname(__file__), "..")
     out = tmp_path / "aot.json"
     done = subprocess.run([sys.executable, os.path.join(root, "scripts", "aot_compile_cuda.py"), "--plugin-dir",
-                           cuda_plugin_dir, "--max-num-batched-tokens", "64", "--out", str(out)],
+                           cuda_plugin_dir, "--max-num-batched-tokens", "64", "--num-scheduler-steps", "4",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -140,6 +146,8 @@ def test_every_runner_program_compiles_for_h100_without_a_gpu(tmp_path, cuda_plu
     programs = [(r["program"], r.get("num_tokens", r.get("num_seqs"))) for r in result["results"]]
     samplers = [("sample", s) for s in (8, 16, 32, 64) for _ in range(4)]  # (no entries, all entries) x masked
     assert programs == ([("forward", 16), ("forward", 32), ("forward", 64), ("decode", 16), ("decode", 32),
-                         ("decode", 64)] + samplers + [("prompt_logprobs", None)] * 3)
-    # The pool is donated: every forward aliases it instead of copying it.
-    assert all(r["alias_mib"] == 40000.0 for r in result["results"] if r["program"] in ("forward", "decode"))
+                         ("decode", 64), ("decode_steps", 16), ("decode_steps", 32), ("decode_steps", 64)]
+                        + samplers + [("prompt_logprobs", None)] * 3)
+    # The pool is donated: every forward (and multi-step decode) aliases it instead of copying it.
+    assert all(r["alias_mib"] == 40000.0 for r in result["results"]
+               if r["program"] in ("forward", "decode", "decode_steps"))
