@@ -713,3 +713,23 @@ def test_the_delay_factor_holds_arrivals_for_the_last_prompt_steps_latency(monke
     idle.update_from_output(out, {"a": 7})
     idle.add_request(Request("b", [1, 2, 3], SamplingParams(max_tokens=40), arrival_time=clock.now))
     assert [s.request_id for s in idle.schedule().scheduled] == ["a", "b"]  # factor 0: at once
+
+
+def test_blocks_a_last_round_fills_stay_in_the_prefix_cache():
+    """A round allocates blocks for tokens not sampled yet, so they are indexed at the next
+    allocation; a request that finishes in its round has them indexed when it is freed."""
+    scheduler = Scheduler(num_blocks=20, block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
+                          max_model_len=64, num_scheduler_steps=4)
+    request = Request("a", [1, 2, 3, 4], SamplingParams(max_tokens=9, ignore_eos=True))
+    scheduler.add_request(request)
+    token = 10
+    while scheduler.has_unfinished_requests():
+        out = scheduler.schedule()
+        for _ in range(out.num_steps):
+            token += 1
+            scheduler.update_from_output(out, {"a": token})
+    assert request.num_output_tokens == 9 and request.num_computed_tokens == 12  # 3 full blocks of KV
+    follow_up = Request("b", request.all_token_ids + [5], SamplingParams())
+    blocks, num_cached = scheduler.kv_cache_manager.get_computed_blocks(follow_up)
+    assert num_cached == 12
+    check_all_free(scheduler)

@@ -7,7 +7,8 @@ Invariants (checked by tests/test_block_manager.py and tests/test_scheduler.py):
 - Blocks are cached (indexed by hash) as soon as the step that computes them is scheduled, so a
   request scheduled later in the same step may already share them. This relies on the runner's
   order inside each layer: every token's KV is written before attention reads the pool.
-- Freeing a request returns every block it referenced and every host slot it held.
+- Freeing a request returns every block it referenced and every host slot it held; its full
+  blocks of computed tokens stay indexed (free cached blocks, reused until evicted).
 """
 
 from jpaged.engine.block_pool import BlockPool, KVCacheBlock, hash_block_tokens
@@ -116,7 +117,10 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Return all of the request's blocks (tail first, so its prefix stays cached longest)
-        and host slots."""
+        and host slots. Full blocks of computed tokens not indexed yet are indexed first: those a
+        multi-step decode filled past the tokens known when it was allocated."""
+        if request.request_id in self.req_to_blocks:
+            self._cache_full_blocks(request, request.num_computed_tokens)
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.req_to_block_ids.pop(request.request_id, None)
         self.block_pool.free_blocks(list(reversed(blocks)))
