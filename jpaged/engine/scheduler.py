@@ -184,7 +184,7 @@ class Scheduler:
         # by a swap-out of the same step.
         if admission_due:
             budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in)
-        self._last_step_ran_prompt = any(
+        self._last_step_ran_prompt = self.scheduler_delay_factor > 0 and any(
             self.requests[request_id].num_computed_tokens < self.requests[request_id].num_prompt_tokens
             for request_id in scheduled)
 
