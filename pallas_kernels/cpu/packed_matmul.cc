@@ -77,11 +77,15 @@ constexpr int64_t kPrefetchRows = 32;  // panel rows ahead of the one being read
 constexpr int64_t kRowChunk = 256;  // rows of x per work item
 constexpr int64_t kValuePrefetchBytes = 2304;  // q4 / q8 values ahead of those dequantized
 constexpr int64_t kQuantBlock = 32;  // rows of a GGUF block: one scale (and offset) per column
-// Work items of at most this many rows of x (decode of a few sequences) dequantize q4 / q8
-// weights in registers, each block of rows anew, instead of once per chunk into cache. Measured
-// on one Zen 5 core, q4 weights streamed from memory: 1.7x at 1 and 2 rows, 1.3x at 4, even at 6,
-// 0.96x at 8 and 16 (1.1x at 16 from cache); AVX2 code from cache, 1.9x at 1 row, 1.2x at 4.
-constexpr int kMaxInRegisterRows = 4;  // a power of 2
+// Work items of at most this many rows of x (decode) dequantize q4 / q8 weights in registers,
+// each block of rows anew, instead of once per chunk into cache. Measured on one Zen 5 core, q4
+// gate-sized weights streamed from memory: with AVX-512 1.65x at 4 rows, 1.2x at 8, 1.06x at 16,
+// even at 24, 0.96x at 32; AVX2 code, 1.5x at 1 and 2 rows, 1.3x at 4, even at 16.
+#if defined(__AVX512F__)
+constexpr int64_t kMaxInRegisterRows = 16;
+#else
+constexpr int64_t kMaxInRegisterRows = 4;
+#endif
 
 // The two formats. A panel row holds kDepth consecutive k of kPanel columns (192 bytes in both);
 // its 32-bit lanes hold one float, or the two bfloat16 weights of one column.
@@ -374,7 +378,7 @@ void PanelProduct(const typename Format::T* x, int64_t K, int64_t N, const Chunk
     if constexpr (!Chunks::kFromMemory) {
       if (r1 - r0 <= kMaxInRegisterRows) {
         for (int64_t c = 0; c < kPanel; c += kSliceCols) {
-          ForRowBlocks<kMaxInRegisterRows>(r1 - r0, [&](auto block_rows, int64_t r) {
+          ForRowBlocks<kBlockRows>(r1 - r0, [&](auto block_rows, int64_t r) {
             chunks.template Multiply<decltype(block_rows)::value>(k0, kc, c, xc + r * K, K, dst + r * ldo + c,
                                                                   ldo, k0 > 0);
           });
