@@ -186,6 +186,19 @@ inline void Accumulate(const typename Format::T* x, int64_t ldx, const typename 
   }
 }
 
+// out[r, slice] = acc[r] (or += with `accumulate`) for a block's ROWS rows.
+template <int ROWS>
+inline void StoreBlock(const vec (&acc)[ROWS][kVectors], float* out, int64_t ldo, bool accumulate) {
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r) {
+#pragma GCC unroll 3
+    for (int j = 0; j < kVectors; ++j) {
+      float* o = out + r * ldo + j * kLanes;
+      StoreVec(o, accumulate ? LoadVec<vec>(o) + acc[r][j] : acc[r][j]);
+    }
+  }
+}
+
 // out[r, 0:kSliceCols] (+)= x[r, 0:kc] @ w[0:kc, slice] for ROWS rows, where the slice's panel
 // rows start at b, kDepth * kPanel elements apart. With `prefetch`, the panel rows
 // kPrefetchRows ahead are requested. The chunk's sum starts from zero and is added to `out` at
@@ -205,14 +218,7 @@ inline void Block(const typename Format::T* x, int64_t ldx, const typename Forma
     }
     Accumulate<Format, ROWS>(x + k, ldx, row, acc);
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 3
-    for (int j = 0; j < kVectors; ++j) {
-      float* o = out + r * ldo + j * kLanes;
-      StoreVec(o, accumulate ? LoadVec<vec>(o) + acc[r][j] : acc[r][j]);
-    }
-  }
+  StoreBlock(acc, out, ldo, accumulate);
 }
 
 // Block over `rows` rows (any count), as blocks of kBlockRows and then halves of it.
@@ -338,14 +344,7 @@ struct QuantizedChunks {
         }
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 3
-      for (int j = 0; j < kVectors; ++j) {
-        float* o = out + r * ldo + j * kLanes;
-        StoreVec(o, accumulate ? LoadVec<vec>(o) + acc[r][j] : acc[r][j]);
-      }
-    }
+    StoreBlock(acc, out, ldo, accumulate);
   }
 };
 
