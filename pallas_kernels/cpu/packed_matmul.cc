@@ -221,22 +221,6 @@ inline void Block(const typename Format::T* x, int64_t ldx, const typename Forma
   StoreBlock(acc, out, ldo, accumulate);
 }
 
-// Block over `rows` rows (any count), as blocks of kBlockRows and then halves of it.
-template <typename Format, int ROWS>
-void Rows(int64_t rows, const typename Format::T* x, int64_t ldx, const typename Format::T* b,
-          int64_t kc, float* out, int64_t ldo, bool accumulate, bool prefetch) {
-  while (rows >= ROWS) {
-    Block<Format, ROWS>(x, ldx, b, kc, out, ldo, accumulate, prefetch);
-    prefetch = false;  // the first block brought the chunk into L1
-    rows -= ROWS;
-    x += ROWS * ldx;
-    out += ROWS * ldo;
-  }
-  if constexpr (ROWS > 1) {
-    if (rows > 0) Rows<Format, ROWS / 2>(rows, x, ldx, b, kc, out, ldo, accumulate, prefetch);
-  }
-}
-
 // fn(std::integral_constant<int, R>, r) for blocks of R rows starting at row r that cover
 // `rows` rows (any count): blocks of ROWS, then of halves of it.
 template <int ROWS, typename F>
@@ -387,8 +371,11 @@ void PanelProduct(const typename Format::T* x, int64_t K, int64_t N, const Chunk
     }
     const typename Format::T* rows = chunks.Rows(k0, kc);
     for (int64_t c = 0; c < kPanel; c += kSliceCols) {  // a slice is c columns in
-      Rows<Format, kBlockRows>(r1 - r0, xc, K, rows + c * Format::kDepth, kc, dst + c, ldo, k0 > 0,
-                               Chunks::kFromMemory && c == 0);
+      ForRowBlocks<kBlockRows>(r1 - r0, [&](auto block_rows, int64_t r) {
+        // The first block over a chunk read from memory requests its rows ahead into L1.
+        Block<Format, decltype(block_rows)::value>(xc + r * K, K, rows + c * Format::kDepth, kc, dst + r * ldo + c,
+                                                   ldo, k0 > 0, Chunks::kFromMemory && c == 0 && r == 0);
+      });
     }
   }
   if (width < kPanel) {
