@@ -13,9 +13,12 @@ PROMPTS = [list(range(300, 300 + n)) for n in (5, 23, 40, 11)]
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    args = EngineArgs(model=str(tiny_model_dir), max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
+    return AsyncLLM.from_engine_args(_engine_args(tiny_model_dir))
+
+
+def _engine_args(model_dir):
+    return EngineArgs(model=str(model_dir), max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
                       num_gpu_blocks_override=40, attention_backend="reference", compilation_cache_dir="")
-    return AsyncLLM.from_engine_args(args)
 
 
 def assert_idle(engine):
@@ -135,8 +138,10 @@ def test_abort_ends_the_stream_with_abort(engine, monkeypatch):
     assert_idle(engine)
 
 
-def test_shutdown_aborts_in_flight_requests(tiny_model_dir, engine):
-    own = AsyncLLM(engine.engine)  # a second front on the same engine, shut down here
+def test_shutdown_aborts_in_flight_requests(tiny_model_dir):
+    # An engine of its own: a second front on the module's engine raced that front's thread,
+    # which could step the shared engine at the same time (a donated KV cache, then a dead engine).
+    own = AsyncLLM.from_engine_args(_engine_args(tiny_model_dir))
 
     async def main():
         gen = own.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=80, ignore_eos=True), "s")
@@ -150,4 +155,4 @@ def test_shutdown_aborts_in_flight_requests(tiny_model_dir, engine):
     rest = asyncio.run(main())
     assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
     assert not own.is_ready
-    assert not engine.engine.has_unfinished_requests()
+    assert not own.engine.has_unfinished_requests()
