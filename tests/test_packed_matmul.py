@@ -79,9 +79,10 @@ def test_num_rows_multiplies_the_first_rows_and_zeros_the_rest(num_rows, dtype):
 
 
 # (M, K, N) for quantized panels, K a multiple of 32: the row-block remainders, a narrow last
-# panel, K past several 256-row chunks, M past one 256-row chunk.
-QUANT_SHAPES = [(1, 576, 576), (3, 64, 48), (7, 32, 100), (16, 576, 192), (15, 1536, 576), (4, 96, 144), (6, 64, 48), (17, 64, 48), (300, 96, 130),
-                (513, 32, 49), (5, 1056, 97)]
+# panel, K past several 256-row chunks, M past one 256-row chunk, and both sides of the row
+# limits of the in-register path (4 with AVX2, 16 with AVX-512).
+QUANT_SHAPES = [(1, 576, 576), (3, 64, 48), (7, 32, 100), (16, 576, 192), (15, 1536, 576), (4, 96, 144),
+                (6, 64, 48), (17, 64, 48), (300, 96, 130), (513, 32, 49), (5, 1056, 97)]
 
 
 def _random_blocks(bits, k, n, seed):
