@@ -72,6 +72,12 @@ class EngineArgs:
         "latency of the last step that ran prompt tokens (vLLM V0's flag), so arrivals gather into fewer prefill "
         "steps, each of which stalls every running decode: lower TPOT under steady load for a higher TTFT "
         "(docs/scheduler.md). 0 (default): admit at once.", type=float)
+    scheduler_finish_first: bool = _field(
+        True, "While requests run, hold waiting requests when every running request is decoding and will reach "
+        "its max_tokens sooner than a prefill step takes, if their summed wait costs less than that step's stall of "
+        "every running request (estimated from the latest steps' latencies): a batch of equal-length requests ends "
+        "together, and their replacements prefill together. Lower TPOT under steady load of fixed-length outputs "
+        "for a higher TTFT (docs/scheduler.md).")
     enable_prefix_caching: bool = _field(True, "Reuse KV blocks of identical prompt prefixes.")
     enable_chunked_prefill: bool = _field(True, "Split long prompts across steps.")
     quantization: str | None = _field(

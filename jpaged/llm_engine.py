@@ -121,7 +121,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
             enable_chunked_prefill=args.enable_chunked_prefill, num_swap_blocks=self.runner.num_swap_blocks,
             num_scheduler_steps=self.runner.num_scheduler_steps,
-            scheduler_delay_factor=args.scheduler_delay_factor)
+            scheduler_delay_factor=args.scheduler_delay_factor,
+            scheduler_finish_first=args.scheduler_finish_first)
         self.structured_output = StructuredOutputManager(self.tokenizer.hf, self.model_config.vocab_size,
                                                          self.model_config.eos_token_ids)
         self.validator = RequestValidator.from_engine_args(args, self.model_config.vocab_size, self.max_model_len)

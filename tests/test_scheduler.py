@@ -715,6 +715,69 @@ def test_the_delay_factor_holds_arrivals_for_the_last_prompt_steps_latency(monke
     assert [s.request_id for s in idle.schedule().scheduled] == ["a", "b"]  # factor 0: at once
 
 
+def test_finish_first_holds_arrivals_while_the_running_requests_end(monkeypatch):
+    """scheduler_finish_first: while every running request decodes and the last of them ends
+    (by max_tokens, at the latest decode step's latency) sooner than the latest prompt step
+    took, and the waiting requests' summed wait is less than that prompt step's stall summed
+    over the running ones, waiting requests are held; otherwise they are admitted at once."""
+    clock = FakeClock(100.0)
+    monkeypatch.setattr(scheduler_module, "time", clock)
+
+    def scheduler(finish_first=True):
+        return Scheduler(num_blocks=80, block_size=4, max_num_seqs=16, max_num_batched_tokens=32,
+                         max_model_len=64, scheduler_finish_first=finish_first)
+
+    def arrive(s, request_id, max_tokens=5, prompt_len=3):
+        s.add_request(Request(request_id, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens),
+                              arrival_time=clock.now))
+
+    def step(s, seconds):
+        out = s.schedule()
+        clock.now += seconds
+        s.update_from_output(out, {r.request_id: 7 for r in out.scheduled if r.sample})
+        return [r.request_id for r in out.scheduled]
+
+    def two_running(finish_first=True, max_tokens=5):
+        s = scheduler(finish_first)
+        arrive(s, "a", max_tokens)
+        arrive(s, "b", max_tokens)
+        assert step(s, 0.25) == ["a", "b"]  # nothing runs: admitted; a prompt step of 0.25 s
+        assert step(s, 0.02) == ["a", "b"]  # a decode step of 0.02 s; 2 tokens each now
+        return s
+
+    s = two_running()
+    arrive(s, "c")
+    # The last running request ends in 3 steps (0.06 s < 0.25 s; 1 x 0.06 < 2 x 0.25): held.
+    assert [step(s, 0.02) for _ in range(3)] == [["a", "b"]] * 3
+    assert not s.running and step(s, 0.25) == ["c"]
+
+    s = two_running(finish_first=False)
+    arrive(s, "c")
+    assert step(s, 0.02) == ["a", "b", "c"]
+
+    s = two_running(max_tokens=20)  # 18 steps left: 0.36 s > 0.25 s
+    arrive(s, "c")
+    assert step(s, 0.02) == ["a", "b", "c"]
+
+    s = two_running()
+    for i in range(9):  # 9 x 0.06 s > 2 x 0.25 s
+        arrive(s, f"w{i}", prompt_len=1)
+    assert step(s, 0.02) == ["a", "b"] + [f"w{i}" for i in range(9)]
+
+    s = scheduler()  # no latency measured yet: no hold
+    arrive(s, "a")
+    assert step(s, 0.25) == ["a"]
+    arrive(s, "b")
+    assert step(s, 0.02) == ["a", "b"]
+
+    s = two_running()
+    arrive(s, "long", prompt_len=40)  # held until a and b end, then prefilled in two chunks
+    assert [step(s, 0.02) for _ in range(3)] == [["a", "b"]] * 3
+    assert step(s, 0.25) == ["long"]
+    arrive(s, "c")
+    assert step(s, 0.1) == ["long", "c"]  # a running request still prefills: no hold
+
+
 def test_blocks_a_last_round_fills_stay_in_the_prefix_cache():
     """A round allocates blocks for tokens not sampled yet, so they are indexed at the next
     allocation; a request that finishes in its round has them indexed when it is freed."""

@@ -17,6 +17,11 @@ With scheduler_delay_factor = f > 0 (vLLM V0's --scheduler-delay-factor), while 
 waiting requests are admitted only once the oldest has waited f x the latency of the last step
 that ran prompt tokens, so that arrivals gather into fewer prefill steps (each one stalls every
 running decode); rounds may run meanwhile.
+With scheduler_finish_first (the default), while every running request is decoding and will reach
+its max_tokens sooner than a prompt step takes, waiting requests are held if their summed wait
+costs less than one prompt step's stall of every running request: a batch of equal-length
+requests ends together instead of each finisher's replacement stalling the rest through a
+prefill step, and their replacements then prefill together.
 Not thread-safe: abort/finish calls must not run concurrently with schedule/update.
 """
 
@@ -66,6 +71,7 @@ class Scheduler:
         num_swap_blocks: int = 0,
         num_scheduler_steps: int = 1,
         scheduler_delay_factor: float = 0.0,
+        scheduler_finish_first: bool = True,
     ) -> None:
         for name, value in [
             ("max_num_seqs", max_num_seqs),
@@ -98,6 +104,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.num_scheduler_steps = num_scheduler_steps
         self.scheduler_delay_factor = scheduler_delay_factor
+        self.scheduler_finish_first = scheduler_finish_first
         self.kv_cache_manager = KVCacheManager(
             num_blocks=num_blocks,
             block_size=block_size,
@@ -111,11 +118,14 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
-        # For the admission delay: when schedule() last ran, whether that step ran prompt
-        # tokens, and how long the last such step took (schedule() to the next schedule()).
+        # For admission: when schedule() last ran, whether that step ran prompt tokens and how
+        # many decode steps it ran otherwise, and the latest latencies (schedule() to the next
+        # schedule()) of a step that ran prompt tokens and of one decode step (0: none yet).
         self._last_schedule_time = 0.0
         self._last_step_ran_prompt = False
+        self._last_num_decode_steps = 0
         self._last_prompt_latency = 0.0
+        self._last_decode_latency = 0.0
 
     @property
     def num_running(self) -> int:
@@ -184,9 +194,10 @@ class Scheduler:
         # by a swap-out of the same step.
         if admission_due:
             budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in)
-        self._last_step_ran_prompt = self.scheduler_delay_factor > 0 and any(
+        self._last_step_ran_prompt = any(
             self.requests[request_id].num_computed_tokens < self.requests[request_id].num_prompt_tokens
             for request_id in scheduled)
+        self._last_num_decode_steps = num_steps if scheduled and not self._last_step_ran_prompt else 0
 
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, set()
         return SchedulerOutput(
@@ -199,15 +210,40 @@ class Scheduler:
         )
 
     def _admission_due(self, now: float) -> bool:
-        """Whether waiting requests may be admitted this step: always with no delay factor, when
-        nothing runs or nothing waits; otherwise once the oldest waiting request has waited
+        """Whether waiting requests may be admitted this step: always when nothing runs or
+        nothing waits; not while the running requests finish first (_running_finish_first);
+        then at once with no delay factor, else once the oldest waiting request has waited
         scheduler_delay_factor x the last prompt step's latency (vLLM V0's rule)."""
         if self._last_step_ran_prompt:
             self._last_prompt_latency = now - self._last_schedule_time
+        elif self._last_num_decode_steps:
+            self._last_decode_latency = (now - self._last_schedule_time) / self._last_num_decode_steps
         self._last_schedule_time = now
-        if self.scheduler_delay_factor == 0 or not self.running or not self.waiting:
+        if not self.running or not self.waiting:
+            return True
+        if self.scheduler_finish_first and self._running_finish_first():
+            return False
+        if self.scheduler_delay_factor == 0:
             return True
         return now - self.waiting[0].arrival_time > self.scheduler_delay_factor * self._last_prompt_latency
+
+    def _running_finish_first(self) -> bool:
+        """Whether to hold the waiting requests until the running ones end: every running request
+        is decoding, the last of them reaches its max_tokens within less than the latest prompt
+        step's latency (at the latest decode step's latency), and that wait summed over the
+        waiting requests is less than one prompt step's stall summed over the running ones.
+        max_tokens bounds the remaining tokens from above (a stop may come sooner), so a wrong
+        guess only admits. No hold before both latencies are measured."""
+        if not (self._last_prompt_latency and self._last_decode_latency):
+            return False
+        remaining = 0
+        for request in self.running:
+            if request.num_tokens - request.num_computed_tokens != 1:  # prefilling or recomputing
+                return False
+            remaining = max(remaining, request.max_tokens - request.num_output_tokens)
+        wait = remaining * self._last_decode_latency
+        return (wait < self._last_prompt_latency
+                and len(self.waiting) * wait < len(self.running) * self._last_prompt_latency)
 
     def _num_steps_ahead(self, admission_due: bool) -> int:
         """num_scheduler_steps when this step can be a multi-step decode, else 1. It can when no
