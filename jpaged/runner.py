@@ -43,17 +43,26 @@ logger = logging.getLogger(__name__)
 def _forward(params, kv_cache, kv_scales, meta: StepMetadata, *, model, attention_fn, write_kv_fn):
     """The model over one step's packed tokens: (logits f32[num_seqs, vocab], hidden, kv_cache).
     model: a Flax module with the engine's model contract (docs/models.md)."""
-    variables = {"params": params}
-    scales = {} if kv_scales is None else {"kv_scales": kv_scales}  # a user's model may not take them
-    hidden, kv_cache = model.apply(variables, meta.token_ids, meta.positions, kv_cache, meta.attn, attention_fn,
-                                   write_kv_fn, **scales)
-    # The padded sequences (after the real ones, with no tokens) need no logits; a model whose
-    # compute_logits takes num_rows (docs/models.md) skips their lm_head rows.
-    rows = {}
-    if "num_rows" in inspect.signature(type(model).compute_logits).parameters:
-        rows["num_rows"] = jnp.sum(jnp.diff(meta.attn.cu_q_lens) > 0, dtype=jnp.int32)
-    logits = model.apply(variables, hidden[meta.logits_indices], method="compute_logits", **rows)  # f32[num_seqs, vocab]
+    hidden, kv_cache = _forward_hidden(params, kv_cache, kv_scales, meta, model=model, attention_fn=attention_fn,
+                                       write_kv_fn=write_kv_fn)
+    logits = model.apply({"params": params}, hidden[meta.logits_indices], method="compute_logits",
+                         **_real_rows(model, "compute_logits", meta))  # f32[num_seqs, vocab]
     return logits, hidden, kv_cache
+
+
+def _forward_hidden(params, kv_cache, kv_scales, meta: StepMetadata, *, model, attention_fn, write_kv_fn):
+    """The model's __call__ over one step's packed tokens: (hidden [num_tokens, hidden_size], kv_cache)."""
+    scales = {} if kv_scales is None else {"kv_scales": kv_scales}  # a user's model may not take them
+    return model.apply({"params": params}, meta.token_ids, meta.positions, kv_cache, meta.attn, attention_fn,
+                       write_kv_fn, **scales)
+
+
+def _real_rows(model, method: str, meta: StepMetadata) -> dict:
+    """{"num_rows": the number of real sequences} when the model's `method` takes num_rows
+    (docs/models.md): the padded sequences after them need no lm_head rows. Else {}."""
+    if "num_rows" in inspect.signature(getattr(type(model), method)).parameters:
+        return {"num_rows": jnp.sum(jnp.diff(meta.attn.cu_q_lens) > 0, dtype=jnp.int32)}
+    return {}
 
 
 def _forward_step(params, kv_cache, kv_scales, blob, *, num_tokens, num_seqs, pages_per_seq, **model_fns):
@@ -63,7 +72,7 @@ def _forward_step(params, kv_cache, kv_scales, blob, *, num_tokens, num_seqs, pa
 
 
 def _decode_steps(params, kv_cache, kv_scales, blob, sampling_blob, *, num_tokens, num_seqs, pages_per_seq,
-                  num_steps, block_size, max_logprobs, **model_fns):
+                  num_steps, block_size, max_logprobs, model, **model_fns):
     """num_steps decode steps of a decode-only batch in one program (multi-step scheduling):
     each step samples one token per sequence and feeds it to the next one.
 
@@ -88,9 +97,23 @@ def _decode_steps(params, kv_cache, kv_scales, blob, sampling_blob, *, num_token
                                         kv_lens=jnp.where(real_seq, attn.kv_lens + i, 0))
         step_meta = StepMetadata(token_ids=token_ids, positions=positions, attn=step_attn,
                                  logits_indices=meta.logits_indices)
-        logits, _, kv_cache = _forward(params, kv_cache, kv_scales, step_meta, **model_fns)
-        ids = sample(logits, dataclasses.replace(sampling, output_index=sampling.output_index + i),
-                     max_logprobs=max_logprobs).token_ids
+        hidden, kv_cache = _forward_hidden(params, kv_cache, kv_scales, step_meta, model=model, **model_fns)
+        step_sampling = dataclasses.replace(sampling, output_index=sampling.output_index + i)
+
+        def sampled_ids(hidden):
+            logits = model.apply({"params": params}, hidden, method="compute_logits",
+                                 **_real_rows(model, "compute_logits", step_meta))
+            return sample(logits, step_sampling, max_logprobs=max_logprobs).token_ids
+
+        def greedy_ids(hidden):  # the same ids, where the model finds them without every logit
+            return model.apply({"params": params}, hidden, method="compute_greedy_ids",
+                               **_real_rows(model, "compute_greedy_ids", step_meta))
+
+        hidden = hidden[meta.logits_indices]
+        if hasattr(type(model), "compute_greedy_ids"):
+            ids = jax.lax.cond(jnp.all(step_sampling.temperature <= 0.0), greedy_ids, sampled_ids, hidden)
+        else:
+            ids = sampled_ids(hidden)
         return kv_cache, token_ids.at[feed].set(ids, mode="drop"), sampled.at[i].set(ids)
 
     init = (kv_cache, meta.token_ids, jnp.zeros((num_steps, num_seqs), jnp.int32))

@@ -1,7 +1,8 @@
 """Pure-JAX references: the oracle for every kernel and the fallback everywhere.
 
-Paged attention (`ragged_paged_attention`, `write_kv`) and the matmul over packed weight panels
-(`pack_panels`, `packed_matmul`), described below in that order.
+Paged attention (`ragged_paged_attention`, `write_kv`), the matmul over packed weight panels
+(`pack_panels`, `packed_matmul`), described below in that order, and the greedy token of a
+Q8_0 lm_head (`pack_greedy_lm_head`, `greedy_lm_head`).
 
 KV pool layout, per layer, for K and V alike (chosen so one (block, kv head) tile is contiguous,
 which is what the GPU and CPU kernels read):
@@ -256,6 +257,46 @@ def pack_q8_panels(values, scale):
     """q8 panels (values, scale) of w = values * scale, for values i8[K, N] and scale f32[K / 32, N]."""
     _check_blocks(values, scale)
     return _column_panels(jnp.asarray(values, jnp.int8)), _column_panels(jnp.asarray(scale, jnp.float32))
+
+
+GREEDY_TILE = 16  # vocabulary entries side by side in `pack_greedy_lm_head`'s values
+
+
+def pack_greedy_lm_head(values, scale):
+    """The approximate-pass operands of `greedy_lm_head` for a Q8_0 lm_head w [V, K] = values
+    i8[V, K] * scale f32[V, K / 32] (one scale per 32-block of a row), K a multiple of 32:
+    (values u8[T, K / 4, 16, 4] = values + 128 with 16 entries side by side and each entry's 4
+    consecutive k adjacent, scale f32[T, K / 32, 16], bound f32[T, K / 32, 16] = |scale| * sum of
+    the block's |values| / 2), T = ceil(V / 16), padded entries all zero (value 128)."""
+    _check_blocks(values.T, scale.T)
+    vocab, k = values.shape
+    tiles = -(-vocab // GREEDY_TILE)
+    pad = ((0, tiles * GREEDY_TILE - vocab), (0, 0))
+    q = jnp.pad(jnp.asarray(values, jnp.int32), pad)
+    scale = jnp.pad(jnp.asarray(scale, jnp.float32), pad)
+    bound = jnp.abs(scale) * jnp.abs(q).reshape(q.shape[0], -1, QUANT_BLOCK).sum(-1).astype(jnp.float32) / 2
+    biased = (q + 128).astype(jnp.uint8).reshape(tiles, GREEDY_TILE, k // 4, 4).transpose(0, 2, 1, 3)
+
+    def by_tile(a):  # [T * 16, K / 32] -> [T, K / 32, 16]
+        return a.reshape(tiles, GREEDY_TILE, -1).transpose(0, 2, 1)
+
+    return biased, by_tile(scale), by_tile(bound)
+
+
+def greedy_lm_head(hidden, num_rows, values, scale, bound, lm_head, lm_head_scale):
+    """Each row's greedy token over a Q8_0 lm_head: (ids i32[M], logits f32[M]), the argmax of
+    hidden f32[M, K] @ w.T (the first index on ties) and its logit, for w [V, K] = lm_head i8[V, K]
+    * lm_head_scale (f16 or f32 [V, K / 32], one per 32-block). values, scale, bound:
+    `pack_greedy_lm_head(lm_head, lm_head_scale)`, which the kernels use to skip entries that
+    cannot win; this reference computes every logit. Rows from num_rows (an int32 scalar) on
+    are zeros."""
+    del values, scale, bound
+    w = lm_head.astype(jnp.float32) * jnp.repeat(lm_head_scale.astype(jnp.float32), QUANT_BLOCK, axis=1)
+    logits = jnp.dot(hidden, w.T, preferred_element_type=jnp.float32)
+    ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    best = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
+    real = jnp.arange(hidden.shape[0]) < num_rows
+    return jnp.where(real, ids, 0), jnp.where(real, best, 0.0)
 
 
 def unpack_panels(panels, out_features: int, scale=None, offset=None):

@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.models.config import ModelConfig, rope_inv_freq
-from jpaged.models.quantization import QuantizedWeight, embed
+from jpaged.models.quantization import QuantizedWeight, embed, greedy_token_ids
 from jpaged.models.quantization import linear as _linear
+from jpaged.sampler import argmax
 from pallas_kernels.reference import write_kv
 
 
@@ -116,6 +117,7 @@ class LlamaForCausalLM(nn.Module):
     Methods (all applied with `module.apply({"params": params}, ..., method=...)`):
       __call__(token_ids, positions, kv_cache, attn_meta, attention_fn, write_kv_fn) -> (hidden, kv_cache)
       compute_logits(hidden, num_rows=None) -> f32[n, vocab_size]
+      compute_greedy_ids(hidden, num_rows=None) -> i32[n]
       forward_dense(token_ids) -> f32[batch, seq, vocab_size]
     """
 
@@ -196,6 +198,16 @@ class LlamaForCausalLM(nn.Module):
         if not isinstance(params["embed"], QuantizedWeight):
             return jnp.einsum("nh,vh->nv", hidden, params["embed"], preferred_element_type=jnp.float32)
         return _linear(hidden, params["embed"], out_dtype=jnp.float32, num_rows=num_rows)  # [out=vocab, in]
+
+    def compute_greedy_ids(self, hidden, num_rows=None):
+        """i32[n]: each row's argmax of compute_logits(hidden, num_rows) (the first index on ties).
+        With a Q8_0 lm_head packed for the C++ kernels ("lm_head_greedy", `quantization.pack_linears`)
+        the same ids come from `quantization.greedy_token_ids`, which skips the logits that cannot
+        win; otherwise from the logits."""
+        params = self.weights()
+        if "lm_head_greedy" in params:
+            return greedy_token_ids(hidden, params["lm_head_greedy"], num_rows)
+        return argmax(self.compute_logits(hidden, num_rows))
 
     def forward_dense(self, token_ids):
         """Causal forward without a cache, the oracle for `__call__`.

@@ -82,6 +82,20 @@ class PackedWeight:
         return self.panels.shape[1] * rows_per_entry, self.out_features
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GreedyLmHead:
+    """A Q8_0 lm_head's operands for the C++ kernel that finds greedy tokens without computing
+    every logit (`pallas_kernels.cpu.greedy_lm_head`): `reference.pack_greedy_lm_head`'s values,
+    scale and bound, and the lm_head's own rows (shared with a tied embedding, not copied)."""
+
+    values: jax.Array  # u8[ceil(vocab / 16), hidden / 4, 16, 4]
+    scale: jax.Array  # f32[ceil(vocab / 16), hidden / 32, 16]
+    bound: jax.Array  # f32[ceil(vocab / 16), hidden / 32, 16]
+    rows: jax.Array  # i8[vocab, hidden]
+    row_scale: jax.Array  # f16[vocab, hidden / 32]
+
+
 def check_method(method: str | None, platform: str | None = None) -> None:
     """ValueError saying what works when `method` is unknown or `platform` (a jax platform name;
     None: not checked) cannot run it."""
@@ -135,6 +149,15 @@ def _block_linear(x, weight: QuantizedWeight):
     y = jax.lax.map(lambda w: jnp.einsum("...i,oi->...o", x, dequantize(w, x.dtype), preferred_element_type=jnp.float32),
                     chunks)  # [chunks, ..., rows]
     return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], out)
+
+
+def greedy_token_ids(hidden, weight: GreedyLmHead, num_rows=None):
+    """i32[n]: each row's argmax over `linear(hidden, PackedWeight of the same Q8_0 lm_head)`
+    (the first index on ties), from the C++ kernel that skips the entries that cannot win.
+    hidden f32[n, in]; rows from num_rows (an i32 scalar; None: n) on get 0."""
+    rows = hidden.shape[0] if num_rows is None else num_rows
+    return cpu_kernels.greedy_lm_head(hidden, rows, weight.values, weight.scale, weight.bound, weight.rows,
+                                      weight.row_scale)[0]
 
 
 def embed(table, token_ids, dtype):
@@ -220,7 +243,9 @@ def pack_linears(params: dict, dtype="float32") -> dict:
     QuantizedWeights, which keep their values and scales (the kernel's results are bit-identical
     to those of the dequantized weights). Other leaves (int8 / fp8 weights, norms) are kept. An
     embedding tied to the lm_head stays for the token lookup and gets a packed "lm_head" copy of
-    its transpose (vocab x hidden elements more, or its blocks again)."""
+    its transpose (vocab x hidden elements more, or its blocks again). A Q8_0 lm_head (or tied
+    embedding) in a float32 step also gets "lm_head_greedy" (`GreedyLmHead`, vocab x hidden bytes
+    more) where the CPU runs `pallas_kernels.cpu.greedy_lm_head`."""
     gguf = jnp.dtype(dtype) == jnp.float32
 
     def pack(name, w):
@@ -235,6 +260,11 @@ def pack_linears(params: dict, dtype="float32") -> dict:
     packed = {name: pack(name, w) for name, w in params.items() if name != "layers"}
     packed["layers"] = [{name: pack(name, w) for name, w in layer.items()} for layer in params["layers"]]
     embed = params["embed"]
+    lm_head_rows = params.get("lm_head", embed)  # a QuantizedWeight is [vocab, hidden] either way
+    if (gguf and isinstance(lm_head_rows, QuantizedWeight) and lm_head_rows.format == "q8_0"
+            and cpu_kernels.greedy_lm_head_supported()):
+        packed["lm_head_greedy"] = GreedyLmHead(*_pack_greedy(lm_head_rows.data, lm_head_rows.scale),
+                                                rows=lm_head_rows.data, row_scale=lm_head_rows.scale)
     if "lm_head" not in params:
         lm_head = pack("lm_head", embed if isinstance(embed, QuantizedWeight) else embed.T)  # [hidden, vocab] to x
         if isinstance(lm_head, PackedWeight):
@@ -250,6 +280,7 @@ def _is_packable(w) -> bool:
 
 
 _pack_panels = jax.jit(reference.pack_panels)
+_pack_greedy = jax.jit(reference.pack_greedy_lm_head)
 
 
 @jax.jit

@@ -24,9 +24,13 @@ PACKED_MATMUL_TARGET = "jpaged_packed_matmul"
 PACKED_MATMUL_BF16_TARGET = "jpaged_packed_matmul_bf16"
 PACKED_MATMUL_Q4_TARGET = "jpaged_packed_matmul_q4"
 PACKED_MATMUL_Q8_TARGET = "jpaged_packed_matmul_q8"
+GREEDY_LM_HEAD_TARGET = "jpaged_greedy_lm_head"
 UNINITIALIZED_TARGET = "jpaged_uninitialized"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+_greedy_lm_head_supported = False  # set by _load(): whether this CPU runs greedy_lm_head
 
 
 @functools.cache
@@ -50,6 +54,10 @@ def _load() -> str | None:
                                     platform="cpu")
         jax.ffi.register_ffi_target(PACKED_MATMUL_Q8_TARGET, jax.ffi.pycapsule(library.JpagedPackedMatmulQ8),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(GREEDY_LM_HEAD_TARGET, jax.ffi.pycapsule(library.JpagedGreedyLmHead),
+                                    platform="cpu")
+        global _greedy_lm_head_supported
+        _greedy_lm_head_supported = bool(library.JpagedGreedyLmHeadSupported())
         jax.ffi.register_ffi_target(UNINITIALIZED_TARGET, jax.ffi.pycapsule(library.JpagedUninitialized),
                                     platform="cpu")
     except (build.BuildError, OSError, AttributeError) as e:
@@ -67,6 +75,12 @@ def _require_library(advice: str = "") -> None:
 def is_available() -> bool:
     """Whether the kernels are built (building them now if needed) and registered."""
     return _load() is None
+
+
+def greedy_lm_head_supported() -> bool:
+    """Whether the kernels are available and this CPU runs `greedy_lm_head` (AVX512-VNNI,
+    AVX512-BW and F16C)."""
+    return _load() is None and _greedy_lm_head_supported
 
 
 def load_error() -> str | None:
@@ -232,3 +246,35 @@ def _quantized_matmul(x, values, scale, offset, out, num_rows):
         return jax.ffi.ffi_call(PACKED_MATMUL_Q4_TARGET, out)(x, values, scale.astype(jnp.float32),
                                                               offset.astype(jnp.float32), num_rows)
     return jax.ffi.ffi_call(PACKED_MATMUL_Q8_TARGET, out)(x, values, scale.astype(jnp.float32), num_rows)
+
+
+def greedy_lm_head(hidden, num_rows, values, scale, bound, lm_head, lm_head_scale):
+    """`pallas_kernels.reference.greedy_lm_head` on the CPU: (ids i32[M], logits f32[M]), each
+    row's greedy token over a Q8_0 lm_head (lm_head i8[V, K], lm_head_scale f16[V, K / 32]) and
+    its logit, both those of `packed_matmul` over the same weights' q8 panels, bit for bit.
+    values, scale, bound: `reference.pack_greedy_lm_head(lm_head, lm_head_scale)`. Computes an
+    int8 approximation of every logit with a bound on its error and the exact logit of the
+    few entries that can still win (greedy_lm_head.cc). Needs `greedy_lm_head_supported()`.
+    """
+    m, k = hidden.shape
+    vocab = lm_head.shape[0]
+    tiles = -(-vocab // reference.GREEDY_TILE)
+    blocks = (tiles, k // reference.QUANT_BLOCK, reference.GREEDY_TILE)
+    if (jnp.dtype(hidden.dtype) != jnp.float32 or k % reference.QUANT_BLOCK or lm_head.shape != (vocab, k)
+            or jnp.dtype(lm_head.dtype) != jnp.int8 or lm_head_scale.shape != (vocab, k // reference.QUANT_BLOCK)
+            or jnp.dtype(lm_head_scale.dtype) != jnp.float16
+            or values.shape != (tiles, k // 4, reference.GREEDY_TILE, 4) or jnp.dtype(values.dtype) != jnp.uint8
+            or scale.shape != blocks or bound.shape != blocks):
+        raise ValueError(f"greedy_lm_head needs float32 hidden [M, K] (K a multiple of {reference.QUANT_BLOCK}), "
+                         f"an i8 lm_head [V, K] with f16 scales [V, K / 32] and its pack_greedy_lm_head operands; "
+                         f"got hidden {hidden.dtype}{list(hidden.shape)}, lm_head {lm_head.dtype}"
+                         f"{list(lm_head.shape)}, lm_head_scale {lm_head_scale.dtype}{list(lm_head_scale.shape)}, "
+                         f"values {values.dtype}{list(values.shape)}, scale {list(scale.shape)}, "
+                         f"bound {list(bound.shape)}")
+    if not greedy_lm_head_supported():
+        raise RuntimeError(f"greedy_lm_head needs the CPU kernels ({load_error() or 'built'}) on a CPU with "
+                           "AVX512-VNNI, AVX512-BW and F16C")
+    out = (jax.ShapeDtypeStruct((m,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
+    return jax.ffi.ffi_call(GREEDY_LM_HEAD_TARGET, out)(
+        hidden, jnp.asarray(num_rows, jnp.int32), values, scale.astype(jnp.float32), bound.astype(jnp.float32),
+        lm_head, lm_head_scale)

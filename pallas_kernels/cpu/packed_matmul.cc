@@ -47,10 +47,13 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "ffi_helpers.h"
+#include "packed_matmul.h"
 
 namespace {
 
 using jpaged_cpu::Dims;
+using jpaged_cpu::kChunkK;
+using jpaged_cpu::kQuantBlock;
 using jpaged_cpu::ParallelFor;
 namespace ffi = xla::ffi;
 
@@ -59,13 +62,9 @@ constexpr int64_t kPanel = 48;  // columns per panel: 3 AVX-512 or 6 AVX2 vector
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 constexpr int kBlockRows = 8;  // 8 rows x 3 vectors = 24 accumulators of 32 registers
-constexpr int64_t kChunkK = 256;  // k per chunk: 48 KiB of f32 panel rows (24 of bf16), in L2
 #else
 constexpr int kLanes = 8;
 constexpr int kBlockRows = 4;  // 4 rows x 3 vectors = 12 accumulators of 16 registers
-// 24 KiB of f32 panel rows, so a q4 / q8 chunk's dequantized rows stay in a 32 KiB L1 while the
-// row blocks pass over them (256 made the q4 format 0.7x the f32 one on a Zen 3 with AVX2).
-constexpr int64_t kChunkK = 128;
 #endif
 typedef float vec __attribute__((vector_size(kLanes * 4)));
 typedef uint32_t uvec __attribute__((vector_size(kLanes * 4)));
@@ -76,7 +75,6 @@ constexpr int64_t kSliceCols = kVectors * kLanes;  // 48 with AVX-512, 24 otherw
 constexpr int64_t kPrefetchRows = 32;  // panel rows ahead of the one being read
 constexpr int64_t kRowChunk = 256;  // rows of x per work item
 constexpr int64_t kValuePrefetchBytes = 2304;  // q4 / q8 values ahead of those dequantized
-constexpr int64_t kQuantBlock = 32;  // rows of a GGUF block: one scale (and offset) per column
 // Work items of at most this many rows of x (decode) dequantize q4 / q8 weights in registers,
 // each block of rows anew, instead of once per chunk into cache. Measured on one Zen 5 core, q4
 // gate-sized weights streamed from memory: with AVX-512 1.65x at 4 rows, 1.2x at 8, 1.06x at 16,

@@ -1,0 +1,172 @@
+"""The C++ greedy lm_head (pallas_kernels/cpu/greedy_lm_head.cc) against its oracle: argmax over
+the packed matmul's logits of the same Q8_0 weights, ids and logits bit for bit; and the model
+and runner paths that use it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged.loaders import load_model
+from jpaged.models import llama, quantization
+from pallas_kernels import cpu, reference
+
+pytestmark = pytest.mark.skipif(not cpu.greedy_lm_head_supported(),
+                                reason=f"no greedy lm_head kernel on this CPU (needs AVX512-VNNI): {cpu.load_error()}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+def _q8_lm_head(vocab, k, seed):
+    """values i8[vocab, k] and f16 scales [vocab, k / 32] like a GGUF Q8_0 tensor's (each block's
+    largest |value| 127), with a spread of row norms so that some entries stand out."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((vocab, k)) * rng.uniform(0.2, 2.0, (vocab, 1)) * 0.05
+    blocks = w.reshape(vocab, -1, 32)
+    scale = (np.abs(blocks).max(-1) / 127).astype(np.float16)
+    values = np.clip(np.rint(blocks / scale.astype(np.float64)[..., None]), -127, 127).astype(np.int8)
+    return values.reshape(vocab, k), scale
+
+
+def _hidden(m, k, seed):
+    """f32[m, k] with a few large outlier channels, as final hidden states have."""
+    rng = np.random.default_rng(seed)
+    h = rng.standard_normal((m, k)).astype(np.float32)
+    h[:, rng.choice(k, 3, replace=False)] *= 30
+    return h
+
+
+def _oracle(hidden, values, scale):
+    """(argmax ids, logits) of cpu.packed_matmul over the q8 panels of the same weights."""
+    panels, panel_scale = reference.pack_q8_panels(values.T, scale.astype(np.float32).T)
+    logits = np.asarray(cpu.packed_matmul(jnp.asarray(hidden), panels, values.shape[0], scale=panel_scale))
+    return np.argmax(logits, axis=-1), logits
+
+
+def _greedy(hidden, values, scale, num_rows=None):
+    packed = reference.pack_greedy_lm_head(jnp.asarray(values), jnp.asarray(scale))
+    num_rows = hidden.shape[0] if num_rows is None else num_rows
+    ids, logits = jax.jit(cpu.greedy_lm_head)(jnp.asarray(hidden), num_rows, *packed, jnp.asarray(values),
+                                              jnp.asarray(scale))
+    return np.asarray(ids), np.asarray(logits)
+
+
+@pytest.mark.parametrize("m,vocab,k", [(1, 1000, 128), (5, 777, 64), (17, 2048, 96), (70, 1000, 128)])
+def test_ids_and_logits_are_the_packed_matmul_argmax_bit_for_bit(m, vocab, k):
+    """Every row's id is argmax over the packed matmul's logits (vocab not a multiple of the
+    16-entry tile, more rows than one pass of 64) and its logit that logit bit for bit; the
+    reference, which computes every logit with jnp.dot, picks the same ids."""
+    values, scale = _q8_lm_head(vocab, k, seed=m + vocab)
+    hidden = _hidden(m, k, seed=k)
+    expect_ids, logits = _oracle(hidden, values, scale)
+    ids, best = _greedy(hidden, values, scale)
+    np.testing.assert_array_equal(ids, expect_ids)
+    np.testing.assert_array_equal(best.view(np.int32), logits[np.arange(m), expect_ids].view(np.int32))
+    packed = reference.pack_greedy_lm_head(jnp.asarray(values), jnp.asarray(scale))
+    ref_ids, ref_best = reference.greedy_lm_head(jnp.asarray(hidden), m, *packed, jnp.asarray(values),
+                                                 jnp.asarray(scale))
+    np.testing.assert_array_equal(np.asarray(ref_ids), expect_ids)
+    np.testing.assert_allclose(np.asarray(ref_best), best, rtol=1e-5)
+
+
+def test_many_close_entries_and_ties_resolve_as_argmax_does():
+    """Entries that differ in one value of one block (hundreds of candidates within the bound of
+    each other), and exact duplicates of the winner before and after it: the id is still the
+    packed matmul's argmax, the first of equal logits."""
+    vocab, k = 600, 64
+    values, scale = _q8_lm_head(vocab, k, seed=3)
+    rng = np.random.default_rng(4)
+    base = values[10].copy()
+    for v in range(100, 400):  # near copies of entry 10, each nudged by one step in one place
+        values[v] = base
+        j = rng.integers(k)
+        values[v, j] = np.clip(int(base[j]) + rng.choice([-1, 1]), -127, 127)
+        scale[v] = scale[10]
+    values[[5, 500]] = base  # exact copies: ties with entry 10, one before it
+    scale[[5, 500]] = scale[10]
+    hidden = np.tile(base.astype(np.float32) * 0.01, (4, 1)) + _hidden(4, k, seed=5) * 0.01
+    expect_ids, logits = _oracle(hidden, values, scale)
+    ids, best = _greedy(hidden, values, scale)
+    np.testing.assert_array_equal(ids, expect_ids)
+    np.testing.assert_array_equal(best.view(np.int32), logits[np.arange(4), expect_ids].view(np.int32))
+    exact_copy = _greedy(np.tile(base.astype(np.float32), (1, 1)), values[[10, 5]], scale[[10, 5]])[0]
+    assert exact_copy[0] == 0  # two equal logits: the first index
+
+
+def test_rows_after_num_rows_zero_and_odd_rows_follow_argmax():
+    """Rows from num_rows on get id 0 and logit 0; a zero row (every logit 0) gets id 0, and a
+    row with a NaN the first NaN logit's id, as jnp.argmax gives over the packed matmul's logits."""
+    vocab, k = 300, 64
+    values, scale = _q8_lm_head(vocab, k, seed=7)
+    hidden = _hidden(6, k, seed=8)
+    hidden[1] = 0.0
+    hidden[2, 5] = np.nan
+    hidden[3, 7] = np.inf
+    ids, best = _greedy(hidden, values, scale, num_rows=5)
+    expect_ids, logits = _oracle(hidden[:5], values, scale)
+    np.testing.assert_array_equal(ids[:5], np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+    assert ids[1] == 0 and best[1] == 0.0 and np.isnan(best[2])
+    assert ids[5] == 0 and best[5] == 0.0
+    np.testing.assert_array_equal(ids[[0, 4]], expect_ids[[0, 4]])
+
+
+def test_bad_operands_are_refused():
+    values, scale = _q8_lm_head(64, 64, seed=1)
+    packed = reference.pack_greedy_lm_head(jnp.asarray(values), jnp.asarray(scale))
+    with pytest.raises(ValueError, match="greedy_lm_head needs float32 hidden"):
+        cpu.greedy_lm_head(jnp.zeros((2, 32), jnp.float32), 2, *packed, jnp.asarray(values), jnp.asarray(scale))
+    with pytest.raises(ValueError, match="f16 scales"):
+        cpu.greedy_lm_head(jnp.zeros((2, 64), jnp.float32), 2, *packed, jnp.asarray(values),
+                           jnp.asarray(scale, jnp.float32))
+
+
+def test_model_greedy_ids_use_the_kernel_and_equal_the_logits_argmax(tiny):
+    """pack_linears gives a Q8_0 lm_head in a float32 step its `lm_head_greedy` operands (not in
+    bfloat16, nor for float weights), and the model's compute_greedy_ids over them equals the
+    argmax of its compute_logits, whether the kernel runs or not."""
+    config = tiny.config
+    values, scale = _q8_lm_head(config.vocab_size, config.hidden_size, seed=11)
+    params = {**tiny.params, "embed": quantization.QuantizedWeight(jnp.asarray(values), jnp.asarray(scale), None,
+                                                                  "q8_0")}
+    packed = quantization.pack_linears(params)
+    assert isinstance(packed["lm_head_greedy"], quantization.GreedyLmHead)
+    assert "lm_head_greedy" not in quantization.pack_linears(params, dtype="bfloat16")
+    assert "lm_head_greedy" not in quantization.pack_linears(tiny.params)
+    model = llama.LlamaForCausalLM(config)
+    hidden = jnp.asarray(_hidden(9, config.hidden_size, seed=12))
+
+    def both(params, num_rows):
+        ids = model.apply({"params": params}, hidden, num_rows, method=model.compute_greedy_ids)
+        logits = model.apply({"params": params}, hidden, num_rows, method=model.compute_logits)
+        return ids, jnp.argmax(logits, axis=-1)
+
+    for p in (packed, {k: v for k, v in packed.items() if k != "lm_head_greedy"}):
+        ids, expect = jax.jit(both)(p, jnp.int32(7))
+        np.testing.assert_array_equal(np.asarray(ids)[:7], np.asarray(expect)[:7])
+
+
+def test_engine_rounds_with_the_kernel_sample_what_single_steps_sample(smollm2_path):
+    """The bundled SmolLM2 (Q8_0 embedding tied to the lm_head): multi-step decode rounds, whose
+    all-greedy batches take their ids from the kernel, give the tokens that single steps (every
+    logit, then the sampler's argmax) give, also beside a seeded sampled request, whose tokens
+    are unchanged too."""
+    from jpaged import LLM, SamplingParams
+
+    prompts = [[1, 504, 3458, 282, 4649, 314], [1, 339, 1185, 253, 1690, 30, 1249], [1, 2683, 28]]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True)
+    kwargs = dict(max_model_len=128, max_num_seqs=4, compilation_cache_dir="", seed=0)
+    outputs = {}
+    for steps in (1, 4):
+        llm = LLM(smollm2_path, num_scheduler_steps=steps, **kwargs)
+        assert "lm_head_greedy" in llm.llm_engine.runner.params
+        outputs[steps] = [[o.outputs[0].token_ids for o in llm.generate(
+            [{"prompt_token_ids": p} for p in prompts] * 2 if mixed else [{"prompt_token_ids": p} for p in prompts],
+            [greedy] * 3 + ([greedy, greedy, sampled] if mixed else []), use_tqdm=False)] for mixed in (False, True)]
+        del llm
+    assert outputs[4] == outputs[1]
+    only_greedy, mixed = outputs[4]
+    assert mixed[:5] == only_greedy + only_greedy[:2]
