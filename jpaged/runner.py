@@ -78,7 +78,9 @@ def _decode_steps(params, kv_cache, kv_scales, blob, sampling_blob, *, num_token
 
     blob and sampling_blob describe the first step (one new token per sequence, packed in
     sequence order, no sampler entries); the scheduler has allocated the KV blocks of every
-    position the steps write. Returns (sampled ids i32[num_steps, num_seqs], kv_cache).
+    position the steps write. When every row is greedy and the model has compute_greedy_ids,
+    a step's ids come from it instead of the logits and the sampler (the same ids).
+    Returns (sampled ids i32[num_steps, num_seqs], kv_cache).
     """
     meta = StepMetadata.unpack(blob, num_tokens, num_seqs, pages_per_seq)
     sampling = SamplingMetadata.unpack(sampling_blob, num_seqs, 0)
@@ -490,6 +492,7 @@ class ModelRunner:
         expected, pack = self._param_avals, self._pack_params
         if pack is not None and jax.tree.structure(params) == jax.tree.structure(self.params):
             expected, pack = self._abstract(self.params), None  # e.g. a transformed copy of self.params
+            params = quantization.refresh_greedy_lm_head(params)  # its int8 operands follow its rows
         old = jax.tree.structure(expected)
         new = jax.tree.structure(params)
         if old != new:

@@ -1,8 +1,8 @@
 """Pure-JAX references: the oracle for every kernel and the fallback everywhere.
 
 Paged attention (`ragged_paged_attention`, `write_kv`), the matmul over packed weight panels
-(`pack_panels`, `packed_matmul`), described below in that order, and the greedy token of a
-Q8_0 lm_head (`pack_greedy_lm_head`, `greedy_lm_head`).
+(`pack_panels`, `packed_matmul`), described below in that order, and the greedy token of an
+lm_head (`pack_greedy_lm_head`, `greedy_lm_head`).
 
 KV pool layout, per layer, for K and V alike (chosen so one (block, kv head) tile is contiguous,
 which is what the GPU and CPU kernels read):
@@ -262,36 +262,55 @@ def pack_q8_panels(values, scale):
 GREEDY_TILE = 16  # vocabulary entries side by side in `pack_greedy_lm_head`'s values
 
 
-def pack_greedy_lm_head(values, scale):
-    """The approximate-pass operands of `greedy_lm_head` for a Q8_0 lm_head w [V, K] = values
-    i8[V, K] * scale f32[V, K / 32] (one scale per 32-block of a row), K a multiple of 32:
-    (values u8[T, K / 4, 16, 4] = values + 128 with 16 entries side by side and each entry's 4
-    consecutive k adjacent, scale f32[T, K / 32, 16], bound f32[T, K / 32, 16] = |scale| * sum of
-    the block's |values| / 2), T = ceil(V / 16), padded entries all zero (value 128)."""
-    _check_blocks(values.T, scale.T)
-    vocab, k = values.shape
+def pack_greedy_lm_head(lm_head, lm_head_scale=None):
+    """The approximate-pass operands of `greedy_lm_head` for an lm_head w [V, K] (K a multiple of
+    32): Q8_0 rows, lm_head i8[V, K] times lm_head_scale (f16 or f32 [V, K / 32], one per 32-block
+    of a row), or float32 rows (lm_head_scale None), rounded here to int8 blocks q * d (d = the
+    block's largest |w| / 127). Returns (values u8[T, K / 4, 16, 4] = q + 128 with 16 entries side
+    by side and each entry's 4 consecutive k adjacent, scale f32[T, K / 32, 16] = d, bound
+    f32[T, K / 32, 16] = |d| * sum of the block's |q| / 2, error: None for Q8_0 rows, else
+    f32[T, K / 32, 16], an upper bound on the block's |w - q * d|), T = ceil(V / 16), padded
+    entries all zero (value 128)."""
+    vocab, k = lm_head.shape
+    if k % QUANT_BLOCK or lm_head_scale is not None and lm_head_scale.shape != (vocab, k // QUANT_BLOCK):
+        raise ValueError(f"pack_greedy_lm_head needs lm_head [V, K] with K a multiple of {QUANT_BLOCK} (and "
+                         f"lm_head_scale [V, K / {QUANT_BLOCK}]); got lm_head {lm_head.shape}, lm_head_scale "
+                         f"{None if lm_head_scale is None else lm_head_scale.shape}")
+    if lm_head_scale is None:
+        w = jnp.asarray(lm_head, jnp.float32).reshape(vocab, -1, QUANT_BLOCK)
+        largest = jnp.abs(w).max(-1)
+        scale = largest / 127
+        q = jnp.where(scale[..., None] > 0, jnp.round(w / jnp.where(scale > 0, scale, 1)[..., None]), 0)
+        q = jnp.clip(q, -127, 127).astype(jnp.int32)
+        # The rounding error, made an upper bound for the float32 arithmetic that measured it.
+        error = jnp.abs(w - q * scale[..., None]).max(-1) + largest * 2.0**-20
+        q = q.reshape(vocab, k)
+    else:
+        q = jnp.asarray(lm_head, jnp.int32)
+        scale = jnp.asarray(lm_head_scale, jnp.float32)
+        error = None
+    bound = jnp.abs(scale) * jnp.abs(q).reshape(vocab, -1, QUANT_BLOCK).sum(-1).astype(jnp.float32) / 2
     tiles = -(-vocab // GREEDY_TILE)
     pad = ((0, tiles * GREEDY_TILE - vocab), (0, 0))
-    q = jnp.pad(jnp.asarray(values, jnp.int32), pad)
-    scale = jnp.pad(jnp.asarray(scale, jnp.float32), pad)
-    bound = jnp.abs(scale) * jnp.abs(q).reshape(q.shape[0], -1, QUANT_BLOCK).sum(-1).astype(jnp.float32) / 2
-    biased = (q + 128).astype(jnp.uint8).reshape(tiles, GREEDY_TILE, k // 4, 4).transpose(0, 2, 1, 3)
+    biased = (jnp.pad(q, pad) + 128).astype(jnp.uint8).reshape(tiles, GREEDY_TILE, k // 4, 4).transpose(0, 2, 1, 3)
 
-    def by_tile(a):  # [T * 16, K / 32] -> [T, K / 32, 16]
-        return a.reshape(tiles, GREEDY_TILE, -1).transpose(0, 2, 1)
+    def by_tile(a):  # [V, K / 32] -> [T, K / 32, 16]
+        return jnp.pad(a, pad).reshape(tiles, GREEDY_TILE, -1).transpose(0, 2, 1)
 
-    return biased, by_tile(scale), by_tile(bound)
+    return biased, by_tile(scale), by_tile(bound), None if error is None else by_tile(error)
 
 
-def greedy_lm_head(hidden, num_rows, values, scale, bound, lm_head, lm_head_scale):
-    """Each row's greedy token over a Q8_0 lm_head: (ids i32[M], logits f32[M]), the argmax of
-    hidden f32[M, K] @ w.T (the first index on ties) and its logit, for w [V, K] = lm_head i8[V, K]
-    * lm_head_scale (f16 or f32 [V, K / 32], one per 32-block). values, scale, bound:
-    `pack_greedy_lm_head(lm_head, lm_head_scale)`, which the kernels use to skip entries that
-    cannot win; this reference computes every logit. Rows from num_rows (an int32 scalar) on
-    are zeros."""
-    del values, scale, bound
-    w = lm_head.astype(jnp.float32) * jnp.repeat(lm_head_scale.astype(jnp.float32), QUANT_BLOCK, axis=1)
+def greedy_lm_head(hidden, num_rows, values, scale, bound, error, lm_head, lm_head_scale=None):
+    """Each row's greedy token: (ids i32[M], logits f32[M]), the argmax of hidden f32[M, K] @ w.T
+    (the first index on ties) and its logit, for w [V, K] = lm_head i8[V, K] * lm_head_scale (f16
+    or f32 [V, K / 32], one per 32-block), or lm_head f32[V, K] (lm_head_scale None). values,
+    scale, bound, error: `pack_greedy_lm_head(lm_head, lm_head_scale)`, which the kernels use to
+    skip entries that cannot win; this reference computes every logit. Rows from num_rows (an
+    int32 scalar) on are zeros."""
+    del values, scale, bound, error
+    w = lm_head.astype(jnp.float32)
+    if lm_head_scale is not None:
+        w = w * jnp.repeat(lm_head_scale.astype(jnp.float32), QUANT_BLOCK, axis=1)
     logits = jnp.dot(hidden, w.T, preferred_element_type=jnp.float32)
     ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     best = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]

@@ -39,40 +39,57 @@ def _hidden(m, k, seed):
     return h
 
 
-def _oracle(hidden, values, scale):
-    """(argmax ids, logits) of cpu.packed_matmul over the q8 panels of the same weights."""
-    panels, panel_scale = reference.pack_q8_panels(values.T, scale.astype(np.float32).T)
-    logits = np.asarray(cpu.packed_matmul(jnp.asarray(hidden), panels, values.shape[0], scale=panel_scale))
+def _float_rows(values, scale, seed):
+    """Float32 rows near the Q8_0 ones, off their int8 grid (as a float checkpoint's are)."""
+    w = values.astype(np.float32) * np.repeat(scale.astype(np.float32), 32, axis=1)
+    noise = np.random.default_rng(seed).standard_normal(w.shape).astype(np.float32)
+    return (w + noise * np.abs(w).mean() * 0.3).astype(np.float32)
+
+
+def _oracle(hidden, values, scale=None):
+    """(argmax ids, logits) of cpu.packed_matmul over the q8 panels (or, with scale None, the
+    float32 panels) of the same weights."""
+    if scale is None:
+        panels, kwargs = reference.pack_panels(jnp.asarray(values).T), {}
+    else:
+        panels, panel_scale = reference.pack_q8_panels(values.T, scale.astype(np.float32).T)
+        kwargs = dict(scale=panel_scale)
+    logits = np.asarray(cpu.packed_matmul(jnp.asarray(hidden), panels, values.shape[0], **kwargs))
     return np.argmax(logits, axis=-1), logits
 
 
-def _greedy(hidden, values, scale, num_rows=None):
-    packed = reference.pack_greedy_lm_head(jnp.asarray(values), jnp.asarray(scale))
+def _greedy(hidden, values, scale=None, num_rows=None):
+    """The kernel over Q8_0 rows (values, scale) or float32 rows (values, scale None)."""
+    rows = (jnp.asarray(values),) + (() if scale is None else (jnp.asarray(scale),))
+    packed = reference.pack_greedy_lm_head(*rows)
     num_rows = hidden.shape[0] if num_rows is None else num_rows
-    ids, logits = jax.jit(cpu.greedy_lm_head)(jnp.asarray(hidden), num_rows, *packed, jnp.asarray(values),
-                                              jnp.asarray(scale))
+    ids, logits = jax.jit(cpu.greedy_lm_head)(jnp.asarray(hidden), num_rows, *packed, *rows)
     return np.asarray(ids), np.asarray(logits)
 
 
+@pytest.mark.parametrize("rows", ["q8_0", "float32"])
 @pytest.mark.parametrize("m,vocab,k", [(1, 1000, 128), (5, 777, 64), (17, 2048, 96), (70, 1000, 128)])
-def test_ids_and_logits_are_the_packed_matmul_argmax_bit_for_bit(m, vocab, k):
+def test_ids_and_logits_are_the_packed_matmul_argmax_bit_for_bit(m, vocab, k, rows):
     """Every row's id is argmax over the packed matmul's logits (vocab not a multiple of the
-    16-entry tile, more rows than one pass of 64) and its logit that logit bit for bit; the
-    reference, which computes every logit with jnp.dot, picks the same ids."""
+    16-entry tile, more rows than one pass of 64; Q8_0 rows and float32 rows off the int8 grid)
+    and its logit that logit bit for bit; the reference, which computes every logit with
+    jnp.dot, picks the same ids."""
     values, scale = _q8_lm_head(vocab, k, seed=m + vocab)
+    weights = (values, scale) if rows == "q8_0" else (_float_rows(values, scale, seed=m), None)
     hidden = _hidden(m, k, seed=k)
-    expect_ids, logits = _oracle(hidden, values, scale)
-    ids, best = _greedy(hidden, values, scale)
+    expect_ids, logits = _oracle(hidden, *weights)
+    ids, best = _greedy(hidden, *weights)
     np.testing.assert_array_equal(ids, expect_ids)
     np.testing.assert_array_equal(best.view(np.int32), logits[np.arange(m), expect_ids].view(np.int32))
-    packed = reference.pack_greedy_lm_head(jnp.asarray(values), jnp.asarray(scale))
-    ref_ids, ref_best = reference.greedy_lm_head(jnp.asarray(hidden), m, *packed, jnp.asarray(values),
-                                                 jnp.asarray(scale))
+    operands = [jnp.asarray(w) for w in weights if w is not None]
+    ref_ids, ref_best = reference.greedy_lm_head(jnp.asarray(hidden), m, *reference.pack_greedy_lm_head(*operands),
+                                                 *operands)
     np.testing.assert_array_equal(np.asarray(ref_ids), expect_ids)
     np.testing.assert_allclose(np.asarray(ref_best), best, rtol=1e-5)
 
 
-def test_many_close_entries_and_ties_resolve_as_argmax_does():
+@pytest.mark.parametrize("rows", ["q8_0", "float32"])
+def test_many_close_entries_and_ties_resolve_as_argmax_does(rows):
     """Entries that differ in one value of one block (hundreds of candidates within the bound of
     each other), and exact duplicates of the winner before and after it: the id is still the
     packed matmul's argmax, the first of equal logits."""
@@ -88,11 +105,13 @@ def test_many_close_entries_and_ties_resolve_as_argmax_does():
     values[[5, 500]] = base  # exact copies: ties with entry 10, one before it
     scale[[5, 500]] = scale[10]
     hidden = np.tile(base.astype(np.float32) * 0.01, (4, 1)) + _hidden(4, k, seed=5) * 0.01
-    expect_ids, logits = _oracle(hidden, values, scale)
-    ids, best = _greedy(hidden, values, scale)
+    weights = (values, scale) if rows == "q8_0" else (values * np.float32(0.01), None)  # float rows on the grid
+    expect_ids, logits = _oracle(hidden, *weights)
+    ids, best = _greedy(hidden, *weights)
     np.testing.assert_array_equal(ids, expect_ids)
     np.testing.assert_array_equal(best.view(np.int32), logits[np.arange(4), expect_ids].view(np.int32))
-    exact_copy = _greedy(np.tile(base.astype(np.float32), (1, 1)), values[[10, 5]], scale[[10, 5]])[0]
+    exact_copy = _greedy(np.tile(base.astype(np.float32), (1, 1)), weights[0][[10, 5]],
+                         None if scale is None or rows != "q8_0" else scale[[10, 5]])[0]
     assert exact_copy[0] == 0  # two equal logits: the first index
 
 
@@ -121,12 +140,17 @@ def test_bad_operands_are_refused():
     with pytest.raises(ValueError, match="f16 scales"):
         cpu.greedy_lm_head(jnp.zeros((2, 64), jnp.float32), 2, *packed, jnp.asarray(values),
                            jnp.asarray(scale, jnp.float32))
+    with pytest.raises(ValueError, match=r"error None for i8 rows\); got .* error None"):  # float rows need it
+        cpu.greedy_lm_head(jnp.zeros((2, 64), jnp.float32), 2, *packed, jnp.zeros((64, 64), jnp.float32))
+    with pytest.raises(ValueError, match="pack_greedy_lm_head needs lm_head"):
+        reference.pack_greedy_lm_head(jnp.zeros((64, 40), jnp.float32))
 
 
 def test_model_greedy_ids_use_the_kernel_and_equal_the_logits_argmax(tiny):
-    """pack_linears gives a Q8_0 lm_head in a float32 step its `lm_head_greedy` operands (not in
-    bfloat16, nor for float weights), and the model's compute_greedy_ids over them equals the
-    argmax of its compute_logits, whether the kernel runs or not."""
+    """pack_linears gives a Q8_0 lm_head or a tied float32 embedding in a float32 step its
+    `lm_head_greedy` operands (not in bfloat16, nor for an untied float lm_head), and the model's
+    compute_greedy_ids over them equals the argmax of its compute_logits, whether the kernel
+    runs or not."""
     config = tiny.config
     values, scale = _q8_lm_head(config.vocab_size, config.hidden_size, seed=11)
     params = {**tiny.params, "embed": quantization.QuantizedWeight(jnp.asarray(values), jnp.asarray(scale), None,
@@ -134,7 +158,10 @@ def test_model_greedy_ids_use_the_kernel_and_equal_the_logits_argmax(tiny):
     packed = quantization.pack_linears(params)
     assert isinstance(packed["lm_head_greedy"], quantization.GreedyLmHead)
     assert "lm_head_greedy" not in quantization.pack_linears(params, dtype="bfloat16")
-    assert "lm_head_greedy" not in quantization.pack_linears(tiny.params)
+    tied_float = quantization.pack_linears(tiny.params)  # the tiny model's tied float32 embedding
+    assert tied_float["lm_head_greedy"].row_scale is None
+    untied = {**tiny.params, "lm_head": jnp.asarray(tiny.params["embed"]).T}  # [hidden, vocab]: not rows
+    assert "lm_head_greedy" not in quantization.pack_linears(untied)
     model = llama.LlamaForCausalLM(config)
     hidden = jnp.asarray(_hidden(9, config.hidden_size, seed=12))
 
@@ -143,7 +170,7 @@ def test_model_greedy_ids_use_the_kernel_and_equal_the_logits_argmax(tiny):
         logits = model.apply({"params": params}, hidden, num_rows, method=model.compute_logits)
         return ids, jnp.argmax(logits, axis=-1)
 
-    for p in (packed, {k: v for k, v in packed.items() if k != "lm_head_greedy"}):
+    for p in (packed, tied_float, {k: v for k, v in packed.items() if k != "lm_head_greedy"}):
         ids, expect = jax.jit(both)(p, jnp.int32(7))
         np.testing.assert_array_equal(np.asarray(ids)[:7], np.asarray(expect)[:7])
 
@@ -170,3 +197,15 @@ def test_engine_rounds_with_the_kernel_sample_what_single_steps_sample(smollm2_p
     assert outputs[4] == outputs[1]
     only_greedy, mixed = outputs[4]
     assert mixed[:5] == only_greedy + only_greedy[:2]
+
+
+def test_refresh_packs_the_greedy_operands_again_from_their_rows(tiny):
+    """A transformed copy of packed params (what update_weights accepts) gets int8 operands that
+    follow its rows, not the transformed old ones."""
+    packed = quantization.pack_linears(tiny.params)
+    doubled = jax.tree.map(lambda x: x * 2, packed)  # the u8 values wrap around: stale
+    refreshed = quantization.refresh_greedy_lm_head(doubled)["lm_head_greedy"]
+    expect = quantization.pack_linears({**tiny.params, "embed": tiny.params["embed"] * 2})["lm_head_greedy"]
+    for got, want in zip(jax.tree.leaves(refreshed), jax.tree.leaves(expect)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert quantization.refresh_greedy_lm_head(tiny.params) is tiny.params

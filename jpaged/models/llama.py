@@ -201,12 +201,15 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_greedy_ids(self, hidden, num_rows=None):
         """i32[n]: each row's argmax of compute_logits(hidden, num_rows) (the first index on ties).
-        With a Q8_0 lm_head packed for the C++ kernels ("lm_head_greedy", `quantization.pack_linears`)
-        the same ids come from `quantization.greedy_token_ids`, which skips the logits that cannot
-        win; otherwise from the logits."""
+        Where the lm_head has its C++ kernel operands ("lm_head_greedy", `quantization.pack_linears`)
+        and compute_logits reads the packed lm_head, the same ids come from
+        `quantization.greedy_token_ids`, which skips the logits that cannot win; otherwise from
+        the logits."""
         params = self.weights()
-        if "lm_head_greedy" in params:
-            return greedy_token_ids(hidden, params["lm_head_greedy"], num_rows)
+        greedy = params.get("lm_head_greedy")
+        # A tied float embedding's packed copy, the kernel's order of sums, serves up to its row limit.
+        if greedy is not None and (greedy.row_scale is not None or hidden.shape[0] <= PACKED_LM_HEAD_MAX_ROWS):
+            return greedy_token_ids(hidden, greedy, num_rows)
         return argmax(self.compute_logits(hidden, num_rows))
 
     def forward_dense(self, token_ids):

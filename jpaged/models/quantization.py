@@ -85,15 +85,16 @@ class PackedWeight:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GreedyLmHead:
-    """A Q8_0 lm_head's operands for the C++ kernel that finds greedy tokens without computing
-    every logit (`pallas_kernels.cpu.greedy_lm_head`): `reference.pack_greedy_lm_head`'s values,
-    scale and bound, and the lm_head's own rows (shared with a tied embedding, not copied)."""
+    """A Q8_0 or float32 lm_head's operands for the C++ kernel that finds greedy tokens without
+    computing every logit (`pallas_kernels.cpu.greedy_lm_head`): `reference.pack_greedy_lm_head`'s
+    values, scale and bound, and the lm_head's own rows (the tied embedding's, not copied)."""
 
     values: jax.Array  # u8[ceil(vocab / 16), hidden / 4, 16, 4]
     scale: jax.Array  # f32[ceil(vocab / 16), hidden / 32, 16]
     bound: jax.Array  # f32[ceil(vocab / 16), hidden / 32, 16]
-    rows: jax.Array  # i8[vocab, hidden]
-    row_scale: jax.Array  # f16[vocab, hidden / 32]
+    error: jax.Array | None  # f32[ceil(vocab / 16), hidden / 32, 16] for float32 rows, else None
+    rows: jax.Array  # i8[vocab, hidden] (Q8_0) or f32[vocab, hidden]
+    row_scale: jax.Array | None  # f16[vocab, hidden / 32] (Q8_0), else None
 
 
 def check_method(method: str | None, platform: str | None = None) -> None:
@@ -152,12 +153,12 @@ def _block_linear(x, weight: QuantizedWeight):
 
 
 def greedy_token_ids(hidden, weight: GreedyLmHead, num_rows=None):
-    """i32[n]: each row's argmax over `linear(hidden, PackedWeight of the same Q8_0 lm_head)`
-    (the first index on ties), from the C++ kernel that skips the entries that cannot win.
+    """i32[n]: each row's argmax over `linear(hidden, PackedWeight of the same lm_head)` (the
+    first index on ties), from the C++ kernel that skips the entries that cannot win.
     hidden f32[n, in]; rows from num_rows (an i32 scalar; None: n) on get 0."""
     rows = hidden.shape[0] if num_rows is None else num_rows
-    return cpu_kernels.greedy_lm_head(hidden, rows, weight.values, weight.scale, weight.bound, weight.rows,
-                                      weight.row_scale)[0]
+    return cpu_kernels.greedy_lm_head(hidden, rows, weight.values, weight.scale, weight.bound, weight.error,
+                                      weight.rows, weight.row_scale)[0]
 
 
 def embed(table, token_ids, dtype):
@@ -243,9 +244,9 @@ def pack_linears(params: dict, dtype="float32") -> dict:
     QuantizedWeights, which keep their values and scales (the kernel's results are bit-identical
     to those of the dequantized weights). Other leaves (int8 / fp8 weights, norms) are kept. An
     embedding tied to the lm_head stays for the token lookup and gets a packed "lm_head" copy of
-    its transpose (vocab x hidden elements more, or its blocks again). A Q8_0 lm_head (or tied
-    embedding) in a float32 step also gets "lm_head_greedy" (`GreedyLmHead`, vocab x hidden bytes
-    more) where the CPU runs `pallas_kernels.cpu.greedy_lm_head`."""
+    its transpose (vocab x hidden elements more, or its blocks again). In a float32 step, a Q8_0
+    lm_head or a tied float32 embedding also gets "lm_head_greedy" (`GreedyLmHead`, vocab x hidden
+    bytes more) where the CPU runs `pallas_kernels.cpu.greedy_lm_head`."""
     gguf = jnp.dtype(dtype) == jnp.float32
 
     def pack(name, w):
@@ -260,16 +261,41 @@ def pack_linears(params: dict, dtype="float32") -> dict:
     packed = {name: pack(name, w) for name, w in params.items() if name != "layers"}
     packed["layers"] = [{name: pack(name, w) for name, w in layer.items()} for layer in params["layers"]]
     embed = params["embed"]
-    lm_head_rows = params.get("lm_head", embed)  # a QuantizedWeight is [vocab, hidden] either way
-    if (gguf and isinstance(lm_head_rows, QuantizedWeight) and lm_head_rows.format == "q8_0"
-            and cpu_kernels.greedy_lm_head_supported()):
-        packed["lm_head_greedy"] = GreedyLmHead(*_pack_greedy(lm_head_rows.data, lm_head_rows.scale),
-                                                rows=lm_head_rows.data, row_scale=lm_head_rows.scale)
+    if gguf and cpu_kernels.greedy_lm_head_supported():
+        greedy = _greedy_lm_head(params)
+        if greedy is not None:
+            packed["lm_head_greedy"] = greedy
     if "lm_head" not in params:
         lm_head = pack("lm_head", embed if isinstance(embed, QuantizedWeight) else embed.T)  # [hidden, vocab] to x
         if isinstance(lm_head, PackedWeight):
             packed["lm_head"] = lm_head
     return packed
+
+
+def _greedy_lm_head(params: dict) -> GreedyLmHead | None:
+    """The GreedyLmHead of the params' lm_head when its rows are entries: a Q8_0 QuantizedWeight
+    ([vocab, hidden], tied or not) or a tied float32 embedding; None for anything else (an untied
+    float lm_head is [hidden, vocab], and its rows would be a copy)."""
+    lm_head = params.get("lm_head", params["embed"])
+    if isinstance(lm_head, QuantizedWeight):
+        if lm_head.format != "q8_0":
+            return None
+        return GreedyLmHead(*_pack_greedy(lm_head.data, lm_head.scale), rows=lm_head.data, row_scale=lm_head.scale)
+    if "lm_head" in params or lm_head.dtype != jnp.float32 or lm_head.shape[1] % GGUF_BLOCK:
+        return None
+    return GreedyLmHead(*_pack_greedy(lm_head), rows=lm_head, row_scale=None)
+
+
+def refresh_greedy_lm_head(params: dict) -> dict:
+    """The params with "lm_head_greedy" (if any) packed again from its own rows: for a
+    transformed copy of packed params, whose derived int8 operands a transformation would not
+    keep consistent with the rows."""
+    greedy = params.get("lm_head_greedy")
+    if greedy is None:
+        return params
+    rows = (greedy.rows,) if greedy.row_scale is None else (greedy.rows, greedy.row_scale)
+    return {**params, "lm_head_greedy": GreedyLmHead(*_pack_greedy(*rows), rows=greedy.rows,
+                                                     row_scale=greedy.row_scale)}
 
 
 def _is_packable(w) -> bool:

@@ -1,9 +1,10 @@
-"""C++ kernels for CPUs, registered with XLA through `jax.ffi`: paged attention and a matmul
-over packed weight panels.
+"""C++ kernels for CPUs, registered with XLA through `jax.ffi`: paged attention, a matmul
+over packed weight panels, and the greedy token of an lm_head.
 
 `ragged_paged_attention` has the signature and results of
 `pallas_kernels.reference.ragged_paged_attention` and works inside `jit` (also with a donated KV
-pool); `packed_matmul` those of `pallas_kernels.reference.packed_matmul`. The library is built
+pool); `packed_matmul` those of `pallas_kernels.reference.packed_matmul`; `greedy_lm_head`
+those of `pallas_kernels.reference.greedy_lm_head` (where `greedy_lm_head_supported()`). The library is built
 on first use when no build for these sources, jaxlib, compiler and CPU exists yet (see
 `build.py`); when that fails `is_available()` is False and `load_error()`
 says why, so callers can fall back to the reference.
@@ -24,7 +25,8 @@ PACKED_MATMUL_TARGET = "jpaged_packed_matmul"
 PACKED_MATMUL_BF16_TARGET = "jpaged_packed_matmul_bf16"
 PACKED_MATMUL_Q4_TARGET = "jpaged_packed_matmul_q4"
 PACKED_MATMUL_Q8_TARGET = "jpaged_packed_matmul_q8"
-GREEDY_LM_HEAD_TARGET = "jpaged_greedy_lm_head"
+GREEDY_LM_HEAD_Q8_TARGET = "jpaged_greedy_lm_head_q8"
+GREEDY_LM_HEAD_F32_TARGET = "jpaged_greedy_lm_head_f32"
 UNINITIALIZED_TARGET = "jpaged_uninitialized"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
@@ -54,7 +56,9 @@ def _load() -> str | None:
                                     platform="cpu")
         jax.ffi.register_ffi_target(PACKED_MATMUL_Q8_TARGET, jax.ffi.pycapsule(library.JpagedPackedMatmulQ8),
                                     platform="cpu")
-        jax.ffi.register_ffi_target(GREEDY_LM_HEAD_TARGET, jax.ffi.pycapsule(library.JpagedGreedyLmHead),
+        jax.ffi.register_ffi_target(GREEDY_LM_HEAD_Q8_TARGET, jax.ffi.pycapsule(library.JpagedGreedyLmHeadQ8),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(GREEDY_LM_HEAD_F32_TARGET, jax.ffi.pycapsule(library.JpagedGreedyLmHeadF32),
                                     platform="cpu")
         global _greedy_lm_head_supported
         _greedy_lm_head_supported = bool(library.JpagedGreedyLmHeadSupported())
@@ -248,33 +252,40 @@ def _quantized_matmul(x, values, scale, offset, out, num_rows):
     return jax.ffi.ffi_call(PACKED_MATMUL_Q8_TARGET, out)(x, values, scale.astype(jnp.float32), num_rows)
 
 
-def greedy_lm_head(hidden, num_rows, values, scale, bound, lm_head, lm_head_scale):
+def greedy_lm_head(hidden, num_rows, values, scale, bound, error, lm_head, lm_head_scale=None):
     """`pallas_kernels.reference.greedy_lm_head` on the CPU: (ids i32[M], logits f32[M]), each
-    row's greedy token over a Q8_0 lm_head (lm_head i8[V, K], lm_head_scale f16[V, K / 32]) and
-    its logit, both those of `packed_matmul` over the same weights' q8 panels, bit for bit.
-    values, scale, bound: `reference.pack_greedy_lm_head(lm_head, lm_head_scale)`. Computes an
-    int8 approximation of every logit with a bound on its error and the exact logit of the
-    few entries that can still win (greedy_lm_head.cc). Needs `greedy_lm_head_supported()`.
+    row's greedy token over an lm_head of Q8_0 rows (lm_head i8[V, K], lm_head_scale f16[V, K /
+    32]) or float32 rows (lm_head f32[V, K], lm_head_scale None), and its logit, both those of
+    `packed_matmul` over the same weights' q8 / float32 panels, bit for bit. values, scale,
+    bound, error (None for Q8_0 rows): `reference.pack_greedy_lm_head(lm_head, lm_head_scale)`. Computes an int8
+    approximation of every logit with a bound on its error and the exact logit of the few
+    entries that can still win (greedy_lm_head.cc). Needs `greedy_lm_head_supported()`.
     """
     m, k = hidden.shape
     vocab = lm_head.shape[0]
     tiles = -(-vocab // reference.GREEDY_TILE)
     blocks = (tiles, k // reference.QUANT_BLOCK, reference.GREEDY_TILE)
+    q8 = lm_head_scale is not None
+    error_ok = error is None if q8 else error is not None and error.shape == blocks
+    rows_ok = error_ok and ((jnp.dtype(lm_head.dtype) == jnp.int8 and jnp.dtype(lm_head_scale.dtype) == jnp.float16
+                             and lm_head_scale.shape == (vocab, k // reference.QUANT_BLOCK))
+                            if q8 else jnp.dtype(lm_head.dtype) == jnp.float32)
     if (jnp.dtype(hidden.dtype) != jnp.float32 or k % reference.QUANT_BLOCK or lm_head.shape != (vocab, k)
-            or jnp.dtype(lm_head.dtype) != jnp.int8 or lm_head_scale.shape != (vocab, k // reference.QUANT_BLOCK)
-            or jnp.dtype(lm_head_scale.dtype) != jnp.float16
-            or values.shape != (tiles, k // 4, reference.GREEDY_TILE, 4) or jnp.dtype(values.dtype) != jnp.uint8
-            or scale.shape != blocks or bound.shape != blocks):
+            or not rows_ok or values.shape != (tiles, k // 4, reference.GREEDY_TILE, 4)
+            or jnp.dtype(values.dtype) != jnp.uint8 or scale.shape != blocks or bound.shape != blocks):
         raise ValueError(f"greedy_lm_head needs float32 hidden [M, K] (K a multiple of {reference.QUANT_BLOCK}), "
-                         f"an i8 lm_head [V, K] with f16 scales [V, K / 32] and its pack_greedy_lm_head operands; "
-                         f"got hidden {hidden.dtype}{list(hidden.shape)}, lm_head {lm_head.dtype}"
-                         f"{list(lm_head.shape)}, lm_head_scale {lm_head_scale.dtype}{list(lm_head_scale.shape)}, "
+                         f"an lm_head of i8 rows [V, K] with f16 scales [V, K / 32] or of f32 rows [V, K], and its "
+                         f"pack_greedy_lm_head operands (error None for i8 rows); got hidden {hidden.dtype}{list(hidden.shape)}, lm_head "
+                         f"{lm_head.dtype}{list(lm_head.shape)}, lm_head_scale "
+                         f"{None if not q8 else f'{lm_head_scale.dtype}{list(lm_head_scale.shape)}'}, "
                          f"values {values.dtype}{list(values.shape)}, scale {list(scale.shape)}, "
-                         f"bound {list(bound.shape)}")
+                         f"bound {list(bound.shape)}, error {None if error is None else list(error.shape)}")
     if not greedy_lm_head_supported():
         raise RuntimeError(f"greedy_lm_head needs the CPU kernels ({load_error() or 'built'}) on a CPU with "
                            "AVX512-VNNI, AVX512-BW and F16C")
     out = (jax.ShapeDtypeStruct((m,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
-    return jax.ffi.ffi_call(GREEDY_LM_HEAD_TARGET, out)(
-        hidden, jnp.asarray(num_rows, jnp.int32), values, scale.astype(jnp.float32), bound.astype(jnp.float32),
-        lm_head, lm_head_scale)
+    operands = (hidden, jnp.asarray(num_rows, jnp.int32), values, scale.astype(jnp.float32),
+                bound.astype(jnp.float32))
+    if q8:
+        return jax.ffi.ffi_call(GREEDY_LM_HEAD_Q8_TARGET, out)(*operands, lm_head, lm_head_scale)
+    return jax.ffi.ffi_call(GREEDY_LM_HEAD_F32_TARGET, out)(*operands, error.astype(jnp.float32), lm_head)

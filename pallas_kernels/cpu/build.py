@@ -1,7 +1,7 @@
 """Builds the C++ CPU kernels into one shared library: `python -m pallas_kernels.cpu.build`.
 
 The library holds the paged attention (ragged_paged_attention.cc), the packed-weight matmul
-(packed_matmul.cc), the greedy token of a Q8_0 lm_head (greedy_lm_head.cc) and an allocation
+(packed_matmul.cc), the greedy token of an lm_head (greedy_lm_head.cc) and an allocation
 nothing writes (uninitialized.cc). Its file name carries a key hashed from the sources, the jaxlib version,
 the compiler and its flags and the host CPU (the flags include -march=native), so a stale build
 is never loaded. It goes next to the source when that directory is writable (an editable install), else

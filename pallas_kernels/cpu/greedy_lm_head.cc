@@ -1,36 +1,40 @@
-// The greedy token of each row, argmax_v (hidden @ w)[v], for a Q8_0 lm_head w [V, K], without
-// computing every logit in float32; registered with XLA as a typed FFI handler.
+// The greedy token of each row, argmax_v (hidden @ w.T)[v], for an lm_head w [V, K] of Q8_0 or
+// float32 rows, without computing every logit in float32; registered with XLA as typed FFI
+// handlers.
 //
 // Same contract as pallas_kernels/reference.py's greedy_lm_head: the id and the logit are those
-// of the packed matmul (packed_matmul.cc, q8 panels of the same w), bit for bit, so a greedy
-// token is the one that argmax over the packed matmul's logits picks (the first on ties).
+// of the packed matmul (packed_matmul.cc, q8 or float32 panels of the same w), bit for bit, so a
+// greedy token is the one that argmax over the packed matmul's logits picks (the first on ties).
 //
 // 1. Each row of hidden is quantized per 32-block b to int8: h ~ s_b * hq (|hq| <= 127,
 //    s_b = max |h| / 127), so |h_k - s_b hq_k| <= s_b / 2.
-// 2. For every vocabulary entry v, with AVX512-VNNI's u8 x s8 dot products (4 products per
-//    32-bit lane, 4x the multiply-adds of a float32 FMA), the approximate logit
-//        A_v = sum_b s_b d_vb sum_{k in b} hq_k q_vk
-//    and the bound on its error  B_v = sum_b s_b * bound_vb,  bound_vb = d_vb sum |q_vk| / 2.
-//    The packed matmul's float32 logit F_v differs from the exact dot product by far less than
-//    B_v / 100 (K * 2^-24 * sum |h_k w_vk| <= 577 * 2^-24 * 254 B_v), so with B'_v = 1.02 B_v
-//    every v with A_v + B'_v < max_u (A_u - B'_u) has F_v < F_u of that u: it cannot win.
+// 2. w is kept as int8 blocks too, w ~ d_vb * q_vk (a Q8_0 lm_head is exactly that; float32 rows
+//    are rounded per block, |w - d q| <= e_vb). For every entry v, AVX512-VNNI's u8 x s8 dot
+//    products (4 per 32-bit lane, 4x the multiply-adds of a float32 FMA) give the approximate
+//    logit  A_v = sum_b s_b d_vb sum_{k in b} hq_k q_vk  and the bound on its error
+//    B_v = sum_b (s_b * bound_vb + l1_b * e_vb),  bound_vb = |d_vb| sum |q_vk| / 2,  l1_b =
+//    sum_{k in b} |h_k| (the second term for float32 rows only). The packed matmul's float32
+//    logit F_v differs from the exact dot product by less than B_v / 100 (K * 2^-24 *
+//    sum |h_k w_vk| <= 577 * 2^-24 * 254 B_v), so with B'_v = 1.02 B_v every v with
+//    A_v + B'_v < max_u (A_u - B'_u) has F_v < F_u of that u: it cannot win.
 // 3. The few candidates left (about 4-60 of 49,152 for SmolLM2's hidden states) get their logit
-//    recomputed in the packed matmul's order (K in kChunkK chunks, each summed by FMAs from
-//    zero, the chunks added in order), and the largest wins.
+//    recomputed from the lm_head's own rows in the packed matmul's order (K in kChunkK chunks,
+//    each summed by FMAs from zero, the chunks added in order), and the largest wins.
 // A row with a non-finite value keeps every entry as a candidate (the first NaN wins, as in
 // jnp.argmax).
 //
-// Layout (`reference.pack_greedy_lm_head`): the weights of 16 entries side by side for VNNI,
-// values u8[T, K / 4, 16, 4] = q + 128 (T = ceil(V / 16)), scale and bound f32[T, K / 32, 16];
-// and the lm_head's own rows, i8[V, K] with f16 scales [V, K / 32], for the recomputation.
-// Needs AVX512-VNNI (and F16C); elsewhere the handler returns an error and
-// JpagedGreedyLmHeadSupported() is 0.
+// Layout (`reference.pack_greedy_lm_head`): the int8 blocks of 16 entries side by side for VNNI,
+// values u8[T, K / 4, 16, 4] = q + 128 (T = ceil(V / 16)), scale d, bound and (float32 rows) e
+// f32[T, K / 32, 16]; and the lm_head's rows for the recomputation: i8[V, K] with f16 scales
+// [V, K / 32] (JpagedGreedyLmHeadQ8), or f32[V, K] (JpagedGreedyLmHeadF32). Needs AVX512-VNNI, AVX512-BW
+// and F16C; elsewhere the handlers return an error and JpagedGreedyLmHeadSupported() is 0.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
@@ -63,6 +67,7 @@ struct QuantizedRows {
   std::vector<int8_t> values;      // [rows, K]
   std::vector<float> scale;        // [rows, K / 32]: s_b
   std::vector<int32_t> offset;     // [rows, K / 32]: -128 * sum_b hq, undoing the weights' +128
+  std::vector<float> l1;           // [rows, K / 32]: sum_b |h|, rounded up
   std::vector<uint8_t> finite;     // [rows]
 };
 
@@ -71,6 +76,7 @@ void QuantizeRows(const float* hidden, int64_t K, int64_t rows, QuantizedRows& q
   q.values.assign(rows * K, 0);
   q.scale.assign(rows * blocks, 0.0f);
   q.offset.assign(rows * blocks, 0);
+  q.l1.assign(rows * blocks, 0.0f);
   q.finite.assign(rows, 1);
   for (int64_t r = 0; r < rows; ++r) {
     const float* h = hidden + r * K;
@@ -92,8 +98,11 @@ void QuantizeRows(const float* hidden, int64_t K, int64_t rows, QuantizedRows& q
         q.values[r * K + k] = static_cast<int8_t>(v);
         sum += v;
       }
+      float l1 = 0.0f;
+      for (int64_t k = b * kQuantBlock; k < (b + 1) * kQuantBlock; ++k) l1 += std::fabs(h[k]);
       q.scale[r * blocks + b] = s;
       q.offset[r * blocks + b] = -128 * sum;
+      q.l1[r * blocks + b] = l1 * (1.0f + 0x1p-16f);  // 32 roundings of at most 2^-24 each
     }
   }
 }
@@ -109,9 +118,10 @@ struct ItemCandidates {
 
 // Rows r0 .. r0 + ROWS over one tile (entries v0 .. v0 + 16, the first `valid` of them real):
 // A and B' of each, and the ones that may win appended to `c`.
-template <int ROWS>
-inline void TileCandidates(const uint8_t* values, const float* scale, const float* bound, int64_t K,
-                           const QuantizedRows& q, int64_t r0, int64_t v0, int64_t valid, ItemCandidates& c) {
+template <int ROWS, bool kError>
+inline void TileCandidates(const uint8_t* values, const float* scale, const float* bound, const float* error,
+                           int64_t K, const QuantizedRows& q, int64_t r0, int64_t v0, int64_t valid,
+                           ItemCandidates& c) {
   const int64_t blocks = K / kQuantBlock;
   __m512 approx[ROWS], bounds[ROWS];
 #pragma GCC unroll 8
@@ -137,6 +147,10 @@ inline void TileCandidates(const uint8_t* values, const float* scale, const floa
       const __m512 s = _mm512_set1_ps(q.scale[(r0 + r) * blocks + b]);
       approx[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), s), d, approx[r]);
       bounds[r] = _mm512_fmadd_ps(s, bd, bounds[r]);
+      if constexpr (kError) {
+        bounds[r] = _mm512_fmadd_ps(_mm512_set1_ps(q.l1[(r0 + r) * blocks + b]), _mm512_loadu_ps(error + b * kTile),
+                                    bounds[r]);
+      }
     }
   }
   const __mmask16 lanes = valid >= kTile ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
@@ -169,16 +183,30 @@ inline void ForRowBlocks(int64_t rows, const F& fn, int64_t r = 0) {
   }
 }
 
-// The packed matmul's float32 logit of entry v: its q8 row dequantized (value * scale, exact),
-// K cut into kChunkK chunks, each summed by FMAs from zero, the chunk sums added in order.
-inline float ExactLogit(const float* h, const int8_t* row, const uint16_t* row_scale, int64_t K) {
+// The lm_head's rows, for the exact logits: Q8_0 (value * f16 scale, exact in float32) or float32.
+struct Q8Rows {
+  const int8_t* values;    // [V, K]
+  const uint16_t* scale;   // [V, K / 32], f16 bits
+  int64_t K;
+  float Weight(int64_t v, int64_t k) const {
+    return static_cast<float>(values[v * K + k]) * _cvtsh_ss(scale[v * (K / kQuantBlock) + k / kQuantBlock]);
+  }
+};
+struct F32Rows {
+  const float* values;  // [V, K]
+  int64_t K;
+  float Weight(int64_t v, int64_t k) const { return values[v * K + k]; }
+};
+
+// The packed matmul's float32 logit of entry v (q8 or float32 panels of the same rows): K cut
+// into kChunkK chunks, each summed by FMAs from zero, the chunk sums added in order.
+template <typename Rows>
+inline float ExactLogit(const float* h, const Rows& rows, int64_t v) {
+  const int64_t K = rows.K;
   float logit = 0.0f;
   for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
     float acc = 0.0f;
-    for (int64_t k = k0; k < std::min(K, k0 + kChunkK); ++k) {
-      const float w = static_cast<float>(row[k]) * _cvtsh_ss(row_scale[k / kQuantBlock]);
-      acc = std::fma(h[k], w, acc);
-    }
+    for (int64_t k = k0; k < std::min(K, k0 + kChunkK); ++k) acc = std::fma(h[k], rows.Weight(v, k), acc);
     logit = k0 == 0 ? acc : logit + acc;
   }
   return logit;
@@ -189,9 +217,10 @@ inline bool Replaces(float logit, float best) {
   return !std::isnan(best) && (std::isnan(logit) || logit > best);
 }
 
+template <typename Rows>
 void GreedyRows(ffi::ThreadPool& pool, const float* hidden, int64_t rows, int64_t K, int64_t V,
-                const uint8_t* values, const float* scale, const float* bound, const int8_t* lm_head,
-                const uint16_t* lm_head_scale, int32_t* ids, float* logits) {
+                const uint8_t* values, const float* scale, const float* bound, const float* error,
+                const Rows& lm_head, int32_t* ids, float* logits) {
   const int64_t blocks = K / kQuantBlock;
   const int64_t tiles = (V + kTile - 1) / kTile;
   const int64_t items = (tiles + kTilesPerItem - 1) / kTilesPerItem;
@@ -212,8 +241,14 @@ void GreedyRows(ffi::ThreadPool& pool, const float* hidden, int64_t rows, int64_
     ItemCandidates c = item_candidates(item);
     for (int64_t t = item * kTilesPerItem; t < std::min(tiles, (item + 1) * kTilesPerItem); ++t) {
       ForRowBlocks<8>(rows, [&](auto block_rows, int64_t r) {
-        TileCandidates<decltype(block_rows)::value>(values + t * (K / 4) * kTile * 4, scale + t * blocks * kTile,
-                                                    bound + t * blocks * kTile, K, q, r, t * kTile, V - t * kTile, c);
+        const int64_t at = t * blocks * kTile;
+        if (error == nullptr) {
+          TileCandidates<decltype(block_rows)::value, false>(values + t * (K / 4) * kTile * 4, scale + at, bound + at,
+                                                             nullptr, K, q, r, t * kTile, V - t * kTile, c);
+        } else {
+          TileCandidates<decltype(block_rows)::value, true>(values + t * (K / 4) * kTile * 4, scale + at, bound + at,
+                                                            error + at, K, q, r, t * kTile, V - t * kTile, c);
+        }
       });
     }
   });
@@ -224,7 +259,7 @@ void GreedyRows(ffi::ThreadPool& pool, const float* hidden, int64_t rows, int64_
     int32_t best_id = -1;
     float best = 0.0f;
     auto consider = [&](int64_t v) {
-      const float logit = ExactLogit(h, lm_head + v * K, lm_head_scale + v * blocks, K);
+      const float logit = ExactLogit(h, lm_head, v);
       if (best_id < 0 || Replaces(logit, best)) {
         best = logit;
         best_id = static_cast<int32_t>(v);
@@ -247,44 +282,84 @@ void GreedyRows(ffi::ThreadPool& pool, const float* hidden, int64_t rows, int64_
 
 #endif  // JPAGED_GREEDY_LM_HEAD
 
-ffi::Error GreedyLmHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hidden, ffi::Buffer<ffi::S32> num_rows,
-                        ffi::Buffer<ffi::U8> values, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bound,
-                        ffi::Buffer<ffi::S8> lm_head, ffi::Buffer<ffi::F16> lm_head_scale,
-                        ffi::Result<ffi::Buffer<ffi::S32>> ids, ffi::Result<ffi::Buffer<ffi::F32>> logits) {
 #if defined(JPAGED_GREEDY_LM_HEAD)
-  auto hd = hidden.dimensions();
-  auto vd = values.dimensions();
-  auto sd = scale.dimensions();
-  auto bd = bound.dimensions();
-  auto ld = lm_head.dimensions();
-  auto lsd = lm_head_scale.dimensions();
-  if (hd.size() != 2 || ld.size() != 2 || vd.size() != 4 || sd.size() != 3 || bd.size() != 3 || lsd.size() != 2 ||
-      num_rows.element_count() != 1 || hd[1] % kQuantBlock != 0 || ld[1] != hd[1] || lsd[0] != ld[0] ||
-      lsd[1] * kQuantBlock != hd[1] || vd[0] != (ld[0] + kTile - 1) / kTile || vd[1] * 4 != hd[1] ||
-      vd[2] != kTile || vd[3] != 4 || sd[0] != vd[0] || sd[1] * kQuantBlock != hd[1] || sd[2] != kTile ||
-      !std::equal(sd.begin(), sd.end(), bd.begin()) || ids->element_count() != hd[0] ||
-      logits->element_count() != hd[0]) {
+// Checks the shapes; extra_dims describes the operand that extra_ok checked (lm_head_scale or error).
+ffi::Error CheckShapes(ffi::AnyBuffer::Dimensions hd, ffi::AnyBuffer::Dimensions vd, ffi::AnyBuffer::Dimensions sd,
+                       ffi::AnyBuffer::Dimensions bd, ffi::AnyBuffer::Dimensions ld, const std::string& extra_dims,
+                       bool extra_ok, int64_t num_rows_count, int64_t ids_count, int64_t logits_count) {
+  if (hd.size() != 2 || ld.size() != 2 || vd.size() != 4 || sd.size() != 3 || bd.size() != 3 || !extra_ok ||
+      num_rows_count != 1 || hd[1] % kQuantBlock != 0 || ld[1] != hd[1] || vd[0] != (ld[0] + kTile - 1) / kTile ||
+      vd[1] * 4 != hd[1] || vd[2] != kTile || vd[3] != 4 || sd[0] != vd[0] || sd[1] * kQuantBlock != hd[1] ||
+      sd[2] != kTile || !std::equal(sd.begin(), sd.end(), bd.begin()) || ids_count != hd[0] ||
+      logits_count != hd[0]) {
     return ffi::Error::InvalidArgument(
         "greedy_lm_head: need hidden [M, K] with K a multiple of 32, one int32 num_rows, values [ceil(V / 16), "
-        "K / 4, 16, 4], scale and bound [ceil(V / 16), K / 32, 16], lm_head [V, K], lm_head_scale [V, K / 32], "
-        "ids and logits [M]; got hidden " + Dims(hd) + ", values " + Dims(vd) + ", scale " + Dims(sd) +
-        ", bound " + Dims(bd) + ", lm_head " + Dims(ld) + ", lm_head_scale " + Dims(lsd));
+        "K / 4, 16, 4], scale, bound (and error for float32 rows) [ceil(V / 16), K / 32, 16], lm_head [V, K] "
+        "(with lm_head_scale [V, K / 32] for int8 rows), ids and logits [M]; got hidden " + Dims(hd) + ", values " + Dims(vd) + ", scale " +
+        Dims(sd) + ", bound " + Dims(bd) + ", lm_head " + Dims(ld) + extra_dims);
   }
-  const int64_t M = hd[0], K = hd[1], V = ld[0];
+  return ffi::Error::Success();
+}
+
+// ids and logits for hidden's first num_rows rows (clamped to [0, M]), zeros after them.
+template <typename Rows>
+void GreedyLmHead(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> hidden, ffi::Buffer<ffi::S32> num_rows,
+                  ffi::Buffer<ffi::U8> values, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bound,
+                  const float* error, const Rows& lm_head, int64_t V, int32_t* ids, float* logits) {
+  const int64_t M = hidden.dimensions()[0], K = hidden.dimensions()[1];
   const int64_t rows = std::clamp<int64_t>(*num_rows.typed_data(), 0, M);
-  const float* h = hidden.typed_data();
-  int32_t* out_ids = ids->typed_data();
-  float* out_logits = logits->typed_data();
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxChunkRows) {
-    GreedyRows(pool, h + r0 * K, std::min(kMaxChunkRows, rows - r0), K, V, values.typed_data(),
-               scale.typed_data(), bound.typed_data(), reinterpret_cast<const int8_t*>(lm_head.typed_data()),
-               reinterpret_cast<const uint16_t*>(lm_head_scale.typed_data()), out_ids + r0, out_logits + r0);
+    GreedyRows(pool, hidden.typed_data() + r0 * K, std::min(kMaxChunkRows, rows - r0), K, V, values.typed_data(),
+               scale.typed_data(), bound.typed_data(), error, lm_head, ids + r0, logits + r0);
   }
-  std::fill(out_ids + rows, out_ids + M, 0);
-  std::fill(out_logits + rows, out_logits + M, 0.0f);
+  std::fill(ids + rows, ids + M, 0);
+  std::fill(logits + rows, logits + M, 0.0f);
+}
+#endif  // JPAGED_GREEDY_LM_HEAD
+
+const char kUnsupported[] = "greedy_lm_head needs a CPU with AVX512-VNNI, AVX512-BW and F16C";
+
+ffi::Error GreedyLmHeadQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hidden, ffi::Buffer<ffi::S32> num_rows,
+                          ffi::Buffer<ffi::U8> values, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bound,
+                          ffi::Buffer<ffi::S8> lm_head, ffi::Buffer<ffi::F16> lm_head_scale,
+                          ffi::Result<ffi::Buffer<ffi::S32>> ids, ffi::Result<ffi::Buffer<ffi::F32>> logits) {
+#if defined(JPAGED_GREEDY_LM_HEAD)
+  auto ld = lm_head.dimensions();
+  auto lsd = lm_head_scale.dimensions();
+  const bool scale_ok = lsd.size() == 2 && ld.size() == 2 && lsd[0] == ld[0] && lsd[1] * kQuantBlock == ld[1];
+  ffi::Error status = CheckShapes(hidden.dimensions(), values.dimensions(), scale.dimensions(), bound.dimensions(), ld,
+                                  ", lm_head_scale " + Dims(lsd), scale_ok, num_rows.element_count(),
+                                  ids->element_count(), logits->element_count());
+  if (status.failure()) return status;
+  const Q8Rows rows{reinterpret_cast<const int8_t*>(lm_head.typed_data()),
+                    reinterpret_cast<const uint16_t*>(lm_head_scale.typed_data()), ld[1]};
+  GreedyLmHead(pool, hidden, num_rows, values, scale, bound, nullptr, rows, ld[0], ids->typed_data(),
+               logits->typed_data());
   return ffi::Error::Success();
 #else
-  return ffi::Error::Internal("greedy_lm_head needs a CPU with AVX512-VNNI, AVX512-BW and F16C");
+  return ffi::Error::Internal(kUnsupported);
+#endif
+}
+
+ffi::Error GreedyLmHeadF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hidden, ffi::Buffer<ffi::S32> num_rows,
+                           ffi::Buffer<ffi::U8> values, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bound,
+                           ffi::Buffer<ffi::F32> error, ffi::Buffer<ffi::F32> lm_head, ffi::Result<ffi::Buffer<ffi::S32>> ids,
+                           ffi::Result<ffi::Buffer<ffi::F32>> logits) {
+#if defined(JPAGED_GREEDY_LM_HEAD)
+  auto ld = lm_head.dimensions();
+  auto sd = scale.dimensions();
+  auto ed = error.dimensions();
+  const bool error_ok = ed.size() == sd.size() && std::equal(sd.begin(), sd.end(), ed.begin());
+  ffi::Error status = CheckShapes(hidden.dimensions(), values.dimensions(), sd, bound.dimensions(), ld,
+                                  ", error " + Dims(ed), error_ok, num_rows.element_count(), ids->element_count(),
+                                  logits->element_count());
+  if (status.failure()) return status;
+  const F32Rows rows{lm_head.typed_data(), ld[1]};
+  GreedyLmHead(pool, hidden, num_rows, values, scale, bound, error.typed_data(), rows, ld[0], ids->typed_data(),
+               logits->typed_data());
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal(kUnsupported);
 #endif
 }
 
@@ -298,7 +373,7 @@ extern "C" int JpagedGreedyLmHeadSupported() {
 #endif
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedGreedyLmHead, GreedyLmHead,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedGreedyLmHeadQ8, GreedyLmHeadQ8,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // hidden
@@ -308,5 +383,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedGreedyLmHead, GreedyLmHead,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bound
                                   .Arg<ffi::Buffer<ffi::S8>>()    // lm_head
                                   .Arg<ffi::Buffer<ffi::F16>>()   // lm_head_scale
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // ids
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // logits
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedGreedyLmHeadF32, GreedyLmHeadF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // hidden
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_rows
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // values
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bound
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // error
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lm_head
                                   .Ret<ffi::Buffer<ffi::S32>>()   // ids
                                   .Ret<ffi::Buffer<ffi::F32>>());  // logits
