@@ -11,8 +11,8 @@ from jpaged.loaders import load_model
 from jpaged.models import llama, quantization
 from pallas_kernels import cpu, reference
 
-pytestmark = pytest.mark.skipif(not cpu.greedy_lm_head_supported(),
-                                reason=f"no greedy lm_head kernel on this CPU (needs AVX512-VNNI): {cpu.load_error()}")
+needs_kernel = pytest.mark.skipif(not cpu.greedy_lm_head_supported(),
+                                  reason=f"no greedy lm_head kernel on this CPU (needs AVX512-VNNI): {cpu.load_error()}")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,7 @@ def _greedy(hidden, values, scale=None, num_rows=None):
     return np.asarray(ids), np.asarray(logits)
 
 
+@needs_kernel
 @pytest.mark.parametrize("rows", ["q8_0", "float32"])
 @pytest.mark.parametrize("m,vocab,k", [(1, 1000, 128), (5, 777, 64), (17, 2048, 96), (70, 1000, 128)])
 def test_ids_and_logits_are_the_packed_matmul_argmax_bit_for_bit(m, vocab, k, rows):
@@ -88,6 +89,7 @@ def test_ids_and_logits_are_the_packed_matmul_argmax_bit_for_bit(m, vocab, k, ro
     np.testing.assert_allclose(np.asarray(ref_best), best, rtol=1e-5)
 
 
+@needs_kernel
 @pytest.mark.parametrize("rows", ["q8_0", "float32"])
 def test_many_close_entries_and_ties_resolve_as_argmax_does(rows):
     """Entries that differ in one value of one block (hundreds of candidates within the bound of
@@ -115,6 +117,7 @@ def test_many_close_entries_and_ties_resolve_as_argmax_does(rows):
     assert exact_copy[0] == 0  # two equal logits: the first index
 
 
+@needs_kernel
 def test_rows_after_num_rows_zero_and_odd_rows_follow_argmax():
     """Rows from num_rows on get id 0 and logit 0; a zero row (every logit 0) gets id 0, and a
     row with a NaN the first NaN logit's id, as jnp.argmax gives over the packed matmul's logits."""
@@ -132,6 +135,33 @@ def test_rows_after_num_rows_zero_and_odd_rows_follow_argmax():
     np.testing.assert_array_equal(ids[[0, 4]], expect_ids[[0, 4]])
 
 
+def test_reference_packs_int8_blocks_and_computes_every_logit():
+    """The pure-JAX reference (every CPU): pack_greedy_lm_head's values are q + 128 with 16
+    entries side by side, its bounds |d| sum |q| / 2, float rows' errors bound their rounding;
+    greedy_lm_head is argmax over the dequantized weights' logits."""
+    values, scale = _q8_lm_head(40, 64, seed=2)
+    packed, packed_scale, bound, error = reference.pack_greedy_lm_head(jnp.asarray(values), jnp.asarray(scale))
+    assert error is None and packed.shape == (3, 16, 16, 4) and packed.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(packed)[1, 2, 5], values[16 + 5, 8:12].astype(np.int32) + 128)
+    np.testing.assert_array_equal(np.asarray(packed)[2, :, 8:], 128)  # entries 40..47 are padding
+    np.testing.assert_allclose(np.asarray(bound)[0, 1, 3],
+                               abs(float(scale[3, 1])) * np.abs(values[3, 32:64].astype(np.int64)).sum() / 2, rtol=1e-6)
+    w = _float_rows(values, scale, seed=3)
+    q, d, _, err = (np.asarray(a) for a in reference.pack_greedy_lm_head(jnp.asarray(w)))
+    rebuilt = q.astype(np.float32) - 128  # [T, K / 4, 16, 4]
+    rebuilt = rebuilt.transpose(0, 2, 1, 3).reshape(-1, 64)[:40] * np.repeat(d.transpose(0, 2, 1).reshape(-1, 2)[:40], 32, 1)
+    worst = np.abs(w - rebuilt).reshape(40, 2, 32).max(-1)
+    assert (worst <= err.transpose(0, 2, 1).reshape(-1, 2)[:40]).all()
+    hidden = _hidden(3, 64, seed=4)
+    dequantized = values.astype(np.float32) * np.repeat(scale.astype(np.float32), 32, axis=1)
+    ids, best = reference.greedy_lm_head(jnp.asarray(hidden), 2, packed, packed_scale, bound, None,
+                                         jnp.asarray(values), jnp.asarray(scale))
+    logits = hidden @ dequantized.T
+    np.testing.assert_array_equal(np.asarray(ids), [*np.argmax(logits[:2], -1), 0])
+    np.testing.assert_allclose(np.asarray(best)[:2], logits[:2].max(-1), rtol=1e-5)
+
+
+@needs_kernel
 def test_bad_operands_are_refused():
     values, scale = _q8_lm_head(64, 64, seed=1)
     packed = reference.pack_greedy_lm_head(jnp.asarray(values), jnp.asarray(scale))
@@ -146,6 +176,7 @@ def test_bad_operands_are_refused():
         reference.pack_greedy_lm_head(jnp.zeros((64, 40), jnp.float32))
 
 
+@needs_kernel
 def test_model_greedy_ids_use_the_kernel_and_equal_the_logits_argmax(tiny):
     """pack_linears gives a Q8_0 lm_head or a tied float32 embedding in a float32 step its
     `lm_head_greedy` operands (not in bfloat16, nor for an untied float lm_head), and the model's
@@ -175,6 +206,7 @@ def test_model_greedy_ids_use_the_kernel_and_equal_the_logits_argmax(tiny):
         np.testing.assert_array_equal(np.asarray(ids)[:7], np.asarray(expect)[:7])
 
 
+@needs_kernel
 def test_engine_rounds_with_the_kernel_sample_what_single_steps_sample(smollm2_path):
     """The bundled SmolLM2 (Q8_0 embedding tied to the lm_head): multi-step decode rounds, whose
     all-greedy batches take their ids from the kernel, give the tokens that single steps (every
@@ -199,6 +231,7 @@ def test_engine_rounds_with_the_kernel_sample_what_single_steps_sample(smollm2_p
     assert mixed[:5] == only_greedy + only_greedy[:2]
 
 
+@needs_kernel
 def test_refresh_packs_the_greedy_operands_again_from_their_rows(tiny):
     """A transformed copy of packed params (what update_weights accepts) gets int8 operands that
     follow its rows, not the transformed old ones."""

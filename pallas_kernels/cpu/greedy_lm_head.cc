@@ -49,6 +49,7 @@
 namespace {
 
 using jpaged_cpu::Dims;
+using jpaged_cpu::ForRowBlocks;
 using jpaged_cpu::kChunkK;
 using jpaged_cpu::kQuantBlock;
 using jpaged_cpu::ParallelFor;
@@ -171,15 +172,6 @@ inline void TileCandidates(const uint8_t* values, const float* scale, const floa
     _mm512_storeu_si512(c.ids + at, _mm512_maskz_compress_epi32(may_win, ids));
     _mm512_storeu_ps(c.upper + at, _mm512_maskz_compress_ps(may_win, upper));
     c.count[row] += __builtin_popcount(may_win);
-  }
-}
-
-// fn(std::integral_constant<int, R>, r) over blocks of 8, 4, 2, 1 rows covering `rows` rows.
-template <int ROWS, typename F>
-inline void ForRowBlocks(int64_t rows, const F& fn, int64_t r = 0) {
-  for (; rows >= ROWS; rows -= ROWS, r += ROWS) fn(std::integral_constant<int, ROWS>(), r);
-  if constexpr (ROWS > 1) {
-    if (rows > 0) ForRowBlocks<ROWS / 2>(rows, fn, r);
   }
 }
 

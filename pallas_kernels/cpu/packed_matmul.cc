@@ -52,6 +52,7 @@
 namespace {
 
 using jpaged_cpu::Dims;
+using jpaged_cpu::ForRowBlocks;
 using jpaged_cpu::kChunkK;
 using jpaged_cpu::kQuantBlock;
 using jpaged_cpu::ParallelFor;
@@ -217,16 +218,6 @@ inline void Block(const typename Format::T* x, int64_t ldx, const typename Forma
     Accumulate<Format, ROWS>(x + k, ldx, row, acc);
   }
   StoreBlock(acc, out, ldo, accumulate);
-}
-
-// fn(std::integral_constant<int, R>, r) for blocks of R rows starting at row r that cover
-// `rows` rows (any count): blocks of ROWS, then of halves of it.
-template <int ROWS, typename F>
-inline void ForRowBlocks(int64_t rows, const F& fn, int64_t r = 0) {
-  for (; rows >= ROWS; rows -= ROWS, r += ROWS) fn(std::integral_constant<int, ROWS>(), r);
-  if constexpr (ROWS > 1) {
-    if (rows > 0) ForRowBlocks<ROWS / 2>(rows, fn, r);
-  }
 }
 
 // Where PanelProduct finds a chunk of one panel's rows. Float32 and bfloat16 panels are read in

@@ -1,11 +1,13 @@
 // What the packed matmul and the greedy lm_head kernels share: the K chunk whose partial sums
-// the packed matmul adds up, and the GGUF block. The greedy lm_head recomputes a q8 logit in
-// the packed matmul's order (greedy_lm_head.cc), so both must cut K the same way.
+// the packed matmul adds up, the GGUF block, and the walk over blocks of rows. The greedy
+// lm_head recomputes a logit in the packed matmul's order (greedy_lm_head.cc), so both must
+// cut K the same way.
 
 #ifndef JPAGED_CPU_PACKED_MATMUL_H_
 #define JPAGED_CPU_PACKED_MATMUL_H_
 
 #include <cstdint>
+#include <type_traits>
 
 namespace jpaged_cpu {
 
@@ -17,6 +19,16 @@ constexpr int64_t kChunkK = 256;  // k per chunk: 48 KiB of f32 panel rows (24 o
 constexpr int64_t kChunkK = 128;
 #endif
 constexpr int64_t kQuantBlock = 32;  // rows of a GGUF block: one scale (and offset) per column
+
+// fn(std::integral_constant<int, R>, r) for blocks of R rows starting at row r that cover
+// `rows` rows (any count): blocks of ROWS, then of halves of it.
+template <int ROWS, typename F>
+inline void ForRowBlocks(int64_t rows, const F& fn, int64_t r = 0) {
+  for (; rows >= ROWS; rows -= ROWS, r += ROWS) fn(std::integral_constant<int, ROWS>(), r);
+  if constexpr (ROWS > 1) {
+    if (rows > 0) ForRowBlocks<ROWS / 2>(rows, fn, r);
+  }
+}
 
 }  // namespace jpaged_cpu
 
