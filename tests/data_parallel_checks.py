@@ -73,9 +73,12 @@ def check_abort_reaches_the_owner(front) -> None:
     async def run():
         started = {f"r{i}": asyncio.Event() for i in range(4)}
         outputs = {request_id: [] for request_id in started}
+        owners = {}
 
         async def consume(request_id, prompt, params):
             async for output in front.generate({"prompt_token_ids": prompt}, params, request_id):
+                # Read while the stream is open: a short request may end before the others start.
+                owners.setdefault(request_id, front.replica_of(request_id))
                 outputs[request_id].append(output)
                 started[request_id].set()
 
@@ -83,7 +86,6 @@ def check_abort_reaches_the_owner(front) -> None:
         prompts = [list(range(2000 + 100 * i, 2012 + 100 * i)) for i in range(4)]
         tasks = [asyncio.create_task(consume(f"r{i}", prompts[i], long if i < 2 else short)) for i in range(4)]
         await asyncio.gather(*(event.wait() for event in started.values()))
-        owners = {request_id: front.replica_of(request_id) for request_id in started}
         assert [owners[f"r{i}"] for i in range(4)] == [0, 1, 0, 1], owners
         try:
             await front.generate({"prompt_token_ids": [1, 2]}, short, "r0").__anext__()
