@@ -278,12 +278,16 @@ def _greedy_lm_head(params: dict) -> GreedyLmHead | None:
     float lm_head is [hidden, vocab], and its rows would be a copy)."""
     lm_head = params.get("lm_head", params["embed"])
     if isinstance(lm_head, QuantizedWeight):
-        if lm_head.format != "q8_0":
-            return None
-        return GreedyLmHead(*_pack_greedy(lm_head.data, lm_head.scale), rows=lm_head.data, row_scale=lm_head.scale)
+        return _greedy_from_rows(lm_head.data, lm_head.scale) if lm_head.format == "q8_0" else None
     if "lm_head" in params or lm_head.dtype != jnp.float32 or lm_head.shape[1] % GGUF_BLOCK:
         return None
-    return GreedyLmHead(*_pack_greedy(lm_head), rows=lm_head, row_scale=None)
+    return _greedy_from_rows(lm_head, None)
+
+
+def _greedy_from_rows(rows, row_scale) -> GreedyLmHead:
+    """A GreedyLmHead over rows i8[vocab, hidden] with f16 scales, or f32 rows (row_scale None)."""
+    packed = _pack_greedy(rows) if row_scale is None else _pack_greedy(rows, row_scale)
+    return GreedyLmHead(*packed, rows=rows, row_scale=row_scale)
 
 
 def refresh_greedy_lm_head(params: dict) -> dict:
@@ -293,9 +297,7 @@ def refresh_greedy_lm_head(params: dict) -> dict:
     greedy = params.get("lm_head_greedy")
     if greedy is None:
         return params
-    rows = (greedy.rows,) if greedy.row_scale is None else (greedy.rows, greedy.row_scale)
-    return {**params, "lm_head_greedy": GreedyLmHead(*_pack_greedy(*rows), rows=greedy.rows,
-                                                     row_scale=greedy.row_scale)}
+    return {**params, "lm_head_greedy": _greedy_from_rows(greedy.rows, greedy.row_scale)}
 
 
 def _is_packable(w) -> bool:
