@@ -1,0 +1,56 @@
+// Vector helpers the CPU kernels share, over GCC vector types (any width the target has):
+// unaligned loads and stores, a scalar in every lane, and exp for x <= 0.
+
+#ifndef JPAGED_CPU_VECTOR_MATH_H_
+#define JPAGED_CPU_VECTOR_MATH_H_
+
+#include <cstring>
+
+namespace jpaged_cpu {
+
+template <typename V>
+inline V LoadV(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename V>
+inline void StoreV(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// The scalar in every lane: one vbroadcastss, which can read x straight from memory. x - 0.0 is
+// x for every x, so the compiler drops the subtraction; V{} + x would cost a scalar add first
+// (-0.0 + 0.0 is +0.0, so that add cannot be dropped).
+template <typename V>
+inline V SplatV(float x) {
+  return x - V{};
+}
+
+// exp for x <= 0 (Cody-Waite reduction + the Cephes expf polynomial, about 1 ulp);
+// exactly 0 below -87.3, including -inf. VF/VI: an fp32 vector type and its int32 twin.
+template <typename VF, typename VI>
+inline VF ExpV(VF x) {
+  const VF lo = SplatV<VF>(-87.3f);
+  VI underflow = x < lo;
+  x = underflow ? lo : x;
+  VF n = x * SplatV<VF>(1.44269504088896341f);
+  n = (n + SplatV<VF>(12582912.0f)) - SplatV<VF>(12582912.0f);  // round to nearest
+  VF r = x - n * SplatV<VF>(0.693359375f) - n * SplatV<VF>(-2.12194440e-4f);
+  VF p = SplatV<VF>(1.9875691500e-4f);
+  p = p * r + SplatV<VF>(1.3981999507e-3f);
+  p = p * r + SplatV<VF>(8.3334519073e-3f);
+  p = p * r + SplatV<VF>(4.1665795894e-2f);
+  p = p * r + SplatV<VF>(1.6666665459e-1f);
+  p = p * r + SplatV<VF>(5.0000001201e-1f);
+  p = p * r * r + r + SplatV<VF>(1.0f);
+  VI scale = (__builtin_convertvector(n, VI) + 127) << 23;
+  VF two_n;
+  std::memcpy(&two_n, &scale, sizeof(two_n));
+  return underflow ? SplatV<VF>(0.0f) : p * two_n;
+}
+
+}  // namespace jpaged_cpu
+
+#endif  // JPAGED_CPU_VECTOR_MATH_H_
