@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
 import pallas_kernels.cpu as cpu_kernels
+from pallas_kernels import reference
 
 from jpaged import kv_pool, kv_quantization, multihost, sharding
-from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer
+from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer, select_sample_tokens
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.config import DEFAULT_CPU_SCHEDULER_STEPS
 from jpaged.models import llama, quantization
@@ -72,7 +73,7 @@ def _forward_step(params, kv_cache, kv_scales, blob, *, num_tokens, num_seqs, pa
 
 
 def _decode_steps(params, kv_cache, kv_scales, blob, sampling_blob, *, num_tokens, num_seqs, pages_per_seq,
-                  num_steps, block_size, max_logprobs, model, **model_fns):
+                  num_steps, block_size, max_logprobs, sample_tokens, model, **model_fns):
     """num_steps decode steps of a decode-only batch in one program (multi-step scheduling):
     each step samples one token per sequence and feeds it to the next one.
 
@@ -105,7 +106,7 @@ def _decode_steps(params, kv_cache, kv_scales, blob, sampling_blob, *, num_token
         def sampled_ids(hidden):
             logits = model.apply({"params": params}, hidden, method="compute_logits",
                                  **_real_rows(model, "compute_logits", step_meta))
-            return sample(logits, step_sampling, max_logprobs=max_logprobs).token_ids
+            return sample(logits, step_sampling, max_logprobs=max_logprobs, sample_tokens=sample_tokens).token_ids
 
         def greedy_ids(hidden):  # the same ids, where the model finds them without every logit
             return model.apply({"params": params}, hidden, method="compute_greedy_ids",
@@ -132,8 +133,9 @@ def _prompt_logprobs_step(params, hidden, targets, *, model, max_logprobs):
     return logprob_outputs(logits, targets, min(max_logprobs, logits.shape[1]))
 
 
-def _sample_step(logits, blob, token_bitmask=None, *, num_seqs, num_entries, max_logprobs):
-    return sample(logits, SamplingMetadata.unpack(blob, num_seqs, num_entries), token_bitmask, max_logprobs)
+def _sample_step(logits, blob, token_bitmask=None, *, num_seqs, num_entries, max_logprobs, sample_tokens):
+    return sample(logits, SamplingMetadata.unpack(blob, num_seqs, num_entries), token_bitmask, max_logprobs,
+                  sample_tokens)
 
 
 def _gather_blocks(kv_cache, block_ids):
@@ -189,6 +191,7 @@ class ModelRunner:
         `LlamaForCausalLM(model_config)`; docs/models.md gives the contract for others).
       pool_spec: kv_pool.KVPoolSpec. num_swap_blocks: host blocks for swapping (0: none).
       attention_fn: a paged attention with the reference signature; write_kv_fn: the KV write to go with it.
+      sample_tokens_fn: the sampler's draw (`pallas_kernels.reference.sample_tokens`'s signature).
       bucket_pages: bucket the block-table width (for attention whose cost follows the width).
       max_entries_per_seq: the most sampler entries (logit_bias, min_tokens masks, distinct
         penalty tokens) one request can bring; max_logprobs: the widest top-logprobs request.
@@ -207,7 +210,8 @@ class ModelRunner:
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
                  max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, mesh,
                  max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, model=None, kv_scales=None,
-                 recalibrate_kv=None, pack_params=None, num_scheduler_steps: int = 1):
+                 recalibrate_kv=None, pack_params=None, num_scheduler_steps: int = 1,
+                 sample_tokens_fn=reference.sample_tokens):
         self.model_config = model_config
         self.model = llama.LlamaForCausalLM(model_config) if model is None else model
         self._param_avals = self._abstract(params)  # what update_weights must be given
@@ -260,10 +264,12 @@ class ModelRunner:
         self._decode_steps_jit = jax.jit(
             functools.partial(_decode_steps, model=self.model, attention_fn=decode_attention_fn or attention_fn,
                               write_kv_fn=write_kv_fn, num_steps=num_scheduler_steps,
-                              block_size=pool_spec.block_size, max_logprobs=max_logprobs),
+                              block_size=pool_spec.block_size, max_logprobs=max_logprobs,
+                              sample_tokens=sample_tokens_fn),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
             out_shardings=None if tp == 1 else (self.replicated, forward_out[2]), compiler_options=options)
-        self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs),
+        self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs,
+                                                     sample_tokens=sample_tokens_fn),
                                    static_argnames=("num_seqs", "num_entries"), out_shardings=replicated_out)
         self._prompt_logprobs_jit = jax.jit(
             functools.partial(_prompt_logprobs_step, model=self.model, max_logprobs=max_logprobs),
@@ -577,7 +583,7 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
                        max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model,
                        kv_scales=kv_scales, recalibrate_kv=recalibrate_kv, pack_params=pack_params,
-                       num_scheduler_steps=scheduler_steps(args))
+                       num_scheduler_steps=scheduler_steps(args), sample_tokens_fn=select_sample_tokens(backend, tp))
 
 
 def packs_linears(backend: str, tp: int, model_class) -> bool:

@@ -2,9 +2,10 @@
 
 Order (vLLM's): logit_bias and min_tokens masks, then presence/frequency/repetition penalties;
 greedy rows take the argmax of that. Sampled rows are divided by their temperature, masked by
-min_p, then top_k and top_p, and drawn with the Gumbel-max trick whose noise is keyed only on
-(request seed, output index), so a seeded request samples the same tokens in any batch.
-Logprobs are log_softmax of these processed logits (greedy rows: temperature 1, no masks).
+min_p, then top_k and top_p, and drawn at a uniform keyed only on (request seed, output index),
+so a seeded request samples the same tokens in any batch (`pallas_kernels.reference.sample_tokens`,
+or the C++ kernel of the same contract on CPU). Logprobs are log_softmax of these processed
+logits (greedy rows: temperature 1, no masks).
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jpaged.step_metadata import SamplingMetadata
+from pallas_kernels import reference
 
 # vLLM's default --max-logprobs: the most top logprobs a request may ask for.
 MAX_LOGPROBS = 20
@@ -58,69 +60,6 @@ def apply_adjustments(logits, meta: SamplingMetadata):
     return logits.at[rows, targets].set(x, mode="drop")
 
 
-def _largest_threshold(logits, holds, low, high, iterations: int = 32):
-    """Per row, bisects for the largest t in [low, high] with holds(t) (holds(low) must be true)."""
-
-    def body(_, bounds):
-        low, high = bounds
-        mid = (low + high) / 2
-        ok = holds(mid[:, None])
-        return jnp.where(ok, mid, low), jnp.where(ok, high, mid)
-
-    low, _ = jax.lax.fori_loop(0, iterations, body, (low, high))
-    return low[:, None]
-
-
-def apply_top_k_top_p(logits, top_k, top_p):
-    """Masks tokens outside each row's top_k (0: off) and top_p nucleus. f32[S, V] -> f32[S, V].
-
-    Thresholds are found by bisection over logit values (a full sort of the vocabulary is far
-    slower on CPU): top_k keeps the logits >= the largest t with at least k logits >= t; top_p
-    then keeps the smallest head whose probability mass reaches top_p. Ties at a threshold are kept.
-    """
-    vocab = logits.shape[1]
-    finite = jnp.isfinite(logits)
-    low = jnp.min(jnp.where(finite, logits, jnp.inf), axis=-1)
-    high = jnp.max(logits, axis=-1) + 1.0
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
-    k_threshold = _largest_threshold(logits, lambda t: (logits >= t).sum(axis=-1) >= k[:, 0], low, high)
-    logits = jnp.where(logits >= k_threshold, logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1)
-    p_threshold = _largest_threshold(
-        logits, lambda t: jnp.where(logits >= t, probs, 0.0).sum(axis=-1) >= top_p, low, high)
-    return jnp.where(logits >= p_threshold, logits, -jnp.inf)
-
-
-def apply_min_p(logits, min_p):
-    probs = jax.nn.softmax(logits, axis=-1)
-    limit = min_p[:, None] * probs.max(axis=-1, keepdims=True)
-    return jnp.where(probs >= limit, logits, -jnp.inf)
-
-
-def _mix32(x):
-    """murmur3's 32-bit finalizer: a bijective hash with full avalanche. u32 -> u32."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def gumbel_noise(seeds, output_index, vocab: int):
-    """f32[S, V] standard Gumbel noise keyed on (seed, output index) of each row only.
-
-    A counter-based hash of (seed, output index, token id) gives the uniforms: vectorized integer
-    ops, about two orders of magnitude cheaper on CPU than threefry for a 50k-token vocabulary.
-    """
-    golden = jnp.uint32(0x9E3779B9)
-    seeds = jax.lax.bitcast_convert_type(seeds, jnp.uint32)
-    row_key = _mix32(seeds ^ _mix32(output_index.astype(jnp.uint32) * golden + jnp.uint32(0x632BE5AB)))
-    token = jnp.arange(vocab, dtype=jnp.uint32)
-    bits = _mix32(_mix32(row_key[:, None] + token[None, :] * golden))
-    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-    return -jnp.log(-jnp.log(uniform))
-
-
 def logprob_outputs(logits, token_ids, num_top: int):
     """log_softmax of f32[S, V] logits: the given tokens' logprobs f32[S] and 1-based ranks i32[S],
     and the top `num_top` logprobs f32[S, num_top] with their ids i32[S, num_top]."""
@@ -149,24 +88,16 @@ def argmax(logits, chunk: int = 128):
     return (best_slice * chunk + jnp.argmax(within, axis=-1)).astype(jnp.int32)
 
 
-def _processed_logits(logits, meta: SamplingMetadata, greedy):
-    """Sampled rows: temperature, min_p, then top_k/top_p masks. Greedy rows stay as they are."""
-    scaled = logits / jnp.where(greedy, 1.0, meta.temperature)[:, None]
-    masked = apply_min_p(scaled, meta.min_p)
-    needs_top_k_top_p = jnp.any(~greedy & ((meta.top_k > 0) | (meta.top_p < 1.0)))
-    masked = jax.lax.cond(
-        needs_top_k_top_p, lambda x: apply_top_k_top_p(x, meta.top_k, meta.top_p), lambda x: x, masked)
-    return jnp.where(greedy[:, None], logits, masked)
-
-
-def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int = MAX_LOGPROBS) -> SamplerOutput:
+def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int = MAX_LOGPROBS,
+           sample_tokens=reference.sample_tokens) -> SamplerOutput:
     """Samples one token per row. logits: f32[num_seqs, vocab_size].
 
     token_bitmask: None, or i32[num_seqs, cdiv(vocab_size, 32)] of allowed tokens (structured
     outputs), applied before everything else. max_logprobs (static): the width of the
-    top-logprobs outputs (capped at the vocabulary). The branches only return per-row values, so
-    an all-greedy batch without logprobs costs one argmax (vocabulary-sized arrays never pass
-    through a cond).
+    top-logprobs outputs (capped at the vocabulary). sample_tokens: the draw of the sampled rows,
+    `reference.sample_tokens` or a kernel with its signature (`pallas_kernels.cpu.sample_tokens`).
+    The branches only return per-row values, so an all-greedy batch without logprobs costs one
+    argmax (vocabulary-sized arrays never pass through a cond).
     """
     num_seqs, vocab = logits.shape
     logits = logits.astype(jnp.float32)
@@ -177,14 +108,16 @@ def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int
     greedy_ids = argmax(logits)
 
     def sampled_ids(logits):
-        noisy = _processed_logits(logits, meta, greedy) + gumbel_noise(meta.seeds, meta.output_index, vocab)
-        return jnp.where(greedy, greedy_ids, argmax(noisy))
+        drawn = sample_tokens(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p, meta.seeds,
+                              meta.output_index)
+        return jnp.where(greedy, greedy_ids, drawn)
 
     token_ids = jax.lax.cond(jnp.all(greedy), lambda _: greedy_ids, sampled_ids, logits)
     top = min(max_logprobs, vocab)
 
     def with_logprobs(logits, token_ids):
-        return logprob_outputs(_processed_logits(logits, meta, greedy), token_ids, top)
+        processed = reference.processed_logits(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p)
+        return logprob_outputs(processed, token_ids, top)
 
     def no_logprobs(logits, token_ids):
         return (jnp.zeros(num_seqs, jnp.float32), jnp.zeros(num_seqs, jnp.int32),

@@ -1,8 +1,9 @@
 """Pure-JAX references: the oracle for every kernel and the fallback everywhere.
 
 Paged attention (`ragged_paged_attention`, `write_kv`), the matmul over packed weight panels
-(`pack_panels`, `packed_matmul`), described below in that order, and the greedy token of an
-lm_head (`pack_greedy_lm_head`, `greedy_lm_head`).
+(`pack_panels`, `packed_matmul`), described below in that order, the greedy token of an lm_head
+(`pack_greedy_lm_head`, `greedy_lm_head`), and the sampler's draw (`sample_tokens`, with the
+masks it applies).
 
 KV pool layout, per layer, for K and V alike (chosen so one (block, kv head) tile is contiguous,
 which is what the GPU and CPU kernels read):
@@ -351,3 +352,89 @@ def packed_matmul(x, panels, out_features: int, num_rows=None, *, scale=None, of
     if num_rows is None:
         return y
     return jnp.where(jnp.arange(x.shape[0])[:, None] < num_rows, y, 0.0)
+
+
+def _largest_threshold(logits, holds, low, high, iterations: int = 32):
+    """Per row, bisects for the largest t in [low, high] with holds(t) (holds(low) must be true)."""
+
+    def body(_, bounds):
+        low, high = bounds
+        mid = (low + high) / 2
+        ok = holds(mid[:, None])
+        return jnp.where(ok, mid, low), jnp.where(ok, high, mid)
+
+    low, _ = jax.lax.fori_loop(0, iterations, body, (low, high))
+    return low[:, None]
+
+
+def apply_top_k_top_p(logits, top_k, top_p):
+    """Masks tokens outside each row's top_k (0: off) and top_p nucleus. f32[S, V] -> f32[S, V].
+
+    Thresholds are found by bisection over logit values (a full sort of the vocabulary is far
+    slower on CPU): top_k keeps the logits >= the largest t with at least k logits >= t; top_p
+    then keeps the smallest head whose probability mass reaches top_p. Ties at a threshold are kept.
+    """
+    vocab = logits.shape[1]
+    finite = jnp.isfinite(logits)
+    low = jnp.min(jnp.where(finite, logits, jnp.inf), axis=-1)
+    high = jnp.max(logits, axis=-1) + 1.0
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
+    k_threshold = _largest_threshold(logits, lambda t: (logits >= t).sum(axis=-1) >= k[:, 0], low, high)
+    logits = jnp.where(logits >= k_threshold, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    p_threshold = _largest_threshold(
+        logits, lambda t: jnp.where(logits >= t, probs, 0.0).sum(axis=-1) >= top_p, low, high)
+    return jnp.where(logits >= p_threshold, logits, -jnp.inf)
+
+
+def apply_min_p(logits, min_p):
+    """Masks the tokens whose probability is below min_p f32[S] times their row's largest. f32[S, V]."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    limit = min_p[:, None] * probs.max(axis=-1, keepdims=True)
+    return jnp.where(probs >= limit, logits, -jnp.inf)
+
+
+def processed_logits(logits, temperature, top_k, top_p, min_p):
+    """What a sampled row draws from: logits f32[S, V] divided by temperature f32[S], then the
+    min_p (f32[S]) and top_k (i32[S], 0: off) / top_p (f32[S], 1: off) masks (-inf outside).
+    Rows with temperature <= 0 come back unchanged."""
+    greedy = temperature <= 0.0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    masked = apply_min_p(scaled, min_p)
+    restricts = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0)))
+    masked = jax.lax.cond(restricts, lambda x: apply_top_k_top_p(x, top_k, top_p), lambda x: x, masked)
+    return jnp.where(greedy[:, None], logits, masked)
+
+
+def _mix32(x):
+    """murmur3's 32-bit finalizer: a bijective hash with full avalanche. u32 -> u32."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def row_uniform(seeds, output_index):
+    """f32[S] in (0, 1) hashed from each row's seed and output index (i32[S] each) only, so a
+    seeded request draws the same tokens in any batch: 24 bits of a counter-based hash."""
+    seeds = jax.lax.bitcast_convert_type(seeds, jnp.uint32)
+    index = jax.lax.bitcast_convert_type(output_index, jnp.uint32)
+    key = _mix32(seeds ^ _mix32(index * jnp.uint32(0x9E3779B9) + jnp.uint32(0x632BE5AB)))
+    return ((_mix32(key) >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def sample_tokens(logits, temperature, top_k, top_p, min_p, seeds, output_index):
+    """One token per row of logits f32[S, V]: i32[S], drawn from softmax(processed_logits(...)),
+    the kept tokens' probabilities laid end to end in token-id order: the first token whose
+    cumulative probability passes row_uniform(seeds, output_index). Rows with temperature <= 0
+    are not drawn: 0 (the sampler takes their argmax)."""
+    vocab = logits.shape[1]
+    masked = processed_logits(logits, temperature, top_k, top_p, min_p)
+    weights = jnp.exp(masked - jnp.max(masked, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(weights, axis=-1)
+    target = row_uniform(seeds, output_index) * cdf[:, -1]
+    drawn = jnp.sum(cdf <= target[:, None], axis=-1)
+    # Where rounding leaves the target past the last sum: the last token that weighs.
+    last = jnp.max(jnp.where(weights > 0, jnp.arange(vocab), 0), axis=-1)
+    return jnp.where(temperature > 0, jnp.minimum(drawn, last), 0).astype(jnp.int32)

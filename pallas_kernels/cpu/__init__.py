@@ -1,10 +1,11 @@
 """C++ kernels for CPUs, registered with XLA through `jax.ffi`: paged attention, a matmul
-over packed weight panels, and the greedy token of an lm_head.
+over packed weight panels, the greedy token of an lm_head, and the sampler's draw.
 
 `ragged_paged_attention` has the signature and results of
 `pallas_kernels.reference.ragged_paged_attention` and works inside `jit` (also with a donated KV
 pool); `packed_matmul` those of `pallas_kernels.reference.packed_matmul`; `greedy_lm_head`
-those of `pallas_kernels.reference.greedy_lm_head` (where `greedy_lm_head_supported()`). The library is built
+those of `pallas_kernels.reference.greedy_lm_head` (where `greedy_lm_head_supported()`);
+`sample_tokens` those of `pallas_kernels.reference.sample_tokens`. The library is built
 on first use when no build for these sources, jaxlib, compiler and CPU exists yet (see
 `build.py`); when that fails `is_available()` is False and `load_error()`
 says why, so callers can fall back to the reference.
@@ -27,6 +28,7 @@ PACKED_MATMUL_Q4_TARGET = "jpaged_packed_matmul_q4"
 PACKED_MATMUL_Q8_TARGET = "jpaged_packed_matmul_q8"
 GREEDY_LM_HEAD_Q8_TARGET = "jpaged_greedy_lm_head_q8"
 GREEDY_LM_HEAD_F32_TARGET = "jpaged_greedy_lm_head_f32"
+SAMPLE_TOKENS_TARGET = "jpaged_sample_tokens"
 UNINITIALIZED_TARGET = "jpaged_uninitialized"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
@@ -62,6 +64,8 @@ def _load() -> str | None:
                                     platform="cpu")
         global _greedy_lm_head_supported
         _greedy_lm_head_supported = bool(library.JpagedGreedyLmHeadSupported())
+        jax.ffi.register_ffi_target(SAMPLE_TOKENS_TARGET, jax.ffi.pycapsule(library.JpagedSampleTokens),
+                                    platform="cpu")
         jax.ffi.register_ffi_target(UNINITIALIZED_TARGET, jax.ffi.pycapsule(library.JpagedUninitialized),
                                     platform="cpu")
     except (build.BuildError, OSError, AttributeError) as e:
@@ -289,3 +293,23 @@ def greedy_lm_head(hidden, num_rows, values, scale, bound, error, lm_head, lm_he
     if q8:
         return jax.ffi.ffi_call(GREEDY_LM_HEAD_Q8_TARGET, out)(*operands, lm_head, lm_head_scale)
     return jax.ffi.ffi_call(GREEDY_LM_HEAD_F32_TARGET, out)(*operands, error.astype(jnp.float32), lm_head)
+
+
+def sample_tokens(logits, temperature, top_k, top_p, min_p, seeds, output_index):
+    """`pallas_kernels.reference.sample_tokens` on the CPU: i32[S], one token per row of logits
+    f32[S, V] drawn from softmax(logits / temperature) under the min_p, top_k and top_p masks, at
+    the row's uniform (`reference.row_uniform`); 0 for rows with temperature <= 0. The same
+    tokens as the reference except where float rounding moves a draw across the edge between
+    two tokens' shares. A few passes over each row instead of the reference's bisections
+    (sampling.cc)."""
+    num_seqs, vocab = logits.shape
+    rows = (temperature, top_k, top_p, min_p, seeds, output_index)
+    if jnp.dtype(logits.dtype) != jnp.float32 or any(x.shape != (num_seqs,) for x in rows):
+        raise ValueError(f"sample_tokens needs float32 logits [S, V] and temperature, top_k, top_p, min_p, seeds, "
+                         f"output_index [S]; got logits {logits.dtype}{list(logits.shape)}, others "
+                         f"{[list(x.shape) for x in rows]}")
+    _require_library()
+    out = jax.ShapeDtypeStruct((num_seqs,), jnp.int32)
+    return jax.ffi.ffi_call(SAMPLE_TOKENS_TARGET, out)(
+        logits, temperature.astype(jnp.float32), top_k.astype(jnp.int32), top_p.astype(jnp.float32),
+        min_p.astype(jnp.float32), seeds.astype(jnp.int32), output_index.astype(jnp.int32))

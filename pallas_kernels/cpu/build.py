@@ -1,12 +1,13 @@
 """Builds the C++ CPU kernels into one shared library: `python -m pallas_kernels.cpu.build`.
 
 The library holds the paged attention (ragged_paged_attention.cc), the packed-weight matmul
-(packed_matmul.cc), the greedy token of an lm_head (greedy_lm_head.cc) and an allocation
-nothing writes (uninitialized.cc). Its file name carries a key hashed from the sources, the jaxlib version,
-the compiler and its flags and the host CPU (the flags include -march=native), so a stale build
-is never loaded. It goes next to the source when that directory is writable (an editable install), else
-under the user cache directory ($XDG_CACHE_HOME or ~/.cache, then jpaged/cpu_kernels). The
-compiler is $CXX, else c++ or g++ from PATH.
+(packed_matmul.cc), the greedy token of an lm_head (greedy_lm_head.cc), the sampler's draw
+(sampling.cc) and an allocation nothing writes (uninitialized.cc). Its file name carries a key
+hashed from the sources, the jaxlib version, the compiler and its flags and the host CPU (the
+flags include -march=native), so a stale build is never loaded. It goes next to the source when
+that directory is writable (an editable install), else under the user cache directory
+($XDG_CACHE_HOME or ~/.cache, then jpaged/cpu_kernels). The compiler is $CXX, else c++ or g++
+from PATH.
 """
 
 import argparse
@@ -24,8 +25,8 @@ import jaxlib
 
 SOURCE_DIR = Path(__file__).parent
 SOURCES = (SOURCE_DIR / "ragged_paged_attention.cc", SOURCE_DIR / "packed_matmul.cc",
-           SOURCE_DIR / "greedy_lm_head.cc", SOURCE_DIR / "uninitialized.cc")
-HEADERS = (SOURCE_DIR / "ffi_helpers.h", SOURCE_DIR / "packed_matmul.h")
+           SOURCE_DIR / "greedy_lm_head.cc", SOURCE_DIR / "sampling.cc", SOURCE_DIR / "uninitialized.cc")
+HEADERS = (SOURCE_DIR / "ffi_helpers.h", SOURCE_DIR / "packed_matmul.h", SOURCE_DIR / "vector_math.h")
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-fPIC", "-shared")
 LIBRARY_STEM = "cpu_kernels"
 
