@@ -86,6 +86,8 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--dataset-path", help="a text file to cut prompt windows from (default: random ids)")
     bench.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     bench.add_argument("--temperature", type=float, default=0.0)
+    bench.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0")
+    bench.add_argument("--top-k", type=int, default=0, help="with --temperature > 0 (0: off)")
     bench.add_argument("--benchmark-seed", type=int, default=0, help="seed of the prompt generator")
     bench.add_argument("--warmup-passes", type=int, default=0,
                        help="run the same workload this many times, untimed, before the timed pass")

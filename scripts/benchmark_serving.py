@@ -16,7 +16,8 @@ HF tokenizer of --tokenizer; scripts/bench_prompts.py cuts the windows) or rando
 (all at once when inf), at most --max-concurrency in flight. TTFT is the time to the first
 streamed chunk, ITL the gaps between chunks, E2EL the whole request, and
 TPOT = (E2EL - TTFT) / (output tokens - 1), with output tokens from the usage of the last chunk
-(`stream_options.include_usage`; the count of chunks when a server sends no usage).
+(`stream_options.include_usage`; the count of chunks when a server sends no usage). Requests
+are greedy unless --temperature (with --top-p, --top-k: vLLM's sampling flags of `bench serve`).
 """
 
 import argparse
@@ -180,8 +181,10 @@ def make_dataset(args, corpus_ids: list[int] | None, num: int, seed: int) -> lis
 
 def request_body(args, model: str, prompt: list[int]) -> dict:
     max_tokens = args.random_output_len if args.dataset_name == "random" else args.output_len
-    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": args.ignore_eos}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": args.temperature,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": args.ignore_eos}
+    body.update({name: value for name, value in (("top_p", args.top_p), ("top_k", args.top_k)) if value is not None})
+    return body
 
 
 async def benchmark(args) -> tuple[list[dict], list[list[RequestRecord]]]:
@@ -325,6 +328,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-id-low", type=int, default=1000, help="Random dataset: smallest token id.")
     parser.add_argument("--token-id-high", type=int, default=20000, help="Random dataset: largest token id + 1.")
     parser.add_argument("--ignore-eos", action="store_true", help="Generate exactly max_tokens tokens.")
+    parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (0: greedy).")
+    parser.add_argument("--top-p", type=float, default=None, help="top_p of every request (default: not sent).")
+    parser.add_argument("--top-k", type=int, default=None, help="top_k of every request (default: not sent).")
     parser.add_argument("--warmup-requests", type=int, default=0,
                         help="Untimed requests first (prompts of the same dataset from seed + 1).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the prompts and of the arrival times.")

@@ -8,8 +8,8 @@ Example (the 64-request workload of docs/performance.md):
 
 Prompts are random token ids (default) or windows of a text file (--dataset-path, e.g. from
 scripts/make_corpus.py), with lengths uniform in --input-len-range (or exactly --input-len); they
-come from scripts/bench_prompts.py, like those of benchmark_throughput_vllm.py. Greedy; EOS ignored
-unless --no-ignore-eos. Weight modes are the engine flags (--dtype, --quantization int8|gguf).
+come from scripts/bench_prompts.py, like those of benchmark_throughput_vllm.py. Greedy unless
+--temperature (with --top-p, --top-k); EOS ignored unless --no-ignore-eos. Weight modes are the engine flags (--dtype, --quantization int8|gguf).
 Engine start (load + compile) is timed separately from generation; the
 --warmup-passes untimed passes run the same workload first.
 """
@@ -40,7 +40,8 @@ def main() -> None:
     tokenizer = llm.get_tokenizer()
     prompts = offline_workload(args, lambda text: tokenizer.encode(text, add_special_tokens=False),
                                tokenizer.vocab_size)
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=args.ignore_eos)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.output_len, ignore_eos=args.ignore_eos)
     requests = [{"prompt_token_ids": p} for p in prompts]
     for _ in range(args.warmup_passes):
         llm.generate(requests, params, use_tqdm=False)

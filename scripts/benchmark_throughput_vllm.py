@@ -41,8 +41,8 @@ def main() -> None:
     startup_s = time.perf_counter() - start
     tokenizer = llm.get_tokenizer()
     prompts = offline_workload(args, lambda text: tokenizer.encode(text, add_special_tokens=False), len(tokenizer))
-    params = vllm.SamplingParams(temperature=args.temperature, max_tokens=args.output_len,
-                                 ignore_eos=args.ignore_eos)
+    params = vllm.SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                 max_tokens=args.output_len, ignore_eos=args.ignore_eos)
     requests = [{"prompt_token_ids": p} for p in prompts]
     for _ in range(args.warmup_passes):
         llm.generate(requests, params, use_tqdm=False)
