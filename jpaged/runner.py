@@ -646,7 +646,8 @@ def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, ma
     vocab = model_config.vocab_size
     e = s * max_sampler_entries(model_config, args, max_model_len)  # the largest sampler: all entries, masked
     spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
-    sampler = jax.jit(functools.partial(_sample_step, max_logprobs=args.max_logprobs),
+    sampler = jax.jit(functools.partial(_sample_step, max_logprobs=args.max_logprobs,
+                                        sample_tokens=reference.sample_tokens),  # the GPU's draw
                       static_argnames=("num_seqs", "num_entries")).lower(
         spec((s, vocab), jnp.float32), spec((SamplingMetadata.blob_size(s, e),)),
         spec((s, bitmask_width(vocab))), num_seqs=s, num_entries=e).compile()

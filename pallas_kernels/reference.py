@@ -388,10 +388,11 @@ def apply_top_k_top_p(logits, top_k, top_p):
 
 
 def apply_min_p(logits, min_p):
-    """Masks the tokens whose probability is below min_p f32[S] times their row's largest. f32[S, V]."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    limit = min_p[:, None] * probs.max(axis=-1, keepdims=True)
-    return jnp.where(probs >= limit, logits, -jnp.inf)
+    """Masks the tokens whose probability is below min_p f32[S] times their row's largest, that
+    is whose logit is below the largest + log(min_p) (no softmax: XLA:CPU evaluated that one's
+    exps again inside the reductions, 10x a softmax's time). f32[S, V]."""
+    floor = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(jnp.maximum(min_p, 0.0))[:, None]
+    return jnp.where((min_p[:, None] <= 0.0) | (logits >= floor), logits, -jnp.inf)
 
 
 def processed_logits(logits, temperature, top_k, top_p, min_p):
