@@ -73,16 +73,16 @@ def select_kv_writer(backend: str):
     return write_kv
 
 
-def select_sample_tokens(backend: str, tp: int):
-    """The sampler's draw for its sampled rows (`pallas_kernels.reference.sample_tokens`'s
-    signature): the C++ kernel with the cpu backend on one device (a few passes over each row
-    where the reference bisects for the top_k / top_p thresholds: ~2 ms instead of ~60-90 for
-    64 rows of a 49k vocabulary), else the reference."""
+def select_sampling_kernels(backend: str, tp: int):
+    """The sampler's draw and top_k / top_p mask (`jpaged.sampler.SamplingKernels`): the C++ ones
+    with the cpu backend on one device (a few passes over each row where the references bisect
+    for the thresholds: ~2 ms instead of ~60-90 for 64 rows of a 49k vocabulary with top_p),
+    else the references."""
+    from jpaged.sampler import SamplingKernels
     if backend == "cpu" and tp == 1:
-        from pallas_kernels.cpu import sample_tokens
-        return sample_tokens
-    from pallas_kernels.reference import sample_tokens
-    return sample_tokens
+        from pallas_kernels import cpu
+        return SamplingKernels(cpu.sample_tokens, cpu.apply_top_k_top_p)
+    return SamplingKernels()
 
 
 def decode_only_attention(backend: str):

@@ -27,14 +27,13 @@ from tqdm.auto import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
 import pallas_kernels.cpu as cpu_kernels
-from pallas_kernels import reference
 
 from jpaged import kv_pool, kv_quantization, multihost, sharding
-from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer, select_sample_tokens
+from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer, select_sampling_kernels
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.config import DEFAULT_CPU_SCHEDULER_STEPS
 from jpaged.models import llama, quantization
-from jpaged.sampler import logprob_outputs, sample
+from jpaged.sampler import SamplingKernels, logprob_outputs, sample
 from jpaged.step_metadata import SamplingMetadata, StepMetadata, logit_entries, pack_sampling, pack_step
 from jpaged.structured_output.manager import bitmask_width
 
@@ -73,7 +72,7 @@ def _forward_step(params, kv_cache, kv_scales, blob, *, num_tokens, num_seqs, pa
 
 
 def _decode_steps(params, kv_cache, kv_scales, blob, sampling_blob, *, num_tokens, num_seqs, pages_per_seq,
-                  num_steps, block_size, max_logprobs, sample_tokens, model, **model_fns):
+                  num_steps, block_size, max_logprobs, sampling_kernels, model, **model_fns):
     """num_steps decode steps of a decode-only batch in one program (multi-step scheduling):
     each step samples one token per sequence and feeds it to the next one.
 
@@ -106,7 +105,7 @@ def _decode_steps(params, kv_cache, kv_scales, blob, sampling_blob, *, num_token
         def sampled_ids(hidden):
             logits = model.apply({"params": params}, hidden, method="compute_logits",
                                  **_real_rows(model, "compute_logits", step_meta))
-            return sample(logits, step_sampling, max_logprobs=max_logprobs, sample_tokens=sample_tokens).token_ids
+            return sample(logits, step_sampling, max_logprobs=max_logprobs, kernels=sampling_kernels).token_ids
 
         def greedy_ids(hidden):  # the same ids, where the model finds them without every logit
             return model.apply({"params": params}, hidden, method="compute_greedy_ids",
@@ -133,9 +132,9 @@ def _prompt_logprobs_step(params, hidden, targets, *, model, max_logprobs):
     return logprob_outputs(logits, targets, min(max_logprobs, logits.shape[1]))
 
 
-def _sample_step(logits, blob, token_bitmask=None, *, num_seqs, num_entries, max_logprobs, sample_tokens):
+def _sample_step(logits, blob, token_bitmask=None, *, num_seqs, num_entries, max_logprobs, sampling_kernels):
     return sample(logits, SamplingMetadata.unpack(blob, num_seqs, num_entries), token_bitmask, max_logprobs,
-                  sample_tokens)
+                  sampling_kernels)
 
 
 def _gather_blocks(kv_cache, block_ids):
@@ -191,7 +190,7 @@ class ModelRunner:
         `LlamaForCausalLM(model_config)`; docs/models.md gives the contract for others).
       pool_spec: kv_pool.KVPoolSpec. num_swap_blocks: host blocks for swapping (0: none).
       attention_fn: a paged attention with the reference signature; write_kv_fn: the KV write to go with it.
-      sample_tokens_fn: the sampler's draw (`pallas_kernels.reference.sample_tokens`'s signature).
+      sampling_kernels: the sampler's draw and top_k / top_p mask (`sampler.SamplingKernels`).
       bucket_pages: bucket the block-table width (for attention whose cost follows the width).
       max_entries_per_seq: the most sampler entries (logit_bias, min_tokens masks, distinct
         penalty tokens) one request can bring; max_logprobs: the widest top-logprobs request.
@@ -211,7 +210,7 @@ class ModelRunner:
                  max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, mesh,
                  max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, model=None, kv_scales=None,
                  recalibrate_kv=None, pack_params=None, num_scheduler_steps: int = 1,
-                 sample_tokens_fn=reference.sample_tokens):
+                 sampling_kernels=SamplingKernels()):
         self.model_config = model_config
         self.model = llama.LlamaForCausalLM(model_config) if model is None else model
         self._param_avals = self._abstract(params)  # what update_weights must be given
@@ -265,11 +264,11 @@ class ModelRunner:
             functools.partial(_decode_steps, model=self.model, attention_fn=decode_attention_fn or attention_fn,
                               write_kv_fn=write_kv_fn, num_steps=num_scheduler_steps,
                               block_size=pool_spec.block_size, max_logprobs=max_logprobs,
-                              sample_tokens=sample_tokens_fn),
+                              sampling_kernels=sampling_kernels),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
             out_shardings=None if tp == 1 else (self.replicated, forward_out[2]), compiler_options=options)
         self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs,
-                                                     sample_tokens=sample_tokens_fn),
+                                                     sampling_kernels=sampling_kernels),
                                    static_argnames=("num_seqs", "num_entries"), out_shardings=replicated_out)
         self._prompt_logprobs_jit = jax.jit(
             functools.partial(_prompt_logprobs_step, model=self.model, max_logprobs=max_logprobs),
@@ -583,7 +582,7 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
                        max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model,
                        kv_scales=kv_scales, recalibrate_kv=recalibrate_kv, pack_params=pack_params,
-                       num_scheduler_steps=scheduler_steps(args), sample_tokens_fn=select_sample_tokens(backend, tp))
+                       num_scheduler_steps=scheduler_steps(args), sampling_kernels=select_sampling_kernels(backend, tp))
 
 
 def packs_linears(backend: str, tp: int, model_class) -> bool:
@@ -647,7 +646,7 @@ def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, ma
     e = s * max_sampler_entries(model_config, args, max_model_len)  # the largest sampler: all entries, masked
     spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
     sampler = jax.jit(functools.partial(_sample_step, max_logprobs=args.max_logprobs,
-                                        sample_tokens=reference.sample_tokens),  # the GPU's draw
+                                        sampling_kernels=SamplingKernels()),  # the GPU's
                       static_argnames=("num_seqs", "num_entries")).lower(
         spec((s, vocab), jnp.float32), spec((SamplingMetadata.blob_size(s, e),)),
         spec((s, bitmask_width(vocab))), num_seqs=s, num_entries=e).compile()

@@ -9,6 +9,8 @@ logits (greedy rows: temperature 1, no masks).
 """
 
 import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,15 @@ class SamplerOutput:
     ranks: jax.Array  # i32[num_seqs]: its 1-based rank
     top_logprobs: jax.Array  # f32[num_seqs, min(max_logprobs, vocab_size)]
     top_token_ids: jax.Array  # i32[num_seqs, min(max_logprobs, vocab_size)]
+
+
+class SamplingKernels(NamedTuple):
+    """The sampler's vocabulary-wide work, as `pallas_kernels.reference` defines it: the draw of
+    the sampled rows (`sample_tokens`) and the top_k / top_p mask of their logprobs
+    (`apply_top_k_top_p`); the defaults are the references, `pallas_kernels.cpu` has both."""
+
+    sample_tokens: Callable = reference.sample_tokens
+    apply_top_k_top_p: Callable = reference.apply_top_k_top_p
 
 
 def apply_token_bitmask(logits, token_bitmask):
@@ -89,14 +100,13 @@ def argmax(logits, chunk: int = 128):
 
 
 def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int = MAX_LOGPROBS,
-           sample_tokens=reference.sample_tokens) -> SamplerOutput:
+           kernels: SamplingKernels = SamplingKernels()) -> SamplerOutput:
     """Samples one token per row. logits: f32[num_seqs, vocab_size].
 
     token_bitmask: None, or i32[num_seqs, cdiv(vocab_size, 32)] of allowed tokens (structured
     outputs), applied before everything else. max_logprobs (static): the width of the
-    top-logprobs outputs (capped at the vocabulary). sample_tokens: the draw of the sampled rows,
-    `reference.sample_tokens` or a kernel with its signature (`pallas_kernels.cpu.sample_tokens`).
-    The branches only return per-row values, so an all-greedy batch without logprobs costs one
+    top-logprobs outputs (capped at the vocabulary). kernels: the draw and the top_k / top_p mask
+    (`SamplingKernels`). The branches only return per-row values, so an all-greedy batch without logprobs costs one
     argmax (vocabulary-sized arrays never pass through a cond).
     """
     num_seqs, vocab = logits.shape
@@ -108,7 +118,7 @@ def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int
     greedy_ids = argmax(logits)
 
     def sampled_ids(logits):
-        drawn = sample_tokens(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p, meta.seeds,
+        drawn = kernels.sample_tokens(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p, meta.seeds,
                               meta.output_index)
         return jnp.where(greedy, greedy_ids, drawn)
 
@@ -116,7 +126,8 @@ def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int
     top = min(max_logprobs, vocab)
 
     def with_logprobs(logits, token_ids):
-        processed = reference.processed_logits(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p)
+        processed = reference.processed_logits(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p,
+                                               kernels.apply_top_k_top_p)
         return logprob_outputs(processed, token_ids, top)
 
     def no_logprobs(logits, token_ids):

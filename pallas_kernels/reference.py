@@ -395,15 +395,16 @@ def apply_min_p(logits, min_p):
     return jnp.where((min_p[:, None] <= 0.0) | (logits >= floor), logits, -jnp.inf)
 
 
-def processed_logits(logits, temperature, top_k, top_p, min_p):
+def processed_logits(logits, temperature, top_k, top_p, min_p, top_k_top_p=apply_top_k_top_p):
     """What a sampled row draws from: logits f32[S, V] divided by temperature f32[S], then the
-    min_p (f32[S]) and top_k (i32[S], 0: off) / top_p (f32[S], 1: off) masks (-inf outside).
-    Rows with temperature <= 0 come back unchanged."""
+    min_p (f32[S]) and top_k (i32[S], 0: off) / top_p (f32[S], 1: off) masks (-inf outside; the
+    latter by `top_k_top_p`, apply_top_k_top_p or a kernel of its signature). Rows with
+    temperature <= 0 come back unchanged."""
     greedy = temperature <= 0.0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     masked = apply_min_p(scaled, min_p)
     restricts = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0)))
-    masked = jax.lax.cond(restricts, lambda x: apply_top_k_top_p(x, top_k, top_p), lambda x: x, masked)
+    masked = jax.lax.cond(restricts, lambda x: top_k_top_p(x, top_k, top_p), lambda x: x, masked)
     return jnp.where(greedy[:, None], logits, masked)
 
 

@@ -1,5 +1,6 @@
 """The on-device sampler against numpy oracles and sampling statistics."""
 
+import functools
 import types
 
 import jax
@@ -7,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged.sampler import MAX_LOGPROBS, apply_adjustments, argmax, sample
+from jpaged.sampler import MAX_LOGPROBS, SamplingKernels, apply_adjustments, argmax, sample
 from jpaged.sampling_params import SamplingParams
 from jpaged.step_metadata import SamplingMetadata, logit_entries, pack_sampling
+from pallas_kernels import cpu
 from pallas_kernels.reference import apply_min_p, apply_top_k_top_p
 
 VOCAB = 32
@@ -55,21 +57,28 @@ def test_two_level_argmax_equals_numpy(vocab):
     np.testing.assert_array_equal(ids[keep], np.argmax(logits, axis=-1)[keep])
 
 
-def test_top_k_top_p_mask_matches_numpy():
+@pytest.mark.parametrize("vocab", [VOCAB, 49152])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_top_k_top_p_mask_matches_numpy(backend, vocab):
+    """The reference's bisections and the C++ kernel's histogram thresholds keep the same tokens."""
+    if backend == "cpu" and not cpu.is_available():
+        pytest.skip(f"CPU kernels unavailable: {cpu.load_error()}")
+    mask = jax.jit(apply_top_k_top_p if backend == "reference" else cpu.apply_top_k_top_p)
     rng = np.random.default_rng(1)
-    logits = rng.normal(size=(6, VOCAB)).astype(np.float32) * 3
-    top_k = np.array([0, 1, 5, 0, 3, 40], np.int32)
-    top_p = np.array([1.0, 1.0, 1.0, 0.5, 0.9, 0.3], np.float32)
-    got = np.asarray(apply_top_k_top_p(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p)))
-    for row in range(6):
+    logits = rng.normal(size=(8, vocab)).astype(np.float32) * 3
+    logits[7, :vocab // 2] = -np.inf  # masked tokens (bitmask, min_p) stay out
+    top_k = np.array([0, 1, 5, 0, 3, 40, 200, 40], np.int32)
+    top_p = np.array([1.0, 1.0, 1.0, 0.5, 0.9, 0.3, 0.95, 0.8], np.float32)
+    got = np.asarray(mask(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p)))
+    for row in range(8):
         order = np.argsort(-logits[row])
-        k = top_k[row] if top_k[row] > 0 else VOCAB
+        k = top_k[row] if top_k[row] > 0 else vocab
         kept = order[:k]
         probs = np.exp(logits[row, kept] - logits[row, kept].max())
         probs /= probs.sum()
         before = np.cumsum(probs) - probs
         kept = kept[before < top_p[row]]
-        expect = np.full(VOCAB, -np.inf, np.float32)
+        expect = np.full(vocab, -np.inf, np.float32)
         expect[kept] = logits[row, kept]
         np.testing.assert_array_equal(got[row], expect, err_msg=f"row {row}")
 
@@ -143,11 +152,16 @@ def test_draws_depend_only_on_seed_and_output_index():
     assert (np.asarray(_sample(jnp.asarray(logits), meta_next).token_ids) != first).any()
 
 
-def test_logprobs_of_processed_distribution_with_ranks():
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_logprobs_of_processed_distribution_with_ranks(backend):
+    if backend == "cpu" and not cpu.is_available():
+        pytest.skip(f"CPU kernels unavailable: {cpu.load_error()}")
+    kernels = SamplingKernels() if backend == "reference" else SamplingKernels(cpu.sample_tokens,
+                                                                               cpu.apply_top_k_top_p)
     logits = np.random.default_rng(5).normal(size=(8, VOCAB)).astype(np.float32)
     meta = make_meta(8, temperature=[0, 0.5, 0, 0, 0, 0, 0, 0], top_k=[0, 4, 0, 0, 0, 0, 0, 0],
                      seeds=np.arange(8), num_logprobs=[3, 2, -1, -1, -1, -1, -1, -1])
-    out = _sample(jnp.asarray(logits), meta)
+    out = jax.jit(functools.partial(sample, kernels=kernels))(jnp.asarray(logits), meta)
     assert out.top_logprobs.shape == (8, MAX_LOGPROBS) and out.top_token_ids.shape == (8, MAX_LOGPROBS)
     ref = jax.nn.log_softmax(logits[0])
     np.testing.assert_allclose(out.logprobs[0], ref.max(), rtol=1e-6)

@@ -1,14 +1,14 @@
 """C++ kernels for CPUs, registered with XLA through `jax.ffi`: paged attention, a matmul
-over packed weight panels, the greedy token of an lm_head, and the sampler's draw.
+over packed weight panels, the greedy token of an lm_head, and the sampler's draw and masks.
 
 `ragged_paged_attention` has the signature and results of
 `pallas_kernels.reference.ragged_paged_attention` and works inside `jit` (also with a donated KV
 pool); `packed_matmul` those of `pallas_kernels.reference.packed_matmul`; `greedy_lm_head`
 those of `pallas_kernels.reference.greedy_lm_head` (where `greedy_lm_head_supported()`);
-`sample_tokens` those of `pallas_kernels.reference.sample_tokens`. The library is built
-on first use when no build for these sources, jaxlib, compiler and CPU exists yet (see
-`build.py`); when that fails `is_available()` is False and `load_error()`
-says why, so callers can fall back to the reference.
+`sample_tokens` and `apply_top_k_top_p` those of their namesakes in `pallas_kernels.reference`.
+The library is built on first use when no build for these sources, jaxlib, compiler and CPU
+exists yet (see `build.py`); when that fails `is_available()` is False and `load_error()` says
+why, so callers can fall back to the reference.
 """
 
 import ctypes
@@ -29,6 +29,7 @@ PACKED_MATMUL_Q8_TARGET = "jpaged_packed_matmul_q8"
 GREEDY_LM_HEAD_Q8_TARGET = "jpaged_greedy_lm_head_q8"
 GREEDY_LM_HEAD_F32_TARGET = "jpaged_greedy_lm_head_f32"
 SAMPLE_TOKENS_TARGET = "jpaged_sample_tokens"
+TOP_K_TOP_P_TARGET = "jpaged_top_k_top_p_mask"
 UNINITIALIZED_TARGET = "jpaged_uninitialized"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
@@ -65,6 +66,8 @@ def _load() -> str | None:
         global _greedy_lm_head_supported
         _greedy_lm_head_supported = bool(library.JpagedGreedyLmHeadSupported())
         jax.ffi.register_ffi_target(SAMPLE_TOKENS_TARGET, jax.ffi.pycapsule(library.JpagedSampleTokens),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(TOP_K_TOP_P_TARGET, jax.ffi.pycapsule(library.JpagedTopKTopPMask),
                                     platform="cpu")
         jax.ffi.register_ffi_target(UNINITIALIZED_TARGET, jax.ffi.pycapsule(library.JpagedUninitialized),
                                     platform="cpu")
@@ -313,3 +316,18 @@ def sample_tokens(logits, temperature, top_k, top_p, min_p, seeds, output_index)
     return jax.ffi.ffi_call(SAMPLE_TOKENS_TARGET, out)(
         logits, temperature.astype(jnp.float32), top_k.astype(jnp.int32), top_p.astype(jnp.float32),
         min_p.astype(jnp.float32), seeds.astype(jnp.int32), output_index.astype(jnp.int32))
+
+
+def apply_top_k_top_p(logits, top_k, top_p):
+    """`pallas_kernels.reference.apply_top_k_top_p` on the CPU: logits f32[S, V] with the tokens
+    outside each row's top_k (i32[S], 0: off) and top_p (f32[S], 1: off) nucleus set to -inf,
+    ties at a threshold kept. The thresholds of `sample_tokens` (sampling.cc) instead of the
+    reference's bisections."""
+    num_seqs = logits.shape[0]
+    if logits.ndim != 2 or jnp.dtype(logits.dtype) != jnp.float32 or top_k.shape != (num_seqs,) \
+            or top_p.shape != (num_seqs,):
+        raise ValueError(f"apply_top_k_top_p needs float32 logits [S, V], top_k and top_p [S]; got logits "
+                         f"{logits.dtype}{list(logits.shape)}, top_k {list(top_k.shape)}, top_p {list(top_p.shape)}")
+    _require_library()
+    return jax.ffi.ffi_call(TOP_K_TOP_P_TARGET, jax.ShapeDtypeStruct(logits.shape, jnp.float32))(
+        logits, top_k.astype(jnp.int32), top_p.astype(jnp.float32))

@@ -16,7 +16,8 @@
 //   the bin where the mass from the top reaches top_p of what top_k kept; only those bins'
 //   weights are sorted.
 // The draw then scans the kept weights in id order until their running sum passes u * total.
-// Rows run in parallel on XLA's FFI thread pool.
+// The same thresholds also mask logits for the logprobs of sampled rows (TopKTopPMask, the
+// contract of reference.apply_top_k_top_p). Rows run in parallel on XLA's FFI thread pool.
 
 #include <algorithm>
 #include <cmath>
@@ -320,6 +321,41 @@ ffi::Error SampleTokens(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi:
   return ffi::Error::Success();
 }
 
+// Each row of logits (already divided by its temperature) with what top_k (0: off) and top_p
+// (1: off) drop set to -inf: the draw's kept tokens, as the least logit among them.
+ffi::Error TopKTopPMask(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> top_k,
+                        ffi::Buffer<ffi::F32> top_p, ffi::Result<ffi::Buffer<ffi::F32>> masked) {
+  const auto ld = logits.dimensions();
+  const int64_t rows = ld.size() == 2 ? ld[0] : -1;
+  if (rows < 0 || ld[1] < 1 || ld[1] > INT32_MAX || top_k.element_count() != rows || top_p.element_count() != rows ||
+      masked->element_count() != logits.element_count()) {
+    return ffi::Error::InvalidArgument("apply_top_k_top_p: need logits [S, V] (0 < V < 2^31), top_k and top_p [S]; "
+                                       "got logits " + Dims(ld));
+  }
+  const int64_t n = ld[1];
+  ParallelFor(pool, rows, [&](int64_t r, int64_t) {
+    thread_local Scratch scratch;
+    const float* x = logits.typed_data() + r * n;
+    float* out = masked->typed_data() + r * n;
+    float floor = -INFINITY;  // keeps every logit but NaN
+    const float largest = Largest(x, n);
+    if (std::isfinite(largest)) {
+      scratch.weights.resize(n);
+      const double total = Weights(x, n, largest, 1.0f, 0.0f, scratch.weights.data());
+      const float threshold =
+          Threshold(scratch.weights.data(), n, total, top_k.typed_data()[r], top_p.typed_data()[r], scratch);
+      if (threshold > 0.0f) {
+        floor = INFINITY;
+        for (const Candidate& c : scratch.candidates) {
+          if (c.weight >= threshold) floor = std::min(floor, x[c.id]);
+        }
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] >= floor ? x[i] : -INFINITY;
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedSampleTokens, SampleTokens,
@@ -333,3 +369,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedSampleTokens, SampleTokens,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // seeds
                                   .Arg<ffi::Buffer<ffi::S32>>()   // output_index
                                   .Ret<ffi::Buffer<ffi::S32>>());  // token_ids
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedTopKTopPMask, TopKTopPMask,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // logits
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // top_k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // top_p
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // masked
