@@ -15,6 +15,8 @@ each context with fewer wasted rows and splits long contexts across programs (fl
 import importlib
 import logging
 
+from jpaged.sampler import SamplingKernels
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,7 +80,6 @@ def select_sampling_kernels(backend: str, tp: int):
     with the cpu backend on one device (a few passes over each row where the references bisect
     for the thresholds: ~2 ms instead of ~60-90 for 64 rows of a 49k vocabulary with top_p),
     else the references."""
-    from jpaged.sampler import SamplingKernels
     if backend == "cpu" and tp == 1:
         from pallas_kernels import cpu
         return SamplingKernels(cpu.sample_tokens, cpu.apply_top_k_top_p)

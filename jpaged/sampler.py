@@ -106,8 +106,8 @@ def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int
     token_bitmask: None, or i32[num_seqs, cdiv(vocab_size, 32)] of allowed tokens (structured
     outputs), applied before everything else. max_logprobs (static): the width of the
     top-logprobs outputs (capped at the vocabulary). kernels: the draw and the top_k / top_p mask
-    (`SamplingKernels`). The branches only return per-row values, so an all-greedy batch without logprobs costs one
-    argmax (vocabulary-sized arrays never pass through a cond).
+    (`SamplingKernels`). The branches only return per-row values, so an all-greedy batch without
+    logprobs costs one argmax (vocabulary-sized arrays never pass through a cond).
     """
     num_seqs, vocab = logits.shape
     logits = logits.astype(jnp.float32)
@@ -119,7 +119,7 @@ def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int
 
     def sampled_ids(logits):
         drawn = kernels.sample_tokens(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p, meta.seeds,
-                              meta.output_index)
+                                      meta.output_index)
         return jnp.where(greedy, greedy_ids, drawn)
 
     token_ids = jax.lax.cond(jnp.all(greedy), lambda _: greedy_ids, sampled_ids, logits)
