@@ -76,13 +76,13 @@ def select_kv_writer(backend: str):
 
 
 def select_sampling_kernels(backend: str, tp: int):
-    """The sampler's draw and top_k / top_p mask (`jpaged.sampler.SamplingKernels`): the C++ ones
-    with the cpu backend on one device (a few passes over each row where the references bisect
-    for the thresholds: ~2 ms instead of ~60-90 for 64 rows of a 49k vocabulary with top_p),
-    else the references."""
+    """The sampler's draw, top_k / top_p mask and logprobs (`jpaged.sampler.SamplingKernels`):
+    the C++ ones with the cpu backend on one device (a few passes over each row where the
+    references bisect for the thresholds: ~2 ms instead of ~60-90 for 64 rows of a 49k
+    vocabulary with top_p; logprobs without a sort: ~1 ms instead of ~10), else the references."""
     if backend == "cpu" and tp == 1:
         from pallas_kernels import cpu
-        return SamplingKernels(cpu.sample_tokens, cpu.apply_top_k_top_p)
+        return SamplingKernels(cpu.sample_tokens, cpu.apply_top_k_top_p, cpu.logprob_outputs)
     return SamplingKernels()
 
 

@@ -18,6 +18,8 @@ DEFAULT_CPU_MAX_MODEL_LEN = 2048
 DEFAULT_CPU_SCHEDULER_STEPS = 4
 # --kv-cache-dtype values, vLLM's names (fp8 is fp8_e4m3); jpaged/kv_quantization.py maps them to page dtypes.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")
+# --logprobs-mode values, vLLM's names (jpaged/sampler.py); the first is the default.
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 
 
 def _field(default, help: str, choices=None, type=None, nargs=None):
@@ -134,6 +136,11 @@ class EngineArgs:
     # Request limits: checked before a request is queued (jpaged/request_validation.py).
     max_logprobs: int = _field(20, "Most logprobs / prompt_logprobs (top_logprobs in chat) a request may ask for.",
                                type=int)
+    logprobs_mode: str = _field(
+        LOGPROBS_MODES[0], "What logprobs and prompt_logprobs return: raw_* are the model's, before logit_bias, "
+        "penalties, temperature and top_k / top_p / min_p; processed_* what a token is drawn from; *_logprobs "
+        "log-softmax, *_logits the logits themselves (vLLM's values and default).",
+        choices=list(LOGPROBS_MODES))
     max_logit_bias: int = _field(300, "Most logit_bias entries in one request.", type=int)
     max_stop_sequences: int = _field(64, "Most stop strings in one request.", type=int)
     max_stop_token_ids: int = _field(64, "Most stop_token_ids in one request.", type=int)
@@ -202,6 +209,7 @@ class EngineArgs:
         for name, choices in (("load_format", ["auto", "safetensors", "gguf", "orbax", "dummy"]),
                               ("dtype", ["auto", "float32", "bfloat16", "float16"]),
                               ("kv_cache_dtype", list(KV_CACHE_DTYPES)),
-                              ("attention_backend", ["auto", "reference", "pallas", "cpu"])):
+                              ("attention_backend", ["auto", "reference", "pallas", "cpu"]),
+                              ("logprobs_mode", list(LOGPROBS_MODES))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}.")

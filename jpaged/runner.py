@@ -31,9 +31,9 @@ import pallas_kernels.cpu as cpu_kernels
 from jpaged import kv_pool, kv_quantization, multihost, sharding
 from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer, select_sampling_kernels
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
-from jpaged.config import DEFAULT_CPU_SCHEDULER_STEPS
+from jpaged.config import DEFAULT_CPU_SCHEDULER_STEPS, LOGPROBS_MODES
 from jpaged.models import llama, quantization
-from jpaged.sampler import SamplingKernels, logprob_outputs, sample
+from jpaged.sampler import SamplingKernels, sample
 from jpaged.step_metadata import SamplingMetadata, StepMetadata, logit_entries, pack_sampling, pack_step
 from jpaged.structured_output.manager import bitmask_width
 
@@ -123,18 +123,23 @@ def _decode_steps(params, kv_cache, kv_scales, blob, sampling_blob, *, num_token
     return sampled, kv_cache
 
 
-def _prompt_logprobs_step(params, hidden, targets, *, model, max_logprobs):
-    """Raw log-softmax of every packed row's logits at its next prompt token, with the top ones.
+def _prompt_logprobs_step(params, hidden, targets, *, model, max_logprobs, sampling_kernels, logprobs_mode):
+    """Every packed row's logits at its next prompt token, with the top ones: log-softmax, or
+    the logits themselves in the *_logits modes (prompts are never processed, as in vLLM).
 
-    hidden: [num_tokens, hidden_size]; targets: i32[num_tokens] (the token each row predicts).
+    hidden: [num_tokens, hidden_size]; targets: i32[num_tokens] (the token each row predicts, -1
+    for rows no request asked about: their outputs are zeros).
     """
     logits = model.apply({"params": params}, hidden, method="compute_logits")  # f32[T, vocab]
-    return logprob_outputs(logits, targets, min(max_logprobs, logits.shape[1]))
+    return sampling_kernels.logprob_outputs(logits, jnp.maximum(targets, 0), targets >= 0,
+                                            min(max_logprobs, logits.shape[1]),
+                                            normalize=logprobs_mode.endswith("logprobs"))
 
 
-def _sample_step(logits, blob, token_bitmask=None, *, num_seqs, num_entries, max_logprobs, sampling_kernels):
+def _sample_step(logits, blob, token_bitmask=None, *, num_seqs, num_entries, max_logprobs, sampling_kernels,
+                 logprobs_mode):
     return sample(logits, SamplingMetadata.unpack(blob, num_seqs, num_entries), token_bitmask, max_logprobs,
-                  sampling_kernels)
+                  sampling_kernels, logprobs_mode)
 
 
 def _gather_blocks(kv_cache, block_ids):
@@ -152,11 +157,15 @@ def _to_host(tree):
 
 
 def _prompt_targets(scheduled, num_tokens: int) -> np.ndarray:
-    """i32[num_tokens]: the prompt token each packed row predicts (0 past the prompt or in padding)."""
-    targets = np.zeros(num_tokens, np.int32)
+    """i32[num_tokens]: the prompt token each packed row of a request with prompt_logprobs
+    predicts; -1 past the prompt, for other requests' rows and in padding."""
+    targets = np.full(num_tokens, -1, np.int32)
     start = 0
     for req in scheduled:
         n = len(req.token_ids)
+        if req.sampling_params.prompt_logprobs is None:
+            start += n
+            continue
         prompt = req.prompt_token_ids
         nxt = np.arange(req.start_position + 1, req.start_position + n + 1)
         in_prompt = nxt < len(prompt)
@@ -190,7 +199,8 @@ class ModelRunner:
         `LlamaForCausalLM(model_config)`; docs/models.md gives the contract for others).
       pool_spec: kv_pool.KVPoolSpec. num_swap_blocks: host blocks for swapping (0: none).
       attention_fn: a paged attention with the reference signature; write_kv_fn: the KV write to go with it.
-      sampling_kernels: the sampler's draw and top_k / top_p mask (`sampler.SamplingKernels`).
+      sampling_kernels: the sampler's vocabulary-wide work (`sampler.SamplingKernels`).
+      logprobs_mode: what logprobs and prompt_logprobs return (`jpaged.config.LOGPROBS_MODES`).
       bucket_pages: bucket the block-table width (for attention whose cost follows the width).
       max_entries_per_seq: the most sampler entries (logit_bias, min_tokens masks, distinct
         penalty tokens) one request can bring; max_logprobs: the widest top-logprobs request.
@@ -210,7 +220,7 @@ class ModelRunner:
                  max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, mesh,
                  max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, model=None, kv_scales=None,
                  recalibrate_kv=None, pack_params=None, num_scheduler_steps: int = 1,
-                 sampling_kernels=SamplingKernels()):
+                 sampling_kernels=SamplingKernels(), logprobs_mode: str = LOGPROBS_MODES[0]):
         self.model_config = model_config
         self.model = llama.LlamaForCausalLM(model_config) if model is None else model
         self._param_avals = self._abstract(params)  # what update_weights must be given
@@ -268,10 +278,11 @@ class ModelRunner:
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
             out_shardings=None if tp == 1 else (self.replicated, forward_out[2]), compiler_options=options)
         self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs,
-                                                     sampling_kernels=sampling_kernels),
+                                                     sampling_kernels=sampling_kernels, logprobs_mode=logprobs_mode),
                                    static_argnames=("num_seqs", "num_entries"), out_shardings=replicated_out)
         self._prompt_logprobs_jit = jax.jit(
-            functools.partial(_prompt_logprobs_step, model=self.model, max_logprobs=max_logprobs),
+            functools.partial(_prompt_logprobs_step, model=self.model, max_logprobs=max_logprobs,
+                              sampling_kernels=sampling_kernels, logprobs_mode=logprobs_mode),
             out_shardings=replicated_out, compiler_options=options)
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq, decode_only) -> compiled
@@ -582,7 +593,8 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
                        max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model,
                        kv_scales=kv_scales, recalibrate_kv=recalibrate_kv, pack_params=pack_params,
-                       num_scheduler_steps=scheduler_steps(args), sampling_kernels=select_sampling_kernels(backend, tp))
+                       num_scheduler_steps=scheduler_steps(args), sampling_kernels=select_sampling_kernels(backend, tp),
+                       logprobs_mode=args.logprobs_mode)
 
 
 def packs_linears(backend: str, tp: int, model_class) -> bool:
@@ -646,7 +658,8 @@ def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, ma
     e = s * max_sampler_entries(model_config, args, max_model_len)  # the largest sampler: all entries, masked
     spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
     sampler = jax.jit(functools.partial(_sample_step, max_logprobs=args.max_logprobs,
-                                        sampling_kernels=SamplingKernels()),  # the GPU's
+                                        sampling_kernels=SamplingKernels(),  # the GPU's
+                                        logprobs_mode=args.logprobs_mode),
                       static_argnames=("num_seqs", "num_entries")).lower(
         spec((s, vocab), jnp.float32), spec((SamplingMetadata.blob_size(s, e),)),
         spec((s, bitmask_width(vocab))), num_seqs=s, num_entries=e).compile()

@@ -4,8 +4,13 @@ Order (vLLM's): logit_bias and min_tokens masks, then presence/frequency/repetit
 greedy rows take the argmax of that. Sampled rows are divided by their temperature, masked by
 min_p, then top_k and top_p, and drawn at a uniform keyed only on (request seed, output index),
 so a seeded request samples the same tokens in any batch (`pallas_kernels.reference.sample_tokens`,
-or the C++ kernel of the same contract on CPU). Logprobs are log_softmax of these processed
-logits (greedy rows: temperature 1, no masks).
+or the C++ kernel of the same contract on CPU).
+
+Logprobs follow vLLM's --logprobs-mode (`jpaged.config.LOGPROBS_MODES`): by default
+(raw_logprobs) the log_softmax of the model's logits before logit_bias, min_tokens, penalties,
+temperature and the masks (a structured-output token mask is applied first, as vLLM's runner
+does); the processed_* modes use what the row is drawn from (greedy rows: after penalties,
+temperature 1, no masks); the *_logits modes return those logits unnormalized.
 """
 
 import dataclasses
@@ -15,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jpaged.config import LOGPROBS_MODES
 from jpaged.step_metadata import SamplingMetadata
 from pallas_kernels import reference
 
@@ -34,11 +40,13 @@ class SamplerOutput:
 
 class SamplingKernels(NamedTuple):
     """The sampler's vocabulary-wide work, as `pallas_kernels.reference` defines it: the draw of
-    the sampled rows (`sample_tokens`) and the top_k / top_p mask of their logprobs
-    (`apply_top_k_top_p`); the defaults are the references, `pallas_kernels.cpu` has both."""
+    the sampled rows (`sample_tokens`), the top_k / top_p mask of their processed logprobs
+    (`apply_top_k_top_p`) and the logprobs' top list and ranks (`logprob_outputs`); the defaults
+    are the references, `pallas_kernels.cpu` has all three."""
 
     sample_tokens: Callable = reference.sample_tokens
     apply_top_k_top_p: Callable = reference.apply_top_k_top_p
+    logprob_outputs: Callable = reference.logprob_outputs
 
 
 def apply_token_bitmask(logits, token_bitmask):
@@ -71,16 +79,6 @@ def apply_adjustments(logits, meta: SamplingMetadata):
     return logits.at[rows, targets].set(x, mode="drop")
 
 
-def logprob_outputs(logits, token_ids, num_top: int):
-    """log_softmax of f32[S, V] logits: the given tokens' logprobs f32[S] and 1-based ranks i32[S],
-    and the top `num_top` logprobs f32[S, num_top] with their ids i32[S, num_top]."""
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]
-    ranks = (logprobs > chosen[:, None]).sum(axis=-1).astype(jnp.int32) + 1
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
-    return chosen, ranks, top_logprobs, top_ids.astype(jnp.int32)
-
-
 def argmax(logits, chunk: int = 128):
     """jnp.argmax(logits, axis=-1) as i32[S] for f32[S, V]: the first index on ties (a row with
     NaN gets some index below V: XLA:CPU's max reduction may skip NaN).
@@ -100,20 +98,23 @@ def argmax(logits, chunk: int = 128):
 
 
 def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int = MAX_LOGPROBS,
-           kernels: SamplingKernels = SamplingKernels()) -> SamplerOutput:
+           kernels: SamplingKernels = SamplingKernels(), logprobs_mode: str = LOGPROBS_MODES[0]) -> SamplerOutput:
     """Samples one token per row. logits: f32[num_seqs, vocab_size].
 
     token_bitmask: None, or i32[num_seqs, cdiv(vocab_size, 32)] of allowed tokens (structured
     outputs), applied before everything else. max_logprobs (static): the width of the
-    top-logprobs outputs (capped at the vocabulary). kernels: the draw and the top_k / top_p mask
-    (`SamplingKernels`). The branches only return per-row values, so an all-greedy batch without
-    logprobs costs one argmax (vocabulary-sized arrays never pass through a cond).
+    top-logprobs outputs (capped at the vocabulary). kernels: the sampler's vocabulary-wide work
+    (`SamplingKernels`). logprobs_mode (static): one of `LOGPROBS_MODES` (module docstring).
+    The branches only return per-row values, so an all-greedy batch without logprobs costs one
+    argmax (vocabulary-sized arrays never pass through a cond).
     """
+    if logprobs_mode not in LOGPROBS_MODES:
+        raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
     num_seqs, vocab = logits.shape
-    logits = logits.astype(jnp.float32)
+    raw = logits.astype(jnp.float32)
     if token_bitmask is not None:
-        logits = apply_token_bitmask(logits, token_bitmask)
-    logits = apply_adjustments(logits, meta)
+        raw = apply_token_bitmask(raw, token_bitmask)
+    logits = apply_adjustments(raw, meta)
     greedy = meta.temperature <= 0.0
     greedy_ids = argmax(logits)
 
@@ -124,17 +125,20 @@ def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int
 
     token_ids = jax.lax.cond(jnp.all(greedy), lambda _: greedy_ids, sampled_ids, logits)
     top = min(max_logprobs, vocab)
+    wanted = meta.num_logprobs >= 0
 
-    def with_logprobs(logits, token_ids):
-        processed = reference.processed_logits(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p,
-                                               kernels.apply_top_k_top_p)
-        return logprob_outputs(processed, token_ids, top)
+    def with_logprobs(raw, logits, token_ids):
+        scores = raw
+        if logprobs_mode.startswith("processed"):
+            scores = reference.processed_logits(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p,
+                                                kernels.apply_top_k_top_p)
+        return kernels.logprob_outputs(scores, token_ids, wanted, top, normalize=logprobs_mode.endswith("logprobs"))
 
-    def no_logprobs(logits, token_ids):
+    def no_logprobs(raw, logits, token_ids):
         return (jnp.zeros(num_seqs, jnp.float32), jnp.zeros(num_seqs, jnp.int32),
                 jnp.zeros((num_seqs, top), jnp.float32), jnp.zeros((num_seqs, top), jnp.int32))
 
-    chosen, ranks, top_logprobs, top_ids = jax.lax.cond(
-        jnp.any(meta.num_logprobs >= 0), with_logprobs, no_logprobs, logits, token_ids)
+    chosen, ranks, top_logprobs, top_ids = jax.lax.cond(jnp.any(wanted), with_logprobs, no_logprobs, raw, logits,
+                                                        token_ids)
     return SamplerOutput(token_ids=token_ids, logprobs=chosen, ranks=ranks,
                          top_logprobs=top_logprobs, top_token_ids=top_ids)

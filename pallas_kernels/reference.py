@@ -2,8 +2,8 @@
 
 Paged attention (`ragged_paged_attention`, `write_kv`), the matmul over packed weight panels
 (`pack_panels`, `packed_matmul`), described below in that order, the greedy token of an lm_head
-(`pack_greedy_lm_head`, `greedy_lm_head`), and the sampler's draw (`sample_tokens`, with the
-masks it applies).
+(`pack_greedy_lm_head`, `greedy_lm_head`), the sampler's draw (`sample_tokens`, with the
+masks it applies) and its logprobs (`logprob_outputs`).
 
 KV pool layout, per layer, for K and V alike (chosen so one (block, kv head) tile is contiguous,
 which is what the GPU and CPU kernels read):
@@ -440,3 +440,21 @@ def sample_tokens(logits, temperature, top_k, top_p, min_p, seeds, output_index)
     # Where rounding leaves the target past the last sum: the last token that weighs.
     last = jnp.max(jnp.where(weights > 0, jnp.arange(vocab), 0), axis=-1)
     return jnp.where(temperature > 0, jnp.minimum(drawn, last), 0).astype(jnp.int32)
+
+
+def logprob_outputs(scores, token_ids, wanted, num_top: int, normalize: bool = True):
+    """The logprobs a step returns, from scores f32[S, V] (logits, raw or processed):
+    (chosen f32[S], ranks i32[S], top f32[S, num_top], top_ids i32[S, num_top]).
+
+    With normalize, each row's values are log_softmax(scores) (NaN throughout for a row with no
+    finite score); without, the scores themselves (vLLM's *_logits modes). chosen is the value
+    at token_ids i32[S], ranks its 1-based rank (1 + the values strictly above it), top the
+    num_top largest values in descending order, ties by lower id. Rows where wanted (bool[S]) is
+    false are all zeros."""
+    values = jax.nn.log_softmax(scores, axis=-1) if normalize else scores
+    chosen = jnp.take_along_axis(values, token_ids[:, None], axis=-1)[:, 0]
+    ranks = (values > chosen[:, None]).sum(axis=-1).astype(jnp.int32) + 1
+    top, top_ids = jax.lax.top_k(values, num_top)
+    keep = wanted.astype(bool)
+    return (jnp.where(keep, chosen, 0.0), jnp.where(keep, ranks, 0), jnp.where(keep[:, None], top, 0.0),
+            jnp.where(keep[:, None], top_ids, 0).astype(jnp.int32))

@@ -239,6 +239,22 @@ def test_stop_strings_finish_reasons_n_and_logprobs(tiny_llm):
         assert out.logprobs[step][token_id].rank == 1
         assert out.logprobs[step][token_id].logprob == pytest.approx(float(logprobs[row, token_id]), abs=1e-4)
 
+    # Sampled logprobs are the model's own by default (vLLM's raw_logprobs), not those of the
+    # temperature-scaled, top_k-masked distribution the tokens are drawn from.
+    sampled = SamplingParams(temperature=0.5, top_k=3, seed=3, max_tokens=3, ignore_eos=True, logprobs=4,
+                             repetition_penalty=1.3)
+    out = tiny_llm.generate(prompt, sampled, use_tqdm=False)[0].outputs[0]
+    ids = jnp.asarray([prompt["prompt_token_ids"] + out.token_ids[:2]])
+    logprobs = jax.nn.log_softmax(llama.forward_dense(engine.runner.params, engine.model_config, ids)[0], axis=-1)
+    for step, token_id in enumerate(out.token_ids):
+        row = np.asarray(logprobs[len(prompt["prompt_token_ids"]) - 1 + step])
+        top = np.argsort(-row, kind="stable")[:4]
+        assert set(top) <= set(out.logprobs[step])
+        for t in [token_id, *top]:
+            assert out.logprobs[step][t].logprob == pytest.approx(float(row[t]), abs=1e-4)
+        above = [1 + int((row > row[token_id] + d).sum()) for d in (1e-4, -1e-4)]
+        assert above[0] <= out.logprobs[step][token_id].rank <= above[1]
+
 
 def test_multi_step_rounds_give_the_tokens_of_single_steps(tiny_model_dir, tiny_llm):
     """--num-scheduler-steps 4 against 1 on the same weights: the same greedy and seeded tokens

@@ -153,14 +153,19 @@ def test_draws_depend_only_on_seed_and_output_index():
     assert (np.asarray(_sample(jnp.asarray(logits), meta_next).token_ids) != first).any()
 
 
+def _kernels(backend):
+    if backend == "reference":
+        return SamplingKernels()
+    return SamplingKernels(cpu.sample_tokens, cpu.apply_top_k_top_p, cpu.logprob_outputs)
+
+
 @pytest.mark.parametrize("backend", with_cpu_kernels)
-def test_logprobs_of_processed_distribution_with_ranks(backend):
-    kernels = SamplingKernels() if backend == "reference" else SamplingKernels(cpu.sample_tokens,
-                                                                               cpu.apply_top_k_top_p)
+def test_processed_logprobs_with_ranks(backend):
     logits = np.random.default_rng(5).normal(size=(8, VOCAB)).astype(np.float32)
     meta = make_meta(8, temperature=[0, 0.5, 0, 0, 0, 0, 0, 0], top_k=[0, 4, 0, 0, 0, 0, 0, 0],
                      seeds=np.arange(8), num_logprobs=[3, 2, -1, -1, -1, -1, -1, -1])
-    out = jax.jit(functools.partial(sample, kernels=kernels))(jnp.asarray(logits), meta)
+    out = jax.jit(functools.partial(sample, kernels=_kernels(backend), logprobs_mode="processed_logprobs"))(
+        jnp.asarray(logits), meta)
     assert out.top_logprobs.shape == (8, MAX_LOGPROBS) and out.top_token_ids.shape == (8, MAX_LOGPROBS)
     ref = jax.nn.log_softmax(logits[0])
     np.testing.assert_allclose(out.logprobs[0], ref.max(), rtol=1e-6)
@@ -173,6 +178,39 @@ def test_logprobs_of_processed_distribution_with_ranks(backend):
     np.testing.assert_allclose(np.asarray(out.top_logprobs[1, :4]), ref1, rtol=1e-5)
     assert np.isneginf(np.asarray(out.top_logprobs[1, 4]))
     assert int(out.token_ids[1]) in top4
+    processed_logits = jax.jit(functools.partial(sample, kernels=_kernels(backend), logprobs_mode="processed_logits"))(
+        jnp.asarray(logits), meta)
+    np.testing.assert_allclose(np.asarray(processed_logits.top_logprobs[1, :4]), scaled[top4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", with_cpu_kernels)
+@pytest.mark.parametrize("mode", ["raw_logprobs", "raw_logits"])
+def test_raw_logprobs_ignore_every_processor_but_the_token_mask(backend, mode):
+    """vLLM's default: the model's distribution, whatever temperature, top_k, min_p, logit_bias
+    and penalties a row has (its drawn token still follows them); a structured-output token
+    mask comes first. Rows that asked for no logprobs get zeros."""
+    logits = np.random.default_rng(6).normal(size=(4, VOCAB)).astype(np.float32)
+    meta = make_meta(4, temperature=[0, 0.5, 1.0, 0], top_k=[0, 3, 0, 0], min_p=[0, 0, 0.3, 0],
+                     repetition_penalty=[1.5, 1, 1, 1], seeds=np.arange(4), num_logprobs=[5, 5, 5, -1],
+                     entry_rows=[0, 0, 1], entry_token_ids=[4, 9, 7], entry_bias=[0.0, 0.0, 30.0],
+                     entry_output_counts=[1, 2, 0], entry_seen=[1, 1, 0])
+    bitmask = np.full((4, 1), -1, np.int32)
+    bitmask[2] = (1 << 3) | (1 << 17)  # row 2 may only emit tokens 3 and 17
+    out = jax.jit(functools.partial(sample, kernels=_kernels(backend), logprobs_mode=mode))(
+        jnp.asarray(logits), meta, jnp.asarray(bitmask))
+    raw = logits.astype(np.float64).copy()
+    raw[2, [t for t in range(VOCAB) if t not in (3, 17)]] = -np.inf
+    values = raw - raw.max(1, keepdims=True) - np.log(np.exp(raw - raw.max(1, keepdims=True)).sum(1, keepdims=True))
+    values = values if mode == "raw_logprobs" else raw
+    ids = np.asarray(out.token_ids)
+    assert int(ids[1]) == 7 and int(ids[2]) in (3, 17)  # the bias and the mask still decide the draw
+    for row in range(3):
+        order = np.argsort(-values[row], kind="stable")[:5]
+        np.testing.assert_array_equal(np.asarray(out.top_token_ids[row, :5]), order)
+        np.testing.assert_allclose(np.asarray(out.top_logprobs[row, :5]), values[row, order], rtol=1e-5)
+        np.testing.assert_allclose(float(out.logprobs[row]), values[row, ids[row]], rtol=1e-5)
+        assert int(out.ranks[row]) == 1 + int((values[row] > values[row, ids[row]]).sum())
+    assert float(out.logprobs[3]) == 0 and int(out.ranks[3]) == 0 and not np.asarray(out.top_logprobs[3]).any()
 
 
 def _request(params, prompt, output, eos=(2,)):

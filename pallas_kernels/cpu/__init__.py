@@ -1,11 +1,13 @@
 """C++ kernels for CPUs, registered with XLA through `jax.ffi`: paged attention, a matmul
-over packed weight panels, the greedy token of an lm_head, and the sampler's draw and masks.
+over packed weight panels, the greedy token of an lm_head, and the sampler's draw, masks and
+logprobs.
 
 `ragged_paged_attention` has the signature and results of
 `pallas_kernels.reference.ragged_paged_attention` and works inside `jit` (also with a donated KV
 pool); `packed_matmul` those of `pallas_kernels.reference.packed_matmul`; `greedy_lm_head`
 those of `pallas_kernels.reference.greedy_lm_head` (where `greedy_lm_head_supported()`);
-`sample_tokens` and `apply_top_k_top_p` those of their namesakes in `pallas_kernels.reference`.
+`sample_tokens`, `apply_top_k_top_p` and `logprob_outputs` those of their namesakes in
+`pallas_kernels.reference`.
 The library is built on first use when no build for these sources, jaxlib, compiler and CPU
 exists yet (see `build.py`); when that fails `is_available()` is False and `load_error()` says
 why, so callers can fall back to the reference.
@@ -30,6 +32,7 @@ GREEDY_LM_HEAD_Q8_TARGET = "jpaged_greedy_lm_head_q8"
 GREEDY_LM_HEAD_F32_TARGET = "jpaged_greedy_lm_head_f32"
 SAMPLE_TOKENS_TARGET = "jpaged_sample_tokens"
 TOP_K_TOP_P_TARGET = "jpaged_top_k_top_p_mask"
+LOGPROB_OUTPUTS_TARGET = "jpaged_logprob_outputs"
 UNINITIALIZED_TARGET = "jpaged_uninitialized"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _KV_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
@@ -68,6 +71,8 @@ def _load() -> str | None:
         jax.ffi.register_ffi_target(SAMPLE_TOKENS_TARGET, jax.ffi.pycapsule(library.JpagedSampleTokens),
                                     platform="cpu")
         jax.ffi.register_ffi_target(TOP_K_TOP_P_TARGET, jax.ffi.pycapsule(library.JpagedTopKTopPMask),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(LOGPROB_OUTPUTS_TARGET, jax.ffi.pycapsule(library.JpagedLogprobOutputs),
                                     platform="cpu")
         jax.ffi.register_ffi_target(UNINITIALIZED_TARGET, jax.ffi.pycapsule(library.JpagedUninitialized),
                                     platform="cpu")
@@ -331,3 +336,22 @@ def apply_top_k_top_p(logits, top_k, top_p):
     _require_library()
     return jax.ffi.ffi_call(TOP_K_TOP_P_TARGET, jax.ShapeDtypeStruct(logits.shape, jnp.float32))(
         logits, top_k.astype(jnp.int32), top_p.astype(jnp.float32))
+
+
+def logprob_outputs(scores, token_ids, wanted, num_top: int, normalize: bool = True):
+    """`pallas_kernels.reference.logprob_outputs` on the CPU: (chosen f32[S], ranks i32[S], top
+    f32[S, num_top], top_ids i32[S, num_top]) from scores f32[S, V], token_ids i32[S] and wanted
+    bool[S]; rows not wanted are zeros and cost nothing. Three passes over each wanted row (the
+    top list, the log-sum-exp, the rank) instead of a sort; the values agree with the reference
+    to float rounding of the log-sum-exp, ids and ranks exactly (sampling.cc)."""
+    num_seqs, vocab = scores.shape
+    if jnp.dtype(scores.dtype) != jnp.float32 or token_ids.shape != (num_seqs,) or wanted.shape != (num_seqs,) \
+            or not 0 < num_top <= vocab:
+        raise ValueError(f"logprob_outputs needs float32 scores [S, V], token_ids and wanted [S] and 0 < num_top <= V; "
+                         f"got scores {scores.dtype}{list(scores.shape)}, token_ids {list(token_ids.shape)}, "
+                         f"wanted {list(wanted.shape)}, num_top {num_top}")
+    _require_library()
+    out = (jax.ShapeDtypeStruct((num_seqs,), jnp.float32), jax.ShapeDtypeStruct((num_seqs,), jnp.int32),
+           jax.ShapeDtypeStruct((num_seqs, num_top), jnp.float32), jax.ShapeDtypeStruct((num_seqs, num_top), jnp.int32))
+    return jax.ffi.ffi_call(LOGPROB_OUTPUTS_TARGET, out)(
+        scores, token_ids.astype(jnp.int32), wanted.astype(jnp.int32), normalize=bool(normalize))

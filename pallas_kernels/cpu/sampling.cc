@@ -17,7 +17,9 @@
 //   weights are sorted.
 // The draw then scans the kept weights in id order until their running sum passes u * total.
 // The same thresholds also mask logits for the logprobs of sampled rows (TopKTopPMask, the
-// contract of reference.apply_top_k_top_p). Rows run in parallel on XLA's FFI thread pool.
+// contract of reference.apply_top_k_top_p). LogprobOutputs is reference.logprob_outputs: the
+// largest scores and the chosen token's value and rank in three passes over each wanted row
+// instead of a sort. Rows run in parallel on XLA's FFI thread pool.
 
 #include <algorithm>
 #include <cmath>
@@ -356,6 +358,130 @@ ffi::Error TopKTopPMask(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi:
   return ffi::Error::Success();
 }
 
+// Bit l set where lane l of v is > least (false for NaN).
+inline uint32_t Above(vf v, float least) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_set1_ps(least), _CMP_GT_OQ);
+#elif defined(__AVX__)
+  return _mm256_movemask_ps(_mm256_cmp_ps(reinterpret_cast<__m256>(v), _mm256_set1_ps(least), _CMP_GT_OQ));
+#else
+  uint32_t bits = 0;
+  for (int l = 0; l < kLanes; ++l) bits |= static_cast<uint32_t>(v[l] > least) << l;
+  return bits;
+#endif
+}
+
+// The k largest of a row in one pass, in descending order, ties by lower id: a sorted list
+// that a score enters only when it is above the list's last (scanning in id order, an equal
+// score comes after the one already there).
+struct Scored {
+  float score;
+  int32_t id;
+};
+
+struct TopK {
+  std::vector<Scored> list;  // descending; ids ascending among equal scores
+
+  void Insert(float x, int32_t id, size_t k) {
+    size_t at = list.size();
+    while (at > 0 && x > list[at - 1].score) --at;
+    if (list.size() < k) list.push_back({});
+    else if (at == list.size()) return;
+    std::move_backward(list.begin() + at, list.end() - 1, list.end());
+    list[at] = {x, id};
+  }
+
+  void Scan(const float* x, int64_t n, size_t k) {
+    list.clear();
+    int64_t i = 0;
+    for (; i < n && list.size() < k; ++i) Insert(x[i], static_cast<int32_t>(i), k);
+    for (; i + kLanes <= n; i += kLanes) {
+      for (uint32_t hits = Above(LoadV<vf>(x + i), list.back().score); hits != 0; hits &= hits - 1) {
+        const int64_t j = i + __builtin_ctz(hits);
+        Insert(x[j], static_cast<int32_t>(j), k);
+      }
+    }
+    for (; i < n; ++i) {
+      if (x[i] > list.back().score) Insert(x[i], static_cast<int32_t>(i), k);
+    }
+  }
+};
+
+// log(sum(exp(x - largest))) for a finite largest (NaN scores make it NaN). Lanes sum 1,024
+// terms at a time in float, then into a double: one float accumulator over a 262k vocabulary
+// would be off by ~1e-5.
+float LogSumExp(const float* x, int64_t n, float largest) {
+  constexpr int64_t kChunk = 1024;
+  double total = 0;
+  int64_t i = 0;
+  while (i + kLanes <= n) {
+    vf sum = SplatV<vf>(0.0f);
+    for (const int64_t end = std::min(n, i + kChunk); i + kLanes <= end; i += kLanes) {
+      sum += ExpV<vf, vi>(LoadV<vf>(x + i) - largest);
+    }
+    for (int l = 0; l < kLanes; ++l) total += sum[l];
+  }
+  for (; i < n; ++i) total += std::exp(x[i] - largest);
+  return static_cast<float>(std::log(total));
+}
+
+// How many of (x - shift) - offset are > value: the reference's order of operations, so the
+// count is over the same rounded values it compares.
+int64_t CountAbove(const float* x, int64_t n, float shift, float offset, float value) {
+  int64_t count = 0;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    count += __builtin_popcount(Above((LoadV<vf>(x + i) - shift) - offset, value));
+  }
+  for (; i < n; ++i) count += (x[i] - shift) - offset > value;
+  return count;
+}
+
+// reference.logprob_outputs per row: chosen [S], ranks [S], top [S, K], top_ids [S, K].
+ffi::Error LogprobOutputs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::S32> token_ids,
+                          ffi::Buffer<ffi::S32> wanted, bool normalize, ffi::Result<ffi::Buffer<ffi::F32>> chosen,
+                          ffi::Result<ffi::Buffer<ffi::S32>> ranks, ffi::Result<ffi::Buffer<ffi::F32>> top,
+                          ffi::Result<ffi::Buffer<ffi::S32>> top_ids) {
+  const auto sd = scores.dimensions(), td = top->dimensions();
+  const int64_t rows = sd.size() == 2 ? sd[0] : -1;
+  if (rows < 0 || sd[1] < 1 || sd[1] > INT32_MAX || token_ids.element_count() != rows ||
+      wanted.element_count() != rows || chosen->element_count() != rows || ranks->element_count() != rows ||
+      td.size() != 2 || td[0] != rows || td[1] < 1 || td[1] > sd[1] || top_ids->element_count() != rows * td[1]) {
+    return ffi::Error::InvalidArgument("logprob_outputs: need scores [S, V] (0 < V < 2^31), token_ids and wanted "
+                                       "[S], top and top_ids [S, K] (0 < K <= V); got scores " + Dims(sd) +
+                                       ", top " + Dims(td));
+  }
+  const int64_t n = sd[1], k = td[1];
+  ParallelFor(pool, rows, [&](int64_t r, int64_t) {
+    float* row_top = top->typed_data() + r * k;
+    int32_t* row_ids = top_ids->typed_data() + r * k;
+    if (!wanted.typed_data()[r]) {
+      chosen->typed_data()[r] = 0.0f;
+      ranks->typed_data()[r] = 0;
+      std::fill(row_top, row_top + k, 0.0f);
+      std::fill(row_ids, row_ids + k, 0);
+      return;
+    }
+    thread_local TopK top_k;
+    const float* x = scores.typed_data() + r * n;
+    top_k.Scan(x, static_cast<int64_t>(n), static_cast<size_t>(k));
+    float shift = 0.0f, offset = 0.0f;  // values are (x - shift) - offset
+    if (normalize) {
+      shift = Largest(x, n);
+      offset = std::isfinite(shift) ? LogSumExp(x, n, shift) : NAN;
+    }
+    const int32_t token = std::clamp<int32_t>(token_ids.typed_data()[r], 0, static_cast<int32_t>(n - 1));
+    const float value = (x[token] - shift) - offset;
+    chosen->typed_data()[r] = value;
+    ranks->typed_data()[r] = static_cast<int32_t>(1 + CountAbove(x, n, shift, offset, value));
+    for (int64_t i = 0; i < k; ++i) {
+      row_top[i] = (top_k.list[i].score - shift) - offset;
+      row_ids[i] = top_k.list[i].id;
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedSampleTokens, SampleTokens,
@@ -377,3 +503,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedTopKTopPMask, TopKTopPMask,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // top_k
                                   .Arg<ffi::Buffer<ffi::F32>>()   // top_p
                                   .Ret<ffi::Buffer<ffi::F32>>());  // masked
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLogprobOutputs, LogprobOutputs,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scores
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // token_ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // wanted
+                                  .Attr<bool>("normalize")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // chosen
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // ranks
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // top
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // top_ids
