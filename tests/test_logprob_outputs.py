@@ -46,7 +46,7 @@ def rows_with_ties(rng, num_rows, vocab):
 
 
 @pytest.mark.parametrize("fn", implementations)
-@pytest.mark.parametrize("vocab,num_top", [(7, 3), (7, 7), (32, 20), (49152, 20), (262144, 5)])
+@pytest.mark.parametrize("vocab,num_top", [(7, 3), (7, 7), (32, 0), (32, 20), (49152, 20), (262144, 5)])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_against_float64_oracle(fn, vocab, num_top, normalize):
     rng = np.random.default_rng(vocab + num_top)
@@ -101,5 +101,7 @@ def test_kernel_rejects_bad_shapes():
         cpu.logprob_outputs(scores, np.zeros(3, np.int32), np.ones(4, bool), 2)
     with pytest.raises(ValueError, match="logprob_outputs needs"):
         cpu.logprob_outputs(scores, np.zeros(4, np.int32), np.ones(4, bool), 11)
+    with pytest.raises(ValueError, match="logprob_outputs needs"):
+        cpu.logprob_outputs(scores, np.zeros(4, np.int32), np.ones(4, bool), -1)
     with pytest.raises(ValueError, match="logprob_outputs needs"):
         cpu.logprob_outputs(scores.astype(np.float16), np.zeros(4, np.int32), np.ones(4, bool), 2)

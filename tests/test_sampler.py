@@ -245,3 +245,15 @@ def test_packed_penalties_roundtrip(temperature):
     blob = pack_sampling(reqs, [1], num_seqs=8, num_entries=16, entries=[logit_entries(r) for r in reqs])
     out = _sample(jnp.asarray(logits), SamplingMetadata.unpack(jnp.asarray(blob), 8, 16))
     assert int(out.token_ids[0]) == 6
+
+
+@pytest.mark.parametrize("backend", with_cpu_kernels)
+def test_max_logprobs_zero_still_gives_the_chosen_tokens_logprob(backend):
+    """--max-logprobs 0 compiles a sampler whose top list is empty; logprobs=0 asks for the
+    chosen token's logprob only."""
+    logits = np.random.default_rng(7).normal(size=(2, VOCAB)).astype(np.float32)
+    meta = make_meta(2, num_logprobs=[0, -1])
+    out = jax.jit(functools.partial(sample, kernels=_kernels(backend), max_logprobs=0))(jnp.asarray(logits), meta)
+    assert out.top_logprobs.shape == (2, 0) and out.top_token_ids.shape == (2, 0)
+    np.testing.assert_allclose(float(out.logprobs[0]), np.asarray(jax.nn.log_softmax(logits[0])).max(), rtol=1e-6)
+    assert int(out.ranks[0]) == 1

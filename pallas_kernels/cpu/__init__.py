@@ -346,8 +346,8 @@ def logprob_outputs(scores, token_ids, wanted, num_top: int, normalize: bool = T
     to float rounding of the log-sum-exp, ids and ranks exactly (sampling.cc)."""
     num_seqs, vocab = scores.shape
     if jnp.dtype(scores.dtype) != jnp.float32 or token_ids.shape != (num_seqs,) or wanted.shape != (num_seqs,) \
-            or not 0 < num_top <= vocab:
-        raise ValueError(f"logprob_outputs needs float32 scores [S, V], token_ids and wanted [S] and 0 < num_top <= V; "
+            or not 0 <= num_top <= vocab:
+        raise ValueError(f"logprob_outputs needs float32 scores [S, V], token_ids and wanted [S] and 0 <= num_top <= V; "
                          f"got scores {scores.dtype}{list(scores.shape)}, token_ids {list(token_ids.shape)}, "
                          f"wanted {list(wanted.shape)}, num_top {num_top}")
     _require_library()

@@ -393,6 +393,7 @@ struct TopK {
 
   void Scan(const float* x, int64_t n, size_t k) {
     list.clear();
+    if (k == 0) return;
     int64_t i = 0;
     for (; i < n && list.size() < k; ++i) Insert(x[i], static_cast<int32_t>(i), k);
     for (; i + kLanes <= n; i += kLanes) {
@@ -446,9 +447,9 @@ ffi::Error LogprobOutputs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ff
   const int64_t rows = sd.size() == 2 ? sd[0] : -1;
   if (rows < 0 || sd[1] < 1 || sd[1] > INT32_MAX || token_ids.element_count() != rows ||
       wanted.element_count() != rows || chosen->element_count() != rows || ranks->element_count() != rows ||
-      td.size() != 2 || td[0] != rows || td[1] < 1 || td[1] > sd[1] || top_ids->element_count() != rows * td[1]) {
+      td.size() != 2 || td[0] != rows || td[1] < 0 || td[1] > sd[1] || top_ids->element_count() != rows * td[1]) {
     return ffi::Error::InvalidArgument("logprob_outputs: need scores [S, V] (0 < V < 2^31), token_ids and wanted "
-                                       "[S], top and top_ids [S, K] (0 < K <= V); got scores " + Dims(sd) +
+                                       "[S], top and top_ids [S, K] (0 <= K <= V); got scores " + Dims(sd) +
                                        ", top " + Dims(td));
   }
   const int64_t n = sd[1], k = td[1];
