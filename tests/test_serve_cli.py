@@ -22,7 +22,7 @@ ENGINE_FLAGS = ["--max-model-len", "--block-size", "--gpu-memory-utilization", "
                 "--no-enable-prefix-caching", "--quantization", "--kv-cache-dtype", "--dtype", "--seed",
                 "--tensor-parallel-size", "--data-parallel-size", "--attention-backend", "--disable-log-stats", "--enforce-eager",
                 "--download-dir", "--generation-config", "--trust-remote-code", "--max-logprobs", "--max-logit-bias",
-                "--max-stop-sequences", "--max-stop-token-ids", "--max-n"]
+                "--max-stop-sequences", "--max-stop-token-ids", "--max-n", "--logprobs-mode"]
 SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-template",
                 "--max-request-bytes", "--graceful-shutdown-timeout", "--trust-request-chat-template",
                 "--max-header-bytes", "--max-prompts-per-request", "--allowed-origins", "--allow-credentials",
