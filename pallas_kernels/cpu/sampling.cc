@@ -135,15 +135,19 @@ double Weights(const float* x, int64_t n, float largest, float inv_temperature, 
   return total;
 }
 
-// Bit l set where lane l of v is >= least.
-inline uint32_t AtLeast(vf v, float least) {
+// Bit l set where lane l of v is > bound (kStrict) or >= bound; clear for NaN.
+template <bool kStrict>
+inline uint32_t LaneMask(vf v, float bound) {
+#if defined(__AVX__)
+  constexpr int kPredicate = kStrict ? _CMP_GT_OQ : _CMP_GE_OQ;
+#endif
 #if defined(__AVX512F__)
-  return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_set1_ps(least), _CMP_GE_OQ);
+  return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_set1_ps(bound), kPredicate);
 #elif defined(__AVX__)
-  return _mm256_movemask_ps(_mm256_cmp_ps(reinterpret_cast<__m256>(v), _mm256_set1_ps(least), _CMP_GE_OQ));
+  return _mm256_movemask_ps(_mm256_cmp_ps(reinterpret_cast<__m256>(v), _mm256_set1_ps(bound), kPredicate));
 #else
   uint32_t bits = 0;
-  for (int l = 0; l < kLanes; ++l) bits |= static_cast<uint32_t>(v[l] >= least) << l;
+  for (int l = 0; l < kLanes; ++l) bits |= static_cast<uint32_t>(kStrict ? v[l] > bound : v[l] >= bound) << l;
   return bits;
 #endif
 }
@@ -158,7 +162,7 @@ double Collect(const float* w, int64_t n, float least, std::vector<Candidate>& c
   };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (uint32_t hits = AtLeast(LoadV<vf>(w + i), least); hits != 0; hits &= hits - 1) take(i + __builtin_ctz(hits));
+    for (uint32_t hits = LaneMask<false>(LoadV<vf>(w + i), least); hits != 0; hits &= hits - 1) take(i + __builtin_ctz(hits));
   }
   for (; i < n; ++i) {
     if (w[i] >= least) take(i);
@@ -358,19 +362,6 @@ ffi::Error TopKTopPMask(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi:
   return ffi::Error::Success();
 }
 
-// Bit l set where lane l of v is > least (false for NaN).
-inline uint32_t Above(vf v, float least) {
-#if defined(__AVX512F__)
-  return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_set1_ps(least), _CMP_GT_OQ);
-#elif defined(__AVX__)
-  return _mm256_movemask_ps(_mm256_cmp_ps(reinterpret_cast<__m256>(v), _mm256_set1_ps(least), _CMP_GT_OQ));
-#else
-  uint32_t bits = 0;
-  for (int l = 0; l < kLanes; ++l) bits |= static_cast<uint32_t>(v[l] > least) << l;
-  return bits;
-#endif
-}
-
 // The k largest of a row in one pass, in descending order, ties by lower id: a sorted list
 // that a score enters only when it is above the list's last (scanning in id order, an equal
 // score comes after the one already there).
@@ -397,7 +388,7 @@ struct TopK {
     int64_t i = 0;
     for (; i < n && list.size() < k; ++i) Insert(x[i], static_cast<int32_t>(i), k);
     for (; i + kLanes <= n; i += kLanes) {
-      for (uint32_t hits = Above(LoadV<vf>(x + i), list.back().score); hits != 0; hits &= hits - 1) {
+      for (uint32_t hits = LaneMask<true>(LoadV<vf>(x + i), list.back().score); hits != 0; hits &= hits - 1) {
         const int64_t j = i + __builtin_ctz(hits);
         Insert(x[j], static_cast<int32_t>(j), k);
       }
@@ -432,7 +423,7 @@ int64_t CountAbove(const float* x, int64_t n, float shift, float offset, float v
   int64_t count = 0;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    count += __builtin_popcount(Above((LoadV<vf>(x + i) - shift) - offset, value));
+    count += __builtin_popcount(LaneMask<true>((LoadV<vf>(x + i) - shift) - offset, value));
   }
   for (; i < n; ++i) count += (x[i] - shift) - offset > value;
   return count;
@@ -465,7 +456,7 @@ ffi::Error LogprobOutputs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ff
     }
     thread_local TopK top_k;
     const float* x = scores.typed_data() + r * n;
-    top_k.Scan(x, static_cast<int64_t>(n), static_cast<size_t>(k));
+    top_k.Scan(x, n, static_cast<size_t>(k));
     float shift = 0.0f, offset = 0.0f;  // values are (x - shift) - offset
     if (normalize) {
       shift = Largest(x, n);
