@@ -16,6 +16,12 @@ DEFAULT_CPU_MAX_MODEL_LEN = 2048
 # On CPU the host's work between decode steps is ~10% of a small model's step (docs/performance.md);
 # four steps per round take most of it away without holding new requests back long.
 DEFAULT_CPU_SCHEDULER_STEPS = 4
+# The prefill chunk (--max-num-batched-tokens): 512 for offline throughput. The server leaves the
+# flag unset (None), which means 384 on CPU: a burst of arrivals gets its first tokens sooner
+# (mean TTFT -13 to -19 % for +2-3 % TPOT on two machines; 384 cost offline throughput 3 %).
+# vLLM too gives its server a smaller CPU chunk than its LLM class.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+SERVER_CPU_MAX_NUM_BATCHED_TOKENS = 384
 # --kv-cache-dtype values, vLLM's names (fp8 is fp8_e4m3); jpaged/kv_quantization.py maps them to page dtypes.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")
 # --logprobs-mode values, vLLM's names (jpaged/sampler.py); the first is the default.
@@ -60,8 +66,11 @@ class EngineArgs:
         0.0, "Host memory in GiB for swapping preempted requests' KV blocks. 0 (default) "
         "preempts by recomputation instead.", type=float)
     max_num_seqs: int = _field(64, "Most requests in one step.", type=int)
-    max_num_batched_tokens: int = _field(
-        512, "Most tokens in one step: the prefill chunk size.", type=int)
+    max_num_batched_tokens: int | None = _field(
+        DEFAULT_MAX_NUM_BATCHED_TOKENS, f"Most tokens in one step: the prefill chunk size. Default "
+        f"{DEFAULT_MAX_NUM_BATCHED_TOKENS}; python -m jpaged.serve's default (None) is "
+        f"{SERVER_CPU_MAX_NUM_BATCHED_TOKENS} on CPU, where smaller chunks give a burst of requests its first "
+        f"tokens sooner, and {DEFAULT_MAX_NUM_BATCHED_TOKENS} elsewhere.", type=int)
     num_scheduler_steps: int | None = _field(
         None, "Decode steps per scheduling round (multi-step scheduling): when every running request is "
         "decoding with at least this many tokens left, nothing waits to be admitted and no request needs the host "
@@ -183,6 +192,8 @@ class EngineArgs:
                              "swapped blocks); leave it 0, preemption then recomputes.")
         for name in ("tensor_parallel_size", "num_hosts", "block_size", "max_num_seqs", "max_num_batched_tokens",
                      "max_n", "data_parallel_size"):
+            if name == "max_num_batched_tokens" and self.max_num_batched_tokens is None:
+                continue  # the server's default, per device (server_max_num_batched_tokens)
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
         for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids"):
@@ -213,3 +224,9 @@ class EngineArgs:
                               ("logprobs_mode", list(LOGPROBS_MODES))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}.")
+
+
+def server_max_num_batched_tokens(platform: str) -> int:
+    """The prefill chunk where --max-num-batched-tokens is None (the server's default), for this
+    device platform ("cpu", "gpu", ...)."""
+    return SERVER_CPU_MAX_NUM_BATCHED_TOKENS if platform == "cpu" else DEFAULT_MAX_NUM_BATCHED_TOKENS

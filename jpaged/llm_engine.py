@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from jpaged import kv_pool, multihost
-from jpaged.config import DEFAULT_CPU_MAX_MODEL_LEN, EngineArgs
+from jpaged.config import DEFAULT_CPU_MAX_MODEL_LEN, EngineArgs, server_max_num_batched_tokens
 from jpaged.cpu_features import resolve_cpu_dtype
 from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine import Request, RequestStatus, Scheduler
@@ -97,6 +97,9 @@ class LLMEngine:
         kv_pool.configure_xla_allocator(args.gpu_memory_utilization)  # before JAX starts its GPU client
         multihost.initialize(args.distributed_coordinator, args.num_hosts, args.host_id)
         platform = device_platform()
+        if args.max_num_batched_tokens is None:
+            self.engine_args = args = dataclasses.replace(
+                args, max_num_batched_tokens=server_max_num_batched_tokens(platform))
         dtype = resolve_cpu_dtype(args.dtype) if platform == "cpu" else args.dtype
         # Also for update_weights_from_disk, which must load a checkpoint the same way.
         self.keep_gguf_blocks = packs_gguf_blocks(args, platform, dtype, flax_model)

@@ -85,6 +85,7 @@ def make_parser() -> argparse.ArgumentParser:
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="Log level of uvicorn (access log at 'info').")
     EngineArgs.add_cli_args(parser)
+    parser.set_defaults(max_num_batched_tokens=None)  # the server's chunk for the device, set by LLMEngine
     return parser
 
 

@@ -463,3 +463,20 @@ def test_cpu_dtype_falls_back_without_native_bf16(caplog):
     assert resolve_cpu_dtype("float16", bf16) == "bfloat16"
     assert resolve_cpu_dtype("float16", avx2) == "float32"
     assert resolve_cpu_dtype("float32", avx2) == "float32" and resolve_cpu_dtype("auto", avx2) == "auto"
+
+
+def test_unset_token_budget_is_the_servers_chunk_for_the_device(tiny_model_dir):
+    """--max-num-batched-tokens None (what `python -m jpaged.serve` passes when the flag is not
+    given) becomes the server's chunk for the platform: the scheduler's budget and the runner's
+    largest token bucket; LLM's default stays 512."""
+    from jpaged.config import server_max_num_batched_tokens
+    from jpaged.llm_engine import LLMEngine
+
+    assert EngineArgs().max_num_batched_tokens == 512
+    assert (server_max_num_batched_tokens("cpu"), server_max_num_batched_tokens("gpu")) == (384, 512)
+    kwargs = dict(ENGINE_KWARGS, max_num_batched_tokens=None, max_model_len=32, num_gpu_blocks_override=8)
+    engine = LLMEngine(EngineArgs(model=str(tiny_model_dir), **kwargs), show_progress=False)
+    expected = server_max_num_batched_tokens(jax.devices()[0].platform)
+    assert engine.engine_args.max_num_batched_tokens == expected
+    assert engine.scheduler.max_num_batched_tokens == expected
+    assert engine.runner.buckets.num_tokens[-1] == expected

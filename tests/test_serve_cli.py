@@ -55,6 +55,9 @@ def test_positional_model_and_vllm_list_flags():
     assert engine_args.model == "some/model" and engine_args.served_model_name == ["a", "b"]
     assert engine_args.enforce_eager and args.allowed_origins == [["https://x.example", "https://y.example"]]
     assert parse_args(["--model", "m"])[1].model == "m"
+    # Unset, the token budget is the server's chunk for the device (LLMEngine sets it).
+    assert parse_args([])[1].max_num_batched_tokens is None
+    assert parse_args(["--max-num-batched-tokens", "64"])[1].max_num_batched_tokens == 64
 
 
 @pytest.mark.parametrize("argv, fragment", [
