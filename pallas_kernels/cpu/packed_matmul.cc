@@ -227,6 +227,27 @@ inline void Block(const typename Format::T* x, int64_t ldx, const typename Forma
   StoreBlock(acc, out, ldo, accumulate);
 }
 
+// Where the product of panel p and rows r0.. of x goes: straight into out f32[M, N], or for a
+// last panel narrower than kPanel into `tail` (kRowChunk x kPanel floats of scratch), whose
+// padded columns must not reach out; CopyTail then moves its real columns.
+struct PanelOutput {
+  float* dst;   // row r0, the panel's first column
+  int64_t ldo;  // floats from one row of dst to the next
+};
+
+inline PanelOutput PanelDestination(float* out, int64_t N, int64_t p, int64_t r0, float* tail) {
+  if (N - p * kPanel < kPanel) return {tail, kPanel};
+  return {out + r0 * N + p * kPanel, N};
+}
+
+inline void CopyTail(const float* tail, float* out, int64_t N, int64_t p, int64_t r0, int64_t r1) {
+  const int64_t col0 = p * kPanel, width = N - col0;
+  if (width >= kPanel) return;
+  for (int64_t r = r0; r < r1; ++r) {
+    std::memcpy(out + r * N + col0, tail + (r - r0) * kPanel, width * sizeof(float));
+  }
+}
+
 #if defined(JPAGED_AMX)
 // AMX (Sapphire Rapids and later): one TDPBF16PS multiplies a tile of 16 rows x 32 k of x by a
 // tile of 16 pairs of rows x 16 columns of weights, 8,192 multiply-adds, 16x a vdpbf16ps. A
@@ -280,10 +301,9 @@ void AmxBlock(const uint16_t* x, int64_t K, const uint16_t* panel, float* out, i
 // rest, each over the whole panel (K / 2 x 192 bytes, in L2 after the first block).
 void AmxPanelProduct(const uint16_t* x, int64_t K, int64_t N, const uint16_t* panel, int64_t p, int64_t r0,
                      int64_t r1, float* out, float* tail) {
-  const int64_t col0 = p * kPanel;
-  const int64_t width = std::min(kPanel, N - col0);
-  float* dst = width == kPanel ? out + r0 * N + col0 : tail;
-  const int64_t ldo = width == kPanel ? N : kPanel;
+  const PanelOutput to = PanelDestination(out, N, p, r0, tail);
+  float* const dst = to.dst;
+  const int64_t ldo = to.ldo;
   int configured = 0;
   for (int64_t r = r0; r < r1; r += 16) {
     const int rows = static_cast<int>(std::min<int64_t>(16, r1 - r));
@@ -291,11 +311,7 @@ void AmxPanelProduct(const uint16_t* x, int64_t K, int64_t N, const uint16_t* pa
     AmxBlock(x + r * K, K, panel, dst + (r - r0) * ldo, ldo);
   }
   _tile_release();
-  if (width < kPanel) {
-    for (int64_t r = r0; r < r1; ++r) {
-      std::memcpy(out + r * N + col0, tail + (r - r0) * kPanel, width * sizeof(float));
-    }
-  }
+  CopyTail(tail, out, N, p, r0, r1);
 }
 #endif  // JPAGED_AMX
 
@@ -419,10 +435,9 @@ struct QuantizedPanels {
 template <typename Format, typename Chunks>
 void PanelProduct(const typename Format::T* x, int64_t K, int64_t N, const Chunks& chunks,
                   int64_t p, int64_t r0, int64_t r1, float* out, float* tail) {
-  const int64_t col0 = p * kPanel;
-  const int64_t width = std::min(kPanel, N - col0);
-  float* dst = width == kPanel ? out + r0 * N + col0 : tail;
-  const int64_t ldo = width == kPanel ? N : kPanel;
+  const PanelOutput to = PanelDestination(out, N, p, r0, tail);
+  float* const dst = to.dst;
+  const int64_t ldo = to.ldo;
   for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
     const int64_t kc = std::min(kChunkK, K - k0);
     const typename Format::T* xc = x + r0 * K + k0;
@@ -446,11 +461,7 @@ void PanelProduct(const typename Format::T* x, int64_t K, int64_t N, const Chunk
       });
     }
   }
-  if (width < kPanel) {
-    for (int64_t r = r0; r < r1; ++r) {
-      std::memcpy(out + r * N + col0, tail + (r - r0) * kPanel, width * sizeof(float));
-    }
-  }
+  CopyTail(tail, out, N, p, r0, r1);
 }
 
 // out f32[M, N] = x [M, K] @ panels (InPlacePanels<Format>, or QuantizedPanels with F32 x).
