@@ -342,11 +342,13 @@ def unpack_panels(panels, out_features: int, scale=None, offset=None):
     return w[:, :out_features]
 
 
-def packed_matmul(x, panels, out_features: int, num_rows=None, *, scale=None, offset=None):
+def packed_matmul(x, panels, out_features: int, num_rows=None, *, scale=None, offset=None, vector_rows=None):
     """x [M, K] @ w, for w [K, out_features] given as `pack_panels(w)` (x and w both float32 or
     both bfloat16), or for float32 x as q4 (panels, scale, offset) or q8 (panels, scale) panels.
     Returns f32[M, out_features], accumulated in float32; rows from `num_rows` (an int32 scalar;
-    None means M) on are zeros."""
+    None means M) on are zeros. vector_rows only chooses the CPU kernel's path for the rows
+    after it, never the math: it is ignored here."""
+    del vector_rows
     w = unpack_panels(panels, out_features, scale, offset)
     y = jnp.dot(x, w, preferred_element_type=jnp.float32)
     if num_rows is None:

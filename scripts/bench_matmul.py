@@ -3,11 +3,14 @@ panels (`pallas_kernels.cpu.packed_matmul`), measured in the same run, calls int
 
     python scripts/bench_matmul.py [--dtype float32|bfloat16] [--rows 1 16 64 256 512] [--repeats 9]
     python scripts/bench_matmul.py --weights gguf   # float32 panels vs GGUF-block (q4 / q8) panels
+    python scripts/bench_matmul.py --weights q4-tiles   # q4 panels: vector path vs AMX tiles
 
 With --weights gguf (float32 only) the two sides are the packed kernel over float32 panels and
 over the same weights as GGUF blocks, kept the way the default .gguf load keeps them: Q4_1-like
 q4 panels for the linears, Q8_0-like q8 panels for the lm_head (random values and f16-valued
-scales); their outputs must be bit-identical.
+scales); their outputs must be bit-identical. With --weights q4-tiles the same q4 panels run
+on the vector path and with every row on AMX tiles (`vector_rows=0`, the prompt rows' path; on
+a CPU without AMX both sides take the vector path); only the 30 layers run.
 
 Two programs per row count, each jitted once per side:
   - "30 layers": the 210 linears of SmolLM2-135M (q, k, v, o, gate, up, down of 30 layers; 425 MB
@@ -20,6 +23,7 @@ disturbed); the median is printed next to it. Prints a Markdown table.
 """
 
 import argparse
+import functools
 import time
 
 import jax
@@ -73,13 +77,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="of x and the weights (both kernels accumulate in float32)")
-    parser.add_argument("--weights", choices=["dense", "gguf"], default="dense",
+    parser.add_argument("--weights", choices=["dense", "gguf", "q4-tiles"], default="dense",
                         help="dense: XLA's dot vs the packed kernel; gguf: the packed kernel over float32 "
-                             "panels vs over q4 (linears) / q8 (lm_head) panels of the same weights")
+                             "panels vs over q4 (linears) / q8 (lm_head) panels of the same weights; "
+                             "q4-tiles: q4 panels on the vector path vs on AMX tiles")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
-    if args.weights == "gguf" and dtype != jnp.float32:
-        parser.error("--weights gguf compares float32 steps")
+    if args.weights != "dense" and dtype != jnp.float32:
+        parser.error(f"--weights {args.weights} compares float32 steps")
     if not cpu.is_available():
         raise SystemExit(f"the C++ CPU kernels are unavailable: {cpu.load_error()}")
     rng = np.random.default_rng(0)
@@ -90,10 +95,11 @@ def main() -> None:
     pack = jax.jit(reference.pack_panels)
     widths = {name: shape[1] for name, shape in SHAPES.items()}
 
-    @jax.jit
-    def packed_layers(x, operands):  # per layer {name: (panels, scales)}; the widths stay static
+    @functools.partial(jax.jit, static_argnames="tiles")
+    def packed_layers(x, operands, tiles=False):  # per layer {name: (panels, scales)}; the widths stay static
+        rows = {"vector_rows": 0} if tiles else {}
         return layers(x, [{n: (p, widths[n], s) for n, (p, s) in layer.items()} for layer in operands],
-                      lambda x, w: cpu.packed_matmul(x, w[0], w[1], **w[2]).astype(x.dtype))
+                      lambda x, w: cpu.packed_matmul(x, w[0], w[1], **w[2], **rows).astype(x.dtype))
 
     @jax.jit
     def packed_lm_head(x, operands):
@@ -111,6 +117,10 @@ def main() -> None:
             "lm_head": (jax.jit(lambda x, e: jnp.einsum("nh,vh->nv", x, e, preferred_element_type=jnp.float32)),
                         embed, packed_lm_head, (lm_head, {})),
         }
+    elif args.weights == "q4-tiles":
+        columns = ("q4, vector path", "q4, AMX tiles")
+        quantized = [{n: gguf_weights(rng, *shape, bits=4)[1] for n, shape in SHAPES.items()} for _ in range(LAYERS)]
+        programs = {"30 layers": (packed_layers, quantized, functools.partial(packed_layers, tiles=True), quantized)}
     else:
         columns = ("float32 panels", "q4 / q8 panels")
         quantized = [{n: gguf_weights(rng, *shape, bits=4) for n, shape in SHAPES.items()} for _ in range(LAYERS)]
@@ -129,6 +139,8 @@ def main() -> None:
             tolerance = 1e-3 if dtype == jnp.float32 else 3e-2  # bf16 activations round between layers
             if args.weights == "gguf":
                 tolerance = 0  # the same dequantized values, multiplied in the same order
+            if args.weights == "q4-tiles":
+                tolerance = 1e-4  # the same weights, sums rounded differently
             np.testing.assert_allclose(np.asarray(packed_fn(x, packed_w), np.float32),
                                        np.asarray(base_fn(x, base_w), np.float32),
                                        rtol=tolerance, atol=tolerance)  # also the warm-up call of each

@@ -127,6 +127,55 @@ def test_quantized_panels_give_the_dequantized_weights_results_bit_for_bit(m, k,
     assert not part[m // 2:].any()
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 576, 576), (17, 64, 48), (40, 1536, 100), (300, 96, 130), (513, 32, 49)])
+def test_q4_rows_after_vector_rows_are_exact_on_integers(m, k, n):
+    """Rows from vector_rows on take AMX tiles where the CPU has them (x split into three
+    bfloat16, nibbles as bfloat16, scale and offset applied per GGUF block), the others the
+    vector path. With small integer x, nibbles, scales and offsets every product and sum is
+    exact on both paths, so each output must equal numpy's integer product: a wrong tile, piece,
+    pair of k, block sum, row block or panel column shows as a mismatch."""
+    rng = np.random.default_rng(m + k)
+    values = rng.integers(0, 16, (k, n)).astype(np.uint8)
+    scale = rng.integers(1, 4, (k // 32, n)).astype(np.float32)
+    offset = rng.integers(-8, 1, (k // 32, n)).astype(np.float32)
+    w = values.astype(np.int64) * np.repeat(scale, 32, axis=0).astype(np.int64) + np.repeat(offset, 32, axis=0)
+    x = rng.integers(-300, 301, (m, k))  # 9 significant bits: the mid piece is not empty
+    panels, scales = _pack_blocks(4, values, scale, offset)
+    for vector_rows in (0, m // 3, m):
+        got = jax.jit(cpu.packed_matmul, static_argnums=2)(jnp.asarray(x, jnp.float32), panels, n,
+                                                             vector_rows=jnp.int32(vector_rows), **scales)
+        np.testing.assert_array_equal(np.asarray(got), (x @ w).astype(np.float32), err_msg=f"vector_rows {vector_rows}")
+
+
+def test_q4_a_rows_result_depends_only_on_its_side_of_vector_rows():
+    """Random floats: rows before vector_rows equal the vector path's bit for bit; rows after it
+    equal their own product computed with every row on the tiles, in any batch (the last rows
+    alone), and stay within float32's bound of the float64 product, as the reference does."""
+    m, k, n = 300, 576, 100
+    values, scale, offset = _random_blocks(4, k, n, seed=11)
+    panels, scales = _pack_blocks(4, values, scale, offset)
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((m, k)), jnp.float32)
+    matmul = jax.jit(cpu.packed_matmul, static_argnums=2)
+    vector = np.asarray(matmul(x, panels, n, **scales))
+    tiles = np.asarray(matmul(x, panels, n, vector_rows=jnp.int32(0), **scales))
+    split = np.asarray(matmul(x, panels, n, vector_rows=jnp.int32(120), **scales))
+    np.testing.assert_array_equal(split[:120], vector[:120])
+    np.testing.assert_array_equal(split[120:], tiles[120:])
+    for rows in (1, 5, 16, 17, 40, 299):
+        np.testing.assert_array_equal(np.asarray(matmul(x[-rows:], panels, n, vector_rows=jnp.int32(0), **scales)),
+                                      tiles[-rows:], err_msg=f"{rows} rows")
+    w = values.astype(np.float64) * np.repeat(scale, 32, axis=0) + np.repeat(offset, 32, axis=0)
+    expect = np.asarray(x, np.float64) @ w
+    tol = 1e-5 * np.sqrt(k) * np.abs(expect).max()
+    np.testing.assert_allclose(tiles, expect, rtol=0, atol=tol)
+    # As close to the exact sums as the vector path (x's three pieces hold all 24 bits of it):
+    # errors relative to sum |x| |w|, ~4e-9 against ~1e-8; a dropped low piece gives ~1e-6.
+    magnitude = np.abs(np.asarray(x, np.float64)) @ np.abs(w)
+    assert np.mean(np.abs(tiles - expect) / magnitude) <= 2 * np.mean(np.abs(vector - expect) / magnitude)
+    with pytest.raises(ValueError, match="scalar"):
+        cpu.packed_matmul(x, panels, n, vector_rows=jnp.ones((2,), jnp.int32), **scales)
+
+
 def test_q4_panels_pair_rows_in_nibbles():
     """q4 panel p, byte (i, c) holds rows 2i (low nibble) and 2i + 1 (high) of column 48p + c;
     each 32-row block of a column has one scale and offset; padded columns are all zeros."""

@@ -36,12 +36,19 @@
 // (both weights of a lane times the matching pair of x, added in float32), else the pairs
 // widened to float32 in registers (a bfloat16 is the top half of a float32) and FMAs. Which one
 // depends only on the CPU and K, never on the rows, so a row's result is the same in any batch.
+//
+// q4 rows from the caller's `vector_rows` on (an i32 scalar; the engine's prompt rows, packed
+// after the decodes) use AMX tiles where the CPU and the OS allow it: x split exactly into three
+// bfloat16, nibbles as bfloat16, scale and offset applied per GGUF block (AmxQ4PanelProduct).
+// Rows before it, and every row elsewhere, take the vector path. Each row's sums are its own on
+// either path, so a row's result depends on its side of vector_rows, never on the other rows.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -429,6 +436,156 @@ struct QuantizedPanels {
   }
 };
 
+#if defined(JPAGED_AMX) && defined(__AVX512VBMI__)
+#define JPAGED_AMX_Q4 1
+// q4 panels on AMX tiles, for the rows after the caller's `vector_rows`. Over one GGUF block (32
+// k) of a column, x . w = scale * (x . nibbles) + offset * sum(x). The nibbles are exact in
+// bfloat16 and x splits exactly into three bfloat16 (hi, mid, lo: 8 significant bits each), so
+// three tile products give x . nibbles from exact products added in float32: as close to the
+// exact sums as the FMA path's, but rounded differently, hence for whole classes of rows only.
+
+// x f32[rows, K] split for the tiles: three bfloat16 pieces (hi, mid, lo) of each value, as
+// x tiles of 16 rows x 32 k (1 KiB), ordered by GGUF block, then by block of 16 rows, then by
+// piece, so the tiles a GGUF block's pass reads lie one after the other (rows padded to a
+// multiple of 16 with zeros); and the sum of each GGUF block of each row, block_sums f32[rows, K / 32].
+struct SplitRows {
+  static constexpr int64_t kTile = 16 * kQuantBlock;  // bfloat16 per x tile
+  uint16_t* pieces;
+  float* block_sums;
+  int64_t row_blocks;  // padded rows / 16
+
+  uint16_t* Tile(int64_t block, int64_t row_block, int64_t piece) const {
+    return pieces + ((block * row_blocks + row_block) * 3 + piece) * kTile;
+  }
+};
+
+inline __m256i TopHalves(__m512i bits) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)); }
+
+// Row r of x (at x, K a multiple of 32) into `split`.
+void SplitRow(const float* x, int64_t K, int64_t r, const SplitRows& split) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t b = 0; b < K / kQuantBlock; ++b) {
+    __m512 sum = _mm512_setzero_ps();
+    uint16_t* hi = split.Tile(b, r / 16, 0) + (r % 16) * kQuantBlock;
+    for (int64_t h = 0; h < kQuantBlock; h += 16) {
+      const __m512 v = _mm512_loadu_ps(x + b * kQuantBlock + h);
+      const __m512i hi_bits = _mm512_and_si512(_mm512_castps_si512(v), top);
+      const __m512 rest = _mm512_sub_ps(v, _mm512_castsi512_ps(hi_bits));  // exact: 16 bits at most
+      const __m512i mid_bits = _mm512_and_si512(_mm512_castps_si512(rest), top);
+      const __m512 last = _mm512_sub_ps(rest, _mm512_castsi512_ps(mid_bits));  // exact: 8 bits at most
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + h), TopHalves(hi_bits));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + SplitRows::kTile + h), TopHalves(mid_bits));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + 2 * SplitRows::kTile + h),
+                          TopHalves(_mm512_castps_si512(last)));
+      sum = _mm512_add_ps(sum, v);
+    }
+    split.block_sums[r * (K / kQuantBlock) + b] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+// One GGUF block of a q4 panel (16 panel rows of 48 bytes: pairs of k) as the three weight tiles
+// of TDPBF16PS: tile j's row i holds columns 16j .. 16j + 15 of pair i, each column's 32-bit
+// lane the bfloat16 of its low nibble (k even) under that of its high one (k odd).
+struct NibbleTiles {
+  __m512i spread;  // byte 4c + t <- byte c: each column's byte in all four bytes of its lane
+  __m512i table;   // byte n: low byte of bfloat16(n); byte 16 + n: its high byte (n < 16)
+
+  NibbleTiles() {
+    alignas(64) uint8_t spread_bytes[64], table_bytes[64] = {};
+    for (int i = 0; i < 64; ++i) spread_bytes[i] = static_cast<uint8_t>(i / 4);
+    for (int n = 0; n < 16; ++n) {
+      const float f = static_cast<float>(n);
+      uint32_t bits;
+      std::memcpy(&bits, &f, sizeof(bits));
+      table_bytes[n] = static_cast<uint8_t>(bits >> 16);
+      table_bytes[16 + n] = static_cast<uint8_t>(bits >> 24);
+    }
+    spread = _mm512_load_si512(spread_bytes);
+    table = _mm512_load_si512(table_bytes);
+  }
+
+  void Convert(const uint8_t* values, uint32_t (*tiles)[16][16]) const {
+    const __m512i nibble = _mm512_set1_epi8(15);
+    const __m512i byte_of_bf16 = _mm512_set1_epi32(0x10001000);  // + 16 for the high bytes
+    for (int i = 0; i < 16; ++i) {
+#pragma GCC unroll 3
+      for (int j = 0; j < 3; ++j) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(values + i * kPanel + 16 * j));
+        const __m512i v = _mm512_permutexvar_epi8(spread, _mm512_castsi128_si512(bytes));
+        const __m512i low = _mm512_and_si512(v, nibble);
+        const __m512i high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        const __m512i n = _mm512_mask_blend_epi8(0xCCCCCCCCCCCCCCCCull, low, high);  // bytes 2, 3: k odd
+        _mm512_store_si512(tiles[j][i], _mm512_permutexvar_epi8(_mm512_or_si512(n, byte_of_bf16), table));
+      }
+    }
+  }
+};
+
+// out[r0:r1, panel p's columns] = x[r0:r1] @ q4 panel p, x given as `split` (r0 a multiple of 16).
+// GGUF blocks outermost: a block's weight tiles stay loaded while every 16 rows pass over them,
+// and out, in cache, holds the running sums of the blocks so far.
+void AmxQ4PanelProduct(const SplitRows& split, int64_t K, int64_t N, const QuantizedChunks<4>& panel, int64_t p,
+                       int64_t r0, int64_t r1, float* out, float* tail) {
+  // The running sums go to `tail`, dense rows of 48 floats (out's rows, N floats apart, alias
+  // in L1 every few rows); the last GGUF block's sums go to out (or stay in `tail` for a last
+  // panel narrower than 48 columns, then CopyTail).
+  const PanelOutput to = PanelDestination(out, N, p, r0, tail);
+  const int64_t blocks = K / kQuantBlock;
+  const NibbleTiles nibbles;
+  alignas(64) uint32_t weights[3][16][16];
+  alignas(64) float sums[16][kPanel];  // one tile product of 16 rows, 48 columns
+  ConfigureTiles(16);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* values = panel.values + b * (kQuantBlock / 2) * kPanel;
+    __builtin_prefetch(values + (kQuantBlock / 2) * kPanel * 2);
+    nibbles.Convert(values, weights);
+    _tile_loadd(4, weights[0], 64);
+    _tile_loadd(5, weights[1], 64);
+    _tile_loadd(6, weights[2], 64);
+    vec scale[kVectors], offset[kVectors];
+    for (int j = 0; j < kVectors; ++j) {
+      scale[j] = LoadVec<vec>(panel.scale + b * kPanel + j * kLanes);
+      offset[j] = LoadVec<vec>(panel.offset + b * kPanel + j * kLanes);
+    }
+    for (int64_t r = r0; r < r1; r += 16) {
+      // The next x tiles (the next GGUF block's at the last rows), a piece at a time: the
+      // hardware prefetchers leave the first load of each block of rows waiting.
+      const char* next = reinterpret_cast<const char*>(r + 16 < r1 ? split.Tile(b, r / 16 + 1, 0)
+                                                                    : split.Tile(b + 1, r0 / 16, 0));
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      for (int piece = 0; piece < 3; ++piece) {
+        for (int64_t line = 0; line < SplitRows::kTile * 2; line += 64) {
+          __builtin_prefetch(next + piece * SplitRows::kTile * 2 + line);
+        }
+        _tile_loadd(3, split.Tile(b, r / 16, piece), kQuantBlock * 2);
+        _tile_dpbf16ps(0, 3, 4);
+        _tile_dpbf16ps(1, 3, 5);
+        _tile_dpbf16ps(2, 3, 6);
+      }
+      _tile_stored(0, &sums[0][0], kPanel * 4);
+      _tile_stored(1, &sums[0][16], kPanel * 4);
+      _tile_stored(2, &sums[0][32], kPanel * 4);
+      const int64_t rows = std::min<int64_t>(16, r1 - r);
+      const bool last = b == blocks - 1;
+      for (int64_t i = 0; i < rows; ++i) {
+        const float x_sum = split.block_sums[(r + i) * blocks + b];
+        const float* running = tail + (r - r0 + i) * kPanel;
+        float* o = last ? to.dst + (r - r0 + i) * to.ldo : tail + (r - r0 + i) * kPanel;
+#pragma GCC unroll 3
+        for (int j = 0; j < kVectors; ++j) {
+          const vec block = scale[j] * LoadVec<vec>(&sums[i][j * kLanes]) + offset[j] * x_sum;
+          StoreVec(o + j * kLanes, b > 0 ? LoadVec<vec>(running + j * kLanes) + block : block);
+        }
+      }
+    }
+  }
+  _tile_release();
+  CopyTail(tail, out, N, p, r0, r1);
+}
+#endif  // JPAGED_AMX_Q4
+
 // out[r0:r1, panel columns] = x[r0:r1] @ the panel that `chunks` reads. `tail` is scratch of
 // kRowChunk x kPanel floats for a last panel narrower than kPanel, whose padded columns must
 // not reach `out`.
@@ -489,15 +646,74 @@ void PackedMatmul(ffi::ThreadPool& pool, const typename Format::T* x, const Pane
   });
 }
 
+#if defined(JPAGED_AMX_Q4)
+// out f32[M, N] = x f32[M, K] @ q4 panels on AMX tiles (K a multiple of 32): x split once into
+// the calling thread's scratch, then (row chunk, panel) items as in PackedMatmul.
+void AmxQ4Matmul(ffi::ThreadPool& pool, const float* x, const QuantizedPanels<4>& panels, float* out, int64_t M,
+                 int64_t K, int64_t N) {
+  if (M == 0 || N == 0) return;
+  thread_local std::vector<uint16_t> pieces;
+  thread_local std::vector<float> block_sums;
+  const int64_t row_blocks = (M + 15) / 16;
+  pieces.resize(row_blocks * 16 * K * 3);
+  block_sums.resize(M * (K / kQuantBlock));
+  const SplitRows split{pieces.data(), block_sums.data(), row_blocks};
+  ParallelFor(pool, row_blocks, [&](int64_t row_block, int64_t) {
+    const int64_t r0 = row_block * 16, r1 = std::min(M, r0 + 16);
+    for (int64_t r = r0; r < r1; ++r) SplitRow(x + r * K, K, r, split);
+    for (int64_t b = 0; r1 < r0 + 16 && b < K / kQuantBlock; ++b) {  // the padding rows: zeros
+      for (int64_t piece = 0; piece < 3; ++piece) {
+        std::memset(split.Tile(b, row_block, piece) + (r1 - r0) * kQuantBlock, 0,
+                    (r0 + 16 - r1) * kQuantBlock * sizeof(uint16_t));
+      }
+    }
+  });
+  const int64_t num_panels = (N + kPanel - 1) / kPanel;
+  const int64_t row_chunks = (M + kRowChunk - 1) / kRowChunk;
+  ParallelFor(pool, row_chunks * num_panels, [&](int64_t item, int64_t) {
+    thread_local float tail[kRowChunk * kPanel];
+    const int64_t chunk = item / num_panels, p = item % num_panels;
+    const int64_t r0 = chunk * kRowChunk, r1 = std::min(M, r0 + kRowChunk);
+    AmxQ4PanelProduct(split, K, N, panels.Panel(p, K), p, r0, r1, out, tail);
+  });
+}
+#endif  // JPAGED_AMX_Q4
+
+// An i32 scalar operand clamped to [low, high], or false when it is not one int32.
+bool ClampedCount(ffi::Buffer<ffi::S32> count, int64_t low, int64_t high, int64_t* value) {
+  if (count.element_count() != 1) return false;
+  *value = std::clamp<int64_t>(*count.typed_data(), low, high);
+  return true;
+}
+
 // out f32[M, N]: x's first num_rows rows (clamped to [0, M]) times the panels, zeros after them.
+// With q4 panels and `vector_rows` (an i32 scalar, clamped to [0, num_rows]), the rows from
+// vector_rows on are multiplied on AMX tiles where the CPU and the OS allow it; the first
+// vector_rows rows, and all rows elsewhere, on the vector path.
 template <typename Format, typename Panels>
 ffi::Error MultiplyRealRows(ffi::ThreadPool& pool, const typename Format::T* x, const Panels& panels,
-                            ffi::Buffer<ffi::S32> num_rows, float* out, int64_t M, int64_t K, int64_t N) {
-  if (num_rows.element_count() != 1) {
+                            ffi::Buffer<ffi::S32> num_rows, float* out, int64_t M, int64_t K, int64_t N,
+                            const ffi::Buffer<ffi::S32>* vector_rows = nullptr) {
+  int64_t rows = 0;
+  if (!ClampedCount(num_rows, 0, M, &rows)) {
     return ffi::Error::InvalidArgument("packed_matmul: num_rows must be one int32, got " +
                                        Dims(num_rows.dimensions()));
   }
-  const int64_t rows = std::clamp<int64_t>(*num_rows.typed_data(), 0, M);
+  int64_t vector = rows;
+  if (vector_rows != nullptr && !ClampedCount(*vector_rows, 0, rows, &vector)) {
+    return ffi::Error::InvalidArgument("packed_matmul: vector_rows must be one int32, got " +
+                                       Dims(vector_rows->dimensions()));
+  }
+#if defined(JPAGED_AMX_Q4)
+  if constexpr (std::is_same_v<Panels, QuantizedPanels<4>>) {
+    if (vector < rows && AmxUsable()) {
+      PackedMatmul<Format>(pool, x, panels, out, vector, K, N);
+      AmxQ4Matmul(pool, x + vector * K, panels, out + vector * N, rows - vector, K, N);
+      std::memset(out + rows * N, 0, (M - rows) * N * sizeof(float));
+      return ffi::Error::Success();
+    }
+  }
+#endif
   PackedMatmul<Format>(pool, x, panels, out, rows, K, N);
   std::memset(out + rows * N, 0, (M - rows) * N * sizeof(float));
   return ffi::Error::Success();
@@ -537,7 +753,8 @@ ffi::Error PackedMatmulBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi:
 template <int kBits, typename Values>
 ffi::Error QuantizedMatmul(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, Values values,
                            const ffi::Buffer<ffi::F32>* offset, ffi::Buffer<ffi::F32> scale,
-                           ffi::Buffer<ffi::S32> num_rows, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+                           ffi::Buffer<ffi::S32> num_rows, const ffi::Buffer<ffi::S32>* vector_rows,
+                           ffi::Result<ffi::Buffer<ffi::F32>> out) {
   auto xd = x.dimensions();
   auto vd = values.dimensions();
   auto sd = scale.dimensions();
@@ -556,19 +773,20 @@ ffi::Error QuantizedMatmul(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, Value
   }
   const QuantizedPanels<kBits> panels{reinterpret_cast<const uint8_t*>(values.typed_data()), scale.typed_data(),
                                       offset == nullptr ? nullptr : offset->typed_data()};
-  return MultiplyRealRows<F32>(pool, x.typed_data(), panels, num_rows, out->typed_data(), xd[0], xd[1], od[1]);
+  return MultiplyRealRows<F32>(pool, x.typed_data(), panels, num_rows, out->typed_data(), xd[0], xd[1], od[1],
+                              vector_rows);
 }
 
 ffi::Error PackedMatmulQ4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> values,
                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> num_rows,
-                          ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  return QuantizedMatmul<4>(pool, x, values, &offset, scale, num_rows, out);
+                          ffi::Buffer<ffi::S32> vector_rows, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  return QuantizedMatmul<4>(pool, x, values, &offset, scale, num_rows, &vector_rows, out);
 }
 
 ffi::Error PackedMatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> values,
                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> num_rows,
                           ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  return QuantizedMatmul<8>(pool, x, values, nullptr, scale, num_rows, out);
+  return QuantizedMatmul<8>(pool, x, values, nullptr, scale, num_rows, nullptr, out);
 }
 
 }  // namespace
@@ -597,6 +815,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPackedMatmulQ4, PackedMatmulQ4,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()   // offset
                                   .Arg<ffi::Buffer<ffi::S32>>()   // num_rows
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // vector_rows
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPackedMatmulQ8, PackedMatmulQ8,
