@@ -33,17 +33,17 @@ class StepMetadata:
 
     @staticmethod
     def blob_size(num_tokens: int, num_seqs: int, pages_per_seq: int) -> int:
-        return 3 * num_tokens + num_seqs * pages_per_seq + 3 * num_seqs + 1
+        return 3 * num_tokens + num_seqs * pages_per_seq + 3 * num_seqs + 2
 
     @classmethod
     def unpack(cls, blob, num_tokens: int, num_seqs: int, pages_per_seq: int) -> "StepMetadata":
         """Splits the forward blob (i32[blob_size]) inside jit."""
         t, s, p = num_tokens, num_seqs, pages_per_seq
-        sizes = [t, t, t, s * p, s, s + 1, s]
+        sizes = [t, t, t, s * p, s, s + 1, s, 1]
         parts = jnp.split(blob, np.cumsum(sizes)[:-1].tolist())
-        token_ids, positions, slot_mapping, tables, kv_lens, cu_q_lens, logits_indices = parts
+        token_ids, positions, slot_mapping, tables, kv_lens, cu_q_lens, logits_indices, num_decode_tokens = parts
         attn = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables.reshape(s, p),
-                                 kv_lens=kv_lens, cu_q_lens=cu_q_lens)
+                                 kv_lens=kv_lens, cu_q_lens=cu_q_lens, num_decode_tokens=num_decode_tokens[0])
         return cls(token_ids=token_ids, positions=positions, attn=attn, logits_indices=logits_indices)
 
 
@@ -58,8 +58,10 @@ def pack_step(scheduled, num_tokens: int, num_seqs: int, pages_per_seq: int, blo
     off = 3 * t + s * p
     kv_lens = blob[off:off + s]
     cu_q_lens = blob[off + s:off + 2 * s + 1]
-    logits_indices = blob[off + 2 * s + 1:]
+    logits_indices = blob[off + 2 * s + 1:off + 3 * s + 1]
+    num_decode_tokens = blob[off + 3 * s + 1:]
     start = 0
+    decodes_so_far = True
     for i, req in enumerate(scheduled):
         n = len(req.token_ids)
         end = start + n
@@ -73,6 +75,9 @@ def pack_step(scheduled, num_tokens: int, num_seqs: int, pages_per_seq: int, blo
         kv_lens[i] = req.start_position + n
         cu_q_lens[i + 1] = end
         logits_indices[i] = end - 1
+        decodes_so_far = decodes_so_far and req.is_decode
+        if decodes_so_far:
+            num_decode_tokens[0] = end
         start = end
     cu_q_lens[len(scheduled) + 1:] = start  # padded sequences: q_len 0
     return blob

@@ -16,8 +16,10 @@ from jpaged.loaders.gguf import load_gguf_params
 from jpaged.loaders.gguf_file import read_gguf
 from jpaged.loaders.hf_names import LAYER_NAMES, params_to_hf_state_dict
 from jpaged.models import llama
+from jpaged.models.attention_metadata import AttentionMetadata
 from jpaged.models import quantization as q
 from pallas_kernels import cpu as cpu_kernels
+from pallas_kernels import reference
 from test_loaders import _write_tiny_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -184,6 +186,45 @@ def test_packed_gguf_blocks_compute_exactly_what_the_dequantized_weights_do(tiny
     forward = jax.jit(llama.forward_dense, static_argnums=1)
     np.testing.assert_array_equal(np.asarray(forward(packed, tiny.config, tokens)),
                                   np.asarray(forward(plain, tiny.config, tokens)))
+
+
+@pytest.mark.skipif(not cpu_kernels.is_available(), reason=f"no CPU kernel: {cpu_kernels.load_error()}")
+def test_decode_rows_take_the_vector_path_and_prompt_rows_the_tiles(tiny, smollm2_path, tmp_path):
+    """The model hands AttentionMetadata.num_decode_tokens to every q4 linear: a step's first
+    num_decode_tokens rows come out bit for bit as with every row on the vector path (None),
+    the rest as with every row on the path prompt rows take (0: AMX tiles where the CPU has
+    them, else the vector path too). The step: two one-token sequences, then a 10-token prompt."""
+    layers = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    path = tmp_path / "tiny_q4.gguf"
+    _write_tiny_gguf(path, tiny, smollm2_path, {key: QTYPES["q4_1"] for key in layers})
+    config = tiny.config
+    params = q.pack_linears(load_gguf_params(read_gguf(str(path)), config, q.GGUF_FORMATS, keep_embedding=True))
+    assert "packed uint8" in _kinds(params)
+    block_size, q_lens = 16, [1, 1, 10]
+    positions = np.concatenate([np.arange(n) for n in q_lens]).astype(np.int32)
+    slots = np.concatenate([(i + 1) * block_size + np.arange(n) for i, n in enumerate(q_lens)]).astype(np.int32)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(100, 40000, len(positions)), jnp.int32)
+    shape = reference.get_kv_cache_shape(len(q_lens) + 1, block_size, config.num_kv_heads, config.head_dim)
+
+    def hidden(num_decode_tokens):
+        meta = AttentionMetadata(slot_mapping=jnp.asarray(slots), block_tables=jnp.arange(1, 4, dtype=jnp.int32)[:, None],
+                                 kv_lens=jnp.asarray(q_lens, jnp.int32), cu_q_lens=jnp.asarray([0, 1, 2, 12], jnp.int32),
+                                 num_decode_tokens=num_decode_tokens)
+        cache = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(config.num_layers)]
+        out, _ = llama.forward(params, config, tokens, jnp.asarray(positions), cache, meta,
+                               reference.ragged_paged_attention, reference.write_kv)
+        return np.asarray(out)
+
+    vector, tiles, split = hidden(None), hidden(jnp.int32(0)), hidden(jnp.int32(2))
+    np.testing.assert_array_equal(split[:2], vector[:2])
+    np.testing.assert_array_equal(split[2:], tiles[2:])
+    np.testing.assert_allclose(tiles, vector, rtol=1e-4, atol=1e-5)
+    # Whether this CPU has the tile path, asked of the kernel itself: their sums round differently.
+    probe = params["layers"][0]["q_proj"]
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((4, config.hidden_size)), jnp.float32)
+    kernel_tiles = [np.asarray(cpu_kernels.packed_matmul(x, probe.panels, probe.out_features, scale=probe.scale,
+                                                         offset=probe.offset, vector_rows=rows)) for rows in (None, 0)]
+    assert (tiles != vector).any() == (kernel_tiles[0] != kernel_tiles[1]).any()
 
 
 def _write_compressed_tensors_checkpoint(folder, tiny, tiny_model_dir, strategy="channel"):

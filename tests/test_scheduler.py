@@ -114,7 +114,7 @@ def check_step(scheduler: Scheduler, scheduler_output) -> None:
     assert len({s.request_id for s in scheduled}) == len(scheduled)
     # The engine may skip a step with nothing scheduled, so block copies never come alone.
     assert scheduled or not (scheduler_output.blocks_to_swap_out or scheduler_output.blocks_to_swap_in)
-    is_decode = [s.sample and s.num_scheduled_tokens == 1 for s in scheduled]
+    is_decode = [s.start_position >= len(s.prompt_token_ids) for s in scheduled]  # generated tokens only
     assert is_decode == sorted(is_decode, reverse=True), "decodes must come first in the batch"
     if not scheduler.enable_chunked_prefill:
         assert all(s.sample for s in scheduled), "a prompt was chunked with chunked prefill off"

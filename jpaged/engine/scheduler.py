@@ -347,8 +347,10 @@ class Scheduler:
                     eos_token_ids=request.eos_token_ids,
                 )
             )
-        # Decodes first, then prefill chunks (a stable sort keeps admission order within each).
-        out.sort(key=lambda s: not (s.sample and s.num_scheduled_tokens == 1))
+        # Decodes (chunks of generated tokens only) first, then chunks with prompt tokens (a
+        # stable sort keeps admission order within each): the runner tells the model how many
+        # rows are decodes (AttentionMetadata.num_decode_tokens).
+        out.sort(key=lambda s: not s.is_decode)
         return out
 
     def update_from_output(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:

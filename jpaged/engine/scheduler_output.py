@@ -25,6 +25,12 @@ class ScheduledRequest:
     def num_scheduled_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def is_decode(self) -> bool:
+        """Whether every token of this chunk is a generated one (a recomputed request's first
+        chunks, which hold its prompt, are not)."""
+        return self.start_position >= len(self.prompt_token_ids)
+
     def __repr__(self) -> str:
         return (
             f"ScheduledRequest(request_id={self.request_id!r}, num_scheduled_tokens={self.num_scheduled_tokens}, "
@@ -36,7 +42,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     """One step: the scheduled requests and the block copies to run before the forward."""
 
-    scheduled: list[ScheduledRequest]  # batch order: decodes first, then prefill chunks
+    scheduled: list[ScheduledRequest]  # batch order: decodes (is_decode) first, then prefill chunks
     total_num_scheduled_tokens: int
     finished_request_ids: set[str]  # finished/aborted since the last schedule(): drop their state
     blocks_to_swap_out: list[tuple[int, int]]  # (device block id, host slot): run before this step's forward

@@ -18,3 +18,7 @@ class AttentionMetadata:
     block_tables: jax.Array  # i32[num_seqs, pages_per_seq]: padded with 0
     kv_lens: jax.Array  # i32[num_seqs]: context length after this step's tokens
     cu_q_lens: jax.Array  # i32[num_seqs + 1]: cumulative new-token counts
+    # i32[]: the first num_decode_tokens tokens are decode tokens (sequences whose new tokens are
+    # all generated ones, packed first); None: unknown. Linears may choose their kernel's path by
+    # it (`quantization.linear`'s num_decode_rows), never their math.
+    num_decode_tokens: jax.Array | None = None

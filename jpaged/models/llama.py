@@ -160,11 +160,12 @@ class LlamaForCausalLM(nn.Module):
         config, params = self.config, self.weights()
         rope = rope_tables(config, positions)
         x = embed(params["embed"], token_ids, config.dtype)  # [T, hidden]
-        num_tokens = attn_meta.cu_q_lens[-1]  # the real tokens; the linears skip the padding after them
+        # The real tokens (the linears skip the padding after them), decode tokens first.
+        rows = dict(num_rows=attn_meta.cu_q_lens[-1], num_decode_rows=attn_meta.num_decode_tokens)
         new_cache = []
         for i, (layer, (k_pages, v_pages)) in enumerate(zip(params["layers"], kv_cache)):
             scales = {} if kv_scales is None else dict(zip(("k_scale", "v_scale"), kv_scales[i]))
-            q, k, v = _attention_inputs(layer, config, x, rope, num_tokens)  # [T, heads, head_dim]
+            q, k, v = _attention_inputs(layer, config, x, rope, **rows)  # [T, heads, head_dim]
             k_pages, v_pages = write_kv_fn(k_pages, v_pages, k, v, attn_meta.slot_mapping, **scales)
             attn = attention_fn(
                 q,
@@ -178,7 +179,7 @@ class LlamaForCausalLM(nn.Module):
                 soft_cap=None,
                 **scales,
             )
-            x = _attention_output_and_mlp(layer, config, x, attn, num_tokens)
+            x = _attention_output_and_mlp(layer, config, x, attn, **rows)
             new_cache.append((k_pages, v_pages))
         return _rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
 
@@ -268,31 +269,31 @@ def forward_dense(params, config: ModelConfig, token_ids):
     return model.apply({"params": params}, token_ids, method=model.forward_dense)
 
 
-def _attention_inputs(layer, config, x, rope, num_rows=None):
+def _attention_inputs(layer, config, x, rope, **rows):
     """q [..., num_q_heads, head_dim], k and v [..., num_kv_heads, head_dim] with RoPE applied.
 
-    rope: `rope_tables(config, positions)`. num_rows: None, or the i32 count of real rows of x
-    (flattened), after which the linears may skip the padding (`quantization.linear`)."""
+    rope: `rope_tables(config, positions)`. rows: `quantization.linear`'s num_rows (the real rows
+    of x, flattened; the linears may skip the padding after them) and num_decode_rows."""
     h = _rms_norm(x, layer["input_norm"], config.rms_norm_eps)
     lead = h.shape[:-1]
-    q = _linear(h, layer["q_proj"], layer.get("q_bias"), num_rows=num_rows).reshape(*lead, config.num_q_heads, -1)
-    k = _linear(h, layer["k_proj"], layer.get("k_bias"), num_rows=num_rows).reshape(*lead, config.num_kv_heads, -1)
-    v = _linear(h, layer["v_proj"], layer.get("v_bias"), num_rows=num_rows).reshape(*lead, config.num_kv_heads, -1)
+    q = _linear(h, layer["q_proj"], layer.get("q_bias"), **rows).reshape(*lead, config.num_q_heads, -1)
+    k = _linear(h, layer["k_proj"], layer.get("k_bias"), **rows).reshape(*lead, config.num_kv_heads, -1)
+    v = _linear(h, layer["v_proj"], layer.get("v_bias"), **rows).reshape(*lead, config.num_kv_heads, -1)
     if config.qk_norm:
         q = _rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = _rms_norm(k, layer["k_norm"], config.rms_norm_eps)
     return _rope(q, *rope), _rope(k, *rope), v
 
 
-def _attention_output_and_mlp(layer, config, x, attn, num_rows=None):
+def _attention_output_and_mlp(layer, config, x, attn, **rows):
     """The residual stream after o_proj and the SwiGLU MLP. attn: [..., num_q_heads, head_dim];
-    num_rows as for `_attention_inputs`."""
+    rows as for `_attention_inputs`."""
     attn = attn.reshape(*attn.shape[:-2], -1).astype(x.dtype)
-    x = x + _linear(attn, layer["o_proj"], layer.get("o_bias"), num_rows=num_rows)
+    x = x + _linear(attn, layer["o_proj"], layer.get("o_bias"), **rows)
     h = _rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps)
-    gate = _linear(h, layer["gate_proj"], num_rows=num_rows).astype(jnp.float32)
-    up = _linear(h, layer["up_proj"], num_rows=num_rows).astype(jnp.float32)
-    return x + _linear((jax.nn.silu(gate) * up).astype(x.dtype), layer["down_proj"], num_rows=num_rows)
+    gate = _linear(h, layer["gate_proj"], **rows).astype(jnp.float32)
+    up = _linear(h, layer["up_proj"], **rows).astype(jnp.float32)
+    return x + _linear((jax.nn.silu(gate) * up).astype(x.dtype), layer["down_proj"], **rows)
 
 
 def _rms_norm(x, weight, eps):

@@ -109,13 +109,19 @@ def check_method(method: str | None, platform: str | None = None) -> None:
                          "use --quantization int8 (or gguf for a .gguf model) instead.")
 
 
-def linear(x, weight, bias=None, out_dtype=None, num_rows=None):
+def linear(x, weight, bias=None, out_dtype=None, num_rows=None, num_decode_rows=None):
     """x [..., in] @ weight (+ bias [out]) with float32 accumulation, returned in out_dtype
     (default x.dtype).
 
     num_rows: None, or an i32 scalar saying that only the first num_rows rows of x (flattened
     over its leading dims) are real: the rows after them are padding, whose results are
     unspecified (the C++ kernel skips them and returns bias; the other paths compute them).
+    num_decode_rows: None, or an i32 scalar: x's first num_decode_rows rows are decode tokens
+    and the rows after them (up to num_rows) prompt tokens. It picks the C++ kernel's path, not
+    the math: q4 weights multiply prompt rows on AMX tiles where the CPU has them (sums rounded
+    differently from the vector path's, as close to the exact ones), so a token's result depends
+    on its role, never on the batch it runs in (`pallas_kernels.cpu.packed_matmul`'s vector_rows).
+    None: every row on the vector path.
 
     weight: a plain [in, out] array, a PackedWeight (x of its dtype: the C++ CPU kernel) or a
     QuantizedWeight of logical shape [out, in]. int8/fp8 weights enter the dot converted to
@@ -125,7 +131,7 @@ def linear(x, weight, bias=None, out_dtype=None, num_rows=None):
     if isinstance(weight, PackedWeight):
         lead, k = x.shape[:-1], x.shape[-1]
         y = cpu_kernels.packed_matmul(x.reshape(-1, k), weight.panels, weight.out_features, num_rows,
-                                      scale=weight.scale, offset=weight.offset)
+                                      scale=weight.scale, offset=weight.offset, vector_rows=num_decode_rows)
         y = y.reshape(*lead, weight.out_features)
     elif not isinstance(weight, QuantizedWeight):
         y = jnp.einsum("...i,io->...o", x, weight, preferred_element_type=jnp.float32)
