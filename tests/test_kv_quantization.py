@@ -188,11 +188,17 @@ def test_fp8_e4m3_on_pallas_needs_compute_capability_89():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_cache_dtype", QUANTIZED)
-def test_smollm2_answers_paris_with_quantized_kv(kv_cache_dtype):
+def test_smollm2_answers_capitals_with_quantized_kv(kv_cache_dtype):
+    """Five questions SmolLM2 answers right with a float32 cache. A lossy cache's rounding of a
+    value near a step of its grid follows bits far below float32's noise, so one answer can
+    flip with any change to the arithmetic (fp8_e5m2 has 2 mantissa bits): most must stay
+    right; broken scales or pages get none."""
+    capitals = {"France": "Paris", "Germany": "Berlin", "Japan": "Tokyo", "England": "London", "Egypt": "Cairo"}
     llm = LLM(kv_cache_dtype=kv_cache_dtype, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64,
               compilation_cache_dir="", enforce_eager=True)
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+    out = llm.chat([[{"role": "user", "content": f"What is the capital of {country}?"}] for country in capitals],
                    SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
-    assert "Paris" in out[0].outputs[0].text
+    right = [city in o.outputs[0].text for city, o in zip(capitals.values(), out)]
+    assert sum(right) >= 4, [o.outputs[0].text for o in out]
     assert llm.llm_engine.runner.kv_cache[0][0].dtype == jnp.dtype(PAGE_DTYPES[kv_cache_dtype])
     assert_pool_free(llm)
