@@ -67,6 +67,7 @@ class FakeRunner:
             sampled = {}
             for scheduled in scheduler_output.scheduled:
                 assert scheduled.sample and scheduled.num_scheduled_tokens == 1
+                assert scheduled.start_position >= len(scheduled.prompt_token_ids), "a round runs decodes only"
                 position = scheduled.start_position + step
                 self.device[(scheduled.block_table[position // bs], position % bs)] = pending[scheduled.request_id][0]
                 context = [self.device[(scheduled.block_table[p // bs], p % bs)] for p in range(position + 1)]
@@ -665,6 +666,16 @@ def test_a_round_needs_every_request_decoding_with_room_and_nothing_waiting():
     # 3 usable blocks: the two requests hold one each and a round of 4 needs a second each.
     small = scheduler_with(plain("a", max_tokens=8), plain("b", max_tokens=8), num_blocks=4)
     assert small.schedule().num_steps == 1
+    # a's decode and 31 of b's 32 prompt tokens fill the 32-token step: b's last prompt token,
+    # alone, is not a decode, so the step after is a single one; rounds resume after it.
+    scheduler = scheduler_with(plain("a"))
+    scheduler.add_request(Request("b", list(range(1, 33)), SamplingParams(max_tokens=20), eos_token_ids=(EOS,)))
+    steps = []
+    for _ in range(3):
+        out = scheduler.schedule()
+        steps.append((out.num_steps, [(s.request_id, s.num_scheduled_tokens) for s in out.scheduled]))
+        scheduler.update_from_output(out, {s.request_id: 7 for s in out.scheduled if s.sample})
+    assert steps == [(1, [("a", 1), ("b", 31)]), (1, [("a", 1), ("b", 1)]), (4, [("a", 1), ("b", 1)])]
 
 
 class FakeClock:

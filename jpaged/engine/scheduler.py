@@ -248,7 +248,8 @@ class Scheduler:
     def _num_steps_ahead(self, admission_due: bool) -> int:
         """num_scheduler_steps when this step can be a multi-step decode, else 1. It can when no
         request waits to be admitted this step (see _admission_due), every running request has
-        exactly its last sampled token to compute and samples nothing that needs the host
+        exactly its last sampled token to compute (a decode, never a prompt's last token: the
+        round's linears take every row as a decode) and samples nothing that needs the host
         between tokens (logprobs, penalties, logit_bias, min_tokens still pending, structured
         outputs) and has all the steps' tokens left before max_tokens and max_model_len (a
         request that would reach its cap inside the steps would waste the rest, and hold back
@@ -261,6 +262,7 @@ class Scheduler:
         new_blocks = 0
         for request in self.running:
             if (request.num_tokens - request.num_computed_tokens != 1 or not _samples_ahead(request)
+                    or request.num_computed_tokens < request.num_prompt_tokens  # a prompt's last token
                     or request.num_computed_tokens + steps > self.max_model_len
                     or request.num_output_tokens + steps > request.max_tokens):
                 return 1
