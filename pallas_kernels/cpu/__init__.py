@@ -214,8 +214,8 @@ def packed_matmul(x, panels, out_features: int, num_rows=None, *, scale=None, of
 
     vector_rows (an int32 scalar, traced or not; None means num_rows): with q4 panels, on a CPU
     with AMX (and Linux granting it), the rows from vector_rows to num_rows are multiplied on
-    AMX tiles: x split exactly into three bfloat16, sums of exact products, ~1.4x faster from 64
-    rows on, slower below 8; they are as close to the exact product as the vector path's, but
+    AMX tiles: x split exactly into three bfloat16, sums of exact products, 1.3-1.5x faster from
+    64 rows on, even at 16, slower below (docs/kernels_cpu.md); they are as close to the exact product as the vector path's, but
     rounded differently, so a row's result depends on which side of vector_rows it is (on
     nothing else). Elsewhere, and for the other formats, every row takes the vector path.
 
