@@ -10,9 +10,6 @@ import os
 
 # On CPU the KV pool lives in host memory; this is its budget when --kv-cache-memory is unset.
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
-# On CPU, a longer context than this costs more compile time and memory than it is worth by
-# default; --max-model-len raises it up to the model's own limit.
-DEFAULT_CPU_MAX_MODEL_LEN = 2048
 # On CPU the host's work between decode steps is ~10% of a small model's step (docs/performance.md);
 # four steps per round take most of it away without holding new requests back long.
 DEFAULT_CPU_SCHEDULER_STEPS = 4
@@ -50,8 +47,8 @@ class EngineArgs:
         choices=["auto", "float32", "bfloat16", "float16"])
     seed: int = _field(0, "Seed of the engine's random stream (draws seeds for unseeded requests).", type=int)
     max_model_len: int | None = _field(
-        None, f"Longest prompt + output, in tokens. Default: the model's limit, capped at "
-        f"{DEFAULT_CPU_MAX_MODEL_LEN} on CPU.", type=int)
+        None, "Longest prompt + output, in tokens. Default: the model's limit (on CPU, at most what "
+        "one sequence's KV fits in the KV cache).", type=int)
     block_size: int = _field(16, "Tokens per KV-cache block.", type=int)
     gpu_memory_utilization: float = _field(
         0.9, "Fraction of the accelerator's total memory for weights, activations and KV cache. "

@@ -154,14 +154,30 @@ def compiled_step_bytes(memory_analysis) -> int:
     return m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
 
 
-def _memory_budget(args, device, step_bytes) -> tuple[int, GpuMemory | None]:
+def _cpu_budget(args) -> int:
+    """Bytes of one replica's pool where no GPU's memory decides: --kv-cache-memory, else
+    min(4 GiB, --gpu-memory-utilization x available host memory) shared by the replicas."""
     if args.kv_cache_memory is not None:
-        return int(args.kv_cache_memory * GIB), None
-    if device.platform == "cpu":
-        shared = min(DEFAULT_CPU_KV_CACHE_GIB * GIB, args.gpu_memory_utilization * _available_host_bytes())
-        return int(shared / args.data_parallel_size), None
+        return int(args.kv_cache_memory * GIB)
+    shared = min(DEFAULT_CPU_KV_CACHE_GIB * GIB, args.gpu_memory_utilization * _available_host_bytes())
+    return int(shared / args.data_parallel_size)
+
+
+def _memory_budget(args, device, step_bytes) -> tuple[int, GpuMemory | None]:
+    if args.kv_cache_memory is not None or device.platform == "cpu":
+        return _cpu_budget(args), None
     memory = GpuMemory.from_stats(device.memory_stats(), xla_mem_fraction(), step_bytes() if step_bytes else 0)
     return memory.kv_budget(args.gpu_memory_utilization), memory
+
+
+def cpu_sequence_capacity(model_config, args, kv_dtype: str, kv_shards: int = 1) -> int:
+    """Tokens one sequence can hold in the pool `size_pool` builds on CPU: all of its usable blocks
+    (the null block aside). The default max_model_len on CPU is the model's limit capped at this."""
+    if args.num_gpu_blocks_override is not None:
+        num_blocks = args.num_gpu_blocks_override
+    else:
+        num_blocks = _cpu_budget(args) // (bytes_per_block(model_config, args.block_size, kv_dtype) // kv_shards)
+    return max(num_blocks - 1, 0) * args.block_size
 
 
 def size_pool(model_config, args, max_model_len: int, kv_dtype: str, device, step_bytes=None,

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from jpaged import kv_pool, multihost
-from jpaged.config import DEFAULT_CPU_MAX_MODEL_LEN, EngineArgs, server_max_num_batched_tokens
+from jpaged import kv_pool, kv_quantization, multihost, sharding
+from jpaged.config import EngineArgs, server_max_num_batched_tokens
 from jpaged.cpu_features import resolve_cpu_dtype
 from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine import Request, RequestStatus, Scheduler
@@ -71,10 +71,21 @@ class _Parent:
 
 
 def resolve_max_model_len(args: EngineArgs, model_config, platform: str) -> int:
-    """--max-model-len, or the model's limit (capped on CPU); never above the model's limit."""
+    """--max-model-len, or the model's limit; never above the model's limit. On CPU the default is
+    also capped at what one sequence's KV fits in (`kv_pool.cpu_sequence_capacity`), with a log
+    line, so a long-context model starts with the pool it has rather than failing."""
     model_max = model_config.max_position_embeddings
     if args.max_model_len is None:
-        return min(model_max, DEFAULT_CPU_MAX_MODEL_LEN) if platform == "cpu" else model_max
+        if platform != "cpu":
+            return model_max
+        kv_dtype = kv_quantization.page_dtype(args.kv_cache_dtype, model_config.dtype)
+        capacity = kv_pool.cpu_sequence_capacity(model_config, args, kv_dtype,
+                                                 sharding.kv_shards(model_config, args.tensor_parallel_size))
+        if 0 < capacity < model_max:
+            logger.warning("max_model_len %d: the most tokens of KV one sequence fits in the KV cache (the model "
+                           "allows %d); raise --kv-cache-memory for more.", capacity, model_max)
+            return capacity
+        return model_max
     if args.max_model_len > model_max:
         raise ValueError(f"--max-model-len {args.max_model_len} exceeds the model's max_position_embeddings "
                          f"({model_max}); use --max-model-len {model_max} or less.")

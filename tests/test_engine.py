@@ -372,6 +372,26 @@ def test_pool_too_small_for_max_model_len_fails_with_numbers(tiny_model_dir):
     assert spec.num_blocks == (33 if jax.devices()[0].platform == "cpu" else 128)
 
 
+def test_default_max_model_len_is_the_models_limit_capped_on_cpu_by_what_one_sequence_fits(tiny_model_dir, caplog):
+    from jpaged.llm_engine import resolve_max_model_len
+    config = ModelConfig.from_hf_config(json.loads((tiny_model_dir / "config.json").read_text()), dtype="float32")
+    limit = 32768
+    config = config.replace(max_position_embeddings=limit)
+    assert resolve_max_model_len(EngineArgs(), config, "cpu") == limit  # 4 GiB holds 512k tokens of it
+    assert resolve_max_model_len(EngineArgs(max_model_len=100), config, "cpu") == 100
+    # 2 layers * 2 (K, V) * 2 heads * 16 tokens * 16 dims * 4 bytes = 8 KiB per block.
+    small = EngineArgs(kv_cache_memory=64 * 8192 / kv_pool.GIB)  # 64 blocks: 63 usable
+    with caplog.at_level("WARNING", logger="jpaged.llm_engine"):
+        assert resolve_max_model_len(small, config, "cpu") == 63 * 16
+    assert "max_model_len 1008" in caplog.text and f"allows {limit}" in caplog.text
+    assert resolve_max_model_len(EngineArgs(num_gpu_blocks_override=9), config, "cpu") == 8 * 16
+    assert resolve_max_model_len(EngineArgs(kv_cache_dtype="bfloat16", kv_cache_memory=small.kv_cache_memory),
+                                 config, "cpu") == 127 * 16  # half the bytes per block
+    assert resolve_max_model_len(small, config, "gpu") == limit  # a GPU keeps vLLM's rule: fit or fail
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        resolve_max_model_len(EngineArgs(max_model_len=limit + 1), config, "cpu")
+
+
 
 def _thp_mode() -> str:
     """The bracketed mode of /sys/kernel/mm/transparent_hugepage/enabled, or "never" without it."""
