@@ -188,6 +188,42 @@ def test_inside_jit_with_donated_pool_and_bit_identical_repeats():
         np.testing.assert_array_equal(out, outs[0])
 
 
+def test_a_query_rows_bits_do_not_depend_on_the_batch():
+    """Batch invariance: one sequence's query rows give bit-identical outputs whatever else is in
+    the call and wherever its chunk starts. A lone decode token of a 773-token context (its keys
+    split at 512) alone vs beside 1-15 other sequences (a split chosen by the item count would
+    differ); prompt rows 512..772 in one chunk vs chunks starting at 412, 500 (a 1-token last
+    tile) or 505."""
+    rng = np.random.default_rng(1)
+    num_q_heads, num_kv_heads, head_dim, block_size, num_blocks = 9, 3, 64, 16, 200
+    k_pages = jnp.asarray(rng.standard_normal((num_blocks, num_kv_heads, block_size, head_dim), np.float32))
+    v_pages = jnp.asarray(rng.standard_normal((num_blocks, num_kv_heads, block_size, head_dim), np.float32))
+    kv_len, width = 773, 64
+    table = np.arange(1, 1 + width, dtype=np.int32)
+    queries = rng.standard_normal((kv_len, num_q_heads, head_dim)).astype(np.float32)
+
+    def attend(seqs):  # [(block table, kv_len, query rows)] -> the first sequence's outputs
+        q = np.concatenate([rows for _, _, rows in seqs])
+        cu_q_lens = np.cumsum([0] + [len(rows) for _, _, rows in seqs]).astype(np.int32)
+        out = cpu.ragged_paged_attention(
+            jnp.asarray(q), k_pages, v_pages, jnp.asarray([n for _, n, _ in seqs], jnp.int32),
+            jnp.asarray(np.stack([t for t, _, _ in seqs])), jnp.asarray(cu_q_lens), sm_scale=0.125)
+        return np.asarray(out)[:len(seqs[0][2])]
+
+    def other(i, q_len, context):
+        table = (np.arange(width, dtype=np.int32) + 100 + 10 * i) % num_blocks
+        return table, context, rng.standard_normal((q_len, num_q_heads, head_dim)).astype(np.float32)
+
+    decode = (table, kv_len, queries[-1:])
+    alone = attend([decode])
+    for others in ([other(0, 1, 100)], [other(i, 1, 150) for i in range(3)],
+                   [other(i, 1, 300) for i in range(15)], [other(0, 50, 60)]):
+        np.testing.assert_array_equal(attend([decode] + others), alone)
+    chunk = attend([(table, kv_len, queries[512:])])
+    for start in (412, 500, 505):
+        np.testing.assert_array_equal(attend([(table, kv_len, queries[start:])])[512 - start:], chunk)
+
+
 def test_bad_inputs_name_the_problem():
     p = make_problem(6, [1], [5], num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):

@@ -7,12 +7,19 @@
 // reads every KV block of its range once and uses it for all query rows of the tile and of the
 // GQA group. Softmax is online, in fp32. Keys at positions >= kv_len are never read, so garbage
 // (even NaN) in unused pages or padding entries cannot leak. Padded query rows get zeros.
-// Decode tiles keep query rows in row-major arrays; prefill tiles put them on vector lanes.
+// A sequence's lone query token (decode) keeps its rows in row-major arrays; the tokens of a
+// longer chunk (prefill) go on vector lanes, whatever their tile's size.
 //
-// Work runs on the thread pool XLA hands to FFI handlers; the calling thread works too. When
-// there are fewer items than threads can use (a few long sequences), each item's block range
-// is split and the partial softmax states are merged afterwards, in a fixed order, so results
-// are bit-identical from call to call.
+// Work runs on the thread pool XLA hands to FFI handlers; the calling thread works too. A decode
+// item's keys are split at fixed positions (every kSegmentTokens) into pieces that threads run
+// in parallel, and the pieces' softmax states are merged in key order afterwards; prefill items
+// (many per chunk) are not split.
+//
+// Batch invariance: a query row's result depends only on its own sequence's keys, its position
+// and whether its chunk is one token or more, never on the other sequences of the call, the
+// tiles, or the thread count (the lanes arithmetic is the same on every lane, the segments are
+// fixed positions). So a token gets the same bits in any batch, as long as the scheduler gives
+// it the same kind of chunk (jpaged's never leaves a prompt token alone in a chunk).
 
 #include <algorithm>
 #include <atomic>
@@ -24,6 +31,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -66,10 +74,11 @@ typedef int32_t vwi __attribute__((vector_size(kWide * 4)));
 
 // Query rows (tokens x GQA group) one item keeps in its fp32 accumulators: three wide vectors.
 constexpr int kTileRows = 3 * kWide;
-// Below this many KV tokens an item's range is never split further.
-constexpr int kMinSplitTokens = 256;
-// Items per thread wanted before splitting block ranges.
-constexpr int kItemsPerThread = 4;
+// A decode item's keys are split into pieces at multiples of this many positions (rounded to
+// whole blocks): fixed positions, so the split never depends on the rest of the batch. 512
+// splits one stream's three KV heads about as finely as two threads need, while a batch's
+// usual contexts stay whole (merging costs ~10 % at 64 x 400 with 256).
+constexpr int kSegmentTokens = 512;
 
 inline v8f Load(const float* p) {
   v8f v;
@@ -219,6 +228,7 @@ struct Item {
   int32_t first_pos;  // position of the sequence's first new token: kv_len - q_len
   int32_t kv_len;
   int32_t blk_begin, blk_end;  // KV blocks this item must read
+  bool lanes;  // its sequence has more than one query token this call: the lanes layout
 };
 
 // A contiguous block range of one item; `partial` >= 0 when the item is split.
@@ -610,7 +620,7 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
   const Item& it = items[pc.item];
   const int64_t d = sh.head_dim, g = sh.group;
   const int64_t rows = (it.tok_end - it.tok_begin) * g;
-  const bool lanes = rows >= kLanes;
+  const bool lanes = it.lanes;
   const int64_t rp = lanes ? (rows + kWide - 1) / kWide * kWide : (rows + kLanes - 1) / kLanes * kLanes;
   const int64_t ld = (sh.block_size + kLanes - 1) / kLanes * kLanes;
   s.q.assign(rp * d, 0.0f);
@@ -765,6 +775,7 @@ std::vector<Item> PlanItems(const Shapes& sh, const Options& opt, const int32_t*
         it.blk_begin = key_begin / sh.block_size;
         it.blk_end = (key_end + sh.block_size - 1) / sh.block_size;
         if (it.blk_begin >= it.blk_end) it.blk_begin = it.blk_end = 0;
+        it.lanes = q_len > 1;
         items.push_back(it);
       }
     }
@@ -772,35 +783,33 @@ std::vector<Item> PlanItems(const Shapes& sh, const Options& opt, const int32_t*
   return items;
 }
 
-// Splits items' block ranges when there are too few items to keep every thread busy.
+// Splits each decode item's block range at every multiple of the segment's blocks.
 std::vector<Piece> PlanPieces(const Shapes& sh, const std::vector<Item>& items,
-                              int64_t num_threads, int64_t* partial_rows) {
-  const int64_t num_items = static_cast<int64_t>(items.size());
-  const int64_t wanted = kItemsPerThread * num_threads;
-  const int64_t min_blocks = std::max<int64_t>(1, kMinSplitTokens / sh.block_size);
+                              int64_t* partial_rows) {
+  const int64_t segment = std::max<int64_t>(1, kSegmentTokens / sh.block_size);
   std::vector<Piece> pieces;
   *partial_rows = 0;
-  for (int64_t i = 0; i < num_items; ++i) {
+  for (size_t i = 0; i < items.size(); ++i) {
     const Item& it = items[i];
-    const int64_t blocks = it.blk_end - it.blk_begin;
     const int64_t rows = (it.tok_end - it.tok_begin) * sh.group;
-    int64_t splits = 1;
-    if (num_items < wanted) {
-      splits = std::clamp<int64_t>(blocks / min_blocks, 1, (wanted + num_items - 1) / num_items);
-    }
-    for (int64_t p = 0; p < splits; ++p) {
+    const int64_t last = it.lanes ? it.blk_end : (it.blk_begin / segment + 1) * segment;
+    const bool split = it.blk_end > last;
+    int64_t begin = it.blk_begin;
+    do {
       Piece pc;
       pc.item = static_cast<int32_t>(i);
-      pc.blk_begin = it.blk_begin + blocks * p / splits;
-      pc.blk_end = it.blk_begin + blocks * (p + 1) / splits;
+      pc.blk_begin = static_cast<int32_t>(begin);
+      pc.blk_end = static_cast<int32_t>(
+          it.lanes ? it.blk_end : std::min<int64_t>(it.blk_end, (begin / segment + 1) * segment));
       pc.partial = -1;
-      if (splits > 1) {
+      if (split) {
         pc.partial = *partial_rows;
         *partial_rows += rows;
       }
       pc.work = rows * (pc.blk_end - pc.blk_begin + 1);
       pieces.push_back(pc);
-    }
+      begin = pc.blk_end;
+    } while (begin < it.blk_end);
   }
   return pieces;
 }
@@ -817,9 +826,8 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, const Options& opt, const Q
   std::fill(out + used_end * row_elems, out + sh.num_tokens * row_elems, QT{0});
 
   const std::vector<Item> items = PlanItems(sh, opt, kv_lens, cu_q_lens);
-  const int64_t num_threads = std::max<int64_t>(1, pool.num_threads());
   int64_t partial_rows = 0;
-  const std::vector<Piece> pieces = PlanPieces(sh, items, num_threads, &partial_rows);
+  const std::vector<Piece> pieces = PlanPieces(sh, items, &partial_rows);
   Partials partials;
   partials.m.resize(partial_rows);
   partials.l.resize(partial_rows);
@@ -837,14 +845,17 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, const Options& opt, const Q
   });
 
   // Split items: merge their pieces (adjacent in `pieces`, in block order).
+  std::vector<std::pair<size_t, size_t>> splits;  // (first piece, piece count) per split item
   for (size_t p = 0; p < pieces.size();) {
     size_t e = p + 1;
     while (e < pieces.size() && pieces[e].item == pieces[p].item) ++e;
-    if (pieces[p].partial >= 0) {
-      MergePieces(sh, opt, items[pieces[p].item], &pieces[p], e - p, partials, out);
-    }
+    if (pieces[p].partial >= 0) splits.emplace_back(p, e - p);
     p = e;
   }
+  ParallelFor(pool, static_cast<int64_t>(splits.size()), [&](int64_t i, int64_t) {
+    const auto [first, count] = splits[i];
+    MergePieces(sh, opt, items[pieces[first].item], &pieces[first], count, partials, out);
+  });
 }
 
 // Pointers to the operands, typed by the caller's dispatch.
