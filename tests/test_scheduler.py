@@ -121,6 +121,9 @@ def check_step(scheduler: Scheduler, scheduler_output) -> None:
         assert all(s.sample for s in scheduled), "a prompt was chunked with chunked prefill off"
     for s in scheduled:
         assert s.num_scheduled_tokens >= 1
+        num_left = len(s.prompt_token_ids) + len(s.output_token_ids) - s.start_position - s.num_scheduled_tokens
+        if num_left > 0 and scheduler.max_num_batched_tokens >= 3:  # a partial chunk: see chunk_length
+            assert s.num_scheduled_tokens >= 2 and num_left >= 2, "a token was left alone in a chunk"
         assert len(s.block_table) * scheduler.block_size >= s.start_position + s.num_scheduled_tokens
         assert s.block_table == scheduler.kv_cache_manager.get_block_ids(s.request_id)
 
@@ -666,8 +669,9 @@ def test_a_round_needs_every_request_decoding_with_room_and_nothing_waiting():
     # 3 usable blocks: the two requests hold one each and a round of 4 needs a second each.
     small = scheduler_with(plain("a", max_tokens=8), plain("b", max_tokens=8), num_blocks=4)
     assert small.schedule().num_steps == 1
-    # a's decode and 31 of b's 32 prompt tokens fill the 32-token step: b's last prompt token,
-    # alone, is not a decode, so the step after is a single one; rounds resume after it.
+    # a's decode and b's 32 prompt tokens overfill the 32-token step by one; b takes 30, not 31,
+    # so that its last prompt token is never alone in a chunk (`chunk_length`). Its last two
+    # are not decodes, so the step after is a single one; rounds resume after it.
     scheduler = scheduler_with(plain("a"))
     scheduler.add_request(Request("b", list(range(1, 33)), SamplingParams(max_tokens=20), eos_token_ids=(EOS,)))
     steps = []
@@ -675,7 +679,17 @@ def test_a_round_needs_every_request_decoding_with_room_and_nothing_waiting():
         out = scheduler.schedule()
         steps.append((out.num_steps, [(s.request_id, s.num_scheduled_tokens) for s in out.scheduled]))
         scheduler.update_from_output(out, {s.request_id: 7 for s in out.scheduled if s.sample})
-    assert steps == [(1, [("a", 1), ("b", 31)]), (1, [("a", 1), ("b", 1)]), (4, [("a", 1), ("b", 1)])]
+    assert steps == [(1, [("a", 1), ("b", 30)]), (1, [("a", 1), ("b", 2)]), (4, [("a", 1), ("b", 1)])]
+
+
+@pytest.mark.parametrize("num_remaining,budget,full_budget,expected", [
+    (5, 10, 10, 5), (10, 10, 10, 10),  # fits
+    (12, 10, 10, 10), (11, 10, 10, 9),  # never leaves exactly one token
+    (10, 3, 10, 3), (4, 3, 10, 2), (3, 2, 10, 0), (5, 1, 10, 0),  # never one token of several: wait
+    (3, 2, 2, 2), (9, 1, 1, 1),  # a budget of 1-2 tokens must still make progress
+])
+def test_chunk_length_never_leaves_a_token_alone(num_remaining, budget, full_budget, expected):
+    assert scheduler_module.chunk_length(num_remaining, budget, full_budget) == expected
 
 
 class FakeClock:

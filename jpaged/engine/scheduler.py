@@ -1,9 +1,9 @@
 """Continuous batching: which requests run each step, under one token budget.
 
 Each step, `schedule()` lets every request's num_computed_tokens catch up with its num_tokens:
-1. running requests in admission order, each chunked to the budget; when the pool is out of
-   blocks, the newest running request is preempted (recompute, or swap to host slots when
-   `num_swap_blocks` > 0 and they have room);
+1. running requests in admission order, each chunked to the budget (`chunk_length`: never a
+   prompt token alone in a chunk); when the pool is out of blocks, the newest running request
+   is preempted (recompute, or swap to host slots when `num_swap_blocks` > 0 and they have room);
 2. then waiting requests in FCFS order (preempted ones at the front), each after its
    prefix-cache hits, until the budget, `max_num_seqs` or the pool runs out. The queue is
    strictly FCFS: a request that does not fit blocks the ones behind it (so after a preemption,
@@ -33,6 +33,20 @@ from jpaged.engine.block_manager import KVCacheManager, cdiv
 from jpaged.engine.request import Request, RequestStatus
 from jpaged.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from jpaged.request_validation import check_context_length
+
+
+def chunk_length(num_remaining: int, budget: int, full_budget: int) -> int:
+    """Tokens of a request's next chunk: all `num_remaining` when they fit in `budget`. A partial
+    chunk never leaves exactly one token behind and is never one token of several (0: wait for
+    the next step), unless even a full budget (`full_budget` = max_num_batched_tokens) could not
+    do better. The C++ attention gives a chunk's lone query token decode arithmetic and longer
+    chunks prefill arithmetic, so with this rule a prompt token gets the same bits in any batch."""
+    if num_remaining <= budget:
+        return num_remaining
+    num_tokens = budget - 1 if num_remaining - budget == 1 else budget
+    if num_tokens >= 2:
+        return num_tokens
+    return budget if budget == full_budget else 0
 
 
 def _samples_ahead(request: Request) -> bool:
@@ -181,12 +195,16 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:  # victims leave from the end
             request = self.running[index]
-            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_remaining = request.num_tokens - request.num_computed_tokens
+            num_new_tokens = chunk_length(num_remaining, budget, self.max_num_batched_tokens)
+            if num_new_tokens == 0:
+                break
             # A multi-step decode writes the KV of its later steps' tokens too.
             if not self._allocate_or_preempt(request, num_new_tokens + num_steps - 1, blocks_to_swap_out):
                 break
             scheduled[request.request_id] = num_new_tokens
-            budget -= num_new_tokens
+            # A partial chunk takes the whole budget, even when it leaves a token of it unused.
+            budget = budget - num_new_tokens if num_new_tokens == num_remaining else 0
             index += 1
 
         # After a preemption the head of the queue is the oldest victim, which needs more blocks
@@ -202,7 +220,7 @@ class Scheduler:
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, set()
         return SchedulerOutput(
             scheduled=self._make_scheduled_requests(scheduled),
-            total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+            total_num_scheduled_tokens=sum(scheduled.values()),
             finished_request_ids=finished_request_ids,
             blocks_to_swap_out=blocks_to_swap_out,
             blocks_to_swap_in=blocks_to_swap_in,
@@ -305,10 +323,12 @@ class Scheduler:
             computed_blocks, num_cached_tokens = [], request.num_computed_tokens
             if request.status != RequestStatus.SWAPPED:
                 computed_blocks, num_cached_tokens = self.kv_cache_manager.get_computed_blocks(request)
-            num_new_tokens = request.num_tokens - num_cached_tokens
-            if num_new_tokens > budget and not self.enable_chunked_prefill:
+            num_remaining = request.num_tokens - num_cached_tokens
+            if num_remaining > budget and not self.enable_chunked_prefill:
                 break
-            num_new_tokens = min(num_new_tokens, budget)
+            num_new_tokens = chunk_length(num_remaining, budget, self.max_num_batched_tokens)
+            if num_new_tokens == 0:
+                break
             if request.status == RequestStatus.SWAPPED:
                 mapping = self.kv_cache_manager.swap_in(request, num_new_tokens)
                 if mapping is None:
@@ -328,7 +348,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled[request.request_id] = num_new_tokens
-            budget -= num_new_tokens
+            budget = budget - num_new_tokens if num_new_tokens == num_remaining else 0
         return budget
 
     def _make_scheduled_requests(self, scheduled: dict[str, int]) -> list[ScheduledRequest]:
