@@ -86,7 +86,7 @@ def test_second_request_with_same_three_block_prefix_allocates_only_new_blocks()
     assert free_ids(manager) == [4, 6, 7, 8, 9, 10]
     manager.free(second)
     assert free_ids(manager) == [5, 4, 6, 7, 8, 9, 10, 3, 2, 1]
-    third = make_request("c", prefix + [3])
+    third = make_request("c", prefix + [3, 4])
     assert admit(manager, third) == 12
     assert table(manager, third) == [1, 2, 3, 5]
     assert free_ids(manager) == [4, 6, 7, 8, 9, 10]
@@ -99,6 +99,18 @@ def test_a_fully_cached_prompt_recomputes_its_last_block():
     again = make_request("b", prompt)
     blocks, num_cached = manager.get_computed_blocks(again)
     assert [b.block_id for b in blocks] == [1] and num_cached == 4
+
+
+def test_a_hit_never_leaves_one_token_to_compute():
+    """A prompt of 4k + 1 tokens whose 4k are cached recomputes 5: its last token alone would
+    get other bits than in the chunk that computed it first."""
+    manager = KVCacheManager(num_blocks=11, block_size=BLOCK_SIZE)
+    admit(manager, make_request("a", list(range(10))))  # blocks of 0-3 and 4-7 cached
+    blocks, num_cached = manager.get_computed_blocks(make_request("b", list(range(9))))
+    assert [b.block_id for b in blocks] == [1] and num_cached == 4
+    blocks, num_cached = manager.get_computed_blocks(make_request("c", list(range(10))))
+    assert [b.block_id for b in blocks] == [1, 2] and num_cached == 8
+    assert manager.get_computed_blocks(make_request("d", [0])) == ([], 0)
 
 
 def test_prompt_logprobs_requests_skip_the_cache_and_disabled_caching_never_hits():

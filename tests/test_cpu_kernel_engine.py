@@ -85,16 +85,21 @@ def test_bfloat16_linears_packed_and_close_to_reference(tiny_model_dir, monkeypa
 
 
 
-def test_a_requests_logits_do_not_depend_on_its_batch(smollm2_path):
+@pytest.mark.parametrize("enable_prefix_caching", [False, True])
+def test_a_requests_logits_do_not_depend_on_its_batch(smollm2_path, enable_prefix_caching):
     """Batch invariance, on the bundled model: each request's raw logits are bit-identical alone
     and in batches (two orders), where its prompt is chunked at other places, its decodes share
     steps with other prompts, and a context passes the attention kernel's 512-token split of
     decode keys. Alone, the 65-token prompt would end in a 1-token chunk without the scheduler's
     rule (`chunk_length`), and the 600-token one decodes in a batch of one, where a split chosen
-    by the batch size would differ. (XLA's own fusions keep a row's bits across buckets for this
-    model's hidden size, not for every size: the tiny test model's RMSNorm over 64 does not.)"""
+    by the batch size would differ. With prefix caching the batches find every prompt's full
+    blocks cached by the runs alone: the 17- and 65-token prompts would then compute their last
+    token alone without the block manager's rule. (XLA's own fusions keep a row's bits across
+    buckets for this model's hidden size, not for every size: the tiny test model's RMSNorm over
+    64 does not.)"""
     llm = LLM(smollm2_path, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=64,
-              enable_prefix_caching=False, logprobs_mode="raw_logits", compilation_cache_dir="", seed=0)
+              enable_prefix_caching=enable_prefix_caching, logprobs_mode="raw_logits",
+              compilation_cache_dir="", seed=0)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(100, 40000, size=n).tolist() for n in (1, 3, 17, 65, 130, 600)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)

@@ -54,13 +54,16 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """The longest cached prefix of `request`'s full blocks and its length in tokens.
 
-        At least the last token is left to compute (its logits are sampled), so a prompt that
-        hits in full recomputes its last block. Requests with prompt_logprobs skip the cache.
+        At least the last two tokens are left to compute: the last one's logits are sampled, and
+        a lone token would be computed with decode arithmetic, other bits than the same token
+        got in the chunk that cached it (docs/kernels_cpu.md, "Batch invariance"). So a prompt
+        that hits in full recomputes its last block, and one of 16k + 1 tokens its last two
+        blocks' tokens. Requests with prompt_logprobs skip the cache.
         """
         if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         hashes = self._update_block_hashes(request)
-        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        max_hit_blocks = max(request.num_tokens - 2, 0) // self.block_size
         blocks = []
         for block_hash in hashes[:max_hit_blocks]:
             block = self.block_pool.get_cached_block(block_hash)
