@@ -197,7 +197,8 @@ class Scheduler:
             request = self.running[index]
             num_remaining = request.num_tokens - request.num_computed_tokens
             num_new_tokens = chunk_length(num_remaining, budget, self.max_num_batched_tokens)
-            if num_new_tokens == 0:
+            if num_new_tokens == 0:  # it waits for a fuller budget, and nobody is admitted before it
+                budget = 0
                 break
             # A multi-step decode writes the KV of its later steps' tokens too.
             if not self._allocate_or_preempt(request, num_new_tokens + num_steps - 1, blocks_to_swap_out):
