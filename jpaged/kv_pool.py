@@ -266,6 +266,7 @@ _HUGE_PAGE = 2 << 20
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
 _MADV_HUGEPAGE = 14
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
 
 
 def _madvise(begin: int, end: int, advice: int) -> bool:
@@ -311,6 +312,32 @@ def zero_pages(array: jax.Array) -> int:
     huge_begin, huge_end = _huge_range(address, nbytes)
     # Advised after the drop: nothing is mapped there until the pool is first written.
     return huge_end - huge_begin if huge_end > huge_begin and _madvise(huge_begin, huge_end, _MADV_HUGEPAGE) else 0
+
+
+def page_ranges(pool: list[tuple[jax.Array, jax.Array]]) -> list[tuple[int, int]]:
+    """The whole pages [begin, end) of a pool's CPU arrays, for `populate` (which may then run on
+    another thread while steps donate the arrays: the runner's steps update them in place)."""
+    ranges = []
+    for array in (a for pair in pool for a in pair):
+        for shard in array.addressable_shards:
+            if shard.device.platform == "cpu":
+                address, nbytes = shard.data.unsafe_buffer_pointer(), shard.data.nbytes
+                begin, end = -(-address // _PAGE) * _PAGE, (address + nbytes) // _PAGE * _PAGE
+                if end > begin:
+                    ranges.append((begin, end))
+    return ranges
+
+
+def populate(ranges: list[tuple[int, int]]) -> int:
+    """Faults in the pages of a CPU pool's `page_ranges` now (MADV_POPULATE_WRITE: the OS kernel
+    maps zeroed pages, huge where advised; contents never change, so steps may run meanwhile). A
+    lazily zeroed pool otherwise takes its pages on first write, inside engine steps: with prefix
+    caching on, freed blocks keep their hashes and allocation walks every untouched block first,
+    so the first ~90k tokens of a 4 GiB pool pay page faults (docs/performance.md). Returns the
+    bytes populated; 0 where the kernel refuses (before Linux 5.14) or not on Linux."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    return sum(end - begin for begin, end in ranges if _madvise(begin, end, _MADV_POPULATE_WRITE))
 
 
 def _is_anonymous(begin: int, end: int) -> bool:

@@ -428,6 +428,46 @@ def test_huge_page_advice_keeps_zeros_and_in_place_updates():
     np.testing.assert_array_equal(np.asarray(pages), data)
 
 
+def _resident_kib(begin: int, end: int) -> int:
+    """Resident KiB of the mappings overlapping [begin, end) (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo < end and hi > begin
+            elif inside and head == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "cpu" or not sys.platform.startswith("linux"),
+                    reason="populating is for CPU pools on Linux")
+def test_populate_takes_a_lazy_pools_memory_without_changing_it():
+    """The server populates its pool at start (MADV_POPULATE_WRITE): the pool's pages become
+    resident, its contents stay what they were (zeros, and a written slot)."""
+    spec = kv_pool.KVPoolSpec(num_blocks=64, block_size=16, num_layers=2, num_kv_heads=4, head_dim=64,
+                              dtype="float32")  # 1 MiB per array
+    pool = kv_pool.allocate(spec, jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+    k, v = pool[0]
+    k = jax.jit(lambda p: p.at[5, 1, 3].set(jnp.arange(64, dtype=jnp.float32)), donate_argnums=0)(k)
+    pool[0] = (k, v)
+    ranges = kv_pool.page_ranges(pool)
+    assert len(ranges) == 4 and all(end - begin >= (1 << 20) - 4096 for begin, end in ranges)
+    before = sum(_resident_kib(*r) for r in ranges)
+    populated = kv_pool.populate(ranges)
+    if populated == 0:
+        pytest.skip("the kernel refuses MADV_POPULATE_WRITE (Linux < 5.14)")
+    assert populated == sum(end - begin for begin, end in ranges)
+    assert sum(_resident_kib(*r) for r in ranges) >= before  # never less resident
+    assert all(_resident_kib(begin, end) * 1024 >= end - begin for begin, end in ranges)
+    host = np.array(k)
+    np.testing.assert_array_equal(host[5, 1, 3], np.arange(64, dtype=np.float32))
+    host[5, 1, 3] = 0
+    assert not host.any() and not np.asarray(v).any() and not any(np.asarray(a).any() for a in pool[1])
+
+
 @pytest.mark.skipif(jax.devices()[0].platform != "cpu" or not cpu_kernels.is_available(),
                     reason="the pool is allocated unwritten only on CPU with the C++ kernels")
 @pytest.mark.parametrize("shape", [(1024, 4, 16, 64), (5, 3, 16, 64), (7, 3, 5, 33)], ids=["16MiB", "60KiB", "odd"])
