@@ -275,6 +275,11 @@ def _madvise(begin: int, end: int, advice: int) -> bool:
     return libc.madvise(begin, end - begin, advice) == 0
 
 
+def _page_range(address: int, nbytes: int) -> tuple[int, int]:
+    """The whole 4 KiB pages [begin, end) of [address, address + nbytes) (empty: end <= begin)."""
+    return -(-address // _PAGE) * _PAGE, (address + nbytes) // _PAGE * _PAGE
+
+
 def _huge_range(address: int, nbytes: int) -> tuple[int, int]:
     """The 2 MiB-aligned part [begin, end) of [address, address + nbytes) (empty: end <= begin)."""
     return -(-address // _HUGE_PAGE) * _HUGE_PAGE, (address + nbytes) // _HUGE_PAGE * _HUGE_PAGE
@@ -303,7 +308,7 @@ def zero_pages(array: jax.Array) -> int:
     pages cannot be dropped (not anonymous memory, madvise refused) every byte is written.
     Returns the bytes advised onto huge pages, as advise_huge_pages."""
     address, nbytes = array.unsafe_buffer_pointer(), array.nbytes
-    begin, end = -(-address // _PAGE) * _PAGE, (address + nbytes) // _PAGE * _PAGE
+    begin, end = _page_range(address, nbytes)
     if end <= begin or not _is_anonymous(begin, end) or not _madvise(begin, end, _MADV_DONTNEED):
         ctypes.memset(address, 0, nbytes)
         return 0
@@ -321,8 +326,7 @@ def page_ranges(pool: list[tuple[jax.Array, jax.Array]]) -> list[tuple[int, int]
     for array in (a for pair in pool for a in pair):
         for shard in array.addressable_shards:
             if shard.device.platform == "cpu":
-                address, nbytes = shard.data.unsafe_buffer_pointer(), shard.data.nbytes
-                begin, end = -(-address // _PAGE) * _PAGE, (address + nbytes) // _PAGE * _PAGE
+                begin, end = _page_range(shard.data.unsafe_buffer_pointer(), shard.data.nbytes)
                 if end > begin:
                     ranges.append((begin, end))
     return ranges

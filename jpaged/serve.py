@@ -148,12 +148,15 @@ def _populate_kv_cache(ranges: list[tuple[int, int]]) -> None:
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str | None) -> None:
     engine_cls = DataParallelAsyncLLM if engine_args.data_parallel_size > 1 else AsyncLLM
     engine = engine_cls.from_engine_args(engine_args)
-    # A server's pool fills over its life: take its memory now, in the background (seconds on a
-    # VM), not as page faults inside steps (`LLM` keeps the pool lazy: an offline run holds only
-    # what it uses). Populating never changes contents, so steps may run meanwhile.
-    replicas = engine.replicas if isinstance(engine, DataParallelAsyncLLM) else [engine]
-    ranges = [r for replica in replicas for r in kv_pool.page_ranges(replica.engine.runner.kv_cache)]
-    threading.Thread(target=_populate_kv_cache, args=(ranges,), name="populate-kv-cache", daemon=True).start()
+    if engine_args.enable_prefix_caching:
+        # Cached blocks are reused last, so the server walks its whole pool: take the memory now,
+        # in the background (seconds on a VM), not as page faults inside steps (`LLM` keeps the
+        # pool lazy: an offline run holds only what it uses; without caching, freed blocks are
+        # reused first and the touched part stays the working set). Contents never change, so
+        # steps may run meanwhile.
+        replicas = engine.replicas if isinstance(engine, DataParallelAsyncLLM) else [engine]
+        ranges = [r for replica in replicas for r in kv_pool.page_ranges(replica.engine.runner.kv_cache)]
+        threading.Thread(target=_populate_kv_cache, args=(ranges,), name="populate-kv-cache", daemon=True).start()
     names = engine_args.served_model_name or [engine_args.model or DEFAULT_MODEL]
     ctx = ServingContext(engine, served_model_name=names,
                          trust_request_chat_template=args.trust_request_chat_template,
