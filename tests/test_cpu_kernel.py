@@ -193,7 +193,7 @@ def test_a_query_rows_bits_do_not_depend_on_the_batch():
     the call and wherever its chunk starts. A lone decode token of a 773-token context (its keys
     split at 512) alone vs beside 1-15 other sequences (a split chosen by the item count would
     differ); prompt rows 512..772 in one chunk vs chunks starting at 412, 500 (a 1-token last
-    tile) or 505."""
+    tile) or 505, without and with a sliding window."""
     rng = np.random.default_rng(1)
     num_q_heads, num_kv_heads, head_dim, block_size, num_blocks = 9, 3, 64, 16, 200
     k_pages = jnp.asarray(rng.standard_normal((num_blocks, num_kv_heads, block_size, head_dim), np.float32))
@@ -202,12 +202,13 @@ def test_a_query_rows_bits_do_not_depend_on_the_batch():
     table = np.arange(1, 1 + width, dtype=np.int32)
     queries = rng.standard_normal((kv_len, num_q_heads, head_dim)).astype(np.float32)
 
-    def attend(seqs):  # [(block table, kv_len, query rows)] -> the first sequence's outputs
+    def attend(seqs, **attrs):  # [(block table, kv_len, query rows)] -> the first sequence's outputs
         q = np.concatenate([rows for _, _, rows in seqs])
         cu_q_lens = np.cumsum([0] + [len(rows) for _, _, rows in seqs]).astype(np.int32)
         out = cpu.ragged_paged_attention(
             jnp.asarray(q), k_pages, v_pages, jnp.asarray([n for _, n, _ in seqs], jnp.int32),
-            jnp.asarray(np.stack([t for t, _, _ in seqs])), jnp.asarray(cu_q_lens), sm_scale=0.125)
+            jnp.asarray(np.stack([t for t, _, _ in seqs])), jnp.asarray(cu_q_lens), sm_scale=0.125,
+            **attrs)
         return np.asarray(out)[:len(seqs[0][2])]
 
     def other(i, q_len, context):
@@ -222,6 +223,12 @@ def test_a_query_rows_bits_do_not_depend_on_the_batch():
     chunk = attend([(table, kv_len, queries[512:])])
     for start in (412, 500, 505):
         np.testing.assert_array_equal(attend([(table, kv_len, queries[start:])])[512 - start:], chunk)
+    # With a sliding window a tile's first block follows its rows, so where the chunk starts
+    # moves it; the keys' softmax steps must not move with it.
+    chunk = attend([(table, kv_len, queries[512:])], sliding_window=200)
+    for start in (412, 500, 505):
+        np.testing.assert_array_equal(
+            attend([(table, kv_len, queries[start:])], sliding_window=200)[512 - start:], chunk)
 
 
 def test_bad_inputs_name_the_problem():

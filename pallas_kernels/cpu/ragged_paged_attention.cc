@@ -17,9 +17,10 @@
 //
 // Batch invariance: a query row's result depends only on its own sequence's keys, its position
 // and whether its chunk is one token or more, never on the other sequences of the call, the
-// tiles, or the thread count (the lanes arithmetic is the same on every lane, the segments are
-// fixed positions). So a token gets the same bits in any batch, as long as the scheduler gives
-// it the same kind of chunk (jpaged's never leaves a prompt token alone in a chunk).
+// tiles, or the thread count (the lanes arithmetic is the same on every lane, the prefill key
+// groups and the decode segments are fixed positions). So a token gets the same bits in any
+// batch, as long as the scheduler gives it the same kind of chunk (jpaged's never leaves a
+// prompt token alone in a chunk).
 
 #include <algorithm>
 #include <atomic>
@@ -79,6 +80,16 @@ constexpr int kTileRows = 3 * kWide;
 // splits one stream's three KV heads about as finely as two threads need, while a batch's
 // usual contexts stay whole (with 256, merging cost ~8 % at 64 x 400).
 constexpr int kSegmentTokens = 512;
+
+// A prefill tile takes its keys this many at a time per online-softmax step (whole blocks, at
+// least one): with 16-token blocks, 4 blocks per step cost 11-17 % less than one, from fewer
+// loads and stores of the accumulators and the softmax state. Groups start at multiples of
+// their block count, so a key's group never depends on the tile.
+constexpr int kGroupKeys = 64;
+constexpr int kGroupBlocksMax = 8;  // the most blocks a group holds (blocks of 8+ tokens)
+inline int64_t GroupBlocks(int64_t block_size) {
+  return std::clamp<int64_t>(kGroupKeys / block_size, 1, kGroupBlocksMax);
+}
 
 inline v8f Load(const float* p) {
   v8f v;
@@ -240,7 +251,8 @@ struct Piece {
 };
 
 // fp32 scratch for one piece: queries and accumulators (rows x head_dim, or head_dim x lanes),
-// per-row softmax state, scores of one block, one block of K and V widened to fp32.
+// per-row softmax state, scores of one step's keys (a block, or a prefill tile's key group),
+// and that step's K and V widened to fp32.
 struct Scratch {
   std::vector<float> q, qt, acc, m, l, alpha, pos, lo, scores, k, v;
   // Lanes layout: every real row sees keys [max_lo, min_pos] (rows lie at consecutive positions).
@@ -256,39 +268,49 @@ struct Partials {
 // Issued all at once they would fill the core's miss buffers and stall the loads of the block
 // being computed; spread evenly over the block's work they keep misses in flight throughout.
 struct PrefetchCursor {
-  const char *at = nullptr, *end = nullptr;  // lines still to request: [at, end)
-  const char *next_at = nullptr, *next_end = nullptr;
+  static constexpr int kMaxRanges = 2 * kGroupBlocksMax;  // K and V of each block of a group
+  const char *at = nullptr, *end = nullptr;  // lines being requested: [at, end)
+  const char* queued_at[kMaxRanges];         // the ranges after it: [queued_at[r], queued_end[r])
+  const char* queued_end[kMaxRanges];        // for r in [taken, queued)
+  int queued = 0, taken = 0;
   int per_step = 1;
 
-  // Queues two byte ranges (the K and the V of one block).
-  void Reset(const char* k, const char* v, int64_t bytes) {
-    at = k;
-    end = k + bytes;
-    next_at = v;
-    next_end = v + bytes;
+  void Clear() {
+    at = end = nullptr;
+    queued = taken = 0;
   }
-  void Clear() { at = end = next_at = next_end = nullptr; }
+  // Queues the K and the V of one block (`bytes` each).
+  void Add(const char* k, const char* v, int64_t bytes) {
+    queued_at[queued] = k;
+    queued_end[queued++] = k + bytes;
+    queued_at[queued] = v;
+    queued_end[queued++] = v + bytes;
+  }
   // Spreads the queued lines over `steps` calls of Step().
   void Pace(int64_t steps) {
-    const int64_t lines = ((end - at) + (next_end - next_at) + 63) / 64;
-    per_step = static_cast<int>((lines + steps - 1) / std::max<int64_t>(steps, 1));
+    int64_t bytes = end - at;
+    for (int r = taken; r < queued; ++r) bytes += queued_end[r] - queued_at[r];
+    per_step = static_cast<int>(((bytes + 63) / 64 + steps - 1) / std::max<int64_t>(steps, 1));
   }
+  // Called from the innermost loops: kept small (the refill out of line) so they inline it.
   inline void Step() {
     for (int i = 0; i < per_step; ++i) {
-      if (at >= end) {
-        if (next_at >= next_end) return;
-        at = next_at;
-        end = next_end;
-        next_at = next_end = nullptr;
-      }
+      if (at >= end && !Refill()) return;
       __builtin_prefetch(at);
       at += 64;
     }
   }
+  // Moves on to the next queued range; false when none is left.
+  __attribute__((noinline)) bool Refill() {
+    if (taken >= queued) return false;
+    at = queued_at[taken];
+    end = queued_end[taken++];
+    return true;
+  }
   // Requests every line still queued.
   void Drain() {
     per_step = 64;
-    while (at < end || next_at < next_end) Step();
+    while (at < end || taken < queued) Step();
   }
 };
 
@@ -536,10 +558,20 @@ inline void ScoreLanes(const float* qt, int64_t rp, const float* k, int64_t d, i
     for (int c = 0; c < NV; ++c) StoreV(st + (j0 + j) * rp + (v0 + c) * kWide, a[j][c]);
 }
 
-// acct[i, lanes] = alpha[lanes] * acct[i, lanes] + sum_j v[j, i] * p[j, lanes] for ND head_dim
-// elements x NV lane vectors.
+// The keys of one online-softmax step of a prefill tile: `count` consecutive blocks of the
+// sequence from key position first_key, fp32 rows [n[b], d] of K and V each. Only the last
+// block can be partial, so key j of the group sits at position first_key + j.
+struct KeyGroup {
+  int64_t first_key = 0, count = 0, keys = 0;
+  const float* k[kGroupBlocksMax];
+  const float* v[kGroupBlocksMax];
+  int64_t n[kGroupBlocksMax];
+};
+
+// acct[i, lanes] = alpha[lanes] * acct[i, lanes] + sum_j v[j, i] * p[j, lanes] over the group's
+// keys j in order, for ND head_dim elements x NV lane vectors.
 template <int ND, int NV>
-inline void AccumulateLanes(const float* p, int64_t rp, const float* v, int64_t n, int64_t d,
+inline void AccumulateLanes(const float* p, int64_t rp, const KeyGroup& group, int64_t d,
                             const float* alpha, int64_t i0, int64_t v0, float* acct) {
   vwf a[ND][NV];
   for (int i = 0; i < ND; ++i)
@@ -547,44 +579,51 @@ inline void AccumulateLanes(const float* p, int64_t rp, const float* v, int64_t 
       const int64_t at = (i0 + i) * rp + (v0 + c) * kWide;
       a[i][c] = LoadV<vwf>(acct + at) * LoadV<vwf>(alpha + (v0 + c) * kWide);
     }
-  for (int64_t j = 0; j < n; ++j) {
-    vwf pv[NV];
-    for (int c = 0; c < NV; ++c) pv[c] = LoadV<vwf>(p + j * rp + (v0 + c) * kWide);
-    for (int i = 0; i < ND; ++i) {
-      const vwf vv = SplatV<vwf>(v[j * d + i0 + i]);
-      for (int c = 0; c < NV; ++c) a[i][c] += vv * pv[c];
+  for (int64_t b = 0; b < group.count; ++b) {
+    const float* v = group.v[b] + i0;
+    for (int64_t j = 0; j < group.n[b]; ++j, p += rp) {
+      vwf pv[NV];
+      for (int c = 0; c < NV; ++c) pv[c] = LoadV<vwf>(p + (v0 + c) * kWide);
+      for (int i = 0; i < ND; ++i) {
+        const vwf vv = SplatV<vwf>(v[j * d + i]);
+        for (int c = 0; c < NV; ++c) a[i][c] += vv * pv[c];
+      }
     }
   }
   for (int i = 0; i < ND; ++i)
     for (int c = 0; c < NV; ++c) StoreV(acct + (i0 + i) * rp + (v0 + c) * kWide, a[i][c]);
 }
 
-// pf.Step() calls AttendBlockLanes makes for rp lanes and n keys: one per head_dim element of
-// each score group.
-inline int64_t LanesSteps(int64_t rp, int64_t n, int64_t d) {
+// pf.Step() calls AttendGroupLanes makes for rp lanes: one per head_dim element of each score
+// group of each block.
+inline int64_t LanesSteps(int64_t rp, const KeyGroup& group, int64_t d) {
   int64_t groups = 0;
-  ForGroups<kWide / 2>(0, n, [&](auto, int64_t) {
-    ForGroups<3>(0, rp / kWide, [&](auto, int64_t) { ++groups; });
-  });
+  for (int64_t b = 0; b < group.count; ++b) {
+    ForGroups<kWide / 2>(0, group.n[b], [&](auto, int64_t) {
+      ForGroups<3>(0, rp / kWide, [&](auto, int64_t) { ++groups; });
+    });
+  }
   return groups * d;
 }
 
-// Online-softmax update of all rows (on lanes) with one KV block of n valid keys. The next
-// block's lines are requested while its scores are computed (pf.Pace(LanesSteps(...))):
-// in the first half of the block's work, a line every 24 multiply-adds with 48 rows.
-inline void AttendBlockLanes(const Shapes& sh, const Options& opt, int64_t rp, int64_t blk,
-                             const float* k, const float* v, int64_t n, Scratch& s,
-                             PrefetchCursor& pf) {
-  const int64_t d = sh.head_dim, nv = rp / kWide;
+// Online-softmax update of all rows (on lanes) with one group of keys. The next group's lines
+// are requested while its scores are computed (pf.Pace(LanesSteps(...))): in the first half of
+// the group's work, a line every 24 multiply-adds with 48 rows.
+inline void AttendGroupLanes(const Options& opt, int64_t d, int64_t rp, const KeyGroup& group,
+                             Scratch& s, PrefetchCursor& pf) {
+  const int64_t nv = rp / kWide, n = group.keys;
   float* st = s.scores.data();
-  ForGroups<kWide / 2>(0, n, [&](auto nj, int64_t j0) {
-    ForGroups<3>(0, nv, [&](auto nvs, int64_t v0) {
-      ScoreLanes<decltype(nj)::value, decltype(nvs)::value>(s.q.data(), rp, k, d, j0, v0, st, pf);
+  for (int64_t b = 0, j_base = 0; b < group.count; j_base += group.n[b++]) {
+    ForGroups<kWide / 2>(0, group.n[b], [&](auto nj, int64_t j0) {
+      ForGroups<3>(0, nv, [&](auto nvs, int64_t v0) {
+        ScoreLanes<decltype(nj)::value, decltype(nvs)::value>(s.q.data(), rp, group.k[b], d, j0,
+                                                               v0, st + j_base * rp, pf);
+      });
     });
-  });
+  }
   const vwf neg_inf = SplatV<vwf>(-INFINITY);
-  // Every key of the block visible to every real row: no masks (padded lanes are never stored).
-  const int64_t first_key = blk * sh.block_size;
+  // Every key of the group visible to every real row: no masks (padded lanes are never stored).
+  const int64_t first_key = group.first_key;
   const bool visible = first_key + n - 1 <= s.min_pos && first_key >= s.max_lo;
   for (int64_t c = 0; c < nv; ++c) {
     const vwf pos = LoadV<vwf>(s.pos.data() + c * kWide), lo = LoadV<vwf>(s.lo.data() + c * kWide);
@@ -596,7 +635,7 @@ inline void AttendBlockLanes(const Shapes& sh, const Options& opt, int64_t rp, i
         for (int e = 0; e < kWide; ++e) x[e] = opt.soft_cap * std::tanh(x[e] / opt.soft_cap);
       }
       if (!visible) {
-        const vwf key = SplatV<vwf>(static_cast<float>(blk * sh.block_size + j));
+        const vwf key = SplatV<vwf>(static_cast<float>(first_key + j));
         x = ((key <= pos) & (key >= lo)) ? x : neg_inf;
       }
       if (!visible || opt.soft_cap > 0.0f) StoreV(sj, x);
@@ -620,7 +659,7 @@ inline void AttendBlockLanes(const Shapes& sh, const Options& opt, int64_t rp, i
   }
   ForGroups<kWide / 2>(0, d, [&](auto nd, int64_t i0) {
     ForGroups<3>(0, nv, [&](auto nvs, int64_t v0) {
-      AccumulateLanes<decltype(nd)::value, decltype(nvs)::value>(st, rp, v, n, d, s.alpha.data(),
+      AccumulateLanes<decltype(nd)::value, decltype(nvs)::value>(st, rp, group, d, s.alpha.data(),
                                                                   i0, v0, s.acc.data());
     });
   });
@@ -641,9 +680,10 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
   s.acc.assign(rp * d, 0.0f);
   s.m.assign(rp, -INFINITY);
   s.l.assign(rp, 0.0f);
-  s.scores.resize(lanes ? sh.block_size * rp : rows * ld);
-  s.k.resize(sh.block_size * d);
-  s.v.resize(sh.block_size * d);
+  const int64_t group_blocks = GroupBlocks(sh.block_size);
+  s.scores.resize(lanes ? group_blocks * sh.block_size * rp : rows * ld);
+  s.k.resize(group_blocks * sh.block_size * d);
+  s.v.resize(group_blocks * sh.block_size * d);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = it.row_begin + r / g;
     const int64_t head = it.kv_head * g + r % g;
@@ -668,46 +708,72 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
     s.max_lo = opt.sliding_window > 0 ? it.first_pos + it.tok_end - opt.sliding_window : 0;
   }
   const int64_t tile = sh.block_size * d;  // elements of one (block, KV head)
-  // Blocks are scattered over the pool, beyond what hardware prefetchers predict: the K and V
-  // of the next block (after the last, the first of the thread's next piece) are requested
-  // while a block is computed, a few lines at a time: over all of a decode block's loops, over
-  // the score loop of a prefill tile's block (requested at once, they stalled the tile: its
-  // first prefetches waited for free miss buffers, 17 % of a long prompt's attention time).
-  PrefetchCursor pf;
-  auto queue = [&](const Item& qit, int64_t b) {
-    const int32_t* qtable = block_tables + qit.seq * sh.pages_per_seq;
-    const int64_t block = std::clamp<int64_t>(qtable[b], 0, sh.num_blocks - 1);
-    const int64_t offset = (block * sh.num_kv_heads + qit.kv_head) * tile;
-    const int64_t n = std::min<int64_t>(sh.block_size, qit.kv_len - b * sh.block_size);
-    pf.Reset(reinterpret_cast<const char*>(k_pages + offset),
-             reinterpret_cast<const char*>(v_pages + offset), n * d * int64_t{sizeof(KVT)});
+  // One step takes one block (decode rows) or the blocks of one key group (prefill tiles;
+  // groups start at multiples of group_blocks, so the first may be shorter).
+  auto step_end = [&](const Item& sit, int64_t b, int64_t blk_end) {
+    return sit.lanes ? std::min<int64_t>(blk_end, (b / group_blocks + 1) * group_blocks) : b + 1;
   };
-  const int32_t* table = block_tables + it.seq * sh.pages_per_seq;
+  // The K and V of block b of an item: pointers into the pages and the block's valid keys.
+  auto block_at = [&](const Item& bit, int64_t b, const KVT** kb, const KVT** vb) {
+    const int32_t* table = block_tables + bit.seq * sh.pages_per_seq;
+    const int64_t block = std::clamp<int64_t>(table[b], 0, sh.num_blocks - 1);
+    const int64_t offset = (block * sh.num_kv_heads + bit.kv_head) * tile;
+    *kb = k_pages + offset;
+    *vb = v_pages + offset;
+    return std::min<int64_t>(sh.block_size, bit.kv_len - b * sh.block_size);
+  };
+  // Blocks are scattered over the pool, beyond what hardware prefetchers predict: the K and V
+  // of the next step's blocks (after the last, the first of the thread's next piece) are
+  // requested while a step is computed, a few lines at a time: over all of a decode block's
+  // loops, over the score loop of a prefill group (requested at once, they stalled the tile:
+  // its first prefetches waited for free miss buffers, 17 % of a long prompt's attention time).
+  PrefetchCursor pf;
+  auto queue = [&](const Item& qit, int64_t b, int64_t blk_end) {
+    for (int64_t e = step_end(qit, b, blk_end); b < e; ++b) {
+      const KVT *kb, *vb;
+      const int64_t n = block_at(qit, b, &kb, &vb);
+      pf.Add(reinterpret_cast<const char*>(kb), reinterpret_cast<const char*>(vb),
+             n * d * int64_t{sizeof(KVT)});
+    }
+  };
   if (pc.blk_begin < pc.blk_end) {
-    queue(it, pc.blk_begin);
+    queue(it, pc.blk_begin, pc.blk_end);
     pf.Drain();
   }
-  for (int64_t b = pc.blk_begin; b < pc.blk_end; ++b) {
-    const int64_t block = std::clamp<int64_t>(table[b], 0, sh.num_blocks - 1);
+  // Before each step: the previous step's lines all requested, the next step's queued.
+  auto next_step = [&](int64_t e) {
     pf.Drain();
     pf.Clear();
-    if (b + 1 < pc.blk_end) {
-      queue(it, b + 1);
+    if (e < pc.blk_end) {
+      queue(it, e, pc.blk_end);
     } else if (next != nullptr && next->blk_begin < next->blk_end) {
-      queue(items[next->item], next->blk_begin);
+      queue(items[next->item], next->blk_begin, next->blk_end);
     }
-    const int64_t n = std::min<int64_t>(sh.block_size, it.kv_len - b * sh.block_size);
-    const int64_t offset = (block * sh.num_kv_heads + it.kv_head) * tile;
-    const KVT* kb = k_pages + offset;
-    const KVT* vb = v_pages + offset;
-    if (lanes) {  // prefill tiles compute long enough per block to widen it into scratch
-      const float* k_rows = BlockRows(kb, n, d, s.k.data());
-      const float* v_rows = BlockRows(vb, n, d, s.v.data());
-      pf.Pace(LanesSteps(rp, n, d));
-      AttendBlockLanes(sh, opt, rp, b, k_rows, v_rows, n, s, pf);
-    } else {
+  };
+  if (lanes) {  // prefill tiles compute long enough per block to widen it into scratch
+    for (int64_t b = pc.blk_begin; b < pc.blk_end;) {
+      const int64_t e = step_end(it, b, pc.blk_end);
+      next_step(e);
+      KeyGroup group;
+      group.first_key = b * sh.block_size;
+      for (; b < e; ++b, ++group.count) {
+        const KVT *kb, *vb;
+        const int64_t n = block_at(it, b, &kb, &vb);
+        const int64_t at = group.keys * d;
+        group.k[group.count] = BlockRows(kb, n, d, s.k.data() + at);
+        group.v[group.count] = BlockRows(vb, n, d, s.v.data() + at);
+        group.n[group.count] = n;
+        group.keys += n;
+      }
+      pf.Pace(LanesSteps(rp, group, d));
+      AttendGroupLanes(opt, d, rp, group, s, pf);
+    }
+  } else {  // decode rows do too little work per element to copy it: they widen in registers
+    for (int64_t b = pc.blk_begin; b < pc.blk_end; ++b) {
+      next_step(b + 1);
+      const KVT *kb, *vb;
+      const int64_t n = block_at(it, b, &kb, &vb);
       pf.Pace(RowsSteps(rows, n, d));
-      // Decode rows do too little work per element to copy it: they widen in registers.
       AttendBlockRows(sh, opt, it, rows, b, kb, vb, n, s, pf);
     }
   }
