@@ -212,3 +212,25 @@ def test_from_hf_config_fields():
     assert config.sliding_window is None  # Qwen2 ignores it unless use_sliding_window
     assert config.eos_token_ids == (2, 5) and config.dtype == "float32"
     assert hash(config) == hash(ModelConfig.from_dict(config.to_dict()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dummy_params_drawn_on_an_accelerator_match_the_host_draw(monkeypatch, dtype):
+    """Off the CPU backend init_params draws on the device (jax.random, one program): the same
+    tree, shapes, dtype and distributions as the numpy draw, other values."""
+    _, hf_config = _hf_config("qwen2_qkv_bias")
+    config = ModelConfig.from_hf_config({**hf_config, "hidden_size": 256, "intermediate_size": 512}, dtype=dtype)
+    host = llama.init_params(config, jax.random.key(0))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    device = llama.init_params(config, jax.random.key(0))
+    assert jax.tree.structure(device) == jax.tree.structure(host)
+    for path, a, b in zip(jax.tree_util.tree_flatten_with_path(device)[0], jax.tree.leaves(device),
+                          jax.tree.leaves(host)):
+        name = jax.tree_util.keystr(path[0])
+        assert a.shape == b.shape and a.dtype == b.dtype == jnp.dtype(dtype), name
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert not np.array_equal(a, b), name
+        mean, std = (1.0, 0.1) if "norm" in name else (0.0, 0.02)
+        # Six standard errors of the sample mean and of the sample standard deviation.
+        assert abs(a.mean() - mean) < 6 * std / np.sqrt(a.size), (name, a.mean())
+        assert abs(a.std() - std) < 6 * std / np.sqrt(2 * a.size), (name, a.std())

@@ -32,6 +32,7 @@ float32; RMSNorm, RoPE, SiLU and softmax run in float32.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -235,19 +236,34 @@ class LlamaForCausalLM(nn.Module):
 def init_params(config: ModelConfig, key: jax.Array) -> dict:
     """Dummy params in config.dtype with `param_specs`' distributions (N(0, 0.02), norms N(1, 0.1)).
 
-    Drawn with numpy from a generator seeded by `key` (a jax.random key): jax.random would
-    compile one program per distinct shape, which costs seconds on a CPU. (`module.init` draws
-    the same distributions with jax.random.)
+    On a CPU backend drawn with numpy from a generator seeded by `key` (a jax.random key):
+    jax.random would compile one program per distinct shape, which costs seconds on a CPU.
+    Elsewhere drawn on the default device with jax.random, one program per distinct shape (a
+    Llama has about ten): numpy would draw a Llama-3-8B's 8e9 values on one host core (about
+    two minutes on an H200's host), and one program for the whole tree compiles a kernel per
+    leaf (~20 s for 32 layers on a CPU backend). The two paths give different values.
     """
+    dtype = jnp.dtype(config.dtype)
+    specs = param_specs(config)
+    if jax.default_backend() != "cpu":
+        leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(treedef, [_draw_on_device(k, spec.shape, spec.is_norm, dtype)
+                                            for k, spec in zip(keys, leaves)])
     key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     rng = np.random.default_rng(np.asarray(key_data, np.uint32))
-    dtype = jnp.dtype(config.dtype)
 
     def draw(spec):
         noise = rng.standard_normal(spec.shape, dtype=np.float32)
         return jnp.asarray(((1.0 + 0.1 * noise) if spec.is_norm else 0.02 * noise).astype(dtype))
 
-    return jax.tree.map(draw, param_specs(config), is_leaf=_is_spec)
+    return jax.tree.map(draw, specs, is_leaf=_is_spec)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw_on_device(key, shape, is_norm, dtype):
+    noise = jax.random.normal(key, shape, jnp.float32)
+    return ((1.0 + 0.1 * noise) if is_norm else 0.02 * noise).astype(dtype)
 
 
 def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_meta, attention_fn,
