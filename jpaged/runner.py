@@ -612,10 +612,11 @@ def packs_gguf_blocks(args, platform: str, dtype: str, model=None) -> bool:
     unset: where the runner will pack them for the C++ CPU matmul in a float32 step, whose results
     are bit-identical to those of the dequantized weights, from a fifth of their bytes.
     model: the engine's Flax module (None: the built-in one)."""
+    if platform != "cpu" or dtype not in ("auto", "float32"):
+        return False  # and the C++ library is not built where it cannot be used
     cpu_backend = args.attention_backend in ("auto", "cpu") and cpu_kernels.is_available()
     model_class = llama.LlamaForCausalLM if model is None else type(model)
-    return (platform == "cpu" and dtype in ("auto", "float32")
-            and packs_linears("cpu" if cpu_backend else args.attention_backend, args.tensor_parallel_size, model_class))
+    return packs_linears("cpu" if cpu_backend else args.attention_backend, args.tensor_parallel_size, model_class)
 
 
 def max_sampler_entries(model_config, args, max_model_len: int) -> int:

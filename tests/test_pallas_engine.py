@@ -99,3 +99,16 @@ def test_only_the_pallas_backend_has_decode_only_programs():
 
     assert decode_only_attention("pallas") is decode_attention
     assert decode_only_attention("cpu") is None and decode_only_attention("reference") is None
+
+
+def test_a_gpu_engine_does_not_build_the_cpu_library(monkeypatch):
+    """Building the C++ CPU kernels takes a minute of g++ on a fresh machine: a GPU engine, which
+    cannot use them, must not ask for them (seen on the first H200 run)."""
+    import pallas_kernels.cpu
+
+    from jpaged import EngineArgs
+    from jpaged.runner import packs_gguf_blocks
+
+    monkeypatch.setattr(pallas_kernels.cpu, "is_available", lambda: pytest.fail("asked for the CPU library"))
+    for dtype in ("auto", "float32", "bfloat16"):
+        assert not packs_gguf_blocks(EngineArgs(), "gpu", dtype)
