@@ -54,6 +54,9 @@ class KVPoolSpec:
     num_kv_heads: int
     head_dim: int
     dtype: str
+    # Sized from a GPU's free memory: `allocate` may settle for fewer blocks, down to this many,
+    # when XLA's allocator cannot place them all (fragmentation its totals do not show). 0: exact.
+    min_blocks: int = 0
 
     @property
     def page_shape(self) -> tuple[int, ...]:
@@ -193,6 +196,7 @@ def size_pool(model_config, args, max_model_len: int, kv_dtype: str, device, ste
     """
     block_bytes = bytes_per_block(model_config, args.block_size, kv_dtype) // kv_shards  # on one device
     blocks_per_seq = cdiv(max_model_len, args.block_size)
+    gpu = None  # GpuMemory when sized from a GPU's memory
     if args.num_gpu_blocks_override is not None:
         num_blocks = args.num_gpu_blocks_override
         source = f"--num-gpu-blocks-override {num_blocks}"
@@ -223,7 +227,8 @@ def size_pool(model_config, args, max_model_len: int, kv_dtype: str, device, ste
             f"max_model_len={max_model_len} needs {blocks_per_seq} blocks. Increase --kv-cache-memory / "
             f"--gpu-memory-utilization / --num-gpu-blocks-override, or decrease --max-model-len.")
     spec = KVPoolSpec(num_blocks=num_blocks, block_size=args.block_size, num_layers=model_config.num_layers,
-                      num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=kv_dtype)
+                      num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=kv_dtype,
+                      min_blocks=blocks_per_seq + 1 if gpu is not None else 0)
     logger.info(
         "KV cache: %d blocks x %d tokens = %d tokens of %s KV (%.2f GiB per device%s, from %s); max concurrency "
         "at max_model_len=%d: %.2fx", num_blocks, args.block_size, (num_blocks - 1) * args.block_size, kv_dtype,
@@ -240,6 +245,8 @@ def num_swap_blocks(model_config, args, kv_dtype: str) -> int:
 def allocate(spec: KVPoolSpec, sharding: jax.sharding.Sharding) -> list[tuple[jax.Array, jax.Array]]:
     """Zeroed pool placed by `sharding` (a device's, or split by KV heads over a mesh): one
     (k_pages, v_pages) per layer. On CPU, backed by transparent huge pages where the kernel allows it.
+    Its arrays have spec.num_blocks blocks, or fewer (at least spec.min_blocks, with a warning)
+    when the device runs out of memory part-way: read the count from `pool[0][0].shape[0]`.
 
     On one Linux CPU device with the C++ kernels, XLA allocates each array without writing it
     (`pallas_kernels.cpu.uninitialized`) and `zero_pages` has the OS kernel map zero pages on
@@ -248,14 +255,31 @@ def allocate(spec: KVPoolSpec, sharding: jax.sharding.Sharding) -> list[tuple[ja
     lazy = (len(devices) == 1 and next(iter(devices)).platform == "cpu" and sys.platform.startswith("linux")
             and cpu_kernels.is_available())
     new_array = cpu_kernels.uninitialized if lazy else jnp.zeros
-    make = jax.jit(lambda: new_array(spec.page_shape, spec.dtype), out_shardings=sharding)
-    # One array at a time, each advised before the next is made: zeroing with XLA touches every
-    # page, so advising the whole pool at the end would take all of it into memory first.
-    arrays, huge = [], 0
-    for _ in range(2 * spec.num_layers):
-        arrays.append(jax.block_until_ready(make()))
-        huge += sum((zero_pages if lazy else advise_huge_pages)(shard.data)
-                    for shard in arrays[-1].addressable_shards if shard.device.platform == "cpu")
+    num_arrays = 2 * spec.num_layers
+    while True:
+        make = jax.jit(lambda: new_array(spec.page_shape, spec.dtype), out_shardings=sharding)
+        # One array at a time, each advised before the next is made: zeroing with XLA touches every
+        # page, so advising the whole pool at the end would take all of it into memory first.
+        arrays, huge = [], 0
+        try:
+            for _ in range(num_arrays):
+                arrays.append(jax.block_until_ready(make()))
+                huge += sum((zero_pages if lazy else advise_huge_pages)(shard.data)
+                            for shard in arrays[-1].addressable_shards if shard.device.platform == "cpu")
+            break
+        except jax.errors.JaxRuntimeError as error:
+            made = len(arrays)
+            arrays.clear()  # give the memory back before trying again
+            fewer = int(spec.num_blocks * made / num_arrays * 0.98)
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            reason = (f"the device ran out of memory after {made} of the KV cache's {num_arrays} arrays of "
+                      f"{spec.num_blocks} blocks ({str(error).splitlines()[0][:200]})")
+            if spec.min_blocks == 0 or fewer < spec.min_blocks:
+                raise ValueError(f"Out of device memory for the KV cache: {reason}. Lower --num-gpu-blocks-override, "
+                                 f"--kv-cache-memory or --gpu-memory-utilization, or --max-model-len.") from None
+            logger.warning("KV cache: %s; trying %d blocks instead.", reason, fewer)
+            spec = dataclasses.replace(spec, num_blocks=fewer)
     pool = list(zip(arrays[0::2], arrays[1::2]))
     if huge:
         logger.info("KV cache: %.2f GiB advised onto transparent huge pages", huge / GIB)

@@ -261,6 +261,8 @@ class ModelRunner:
                                       max_model_len=max_model_len, block_size=pool_spec.block_size,
                                       bucket_pages=bucket_pages, max_entries_per_seq=max_entries_per_seq)
         self.kv_cache = kv_pool.allocate(pool_spec, self.kv_sharding)
+        # Fewer blocks than sized when the device's allocator could not place them all.
+        pool_spec = self.pool_spec = dataclasses.replace(pool_spec, num_blocks=self.kv_cache[0][0].shape[0])
         options = quantization.compiler_options(params, mesh.devices.flat[0].platform)  # programs that read the weights
         self._forward_jit = jax.jit(
             functools.partial(_forward_step, model=self.model, attention_fn=attention_fn, write_kv_fn=write_kv_fn),

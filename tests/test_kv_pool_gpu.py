@@ -1,6 +1,7 @@
 """GPU KV-pool sizing arithmetic, device-free: a fake GPU device with made-up memory_stats."""
 
 import json
+import weakref
 
 import jax
 import pytest
@@ -148,3 +149,60 @@ def test_out_of_memory_when_even_the_whole_device_is_too_small(llama3_8b, monkey
                                          r"--max-num-batched-tokens / --max-num-seqs, or lower --max-model-len "
                                          r"\(at most 0 tokens fit now\)"):
         kv_pool.size_pool(llama3_8b, EngineArgs(), 8192, "bfloat16", device, step_bytes=lambda: 4 * GIB)
+
+
+class FragmentedDevice:
+    """Fails an allocation once the pool's live arrays would pass `capacity` bytes: what XLA's
+    allocator does when fragmentation leaves less room than its totals report."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.live = []  # weak references: an array dropped by `allocate` frees its bytes
+
+    def block_until_ready(self, array):
+        self.live = [ref for ref in self.live if ref() is not None]
+        if sum(ref().nbytes for ref in self.live) + array.nbytes > self.capacity:
+            raise jax.errors.JaxRuntimeError(
+                "RESOURCE_EXHAUSTED: Out of memory while trying to allocate with allocator GPU_0_bfc\nsummary")
+        self.live.append(weakref.ref(array))
+        return array
+
+
+def pool_spec(num_blocks, min_blocks):
+    return kv_pool.KVPoolSpec(num_blocks=num_blocks, block_size=16, num_layers=4, num_kv_heads=2, head_dim=8,
+                              dtype="float32", min_blocks=min_blocks)
+
+
+def test_a_pool_sized_from_memory_settles_for_the_blocks_that_fit(monkeypatch, caplog):
+    spec = pool_spec(1000, min_blocks=65)
+    array_bytes = 1000 * 2 * 16 * 8 * 4
+    device = FragmentedDevice(int(6.5 * array_bytes))  # 6 of the 8 arrays fit
+    monkeypatch.setattr(kv_pool.jax, "block_until_ready", device.block_until_ready)
+    pool = kv_pool.allocate(spec, jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+    assert len(pool) == 4
+    num_blocks = pool[0][0].shape[0]
+    assert num_blocks == int(1000 * 6 / 8 * 0.98)  # 735: one retry
+    assert all(k.shape == v.shape == (num_blocks, 2, 16, 8) for k, v in pool)
+    assert "ran out of memory after 6 of the KV cache's 8 arrays of 1000 blocks" in caplog.text
+    assert "trying 735 blocks instead" in caplog.text
+
+
+@pytest.mark.parametrize("min_blocks", [0, 900], ids=["exact", "too-few-fit"])
+def test_a_pool_that_cannot_shrink_fails_naming_the_flags(monkeypatch, min_blocks):
+    """An exact size (--num-gpu-blocks-override, --kv-cache-memory) is not shrunk; nor below one
+    max_model_len sequence."""
+    device = FragmentedDevice(int(6.5 * 1000 * 2 * 16 * 8 * 4))
+    monkeypatch.setattr(kv_pool.jax, "block_until_ready", device.block_until_ready)
+    with pytest.raises(ValueError, match=r"Out of device memory for the KV cache: the device ran out of memory "
+                                         r"after 6 of the KV cache's 8 arrays of 1000 blocks \(RESOURCE_EXHAUSTED.*"
+                                         r"Lower --num-gpu-blocks-override"):
+        kv_pool.allocate(pool_spec(1000, min_blocks), jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+
+
+def test_sizing_from_gpu_memory_lets_the_pool_shrink_to_one_sequence(llama3_8b, monkeypatch):
+    monkeypatch.setenv(kv_pool.XLA_MEM_FRACTION, "0.9")
+    device = FakeGpu({"bytes_limit": int(0.9 * 80 * GIB), "bytes_in_use": 15 * GIB})
+    spec = kv_pool.size_pool(llama3_8b, EngineArgs(), 8192, "bfloat16", device, step_bytes=lambda: GIB)
+    assert spec.min_blocks == 8192 // 16 + 1
+    exact = kv_pool.size_pool(llama3_8b, EngineArgs(num_gpu_blocks_override=600), 8192, "bfloat16", device)
+    assert exact.min_blocks == 0
