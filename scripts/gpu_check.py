@@ -1,6 +1,7 @@
 """The GPU check's measurements, one subcommand each; scripts/gpu_check.sh runs them all.
 
     python scripts/gpu_check.py kernel     --out DIR   # Pallas decode/ragged kernels vs a jnp copy
+    python scripts/gpu_check.py sweep      --out DIR   # the decode kernel's launch parameters
     python scripts/gpu_check.py step       --out DIR   # engine decode step, Llama-3-8B, 64 x 2048
     python scripts/gpu_check.py jpaged     --out DIR   # offline throughput, jpaged
     python scripts/gpu_check.py hf         --out DIR   # offline throughput, HF transformers generate
@@ -51,6 +52,22 @@ def best_ms(fn, *args, calls=20):
     return min(times) * 1e3
 
 
+def device_ms(fn, *args, calls=20):
+    """Device time of one call in ms: `calls` calls queued back to back, then one wait (the
+    host's dispatch overlaps the device's work), best of three rounds after a warm-up call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    rounds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        rounds.append((time.perf_counter() - start) / calls)
+    return min(rounds) * 1e3
+
+
 def hf_config(smoke: bool) -> dict:
     if smoke:
         return dict(TINY)
@@ -76,47 +93,57 @@ def device_info() -> dict:
 
 def copy_gbps(num_bytes: int) -> float:
     """Bandwidth of a jnp copy of num_bytes, at most 1 GiB (far above any cache; it reads and
-    writes them: 2 x num_bytes moved)."""
+    writes them: 2 x the bytes moved)."""
     import jax
     import jax.numpy as jnp
 
-    x = jnp.ones((min(num_bytes, 1 << 30) // 2,), jnp.bfloat16)
-    ms = best_ms(jax.jit(lambda a: a.copy()), x)
+    num_bytes = min(num_bytes, 1 << 30)
+    x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
+    ms = device_ms(jax.jit(lambda a: a.copy()), x)
     return 2 * num_bytes / ms / 1e6
+
+
+def decode_case(cfg: dict, batch: int, context: int, rng, block_size: int = 16):
+    """Kernel inputs for `batch` decoding sequences of `context` keys each, in bf16 pages
+    scattered over the pool, and the KV bytes they read: (args, kv_bytes, head_dim)."""
+    import jax
+    import jax.numpy as jnp
+
+    num_q_heads, num_kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_q_heads
+    pages = -(-context // block_size)
+    num_blocks = batch * pages + 1
+    shape = (num_blocks, num_kv_heads, block_size, head_dim)
+    k_pages = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
+    v_pages = jax.random.normal(jax.random.key(1), shape, jnp.bfloat16)
+    tables = jnp.asarray(1 + rng.permutation(num_blocks - 1).reshape(batch, pages), jnp.int32)
+    kv_lens = jnp.full((batch,), context, jnp.int32)
+    cu_q_lens = jnp.arange(batch + 1, dtype=jnp.int32)
+    q = jax.random.normal(jax.random.key(2), (batch, num_q_heads, head_dim), jnp.bfloat16)
+    kv_bytes = 2 * batch * context * num_kv_heads * head_dim * 2
+    return (q, k_pages, v_pages, kv_lens, tables, cu_q_lens), kv_bytes, head_dim
 
 
 def kernel(args) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from pallas_kernels.decode_attention import decode_attention, default_num_kv_splits
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
     cfg = hf_config(args.smoke)
-    num_q_heads, num_kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_q_heads
-    block_size = 16
     cases = [(2, 64), (4, 200)] if args.smoke else [(b, c) for b in (1, 8, 64, 256) for c in (512, 2048, 8192)
                                                      if b * c <= 64 * 8192]
     rng = np.random.default_rng(0)
     rows = []
     for batch, context in cases:
-        pages = -(-context // block_size)
-        num_blocks = batch * pages + 1
-        shape = (num_blocks, num_kv_heads, block_size, head_dim)
-        k_pages = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
-        v_pages = jax.random.normal(jax.random.key(1), shape, jnp.bfloat16)
-        tables = jnp.asarray(1 + rng.permutation(num_blocks - 1).reshape(batch, pages), jnp.int32)
-        kv_lens = jnp.full((batch,), context, jnp.int32)
-        cu_q_lens = jnp.arange(batch + 1, dtype=jnp.int32)
-        q = jax.random.normal(jax.random.key(2), (batch, num_q_heads, head_dim), jnp.bfloat16)
-        kv_bytes = 2 * batch * context * num_kv_heads * head_dim * 2
+        inputs, kv_bytes, head_dim = decode_case(cfg, batch, context, rng)
         copy = copy_gbps(kv_bytes)
+        pages = inputs[4].shape[1]
         row = {"batch": batch, "context": context, "kv_bytes": kv_bytes, "copy_gbps": round(copy, 1),
-               "num_kv_splits": default_num_kv_splits(batch, num_kv_heads, pages, max(1, 128 // block_size))}
+               "num_kv_splits": default_num_kv_splits(batch, cfg["num_key_value_heads"], pages, 128 // 16)}
         for name, fn in (("decode", decode_attention), ("ragged", ragged_paged_attention)):
             call = jax.jit(lambda *a, fn=fn: fn(*a, sm_scale=head_dim**-0.5, interpret=args.smoke))
-            ms = best_ms(call, q, k_pages, v_pages, kv_lens, tables, cu_q_lens, calls=3 if args.smoke else 20)
+            ms = device_ms(call, *inputs, calls=2 if args.smoke else 20)
             gbps = kv_bytes / ms / 1e6
             row[f"{name}_ms"] = round(ms, 4)
             row[f"{name}_gbps"] = round(gbps, 1)
@@ -126,6 +153,40 @@ def kernel(args) -> dict:
     worst = min(r["decode_fraction_of_copy"] for r in rows if r["batch"] * r["context"] >= 64 * 2048 or args.smoke)
     return {**device_info(), "rows": rows, "decode_fraction_at_large_batches": worst, "target": KERNEL_TARGET,
             "pass": worst >= KERNEL_TARGET}
+
+
+def sweep(args) -> dict:
+    """The decode kernel's launch parameters (pages per compute block, warps, pipeline stages)
+    on the large cases, as a fraction of a copy of the same bytes."""
+    import itertools
+
+    import jax
+
+    from pallas_kernels.decode_attention import decode_attention
+
+    cfg = hf_config(args.smoke)
+    cases = [(2, 64)] if args.smoke else [(64, 2048), (64, 8192), (8, 8192)]
+    configs = list(itertools.product((1, 2) if args.smoke else (4, 8, 16), (4, 8), (2, 3)))
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch, context in cases:
+        inputs, kv_bytes, head_dim = decode_case(cfg, batch, context, rng)
+        copy = copy_gbps(kv_bytes)
+        for pages, warps, stages in configs:
+            call = jax.jit(lambda *a, p=pages, w=warps, s=stages: decode_attention(
+                *a, sm_scale=head_dim**-0.5, pages_per_compute_block=p, num_warps=w, num_stages=s,
+                interpret=args.smoke))
+            try:
+                ms = device_ms(call, *inputs, calls=2 if args.smoke else 20)
+            except Exception as e:  # a configuration Triton cannot build (shared memory, registers)
+                print(f"{batch} x {context} pages {pages} warps {warps} stages {stages}: {type(e).__name__}: "
+                      f"{str(e)[:200]}", flush=True)
+                continue
+            row = {"batch": batch, "context": context, "pages_per_compute_block": pages, "num_warps": warps,
+                   "num_stages": stages, "ms": round(ms, 4), "fraction_of_copy": round(kv_bytes / ms / 1e6 / copy, 3)}
+            rows.append(row)
+            print(row, flush=True)
+    return {**device_info(), "rows": rows}
 
 
 # ---- step: one engine decode step against the HBM roofline -------------------------------------
@@ -148,7 +209,9 @@ def decode_step(args) -> dict:
                              block_size=block_size, num_gpu_blocks_override=batch * pages + 1,
                              attention_backend="reference" if args.smoke else "pallas",
                              **({"compilation_cache_dir": ""} if args.smoke else {}))
-    params = llama.init_params(config, jax.random.key(0))
+    start = time.perf_counter()
+    params = jax.block_until_ready(llama.init_params(config, jax.random.key(0)))
+    print(f"step: dummy weights in {time.perf_counter() - start:.1f} s", flush=True)
     runner = build_runner(config, params, engine_args, max_model_len)
     greedy = SamplingParams(temperature=0.0, max_tokens=1)
     scheduled = [
@@ -164,6 +227,7 @@ def decode_step(args) -> dict:
     decode_only = runner._decode_jit is not None
     runner._compile(runner._lower_forward(t, s, p, decode_only))
     runner._compile(runner._lower_sample(s, 0, False))
+    print(f"step: runner built and compiled after {time.perf_counter() - start:.1f} s", flush=True)
     ms = best_ms(lambda: runner.execute(step, [0] * batch).token_ids, calls=3 if args.smoke else 20)
 
     itemsize = 2
@@ -311,7 +375,7 @@ def report(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["kernel", "step", "jpaged", "hf", "report"])
+    parser.add_argument("what", choices=["kernel", "sweep", "step", "jpaged", "hf", "report"])
     parser.add_argument("--out", default="gpu_check_out")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks this script, measures nothing")
     parser.add_argument("--num-prompts", type=int, default=128)
@@ -333,7 +397,7 @@ def main():
 
         if jax.devices()[0].platform != "gpu":
             sys.exit(f"gpu_check.py {args.what}: JAX sees no GPU ({jax.devices()[0]}); use --smoke on CPU.")
-    run = {"kernel": kernel, "step": decode_step, "jpaged": throughput_jpaged, "hf": throughput_hf}[args.what]
+    run = {"kernel": kernel, "sweep": sweep, "step": decode_step, "jpaged": throughput_jpaged, "hf": throughput_hf}[args.what]
     write(args.out, args.what, run(args))
 
 

@@ -5,7 +5,8 @@
 #     scripts/gpu_check.sh [OUT_DIR]        # default: gpu_check_out
 #
 # 1. pytest -m gpu (the compiled Pallas kernels and the engine on the GPU against their oracles);
-# 2. the Pallas decode / ragged kernels against a jnp copy of the same bytes (bandwidth fraction);
+# 2. the Pallas decode / ragged kernels against a jnp copy of the same bytes (bandwidth fraction),
+#    and a sweep of the decode kernel's launch parameters;
 # 3. the engine's decode step for Llama-3-8B-shaped bf16 weights at batch 64 x 2048 against the
 #    HBM roofline;
 # 4. offline throughput, jpaged against HF transformers' generate, on the same card.
@@ -13,7 +14,7 @@
 # Every step has a time limit and the others still run when one fails; the exit status is 0 only
 # when every step ran (the targets' pass/fail are in the table). Without a GPU it stops at once
 # with exit status 2. Environment: PYTHON (default python3), GPU_CHECK_PROMPTS (default 128),
-# GPU_CHECK_STEPS (default "pytest_gpu kernel step jpaged hf": rerun a subset into the same OUT_DIR).
+# GPU_CHECK_STEPS (default "pytest_gpu kernel sweep step jpaged hf": rerun a subset into the same OUT_DIR).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -51,7 +52,7 @@ fi
 cat "$OUT/device.log"
 
 failed=0
-STEPS=" ${GPU_CHECK_STEPS:-pytest_gpu kernel step jpaged hf} "
+STEPS=" ${GPU_CHECK_STEPS:-pytest_gpu kernel sweep step jpaged hf} "
 step() {  # step NAME TIMEOUT_S COMMAND...: runs it with a limit, logs to OUT/NAME.log
   local name=$1 limit=$2
   shift 2
@@ -81,6 +82,7 @@ json.dump({"summary": sys.argv[1], "pass": sys.argv[2] == "0"}, open(sys.argv[3]
 fi
 
 step kernel 900 "$PYTHON" scripts/gpu_check.py kernel --out "$OUT"
+step sweep 900 "$PYTHON" scripts/gpu_check.py sweep --out "$OUT"
 step step 900 "$PYTHON" scripts/gpu_check.py step --out "$OUT"
 step jpaged 1200 "$PYTHON" scripts/gpu_check.py jpaged --out "$OUT" --num-prompts "${GPU_CHECK_PROMPTS:-128}"
 step hf 1800 "$PYTHON" scripts/gpu_check.py hf --out "$OUT" --num-prompts "${GPU_CHECK_PROMPTS:-128}"

@@ -31,7 +31,7 @@ def test_gpu_check_fails_clearly_without_a_gpu(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_measurements_run_with_tiny_shapes(tmp_path):
-    for what in ("kernel", "step", "jpaged", "hf"):
+    for what in ("kernel", "sweep", "step", "jpaged", "hf"):
         done = run([sys.executable, "scripts/gpu_check.py", what, "--smoke", "--out", str(tmp_path)])
         assert done.returncode == 0, done.stdout + done.stderr
     done = run([sys.executable, "scripts/gpu_check.py", "report", "--out", str(tmp_path)])
@@ -39,6 +39,8 @@ def test_gpu_check_measurements_run_with_tiny_shapes(tmp_path):
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["pytest_gpu"] is None  # not run here
     assert {r["batch"] for r in result["kernel"]["rows"]} == {2, 4}
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(sweep["rows"]) == 8 and all(r["ms"] > 0 for r in sweep["rows"])
     assert result["step"]["step_ms"] > 0 and result["step"]["roofline_ms"] > 0
     assert result["jpaged"]["output_tokens"] == result["hf"]["output_tokens"]
     assert result["throughput"]["ratio"] > 0
