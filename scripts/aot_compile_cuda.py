@@ -62,7 +62,8 @@ def main():
 
     with open(args.target_config) as f:
         topology = topologies.get_topology_desc("", "cuda", topology="1x1x1", target_config=f.read())
-    gpu = NamedSharding(Mesh(topology.devices, ("x",)), PartitionSpec())
+    gpu_mesh = Mesh(topology.devices, ("x",))
+    gpu = NamedSharding(gpu_mesh, PartitionSpec())
     with open(args.model_config) as f:
         config = ModelConfig.from_hf_config(json.load(f), dtype="bfloat16")
 
@@ -112,7 +113,8 @@ def main():
     for name in ("_forward_jit", "_decode_jit", "_decode_steps_jit", "_sample_jit", "_prompt_logprobs_jit"):
         setattr(runner, name, Compile(getattr(runner, name), name.strip("_").removesuffix("_jit")))
     start = time.perf_counter()
-    runner.warmup(show_progress=False)
+    with jax.sharding.use_abstract_mesh(gpu_mesh.abstract_mesh):  # jax >= 0.11 lowers Pallas for its device
+        runner.warmup(show_progress=False)
     total = round(time.perf_counter() - start, 1)
     summary = {"device": topology.devices[0].device_kind, "jax": jax.__version__, "programs": len(results),
                "total_compile_s": total, "results": results}

@@ -67,6 +67,10 @@ def test_every_runner_program_lowers_for_cuda():
         mesh=make_mesh(jax.devices()[:1]), decode_attention_fn=decode_attention,
         max_entries_per_seq=runner_module.max_sampler_entries(config, EngineArgs(), 8192), max_logprobs=20,
         num_scheduler_steps=4)
+    # Unplaced input specs: the runner's are placed on its CPU mesh, which jax >= 0.11 refuses to
+    # trace under the abstract CUDA mesh (one device either way, so nothing is lost).
+    runner._abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    runner.replicated = None
     record = []
     for name in ("_forward_jit", "_decode_jit", "_decode_steps_jit", "_sample_jit", "_prompt_logprobs_jit"):
         setattr(runner, name, CudaLowering(getattr(runner, name), name, record))
