@@ -14,7 +14,10 @@
 # Every step has a time limit and the others still run when one fails; the exit status is 0 only
 # when every step ran (the targets' pass/fail are in the table). Without a GPU it stops at once
 # with exit status 2. Environment: PYTHON (default python3), GPU_CHECK_PROMPTS (default 128),
-# GPU_CHECK_STEPS (default "pytest_gpu kernel sweep step jpaged hf": rerun a subset into the same OUT_DIR).
+# GPU_CHECK_STEPS (default "pytest_gpu kernel sweep step jpaged hf": rerun a subset into the same OUT_DIR),
+# GPU_CHECK_DEADLINE (seconds for the whole check, default none: each step gets at most what is
+# left, and a step with under 20 s left is skipped, so the report is written inside a time-boxed
+# machine lease).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -59,6 +62,15 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs it with a limit, logs to OUT/NA
   if [[ "$STEPS" != *" $name "* ]]; then
     return 0
   fi
+  if [ -n "${GPU_CHECK_DEADLINE:-}" ]; then
+    local left=$((GPU_CHECK_DEADLINE - SECONDS - 10))  # 10 s for the report
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 20 ]; then
+      echo "gpu_check: $name skipped: GPU_CHECK_DEADLINE leaves ${left} s"
+      failed=1
+      return 1
+    fi
+  fi
   echo "gpu_check: $name (at most ${limit} s) ..."
   local start=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -74,7 +86,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs it with a limit, logs to OUT/NA
 gpu_tests=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
 step pytest_gpu 900 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider $gpu_tests
 pytest_rc=$?
-if [[ "$STEPS" == *" pytest_gpu "* ]]; then
+if [[ "$STEPS" == *" pytest_gpu "* ]] && [ -f "$OUT/pytest_gpu.log" ]; then
   summary=$(tail -n 1 "$OUT/pytest_gpu.log")
   "$PYTHON" -c 'import json, sys
 json.dump({"summary": sys.argv[1], "pass": sys.argv[2] == "0"}, open(sys.argv[3], "w"))' \
