@@ -68,12 +68,14 @@ def decode_attention(
     Precondition: every q_len is 0 or 1 (not checked: the result is wrong otherwise). Semantics
     otherwise as `reference.ragged_paged_attention` (including int8 / fp8 pages with k_scale /
     v_scale). Static tuning knobs:
-      pages_per_compute_block: pages per inner step (a power of two); None picks 128 keys' worth.
+      pages_per_compute_block: pages per inner step (a power of two); None picks 128 keys' worth,
+        fewer for wide tiles (`paged_flash_kernel.default_pages_per_compute_block`).
       num_kv_splits: programs sharing one sequence's context; None: `default_num_kv_splits`.
       num_warps, num_stages: Triton launch parameters. interpret: run the Pallas interpreter.
     """
     if pages_per_compute_block is None:
-        pages_per_compute_block = max(1, 128 // k_pages.shape[2])
+        pages_per_compute_block = paged_flash_kernel.default_pages_per_compute_block(
+            128, k_pages.shape[2], k_pages.shape[3], k_pages.dtype.itemsize)
     paged_flash_kernel.check_inputs(
         q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens,
         pages_per_compute_block=pages_per_compute_block, k_scale=k_scale, v_scale=v_scale,

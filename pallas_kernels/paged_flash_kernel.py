@@ -198,6 +198,20 @@ def merge_kv_splits(o, m, l):
     return jnp.where(total[..., None] > 0.0, merged / jnp.where(total > 0.0, total, 1.0)[..., None], 0.0)
 
 
+# Keys of one inner step: at most this many bytes of K (and as many of V). Measured with XLA's
+# deviceless compile for an H100 (Hopper: 227 KiB of shared memory per SM): the decode kernel at
+# 128 float32 keys of head_dim 128 (64 KiB of K) asked for 264 KiB with full-precision dots.
+MAX_TILE_BYTES = 32 * 1024
+
+
+def default_pages_per_compute_block(max_keys: int, block_size: int, head_dim: int, itemsize: int) -> int:
+    """Pages per inner step: up to `max_keys` keys, fewer where their K tile would pass
+    MAX_TILE_BYTES (float32 pages, head_dim 256), never less than one page (a power of two)."""
+    keys = min(max_keys, max(1, MAX_TILE_BYTES // (head_dim * itemsize)))
+    keys = 1 << (keys.bit_length() - 1)  # down to a power of two
+    return max(1, keys // block_size)
+
+
 def first_compute_page(first_pos, sliding_window, block_size, pages_per_compute_block):
     """i32 page where an item's walk starts: page 0, or the window's first page rounded down."""
     if sliding_window is None:

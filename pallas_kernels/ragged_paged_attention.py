@@ -52,13 +52,15 @@ def ragged_paged_attention(
     dequantized with k_scale / v_scale, f32 scalars or f32[num_kv_heads]). Static tuning knobs:
       block_q: query tokens per program (a power of two); None picks 64 // padded group size,
         at least 1. Rows per program = block_q * next_power_of_two(group) must be >= 16.
-      pages_per_compute_block: pages per inner step (a power of two); None picks 64 keys' worth.
+      pages_per_compute_block: pages per inner step (a power of two); None picks 64 keys' worth,
+        fewer for wide tiles (`paged_flash_kernel.default_pages_per_compute_block`).
       num_kv_splits: programs sharing one item's context (merged afterwards).
       num_warps, num_stages: Triton launch parameters. interpret: run the Pallas interpreter.
     head_dim and block_size must be powers of two.
     """
     if pages_per_compute_block is None:
-        pages_per_compute_block = max(1, 64 // k_pages.shape[2])
+        pages_per_compute_block = paged_flash_kernel.default_pages_per_compute_block(
+            64, k_pages.shape[2], k_pages.shape[3], k_pages.dtype.itemsize)
     paged_flash_kernel.check_inputs(
         q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens,
         pages_per_compute_block=pages_per_compute_block, k_scale=k_scale, v_scale=v_scale,

@@ -6,6 +6,7 @@ PTX for sm_90a, and reports each program's compile time and `memory_analysis()`.
 tests cannot otherwise reach: the real GPU compiler on the real programs.
 
     python scripts/aot_compile_cuda.py --plugin-dir DIR [--out result.json]
+    python scripts/aot_compile_cuda.py --plugin-dir DIR --kernels   # the kernels' widest tiles
 
 DIR holds the unpacked wheels of the CUDA plugin matching this jax (`jax_plugins/xla_cuda12/` and
 `jax_cuda12_plugin/`); do NOT pip-install them on a GPU-less machine (every JAX process would
@@ -41,6 +42,10 @@ def main():
     parser.add_argument("--num-scheduler-steps", type=int, default=1,
                         help="> 1 also compiles the multi-step decode programs (one per decode bucket)")
     parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--kernels", action="store_true",
+                        help="instead: compile the decode and ragged kernels alone where their tiles are widest "
+                             "(float32 and head_dim 256 pages, default and 'highest' matmul precision): the "
+                             "shared-memory limit is only checked by Triton's compile")
     args = parser.parse_args()
     os.environ["JAX_PLATFORMS"] = "cpu"  # the host runs on the CPU; the CUDA plugin only compiles
     sys.path.insert(0, os.path.abspath(args.plugin_dir))
@@ -64,6 +69,8 @@ def main():
         topology = topologies.get_topology_desc("", "cuda", topology="1x1x1", target_config=f.read())
     gpu_mesh = Mesh(topology.devices, ("x",))
     gpu = NamedSharding(gpu_mesh, PartitionSpec())
+    if args.kernels:
+        sys.exit(compile_kernels(gpu_mesh))
     with open(args.model_config) as f:
         config = ModelConfig.from_hf_config(json.load(f), dtype="bfloat16")
 
@@ -122,6 +129,41 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=2)
+
+
+def compile_kernels(gpu_mesh) -> int:
+    """Compiles both kernels for 64 sequences x 16 pages of 16 tokens, 32 query / 8 KV heads,
+    over (page dtype, head_dim, precision); prints one JSON line per case. Returns 1 if any failed."""
+    import functools
+    import itertools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from pallas_kernels.decode_attention import decode_attention
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+    gpu = NamedSharding(gpu_mesh, PartitionSpec())
+    failed = 0
+    cases = itertools.product((decode_attention, ragged_paged_attention),
+                              ((jnp.float32, 128), (jnp.bfloat16, 256), (jnp.float32, 256)), (None, "highest"))
+    for kernel, (dtype, head_dim), precision in cases:
+        pages = (1025, 8, 16, head_dim)
+        shapes = [((512, 32, head_dim), dtype), (pages, dtype), (pages, dtype), ((64,), jnp.int32),
+                  ((64, 16), jnp.int32), ((65,), jnp.int32)]
+        fn = jax.jit(functools.partial(kernel, sm_scale=head_dim**-0.5, sliding_window=50, soft_cap=20.0))
+        result = {"kernel": kernel.__name__, "dtype": jnp.dtype(dtype).name, "head_dim": head_dim,
+                  "precision": precision or "default"}
+        try:
+            with jax.sharding.use_abstract_mesh(gpu_mesh.abstract_mesh), jax.default_matmul_precision(precision):
+                fn.lower(*[jax.ShapeDtypeStruct(shape, d, sharding=gpu) for shape, d in shapes]).compile()
+            result["compiled"] = True
+        except Exception as e:  # Triton's resource checks surface as XLA runtime errors
+            result.update(compiled=False, error=str(e).splitlines()[0][:300])
+            failed = 1
+        print(json.dumps(result), flush=True)
+    return failed
 
 
 if __name__ == "__main__":

@@ -155,3 +155,19 @@ def test_every_runner_program_compiles_for_h100_without_a_gpu(tmp_path, cuda_plu
     # The pool is donated: every forward (and multi-step decode) aliases it instead of copying it.
     assert all(r["alias_mib"] == 40000.0 for r in result["results"]
                if r["program"] in ("forward", "decode", "decode_steps"))
+
+
+@pytest.mark.slow
+def test_kernels_with_wide_tiles_compile_for_h100_without_a_gpu(cuda_plugin_dir):
+    """Triton checks shared memory only when it compiles: float32 pages with full-precision dots,
+    or head_dim 256, once asked an H100 for up to 528 KiB (it has 227 KiB per SM)."""
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    done = subprocess.run([sys.executable, os.path.join(root, "scripts", "aot_compile_cuda.py"), "--plugin-dir",
+                           cuda_plugin_dir, "--kernels"], capture_output=True, text=True, timeout=1200)
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 12, done.stderr[-3000:]
+    assert all(r["compiled"] for r in results), [r for r in results if not r["compiled"]]
+    assert done.returncode == 0

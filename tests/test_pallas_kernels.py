@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import reference
+from pallas_kernels import paged_flash_kernel, reference
 from pallas_kernels.decode_attention import TARGET_PROGRAMS, decode_attention, default_num_kv_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from paged_attention_cases import assert_close, dense_attention, make_case, quantize_case
@@ -222,3 +222,16 @@ def test_compiled_kernel_matches_dense_on_gpu(kernel, dtype, kv_dtype):
     else:
         out = run(kernel, case, **kwargs, **scales)
     assert_close(out, expected, dtype, what="compiled on gpu")
+
+
+@pytest.mark.parametrize("max_keys,block_size,head_dim,itemsize,pages", [
+    (128, 16, 128, 2, 8),  # bf16, Llama heads: 128 keys
+    (128, 16, 128, 1, 8),  # int8 / fp8 pages: still 128 keys
+    (128, 16, 128, 4, 4),  # float32: 64 keys (32 KiB of K)
+    (128, 16, 256, 2, 4),  # head_dim 256: 64 keys
+    (64, 16, 256, 4, 2),  # the ragged kernel's 64 keys, float32 x 256: 32
+    (128, 64, 256, 4, 1),  # a 64-token page is wider than the budget: still one page
+    (128, 16, 96, 2, 8),  # 170 keys fit: down to 128, then the max
+])
+def test_default_compute_block_keeps_tiles_within_shared_memory(max_keys, block_size, head_dim, itemsize, pages):
+    assert paged_flash_kernel.default_pages_per_compute_block(max_keys, block_size, head_dim, itemsize) == pages
