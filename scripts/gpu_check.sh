@@ -84,7 +84,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs it with a limit, logs to OUT/NA
 }
 
 gpu_tests=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
-step pytest_gpu 900 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider $gpu_tests
+step pytest_gpu 900 "$PYTHON" -m pytest -m gpu -v --tb=short -p no:cacheprovider $gpu_tests
 pytest_rc=$?
 if [[ "$STEPS" == *" pytest_gpu "* ]] && [ -f "$OUT/pytest_gpu.log" ]; then
   summary=$(tail -n 1 "$OUT/pytest_gpu.log")
