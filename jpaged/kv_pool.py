@@ -268,13 +268,13 @@ def allocate(spec: KVPoolSpec, sharding: jax.sharding.Sharding) -> list[tuple[ja
                             for shard in arrays[-1].addressable_shards if shard.device.platform == "cpu")
             break
         except jax.errors.JaxRuntimeError as error:
-            made = len(arrays)
+            made, state = len(arrays), _allocator_state(devices)  # the state at the failure
             arrays.clear()  # give the memory back before trying again
             fewer = int(spec.num_blocks * made / num_arrays * 0.98)
             if "RESOURCE_EXHAUSTED" not in str(error):
                 raise
             reason = (f"the device ran out of memory after {made} of the KV cache's {num_arrays} arrays of "
-                      f"{spec.num_blocks} blocks ({str(error).splitlines()[0][:200]})")
+                      f"{spec.num_blocks} blocks ({str(error).splitlines()[0][:200]}{state})")
             if spec.min_blocks == 0 or fewer < spec.min_blocks:
                 raise ValueError(f"Out of device memory for the KV cache: {reason}. Lower --num-gpu-blocks-override, "
                                  f"--kv-cache-memory or --gpu-memory-utilization, or --max-model-len.") from None
@@ -284,6 +284,17 @@ def allocate(spec: KVPoolSpec, sharding: jax.sharding.Sharding) -> list[tuple[ja
     if huge:
         logger.info("KV cache: %.2f GiB advised onto transparent huge pages", huge / GIB)
     return pool
+
+
+def _allocator_state(devices) -> str:
+    """'; allocator: X GiB in use of Y, largest free block Z GiB' for the first device whose
+    `memory_stats()` reports them (XLA's GPU allocator does), else ''."""
+    for device in devices:
+        stats = device.memory_stats() or {}
+        if {"bytes_in_use", "bytes_limit", "largest_free_block_bytes"} <= stats.keys():
+            return (f"; allocator: {stats['bytes_in_use'] / GIB:.2f} GiB in use of {stats['bytes_limit'] / GIB:.2f}, "
+                    f"largest free block {stats['largest_free_block_bytes'] / GIB:.2f} GiB")
+    return ""
 
 
 _HUGE_PAGE = 2 << 20

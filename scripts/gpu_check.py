@@ -280,6 +280,11 @@ def throughput_jpaged(args) -> dict:
                  compilation_cache_dir="")
     llm = LLM(folder, load_format="dummy", dtype="bfloat16", **(smoke if args.smoke else {"max_model_len": 1024}))
     startup_s = time.perf_counter() - start
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}  # XLA's GPU allocator after weights, pool and warm-up
+    memory_gib = {k: round(stats[k] / 2**30, 2) for k in ("bytes_limit", "bytes_in_use", "peak_bytes_in_use",
+                                                          "largest_free_block_bytes") if k in stats}
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in requests]
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p, _ in requests], params, use_tqdm=False)
@@ -288,7 +293,7 @@ def throughput_jpaged(args) -> dict:
     assert tokens == sum(n for _, n in requests)
     return {**device_info(), "engine": "jpaged", "num_requests": len(requests), "output_tokens": tokens,
             "seconds": round(seconds, 3), "startup_s": round(startup_s, 1),
-            "num_blocks": llm.llm_engine.runner.pool_spec.num_blocks,
+            "num_blocks": llm.llm_engine.runner.pool_spec.num_blocks, "memory_gib_after_start": memory_gib,
             "output_tokens_per_s": round(tokens / seconds, 2)}
 
 

@@ -206,3 +206,10 @@ def test_sizing_from_gpu_memory_lets_the_pool_shrink_to_one_sequence(llama3_8b, 
     assert spec.min_blocks == 8192 // 16 + 1
     exact = kv_pool.size_pool(llama3_8b, EngineArgs(num_gpu_blocks_override=600), 8192, "bfloat16", device)
     assert exact.min_blocks == 0
+
+
+def test_the_out_of_memory_message_says_how_fragmented_the_allocator_is():
+    state = kv_pool._allocator_state([FakeGpu(None), FakeGpu({
+        "bytes_in_use": int(120.5 * GIB), "bytes_limit": int(125.82 * GIB), "largest_free_block_bytes": int(1.5 * GIB)})])
+    assert state == "; allocator: 120.50 GiB in use of 125.82, largest free block 1.50 GiB"
+    assert kv_pool._allocator_state([FakeGpu({"bytes_in_use": 1})]) == ""
