@@ -268,11 +268,11 @@ def allocate(spec: KVPoolSpec, sharding: jax.sharding.Sharding) -> list[tuple[ja
                             for shard in arrays[-1].addressable_shards if shard.device.platform == "cpu")
             break
         except jax.errors.JaxRuntimeError as error:
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
             made, state = len(arrays), _allocator_state(devices)  # the state at the failure
             arrays.clear()  # give the memory back before trying again
             fewer = int(spec.num_blocks * made / num_arrays * 0.98)
-            if "RESOURCE_EXHAUSTED" not in str(error):
-                raise
             reason = (f"the device ran out of memory after {made} of the KV cache's {num_arrays} arrays of "
                       f"{spec.num_blocks} blocks ({str(error).splitlines()[0][:200]}{state})")
             if spec.min_blocks == 0 or fewer < spec.min_blocks:

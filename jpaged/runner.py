@@ -235,7 +235,6 @@ class ModelRunner:
             logger.info("%d linears (%s) packed for the C++ CPU matmul kernel", len(packed),
                         ", ".join(sorted({str(w.panels.dtype) for w in packed})))
         self._recalibrate_kv = recalibrate_kv
-        self.pool_spec = pool_spec
         self.block_size = pool_spec.block_size
         self.max_model_len = max_model_len
         self.mesh = mesh

@@ -128,6 +128,7 @@ def kernel(args) -> dict:
     import jax
 
     from pallas_kernels.decode_attention import decode_attention, default_num_kv_splits
+    from pallas_kernels.paged_flash_kernel import default_pages_per_compute_block
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
     cfg = hf_config(args.smoke)
@@ -140,7 +141,8 @@ def kernel(args) -> dict:
         copy = copy_gbps(kv_bytes)
         pages = inputs[4].shape[1]
         row = {"batch": batch, "context": context, "kv_bytes": kv_bytes, "copy_gbps": round(copy, 1),
-               "num_kv_splits": default_num_kv_splits(batch, cfg["num_key_value_heads"], pages, 128 // 16)}
+               "num_kv_splits": default_num_kv_splits(batch, cfg["num_key_value_heads"], pages,
+                                                      default_pages_per_compute_block(128, 16, head_dim, 2))}
         for name, fn in (("decode", decode_attention), ("ragged", ragged_paged_attention)):
             call = jax.jit(lambda *a, fn=fn: fn(*a, sm_scale=head_dim**-0.5, interpret=args.smoke))
             ms = device_ms(call, *inputs, calls=2 if args.smoke else 20)

@@ -131,19 +131,23 @@ def cuda_plugin_dir():
     return target
 
 
+def run_aot_compile(cuda_plugin_dir, *args):
+    """scripts/aot_compile_cuda.py with these arguments, in a subprocess (the plugin on its path)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "aot_compile_cuda.py")
+    return subprocess.run([sys.executable, script, "--plugin-dir", cuda_plugin_dir, *args],
+                          capture_output=True, text=True, timeout=1200)
+
+
 @pytest.mark.slow
 def test_every_runner_program_compiles_for_h100_without_a_gpu(tmp_path, cuda_plugin_dir):
     """XLA's CUDA plugin compiles (deviceless, for an H100 target config) every program the runner
     compiles at start: the full GPU pipeline, the Pallas kernels through Triton to PTX."""
-    import subprocess
-    import sys
-
-    root = os.path.join(os.path.dirname(__file__), "..")
     out = tmp_path / "aot.json"
-    done = subprocess.run([sys.executable, os.path.join(root, "scripts", "aot_compile_cuda.py"), "--plugin-dir",
-                           cuda_plugin_dir, "--max-num-batched-tokens", "64", "--num-scheduler-steps", "4",
-                           "--out", str(out)],
-                          capture_output=True, text=True, timeout=1200)
+    done = run_aot_compile(cuda_plugin_dir, "--max-num-batched-tokens", "64", "--num-scheduler-steps", "4",
+                           "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["device"] == "NVIDIA H100 80GB HBM3"
@@ -161,12 +165,7 @@ def test_every_runner_program_compiles_for_h100_without_a_gpu(tmp_path, cuda_plu
 def test_kernels_with_wide_tiles_compile_for_h100_without_a_gpu(cuda_plugin_dir):
     """Triton checks shared memory only when it compiles: float32 pages with full-precision dots,
     or head_dim 256, once asked an H100 for up to 528 KiB (it has 227 KiB per SM)."""
-    import subprocess
-    import sys
-
-    root = os.path.join(os.path.dirname(__file__), "..")
-    done = subprocess.run([sys.executable, os.path.join(root, "scripts", "aot_compile_cuda.py"), "--plugin-dir",
-                           cuda_plugin_dir, "--kernels"], capture_output=True, text=True, timeout=1200)
+    done = run_aot_compile(cuda_plugin_dir, "--kernels")
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 12, done.stderr[-3000:]
     assert all(r["compiled"] for r in results), [r for r in results if not r["compiled"]]
