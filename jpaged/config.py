@@ -118,7 +118,7 @@ class EngineArgs:
         "auto", "Paged attention implementation. auto: pallas on GPU, the C++ cpu kernel on CPU "
         "(falls back to reference with a warning when it is not built). With cpu on one device the "
         "float32 and bfloat16 linears also run through the same library's prepacked-weight matmul, and "
-        "with AVX512-VNNI greedy decode rounds find their tokens without computing every logit.",
+        "with AVX512-VNNI or AVX2 greedy decode rounds find their tokens without computing every logit.",
         choices=["auto", "reference", "pallas", "cpu"])
     compilation_cache_dir: str = _field(
         os.path.join(os.path.expanduser("~"), ".cache", "jpaged", "jax_cache"),

@@ -12,7 +12,7 @@ from jpaged.models import llama, quantization
 from pallas_kernels import cpu, reference
 
 needs_kernel = pytest.mark.skipif(not cpu.greedy_lm_head_supported(),
-                                  reason=f"no greedy lm_head kernel on this CPU (needs AVX512-VNNI): {cpu.load_error()}")
+                                  reason=f"no greedy lm_head kernel on this CPU (needs AVX512-VNNI or AVX2): {cpu.load_error()}")
 
 
 @pytest.fixture(scope="module")

@@ -94,8 +94,8 @@ def is_available() -> bool:
 
 
 def greedy_lm_head_supported() -> bool:
-    """Whether the kernels are available and this CPU runs `greedy_lm_head` (AVX512-VNNI,
-    AVX512-BW and F16C)."""
+    """Whether the kernels are available and this CPU runs `greedy_lm_head` (AVX512-VNNI
+    and AVX512-BW, or AVX2 and FMA; and F16C)."""
     return _load() is None and _greedy_lm_head_supported
 
 
@@ -303,7 +303,7 @@ def greedy_lm_head(hidden, num_rows, values, scale, bound, error, lm_head, lm_he
                          f"bound {list(bound.shape)}, error {None if error is None else list(error.shape)}")
     if not greedy_lm_head_supported():
         raise RuntimeError(f"greedy_lm_head needs the CPU kernels ({load_error() or 'built'}) on a CPU with "
-                           "AVX512-VNNI, AVX512-BW and F16C")
+                           "AVX512-VNNI and AVX512-BW, or AVX2 and FMA; and F16C")
     out = (jax.ShapeDtypeStruct((m,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
     operands = (hidden, jnp.asarray(num_rows, jnp.int32), values, scale.astype(jnp.float32),
                 bound.astype(jnp.float32))

@@ -9,9 +9,8 @@
 // 1. Each row of hidden is quantized per 32-block b to int8: h ~ s_b * hq (|hq| <= 127,
 //    s_b = max |h| / 127), so |h_k - s_b hq_k| <= s_b / 2.
 // 2. w is kept as int8 blocks too, w ~ d_vb * q_vk (a Q8_0 lm_head is exactly that; float32 rows
-//    are rounded per block, |w - d q| <= e_vb). For every entry v, AVX512-VNNI's u8 x s8 dot
-//    products (4 per 32-bit lane, 4x the multiply-adds of a float32 FMA) give the approximate
-//    logit  A_v = sum_b s_b d_vb sum_{k in b} hq_k q_vk  and the bound on its error
+//    are rounded per block, |w - d q| <= e_vb). For every entry v, integer dot products give
+//    the approximate logit  A_v = sum_b s_b d_vb sum_{k in b} hq_k q_vk  and the bound on its error
 //    B_v = sum_b (s_b * bound_vb + l1_b * e_vb),  bound_vb = |d_vb| sum |q_vk| / 2,  l1_b =
 //    sum_{k in b} |h_k| (the second term for float32 rows only). The packed matmul's float32
 //    logit F_v differs from the exact dot product by less than B_v / 100 (K * 2^-24 *
@@ -23,11 +22,19 @@
 // A row with a non-finite value keeps every entry as a candidate (the first NaN wins, as in
 // jnp.argmax).
 //
-// Layout (`reference.pack_greedy_lm_head`): the int8 blocks of 16 entries side by side for VNNI,
+// The integer dot products: with AVX512-VNNI, vpdpbusd's u8 x s8 products (4 per 32-bit lane
+// added into it, 4x the multiply-adds of a float32 FMA) of the weights' q + 128 and hq, less
+// 128 * sum(hq); with AVX2, vpmaddubsw's u8 x s8 products of |q| and hq with q's sign (pairs
+// added in 16 bits: at most 2 * 128 * 127, no saturation), then vpmaddwd's pairs of those into
+// 32-bit lanes: a sign and 3 integer instructions per 32 multiply-adds, spread over more
+// vector pipes than the FMA's.
+//
+// Layout (`reference.pack_greedy_lm_head`): the int8 blocks of 16 entries side by side,
 // values u8[T, K / 4, 16, 4] = q + 128 (T = ceil(V / 16)), scale d, bound and (float32 rows) e
 // f32[T, K / 32, 16]; and the lm_head's rows for the recomputation: i8[V, K] with f16 scales
-// [V, K / 32] (JpagedGreedyLmHeadQ8), or f32[V, K] (JpagedGreedyLmHeadF32). Needs AVX512-VNNI, AVX512-BW
-// and F16C; elsewhere the handlers return an error and JpagedGreedyLmHeadSupported() is 0.
+// [V, K / 32] (JpagedGreedyLmHeadQ8), or f32[V, K] (JpagedGreedyLmHeadF32). Needs AVX512-VNNI and
+// AVX512-BW, or AVX2; and F16C; elsewhere the handlers return an error and
+// JpagedGreedyLmHeadSupported() is 0.
 
 #include <algorithm>
 #include <cmath>
@@ -38,6 +45,10 @@
 #include <vector>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
+#define JPAGED_GREEDY_LM_HEAD 1
+#define JPAGED_GREEDY_VNNI 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define JPAGED_GREEDY_LM_HEAD 1
 #include <immintrin.h>
 #endif
@@ -117,6 +128,9 @@ struct ItemCandidates {
   float* lower_max;  // [rows]: the largest A - B' of the item's entries so far
 };
 
+#if defined(JPAGED_GREEDY_VNNI)
+constexpr int kMaxBlockRows = 8;
+
 // Rows r0 .. r0 + ROWS over one tile (entries v0 .. v0 + 16, the first `valid` of them real):
 // A and B' of each, and the ones that may win appended to `c`.
 template <int ROWS, bool kError>
@@ -174,6 +188,91 @@ inline void TileCandidates(const uint8_t* values, const float* scale, const floa
     c.count[row] += __builtin_popcount(may_win);
   }
 }
+#else  // AVX2
+constexpr int kMaxBlockRows = 4;  // 4 sums, 4 A and 4 B of 8 entries, and the operands: 16 registers or so
+
+// TileCandidates for half of a tile (`half` 0 or 1: entries v0 + 8 * half .. + 8, the first
+// `valid` of them real; `values`, `scale`, `bound` and `error` at the whole tile's).
+template <int ROWS, bool kError>
+inline void HalfTileCandidates(const uint8_t* values, const float* scale, const float* bound, const float* error,
+                               int64_t K, const QuantizedRows& q, int64_t r0, int64_t half, int64_t v0,
+                               int64_t valid, ItemCandidates& c) {
+  const int64_t blocks = K / kQuantBlock;
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* hq_rows = q.values.data() + r0 * K;
+  __m256 approx[ROWS], bounds[ROWS];
+#pragma GCC unroll 4
+  for (int r = 0; r < ROWS; ++r) approx[r] = bounds[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i sum[ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) sum[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int g = 0; g < kQuantBlock / 4; ++g) {
+      const __m256i w = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(values + ((b * kQuantBlock / 4 + g) * kTile + 8 * half) * 4));
+      const __m256i signed_w = _mm256_xor_si256(w, bias);   // q
+      const __m256i magnitude = _mm256_abs_epi8(signed_w);  // |q| <= 128 as u8
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) {
+        int32_t four;
+        std::memcpy(&four, hq_rows + r * K + b * kQuantBlock + 4 * g, sizeof(four));
+        const __m256i hq = _mm256_sign_epi8(_mm256_set1_epi32(four), signed_w);  // hq * sign(q)
+        sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, hq), ones));
+      }
+    }
+    const __m256 d = _mm256_loadu_ps(scale + b * kTile + 8 * half);
+    const __m256 bd = _mm256_loadu_ps(bound + b * kTile + 8 * half);
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 s = _mm256_set1_ps(q.scale[(r0 + r) * blocks + b]);
+      approx[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum[r]), s), d, approx[r]);
+      bounds[r] = _mm256_fmadd_ps(s, bd, bounds[r]);
+      if constexpr (kError) {
+        bounds[r] = _mm256_fmadd_ps(_mm256_set1_ps(q.l1[(r0 + r) * blocks + b]),
+                                    _mm256_loadu_ps(error + b * kTile + 8 * half), bounds[r]);
+      }
+    }
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 real = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(
+                                                                 std::min<int64_t>(valid, 8))), lane));
+  const __m256 slack = _mm256_set1_ps(kBoundSlack);
+  const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+#pragma GCC unroll 4
+  for (int r = 0; r < ROWS; ++r) {
+    const int64_t row = r0 + r;
+    const __m256 upper = _mm256_fmadd_ps(bounds[r], slack, approx[r]);
+    const __m256 lower = _mm256_blendv_ps(minus_inf, _mm256_fnmadd_ps(bounds[r], slack, approx[r]), real);
+    alignas(32) float lowers[8], uppers[8];
+    _mm256_store_ps(lowers, lower);
+    _mm256_store_ps(uppers, upper);
+    float lower_max = c.lower_max[row];
+    for (int i = 0; i < 8; ++i) lower_max = std::max(lower_max, lowers[i]);
+    c.lower_max[row] = lower_max;
+    unsigned may_win = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(upper, _mm256_set1_ps(lower_max), _CMP_GE_OQ),
+                                                        real));
+    int32_t* ids = c.ids + row * kItemEntries;
+    float* uppers_out = c.upper + row * kItemEntries;
+    for (; may_win != 0; may_win &= may_win - 1) {
+      const int i = __builtin_ctz(may_win);
+      ids[c.count[row]] = static_cast<int32_t>(v0 + 8 * half + i);
+      uppers_out[c.count[row]++] = uppers[i];
+    }
+  }
+}
+
+// Rows r0 .. r0 + ROWS over one tile (entries v0 .. v0 + 16, the first `valid` of them real):
+// A and B' of each, and the ones that may win appended to `c`, in index order.
+template <int ROWS, bool kError>
+inline void TileCandidates(const uint8_t* values, const float* scale, const float* bound, const float* error,
+                           int64_t K, const QuantizedRows& q, int64_t r0, int64_t v0, int64_t valid,
+                           ItemCandidates& c) {
+  HalfTileCandidates<ROWS, kError>(values, scale, bound, error, K, q, r0, 0, v0, valid, c);
+  if (valid > 8) HalfTileCandidates<ROWS, kError>(values, scale, bound, error, K, q, r0, 1, v0, valid - 8, c);
+}
+#endif  // JPAGED_GREEDY_VNNI
 
 // The lm_head's rows, for the exact logits: Q8_0 (value * f16 scale, exact in float32) or float32.
 struct Q8Rows {
@@ -232,7 +331,7 @@ void GreedyRows(ffi::ThreadPool& pool, const float* hidden, int64_t rows, int64_
   ParallelFor(pool, items, [&](int64_t item, int64_t) {
     ItemCandidates c = item_candidates(item);
     for (int64_t t = item * kTilesPerItem; t < std::min(tiles, (item + 1) * kTilesPerItem); ++t) {
-      ForRowBlocks<8>(rows, [&](auto block_rows, int64_t r) {
+      ForRowBlocks<kMaxBlockRows>(rows, [&](auto block_rows, int64_t r) {
         const int64_t at = t * blocks * kTile;
         if (error == nullptr) {
           TileCandidates<decltype(block_rows)::value, false>(values + t * (K / 4) * kTile * 4, scale + at, bound + at,
@@ -309,7 +408,7 @@ void GreedyLmHead(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> hidden, ffi::Buff
 }
 #endif  // JPAGED_GREEDY_LM_HEAD
 
-const char kUnsupported[] = "greedy_lm_head needs a CPU with AVX512-VNNI, AVX512-BW and F16C";
+const char kUnsupported[] = "greedy_lm_head needs a CPU with AVX512-VNNI and AVX512-BW, or AVX2 and FMA; and F16C";
 
 ffi::Error GreedyLmHeadQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hidden, ffi::Buffer<ffi::S32> num_rows,
                           ffi::Buffer<ffi::U8> values, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bound,
