@@ -37,6 +37,11 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "ffi_helpers.h"
+
+// No contraction of a * b + c into FMAs at the compiler's choice: it fused them in some inlined
+// copies of a computation and not in others, so on an AVX2 build a prompt row's bits depended
+// on its tile (one token or more). The hot multiply-adds are explicit FMAs (MulAdd) instead.
+#pragma GCC optimize("O3", "fp-contract=off")
 #include "vector_math.h"
 
 #if defined(__AVX2__) || defined(__F16C__)
@@ -48,6 +53,7 @@ namespace {
 using jpaged_cpu::Dims;
 using jpaged_cpu::ExpV;
 using jpaged_cpu::LoadV;
+using jpaged_cpu::MulAdd;
 using jpaged_cpu::ParallelFor;
 using jpaged_cpu::SplatV;
 using jpaged_cpu::StoreV;
@@ -406,7 +412,7 @@ inline void ScoreRows(const float* q, const KT* k, int64_t n, int64_t d, float* 
         for (int r = 0; r < NR; ++r) qr[r] = Load(q + r * d + i);
         for (int t = 0; t < NK; ++t) {
           const v8f kv = LoadKV(kj[t] + i);
-          for (int r = 0; r < NR; ++r) a[t][r] += qr[r] * kv;
+          for (int r = 0; r < NR; ++r) a[t][r] = MulAdd(qr[r], kv, a[t][r]);
         }
       }
       for (int t = 0; t < NK; t += 2)
@@ -441,7 +447,7 @@ inline void AccumulateColumns(const float* p, int64_t ld, const VT* v, int64_t n
     pf.Step();
     for (int r = 0; r < NR; ++r) {
       const v8f pr = Splat(p[r * ld + j]);
-      for (int c = 0; c < NC; ++c) a[r][c] += pr * LoadKV(v + j * d + col + c * kLanes);
+      for (int c = 0; c < NC; ++c) a[r][c] = MulAdd(pr, LoadKV(v + j * d + col + c * kLanes), a[r][c]);
     }
   }
   for (int r = 0; r < NR; ++r)
@@ -551,7 +557,7 @@ inline void ScoreLanes(const float* qt, int64_t rp, const float* k, int64_t d, i
     for (int c = 0; c < NV; ++c) qv[c] = LoadV<vwf>(qt + i * rp + (v0 + c) * kWide);
     for (int j = 0; j < NJ; ++j) {
       const vwf kv = SplatV<vwf>(k[(j0 + j) * d + i]);
-      for (int c = 0; c < NV; ++c) a[j][c] += kv * qv[c];
+      for (int c = 0; c < NV; ++c) a[j][c] = MulAdd(kv, qv[c], a[j][c]);
     }
   }
   for (int j = 0; j < NJ; ++j)
@@ -586,7 +592,7 @@ inline void AccumulateLanes(const float* p, int64_t rp, const KeyGroup& group, i
       for (int c = 0; c < NV; ++c) pv[c] = LoadV<vwf>(p + (v0 + c) * kWide);
       for (int i = 0; i < ND; ++i) {
         const vwf vv = SplatV<vwf>(v[j * d + i]);
-        for (int c = 0; c < NV; ++c) a[i][c] += vv * pv[c];
+        for (int c = 0; c < NV; ++c) a[i][c] = MulAdd(vv, pv[c], a[i][c]);
       }
     }
   }

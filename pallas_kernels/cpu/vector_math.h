@@ -1,12 +1,30 @@
 // Vector helpers the CPU kernels share, over GCC vector types (any width the target has):
-// unaligned loads and stores, a scalar in every lane, and exp for x <= 0.
+// unaligned loads and stores, a scalar in every lane, a fused multiply-add, and exp for x <= 0.
 
 #ifndef JPAGED_CPU_VECTOR_MATH_H_
 #define JPAGED_CPU_VECTOR_MATH_H_
 
 #include <cstring>
 
+#if defined(__FMA__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace jpaged_cpu {
+
+// a * b + c rounded once (an FMA) where the CPU has one, for 8- or 16-lane fp32 vectors. A file
+// compiled without contraction (-ffp-contract=off, to keep its bits the same in every inlined
+// copy) writes its multiply-adds with this.
+template <typename V>
+inline V MulAdd(V a, V b, V c) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#endif
+#if defined(__FMA__)
+  if constexpr (sizeof(V) == 32) return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#endif
+  return a * b + c;
+}
 
 template <typename V>
 inline V LoadV(const float* p) {
