@@ -122,7 +122,9 @@ class EngineArgs:
         choices=["auto", "reference", "pallas", "cpu"])
     compilation_cache_dir: str = _field(
         os.path.join(os.path.expanduser("~"), ".cache", "jpaged", "jax_cache"),
-        "JAX persistent compilation cache directory ('' disables it).", type=str)
+        "Compilation cache directory: JAX's persistent compilation cache, and in its executables/ "
+        "folder the engine's compiled step programs, which later starts load without tracing "
+        "('' disables both).", type=str)
     disable_log_stats: bool = _field(False, "Do not log engine statistics.")
     chat_template: str | None = _field(None, "Chat template (jinja text or a file) replacing the model's.", type=str)
     served_model_name: list[str] | None = _field(

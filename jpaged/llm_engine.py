@@ -144,8 +144,9 @@ class LLMEngine:
             logger.info("enforce_eager: no precompilation; each step shape compiles on first use")
         else:
             start = time.perf_counter()
-            num_programs = self.runner.warmup(show_progress)
-            logger.info("compiled %d programs in %.1f s", num_programs, time.perf_counter() - start)
+            num_programs, num_loaded = self.runner.warmup(show_progress)
+            logger.info("compiled %d programs in %.1f s (%d loaded from the executable cache)", num_programs,
+                        time.perf_counter() - start, num_loaded)
         # Why the engine stopped trusting its device state (None while healthy).
         self.dead_reason: str | None = None
         self.num_failed_steps = 0

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import pallas_kernels.cpu as cpu_kernels
 
-from jpaged import kv_pool, kv_quantization, multihost, sharding
+from jpaged import executable_cache, kv_pool, kv_quantization, multihost, sharding
 from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer, select_sampling_kernels
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.config import DEFAULT_CPU_SCHEDULER_STEPS, LOGPROBS_MODES
@@ -217,13 +217,16 @@ class ModelRunner:
       pack_params: None, or a function applied to `params` (and to update_weights' params) before
         they are used: `quantization.pack_linears` for the C++ CPU matmul kernel.
       num_scheduler_steps: decode steps one multi-step program runs (`_decode_steps`); 1: none.
+      executable_cache_dir: None, or a folder where compiled programs are kept and loaded from
+        without tracing (`jpaged.executable_cache`).
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
                  max_num_seqs: int, max_model_len: int, attention_fn, write_kv_fn, bucket_pages: bool, mesh,
                  max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, model=None, kv_scales=None,
                  recalibrate_kv=None, pack_params=None, num_scheduler_steps: int = 1,
-                 sampling_kernels=SamplingKernels(), logprobs_mode: str = LOGPROBS_MODES[0]):
+                 sampling_kernels=SamplingKernels(), logprobs_mode: str = LOGPROBS_MODES[0],
+                 executable_cache_dir: str | None = None):
         self.model_config = model_config
         self.model = llama.LlamaForCausalLM(model_config) if model is None else model
         self._param_avals = self._abstract(params)  # what update_weights must be given
@@ -263,36 +266,43 @@ class ModelRunner:
         # Fewer blocks than sized when the device's allocator could not place them all.
         pool_spec = self.pool_spec = dataclasses.replace(pool_spec, num_blocks=self.kv_cache[0][0].shape[0])
         options = quantization.compiler_options(params, mesh.devices.flat[0].platform)  # programs that read the weights
-        self._forward_jit = jax.jit(
-            functools.partial(_forward_step, model=self.model, attention_fn=attention_fn, write_kv_fn=write_kv_fn),
+        self._program_sources = {}  # program name -> (function, jit options): what the executable cache keys on
+        self._forward_jit = self._jit(
+            "forward", functools.partial(_forward_step, model=self.model, attention_fn=attention_fn,
+                                         write_kv_fn=write_kv_fn),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
             out_shardings=forward_out, compiler_options=options)
-        self._decode_jit = None if decode_attention_fn is None else jax.jit(
-            functools.partial(_forward_step, model=self.model, attention_fn=decode_attention_fn,
-                              write_kv_fn=write_kv_fn),
+        self._decode_jit = None if decode_attention_fn is None else self._jit(
+            "decode", functools.partial(_forward_step, model=self.model, attention_fn=decode_attention_fn,
+                                        write_kv_fn=write_kv_fn),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
             out_shardings=forward_out, compiler_options=options)
         replicated_out = None if tp == 1 else self.replicated  # readable on every host
         self.num_scheduler_steps = num_scheduler_steps
-        self._decode_steps_jit = jax.jit(
-            functools.partial(_decode_steps, model=self.model, attention_fn=decode_attention_fn or attention_fn,
-                              write_kv_fn=write_kv_fn, num_steps=num_scheduler_steps,
-                              block_size=pool_spec.block_size, max_logprobs=max_logprobs,
-                              sampling_kernels=sampling_kernels),
+        self._decode_steps_jit = self._jit(
+            "decode_steps", functools.partial(_decode_steps, model=self.model,
+                                              attention_fn=decode_attention_fn or attention_fn,
+                                              write_kv_fn=write_kv_fn, num_steps=num_scheduler_steps,
+                                              block_size=pool_spec.block_size, max_logprobs=max_logprobs,
+                                              sampling_kernels=sampling_kernels),
             static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
             out_shardings=None if tp == 1 else (self.replicated, forward_out[2]), compiler_options=options)
-        self._sample_jit = jax.jit(functools.partial(_sample_step, max_logprobs=max_logprobs,
-                                                     sampling_kernels=sampling_kernels, logprobs_mode=logprobs_mode),
-                                   static_argnames=("num_seqs", "num_entries"), out_shardings=replicated_out)
-        self._prompt_logprobs_jit = jax.jit(
-            functools.partial(_prompt_logprobs_step, model=self.model, max_logprobs=max_logprobs,
-                              sampling_kernels=sampling_kernels, logprobs_mode=logprobs_mode),
+        self._sample_jit = self._jit(
+            "sample", functools.partial(_sample_step, max_logprobs=max_logprobs, sampling_kernels=sampling_kernels,
+                                        logprobs_mode=logprobs_mode),
+            static_argnames=("num_seqs", "num_entries"), out_shardings=replicated_out)
+        self._prompt_logprobs_jit = self._jit(
+            "prompt_logprobs", functools.partial(_prompt_logprobs_step, model=self.model,
+                                                 max_logprobs=max_logprobs, sampling_kernels=sampling_kernels,
+                                                 logprobs_mode=logprobs_mode),
             out_shardings=replicated_out, compiler_options=options)
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq, decode_only) -> compiled
         self._decode_steps = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled, with num_scheduler_steps > 1
         self._sample = {}  # (num_seqs, num_entries, masked) -> compiled
         self._swap = {}  # ("out" | "in", count bucket) -> compiled
+        self._swap_out_jit = self._jit("swap_out", _gather_blocks)
+        self._swap_in_jit = self._jit("swap_in", _scatter_blocks, donate_argnums=(0,))
         self.num_swap_blocks = num_swap_blocks
         self.swap_buckets = ()
         if num_swap_blocks:
@@ -301,6 +311,7 @@ class ModelRunner:
             dtype = jnp.dtype(pool_spec.dtype)  # ml_dtypes' fp8 types for fp8 pages
             self._host_k = [np.zeros((num_swap_blocks, *shape), dtype) for _ in range(pool_spec.num_layers)]
             self._host_v = [np.zeros((num_swap_blocks, *shape), dtype) for _ in range(pool_spec.num_layers)]
+        self._executables = self._open_executable_cache(executable_cache_dir)
 
     # ---- compilation -------------------------------------------------------------------------
 
@@ -313,79 +324,103 @@ class ModelRunner:
     def _blob_spec(self, size: int):
         return self._input_spec((size,))
 
-    # Each _lower_* traces and lowers one program and returns (table, key, lowered); _compile
-    # compiles it (or loads it from the compilation cache) into table[key].
+    # A program is (name, key): the table it goes in ("forward": self._forward, ...) and its
+    # static shape key there. _lower traces and lowers one; _compile loads it from the
+    # executable cache or compiles it (XLA may find it in its own compilation cache) into its table.
 
-    def _lower_forward(self, t: int, s: int, p: int, decode_only: bool = False):
-        blob = self._blob_spec(StepMetadata.blob_size(t, s, p))
-        jitted = self._decode_jit if decode_only else self._forward_jit
-        lowered = jitted.lower(self._abstract(self.params), self._abstract(self.kv_cache),
-                               self._abstract(self.kv_scales), blob, num_tokens=t, num_seqs=s, pages_per_seq=p)
-        return self._forward, (t, s, p, decode_only), lowered
+    def _jit(self, name: str, function, **options):
+        self._program_sources[name] = (function, options)
+        return jax.jit(function, **options)
 
-    def _lower_decode_steps(self, t: int, s: int, p: int):
-        lowered = self._decode_steps_jit.lower(
-            self._abstract(self.params), self._abstract(self.kv_cache), self._abstract(self.kv_scales),
-            self._blob_spec(StepMetadata.blob_size(t, s, p)), self._blob_spec(SamplingMetadata.blob_size(s, 0)),
-            num_tokens=t, num_seqs=s, pages_per_seq=p)
-        return self._decode_steps, (t, s, p), lowered
+    def _open_executable_cache(self, directory: str | None):
+        if directory is None or jax.process_count() > 1:
+            return None
+        avals = executable_cache.avals
+        sources = (self._program_sources, self.model_config, self.pool_spec, avals(self.params),
+                   avals(self.kv_cache), avals(self.kv_scales))
+        try:
+            return executable_cache.ExecutableCache(
+                directory, executable_cache.fingerprint(sources, list(self.mesh.devices.flat)))
+        except executable_cache.Unfingerprintable as reason:
+            logger.info("executable cache off for this model: %s", reason)
+            return None
+
+    def _table(self, name: str) -> dict:
+        return {"forward": self._forward, "decode_steps": self._decode_steps,
+                "sample": self._sample, "prompt_logprobs": self._prompt_logprobs, "swap": self._swap}[name]
+
+    def _lower(self, name: str, key) -> jax.stages.Lowered:
+        params, kv_cache, kv_scales = (self._abstract(x) for x in (self.params, self.kv_cache, self.kv_scales))
+        if name == "forward":
+            t, s, p, decode_only = key
+            jitted = self._decode_jit if decode_only else self._forward_jit
+            return jitted.lower(params, kv_cache, kv_scales, self._blob_spec(StepMetadata.blob_size(t, s, p)),
+                                num_tokens=t, num_seqs=s, pages_per_seq=p)
+        if name == "decode_steps":
+            t, s, p = key
+            return self._decode_steps_jit.lower(
+                params, kv_cache, kv_scales, self._blob_spec(StepMetadata.blob_size(t, s, p)),
+                self._blob_spec(SamplingMetadata.blob_size(s, 0)), num_tokens=t, num_seqs=s, pages_per_seq=p)
+        if name == "sample":
+            s, e, masked = key
+            vocab = self.model_config.vocab_size
+            bitmask = self._input_spec((s, bitmask_width(vocab))) if masked else None
+            return self._sample_jit.lower(self._input_spec((s, vocab), jnp.float32),
+                                          self._blob_spec(SamplingMetadata.blob_size(s, e)), bitmask,
+                                          num_seqs=s, num_entries=e)
+        if name == "prompt_logprobs":
+            hidden = self._input_spec((key, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
+            return self._prompt_logprobs_jit.lower(params, hidden, self._blob_spec(key))
+        direction, n = key  # swap
+        ids = self._input_spec((n,))
+        if direction == "out":
+            return self._swap_out_jit.lower(kv_cache, ids)
+        blocks = [(jax.ShapeDtypeStruct((n, *k.shape[1:]), k.dtype, sharding=k.sharding),) * 2 for k, _ in kv_cache]
+        return self._swap_in_jit.lower(kv_cache, ids, blocks)
 
     def _decode_shapes(self):
         """The step shapes of decode-only steps, which hold at most max_num_seqs tokens."""
         most = pick(self.buckets.num_tokens, min(self.buckets.num_seqs[-1], self.buckets.num_tokens[-1]))
         return [shape for shape in self.buckets.step_shapes() if shape[0] <= most]
 
-    def _lower_sample(self, s: int, e: int, masked: bool):
-        vocab = self.model_config.vocab_size
-        logits = self._input_spec((s, vocab), jnp.float32)
-        blob = self._blob_spec(SamplingMetadata.blob_size(s, e))
-        bitmask = self._input_spec((s, bitmask_width(vocab))) if masked else None
-        return self._sample, (s, e, masked), self._sample_jit.lower(logits, blob, bitmask, num_seqs=s, num_entries=e)
+    def _compile(self, name: str, key, lowered: jax.stages.Lowered | None = None) -> bool:
+        """Puts program (name, key) in its table: loaded from the executable cache unless
+        `lowered` is given, else compiled from `lowered` (or a fresh lowering) and stored there.
+        Returns whether it was loaded."""
+        compiled = None
+        if lowered is None and self._executables is not None:
+            compiled = self._executables.load(name, key, list(self.mesh.devices.flat))
+        loaded = compiled is not None
+        if not loaded:
+            lowered = lowered or self._lower(name, key)
+            compiled = lowered.compile() if self._executables is None else self._executables.compile(name, key, lowered)
+        self._table(name)[key] = compiled
+        return loaded
 
-    def _lower_prompt_logprobs(self, t: int):
-        hidden = self._input_spec((t, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
-        return self._prompt_logprobs, t, self._prompt_logprobs_jit.lower(self._abstract(self.params), hidden,
-                                                                         self._blob_spec(t))
-
-    def _lower_swap(self, direction: str, n: int):
-        ids = self._input_spec((n,))
-        kv = self._abstract(self.kv_cache)
-        if direction == "out":
-            lowered = jax.jit(_gather_blocks).lower(kv, ids)
-        else:
-            blocks = [(jax.ShapeDtypeStruct((n, *k.shape[1:]), k.dtype, sharding=k.sharding),) * 2 for k, _ in kv]
-            lowered = jax.jit(_scatter_blocks, donate_argnums=(0,)).lower(kv, ids, blocks)
-        return self._swap, (direction, n), lowered
-
-    @staticmethod
-    def _compile(lowering) -> None:
-        table, key, lowered = lowering
-        table[key] = lowered.compile()
-
-    def warmup(self, show_progress: bool = True) -> int:
+    def warmup(self, show_progress: bool = True) -> tuple[int, int]:
         """Compiles every program a step can run: the forward per bucket, the sampler per
         (num_seqs, num_entries) bucket, plain and token-masked (structured outputs), prompt
         logprobs per token bucket, the swap copies and, with num_scheduler_steps > 1, the
-        multi-step decode per decode bucket. Returns the number of programs compiled
-        (or loaded from the compilation cache).
+        multi-step decode per decode bucket. Returns (the number of programs, how many of them
+        were loaded from the executable cache without tracing).
 
-        Tracing and lowering hold the GIL; XLA's compiling (or loading from the cache) does not, so
+        Tracing and lowering hold the GIL; XLA's compiling (or loading from a cache) does not, so
         it runs on a thread pool while the next programs are traced."""
-        jobs = [functools.partial(self._lower_forward, *shape) for shape in self.buckets.step_shapes()]
+        programs = [("forward", (*shape, False)) for shape in self.buckets.step_shapes()]
         if self._decode_jit is not None:
-            jobs += [functools.partial(self._lower_forward, *shape, True) for shape in self._decode_shapes()]
+            programs += [("forward", (*shape, True)) for shape in self._decode_shapes()]
         if self.num_scheduler_steps > 1:
-            jobs += [functools.partial(self._lower_decode_steps, *shape) for shape in self._decode_shapes()]
-        jobs += [functools.partial(self._lower_sample, *shape, masked)
-                 for shape in self.buckets.sampler_shapes() for masked in (False, True)]
-        jobs += [functools.partial(self._lower_prompt_logprobs, t) for t in self.buckets.num_tokens]
-        jobs += [functools.partial(self._lower_swap, d, n) for d in ("out", "in") for n in self.swap_buckets]
+            programs += [("decode_steps", shape) for shape in self._decode_shapes()]
+        programs += [("sample", (*shape, masked)) for shape in self.buckets.sampler_shapes() for masked in (False, True)]
+        programs += [("prompt_logprobs", t) for t in self.buckets.num_tokens]
+        programs += [("swap", (d, n)) for d in ("out", "in") for n in self.swap_buckets]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="jpaged-compile") as pool:
-            compiled = [pool.submit(self._compile, job()) for job in
-                        tqdm(jobs, desc="Compiling step buckets", disable=not show_progress, unit="program")]
-            for future in compiled:
-                future.result()
-        return len(jobs)
+            futures = []
+            for name, key in tqdm(programs, desc="Compiling step buckets", disable=not show_progress, unit="program"):
+                cached = self._executables is not None and self._executables.contains(name, key)
+                futures.append(pool.submit(self._compile, name, key, None if cached else self._lower(name, key)))
+            num_loaded = sum(future.result() for future in futures)
+        return len(programs), num_loaded
 
     # ---- execution ---------------------------------------------------------------------------
 
@@ -397,7 +432,7 @@ class ModelRunner:
         ids = np.zeros(n, np.int32)
         ids[:len(pairs)] = [b for b, _ in pairs]
         if ("out", n) not in self._swap:
-            self._compile(self._lower_swap("out", n))
+            self._compile("swap", ("out", n))
         blocks = jax.device_get(self._swap[("out", n)](self.kv_cache, jax.device_put(ids, self.replicated)))
         slots = [slot for _, slot in pairs]
         for layer, (k, v) in enumerate(blocks):
@@ -414,7 +449,7 @@ class ModelRunner:
         slots = [slot for slot, _ in pairs] + [0] * (n - len(pairs))
         blocks = [(hk[slots], hv[slots]) for hk, hv in zip(self._host_k, self._host_v)]
         if ("in", n) not in self._swap:
-            self._compile(self._lower_swap("in", n))
+            self._compile("swap", ("in", n))
         self.kv_cache = self._swap[("in", n)](self.kv_cache, jax.device_put(ids, self.replicated),
                                               jax.device_put(blocks, self.kv_sharding))
 
@@ -465,7 +500,7 @@ class ModelRunner:
         blobs = jax.device_put((pack_step(scheduled, t, s, p, self.block_size),
                                 pack_sampling(scheduled, seeds, s, 0, [()] * len(scheduled))), self.replicated)
         if (t, s, p) not in self._decode_steps:  # only with enforce_eager
-            self._compile(self._lower_decode_steps(t, s, p))
+            self._compile("decode_steps", (t, s, p))
         sampled, self.kv_cache = self._decode_steps[(t, s, p)](self.params, self.kv_cache, self.kv_scales, *blobs)
         return RunnerOutput(_to_host(sampled))
 
@@ -477,16 +512,16 @@ class ModelRunner:
             (step.forward_blob, step.sampling_blob, step.token_bitmask), self.replicated)
         # Programs missing here only with enforce_eager (warmup compiles every shape): compiled on first use.
         if (t, s, p, decode_only) not in self._forward:
-            self._compile(self._lower_forward(t, s, p, decode_only))
+            self._compile("forward", (t, s, p, decode_only))
         if (s, e, masked) not in self._sample:
-            self._compile(self._lower_sample(s, e, masked))
+            self._compile("sample", (s, e, masked))
         logits, hidden, self.kv_cache = self._forward[(t, s, p, decode_only)](self.params, self.kv_cache,
                                                                               self.kv_scales, forward_blob)
         out = self._sample[(s, e, masked)](logits, sampling_blob, token_bitmask)
         prompt_logprobs = None
         if step.prompt_targets is not None:
             if t not in self._prompt_logprobs:  # only with enforce_eager
-                self._compile(self._lower_prompt_logprobs(t))
+                self._compile("prompt_logprobs", t)
             prompt_logprobs = self._prompt_logprobs[t](self.params, hidden,
                                                        jax.device_put(step.prompt_targets, self.replicated))
         return out, prompt_logprobs
@@ -540,6 +575,12 @@ def enable_compilation_cache(cache_dir: str) -> None:
     if cache_dir and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def executable_cache_dir(compilation_cache_dir: str) -> str | None:
+    """Where compiled programs are kept (`jpaged.executable_cache`): a folder inside JAX's
+    compilation cache, off with it."""
+    return os.path.join(compilation_cache_dir, "executables") if compilation_cache_dir else None
 
 
 def scheduler_steps(args) -> int:
@@ -598,7 +639,8 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
                        max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model,
                        kv_scales=kv_scales, recalibrate_kv=recalibrate_kv, pack_params=pack_params,
                        num_scheduler_steps=scheduler_steps(args), sampling_kernels=select_sampling_kernels(backend, tp),
-                       logprobs_mode=args.logprobs_mode)
+                       logprobs_mode=args.logprobs_mode,
+                       executable_cache_dir=executable_cache_dir(args.compilation_cache_dir))
 
 
 def packs_linears(backend: str, tp: int, model_class) -> bool:

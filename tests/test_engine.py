@@ -25,13 +25,14 @@ ENGINE_KWARGS = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=3
 
 
 @contextlib.contextmanager
-def count_compiles():
-    """Counts XLA backend compiles inside the block: yields a list whose len is the count."""
+def count_compiles(names=(COMPILE_EVENT,)):
+    """Counts XLA backend compiles (or the jax duration events `names`) inside the block: yields
+    a list whose len is the count."""
     events = []
 
     def listener(event, duration, **kwargs):
-        if event == COMPILE_EVENT:
-            events.append(duration)
+        if event in names:
+            events.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:

@@ -75,7 +75,7 @@ def test_every_runner_program_lowers_for_cuda():
     for name in ("_forward_jit", "_decode_jit", "_decode_steps_jit", "_sample_jit", "_prompt_logprobs_jit"):
         setattr(runner, name, CudaLowering(getattr(runner, name), name, record))
     with jax.sharding.use_abstract_mesh(mesh):
-        num_programs = runner.warmup(show_progress=False)
+        num_programs, _ = runner.warmup(show_progress=False)
         # Swap copies (compiled at start when --swap-space > 0), on a 4096-block pool.
         pool = [(jax.ShapeDtypeStruct((4096, *spec.page_shape[1:]), jnp.bfloat16),) * 2] * config.num_layers
         ids = jax.ShapeDtypeStruct((64,), jnp.int32)
