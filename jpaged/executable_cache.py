@@ -68,7 +68,8 @@ def describe(obj) -> tuple[str, frozenset[str]]:
 
     Handles scalars, enums, dtypes, containers, dataclasses (Flax modules too), functions
     (by module and qualified name, plus defaults and closed-over values), partials, bound
-    methods, jax shardings and ShapeDtypeStructs, and small arrays (by content). Raises
+    methods, wrappers with `__wrapped__` (jax.jit's: their options are in their source), jax
+    meshes, shardings and ShapeDtypeStructs, and small arrays (by content). Raises
     Unfingerprintable for anything else."""
     modules: set[str] = set()
     return _describe(obj, modules, ()), frozenset(modules)
@@ -122,6 +123,8 @@ def _describe(obj, modules: set[str], stack: tuple) -> str:
         # A Flax module's `parent` is its place in a tree being built: not part of what it computes.
         fields = [f"{f.name}={recurse(getattr(obj, f.name))}" for f in dataclasses.fields(obj) if f.name != "parent"]
         return f"{recurse(type(obj))}({', '.join(fields)})"
+    if callable(obj) and hasattr(obj, "__wrapped__"):  # a jax.jit or functools.wraps wrapper
+        return f"{recurse(type(obj))}({recurse(obj.__wrapped__)})"
     raise Unfingerprintable(f"no value-based description of a {type(obj).__module__}.{type(obj).__qualname__}")
 
 

@@ -157,6 +157,7 @@ def test_describe_follows_values_not_identities():
     assert describe({"b": 1, "a": (2.0, None)})[0] == describe({"a": (2.0, None), "b": 1})[0]
     assert describe([1])[0] != describe((1,))[0]
     assert describe(jax.numpy.arange(3))[0] != describe(jax.numpy.arange(1, 4))[0]
+    assert describe(jax.jit(_scaled))[0] == describe(jax.jit(_scaled))[0] != describe(jax.jit(_make_closure))[0]
     # The modules whose sources the key covers.
     assert describe(functools.partial(_scaled, scale=Settings(1)))[1] == {_scaled.__module__.split(".")[0], "builtins"}
     cycle = []
