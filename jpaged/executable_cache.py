@@ -18,10 +18,11 @@ Anything `describe` cannot pin down (an object without a value-based description
 cache for that runner rather than risk a stale program. A file that fails to load is traced and
 compiled again and overwritten. Only programs XLA really compiled are stored: one that JAX loaded
 from its persistent compilation cache serializes without part of its code on XLA:CPU (jax 0.10.2:
-"Function bitcast_gather_fusion not found" when run), so `ExecutableCache.compile` tells JAX's
-cache apart (a default-valued XLA option in the compile, so entries made without this cache
-do not match) and stores nothing when JAX's cache answered anyway. Loading an executable runs
-code from the file: the folder must be as trusted as JAX's own compilation cache, which it sits in.
+"Function bitcast_gather_fusion not found" when run). The runner names its jitted functions
+after the fingerprint, so JAX's cache holds a program under this fingerprint only if an earlier
+start compiled (and stored) it; `ExecutableCache.compile` still stores nothing when JAX's cache
+answered. Loading an executable runs code from the file: the folder must be as trusted as JAX's
+own compilation cache, which it sits in.
 """
 
 import dataclasses
@@ -50,8 +51,6 @@ _ENV_PREFIXES = ("XLA_", "JAX_", "JPAGED_")
 _SOURCE_SUFFIXES = (".py", ".cc", ".h")
 _MAX_CAPTURED_ARRAY_BYTES = 1 << 20
 _SCALAR_TYPES = (type(None), bool, int, float, complex, str, bytes)
-# XLA's default, so the compiled code is the same; JAX's cache key includes it.
-_STORED_COMPILE_OPTIONS = {"xla_enable_dumping": True}
 _JAX_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _jax_cache_hits = threading.local()  # .count: JAX persistent-cache hits in this thread
 _hit_listener_lock = threading.Lock()
@@ -199,7 +198,7 @@ class ExecutableCache:
         """Compiles `lowered`, the program for (name, key), and stores it unless JAX's
         persistent compilation cache supplied it (see the module docstring)."""
         hits = getattr(_jax_cache_hits, "count", 0)
-        compiled = lowered.compile(_STORED_COMPILE_OPTIONS)
+        compiled = lowered.compile()
         if getattr(_jax_cache_hits, "count", 0) == hits:
             self.store(name, key, compiled)
         else:

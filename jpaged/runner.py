@@ -266,43 +266,43 @@ class ModelRunner:
         # Fewer blocks than sized when the device's allocator could not place them all.
         pool_spec = self.pool_spec = dataclasses.replace(pool_spec, num_blocks=self.kv_cache[0][0].shape[0])
         options = quantization.compiler_options(params, mesh.devices.flat[0].platform)  # programs that read the weights
-        self._program_sources = {}  # program name -> (function, jit options): what the executable cache keys on
-        self._forward_jit = self._jit(
-            "forward", functools.partial(_forward_step, model=self.model, attention_fn=attention_fn,
-                                         write_kv_fn=write_kv_fn),
-            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
-            out_shardings=forward_out, compiler_options=options)
-        self._decode_jit = None if decode_attention_fn is None else self._jit(
-            "decode", functools.partial(_forward_step, model=self.model, attention_fn=decode_attention_fn,
-                                        write_kv_fn=write_kv_fn),
-            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
-            out_shardings=forward_out, compiler_options=options)
         replicated_out = None if tp == 1 else self.replicated  # readable on every host
         self.num_scheduler_steps = num_scheduler_steps
-        self._decode_steps_jit = self._jit(
-            "decode_steps", functools.partial(_decode_steps, model=self.model,
-                                              attention_fn=decode_attention_fn or attention_fn,
-                                              write_kv_fn=write_kv_fn, num_steps=num_scheduler_steps,
-                                              block_size=pool_spec.block_size, max_logprobs=max_logprobs,
-                                              sampling_kernels=sampling_kernels),
-            static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
-            out_shardings=None if tp == 1 else (self.replicated, forward_out[2]), compiler_options=options)
-        self._sample_jit = self._jit(
-            "sample", functools.partial(_sample_step, max_logprobs=max_logprobs, sampling_kernels=sampling_kernels,
-                                        logprobs_mode=logprobs_mode),
-            static_argnames=("num_seqs", "num_entries"), out_shardings=replicated_out)
-        self._prompt_logprobs_jit = self._jit(
-            "prompt_logprobs", functools.partial(_prompt_logprobs_step, model=self.model,
-                                                 max_logprobs=max_logprobs, sampling_kernels=sampling_kernels,
-                                                 logprobs_mode=logprobs_mode),
-            out_shardings=replicated_out, compiler_options=options)
+        steps = dict(static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
+                     compiler_options=options)
+        programs = {  # name -> (function, jax.jit options)
+            "forward": (functools.partial(_forward_step, model=self.model, attention_fn=attention_fn,
+                                          write_kv_fn=write_kv_fn), dict(steps, out_shardings=forward_out)),
+            "decode_steps": (functools.partial(_decode_steps, model=self.model,
+                                               attention_fn=decode_attention_fn or attention_fn,
+                                               write_kv_fn=write_kv_fn, num_steps=num_scheduler_steps,
+                                               block_size=pool_spec.block_size, max_logprobs=max_logprobs,
+                                               sampling_kernels=sampling_kernels),
+                             dict(steps, out_shardings=None if tp == 1 else (self.replicated, forward_out[2]))),
+            "sample": (functools.partial(_sample_step, max_logprobs=max_logprobs, sampling_kernels=sampling_kernels,
+                                         logprobs_mode=logprobs_mode),
+                       dict(static_argnames=("num_seqs", "num_entries"), out_shardings=replicated_out)),
+            "prompt_logprobs": (functools.partial(_prompt_logprobs_step, model=self.model, max_logprobs=max_logprobs,
+                                                  sampling_kernels=sampling_kernels, logprobs_mode=logprobs_mode),
+                                dict(out_shardings=replicated_out, compiler_options=options)),
+            "swap_out": (_gather_blocks, {}),
+            "swap_in": (_scatter_blocks, dict(donate_argnums=(0,))),
+        }
+        if decode_attention_fn is not None:
+            programs["decode"] = (functools.partial(_forward_step, model=self.model, attention_fn=decode_attention_fn,
+                                                    write_kv_fn=write_kv_fn), dict(steps, out_shardings=forward_out))
+        self._executables = self._open_executable_cache(executable_cache_dir, programs)
+        jitted = {name: jax.jit(self._named(name, function), **jit_options)
+                  for name, (function, jit_options) in programs.items()}
+        self._forward_jit, self._decode_jit = jitted["forward"], jitted.get("decode")
+        self._decode_steps_jit, self._sample_jit = jitted["decode_steps"], jitted["sample"]
+        self._prompt_logprobs_jit = jitted["prompt_logprobs"]
+        self._swap_out_jit, self._swap_in_jit = jitted["swap_out"], jitted["swap_in"]
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq, decode_only) -> compiled
         self._decode_steps = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled, with num_scheduler_steps > 1
         self._sample = {}  # (num_seqs, num_entries, masked) -> compiled
         self._swap = {}  # ("out" | "in", count bucket) -> compiled
-        self._swap_out_jit = self._jit("swap_out", _gather_blocks)
-        self._swap_in_jit = self._jit("swap_in", _scatter_blocks, donate_argnums=(0,))
         self.num_swap_blocks = num_swap_blocks
         self.swap_buckets = ()
         if num_swap_blocks:
@@ -311,7 +311,6 @@ class ModelRunner:
             dtype = jnp.dtype(pool_spec.dtype)  # ml_dtypes' fp8 types for fp8 pages
             self._host_k = [np.zeros((num_swap_blocks, *shape), dtype) for _ in range(pool_spec.num_layers)]
             self._host_v = [np.zeros((num_swap_blocks, *shape), dtype) for _ in range(pool_spec.num_layers)]
-        self._executables = self._open_executable_cache(executable_cache_dir)
 
     # ---- compilation -------------------------------------------------------------------------
 
@@ -328,22 +327,29 @@ class ModelRunner:
     # static shape key there. _lower traces and lowers one; _compile loads it from the
     # executable cache or compiles it (XLA may find it in its own compilation cache) into its table.
 
-    def _jit(self, name: str, function, **options):
-        self._program_sources[name] = (function, options)
-        return jax.jit(function, **options)
-
-    def _open_executable_cache(self, directory: str | None):
+    def _open_executable_cache(self, directory: str | None, programs: dict):
         if directory is None or jax.process_count() > 1:
             return None
         avals = executable_cache.avals
-        sources = (self._program_sources, self.model_config, self.pool_spec, avals(self.params),
-                   avals(self.kv_cache), avals(self.kv_scales))
+        sources = (programs, self.model_config, self.pool_spec, avals(self.params), avals(self.kv_cache),
+                   avals(self.kv_scales))
         try:
             return executable_cache.ExecutableCache(
                 directory, executable_cache.fingerprint(sources, list(self.mesh.devices.flat)))
         except executable_cache.Unfingerprintable as reason:
             logger.info("executable cache off for this model: %s", reason)
             return None
+
+    def _named(self, name: str, function):
+        """`function`, named (as its programs' HLO modules are) after the executable cache's
+        fingerprint when there is one: JAX's persistent cache then keys them apart per
+        fingerprint, so a program the executable cache lacks is really compiled
+        (`ExecutableCache.compile`)."""
+        if self._executables is None:
+            return function
+        named = functools.partial(function)
+        named.__name__ = f"{name}_{self._executables.fingerprint[:16]}"
+        return named
 
     def _table(self, name: str) -> dict:
         return {"forward": self._forward, "decode_steps": self._decode_steps,
