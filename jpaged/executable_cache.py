@@ -25,6 +25,7 @@ answered. Loading an executable runs code from the file: the folder must be as t
 own compilation cache, which it sits in.
 """
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -50,6 +51,9 @@ logger = logging.getLogger(__name__)
 _ENV_PREFIXES = ("XLA_", "JAX_", "JPAGED_")
 _SOURCE_SUFFIXES = (".py", ".cc", ".h")
 _MAX_CAPTURED_ARRAY_BYTES = 1 << 20
+# The folder's size above which the least recently used files go, down to half of it (every
+# code change or engine setting adds a set of programs: ~2-3 MB for the default model).
+MAX_CACHE_BYTES = 1 << 30
 _SCALAR_TYPES = (type(None), bool, int, float, complex, str, bytes)
 _JAX_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _jax_cache_hits = threading.local()  # .count: JAX persistent-cache hits in this thread
@@ -193,6 +197,26 @@ class ExecutableCache:
         self.directory = directory
         self.fingerprint = fingerprint
         _listen_for_jax_cache_hits()
+        self._evict_least_recently_used()
+
+    def _evict_least_recently_used(self) -> None:
+        """Above MAX_CACHE_BYTES, deletes the files least recently stored or loaded (by mtime)
+        until the folder holds half of that."""
+        try:
+            entries = [(entry.stat().st_mtime, entry.stat().st_size, entry.path)
+                       for entry in os.scandir(self.directory) if entry.name.endswith(".jexe")]
+        except FileNotFoundError:
+            return
+        total = sum(size for _, size, _ in entries)
+        if total <= MAX_CACHE_BYTES:
+            return
+        for _, size, path in sorted(entries):
+            if total <= MAX_CACHE_BYTES // 2:
+                break
+            with contextlib.suppress(FileNotFoundError):  # another process may have removed it
+                os.remove(path)
+            total -= size
+        logger.info("executable cache: removed the least recently used programs from %s", self.directory)
 
     def compile(self, name: str, key, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
         """Compiles `lowered`, the program for (name, key), and stores it unless JAX's
@@ -223,8 +247,10 @@ class ExecutableCache:
             return None
         try:
             serialized, in_tree, out_tree = pickle.loads(zlib.decompress(payload))
-            return deserialize_and_load(serialized, in_tree, out_tree, backend=devices[0].client,
-                                        execution_devices=devices)
+            compiled = deserialize_and_load(serialized, in_tree, out_tree, backend=devices[0].client,
+                                            execution_devices=devices)
+            os.utime(path)  # recently used: kept by _evict_least_recently_used
+            return compiled
         except Exception as error:  # noqa: BLE001 - any unreadable entry is recompiled
             logger.warning("executable cache: cannot load %s (%s: %s); compiling it again", path,
                            type(error).__name__, error)

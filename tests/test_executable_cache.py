@@ -15,7 +15,7 @@ import os
 import jax
 import pytest
 
-from jpaged import LLM, SamplingParams
+from jpaged import LLM, SamplingParams, executable_cache
 from jpaged.executable_cache import Unfingerprintable, describe, fingerprint
 from test_engine import COMPILE_EVENT, count_compiles
 
@@ -170,6 +170,16 @@ def test_describe_refuses_what_it_cannot_pin_down():
         describe(functools.partial(_scaled, scale=object()))
     with pytest.raises(Unfingerprintable):
         describe(jax.numpy.zeros(1 << 19))  # 2 MiB captured in a closure: not hashed on every start
+
+
+def test_the_least_recently_used_files_go_above_the_size_cap(tmp_path, monkeypatch):
+    monkeypatch.setattr(executable_cache, "MAX_CACHE_BYTES", 1000)
+    for age, name in enumerate(["d", "c", "b", "a"]):  # "a" is the oldest
+        (tmp_path / f"{name}.jexe").write_bytes(b"x" * 300)
+        os.utime(tmp_path / f"{name}.jexe", (1e9 - age * 100, 1e9 - age * 100))
+    (tmp_path / "other.txt").write_bytes(b"x" * 300)
+    executable_cache.ExecutableCache(str(tmp_path), "f")
+    assert sorted(os.listdir(tmp_path)) == ["d.jexe", "other.txt"]  # 1,200 bytes of programs -> at most 500
 
 
 def test_the_fingerprint_follows_the_environment(monkeypatch):
