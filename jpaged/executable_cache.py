@@ -249,7 +249,8 @@ class ExecutableCache:
             serialized, in_tree, out_tree = pickle.loads(zlib.decompress(payload))
             compiled = deserialize_and_load(serialized, in_tree, out_tree, backend=devices[0].client,
                                             execution_devices=devices)
-            os.utime(path)  # recently used: kept by _evict_least_recently_used
+            with contextlib.suppress(OSError):  # a read-only folder still serves
+                os.utime(path)  # recently used: kept by _evict_least_recently_used
             return compiled
         except Exception as error:  # noqa: BLE001 - any unreadable entry is recompiled
             logger.warning("executable cache: cannot load %s (%s: %s); compiling it again", path,
