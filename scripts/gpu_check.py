@@ -227,8 +227,8 @@ def decode_step(args) -> dict:
                            blocks_to_swap_out=[], blocks_to_swap_in=[])
     t, s, p = runner.buckets.for_step(batch, batch, context, block_size)
     decode_only = runner._decode_jit is not None
-    runner._compile(runner._lower_forward(t, s, p, decode_only))
-    runner._compile(runner._lower_sample(s, 0, False))
+    runner._compile("forward", (t, s, p, decode_only))
+    runner._compile("sample", (s, 0, False))
     print(f"step: runner built and compiled after {time.perf_counter() - start:.1f} s", flush=True)
     ms = best_ms(lambda: runner.execute(step, [0] * batch).token_ids, calls=3 if args.smoke else 20)
 
