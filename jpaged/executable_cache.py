@@ -203,8 +203,8 @@ class ExecutableCache:
         """Above MAX_CACHE_BYTES, deletes the files least recently stored or loaded (by mtime)
         until the folder holds half of that."""
         try:
-            entries = [(entry.stat().st_mtime, entry.stat().st_size, entry.path)
-                       for entry in os.scandir(self.directory) if entry.name.endswith(".jexe")]
+            entries = [(stat.st_mtime, stat.st_size, entry.path) for entry in os.scandir(self.directory)
+                       if entry.name.endswith(".jexe") for stat in (entry.stat(),)]
         except FileNotFoundError:
             return
         total = sum(size for _, size, _ in entries)
@@ -217,6 +217,14 @@ class ExecutableCache:
                 os.remove(path)
             total -= size
         logger.info("executable cache: removed the least recently used programs from %s", self.directory)
+
+    def named(self, name: str, function):
+        """`function` named `name` + the fingerprint, for jax.jit, which names its programs' HLO
+        modules after it: JAX's persistent cache then keys them apart per fingerprint, so a
+        program this cache lacks is really compiled (`compile`)."""
+        named = functools.partial(function)
+        named.__name__ = f"{name}_{self.fingerprint[:16]}"
+        return named
 
     def compile(self, name: str, key, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
         """Compiles `lowered`, the program for (name, key), and stores it unless JAX's

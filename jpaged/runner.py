@@ -292,7 +292,8 @@ class ModelRunner:
             programs["decode"] = (functools.partial(_forward_step, model=self.model, attention_fn=decode_attention_fn,
                                                     write_kv_fn=write_kv_fn), dict(steps, out_shardings=forward_out))
         self._executables = self._open_executable_cache(executable_cache_dir, programs)
-        jitted = {name: jax.jit(self._named(name, function), **jit_options)
+        named = (lambda name, function: function) if self._executables is None else self._executables.named
+        jitted = {name: jax.jit(named(name, function), **jit_options)
                   for name, (function, jit_options) in programs.items()}
         self._forward_jit, self._decode_jit = jitted["forward"], jitted.get("decode")
         self._decode_steps_jit, self._sample_jit = jitted["decode_steps"], jitted["sample"]
@@ -339,17 +340,6 @@ class ModelRunner:
         except executable_cache.Unfingerprintable as reason:
             logger.info("executable cache off for this model: %s", reason)
             return None
-
-    def _named(self, name: str, function):
-        """`function`, named (as its programs' HLO modules are) after the executable cache's
-        fingerprint when there is one: JAX's persistent cache then keys them apart per
-        fingerprint, so a program the executable cache lacks is really compiled
-        (`ExecutableCache.compile`)."""
-        if self._executables is None:
-            return function
-        named = functools.partial(function)
-        named.__name__ = f"{name}_{self._executables.fingerprint[:16]}"
-        return named
 
     def _table(self, name: str) -> dict:
         return {"forward": self._forward, "decode_steps": self._decode_steps,
@@ -417,7 +407,8 @@ class ModelRunner:
             programs += [("forward", (*shape, True)) for shape in self._decode_shapes()]
         if self.num_scheduler_steps > 1:
             programs += [("decode_steps", shape) for shape in self._decode_shapes()]
-        programs += [("sample", (*shape, masked)) for shape in self.buckets.sampler_shapes() for masked in (False, True)]
+        programs += [("sample", (*shape, masked))
+                     for shape in self.buckets.sampler_shapes() for masked in (False, True)]
         programs += [("prompt_logprobs", t) for t in self.buckets.num_tokens]
         programs += [("swap", (d, n)) for d in ("out", "in") for n in self.swap_buckets]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="jpaged-compile") as pool:

@@ -40,7 +40,8 @@ def run(llm):
 
 
 def loaded_log(caplog) -> str:
-    return [r.getMessage() for r in caplog.records if r.name == "jpaged.llm_engine" and "compiled" in r.getMessage()][-1]
+    return [r.getMessage() for r in caplog.records
+            if r.name == "jpaged.llm_engine" and "compiled" in r.getMessage()][-1]
 
 
 def make_llm(model_dir, cache_dir, **overrides):
