@@ -220,6 +220,10 @@ inline void HalfTileCandidates(const uint8_t* values, const float* scale, const 
         std::memcpy(&four, hq_rows + r * K + b * kQuantBlock + 4 * g, sizeof(four));
         const __m256i hq = _mm256_sign_epi8(_mm256_set1_epi32(four), signed_w);  // hq * sign(q)
         sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, hq), ones));
+        // Keeps each row's sum in a register and the adds in order: GCC otherwise regroups the
+        // integer adds into trees that spill every product to the stack (7.2 -> 6.7 ms for 16
+        // rows of SmolLM2's lm_head on a Zen 3).
+        asm("" : "+x"(sum[r]));
       }
     }
     const __m256 d = _mm256_loadu_ps(scale + b * kTile + 8 * half);

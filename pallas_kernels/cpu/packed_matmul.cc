@@ -362,22 +362,36 @@ struct QuantizedChunks {
     }
   }
 
+  // GGUF block by block, and within a block kLanes columns at a time, so each scale (and offset)
+  // vector is loaded once per block and the pointers sit in registers (stores to `rows` could
+  // alias the struct's members, which GCC otherwise reloads for every vector).
   const float* Rows(int64_t k0, int64_t kc) const {
     constexpr int64_t kRowsPerStep = kBits == 4 ? 2 : 1;  // weight rows per kPanel bytes of values
-    for (int64_t k = 0; k < kc; k += kRowsPerStep) {
-      const uint8_t* v = values + (k0 + k) / kRowsPerStep * kPanel;
-      const int64_t block = (k0 + k) / kQuantBlock * kPanel;  // the row's scales (and offsets)
-      float* row = rows + k * kPanel;
-      RequestAhead(v, k0 + k, block);
+    constexpr int64_t kSteps = kQuantBlock / kRowsPerStep;  // kPanel-byte steps per GGUF block
+    const uint8_t* const __restrict values_at = values;
+    const float* const __restrict scale_at = scale;
+    const float* const __restrict offset_at = offset;
+    float* const __restrict out = rows;
+    for (int64_t k = 0; k < kc; k += kQuantBlock) {
+      const uint8_t* v = values_at + (k0 + k) / kRowsPerStep * kPanel;
+      const int64_t block = (k0 + k) / kQuantBlock * kPanel;  // the block's scales (and offsets)
+      for (int64_t step = 0; step < kSteps; ++step) RequestAhead(v + step * kPanel, k0 + k + step * kRowsPerStep, block);
+      float* row = out + k * kPanel;
       for (int64_t c = 0; c < kPanel; c += kLanes) {
-        const vec sv = LoadVec<vec>(scale + block + c);
+        const vec sv = LoadVec<vec>(scale_at + block + c);
         if constexpr (kBits == 4) {
-          const ivec pair = WidenBytes<false>(v + c);
-          const vec ov = LoadVec<vec>(offset + block + c);
-          StoreVec(row + c, ToFloat(pair & 15) * sv + ov);
-          StoreVec(row + kPanel + c, ToFloat(pair >> 4) * sv + ov);
+          const vec ov = LoadVec<vec>(offset_at + block + c);
+#pragma GCC unroll 4
+          for (int64_t step = 0; step < kSteps; ++step) {
+            const ivec pair = WidenBytes<false>(v + step * kPanel + c);
+            StoreVec(row + 2 * step * kPanel + c, ToFloat(pair & 15) * sv + ov);
+            StoreVec(row + (2 * step + 1) * kPanel + c, ToFloat(pair >> 4) * sv + ov);
+          }
         } else {
-          StoreVec(row + c, ToFloat(WidenBytes<true>(v + c)) * sv);
+#pragma GCC unroll 4
+          for (int64_t step = 0; step < kSteps; ++step) {
+            StoreVec(row + step * kPanel + c, ToFloat(WidenBytes<true>(v + step * kPanel + c)) * sv);
+          }
         }
       }
     }
