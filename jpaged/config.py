@@ -81,11 +81,11 @@ class EngineArgs:
         "steps, each of which stalls every running decode: lower TPOT under steady load for a higher TTFT "
         "(docs/scheduler.md). 0 (default): admit at once.", type=float)
     scheduler_finish_first: bool = _field(
-        True, "While requests run, hold waiting requests when every running request is decoding and will reach "
-        "its max_tokens sooner than a prefill step takes, if their summed wait costs less than that step's stall of "
-        "every running request (estimated from the latest steps' latencies): a batch of equal-length requests ends "
-        "together, and their replacements prefill together. Lower TPOT under steady load of fixed-length outputs "
-        "for a higher TTFT (docs/scheduler.md).")
+        True, "While requests run, hold waiting requests when every running request is decoding and the ones "
+        "closest to their max_tokens reach it sooner than a prefill step takes, if the waiting requests' summed wait "
+        "costs less than that step's stall of those finishers (estimated from the latest steps' latencies): requests "
+        "about to end end first, and their replacements prefill together. Lower TPOT under steady load for a "
+        "somewhat higher TTFT (docs/scheduler.md).")
     enable_prefix_caching: bool = _field(True, "Reuse KV blocks of identical prompt prefixes.")
     enable_chunked_prefill: bool = _field(True, "Split long prompts across steps.")
     quantization: str | None = _field(

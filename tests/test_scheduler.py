@@ -741,10 +741,10 @@ def test_the_delay_factor_holds_arrivals_for_the_last_prompt_steps_latency(monke
 
 
 def test_finish_first_holds_arrivals_while_the_running_requests_end(monkeypatch):
-    """scheduler_finish_first: while every running request decodes and the last of them ends
-    (by max_tokens, at the latest decode step's latency) sooner than the latest prompt step
-    took, and the waiting requests' summed wait is less than that prompt step's stall summed
-    over the running ones, waiting requests are held; otherwise they are admitted at once."""
+    """scheduler_finish_first: while every running request decodes and, for some j, the j
+    closest to their max_tokens end (at the latest decode step's latency) sooner than the latest
+    prompt step took, with the waiting requests' summed wait less than that prompt step's stall
+    summed over those j, waiting requests are held; otherwise they are admitted at once."""
     clock = FakeClock(100.0)
     monkeypatch.setattr(scheduler_module, "time", clock)
 
@@ -779,6 +779,14 @@ def test_finish_first_holds_arrivals_while_the_running_requests_end(monkeypatch)
     s = two_running(finish_first=False)
     arrive(s, "c")
     assert step(s, 0.02) == ["a", "b", "c"]
+
+    s = scheduler()  # a ends in 3 steps, b in 18: held until a ends (1 x 0.06 < 1 x 0.25), not for b
+    arrive(s, "a", max_tokens=5)
+    arrive(s, "b", max_tokens=20)
+    assert step(s, 0.25) == ["a", "b"] and step(s, 0.02) == ["a", "b"]
+    arrive(s, "c")
+    assert [step(s, 0.02) for _ in range(3)] == [["a", "b"]] * 3
+    assert "a" not in s.requests and step(s, 0.25) == ["b", "c"]  # a has ended
 
     s = two_running(max_tokens=20)  # 18 steps left: 0.36 s > 0.25 s
     arrive(s, "c")

@@ -17,11 +17,11 @@ With scheduler_delay_factor = f > 0 (vLLM V0's --scheduler-delay-factor), while 
 waiting requests are admitted only once the oldest has waited f x the latency of the last step
 that ran prompt tokens, so that arrivals gather into fewer prefill steps (each one stalls every
 running decode); rounds may run meanwhile.
-With scheduler_finish_first (the default), while every running request is decoding and will reach
-its max_tokens sooner than a prompt step takes, waiting requests are held if their summed wait
-costs less than one prompt step's stall of every running request: a batch of equal-length
-requests ends together instead of each finisher's replacement stalling the rest through a
-prefill step, and their replacements then prefill together.
+With scheduler_finish_first (the default), while every running request is decoding, waiting
+requests are held if the running requests closest to their max_tokens reach it sooner than a
+prompt step takes and the waiting requests' summed wait costs less than one prompt step's stall
+of those finishers: a request about to end ends instead of sitting through its replacement's
+prefill step, and the replacements then prefill together.
 Not thread-safe: abort/finish calls must not run concurrently with schedule/update.
 """
 
@@ -247,22 +247,27 @@ class Scheduler:
         return now - self.waiting[0].arrival_time > self.scheduler_delay_factor * self._last_prompt_latency
 
     def _running_finish_first(self) -> bool:
-        """Whether to hold the waiting requests until the running ones end: every running request
-        is decoding, the last of them reaches its max_tokens within less than the latest prompt
-        step's latency (at the latest decode step's latency), and that wait summed over the
-        waiting requests is less than one prompt step's stall summed over the running ones.
-        max_tokens bounds the remaining tokens from above (a stop may come sooner), so a wrong
-        guess only admits. No hold before both latencies are measured."""
+        """Whether to hold the waiting requests until the soonest running ones end: every running
+        request is decoding, and for some j the j requests closest to their max_tokens all reach
+        it within less than the latest prompt step's latency (at the latest decode step's
+        latency), with that wait summed over the waiting requests less than one prompt step's
+        stall summed over those j (they end before the next prefill instead of sitting through
+        it). max_tokens bounds the remaining tokens from above (a stop may come sooner), so a
+        wrong guess only shortens the hold. No hold before both latencies are measured."""
         if not (self._last_prompt_latency and self._last_decode_latency):
             return False
-        remaining = 0
+        remaining = []
         for request in self.running:
             if request.num_tokens - request.num_computed_tokens != 1:  # prefilling or recomputing
                 return False
-            remaining = max(remaining, request.max_tokens - request.num_output_tokens)
-        wait = remaining * self._last_decode_latency
-        return (wait < self._last_prompt_latency
-                and len(self.waiting) * wait < len(self.running) * self._last_prompt_latency)
+            remaining.append(request.max_tokens - request.num_output_tokens)
+        for ending, tokens_left in enumerate(sorted(remaining), start=1):
+            wait = tokens_left * self._last_decode_latency
+            if wait >= self._last_prompt_latency:
+                return False
+            if len(self.waiting) * wait < ending * self._last_prompt_latency:
+                return True
+        return False
 
     def _num_steps_ahead(self, admission_due: bool) -> int:
         """num_scheduler_steps when this step can be a multi-step decode, else 1. It can when no
