@@ -363,24 +363,26 @@ struct QuantizedChunks {
   }
 
   // GGUF block by block, and within a block kLanes columns at a time, so each scale (and offset)
-  // vector is loaded once per block and the pointers sit in registers (stores to `rows` could
-  // alias the struct's members, which GCC otherwise reloads for every vector).
+  // vector is loaded once per block. The pointers are copied to locals: the stores (memcpy)
+  // may alias the struct's members, which GCC otherwise reloads for every vector.
   const float* Rows(int64_t k0, int64_t kc) const {
     constexpr int64_t kRowsPerStep = kBits == 4 ? 2 : 1;  // weight rows per kPanel bytes of values
     constexpr int64_t kSteps = kQuantBlock / kRowsPerStep;  // kPanel-byte steps per GGUF block
-    const uint8_t* const __restrict values_at = values;
-    const float* const __restrict scale_at = scale;
-    const float* const __restrict offset_at = offset;
-    float* const __restrict out = rows;
+    const uint8_t* const first_value = values;
+    const float* const block_scale = scale;
+    const float* const block_offset = offset;
+    float* const out = rows;
     for (int64_t k = 0; k < kc; k += kQuantBlock) {
-      const uint8_t* v = values_at + (k0 + k) / kRowsPerStep * kPanel;
+      const uint8_t* v = first_value + (k0 + k) / kRowsPerStep * kPanel;
       const int64_t block = (k0 + k) / kQuantBlock * kPanel;  // the block's scales (and offsets)
-      for (int64_t step = 0; step < kSteps; ++step) RequestAhead(v + step * kPanel, k0 + k + step * kRowsPerStep, block);
+      for (int64_t step = 0; step < kSteps; ++step) {
+        RequestAhead(v + step * kPanel, k0 + k + step * kRowsPerStep, block);
+      }
       float* row = out + k * kPanel;
       for (int64_t c = 0; c < kPanel; c += kLanes) {
-        const vec sv = LoadVec<vec>(scale_at + block + c);
+        const vec sv = LoadVec<vec>(block_scale + block + c);
         if constexpr (kBits == 4) {
-          const vec ov = LoadVec<vec>(offset_at + block + c);
+          const vec ov = LoadVec<vec>(block_offset + block + c);
 #pragma GCC unroll 4
           for (int64_t step = 0; step < kSteps; ++step) {
             const ivec pair = WidenBytes<false>(v + step * kPanel + c);
