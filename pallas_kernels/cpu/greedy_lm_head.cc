@@ -64,6 +64,7 @@ using jpaged_cpu::ForRowBlocks;
 using jpaged_cpu::kChunkK;
 using jpaged_cpu::kQuantBlock;
 using jpaged_cpu::ParallelFor;
+using jpaged_cpu::ParallelForInRanges;
 namespace ffi = xla::ffi;
 
 constexpr int64_t kTile = 16;          // vocabulary entries per VNNI tile (one vector of int32 sums)
@@ -332,7 +333,7 @@ void GreedyRows(ffi::ThreadPool& pool, const float* hidden, int64_t rows, int64_
     return ItemCandidates{ids + item * rows * kItemEntries, upper + item * rows * kItemEntries,
                           counts.data() + item * rows, lower_max.data() + item * rows};
   };
-  ParallelFor(pool, items, [&](int64_t item, int64_t) {
+  ParallelForInRanges(pool, items, [&](int64_t item) {  // the tiles stream as one run per thread
     ItemCandidates c = item_candidates(item);
     for (int64_t t = item * kTilesPerItem; t < std::min(tiles, (item + 1) * kTilesPerItem); ++t) {
       ForRowBlocks<kMaxBlockRows>(rows, [&](auto block_rows, int64_t r) {

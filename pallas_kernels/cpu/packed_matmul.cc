@@ -17,7 +17,8 @@
 // from memory in address order, however few rows x has; XLA:CPU's dot reads w [K, N] with a
 // stride of N and falls behind at decode sizes (M <= 64), in bfloat16 by 10-15x at M = 1.
 //
-// Work items are (row chunk, panel) pairs on XLA's FFI thread pool. Within an item, K is cut
+// Work items are (row chunk, panel) pairs on XLA's FFI thread pool, each thread taking a
+// contiguous range of them, so its panels stream from memory as one run. Within an item, K is cut
 // into chunks (256 k with AVX-512, 128 otherwise) whose panel rows stay in cache while every
 // 8-row (AVX-512) or 4-row (otherwise) block of x passes over them; each block keeps its 8 x 48
 // or 4 x 24 outputs in registers for the whole chunk, then adds them to the output. The order of
@@ -70,6 +71,7 @@ using jpaged_cpu::ForRowBlocks;
 using jpaged_cpu::kChunkK;
 using jpaged_cpu::kQuantBlock;
 using jpaged_cpu::ParallelFor;
+using jpaged_cpu::ParallelForInRanges;
 namespace ffi = xla::ffi;
 
 constexpr int64_t kPanel = 48;  // columns per panel: 3 AVX-512 or 6 AVX2 vectors
@@ -644,12 +646,13 @@ void PackedMatmul(ffi::ThreadPool& pool, const typename Format::T* x, const Pane
   if (M == 0 || N == 0) return;
   const int64_t num_panels = (N + kPanel - 1) / kPanel;
   const int64_t row_chunks = (M + kRowChunk - 1) / kRowChunk;
-  // Items run row chunk by row chunk, so a chunk of x stays in cache while panels stream past.
+  // Each thread's items run row chunk by row chunk, so a chunk of x stays in cache while panels
+  // stream past.
 #if defined(JPAGED_AMX)
   bool amx = false;
   if constexpr (std::is_same_v<Format, BF16>) amx = K % 32 == 0 && AmxUsable();
 #endif
-  ParallelFor(pool, row_chunks * num_panels, [&](int64_t item, int64_t) {
+  ParallelForInRanges(pool, row_chunks * num_panels, [&](int64_t item) {
     thread_local float tail[kRowChunk * kPanel];
     const int64_t chunk = item / num_panels, p = item % num_panels;
     const int64_t r0 = chunk * kRowChunk, r1 = std::min(M, r0 + kRowChunk);
@@ -686,7 +689,7 @@ void AmxQ4Matmul(ffi::ThreadPool& pool, const float* x, const QuantizedPanels<4>
   });
   const int64_t num_panels = (N + kPanel - 1) / kPanel;
   const int64_t row_chunks = (M + kRowChunk - 1) / kRowChunk;
-  ParallelFor(pool, row_chunks * num_panels, [&](int64_t item, int64_t) {
+  ParallelForInRanges(pool, row_chunks * num_panels, [&](int64_t item) {
     thread_local float tail[kRowChunk * kPanel];
     const int64_t chunk = item / num_panels, p = item % num_panels;
     const int64_t r0 = chunk * kRowChunk, r1 = std::min(M, r0 + kRowChunk);
