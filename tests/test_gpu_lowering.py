@@ -107,6 +107,7 @@ def cuda_plugin_dir():
     """The unpacked CUDA plugin wheels matching this jax: $JPAGED_CUDA_PLUGIN_DIR, else fetched once
     from the package registry into ~/.cache/jpaged/cuda_plugin/<version> (unpacked, never
     installed: an installed plugin would make every JAX process here probe CUDA)."""
+    import shutil
     import subprocess
     import sys
     import zipfile
@@ -117,17 +118,24 @@ def cuda_plugin_dir():
     target = os.path.join(os.path.expanduser("~"), ".cache", "jpaged", "cuda_plugin", version)
     if os.path.isdir(os.path.join(target, "jax_plugins")):
         return target
-    wheels = target + ".wheels"
+    # Downloaded and unpacked under this process's own names, then renamed into place: two test
+    # processes may fetch at once, and the first rename wins.
+    wheels = f"{target}.wheels.{os.getpid()}"
     fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", wheels,
                               f"jax-cuda12-plugin=={version}", f"jax-cuda12-pjrt=={version}"],
                              capture_output=True, text=True, timeout=900)
     if fetched.returncode != 0:
         pytest.skip(f"the CUDA plugin wheels for jax {version} could not be fetched: {fetched.stderr[-500:]}")
-    os.makedirs(target + ".partial", exist_ok=True)
+    partial = f"{target}.partial.{os.getpid()}"
+    os.makedirs(partial, exist_ok=True)
     for name in os.listdir(wheels):
         with zipfile.ZipFile(os.path.join(wheels, name)) as wheel:
-            wheel.extractall(target + ".partial")
-    os.rename(target + ".partial", target)
+            wheel.extractall(partial)
+    shutil.rmtree(wheels)
+    try:
+        os.rename(partial, target)
+    except OSError:  # another process's copy is in place
+        shutil.rmtree(partial)
     return target
 
 
