@@ -36,6 +36,14 @@ TINY_HF_CONFIG = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in a fresh folder per test process. JAX fixes the folder
+    for the process at its first compile, so without this the first engine to enable the cache
+    would pick it: often ~/.cache/jpaged/jax_cache, holding programs from earlier runs."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The bundled SmolLM2-135M-Instruct Q4_1 GGUF."""

@@ -3,8 +3,8 @@ without tracing, lowering or compiling, and they give the same tokens and logpro
 compiled ones; its key follows what the programs are built from; a broken entry is rebuilt; a
 program JAX's persistent cache supplied is not stored (it would serialize incomplete).
 
-Each test uses its own engine shape: JAX's persistent cache folder is fixed for the process by
-the first engine that enables it, so programs compiled in one test may be found there by another."""
+Each test uses its own engine shape: JAX's persistent cache folder is one per test process
+(tests/conftest.py), so programs compiled in one test may be found there by another."""
 
 import dataclasses
 import functools
