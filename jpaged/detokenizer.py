@@ -14,7 +14,9 @@ class IncrementalDetokenizer:
     """Text of one request's output tokens, grown token by token.
 
     `text` is the output so far (truncated at a matched stop string); `stop_matched` is the stop
-    string that ended it, if any.
+    string that ended it, if any. As in vLLM, stop strings are searched for only once more than
+    `min_tokens` tokens exist, and a match must end in the text of a token after the first
+    `min_tokens` (one may begin before it).
     """
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], sampling_params):
@@ -22,6 +24,8 @@ class IncrementalDetokenizer:
         self._skip_special = sampling_params.skip_special_tokens
         self._stop = [s for s in (sampling_params.stop or []) if s]
         self._include_stop = sampling_params.include_stop_str_in_output
+        self._min_tokens = sampling_params.min_tokens
+        self._num_output_tokens = 0
         self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -36,6 +40,7 @@ class IncrementalDetokenizer:
     def append(self, token_id: int) -> str | None:
         """Adds one output token; returns the stop string it completed, if any."""
         self._ids.append(token_id)
+        self._num_output_tokens += 1
         prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full_text = self._decode(self._ids[self._prefix_offset:])
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
@@ -43,14 +48,16 @@ class IncrementalDetokenizer:
         new_text = full_text[len(prefix_text):]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        searched_from = max(0, len(self.text) - max((len(s) for s in self._stop), default=0) + 1)
+        searched_text_end = len(self.text)  # a match must end after it
         self.text += new_text
-        return self._match_stop(searched_from)
+        if self._num_output_tokens <= self._min_tokens:
+            return None
+        return self._match_stop(searched_text_end)
 
-    def _match_stop(self, searched_from: int) -> str | None:
+    def _match_stop(self, searched_text_end: int) -> str | None:
         best = None
         for stop in self._stop:
-            at = self.text.find(stop, searched_from)
+            at = self.text.find(stop, max(0, searched_text_end - len(stop) + 1))
             if at != -1 and (best is None or at < best[0]):
                 best = (at, stop)
         if best is None:

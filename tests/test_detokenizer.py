@@ -76,3 +76,24 @@ def test_skip_special_tokens(tokenizer):
     det, _ = stream(tokenizer, [1], output_ids, SamplingParams(skip_special_tokens=True))
     kept, _ = stream(tokenizer, [1], output_ids, SamplingParams(skip_special_tokens=False))
     assert det.text == "hi" and kept.text == "hi" + tokenizer.decode([eos], skip_special_tokens=False)
+
+
+def test_min_tokens_defers_stop_strings(tokenizer):
+    """vLLM's rule: no stop string ends the output within its first min_tokens tokens; a match
+    may start in their text but must end after it."""
+    text = "Hello world. Hello again. Hello there."
+    output_ids = tokenizer.encode(text, add_special_tokens=False)
+    # The fewest tokens whose text holds "world. Hello" whole: a stop string inside them is skipped.
+    n = next(i for i in range(1, len(output_ids) + 1) if "world. Hello" in tokenizer.decode(output_ids[:i]))
+    det, _ = stream(tokenizer, [1], output_ids, SamplingParams(stop=["Hello"], min_tokens=n))
+    assert det.stop_matched == "Hello" and det.text == "Hello world. Hello again. "
+    det, _ = stream(tokenizer, [1], output_ids, SamplingParams(stop=["Hello"], min_tokens=0))
+    assert det.text == ""
+    # "d. H" straddles the end of the first min_tokens tokens' text: it ends after it, so it stops.
+    m = next(i for i in range(1, len(output_ids) + 1) if "world." in tokenizer.decode(output_ids[:i]))
+    assert "d. H" not in tokenizer.decode(output_ids[:m])
+    det, _ = stream(tokenizer, [1], output_ids, SamplingParams(stop=["d. H"], min_tokens=m))
+    assert det.stop_matched == "d. H" and det.text == "Hello worl"
+    # Entirely inside the first min_tokens tokens' text: ignored, and the output runs on.
+    det, _ = stream(tokenizer, [1], output_ids, SamplingParams(stop=["world"], min_tokens=m))
+    assert det.stop_matched is None and det.text == text
