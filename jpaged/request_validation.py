@@ -60,11 +60,12 @@ class RequestValidator:
         self._check_vocab("stop_token_ids", params.stop_token_ids)
         self._check_vocab("logit_bias", list(params.logit_bias or ()))
 
-    def check_limits(self, params: SamplingParams) -> None:
-        """The request-size flags: cheap counts, checked before anything is tokenized or decoded."""
+    def check_limits(self, params: SamplingParams, logprobs_param: str = "logprobs") -> None:
+        """The request-size flags: cheap counts, checked before anything is tokenized or decoded.
+        `logprobs_param`: the request field that set params.logprobs (chat's `top_logprobs`)."""
         self._check_limit("n", params.n, self.max_n, "--max-n")
-        for name in ("logprobs", "prompt_logprobs"):
-            self._check_limit(name, getattr(params, name), self.max_logprobs, "--max-logprobs")
+        self._check_limit(logprobs_param, params.logprobs, self.max_logprobs, "--max-logprobs")
+        self._check_limit("prompt_logprobs", params.prompt_logprobs, self.max_logprobs, "--max-logprobs")
         self._check_limit("stop", len(params.stop), self.max_stop_sequences, "--max-stop-sequences", "strings")
         self._check_limit("stop_token_ids", len(params.stop_token_ids), self.max_stop_token_ids,
                           "--max-stop-token-ids", "entries")

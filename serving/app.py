@@ -128,7 +128,8 @@ async def tokenize(request: Request) -> JSONResponse:
     if (body.prompt is None) == (body.messages is None):
         raise APIError("Send exactly one of `prompt` or `messages`.", param="prompt")
     if body.messages is not None:
-        text = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, None, None)
+        text = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, None, None,
+                                  body.continue_final_message)
         add_special = bool(body.add_special_tokens)
     else:
         text = body.prompt

@@ -22,20 +22,28 @@ from serving.tool_calls import ToolCallStream, chat_constraint, plan_tools
 
 
 def render_chat_prompt(ctx: ServingContext, messages, add_generation_prompt: bool,
-                       chat_template: str | None, chat_template_kwargs: dict | None) -> str:
+                       chat_template: str | None, chat_template_kwargs: dict | None,
+                       continue_final_message: bool = False) -> str:
     """The conversation as prompt text; a template that fails to render is a 400.
 
     `chat_template` from a request is refused unless the server trusts request templates: the
     tokenizer also accepts file paths, which would let a client read the server's files.
+    `continue_final_message`: the last message is left open (no end-of-turn) for the model to go on.
     """
     if chat_template is not None and not ctx.trust_request_chat_template:
         raise APIError("This server does not accept chat templates in requests; start it with "
                        "--trust-request-chat-template, or set one for all requests with "
                        "--chat-template.", param="chat_template")
+    if continue_final_message and add_generation_prompt:
+        raise APIError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                       param="continue_final_message")
+    kwargs = dict(chat_template_kwargs or {})
+    if continue_final_message:
+        kwargs["continue_final_message"] = True
     try:
         return ctx.tokenizer.apply_chat_template(
             [m.to_template_message() for m in messages], add_generation_prompt=add_generation_prompt,
-            chat_template=chat_template, **(chat_template_kwargs or {}))
+            chat_template=chat_template, **kwargs)
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise APIError(f"The chat template could not render these messages: {exc}",
                        param="messages") from None
@@ -76,12 +84,16 @@ class _ChatJob:
             output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
             defaults=ctx.generation_defaults)
         params.structured_outputs = chat_constraint(body, self.tool_plan)
-        ctx.check_limits(params)  # before the template renders
+        ctx.check_limits(params, logprobs_param="top_logprobs")  # before the template renders
         template_kwargs = dict(body.chat_template_kwargs or {})
         if self.tool_plan is not None:
             template_kwargs["tools"] = self.tool_plan.tools
         prompt = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template,
-                                    template_kwargs)
+                                    template_kwargs, body.continue_final_message)
+        self.role = body.reply_role()
+        last = body.messages[-1]
+        # echo: the reply repeats the last message first when it is the reply's own role (vLLM's rule).
+        self.echoed = last.to_template_message()["content"] if body.echo and last.role == self.role else ""
         prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
         self.prompt_ids = ctx.truncate_prompt(prompt_ids, body.truncate_prompt_tokens)
         ctx.validate(self.prompt_ids, params, "messages")
@@ -114,8 +126,10 @@ class _ChatJob:
             content, tool_calls, finish_reason = c.text, [], c.finish_reason
             if self.tool_plan is not None:
                 content, tool_calls, finish_reason = self.tool_plan.message(c.text, c.finish_reason)
+            if self.echoed:
+                content = self.echoed + (content or "")
             choices.append(ChatCompletionChoice(
-                index=c.index, message=ChatResponseMessage(content=content, tool_calls=tool_calls),
+                index=c.index, message=ChatResponseMessage(role=self.role, content=content, tool_calls=tool_calls),
                 logprobs=self._logprobs(c), finish_reason=finish_reason, stop_reason=c.stop_reason))
         usage = self._usage(sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens)
         response = ChatCompletionResponse(id=self.request_id, created=self.created,
@@ -137,17 +151,29 @@ class _ChatJob:
 
     async def _events(self, first: RequestOutput) -> AsyncIterator[str]:
         options = self.body.stream_options
-        completion_tokens = cached = 0
+        include_usage = options is not None and options.include_usage
+        continuous_usage = include_usage and options.continuous_usage_stats
+        cached = first.num_cached_tokens
+        tokens_per_choice = [0] * self.body.n
+
+        def usage_so_far(i: int) -> UsageInfo | None:
+            return self._usage(tokens_per_choice[i], cached) if continuous_usage else None
+
         tool_streams = [None if self.tool_plan is None else ToolCallStream(self.tool_plan)
                         for _ in range(self.body.n)]
         try:
             for i in range(self.body.n):
-                yield self._chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+                yield self._chunk([ChatStreamChoice(index=i, delta=ChatDelta(role=self.role, content=""))],
+                                  usage_so_far(i))
+            if self.echoed:
+                for i in range(self.body.n):
+                    yield self._chunk([ChatStreamChoice(index=i, delta=ChatDelta(content=self.echoed))],
+                                      usage_so_far(i))
             async for output in prepend(first, self.outputs):
                 cached = output.num_cached_tokens
                 for c in output.outputs:
                     if c.text or c.token_ids or c.finish_reason:
-                        completion_tokens += len(c.token_ids)
+                        tokens_per_choice[c.index] += len(c.token_ids)
                         delta, finish_reason = ChatDelta(content=c.text), c.finish_reason
                         stream = tool_streams[c.index]
                         if stream is not None:
@@ -155,11 +181,13 @@ class _ChatJob:
                             delta = ChatDelta(content=content, tool_calls=tool_calls)
                             if stream.called and finish_reason == "stop" and self.tool_plan.mode != "named":
                                 finish_reason = "tool_calls"
+                            if content is None and tool_calls is None and finish_reason is None and self.num_top is None:
+                                continue  # text the parser holds back: nothing to send yet
                         yield self._chunk([ChatStreamChoice(
                             index=c.index, delta=delta, logprobs=self._logprobs(c),
-                            finish_reason=finish_reason, stop_reason=c.stop_reason)])
-            if options is not None and options.include_usage:
-                yield self._chunk([], self._usage(completion_tokens, cached))
+                            finish_reason=finish_reason, stop_reason=c.stop_reason)], usage_so_far(c.index))
+            if include_usage:
+                yield self._chunk([], self._usage(sum(tokens_per_choice), cached))
         except APIError as exc:
             yield sse_error(exc)
         finally:

@@ -94,6 +94,7 @@ class _Choice:
     def __init__(self, ctx: ServingContext, body: CompletionRequest, prompt: _Prompt, index: int):
         self.ctx, self.body, self.prompt, self.index = ctx, body, prompt, index
         self.chars_sent = 0  # text_offset of the next piece
+        self.num_tokens = 0  # tokens streamed so far
         self.echo_pending = body.echo
 
     def piece(self, output: RequestOutput, completion: CompletionOutput) -> CompletionChoice:
@@ -201,6 +202,8 @@ class _CompletionJob:
 
     async def _events(self, first) -> AsyncIterator[str]:
         options = self.body.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous_usage = include_usage and options.continuous_usage_stats
         completion_tokens = 0
         cached = [0] * len(self.prompts)
         try:
@@ -209,8 +212,12 @@ class _CompletionJob:
                 for c in output.outputs:
                     if c.text or c.token_ids or c.finish_reason:
                         completion_tokens += len(c.token_ids)
-                        yield sse_event(self._response([self.choices[i][c.index].piece(output, c)]))
-            if options is not None and options.include_usage:
+                        choice = self.choices[i][c.index]
+                        choice.num_tokens += len(c.token_ids)
+                        # continuous_usage_stats: this choice's prompt and its tokens so far (vLLM's)
+                        usage = _usage([self.prompts[i]], choice.num_tokens, cached[i]) if continuous_usage else None
+                        yield sse_event(self._response([choice.piece(output, c)], usage))
+            if include_usage:
                 yield sse_event(self._response([], _usage(self.prompts, completion_tokens, sum(cached))))
         except APIError as exc:
             yield sse_error(exc)

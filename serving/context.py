@@ -1,5 +1,6 @@
 """What every route shares: the engine, the served names, request-body parsing and validation."""
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -96,10 +97,10 @@ class ServingContext:
         except RecursionError:  # nesting pydantic cannot walk
             raise APIError("The request body is nested too deeply.") from None
 
-    def check_limits(self, params: SamplingParams) -> None:
+    def check_limits(self, params: SamplingParams, logprobs_param: str = "logprobs") -> None:
         """400 when the request is over a request-size flag (before any tokenizing)."""
         with invalid_request_as_api_error():
-            self.validator.check_limits(params)
+            self.validator.check_limits(params, logprobs_param)
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
         """400 for an empty list or ids outside the vocabulary (before anything decodes them)."""
@@ -141,6 +142,7 @@ class ServingContext:
             logger.info("request %s: %d prompt tokens, %s", request_id, len(prompt_token_ids), params)
         outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time)
         last_output_time = None
+        finished = False
         try:
             async for output in outputs:
                 now = time.time()
@@ -152,6 +154,7 @@ class ServingContext:
                         self.metrics.observe_token_gap(now - last_output_time, count)
                 last_output_time = now
                 if output.finished:
+                    finished = True
                     self._observe_finished(output, tokens_per_output, delta)
                 if output.error is not None:
                     raise APIError(f"The engine failed while running this request: {output.error}. "
@@ -166,6 +169,10 @@ class ServingContext:
         except EngineDeadError as exc:
             raise APIError(f"{exc}; restart the server.", status_code=HTTPStatus.SERVICE_UNAVAILABLE,
                            type="service_unavailable") from None
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away: the engine aborts it
+            if not finished:
+                self.metrics.observe_aborted()
+            raise
         finally:
             await outputs.aclose()
 

@@ -133,5 +133,10 @@ class ServerMetrics:
         for counter in self.request_success:
             counter.labels(label, finish_reason).inc()
 
+    def observe_aborted(self) -> None:
+        """A request whose client went away before it finished (`finished_reason` "abort")."""
+        for counter in self.request_success:
+            counter.labels(self.model_name, "abort").inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,9 +10,9 @@ fields that jpaged does not implement: those are refused with a 400 naming them
 
 import logging
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.errors import APIError
@@ -26,6 +26,7 @@ INT32_MAX = 2**31 - 1
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # with include_usage: every chunk carries the usage so far
 
 
 # vLLM request fields jpaged does not implement, with the value that means "not used". A request
@@ -35,7 +36,7 @@ UNSUPPORTED_EXTRA_FIELDS: dict[str, Any] = {
     "logits_processors": None, "return_tokens_as_token_ids": False, "priority": 0, "cache_salt": None,
     "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_embeds": None,
     "guided_decoding_backend": None, "guided_whitespace_pattern": None,
-    "documents": None, "continue_final_message": False, "echo_last_message": False,
+    "documents": None, "echo_last_message": False,
     "return_token_ids": False, "request_id": None, "prompt_logprobs": None,
 }
 
@@ -174,10 +175,11 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None  # a tool turn's answer to that call
 
     def to_template_message(self) -> dict[str, Any]:
-        """The dict the chat template reads: text parts joined into one string."""
+        """The dict the chat template reads: text parts joined into one string, one part per line
+        (as vLLM does for templates that read content as a string)."""
         content = self.content
         if isinstance(content, list):
-            content = "".join(part.text for part in content)
+            content = "\n".join(part.text for part in content)
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
@@ -202,9 +204,16 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
     # vLLM extras
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # leave the last (assistant) message open to be continued
+    echo: bool = False  # the reply starts with the last message's content when its role is the reply's
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False
+
+    def reply_role(self) -> str:
+        """The role of the reply, as vLLM names it: the assistant's when a generation prompt is
+        added, else the last message's (the reply continues it)."""
+        return "assistant" if self.add_generation_prompt else self.messages[-1].role
 
 
 class TokenizeRequest(BaseModel):
@@ -215,6 +224,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     return_token_strs: bool = False
 
 
@@ -253,7 +263,24 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class _KeepsNullFields(BaseModel):
+    """A choice whose `_null_fields` are written even when None, also in streamed chunks (whose
+    other None fields are left out): vLLM's chunks carry `"finish_reason": null` and the like, and
+    clients read them without checking."""
+
+    _null_fields: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _with_null_fields(self, handler):
+        data = handler(self)
+        for name in self._null_fields:
+            data.setdefault(name, None)
+        return data
+
+
+class CompletionChoice(_KeepsNullFields):
+    _null_fields = ("logprobs", "finish_reason", "stop_reason")
+
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -308,7 +335,7 @@ class DeltaToolCall(BaseModel):
 
 
 class ChatResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
@@ -331,12 +358,14 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
+    role: str | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 
-class ChatStreamChoice(BaseModel):
+class ChatStreamChoice(_KeepsNullFields):
+    _null_fields = ("logprobs", "finish_reason")
+
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None

@@ -423,9 +423,16 @@ def test_api_key_guards_v1_only(server):
 # --------------------------------------------------------------------------- disconnects
 
 
+def _aborted_total(server) -> float:
+    lines = httpx.get(server.url + "/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("jpaged:request_success_total{") and 'finished_reason="abort"' in line)
+
+
 def test_stream_disconnect_aborts_and_frees_blocks(server):
     wait_until_idle(server)
     generated_before = server.engine.get_stats().generation_tokens_total
+    aborted_before = _aborted_total(server)
     max_tokens = MAX_MODEL_LEN - 16
     body = {"prompt": "Disconnect me", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=AUTH) as response:
@@ -436,12 +443,14 @@ def test_stream_disconnect_aborts_and_frees_blocks(server):
         assert server.engine.get_stats().kv_cache_usage > 0
     stats = wait_until_idle(server)
     assert stats.generation_tokens_total - generated_before < max_tokens, "the request ran to the end"
+    assert _aborted_total(server) == aborted_before + 1
     assert health_ok(server)
 
 
 def test_non_stream_disconnect_aborts_and_frees_blocks(server):
     wait_until_idle(server)
     generated_before = server.engine.get_stats().generation_tokens_total
+    aborted_before = _aborted_total(server)
     max_tokens = MAX_MODEL_LEN - 16
     body = {"prompt": "Disconnect me too", "max_tokens": max_tokens, "ignore_eos": True}
 
@@ -456,4 +465,5 @@ def test_non_stream_disconnect_aborts_and_frees_blocks(server):
     asyncio.run(disconnect_while_running())
     stats = wait_until_idle(server)
     assert stats.generation_tokens_total - generated_before < max_tokens, "the request ran to the end"
+    assert _aborted_total(server) == aborted_before + 1
     assert health_ok(server)

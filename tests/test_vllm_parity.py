@@ -191,3 +191,78 @@ def test_download_dir_is_the_hub_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", fake_cache_lookup)
     assert hub.resolve_hub_model("org/model", None, str(tmp_path)) == str(tmp_path / "snap")
     assert seen["cache_dir"] == str(tmp_path)
+
+
+def chat(server, messages, **fields):
+    return post(server, "/v1/chat/completions", {"messages": messages, "ignore_eos": True, **fields})
+
+
+def rendered(server, messages, **fields) -> str:
+    tokens = post(server, "/tokenize", {"messages": messages, **fields}).json()["tokens"]
+    return post(server, "/detokenize", {"tokens": tokens}).json()["prompt"]
+
+
+def test_text_parts_render_one_per_line(server):
+    parts = [{"type": "text", "text": "First part."}, {"type": "text", "text": "Second part."}]
+    assert (rendered(server, [{"role": "user", "content": parts}])
+            == rendered(server, [{"role": "user", "content": "First part.\nSecond part."}]))
+
+
+def test_continue_final_message_leaves_the_last_turn_open(server):
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    closed = rendered(server, messages, add_generation_prompt=False)
+    open_turn = rendered(server, messages, add_generation_prompt=False, continue_final_message=True)
+    assert open_turn.endswith("The colour is") and closed.startswith(open_turn) and len(closed) > len(open_turn)
+    reply = chat(server, messages, add_generation_prompt=False, continue_final_message=True, max_tokens=3)
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == len(
+        post(server, "/tokenize", {"prompt": open_turn, "add_special_tokens": False}).json()["tokens"])
+    both = chat(server, messages, continue_final_message=True)  # add_generation_prompt defaults to true
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
+
+
+def sse_json(response) -> list[dict]:
+    payloads = [line[len("data: "):] for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def test_chat_echo_repeats_the_last_message_of_the_reply_role(server):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, my name"}]
+    fields = dict(add_generation_prompt=False, continue_final_message=True, max_tokens=3)
+    plain = chat(server, messages, **fields).json()["choices"][0]["message"]
+    echoed = chat(server, messages, echo=True, **fields).json()["choices"][0]["message"]
+    assert echoed == {**plain, "content": "Hello, my name" + plain["content"]}
+    chunks = sse_json(chat(server, messages, echo=True, stream=True, **fields))
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == echoed["content"]
+    # With a generation prompt the reply is the assistant's and the last message the user's: no echo.
+    reply = chat(server, messages[:1], echo=True, max_tokens=3).json()["choices"][0]["message"]
+    assert reply == chat(server, messages[:1], max_tokens=3).json()["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_stream_chunks_null_fields_and_continuous_usage(server, route):
+    """vLLM's chunks: logprobs and finish_reason present (null until the end); with
+    continuous_usage_stats (and include_usage) every chunk has the usage so far, then the total."""
+    body = {"max_tokens": 3, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body.update({"prompt": "Count"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "Count"}]})
+    chunks = sse_json(post(server, route, body))
+    *choice_chunks, last = chunks
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3
+    prompt_tokens = last["usage"]["prompt_tokens"]
+    seen = []
+    for chunk in choice_chunks:
+        choice = chunk["choices"][0]
+        assert "logprobs" in choice and "finish_reason" in choice, chunk
+        assert chunk["usage"]["prompt_tokens"] == prompt_tokens
+        seen.append(chunk["usage"]["completion_tokens"])
+    assert seen == sorted(seen) and seen[-1] == 3 and choice_chunks[-1]["choices"][0]["finish_reason"] == "length"
+    without = sse_json(post(server, route, {**body, "stream_options": {"continuous_usage_stats": True}}))
+    assert all("usage" not in chunk for chunk in without)  # continuous_usage_stats needs include_usage
+
+
+def test_top_logprobs_over_the_limit_is_named(server):
+    response = chat(server, [{"role": "user", "content": "Hi"}], logprobs=True, top_logprobs=21)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "top_logprobs" and error["message"].startswith("top_logprobs is 21")
