@@ -12,7 +12,7 @@ from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import RequestOutputKind
 from serving.context import ServingContext
 from serving.errors import APIError
-from serving.logprobs import chat_logprobs
+from serving.logprobs import chat_logprobs, prompt_logprobs
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
                               ChatStreamChoice, PromptTokensDetails, UsageInfo)
@@ -55,6 +55,7 @@ def _check_request(body: ChatCompletionRequest) -> None:
         raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
     if body.stream_options is not None and not body.stream:
         raise APIError("stream_options can only be set when stream is true.", param="stream_options")
+    body.check_prompt_logprobs()
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -80,7 +81,7 @@ class _ChatJob:
             max_tokens = ctx.generation_defaults.get("max_tokens")
         self.num_top = (body.top_logprobs or 0) if body.logprobs else None
         params = body.to_sampling_params(
-            max_tokens=max_tokens, logprobs=self.num_top, prompt_logprobs=None,
+            max_tokens=max_tokens, logprobs=self.num_top, prompt_logprobs=body.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
             defaults=ctx.generation_defaults)
         params.structured_outputs = chat_constraint(body, self.tool_plan)
@@ -133,7 +134,8 @@ class _ChatJob:
                 logprobs=self._logprobs(c), finish_reason=finish_reason, stop_reason=c.stop_reason))
         usage = self._usage(sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens)
         response = ChatCompletionResponse(id=self.request_id, created=self.created,
-                                          model=self.model_name, choices=choices, usage=usage)
+                                          model=self.model_name, choices=choices, usage=usage,
+                                          prompt_logprobs=prompt_logprobs(final.prompt_logprobs))
         return JSONResponse(response.model_dump(mode="json"))
 
     async def stream(self, request: Request) -> Response:

@@ -12,7 +12,7 @@ from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.context import ServingContext
 from serving.errors import APIError
-from serving.logprobs import completion_logprobs
+from serving.logprobs import completion_logprobs, prompt_logprobs
 from serving.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                               CompletionResponse, PromptTokensDetails, UsageInfo)
 from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, merge_async_iterators, prepend,
@@ -62,6 +62,7 @@ def _check_request(body: CompletionRequest) -> None:
         raise APIError("stream_options can only be set when stream is true.", param="stream_options")
     if not body.prompt:
         raise APIError("The prompt is empty.", param="prompt")
+    body.check_prompt_logprobs()
 
 
 def _sampling_params(ctx: ServingContext, body: CompletionRequest, output_kind: RequestOutputKind) -> SamplingParams:
@@ -74,9 +75,11 @@ def _sampling_params(ctx: ServingContext, body: CompletionRequest, output_kind: 
     max_tokens = body.max_tokens
     if "max_tokens" not in body.model_fields_set:  # OpenAI's default of 16, unless generation_config has one
         max_tokens = ctx.generation_defaults.get("max_tokens", max_tokens)
+    prompt_top = body.prompt_logprobs
+    if prompt_top is None and body.echo:
+        prompt_top = body.logprobs  # echo's logprobs start with the prompt's (vLLM's rule)
     params = body.to_sampling_params(
-        max_tokens=max_tokens, logprobs=logprobs,
-        prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
+        max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_top,
         output_kind=output_kind, defaults=ctx.generation_defaults, n=best_of)
     params.structured_outputs = structured_outputs_from_request(body)
     return params
@@ -187,7 +190,9 @@ class _CompletionJob:
             completion_tokens += sum(len(c.token_ids) for c in final.outputs)  # best_of: all samples count
             kept = _best(final.outputs, self.body.n) if len(final.outputs) > self.body.n else final.outputs
             for c in kept:
-                choices.append(self.choices[i][c.index].piece(final, c))
+                choice = self.choices[i][c.index].piece(final, c)
+                choice.prompt_logprobs = prompt_logprobs(final.prompt_logprobs)
+                choices.append(choice)
         choices.sort(key=lambda choice: choice.index)
         usage = _usage(self.prompts, completion_tokens, sum(f.num_cached_tokens for f in finals))
         return JSONResponse(self._response(choices, usage).model_dump(mode="json"))

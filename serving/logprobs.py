@@ -1,7 +1,8 @@
 """Engine logprobs (one `{token_id: Logprob}` dict per token) in OpenAI's two response shapes."""
 
 from jpaged.outputs import Logprob
-from serving.protocol import ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs
+from serving.protocol import (ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs,
+                              PromptLogprob, PromptLogprobs)
 
 # JSON has no -inf; OpenAI and vLLM clamp to this.
 MIN_LOGPROB = -9999.0
@@ -64,3 +65,13 @@ def chat_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_top
             token=text, logprob=_clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB,
             bytes=list(text.encode("utf-8")), top_logprobs=top))
     return ChatLogprobs(content=content)
+
+
+def prompt_logprobs(entries: list[dict[int, Logprob] | None] | None) -> PromptLogprobs | None:
+    """The engine's prompt logprobs in vLLM's response shape, -inf clamped for JSON."""
+    if entries is None:
+        return None
+    return [None if entry is None else
+            {tid: PromptLogprob(logprob=_clamp(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
+             for tid, lp in entry.items()}
+            for entry in entries]

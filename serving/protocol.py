@@ -37,7 +37,7 @@ UNSUPPORTED_EXTRA_FIELDS: dict[str, Any] = {
     "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_embeds": None,
     "guided_decoding_backend": None, "guided_whitespace_pattern": None,
     "documents": None, "echo_last_message": False,
-    "return_token_ids": False, "request_id": None, "prompt_logprobs": None,
+    "return_token_ids": False, "request_id": None,
 }
 
 
@@ -68,6 +68,7 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None  # per prompt token (from the second): its logprob and the top k
     # Structured outputs (serving/structured_outputs.py): vLLM's field, then its older names
     structured_outputs: dict[str, Any] | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -89,6 +90,17 @@ class SamplingFields(BaseModel):
             raise APIError(f"This server does not implement the request field(s) {', '.join(used)}; "
                            "remove them (jpaged refuses them rather than ignoring them).", param=used[0],
                            code="unsupported_field")
+
+    def check_prompt_logprobs(self) -> None:
+        """vLLM's rules: at least 0 (the whole vocabulary, -1, is over any --max-logprobs), and
+        not with stream (the chunks have no place for them)."""
+        if self.prompt_logprobs is None:
+            return
+        if self.prompt_logprobs < 0:
+            raise APIError(f"prompt_logprobs must be at least 0, got {self.prompt_logprobs}.",
+                           param="prompt_logprobs")
+        if self.stream and self.prompt_logprobs > 0:
+            raise APIError("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
 
     def to_sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
                            prompt_logprobs: int | None, output_kind: RequestOutputKind,
@@ -278,6 +290,19 @@ class _KeepsNullFields(BaseModel):
         return data
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of `prompt_logprobs`: one token's logprob, 1-based rank and text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's `prompt_logprobs`: per prompt token, None for the first, then {token id: entry} holding
+# the prompt's own token and the top k.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(_KeepsNullFields):
     _null_fields = ("logprobs", "finish_reason", "stop_reason")
 
@@ -286,6 +311,7 @@ class CompletionChoice(_KeepsNullFields):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # not streamed
 
 
 class CompletionResponse(BaseModel):
@@ -355,6 +381,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatDelta(BaseModel):

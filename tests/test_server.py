@@ -168,6 +168,33 @@ def test_completion_echo_with_logprobs(server, client, tiny_model):
     assert sum((p.text_offset for p in pieces), []) == lp.text_offset
 
 
+def test_prompt_logprobs_match_the_dense_model(server, tiny_model):
+    """vLLM's prompt_logprobs (completions: per choice; chat: on the response): None for the first
+    token, then the prompt token's logprob, rank and text plus the top k, against log_softmax of
+    a dense no-cache forward."""
+    prompt = "Prompt logprobs, please"
+    ids = tiny_model.tokenizer.encode(prompt)
+    padded = jnp.asarray([ids + [0] * (64 - len(ids))], dtype=jnp.int32)
+    oracle = np.asarray(jax.nn.log_softmax(_forward_dense(tiny_model.params, tiny_model.config, padded)[0], axis=-1))
+    body = {"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2}
+    result = httpx.post(server.url + "/v1/completions", json=body, headers=AUTH).json()
+    entries = result["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(ids)
+    for position, entry in enumerate(entries[1:], 1):
+        expected = oracle[position - 1]
+        own = entry[str(ids[position])]
+        assert own["logprob"] == pytest.approx(expected[ids[position]], abs=1e-4)
+        assert own["rank"] == 1 + int(np.sum(expected > expected[ids[position]]))
+        assert own["decoded_token"] == tiny_model.tokenizer.decode([ids[position]], skip_special_tokens=False)
+        top = sorted((v["rank"], int(k)) for k, v in entry.items() if v["rank"] <= 2)
+        assert [token for _, token in top] == list(np.argsort(-expected, kind="stable")[:2])
+        assert len(entry) in (2, 3)
+    chat_body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "prompt_logprobs": 0}
+    chat = httpx.post(server.url + "/v1/chat/completions", json=chat_body, headers=AUTH).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert all(len(entry) == 1 for entry in chat["prompt_logprobs"][1:])
+
+
 def test_completion_stop_string(server, client):
     base = client.completions.create(model=MODEL_NAME, prompt="Stops", max_tokens=10, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
