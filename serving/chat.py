@@ -183,8 +183,9 @@ class _ChatJob:
                             delta = ChatDelta(content=content, tool_calls=tool_calls)
                             if stream.called and finish_reason == "stop" and self.tool_plan.mode != "named":
                                 finish_reason = "tool_calls"
-                            if content is None and tool_calls is None and finish_reason is None and self.num_top is None:
-                                continue  # text the parser holds back: nothing to send yet
+                            held_back = content is None and tool_calls is None and finish_reason is None
+                            if held_back and self.num_top is None:
+                                continue  # the parser holds this text back: nothing to send yet
                         yield self._chunk([ChatStreamChoice(
                             index=c.index, delta=delta, logprobs=self._logprobs(c),
                             finish_reason=finish_reason, stop_reason=c.stop_reason)], usage_so_far(c.index))

@@ -245,7 +245,10 @@ def test_stream_chunks_null_fields_and_continuous_usage(server, route):
     continuous_usage_stats (and include_usage) every chunk has the usage so far, then the total."""
     body = {"max_tokens": 3, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-    body.update({"prompt": "Count"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "Count"}]})
+    if route == "/v1/completions":
+        body["prompt"] = "Count"
+    else:
+        body["messages"] = [{"role": "user", "content": "Count"}]
     chunks = sse_json(post(server, route, body))
     *choice_chunks, last = chunks
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3
