@@ -129,17 +129,44 @@ class LLM:
         return str(self._next_id - 1)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Generates replies to one conversation (a list of {"role", "content"} dicts) or a list of them."""
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generates replies to one conversation (a list of {"role", "content"} dicts) or a list of them.
+
+        As vLLM's: content is a string or a list of {"type": "text", "text": ...} parts (joined one
+        per line); continue_final_message leaves the last message open for the model to continue
+        (not with add_generation_prompt); tools and chat_template_kwargs go to the chat template.
+        """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        kwargs = dict(chat_template_kwargs or {})
+        if continue_final_message:
+            kwargs["continue_final_message"] = True
+        if tools is not None:
+            kwargs["tools"] = tools
         tokenizer = self.get_tokenizer()
         prompts = []
         for conversation in conversations:
+            conversation = [{**message, "content": _text_content(message.get("content"))} for message in conversation]
             text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                 chat_template=chat_template)
+                                                 chat_template=chat_template, **kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
+
+
+def _text_content(content) -> str:
+    """A message's content as the template reads it: text parts joined one per line (vLLM's rule
+    for templates that take a string); None as ""."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, got {part!r}")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _show_info_logs() -> None:

@@ -548,3 +548,26 @@ def test_unset_token_budget_is_the_servers_chunk_for_the_device(tiny_model_dir):
     assert engine.engine_args.max_num_batched_tokens == expected
     assert engine.scheduler.max_num_batched_tokens == expected
     assert engine.runner.buckets.num_tokens[-1] == expected
+
+
+def test_chat_takes_text_parts_and_continues_the_final_message(tiny_llm):
+    """LLM.chat as vLLM's: text parts render one per line, continue_final_message leaves the last
+    message open (its text is the prompt's end), and the prompts' greedy replies match generate's."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    tokenizer = tiny_llm.get_tokenizer()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "One."}, {"type": "text", "text": "Two."}]}]
+    joined = [{"role": "user", "content": "One.\nTwo."}]
+    by_parts, by_string = tiny_llm.chat([parts, joined], params, use_tqdm=False)
+    assert by_parts.prompt == by_string.prompt and "One.\nTwo." in by_parts.prompt
+    assert by_parts.outputs[0].token_ids == by_string.outputs[0].token_ids
+    opened = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}]
+    reply = tiny_llm.chat(opened, params, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
+    closed = tokenizer.apply_chat_template(opened, add_generation_prompt=False)
+    assert reply.prompt.endswith("Hello, I am") and closed.startswith(reply.prompt) and closed != reply.prompt
+    direct = tiny_llm.generate({"prompt_token_ids": tokenizer.encode(reply.prompt, add_special_tokens=False)},
+                               params, use_tqdm=False)[0]
+    assert reply.outputs[0].token_ids == direct.outputs[0].token_ids
+    with pytest.raises(ValueError, match="continue_final_message"):
+        tiny_llm.chat(opened, params, continue_final_message=True)
+    with pytest.raises(ValueError, match="text content parts"):
+        tiny_llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], params)
