@@ -395,8 +395,9 @@ def test_n_siblings_scheduled_together_share_the_prompt_blocks():
 
 
 def test_stop_conditions_follow_vllm_v1s_order():
-    """Length caps first (min_tokens never holds a request past them), then min_tokens, eos, stop ids."""
-    scheduler = Scheduler(num_blocks=40, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=20)
+    """Once min_tokens are out, eos and stop ids first (also on the last allowed token, as vLLM
+    0.32's check_stop), then the length caps (min_tokens never holds a request past them)."""
+    scheduler = Scheduler(num_blocks=48, block_size=4, max_num_seqs=16, max_num_batched_tokens=64, max_model_len=20)
     specs = {
         "eos": (SamplingParams(max_tokens=10), [5, EOS], RequestStatus.FINISHED_STOPPED, None),
         "min_tokens": (SamplingParams(max_tokens=10, min_tokens=3), [EOS, EOS, EOS], RequestStatus.FINISHED_STOPPED, None),
@@ -404,7 +405,9 @@ def test_stop_conditions_follow_vllm_v1s_order():
         "stop_id": (SamplingParams(max_tokens=10, stop_token_ids=[7]), [5, 7], RequestStatus.FINISHED_STOPPED, 7),
         "length": (SamplingParams(max_tokens=2), [5, 6], RequestStatus.FINISHED_LENGTH_CAPPED, None),
         "model_len": (SamplingParams(max_tokens=None), [5] * 16, RequestStatus.FINISHED_LENGTH_CAPPED, None),
-        "eos_at_length": (SamplingParams(max_tokens=2), [5, EOS], RequestStatus.FINISHED_LENGTH_CAPPED, None),
+        "eos_at_length": (SamplingParams(max_tokens=2), [5, EOS], RequestStatus.FINISHED_STOPPED, None),
+        "stop_id_at_model_len": (SamplingParams(max_tokens=None, stop_token_ids=[7]), [5] * 15 + [7],
+                                 RequestStatus.FINISHED_STOPPED, 7),
         "min_over_len": (SamplingParams(max_tokens=None, min_tokens=99), [EOS] * 16, RequestStatus.FINISHED_LENGTH_CAPPED, None),
     }
     requests = {}

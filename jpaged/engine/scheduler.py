@@ -404,19 +404,18 @@ class Scheduler:
         return updated
 
     def _check_stop(self, request: Request) -> tuple[RequestStatus | None, int | None]:
-        """vLLM v1's order: the length caps (max_tokens, max_model_len) first, so min_tokens can
-        never hold a request past them; then, once min_tokens are out, eos (unless ignore_eos)
-        and stop_token_ids."""
+        """vLLM v1's order (0.32's check_stop): once min_tokens are out, eos (unless ignore_eos)
+        and stop_token_ids, so a stop token that is also the last allowed token ends as "stop";
+        then the length caps (max_tokens, max_model_len), which min_tokens never holds back."""
         params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            last_token_id = request.output_token_ids[-1]
+            if not params.ignore_eos and last_token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED, None
+            if last_token_id in params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, last_token_id
         if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED, None
-        if request.num_output_tokens < params.min_tokens:
-            return None, None
-        last_token_id = request.output_token_ids[-1]
-        if not params.ignore_eos and last_token_id in request.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED, None
-        if last_token_id in params.stop_token_ids:
-            return RequestStatus.FINISHED_STOPPED, last_token_id
         return None, None
 
     def finish_requests(
