@@ -54,6 +54,9 @@ class Tokenizer:
     ) -> str:
         """Renders `messages` with the model's (or the given) jinja2 chat template, as HF does.
 
+        As vLLM does, `developer` messages become `system` ones for a template that never names
+        the developer role (SmolLM2's would render an unknown role after its own default system
+        prompt), and the system messages are then merged into one at the start.
         Raises ValueError when there is no template (pass --chat-template).
         """
         template = None if chat_template is None else _read_chat_template(chat_template)
@@ -62,6 +65,9 @@ class Tokenizer:
                 f"the tokenizer of {self.hf.name_or_path!r} has no chat template; pass one with "
                 "--chat-template (a file path or the template text)"
             )
+        source = template if template is not None else self.hf.chat_template
+        if any(m.get("role") == "developer" for m in messages) and not _names_developer_role(source):
+            messages = _developer_as_system(messages)
         return self.hf.apply_chat_template(
             messages,
             tokenize=False,
@@ -69,6 +75,24 @@ class Tokenizer:
             chat_template=template,
             **kwargs,
         )
+
+
+def _names_developer_role(template) -> bool:
+    """Whether a chat template (text, or HF's dict of named templates) has a case for the
+    developer role: vLLM's test, the role's name quoted in it."""
+    texts = template.values() if isinstance(template, dict) else [template]
+    return any('"developer"' in text or "'developer'" in text for text in texts)
+
+
+def _developer_as_system(messages: list[dict]) -> list[dict]:
+    """Developer messages as system messages, all system contents merged (blank-line
+    separated) into one first message when there are several or one is not first."""
+    messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+    system_at = [i for i, m in enumerate(messages) if m.get("role") == "system"]
+    if system_at in ([], [0]):
+        return messages
+    merged = "\n\n".join(messages[i].get("content") or "" for i in system_at if messages[i].get("content"))
+    return [{"role": "system", "content": merged}] + [m for m in messages if m.get("role") != "system"]
 
 
 def _read_chat_template(template: str) -> str:

@@ -97,3 +97,16 @@ def test_missing_chat_template_and_extra_eos(tiny_model_dir, tmp_path):
     assert tokenizer.eos_token_ids == (2, 0)  # its own EOS first, no duplicates
     with pytest.raises(ValueError, match="has no chat template; pass one with --chat-template"):
         tokenizer.apply_chat_template(MESSAGES)
+
+
+def test_developer_role_becomes_system_unless_the_template_names_it(tokenizer):
+    """vLLM's rule: SmolLM2's template has no developer role, so developer messages render as
+    system ones, merged into one system message first; a template naming the role keeps it."""
+    user = {"role": "user", "content": "Hi"}
+    assert (tokenizer.apply_chat_template([{"role": "developer", "content": "Be brief."}, user])
+            == tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, user]))
+    mixed = [{"role": "system", "content": "A."}, user, {"role": "developer", "content": "B."}, user]
+    assert (tokenizer.apply_chat_template(mixed)
+            == tokenizer.apply_chat_template([{"role": "system", "content": "A.\n\nB."}, user, user]))
+    naming = "{% for m in messages %}{% if m.role == 'developer' %}D:{% endif %}{{ m.content }};{% endfor %}"
+    assert tokenizer.apply_chat_template(mixed, chat_template=naming) == "A.;Hi;D:B.;Hi;"
