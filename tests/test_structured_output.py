@@ -211,3 +211,16 @@ def test_bitmask_apply_matches_llguidance_numpy():
     got = np.asarray(apply_token_bitmask(jnp.asarray(logits), jnp.asarray(bitmask)))
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got[2], logits[2])
+
+
+def test_json_output_writes_properties_in_the_schemas_order(llm):
+    """The grammar keeps the schema's property order (vLLM's too), whatever the alphabet says."""
+    properties = {"zeta": {"type": "integer"}, "alpha": {"type": "boolean"}, "mid": {"enum": ["x", "y"]}}
+    schema = {"type": "object", "properties": properties, "required": list(properties),
+              "additionalProperties": False}
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=40,
+                             structured_outputs=StructuredOutputsParams(json=schema)) for seed in range(4)]
+    outputs = llm.generate(_prompts(4, seed=7), params, use_tqdm=False)
+    for output in outputs:
+        assert output.outputs[0].finish_reason == "stop", output.outputs[0].text
+        assert list(json.loads(output.outputs[0].text)) == ["zeta", "alpha", "mid"]

@@ -34,11 +34,12 @@ class StructuredOutputsParams:
         return next(kind for kind in _KINDS if getattr(self, kind) not in (None, False))
 
     def key(self) -> tuple[str, str]:
-        """(kind, text): what the compiled grammar is cached by."""
+        """(kind, text): what the grammar is compiled from and cached by. A schema keeps its
+        properties' order, which is the order the output must write them in (as in vLLM)."""
         kind = self.kind
         value: Any = getattr(self, kind)
         if kind == "json" and not isinstance(value, str):
-            value = json.dumps(value, sort_keys=True)
+            value = json.dumps(value)
         elif kind == "choice":
             value = json.dumps(value)
         elif kind == "json_object":
