@@ -62,6 +62,9 @@ def _check_request(body: CompletionRequest) -> None:
         raise APIError("stream_options can only be set when stream is true.", param="stream_options")
     if not body.prompt:
         raise APIError("The prompt is empty.", param="prompt")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError("max_tokens must be at least 1, got 0 (0 is for scoring a prompt with echo).",
+                       param="max_tokens")
     body.check_prompt_logprobs()
 
 
@@ -75,6 +78,8 @@ def _sampling_params(ctx: ServingContext, body: CompletionRequest, output_kind: 
     max_tokens = body.max_tokens
     if "max_tokens" not in body.model_fields_set:  # OpenAI's default of 16, unless generation_config has one
         max_tokens = ctx.generation_defaults.get("max_tokens", max_tokens)
+    if max_tokens == 0:
+        max_tokens = 1  # echo without generation (vLLM's): one token is sampled, none is returned
     prompt_top = body.prompt_logprobs
     if prompt_top is None and body.echo:
         prompt_top = body.logprobs  # echo's logprobs start with the prompt's (vLLM's rule)
@@ -99,9 +104,12 @@ class _Choice:
         self.chars_sent = 0  # text_offset of the next piece
         self.num_tokens = 0  # tokens streamed so far
         self.echo_pending = body.echo
+        self.echo_only = body.echo and body.max_tokens == 0  # score the prompt, return no token
 
     def piece(self, output: RequestOutput, completion: CompletionOutput) -> CompletionChoice:
         """The choice for `completion`'s text (all of it, or the new part when streaming)."""
+        if self.echo_only:
+            completion = dataclasses.replace(completion, text="", token_ids=[], logprobs=[])
         text, logprobs = completion.text, None
         if self.echo_pending:
             self.echo_pending = False

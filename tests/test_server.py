@@ -168,6 +168,22 @@ def test_completion_echo_with_logprobs(server, client, tiny_model):
     assert sum((p.text_offset for p in pieces), []) == lp.text_offset
 
 
+def test_echo_with_max_tokens_zero_scores_the_prompt_only(server, client, tiny_model):
+    """vLLM's echo without generation: the prompt and its logprobs come back, no generated token."""
+    prompt = "Score this prompt"
+    prompt_len = len(tiny_model.tokenizer.encode(prompt))
+    generating = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1, temperature=0,
+                                           echo=True, logprobs=1)
+    scored = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice, reference = scored.choices[0], generating.choices[0].logprobs
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert choice.logprobs.tokens == reference.tokens[:prompt_len]
+    assert choice.logprobs.token_logprobs == reference.token_logprobs[:prompt_len]
+    streamed = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                         stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == prompt
+
+
 def test_prompt_logprobs_match_the_dense_model(server, tiny_model):
     """vLLM's prompt_logprobs (completions: per choice; chat: on the response): None for the first
     token, then the prompt token's logprob, rank and text plus the top k, against log_softmax of
