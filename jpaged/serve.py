@@ -36,7 +36,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jpaged.serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
-                    "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, "
+                    "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /ping, "
                     "/version, /metrics).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",

@@ -41,7 +41,7 @@ def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
 
 
-# Routes that reach the model; /health, /version and /metrics stay open, as in vLLM.
+# Routes that reach the model; /health, /ping, /version and /metrics stay open, as in vLLM.
 GUARDED_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/update_weights_from_disk")
 
 
@@ -176,6 +176,7 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
     (if set) answers browsers' cross-origin requests."""
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/ping", health, methods=["GET", "POST"]),  # vLLM's (SageMaker's) name for the same check
         Route("/version", version, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),

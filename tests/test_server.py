@@ -335,6 +335,7 @@ def test_models_version_tokenize_detokenize(server, tiny_model):
     assert [m["id"] for m in models["data"]] == [MODEL_NAME]
     assert models["data"][0]["max_model_len"] == MAX_MODEL_LEN
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", httpx.get(server.url + "/version").json()["version"])
+    assert httpx.get(server.url + "/ping").status_code == httpx.post(server.url + "/ping").status_code == 200
     text = "Hello, paged world!"
     tokenized = httpx.post(server.url + "/tokenize", json={"prompt": text}, headers=AUTH).json()
     assert tokenized["tokens"] == tiny_model.tokenizer.encode(text)
