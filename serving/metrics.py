@@ -98,6 +98,9 @@ class ServerMetrics:
         self.request_success = [Counter(f"{prefix}:request_success", "Finished requests, by finish reason.",
                                         ["model_name", "finished_reason"], registry=self.registry)
                                 for prefix in PREFIXES]
+        for counter in self.request_success:  # every reason's series from the start, at 0, as vLLM's
+            for reason in ("stop", "length", "abort", "error"):
+                counter.labels(model_name, reason)
 
     def observe_token_gap(self, gap_s: float, num_tokens: int) -> None:
         """A streamed output carried `num_tokens` new tokens `gap_s` after the previous one."""

@@ -467,6 +467,12 @@ def test_api_key_guards_v1_only(server):
 # --------------------------------------------------------------------------- disconnects
 
 
+def test_every_finish_reason_is_exported_from_the_start(server):
+    text = httpx.get(server.url + "/metrics").text
+    for reason in ("stop", "length", "abort", "error"):
+        assert f'finished_reason="{reason}"' in text, reason
+
+
 def _aborted_total(server) -> float:
     lines = httpx.get(server.url + "/metrics").text.splitlines()
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines
