@@ -224,3 +224,24 @@ def test_json_output_writes_properties_in_the_schemas_order(llm):
     for output in outputs:
         assert output.outputs[0].finish_reason == "stop", output.outputs[0].text
         assert list(json.loads(output.outputs[0].text)) == ["zeta", "alpha", "mid"]
+
+
+def test_objects_with_listed_properties_allow_no_other_keys(llm):
+    """vLLM's default (xgrammar's strict mode): an object that lists its properties takes no other
+    keys unless the schema says additionalProperties; a bare {"type": "object"} stays open."""
+    compiler = llm.llm_engine.structured_output.compiler
+    tokenizer = llm.get_tokenizer()
+
+    def accepts(schema, text: str) -> bool:
+        matcher = compiler.new_matcher(StructuredOutputsParams(json=schema))
+        tokens = tokenizer.encode(text, add_special_tokens=False)
+        return matcher.validate_tokens(tokens) == len(tokens)
+
+    listed = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    assert accepts(listed, '{"a": 1}') and not accepts(listed, '{"a": 1, "b": 2}')
+    assert accepts({**listed, "additionalProperties": True}, '{"a": 1, "b": 2}')
+    nested = {"type": "object", "properties": {"inner": listed}, "required": ["inner"], "additionalProperties": True}
+    assert accepts(nested, '{"inner": {"a": 1}, "x": 0}') and not accepts(nested, '{"inner": {"a": 1, "b": 2}}')
+    assert accepts({"type": "object"}, '{"anything": [1]}')
+    both = {"allOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"b": {"type": "integer"}}}]}
+    assert accepts(both, '{"a": 1, "b": 2}')

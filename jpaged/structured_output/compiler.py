@@ -67,6 +67,35 @@ class GrammarCompiler:
         return self.compile(params).deep_copy()
 
 
+# Keywords whose value is a subschema, a list of subschemas, or a map of names to subschemas.
+_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+              "additionalProperties", "unevaluatedProperties", "unevaluatedItems")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _closed_objects(schema):
+    """The schema with `additionalProperties: false` on every object that lists `properties` and
+    does not say otherwise: vLLM's default (xgrammar's strict mode), so the output has the keys
+    the schema names and no invented ones. Other objects stay open, and so does everything in
+    and beside an `allOf` (closing one branch would forbid the keys another branch names)."""
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(closed.get(key), dict):
+            closed[key] = _closed_objects(closed[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(closed.get(key), list):
+            closed[key] = [_closed_objects(item) for item in closed[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(closed.get(key), dict):
+            closed[key] = {name: _closed_objects(item) for name, item in closed[key].items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema and "allOf" not in schema:
+        closed["additionalProperties"] = False
+    return closed
+
+
 def _grammar_text(kind: str, text: str) -> str:
     """llguidance's grammar definition for a cache key (kind, text)."""
     if kind == "json_object":
@@ -79,7 +108,7 @@ def _grammar_text(kind: str, text: str) -> str:
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"Invalid JSON schema for structured outputs: a schema is an object or a "
                              f"boolean, got {type(schema).__name__}.")
-        return llguidance.LLMatcher.grammar_from_json_schema(text, overrides=_JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(_closed_objects(schema), overrides=_JSON_OPTIONS)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(text)
     if kind == "choice":
