@@ -9,6 +9,7 @@ or swap bug changes the outputs, which are compared with an unpaged oracle.
 """
 
 import collections
+import itertools
 import random
 
 import hypothesis.strategies as st
@@ -552,7 +553,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         num_swap_blocks=st.sampled_from([0, 4, 32]),
     )
     def setup(self, block_size, num_blocks, max_num_seqs, budget, prefix_caching, chunked_prefill, num_swap_blocks):
+        # A clock that ticks per call: the finish-first hold reads step latencies, and hypothesis
+        # replays each example, so wall-clock time (slower under load) made replays diverge.
+        ticks = itertools.count()
         self.harness = Harness(
+            clock=lambda: next(ticks) * 0.01,
             num_blocks=num_blocks,
             block_size=block_size,
             max_num_seqs=max_num_seqs,
@@ -703,14 +708,13 @@ class FakeClock:
         return self.now
 
 
-def test_the_delay_factor_holds_arrivals_for_the_last_prompt_steps_latency(monkeypatch):
+def test_the_delay_factor_holds_arrivals_for_the_last_prompt_steps_latency():
     """vLLM V0's rule: while requests run, a waiting request is admitted once it has waited
     scheduler_delay_factor x the latency of the last step that ran prompt tokens; decode rounds
     run while it is held."""
     clock = FakeClock(100.0)
-    monkeypatch.setattr(scheduler_module, "time", clock)
     scheduler = Scheduler(num_blocks=40, block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
-                          max_model_len=64, num_scheduler_steps=4, scheduler_delay_factor=2.0)
+                          max_model_len=64, num_scheduler_steps=4, scheduler_delay_factor=2.0, clock=clock.time)
 
     def arrive(request_id):
         scheduler.add_request(Request(request_id, [1, 2, 3], SamplingParams(max_tokens=40), arrival_time=clock.now))
@@ -735,7 +739,7 @@ def test_the_delay_factor_holds_arrivals_for_the_last_prompt_steps_latency(monke
     assert step(0.2)[0] == ["a", "b", "c"]  # 1.1 s
 
     idle = Scheduler(num_blocks=40, block_size=4, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
-                     scheduler_delay_factor=0.0)
+                     scheduler_delay_factor=0.0, clock=clock.time)
     idle.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=40), arrival_time=clock.now))
     out = idle.schedule()
     idle.update_from_output(out, {"a": 7})
@@ -743,17 +747,16 @@ def test_the_delay_factor_holds_arrivals_for_the_last_prompt_steps_latency(monke
     assert [s.request_id for s in idle.schedule().scheduled] == ["a", "b"]  # factor 0: at once
 
 
-def test_finish_first_holds_arrivals_while_the_running_requests_end(monkeypatch):
+def test_finish_first_holds_arrivals_while_the_running_requests_end():
     """scheduler_finish_first: while every running request decodes and, for some j, the j
     closest to their max_tokens end (at the latest decode step's latency) sooner than the latest
     prompt step took, with the waiting requests' summed wait less than that prompt step's stall
     summed over those j, waiting requests are held; otherwise they are admitted at once."""
     clock = FakeClock(100.0)
-    monkeypatch.setattr(scheduler_module, "time", clock)
 
     def scheduler(finish_first=True):
         return Scheduler(num_blocks=80, block_size=4, max_num_seqs=16, max_num_batched_tokens=32,
-                         max_model_len=64, scheduler_finish_first=finish_first)
+                         max_model_len=64, scheduler_finish_first=finish_first, clock=clock.time)
 
     def arrive(s, request_id, max_tokens=5, prompt_len=3):
         s.add_request(Request(request_id, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens),

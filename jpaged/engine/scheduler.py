@@ -28,6 +28,7 @@ Not thread-safe: abort/finish calls must not run concurrently with schedule/upda
 import collections
 import dataclasses
 import time
+from collections.abc import Callable
 
 from jpaged.engine.block_manager import KVCacheManager, cdiv
 from jpaged.engine.request import Request, RequestStatus
@@ -86,6 +87,7 @@ class Scheduler:
         num_scheduler_steps: int = 1,
         scheduler_delay_factor: float = 0.0,
         scheduler_finish_first: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         for name, value in [
             ("max_num_seqs", max_num_seqs),
@@ -119,6 +121,9 @@ class Scheduler:
         self.num_scheduler_steps = num_scheduler_steps
         self.scheduler_delay_factor = scheduler_delay_factor
         self.scheduler_finish_first = scheduler_finish_first
+        # Wall-clock seconds (time.time()): step latencies steer admission, stamps go on requests.
+        # Tests that replay schedules pass a deterministic one.
+        self._clock = clock
         self.kv_cache_manager = KVCacheManager(
             num_blocks=num_blocks,
             block_size=block_size,
@@ -186,7 +191,7 @@ class Scheduler:
         scheduled: dict[str, int] = {}  # request id -> num_scheduled_tokens, in scheduling order
         blocks_to_swap_out: list[tuple[int, int]] = []
         blocks_to_swap_in: list[tuple[int, int]] = []
-        admission_due = self._admission_due(time.time())
+        admission_due = self._admission_due(self._clock())
         num_steps = self._num_steps_ahead(admission_due)
 
         # Admission order. Only the newest running request can be mid-prefill (a prefill chunk
@@ -323,7 +328,7 @@ class Scheduler:
 
     def _schedule_waiting(self, budget: int, scheduled: dict[str, int], blocks_to_swap_in: list) -> int:
         """Admit waiting requests in FCFS order while they fit; returns the budget left."""
-        now = time.time()
+        now = self._clock()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             computed_blocks, num_cached_tokens = [], request.num_computed_tokens
@@ -385,7 +390,7 @@ class Scheduler:
         """Record a finished step: advance num_computed_tokens, append each sampled token, stop
         requests that hit a length cap or a token stop (freeing their blocks). Returns the
         requests that got a new token, finished or not, in batch order."""
-        now = time.time()
+        now = self._clock()
         updated = []
         for scheduled_request in scheduler_output.scheduled:
             request = self.requests.get(scheduled_request.request_id)
@@ -425,7 +430,7 @@ class Scheduler:
         their blocks. Unknown or already finished ids are ignored."""
         if not status.is_finished():
             raise ValueError(f"finish_requests needs a FINISHED_* status, got {status.name}.")
-        now = time.time()
+        now = self._clock()
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             request = self.requests.get(request_id)
             if request is not None:
