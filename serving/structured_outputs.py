@@ -13,6 +13,9 @@ from jpaged.structured_output import StructuredOutputsParams
 from serving.errors import APIError
 
 _STRUCTURED_OUTPUTS_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+# vLLM's options that jpaged's compiler always behaves as one setting of: JSON has no free
+# whitespace, listed properties are all there is, and there is one backend. Accepted, not used.
+_FIXED_OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "disable_fallback")
 _GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                   "guided_grammar": "grammar"}
 
@@ -34,11 +37,14 @@ def _from_response_format(response_format: dict[str, Any]) -> dict[str, Any] | N
 
 
 def _from_structured_outputs(fields: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(fields) - set(_STRUCTURED_OUTPUTS_KEYS))
+    unknown = sorted(set(fields) - set(_STRUCTURED_OUTPUTS_KEYS) - set(_FIXED_OPTIONS))
     if unknown:
         raise APIError(f"structured_outputs fields {unknown} are not supported; use one of "
                        f"{list(_STRUCTURED_OUTPUTS_KEYS)}.", param="structured_outputs")
-    return {key: value for key, value in fields.items() if value is not None}
+    for option in _FIXED_OPTIONS:
+        if not isinstance(fields.get(option, False), bool):
+            raise APIError(f"structured_outputs.{option} must be a boolean.", param="structured_outputs")
+    return {key: value for key, value in fields.items() if value is not None and key not in _FIXED_OPTIONS}
 
 
 def structured_outputs_from_request(body) -> StructuredOutputsParams | None:

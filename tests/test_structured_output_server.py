@@ -104,7 +104,11 @@ def test_extra_fields_regex_choice_grammar(tiny_server):
              ({"guided_choice": ["red", "green", "blue"]}, lambda t: t in ("red", "green", "blue")),
              ({"guided_regex": "(yes|no)!"}, lambda t: t in ("yes!", "no!")),
              ({"guided_grammar": 'root ::= "(" [a-z] ")"'}, lambda t: re.fullmatch(r"\([a-z]\)", t)),
-             ({"structured_outputs": {"json": SCHEMA}}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None)]
+             ({"structured_outputs": {"json": SCHEMA}}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
+             # vLLM's options that match what the compiler always does are accepted
+             ({"structured_outputs": {"choice": ["up", "down"], "disable_any_whitespace": True,
+                                      "disable_additional_properties": False, "disable_fallback": True}},
+              lambda t: t in ("up", "down"))]
     for extra, check in cases:
         for seed in range(3):
             text = client.completions.create(model=MODEL_NAME, prompt="Answer:", temperature=1.0, seed=seed,
@@ -147,6 +151,8 @@ def test_auto_tool_choice_parses_hermes_calls(tiny_server, stream):
      "Invalid JSON schema for structured outputs: Invalid type: objekt"),
     ({"structured_outputs": {"regex": "a(b"}}, "Invalid regex for structured outputs"),
     ({"guided_grammar": "start: foo"}, 'unknown name: "foo"'),
+    ({"structured_outputs": {"choice": ["a"], "whitespace_pattern": " "}}, "['whitespace_pattern'] are not supported"),
+    ({"structured_outputs": {"choice": ["a"], "disable_any_whitespace": "yes"}}, "must be a boolean"),
     ({"tools": TOOLS}, '"auto" tool choice requires --enable-auto-tool-choice'),
 ])
 def test_invalid_constraints_are_400_and_queue_nothing(tiny_server, body, fragment):
