@@ -197,9 +197,10 @@ class _CompletionJob:
         for i, final in enumerate(finals):
             completion_tokens += sum(len(c.token_ids) for c in final.outputs)  # best_of: all samples count
             kept = _best(final.outputs, self.body.n) if len(final.outputs) > self.body.n else final.outputs
+            entries = prompt_logprobs(final.prompt_logprobs)  # the prompt's, shared by its choices
             for c in kept:
                 choice = self.choices[i][c.index].piece(final, c)
-                choice.prompt_logprobs = prompt_logprobs(final.prompt_logprobs)
+                choice.prompt_logprobs = entries
                 choices.append(choice)
         choices.sort(key=lambda choice: choice.index)
         usage = _usage(self.prompts, completion_tokens, sum(f.num_cached_tokens for f in finals))
@@ -217,20 +218,19 @@ class _CompletionJob:
         options = self.body.stream_options
         include_usage = options is not None and options.include_usage
         continuous_usage = include_usage and options.continuous_usage_stats
-        completion_tokens = 0
         cached = [0] * len(self.prompts)
         try:
             async for i, output in prepend(first, self.outputs):
                 cached[i] = output.num_cached_tokens
                 for c in output.outputs:
                     if c.text or c.token_ids or c.finish_reason:
-                        completion_tokens += len(c.token_ids)
                         choice = self.choices[i][c.index]
                         choice.num_tokens += len(c.token_ids)
                         # continuous_usage_stats: this choice's prompt and its tokens so far (vLLM's)
                         usage = _usage([self.prompts[i]], choice.num_tokens, cached[i]) if continuous_usage else None
                         yield sse_event(self._response([choice.piece(output, c)], usage))
             if include_usage:
+                completion_tokens = sum(choice.num_tokens for row in self.choices for choice in row)
                 yield sse_event(self._response([], _usage(self.prompts, completion_tokens, sum(cached))))
         except APIError as exc:
             yield sse_error(exc)
