@@ -149,24 +149,10 @@ class LLM:
         tokenizer = self.get_tokenizer()
         prompts = []
         for conversation in conversations:
-            conversation = [{**message, "content": _text_content(message.get("content"))} for message in conversation]
             text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                  chat_template=chat_template, **kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
-
-
-def _text_content(content) -> str:
-    """A message's content as the template reads it: text parts joined one per line (vLLM's rule
-    for templates that take a string); None as ""."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ValueError(f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, got {part!r}")
-        texts.append(part["text"])
-    return "\n".join(texts)
 
 
 def _show_info_logs() -> None:

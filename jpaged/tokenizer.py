@@ -54,10 +54,12 @@ class Tokenizer:
     ) -> str:
         """Renders `messages` with the model's (or the given) jinja2 chat template, as HF does.
 
-        As vLLM does, `developer` messages become `system` ones for a template that never names
-        the developer role (SmolLM2's would render an unknown role after its own default system
-        prompt), and the system messages are then merged into one at the start.
-        Raises ValueError when there is no template (pass --chat-template).
+        As vLLM does: content given as text parts, [{"type": "text", "text": ...}], reaches the
+        template as one string, a part per line; `developer` messages become `system` ones for a
+        template that never names the developer role (SmolLM2's would render an unknown role
+        after its own default system prompt), and the system messages are then merged into one
+        at the start. Raises ValueError when there is no template (pass --chat-template), or for
+        a content part that is not text.
         """
         template = None if chat_template is None else _read_chat_template(chat_template)
         if template is None and self.hf.chat_template is None:
@@ -65,6 +67,7 @@ class Tokenizer:
                 f"the tokenizer of {self.hf.name_or_path!r} has no chat template; pass one with "
                 "--chat-template (a file path or the template text)"
             )
+        messages = [{**m, "content": message_text(m.get("content"))} for m in messages]
         source = template if template is not None else self.hf.chat_template
         if any(m.get("role") == "developer" for m in messages) and not _names_developer_role(source):
             messages = _developer_as_system(messages)
@@ -75,6 +78,19 @@ class Tokenizer:
             chat_template=template,
             **kwargs,
         )
+
+
+def message_text(content) -> str:
+    """A chat message's content as one string: text parts joined one per line (vLLM's rule for
+    templates that read content as a string); None as ""."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, got {part!r}")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _names_developer_role(template) -> bool:

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import RequestOutputKind
+from jpaged.tokenizer import message_text
 from serving.context import ServingContext
 from serving.errors import APIError
 from serving.logprobs import chat_logprobs, prompt_logprobs
@@ -94,7 +95,8 @@ class _ChatJob:
         self.role = body.reply_role()
         last = body.messages[-1]
         # echo: the reply repeats the last message first when it is the reply's own role (vLLM's rule).
-        self.echoed = last.to_template_message()["content"] if body.echo and last.role == self.role else ""
+        echoes = body.echo and last.role == self.role
+        self.echoed = message_text(last.to_template_message()["content"]) if echoes else ""
         prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
         self.prompt_ids = ctx.truncate_prompt(prompt_ids, body.truncate_prompt_tokens)
         ctx.validate(self.prompt_ids, params, "messages")

@@ -187,12 +187,9 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None  # a tool turn's answer to that call
 
     def to_template_message(self) -> dict[str, Any]:
-        """The dict the chat template reads: text parts joined into one string, one part per line
-        (as vLLM does for templates that read content as a string)."""
-        content = self.content
-        if isinstance(content, list):
-            content = "\n".join(part.text for part in content)
-        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        """The message as the tokenizer's apply_chat_template takes it (which joins text parts)."""
+        content = [part.model_dump() for part in self.content] if isinstance(self.content, list) else self.content
+        message: dict[str, Any] = {"role": self.role, "content": content}
         if self.name is not None:
             message["name"] = self.name
         if self.tool_calls is not None:
