@@ -66,14 +66,17 @@ async def create_chat_completion(request: Request) -> Response:
     model_name = ctx.check_model(body.model)
     ctx.check_ready()
     _check_request(body)
-    job = _ChatJob(ctx, body, model_name, arrival_time)
+    job = ChatJob(ctx, body, model_name, arrival_time)
     return await (job.stream(request) if body.stream else job.complete(request))
 
 
-class _ChatJob:
+class ChatJob:
     """One validated chat request: the rendered prompt and its engine stream."""
 
-    def __init__(self, ctx: ServingContext, body: ChatCompletionRequest, model_name: str, arrival_time: float):
+    def __init__(self, ctx: ServingContext, body: ChatCompletionRequest, model_name: str, arrival_time: float,
+                 request_id: str | None = None, prompt_param: str = "messages"):
+        """`request_id`: the engine's id (default: a new `chatcmpl-` id); `prompt_param`: the field
+        a prompt over the context is blamed on."""
         self.ctx, self.body, self.model_name = ctx, body, model_name
         self.tool_plan = plan_tools(body, enable_auto_tool_choice=ctx.enable_auto_tool_choice,
                                     tool_call_parser=ctx.tool_call_parser)
@@ -81,7 +84,7 @@ class _ChatJob:
         if max_tokens is None:
             max_tokens = ctx.generation_defaults.get("max_tokens")
         self.num_top = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.to_sampling_params(
+        self.params = params = body.to_sampling_params(
             max_tokens=max_tokens, logprobs=self.num_top, prompt_logprobs=body.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
             defaults=ctx.generation_defaults)
@@ -99,12 +102,12 @@ class _ChatJob:
         self.echoed = message_text(last.to_template_message()["content"]) if echoes else ""
         prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
         self.prompt_ids = ctx.truncate_prompt(prompt_ids, body.truncate_prompt_tokens)
-        ctx.validate(self.prompt_ids, params, "messages")
-        self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        ctx.validate(self.prompt_ids, params, prompt_param)
+        self.request_id = request_id or f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.outputs = ctx.generate(self.prompt_ids, params, self.request_id, arrival_time)
 
-    def _logprobs(self, completion: CompletionOutput) -> ChatLogprobs | None:
+    def logprobs(self, completion: CompletionOutput) -> ChatLogprobs | None:
         if self.num_top is None:
             return None
         return chat_logprobs(completion.token_ids, completion.logprobs, self.num_top, self.ctx.tokenizer)
@@ -133,7 +136,7 @@ class _ChatJob:
                 content = self.echoed + (content or "")
             choices.append(ChatCompletionChoice(
                 index=c.index, message=ChatResponseMessage(role=self.role, content=content, tool_calls=tool_calls),
-                logprobs=self._logprobs(c), finish_reason=finish_reason, stop_reason=c.stop_reason))
+                logprobs=self.logprobs(c), finish_reason=finish_reason, stop_reason=c.stop_reason))
         usage = self._usage(sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens)
         response = ChatCompletionResponse(id=self.request_id, created=self.created,
                                           model=self.model_name, choices=choices, usage=usage,
@@ -189,7 +192,7 @@ class _ChatJob:
                             if held_back and self.num_top is None:
                                 continue  # the parser holds this text back: nothing to send yet
                         yield self._chunk([ChatStreamChoice(
-                            index=c.index, delta=delta, logprobs=self._logprobs(c),
+                            index=c.index, delta=delta, logprobs=self.logprobs(c),
                             finish_reason=finish_reason, stop_reason=c.stop_reason)], usage_so_far(c.index))
             if include_usage:
                 yield self._chunk([], self._usage(sum(tokens_per_choice), cached))

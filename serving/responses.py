@@ -1,0 +1,452 @@
+"""POST /v1/responses: OpenAI's Responses API, served over the chat path.
+
+`instructions` and the `input` items become chat messages, function `tools` and `text.format` the
+chat request's tools and response_format; rendering, the tool plan, validation and the engine
+stream are ChatJob's. The reply is a `response` object whose `output` holds a `message` item
+(the text, with logprobs when `include` asks for them) and one `function_call` item per parsed
+tool call; `status` is "incomplete" when max_output_tokens cut it short. Streamed, the reply is
+the Responses event sequence (`response.created`, `response.in_progress`, per item
+`output_item.added` ... `output_item.done`, then `response.completed`), each SSE event named by
+its type and numbered by `sequence_number`, without a `[DONE]` line.
+
+Like vLLM without VLLM_ENABLE_RESPONSES_API_STORE, nothing is stored: `store` is accepted and
+ignored, `previous_response_id`, GET /v1/responses/{id} and its cancel answer 404, and
+`background` (which needs the store) is a 400. Send the whole conversation in `input`.
+"""
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from jpaged.outputs import RequestOutput
+from serving.chat import ChatJob
+from serving.context import ServingContext
+from serving.errors import APIError, validation_error
+from serving.protocol import ChatCompletionRequest, SamplingFields
+from serving.streaming import CLIENT_CLOSED_REQUEST, prepend, unless_disconnected
+from serving.tool_calls import ToolCallStream
+
+OUTPUT_LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for logprobs
+_TEXT_PART_TYPES = ("input_text", "output_text", "text")
+_MESSAGE_ROLES = ("user", "system", "developer", "assistant")
+# Chat request fields named in ChatJob's errors, by their name in a Responses request.
+_RESPONSES_PARAM = {"messages": "input", "max_completion_tokens": "max_output_tokens",
+                    "max_tokens": "max_output_tokens", "response_format": "text", "logprobs": "include"}
+# SamplingFields that a Responses request does not have, with the value that means "not set".
+_NOT_RESPONSES_FIELDS = {"n": 1, "stream_options": None, "prompt_logprobs": None}
+
+
+class ResponsesRequest(SamplingFields):
+    """POST /v1/responses: OpenAI's fields, plus vLLM's sampling extras (SamplingFields)."""
+
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0)  # with include OUTPUT_LOGPROBS; at most --max-logprobs
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
+    truncation: Literal["auto", "disabled"] = "disabled"  # auto: drop the oldest tokens to fit
+    metadata: dict[str, str] | None = None
+    reasoning: dict[str, Any] | None = None  # echoed; the served models do not reason
+    service_tier: str = "auto"
+    max_tool_calls: int | None = None
+    store: bool = True  # accepted; nothing is stored
+    background: bool = False
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None  # a stored prompt template
+    # vLLM extras
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        """400/404 for what needs a response store or is not a Responses field; as vLLM words it
+        where vLLM refuses the same."""
+        self.check_unsupported_extras()
+        for name, unset in _NOT_RESPONSES_FIELDS.items():
+            if getattr(self, name) != unset:
+                raise APIError(f"{name} is not a field of the Responses API; use /v1/chat/completions "
+                               "or /v1/completions for it.", param=name)
+        if self.prompt is not None:
+            raise APIError("prompt template is not supported", param="prompt")
+        if self.background:
+            raise APIError("This server does not store responses and therefore does not support the "
+                           "background mode; send the request with background false.", param="background")
+        if self.conversation is not None:
+            raise APIError("This server keeps no conversations; send the whole conversation in `input`.",
+                           param="conversation")
+        if self.previous_response_id is not None:
+            raise response_not_found(self.previous_response_id, param="previous_response_id")
+
+    def wants_logprobs(self) -> bool:
+        return OUTPUT_LOGPROBS in (self.include or [])
+
+    def effective_tool_choice(self) -> str | dict[str, Any]:
+        """vLLM's rule: "auto" without tools is "none"."""
+        return "none" if not self.tools and self.tool_choice == "auto" else self.tool_choice
+
+    def to_chat_request(self) -> ChatCompletionRequest:
+        """The chat request this one asks for; 400 APIError naming the Responses field."""
+        messages, continue_final = input_messages(self.instructions, self.input)
+        fields = self.model_dump(include=set(SamplingFields.model_fields) - set(_NOT_RESPONSES_FIELDS),
+                                 exclude_unset=True)
+        fields.update(messages=messages, max_completion_tokens=self.max_output_tokens,
+                      tools=_chat_tools(self.tools), tool_choice=_chat_tool_choice(self.effective_tool_choice()),
+                      parallel_tool_calls=self.parallel_tool_calls, response_format=_response_format(self.text),
+                      logprobs=self.wants_logprobs(), chat_template_kwargs=self.chat_template_kwargs,
+                      continue_final_message=continue_final, add_generation_prompt=not continue_final)
+        if self.wants_logprobs():
+            fields["top_logprobs"] = self.top_logprobs or 0
+        if self.truncation == "auto" and self.truncate_prompt_tokens is None:
+            fields["truncate_prompt_tokens"] = -1
+        try:
+            return ChatCompletionRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+
+def response_not_found(response_id: str, param: str | None = None) -> APIError:
+    return APIError(f"Response with id '{response_id}' not found. This server does not store responses; "
+                    "send the whole conversation in `input`.", status_code=HTTPStatus.NOT_FOUND, param=param)
+
+
+def _text_content(content: Any, where: str) -> str | list[dict[str, str]]:
+    """A message's content as chat content: a string, or text parts (joined one per line when
+    rendered, as chat's are)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(f"{where}.content must be a string or a list of text parts.", param="input")
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PART_TYPES or not isinstance(part.get("text"), str):
+            raise APIError(f"{where}.content[{j}] of type {kind!r} is not supported: the served model reads "
+                           f"text parts ({', '.join(_TEXT_PART_TYPES)}) only.", param="input")
+        parts.append({"type": "text", "text": part["text"]})
+    return parts
+
+
+def _required_str(item: dict, key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise APIError(f"{where} needs a string '{key}'.", param="input")
+    return value
+
+
+def input_messages(instructions: str | None, items: str | list[dict[str, Any]]) -> tuple[list[dict], bool]:
+    """(chat messages, continue_final_message) of a request's `instructions` and `input`.
+
+    A string is one user message. Items: `message` (user, system, developer or assistant; text
+    content), `function_call` (joined to the assistant turn before it, as that turn's
+    tool_calls), `function_call_output` (a tool message) and `reasoning` (left out: the served
+    models read no reasoning back). A last assistant message whose status is "in_progress" or
+    "incomplete" is continued rather than answered (vLLM's rule).
+    """
+    messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
+    if isinstance(items, str):
+        return [*messages, {"role": "user", "content": items}], False
+    if not items:
+        raise APIError("input is an empty list: send at least one item.", param="input")
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise APIError(f"{where} must be an object.", param="input")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in _MESSAGE_ROLES:
+                raise APIError(f"{where}.role must be one of {', '.join(_MESSAGE_ROLES)}; got {role!r}.",
+                               param="input")
+            messages.append({"role": role, "content": _text_content(item.get("content"), where)})
+        elif kind == "function_call":
+            call = {"id": _required_str(item, "call_id", where), "type": "function",
+                    "function": {"name": _required_str(item, "name", where),
+                                 "arguments": _required_str(item, "arguments", where)}}
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": _required_str(item, "call_id", where),
+                             "content": _text_content(item.get("output"), f"{where}.output")})
+        elif kind != "reasoning":
+            raise APIError(f"{where} of type {kind!r} is not supported; send message, function_call and "
+                           "function_call_output items.", param="input")
+    last = items[-1]
+    continue_final = (last.get("type", "message") == "message" and last.get("role") == "assistant"
+                      and last.get("status") in ("in_progress", "incomplete"))
+    return messages, continue_final
+
+
+def _chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Responses function tools ({"type": "function", "name", "parameters", ...}) in chat's shape."""
+    chat_tools = []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type")
+        if kind != "function":
+            raise APIError(f"tools[{i}] of type {kind!r} is not supported: this server calls function tools "
+                           "only.", param="tools")
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise APIError(f"tools[{i}] needs a 'name'.", param="tools")
+        function = {key: tool[key] for key in ("name", "description", "parameters", "strict")
+                    if tool.get(key) is not None}
+        chat_tools.append({"type": "function", "function": function})
+    return chat_tools or None
+
+
+def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        return choice
+    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise APIError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}.",
+                   param="tool_choice")
+
+
+def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`text.format` as chat's response_format (whose rules then apply)."""
+    fmt = (text or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise APIError("text.format must be an object with a 'type'.", param="text")
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {key: fmt.get(key) for key in ("name", "schema", "strict")}}
+    return {"type": fmt.get("type")}
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _text_part(text: str, logprobs: list[dict]) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
+
+
+def _message_item(item_id: str, status: str, parts: list[dict]) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": parts}
+
+
+def _function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+async def create_response(request: Request) -> Response:
+    arrival_time = time.time()
+    ctx: ServingContext = request.app.state.ctx
+    body = await ctx.read_body(request, ResponsesRequest)
+    model_name = ctx.check_model(body.model)
+    ctx.check_ready()
+    body.check_supported()
+    job = _ResponseJob(ctx, body, model_name, arrival_time)
+    return await (job.stream(request) if body.stream else job.complete(request))
+
+
+async def retrieve_response(request: Request) -> Response:
+    """GET /v1/responses/{response_id} and POST .../cancel: 404, nothing is stored."""
+    raise response_not_found(request.path_params["response_id"])
+
+
+class _ResponseJob:
+    """One validated Responses request: its chat job and the response object around it."""
+
+    def __init__(self, ctx: ServingContext, body: ResponsesRequest, model_name: str, arrival_time: float):
+        self.body, self.model_name = body, model_name
+        self.id = _new_id("resp")
+        self.created_at = int(time.time())
+        try:
+            self.chat = ChatJob(ctx, body.to_chat_request(), model_name, arrival_time, request_id=self.id,
+                                prompt_param="input")
+        except APIError as exc:
+            exc.param = _RESPONSES_PARAM.get(exc.param, exc.param)
+            raise
+        params = self.chat.params
+        self.max_output_tokens = (params.max_tokens if params.max_tokens is not None
+                                  else ctx.max_model_len - len(self.chat.prompt_ids))
+
+    def _logprobs(self, completion) -> list[dict]:
+        logprobs = self.chat.logprobs(completion)
+        return [] if logprobs is None else [entry.model_dump() for entry in logprobs.content]
+
+    def _response(self, status: str, output: list[dict], usage: dict | None) -> dict[str, Any]:
+        """The `response` object; its settings as the engine runs them (vLLM's fields)."""
+        body, params = self.body, self.chat.params
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": body.instructions, "max_output_tokens": self.max_output_tokens,
+            "max_tool_calls": body.max_tool_calls, "model": self.model_name, "output": output,
+            "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": None,
+            "reasoning": body.reasoning, "service_tier": body.service_tier, "store": False,
+            "temperature": params.temperature, "top_p": params.top_p,
+            "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
+            "text": body.text or {"format": {"type": "text"}}, "tool_choice": body.effective_tool_choice(),
+            "tools": body.tools, "top_logprobs": self.chat.num_top, "truncation": body.truncation,
+            "usage": usage, "user": body.user, "metadata": body.metadata, "background": False,
+        }
+
+    def _usage(self, output_tokens: int, cached_tokens: int) -> dict[str, Any]:
+        input_tokens = len(self.chat.prompt_ids)
+        return {"input_tokens": input_tokens,
+                "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
+                "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + output_tokens}
+
+    async def complete(self, request: Request) -> Response:
+        async def last() -> RequestOutput:
+            async for final in self.chat.outputs:
+                pass
+            return final
+
+        completed, final = await unless_disconnected(request, last())
+        if not completed:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        completion = final.outputs[0]
+        status = "incomplete" if completion.finish_reason == "length" else "completed"
+        content, calls = completion.text, []
+        if self.chat.tool_plan is not None:
+            content, calls, _ = self.chat.tool_plan.message(completion.text, completion.finish_reason)
+        output = []
+        if content or not calls:
+            parts = [_text_part(content, self._logprobs(completion))] if content else []
+            output.append(_message_item(_new_id("msg"), status, parts))
+        output += [_function_call_item(_new_id("fc"), call.id, call.function.name, call.function.arguments,
+                                       "completed") for call in calls]
+        usage = self._usage(len(completion.token_ids), final.num_cached_tokens)
+        return JSONResponse(self._response(status, output, usage))
+
+    async def stream(self, request: Request) -> Response:
+        # Wait for the first output so an invalid request still gets a 400, not a broken stream.
+        completed, first = await unless_disconnected(request, anext(self.chat.outputs))
+        if not completed:
+            await self.chat.outputs.aclose()
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return StreamingResponse(self._events(first), media_type="text/event-stream")
+
+    async def _events(self, first: RequestOutput) -> AsyncIterator[str]:
+        events = _OutputEvents()
+        yield events.emit("response.created", response=self._response("in_progress", [], None))
+        yield events.emit("response.in_progress", response=self._response("in_progress", [], None))
+        tool_stream = None if self.chat.tool_plan is None else ToolCallStream(self.chat.tool_plan)
+        output_tokens, cached, status = 0, first.num_cached_tokens, "completed"
+        pending_logprobs: list[dict] = []  # of tokens whose text the tool parser holds back
+        try:
+            async for output in prepend(first, self.chat.outputs):
+                cached = output.num_cached_tokens
+                completion = output.outputs[0]
+                output_tokens += len(completion.token_ids)
+                if completion.finish_reason == "length":
+                    status = "incomplete"
+                pending_logprobs += self._logprobs(completion)
+                content, calls = completion.text, None
+                if tool_stream is not None:
+                    content, calls = tool_stream.feed(completion.text, final=completion.finish_reason is not None)
+                if content:
+                    for event in events.text(content, pending_logprobs):
+                        yield event
+                    pending_logprobs = []
+                for call in calls or []:
+                    for event in events.tool_call(call.id, call.function):
+                        yield event
+            for event in events.finish(status):
+                yield event
+            usage = self._usage(output_tokens, cached)
+            yield events.emit("response.completed", response=self._response(status, events.output, usage))
+        except APIError as exc:
+            yield events.emit("error", code=exc.code, message=exc.message, param=exc.param)
+        finally:
+            await self.chat.outputs.aclose()
+
+
+class _OutputEvents:
+    """Builds a streamed response's output items from text and tool-call deltas, and the SSE
+    events that announce them: the open item (a message or a function call) is closed when the
+    other kind starts and at the end."""
+
+    def __init__(self):
+        self.sequence_number = 0
+        self.output: list[dict] = []  # closed items
+        self.open: dict[str, Any] | None = None  # the item being streamed
+        self.text_so_far = ""
+        self.logprobs: list[dict] = []
+
+    def emit(self, event_type: str, **fields) -> str:
+        payload = {"type": event_type, "sequence_number": self.sequence_number, **fields}
+        self.sequence_number += 1
+        return f"event: {event_type}\ndata: {json.dumps(payload)}\n\n"
+
+    def _where(self) -> dict[str, Any]:
+        return {"output_index": len(self.output), "item_id": self.open["id"]}
+
+    def _open_message(self) -> list[str]:
+        self.open = _message_item(_new_id("msg"), "in_progress", [])
+        self.text_so_far, self.logprobs = "", []
+        return [self.emit("response.output_item.added", output_index=len(self.output), item=self.open),
+                self.emit("response.content_part.added", **self._where(), content_index=0,
+                          part=_text_part("", []))]
+
+    def text(self, delta: str, logprobs: list[dict]) -> list[str]:
+        events = [] if self.open is not None and self.open["type"] == "message" else self.close() + self._open_message()
+        self.text_so_far += delta
+        self.logprobs += logprobs
+        # Streamed logprobs carry no bytes (OpenAI's delta event shape).
+        streamed = [{"token": lp["token"], "logprob": lp["logprob"],
+                     "top_logprobs": [{"token": top["token"], "logprob": top["logprob"]} for top in lp["top_logprobs"]]}
+                    for lp in logprobs]
+        events.append(self.emit("response.output_text.delta", **self._where(), content_index=0, delta=delta,
+                                logprobs=streamed))
+        return events
+
+    def tool_call(self, call_id: str | None, function) -> list[str]:
+        events = []
+        if call_id is not None:  # a new call
+            events += self.close()
+            self.open = _function_call_item(_new_id("fc"), call_id, function.name, "", "in_progress")
+            events.append(self.emit("response.output_item.added", output_index=len(self.output), item=self.open))
+        if function.arguments:
+            self.open["arguments"] += function.arguments
+            events.append(self.emit("response.function_call_arguments.delta", **self._where(),
+                                    delta=function.arguments))
+        return events
+
+    def close(self, status: str = "completed") -> list[str]:
+        item, events = self.open, []
+        if item is None:
+            return events
+        if item["type"] == "message":
+            part = _text_part(self.text_so_far, self.logprobs)
+            events += [self.emit("response.output_text.done", **self._where(), content_index=0,
+                                 text=self.text_so_far, logprobs=[]),
+                       self.emit("response.content_part.done", **self._where(), content_index=0, part=part)]
+            item = _message_item(item["id"], status, [part])
+        else:
+            events.append(self.emit("response.function_call_arguments.done", **self._where(),
+                                    name=item["name"], arguments=item["arguments"]))
+            item = {**item, "status": status}
+        events.append(self.emit("response.output_item.done", output_index=len(self.output), item=item))
+        self.output.append(item)
+        self.open = None
+        return events
+
+    def finish(self, status: str) -> list[str]:
+        """Closes the last item; a reply with no item at all gets an empty message, as a whole one does."""
+        if self.open is None and not self.output:
+            self.open = _message_item(_new_id("msg"), "in_progress", [])
+            added = self.emit("response.output_item.added", output_index=0, item=self.open)
+            self.output.append(_message_item(self.open["id"], status, []))
+            done = self.emit("response.output_item.done", output_index=0, item=self.output[0])
+            self.open = None
+            return [added, done]
+        return self.close(status)

@@ -1,0 +1,272 @@
+"""POST /v1/responses end to end on the tiny random model, and its input conversion without one.
+
+Oracles: a dense no-cache greedy loop over the prompt the expected chat messages render to (text
+and token counts), the `openai` package's own pydantic types validating the raw JSON (strict,
+not the SDK's lenient parsing), the SDK's stream accumulator (which checks that events, item ids
+and the final response agree), the chat route for logprobs, JSON schemas for constrained output,
+and the engine's stats for freed KV blocks.
+"""
+
+import json
+
+import httpx
+import jsonschema
+import pydantic
+import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from test_server import AUTH, client, dense_greedy, tiny_model  # noqa: F401 (client, tiny_model: fixtures)
+from test_structured_output_server import SCHEMA, SCHEMAS, TOOLS, TOOLS_TEMPLATE
+
+from jpaged.config import EngineArgs
+from serving.errors import APIError
+from serving.responses import ResponsesRequest, input_messages
+from server_harness import MODEL_NAME, ThreadedServer, wait_until_idle
+
+RESPONSES_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]
+STREAM_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    args = EngineArgs(model=str(tiny_model_dir), max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64,
+                      num_gpu_blocks_override=96, compilation_cache_dir="", chat_template=TOOLS_TEMPLATE)
+    srv = ThreadedServer(args, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    yield srv
+    srv.stop()
+
+
+def _post(server, **body) -> httpx.Response:
+    return httpx.post(server.url + "/v1/responses", json={"model": MODEL_NAME, **body}, headers=AUTH, timeout=120)
+
+
+def _events(server, **body) -> list[dict]:
+    """A streamed response's events, each checked: SSE name = type, numbered 0, 1, ..., and valid
+    as the openai package's ResponseStreamEvent."""
+    raw = _post(server, stream=True, **body).text
+    assert raw.endswith("\n\n") and "[DONE]" not in raw
+    events = []
+    for block in raw[:-2].split("\n\n"):
+        name_line, data_line = block.split("\n")
+        event = json.loads(data_line.removeprefix("data: "))
+        assert name_line == f"event: {event['type']}" and event["sequence_number"] == len(events)
+        STREAM_EVENT.validate_python(event)
+        events.append(event)
+    return events
+
+
+# --------------------------------------------------------------------------- input conversion
+
+
+def test_input_items_become_chat_messages():
+    call = {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": '{"zone": "UTC"}'}
+    items = [{"role": "developer", "content": "Be brief."},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Time?"},
+                                                             {"type": "input_text", "text": "In UTC."}]},
+             {"type": "reasoning", "summary": []},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+             call, {**call, "call_id": "c2"},
+             {"type": "function_call_output", "call_id": "c1", "output": "12:00"}]
+    messages, continue_final = input_messages("You are terse.", items)
+    tool_call = {"type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
+    assert messages == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Time?"}, {"type": "text", "text": "In UTC."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Checking."}],
+         "tool_calls": [{"id": "c1", **tool_call}, {"id": "c2", **tool_call}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"}]
+    assert not continue_final
+    assert input_messages(None, "Hi") == ([{"role": "user", "content": "Hi"}], False)
+    partial = {"role": "assistant", "content": "Once upon", "status": "incomplete"}
+    assert input_messages(None, [{"role": "user", "content": "A story"}, partial])[1]
+
+
+@pytest.mark.parametrize("items, fragment", [
+    ([], "empty list"),
+    ([{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}], "'input_image'"),
+    ([{"type": "item_reference", "id": "msg_1"}], "'item_reference'"),
+    ([{"role": "tool", "content": "x"}], "role must be one of"),
+    ([{"type": "function_call", "name": "f", "arguments": "{}"}], "'call_id'"),
+])
+def test_input_items_that_cannot_be_served_are_400(items, fragment):
+    with pytest.raises(APIError, match=fragment) as info:
+        input_messages(None, items)
+    assert info.value.param == "input" and info.value.status_code == 400
+
+
+def test_request_fields_map_to_the_chat_request():
+    body = ResponsesRequest(input="Hi", max_output_tokens=7, include=["message.output_text.logprobs"], top_logprobs=3,
+                            text={"format": {"type": "json_schema", "name": "p", "schema": SCHEMA, "strict": True}},
+                            tools=RESPONSES_TOOLS, tool_choice={"type": "function", "name": "get_time"},
+                            truncation="auto", temperature=0.5, seed=3, stop=["\n"])
+    chat = body.to_chat_request()
+    assert chat.max_completion_tokens == 7 and chat.logprobs and chat.top_logprobs == 3
+    json_schema = {"name": "p", "schema": SCHEMA, "strict": True}
+    assert chat.response_format == {"type": "json_schema", "json_schema": json_schema}
+    assert chat.tools == TOOLS and chat.tool_choice == {"type": "function", "function": {"name": "get_time"}}
+    assert chat.truncate_prompt_tokens == -1 and chat.temperature == 0.5 and chat.seed == 3 and chat.stop == ["\n"]
+    plain = ResponsesRequest(input="Hi", top_logprobs=2).to_chat_request()
+    assert not plain.logprobs and plain.top_logprobs is None and plain.tool_choice == "none"
+
+
+# --------------------------------------------------------------------------- the route
+
+
+def test_greedy_text_and_usage_match_the_dense_oracle(server, client, tiny_model):
+    parts = [{"type": "input_text", "text": "Hello"}, {"type": "input_text", "text": "there"}]
+    items = [{"role": "user", "content": parts}]
+    raw = _post(server, input=items, instructions="Be brief.", max_output_tokens=12, temperature=0,
+                ignore_eos=True).json()
+    Response.model_validate(raw)  # every field the openai package requires, with its type
+    tokenizer = server.ctx.tokenizer
+    prompt = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Hello\nthere"}], add_generation_prompt=True)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    expected = dense_greedy(tiny_model, prompt_ids, 12, padded_len=128)
+    (message,) = raw["output"]
+    assert message["type"] == "message" and message["role"] == "assistant" and message["id"].startswith("msg_")
+    assert message["content"][0]["text"] == tokenizer.decode(expected)
+    assert raw["status"] == "incomplete" and raw["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert raw["usage"]["input_tokens"] == len(prompt_ids) and raw["usage"]["output_tokens"] == 12
+    assert raw["usage"]["total_tokens"] == len(prompt_ids) + 12
+    assert raw["id"].startswith("resp_") and raw["instructions"] == "Be brief." and raw["max_output_tokens"] == 12
+    sdk = client.responses.create(model=MODEL_NAME, input=items, instructions="Be brief.", max_output_tokens=12,
+                                  temperature=0, extra_body={"ignore_eos": True})
+    assert sdk.output_text == message["content"][0]["text"]
+
+
+def test_stream_events_add_up_to_the_whole_response(server, client):
+    body = {"input": "Tell me a story.", "max_output_tokens": 16, "temperature": 0, "ignore_eos": True}
+    whole = _post(server, **body).json()
+    events = _events(server, **body)
+    types = [e["type"] for e in events]
+    assert types[:5] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added", "response.output_text.delta"]
+    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    final = events[-1]["response"]
+    Response.model_validate(final)
+    assert text == whole["output"][0]["content"][0]["text"] == final["output"][0]["content"][0]["text"]
+    assert final["status"] == "incomplete" and final["usage"] == whole["usage"]
+    assert events[0]["response"]["status"] == "in_progress" and events[0]["response"]["usage"] is None
+    with client.responses.stream(model=MODEL_NAME, input=body["input"], max_output_tokens=16, temperature=0,
+                                 extra_body={"ignore_eos": True}) as stream:
+        for _ in stream:
+            pass
+        assert stream.get_final_response().output_text == text
+
+
+def test_logprobs_match_the_chat_route(server, client):
+    body = {"input": "Hi", "max_output_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    part = _post(server, **body).json()["output"][0]["content"][0]
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    expected = chat.choices[0].logprobs.content
+    assert [lp["token"] for lp in part["logprobs"]] == [lp.token for lp in expected]
+    for got, want in zip(part["logprobs"], expected, strict=True):
+        assert got["logprob"] == pytest.approx(want.logprob, abs=1e-5) and len(got["top_logprobs"]) == 2
+        assert got["bytes"] == want.bytes
+    deltas = [e for e in _events(server, **body) if e["type"] == "response.output_text.delta"]
+    streamed = [lp for e in deltas for lp in e["logprobs"]]
+    assert [lp["token"] for lp in streamed] == [lp["token"] for lp in part["logprobs"]]
+
+
+def test_text_format_json_schema_is_enforced(server):
+    for seed in range(3):
+        raw = _post(server, input="A person:", temperature=1.0, seed=seed, max_output_tokens=120,
+                    text={"format": {"type": "json_schema", "name": "person", "schema": SCHEMA, "strict": True}}).json()
+        assert raw["status"] == "completed" and raw["text"]["format"]["name"] == "person"
+        jsonschema.validate(json.loads(raw["output"][0]["content"][0]["text"]), SCHEMA)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_function_calls_are_output_items(server, client, stream):
+    for seed in range(3):
+        for choice in ("required", {"type": "function", "name": "get_time"}):
+            body = {"input": "What time is it?", "tools": RESPONSES_TOOLS, "tool_choice": choice, "temperature": 1.0,
+                    "seed": seed, "max_output_tokens": 150}
+            if stream:
+                events = _events(server, **body)
+                output = events[-1]["response"]["output"]
+                deltas = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+                done = [e["arguments"] for e in events if e["type"] == "response.function_call_arguments.done"]
+                assert deltas == "".join(done) == "".join(item["arguments"] for item in output)
+            else:
+                response = _post(server, **body)
+                assert response.status_code == 200, response.text
+                output = response.json()["output"]
+            assert output and all(item["type"] == "function_call" for item in output)
+            for item in output:
+                assert item["id"].startswith("fc_") and item["call_id"] and item["status"] == "completed"
+                assert choice == "required" or item["name"] == "get_time"
+                jsonschema.validate(json.loads(item["arguments"]), SCHEMAS[item["name"]])
+    with client.responses.stream(model=MODEL_NAME, input="Time?", tools=RESPONSES_TOOLS, max_output_tokens=150,
+                                 tool_choice={"type": "function", "name": "get_time"}) as sdk_stream:
+        for _ in sdk_stream:
+            pass
+        (call,) = sdk_stream.get_final_response().output
+    assert call.type == "function_call" and call.name == "get_time"
+
+
+def test_tool_round_trip_input_is_rendered(server, tiny_model):
+    """A function_call and its output sent back render as the assistant's tool_calls and a tool
+    message (the template shows content only, so both turns appear in the prompt)."""
+    items = [{"role": "user", "content": "Time?"},
+             {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": '{"zone": "UTC"}'},
+             {"type": "function_call_output", "call_id": "c1", "output": "12:00"}]
+    raw = _post(server, input=items, max_output_tokens=4, temperature=0, ignore_eos=True).json()
+    tokenizer = server.ctx.tokenizer
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Time?"},
+         {"role": "assistant", "content": None, "tool_calls": [
+             {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}]},
+         {"role": "tool", "tool_call_id": "c1", "content": "12:00"}], add_generation_prompt=True)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    assert raw["usage"]["input_tokens"] == len(prompt_ids)
+    assert raw["output"][0]["content"][0]["text"] == tokenizer.decode(dense_greedy(tiny_model, prompt_ids, 4,
+                                                                                   padded_len=128))
+
+
+@pytest.mark.parametrize("body, status, param, fragment", [
+    ({"previous_response_id": "resp_abc"}, 404, "previous_response_id", "not found"),
+    ({"background": True}, 400, "background", "background mode"),
+    ({"conversation": "conv_1"}, 400, "conversation", "keeps no conversations"),
+    ({"prompt": {"id": "pmpt_1"}}, 400, "prompt", "prompt template"),
+    ({"n": 2}, 400, "n", "not a field of the Responses API"),
+    ({"tools": [{"type": "web_search_preview"}]}, 400, "tools", "function tools only"),
+    ({"tool_choice": "required"}, 400, "tool_choice", "`tools` must be set"),
+    ({"input": "word " * 600}, 400, "input", "maximum context length"),
+    ({"max_output_tokens": 510}, 400, "max_output_tokens", "maximum context length"),
+    ({"include": ["message.output_text.logprobs"], "top_logprobs": 1000}, 400, "top_logprobs", "top_logprobs"),
+    ({"text": {"format": {"type": "yaml"}}}, 400, "text", "'yaml'"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, 400, "input", "input_file"),
+])
+def test_bad_requests_get_openai_errors_and_queue_nothing(server, body, status, param, fragment):
+    response = _post(server, **{"input": "Hi", **body})
+    error = response.json()["error"]
+    assert response.status_code == status and error["param"] == param and fragment in error["message"], error
+    assert wait_until_idle(server).num_running == 0
+
+
+def test_stored_response_routes_answer_404(server):
+    for method, path in (("GET", "/v1/responses/resp_1"), ("POST", "/v1/responses/resp_1/cancel")):
+        response = httpx.request(method, server.url + path, headers=AUTH)
+        assert response.status_code == 404 and "resp_1" in response.json()["error"]["message"]
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
+    body = {"model": MODEL_NAME, "input": "Go on.", "max_output_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/responses", json=body, headers=AUTH, timeout=60) as response:
+        for line in response.iter_lines():
+            if "output_text.delta" in line:
+                break
+    stats = wait_until_idle(server)
+    assert stats.num_running == 0 and stats.kv_cache_usage == 0
+
+
+def test_truncation_auto_keeps_the_last_tokens_that_fit(server):
+    raw = _post(server, input="word " * 600, truncation="auto", temperature=0).json()
+    assert raw["usage"]["input_tokens"] == 511 and raw["usage"]["output_tokens"] == 1
+    assert raw["status"] == "incomplete" and raw["truncation"] == "auto" and raw["max_output_tokens"] == 1
