@@ -120,17 +120,17 @@ def response_not_found(response_id: str, param: str | None = None) -> APIError:
 
 
 def _text_content(content: Any, where: str) -> str | list[dict[str, str]]:
-    """A message's content as chat content: a string, or text parts (joined one per line when
+    """The content at `where` as chat content: a string, or text parts (joined one per line when
     rendered, as chat's are)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise APIError(f"{where}.content must be a string or a list of text parts.", param="input")
+        raise APIError(f"{where} must be a string or a list of text parts.", param="input")
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in _TEXT_PART_TYPES or not isinstance(part.get("text"), str):
-            raise APIError(f"{where}.content[{j}] of type {kind!r} is not supported: the served model reads "
+            raise APIError(f"{where}[{j}] of type {kind!r} is not supported: the served model reads "
                            f"text parts ({', '.join(_TEXT_PART_TYPES)}) only.", param="input")
         parts.append({"type": "text", "text": part["text"]})
     return parts
@@ -167,7 +167,7 @@ def input_messages(instructions: str | None, items: str | list[dict[str, Any]]) 
             if role not in _MESSAGE_ROLES:
                 raise APIError(f"{where}.role must be one of {', '.join(_MESSAGE_ROLES)}; got {role!r}.",
                                param="input")
-            messages.append({"role": role, "content": _text_content(item.get("content"), where)})
+            messages.append({"role": role, "content": _text_content(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
             call = {"id": _required_str(item, "call_id", where), "type": "function",
                     "function": {"name": _required_str(item, "name", where),
@@ -223,6 +223,17 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     if fmt.get("type") == "json_schema":
         return {"type": "json_schema", "json_schema": {key: fmt.get(key) for key in ("name", "schema", "strict")}}
     return {"type": fmt.get("type")}
+
+
+def _status(finish_reason: str | None) -> str:
+    """The response's status: max_output_tokens (or the context) cut it short, or the server
+    aborted it (shutdown), or it ended."""
+    return {"length": "incomplete", "abort": "cancelled"}.get(finish_reason, "completed")
+
+
+def _item_status(status: str) -> str:
+    """An output item's status in a response with `status`: items are never "cancelled"."""
+    return "completed" if status == "completed" else "incomplete"
 
 
 def _new_id(prefix: str) -> str:
@@ -314,14 +325,14 @@ class _ResponseJob:
         if not completed:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         completion = final.outputs[0]
-        status = "incomplete" if completion.finish_reason == "length" else "completed"
+        status = _status(completion.finish_reason)
         content, calls = completion.text, []
         if self.chat.tool_plan is not None:
             content, calls, _ = self.chat.tool_plan.message(completion.text, completion.finish_reason)
         output = []
         if content or not calls:
             parts = [_text_part(content, self._logprobs(completion))] if content else []
-            output.append(_message_item(_new_id("msg"), status, parts))
+            output.append(_message_item(_new_id("msg"), _item_status(status), parts))
         output += [_function_call_item(_new_id("fc"), call.id, call.function.name, call.function.arguments,
                                        "completed") for call in calls]
         usage = self._usage(len(completion.token_ids), final.num_cached_tokens)
@@ -347,8 +358,8 @@ class _ResponseJob:
                 cached = output.num_cached_tokens
                 completion = output.outputs[0]
                 output_tokens += len(completion.token_ids)
-                if completion.finish_reason == "length":
-                    status = "incomplete"
+                if completion.finish_reason is not None:
+                    status = _status(completion.finish_reason)
                 pending_logprobs += self._logprobs(completion)
                 content, calls = completion.text, None
                 if tool_stream is not None:
@@ -360,7 +371,7 @@ class _ResponseJob:
                 for call in calls or []:
                     for event in events.tool_call(call.id, call.function):
                         yield event
-            for event in events.finish(status):
+            for event in events.finish(_item_status(status)):
                 yield event
             usage = self._usage(output_tokens, cached)
             yield events.emit("response.completed", response=self._response(status, events.output, usage))
@@ -441,7 +452,8 @@ class _OutputEvents:
         return events
 
     def finish(self, status: str) -> list[str]:
-        """Closes the last item; a reply with no item at all gets an empty message, as a whole one does."""
+        """Closes the last item with `status` (an item status); a reply with no item at all gets an
+        empty message, as a whole one does."""
         if self.open is None and not self.output:
             self.open = _message_item(_new_id("msg"), "in_progress", [])
             added = self.emit("response.output_item.added", output_index=0, item=self.open)

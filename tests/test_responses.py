@@ -270,3 +270,21 @@ def test_truncation_auto_keeps_the_last_tokens_that_fit(server):
     raw = _post(server, input="word " * 600, truncation="auto", temperature=0).json()
     assert raw["usage"]["input_tokens"] == 511 and raw["usage"]["output_tokens"] == 1
     assert raw["status"] == "incomplete" and raw["truncation"] == "auto" and raw["max_output_tokens"] == 1
+
+
+def test_an_empty_reply_is_one_empty_message_whole_and_streamed(server, client):
+    # Token 42 forced and made a stop token: the reply ends at once with no text.
+    body = {"input": "Hi", "max_output_tokens": 8, "logit_bias": {"42": 100}, "stop_token_ids": [42]}
+    whole = _post(server, **body).json()
+    events = _events(server, **body)
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.output_item.added",
+                                           "response.output_item.done", "response.completed"]
+    for output in (whole["output"], events[-1]["response"]["output"]):
+        (message,) = output
+        assert message["type"] == "message" and message["content"] == [] and message["status"] == "completed"
+    assert whole["status"] == "completed" and whole["usage"]["output_tokens"] == 1
+    with client.responses.stream(model=MODEL_NAME, input="Hi", max_output_tokens=8,
+                                 extra_body={"logit_bias": {"42": 100}, "stop_token_ids": [42]}) as stream:
+        for _ in stream:
+            pass
+        assert stream.get_final_response().output_text == ""
