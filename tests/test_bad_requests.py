@@ -26,7 +26,7 @@ MAX_MODEL_LEN = 256
 LIMITS = dict(max_logprobs=5, max_logit_bias=4, max_stop_sequences=3, max_stop_token_ids=3, max_n=4)
 MAX_PROMPTS = 4
 MESSAGES = [{"role": "user", "content": "Hi"}]
-CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
+CMPL, CHAT, RESP = "/v1/completions", "/v1/chat/completions", "/v1/responses"
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +176,18 @@ CORPUS = {
     "put_version": ("PUT", "/version", {"json": {}}, 405, ["/version"]),
     "get_tokenize": ("GET", "/tokenize", {}, 405, ["/tokenize"]),
     "missing_key": ("POST", CMPL, {**cmpl(), "auth": {}}, 401, ["API key"]),
+    # --- responses
+    "responses_no_input": ("POST", RESP, {"json": {"max_output_tokens": 2}}, 422, ["input"]),
+    "responses_image_part": ("POST", RESP, {"json": {"input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "http://x/y.png"}]}]}}, 400, ["input_image"]),
+    "responses_unknown_item": ("POST", RESP, {"json": {"input": [{"type": "computer_call"}]}}, 400,
+                               ["computer_call"]),
+    "responses_previous_id": ("POST", RESP, {"json": {"input": "x", "previous_response_id": "resp_1"}}, 404,
+                              ["resp_1"]),
+    "responses_hosted_tool": ("POST", RESP, {"json": {"input": "x", "tools": [{"type": "file_search"}]}}, 400,
+                              ["file_search"]),
+    "responses_over_context": ("POST", RESP, {"json": {"input": "x", "max_output_tokens": 10**6}}, 400,
+                               ["maximum context length"]),
     "wrong_key": ("POST", CHAT, {**chat(), "auth": {"Authorization": "Bearer nope"}}, 401, ["API key"]),
     "key_without_bearer": ("GET", "/v1/models", {"auth": {"Authorization": API_KEY}}, 401, ["API key"]),
     "tokenize_without_key": ("POST", "/tokenize", {"json": {"prompt": "a"}, "auth": {}}, 401, ["API key"]),
@@ -316,6 +328,25 @@ _valid_chat = st.tuples(
                                     "content": st.text(max_size=8)}), min_size=1, max_size=2),
 ).map(lambda parts: {"max_tokens": 2, **parts[0], "messages": parts[1]})
 
+_text_parts = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["input_text", "output_text"]),
+                                              "text": st.text(max_size=6)}), max_size=2)
+_valid_responses = st.tuples(
+    _valid_sampling,
+    st.one_of(st.text(max_size=8), st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "developer"]),
+         "content": st.one_of(st.text(max_size=8), _text_parts)}, optional={"type": st.just("message")}),
+        min_size=1, max_size=2)),
+    st.fixed_dictionaries({}, optional={"instructions": st.text(max_size=8), "stream": st.booleans()}),
+).map(lambda parts: {**{k: v for k, v in parts[0].items() if k not in ("n", "max_tokens")},
+                     "max_output_tokens": parts[0].get("max_tokens", 2), "input": parts[1], **parts[2]})
+# Input items of each type with any of the item fields, holding anything: some happen to be valid.
+_any_value = st.one_of(st.sampled_from(["user", "assistant", "tool", "incomplete"]), st.text(max_size=5),
+                       st.integers(), st.none(), _text_parts)
+_any_items = st.lists(st.fixed_dictionaries(
+    {"type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "input_image"])},
+    optional={key: _any_value for key in ("role", "content", "call_id", "name", "arguments", "output", "status")}),
+    min_size=1, max_size=3)
+
 # Text pydantic cannot coerce to a number or a bool.
 _word = st.text(alphabet="qwxz", min_size=1, max_size=4)
 # One field set to a value the schema, SamplingParams or the engine's limits refuse.
@@ -362,11 +393,34 @@ def test_valid_chat_bodies_succeed(server, body):
 
 
 @_PROPERTY_SETTINGS
-@given(body=_valid_completion, field=_invalid_field, path=st.sampled_from([CMPL, CHAT]), stream=st.booleans())
+@given(body=_valid_responses)
+def test_valid_responses_bodies_succeed(server, body):
+    response = httpx.post(server.url + RESP, json=body, headers=AUTH, timeout=120)
+    assert response.status_code == 200, (body, response.text)
+    if not body.get("stream"):
+        assert response.json()["output"][0]["type"] == "message"
+
+
+@_PROPERTY_SETTINGS
+@given(items=_any_items, stream=st.booleans())
+def test_any_input_items_get_a_reply_or_a_4xx(server, items, stream):
+    response = httpx.post(server.url + RESP, json={"input": items, "max_output_tokens": 2, "stream": stream},
+                          headers=AUTH, timeout=120)
+    assert response.status_code in (200, 400, 422), (items, response.text[:300])
+    if response.status_code != 200:
+        _assert_openai_error(response, response.status_code)
+
+
+@_PROPERTY_SETTINGS
+@given(body=_valid_completion, field=_invalid_field, path=st.sampled_from([CMPL, CHAT, RESP]), stream=st.booleans())
 def test_one_invalid_field_gets_a_4xx(server, body, field, path, stream):
     name, value = field
     if path == CHAT:
         body = {k: v for k, v in body.items() if k not in ("prompt", "echo", "logprobs")} | {"messages": MESSAGES}
+    if path == RESP:
+        not_responses = ("prompt", "echo", "logprobs", "max_tokens")
+        body = {k: v for k, v in body.items() if k not in not_responses} | {"input": "Hi"}
+        name = "max_output_tokens" if name == "max_tokens" else name
     body = {**body, name: value, "stream": stream}
     response = httpx.post(server.url + path, content=json.dumps(body).encode(), headers={
         **AUTH, "Content-Type": "application/json"}, timeout=120)
