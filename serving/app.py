@@ -24,7 +24,7 @@ from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
 from serving.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                               TokenizeRequest, TokenizeResponse, UpdateWeightsRequest)
-from serving.responses import create_response, retrieve_response
+from serving.responses import cancel_response, create_response, delete_response, retrieve_response
 
 
 @dataclasses.dataclass
@@ -187,7 +187,8 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/v1/responses", create_response, methods=["POST"]),
         Route("/v1/responses/{response_id}", retrieve_response, methods=["GET"]),
-        Route("/v1/responses/{response_id}/cancel", retrieve_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+        Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
     ]
     if enable_update_weights_route:
         routes.append(Route("/update_weights_from_disk", update_weights_from_disk, methods=["POST"]))

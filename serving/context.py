@@ -18,6 +18,7 @@ from jpaged.request_validation import InvalidRequestError, RequestValidator
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.errors import APIError, not_found_model, validation_error
 from serving.metrics import ServerMetrics
+from serving.response_store import ResponseStore
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -34,7 +35,8 @@ class ServingContext:
                  trust_request_chat_template: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  generation_defaults: dict | None = None, log_requests: bool = False,
                  max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
-                 enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None):
+                 enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
+                 enable_responses_store: bool = False):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
@@ -51,6 +53,8 @@ class ServingContext:
         self.log_requests = log_requests
         self.max_prompts_per_request = max_prompts_per_request
         self.metrics = ServerMetrics(engine, self.served_model_name)
+        # /v1/responses replies kept for previous_response_id (--enable-responses-store)
+        self.responses_store = ResponseStore() if enable_responses_store else None
 
     def check_model(self, model: str | None) -> str:
         """The name to report for a request naming `model`; 404 for a name this server does not serve."""

@@ -9,9 +9,12 @@ the Responses event sequence (`response.created`, `response.in_progress`, per it
 `output_item.added` ... `output_item.done`, then `response.completed`), each SSE event named by
 its type and numbered by `sequence_number`, without a `[DONE]` line.
 
-Like vLLM without VLLM_ENABLE_RESPONSES_API_STORE, nothing is stored: `store` is accepted and
-ignored, `previous_response_id`, GET /v1/responses/{id} and its cancel answer 404, and
-`background` (which needs the store) is a 400. Send the whole conversation in `input`.
+By default, as in vLLM without VLLM_ENABLE_RESPONSES_API_STORE, nothing is stored: `store` is
+accepted and ignored, `previous_response_id` and GET /v1/responses/{id} answer 404, and the
+client sends the whole conversation in `input`. With --enable-responses-store the server keeps its
+last replies (serving/response_store.py): `previous_response_id` continues one's conversation (its
+input and output, not its instructions), GET returns it and DELETE forgets it. `background` is
+refused either way.
 """
 
 import json
@@ -30,6 +33,7 @@ from serving.chat import ChatJob
 from serving.context import ServingContext
 from serving.errors import APIError, validation_error
 from serving.protocol import ChatCompletionRequest, SamplingFields
+from serving.response_store import ResponseStore
 from serving.streaming import CLIENT_CLOSED_REQUEST, prepend, unless_disconnected
 from serving.tool_calls import ToolCallStream
 
@@ -60,7 +64,7 @@ class ResponsesRequest(SamplingFields):
     reasoning: dict[str, Any] | None = None  # echoed; the served models do not reason
     service_tier: str = "auto"
     max_tool_calls: int | None = None
-    store: bool = True  # accepted; nothing is stored
+    store: bool = True  # kept for previous_response_id, with --enable-responses-store
     background: bool = False
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
@@ -69,8 +73,8 @@ class ResponsesRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
-        """400/404 for what needs a response store or is not a Responses field; as vLLM words it
-        where vLLM refuses the same."""
+        """400 for what this server does not do or is not a Responses field; as vLLM words it where
+        vLLM refuses the same."""
         self.check_unsupported_extras()
         for name, unset in _NOT_RESPONSES_FIELDS.items():
             if getattr(self, name) != unset:
@@ -79,13 +83,11 @@ class ResponsesRequest(SamplingFields):
         if self.prompt is not None:
             raise APIError("prompt template is not supported", param="prompt")
         if self.background:
-            raise APIError("This server does not store responses and therefore does not support the "
-                           "background mode; send the request with background false.", param="background")
+            raise APIError("This server does not support the background mode; send the request with "
+                           "background false.", param="background")
         if self.conversation is not None:
-            raise APIError("This server keeps no conversations; send the whole conversation in `input`.",
-                           param="conversation")
-        if self.previous_response_id is not None:
-            raise response_not_found(self.previous_response_id, param="previous_response_id")
+            raise APIError("This server keeps no conversations; send the whole conversation in `input`, "
+                           "or continue a stored response with previous_response_id.", param="conversation")
 
     def wants_logprobs(self) -> bool:
         return OUTPUT_LOGPROBS in (self.include or [])
@@ -94,9 +96,11 @@ class ResponsesRequest(SamplingFields):
         """vLLM's rule: "auto" without tools is "none"."""
         return "none" if not self.tools and self.tool_choice == "auto" else self.tool_choice
 
-    def to_chat_request(self) -> ChatCompletionRequest:
-        """The chat request this one asks for; 400 APIError naming the Responses field."""
-        messages, continue_final = input_messages(self.instructions, self.input)
+    def to_chat_request(self, conversation: list[dict[str, Any]], continue_final: bool) -> ChatCompletionRequest:
+        """The chat request for `conversation` (chat messages: the history, then the input) after
+        this request's instructions; 400 APIError naming the Responses field."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        messages += conversation
         fields = self.model_dump(include=set(SamplingFields.model_fields) - set(_NOT_RESPONSES_FIELDS),
                                  exclude_unset=True)
         fields.update(messages=messages, max_completion_tokens=self.max_output_tokens,
@@ -114,9 +118,12 @@ class ResponsesRequest(SamplingFields):
             raise validation_error(exc) from None
 
 
-def response_not_found(response_id: str, param: str | None = None) -> APIError:
-    return APIError(f"Response with id '{response_id}' not found. This server does not store responses; "
-                    "send the whole conversation in `input`.", status_code=HTTPStatus.NOT_FOUND, param=param)
+def response_not_found(response_id: str, store: ResponseStore | None, param: str) -> APIError:
+    hint = (f"This server keeps its last {store.capacity} responses." if store is not None else
+            "This server does not store responses (see --enable-responses-store); send the whole "
+            "conversation in `input`.")
+    return APIError(f"Response with id '{response_id}' not found. {hint}", status_code=HTTPStatus.NOT_FOUND,
+                    param=param)
 
 
 def _text_content(content: Any, where: str) -> str | list[dict[str, str]]:
@@ -143,8 +150,8 @@ def _required_str(item: dict, key: str, where: str) -> str:
     return value
 
 
-def input_messages(instructions: str | None, items: str | list[dict[str, Any]]) -> tuple[list[dict], bool]:
-    """(chat messages, continue_final_message) of a request's `instructions` and `input`.
+def input_messages(items: str | list[dict[str, Any]]) -> tuple[list[dict], bool]:
+    """(chat messages, continue_final_message) of a request's `input` (or a response's `output`).
 
     A string is one user message. Items: `message` (user, system, developer or assistant; text
     content), `function_call` (joined to the assistant turn before it, as that turn's
@@ -152,9 +159,9 @@ def input_messages(instructions: str | None, items: str | list[dict[str, Any]]) 
     models read no reasoning back). A last assistant message whose status is "in_progress" or
     "incomplete" is continued rather than answered (vLLM's rule).
     """
-    messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
+    messages: list[dict[str, Any]] = []
     if isinstance(items, str):
-        return [*messages, {"role": "user", "content": items}], False
+        return [{"role": "user", "content": items}], False
     if not items:
         raise APIError("input is an empty list: send at least one item.", param="input")
     for i, item in enumerate(items):
@@ -264,9 +271,44 @@ async def create_response(request: Request) -> Response:
     return await (job.stream(request) if body.stream else job.complete(request))
 
 
+def _stored(request: Request):
+    store = request.app.state.ctx.responses_store
+    response_id = request.path_params["response_id"]
+    stored = None if store is None else store.get(response_id)
+    if stored is None:
+        raise response_not_found(response_id, store, param="response_id")
+    return store, stored
+
+
 async def retrieve_response(request: Request) -> Response:
-    """GET /v1/responses/{response_id} and POST .../cancel: 404, nothing is stored."""
-    raise response_not_found(request.path_params["response_id"])
+    """GET /v1/responses/{response_id}: the stored response object; 404 when not stored."""
+    _, stored = _stored(request)
+    return JSONResponse(stored.response)
+
+
+async def delete_response(request: Request) -> Response:
+    """DELETE /v1/responses/{response_id}: forgets a stored response (OpenAI's reply shape)."""
+    store, stored = _stored(request)
+    store.delete(stored.response["id"])
+    return JSONResponse({"id": stored.response["id"], "object": "response", "deleted": True})
+
+
+async def cancel_response(request: Request) -> Response:
+    """POST /v1/responses/{response_id}/cancel: only background responses can be cancelled, and
+    this server runs none, so a stored one is a 400 (vLLM's answer) and any other a 404."""
+    _stored(request)
+    raise APIError("Cannot cancel a synchronous response.", param="response_id")
+
+
+def _previous_conversation(store: ResponseStore | None, response_id: str | None) -> list[dict[str, Any]]:
+    """The chat messages a stored response answered, then its output as the assistant's turn."""
+    if response_id is None:
+        return []
+    stored = None if store is None else store.get(response_id)
+    if stored is None:
+        raise response_not_found(response_id, store, param="previous_response_id")
+    output = [item for item in stored.response["output"] if item["type"] != "message" or item["content"]]
+    return [*stored.messages, *(input_messages(output)[0] if output else [])]
 
 
 class _ResponseJob:
@@ -276,9 +318,12 @@ class _ResponseJob:
         self.body, self.model_name = body, model_name
         self.id = _new_id("resp")
         self.created_at = int(time.time())
+        self.store = ctx.responses_store if body.store else None
         try:
-            self.chat = ChatJob(ctx, body.to_chat_request(), model_name, arrival_time, request_id=self.id,
-                                prompt_param="input")
+            new_messages, continue_final = input_messages(body.input)
+            self.conversation = _previous_conversation(ctx.responses_store, body.previous_response_id) + new_messages
+            self.chat = ChatJob(ctx, body.to_chat_request(self.conversation, continue_final), model_name,
+                                arrival_time, request_id=self.id, prompt_param="input")
         except APIError as exc:
             exc.param = _RESPONSES_PARAM.get(exc.param, exc.param)
             raise
@@ -299,8 +344,8 @@ class _ResponseJob:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": self.max_output_tokens,
             "max_tool_calls": body.max_tool_calls, "model": self.model_name, "output": output,
-            "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": None,
-            "reasoning": body.reasoning, "service_tier": body.service_tier, "store": False,
+            "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": body.previous_response_id,
+            "reasoning": body.reasoning, "service_tier": body.service_tier, "store": self.store is not None,
             "temperature": params.temperature, "top_p": params.top_p,
             "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
             "text": body.text or {"format": {"type": "text"}}, "tool_choice": body.effective_tool_choice(),
@@ -336,7 +381,14 @@ class _ResponseJob:
         output += [_function_call_item(_new_id("fc"), call.id, call.function.name, call.function.arguments,
                                        "completed") for call in calls]
         usage = self._usage(len(completion.token_ids), final.num_cached_tokens)
-        return JSONResponse(self._response(status, output, usage))
+        return JSONResponse(self._finished(status, output, usage))
+
+    def _finished(self, status: str, output: list[dict], usage: dict) -> dict[str, Any]:
+        """The final response object, stored when the request asked for it and the server keeps some."""
+        response = self._response(status, output, usage)
+        if self.store is not None:
+            self.store.put(response, self.conversation)
+        return response
 
     async def stream(self, request: Request) -> Response:
         # Wait for the first output so an invalid request still gets a 400, not a broken stream.
@@ -374,7 +426,7 @@ class _ResponseJob:
             for event in events.finish(_item_status(status)):
                 yield event
             usage = self._usage(output_tokens, cached)
-            yield events.emit("response.completed", response=self._response(status, events.output, usage))
+            yield events.emit("response.completed", response=self._finished(status, events.output, usage))
         except APIError as exc:
             yield events.emit("error", code=exc.code, message=exc.message, param=exc.param)
         finally:

@@ -19,6 +19,7 @@ from test_structured_output_server import SCHEMA, SCHEMAS, TOOLS, TOOLS_TEMPLATE
 
 from jpaged.config import EngineArgs
 from serving.errors import APIError
+from serving.response_store import ResponseStore
 from serving.responses import ResponsesRequest, input_messages
 from server_harness import MODEL_NAME, ThreadedServer, wait_until_idle
 
@@ -30,7 +31,7 @@ STREAM_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
 def server(tiny_model_dir):
     args = EngineArgs(model=str(tiny_model_dir), max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64,
                       num_gpu_blocks_override=96, compilation_cache_dir="", chat_template=TOOLS_TEMPLATE)
-    srv = ThreadedServer(args, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    srv = ThreadedServer(args, enable_auto_tool_choice=True, tool_call_parser="hermes", enable_responses_store=True)
     yield srv
     srv.stop()
 
@@ -66,19 +67,18 @@ def test_input_items_become_chat_messages():
              {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
              call, {**call, "call_id": "c2"},
              {"type": "function_call_output", "call_id": "c1", "output": "12:00"}]
-    messages, continue_final = input_messages("You are terse.", items)
+    messages, continue_final = input_messages(items)
     tool_call = {"type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
     assert messages == [
-        {"role": "system", "content": "You are terse."},
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Time?"}, {"type": "text", "text": "In UTC."}]},
         {"role": "assistant", "content": [{"type": "text", "text": "Checking."}],
          "tool_calls": [{"id": "c1", **tool_call}, {"id": "c2", **tool_call}]},
         {"role": "tool", "tool_call_id": "c1", "content": "12:00"}]
     assert not continue_final
-    assert input_messages(None, "Hi") == ([{"role": "user", "content": "Hi"}], False)
+    assert input_messages("Hi") == ([{"role": "user", "content": "Hi"}], False)
     partial = {"role": "assistant", "content": "Once upon", "status": "incomplete"}
-    assert input_messages(None, [{"role": "user", "content": "A story"}, partial])[1]
+    assert input_messages([{"role": "user", "content": "A story"}, partial])[1]
 
 
 @pytest.mark.parametrize("items, fragment", [
@@ -90,7 +90,7 @@ def test_input_items_become_chat_messages():
 ])
 def test_input_items_that_cannot_be_served_are_400(items, fragment):
     with pytest.raises(APIError, match=fragment) as info:
-        input_messages(None, items)
+        input_messages(items)
     assert info.value.param == "input" and info.value.status_code == 400
 
 
@@ -99,13 +99,14 @@ def test_request_fields_map_to_the_chat_request():
                             text={"format": {"type": "json_schema", "name": "p", "schema": SCHEMA, "strict": True}},
                             tools=RESPONSES_TOOLS, tool_choice={"type": "function", "name": "get_time"},
                             truncation="auto", temperature=0.5, seed=3, stop=["\n"])
-    chat = body.to_chat_request()
+    chat = body.to_chat_request(*input_messages(body.input))
     assert chat.max_completion_tokens == 7 and chat.logprobs and chat.top_logprobs == 3
     json_schema = {"name": "p", "schema": SCHEMA, "strict": True}
     assert chat.response_format == {"type": "json_schema", "json_schema": json_schema}
     assert chat.tools == TOOLS and chat.tool_choice == {"type": "function", "function": {"name": "get_time"}}
     assert chat.truncate_prompt_tokens == -1 and chat.temperature == 0.5 and chat.seed == 3 and chat.stop == ["\n"]
-    plain = ResponsesRequest(input="Hi", top_logprobs=2).to_chat_request()
+    plain = ResponsesRequest(input="Hi", instructions="Be kind.", top_logprobs=2).to_chat_request([], False)
+    assert [m.role for m in plain.messages] == ["system"] and plain.add_generation_prompt
     assert not plain.logprobs and plain.top_logprobs is None and plain.tool_choice == "none"
 
 
@@ -250,10 +251,72 @@ def test_bad_requests_get_openai_errors_and_queue_nothing(server, body, status, 
     assert wait_until_idle(server).num_running == 0
 
 
-def test_stored_response_routes_answer_404(server):
-    for method, path in (("GET", "/v1/responses/resp_1"), ("POST", "/v1/responses/resp_1/cancel")):
+def _oracle_text(server, tiny_model, messages: list[dict], num_tokens: int) -> tuple[str, int]:
+    """(greedy text, prompt tokens) of `messages` by the dense forward."""
+    tokenizer = server.ctx.tokenizer
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                                  add_special_tokens=False)
+    return tokenizer.decode(dense_greedy(tiny_model, prompt_ids, num_tokens, padded_len=128)), len(prompt_ids)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_previous_response_id_continues_the_stored_conversation(server, client, tiny_model, stream):
+    """The second turn sees the first turn's input and output but not its instructions."""
+    greedy = {"max_output_tokens": 5, "temperature": 0, "ignore_eos": True}
+    if stream:
+        first = _events(server, input="My name is Bob.", instructions="Be kind.", **greedy)[-1]["response"]
+    else:
+        first = _post(server, input="My name is Bob.", instructions="Be kind.", **greedy).json()
+    assert first["store"] is True
+    first_text = first["output"][0]["content"][0]["text"]
+    assert (first_text, first["usage"]["input_tokens"]) == _oracle_text(server, tiny_model, [
+        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "My name is Bob."}], 5)
+    assert httpx.get(server.url + f"/v1/responses/{first['id']}", headers=AUTH).json() == first
+    second = client.responses.create(model=MODEL_NAME, input="What is my name?", previous_response_id=first["id"],
+                                     max_output_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert second.previous_response_id == first["id"]
+    assert (second.output_text, second.usage.input_tokens) == _oracle_text(server, tiny_model, [
+        {"role": "user", "content": "My name is Bob."}, {"role": "assistant", "content": first_text},
+        {"role": "user", "content": "What is my name?"}], 5)
+    cancel = httpx.post(server.url + f"/v1/responses/{first['id']}/cancel", headers=AUTH)
+    assert cancel.status_code == 400 and "synchronous" in cancel.json()["error"]["message"]
+    deleted = httpx.delete(server.url + f"/v1/responses/{first['id']}", headers=AUTH)
+    assert deleted.json() == {"id": first["id"], "object": "response", "deleted": True}
+    for method, path in (("GET", f"/v1/responses/{first['id']}"), ("DELETE", f"/v1/responses/{first['id']}"),
+                         ("POST", f"/v1/responses/{first['id']}/cancel")):
         response = httpx.request(method, server.url + path, headers=AUTH)
-        assert response.status_code == 404 and "resp_1" in response.json()["error"]["message"]
+        assert response.status_code == 404 and first["id"] in response.json()["error"]["message"]
+    gone = _post(server, input="Again?", previous_response_id=first["id"])
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "previous_response_id"
+
+
+def test_store_false_and_function_calls_in_the_history(server, tiny_model):
+    unstored = _post(server, input="Hi", max_output_tokens=2, store=False).json()
+    assert unstored["store"] is False
+    assert httpx.get(server.url + f"/v1/responses/{unstored['id']}", headers=AUTH).status_code == 404
+    call = _post(server, input="Time?", tools=RESPONSES_TOOLS, max_output_tokens=100,
+                 tool_choice={"type": "function", "name": "get_time"}).json()
+    (item,) = call["output"]
+    answer = _post(server, previous_response_id=call["id"], max_output_tokens=3, temperature=0, ignore_eos=True,
+                   input=[{"type": "function_call_output", "call_id": item["call_id"], "output": "12:00"}]).json()
+    tool_call = {"id": item["call_id"], "type": "function",
+                 "function": {"name": "get_time", "arguments": item["arguments"]}}
+    expected = _oracle_text(server, tiny_model, [
+        {"role": "user", "content": "Time?"}, {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+        {"role": "tool", "tool_call_id": item["call_id"], "content": "12:00"}], 3)
+    assert (answer["output"][0]["content"][0]["text"], answer["usage"]["input_tokens"]) == expected
+
+
+def test_the_store_keeps_the_newest_responses():
+    store = ResponseStore(capacity=2)
+    for i in range(3):
+        store.put({"id": f"resp_{i}"}, [{"role": "user", "content": str(i)}])
+    assert len(store) == 2 and store.get("resp_0") is None
+    assert store.get("resp_2").messages == [{"role": "user", "content": "2"}]
+    store.put({"id": "resp_1"}, [])  # put again: newest now, so resp_2 is dropped next
+    store.put({"id": "resp_3"}, [])
+    assert store.get("resp_2") is None and store.get("resp_1") is not None
+    assert store.delete("resp_1") and not store.delete("resp_1") and len(store) == 1
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
