@@ -33,7 +33,7 @@ from serving.chat import ChatJob
 from serving.context import ServingContext
 from serving.errors import APIError, validation_error
 from serving.protocol import ChatCompletionRequest, SamplingFields
-from serving.response_store import ResponseStore
+from serving.response_store import ResponseStore, StoredResponse
 from serving.streaming import CLIENT_CLOSED_REQUEST, prepend, unless_disconnected
 from serving.tool_calls import ToolCallStream
 
@@ -271,7 +271,8 @@ async def create_response(request: Request) -> Response:
     return await (job.stream(request) if body.stream else job.complete(request))
 
 
-def _stored(request: Request):
+def _stored(request: Request) -> tuple[ResponseStore, StoredResponse]:
+    """The server's store and the response the path names; 404 when it is not stored."""
     store = request.app.state.ctx.responses_store
     response_id = request.path_params["response_id"]
     stored = None if store is None else store.get(response_id)
