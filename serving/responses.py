@@ -228,6 +228,9 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(fmt, dict):
         raise APIError("text.format must be an object with a 'type'.", param="text")
     if fmt.get("type") == "json_schema":
+        if not isinstance(fmt.get("schema"), (dict, bool)):
+            raise APIError("text.format of type 'json_schema' needs a 'schema' (a JSON schema object).",
+                           param="text")
         return {"type": "json_schema", "json_schema": {key: fmt.get(key) for key in ("name", "schema", "strict")}}
     return {"type": fmt.get("type")}
 

@@ -242,6 +242,7 @@ def test_tool_round_trip_input_is_rendered(server, tiny_model):
     ({"max_output_tokens": 510}, 400, "max_output_tokens", "maximum context length"),
     ({"include": ["message.output_text.logprobs"], "top_logprobs": 1000}, 400, "top_logprobs", "top_logprobs"),
     ({"text": {"format": {"type": "yaml"}}}, 400, "text", "'yaml'"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, 400, "text", "text.format of type 'json_schema'"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, 400, "input", "input_file"),
 ])
 def test_bad_requests_get_openai_errors_and_queue_nothing(server, body, status, param, fragment):
