@@ -7,9 +7,9 @@ Flags after `--` go to the server. The default server flags use a small KV pool
 (--num-gpu-blocks-override) and little --max-num-seqs, so bursts queue, preempt and swap.
 
 Each client loops until the deadline, drawing a scenario: plain or streamed completions and
-chats (random lengths, n up to 3, seeds, temperatures), greedy probes, and faults: a disconnect
-mid-stream, an abort before the first token, a client that stops reading, a burst past
---max-num-seqs, a malformed request. Checks, after the deadline:
+chats (random lengths, n up to 3, seeds, temperatures), plain or streamed /v1/responses, greedy
+probes, and faults: a disconnect mid-stream, an abort before the first token, a client that stops
+reading, a burst past --max-num-seqs, a malformed request. Checks, after the deadline:
   - every request the client did not cancel finished with a valid finish reason (with ignore_eos,
     exactly "length" and n * max_tokens tokens); malformed ones got a 4xx; none got a 5xx;
   - greedy probes gave the text they give alone (measured before the load);
@@ -257,6 +257,46 @@ async def streamed(http, rng, tally, cap, chat: bool, stop_after: int | None = N
     record(tally, scenario, body, reasons, usage["completion_tokens"] if usage else None)
 
 
+async def responses(http, rng, tally, cap, stream: bool) -> None:
+    """A /v1/responses request with ignore_eos: it must end "incomplete" after exactly
+    max_output_tokens tokens; streamed, its events must be numbered 0, 1, ... and end with
+    response.completed."""
+    scenario = "stream_responses" if stream else "responses"
+    max_output_tokens = rng.randint(1, cap)
+    body = {"input": _prompt(rng), "max_output_tokens": max_output_tokens, "ignore_eos": True,
+            "temperature": rng.choice([0.0, 0.7, 1.0]), "stream": stream}
+    response = await send(http, "/v1/responses", body)
+    try:
+        if response.status_code != 200:
+            return refused(tally, scenario, response) or tally.fail(scenario, f"HTTP {response.status_code}")
+        final = None
+        if not stream:
+            final = json.loads(await response.aread())
+        else:
+            numbers = []
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                numbers.append(event.get("sequence_number"))
+                if event["type"] == "error":
+                    return tally.fail(scenario, f"error event {event['message'][:200]}")
+                if event["type"] == "response.completed":
+                    final = event["response"]
+            if numbers != list(range(len(numbers))) or final is None:
+                return tally.fail(scenario, f"{len(numbers)} events, numbered {numbers[:8]}..., "
+                                            f"{'with' if final else 'no'} response.completed")
+    finally:
+        await response.aclose()
+    if SHUTDOWN["expected"] and final["status"] == "cancelled":
+        tally.counts[scenario]["aborted_by_shutdown"] += 1
+        return
+    if final["status"] != "incomplete" or final["usage"]["output_tokens"] != max_output_tokens:
+        return tally.fail(scenario, f"status {final['status']}, usage {final['usage']} for "
+                                    f"max_output_tokens={max_output_tokens} with ignore_eos")
+    tally.ok(scenario)
+
+
 async def abort_early(http, rng, tally, cap) -> None:
     body = {**_sampling(rng, cap), "prompt": _prompt(rng)}
     try:
@@ -310,8 +350,8 @@ async def malformed(http, rng, tally) -> None:
 async def client_loop(url: str, rng: random.Random, tally: Tally, deadline: float, args, references,
                       burst_size: int) -> None:
     scenarios = [("completion", 20), ("chat", 15), ("stream_completion", 15), ("stream_chat", 10),
-                 ("greedy", 8), ("disconnect", 8), ("abort_early", 8), ("slow_reader", 3), ("burst", 2),
-                 ("malformed", 5)]
+                 ("responses", 5), ("stream_responses", 5), ("greedy", 8), ("disconnect", 8), ("abort_early", 8),
+                 ("slow_reader", 3), ("burst", 2), ("malformed", 5)]
     names, weights = zip(*scenarios)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0)) as http:
         while time.monotonic() < deadline:
@@ -319,6 +359,8 @@ async def client_loop(url: str, rng: random.Random, tally: Tally, deadline: floa
             try:
                 if scenario in ("completion", "chat"):
                     await plain(http, rng, tally, args.max_tokens, scenario == "chat")
+                elif scenario in ("responses", "stream_responses"):
+                    await responses(http, rng, tally, args.max_tokens, scenario == "stream_responses")
                 elif scenario in ("stream_completion", "stream_chat"):
                     await streamed(http, rng, tally, args.max_tokens, scenario == "stream_chat")
                 elif scenario == "disconnect":
