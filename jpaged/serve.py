@@ -27,6 +27,7 @@ from jpaged.llm_engine import LLMEngine
 from jpaged.loaders import DEFAULT_MODEL
 from serving.app import DEFAULT_MAX_HEADER_BYTES, CORSSettings, build_app, h11_buffer_bytes
 from serving.context import DEFAULT_MAX_PROMPTS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, ServingContext
+from serving.reasoning_parsers import REASONING_PARSERS
 from serving.response_store import DEFAULT_CAPACITY as RESPONSES_STORE_CAPACITY
 from serving.tool_parsers import TOOL_PARSERS
 
@@ -81,6 +82,10 @@ def make_parser() -> argparse.ArgumentParser:
                         help="How tool calls are found in a reply for tool_choice 'auto': 'hermes' "
                              "(<tool_call>{...}</tool_call>, as Qwen2.5/Qwen3 write them) or "
                              "'llama3_json' (a bare {\"name\", \"parameters\"} object).")
+    server.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                        help="Split a reasoning model's replies into `reasoning` (the <think>...</think> "
+                             "text) and content, in chat and /v1/responses: 'deepseek_r1' (DeepSeek-R1 "
+                             "and its distills) or 'qwen3'.")
     server.add_argument("--enable-responses-store", action="store_true",
                         help=f"Keep the last {RESPONSES_STORE_CAPACITY} /v1/responses replies (those with "
                              "store true, the default) in memory for previous_response_id and "
@@ -173,7 +178,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
                          log_requests=not args.disable_log_requests,
                          enable_auto_tool_choice=args.enable_auto_tool_choice,
                          tool_call_parser=args.tool_call_parser,
-                         enable_responses_store=args.enable_responses_store)
+                         enable_responses_store=args.enable_responses_store,
+                         reasoning_parser=args.reasoning_parser)
     cors = CORSSettings(allowed_origins=_flatten(args.allowed_origins), allow_credentials=args.allow_credentials,
                         allowed_methods=_flatten(args.allowed_methods), allowed_headers=_flatten(args.allowed_headers))
     app = build_app(ctx, api_key=api_key, cors=cors, enable_update_weights_route=args.enable_update_weights_route,

@@ -19,6 +19,7 @@ from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCom
                               ChatStreamChoice, PromptTokensDetails, UsageInfo)
 from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, prepend, sse_error, sse_event,
                                unless_disconnected)
+from serving.reasoning_parsers import ReasoningStream, reasoning_parser_for
 from serving.tool_calls import ToolCallStream, chat_constraint, plan_tools
 
 
@@ -89,6 +90,9 @@ class ChatJob:
             output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
             defaults=ctx.generation_defaults)
         params.structured_outputs = chat_constraint(body, self.tool_plan)
+        # A constrained reply follows its grammar from the first token: it has no reasoning part.
+        self.reasoning_parser = (None if params.structured_outputs is not None else
+                                 reasoning_parser_for(ctx.reasoning_parser, body.chat_template_kwargs))
         ctx.check_limits(params, logprobs_param="top_logprobs")  # before the template renders
         template_kwargs = dict(body.chat_template_kwargs or {})
         if self.tool_plan is not None:
@@ -112,6 +116,13 @@ class ChatJob:
             return None
         return chat_logprobs(completion.token_ids, completion.logprobs, self.num_top, self.ctx.tokenizer)
 
+    def split_reasoning(self, text: str) -> tuple[str | None, str]:
+        """(reasoning, the rest) of a finished reply; reasoning None without a reasoning parser."""
+        if self.reasoning_parser is None:
+            return None, text
+        reasoning, content = self.reasoning_parser.split(text, final=True)
+        return reasoning, content or ""
+
     def _usage(self, completion_tokens: int, cached_tokens: int) -> UsageInfo:
         prompt_tokens = len(self.prompt_ids)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -129,13 +140,18 @@ class ChatJob:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = []
         for c in sorted(final.outputs, key=lambda c: c.index):
-            content, tool_calls, finish_reason = c.text, [], c.finish_reason
+            reasoning, text = self.split_reasoning(c.text)
+            content, tool_calls, finish_reason = text, [], c.finish_reason
             if self.tool_plan is not None:
-                content, tool_calls, finish_reason = self.tool_plan.message(c.text, c.finish_reason)
+                content, tool_calls, finish_reason = self.tool_plan.message(text, c.finish_reason)
             if self.echoed:
                 content = self.echoed + (content or "")
+            if reasoning is not None and not content:
+                content = None  # vLLM's: a reply that is all reasoning has null content
+            message = ChatResponseMessage(role=self.role, content=content, tool_calls=tool_calls,
+                                          reasoning=reasoning if self.body.include_reasoning else None)
             choices.append(ChatCompletionChoice(
-                index=c.index, message=ChatResponseMessage(role=self.role, content=content, tool_calls=tool_calls),
+                index=c.index, message=message,
                 logprobs=self.logprobs(c), finish_reason=finish_reason, stop_reason=c.stop_reason))
         usage = self._usage(sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens)
         response = ChatCompletionResponse(id=self.request_id, created=self.created,
@@ -168,6 +184,8 @@ class ChatJob:
 
         tool_streams = [None if self.tool_plan is None else ToolCallStream(self.tool_plan)
                         for _ in range(self.body.n)]
+        reasoning_streams = [None if self.reasoning_parser is None else ReasoningStream(self.reasoning_parser)
+                             for _ in range(self.body.n)]
         try:
             for i in range(self.body.n):
                 yield self._chunk([ChatStreamChoice(index=i, delta=ChatDelta(role=self.role, content=""))],
@@ -181,16 +199,22 @@ class ChatJob:
                 for c in output.outputs:
                     if c.text or c.token_ids or c.finish_reason:
                         tokens_per_choice[c.index] += len(c.token_ids)
-                        delta, finish_reason = ChatDelta(content=c.text), c.finish_reason
+                        final = c.finish_reason is not None
+                        text, reasoning = c.text, None
+                        if reasoning_streams[c.index] is not None:
+                            reasoning, text = reasoning_streams[c.index].feed(c.text, final)
+                            reasoning = reasoning if self.body.include_reasoning else None
+                        delta, finish_reason = ChatDelta(content=text, reasoning=reasoning), c.finish_reason
                         stream = tool_streams[c.index]
                         if stream is not None:
-                            content, tool_calls = stream.feed(c.text, final=c.finish_reason is not None)
-                            delta = ChatDelta(content=content, tool_calls=tool_calls)
+                            content, tool_calls = stream.feed(text or "", final)
+                            delta = ChatDelta(content=content, reasoning=reasoning, tool_calls=tool_calls)
                             if stream.called and finish_reason == "stop" and self.tool_plan.mode != "named":
                                 finish_reason = "tool_calls"
-                            held_back = content is None and tool_calls is None and finish_reason is None
-                            if held_back and self.num_top is None:
-                                continue  # the parser holds this text back: nothing to send yet
+                        held_back = (delta.content is None and delta.reasoning is None and delta.tool_calls is None
+                                     and finish_reason is None)
+                        if held_back and self.num_top is None:
+                            continue  # a parser holds this text back: nothing to send yet
                         yield self._chunk([ChatStreamChoice(
                             index=c.index, delta=delta, logprobs=self.logprobs(c),
                             finish_reason=finish_reason, stop_reason=c.stop_reason)], usage_so_far(c.index))

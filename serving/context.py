@@ -36,7 +36,7 @@ class ServingContext:
                  generation_defaults: dict | None = None, log_requests: bool = False,
                  max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
                  enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
-                 enable_responses_store: bool = False):
+                 enable_responses_store: bool = False, reasoning_parser: str | None = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
@@ -46,6 +46,7 @@ class ServingContext:
         self.max_request_bytes = max_request_bytes
         self.enable_auto_tool_choice = enable_auto_tool_choice  # tool_choice "auto" (serving/tool_calls.py)
         self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser  # --reasoning-parser (serving/reasoning_parsers.py)
         self.max_model_len = engine.max_model_len
         self.validator: RequestValidator = engine.validator
         # Sampling defaults from generation_config.json (--generation-config); request fields win.

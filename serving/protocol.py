@@ -218,6 +218,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False
+    include_reasoning: bool = True  # with --reasoning-parser: false leaves `reasoning` out of the reply
 
     def reply_role(self) -> str:
         """The role of the reply, as vLLM names it: the assistant's when a generation prompt is
@@ -360,6 +361,7 @@ class DeltaToolCall(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning: str | None = None  # with --reasoning-parser (vLLM's field)
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
@@ -384,6 +386,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

@@ -33,6 +33,7 @@ from serving.chat import ChatJob
 from serving.context import ServingContext
 from serving.errors import APIError, validation_error
 from serving.protocol import ChatCompletionRequest, SamplingFields
+from serving.reasoning_parsers import ReasoningStream
 from serving.response_store import ResponseStore, StoredResponse
 from serving.streaming import CLIENT_CLOSED_REQUEST, prepend, unless_disconnected
 from serving.tool_calls import ToolCallStream
@@ -71,6 +72,7 @@ class ResponsesRequest(SamplingFields):
     prompt: dict[str, Any] | None = None  # a stored prompt template
     # vLLM extras
     chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True  # with --reasoning-parser: false leaves the reasoning item out
 
     def check_supported(self) -> None:
         """400 for what this server does not do or is not a Responses field; as vLLM words it where
@@ -107,6 +109,7 @@ class ResponsesRequest(SamplingFields):
                       tools=_chat_tools(self.tools), tool_choice=_chat_tool_choice(self.effective_tool_choice()),
                       parallel_tool_calls=self.parallel_tool_calls, response_format=_response_format(self.text),
                       logprobs=self.wants_logprobs(), chat_template_kwargs=self.chat_template_kwargs,
+                      include_reasoning=self.include_reasoning,
                       continue_final_message=continue_final, add_generation_prompt=not continue_final)
         if self.wants_logprobs():
             fields["top_logprobs"] = self.top_logprobs or 0
@@ -258,6 +261,14 @@ def _message_item(item_id: str, status: str, parts: list[dict]) -> dict[str, Any
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": parts}
 
 
+def _reasoning_item(item_id: str, status: str, parts: list[dict]) -> dict[str, Any]:
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": parts, "status": status}
+
+
+def _reasoning_part(text: str) -> dict[str, str]:
+    return {"type": "reasoning_text", "text": text}
+
+
 def _function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
     return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
             "status": status}
@@ -375,15 +386,20 @@ class _ResponseJob:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         completion = final.outputs[0]
         status = _status(completion.finish_reason)
-        content, calls = completion.text, []
+        reasoning, content = self.chat.split_reasoning(completion.text)
+        calls = []
         if self.chat.tool_plan is not None:
-            content, calls, _ = self.chat.tool_plan.message(completion.text, completion.finish_reason)
+            content, calls, _ = self.chat.tool_plan.message(content, completion.finish_reason)
         output = []
-        if content or not calls:
-            parts = [_text_part(content, self._logprobs(completion))] if content else []
+        if reasoning and self.body.include_reasoning:
+            output.append(_reasoning_item(_new_id("rs"), _item_status(status), [_reasoning_part(reasoning)]))
+        if content:
+            parts = [_text_part(content, self._logprobs(completion))]
             output.append(_message_item(_new_id("msg"), _item_status(status), parts))
         output += [_function_call_item(_new_id("fc"), call.id, call.function.name, call.function.arguments,
                                        "completed") for call in calls]
+        if not output:  # an empty reply is one empty message, as a streamed one is
+            output.append(_message_item(_new_id("msg"), _item_status(status), []))
         usage = self._usage(len(completion.token_ids), final.num_cached_tokens)
         return JSONResponse(self._finished(status, output, usage))
 
@@ -407,6 +423,8 @@ class _ResponseJob:
         yield events.emit("response.created", response=self._response("in_progress", [], None))
         yield events.emit("response.in_progress", response=self._response("in_progress", [], None))
         tool_stream = None if self.chat.tool_plan is None else ToolCallStream(self.chat.tool_plan)
+        parser = self.chat.reasoning_parser
+        reasoning_stream = None if parser is None else ReasoningStream(parser)
         output_tokens, cached, status = 0, first.num_cached_tokens, "completed"
         pending_logprobs: list[dict] = []  # of tokens whose text the tool parser holds back
         try:
@@ -417,9 +435,15 @@ class _ResponseJob:
                 if completion.finish_reason is not None:
                     status = _status(completion.finish_reason)
                 pending_logprobs += self._logprobs(completion)
+                final = completion.finish_reason is not None
                 content, calls = completion.text, None
+                if reasoning_stream is not None:
+                    reasoning, content = reasoning_stream.feed(completion.text, final)
+                    if reasoning and self.body.include_reasoning:
+                        for event in events.reasoning(reasoning):
+                            yield event
                 if tool_stream is not None:
-                    content, calls = tool_stream.feed(completion.text, final=completion.finish_reason is not None)
+                    content, calls = tool_stream.feed(content or "", final)
                 if content:
                     for event in events.text(content, pending_logprobs):
                         yield event
@@ -464,6 +488,18 @@ class _OutputEvents:
                 self.emit("response.content_part.added", **self._where(), content_index=0,
                           part=_text_part("", []))]
 
+    def reasoning(self, delta: str) -> list[str]:
+        events = []
+        if self.open is None or self.open["type"] != "reasoning":
+            events += self.close()
+            self.open, self.text_so_far = _reasoning_item(_new_id("rs"), "in_progress", []), ""
+            events += [self.emit("response.output_item.added", output_index=len(self.output), item=self.open),
+                       self.emit("response.content_part.added", **self._where(), content_index=0,
+                                 part=_reasoning_part(""))]
+        self.text_so_far += delta
+        events.append(self.emit("response.reasoning_text.delta", **self._where(), content_index=0, delta=delta))
+        return events
+
     def text(self, delta: str, logprobs: list[dict]) -> list[str]:
         events = [] if self.open is not None and self.open["type"] == "message" else self.close() + self._open_message()
         self.text_so_far += delta
@@ -498,6 +534,12 @@ class _OutputEvents:
                                  text=self.text_so_far, logprobs=[]),
                        self.emit("response.content_part.done", **self._where(), content_index=0, part=part)]
             item = _message_item(item["id"], status, [part])
+        elif item["type"] == "reasoning":
+            part = _reasoning_part(self.text_so_far)
+            events += [self.emit("response.reasoning_text.done", **self._where(), content_index=0,
+                                 text=self.text_so_far),
+                       self.emit("response.content_part.done", **self._where(), content_index=0, part=part)]
+            item = _reasoning_item(item["id"], status, [part])
         else:
             events.append(self.emit("response.function_call_arguments.done", **self._where(),
                                     name=item["name"], arguments=item["arguments"]))

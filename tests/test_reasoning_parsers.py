@@ -1,0 +1,150 @@
+"""--reasoning-parser: the split of a reply into reasoning and content, whole and streamed in
+pieces of every size (the streamed deltas must add up to the whole split), and through the
+server's chat and Responses routes with the engine's text scripted (a random model never writes
+</think>), checked against the openai package's types and its stream accumulator."""
+
+import json
+
+import httpx
+import pytest
+from openai.types.responses import Response
+from test_responses import RESPONSES_TOOLS, _events, _post, server  # noqa: F401 (server: the fixture)
+
+from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jpaged.sampling_params import RequestOutputKind
+from serving.reasoning_parsers import REASONING_PARSERS, ReasoningStream, reasoning_parser_for
+from server_harness import MODEL_NAME
+from test_server import AUTH
+
+DEEPSEEK, QWEN3 = REASONING_PARSERS["deepseek_r1"], REASONING_PARSERS["qwen3"]
+CALL = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+
+CASES = [  # parser, reply, (reasoning, content)
+    (DEEPSEEK, "<think>Let me see.</think>\n\nParis.", ("Let me see.", "\n\nParis.")),
+    (DEEPSEEK, "\n<think>\nx < y </thinking? no</think>done", ("\nx < y </thinking? no", "done")),
+    (DEEPSEEK, "The template opened it.</think>Yes", ("The template opened it.", "Yes")),
+    (DEEPSEEK, "Still thinking when it stopped", ("Still thinking when it stopped", None)),
+    (DEEPSEEK, "<think>a</think>", ("a", "")),
+    (DEEPSEEK, "<think>plan " + CALL, ("plan " + CALL, None)),
+    (QWEN3, "<think>plan " + CALL, ("plan ", CALL)),
+    (QWEN3, "<think>a</think>b</think>", ("a", "b</think>")),
+    (QWEN3, "", ("", None)),
+]
+
+
+@pytest.mark.parametrize("parser, reply, expected", CASES)
+def test_split_whole_and_streamed_in_pieces_of_every_size(parser, reply, expected):
+    assert parser.split(reply, final=True) == expected
+    for size in range(1, 12):
+        stream, reasoning, content = ReasoningStream(parser), "", None
+        for start in range(0, max(len(reply), 1), size):
+            piece = reply[start:start + size]
+            reasoning_delta, content_delta = stream.feed(piece, final=start + size >= len(reply))
+            reasoning += reasoning_delta or ""
+            if content_delta is not None:
+                content = (content or "") + content_delta
+        assert (reasoning, content) == expected, size
+
+
+def test_qwen3_thinking_off_means_no_parser():
+    assert reasoning_parser_for("qwen3", {"enable_thinking": False}) is None
+    assert reasoning_parser_for("qwen3", {"enable_thinking": True}) is QWEN3
+    assert reasoning_parser_for("deepseek_r1", {"enable_thinking": False}) is DEEPSEEK
+    assert reasoning_parser_for(None, None) is None
+
+
+# --------------------------------------------------------------------------- through the server
+
+PIECES = ["<th", "ink>Let me", " think.</th", "ink>\n\nParis", " is it."]
+REASONING, CONTENT = "Let me think.", "\n\nParis is it."
+
+
+def _scripted(pieces: list[str]):
+    """ServingContext.generate replaced: the reply is `pieces`, one token each, then "stop"."""
+    async def generate(prompt_token_ids, params, request_id, arrival_time=None):
+        delta = params.output_kind == RequestOutputKind.DELTA
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            if not (delta or last):
+                continue
+            completion = CompletionOutput(index=0, text=piece if delta else "".join(pieces),
+                                          token_ids=[7] if delta else [7] * len(pieces), cumulative_logprob=None,
+                                          logprobs=None, finish_reason="stop" if last else None)
+            yield RequestOutput(request_id, None, prompt_token_ids, None, [completion], last, RequestMetrics())
+    return generate
+
+
+@pytest.fixture
+def scripted(server, monkeypatch):  # noqa: F811 (the imported fixture)
+    def script(parser: str, pieces: list[str] = PIECES):
+        monkeypatch.setattr(server.ctx, "reasoning_parser", parser)
+        monkeypatch.setattr(server.ctx, "generate", _scripted(pieces))
+    return script
+
+
+def _chat(server, stream: bool, **body):  # noqa: F811
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Capital of France?"}], **body}
+    response = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": stream}, headers=AUTH,
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    if not stream:
+        return response.json()["choices"][0]
+    reasoning, content, calls, finish = "", "", [], None
+    for line in response.text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                reasoning += choice["delta"].get("reasoning") or ""
+                content += choice["delta"].get("content") or ""
+                calls += [c["function"]["name"] for c in choice["delta"].get("tool_calls", []) if c.get("id")]
+                finish = choice["finish_reason"] or finish
+    return {"message": {"reasoning": reasoning or None, "content": content or None, "tool_calls": calls},
+            "finish_reason": finish}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_reply_has_reasoning_and_content(server, scripted, stream):  # noqa: F811
+    scripted("deepseek_r1")
+    message = _chat(server, stream)["message"]
+    assert (message["reasoning"], message["content"]) == (REASONING, CONTENT)
+    hidden = _chat(server, stream, include_reasoning=False)["message"]
+    assert hidden.get("reasoning") is None and hidden["content"] == CONTENT
+    scripted("deepseek_r1", ["<think>Hmm, ", "</th"])  # cut off inside a marker-like tail: kept at the end
+    cut = _chat(server, stream)["message"]
+    assert (cut["reasoning"], cut["content"]) == ("Hmm, </th", None)
+    scripted("qwen3")  # thinking turned off: the raw reply is the content
+    off = _chat(server, stream, chat_template_kwargs={"enable_thinking": False})["message"]
+    assert off.get("reasoning") is None and off["content"] == "".join(PIECES)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_tool_call_after_reasoning(server, scripted, stream):  # noqa: F811
+    scripted("qwen3", ["<think>I need", " the time.", CALL[:20], CALL[20:]])
+    tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in RESPONSES_TOOLS]
+    choice = _chat(server, stream, tools=tools)
+    message = choice["message"]
+    names = message["tool_calls"] if stream else [c["function"]["name"] for c in message["tool_calls"]]
+    assert message["reasoning"] == "I need the time." and not message["content"] and names == ["get_time"]
+    assert choice["finish_reason"] == "tool_calls"
+
+
+def test_responses_reasoning_item_whole_and_streamed(server, scripted):  # noqa: F811
+    scripted("deepseek_r1")
+    whole = _post(server, input="Capital of France?").json()
+    Response.model_validate(whole)
+    reasoning, message = whole["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["id"].startswith("rs_") and reasoning["summary"] == []
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": REASONING}]
+    assert message["type"] == "message" and message["content"][0]["text"] == CONTENT
+    events = _events(server, input="Capital of France?")
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+        "response.reasoning_text.delta", "response.reasoning_text.done", "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    streamed = events[-1]["response"]["output"]
+    assert [item["content"] for item in streamed] == [item["content"] for item in whole["output"]]
+    hidden = _post(server, input="Capital of France?", include_reasoning=False).json()
+    assert [item["type"] for item in hidden["output"]] == ["message"]
