@@ -17,9 +17,9 @@ from serving.logprobs import chat_logprobs, prompt_logprobs
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
                               ChatStreamChoice, PromptTokensDetails, UsageInfo)
+from serving.reasoning_parsers import ReasoningStream, reasoning_parser_for
 from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, prepend, sse_error, sse_event,
                                unless_disconnected)
-from serving.reasoning_parsers import ReasoningStream, reasoning_parser_for
 from serving.tool_calls import ToolCallStream, chat_constraint, plan_tools
 
 
@@ -72,7 +72,8 @@ async def create_chat_completion(request: Request) -> Response:
 
 
 class ChatJob:
-    """One validated chat request: the rendered prompt and its engine stream."""
+    """One validated chat request: the rendered prompt and its engine stream (also what
+    /v1/responses runs; serving/responses.py shapes its replies)."""
 
     def __init__(self, ctx: ServingContext, body: ChatCompletionRequest, model_name: str, arrival_time: float,
                  request_id: str | None = None, prompt_param: str = "messages"):
