@@ -7,6 +7,7 @@ each call's raw arguments text only grow, so a stream can send the differences a
 a call is incomplete its `arguments` is the JSON text of the arguments so far.
 """
 
+import ast
 import dataclasses
 import json
 import re
@@ -150,7 +151,78 @@ class Llama3JsonToolParser:
         return ParsedOutput("", calls)
 
 
-TOOL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}
+def _python_call_end(text: str, start: int) -> int | None:
+    """The index just past the `)` that closes the call whose `(` is at text[start], or None if
+    the text ends first; Python string literals (either quote, with escapes) are skipped."""
+    depth, i, quote = 0, start, None
+    while i < len(text):
+        ch = text[i]
+        if quote is not None:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
+def _python_call(source: str) -> ParsedCall:
+    """`name(key=literal, ...)` as a complete call with JSON arguments; name None when it is not
+    one (positional arguments, a value that is not a Python literal, a dotted name, ...)."""
+    try:
+        node = ast.parse(source, mode="eval").body
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args
+                and all(k.arg is not None for k in node.keywords)):
+            raise ValueError(source)
+        arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        return ParsedCall(node.func.id, json.dumps(arguments, ensure_ascii=False), True)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        return ParsedCall(None, "", True)
+
+
+class PythonicToolParser:
+    """A reply that is a Python list of calls, `[get_weather(city='Paris'), get_time(zone="UTC")]`
+    (Llama 3.2 and 4 with a pythonic tool template, ToolACE, ...); keyword values are Python
+    literals, turned into JSON arguments. Any other reply is content. A call is reported once its
+    `)` closes it (its arguments whole), so a stream sends each call's arguments in one delta."""
+
+    _NAME = re.compile(r"\s*([A-Za-z_]\w*)\s*\(")
+
+    def parse(self, text: str, final: bool) -> ParsedOutput:
+        body = text.lstrip()
+        if not body.startswith("["):
+            return ParsedOutput("" if not body and not final else text, [])
+        calls, i, closed = [], 1, False
+        while i < len(body):
+            if body[i] in ", \n\t\r":
+                i += 1
+                continue
+            if body[i] == "]":
+                closed = True
+                break
+            match = self._NAME.match(body, i)
+            if match is None:
+                break
+            end = _python_call_end(body, match.end() - 1)
+            if end is None:
+                calls.append(ParsedCall(match.group(1), "", False))
+                break
+            calls.append(_python_call(body[match.start(1):end]))
+            i = end
+        if final and not (closed and calls and body[i + 1:].strip() == "" and all(_valid_call(c) for c in calls)):
+            return ParsedOutput(text, [])
+        return ParsedOutput("", calls)
+
+
+TOOL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "pythonic": PythonicToolParser}
 
 
 def parse_required(text: str, final: bool) -> ParsedOutput:

@@ -11,7 +11,8 @@ from serving.errors import APIError
 from serving.protocol import ChatCompletionRequest, CompletionRequest
 from serving.structured_outputs import structured_outputs_from_request
 from serving.tool_calls import ToolCallStream, chat_constraint, plan_tools
-from serving.tool_parsers import HermesToolParser, Llama3JsonToolParser, json_value_end
+from serving.tool_parsers import (HermesToolParser, Llama3JsonToolParser, ParsedOutput, PythonicToolParser,
+                                  json_value_end)
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -90,6 +91,32 @@ def test_llama3_json_parser():
         _, calls, _ = _streamed(plan, LLAMA3_TEXT, piece)
         assert [n for n, _ in calls] == ["get_weather", "get_time"]
         assert json.loads(calls[0][1]) == {"city": "Oslo}"}
+
+
+PYTHONIC_TEXT = "[get_weather(city='Paris, \\'FR\\'', days=2), get_time(zone=\"CET\")]"
+
+
+def test_pythonic_parser_whole_and_streamed():
+    plan = plan_tools(_chat(tools=[WEATHER, TIME]), enable_auto_tool_choice=True, tool_call_parser="pythonic")
+    content, calls, finish = plan.message(PYTHONIC_TEXT, "stop")
+    assert content is None and finish == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris, 'FR'", "days": 2}), ("get_time", {"zone": "CET"})]
+    for piece in (1, 4, 9, 100):
+        streamed_content, streamed_calls, ids = _streamed(plan, PYTHONIC_TEXT, piece)
+        assert streamed_content == "" and len(set(ids)) == 2
+        assert [(n, json.loads(a)) for n, a in streamed_calls] == [(c.function.name, json.loads(c.function.arguments))
+                                                                   for c in calls]
+    nested = PythonicToolParser().parse("[f(a={'k': [1, None, True]}, b=-2.5)]", final=True).calls
+    assert [(c.name, json.loads(c.arguments)) for c in nested] == [("f", {"a": {"k": [1, None, True]}, "b": -2.5})]
+
+
+@pytest.mark.parametrize("text", [
+    "[1] is a citation", "[f(x)]", "[f(a=__import__('os').getcwd())]", "[os.system(a=1)]", "[f(a=1)] and more",
+    "[f(a=1)", "[f(a=[1, 2)]", "Paris.",
+])
+def test_pythonic_parser_leaves_anything_else_as_content(text):
+    assert PythonicToolParser().parse(text, final=True) == ParsedOutput(text, [])
 
 
 def test_json_value_end():
