@@ -16,11 +16,11 @@ from serving.errors import APIError
 from serving.logprobs import chat_logprobs, prompt_logprobs
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
-                              ChatStreamChoice, PromptTokensDetails, UsageInfo)
-from serving.reasoning_parsers import ReasoningStream, reasoning_parser_for
+                              ChatStreamChoice, DeltaToolCall, PromptTokensDetails, UsageInfo)
+from serving.reasoning_parsers import ReasoningStream, ThinkReasoningParser, reasoning_parser_for
 from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, prepend, sse_error, sse_event,
                                unless_disconnected)
-from serving.tool_calls import ToolCallStream, chat_constraint, plan_tools
+from serving.tool_calls import ToolCallStream, ToolPlan, chat_constraint, plan_tools
 
 
 def render_chat_prompt(ctx: ServingContext, messages, add_generation_prompt: bool,
@@ -124,6 +124,10 @@ class ChatJob:
         reasoning, content = self.reasoning_parser.split(text, final=True)
         return reasoning, content or ""
 
+    def reply_stream(self) -> "ReplyStream":
+        """A new stream of one choice's text through this request's parsers."""
+        return ReplyStream(self.reasoning_parser, self.tool_plan)
+
     def _usage(self, completion_tokens: int, cached_tokens: int) -> UsageInfo:
         prompt_tokens = len(self.prompt_ids)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -183,10 +187,7 @@ class ChatJob:
         def usage_so_far(i: int) -> UsageInfo | None:
             return self._usage(tokens_per_choice[i], cached) if continuous_usage else None
 
-        tool_streams = [None if self.tool_plan is None else ToolCallStream(self.tool_plan)
-                        for _ in range(self.body.n)]
-        reasoning_streams = [None if self.reasoning_parser is None else ReasoningStream(self.reasoning_parser)
-                             for _ in range(self.body.n)]
+        reply_streams = [self.reply_stream() for _ in range(self.body.n)]
         try:
             for i in range(self.body.n):
                 yield self._chunk([ChatStreamChoice(index=i, delta=ChatDelta(role=self.role, content=""))],
@@ -200,18 +201,12 @@ class ChatJob:
                 for c in output.outputs:
                     if c.text or c.token_ids or c.finish_reason:
                         tokens_per_choice[c.index] += len(c.token_ids)
-                        final = c.finish_reason is not None
-                        text, reasoning = c.text, None
-                        if reasoning_streams[c.index] is not None:
-                            reasoning, text = reasoning_streams[c.index].feed(c.text, final)
-                            reasoning = reasoning if self.body.include_reasoning else None
-                        delta, finish_reason = ChatDelta(content=text, reasoning=reasoning), c.finish_reason
-                        stream = tool_streams[c.index]
-                        if stream is not None:
-                            content, tool_calls = stream.feed(text or "", final)
-                            delta = ChatDelta(content=content, reasoning=reasoning, tool_calls=tool_calls)
-                            if stream.called and finish_reason == "stop" and self.tool_plan.mode != "named":
-                                finish_reason = "tool_calls"
+                        stream, finish_reason = reply_streams[c.index], c.finish_reason
+                        reasoning, content, tool_calls = stream.feed(c.text, final=finish_reason is not None)
+                        delta = ChatDelta(content=content, tool_calls=tool_calls,
+                                          reasoning=reasoning if self.body.include_reasoning else None)
+                        if stream.called and finish_reason == "stop" and self.tool_plan.mode != "named":
+                            finish_reason = "tool_calls"
                         held_back = (delta.content is None and delta.reasoning is None and delta.tool_calls is None
                                      and finish_reason is None)
                         if held_back and self.num_top is None:
@@ -226,3 +221,27 @@ class ChatJob:
         finally:
             await self.outputs.aclose()
         yield SSE_DONE
+
+
+class ReplyStream:
+    """One streamed choice through a request's parsers: the reasoning parser splits off the
+    thinking, then the tool-call parser reads the rest. Either may be absent."""
+
+    def __init__(self, reasoning_parser: ThinkReasoningParser | None, tool_plan: ToolPlan | None):
+        self.reasoning = None if reasoning_parser is None else ReasoningStream(reasoning_parser)
+        self.tools = None if tool_plan is None else ToolCallStream(tool_plan)
+
+    @property
+    def called(self) -> bool:
+        """Tool calls were sent."""
+        return self.tools is not None and self.tools.called
+
+    def feed(self, new_text: str, final: bool) -> tuple[str | None, str | None, list[DeltaToolCall] | None]:
+        """(reasoning, content, tool_calls) deltas after `new_text`; None where there is nothing
+        to send (content is `new_text` itself when no parser holds it)."""
+        reasoning, content, calls = None, new_text, None
+        if self.reasoning is not None:
+            reasoning, content = self.reasoning.feed(new_text, final)
+        if self.tools is not None:
+            content, calls = self.tools.feed(content or "", final)
+        return reasoning, content, calls

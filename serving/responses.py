@@ -33,10 +33,8 @@ from serving.chat import ChatJob
 from serving.context import ServingContext
 from serving.errors import APIError, validation_error
 from serving.protocol import ChatCompletionRequest, SamplingFields
-from serving.reasoning_parsers import ReasoningStream
 from serving.response_store import ResponseStore, StoredResponse
 from serving.streaming import CLIENT_CLOSED_REQUEST, prepend, unless_disconnected
-from serving.tool_calls import ToolCallStream
 
 OUTPUT_LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for logprobs
 _TEXT_PART_TYPES = ("input_text", "output_text", "text")
@@ -422,9 +420,7 @@ class _ResponseJob:
         events = _OutputEvents()
         yield events.emit("response.created", response=self._response("in_progress", [], None))
         yield events.emit("response.in_progress", response=self._response("in_progress", [], None))
-        tool_stream = None if self.chat.tool_plan is None else ToolCallStream(self.chat.tool_plan)
-        parser = self.chat.reasoning_parser
-        reasoning_stream = None if parser is None else ReasoningStream(parser)
+        stream = self.chat.reply_stream()
         output_tokens, cached, status = 0, first.num_cached_tokens, "completed"
         pending_logprobs: list[dict] = []  # of tokens whose text the tool parser holds back
         try:
@@ -435,15 +431,10 @@ class _ResponseJob:
                 if completion.finish_reason is not None:
                     status = _status(completion.finish_reason)
                 pending_logprobs += self._logprobs(completion)
-                final = completion.finish_reason is not None
-                content, calls = completion.text, None
-                if reasoning_stream is not None:
-                    reasoning, content = reasoning_stream.feed(completion.text, final)
-                    if reasoning and self.body.include_reasoning:
-                        for event in events.reasoning(reasoning):
-                            yield event
-                if tool_stream is not None:
-                    content, calls = tool_stream.feed(content or "", final)
+                reasoning, content, calls = stream.feed(completion.text, final=completion.finish_reason is not None)
+                if reasoning and self.body.include_reasoning:
+                    for event in events.reasoning(reasoning):
+                        yield event
                 if content:
                     for event in events.text(content, pending_logprobs):
                         yield event
