@@ -13,6 +13,7 @@ _EXPORTS = {
     "AsyncLLM": "jpaged.async_llm",
     "EngineArgs": "jpaged.config",
     "SamplingParams": "jpaged.sampling_params",
+    "BeamSearchParams": "jpaged.beam_search",
     "StructuredOutputsParams": "jpaged.structured_output.params",
     "RequestOutput": "jpaged.outputs",
     "CompletionOutput": "jpaged.outputs",

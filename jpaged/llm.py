@@ -11,6 +11,7 @@ import logging
 
 from tqdm.auto import tqdm
 
+from jpaged.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from jpaged.config import EngineArgs
 from jpaged.data_parallel import DataParallelAsyncLLM
 from jpaged.llm_engine import LLMEngine
@@ -103,6 +104,45 @@ class LLM:
                         finished[output.request_id] = output
                         bar.update(1)
         return [finished[request_id] for request_id in ids]
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False,
+                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """vLLM's beam search (jpaged/beam_search.py): one BeamSearchOutput per prompt, in order,
+        holding its best `params.beam_width` sequences, best first.
+
+        prompts: as `generate` takes them. As in vLLM, a sequence's `tokens` and `text` start with
+        the prompt's, and a sequence that ended on EOS keeps it in `tokens`. concurrency_limit:
+        the most prompts searched at once (default: all); each step runs every live beam of
+        those prompts as one `generate` batch.
+        """
+        tokenizer = self.get_tokenizer()
+        validator = (self.llm_engine or self.data_parallel).validator
+        searches = []
+        for prompt in _as_prompt_list(prompts):
+            prompt_ids = tokenizer.prompt_and_ids(prompt)[1]
+            validator.validate_beam_search(prompt_ids, params.beam_width, params.max_tokens)
+            searches.append(BeamSearch(prompt_ids, params, tokenizer.eos_token_ids))
+        limit = concurrency_limit or max(len(searches), 1)
+        step_params = params.step_params()
+        for start in range(0, len(searches), limit):
+            batch = searches[start:start + limit]
+            for _ in tqdm(range(params.max_tokens), desc="Beam search", disable=not use_tqdm, unit="token"):
+                running = [search for search in batch if not search.done]
+                if not running:
+                    break
+                beams = [{"prompt_token_ids": beam.tokens} for search in running for beam in search.live]
+                outputs = self.generate(beams, step_params, use_tqdm=False)
+                for search in running:
+                    num_live = len(search.live)
+                    search.advance(outputs[:num_live])
+                    outputs = outputs[num_live:]
+        results = []
+        for search in searches:
+            best = search.best()
+            for beam in best:
+                beam.text = tokenizer.decode(beam.tokens, skip_special_tokens=params.skip_special_tokens)
+            results.append(BeamSearchOutput(best))
+        return results
 
     async def _generate_data_parallel(self, prompts: list, sampling_params: list[SamplingParams],
                                       bar: tqdm) -> list[RequestOutput]:

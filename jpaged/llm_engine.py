@@ -160,17 +160,6 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            raise ValueError(f"a prompt dict needs a 'prompt' or 'prompt_token_ids' key, got {sorted(prompt)}.")
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        return None, [int(t) for t in prompt]
-
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         """Queues a prompt (str, token ids, or {"prompt"| "prompt_token_ids": ...}).
@@ -184,7 +173,7 @@ class LLMEngine:
             raise EngineDeadError(self.dead_reason)
         if request_id in self._parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        prompt_text, prompt_ids = self._prompt_ids(prompt)
+        prompt_text, prompt_ids = self.tokenizer.prompt_and_ids(prompt)
         self.validator.validate(prompt_ids, params)
         if params.structured_outputs is not None:
             self.structured_output.compile(params.structured_outputs)  # ValueError before anything is queued

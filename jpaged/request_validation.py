@@ -60,6 +60,20 @@ class RequestValidator:
         self._check_vocab("stop_token_ids", params.stop_token_ids)
         self._check_vocab("logit_bias", list(params.logit_bias or ()))
 
+    def validate_beam_search(self, prompt_token_ids: list[int], beam_width: int, max_tokens: int,
+                             prompt_param: str = "prompt", width_param: str = "beam_width") -> None:
+        """A beam search (jpaged/beam_search.py): its steps' requests must pass `validate`, so
+        beam_width is under --max-n and its 2 * beam_width top logprobs under --max-logprobs;
+        `width_param` names the field that set the width (the server's `n`)."""
+        self._check_limit(width_param, beam_width, self.max_n, "--max-n")
+        if 2 * beam_width > self.max_logprobs:
+            raise RequestLimitError(
+                f"{width_param} is {beam_width}: beam search reads the top 2 x {beam_width} = {2 * beam_width} "
+                f"logprobs of every beam, over this server's limit of {self.max_logprobs} (--max-logprobs).",
+                param=width_param, code="request_limit_exceeded")
+        self.check_token_ids(prompt_token_ids, prompt_param)
+        self.check_context_length(len(prompt_token_ids), max_tokens, prompt_param)
+
     def check_limits(self, params: SamplingParams, logprobs_param: str = "logprobs") -> None:
         """The request-size flags: cheap counts, checked before anything is tokenized or decoded.
         `logprobs_param`: the request field that set params.logprobs (chat's `top_logprobs`)."""

@@ -39,6 +39,19 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
+    def prompt_and_ids(self, prompt) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt as LLM.generate takes one: a str, token ids, or a
+        {"prompt": str} / {"prompt_token_ids": [...]} dict (the ids win when both are given)."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.encode(prompt["prompt"])
+            raise ValueError(f"a prompt dict needs a 'prompt' or 'prompt_token_ids' key, got {sorted(prompt)}.")
+        if isinstance(prompt, str):
+            return prompt, self.encode(prompt)
+        return None, [int(t) for t in prompt]
+
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 

@@ -107,10 +107,22 @@ class ChatJob:
         self.echoed = message_text(last.to_template_message()["content"]) if echoes else ""
         prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
         self.prompt_ids = ctx.truncate_prompt(prompt_ids, body.truncate_prompt_tokens)
-        ctx.validate(self.prompt_ids, params, prompt_param)
         self.request_id = request_id or f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.outputs = ctx.generate(self.prompt_ids, params, self.request_id, arrival_time)
+        if body.use_beam_search:
+            # max_tokens unset: up to the context (a prompt over it is the validator's 400)
+            beam_params = body.to_beam_search_params(
+                max_tokens=params.max_tokens or max(ctx.max_model_len - len(self.prompt_ids), 1),
+                defaults=ctx.generation_defaults)
+            if params.structured_outputs is not None:  # what the fields left: tool_choice required/named
+                raise APIError(f"tool_choice {body.tool_choice!r} cannot be used with use_beam_search: it "
+                               "constrains the reply, and beam search ranks unconstrained beams.",
+                               param="tool_choice")
+            ctx.validate(self.prompt_ids, beam_params, prompt_param)
+            self.outputs = ctx.beam_search(self.prompt_ids, beam_params, self.request_id, arrival_time)
+        else:
+            ctx.validate(self.prompt_ids, params, prompt_param)
+            self.outputs = ctx.generate(self.prompt_ids, params, self.request_id, arrival_time)
 
     def logprobs(self, completion: CompletionOutput) -> ChatLogprobs | None:
         if self.num_top is None:

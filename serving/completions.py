@@ -66,6 +66,14 @@ def _check_request(body: CompletionRequest) -> None:
         raise APIError("max_tokens must be at least 1, got 0 (0 is for scoring a prompt with echo).",
                        param="max_tokens")
     body.check_prompt_logprobs()
+    if body.use_beam_search:
+        if body.stream:
+            raise APIError("Streaming is not currently supported with beam search.", param="stream")
+        if body.echo and body.logprobs is not None:
+            raise APIError("`echo` with `logprobs` is not supported with beam search because beam search does "
+                           "not compute prompt logprobs.", param="echo")
+        if body.best_of is not None and body.best_of > body.n:
+            raise APIError("best_of cannot be used with use_beam_search: n is the beam width.", param="best_of")
 
 
 def _sampling_params(ctx: ServingContext, body: CompletionRequest, output_kind: RequestOutputKind) -> SamplingParams:
@@ -166,6 +174,8 @@ class _CompletionJob:
         prompts = _prompt_list(body.prompt)
         ctx.check_num_prompts(len(prompts))
         self.prompts = [_Prompt(ctx, p, body) for p in prompts]
+        if body.use_beam_search:
+            params = body.to_beam_search_params(max_tokens=params.max_tokens, defaults=ctx.generation_defaults)
         for prompt in self.prompts:
             ctx.validate(prompt.token_ids, params, "prompt")
         if body.echo:
@@ -175,9 +185,9 @@ class _CompletionJob:
         self.created = int(time.time())
         self.choices = [[_Choice(ctx, body, p, i * body.n + j) for j in range(body.n)]
                         for i, p in enumerate(self.prompts)]
-        self.outputs = merge_async_iterators([
-            ctx.generate(p.token_ids, params, f"{self.request_id}-{i}", arrival_time)
-            for i, p in enumerate(self.prompts)])
+        run = ctx.beam_search if body.use_beam_search else ctx.generate
+        self.outputs = merge_async_iterators([run(p.token_ids, params, f"{self.request_id}-{i}", arrival_time)
+                                              for i, p in enumerate(self.prompts)])
 
     def _response(self, choices: list[CompletionChoice], usage: UsageInfo | None = None):
         return CompletionResponse(id=self.request_id, created=self.created,

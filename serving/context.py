@@ -13,7 +13,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from jpaged.async_llm import AsyncLLM, EngineDeadError
-from jpaged.outputs import RequestOutput
+from jpaged.beam_search import BeamSearch, BeamSearchParams, run_beam_search
+from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jpaged.request_validation import InvalidRequestError, RequestValidator
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.errors import APIError, not_found_model, validation_error
@@ -127,10 +128,15 @@ class ServingContext:
         keep = self.max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
         return token_ids[-keep:]
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams, param: str) -> None:
-        """The engine's own check of a whole request (jpaged/request_validation.py), as a 400."""
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams | BeamSearchParams, param: str) -> None:
+        """The engine's own check of a whole request (jpaged/request_validation.py), as a 400;
+        a beam search's width is the request's `n`."""
         with invalid_request_as_api_error():
-            self.validator.validate(prompt_token_ids, params, param)
+            if isinstance(params, BeamSearchParams):
+                self.validator.validate_beam_search(prompt_token_ids, params.beam_width, params.max_tokens,
+                                                    param, width_param="n")
+            else:
+                self.validator.validate(prompt_token_ids, params, param)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
@@ -145,7 +151,7 @@ class ServingContext:
         tokens_per_output: dict[int, int] = {}
         if self.log_requests:
             logger.info("request %s: %d prompt tokens, %s", request_id, len(prompt_token_ids), params)
-        outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time)
+        outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time)
         last_output_time = None
         finished = False
         try:
@@ -161,11 +167,64 @@ class ServingContext:
                 if output.finished:
                     finished = True
                     self._observe_finished(output, tokens_per_output, delta)
-                if output.error is not None:
-                    raise APIError(f"The engine failed while running this request: {output.error}. "
-                                   "Other requests are unaffected; retrying may succeed.",
-                                   status_code=HTTPStatus.INTERNAL_SERVER_ERROR,
-                                   type="internal_server_error", code="engine_step_failed")
+                _raise_if_failed(output)
+                yield output
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away: the engine aborts it
+            if not finished:
+                self.metrics.observe_aborted()
+            raise
+        finally:
+            await outputs.aclose()
+
+    async def beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams, request_id: str,
+                          arrival_time: float) -> AsyncIterator[RequestOutput]:
+        """A beam search (jpaged/beam_search.py) as `generate` would stream it: one final
+        RequestOutput, a CompletionOutput per returned beam (best first, index 0..), each without
+        the prompt and, unless include_stop_str_in_output, without its EOS. Metrics count it as
+        one request; errors map as in `generate`."""
+        if self.log_requests:
+            logger.info("request %s: %d prompt tokens, beam search %s", request_id, len(prompt_token_ids), params)
+        search = BeamSearch(prompt_token_ids, params, self.tokenizer.eos_token_ids)
+        step_params = params.step_params()
+        metrics = RequestMetrics(arrival_time=arrival_time)
+
+        async def run_step(tokens: list[int], step_id: str) -> RequestOutput:
+            outputs = self._engine_outputs(tokens, step_params, f"{request_id}-{step_id}")
+            try:
+                async for output in outputs:
+                    _raise_if_failed(output)
+            finally:
+                await outputs.aclose()
+            if metrics.first_token_time is None:
+                metrics.first_scheduled_time = output.metrics.first_scheduled_time
+                metrics.first_token_time = time.time()
+            return output
+
+        try:
+            beams = await run_beam_search(search, run_step)
+        except asyncio.CancelledError:
+            self.metrics.observe_aborted()
+            raise
+        completions = []
+        for index, beam in enumerate(beams):
+            token_ids = beam.tokens[search.prompt_len:]
+            if beam.finish_reason == "stop" and not params.include_stop_str_in_output:
+                token_ids = token_ids[:-1]
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
+            completions.append(CompletionOutput(index, text, token_ids, beam.cum_logprob,
+                                                beam.logprobs[:len(token_ids)], beam.finish_reason, beam.stop_reason))
+        metrics.last_token_time = metrics.finished_time = time.time()
+        output = RequestOutput(request_id, None, prompt_token_ids, None, completions, True, metrics)
+        self._observe_finished(output, {c.index: len(c.token_ids) for c in completions}, streamed=False)
+        yield output
+
+    async def _engine_outputs(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                              arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """AsyncLLM.generate with its exceptions as APIErrors: an invalid request 400, a stopped
+        engine 503."""
+        outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time)
+        try:
+            async for output in outputs:
                 yield output
         except InvalidRequestError as exc:
             raise _api_error(exc) from None
@@ -174,10 +233,6 @@ class ServingContext:
         except EngineDeadError as exc:
             raise APIError(f"{exc}; restart the server.", status_code=HTTPStatus.SERVICE_UNAVAILABLE,
                            type="service_unavailable") from None
-        except (GeneratorExit, asyncio.CancelledError):  # the client went away: the engine aborts it
-            if not finished:
-                self.metrics.observe_aborted()
-            raise
         finally:
             await outputs.aclose()
 
@@ -186,6 +241,15 @@ class ServingContext:
         reason = next((r for r in ("error", "abort", "length") if r in reasons), "stop")
         self.metrics.observe_finished(output, sum(tokens_per_output.values()),
                                       max(tokens_per_output.values(), default=0), reason, streamed)
+
+
+def _raise_if_failed(output: RequestOutput) -> None:
+    """A 500 naming the fault when a step running this request failed (output.error)."""
+    if output.error is not None:
+        raise APIError(f"The engine failed while running this request: {output.error}. "
+                       "Other requests are unaffected; retrying may succeed.",
+                       status_code=HTTPStatus.INTERNAL_SERVER_ERROR,
+                       type="internal_server_error", code="engine_step_failed")
 
 
 def _too_large(size: int, limit: int) -> APIError:

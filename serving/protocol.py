@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from jpaged.beam_search import BeamSearchParams
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.errors import APIError
 
@@ -32,12 +33,23 @@ class StreamOptions(BaseModel):
 # vLLM request fields jpaged does not implement, with the value that means "not used". A request
 # setting one to anything else gets a 400 naming it instead of being silently served without it.
 UNSUPPORTED_EXTRA_FIELDS: dict[str, Any] = {
-    "allowed_token_ids": None, "bad_words": None, "use_beam_search": False, "length_penalty": 1.0,
+    "allowed_token_ids": None, "bad_words": None,
     "logits_processors": None, "return_tokens_as_token_ids": False, "priority": 0, "cache_salt": None,
     "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_embeds": None,
     "guided_decoding_backend": None, "guided_whitespace_pattern": None,
     "documents": None, "echo_last_message": False,
     "return_token_ids": False, "request_id": None,
+}
+
+
+# Fields a beam search does not honour (it ranks the beams by their raw logprobs and stops only
+# at EOS or max_tokens), with the values that mean "not used"; vLLM ignores them, jpaged refuses
+# them with a 400 naming the field.
+BEAM_SEARCH_UNUSED_FIELDS: dict[str, tuple] = {
+    "stop": (None, []), "stop_token_ids": (None, []), "min_tokens": (0,), "presence_penalty": (0.0,),
+    "frequency_penalty": (0.0,), "repetition_penalty": (None, 1.0), "logit_bias": (None, {}),
+    "prompt_logprobs": (None,), "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,),
+    "guided_choice": (None,), "guided_grammar": (None,), "response_format": (None, {"type": "text"}),
 }
 
 
@@ -76,6 +88,8 @@ class SamplingFields(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    use_beam_search: bool = False  # n beams (jpaged/beam_search.py) instead of n samples
+    length_penalty: float = 1.0  # beam search: scores are cum. logprob / length ** length_penalty
 
     def check_unsupported_extras(self) -> None:
         """400 naming each vLLM extra field this request sets that jpaged does not implement;
@@ -90,6 +104,26 @@ class SamplingFields(BaseModel):
             raise APIError(f"This server does not implement the request field(s) {', '.join(used)}; "
                            "remove them (jpaged refuses them rather than ignoring them).", param=used[0],
                            code="unsupported_field")
+
+    def to_beam_search_params(self, *, max_tokens: int, defaults: dict | None = None) -> BeamSearchParams:
+        """vLLM's: n beams, at most max_tokens new tokens each; the temperature (which only
+        matters through the sampled token each step lists) as `to_sampling_params` picks it. A
+        400 for a field in BEAM_SEARCH_UNUSED_FIELDS set to a value beam search would ignore."""
+        for name, unused in BEAM_SEARCH_UNUSED_FIELDS.items():
+            if getattr(self, name, None) not in unused:
+                raise APIError(f"{name} cannot be used with use_beam_search: beam search ranks beams by their "
+                               "logprobs and stops only at EOS or max_tokens.", param=name)
+        temperature = self.temperature
+        if temperature is None:
+            temperature = (defaults or {}).get("temperature", 1.0)
+        try:
+            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                    temperature=temperature, length_penalty=self.length_penalty,
+                                    include_stop_str_in_output=self.include_stop_str_in_output,
+                                    skip_special_tokens=self.skip_special_tokens)
+        except ValueError as exc:
+            field = str(exc).split(" ", 1)[0]
+            raise APIError(str(exc), param=field if field in type(self).model_fields else None) from None
 
     def check_prompt_logprobs(self) -> None:
         """vLLM's rules: at least 0 (the whole vocabulary, -1, is over any --max-logprobs), and
