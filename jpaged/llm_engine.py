@@ -20,10 +20,12 @@ from jpaged.engine import Request, RequestStatus, Scheduler
 from jpaged.loaders import load_model
 from jpaged.models.quantization import param_bytes
 from jpaged.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
-from jpaged.request_validation import RequestValidator
+from jpaged.request_validation import InvalidRequestError, RequestValidator
 from jpaged.runner import build_runner, device_platform, packs_gguf_blocks
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from jpaged.structured_output import StructuredOutputManager
+from jpaged.structured_output.manager import bitmask_width
+from jpaged.token_restrictions import allowed_bitmask, bad_words_token_ids, banned_tokens, clear_bits
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ class _Parent:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     sent_prompt_logprobs: bool = False
     error: str | None = None  # why a failed step ended this request
+    # allowed_token_ids as a token bitmask row, bad_words as token sequences (jpaged/token_restrictions.py)
+    allowed_bitmask: np.ndarray | None = None
+    bad_words_token_ids: list[list[int]] = dataclasses.field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -180,6 +185,13 @@ class LLMEngine:
         base_seed = params.seed if params.seed is not None else int(self._seed_stream.integers(0, 2**31))
         parent = _Parent(request_id, prompt_text, prompt_ids, params, [],
                          [None] if params.prompt_logprobs is not None else None)
+        if params.allowed_token_ids is not None:
+            parent.allowed_bitmask = allowed_bitmask(params.allowed_token_ids, self.model_config.vocab_size)
+        if params.bad_words:
+            try:
+                parent.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), param="bad_words") from None
         child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
         arrival_time = time.time() if arrival_time is None else arrival_time
         added = []
@@ -284,13 +296,26 @@ class LLMEngine:
         return outputs
 
     def _token_bitmask(self, scheduled) -> np.ndarray | None:
-        """The allowed tokens of the constrained rows sampled this step (None when there are none)."""
-        rows = []
+        """The allowed tokens of the rows sampled this step under a grammar, allowed_token_ids or
+        bad_words (None when there are none)."""
+        grammar_rows, restricted = [], []
         for i, r in enumerate(scheduled):
-            matcher = self._samples[r.request_id][1].matcher
-            if r.sample and matcher is not None:
-                rows.append((i, matcher, r.sampling_params.stop_token_ids))
-        return self.structured_output.fill_bitmask(rows, len(scheduled)) if rows else None
+            parent, sample = self._samples[r.request_id]
+            if r.sample and sample.matcher is not None:
+                grammar_rows.append((i, sample.matcher, r.sampling_params.stop_token_ids))
+            if r.sample and r.sampling_params.restricts_tokens:
+                restricted.append((i, parent, sample.request))
+        if not grammar_rows and not restricted:
+            return None
+        if grammar_rows:
+            bitmask = self.structured_output.fill_bitmask(grammar_rows, len(scheduled))
+        else:
+            bitmask = np.full((len(scheduled), bitmask_width(self.model_config.vocab_size)), -1, np.int32)
+        for i, parent, request in restricted:
+            if parent.allowed_bitmask is not None:
+                bitmask[i] &= parent.allowed_bitmask
+            clear_bits(bitmask[i], banned_tokens(parent.bad_words_token_ids, request.output_token_ids))
+        return bitmask
 
     def _advance_grammar(self, sample: _Sample, request: Request) -> None:
         """Feeds the new output token to the request's matcher. A complete grammar (nothing but EOS

@@ -11,6 +11,7 @@ field, the value and, for a configured limit, the flag; serving/ maps it to HTTP
 import dataclasses
 
 from jpaged.sampling_params import SamplingParams
+from jpaged.token_restrictions import MAX_BAD_WORDS_TOKEN_IDS
 
 
 class InvalidRequestError(ValueError):
@@ -59,6 +60,7 @@ class RequestValidator:
         self.check_context_length(len(prompt_token_ids), params.max_tokens, prompt_param)
         self._check_vocab("stop_token_ids", params.stop_token_ids)
         self._check_vocab("logit_bias", list(params.logit_bias or ()))
+        self._check_vocab("allowed_token_ids", params.allowed_token_ids or [])
 
     def validate_beam_search(self, prompt_token_ids: list[int], beam_width: int, max_tokens: int,
                              prompt_param: str = "prompt", width_param: str = "beam_width") -> None:
@@ -85,6 +87,9 @@ class RequestValidator:
                           "--max-stop-token-ids", "entries")
         self._check_limit("logit_bias", len(params.logit_bias or ()), self.max_logit_bias, "--max-logit-bias",
                           "entries")
+        if len(params.bad_words) > MAX_BAD_WORDS_TOKEN_IDS:
+            raise RequestLimitError(f"bad_words has {len(params.bad_words)} words, over the limit of "
+                                    f"{MAX_BAD_WORDS_TOKEN_IDS}.", param="bad_words", code="request_limit_exceeded")
 
     def check_token_ids(self, token_ids: list[int], param: str = "prompt") -> None:
         """A non-empty list of ids in [0, vocab_size) (a negative or huge id would crash the tokenizer)."""

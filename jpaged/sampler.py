@@ -9,7 +9,8 @@ or the C++ kernel of the same contract on CPU).
 Logprobs follow vLLM's --logprobs-mode (`jpaged.config.LOGPROBS_MODES`): by default
 (raw_logprobs) the log_softmax of the model's logits before logit_bias, min_tokens, penalties,
 temperature and the masks (a structured-output token mask is applied first, as vLLM's runner
-does); the processed_* modes use what the row is drawn from (greedy rows: after penalties,
+does; allowed_token_ids and bad_words, which share the token bitmask, are not: vLLM's sampler
+applies them after taking the raw logprobs); the processed_* modes use what the row is drawn from (greedy rows: after penalties,
 temperature 1, no masks); the *_logits modes return those logits unnormalized.
 """
 
@@ -102,7 +103,8 @@ def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int
     """Samples one token per row. logits: f32[num_seqs, vocab_size].
 
     token_bitmask: None, or i32[num_seqs, cdiv(vocab_size, 32)] of allowed tokens (structured
-    outputs), applied before everything else. max_logprobs (static): the width of the
+    outputs, allowed_token_ids, bad_words), applied before everything else (to the raw logprobs
+    only in rows with meta.mask_raw). max_logprobs (static): the width of the
     top-logprobs outputs (capped at the vocabulary). kernels: the sampler's vocabulary-wide work
     (`SamplingKernels`). logprobs_mode (static): one of `LOGPROBS_MODES` (module docstring).
     The branches only return per-row values, so an all-greedy batch without logprobs costs one
@@ -112,9 +114,11 @@ def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int
         raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
     num_seqs, vocab = logits.shape
     raw = logits.astype(jnp.float32)
+    masked = raw
     if token_bitmask is not None:
-        raw = apply_token_bitmask(raw, token_bitmask)
-    logits = apply_adjustments(raw, meta)
+        masked = apply_token_bitmask(raw, token_bitmask)
+        raw = jnp.where(meta.mask_raw[:, None] != 0, masked, raw)  # a grammar's mask: the logprobs see it
+    logits = apply_adjustments(masked, meta)
     greedy = meta.temperature <= 0.0
     greedy_ids = argmax(logits)
 

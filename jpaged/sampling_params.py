@@ -28,7 +28,7 @@ class SamplingParams:
 
     `__post_init__` validates every field (ValueError naming the field and its value) and
     normalises: `stop` -> list[str], `stop_token_ids` -> list[int], `top_k` -1/None -> 0 (off),
-    `logit_bias` keys -> int; a temperature below 1e-5 becomes exactly 0.0 (greedy), and greedy
+    `logit_bias` keys -> int, `bad_words` None -> [] (duplicates dropped); a temperature below 1e-5 becomes exactly 0.0 (greedy), and greedy
     turns top_p/top_k/min_p off. `max_tokens=None` means "up to the model's context length"
     (the scheduler resolves it per request).
     """
@@ -54,6 +54,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (jpaged/token_restrictions.py)
+    bad_words: list[str] | None = None  # words never generated (their last token is banned after the rest)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (jpaged.structured_output)
 
@@ -69,6 +71,9 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias is not None:
             self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
+        self.bad_words = [] if self.bad_words is None else list(dict.fromkeys(self.bad_words))
         self._verify_args()
         if self.temperature < _SAMPLING_EPS:
             self.temperature = 0.0
@@ -113,6 +118,12 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative token ids, got {self.stop_token_ids}.")
         if self.logit_bias is not None and any(t < 0 for t in self.logit_bias):
             raise ValueError(f"logit_bias keys must be non-negative token ids, got {sorted(self.logit_bias)}.")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty: leave it unset to allow every token.")
+        if self.allowed_token_ids is not None and any(t < 0 for t in self.allowed_token_ids):
+            raise ValueError(f"allowed_token_ids must be non-negative token ids, got {self.allowed_token_ids[:8]}.")
+        if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise ValueError(f"bad_words must be non-blank strings, got {self.bad_words[:8]!r}.")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
@@ -129,6 +140,11 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.sampling_type == SamplingType.GREEDY
+
+    @property
+    def restricts_tokens(self) -> bool:
+        """Whether allowed_token_ids or bad_words limit what may be sampled (a token bitmask row)."""
+        return self.allowed_token_ids is not None or bool(self.bad_words)
 
     @property
     def has_penalties(self) -> bool:

@@ -102,6 +102,9 @@ class SamplingMetadata:
     seeds: jax.Array  # i32[num_seqs]: the request's seed (bits of a uint32)
     output_index: jax.Array  # i32[num_seqs]: index of the token being sampled among the outputs
     num_logprobs: jax.Array  # i32[num_seqs]: top logprobs wanted (-1: none)
+    # i32[num_seqs]: 1 = the token bitmask also masks the raw logits the logprobs come from (a
+    # grammar); 0 = it masks only what is sampled (allowed_token_ids, bad_words), as in vLLM
+    mask_raw: jax.Array
     # Logit adjustments (num_entries 0: none); padding entries are (row 0, token 0, all zero):
     entry_rows: jax.Array  # i32[num_entries]
     entry_token_ids: jax.Array  # i32[num_entries]
@@ -111,19 +114,19 @@ class SamplingMetadata:
 
     @staticmethod
     def blob_size(num_seqs: int, num_entries: int) -> int:
-        return 10 * num_seqs + 5 * num_entries
+        return 11 * num_seqs + 5 * num_entries
 
     @classmethod
     def unpack(cls, blob, num_seqs: int, num_entries: int) -> "SamplingMetadata":
         s, e = num_seqs, num_entries
-        parts = jnp.split(blob, np.cumsum([s] * 10 + [e] * 4).tolist())
+        parts = jnp.split(blob, np.cumsum([s] * 11 + [e] * 4).tolist())
         as_f32 = lambda x: jax.lax.bitcast_convert_type(x, jnp.float32)  # noqa: E731
         return cls(
             temperature=as_f32(parts[0]), top_k=parts[1], top_p=as_f32(parts[2]), min_p=as_f32(parts[3]),
             presence_penalty=as_f32(parts[4]), frequency_penalty=as_f32(parts[5]),
             repetition_penalty=as_f32(parts[6]), seeds=parts[7], output_index=parts[8],
-            num_logprobs=parts[9], entry_rows=parts[10], entry_token_ids=parts[11], entry_bias=as_f32(parts[12]),
-            entry_output_counts=as_f32(parts[13]), entry_seen=parts[14])
+            num_logprobs=parts[9], mask_raw=parts[10], entry_rows=parts[11], entry_token_ids=parts[12],
+            entry_bias=as_f32(parts[13]), entry_output_counts=as_f32(parts[14]), entry_seen=parts[15])
 
 
 def bias_entries(req) -> list[tuple[int, float]]:
@@ -156,13 +159,13 @@ def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int, 
     its `logit_entries` (their total at most num_entries)."""
     s, e = num_seqs, num_entries
     blob = np.zeros(SamplingMetadata.blob_size(s, e), np.int32)
-    cols = blob[:10 * s].reshape(10, s)
+    cols = blob[:11 * s].reshape(11, s)
     floats = cols.view(np.float32)
     floats[0] = _GREEDY
     floats[2] = 1.0  # top_p
     floats[6] = 1.0  # repetition_penalty
     cols[9] = -1  # num_logprobs
-    packed = blob[10 * s:].reshape(5, e)
+    packed = blob[11 * s:].reshape(5, e)
     packed_floats = packed.view(np.float32)
     k = 0
     for i, req in enumerate(scheduled):
@@ -177,6 +180,7 @@ def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int, 
         cols[7, i] = np.uint32(seeds[i] & 0xFFFFFFFF).view(np.int32)
         cols[8, i] = len(req.output_token_ids)
         cols[9, i] = -1 if params.logprobs is None else params.logprobs
+        cols[10, i] = params.structured_outputs is not None
         if entries[i]:
             tokens, bias, counts, seen = zip(*entries[i])
             end = k + len(tokens)

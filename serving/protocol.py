@@ -33,7 +33,6 @@ class StreamOptions(BaseModel):
 # vLLM request fields jpaged does not implement, with the value that means "not used". A request
 # setting one to anything else gets a 400 naming it instead of being silently served without it.
 UNSUPPORTED_EXTRA_FIELDS: dict[str, Any] = {
-    "allowed_token_ids": None, "bad_words": None,
     "logits_processors": None, "return_tokens_as_token_ids": False, "priority": 0, "cache_salt": None,
     "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_embeds": None,
     "guided_decoding_backend": None, "guided_whitespace_pattern": None,
@@ -50,6 +49,7 @@ BEAM_SEARCH_UNUSED_FIELDS: dict[str, tuple] = {
     "frequency_penalty": (0.0,), "repetition_penalty": (None, 1.0), "logit_bias": (None, {}),
     "prompt_logprobs": (None,), "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,),
     "guided_choice": (None,), "guided_grammar": (None,), "response_format": (None, {"type": "text"}),
+    "allowed_token_ids": (None,), "bad_words": (None, []),
 }
 
 
@@ -88,6 +88,8 @@ class SamplingFields(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # words the output never contains (jpaged/token_restrictions.py)
     use_beam_search: bool = False  # n beams (jpaged/beam_search.py) instead of n samples
     length_penalty: float = 1.0  # beam search: scores are cum. logprob / length ** length_penalty
 
@@ -171,6 +173,8 @@ class SamplingFields(BaseModel):
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 logit_bias=self._logit_bias_by_id(),
+                allowed_token_ids=self.allowed_token_ids,
+                bad_words=self.bad_words,
                 output_kind=output_kind,
             )
         except ValueError as exc:

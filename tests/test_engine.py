@@ -141,14 +141,17 @@ def random_feature_requests(rng, count):
             repetition_penalty=float(rng.choice([1.0, 1.2])),
             logit_bias={int(t): float(rng.uniform(-5, 5)) for t in rng.integers(0, 49152, int(rng.choice([0, 3, 300])))},
             min_tokens=int(rng.choice([0, 1])), stop_token_ids=rng.integers(0, 49152, int(rng.choice([0, 64]))).tolist(),
-            prompt_logprobs=int(rng.choice([0, 5])) if i % 5 == 0 else None))
+            prompt_logprobs=int(rng.choice([0, 5])) if i % 5 == 0 else None,
+            allowed_token_ids=rng.integers(0, 49152, 40).tolist() if i % 6 == 1 else None,
+            bad_words=["the", " of it"] if i % 6 == 2 else None))
     return prompts, params
 
 
 @pytest.mark.parametrize("swap_space", [0.0, 0.001])
 def test_no_compiles_after_warmup_with_every_request_feature(tiny_model_dir, tiny_llm, swap_space):
     """Penalties, logit_bias (up to the cap), min_tokens with stop_token_ids, logprobs up to the cap,
-    prompt_logprobs, n > 1, seeds, stops, preemption by recompute and by swap: nothing compiles."""
+    prompt_logprobs, n > 1, seeds, stops, allowed_token_ids, bad_words, preemption by recompute and
+    by swap: nothing compiles."""
     llm = LLM(str(tiny_model_dir), swap_space=swap_space, **ENGINE_KWARGS) if swap_space else tiny_llm
     prompts, params = random_feature_requests(np.random.default_rng(2), 16)
     before = llm.llm_engine.get_stats()

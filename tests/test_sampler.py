@@ -29,6 +29,7 @@ def make_meta(num_seqs, **fields):
         presence_penalty=np.zeros(num_seqs, np.float32), frequency_penalty=np.zeros(num_seqs, np.float32),
         repetition_penalty=np.ones(num_seqs, np.float32), seeds=np.zeros(num_seqs, np.int32),
         output_index=np.zeros(num_seqs, np.int32), num_logprobs=np.full(num_seqs, -1, np.int32),
+        mask_raw=np.zeros(num_seqs, np.int32),
         entry_rows=np.zeros(0, np.int32), entry_token_ids=np.zeros(0, np.int32), entry_bias=np.zeros(0, np.float32),
         entry_output_counts=np.zeros(0, np.float32), entry_seen=np.zeros(0, np.int32))
     for name, value in fields.items():
@@ -185,17 +186,20 @@ def test_processed_logprobs_with_ranks(backend):
 
 @pytest.mark.parametrize("backend", with_cpu_kernels)
 @pytest.mark.parametrize("mode", ["raw_logprobs", "raw_logits"])
-def test_raw_logprobs_ignore_every_processor_but_the_token_mask(backend, mode):
+def test_raw_logprobs_ignore_every_processor_but_a_grammar_mask(backend, mode):
     """vLLM's default: the model's distribution, whatever temperature, top_k, min_p, logit_bias
     and penalties a row has (its drawn token still follows them); a structured-output token
-    mask comes first. Rows that asked for no logprobs get zeros."""
-    logits = np.random.default_rng(6).normal(size=(4, VOCAB)).astype(np.float32)
-    meta = make_meta(4, temperature=[0, 0.5, 1.0, 0], top_k=[0, 3, 0, 0], min_p=[0, 0, 0.3, 0],
-                     repetition_penalty=[1.5, 1, 1, 1], seeds=np.arange(4), num_logprobs=[5, 5, 5, -1],
+    mask (mask_raw) comes first, an allowed_token_ids / bad_words one (no mask_raw) only limits
+    the draw. Rows that asked for no logprobs get zeros."""
+    logits = np.random.default_rng(6).normal(size=(5, VOCAB)).astype(np.float32)
+    meta = make_meta(5, temperature=[0, 0.5, 1.0, 0, 0], top_k=[0, 3, 0, 0, 0], min_p=[0, 0, 0.3, 0, 0],
+                     repetition_penalty=[1.5, 1, 1, 1, 1], seeds=np.arange(5), num_logprobs=[5, 5, 5, 5, -1],
+                     mask_raw=[0, 0, 1, 0, 0],
                      entry_rows=[0, 0, 1], entry_token_ids=[4, 9, 7], entry_bias=[0.0, 0.0, 30.0],
                      entry_output_counts=[1, 2, 0], entry_seen=[1, 1, 0])
-    bitmask = np.full((4, 1), -1, np.int32)
-    bitmask[2] = (1 << 3) | (1 << 17)  # row 2 may only emit tokens 3 and 17
+    bitmask = np.full((5, 1), -1, np.int32)
+    bitmask[2] = (1 << 3) | (1 << 17)  # row 2 may only emit tokens 3 and 17 (a grammar)
+    bitmask[3] = (1 << 5) | (1 << 11)  # row 3 only 5 and 11 (allowed_token_ids)
     out = jax.jit(functools.partial(sample, kernels=_kernels(backend), logprobs_mode=mode))(
         jnp.asarray(logits), meta, jnp.asarray(bitmask))
     raw = logits.astype(np.float64).copy()
@@ -204,13 +208,14 @@ def test_raw_logprobs_ignore_every_processor_but_the_token_mask(backend, mode):
     values = values if mode == "raw_logprobs" else raw
     ids = np.asarray(out.token_ids)
     assert int(ids[1]) == 7 and int(ids[2]) in (3, 17)  # the bias and the mask still decide the draw
-    for row in range(3):
+    assert int(ids[3]) == (5 if logits[3, 5] > logits[3, 11] else 11)
+    for row in range(4):
         order = np.argsort(-values[row], kind="stable")[:5]
         np.testing.assert_array_equal(np.asarray(out.top_token_ids[row, :5]), order)
         np.testing.assert_allclose(np.asarray(out.top_logprobs[row, :5]), values[row, order], rtol=1e-5)
         np.testing.assert_allclose(float(out.logprobs[row]), values[row, ids[row]], rtol=1e-5)
         assert int(out.ranks[row]) == 1 + int((values[row] > values[row, ids[row]]).sum())
-    assert float(out.logprobs[3]) == 0 and int(out.ranks[3]) == 0 and not np.asarray(out.top_logprobs[3]).any()
+    assert float(out.logprobs[4]) == 0 and int(out.ranks[4]) == 0 and not np.asarray(out.top_logprobs[4]).any()
 
 
 def _request(params, prompt, output, eos=(2,)):

@@ -91,6 +91,29 @@ def test_completion_greedy_matches_dense_oracle(server, client, tiny_model):
     wait_until_idle(server)
 
 
+def test_allowed_token_ids_and_bad_words(server, client, tiny_model):
+    """The fields reach the engine: greedy over the dense logits of the allowed tokens only,
+    never the banned word (a one-token word: both its plain and its spaced token)."""
+    prompt_ids = tiny_model.tokenizer.encode("Restricted choices")
+    free = dense_greedy(tiny_model, prompt_ids, 4)
+    allowed = sorted(set(range(500, 520)) - set(free))
+    expected, ids = [], list(prompt_ids)
+    for _ in range(4):
+        padded = jnp.asarray([ids + [0] * (64 - len(ids))], dtype=jnp.int32)
+        logits = np.asarray(_forward_dense(tiny_model.params, tiny_model.config, padded)[0, len(ids) - 1])
+        ids.append(allowed[int(np.argmax(logits[allowed]))])
+        expected.append(ids[-1])
+    result = client.completions.create(model=MODEL_NAME, prompt=prompt_ids, max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True, "allowed_token_ids": allowed})
+    assert result.choices[0].text == tiny_model.tokenizer.decode(expected) != tiny_model.tokenizer.decode(free)
+    word = tiny_model.tokenizer.decode([free[0]])
+    banned = {t for w in (word.lstrip(), " " + word.lstrip()) for t in tiny_model.tokenizer.encode(w)[:1]}
+    result = client.completions.create(model=MODEL_NAME, prompt=prompt_ids, max_tokens=4, temperature=0, logprobs=0,
+                                       extra_body={"ignore_eos": True, "bad_words": [word]})
+    tokens = [tiny_model.tokenizer.encode(t)[0] if t else None for t in result.choices[0].logprobs.tokens]
+    assert free[0] in banned and not banned & set(tokens)
+
+
 def test_completion_batch_with_n(server, client, tiny_model):
     prompts = ["Once upon a time", "Paged attention"]
     result = client.completions.create(model=MODEL_NAME, prompt=prompts, n=2, max_tokens=5,

@@ -53,10 +53,11 @@ def chunk_length(num_remaining: int, budget: int, full_budget: int) -> int:
 def _samples_ahead(request: Request) -> bool:
     """Whether the request's next tokens can be sampled without the host in between: the
     sampler needs neither entries (penalties, logit_bias, min_tokens masks) nor logprobs, and no
-    grammar constrains the tokens."""
+    token bitmask (a grammar, allowed_token_ids, bad_words) limits the tokens."""
     params = request.sampling_params
     return (params.logprobs is None and not params.logit_bias and params.structured_outputs is None
-            and request.num_output_tokens >= params.min_tokens and not params.has_penalties)
+            and not params.restricts_tokens and request.num_output_tokens >= params.min_tokens
+            and not params.has_penalties)
 
 
 @dataclasses.dataclass
