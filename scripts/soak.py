@@ -7,7 +7,8 @@ Flags after `--` go to the server. The default server flags use a small KV pool
 (--num-gpu-blocks-override) and little --max-num-seqs, so bursts queue, preempt and swap.
 
 Each client loops until the deadline, drawing a scenario: plain or streamed completions and
-chats (random lengths, n up to 3, seeds, temperatures), plain or streamed /v1/responses, greedy
+chats (random lengths, n up to 3, seeds, temperatures, now and then bad_words or
+allowed_token_ids), plain or streamed /v1/responses, beam searches on either route, greedy
 probes, and faults: a disconnect mid-stream, an abort before the first token, a client that stops
 reading, a burst past --max-num-seqs, a malformed request. Checks, after the deadline:
   - every request the client did not cancel finished with a valid finish reason (with ignore_eos,
@@ -160,6 +161,10 @@ def _sampling(rng: random.Random, max_tokens_cap: int) -> dict:
         body["seed"] = rng.randint(0, 2**31)
     if rng.random() < 0.5:
         body["ignore_eos"] = True
+    if rng.random() < 0.1:
+        body["bad_words"] = rng.sample(WORDS, 3)
+    if rng.random() < 0.1:
+        body["allowed_token_ids"] = rng.sample(range(300, 5000), 64)
     return body
 
 
@@ -297,6 +302,26 @@ async def responses(http, rng, tally, cap, stream: bool) -> None:
     tally.ok(scenario)
 
 
+async def beam_search(http, rng, tally, cap) -> None:
+    """use_beam_search on either route; with ignore_eos every beam runs to max_tokens."""
+    chat = rng.random() < 0.5
+    body = {"max_tokens": rng.randint(1, cap), "n": rng.choice([1, 2, 3]), "use_beam_search": True,
+            "length_penalty": rng.choice([1.0, 1.0, 0.0, 2.0])}
+    if rng.random() < 0.5:
+        body["ignore_eos"] = True
+    if chat:
+        body["messages"] = [{"role": "user", "content": _prompt(rng)}]
+    else:
+        body["prompt"] = _prompt(rng)
+    response = await post(http, "/v1/chat/completions" if chat else "/v1/completions", body)
+    if response.status_code != 200:
+        return refused(tally, "beam_search", response) or tally.fail(
+            "beam_search", f"HTTP {response.status_code}: {response.text[:200]}")
+    data = response.json()
+    record(tally, "beam_search", body, {c["index"]: c["finish_reason"] for c in data["choices"]},
+           data["usage"]["completion_tokens"])
+
+
 async def abort_early(http, rng, tally, cap) -> None:
     body = {**_sampling(rng, cap), "prompt": _prompt(rng)}
     try:
@@ -350,7 +375,7 @@ async def malformed(http, rng, tally) -> None:
 async def client_loop(url: str, rng: random.Random, tally: Tally, deadline: float, args, references,
                       burst_size: int) -> None:
     scenarios = [("completion", 20), ("chat", 15), ("stream_completion", 15), ("stream_chat", 10),
-                 ("responses", 5), ("stream_responses", 5), ("greedy", 8), ("disconnect", 8), ("abort_early", 8),
+                 ("responses", 5), ("stream_responses", 5), ("beam_search", 4), ("greedy", 8), ("disconnect", 8), ("abort_early", 8),
                  ("slow_reader", 3), ("burst", 2), ("malformed", 5)]
     names, weights = zip(*scenarios)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0)) as http:
@@ -367,6 +392,8 @@ async def client_loop(url: str, rng: random.Random, tally: Tally, deadline: floa
                     await streamed(http, rng, tally, args.max_tokens, rng.random() < 0.5, stop_after=rng.randint(1, 4))
                 elif scenario == "slow_reader":
                     await streamed(http, rng, tally, args.max_tokens, False, stall_s=rng.uniform(1, 5))
+                elif scenario == "beam_search":
+                    await beam_search(http, rng, tally, args.max_tokens)
                 elif scenario == "abort_early":
                     await abort_early(http, rng, tally, args.max_tokens)
                 elif scenario == "greedy":
