@@ -16,8 +16,10 @@ from serving.errors import APIError
 from serving.logprobs import chat_logprobs, prompt_logprobs
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
-                              ChatStreamChoice, DeltaToolCall, PromptTokensDetails, UsageInfo)
-from serving.reasoning_parsers import ReasoningStream, ThinkReasoningParser, reasoning_parser_for
+                              ChatStreamChoice, CompletionTokensDetails, DeltaToolCall, PromptTokensDetails,
+                              UsageInfo)
+from serving.reasoning_parsers import (ReasoningStream, ThinkReasoningParser, reasoning_parser_for,
+                                      reasoning_token_count)
 from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, prepend, sse_error, sse_event,
                                unless_disconnected)
 from serving.tool_calls import ToolCallStream, ToolPlan, chat_constraint, plan_tools
@@ -140,11 +142,22 @@ class ChatJob:
         """A new stream of one choice's text through this request's parsers."""
         return ReplyStream(self.reasoning_parser, self.tool_plan)
 
-    def _usage(self, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+    def reasoning_tokens(self, replies: list[list[int]]) -> int | None:
+        """The replies' (token ids) reasoning tokens, for usage; None when the server has no
+        reasoning parser (vLLM then leaves the details out)."""
+        if self.ctx.reasoning_parser is None:
+            return None
+        if self.reasoning_parser is None:
+            return 0
+        return sum(reasoning_token_count(self.reasoning_parser, self.ctx.tokenizer, ids) for ids in replies)
+
+    def _usage(self, completion_tokens: int, cached_tokens: int, reasoning_tokens: int | None = None) -> UsageInfo:
         prompt_tokens = len(self.prompt_ids)
+        details = None if reasoning_tokens is None else CompletionTokensDetails(reasoning_tokens=reasoning_tokens)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                          total_tokens=prompt_tokens + completion_tokens,
-                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+                         completion_tokens_details=details)
 
     async def complete(self, request: Request) -> Response:
         async def last() -> RequestOutput:
@@ -170,7 +183,8 @@ class ChatJob:
             choices.append(ChatCompletionChoice(
                 index=c.index, message=message,
                 logprobs=self.logprobs(c), finish_reason=finish_reason, stop_reason=c.stop_reason))
-        usage = self._usage(sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens)
+        usage = self._usage(sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens,
+                            self.reasoning_tokens([c.token_ids for c in final.outputs]))
         response = ChatCompletionResponse(id=self.request_id, created=self.created,
                                           model=self.model_name, choices=choices, usage=usage,
                                           prompt_logprobs=prompt_logprobs(final.prompt_logprobs))
@@ -195,6 +209,7 @@ class ChatJob:
         continuous_usage = include_usage and options.continuous_usage_stats
         cached = first.num_cached_tokens
         tokens_per_choice = [0] * self.body.n
+        replies: list[list[int]] = [[] for _ in range(self.body.n)]  # token ids, for the reasoning count
 
         def usage_so_far(i: int) -> UsageInfo | None:
             return self._usage(tokens_per_choice[i], cached) if continuous_usage else None
@@ -213,6 +228,7 @@ class ChatJob:
                 for c in output.outputs:
                     if c.text or c.token_ids or c.finish_reason:
                         tokens_per_choice[c.index] += len(c.token_ids)
+                        replies[c.index] += c.token_ids
                         stream, finish_reason = reply_streams[c.index], c.finish_reason
                         reasoning, content, tool_calls = stream.feed(c.text, final=finish_reason is not None)
                         delta = ChatDelta(content=content, tool_calls=tool_calls,
@@ -227,7 +243,7 @@ class ChatJob:
                             index=c.index, delta=delta, logprobs=self.logprobs(c),
                             finish_reason=finish_reason, stop_reason=c.stop_reason)], usage_so_far(c.index))
             if include_usage:
-                yield self._chunk([], self._usage(sum(tokens_per_choice), cached))
+                yield self._chunk([], self._usage(sum(tokens_per_choice), cached, self.reasoning_tokens(replies)))
         except APIError as exc:
             yield sse_error(exc)
         finally:

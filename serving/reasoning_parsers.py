@@ -49,6 +49,28 @@ class ThinkReasoningParser:
         return text[:len(text) - held], None
 
 
+def reasoning_token_count(parser: ThinkReasoningParser, tokenizer, token_ids: list[int]) -> int:
+    """How many of a reply's tokens are its reasoning (vLLM's usage `reasoning_tokens`): the
+    tokens before the marker that ends it, without `<think>`'s and the marker's own tokens; all
+    of them (but `<think>`'s) when nothing ends it. The end is found by bisection over decoded
+    prefixes, so it agrees with `split` whatever the markers tokenize to."""
+    def ended(k: int) -> bool:
+        return parser.split(tokenizer.decode(token_ids[:k]), final=False)[1] is not None
+
+    text = tokenizer.decode(token_ids)
+    start_tokens = len(tokenizer.encode(START, add_special_tokens=False)) if text.lstrip().startswith(START) else 0
+    if not ended(len(token_ids)):
+        return max(len(token_ids) - start_tokens, 0)
+    low, high = 0, len(token_ids)  # ended(high), not ended(low)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if ended(middle) else (middle, high)
+    reasoning, _ = parser.split(text, final=True)
+    rest = (text.lstrip()[len(START):] if start_tokens else text)[len(reasoning):]
+    marker = next(m for m in (END, *parser.kept_ends) if rest.startswith(m))
+    return max(high - len(tokenizer.encode(marker, add_special_tokens=False)) - start_tokens, 0)
+
+
 REASONING_PARSERS = {"deepseek_r1": ThinkReasoningParser(), "qwen3": ThinkReasoningParser(kept_ends=("<tool_call>",))}
 
 

@@ -366,11 +366,12 @@ class _ResponseJob:
             "usage": usage, "user": body.user, "metadata": body.metadata, "background": False,
         }
 
-    def _usage(self, output_tokens: int, cached_tokens: int) -> dict[str, Any]:
-        input_tokens = len(self.chat.prompt_ids)
+    def _usage(self, output_token_ids: list[int], cached_tokens: int) -> dict[str, Any]:
+        input_tokens, output_tokens = len(self.chat.prompt_ids), len(output_token_ids)
+        reasoning_tokens = self.chat.reasoning_tokens([output_token_ids]) or 0
         return {"input_tokens": input_tokens,
                 "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
-                "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
                 "total_tokens": input_tokens + output_tokens}
 
     async def complete(self, request: Request) -> Response:
@@ -398,7 +399,7 @@ class _ResponseJob:
                                        "completed") for call in calls]
         if not output:  # an empty reply is one empty message, as a streamed one is
             output.append(_message_item(_new_id("msg"), _item_status(status), []))
-        usage = self._usage(len(completion.token_ids), final.num_cached_tokens)
+        usage = self._usage(completion.token_ids, final.num_cached_tokens)
         return JSONResponse(self._finished(status, output, usage))
 
     def _finished(self, status: str, output: list[dict], usage: dict) -> dict[str, Any]:
@@ -421,13 +422,13 @@ class _ResponseJob:
         yield events.emit("response.created", response=self._response("in_progress", [], None))
         yield events.emit("response.in_progress", response=self._response("in_progress", [], None))
         stream = self.chat.reply_stream()
-        output_tokens, cached, status = 0, first.num_cached_tokens, "completed"
+        output_token_ids, cached, status = [], first.num_cached_tokens, "completed"
         pending_logprobs: list[dict] = []  # of tokens whose text the tool parser holds back
         try:
             async for output in prepend(first, self.chat.outputs):
                 cached = output.num_cached_tokens
                 completion = output.outputs[0]
-                output_tokens += len(completion.token_ids)
+                output_token_ids += completion.token_ids
                 if completion.finish_reason is not None:
                     status = _status(completion.finish_reason)
                 pending_logprobs += self._logprobs(completion)
@@ -444,7 +445,7 @@ class _ResponseJob:
                         yield event
             for event in events.finish(_item_status(status)):
                 yield event
-            usage = self._usage(output_tokens, cached)
+            usage = self._usage(output_token_ids, cached)
             yield events.emit("response.completed", response=self._finished(status, events.output, usage))
         except APIError as exc:
             yield events.emit("error", code=exc.code, message=exc.message, param=exc.param)

@@ -12,7 +12,7 @@ from test_responses import RESPONSES_TOOLS, _events, _post, server  # noqa: F401
 
 from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jpaged.sampling_params import RequestOutputKind
-from serving.reasoning_parsers import REASONING_PARSERS, ReasoningStream, reasoning_parser_for
+from serving.reasoning_parsers import REASONING_PARSERS, ReasoningStream, reasoning_parser_for, reasoning_token_count
 from server_harness import MODEL_NAME
 from test_server import AUTH
 
@@ -59,8 +59,10 @@ PIECES = ["<th", "ink>Let me", " think.</th", "ink>\n\nParis", " is it."]
 REASONING, CONTENT = "Let me think.", "\n\nParis is it."
 
 
-def _scripted(pieces: list[str]):
-    """ServingContext.generate replaced: the reply is `pieces`, one token each, then "stop"."""
+def _scripted(pieces: list[str], tokenizer):
+    """ServingContext.generate replaced: the reply is `pieces` (each as its tokens), then "stop"."""
+    ids = [tokenizer.encode(piece, add_special_tokens=False) for piece in pieces]
+
     async def generate(prompt_token_ids, params, request_id, arrival_time=None):
         delta = params.output_kind == RequestOutputKind.DELTA
         for i, piece in enumerate(pieces):
@@ -68,7 +70,7 @@ def _scripted(pieces: list[str]):
             if not (delta or last):
                 continue
             completion = CompletionOutput(index=0, text=piece if delta else "".join(pieces),
-                                          token_ids=[7] if delta else [7] * len(pieces), cumulative_logprob=None,
+                                          token_ids=ids[i] if delta else sum(ids, []), cumulative_logprob=None,
                                           logprobs=None, finish_reason="stop" if last else None)
             yield RequestOutput(request_id, None, prompt_token_ids, None, [completion], last, RequestMetrics())
     return generate
@@ -78,7 +80,7 @@ def _scripted(pieces: list[str]):
 def scripted(server, monkeypatch):  # noqa: F811 (the imported fixture)
     def script(parser: str, pieces: list[str] = PIECES):
         monkeypatch.setattr(server.ctx, "reasoning_parser", parser)
-        monkeypatch.setattr(server.ctx, "generate", _scripted(pieces))
+        monkeypatch.setattr(server.ctx, "generate", _scripted(pieces, server.ctx.tokenizer))
     return script
 
 
@@ -148,3 +150,36 @@ def test_responses_reasoning_item_whole_and_streamed(server, scripted):  # noqa:
     assert [item["content"] for item in streamed] == [item["content"] for item in whole["output"]]
     hidden = _post(server, input="Capital of France?", include_reasoning=False).json()
     assert [item["type"] for item in hidden["output"]] == ["message"]
+
+
+def test_reasoning_token_count(server):  # noqa: F811
+    tokenizer = server.ctx.tokenizer
+
+    def encode(*texts):
+        return [t for text in texts for t in tokenizer.encode(text, add_special_tokens=False)]
+
+    thought = encode("Let me think about it.")
+    assert reasoning_token_count(DEEPSEEK, tokenizer, encode("<think>", "Let me think about it.", "</think>", "Yes.")) \
+        == len(thought)
+    assert reasoning_token_count(DEEPSEEK, tokenizer, encode("Let me think about it.", "</think>", "Yes.")) \
+        == len(thought)
+    assert reasoning_token_count(DEEPSEEK, tokenizer, encode("<think>", "Let me think about it.")) == len(thought)
+    assert reasoning_token_count(QWEN3, tokenizer, encode("<think>", "Let me think about it.", CALL)) == len(thought)
+    assert reasoning_token_count(DEEPSEEK, tokenizer, encode("<think>", "</think>", "Yes.")) == 0
+
+
+def test_reasoning_tokens_in_usage(server, scripted):  # noqa: F811
+    thought = len(server.ctx.tokenizer.encode(REASONING, add_special_tokens=False))
+    scripted("deepseek_r1", ["<think>", REASONING[:6], REASONING[6:], "</think>", CONTENT])
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Capital of France?"}]}
+    whole = httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60).json()
+    assert whole["usage"]["completion_tokens_details"] == {"reasoning_tokens": thought}
+    streamed = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, timeout=60,
+                          json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    last = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")][-1]
+    assert last["usage"] == whole["usage"]
+    for response in (_post(server, input="Capital of France?").json(), _events(server, input="Capital?")[-1]["response"]):
+        assert response["usage"]["output_tokens_details"] == {"reasoning_tokens": thought}
+    scripted(None)  # no --reasoning-parser: no details, as vLLM
+    plain = httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60).json()
+    assert plain["usage"].get("completion_tokens_details") is None
