@@ -48,6 +48,7 @@ class _Sample:
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float = 0.0
     matcher: object | None = None  # llguidance LLMatcher of a structured-outputs request, fed every output token
+    grammar_started: bool = True  # False until the output holds structured_outputs.after_token_ids
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     # What DELTA outputs already carried:
@@ -207,6 +208,7 @@ class LLMEngine:
                                  [] if params.logprobs is not None else None)
                 if params.structured_outputs is not None:
                     sample.matcher = self.structured_output.new_matcher(params.structured_outputs)
+                    sample.grammar_started = params.structured_outputs.after_token_ids is None
                 parent.samples.append(sample)
                 self._samples[child_id] = (parent, sample)
         except ValueError:
@@ -301,7 +303,7 @@ class LLMEngine:
         grammar_rows, restricted = [], []
         for i, r in enumerate(scheduled):
             parent, sample = self._samples[r.request_id]
-            if r.sample and sample.matcher is not None:
+            if r.sample and sample.matcher is not None and sample.grammar_started:
                 grammar_rows.append((i, sample.matcher, r.sampling_params.stop_token_ids))
             if r.sample and r.sampling_params.restricts_tokens:
                 restricted.append((i, parent, sample.request))
@@ -319,7 +321,12 @@ class LLMEngine:
 
     def _advance_grammar(self, sample: _Sample, request: Request) -> None:
         """Feeds the new output token to the request's matcher. A complete grammar (nothing but EOS
-        may follow) finishes the request with "stop"; a rejected token ends it with "abort"."""
+        may follow) finishes the request with "stop"; a rejected token ends it with "abort".
+        Before the grammar starts, only watches for the after_token_ids that start it."""
+        if not sample.grammar_started:
+            after = request.sampling_params.structured_outputs.after_token_ids
+            sample.grammar_started = request.output_token_ids[-len(after):] == after
+            return
         token_id = request.output_token_ids[-1]
         if not sample.matcher.consume_token(token_id):
             logger.warning("request %s: the grammar rejected token %d (%s); aborting it", request.request_id,

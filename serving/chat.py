@@ -18,7 +18,7 @@ from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCom
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
                               ChatStreamChoice, CompletionTokensDetails, DeltaToolCall, PromptTokensDetails,
                               UsageInfo)
-from serving.reasoning_parsers import (ReasoningStream, ThinkReasoningParser, reasoning_parser_for,
+from serving.reasoning_parsers import (END, ReasoningStream, ThinkReasoningParser, reasoning_parser_for,
                                       reasoning_token_count)
 from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, prepend, sse_error, sse_event,
                                unless_disconnected)
@@ -93,9 +93,10 @@ class ChatJob:
             output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
             defaults=ctx.generation_defaults)
         params.structured_outputs = chat_constraint(body, self.tool_plan)
-        # A constrained reply follows its grammar from the first token: it has no reasoning part.
-        self.reasoning_parser = (None if params.structured_outputs is not None else
-                                 reasoning_parser_for(ctx.reasoning_parser, body.chat_template_kwargs))
+        self.reasoning_parser = reasoning_parser_for(ctx.reasoning_parser, body.chat_template_kwargs)
+        if params.structured_outputs is not None and self.reasoning_parser is not None:
+            # vLLM's order: the model thinks freely, the constraint applies after `</think>`
+            params.structured_outputs.after_token_ids = ctx.tokenizer.encode(END, add_special_tokens=False)
         ctx.check_limits(params, logprobs_param="top_logprobs")  # before the template renders
         template_kwargs = dict(body.chat_template_kwargs or {})
         if self.tool_plan is not None:

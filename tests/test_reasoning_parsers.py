@@ -59,11 +59,13 @@ PIECES = ["<th", "ink>Let me", " think.</th", "ink>\n\nParis", " is it."]
 REASONING, CONTENT = "Let me think.", "\n\nParis is it."
 
 
-def _scripted(pieces: list[str], tokenizer):
-    """ServingContext.generate replaced: the reply is `pieces` (each as its tokens), then "stop"."""
+def _scripted(pieces: list[str], tokenizer, requests: list):
+    """ServingContext.generate replaced: the reply is `pieces` (each as its tokens), then "stop";
+    each request's SamplingParams go to `requests`."""
     ids = [tokenizer.encode(piece, add_special_tokens=False) for piece in pieces]
 
     async def generate(prompt_token_ids, params, request_id, arrival_time=None):
+        requests.append(params)
         delta = params.output_kind == RequestOutputKind.DELTA
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
@@ -78,9 +80,12 @@ def _scripted(pieces: list[str], tokenizer):
 
 @pytest.fixture
 def scripted(server, monkeypatch):  # noqa: F811 (the imported fixture)
-    def script(parser: str, pieces: list[str] = PIECES):
+    def script(parser: str, pieces: list[str] = PIECES) -> list:
+        """Scripts the replies; returns the list the requests' SamplingParams will go to."""
+        requests = []
         monkeypatch.setattr(server.ctx, "reasoning_parser", parser)
-        monkeypatch.setattr(server.ctx, "generate", _scripted(pieces, server.ctx.tokenizer))
+        monkeypatch.setattr(server.ctx, "generate", _scripted(pieces, server.ctx.tokenizer, requests))
+        return requests
     return script
 
 
@@ -183,3 +188,18 @@ def test_reasoning_tokens_in_usage(server, scripted):  # noqa: F811
     scripted(None)  # no --reasoning-parser: no details, as vLLM
     plain = httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60).json()
     assert plain["usage"].get("completion_tokens_details") is None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_constrained_reply_may_think_first(server, scripted, stream):  # noqa: F811
+    """With a reasoning parser the constraint starts after </think> (the engine's after_token_ids,
+    tests/test_structured_output.py), and the reply splits as any other."""
+    requests = scripted("qwen3", ["<think>", "Which format?", "</think>", '{"a": 1}'])
+    choice = _chat(server, stream, response_format={"type": "json_object"})
+    assert (choice["message"]["reasoning"], choice["message"]["content"]) == ("Which format?", '{"a": 1}')
+    constraint = requests[-1].structured_outputs
+    assert constraint.json_object and constraint.after_token_ids == server.ctx.tokenizer.encode(
+        "</think>", add_special_tokens=False)
+    requests = scripted(None, ['{"a": 1}'])
+    _chat(server, stream, response_format={"type": "json_object"})
+    assert requests[-1].structured_outputs.after_token_ids is None

@@ -245,3 +245,29 @@ def test_objects_with_listed_properties_allow_no_other_keys(llm):
     assert accepts({"type": "object"}, '{"anything": [1]}')
     both = {"allOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"b": {"type": "integer"}}}]}
     assert accepts(both, '{"a": 1, "b": 2}')
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_constraint_after_its_marker_leaves_the_output_before_it_free(llm, n):
+    """after_token_ids (a reasoning model's </think>): the output matches the unconstrained one up
+    to and including the first occurrence of the marker, then follows the grammar; a reply that
+    never writes the marker is never constrained."""
+    rng = np.random.default_rng(11)
+    prompt = {"prompt_token_ids": rng.integers(100, 40000, size=15).tolist()}
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    marker = free[3:5]
+    end = next(i + 2 for i in range(len(free)) if free[i:i + 2] == marker)
+    constraint = StructuredOutputsParams(choice=CHOICES, after_token_ids=marker)
+    output = llm.generate(prompt, SamplingParams(n=n, temperature=0, max_tokens=30, structured_outputs=constraint),
+                          use_tqdm=False)[0]
+    tokenizer = llm.get_tokenizer()
+    for sample in output.outputs:
+        assert sample.token_ids[:end] == free[:end]
+        assert tokenizer.decode(sample.token_ids[end:]) in CHOICES and sample.finish_reason == "stop"
+    unmarked = StructuredOutputsParams(choice=CHOICES, after_token_ids=[7, 7, 7])
+    never = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                structured_outputs=unmarked), use_tqdm=False)[0].outputs[0]
+    assert never.token_ids == free
+    with pytest.raises(ValueError, match="after_token_ids"):
+        StructuredOutputsParams(regex="a", after_token_ids=[])
