@@ -201,9 +201,8 @@ def check_choices(body: dict, choices: dict[int, str | None], completion_tokens:
     return None
 
 
-async def plain(http, rng, tally, cap, chat: bool) -> None:
-    scenario = "chat" if chat else "completion"
-    body = _sampling(rng, cap)
+async def plain(http, rng, tally, scenario: str, body: dict, chat: bool) -> None:
+    """`body` with a random prompt, not streamed, on the chat or completions route."""
     if chat:
         body["messages"] = [{"role": "user", "content": _prompt(rng)}]
     else:
@@ -302,24 +301,13 @@ async def responses(http, rng, tally, cap, stream: bool) -> None:
     tally.ok(scenario)
 
 
-async def beam_search(http, rng, tally, cap) -> None:
-    """use_beam_search on either route; with ignore_eos every beam runs to max_tokens."""
-    chat = rng.random() < 0.5
-    body = {"max_tokens": rng.randint(1, cap), "n": rng.choice([1, 2, 3]), "use_beam_search": True,
+def _beam_search(rng: random.Random, max_tokens_cap: int) -> dict:
+    """use_beam_search; with ignore_eos every beam runs to max_tokens."""
+    body = {"max_tokens": rng.randint(1, max_tokens_cap), "n": rng.choice([1, 2, 3]), "use_beam_search": True,
             "length_penalty": rng.choice([1.0, 1.0, 0.0, 2.0])}
     if rng.random() < 0.5:
         body["ignore_eos"] = True
-    if chat:
-        body["messages"] = [{"role": "user", "content": _prompt(rng)}]
-    else:
-        body["prompt"] = _prompt(rng)
-    response = await post(http, "/v1/chat/completions" if chat else "/v1/completions", body)
-    if response.status_code != 200:
-        return refused(tally, "beam_search", response) or tally.fail(
-            "beam_search", f"HTTP {response.status_code}: {response.text[:200]}")
-    data = response.json()
-    record(tally, "beam_search", body, {c["index"]: c["finish_reason"] for c in data["choices"]},
-           data["usage"]["completion_tokens"])
+    return body
 
 
 async def abort_early(http, rng, tally, cap) -> None:
@@ -383,7 +371,7 @@ async def client_loop(url: str, rng: random.Random, tally: Tally, deadline: floa
             scenario = rng.choices(names, weights)[0]
             try:
                 if scenario in ("completion", "chat"):
-                    await plain(http, rng, tally, args.max_tokens, scenario == "chat")
+                    await plain(http, rng, tally, scenario, _sampling(rng, args.max_tokens), scenario == "chat")
                 elif scenario in ("responses", "stream_responses"):
                     await responses(http, rng, tally, args.max_tokens, scenario == "stream_responses")
                 elif scenario in ("stream_completion", "stream_chat"):
@@ -393,7 +381,7 @@ async def client_loop(url: str, rng: random.Random, tally: Tally, deadline: floa
                 elif scenario == "slow_reader":
                     await streamed(http, rng, tally, args.max_tokens, False, stall_s=rng.uniform(1, 5))
                 elif scenario == "beam_search":
-                    await beam_search(http, rng, tally, args.max_tokens)
+                    await plain(http, rng, tally, scenario, _beam_search(rng, args.max_tokens), rng.random() < 0.5)
                 elif scenario == "abort_early":
                     await abort_early(http, rng, tally, args.max_tokens)
                 elif scenario == "greedy":

@@ -14,14 +14,14 @@ import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import openai
 import pytest
 
-from jpaged import LLM, BeamSearchParams, EngineArgs
+from jpaged import LLM, BeamSearchParams
 from jpaged.beam_search import BeamSearch, run_beam_search, score
 from jpaged.models import llama
 from jpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from server_harness import API_KEY, MODEL_NAME, ThreadedServer, wait_until_idle
+from server_harness import API_KEY, MODEL_NAME, wait_until_idle
+from test_server import client, server  # noqa: F401 (fixtures: the tiny model's server and an openai client)
 
 PADDED_LEN = 96
 
@@ -185,21 +185,7 @@ def test_run_beam_search_cancels_the_steps_of_a_failed_one():
 
 # --------------------------------------------------------------------------- the server
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    engine_args = EngineArgs(model=str(tiny_model_dir), max_model_len=PADDED_LEN, max_num_seqs=8,
-                             max_num_batched_tokens=32, num_gpu_blocks_override=64, compilation_cache_dir="")
-    srv = ThreadedServer(engine_args)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
-
-
-def test_completions_and_chat_serve_beam_search(server, client):
+def test_completions_and_chat_serve_beam_search(server, client):  # noqa: F811
     engine = server.engine.engine
     tokenizer, eos_ids = engine.tokenizer, set(engine.tokenizer.eos_token_ids)
     prompt = "Once upon a time"
@@ -238,7 +224,7 @@ def finished_requests(server, reason: str = "") -> float:
     return sum(float(line.split()[-1]) for line in lines if line.startswith(prefix))
 
 
-def test_beam_search_counts_as_one_request_in_metrics(server, client):
+def test_beam_search_counts_as_one_request_in_metrics(server, client):  # noqa: F811
     before = finished_requests(server)
     client.completions.create(model=MODEL_NAME, prompt="Count me", n=2, max_tokens=4,
                               extra_body={"use_beam_search": True})
@@ -254,7 +240,7 @@ def test_beam_search_counts_as_one_request_in_metrics(server, client):
     ({"best_of": 4}, "best_of", "beam width"),
     ({"max_tokens": 500}, "max_tokens", "maximum context length"),
 ])
-def test_beam_search_refusals(server, body, param, words):
+def test_beam_search_refusals(server, body, param, words):  # noqa: F811
     payload = {"model": MODEL_NAME, "prompt": "Hi", "use_beam_search": True, "max_tokens": 4, **body}
     response = httpx.post(server.url + "/v1/completions", json=payload, headers={"Authorization": f"Bearer {API_KEY}"})
     assert response.status_code == 400, response.text
@@ -262,7 +248,7 @@ def test_beam_search_refusals(server, body, param, words):
     assert error["param"] == param and words in error["message"]
 
 
-def test_chat_beam_search_refuses_a_constrained_reply(server):
+def test_chat_beam_search_refuses_a_constrained_reply(server):  # noqa: F811
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     payload = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "use_beam_search": True,
                "tools": tools, "tool_choice": "required"}
@@ -271,7 +257,7 @@ def test_chat_beam_search_refuses_a_constrained_reply(server):
     assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice"
 
 
-def test_a_client_leaving_mid_search_frees_every_block(server):
+def test_a_client_leaving_mid_search_frees_every_block(server):  # noqa: F811
     payload = {"model": MODEL_NAME, "prompt": "A long search", "use_beam_search": True, "n": 8, "max_tokens": 90,
                "ignore_eos": True}
     aborted = finished_requests(server, "abort")

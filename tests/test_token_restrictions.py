@@ -10,21 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged import LLM, SamplingParams
+from jpaged import SamplingParams
 from jpaged.models import llama
 from jpaged.token_restrictions import (MAX_BAD_WORDS_TOKEN_IDS, allowed_bitmask, bad_words_token_ids, banned_tokens,
                                        clear_bits)
-from test_engine import ENGINE_KWARGS, assert_pool_free, sharpened
+from test_structured_output import llm  # noqa: F401 (fixture: the sharpened tiny model, ENGINE_KWARGS)
 
 PADDED_LEN = 128
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir), **ENGINE_KWARGS)
-    llm.update_weights(sharpened(llm.llm_engine.runner.params, 3.0))
-    yield llm
-    assert_pool_free(llm)
 
 
 def dense_logits(llm, tokens: list[int]) -> np.ndarray:
@@ -45,7 +37,7 @@ def dense_greedy(llm, prompt: list[int], num_tokens: int, banned=lambda output: 
     return tokens[len(prompt):]
 
 
-def test_allowed_token_ids_limit_the_draw_but_not_the_raw_logprobs(llm):
+def test_allowed_token_ids_limit_the_draw_but_not_the_raw_logprobs(llm):  # noqa: F811
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 40000, size=20).tolist()
     free = dense_greedy(llm, prompt, 6)
@@ -65,7 +57,7 @@ def test_allowed_token_ids_limit_the_draw_but_not_the_raw_logprobs(llm):
     assert all(set(c.token_ids) <= set(allowed[:3]) for c in sampled.outputs)
 
 
-def test_bad_words_ban_a_word_after_its_prefix(llm):
+def test_bad_words_ban_a_word_after_its_prefix(llm):  # noqa: F811
     tokenizer = llm.get_tokenizer()
     rng = np.random.default_rng(3)
     prompt = rng.integers(100, 40000, size=12).tolist()
@@ -81,7 +73,7 @@ def test_bad_words_ban_a_word_after_its_prefix(llm):
         assert not any(output[i:i + len(sequence)] == sequence for i in range(len(output)))
 
 
-def test_bad_words_sequences_follow_vllms_rule(llm):
+def test_bad_words_sequences_follow_vllms_rule(llm):  # noqa: F811
     tokenizer = llm.get_tokenizer()
 
     def encode(text):
@@ -107,7 +99,7 @@ def test_bitmask_rows():
     assert np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little")).tolist() == [0, 32]
 
 
-def test_bad_requests_fail_before_anything_runs(llm):
+def test_bad_requests_fail_before_anything_runs(llm):  # noqa: F811
     engine = llm.llm_engine
     with pytest.raises(ValueError, match="allowed_token_ids"):
         llm.generate("Hi", SamplingParams(allowed_token_ids=[engine.model_config.vocab_size]), use_tqdm=False)
