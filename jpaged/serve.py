@@ -81,9 +81,10 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
                         help="How tool calls are found in a reply for tool_choice 'auto': 'hermes' "
                              "(<tool_call>{...}</tool_call>, as Qwen2.5/Qwen3 write them), "
-                             "'llama3_json' (a bare {\"name\", \"parameters\"} object) or 'pythonic' "
+                             "'llama3_json' (a bare {\"name\", \"parameters\"} object), 'pythonic' "
                              "(a Python list of calls, [f(a=1), g(b='x')], as Llama 3.2/4 pythonic "
-                             "templates ask).")
+                             "templates ask) or 'mistral' ([TOOL_CALLS] then the calls, as Mistral "
+                             "models write them).")
     server.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                         help="Split a reasoning model's replies into `reasoning` (the <think>...</think> "
                              "text) and content, in chat and /v1/responses: 'deepseek_r1' (DeepSeek-R1 "

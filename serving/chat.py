@@ -93,6 +93,8 @@ class ChatJob:
             output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
             defaults=ctx.generation_defaults)
         params.structured_outputs = chat_constraint(body, self.tool_plan)
+        if self.tool_plan is not None and self.tool_plan.keeps_special_tokens:
+            params.skip_special_tokens = False  # the parser's call marker is a special token (vLLM's)
         self.reasoning_parser = reasoning_parser_for(ctx.reasoning_parser, body.chat_template_kwargs)
         if params.structured_outputs is not None and self.reasoning_parser is not None:
             # vLLM's order: the model thinks freely, the constraint applies after `</think>`

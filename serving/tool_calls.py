@@ -47,7 +47,7 @@ class ToolPlan:
     mode: str  # "none" | "auto" | "required" | "named"
     tools: list[dict[str, Any]]  # as the request sent them: the chat template's `tools`
     functions: dict[str, dict[str, Any]]  # name -> parameters schema
-    parser_name: str | None = None  # auto: --tool-call-parser
+    parser_name: str | None = None  # --tool-call-parser: reads "auto" replies; its call ids in every mode
     function_name: str | None = None  # named
     parallel: bool = True  # parallel_tool_calls: False allows "required" one call only
 
@@ -65,6 +65,15 @@ class ToolPlan:
             schema["maxItems"] = 1
         return StructuredOutputsParams(json=schema)
 
+    def new_call_id(self) -> str:
+        """A tool call id of the parser's kind (Mistral's templates take 9 alphanumerics only)."""
+        return getattr(TOOL_PARSERS.get(self.parser_name), "call_id", _tool_call_id)()
+
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether replies keep special tokens in their text: the parser's call marker is one."""
+        return self.mode != "none" and getattr(TOOL_PARSERS.get(self.parser_name), "keeps_special_tokens", False)
+
     def parse(self, text: str, final: bool) -> ParsedOutput:
         if self.mode == "named":
             return parse_named(self.function_name, text)
@@ -78,7 +87,7 @@ class ToolPlan:
         """(content, tool_calls, finish_reason) of a finished choice; "tool_calls" replaces "stop"
         when auto or required produced calls (a named choice keeps "stop", as OpenAI does)."""
         parsed = self.parse(text, final=True)
-        calls = [ToolCall(id=_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+        calls = [ToolCall(id=self.new_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
                  for c in parsed.calls if c.name is not None]
         if not calls:
             return text, [], finish_reason
@@ -98,19 +107,20 @@ def plan_tools(body, *, enable_auto_tool_choice: bool, tool_call_parser: str | N
     if choice is None:
         choice = "auto"
     if choice == "none":
-        return ToolPlan("none", tools, functions)
+        return ToolPlan("none", tools, functions, parser_name=tool_call_parser)
     if choice == "auto":
         if not enable_auto_tool_choice or tool_call_parser is None:
             raise APIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                            "to be set", param="tool_choice")
         return ToolPlan("auto", tools, functions, parser_name=tool_call_parser)
     if choice == "required":
-        return ToolPlan("required", tools, functions, parallel=body.parallel_tool_calls is not False)
+        return ToolPlan("required", tools, functions, parser_name=tool_call_parser,
+                        parallel=body.parallel_tool_calls is not False)
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         if name not in functions:
             raise APIError(f"Tool '{name}' has not been passed in `tools`.", param="tool_choice")
-        return ToolPlan("named", tools, functions, function_name=name)
+        return ToolPlan("named", tools, functions, parser_name=tool_call_parser, function_name=name)
     raise APIError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
                    "{'name': ...}}.", param="tool_choice")
 
@@ -141,7 +151,7 @@ class ToolCallStream:
             if index == len(self.sent_calls):
                 if call.name is None:
                     break
-                call_id = _tool_call_id()
+                call_id = self.plan.new_call_id()
                 self.sent_calls.append((call_id, 0))
                 deltas.append(DeltaToolCall(index=index, id=call_id, type="function",
                                             function=DeltaFunctionCall(name=call.name, arguments="")))

@@ -10,7 +10,9 @@ a call is incomplete its `arguments` is the JSON text of the arguments so far.
 import ast
 import dataclasses
 import json
+import random
 import re
+import string
 
 _NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _ARGUMENTS = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
@@ -222,7 +224,53 @@ class PythonicToolParser:
         return ParsedOutput("", calls)
 
 
-TOOL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "pythonic": PythonicToolParser}
+class MistralToolParser:
+    """Mistral's `[TOOL_CALLS]` marker, then the calls: tokenizers before v11 (Mistral 7B v0.3,
+    Mixtral 8x22B, Nemo) write a JSON list of `{"name": ..., "arguments": {...}}` objects (or one
+    object), v11 and later ones (Mistral Small 3.1, ...) `name{...}` or `name[ARGS]{...}` after a
+    marker per call. Text before the first marker is content; text after the calls is dropped
+    (vLLM's rules). The marker is a special token, so the server keeps special tokens in these
+    replies (`keeps_special_tokens`), and call ids are 9 letters and digits, the only ids Mistral's
+    chat templates take back."""
+
+    TAG, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    keeps_special_tokens = True
+
+    @staticmethod
+    def call_id() -> str:
+        return "".join(random.choices(string.ascii_letters + string.digits, k=9))
+
+    def parse(self, text: str, final: bool) -> ParsedOutput:
+        start = text.find(self.TAG)
+        if start < 0:
+            keep = len(text) if final else len(text) - _partial_suffix(text, self.TAG)
+            return ParsedOutput(text[:keep], [])
+        body = text[start + len(self.TAG):].lstrip()
+        while body.startswith(self.TAG):  # repeated markers count as one
+            body = body[len(self.TAG):].lstrip()
+        if body.startswith(("[", "{")):  # before v11: JSON
+            calls = scan_objects(body, 1 if body[0] == "[" else 0)
+        else:  # v11+: name{...} after each marker
+            calls = [self._named_call(segment) for segment in body.split(self.TAG) if segment.strip()]
+        if final and not (calls and all(_valid_call(c) for c in calls)):
+            return ParsedOutput(text, [])
+        return ParsedOutput(text[:start], calls)
+
+    def _named_call(self, segment: str) -> ParsedCall:
+        """`name{...}` or `name[ARGS]{...}`; the name is None until `{` or `[ARGS]` ends it."""
+        ends = [i for i in (segment.find(self.ARGS), segment.find("{")) if i >= 0]
+        if not ends:
+            return ParsedCall(None, "", False)
+        name = segment[:min(ends)].strip()
+        brace = segment.find("{", min(ends))
+        if brace < 0:
+            return ParsedCall(name, "", False)
+        end = json_value_end(segment, brace)
+        return ParsedCall(name, segment[brace:end], end is not None)
+
+
+TOOL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "pythonic": PythonicToolParser,
+                "mistral": MistralToolParser}
 
 
 def parse_required(text: str, final: bool) -> ParsedOutput:

@@ -1,7 +1,8 @@
 """--reasoning-parser: the split of a reply into reasoning and content, whole and streamed in
 pieces of every size (the streamed deltas must add up to the whole split), and through the
 server's chat and Responses routes with the engine's text scripted (a random model never writes
-</think>), checked against the openai package's types and its stream accumulator."""
+</think>), checked against the openai package's types and its stream accumulator. Also the
+mistral tool parser's request (special tokens kept), with the same scripting."""
 
 import json
 
@@ -203,3 +204,21 @@ def test_a_constrained_reply_may_think_first(server, scripted, stream):  # noqa:
     requests = scripted(None, ['{"a": 1}'])
     _chat(server, stream, response_format={"type": "json_object"})
     assert requests[-1].structured_outputs.after_token_ids is None
+
+
+def test_mistral_tool_calls_keep_special_tokens(server, scripted, monkeypatch):  # noqa: F811
+    """--tool-call-parser mistral (no reasoning parser): the request keeps special tokens, so the
+    [TOOL_CALLS] marker reaches the parser; ids are Mistral's 9 alphanumerics."""
+    monkeypatch.setattr(server.ctx, "tool_call_parser", "mistral")
+    requests = scripted(None, ["Checking.", "[TOOL_CALLS]", 'get_time{"zone": ', '"UTC"}'])
+    tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in RESPONSES_TOOLS]
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Time?"}], "tools": tools}
+    reply = httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60).json()
+    message = reply["choices"][0]["message"]
+    assert message["content"] == "Checking." and reply["choices"][0]["finish_reason"] == "tool_calls"
+    (call,) = message["tool_calls"]
+    assert call["function"] == {"name": "get_time", "arguments": '{"zone": "UTC"}'}
+    assert len(call["id"]) == 9 and call["id"].isalnum()
+    assert requests[-1].skip_special_tokens is False
+    _chat(server, False, tools=tools, tool_choice="none")
+    assert requests[-1].skip_special_tokens is True

@@ -11,8 +11,8 @@ from serving.errors import APIError
 from serving.protocol import ChatCompletionRequest, CompletionRequest
 from serving.structured_outputs import structured_outputs_from_request
 from serving.tool_calls import ToolCallStream, chat_constraint, plan_tools
-from serving.tool_parsers import (HermesToolParser, Llama3JsonToolParser, ParsedOutput, PythonicToolParser,
-                                  json_value_end)
+from serving.tool_parsers import (HermesToolParser, Llama3JsonToolParser, MistralToolParser, ParsedOutput,
+                                  PythonicToolParser, json_value_end)
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -117,6 +117,48 @@ def test_pythonic_parser_whole_and_streamed():
 ])
 def test_pythonic_parser_leaves_anything_else_as_content(text):
     assert PythonicToolParser().parse(text, final=True) == ParsedOutput(text, [])
+
+
+MISTRAL_TEXTS = {  # tokenizers before v11, then v11 and later (with and without [ARGS])
+    "pre_v11": 'Checking.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris, \\"FR\\"", "days": 2}}, '
+               '{"name": "get_time", "arguments": {"zone": "CET"}}] trailing',
+    "v11": 'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris, \\"FR\\"", "days": 2}'
+           '[TOOL_CALLS]get_time{"zone": "CET"} trailing',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MISTRAL_TEXTS))
+def test_mistral_parser_whole_and_streamed(kind):
+    text = MISTRAL_TEXTS[kind]
+    plan = plan_tools(_chat(tools=[WEATHER, TIME]), enable_auto_tool_choice=True, tool_call_parser="mistral")
+    assert plan.keeps_special_tokens  # [TOOL_CALLS] is a special token
+    content, calls, finish = plan.message(text, "stop")
+    assert content == "Checking." and finish == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == EXPECTED
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)  # what Mistral's templates accept
+    for piece in (1, 3, 7, 100):
+        streamed_content, streamed_calls, ids = _streamed(plan, text, piece)
+        assert streamed_content == "Checking." and all(len(i) == 9 and i.isalnum() for i in ids)
+        assert [(n, json.loads(a)) for n, a in streamed_calls] == EXPECTED
+
+
+@pytest.mark.parametrize("text", [
+    "No tools needed.", "A list: [TOOL", "[TOOL_CALLS] not json", '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}',
+    "[TOOL_CALLS]get_time", '[TOOL_CALLS] [{"arguments": {}}]',
+])
+def test_mistral_parser_leaves_anything_else_as_content(text):
+    assert MistralToolParser().parse(text, final=True) == ParsedOutput(text, [])
+
+
+def test_mistral_ids_and_special_tokens_in_every_mode():
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for choice in ("required", named):
+        plan = plan_tools(_chat(tools=[WEATHER, TIME], tool_choice=choice), enable_auto_tool_choice=False,
+                          tool_call_parser="mistral")
+        assert plan.keeps_special_tokens and len(plan.new_call_id()) == 9
+    off = plan_tools(_chat(tools=[TIME], tool_choice="none"), enable_auto_tool_choice=True, tool_call_parser="mistral")
+    assert not off.keeps_special_tokens
+    assert _plan(tools=[TIME]).new_call_id().startswith("chatcmpl-tool-") and not _plan(tools=[TIME]).keeps_special_tokens
 
 
 def test_json_value_end():
