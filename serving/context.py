@@ -166,7 +166,7 @@ class ServingContext:
                 last_output_time = now
                 if output.finished:
                     finished = True
-                    self._observe_finished(output, tokens_per_output, delta)
+                    self._observe_finished(output, tokens_per_output, delta, params.n, params.max_tokens)
                 _raise_if_failed(output)
                 yield output
         except (GeneratorExit, asyncio.CancelledError):  # the client went away: the engine aborts it
@@ -215,7 +215,8 @@ class ServingContext:
                                                 beam.logprobs[:len(token_ids)], beam.finish_reason, beam.stop_reason))
         metrics.last_token_time = metrics.finished_time = time.time()
         output = RequestOutput(request_id, None, prompt_token_ids, None, completions, True, metrics)
-        self._observe_finished(output, {c.index: len(c.token_ids) for c in completions}, streamed=False)
+        self._observe_finished(output, {c.index: len(c.token_ids) for c in completions}, False,
+                               params.beam_width, params.max_tokens)
         yield output
 
     async def _engine_outputs(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
@@ -236,11 +237,12 @@ class ServingContext:
         finally:
             await outputs.aclose()
 
-    def _observe_finished(self, output: RequestOutput, tokens_per_output: dict[int, int], streamed: bool) -> None:
+    def _observe_finished(self, output: RequestOutput, tokens_per_output: dict[int, int], streamed: bool,
+                          n: int, max_tokens: int | None) -> None:
         reasons = {c.finish_reason for c in output.outputs if c.finish_reason}
         reason = next((r for r in ("error", "abort", "length") if r in reasons), "stop")
         self.metrics.observe_finished(output, sum(tokens_per_output.values()),
-                                      max(tokens_per_output.values(), default=0), reason, streamed)
+                                      max(tokens_per_output.values(), default=0), reason, streamed, n, max_tokens)
 
 
 def _raise_if_failed(output: RequestOutput) -> None:

@@ -400,6 +400,12 @@ def test_metrics(server, client, tiny_model, prefix):
     assert delta("inter_token_latency_seconds_count") == 6 + 4
     assert delta("request_success_total") == 2
     assert _metric(after, f"{prefix}:num_requests_running") == 0
+    # vLLM 0.32's per-request families (its TPOT histogram's new name beside the old one)
+    assert delta("request_time_per_output_token_seconds_count") == delta("time_per_output_token_seconds_count") == 2
+    assert delta("request_params_n_count") == 2 and delta("request_params_n_sum") == 2
+    assert delta("request_params_max_tokens_sum") == delta("request_max_num_generation_tokens_sum") == 7 + 5
+    assert delta("request_prefill_kv_computed_tokens_sum") == delta("prompt_tokens_total") - (
+        delta("prefix_cache_hits_total"))
 
 
 # --------------------------------------------------------------------------- errors
