@@ -2,9 +2,9 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/data_parallel_checks.py MODE MODEL CACHE_DIR
 
-MODE "tiny": greedy outputs of LLM(data_parallel_size=2) equal one engine's; abort reaches the
+MODE "tiny": greedy outputs and beam searches of LLM(data_parallel_size=2) equal one engine's; abort reaches the
 owning replica and no replica keeps a block; update_weights reaches every replica on its own
-device; a server over 2 replicas answers completions, streams and /metrics per engine; a
+device; a server over 2 replicas answers completions, streams, beam searches and /metrics per engine; a
 replica whose engine loop failed gets no more requests. MODE "bundled": greedy equality only. CACHE_DIR: a persistent
 compilation cache shared by the engines of the run (an engine on cpu:0 or cpu:1 compiles once).
 Exits non-zero (an AssertionError) on the first failed check.
@@ -18,7 +18,7 @@ import httpx
 import jax
 import openai
 
-from jpaged import LLM, EngineArgs, SamplingParams
+from jpaged import LLM, BeamSearchParams, EngineArgs, SamplingParams
 from jpaged.sampling_params import RequestOutputKind
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -38,12 +38,18 @@ def check_greedy_equals_one_engine(kwargs: dict) -> LLM:
     """Returns the data-parallel LLM for the next checks."""
     params = [GREEDY] * len(PROMPTS)
     params[2] = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=2)
-    expected = LLM(**kwargs).generate(PROMPTS, params, use_tqdm=False)
+    single = LLM(**kwargs)
+    expected = single.generate(PROMPTS, params, use_tqdm=False)
+    beam_params = BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True)
+    expected_beams = single.beam_search(PROMPTS[:3], beam_params)
     llm = LLM(**kwargs, data_parallel_size=2)
     got = llm.generate(PROMPTS, params, use_tqdm=False)
     for e, g in zip(expected, got):
         assert [c.token_ids for c in g.outputs] == [c.token_ids for c in e.outputs], (e, g)
         assert [c.text for c in g.outputs] == [c.text for c in e.outputs]
+    got_beams = llm.beam_search(PROMPTS[:3], beam_params)  # each step's beams spread over both replicas
+    assert [[b.tokens for b in o.sequences] for o in got_beams] == [[b.tokens for b in o.sequences]
+                                                                    for o in expected_beams]
     front = llm.data_parallel
     assert [list(r.engine.runner.mesh.devices.flat) for r in front.replicas] == [[d] for d in jax.devices()[:2]]
     served = [s.prompt_tokens_total for s in front.get_stats_per_engine()]
@@ -159,6 +165,9 @@ def check_server(kwargs: dict, expected_texts: list[str]) -> None:
         two = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[5], max_tokens=8, temperature=0, n=2,
                                         extra_body={"ignore_eos": True})
         assert [c.text for c in two.choices] == [expected_texts[5]] * 2
+        beams = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[5], max_tokens=4, n=2,
+                                          extra_body={"ignore_eos": True, "use_beam_search": True})
+        assert [c.index for c in beams.choices] == [0, 1] and beams.usage.completion_tokens == 8
         assert httpx.get(server.url + "/health").status_code == 200
         metrics = httpx.get(server.url + "/metrics").text
         for engine in ("0", "1"):
