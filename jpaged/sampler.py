@@ -10,8 +10,9 @@ Logprobs follow vLLM's --logprobs-mode (`jpaged.config.LOGPROBS_MODES`): by defa
 (raw_logprobs) the log_softmax of the model's logits before logit_bias, min_tokens, penalties,
 temperature and the masks (a structured-output token mask is applied first, as vLLM's runner
 does; allowed_token_ids and bad_words, which share the token bitmask, are not: vLLM's sampler
-applies them after taking the raw logprobs); the processed_* modes use what the row is drawn from (greedy rows: after penalties,
-temperature 1, no masks); the *_logits modes return those logits unnormalized.
+applies them after taking the raw logprobs); the processed_* modes use what the row is drawn
+from (greedy rows: after penalties, temperature 1, no masks); the *_logits modes return those
+logits unnormalized.
 """
 
 import dataclasses

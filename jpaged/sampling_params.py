@@ -28,9 +28,9 @@ class SamplingParams:
 
     `__post_init__` validates every field (ValueError naming the field and its value) and
     normalises: `stop` -> list[str], `stop_token_ids` -> list[int], `top_k` -1/None -> 0 (off),
-    `logit_bias` keys -> int, `bad_words` None -> [] (duplicates dropped); a temperature below 1e-5 becomes exactly 0.0 (greedy), and greedy
-    turns top_p/top_k/min_p off. `max_tokens=None` means "up to the model's context length"
-    (the scheduler resolves it per request).
+    `logit_bias` keys -> int, `bad_words` None -> [] (duplicates dropped); a temperature below
+    1e-5 becomes exactly 0.0 (greedy), and greedy turns top_p/top_k/min_p off. `max_tokens=None`
+    means "up to the model's context length" (the scheduler resolves it per request).
     """
 
     n: int = 1

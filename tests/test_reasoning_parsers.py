@@ -184,7 +184,7 @@ def test_reasoning_tokens_in_usage(server, scripted):  # noqa: F811
                           json={**body, "stream": True, "stream_options": {"include_usage": True}})
     last = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")][-1]
     assert last["usage"] == whole["usage"]
-    for response in (_post(server, input="Capital of France?").json(), _events(server, input="Capital?")[-1]["response"]):
+    for response in (_post(server, input="Capital?").json(), _events(server, input="Capital?")[-1]["response"]):
         assert response["usage"]["output_tokens_details"] == {"reasoning_tokens": thought}
     scripted(None)  # no --reasoning-parser: no details, as vLLM
     plain = httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60).json()

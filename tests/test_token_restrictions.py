@@ -23,7 +23,8 @@ def dense_logits(llm, tokens: list[int]) -> np.ndarray:
     engine = llm.llm_engine
     ids = np.zeros((1, PADDED_LEN), np.int32)
     ids[0, :len(tokens)] = tokens
-    logits = jax.jit(lambda p, x: llama.forward_dense(p, engine.model_config, x))(engine.runner.params, jnp.asarray(ids))
+    forward = jax.jit(lambda p, x: llama.forward_dense(p, engine.model_config, x))
+    logits = forward(engine.runner.params, jnp.asarray(ids))
     return np.asarray(logits[0, len(tokens) - 1], np.float64)
 
 

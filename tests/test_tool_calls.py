@@ -158,7 +158,8 @@ def test_mistral_ids_and_special_tokens_in_every_mode():
         assert plan.keeps_special_tokens and len(plan.new_call_id()) == 9
     off = plan_tools(_chat(tools=[TIME], tool_choice="none"), enable_auto_tool_choice=True, tool_call_parser="mistral")
     assert not off.keeps_special_tokens
-    assert _plan(tools=[TIME]).new_call_id().startswith("chatcmpl-tool-") and not _plan(tools=[TIME]).keeps_special_tokens
+    hermes = _plan(tools=[TIME])
+    assert hermes.new_call_id().startswith("chatcmpl-tool-") and not hermes.keeps_special_tokens
 
 
 def test_json_value_end():
