@@ -4,8 +4,10 @@ A stored reply is its response object and the conversation it answered (the chat
 its history and input, without its `instructions`, which do not carry over), so a later request
 naming it as `previous_response_id` continues that conversation. Only the last `capacity`
 replies are kept; an older id is gone (404), so memory stays bounded however long the server runs.
+Background responses (`background: true`) are stored when queued and replaced as they run.
 """
 
+import asyncio
 import dataclasses
 from collections import OrderedDict
 from typing import Any
@@ -27,6 +29,7 @@ class ResponseStore:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
+        self.running: dict[str, asyncio.Task] = {}  # background responses still running, by id
 
     def __len__(self) -> int:
         return len(self._responses)

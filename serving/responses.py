@@ -13,10 +13,12 @@ By default, as in vLLM without VLLM_ENABLE_RESPONSES_API_STORE, nothing is store
 accepted and ignored, `previous_response_id` and GET /v1/responses/{id} answer 404, and the
 client sends the whole conversation in `input`. With --enable-responses-store the server keeps its
 last replies (serving/response_store.py): `previous_response_id` continues one's conversation (its
-input and output, not its instructions), GET returns it and DELETE forgets it. `background` is
-refused either way.
+input and output, not its instructions), GET returns it and DELETE forgets it; `background: true`
+stores the response "queued" and returns it at once, the request runs on, GET polls it
+("in_progress", then its end) and cancel ends it "cancelled" (not streamed: a 400).
 """
 
+import asyncio
 import json
 import time
 import uuid
@@ -72,9 +74,9 @@ class ResponsesRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     include_reasoning: bool = True  # with --reasoning-parser: false leaves the reasoning item out
 
-    def check_supported(self) -> None:
+    def check_supported(self, store: ResponseStore | None) -> None:
         """400 for what this server does not do or is not a Responses field; as vLLM words it where
-        vLLM refuses the same."""
+        vLLM refuses the same. `store`: the server's (background mode keeps its replies there)."""
         self.check_unsupported_extras()
         for name, unset in _NOT_RESPONSES_FIELDS.items():
             if getattr(self, name) != unset:
@@ -82,9 +84,14 @@ class ResponsesRequest(SamplingFields):
                                "or /v1/completions for it.", param=name)
         if self.prompt is not None:
             raise APIError("prompt template is not supported", param="prompt")
-        if self.background:
-            raise APIError("This server does not support the background mode; send the request with "
-                           "background false.", param="background")
+        if self.background and store is None:
+            raise APIError("This server does not store responses and therefore does not support the "
+                           "background mode; start it with --enable-responses-store.", param="background")
+        if self.background and not self.store:
+            raise APIError("The background mode needs store: true (its reply is fetched later).", param="background")
+        if self.background and self.stream:
+            raise APIError("This server does not stream background responses; send stream false and poll "
+                           "GET /v1/responses/{id}.", param="stream")
         if self.conversation is not None:
             raise APIError("This server keeps no conversations; send the whole conversation in `input`, "
                            "or continue a stored response with previous_response_id.", param="conversation")
@@ -278,8 +285,10 @@ async def create_response(request: Request) -> Response:
     body = await ctx.read_body(request, ResponsesRequest)
     model_name = ctx.check_model(body.model)
     ctx.check_ready()
-    body.check_supported()
+    body.check_supported(ctx.responses_store)
     job = _ResponseJob(ctx, body, model_name, arrival_time)
+    if body.background:
+        return job.start_in_background()
     return await (job.stream(request) if body.stream else job.complete(request))
 
 
@@ -300,17 +309,34 @@ async def retrieve_response(request: Request) -> Response:
 
 
 async def delete_response(request: Request) -> Response:
-    """DELETE /v1/responses/{response_id}: forgets a stored response (OpenAI's reply shape)."""
+    """DELETE /v1/responses/{response_id}: forgets a stored response (OpenAI's reply shape); a
+    background one still running is cancelled first."""
     store, stored = _stored(request)
-    store.delete(stored.response["id"])
-    return JSONResponse({"id": stored.response["id"], "object": "response", "deleted": True})
+    response_id = stored.response["id"]
+    store.delete(response_id)
+    await _cancel(store, response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
 async def cancel_response(request: Request) -> Response:
-    """POST /v1/responses/{response_id}/cancel: only background responses can be cancelled, and
-    this server runs none, so a stored one is a 400 (vLLM's answer) and any other a 404."""
-    _stored(request)
-    raise APIError("Cannot cancel a synchronous response.", param="response_id")
+    """POST /v1/responses/{response_id}/cancel: a background response still queued or running ends
+    "cancelled" (returned as stored then); any other stored one is a 400 (vLLM's answer), an
+    unknown id a 404."""
+    store, stored = _stored(request)
+    response_id = stored.response["id"]
+    if not await _cancel(store, response_id):
+        raise APIError("Cannot cancel a synchronous response.", param="response_id")
+    return JSONResponse(store.get(response_id).response)
+
+
+async def _cancel(store: ResponseStore, response_id: str) -> bool:
+    """Cancels the background run of `response_id` and waits for it to end; False when none runs."""
+    task = store.running.get(response_id)
+    if task is None:
+        return False
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return True
 
 
 def _previous_conversation(store: ResponseStore | None, response_id: str | None) -> list[dict[str, Any]]:
@@ -363,7 +389,7 @@ class _ResponseJob:
             "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
             "text": body.text or {"format": {"type": "text"}}, "tool_choice": body.effective_tool_choice(),
             "tools": body.tools, "top_logprobs": self.chat.num_top, "truncation": body.truncation,
-            "usage": usage, "user": body.user, "metadata": body.metadata, "background": False,
+            "usage": usage, "user": body.user, "metadata": body.metadata, "background": body.background,
         }
 
     def _usage(self, output_token_ids: list[int], cached_tokens: int) -> dict[str, Any]:
@@ -374,15 +400,46 @@ class _ResponseJob:
                 "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
                 "total_tokens": input_tokens + output_tokens}
 
-    async def complete(self, request: Request) -> Response:
-        async def last() -> RequestOutput:
-            async for final in self.chat.outputs:
-                pass
-            return final
+    async def _last(self) -> RequestOutput:
+        async for final in self.chat.outputs:
+            pass
+        return final
 
-        completed, final = await unless_disconnected(request, last())
+    async def complete(self, request: Request) -> Response:
+        completed, final = await unless_disconnected(request, self._last())
         if not completed:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return JSONResponse(self._reply(final))
+
+    def start_in_background(self) -> Response:
+        """Background mode: stores the response "queued" and returns it; a task runs the request
+        and stores its end: the reply, "cancelled" (cancel, DELETE, shutdown) or "failed"."""
+        queued = self._response("queued", [], None)
+        self.store.put(queued, self.conversation)
+        task = asyncio.create_task(self._run_in_background(), name=f"background {self.id}")
+        self.store.running[self.id] = task
+        task.add_done_callback(lambda _: self.store.running.pop(self.id, None))
+        return JSONResponse(queued)
+
+    async def _run_in_background(self) -> None:
+        self._store_if_kept(self._response("in_progress", [], None))
+        try:
+            self._reply(await self._last())
+        except asyncio.CancelledError:
+            self._store_if_kept(self._response("cancelled", [], None))
+            raise
+        except APIError as exc:
+            failed = self._response("failed", [], None)
+            failed["error"] = {"code": exc.code or "server_error", "message": exc.message}
+            self._store_if_kept(failed)
+
+    def _store_if_kept(self, response: dict[str, Any]) -> None:
+        """Replaces the stored response, unless it was deleted (or dropped as the oldest) meanwhile."""
+        if self.store.get(self.id) is not None:
+            self.store.put(response, self.conversation)
+
+    def _reply(self, final: RequestOutput) -> dict[str, Any]:
+        """The finished response object of the engine's last output (stored when it asks to be)."""
         completion = final.outputs[0]
         status = _status(completion.finish_reason)
         reasoning, content = self.chat.split_reasoning(completion.text)
@@ -400,7 +457,7 @@ class _ResponseJob:
         if not output:  # an empty reply is one empty message, as a streamed one is
             output.append(_message_item(_new_id("msg"), _item_status(status), []))
         usage = self._usage(completion.token_ids, final.num_cached_tokens)
-        return JSONResponse(self._finished(status, output, usage))
+        return self._finished(status, output, usage)
 
     def _finished(self, status: str, output: list[dict], usage: dict) -> dict[str, Any]:
         """The final response object, stored when the request asked for it and the server keeps some."""

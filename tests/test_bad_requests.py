@@ -191,6 +191,8 @@ CORPUS = {
                               ["resp_1"]),
     "responses_hosted_tool": ("POST", RESP, {"json": {"input": "x", "tools": [{"type": "file_search"}]}}, 400,
                               ["file_search"]),
+    "responses_background_without_store": ("POST", RESP, {"json": {"input": "x", "background": True}}, 400,
+                                           ["--enable-responses-store"]),
     "responses_over_context": ("POST", RESP, {"json": {"input": "x", "max_output_tokens": 10**6}}, 400,
                                ["maximum context length"]),
     "wrong_key": ("POST", CHAT, {**chat(), "auth": {"Authorization": "Bearer nope"}}, 401, ["API key"]),

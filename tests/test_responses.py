@@ -7,7 +7,9 @@ and the final response agree), the chat route for logprobs, JSON schemas for con
 and the engine's stats for freed KV blocks.
 """
 
+import asyncio
 import json
+import time
 
 import httpx
 import jsonschema
@@ -232,7 +234,8 @@ def test_tool_round_trip_input_is_rendered(server, tiny_model):
 
 @pytest.mark.parametrize("body, status, param, fragment", [
     ({"previous_response_id": "resp_abc"}, 404, "previous_response_id", "not found"),
-    ({"background": True}, 400, "background", "background mode"),
+    ({"background": True, "store": False}, 400, "background", "store: true"),
+    ({"background": True, "stream": True}, 400, "stream", "does not stream background"),
     ({"conversation": "conv_1"}, 400, "conversation", "keeps no conversations"),
     ({"prompt": {"id": "pmpt_1"}}, 400, "prompt", "prompt template"),
     ({"n": 2}, 400, "n", "not a field of the Responses API"),
@@ -352,3 +355,65 @@ def test_an_empty_reply_is_one_empty_message_whole_and_streamed(server, client):
         for _ in stream:
             pass
         assert stream.get_final_response().output_text == ""
+
+
+def _poll(server, response_id: str, until: tuple[str, ...], timeout: float = 60.0) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        response = httpx.get(server.url + f"/v1/responses/{response_id}", headers=AUTH).json()
+        if response["status"] in until or time.time() > deadline:
+            return response
+        time.sleep(0.02)
+
+
+def test_background_responses_are_polled_to_the_same_reply(server, client):
+    """background: true answers at once ("queued"); GET then shows "in_progress" and finally the
+    reply a synchronous request gets (greedy), with background true."""
+    greedy = {"input": "Tell me about blocks.", "max_output_tokens": 6, "temperature": 0, "ignore_eos": True}
+    queued = _post(server, background=True, **greedy).json()
+    Response.model_validate(queued)
+    assert queued["status"] == "queued" and queued["background"] is True and queued["output"] == []
+    done = _poll(server, queued["id"], ("completed", "incomplete", "failed", "cancelled"))
+    Response.model_validate(done)
+    synchronous = _post(server, **greedy).json()
+    assert done["status"] == synchronous["status"] == "incomplete"
+    assert done["output"][0]["content"] == synchronous["output"][0]["content"]
+    assert done["usage"] == synchronous["usage"] and done["background"] is True
+    cancel = httpx.post(server.url + f"/v1/responses/{queued['id']}/cancel", headers=AUTH)
+    assert cancel.status_code == 400  # it finished: nothing to cancel
+    follow_up = client.responses.create(model=MODEL_NAME, input="And then?", previous_response_id=queued["id"],
+                                        max_output_tokens=2)
+    assert follow_up.status in ("completed", "incomplete")
+
+
+def test_cancel_and_delete_end_a_running_background_response(server, monkeypatch):
+    """The engine stream is replaced by one that never ends (the tiny model would finish first):
+    cancel and DELETE must end the run, close that stream (which aborts a real engine request,
+    as the disconnect tests check) and leave the stored response cancelled, or gone."""
+    started, closed = [], []
+
+    async def endless(prompt_token_ids, params, request_id, arrival_time=None):
+        started.append(request_id)
+        try:
+            await asyncio.Event().wait()
+            yield  # never reached: makes this an async generator
+        finally:
+            closed.append(request_id)
+
+    monkeypatch.setattr(server.ctx, "generate", endless)
+    for end in ("cancel", "delete"):
+        queued = _post(server, input="Go on.", max_output_tokens=8, background=True).json()
+        while queued["id"] not in started:
+            time.sleep(0.005)
+        assert _poll(server, queued["id"], ())["status"] == "in_progress"
+        if end == "cancel":
+            cancelled = httpx.post(server.url + f"/v1/responses/{queued['id']}/cancel", headers=AUTH).json()
+            assert cancelled["status"] == "cancelled" and cancelled["id"] == queued["id"]
+            Response.model_validate(cancelled)
+            assert httpx.get(server.url + f"/v1/responses/{queued['id']}", headers=AUTH).json() == cancelled
+        else:
+            deleted = httpx.delete(server.url + f"/v1/responses/{queued['id']}", headers=AUTH)
+            assert deleted.json()["deleted"] is True
+            assert httpx.get(server.url + f"/v1/responses/{queued['id']}", headers=AUTH).status_code == 404
+        assert closed[-1] == queued["id"]
+    assert not server.ctx.responses_store.running
