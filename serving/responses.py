@@ -20,6 +20,7 @@ stores the response "queued" and returns it at once, the request runs on, GET po
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,6 +38,8 @@ from serving.errors import APIError, validation_error
 from serving.protocol import ChatCompletionRequest, SamplingFields
 from serving.response_store import ResponseStore, StoredResponse
 from serving.streaming import CLIENT_CLOSED_REQUEST, prepend, unless_disconnected
+
+logger = logging.getLogger("jpaged.serve")
 
 OUTPUT_LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for logprobs
 _TEXT_PART_TYPES = ("input_text", "output_text", "text")
@@ -428,9 +431,12 @@ class _ResponseJob:
         except asyncio.CancelledError:
             self._store_if_kept(self._response("cancelled", [], None))
             raise
-        except APIError as exc:
+        except Exception as exc:  # the engine's error (an APIError) or a bug: this response failed
+            if not isinstance(exc, APIError):
+                logger.exception("background response %s failed", self.id)
             failed = self._response("failed", [], None)
-            failed["error"] = {"code": exc.code or "server_error", "message": exc.message}
+            invalid = isinstance(exc, APIError) and exc.status_code < 500  # OpenAI's error codes:
+            failed["error"] = {"code": "invalid_prompt" if invalid else "server_error", "message": str(exc)}
             self._store_if_kept(failed)
 
     def _store_if_kept(self, response: dict[str, Any]) -> None:

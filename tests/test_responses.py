@@ -417,3 +417,17 @@ def test_cancel_and_delete_end_a_running_background_response(server, monkeypatch
             assert httpx.get(server.url + f"/v1/responses/{queued['id']}", headers=AUTH).status_code == 404
         assert closed[-1] == queued["id"]
     assert not server.ctx.responses_store.running
+
+
+def test_a_failed_background_response_says_why(server, monkeypatch):
+    async def failing(prompt_token_ids, params, request_id, arrival_time=None):
+        raise APIError("The engine failed while running this request: boom.", status_code=500,
+                       code="engine_step_failed")
+        yield  # never reached: makes this an async generator
+
+    monkeypatch.setattr(server.ctx, "generate", failing)
+    queued = _post(server, input="Hi", max_output_tokens=4, background=True).json()
+    failed = _poll(server, queued["id"], ("failed",))
+    Response.model_validate(failed)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert "boom" in failed["error"]["message"] and not server.ctx.responses_store.running
