@@ -8,9 +8,10 @@ Flags after `--` go to the server. The default server flags use a small KV pool
 
 Each client loops until the deadline, drawing a scenario: plain or streamed completions and
 chats (random lengths, n up to 3, seeds, temperatures, now and then bad_words or
-allowed_token_ids), plain or streamed /v1/responses, beam searches on either route, greedy
-probes, and faults: a disconnect mid-stream, an abort before the first token, a client that stops
-reading, a burst past --max-num-seqs, a malformed request. Checks, after the deadline:
+allowed_token_ids), plain or streamed /v1/responses, background ones polled to their end (half
+cancelled), beam searches on either route, greedy probes, and faults: a disconnect mid-stream,
+an abort before the first token, a client that stops reading, a burst past --max-num-seqs, a
+malformed request. Checks, after the deadline:
   - every request the client did not cancel finished with a valid finish reason (with ignore_eos,
     exactly "length" and n * max_tokens tokens); malformed ones got a 4xx; none got a 5xx;
   - greedy probes gave the text they give alone (measured before the load);
@@ -38,7 +39,8 @@ import time
 import httpx
 
 DEFAULT_SERVER_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
-                        "--num-gpu-blocks-override", "24", "--swap-space", "0.05", "--disable-log-requests"]
+                        "--num-gpu-blocks-override", "24", "--swap-space", "0.05", "--disable-log-requests",
+                        "--enable-responses-store"]
 WORDS = ("paged attention keeps the cache in blocks so many requests share one pool of memory while "
          "the scheduler decides who runs next and who waits for a free block").split()
 GREEDY_PROMPTS = ["The cache holds", "A block of sixteen tokens", "Requests wait when", "Paged attention is"]
@@ -310,6 +312,47 @@ def _beam_search(rng: random.Random, max_tokens_cap: int) -> dict:
     return body
 
 
+async def background_response(http, rng, tally, cap) -> None:
+    """A background /v1/responses request (ignore_eos), polled until it ends; half of them are
+    cancelled first. It must end "incomplete" after exactly max_output_tokens tokens, or
+    "cancelled" when it was cancelled (a cancel after its end gets a 400 and the normal end)."""
+    scenario = "background_responses"
+    max_output_tokens = rng.randint(1, cap)
+    body = {"input": _prompt(rng), "max_output_tokens": max_output_tokens, "ignore_eos": True, "background": True}
+    response = await post(http, "/v1/responses", body)
+    if response.status_code != 200:
+        return refused(tally, scenario, response) or tally.fail(scenario, f"HTTP {response.status_code}")
+    path = f"/v1/responses/{response.json()['id']}"
+    cancel = rng.random() < 0.5
+    if cancel:
+        await asyncio.sleep(rng.uniform(0, 0.5))
+        cancelled = await post(http, path + "/cancel", {})
+        if cancelled.status_code not in (200, 400):
+            return refused(tally, scenario, cancelled) or tally.fail(scenario, f"cancel: HTTP {cancelled.status_code}")
+    deadline = time.monotonic() + 300
+    while (final := await get(http, path)).get("status") in ("queued", "in_progress"):
+        if time.monotonic() > deadline:
+            return tally.fail(scenario, f"still {final['status']} after 300 s")
+        await asyncio.sleep(0.1)
+    if final.get("status") == "cancelled" and cancel:
+        return tally.ok(scenario)
+    if final.get("status") == "cancelled" and SHUTDOWN["expected"]:
+        tally.counts[scenario]["aborted_by_shutdown"] += 1
+        return
+    if final.get("status") != "incomplete" or final["usage"]["output_tokens"] != max_output_tokens:
+        return tally.fail(scenario, f"status {final.get('status')}, usage {final.get('usage')} for "
+                                    f"max_output_tokens={max_output_tokens} with ignore_eos")
+    tally.ok(scenario)
+
+
+async def get(http: httpx.AsyncClient, path: str) -> dict:
+    """GETs `path` and returns its JSON (NotAnswered when the server is gone)."""
+    try:
+        return (await http.get(path)).json()
+    except httpx.TransportError as exc:
+        raise NotAnswered(f"{type(exc).__name__}: {exc}") from exc
+
+
 async def abort_early(http, rng, tally, cap) -> None:
     body = {**_sampling(rng, cap), "prompt": _prompt(rng)}
     try:
@@ -363,7 +406,8 @@ async def malformed(http, rng, tally) -> None:
 async def client_loop(url: str, rng: random.Random, tally: Tally, deadline: float, args, references,
                       burst_size: int) -> None:
     scenarios = [("completion", 20), ("chat", 15), ("stream_completion", 15), ("stream_chat", 10),
-                 ("responses", 5), ("stream_responses", 5), ("beam_search", 4), ("greedy", 8), ("disconnect", 8), ("abort_early", 8),
+                 ("responses", 5), ("stream_responses", 5), ("background_responses", 3), ("beam_search", 4),
+                 ("greedy", 8), ("disconnect", 8), ("abort_early", 8),
                  ("slow_reader", 3), ("burst", 2), ("malformed", 5)]
     names, weights = zip(*scenarios)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0)) as http:
@@ -380,6 +424,8 @@ async def client_loop(url: str, rng: random.Random, tally: Tally, deadline: floa
                     await streamed(http, rng, tally, args.max_tokens, rng.random() < 0.5, stop_after=rng.randint(1, 4))
                 elif scenario == "slow_reader":
                     await streamed(http, rng, tally, args.max_tokens, False, stall_s=rng.uniform(1, 5))
+                elif scenario == "background_responses":
+                    await background_response(http, rng, tally, args.max_tokens)
                 elif scenario == "beam_search":
                     await plain(http, rng, tally, scenario, _beam_search(rng, args.max_tokens), rng.random() < 0.5)
                 elif scenario == "abort_early":
