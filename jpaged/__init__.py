@@ -17,6 +17,7 @@ _EXPORTS = {
     "StructuredOutputsParams": "jpaged.structured_output.params",
     "RequestOutput": "jpaged.outputs",
     "CompletionOutput": "jpaged.outputs",
+    "LoRARequest": "jpaged.lora",
 }
 
 __all__ = list(_EXPORTS)

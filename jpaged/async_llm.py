@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from jpaged.config import EngineArgs
 from jpaged.llm_engine import EngineDeadError, LLMEngine
 from jpaged.loaders import load_model
+from jpaged.lora import LoRARequest
 from jpaged.outputs import EngineStats, RequestOutput
 from jpaged.sampling_params import SamplingParams
 
@@ -63,12 +64,14 @@ class AsyncLLM:
     # ---- public API --------------------------------------------------------------------------
 
     async def generate(self, prompt, sampling_params: SamplingParams | None, request_id: str,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Streams RequestOutputs for one prompt (str, token ids, or a prompt dict).
 
         Yields per sampling_params.output_kind. Raises ValueError before the first yield for an
         invalid request. If the consumer stops iterating, the request is aborted. `arrival_time`
         (time.time(); default: this call) is when queue time and TTFT start counting.
+        lora_request: the LoRA adapter to run it with (an engine with enable_lora).
         """
         arrival_time = time.time() if arrival_time is None else arrival_time
         if self.errored or self._closed:
@@ -83,7 +86,7 @@ class AsyncLLM:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (loop, queue)
         params = SamplingParams() if sampling_params is None else sampling_params
-        self._adds.append((request_id, prompt, params, arrival_time))
+        self._adds.append((request_id, prompt, params, arrival_time, lora_request))
         self._ensure_thread()
         finished = False
         try:
@@ -104,6 +107,18 @@ class AsyncLLM:
         """Ends the request; its generator yields a final output with finish_reason "abort"."""
         self._aborts.append(request_id)
         self._ensure_thread()
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Loads an adapter into the engine's host memory (in a thread); ValueError when it cannot be served."""
+        return await asyncio.to_thread(self.engine.add_lora, lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """Drops an adapter from host memory; whether it was there."""
+        return self.engine.remove_lora(lora_int_id)
+
+    async def list_loras(self) -> set[int]:
+        """The ids of the adapters in host memory."""
+        return self.engine.list_loras()
 
     async def update_weights(self, params) -> None:
         """Swaps in new params between two steps (LLMEngine.update_weights: same structure,
@@ -177,11 +192,11 @@ class AsyncLLM:
 
     def _apply_queued(self) -> None:
         while self._adds:
-            request_id, prompt, params, arrival_time = self._adds.popleft()
+            request_id, prompt, params, arrival_time, lora_request = self._adds.popleft()
             if request_id not in self._queues:  # the consumer left before it was added
                 continue
             try:
-                self.engine.add_request(request_id, prompt, params, arrival_time)
+                self.engine.add_request(request_id, prompt, params, arrival_time, lora_request)
             except ValueError as e:
                 self._put(request_id, e)
         aborted = []

@@ -23,6 +23,8 @@ SERVER_CPU_MAX_NUM_BATCHED_TOKENS = 384
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")
 # --logprobs-mode values, vLLM's names (jpaged/sampler.py); the first is the default.
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+# --max-lora-rank values (vLLM's).
+MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def _field(default, help: str, choices=None, type=None, nargs=None):
@@ -100,6 +102,16 @@ class EngineArgs:
         "one byte with a static scale per layer and KV head (the checkpoint's k_scale/v_scale, else "
         "calibrated at start): 4x the blocks of float32 in the same memory, 2x those of bfloat16.",
         choices=list(KV_CACHE_DTYPES))
+    enable_lora: bool = _field(
+        False, "Serve LoRA adapters (PEFT checkpoints of q/k/v/o/gate/up/down_proj) on top of the model: a request "
+        "names one (LoRARequest, or the server's model field), and requests with different adapters share a batch "
+        "(docs/lora.md).")
+    max_loras: int = _field(1, "Most LoRA adapters in one batch (device slots).", type=int)
+    max_lora_rank: int = _field(16, "Largest LoRA rank served; every slot is this wide.",
+                                choices=list(MAX_LORA_RANKS), type=int)
+    max_cpu_loras: int | None = _field(
+        None, "Most LoRA adapters kept in host memory (least recently used out, read again when needed). "
+        "Default: --max-loras.", type=int)
     tensor_parallel_size: int = _field(
         1, "Devices to shard the model over (tensor parallel: attention heads, MLP and vocabulary split, "
         "KV cache split by KV heads; docs/distributed.md).", type=int)
@@ -164,7 +176,8 @@ class EngineArgs:
             if f.type is bool or f.type == "bool":
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
             elif meta["choices"] is not None:
-                group.add_argument(flag, choices=meta["choices"], default=f.default, help=meta["help"])
+                group.add_argument(flag, choices=meta["choices"], default=f.default, help=meta["help"],
+                                   type=meta["type"])
             else:
                 group.add_argument(flag, type=meta["type"], nargs=meta["nargs"], default=f.default, help=meta["help"])
         return parser
@@ -190,7 +203,7 @@ class EngineArgs:
             raise ValueError("--swap-space is not supported with --num-hosts > 1 (each host would keep its own "
                              "swapped blocks); leave it 0, preemption then recomputes.")
         for name in ("tensor_parallel_size", "num_hosts", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "max_n", "data_parallel_size"):
+                     "max_n", "data_parallel_size", "max_loras"):
             if name == "max_num_batched_tokens" and self.max_num_batched_tokens is None:
                 continue  # the server's default, per device (server_max_num_batched_tokens)
             if getattr(self, name) < 1:
@@ -198,6 +211,13 @@ class EngineArgs:
         for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (--{name.replace('_', '-')}).")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        elif self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}).")
+        if self.enable_lora and self.num_hosts > 1:
+            raise ValueError("--enable-lora is not supported with --num-hosts > 1 (the other hosts would not "
+                             "load the adapters).")
         if isinstance(self.served_model_name, str):
             self.served_model_name = [self.served_model_name]
         if self.served_model_name is not None and not all(self.served_model_name):
@@ -220,7 +240,8 @@ class EngineArgs:
                               ("dtype", ["auto", "float32", "bfloat16", "float16"]),
                               ("kv_cache_dtype", list(KV_CACHE_DTYPES)),
                               ("attention_backend", ["auto", "reference", "pallas", "cpu"]),
-                              ("logprobs_mode", list(LOGPROBS_MODES))):
+                              ("logprobs_mode", list(LOGPROBS_MODES)),
+                              ("max_lora_rank", list(MAX_LORA_RANKS))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}.")
 

@@ -24,6 +24,7 @@ from jpaged.config import EngineArgs
 from jpaged.dp_router import DEFAULT_MAX_AFFINITY_BLOCKS, DataParallelRouter
 from jpaged.llm_engine import EngineDeadError, LLMEngine
 from jpaged.loaders import load_model
+from jpaged.lora import LoRARequest
 from jpaged.outputs import EngineStats, RequestOutput
 from jpaged.sampling_params import SamplingParams
 
@@ -107,7 +108,8 @@ class DataParallelAsyncLLM:
     # ---- public API: AsyncLLM's --------------------------------------------------------------
 
     async def generate(self, prompt, sampling_params: SamplingParams | None, request_id: str,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """AsyncLLM.generate on the replica the router picks (same outputs, errors and abort on close)."""
         arrival_time = time.time() if arrival_time is None else arrival_time
         if request_id in self._owners:
@@ -119,7 +121,7 @@ class DataParallelAsyncLLM:
         params = SamplingParams() if sampling_params is None else sampling_params
         index = self.router.dispatch(token_ids, params.n, available)
         self._owners[request_id] = index
-        stream = self.replicas[index].generate(prompt, params, request_id, arrival_time)
+        stream = self.replicas[index].generate(prompt, params, request_id, arrival_time, lora_request)
         try:
             async for output in stream:
                 yield output
@@ -137,6 +139,17 @@ class DataParallelAsyncLLM:
     def replica_of(self, request_id: str) -> int | None:
         """The index of the replica running `request_id` (None: not running here)."""
         return self._owners.get(request_id)
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """AsyncLLM.add_lora on every replica."""
+        return all(await asyncio.gather(*(replica.add_lora(lora_request) for replica in self.replicas)))
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """AsyncLLM.remove_lora on every replica; whether any held it."""
+        return any(await asyncio.gather(*(replica.remove_lora(lora_int_id) for replica in self.replicas)))
+
+    async def list_loras(self) -> set[int]:
+        return await self.replicas[0].list_loras()
 
     async def update_weights(self, params) -> None:
         """AsyncLLM.update_weights on every replica (each copies the params to its devices)."""

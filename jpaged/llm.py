@@ -15,6 +15,7 @@ from jpaged.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from jpaged.config import EngineArgs
 from jpaged.data_parallel import DataParallelAsyncLLM
 from jpaged.llm_engine import LLMEngine
+from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 
@@ -62,12 +63,14 @@ class LLM:
             _run_to_completion(self.data_parallel.update_weights(params))
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Completes every prompt; returns one finished RequestOutput per prompt, in order.
 
         prompts: a str, a list of str, a list of token ids, a list of token-id lists, a
         {"prompt": ...} / {"prompt_token_ids": ...} dict or a list of them.
         sampling_params: one for all prompts or one per prompt (default SamplingParams()).
+        lora_request: a LoRA adapter for all prompts or one (or None) per prompt (needs enable_lora=True).
         """
         if self.host_id != 0:
             raise RuntimeError(f"generate() runs on host 0 of a multi-host engine; this is host {self.host_id}.")
@@ -82,15 +85,20 @@ class LLM:
         sampling_params = [params.clone() for params in sampling_params]
         for params in sampling_params:
             params.output_kind = RequestOutputKind.FINAL_ONLY
+        if not isinstance(lora_request, list):
+            lora_request = [lora_request] * len(prompts)
+        if len(lora_request) != len(prompts):
+            raise ValueError(f"got {len(lora_request)} lora_request entries for {len(prompts)} prompts; "
+                             f"pass one, or one per prompt.")
         if self.data_parallel is not None:
             with tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm, unit="prompt") as bar:
-                return _run_to_completion(self._generate_data_parallel(prompts, sampling_params, bar))
+                return _run_to_completion(self._generate_data_parallel(prompts, sampling_params, lora_request, bar))
         engine = self.llm_engine
         ids = []
         try:
-            for prompt, params in zip(prompts, sampling_params):
+            for prompt, params, adapter in zip(prompts, sampling_params, lora_request):
                 request_id = self._new_request_id()
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, lora_request=adapter)
                 ids.append(request_id)
         except ValueError:
             for request_id in ids:
@@ -105,15 +113,15 @@ class LLM:
                         bar.update(1)
         return [finished[request_id] for request_id in ids]
 
-    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False,
-                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts, params: BeamSearchParams, lora_request: LoRARequest | None = None,
+                    use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """vLLM's beam search (jpaged/beam_search.py): one BeamSearchOutput per prompt, in order,
         holding its best `params.beam_width` sequences, best first.
 
         prompts: as `generate` takes them. As in vLLM, a sequence's `tokens` and `text` start with
         the prompt's, and a sequence that ended on EOS keeps it in `tokens`. concurrency_limit:
         the most prompts searched at once (default: all); each step runs every live beam of
-        those prompts as one `generate` batch.
+        those prompts as one `generate` batch. lora_request: the LoRA adapter of every beam.
         """
         tokenizer = self.get_tokenizer()
         validator = (self.llm_engine or self.data_parallel).validator
@@ -131,7 +139,7 @@ class LLM:
                 if not running:
                     break
                 beams = [{"prompt_token_ids": beam.tokens} for search in running for beam in search.live]
-                outputs = self.generate(beams, step_params, use_tqdm=False)
+                outputs = self.generate(beams, step_params, use_tqdm=False, lora_request=lora_request)
                 for search in running:
                     num_live = len(search.live)
                     search.advance(outputs[:num_live])
@@ -145,17 +153,17 @@ class LLM:
         return results
 
     async def _generate_data_parallel(self, prompts: list, sampling_params: list[SamplingParams],
-                                      bar: tqdm) -> list[RequestOutput]:
+                                      lora_requests: list[LoRARequest | None], bar: tqdm) -> list[RequestOutput]:
         """Runs every prompt through the data-parallel front at once; the first error aborts the rest."""
 
-        async def run(prompt, params: SamplingParams, request_id: str) -> RequestOutput:
-            async for output in self.data_parallel.generate(prompt, params, request_id):
+        async def run(prompt, params: SamplingParams, request_id: str, adapter) -> RequestOutput:
+            async for output in self.data_parallel.generate(prompt, params, request_id, lora_request=adapter):
                 final = output
             bar.update(1)
             return final
 
-        tasks = [asyncio.create_task(run(prompt, params, self._new_request_id()))
-                 for prompt, params in zip(prompts, sampling_params)]
+        tasks = [asyncio.create_task(run(prompt, params, self._new_request_id(), adapter))
+                 for prompt, params, adapter in zip(prompts, sampling_params, lora_requests)]
         try:
             return await asyncio.gather(*tasks)
         except BaseException:
@@ -171,12 +179,14 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict] | None = None,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None,
+             lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Generates replies to one conversation (a list of {"role", "content"} dicts) or a list of them.
 
         As vLLM's: content is a string or a list of {"type": "text", "text": ...} parts (joined one
         per line); continue_final_message leaves the last message open for the model to continue
-        (not with add_generation_prompt); tools and chat_template_kwargs go to the chat template.
+        (not with add_generation_prompt); tools and chat_template_kwargs go to the chat template;
+        lora_request as for generate.
         """
         if continue_final_message and add_generation_prompt:
             raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
@@ -192,7 +202,7 @@ class LLM:
             text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                  chat_template=chat_template, **kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
 
 def _show_info_logs() -> None:

@@ -7,12 +7,13 @@ its final output. JAX is reached only through the runner. Not thread-safe: one c
 """
 
 import dataclasses
+import functools
 import logging
 import time
 
 import numpy as np
 
-from jpaged import kv_pool, kv_quantization, multihost, sharding
+from jpaged import kv_pool, kv_quantization, lora, multihost, sharding
 from jpaged.config import EngineArgs, server_max_num_batched_tokens
 from jpaged.cpu_features import resolve_cpu_dtype
 from jpaged.detokenizer import IncrementalDetokenizer
@@ -110,6 +111,8 @@ class LLMEngine:
                  params=None):
         if (flax_model is None) != (params is None):
             raise ValueError("pass flax_model and params together (a Flax model and its params pytree), or neither.")
+        if flax_model is not None and engine_args.enable_lora:
+            raise ValueError("enable_lora works with the built-in Llama-family model, not with a flax_model.")
         self.engine_args = args = engine_args
         kv_pool.configure_xla_allocator(args.gpu_memory_utilization)  # before JAX starts its GPU client
         multihost.initialize(args.distributed_coordinator, args.num_hosts, args.host_id)
@@ -142,7 +145,14 @@ class LLMEngine:
             enable_chunked_prefill=args.enable_chunked_prefill, num_swap_blocks=self.runner.num_swap_blocks,
             num_scheduler_steps=self.runner.num_scheduler_steps,
             scheduler_delay_factor=args.scheduler_delay_factor,
-            scheduler_finish_first=args.scheduler_finish_first)
+            scheduler_finish_first=args.scheduler_finish_first, max_loras=args.max_loras if args.enable_lora else 0)
+        # LoRA adapters (jpaged/lora.py): host copies and which one sits in which device slot.
+        self.lora_adapters = self.lora_slot_table = None
+        if args.enable_lora:
+            self.lora_adapters = lora.AdapterCache(args.max_cpu_loras, functools.partial(
+                lora.load_adapter, model_config=self.model_config, max_lora_rank=args.max_lora_rank,
+                download_dir=args.download_dir))
+            self.lora_slot_table = lora.SlotTable(args.max_loras)
         self.structured_output = StructuredOutputManager(self.tokenizer.hf, self.model_config.vocab_size,
                                                          self.model_config.eos_token_ids)
         self.validator = RequestValidator.from_engine_args(args, self.model_config.vocab_size, self.max_model_len)
@@ -167,12 +177,13 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_request: lora.LoRARequest | None = None) -> None:
         """Queues a prompt (str, token ids, or {"prompt"| "prompt_token_ids": ...}).
 
         InvalidRequestError (a ValueError; jpaged/request_validation.py) or ValueError, with the
-        numbers and the flag to change, for a request that cannot run; EngineDeadError once the
-        engine lost its device state. `arrival_time` (time.time()) defaults to now.
+        numbers and the flag to change, for a request that cannot run (an adapter that cannot be
+        loaded too); EngineDeadError once the engine lost its device state. `arrival_time`
+        (time.time()) defaults to now. lora_request: the LoRA adapter to run it with.
         """
         params = SamplingParams() if params is None else params
         if self.dead_reason is not None:
@@ -181,6 +192,7 @@ class LLMEngine:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         prompt_text, prompt_ids = self.tokenizer.prompt_and_ids(prompt)
         self.validator.validate(prompt_ids, params)
+        block_hash_seed = None if lora_request is None else self._adapter(lora_request).digest
         if params.structured_outputs is not None:
             self.structured_output.compile(params.structured_outputs)  # ValueError before anything is queued
         base_seed = params.seed if params.seed is not None else int(self._seed_stream.integers(0, 2**31))
@@ -200,7 +212,8 @@ class LLMEngine:
             for index, child_id in enumerate(child_ids):
                 child_params = params.clone()
                 child_params.n = 1
-                request = Request(child_id, prompt_ids, child_params, self.model_config.eos_token_ids, arrival_time)
+                request = Request(child_id, prompt_ids, child_params, self.model_config.eos_token_ids, arrival_time,
+                                  lora_request, block_hash_seed)
                 self.scheduler.add_request(request)
                 added.append(child_id)
                 detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params) if params.detokenize else None
@@ -218,6 +231,26 @@ class LLMEngine:
             raise
         self._parents[request_id] = parent
         self.prompt_tokens_total += len(prompt_ids) * params.n
+
+    def add_lora(self, lora_request: lora.LoRARequest) -> bool:
+        """Loads an adapter into host memory (if it is not there); True. ValueError when LoRA is
+        off or the adapter cannot be served (jpaged.lora.load_adapter says why)."""
+        self._adapter(lora_request)
+        return True
+
+    def _adapter(self, lora_request: lora.LoRARequest) -> lora.LoRAAdapter:
+        if self.lora_adapters is None:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested, but LoRA is not enabled: start the "
+                             "engine with enable_lora=True (--enable-lora).")
+        return self.lora_adapters.get(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Drops an adapter from host memory; requests that still name it read it again. Whether it was there."""
+        return self.lora_adapters is not None and self.lora_adapters.remove(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters in host memory."""
+        return set() if self.lora_adapters is None else {r.lora_int_id for r in self.lora_adapters.requests()}
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Ends a request (all its samples) with finish_reason "abort"; returns its final output."""
@@ -260,7 +293,8 @@ class LLMEngine:
             max(0, min(r.start_position + len(r.token_ids), len(r.prompt_token_ids)) - r.start_position)
             for r in scheduled)
         try:
-            result = self.runner.execute(scheduler_output, seeds, self._token_bitmask(scheduled))
+            result = self.runner.execute(scheduler_output, seeds, self._token_bitmask(scheduled),
+                                         self._lora_slots(scheduled))
         except Exception as exc:  # a device, compiler or sampler fault: fail this step's requests only
             return self._fail_step(scheduled, exc)
         if result.prompt_logprobs is not None:
@@ -318,6 +352,24 @@ class LLMEngine:
                 bitmask[i] &= parent.allowed_bitmask
             clear_bits(bitmask[i], banned_tokens(parent.bad_words_token_ids, request.output_token_ids))
         return bitmask
+
+    def _lora_slots(self, scheduled) -> list[int] | None:
+        """Each scheduled request's LoRA slot (0: none), after loading the adapters the step needs
+        into free slots or those of adapters no running request uses (the scheduler keeps the
+        running requests' adapters within max_loras). None with LoRA off."""
+        if self.lora_slot_table is None:
+            return None
+        requests = [self._samples[r.request_id][1].request for r in scheduled]
+        adapters = [None if r.lora_request is None else self.lora_adapters.get(r.lora_request) for r in requests]
+        keep = {self.lora_adapters.peek(r.lora_request) for r in self.scheduler.running if r.lora_request is not None}
+        slots, loads = self.lora_slot_table.assign(set(adapters) - {None}, keep)
+        for slot, adapter in loads:
+            try:
+                self.runner.set_lora_slot(slot, adapter)
+            except Exception:
+                self.lora_slot_table.evict(adapter)
+                raise
+        return [slots.get(adapter, 0) for adapter in adapters]
 
     def _advance_grammar(self, sample: _Sample, request: Request) -> None:
         """Feeds the new output token to the request's matcher. A complete grammar (nothing but EOS

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import pallas_kernels.cpu as cpu_kernels
 
-from jpaged import executable_cache, kv_pool, kv_quantization, multihost, sharding
+from jpaged import executable_cache, kv_pool, kv_quantization, lora, multihost, sharding
 from jpaged.attention_backend import decode_only_attention, select_attention, select_kv_writer, select_sampling_kernels
 from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.config import DEFAULT_CPU_SCHEDULER_STEPS, LOGPROBS_MODES
@@ -52,9 +52,11 @@ def _forward(params, kv_cache, kv_scales, meta: StepMetadata, *, model, attentio
 
 def _forward_hidden(params, kv_cache, kv_scales, meta: StepMetadata, *, model, attention_fn, write_kv_fn):
     """The model's __call__ over one step's packed tokens: (hidden [num_tokens, hidden_size], kv_cache)."""
-    scales = {} if kv_scales is None else {"kv_scales": kv_scales}  # a user's model may not take them
+    extra = {} if kv_scales is None else {"kv_scales": kv_scales}  # a user's model may not take them
+    if "lora" in params:
+        extra["lora_slots"] = meta.lora_slots
     return model.apply({"params": params}, meta.token_ids, meta.positions, kv_cache, meta.attn, attention_fn,
-                       write_kv_fn, **scales)
+                       write_kv_fn, **extra)
 
 
 def _real_rows(model, method: str, meta: StepMetadata) -> dict:
@@ -101,7 +103,7 @@ def _decode_steps(params, kv_cache, kv_scales, blob, sampling_blob, *, num_token
                                         kv_lens=jnp.where(real_seq, attn.kv_lens + i, 0),
                                         num_decode_tokens=jnp.int32(num_tokens))
         step_meta = StepMetadata(token_ids=token_ids, positions=positions, attn=step_attn,
-                                 logits_indices=meta.logits_indices)
+                                 logits_indices=meta.logits_indices, lora_slots=meta.lora_slots)
         hidden, kv_cache = _forward_hidden(params, kv_cache, kv_scales, step_meta, model=model, **model_fns)
         step_sampling = dataclasses.replace(sampling, output_index=sampling.output_index + i)
 
@@ -287,6 +289,7 @@ class ModelRunner:
                                 dict(out_shardings=replicated_out, compiler_options=options)),
             "swap_out": (_gather_blocks, {}),
             "swap_in": (_scatter_blocks, dict(donate_argnums=(0,))),
+            "set_lora": (lora.set_lora_slot, dict(donate_argnums=(0,))),
         }
         if decode_attention_fn is not None:
             programs["decode"] = (functools.partial(_forward_step, model=self.model, attention_fn=decode_attention_fn,
@@ -299,6 +302,8 @@ class ModelRunner:
         self._decode_steps_jit, self._sample_jit = jitted["decode_steps"], jitted["sample"]
         self._prompt_logprobs_jit = jitted["prompt_logprobs"]
         self._swap_out_jit, self._swap_in_jit = jitted["swap_out"], jitted["swap_in"]
+        self._set_lora_jit = jitted["set_lora"]
+        self._set_lora = {}  # 0 -> compiled, with LoRA slots in the params
         self._prompt_logprobs = {}  # num_tokens -> compiled
         self._forward = {}  # (num_tokens, num_seqs, pages_per_seq, decode_only) -> compiled
         self._decode_steps = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled, with num_scheduler_steps > 1
@@ -342,8 +347,8 @@ class ModelRunner:
             return None
 
     def _table(self, name: str) -> dict:
-        return {"forward": self._forward, "decode_steps": self._decode_steps,
-                "sample": self._sample, "prompt_logprobs": self._prompt_logprobs, "swap": self._swap}[name]
+        return {"forward": self._forward, "decode_steps": self._decode_steps, "sample": self._sample,
+                "prompt_logprobs": self._prompt_logprobs, "swap": self._swap, "set_lora": self._set_lora}[name]
 
     def _lower(self, name: str, key) -> jax.stages.Lowered:
         params, kv_cache, kv_scales = (self._abstract(x) for x in (self.params, self.kv_cache, self.kv_scales))
@@ -367,6 +372,9 @@ class ModelRunner:
         if name == "prompt_logprobs":
             hidden = self._input_spec((key, self.model_config.hidden_size), jnp.dtype(self.model_config.dtype))
             return self._prompt_logprobs_jit.lower(params, hidden, self._blob_spec(key))
+        if name == "set_lora":
+            slot = jax.tree.map(lambda x: self._input_spec((1, *x.shape[1:]), x.dtype), params["lora"])
+            return self._set_lora_jit.lower(params["lora"], self._input_spec(()), slot)
         direction, n = key  # swap
         ids = self._input_spec((n,))
         if direction == "out":
@@ -411,6 +419,8 @@ class ModelRunner:
                      for shape in self.buckets.sampler_shapes() for masked in (False, True)]
         programs += [("prompt_logprobs", t) for t in self.buckets.num_tokens]
         programs += [("swap", (d, n)) for d in ("out", "in") for n in self.swap_buckets]
+        if "lora" in self.params:
+            programs.append(("set_lora", 0))
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="jpaged-compile") as pool:
             futures = []
             for name, key in tqdm(programs, desc="Compiling step buckets", disable=not show_progress, unit="program"):
@@ -420,6 +430,15 @@ class ModelRunner:
         return len(programs), num_loaded
 
     # ---- execution ---------------------------------------------------------------------------
+
+    def set_lora_slot(self, slot: int, adapter: lora.LoRAAdapter) -> None:
+        """Puts `adapter`'s weights in LoRA slot `slot` (1..max_loras), between steps."""
+        weights = lora.slot_weights(adapter, self.params["lora"])
+        if 0 not in self._set_lora:  # only with enforce_eager
+            self._compile("set_lora", 0)
+        self.params = {**self.params, "lora": self._set_lora[0](
+            self.params["lora"], jax.device_put(np.int32(slot), self.replicated),
+            jax.device_put(weights, self.replicated))}
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copies device blocks to host slots: pairs of (device block id, host slot)."""
@@ -450,17 +469,19 @@ class ModelRunner:
         self.kv_cache = self._swap[("in", n)](self.kv_cache, jax.device_put(ids, self.replicated),
                                               jax.device_put(blocks, self.kv_sharding))
 
-    def execute(self, scheduler_output, seeds: list[int], token_bitmask: np.ndarray | None = None) -> RunnerOutput:
+    def execute(self, scheduler_output, seeds: list[int], token_bitmask: np.ndarray | None = None,
+                lora_slots: list[int] | None = None) -> RunnerOutput:
         """Runs one scheduled step. `seeds[i]` is scheduled[i]'s resolved sampling seed.
 
         token_bitmask: None, or i32[len(scheduled), cdiv(vocab, 32)] of the tokens each row may
         sample (structured outputs); it travels in the same device_put as the step's blobs.
+        lora_slots: None, or scheduled[i]'s LoRA slot (0: none; set_lora_slot filled them).
         On several hosts, host 0 first sends the step to the others (jpaged/multihost.py).
         """
         self.swap_out(scheduler_output.blocks_to_swap_out)
         self.swap_in(scheduler_output.blocks_to_swap_in)
         if scheduler_output.num_steps > 1:
-            return self._execute_decode_steps(scheduler_output, seeds)
+            return self._execute_decode_steps(scheduler_output, seeds, lora_slots)
         scheduled = scheduler_output.scheduled
         max_context = max(r.start_position + len(r.token_ids) for r in scheduled)
         t, s, p = self.buckets.for_step(scheduler_output.total_num_scheduled_tokens, len(scheduled), max_context,
@@ -471,7 +492,7 @@ class ModelRunner:
             token_bitmask = np.pad(token_bitmask, ((0, s - len(token_bitmask)), (0, 0)), constant_values=-1)
         step = multihost.StepInputs(
             t, s, p, e, decode_only=self._decode_jit is not None and all(len(r.token_ids) == 1 for r in scheduled),
-            forward_blob=pack_step(scheduled, t, s, p, self.block_size),
+            forward_blob=pack_step(scheduled, t, s, p, self.block_size, lora_slots),
             sampling_blob=pack_sampling(scheduled, seeds, s, e, entries), token_bitmask=token_bitmask,
             prompt_targets=_prompt_targets(scheduled, t) if any(
                 r.sampling_params.prompt_logprobs is not None for r in scheduled) else None)
@@ -485,7 +506,7 @@ class ModelRunner:
             return RunnerOutput(ids, lps, ranks, top_lps, top_ids, prompt_logprobs)
         return RunnerOutput(_to_host(out.token_ids), prompt_logprobs=prompt_logprobs)
 
-    def _execute_decode_steps(self, scheduler_output, seeds: list[int]) -> RunnerOutput:
+    def _execute_decode_steps(self, scheduler_output, seeds: list[int], lora_slots: list[int] | None) -> RunnerOutput:
         """A multi-step decode (the scheduler checked that every request can run ahead: one
         pending token each, no sampler entries, logprobs or token masks): num_steps tokens per
         request from one program."""
@@ -494,7 +515,7 @@ class ModelRunner:
             raise ValueError(f"a step of {num_steps} decode steps, but the runner compiles {self.num_scheduler_steps}")
         max_context = max(r.start_position + num_steps for r in scheduled)  # the last step's kv_len
         t, s, p = self.buckets.for_step(len(scheduled), len(scheduled), max_context, self.block_size)
-        blobs = jax.device_put((pack_step(scheduled, t, s, p, self.block_size),
+        blobs = jax.device_put((pack_step(scheduled, t, s, p, self.block_size, lora_slots),
                                 pack_sampling(scheduled, seeds, s, 0, [()] * len(scheduled))), self.replicated)
         if (t, s, p) not in self._decode_steps:  # only with enforce_eager
             self._compile("decode_steps", (t, s, p))
@@ -541,6 +562,8 @@ class ModelRunner:
         if jax.process_count() > 1:
             raise ValueError("update_weights is not supported on a multi-host engine (the other hosts would keep "
                              "the old weights).")
+        if "lora" in self.params and "lora" not in params:  # the adapters stay
+            params = {**params, "lora": self.params["lora"]}
         expected, pack = self._param_avals, self._pack_params
         if pack is not None and jax.tree.structure(params) == jax.tree.structure(self.params):
             expected, pack = self._abstract(self.params), None  # e.g. a transformed copy of self.params
@@ -616,8 +639,11 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
         logger.info("tensor parallel over %d devices: %s", tp, sharding.describe(model_config, tp))
     kv_dtype = kv_quantization.page_dtype(args.kv_cache_dtype, model_config.dtype)
     kv_quantization.check_backend(backend, kv_dtype, devices[0])
-    # Before sizing: the pool gets what the weights leave.
+    # Before sizing: the pool gets what the weights (and the LoRA slots) leave.
     params = jax.device_put(params, sharding.param_shardings(model, params, mesh))
+    if args.enable_lora:
+        params = {**params, "lora": lora.empty_lora_params(model_config, args.max_loras, args.max_lora_rank,
+                                                           NamedSharding(mesh, PartitionSpec()))}
     pack_params = (functools.partial(quantization.pack_linears, dtype=model_config.dtype)
                    if packs_linears(backend, tp, type(model)) else None)
     kv_scales, recalibrate_kv = kv_quantization.kv_cache_scales(model_config, kv_dtype, args.block_size, tokenizer,

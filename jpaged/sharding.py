@@ -82,8 +82,12 @@ def param_shardings(model, params, mesh: Mesh) -> dict:
     its arrays take the declared axes reversed. An array whose rank differs from its axes, or
     whose split does not divide its dimension, is replicated. On one device every array is, and
     the model's axes are not read (tracing its init abstractly takes seconds for a 30-layer model).
+    LoRA slots (params["lora"], jpaged/lora.py) are replicated.
     """
     tp = mesh.shape[TP_AXIS]
+    if "lora" in params and tp > 1:
+        base = param_shardings(model, {k: v for k, v in params.items() if k != "lora"}, mesh)
+        return {**base, "lora": jax.tree.map(lambda _: NamedSharding(mesh, P()), params["lora"])}
     if tp == 1:
         return jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
     rules = logical_rules(model.config, tp)

@@ -30,25 +30,30 @@ class StepMetadata:
     positions: jax.Array  # i32[num_tokens]
     attn: AttentionMetadata
     logits_indices: jax.Array  # i32[num_seqs]: packed row of each sequence's last token
+    lora_slots: jax.Array  # i32[num_tokens]: each token's LoRA adapter slot (0: none; jpaged/lora.py)
 
     @staticmethod
     def blob_size(num_tokens: int, num_seqs: int, pages_per_seq: int) -> int:
-        return 3 * num_tokens + num_seqs * pages_per_seq + 3 * num_seqs + 2
+        return 4 * num_tokens + num_seqs * pages_per_seq + 3 * num_seqs + 2
 
     @classmethod
     def unpack(cls, blob, num_tokens: int, num_seqs: int, pages_per_seq: int) -> "StepMetadata":
         """Splits the forward blob (i32[blob_size]) inside jit."""
         t, s, p = num_tokens, num_seqs, pages_per_seq
-        sizes = [t, t, t, s * p, s, s + 1, s, 1]
+        sizes = [t, t, t, s * p, s, s + 1, s, 1, t]
         parts = jnp.split(blob, np.cumsum(sizes)[:-1].tolist())
-        token_ids, positions, slot_mapping, tables, kv_lens, cu_q_lens, logits_indices, num_decode_tokens = parts
+        (token_ids, positions, slot_mapping, tables, kv_lens, cu_q_lens, logits_indices, num_decode_tokens,
+         lora_slots) = parts
         attn = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables.reshape(s, p),
                                  kv_lens=kv_lens, cu_q_lens=cu_q_lens, num_decode_tokens=num_decode_tokens[0])
-        return cls(token_ids=token_ids, positions=positions, attn=attn, logits_indices=logits_indices)
+        return cls(token_ids=token_ids, positions=positions, attn=attn, logits_indices=logits_indices,
+                   lora_slots=lora_slots)
 
 
-def pack_step(scheduled, num_tokens: int, num_seqs: int, pages_per_seq: int, block_size: int) -> np.ndarray:
-    """Packs the scheduled requests (jpaged.engine ScheduledRequest list) into the forward blob."""
+def pack_step(scheduled, num_tokens: int, num_seqs: int, pages_per_seq: int, block_size: int,
+              lora_slots: list[int] | None = None) -> np.ndarray:
+    """Packs the scheduled requests (jpaged.engine ScheduledRequest list) into the forward blob.
+    lora_slots: None, or each scheduled request's LoRA slot (0: none)."""
     t, s, p = num_tokens, num_seqs, pages_per_seq
     blob = np.zeros(StepMetadata.blob_size(t, s, p), np.int32)
     token_ids = blob[0:t]
@@ -59,7 +64,8 @@ def pack_step(scheduled, num_tokens: int, num_seqs: int, pages_per_seq: int, blo
     kv_lens = blob[off:off + s]
     cu_q_lens = blob[off + s:off + 2 * s + 1]
     logits_indices = blob[off + 2 * s + 1:off + 3 * s + 1]
-    num_decode_tokens = blob[off + 3 * s + 1:]
+    num_decode_tokens = blob[off + 3 * s + 1:off + 3 * s + 2]
+    token_lora_slots = blob[off + 3 * s + 2:]
     start = 0
     decodes_so_far = True
     for i, req in enumerate(scheduled):
@@ -75,6 +81,8 @@ def pack_step(scheduled, num_tokens: int, num_seqs: int, pages_per_seq: int, blo
         kv_lens[i] = req.start_position + n
         cu_q_lens[i + 1] = end
         logits_indices[i] = end - 1
+        if lora_slots is not None:
+            token_lora_slots[start:end] = lora_slots[i]
         decodes_so_far = decodes_so_far and req.is_decode
         if decodes_so_far:
             num_decode_tokens[0] = end

@@ -22,6 +22,7 @@ from jpaged.engine.request import Request, RequestStatus
 from jpaged.engine import scheduler as scheduler_module
 from jpaged.engine.scheduler import Scheduler
 from jpaged.engine.scheduler_output import SchedulerOutput
+from jpaged.lora import LoRARequest
 from jpaged.sampling_params import SamplingParams
 
 VOCAB = 50
@@ -201,8 +202,8 @@ class Harness:
         self.finished: dict[str, Request] = {}
         self.batches: list = []
 
-    def add(self, request_id: str, prompt: list[int], **params) -> Request:
-        request = Request(request_id, prompt, SamplingParams(**params), eos_token_ids=(EOS,))
+    def add(self, request_id: str, prompt: list[int], lora_request=None, **params) -> Request:
+        request = Request(request_id, prompt, SamplingParams(**params), eos_token_ids=(EOS,), lora_request=lora_request)
         self.scheduler.add_request(request)
         self.expected[request_id] = oracle_output(
             prompt, request.sampling_params, request.max_tokens, self.scheduler.max_model_len
@@ -358,6 +359,34 @@ def test_a_request_that_does_not_fit_yet_blocks_the_queue_behind_it():
         for s in out.scheduled:
             first_step.setdefault(s.request_id, step)
     assert first_step["a"] < first_step["big"] <= first_step["small"]
+
+
+def test_running_requests_hold_at_most_max_loras_adapters():
+    """max_loras 2: a request with a third adapter waits at the head of the queue (FCFS: the
+    requests behind it too) until a running adapter's requests have all ended; requests without
+    an adapter and with a running one are admitted."""
+    harness = Harness(num_blocks=80, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64,
+                      max_loras=2)
+    adapters = [1, None, 2, 1, 3, None, 2]
+    max_tokens = [3, 9, 9, 4, 2, 2, 2]
+    for i, (lora_id, tokens) in enumerate(zip(adapters, max_tokens)):
+        lora = None if lora_id is None else LoRARequest(f"a{lora_id}", lora_id, "/adapters")
+        harness.add(f"r{i}", [i + 1] * 6, lora_request=lora, max_tokens=tokens, ignore_eos=True)
+    running_adapters = []
+    while harness.scheduler.has_unfinished_requests():
+        harness.step()
+        running_adapters.append({r.lora_int_id for r in harness.scheduler.running} - {0})
+    assert max(len(a) for a in running_adapters) == 2
+    first_step = {}
+    for step, out in enumerate(harness.batches):
+        for s in out.scheduled:
+            first_step.setdefault(s.request_id, step)
+    last_step_of_a1 = max(i for i, out in enumerate(harness.batches)
+                          if {"r0", "r3"} & {s.request_id for s in out.scheduled})
+    assert first_step["r0"] == first_step["r1"] == first_step["r2"] == first_step["r3"] == 0
+    assert first_step["r4"] == first_step["r5"] == last_step_of_a1 + 1  # waits for adapter 1's end; r5 behind it
+    assert len(harness.finished) == 7
+    check_all_free(harness.scheduler)
 
 
 def test_second_request_with_the_same_prefix_reuses_its_blocks_and_reports_hits():

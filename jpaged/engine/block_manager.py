@@ -47,7 +47,7 @@ class KVCacheManager:
         hashes = request.block_hashes
         tokens = request.all_token_ids
         for i in range(len(hashes), request.num_tokens // self.block_size):
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else request.block_hash_seed
             hashes.append(hash_block_tokens(parent, tokens[i * self.block_size : (i + 1) * self.block_size]))
         return hashes
 

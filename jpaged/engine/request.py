@@ -41,12 +41,18 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: float | None = None,
+        lora_request=None,
+        block_hash_seed: bytes | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = tuple(eos_token_ids)
         self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.lora_request = lora_request  # jpaged.lora.LoRARequest or None
+        # The first block's hash starts from this (a LoRA adapter's digest): KV computed under other
+        # weights is never reused.
+        self.block_hash_seed = block_hash_seed
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
         self._all_token_ids = list(self.prompt_token_ids)  # prompt + outputs, kept in step
@@ -69,6 +75,11 @@ class Request:
     def all_token_ids(self) -> list[int]:
         """Prompt + output tokens. A live list: read it, never mutate it."""
         return self._all_token_ids
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's id, 0 without one."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def num_tokens(self) -> int:

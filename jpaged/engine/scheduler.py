@@ -7,7 +7,9 @@ Each step, `schedule()` lets every request's num_computed_tokens catch up with i
 2. then waiting requests in FCFS order (preempted ones at the front), each after its
    prefix-cache hits, until the budget, `max_num_seqs` or the pool runs out. The queue is
    strictly FCFS: a request that does not fit blocks the ones behind it (so after a preemption,
-   whose victim heads the queue and cannot fit, nobody is admitted that step).
+   whose victim heads the queue and cannot fit, nobody is admitted that step). With max_loras,
+   the running requests hold at most that many distinct LoRA adapters: a request with another
+   adapter waits until one of them is no longer running.
 
 The engine calls schedule(), runs the step, then update_from_output() with the sampled tokens.
 With num_scheduler_steps = k > 1, a decode-only batch that needs nothing from the host between
@@ -88,6 +90,7 @@ class Scheduler:
         num_scheduler_steps: int = 1,
         scheduler_delay_factor: float = 0.0,
         scheduler_finish_first: bool = True,
+        max_loras: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         for name, value in [
@@ -122,6 +125,7 @@ class Scheduler:
         self.num_scheduler_steps = num_scheduler_steps
         self.scheduler_delay_factor = scheduler_delay_factor
         self.scheduler_finish_first = scheduler_finish_first
+        self.max_loras = max_loras  # 0: LoRA off
         # Wall-clock seconds (time.time()): step latencies steer admission, stamps go on requests.
         # Tests that replay schedules pass a deterministic one.
         self._clock = clock
@@ -330,8 +334,13 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, scheduled: dict[str, int], blocks_to_swap_in: list) -> int:
         """Admit waiting requests in FCFS order while they fit; returns the budget left."""
         now = self._clock()
+        running_loras = {r.lora_int_id for r in self.running} - {0}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.lora_int_id and request.lora_int_id not in running_loras:
+                if len(running_loras) >= self.max_loras:
+                    break
+                running_loras.add(request.lora_int_id)
             computed_blocks, num_cached_tokens = [], request.num_computed_tokens
             if request.status != RequestStatus.SWAPPED:
                 computed_blocks, num_cached_tokens = self.kv_cache_manager.get_computed_blocks(request)

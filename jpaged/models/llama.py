@@ -13,8 +13,10 @@ pytree (weights stored [in, out]):
          "post_attention_norm": [hidden], "gate_proj"/"up_proj": [hidden, intermediate],
          "down_proj": [intermediate, hidden]}, ...],
      "final_norm": [hidden_size],
-     "lm_head": [hidden_size, vocab_size]}   (absent when config.tie_word_embeddings, unless
+     "lm_head": [hidden_size, vocab_size],   (absent when config.tie_word_embeddings, unless
                                                quantization.pack_linears added a packed copy)
+     "lora": [...]}  (only in an engine with --enable-lora: per layer, the LoRA adapters' slots,
+                      jpaged/lora.py; __call__ then takes each token's slot in lora_slots)
 
 `param_specs` is the one description of that tree: each leaf's shape, logical axis names
 (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`) and initializer. The module
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged.lora import lora_delta
 from jpaged.models.config import ModelConfig, rope_inv_freq
 from jpaged.models.quantization import QuantizedWeight, embed, greedy_token_ids
 from jpaged.models.quantization import linear as _linear
@@ -143,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
         return {name: declare(name, spec) for name, spec in specs.items()}
 
     def __call__(self, token_ids, positions, kv_cache, attn_meta, attention_fn, write_kv_fn=write_kv,
-                 kv_scales=None):
+                 kv_scales=None, lora_slots=None):
         """One paged step over packed tokens.
 
         Args:
@@ -155,6 +158,7 @@ class LlamaForCausalLM(nn.Module):
           write_kv_fn: a function with `pallas_kernels.reference.write_kv`'s signature.
           kv_scales: None, or per layer (k_scale, v_scale) f32[num_kv_heads] for int8 / fp8 pages,
             passed to write_kv_fn and attention_fn.
+          lora_slots: i32[num_tokens], each token's LoRA adapter slot (0: none), with params["lora"].
         Returns:
           (hidden [num_tokens, hidden_size] in config.dtype with the final norm applied, new kv_cache).
         """
@@ -166,7 +170,8 @@ class LlamaForCausalLM(nn.Module):
         new_cache = []
         for i, (layer, (k_pages, v_pages)) in enumerate(zip(params["layers"], kv_cache)):
             scales = {} if kv_scales is None else dict(zip(("k_scale", "v_scale"), kv_scales[i]))
-            q, k, v = _attention_inputs(layer, config, x, rope, **rows)  # [T, heads, head_dim]
+            lora = None if lora_slots is None else (params["lora"][i], lora_slots)
+            q, k, v = _attention_inputs(layer, config, x, rope, lora, **rows)  # [T, heads, head_dim]
             k_pages, v_pages = write_kv_fn(k_pages, v_pages, k, v, attn_meta.slot_mapping, **scales)
             attn = attention_fn(
                 q,
@@ -180,7 +185,7 @@ class LlamaForCausalLM(nn.Module):
                 soft_cap=None,
                 **scales,
             )
-            x = _attention_output_and_mlp(layer, config, x, attn, **rows)
+            x = _attention_output_and_mlp(layer, config, x, attn, lora, **rows)
             new_cache.append((k_pages, v_pages))
         return _rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
 
@@ -285,31 +290,42 @@ def forward_dense(params, config: ModelConfig, token_ids):
     return model.apply({"params": params}, token_ids, method=model.forward_dense)
 
 
-def _attention_inputs(layer, config, x, rope, **rows):
+def _project(x, layer, name: str, lora, bias=None, **rows):
+    """x @ layer[name] (+ bias), plus each row's LoRA update when `lora` is (the layer's entry of
+    params["lora"], i32 token slots); rows as for `_attention_inputs`."""
+    y = _linear(x, layer[name], bias, **rows)
+    if lora is None:
+        return y
+    weights, token_slots = lora
+    return (y.astype(jnp.float32) + lora_delta(x, weights[name], token_slots)).astype(y.dtype)
+
+
+def _attention_inputs(layer, config, x, rope, lora=None, **rows):
     """q [..., num_q_heads, head_dim], k and v [..., num_kv_heads, head_dim] with RoPE applied.
 
-    rope: `rope_tables(config, positions)`. rows: `quantization.linear`'s num_rows (the real rows
-    of x, flattened; the linears may skip the padding after them) and num_decode_rows."""
+    rope: `rope_tables(config, positions)`. lora: None, or (the layer's LoRA slots, token slots)
+    for x of [num_tokens, hidden]. rows: `quantization.linear`'s num_rows (the real rows of x,
+    flattened; the linears may skip the padding after them) and num_decode_rows."""
     h = _rms_norm(x, layer["input_norm"], config.rms_norm_eps)
     lead = h.shape[:-1]
-    q = _linear(h, layer["q_proj"], layer.get("q_bias"), **rows).reshape(*lead, config.num_q_heads, -1)
-    k = _linear(h, layer["k_proj"], layer.get("k_bias"), **rows).reshape(*lead, config.num_kv_heads, -1)
-    v = _linear(h, layer["v_proj"], layer.get("v_bias"), **rows).reshape(*lead, config.num_kv_heads, -1)
+    q = _project(h, layer, "q_proj", lora, layer.get("q_bias"), **rows).reshape(*lead, config.num_q_heads, -1)
+    k = _project(h, layer, "k_proj", lora, layer.get("k_bias"), **rows).reshape(*lead, config.num_kv_heads, -1)
+    v = _project(h, layer, "v_proj", lora, layer.get("v_bias"), **rows).reshape(*lead, config.num_kv_heads, -1)
     if config.qk_norm:
         q = _rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = _rms_norm(k, layer["k_norm"], config.rms_norm_eps)
     return _rope(q, *rope), _rope(k, *rope), v
 
 
-def _attention_output_and_mlp(layer, config, x, attn, **rows):
+def _attention_output_and_mlp(layer, config, x, attn, lora=None, **rows):
     """The residual stream after o_proj and the SwiGLU MLP. attn: [..., num_q_heads, head_dim];
-    rows as for `_attention_inputs`."""
+    lora and rows as for `_attention_inputs`."""
     attn = attn.reshape(*attn.shape[:-2], -1).astype(x.dtype)
-    x = x + _linear(attn, layer["o_proj"], layer.get("o_bias"), **rows)
+    x = x + _project(attn, layer, "o_proj", lora, layer.get("o_bias"), **rows)
     h = _rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps)
-    gate = _linear(h, layer["gate_proj"], **rows).astype(jnp.float32)
-    up = _linear(h, layer["up_proj"], **rows).astype(jnp.float32)
-    return x + _linear((jax.nn.silu(gate) * up).astype(x.dtype), layer["down_proj"], **rows)
+    gate = _project(h, layer, "gate_proj", lora, **rows).astype(jnp.float32)
+    up = _project(h, layer, "up_proj", lora, **rows).astype(jnp.float32)
+    return x + _project((jax.nn.silu(gate) * up).astype(x.dtype), layer, "down_proj", lora, **rows)
 
 
 def _rms_norm(x, weight, eps):
