@@ -27,6 +27,7 @@ from jpaged.llm_engine import LLMEngine
 from jpaged.loaders import DEFAULT_MODEL
 from serving.app import DEFAULT_MAX_HEADER_BYTES, CORSSettings, build_app, h11_buffer_bytes
 from serving.context import DEFAULT_MAX_PROMPTS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, ServingContext
+from serving.errors import APIError
 from serving.reasoning_parsers import REASONING_PARSERS
 from serving.response_store import DEFAULT_CAPACITY as RESPONSES_STORE_CAPACITY
 from serving.tool_parsers import TOOL_PARSERS
@@ -38,8 +39,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jpaged.serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
-                    "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /ping, "
-                    "/version, /metrics).",
+                    "/v1/chat/completions, /v1/responses, /v1/models, /tokenize, /detokenize, /health, "
+                    "/ping, /version, /metrics).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                         help="The model, as `vllm serve MODEL` takes it (same as --model).")
@@ -94,6 +95,11 @@ def make_parser() -> argparse.ArgumentParser:
                              "store true, the default) in memory for previous_response_id and "
                              "GET /v1/responses/{id}; "
                              "off by default, as in vLLM (VLLM_ENABLE_RESPONSES_API_STORE).")
+    server.add_argument("--lora-modules", type=_lora_module, nargs="+", default=None,
+                        help="LoRA adapters to serve as models of their own (with --enable-lora): name=path, or "
+                             "vLLM's JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'. "
+                             "With VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, /v1/load_lora_adapter and "
+                             "/v1/unload_lora_adapter add and remove them while serving.")
     server.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                         help="Seconds in-flight requests may run after SIGTERM before they are "
                              "ended with finish_reason 'abort'.")
@@ -147,6 +153,23 @@ def _str_list(value: str) -> list[str]:
     return [value]
 
 
+def _lora_module(value: str) -> dict:
+    """One --lora-modules value: name=path, or a JSON object with name, path and base_model_name."""
+    if value.lstrip().startswith("{"):
+        try:
+            module = json.loads(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"invalid JSON {value!r}: {exc}") from None
+        if not isinstance(module, dict) or not isinstance(module.get("name"), str) or not isinstance(
+                module.get("path"), str):
+            raise argparse.ArgumentTypeError(f"expected {{\"name\": ..., \"path\": ...}}, got {value!r}")
+        return {"name": module["name"], "path": module["path"], "base_model_name": module.get("base_model_name")}
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected name=path or a JSON object, got {value!r}")
+    return {"name": name, "path": path, "base_model_name": None}
+
+
 def _flatten(values: list) -> list[str]:
     """nargs="+" of `_str_list` values (lists) or the plain default (strings) as one list."""
     return [v for group in values for v in ([group] if isinstance(group, str) else group)]
@@ -183,10 +206,20 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
                          tool_call_parser=args.tool_call_parser,
                          enable_responses_store=args.enable_responses_store,
                          reasoning_parser=args.reasoning_parser)
+    for module in args.lora_modules or ():
+        try:
+            await ctx.load_lora_adapter(module["name"], module["path"], module["base_model_name"])
+        except APIError as exc:
+            await engine.shutdown()
+            raise SystemExit(f"--lora-modules {module['name']}: {exc.message}") from None
     cors = CORSSettings(allowed_origins=_flatten(args.allowed_origins), allow_credentials=args.allow_credentials,
                         allowed_methods=_flatten(args.allowed_methods), allowed_headers=_flatten(args.allowed_headers))
+    lora_updating = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() in ("1", "true")
+    if lora_updating:
+        logger.warning("LoRA adapters may be loaded and unloaded over HTTP (VLLM_ALLOW_RUNTIME_LORA_UPDATING): "
+                       "meant for development only.")
     app = build_app(ctx, api_key=api_key, cors=cors, enable_update_weights_route=args.enable_update_weights_route,
-                    max_header_bytes=args.max_header_bytes)
+                    enable_lora_updating=lora_updating, max_header_bytes=args.max_header_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             lifespan="off", h11_max_incomplete_event_size=h11_buffer_bytes(args.max_header_bytes),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,
@@ -218,6 +251,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Engin
         parser.error("--ssl-keyfile and --ssl-certfile go together: give both or neither.")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser.")
+    if args.lora_modules and not args.enable_lora:
+        parser.error("--lora-modules needs --enable-lora.")
     try:
         return args, EngineArgs.from_cli_args(args)
     except ValueError as exc:

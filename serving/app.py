@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -22,8 +22,8 @@ from serving.completions import create_completion
 from serving.context import ServingContext
 from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
-from serving.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-                              TokenizeRequest, TokenizeResponse, UpdateWeightsRequest)
+from serving.protocol import (DetokenizeRequest, DetokenizeResponse, LoadLoRAAdapterRequest, ModelCard, ModelList,
+                              TokenizeRequest, TokenizeResponse, UnloadLoRAAdapterRequest, UpdateWeightsRequest)
 from serving.responses import cancel_response, create_response, delete_response, retrieve_response
 
 
@@ -119,6 +119,8 @@ async def list_models(request: Request) -> JSONResponse:
     ctx = _context(request)
     cards = [ModelCard(id=name, root=ctx.engine.engine_args.model, max_model_len=ctx.max_model_len)
              for name in ctx.served_model_names]
+    cards += [ModelCard(id=name, root=lora.lora_path, parent=lora.base_model_name or ctx.served_model_name,
+                        max_model_len=ctx.max_model_len) for name, lora in ctx.lora_requests.items()]
     return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
 
@@ -170,11 +172,28 @@ async def update_weights_from_disk(request: Request) -> JSONResponse:
     return JSONResponse({"success": True, "model_path": body.model_path})
 
 
+async def load_lora_adapter(request: Request) -> PlainTextResponse:
+    """Serves a LoRA adapter as a model of its own (ServingContext.load_lora_adapter); only routed
+    with VLLM_ALLOW_RUNTIME_LORA_UPDATING set."""
+    ctx = _context(request)
+    body = await ctx.read_body(request, LoadLoRAAdapterRequest)
+    await ctx.load_lora_adapter(body.lora_name, body.lora_path, load_inplace=body.load_inplace)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+async def unload_lora_adapter(request: Request) -> PlainTextResponse:
+    ctx = _context(request)
+    body = await ctx.read_body(request, UnloadLoRAAdapterRequest)
+    ctx.unload_lora_adapter(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
 def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSettings | None = None,
-              enable_update_weights_route: bool = False,
+              enable_update_weights_route: bool = False, enable_lora_updating: bool = False,
               max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Starlette:
     """The ASGI app serving `ctx`'s engine; `api_key` (if set) guards GUARDED_PREFIXES, `cors`
-    (if set) answers browsers' cross-origin requests."""
+    (if set) answers browsers' cross-origin requests; enable_lora_updating routes
+    /v1/load_lora_adapter and /v1/unload_lora_adapter."""
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/ping", health, methods=["GET", "POST"]),  # vLLM's (SageMaker's) name for the same check
@@ -192,6 +211,9 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
     ]
     if enable_update_weights_route:
         routes.append(Route("/update_weights_from_disk", update_weights_from_disk, methods=["POST"]))
+    if enable_lora_updating:
+        routes += [Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+                   Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"])]
     middleware = [Middleware(HeaderLimitMiddleware, max_bytes=max_header_bytes)]
     if cors is not None:  # outermost, so preflights and 401s carry the CORS headers
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors.allowed_origins,

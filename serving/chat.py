@@ -124,10 +124,12 @@ class ChatJob:
                                "constrains the reply, and beam search ranks unconstrained beams.",
                                param="tool_choice")
             ctx.validate(self.prompt_ids, beam_params, prompt_param)
-            self.outputs = ctx.beam_search(self.prompt_ids, beam_params, self.request_id, arrival_time)
+            self.outputs = ctx.beam_search(self.prompt_ids, beam_params, self.request_id, arrival_time,
+                                           ctx.lora_request(model_name))
         else:
             ctx.validate(self.prompt_ids, params, prompt_param)
-            self.outputs = ctx.generate(self.prompt_ids, params, self.request_id, arrival_time)
+            self.outputs = ctx.generate(self.prompt_ids, params, self.request_id, arrival_time,
+                                        ctx.lora_request(model_name))
 
     def logprobs(self, completion: CompletionOutput) -> ChatLogprobs | None:
         if self.num_top is None:

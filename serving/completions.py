@@ -186,8 +186,9 @@ class _CompletionJob:
         self.choices = [[_Choice(ctx, body, p, i * body.n + j) for j in range(body.n)]
                         for i, p in enumerate(self.prompts)]
         run = ctx.beam_search if body.use_beam_search else ctx.generate
-        self.outputs = merge_async_iterators([run(p.token_ids, params, f"{self.request_id}-{i}", arrival_time)
-                                              for i, p in enumerate(self.prompts)])
+        lora_request = ctx.lora_request(model_name)
+        self.outputs = merge_async_iterators([run(p.token_ids, params, f"{self.request_id}-{i}", arrival_time,
+                                                  lora_request) for i, p in enumerate(self.prompts)])
 
     def _response(self, choices: list[CompletionChoice], usage: UsageInfo | None = None):
         return CompletionResponse(id=self.request_id, created=self.created,

@@ -14,6 +14,7 @@ from starlette.requests import Request
 
 from jpaged.async_llm import AsyncLLM, EngineDeadError
 from jpaged.beam_search import BeamSearch, BeamSearchParams, run_beam_search
+from jpaged.lora import LoRARequest
 from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jpaged.request_validation import InvalidRequestError, RequestValidator
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
@@ -57,14 +58,58 @@ class ServingContext:
         self.metrics = ServerMetrics(engine, self.served_model_name)
         # /v1/responses replies kept for previous_response_id (--enable-responses-store)
         self.responses_store = ResponseStore() if enable_responses_store else None
+        # LoRA adapters served as models of their own (--lora-modules, /v1/load_lora_adapter): name -> request
+        self.lora_requests: dict[str, LoRARequest] = {}
+        self._next_lora_id = 1
 
     def check_model(self, model: str | None) -> str:
         """The name to report for a request naming `model`; 404 for a name this server does not serve."""
         if model is None:
             return self.served_model_name
-        if model not in self.served_model_names:
-            raise not_found_model(model, self.served_model_names)
+        if model not in self.served_model_names and model not in self.lora_requests:
+            raise not_found_model(model, self.served_model_names + list(self.lora_requests))
         return model
+
+    def lora_request(self, model_name: str) -> LoRARequest | None:
+        """The adapter a request naming `model_name` (as check_model returned it) runs with."""
+        return self.lora_requests.get(model_name)
+
+    async def load_lora_adapter(self, name: str, path: str, base_model_name: str | None = None,
+                                load_inplace: bool = False) -> None:
+        """Serves the LoRA adapter at `path` as model `name` (vLLM's rules and messages): 400 for
+        a missing field, a base model's name, a name already served (unless load_inplace, which
+        reads the adapter again) or an adapter the engine cannot serve."""
+        if not name or not path:
+            raise APIError("Both 'lora_name' and 'lora_path' must be provided.")
+        if name in self.served_model_names:
+            raise APIError(f"The lora adapter '{name}' conflicts with a served base model.", param="lora_name")
+        previous = self.lora_requests.get(name)
+        if previous is not None and not load_inplace:
+            raise APIError(f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in "
+                           "place, set 'load_inplace' to True.", param="lora_name")
+        if previous is None:
+            lora_id, self._next_lora_id = self._next_lora_id, self._next_lora_id + 1
+        else:
+            lora_id = previous.lora_int_id
+            await self.engine.remove_lora(lora_id)  # read again, even from the same path
+        if base_model_name is not None and base_model_name not in self.served_model_names:
+            base_model_name = None
+        request = LoRARequest(name, lora_id, path, base_model_name)
+        try:
+            await self.engine.add_lora(request)
+        except ValueError as exc:
+            raise APIError(str(exc), param="lora_path") from None
+        self.lora_requests[name] = request
+        logger.info("Loaded LoRA adapter: name '%s', path '%s'", name, path)
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Stops serving the adapter `name` (404 when it is not served); requests running with it finish."""
+        if not name:
+            raise APIError("'lora_name' needs to be provided to unload a LoRA adapter.")
+        if self.lora_requests.pop(name, None) is None:
+            raise APIError(f"The lora adapter '{name}' cannot be found.", status_code=HTTPStatus.NOT_FOUND,
+                           param="lora_name", code="model_not_found")
+        logger.info("Removed LoRA adapter: name '%s'", name)
 
     def check_ready(self) -> None:
         if self.engine.errored:
@@ -139,8 +184,9 @@ class ServingContext:
                 self.validator.validate(prompt_token_ids, params, param)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
-        """AsyncLLM.generate, plus metrics when the request finishes.
+                       arrival_time: float | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+        """AsyncLLM.generate (with the LoRA adapter `lora_request`), plus metrics when the request finishes.
 
         The engine's ValueError for an invalid request (raised before the first output) becomes
         a 400, a stopped engine a 503, a failed engine step (output.error) a 500 naming the
@@ -151,7 +197,7 @@ class ServingContext:
         tokens_per_output: dict[int, int] = {}
         if self.log_requests:
             logger.info("request %s: %d prompt tokens, %s", request_id, len(prompt_token_ids), params)
-        outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time)
+        outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time, lora_request)
         last_output_time = None
         finished = False
         try:
@@ -177,7 +223,7 @@ class ServingContext:
             await outputs.aclose()
 
     async def beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams, request_id: str,
-                          arrival_time: float) -> AsyncIterator[RequestOutput]:
+                          arrival_time: float, lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """A beam search (jpaged/beam_search.py) as `generate` would stream it: one final
         RequestOutput, a CompletionOutput per returned beam (best first, index 0..), each without
         the prompt and, unless include_stop_str_in_output, without its EOS. Metrics count it as
@@ -189,7 +235,7 @@ class ServingContext:
         metrics = RequestMetrics(arrival_time=arrival_time)
 
         async def run_step(tokens: list[int], step_id: str) -> RequestOutput:
-            outputs = self._engine_outputs(tokens, step_params, f"{request_id}-{step_id}")
+            outputs = self._engine_outputs(tokens, step_params, f"{request_id}-{step_id}", lora_request=lora_request)
             try:
                 async for output in outputs:
                     _raise_if_failed(output)
@@ -220,10 +266,12 @@ class ServingContext:
         yield output
 
     async def _engine_outputs(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                              arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                              arrival_time: float | None = None,
+                              lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """AsyncLLM.generate with its exceptions as APIErrors: an invalid request 400, a stopped
         engine 503."""
-        outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time)
+        outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time,
+                                       lora_request)
         try:
             async for output in outputs:
                 yield output

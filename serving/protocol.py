@@ -281,6 +281,20 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter: serve the adapter at lora_path as model lora_name."""
+
+    lora_name: str = ""
+    lora_path: str = ""
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter."""
+
+    lora_name: str = ""
+
+
 class UpdateWeightsRequest(BaseModel):
     """POST /update_weights_from_disk: a checkpoint folder (or .gguf) on the server."""
 

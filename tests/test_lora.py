@@ -10,14 +10,16 @@ import os
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import TINY_HF_CONFIG
-from jpaged import LLM, SamplingParams
+from jpaged import LLM, EngineArgs, SamplingParams
 from jpaged.lora import LoRAAdapter, LoRARequest, SlotTable, load_adapter
 from jpaged.models.config import ModelConfig
+from server_harness import API_KEY, MODEL_NAME, ThreadedServer, wait_until_idle
 from test_engine import count_compiles
 
 torch = pytest.importorskip("torch")
@@ -251,3 +253,61 @@ def test_tensor_parallel_matches_peft(base_dir, adapter_dirs):
     tokens = json.loads(done.stdout.strip().splitlines()[-1])
     for name, prompt, got in zip(names, batch, tokens):
         assert got == peft_greedy(base_dir, None if name is None else adapter_dirs[name], prompt, 10), name
+
+
+@pytest.fixture(scope="module")
+def lora_server(base_dir, adapter_dirs):
+    server = ThreadedServer(EngineArgs(model=str(base_dir), **ENGINE_KWARGS), app_kwargs={"enable_lora_updating": True})
+    yield server
+    server.stop()
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+
+
+def test_server_serves_adapters_as_models(lora_server, base_dir, adapter_dirs):
+    """/v1/load_lora_adapter, /v1/models, completions and chat naming the adapter (its tokens
+    are peft's), unknown names 404, /v1/unload_lora_adapter."""
+    server = lora_server
+    answer = post(server, "/v1/load_lora_adapter", {"lora_name": "attn", "lora_path": str(adapter_dirs["attn"])})
+    assert answer.status_code == 200 and answer.text == "Success: LoRA adapter 'attn' added successfully."
+    models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]
+    card = next(m for m in models if m["id"] == "attn")
+    assert card["parent"] == MODEL_NAME and card["root"] == str(adapter_dirs["attn"])
+    prompt = prompts(1, seed=5)[0]
+    body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(base_dir))
+
+    def peft_text(adapter_dir):
+        return tokenizer.decode(peft_greedy(base_dir, adapter_dir, prompt, 10), skip_special_tokens=True)
+
+    reply = post(server, "/v1/completions", {**body, "model": "attn"}).json()
+    assert reply["model"] == "attn"
+    assert reply["choices"][0]["text"] == peft_text(adapter_dirs["attn"])
+    base = post(server, "/v1/completions", {**body, "model": MODEL_NAME}).json()
+    assert base["choices"][0]["text"] == peft_text(None) != reply["choices"][0]["text"]
+    chat = post(server, "/v1/chat/completions", {"model": "attn", "max_tokens": 4, "temperature": 0,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 200 and chat.json()["model"] == "attn"
+
+    again = post(server, "/v1/load_lora_adapter", {"lora_name": "attn", "lora_path": str(adapter_dirs["all"])})
+    assert again.status_code == 400 and "has already been loaded" in again.json()["error"]["message"]
+    clash = post(server, "/v1/load_lora_adapter", {"lora_name": MODEL_NAME, "lora_path": str(adapter_dirs["all"])})
+    assert clash.status_code == 400 and "conflicts with a served base model" in clash.json()["error"]["message"]
+    bad = post(server, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(base_dir)})
+    assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
+    missing = post(server, "/v1/completions", {**body, "model": "mlp"})
+    assert missing.status_code == 404 and "The model `mlp` does not exist" in missing.json()["error"]["message"]
+
+    inplace = post(server, "/v1/load_lora_adapter", {"lora_name": "attn", "lora_path": str(adapter_dirs["all"]),
+                                                       "load_inplace": True})
+    assert inplace.status_code == 200
+    reloaded = post(server, "/v1/completions", {**body, "model": "attn"}).json()
+    assert reloaded["choices"][0]["text"] == peft_text(adapter_dirs["all"])
+
+    gone = post(server, "/v1/unload_lora_adapter", {"lora_name": "attn"})
+    assert gone.status_code == 200 and gone.text == "Success: LoRA adapter 'attn' removed successfully."
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "attn"}).status_code == 404
+    assert post(server, "/v1/completions", {**body, "model": "attn"}).status_code == 404
+    wait_until_idle(server)

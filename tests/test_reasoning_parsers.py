@@ -65,7 +65,7 @@ def _scripted(pieces: list[str], tokenizer, requests: list):
     each request's SamplingParams go to `requests`."""
     ids = [tokenizer.encode(piece, add_special_tokens=False) for piece in pieces]
 
-    async def generate(prompt_token_ids, params, request_id, arrival_time=None):
+    async def generate(prompt_token_ids, params, request_id, arrival_time=None, lora_request=None):
         requests.append(params)
         delta = params.output_kind == RequestOutputKind.DELTA
         for i, piece in enumerate(pieces):
