@@ -37,9 +37,9 @@ class FaultInjector:
     def _poisoned(self, scheduler_output) -> bool:
         return any(r.prompt_token_ids[:len(POISON)] == POISON for r in scheduler_output.scheduled)
 
-    def _execute(self, scheduler_output, seeds, token_bitmask=None):
+    def _execute(self, scheduler_output, seeds, *args):
         if not self._poisoned(scheduler_output):
-            return self.execute(scheduler_output, seeds, token_bitmask)
+            return self.execute(scheduler_output, seeds, *args)
         self.num_injected += 1
         if self.mode == "pool_lost":
             for k, v in self.runner.kv_cache:
@@ -48,7 +48,7 @@ class FaultInjector:
             raise RuntimeError("injected fault: the forward died after the KV pool was donated")
         self.runner._sample = _RaisingSamplers(self.samplers)
         try:
-            return self.execute(scheduler_output, seeds, token_bitmask)
+            return self.execute(scheduler_output, seeds, *args)
         finally:
             self.runner._sample = self.samplers
 
