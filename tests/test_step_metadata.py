@@ -30,7 +30,7 @@ def test_pack_step_round_trips_and_counts_the_leading_decode_tokens():
     ]
     assert [r.is_decode for r in scheduled] == [True, True, False, False]
     t, s, p = 16, 8, 4
-    blob = pack_step(scheduled, t, s, p, BLOCK_SIZE)
+    blob = pack_step(scheduled, t, s, p, BLOCK_SIZE, lora_slots=[2, 0, 1, 3])
     assert blob.shape == (StepMetadata.blob_size(t, s, p),)
     meta = jax.jit(StepMetadata.unpack, static_argnums=(1, 2, 3))(blob, t, s, p)
     np.testing.assert_array_equal(meta.token_ids[:8], [5, 9, 14, 15, 16, 17, 18, 23])
@@ -40,5 +40,6 @@ def test_pack_step_round_trips_and_counts_the_leading_decode_tokens():
     np.testing.assert_array_equal(meta.attn.kv_lens[:4], [5, 7, 9, 3])
     np.testing.assert_array_equal(meta.logits_indices[:4], [0, 1, 6, 7])
     assert int(meta.attn.num_decode_tokens) == 2
+    np.testing.assert_array_equal(meta.lora_slots, [2, 0, 1, 1, 1, 1, 1, 3] + [0] * 8)  # each token its request's
     prefill_first = pack_step(scheduled[2:] + scheduled[:2], t, s, p, BLOCK_SIZE)
     assert int(StepMetadata.unpack(prefill_first, t, s, p).attn.num_decode_tokens) == 0
