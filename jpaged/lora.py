@@ -12,7 +12,8 @@ Device layout, per layer, per target module with weight [in, out]:
     {"a": [max_loras, in, max_lora_rank], "b": [max_loras, max_lora_rank, out]}  in config.dtype
 
 Slot s holds at index s - 1 the adapter's lora_A transposed (zero past its rank) and its lora_B
-transposed times its scaling (alpha / r, or alpha / sqrt(r) for rsLoRA). `lora_delta` computes
+transposed times its scaling (alpha / r, or alpha / sqrt(r) for rsLoRA). The model
+(`jpaged.models.llama.lora_delta`) computes
 x @ a for every slot at once, zeroes the slots other than each token's own and contracts with
 b: two dense matmuls for a whole mixed batch, no gather, and no new program shape per adapter.
 """
@@ -30,6 +31,8 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jpaged.models.llama import param_shapes
 
 # The projections an adapter may target (the Llama family's linears), and their HF module paths.
 TARGET_MODULES = {
@@ -200,13 +203,9 @@ def load_adapter(request: LoRARequest, model_config, max_lora_rank: int,
 
 
 def _module_shapes(model_config) -> dict[str, tuple[int, int]]:
-    """Target module -> (in, out) features."""
-    hidden, inter = model_config.hidden_size, model_config.intermediate_size
-    q_size = model_config.num_q_heads * model_config.head_dim
-    kv_size = model_config.num_kv_heads * model_config.head_dim
-    return {"q_proj": (hidden, q_size), "k_proj": (hidden, kv_size), "v_proj": (hidden, kv_size),
-            "o_proj": (q_size, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden)}
+    """Target module -> (in, out) features, from the model's param shapes."""
+    layer = param_shapes(model_config)["layers"][0]
+    return {module: layer[module] for module in TARGET_MODULES}
 
 
 def empty_lora_params(model_config, max_loras: int, max_lora_rank: int, sharding=None) -> list[dict]:
@@ -247,18 +246,6 @@ def set_lora_slot(lora_params: list[dict], slot, weights: list[dict]) -> list[di
         return {name: jax.lax.dynamic_update_slice(w[name], new[name], (slot - 1, 0, 0)) for name in ("a", "b")}
 
     return [{module: put(w, new[module]) for module, w in layer.items()} for layer, new in zip(lora_params, weights)]
-
-
-def lora_delta(x, weights: dict, token_slots):
-    """f32[num_tokens, out]: each row's adapter update x @ a[s - 1] @ b[s - 1] for its slot s
-    (0: none, a zero row).
-
-    x: [num_tokens, in] in the compute dtype; weights: {"a": [L, in, R], "b": [L, R, out]};
-    token_slots: i32[num_tokens]."""
-    xa = jnp.einsum("ti,lir->tlr", x, weights["a"], preferred_element_type=jnp.float32)
-    own_slot = jnp.arange(1, xa.shape[1] + 1, dtype=jnp.int32) == token_slots[:, None]  # [T, L]
-    xa = jnp.where(own_slot[:, :, None], xa, 0.0).astype(x.dtype)
-    return jnp.einsum("tlr,lro->to", xa, weights["b"], preferred_element_type=jnp.float32)
 
 
 class AdapterCache:

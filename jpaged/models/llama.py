@@ -16,7 +16,7 @@ pytree (weights stored [in, out]):
      "lm_head": [hidden_size, vocab_size],   (absent when config.tie_word_embeddings, unless
                                                quantization.pack_linears added a packed copy)
      "lora": [...]}  (only in an engine with --enable-lora: per layer, the LoRA adapters' slots,
-                      jpaged/lora.py; __call__ then takes each token's slot in lora_slots)
+                      jpaged/lora.py; __call__ then takes each token's slot in lora_slots, see lora_delta)
 
 `param_specs` is the one description of that tree: each leaf's shape, logical axis names
 (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`) and initializer. The module
@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.lora import lora_delta
 from jpaged.models.config import ModelConfig, rope_inv_freq
 from jpaged.models.quantization import QuantizedWeight, embed, greedy_token_ids
 from jpaged.models.quantization import linear as _linear
@@ -298,6 +297,18 @@ def _project(x, layer, name: str, lora, bias=None, **rows):
         return y
     weights, token_slots = lora
     return (y.astype(jnp.float32) + lora_delta(x, weights[name], token_slots)).astype(y.dtype)
+
+
+def lora_delta(x, weights: dict, token_slots):
+    """f32[num_tokens, out]: each row's adapter update x @ a[s - 1] @ b[s - 1] for its slot s
+    (0: none, a zero row).
+
+    x: [num_tokens, in] in the compute dtype; weights: {"a": [L, in, R], "b": [L, R, out]};
+    token_slots: i32[num_tokens]."""
+    xa = jnp.einsum("ti,lir->tlr", x, weights["a"], preferred_element_type=jnp.float32)
+    own_slot = jnp.arange(1, xa.shape[1] + 1, dtype=jnp.int32) == token_slots[:, None]  # [T, L]
+    xa = jnp.where(own_slot[:, :, None], xa, 0.0).astype(x.dtype)
+    return jnp.einsum("tlr,lro->to", xa, weights["b"], preferred_element_type=jnp.float32)
 
 
 def _attention_inputs(layer, config, x, rope, lora=None, **rows):
