@@ -166,10 +166,12 @@ class LlamaForCausalLM(nn.Module):
         x = embed(params["embed"], token_ids, config.dtype)  # [T, hidden]
         # The real tokens (the linears skip the padding after them), decode tokens first.
         rows = dict(num_rows=attn_meta.cu_q_lens[-1], num_decode_rows=attn_meta.num_decode_tokens)
+        # A batch with no adapter token skips every LoRA delta (a branch, not a second program).
+        any_adapter = None if lora_slots is None else jnp.any(lora_slots > 0)
         new_cache = []
         for i, (layer, (k_pages, v_pages)) in enumerate(zip(params["layers"], kv_cache)):
             scales = {} if kv_scales is None else dict(zip(("k_scale", "v_scale"), kv_scales[i]))
-            lora = None if lora_slots is None else (params["lora"][i], lora_slots)
+            lora = None if lora_slots is None else (params["lora"][i], lora_slots, any_adapter)
             q, k, v = _attention_inputs(layer, config, x, rope, lora, **rows)  # [T, heads, head_dim]
             k_pages, v_pages = write_kv_fn(k_pages, v_pages, k, v, attn_meta.slot_mapping, **scales)
             attn = attention_fn(
@@ -291,12 +293,18 @@ def forward_dense(params, config: ModelConfig, token_ids):
 
 def _project(x, layer, name: str, lora, bias=None, **rows):
     """x @ layer[name] (+ bias), plus each row's LoRA update when `lora` is (the layer's entry of
-    params["lora"], i32 token slots); rows as for `_attention_inputs`."""
+    params["lora"], i32 token slots, a bool scalar: whether any token has an adapter); rows as for
+    `_attention_inputs`."""
     y = _linear(x, layer[name], bias, **rows)
     if lora is None:
         return y
-    weights, token_slots = lora
-    return (y.astype(jnp.float32) + lora_delta(x, weights[name], token_slots)).astype(y.dtype)
+    weights, token_slots, any_adapter = lora
+    return jax.lax.cond(
+        any_adapter,
+        lambda y: (y.astype(jnp.float32) + lora_delta(x, weights[name], token_slots)).astype(y.dtype),
+        lambda y: y,
+        y,
+    )
 
 
 def lora_delta(x, weights: dict, token_slots):
