@@ -362,9 +362,9 @@ def test_a_request_that_does_not_fit_yet_blocks_the_queue_behind_it():
 
 
 def test_running_requests_hold_at_most_max_loras_adapters():
-    """max_loras 2: a request with a third adapter waits at the head of the queue (FCFS: the
-    requests behind it too) until a running adapter's requests have all ended; requests without
-    an adapter and with a running one are admitted."""
+    """max_loras 2: a request with a third adapter is deferred at the head of the queue until a
+    running adapter's requests have all ended; the requests behind it, without an adapter or with
+    a running one, are admitted meanwhile (vLLM's rule), and the stats name the adapters."""
     harness = Harness(num_blocks=80, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64,
                       max_loras=2)
     adapters = [1, None, 2, 1, 3, None, 2]
@@ -373,6 +373,11 @@ def test_running_requests_hold_at_most_max_loras_adapters():
         lora = None if lora_id is None else LoRARequest(f"a{lora_id}", lora_id, "/adapters")
         harness.add(f"r{i}", [i + 1] * 6, lora_request=lora, max_tokens=tokens, ignore_eos=True)
     running_adapters = []
+    harness.step()
+    stats = harness.scheduler.get_stats()
+    assert [r.request_id for r in harness.scheduler.waiting] == ["r4"]
+    assert (stats.num_waiting, stats.num_waiting_deferred) == (1, 1)
+    assert (stats.running_lora_adapters, stats.waiting_lora_adapters) == (("a1", "a2"), ("a3",))
     while harness.scheduler.has_unfinished_requests():
         harness.step()
         running_adapters.append({r.lora_int_id for r in harness.scheduler.running} - {0})
@@ -383,8 +388,9 @@ def test_running_requests_hold_at_most_max_loras_adapters():
             first_step.setdefault(s.request_id, step)
     last_step_of_a1 = max(i for i, out in enumerate(harness.batches)
                           if {"r0", "r3"} & {s.request_id for s in out.scheduled})
-    assert first_step["r0"] == first_step["r1"] == first_step["r2"] == first_step["r3"] == 0
-    assert first_step["r4"] == first_step["r5"] == last_step_of_a1 + 1  # waits for adapter 1's end; r5 behind it
+    assert {first_step[f"r{i}"] for i in (0, 1, 2, 3, 5, 6)} == {0}
+    assert first_step["r4"] == last_step_of_a1 + 1  # waits for adapter 1's end
+    assert harness.scheduler.get_stats().num_waiting_deferred == 0
     assert len(harness.finished) == 7
     check_all_free(harness.scheduler)
 

@@ -9,7 +9,8 @@ Each step, `schedule()` lets every request's num_computed_tokens catch up with i
    strictly FCFS: a request that does not fit blocks the ones behind it (so after a preemption,
    whose victim heads the queue and cannot fit, nobody is admitted that step). With max_loras,
    the running requests hold at most that many distinct LoRA adapters: a request with another
-   adapter waits until one of them is no longer running.
+   adapter is passed over (deferred, keeping its place at the head of the queue) until one of
+   them is no longer running, and the requests behind it are admitted meanwhile (vLLM's rule).
 
 The engine calls schedule(), runs the step, then update_from_output() with the sampled tokens.
 With num_scheduler_steps = k > 1, a decode-only batch that needs nothing from the host between
@@ -66,11 +67,17 @@ def _samples_ahead(request: Request) -> bool:
 class SchedulerStats:
     num_running: int
     num_waiting: int  # includes preempted and swapped requests
+    num_waiting_deferred: int  # of num_waiting: held by the LoRA budget (max_loras adapters already run)
     kv_cache_usage: float  # fraction of non-null blocks held by requests, 0..1
     prefix_cache_queries: int  # tokens looked up in the prefix cache, cumulative
     prefix_cache_hits: int  # tokens found there, cumulative
     num_preemptions: int  # cumulative
+    # Prompt tokens of requests scheduled for the first time, cumulative: found in the prefix cache / computed.
+    prompt_tokens_cached: int
+    prompt_tokens_computed: int
     kv_waste_slots: int  # allocated slots of running requests not holding a computed token
+    running_lora_adapters: tuple[str, ...]  # the LoRA adapters' names, in first-seen order
+    waiting_lora_adapters: tuple[str, ...]
 
 
 class Scheduler:
@@ -142,6 +149,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        self.prompt_tokens_cached = 0
+        self.prompt_tokens_computed = 0
         # For admission: when schedule() last ran, whether that step ran prompt tokens and how
         # many decode steps it ran otherwise, and the latest latencies (schedule() to the next
         # schedule()) of a step that ran prompt tokens and of one decode step (0: none yet).
@@ -332,14 +341,17 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _schedule_waiting(self, budget: int, scheduled: dict[str, int], blocks_to_swap_in: list) -> int:
-        """Admit waiting requests in FCFS order while they fit; returns the budget left."""
+        """Admit waiting requests in FCFS order while they fit; returns the budget left. A request
+        whose LoRA adapter does not fit max_loras is passed over and keeps its place."""
         now = self._clock()
         running_loras = {r.lora_int_id for r in self.running} - {0}
+        deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             if request.lora_int_id and request.lora_int_id not in running_loras:
                 if len(running_loras) >= self.max_loras:
-                    break
+                    deferred.append(self.waiting.popleft())
+                    continue
                 running_loras.add(request.lora_int_id)
             computed_blocks, num_cached_tokens = [], request.num_computed_tokens
             if request.status != RequestStatus.SWAPPED:
@@ -365,11 +377,15 @@ class Scheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
                 request.num_cached_tokens = num_cached_tokens
+                num_prompt_cached = min(num_cached_tokens, request.num_prompt_tokens)
+                self.prompt_tokens_cached += num_prompt_cached
+                self.prompt_tokens_computed += request.num_prompt_tokens - num_prompt_cached
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled[request.request_id] = num_new_tokens
             budget = budget - num_new_tokens if num_new_tokens == num_remaining else 0
+        self.waiting.extendleft(reversed(deferred))
         return budget
 
     def _make_scheduled_requests(self, scheduled: dict[str, int]) -> list[ScheduledRequest]:
@@ -467,12 +483,21 @@ class Scheduler:
             len(self.kv_cache_manager.req_to_blocks.get(r.request_id, ())) * self.block_size - r.num_computed_tokens
             for r in self.running
         )
+        running_loras = {r.lora_int_id: r.lora_request.lora_name for r in self.running if r.lora_int_id}
+        waiting_loras = {r.lora_int_id: r.lora_request.lora_name for r in self.waiting if r.lora_int_id}
+        lora_budget_full = len(running_loras) >= self.max_loras
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
+            num_waiting_deferred=sum(lora_budget_full and r.lora_int_id not in running_loras
+                                     for r in self.waiting if r.lora_int_id),
             kv_cache_usage=self.kv_cache_manager.block_pool.get_usage(),
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
+            prompt_tokens_cached=self.prompt_tokens_cached,
+            prompt_tokens_computed=self.prompt_tokens_computed,
             kv_waste_slots=waste,
+            running_lora_adapters=tuple(running_loras.values()),
+            waiting_lora_adapters=tuple(waiting_loras.values()),
         )
