@@ -163,9 +163,18 @@ class DataParallelAsyncLLM:
         await self.update_weights(loaded.params)
 
     def get_stats(self) -> EngineStats:
-        """The replicas' counters summed; kv_cache_usage is their mean (every pool has the same size)."""
+        """The replicas' counters summed (histogram counts bucket by bucket) and their LoRA adapter
+        names joined; kv_cache_usage is their mean (every pool has the same size)."""
         per_engine = self.get_stats_per_engine()
-        totals = {f.name: sum(getattr(s, f.name) for s in per_engine) for f in dataclasses.fields(EngineStats)}
+        totals = {}
+        for field in dataclasses.fields(EngineStats):
+            values = [getattr(s, field.name) for s in per_engine]
+            if field.name.endswith("_lora_adapters"):
+                totals[field.name] = tuple(dict.fromkeys(name for names in values for name in names))
+            elif field.name == "iteration_tokens_counts":
+                totals[field.name] = tuple(map(sum, zip(*values)))
+            else:
+                totals[field.name] = sum(values)
         totals["kv_cache_usage"] /= len(per_engine)
         return EngineStats(**totals)
 

@@ -6,6 +6,7 @@ per parent, shaped by the request's output_kind), `abort_request` ends a request
 its final output. JAX is reached only through the runner. Not thread-safe: one caller at a time.
 """
 
+import bisect
 import dataclasses
 import functools
 import logging
@@ -20,7 +21,8 @@ from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine import Request, RequestStatus, Scheduler
 from jpaged.loaders import load_model
 from jpaged.models.quantization import param_bytes
-from jpaged.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
+from jpaged.outputs import (ITERATION_TOKENS_BUCKETS, CompletionOutput, EngineStats, Logprob, RequestMetrics,
+                             RequestOutput)
 from jpaged.request_validation import InvalidRequestError, RequestValidator
 from jpaged.runner import build_runner, device_platform, packs_gguf_blocks
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
@@ -172,6 +174,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._prefill_tokens_total = 0  # prompt tokens computed (recomputed ones again), for the stats log
+        self._iteration_tokens_counts = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)  # see EngineStats
+        self._iteration_tokens_sum = 0
         self._last_log = (time.monotonic(), 0, 0)  # (time, prefill tokens, generation tokens) at the last stats log
 
     # ---- requests ----------------------------------------------------------------------------
@@ -289,9 +293,10 @@ class LLMEngine:
         if not scheduled:
             return []
         seeds = [self._samples[r.request_id][1].seed for r in scheduled]
-        self._prefill_tokens_total += sum(
+        num_prompt_tokens = sum(
             max(0, min(r.start_position + len(r.token_ids), len(r.prompt_token_ids)) - r.start_position)
             for r in scheduled)
+        self._prefill_tokens_total += num_prompt_tokens
         try:
             result = self.runner.execute(scheduler_output, seeds, self._token_bitmask(scheduled),
                                          self._lora_slots(scheduled))
@@ -307,7 +312,11 @@ class LLMEngine:
             sampled = {rid: int(ids[i]) for rid, i in rows.items() if rid in self.scheduler.requests}
             if step and not sampled:
                 break
+            generated_before = self.generation_tokens_total
             outputs += self._record_step(scheduler_output, sampled, result, rows)
+            step_tokens = (0 if step else num_prompt_tokens) + self.generation_tokens_total - generated_before
+            self._iteration_tokens_counts[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, step_tokens)] += 1
+            self._iteration_tokens_sum += step_tokens
         if not self.engine_args.disable_log_stats:
             self._maybe_log_stats()
         return outputs
@@ -525,7 +534,8 @@ class LLMEngine:
                                   if s.request.first_token_time is not None), default=None),
             last_token_time=max((s.request.last_token_time for s in parent.samples
                                  if s.request.last_token_time is not None), default=None),
-            finished_time=time.time() if finished else None)
+            finished_time=time.time() if finished else None,
+            num_preemptions=sum(s.request.num_preemptions for s in parent.samples))
         return RequestOutput(
             request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
             prompt_logprobs=prompt_logprobs, outputs=completions, finished=finished, metrics=metrics,
@@ -541,10 +551,15 @@ class LLMEngine:
     def get_stats(self) -> EngineStats:
         stats = self.scheduler.get_stats()
         return EngineStats(
-            num_running=stats.num_running, num_waiting=stats.num_waiting, kv_cache_usage=stats.kv_cache_usage,
+            num_running=stats.num_running, num_waiting=stats.num_waiting,
+            num_waiting_deferred=stats.num_waiting_deferred, kv_cache_usage=stats.kv_cache_usage,
             prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
             num_preemptions=stats.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
-            generation_tokens_total=self.generation_tokens_total)
+            generation_tokens_total=self.generation_tokens_total, prompt_tokens_cached=stats.prompt_tokens_cached,
+            prompt_tokens_computed=stats.prompt_tokens_computed,
+            iteration_tokens_counts=tuple(self._iteration_tokens_counts), iteration_tokens_sum=self._iteration_tokens_sum,
+            running_lora_adapters=stats.running_lora_adapters, waiting_lora_adapters=stats.waiting_lora_adapters,
+            num_kv_blocks=self.runner.pool_spec.num_blocks, num_swap_blocks=self.runner.num_swap_blocks)
 
     def update_weights(self, params) -> None:
         """Swaps in new params of the same structure, shapes and dtypes (between steps; no recompile).

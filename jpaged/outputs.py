@@ -37,6 +37,7 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    num_preemptions: int = 0  # times the request (all its n samples) was preempted
 
 
 @dataclasses.dataclass
@@ -55,15 +56,31 @@ class RequestOutput:
     error: str | None = None
 
 
+# Upper bounds of the engine-step size histogram (tokens run in one step), vLLM's.
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
 @dataclasses.dataclass
 class EngineStats:
     """A snapshot of the engine for /metrics and logs (token and cache counters are cumulative)."""
 
     num_running: int
     num_waiting: int
+    num_waiting_deferred: int  # of num_waiting: held back by the LoRA budget (--max-loras)
     kv_cache_usage: float  # 0..1 of the non-null blocks
     prefix_cache_queries: int  # tokens looked up
     prefix_cache_hits: int  # tokens found
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    # Prompt tokens of requests scheduled for the first time: found in the prefix cache / computed.
+    prompt_tokens_cached: int
+    prompt_tokens_computed: int
+    # Steps by the tokens they ran (prompt + sampled): a count per ITERATION_TOKENS_BUCKETS bound
+    # (a step counts under the first bound it does not exceed), then the steps above the last one.
+    iteration_tokens_counts: tuple[int, ...]
+    iteration_tokens_sum: int
+    running_lora_adapters: tuple[str, ...]  # names of the LoRA adapters running / waiting
+    waiting_lora_adapters: tuple[str, ...]
+    num_kv_blocks: int  # the KV pool's blocks, the null block included (vLLM's num_gpu_blocks)
+    num_swap_blocks: int  # host blocks for swapped-out KV (--swap-space)

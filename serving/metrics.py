@@ -1,22 +1,25 @@
 """Prometheus metrics for GET /metrics: vLLM's names, each under `jpaged:` and `vllm:`.
 
 Both prefixes carry the same values, so dashboards built for vLLM work unchanged. Engine-wide
-gauges and counters are read from `get_stats_per_engine()` at scrape time, one sample per engine
-labelled engine="i" (several with --data-parallel-size, as vLLM labels them); the per-request
-histograms are observed by the server as a request streams and when it finishes.
+gauges, counters and the step-size histogram are read from `get_stats_per_engine()` at scrape
+time, one sample per engine labelled engine="i" (several with --data-parallel-size, as vLLM labels
+them); the per-request histograms are observed by the server as a request streams and when it
+finishes.
 """
 
+import itertools
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from jpaged.async_llm import AsyncLLM
-from jpaged.outputs import RequestOutput
+from jpaged.outputs import ITERATION_TOKENS_BUCKETS, EngineStats, RequestOutput
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _N_BUCKETS = (1, 2, 5, 10, 20)
+_PREEMPTION_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 PREFIXES = ("jpaged", "vllm")
 
@@ -40,7 +43,24 @@ class EngineStatsCollector:
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
             ("num_preemptions", "Preemptions of running requests.", "num_preemptions"),
             ("prompt_tokens", "Prompt tokens processed.", "prompt_tokens_total"),
+            ("prompt_tokens_cached", "Prompt tokens found in the prefix cache when a request was first "
+             "scheduled.", "prompt_tokens_cached"),
             ("generation_tokens", "Tokens generated.", "generation_tokens_total"),
+        )
+        # Labelled families: (type, name, documentation, label, {label value: value of an EngineStats}).
+        by_label = (
+            (GaugeMetricFamily, "num_requests_waiting_by_reason", "Waiting requests by reason: capacity (waiting "
+             "for room in the batch or pool), deferred (held back by the LoRA budget, --max-loras); they sum to "
+             "num_requests_waiting.", "reason", {"capacity": lambda s: s.num_waiting - s.num_waiting_deferred,
+                                                 "deferred": lambda s: s.num_waiting_deferred}),
+            (CounterMetricFamily, "prompt_tokens_by_source", "Prompt tokens of requests when first scheduled, by "
+             "source.", "source", {"local_compute": lambda s: s.prompt_tokens_computed,
+                                   "local_cache_hit": lambda s: s.prompt_tokens_cached,
+                                   "external_kv_transfer": lambda s: 0}),
+            (CounterMetricFamily, "prompt_tokens_cached_by_source", "Prefix-cache hit tokens by the tier that "
+             "held them (device: the KV pool; the others are never used).", "source",
+             {"device": lambda s: s.prefix_cache_hits, "host": lambda s: 0, "p2p": lambda s: 0,
+              "disk": lambda s: 0, "external_unspecified": lambda s: 0}),
         )
         for prefix in PREFIXES:
             for family_type, metrics in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
@@ -49,6 +69,49 @@ class EngineStatsCollector:
                     for index, stats in enumerate(per_engine):
                         family.add_metric([self.model_name, str(index)], getattr(stats, field))
                     yield family
+            for family_type, name, documentation, label, values in by_label:
+                family = family_type(f"{prefix}:{name}", documentation, labels=["model_name", "engine", label])
+                for (index, stats), (label_value, value) in itertools.product(enumerate(per_engine), values.items()):
+                    family.add_metric([self.model_name, str(index), label_value], value(stats))
+                yield family
+            family = HistogramMetricFamily(f"{prefix}:iteration_tokens_total", "Tokens per engine step (prompt "
+                                           "tokens computed + tokens sampled).", labels=["model_name", "engine"])
+            for index, stats in enumerate(per_engine):
+                cumulative = itertools.accumulate(stats.iteration_tokens_counts)
+                bounds = [str(float(b)) for b in ITERATION_TOKENS_BUCKETS] + ["+Inf"]
+                family.add_metric([self.model_name, str(index)], list(zip(bounds, cumulative)),
+                                  stats.iteration_tokens_sum)
+            yield family
+            yield self._cache_config_info(prefix, per_engine)
+            if self.engine.engine_args.enable_lora:
+                yield self._lora_requests_info(prefix, per_engine)
+
+    def _cache_config_info(self, prefix: str, per_engine: list[EngineStats]) -> GaugeMetricFamily:
+        """vLLM's info gauge (1, the settings as labels) of each engine's KV cache."""
+        args = self.engine.engine_args
+        info = {
+            "block_size": args.block_size, "cache_dtype": args.kv_cache_dtype,
+            "enable_prefix_caching": args.enable_prefix_caching,
+            "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_memory": args.kv_cache_memory,
+            "num_gpu_blocks_override": args.num_gpu_blocks_override, "swap_space": args.swap_space,
+            "prefix_caching_hash_algo": "sha256", "sliding_window": self.engine.model_config.sliding_window}
+        family = GaugeMetricFamily(f"{prefix}:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                   labels=[*info, "num_gpu_blocks", "num_cpu_blocks", "engine"])
+        for index, stats in enumerate(per_engine):
+            family.add_metric([*map(str, info.values()), str(stats.num_kv_blocks), str(stats.num_swap_blocks),
+                               str(index)], 1)
+        return family
+
+    def _lora_requests_info(self, prefix: str, per_engine: list[EngineStats]) -> GaugeMetricFamily:
+        """vLLM's LoRA gauge: the running and waiting adapters' names as labels, the time as value."""
+        def names(field):
+            return ",".join(dict.fromkeys(name for stats in per_engine for name in getattr(stats, field)))
+
+        family = GaugeMetricFamily(f"{prefix}:lora_requests_info", "Running stats on lora requests.",
+                                   labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+        family.add_metric([str(self.engine.engine_args.max_loras), names("waiting_lora_adapters"),
+                           names("running_lora_adapters")], time.time())
+        return family
 
 
 class _Histogram:
@@ -103,6 +166,8 @@ class ServerMetrics:
             "request_prefill_kv_computed_tokens", "Prompt tokens a finished request computed (not from the prefix "
             "cache).", _TOKEN_BUCKETS)
         self.request_params_n = histogram("request_params_n", "The n of finished requests.", _N_BUCKETS)
+        self.request_num_preemptions = histogram(
+            "request_num_preemptions", "Times a finished request was preempted (all n samples).", _PREEMPTION_BUCKETS)
         self.request_params_max_tokens = histogram(
             "request_params_max_tokens", "The max_tokens of finished requests that set it.", _TOKEN_BUCKETS)
         self.request_success = [Counter(f"{prefix}:request_success", "Finished requests, by finish reason.",
@@ -149,6 +214,7 @@ class ServerMetrics:
         self.request_prefill_kv_computed_tokens.observe(
             label, len(output.prompt_token_ids) - min(output.num_cached_tokens, len(output.prompt_token_ids)))
         self.request_params_n.observe(label, n)
+        self.request_num_preemptions.observe(label, m.num_preemptions)
         if max_tokens is not None:
             self.request_params_max_tokens.observe(label, max_tokens)
         for counter in self.request_success:

@@ -170,10 +170,14 @@ def check_server(kwargs: dict, expected_texts: list[str]) -> None:
         assert [c.index for c in beams.choices] == [0, 1] and beams.usage.completion_tokens == 8
         assert httpx.get(server.url + "/health").status_code == 200
         metrics = httpx.get(server.url + "/metrics").text
+        steps = 0
         for engine in ("0", "1"):
-            lines = [line for line in metrics.splitlines()
-                     if line.startswith("jpaged:prompt_tokens_total{") and f'engine="{engine}"' in line]
-            assert len(lines) == 1 and float(lines[0].rsplit(" ", 1)[1]) > 0, (engine, lines)
+            for family in ("prompt_tokens_total", "iteration_tokens_total_count"):
+                lines = [line for line in metrics.splitlines()
+                         if line.startswith(f"jpaged:{family}{{") and f'engine="{engine}"' in line]
+                assert len(lines) == 1 and float(lines[0].rsplit(" ", 1)[1]) > 0, (engine, lines)
+            steps += float(lines[0].rsplit(" ", 1)[1])
+        assert sum(server.engine.get_stats().iteration_tokens_counts) == steps  # the replicas' buckets summed
         assert_no_blocks_held(server.engine)
     finally:
         server.stop()

@@ -7,8 +7,10 @@ AsyncLLM.get_stats) for freed KV blocks after disconnects.
 """
 
 import asyncio
+import dataclasses
 import json
 import re
+import types
 
 import httpx
 import jax
@@ -20,6 +22,8 @@ import pytest
 from jpaged.config import EngineArgs
 from jpaged.loaders import load_model
 from jpaged.models import llama
+from prometheus_client import CollectorRegistry, generate_latest
+from serving.metrics import EngineStatsCollector
 from server_harness import API_KEY, MAX_REQUEST_BYTES, MODEL_NAME, ThreadedServer, health_ok, wait_until_idle
 
 MAX_MODEL_LEN = 128
@@ -367,10 +371,11 @@ def test_models_version_tokenize_detokenize(server, tiny_model):
     assert detokenized["prompt"] == tiny_model.tokenizer.decode(tokenized["tokens"], skip_special_tokens=False)
 
 
-def _metric(text: str, name: str) -> float:
+def _metric(text: str, name: str, *labels: str) -> float:
+    """The sum of `name`'s samples (those with all of `labels`, e.g. 'source="disk"')."""
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and all(label in line for label in labels):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -406,6 +411,46 @@ def test_metrics(server, client, tiny_model, prefix):
     assert delta("request_params_max_tokens_sum") == delta("request_max_num_generation_tokens_sum") == 7 + 5
     assert delta("request_prefill_kv_computed_tokens_sum") == delta("prompt_tokens_total") - (
         delta("prefix_cache_hits_total"))
+    assert delta("request_num_preemptions_count") == 2 and delta("request_num_preemptions_sum") == 0
+    # Engine families vLLM 0.32 exports beside those: prompt tokens by source, the step-size
+    # histogram (every token this test ran, in at least one step per token of the longer request),
+    # waiting requests by reason, the KV cache's settings.
+    by_source = {source: _metric(after, f"{prefix}:prompt_tokens_by_source_total", f'source="{source}"')
+                 - _metric(before, f"{prefix}:prompt_tokens_by_source_total", f'source="{source}"')
+                 for source in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+    assert sum(by_source.values()) == delta("prompt_tokens_total") and by_source["external_kv_transfer"] == 0
+    assert by_source["local_cache_hit"] == delta("prompt_tokens_cached_total") == delta("prefix_cache_hits_total")
+    assert delta("prompt_tokens_cached_by_source_total") == delta("prefix_cache_hits_total")
+    assert delta("iteration_tokens_total_sum") == by_source["local_compute"] + 7 + 5
+    assert 7 <= delta("iteration_tokens_total_count") <= 7 + 5 + 2
+    assert _metric(after, f"{prefix}:iteration_tokens_total_bucket", 'le="+Inf"') == _metric(
+        after, f"{prefix}:iteration_tokens_total_count")
+    assert _metric(after, f"{prefix}:num_requests_waiting_by_reason") == 0
+    pool_blocks = server.engine.get_stats().num_kv_blocks
+    assert _metric(after, f"{prefix}:cache_config_info", f'num_gpu_blocks="{pool_blocks}"') == 1
+    assert f"{prefix}:lora_requests_info" not in after  # LoRA is off
+
+
+def test_lora_and_waiting_families_join_the_engines(server):
+    """lora_requests_info: one series naming every replica's adapters once, in first-seen order;
+    waiting requests split by reason per engine."""
+    stats = server.engine.get_stats()
+    per_engine = [dataclasses.replace(stats, num_waiting=3, num_waiting_deferred=1, running_lora_adapters=("a", "b"),
+                                      waiting_lora_adapters=("c",)),
+                  dataclasses.replace(stats, num_waiting=0, num_waiting_deferred=0, running_lora_adapters=("b", "d"),
+                                      waiting_lora_adapters=())]
+    engine = types.SimpleNamespace(get_stats_per_engine=lambda: per_engine, model_config=server.engine.model_config,
+                                   engine_args=dataclasses.replace(server.engine.engine_args, enable_lora=True,
+                                                                   max_loras=2, max_cpu_loras=2))
+    registry = CollectorRegistry()
+    registry.register(EngineStatsCollector(engine, "m"))
+    text = generate_latest(registry).decode()
+    info = [line for line in text.splitlines() if line.startswith("vllm:lora_requests_info{")]
+    assert len(info) == 1 and info[0].startswith(
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b,d",waiting_lora_adapters="c"}'), info
+    assert _metric(text, "vllm:num_requests_waiting_by_reason", 'engine="0"', 'reason="deferred"') == 1
+    assert _metric(text, "vllm:num_requests_waiting_by_reason", 'engine="0"', 'reason="capacity"') == 2
+    assert _metric(text, "vllm:num_requests_waiting_by_reason", 'engine="1"') == 0
 
 
 # --------------------------------------------------------------------------- errors
