@@ -557,7 +557,8 @@ class LLMEngine:
             num_preemptions=stats.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total, prompt_tokens_cached=stats.prompt_tokens_cached,
             prompt_tokens_computed=stats.prompt_tokens_computed,
-            iteration_tokens_counts=tuple(self._iteration_tokens_counts), iteration_tokens_sum=self._iteration_tokens_sum,
+            iteration_tokens_counts=tuple(self._iteration_tokens_counts),
+            iteration_tokens_sum=self._iteration_tokens_sum,
             running_lora_adapters=stats.running_lora_adapters, waiting_lora_adapters=stats.waiting_lora_adapters,
             num_kv_blocks=self.runner.pool_spec.num_blocks, num_swap_blocks=self.runner.num_swap_blocks)
 
