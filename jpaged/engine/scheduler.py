@@ -483,14 +483,17 @@ class Scheduler:
             len(self.kv_cache_manager.req_to_blocks.get(r.request_id, ())) * self.block_size - r.num_computed_tokens
             for r in self.running
         )
+        # The engine takes these stats after every step: with LoRA off, skip the walk over the queue.
         running_loras = {r.lora_int_id: r.lora_request.lora_name for r in self.running if r.lora_int_id}
-        waiting_loras = {r.lora_int_id: r.lora_request.lora_name for r in self.waiting if r.lora_int_id}
+        waiting_loras = {}
+        if self.max_loras:
+            waiting_loras = {r.lora_int_id: r.lora_request.lora_name for r in self.waiting if r.lora_int_id}
         lora_budget_full = len(running_loras) >= self.max_loras
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             num_waiting_deferred=sum(lora_budget_full and r.lora_int_id not in running_loras
-                                     for r in self.waiting if r.lora_int_id),
+                                     for r in self.waiting if r.lora_int_id) if waiting_loras else 0,
             kv_cache_usage=self.kv_cache_manager.block_pool.get_usage(),
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
