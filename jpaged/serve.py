@@ -66,9 +66,39 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--ssl-keyfile", default=None, help="Serve HTTPS with this private key file.")
     server.add_argument("--ssl-certfile", default=None, help="Serve HTTPS with this certificate file.")
     server.add_argument("--ssl-ca-certs", default=None, help="CA certificates file (for client certificates).")
+    server.add_argument("--enable-log-requests", action="store_true",
+                        help="Log one line per request: its id, prompt length and sampling parameters "
+                             "(the prompt only with --max-log-len).")
     server.add_argument("--disable-log-requests", action="store_true",
-                        help="Do not log each request (its id, prompt length and sampling parameters; "
-                             "prompts are never logged).")
+                        help="Older vLLM flag, kept so its command lines run: requests are not logged "
+                             "unless --enable-log-requests.")
+    server.add_argument("--max-log-len", type=_non_negative_int, default=None,
+                        help="With --enable-log-requests, also log each prompt's first N characters and "
+                             "token ids (default: no prompt text or ids in the log).")
+    server.add_argument("--disable-uvicorn-access-log", action="store_true",
+                        help="No access-log line per HTTP request.")
+    server.add_argument("--root-path", default=None,
+                        help="The path prefix the server is reached under behind a path-routing proxy "
+                             "(ASGI root_path).")
+    server.add_argument("--response-role", default="assistant",
+                        help="The role of chat replies when the request adds a generation prompt.")
+    server.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="Name logprob tokens 'token_id:N' instead of their text (a request's "
+                             "return_tokens_as_token_ids overrides it).")
+    server.add_argument("--enable-prompt-tokens-details", action="store_true",
+                        help="Report usage.prompt_tokens_details.cached_tokens (prompt tokens found in "
+                             "the prefix cache) in completions and chat replies.")
+    server.add_argument("--enable-force-include-usage", action="store_true",
+                        help="End every stream with a usage chunk, as if each request set "
+                             "stream_options.include_usage.")
+    server.add_argument("--enable-request-id-headers", action="store_true",
+                        help="Answer every request with an X-Request-Id header: the request's own, or a new id.")
+    server.add_argument("--enable-server-load-tracking", action="store_true",
+                        help="Count the completions, chat and responses requests in flight; GET /load "
+                             "reports the count as {\"server_load\": N} (0 without this flag).")
+    server.add_argument("--default-chat-template-kwargs", type=_json_object, default=None,
+                        help="JSON object of chat template arguments for every request, e.g. "
+                             "'{\"enable_thinking\": false}'; a request's chat_template_kwargs override them.")
     server.add_argument("--enable-update-weights-route", action="store_true",
                         help="Route POST /update_weights_from_disk {\"model_path\": ...}: load a checkpoint "
                              "of the same shapes and swap it in between steps (RL rollouts). Guarded by "
@@ -153,6 +183,23 @@ def _str_list(value: str) -> list[str]:
     return [value]
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
+def _json_object(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON {value!r}: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
 def _lora_module(value: str) -> dict:
     """One --lora-modules value: name=path, or a JSON object with name, path and base_model_name."""
     if value.lstrip().startswith("{"):
@@ -201,11 +248,15 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
                          max_prompts_per_request=args.max_prompts_per_request,
                          generation_defaults=load_generation_defaults(engine_args.generation_config,
                                                                       engine.model_path),
-                         log_requests=not args.disable_log_requests,
+                         log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
                          enable_auto_tool_choice=args.enable_auto_tool_choice,
                          tool_call_parser=args.tool_call_parser,
                          enable_responses_store=args.enable_responses_store,
-                         reasoning_parser=args.reasoning_parser)
+                         reasoning_parser=args.reasoning_parser, response_role=args.response_role,
+                         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+                         enable_force_include_usage=args.enable_force_include_usage,
+                         default_chat_template_kwargs=args.default_chat_template_kwargs)
     for module in args.lora_modules or ():
         try:
             await ctx.load_lora_adapter(module["name"], module["path"], module["base_model_name"])
@@ -219,12 +270,14 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
         logger.warning("LoRA adapters may be loaded and unloaded over HTTP (VLLM_ALLOW_RUNTIME_LORA_UPDATING): "
                        "meant for development only.")
     app = build_app(ctx, api_key=api_key, cors=cors, enable_update_weights_route=args.enable_update_weights_route,
-                    enable_lora_updating=lora_updating, max_header_bytes=args.max_header_bytes)
+                    enable_lora_updating=lora_updating, max_header_bytes=args.max_header_bytes,
+                    enable_request_id_headers=args.enable_request_id_headers,
+                    enable_server_load_tracking=args.enable_server_load_tracking, root_path=args.root_path or "")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             lifespan="off", h11_max_incomplete_event_size=h11_buffer_bytes(args.max_header_bytes),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,
                             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-                            ssl_ca_certs=args.ssl_ca_certs)
+                            ssl_ca_certs=args.ssl_ca_certs, access_log=not args.disable_uvicorn_access_log)
     server = _Server(config, engine, args.graceful_shutdown_timeout, names[0])
     ender = asyncio.create_task(server.end_in_flight_requests())
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; these

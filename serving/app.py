@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import hmac
 import importlib.metadata
+import uuid
 from http import HTTPStatus
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -46,6 +47,26 @@ def _digest(value: bytes) -> bytes:
 GUARDED_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/update_weights_from_disk")
 
 
+class RootPathMiddleware:
+    """--root-path: the prefix a path-routing proxy serves the app under. Requests may come with
+    it (a proxy that keeps the prefix) or without (one that strips it); the router drops it."""
+
+    def __init__(self, app: ASGIApp, root_path: str):
+        self.app = app
+        self.root_path = root_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope["root_path"] = self.root_path
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path routes match: without the --root-path prefix (Starlette's router drops it too)."""
+    root, path = scope.get("root_path", ""), scope["path"]
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 class APIKeyMiddleware:
     """Requires `Authorization: Bearer <key>` on every route that reaches the model
     (GUARDED_PREFIXES), comparing digests in constant time. It holds only the expected header's
@@ -56,7 +77,7 @@ class APIKeyMiddleware:
         self.expected = expected_digest
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        guarded = scope["type"] == "http" and scope["path"].startswith(GUARDED_PREFIXES)
+        guarded = scope["type"] == "http" and _route_path(scope).startswith(GUARDED_PREFIXES)
         if guarded and scope["method"] != "OPTIONS":  # CORS preflights carry no credentials
             given = _digest(Headers(scope=scope).get("authorization", "").encode())
             if not hmac.compare_digest(given, self.expected):
@@ -101,6 +122,50 @@ class HeaderLimitMiddleware:
         await self.app(scope, receive, send)
 
 
+class RequestIdHeaderMiddleware:
+    """--enable-request-id-headers: every response carries X-Request-Id, the request's own or a
+    new one (vLLM's)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+# The routes that run the model, counted by --enable-server-load-tracking (GET /load).
+LOAD_TRACKED_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+
+
+class ServerLoadMiddleware:
+    """Counts the requests to LOAD_TRACKED_PREFIXES being answered (streams until their last
+    byte) in `app.state.server_load`, which GET /load reports."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _route_path(scope).startswith(LOAD_TRACKED_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        state.server_load += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.server_load -= 1
+
+
 def _context(request: Request) -> ServingContext:
     return request.app.state.ctx
 
@@ -109,6 +174,12 @@ async def health(request: Request) -> Response:
     """200 when the engine is warm and running, 503 otherwise."""
     _context(request).check_ready()
     return Response(status_code=HTTPStatus.OK)
+
+
+async def load(request: Request) -> JSONResponse:
+    """vLLM's GET /load: requests in flight on the model's routes (0 unless
+    --enable-server-load-tracking)."""
+    return JSONResponse({"server_load": request.app.state.server_load})
 
 
 async def version(request: Request) -> JSONResponse:
@@ -190,14 +261,17 @@ async def unload_lora_adapter(request: Request) -> PlainTextResponse:
 
 def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSettings | None = None,
               enable_update_weights_route: bool = False, enable_lora_updating: bool = False,
-              max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Starlette:
+              max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, enable_request_id_headers: bool = False,
+              enable_server_load_tracking: bool = False, root_path: str = "") -> Starlette:
     """The ASGI app serving `ctx`'s engine; `api_key` (if set) guards GUARDED_PREFIXES, `cors`
     (if set) answers browsers' cross-origin requests; enable_lora_updating routes
-    /v1/load_lora_adapter and /v1/unload_lora_adapter."""
+    /v1/load_lora_adapter and /v1/unload_lora_adapter; the last two are the server's flags of
+    those names."""
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/ping", health, methods=["GET", "POST"]),  # vLLM's (SageMaker's) name for the same check
         Route("/version", version, methods=["GET"]),
+        Route("/load", load, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
@@ -215,16 +289,23 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
         routes += [Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
                    Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"])]
     middleware = [Middleware(HeaderLimitMiddleware, max_bytes=max_header_bytes)]
+    if root_path:  # outermost: every other layer sees the prefix
+        middleware.insert(0, Middleware(RootPathMiddleware, root_path=root_path.rstrip("/")))
     if cors is not None:  # outermost, so preflights and 401s carry the CORS headers
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors.allowed_origins,
                                      allow_credentials=cors.allow_credentials, allow_methods=cors.allowed_methods,
                                      allow_headers=cors.allowed_headers))
+    if enable_request_id_headers:  # outside the key check, so a 401 carries the id too
+        middleware.append(Middleware(RequestIdHeaderMiddleware))
     if api_key:
         middleware.append(Middleware(APIKeyMiddleware, expected_digest=_digest(f"Bearer {api_key}".encode())))
+    if enable_server_load_tracking:
+        middleware.append(Middleware(ServerLoadMiddleware))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={
         APIError: api_error_handler,
         HTTPException: http_exception_handler,
         Exception: unexpected_error_handler,
     })
     app.state.ctx = ctx
+    app.state.server_load = 0
     return app

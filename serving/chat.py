@@ -16,7 +16,7 @@ from serving.errors import APIError
 from serving.logprobs import chat_logprobs, prompt_logprobs
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
-                              ChatStreamChoice, CompletionTokensDetails, DeltaToolCall, PromptTokensDetails,
+                              ChatStreamChoice, CompletionTokensDetails, DeltaToolCall,
                               UsageInfo)
 from serving.reasoning_parsers import (END, ReasoningStream, ThinkReasoningParser, reasoning_parser_for,
                                       reasoning_token_count)
@@ -69,7 +69,8 @@ async def create_chat_completion(request: Request) -> Response:
     model_name = ctx.check_model(body.model)
     ctx.check_ready()
     _check_request(body)
-    job = ChatJob(ctx, body, model_name, arrival_time)
+    job = ChatJob(ctx, body, model_name, arrival_time,
+                  client_request_id=ctx.client_request_id(request, body.request_id))
     return await (job.stream(request) if body.stream else job.complete(request))
 
 
@@ -78,9 +79,9 @@ class ChatJob:
     /v1/responses runs; serving/responses.py shapes its replies)."""
 
     def __init__(self, ctx: ServingContext, body: ChatCompletionRequest, model_name: str, arrival_time: float,
-                 request_id: str | None = None, prompt_param: str = "messages"):
-        """`request_id`: the engine's id (default: a new `chatcmpl-` id); `prompt_param`: the field
-        a prompt over the context is blamed on."""
+                 request_id: str | None = None, prompt_param: str = "messages", client_request_id: str | None = None):
+        """`request_id`: the reply's id (default: `chatcmpl-` and `client_request_id`, the id the
+        client named, or a new one); `prompt_param`: the field a prompt over the context is blamed on."""
         self.ctx, self.body, self.model_name = ctx, body, model_name
         self.tool_plan = plan_tools(body, enable_auto_tool_choice=ctx.enable_auto_tool_choice,
                                     tool_call_parser=ctx.tool_call_parser)
@@ -95,24 +96,29 @@ class ChatJob:
         params.structured_outputs = chat_constraint(body, self.tool_plan)
         if self.tool_plan is not None and self.tool_plan.keeps_special_tokens:
             params.skip_special_tokens = False  # the parser's call marker is a special token (vLLM's)
-        self.reasoning_parser = reasoning_parser_for(ctx.reasoning_parser, body.chat_template_kwargs)
+        self.reasoning_parser = reasoning_parser_for(
+            ctx.reasoning_parser, {**ctx.default_chat_template_kwargs, **(body.chat_template_kwargs or {})})
         if params.structured_outputs is not None and self.reasoning_parser is not None:
             # vLLM's order: the model thinks freely, the constraint applies after `</think>`
             params.structured_outputs.after_token_ids = ctx.tokenizer.encode(END, add_special_tokens=False)
         ctx.check_limits(params, logprobs_param="top_logprobs")  # before the template renders
-        template_kwargs = dict(body.chat_template_kwargs or {})
+        template_kwargs = {**ctx.default_chat_template_kwargs, **(body.chat_template_kwargs or {})}
         if self.tool_plan is not None:
             template_kwargs["tools"] = self.tool_plan.tools
         prompt = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template,
                                     template_kwargs, body.continue_final_message)
-        self.role = body.reply_role()
+        self.role = body.reply_role(ctx.response_role)
         last = body.messages[-1]
         # echo: the reply repeats the last message first when it is the reply's own role (vLLM's rule).
         echoes = body.echo and last.role == self.role
         self.echoed = message_text(last.to_template_message()["content"]) if echoes else ""
         prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
         self.prompt_ids = ctx.truncate_prompt(prompt_ids, body.truncate_prompt_tokens)
-        self.request_id = request_id or f"chatcmpl-{uuid.uuid4().hex}"
+        self.request_id = request_id or f"chatcmpl-{client_request_id or uuid.uuid4().hex}"
+        # A client's id may repeat; the engine's must not.
+        engine_id = self.request_id if client_request_id is None else f"{self.request_id}-{uuid.uuid4().hex[:8]}"
+        self.as_token_ids = (ctx.return_tokens_as_token_ids if body.return_tokens_as_token_ids is None
+                             else body.return_tokens_as_token_ids)
         self.created = int(time.time())
         if body.use_beam_search:
             # max_tokens unset: up to the context (a prompt over it is the validator's 400)
@@ -124,17 +130,18 @@ class ChatJob:
                                "constrains the reply, and beam search ranks unconstrained beams.",
                                param="tool_choice")
             ctx.validate(self.prompt_ids, beam_params, prompt_param)
-            self.outputs = ctx.beam_search(self.prompt_ids, beam_params, self.request_id, arrival_time,
+            self.outputs = ctx.beam_search(self.prompt_ids, beam_params, engine_id, arrival_time,
                                            ctx.lora_request(model_name))
         else:
             ctx.validate(self.prompt_ids, params, prompt_param)
-            self.outputs = ctx.generate(self.prompt_ids, params, self.request_id, arrival_time,
+            self.outputs = ctx.generate(self.prompt_ids, params, engine_id, arrival_time,
                                         ctx.lora_request(model_name))
 
     def logprobs(self, completion: CompletionOutput) -> ChatLogprobs | None:
         if self.num_top is None:
             return None
-        return chat_logprobs(completion.token_ids, completion.logprobs, self.num_top, self.ctx.tokenizer)
+        return chat_logprobs(completion.token_ids, completion.logprobs, self.num_top, self.ctx.tokenizer,
+                             self.as_token_ids)
 
     def split_reasoning(self, text: str) -> tuple[str | None, str]:
         """(reasoning, the rest) of a finished reply; reasoning None without a reasoning parser."""
@@ -161,7 +168,7 @@ class ChatJob:
         details = None if reasoning_tokens is None else CompletionTokensDetails(reasoning_tokens=reasoning_tokens)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                          total_tokens=prompt_tokens + completion_tokens,
-                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+                         prompt_tokens_details=self.ctx.prompt_tokens_details(cached_tokens),
                          completion_tokens_details=details)
 
     async def complete(self, request: Request) -> Response:
@@ -187,12 +194,14 @@ class ChatJob:
                                           reasoning=reasoning if self.body.include_reasoning else None)
             choices.append(ChatCompletionChoice(
                 index=c.index, message=message,
-                logprobs=self.logprobs(c), finish_reason=finish_reason, stop_reason=c.stop_reason))
+                logprobs=self.logprobs(c), finish_reason=finish_reason, stop_reason=c.stop_reason,
+                token_ids=list(c.token_ids) if self.body.return_token_ids else None))
         usage = self._usage(sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens,
                             self.reasoning_tokens([c.token_ids for c in final.outputs]))
         response = ChatCompletionResponse(id=self.request_id, created=self.created,
                                           model=self.model_name, choices=choices, usage=usage,
-                                          prompt_logprobs=prompt_logprobs(final.prompt_logprobs))
+                                          prompt_logprobs=prompt_logprobs(final.prompt_logprobs),
+                                          prompt_token_ids=self.prompt_ids if self.body.return_token_ids else None)
         return JSONResponse(response.model_dump(mode="json"))
 
     async def stream(self, request: Request) -> Response:
@@ -203,15 +212,17 @@ class ChatJob:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return StreamingResponse(self._events(first), media_type="text/event-stream")
 
-    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None,
+               prompt_token_ids: list[int] | None = None) -> str:
         return sse_event(ChatCompletionChunk(id=self.request_id, created=self.created,
                                              model=self.model_name, choices=choices,
-                                             usage=usage))
+                                             usage=usage, prompt_token_ids=prompt_token_ids))
 
     async def _events(self, first: RequestOutput) -> AsyncIterator[str]:
         options = self.body.stream_options
-        include_usage = options is not None and options.include_usage
-        continuous_usage = include_usage and options.continuous_usage_stats
+        include_usage = self.ctx.include_usage(options)
+        continuous_usage = include_usage and options is not None and options.continuous_usage_stats
+        return_token_ids = self.body.return_token_ids
         cached = first.num_cached_tokens
         tokens_per_choice = [0] * self.body.n
         replies: list[list[int]] = [[] for _ in range(self.body.n)]  # token ids, for the reasoning count
@@ -223,7 +234,7 @@ class ChatJob:
         try:
             for i in range(self.body.n):
                 yield self._chunk([ChatStreamChoice(index=i, delta=ChatDelta(role=self.role, content=""))],
-                                  usage_so_far(i))
+                                  usage_so_far(i), self.prompt_ids if return_token_ids and i == 0 else None)
             if self.echoed:
                 for i in range(self.body.n):
                     yield self._chunk([ChatStreamChoice(index=i, delta=ChatDelta(content=self.echoed))],
@@ -242,11 +253,12 @@ class ChatJob:
                             finish_reason = "tool_calls"
                         held_back = (delta.content is None and delta.reasoning is None and delta.tool_calls is None
                                      and finish_reason is None)
-                        if held_back and self.num_top is None:
+                        if held_back and self.num_top is None and not return_token_ids:
                             continue  # a parser holds this text back: nothing to send yet
                         yield self._chunk([ChatStreamChoice(
                             index=c.index, delta=delta, logprobs=self.logprobs(c),
-                            finish_reason=finish_reason, stop_reason=c.stop_reason)], usage_so_far(c.index))
+                            finish_reason=finish_reason, stop_reason=c.stop_reason,
+                            token_ids=list(c.token_ids) if return_token_ids else None)], usage_so_far(c.index))
             if include_usage:
                 yield self._chunk([], self._usage(sum(tokens_per_choice), cached, self.reasoning_tokens(replies)))
         except APIError as exc:

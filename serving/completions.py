@@ -14,7 +14,7 @@ from serving.context import ServingContext
 from serving.errors import APIError
 from serving.logprobs import completion_logprobs, prompt_logprobs
 from serving.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
-                              CompletionResponse, PromptTokensDetails, UsageInfo)
+                              CompletionResponse, UsageInfo)
 from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, merge_async_iterators, prepend,
                                sse_error, sse_event, unless_disconnected)
 from serving.structured_outputs import structured_outputs_from_request
@@ -113,6 +113,9 @@ class _Choice:
         self.num_tokens = 0  # tokens streamed so far
         self.echo_pending = body.echo
         self.echo_only = body.echo and body.max_tokens == 0  # score the prompt, return no token
+        self.prompt_ids_pending = body.return_token_ids  # the prompt's ids go with the first piece
+        self.as_token_ids = (ctx.return_tokens_as_token_ids if body.return_tokens_as_token_ids is None
+                             else body.return_tokens_as_token_ids)
 
     def piece(self, output: RequestOutput, completion: CompletionOutput) -> CompletionChoice:
         """The choice for `completion`'s text (all of it, or the new part when streaming)."""
@@ -124,16 +127,19 @@ class _Choice:
             text = self.prompt.text + text
             if self.body.logprobs is not None:
                 logprobs = completion_logprobs(self.prompt.token_ids, output.prompt_logprobs,
-                                               self.body.logprobs, self.ctx.tokenizer, 0)
+                                               self.body.logprobs, self.ctx.tokenizer, 0, self.as_token_ids)
         if self.body.logprobs is not None:
             offset = self.chars_sent + (len(self.prompt.text) if logprobs is not None else 0)
             generated = completion_logprobs(completion.token_ids, completion.logprobs,
-                                            self.body.logprobs, self.ctx.tokenizer, offset)
+                                            self.body.logprobs, self.ctx.tokenizer, offset, self.as_token_ids)
             logprobs = _concat(logprobs, generated)
         self.chars_sent += len(text)
+        prompt_token_ids = self.prompt.token_ids if self.prompt_ids_pending else None
+        self.prompt_ids_pending = False
         return CompletionChoice(index=self.index, text=text, logprobs=logprobs,
                                 finish_reason=completion.finish_reason,
-                                stop_reason=completion.stop_reason)
+                                stop_reason=completion.stop_reason, prompt_token_ids=prompt_token_ids,
+                                token_ids=list(completion.token_ids) if self.body.return_token_ids else None)
 
 
 def _concat(first: CompletionLogprobs | None, second: CompletionLogprobs) -> CompletionLogprobs:
@@ -145,11 +151,11 @@ def _concat(first: CompletionLogprobs | None, second: CompletionLogprobs) -> Com
                               text_offset=first.text_offset + second.text_offset)
 
 
-def _usage(prompts: list[_Prompt], completion_tokens: int, cached_tokens: int) -> UsageInfo:
+def _usage(ctx: ServingContext, prompts: list[_Prompt], completion_tokens: int, cached_tokens: int) -> UsageInfo:
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+                     prompt_tokens_details=ctx.prompt_tokens_details(cached_tokens))
 
 
 async def create_completion(request: Request) -> Response:
@@ -159,14 +165,15 @@ async def create_completion(request: Request) -> Response:
     model_name = ctx.check_model(body.model)
     ctx.check_ready()
     _check_request(body)
-    job = _CompletionJob(ctx, body, model_name, arrival_time)
+    job = _CompletionJob(ctx, body, model_name, arrival_time, ctx.client_request_id(request, body.request_id))
     return await (job.stream(request) if body.stream else job.complete(request))
 
 
 class _CompletionJob:
     """One validated completions request: its prompts' engine streams, merged."""
 
-    def __init__(self, ctx: ServingContext, body: CompletionRequest, model_name: str, arrival_time: float):
+    def __init__(self, ctx: ServingContext, body: CompletionRequest, model_name: str, arrival_time: float,
+                 client_request_id: str | None):
         self.ctx, self.body, self.model_name = ctx, body, model_name
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         params = _sampling_params(ctx, body, kind)
@@ -181,13 +188,15 @@ class _CompletionJob:
         if body.echo:
             for prompt in self.prompts:
                 prompt.decode_for_echo(ctx, body.truncate_prompt_tokens is not None)
-        self.request_id = f"cmpl-{uuid.uuid4().hex}"
+        self.request_id = f"cmpl-{client_request_id or uuid.uuid4().hex}"
+        # A client's id may repeat; the engine's must not.
+        engine_id = self.request_id if client_request_id is None else f"{self.request_id}-{uuid.uuid4().hex[:8]}"
         self.created = int(time.time())
         self.choices = [[_Choice(ctx, body, p, i * body.n + j) for j in range(body.n)]
                         for i, p in enumerate(self.prompts)]
         run = ctx.beam_search if body.use_beam_search else ctx.generate
         lora_request = ctx.lora_request(model_name)
-        self.outputs = merge_async_iterators([run(p.token_ids, params, f"{self.request_id}-{i}", arrival_time,
+        self.outputs = merge_async_iterators([run(p.token_ids, params, f"{engine_id}-{i}", arrival_time,
                                                   lora_request) for i, p in enumerate(self.prompts)])
 
     def _response(self, choices: list[CompletionChoice], usage: UsageInfo | None = None):
@@ -214,7 +223,7 @@ class _CompletionJob:
                 choice.prompt_logprobs = entries
                 choices.append(choice)
         choices.sort(key=lambda choice: choice.index)
-        usage = _usage(self.prompts, completion_tokens, sum(f.num_cached_tokens for f in finals))
+        usage = _usage(self.ctx, self.prompts, completion_tokens, sum(f.num_cached_tokens for f in finals))
         return JSONResponse(self._response(choices, usage).model_dump(mode="json"))
 
     async def stream(self, request: Request) -> Response:
@@ -227,8 +236,8 @@ class _CompletionJob:
 
     async def _events(self, first) -> AsyncIterator[str]:
         options = self.body.stream_options
-        include_usage = options is not None and options.include_usage
-        continuous_usage = include_usage and options.continuous_usage_stats
+        include_usage = self.ctx.include_usage(options)
+        continuous_usage = include_usage and options is not None and options.continuous_usage_stats
         cached = [0] * len(self.prompts)
         try:
             async for i, output in prepend(first, self.outputs):
@@ -238,11 +247,12 @@ class _CompletionJob:
                         choice = self.choices[i][c.index]
                         choice.num_tokens += len(c.token_ids)
                         # continuous_usage_stats: this choice's prompt and its tokens so far (vLLM's)
-                        usage = _usage([self.prompts[i]], choice.num_tokens, cached[i]) if continuous_usage else None
+                        usage = (_usage(self.ctx, [self.prompts[i]], choice.num_tokens, cached[i])
+                                 if continuous_usage else None)
                         yield sse_event(self._response([choice.piece(output, c)], usage))
             if include_usage:
                 completion_tokens = sum(choice.num_tokens for row in self.choices for choice in row)
-                yield sse_event(self._response([], _usage(self.prompts, completion_tokens, sum(cached))))
+                yield sse_event(self._response([], _usage(self.ctx, self.prompts, completion_tokens, sum(cached))))
         except APIError as exc:
             yield sse_error(exc)
         finally:

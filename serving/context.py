@@ -20,6 +20,7 @@ from jpaged.request_validation import InvalidRequestError, RequestValidator
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.errors import APIError, not_found_model, validation_error
 from serving.metrics import ServerMetrics
+from serving.protocol import PromptTokensDetails
 from serving.response_store import ResponseStore
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -38,7 +39,11 @@ class ServingContext:
                  generation_defaults: dict | None = None, log_requests: bool = False,
                  max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
                  enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
-                 enable_responses_store: bool = False, reasoning_parser: str | None = None):
+                 enable_responses_store: bool = False, reasoning_parser: str | None = None,
+                 response_role: str = "assistant", return_tokens_as_token_ids: bool = False,
+                 enable_prompt_tokens_details: bool = False, enable_force_include_usage: bool = False,
+                 max_log_len: int | None = None, default_chat_template_kwargs: dict | None = None):
+        """The keywords are the server's flags of the same names (`python -m jpaged.serve --help`)."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
@@ -54,6 +59,12 @@ class ServingContext:
         # Sampling defaults from generation_config.json (--generation-config); request fields win.
         self.generation_defaults = dict(generation_defaults or {})
         self.log_requests = log_requests
+        self.max_log_len = max_log_len  # with log_requests: log this much of each prompt (None: none of it)
+        self.response_role = response_role  # a chat reply's role when a generation prompt is added
+        self.return_tokens_as_token_ids = return_tokens_as_token_ids  # default of the request field
+        self.enable_prompt_tokens_details = enable_prompt_tokens_details  # usage.prompt_tokens_details
+        self.enable_force_include_usage = enable_force_include_usage  # every stream ends with usage
+        self.default_chat_template_kwargs = dict(default_chat_template_kwargs or {})  # under the request's
         self.max_prompts_per_request = max_prompts_per_request
         self.metrics = ServerMetrics(engine, self.served_model_name)
         # /v1/responses replies kept for previous_response_id (--enable-responses-store)
@@ -61,6 +72,21 @@ class ServingContext:
         # LoRA adapters served as models of their own (--lora-modules, /v1/load_lora_adapter): name -> request
         self.lora_requests: dict[str, LoRARequest] = {}
         self._next_lora_id = 1
+
+    @staticmethod
+    def client_request_id(request: Request, body_request_id: str | None) -> str | None:
+        """The id a client named for its request (vLLM's rule: the X-Request-Id header, else the
+        body's `request_id`); None when it named none."""
+        return request.headers.get("x-request-id") or body_request_id or None
+
+    def prompt_tokens_details(self, cached_tokens: int) -> PromptTokensDetails | None:
+        """usage.prompt_tokens_details: only with --enable-prompt-tokens-details (vLLM's default)."""
+        return PromptTokensDetails(cached_tokens=cached_tokens) if self.enable_prompt_tokens_details else None
+
+    def include_usage(self, stream_options) -> bool:
+        """Whether a stream ends with a usage chunk: the request's stream_options.include_usage,
+        or always with --enable-force-include-usage."""
+        return self.enable_force_include_usage or (stream_options is not None and stream_options.include_usage)
 
     def check_model(self, model: str | None) -> str:
         """The name to report for a request naming `model`; 404 for a name this server does not serve."""
@@ -195,8 +221,7 @@ class ServingContext:
         """
         delta = params.output_kind == RequestOutputKind.DELTA
         tokens_per_output: dict[int, int] = {}
-        if self.log_requests:
-            logger.info("request %s: %d prompt tokens, %s", request_id, len(prompt_token_ids), params)
+        self._log_request(request_id, prompt_token_ids, params)
         outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time, lora_request)
         last_output_time = None
         finished = False
@@ -228,8 +253,7 @@ class ServingContext:
         RequestOutput, a CompletionOutput per returned beam (best first, index 0..), each without
         the prompt and, unless include_stop_str_in_output, without its EOS. Metrics count it as
         one request; errors map as in `generate`."""
-        if self.log_requests:
-            logger.info("request %s: %d prompt tokens, beam search %s", request_id, len(prompt_token_ids), params)
+        self._log_request(request_id, prompt_token_ids, params)
         search = BeamSearch(prompt_token_ids, params, self.tokenizer.eos_token_ids)
         step_params = params.step_params()
         metrics = RequestMetrics(arrival_time=arrival_time)
@@ -264,6 +288,19 @@ class ServingContext:
         self._observe_finished(output, {c.index: len(c.token_ids) for c in completions}, False,
                                params.beam_width, params.max_tokens)
         yield output
+
+    def _log_request(self, request_id: str, prompt_token_ids: list[int], params) -> None:
+        """--enable-log-requests: the request's id, prompt length and parameters; with
+        --max-log-len N also the prompt's first N characters and token ids."""
+        if not self.log_requests:
+            return
+        if self.max_log_len is None:
+            logger.info("request %s: %d prompt tokens, %s", request_id, len(prompt_token_ids), params)
+            return
+        head = prompt_token_ids[:self.max_log_len]
+        prompt = self.tokenizer.decode(head, skip_special_tokens=False)[:self.max_log_len]
+        logger.info("request %s: %d prompt tokens, prompt: %r, prompt_token_ids: %s, %s", request_id,
+                    len(prompt_token_ids), prompt, head, params)
 
     async def _engine_outputs(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                               arrival_time: float | None = None,

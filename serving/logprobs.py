@@ -8,7 +8,10 @@ from serving.protocol import (ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, Co
 MIN_LOGPROB = -9999.0
 
 
-def _token_text(token_id: int, logprob: Logprob | None, tokenizer) -> str:
+def _token_text(token_id: int, logprob: Logprob | None, tokenizer, as_token_id: bool = False) -> str:
+    """The token's text, or "token_id:N" (vLLM's --return-tokens-as-token-ids form)."""
+    if as_token_id:
+        return f"token_id:{token_id}"
     if logprob is not None and logprob.decoded_token is not None:
         return logprob.decoded_token
     return tokenizer.decode([token_id], skip_special_tokens=False)
@@ -25,16 +28,17 @@ def _top_entries(step: dict[int, Logprob], num_top: int) -> list[tuple[int, Logp
 
 
 def completion_logprobs(token_ids: list[int], steps: list[dict[int, Logprob] | None],
-                        num_top: int, tokenizer, text_offset: int) -> CompletionLogprobs:
+                        num_top: int, tokenizer, text_offset: int, as_token_ids: bool = False) -> CompletionLogprobs:
     """OpenAI completions `logprobs` for `token_ids` whose text starts at char `text_offset`.
 
     A None step (the first prompt token under echo) has logprob None and top_logprobs None.
     Each top_logprobs dict holds the `num_top` best tokens and the chosen one, as vLLM's does.
+    `as_token_ids`: tokens are named "token_id:N" (text_offset then counts those names, as vLLM's).
     """
     result = CompletionLogprobs()
     for token_id, step in zip(token_ids, steps, strict=True):
         chosen = step.get(token_id) if step is not None else None
-        text = _token_text(token_id, chosen, tokenizer)
+        text = _token_text(token_id, chosen, tokenizer, as_token_ids)
         result.tokens.append(text)
         result.token_logprobs.append(None if chosen is None else _clamp(chosen.logprob))
         result.text_offset.append(text_offset)
@@ -42,7 +46,8 @@ def completion_logprobs(token_ids: list[int], steps: list[dict[int, Logprob] | N
         if step is None:
             result.top_logprobs.append(None)
             continue
-        top = {_token_text(tid, lp, tokenizer): _clamp(lp.logprob) for tid, lp in _top_entries(step, num_top)}
+        top = {_token_text(tid, lp, tokenizer, as_token_ids): _clamp(lp.logprob)
+               for tid, lp in _top_entries(step, num_top)}
         if chosen is not None:
             top.setdefault(text, _clamp(chosen.logprob))
         result.top_logprobs.append(top)
@@ -50,19 +55,21 @@ def completion_logprobs(token_ids: list[int], steps: list[dict[int, Logprob] | N
 
 
 def chat_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_top: int,
-                  tokenizer) -> ChatLogprobs:
-    """OpenAI chat `logprobs.content`: per token its text, logprob, UTF-8 bytes and top list."""
+                  tokenizer, as_token_ids: bool = False) -> ChatLogprobs:
+    """OpenAI chat `logprobs.content`: per token its text, logprob, UTF-8 bytes and top list.
+    `as_token_ids`: tokens are named "token_id:N"; a sampled token's bytes stay its text's (vLLM's)."""
     content = []
     for token_id, step in zip(token_ids, steps, strict=True):
         chosen = step.get(token_id)
         text = _token_text(token_id, chosen, tokenizer)
         top = []
         for tid, lp in _top_entries(step, num_top):
-            top_text = _token_text(tid, lp, tokenizer)
+            top_text = _token_text(tid, lp, tokenizer, as_token_ids)
             top.append(ChatTopLogprob(token=top_text, logprob=_clamp(lp.logprob),
                                       bytes=list(top_text.encode("utf-8"))))
         content.append(ChatTokenLogprob(
-            token=text, logprob=_clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB,
+            token=_token_text(token_id, chosen, tokenizer, as_token_ids),
+            logprob=_clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB,
             bytes=list(text.encode("utf-8")), top_logprobs=top))
     return ChatLogprobs(content=content)
 

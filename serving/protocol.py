@@ -33,11 +33,10 @@ class StreamOptions(BaseModel):
 # vLLM request fields jpaged does not implement, with the value that means "not used". A request
 # setting one to anything else gets a 400 naming it instead of being silently served without it.
 UNSUPPORTED_EXTRA_FIELDS: dict[str, Any] = {
-    "logits_processors": None, "return_tokens_as_token_ids": False, "priority": 0, "cache_salt": None,
+    "logits_processors": None, "priority": 0, "cache_salt": None,
     "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_embeds": None,
     "guided_decoding_backend": None, "guided_whitespace_pattern": None,
     "documents": None, "echo_last_message": False,
-    "return_token_ids": False, "request_id": None,
 }
 
 
@@ -92,6 +91,9 @@ class SamplingFields(BaseModel):
     bad_words: list[str] | None = None  # words the output never contains (jpaged/token_restrictions.py)
     use_beam_search: bool = False  # n beams (jpaged/beam_search.py) instead of n samples
     length_penalty: float = 1.0  # beam search: scores are cum. logprob / length ** length_penalty
+    return_token_ids: bool = False  # the reply carries the prompt's and each choice's token ids
+    return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:N" (None: the server's flag)
+    request_id: str | None = None  # the response id's base when no X-Request-Id header names one
 
     def check_unsupported_extras(self) -> None:
         """400 naming each vLLM extra field this request sets that jpaged does not implement;
@@ -258,10 +260,10 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False
     include_reasoning: bool = True  # with --reasoning-parser: false leaves `reasoning` out of the reply
 
-    def reply_role(self) -> str:
-        """The role of the reply, as vLLM names it: the assistant's when a generation prompt is
-        added, else the last message's (the reply continues it)."""
-        return "assistant" if self.add_generation_prompt else self.messages[-1].role
+    def reply_role(self, response_role: str = "assistant") -> str:
+        """The role of the reply, as vLLM names it: `response_role` (--response-role) when a
+        generation prompt is added, else the last message's (the reply continues it)."""
+        return response_role if self.add_generation_prompt else self.messages[-1].role
 
 
 class TokenizeRequest(BaseModel):
@@ -367,6 +369,8 @@ class CompletionChoice(_KeepsNullFields):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: PromptLogprobs | None = None  # not streamed
+    prompt_token_ids: list[int] | None = None  # return_token_ids (streamed: in the prompt's first chunk)
+    token_ids: list[int] | None = None  # return_token_ids: this choice's (streamed: the chunk's) token ids
 
 
 class CompletionResponse(BaseModel):
@@ -428,6 +432,7 @@ class ChatCompletionChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -438,6 +443,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
 
 
 class ChatDelta(BaseModel):
@@ -455,6 +461,7 @@ class ChatStreamChoice(_KeepsNullFields):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids: the chunk's new token ids
 
 
 class ChatCompletionChunk(BaseModel):
@@ -464,6 +471,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: in the first chunk
 
 
 class ModelCard(BaseModel):

@@ -27,7 +27,10 @@ SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-
                 "--max-request-bytes", "--graceful-shutdown-timeout", "--trust-request-chat-template",
                 "--max-header-bytes", "--max-prompts-per-request", "--allowed-origins", "--allow-credentials",
                 "--allowed-methods", "--allowed-headers", "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs",
-                "--disable-log-requests", "--enable-update-weights-route"]
+                "--disable-log-requests", "--enable-update-weights-route", "--enable-log-requests", "--max-log-len",
+                "--disable-uvicorn-access-log", "--root-path", "--response-role", "--return-tokens-as-token-ids",
+                "--enable-prompt-tokens-details", "--enable-force-include-usage", "--enable-request-id-headers",
+                "--enable-server-load-tracking", "--default-chat-template-kwargs"]
 # Small buckets, so that only two programs compile: one forward shape and one sampler.
 SMALL_ENGINE = ["--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "16",
                 "--num-gpu-blocks-override", "32"]
@@ -65,6 +68,8 @@ def test_positional_model_and_vllm_list_flags():
     (["--ssl-keyfile", "k.pem"], "--ssl-certfile"),
     (["--max-logprobs", "-1"], "--max-logprobs"),
     (["--max-n", "0"], "--max-n"),
+    (["--max-log-len", "-1"], "--max-log-len"),
+    (["--default-chat-template-kwargs", "[1]"], "--default-chat-template-kwargs"),
 ])
 def test_conflicting_or_bad_flags_exit_2_naming_them(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_info:
@@ -161,8 +166,9 @@ def test_bundled_smollm2_end_to_end():
 
 
 def test_vllm_style_invocation_over_https(tiny_model_dir, tmp_path):
-    """`python -m jpaged.serve MODEL` with vLLM's flags: TLS, two names, enforce-eager, request
-    logs without the key or the prompt."""
+    """`python -m jpaged.serve MODEL` with vLLM's flags: TLS, two names, enforce-eager, a path
+    prefix behind a proxy (the key still guards it), request logs without the key, the prompt cut
+    to --max-log-len, no access log."""
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
@@ -170,17 +176,22 @@ def test_vllm_style_invocation_over_https(tiny_model_dir, tmp_path):
     secret = "sk-do-not-log-me"
     server = ServeProcess([str(tiny_model_dir), "--served-model-name", "tiny", "alias", "--enforce-eager",
                            "--api-key", secret, "--ssl-keyfile", str(key), "--ssl-certfile", str(cert),
-                           *SMALL_ENGINE])
+                           "--root-path", "/proxy", "--enable-log-requests", "--max-log-len", "3",
+                           "--disable-uvicorn-access-log", *SMALL_ENGINE])
     try:
         assert server.url.startswith("https://") and server.model_name == "tiny"
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key=secret, max_retries=0,
-                               http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(cert))))
+        verify = ssl.create_default_context(cafile=str(cert))
+        client = openai.OpenAI(base_url=server.url + "/proxy/v1", api_key=secret, max_retries=0,
+                               http_client=httpx.Client(verify=verify))
         assert [m.id for m in client.models.list().data] == ["tiny", "alias"]
+        for path in ("/proxy/v1/models", "/v1/models"):  # behind the prefix or not, the key is needed
+            assert httpx.get(server.url + path, verify=verify).status_code == 401
         result = client.completions.create(model="alias", prompt="a secret prompt", max_tokens=3)
         assert result.model == "alias" and result.usage.completion_tokens >= 1
     finally:
         assert server.stop() == 0
     log = "".join(server.log)
     assert "enforce_eager: no precompilation" in log and "Compiling step buckets" not in log
-    assert re.search(r"request cmpl-\w+-0: \d+ prompt tokens", log)
+    assert re.search(r"request cmpl-\w+-0: \d+ prompt tokens, prompt: 'a s'", log)
     assert secret not in log and "a secret prompt" not in log
+    assert not re.search(r'"GET \S*/v1/models HTTP/1.1" 200', log)  # --disable-uvicorn-access-log

@@ -371,6 +371,26 @@ def test_models_version_tokenize_detokenize(server, tiny_model):
     assert detokenized["prompt"] == tiny_model.tokenizer.decode(tokenized["tokens"], skip_special_tokens=False)
 
 
+def test_vllm_defaults_of_the_serving_flags(server):
+    """Without tests/test_server_flags.py's flags, vLLM's defaults: no prompt_tokens_details, no
+    usage chunk unless asked, no X-Request-Id header, /load at 0, the assistant's role, logprob
+    tokens as text."""
+    reply = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json={
+        "messages": [{"role": "user", "content": "u"}], "max_tokens": 2, "logprobs": True})
+    data = reply.json()
+    assert data["usage"]["prompt_tokens_details"] is None
+    assert data["choices"][0]["message"]["role"] == "assistant"
+    assert not data["choices"][0]["logprobs"]["content"][0]["token"].startswith("token_id:")
+    assert "x-request-id" not in reply.headers
+    with httpx.stream("POST", server.url + "/v1/completions", headers=AUTH, timeout=60,
+                      json={"prompt": "p", "max_tokens": 30, "stream": True}) as response:
+        lines = response.iter_lines()
+        first = next(lines)
+        assert httpx.get(server.url + "/load").json() == {"server_load": 0}
+        payloads = [line for line in [first, *lines] if line]
+    assert payloads[-1] == "data: [DONE]" and all('"usage"' not in p for p in payloads)
+
+
 def _metric(text: str, name: str, *labels: str) -> float:
     """The sum of `name`'s samples (those with all of `labels`, e.g. 'source="disk"')."""
     total = 0.0

@@ -1,0 +1,194 @@
+"""vLLM's serving flags and per-request extras that change a reply's shape: return_token_ids,
+tokens as "token_id:N", client request ids (X-Request-Id), --response-role,
+--enable-prompt-tokens-details, --enable-force-include-usage, --default-chat-template-kwargs,
+--enable-request-id-headers and GET /load with --enable-server-load-tracking.
+
+Oracles: the tokenizer (prompt ids), a dense no-cache greedy loop (generated ids), the
+non-streamed reply for the streamed one, and a server without the flags for the defaults.
+"""
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+from jpaged.config import EngineArgs
+from jpaged.loaders import load_model
+from server_harness import API_KEY, MODEL_NAME, ThreadedServer, wait_until_idle
+from test_server import AUTH, dense_greedy, sse_payloads
+
+# A template that shows its arguments in the prompt: `greeting` comes from the server's defaults
+# or the request.
+TEMPLATE = "{{ greeting }}|{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    engine_args = EngineArgs(model=str(tiny_model_dir), max_model_len=128, max_num_seqs=8,
+                             max_num_batched_tokens=16, num_gpu_blocks_override=64, compilation_cache_dir="")
+    srv = ThreadedServer(engine_args, app_kwargs={"enable_request_id_headers": True,
+                                                  "enable_server_load_tracking": True},
+                         response_role="narrator", return_tokens_as_token_ids=True,
+                         enable_prompt_tokens_details=True, enable_force_include_usage=True,
+                         default_chat_template_kwargs={"greeting": "hello", "unused": 1},
+                         trust_request_chat_template=True)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+def _post(server, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, headers={**AUTH, **(headers or {})}, timeout=60)
+
+
+def _events(response: httpx.Response) -> list[dict]:
+    payloads = sse_payloads(response.text)
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def test_completion_return_token_ids(server, tiny_model):
+    prompt = "Token ids, please:"
+    prompt_ids = tiny_model.tokenizer.encode(prompt)
+    expected = dense_greedy(tiny_model, prompt_ids, 6)
+    body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    choice = _post(server, "/v1/completions", body).json()["choices"][0]
+    assert choice["prompt_token_ids"] == prompt_ids
+    assert choice["token_ids"] == expected
+    chunks = _events(_post(server, "/v1/completions", {**body, "stream": True}))
+    pieces = [c["choices"][0] for c in chunks if c["choices"]]
+    assert pieces[0]["prompt_token_ids"] == prompt_ids
+    assert all("prompt_token_ids" not in p for p in pieces[1:])
+    assert [t for p in pieces for t in p["token_ids"]] == expected
+    # Without the field, neither list is sent.
+    plain = _post(server, "/v1/completions", {**body, "return_token_ids": False}).json()["choices"][0]
+    assert plain["prompt_token_ids"] is None and plain["token_ids"] is None
+
+
+def test_chat_return_token_ids_and_response_role(server, tiny_model):
+    messages = [{"role": "user", "content": "Say something."}]
+    prompt_ids = tiny_model.tokenizer.encode(
+        tiny_model.tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+    expected = dense_greedy(tiny_model, prompt_ids, 5)
+    body = {"messages": messages, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    reply = _post(server, "/v1/chat/completions", body).json()
+    assert reply["prompt_token_ids"] == prompt_ids
+    assert reply["choices"][0]["token_ids"] == expected
+    assert reply["choices"][0]["message"]["role"] == "narrator"  # --response-role
+    chunks = _events(_post(server, "/v1/chat/completions", {**body, "stream": True}))
+    assert chunks[0]["prompt_token_ids"] == prompt_ids
+    assert chunks[0]["choices"][0]["delta"]["role"] == "narrator"
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks if c["choices"] for t in c["choices"][0].get("token_ids", [])] == expected
+    # Continuing the last message keeps its role, whatever --response-role says.
+    continued = _post(server, "/v1/chat/completions", {
+        "messages": messages + [{"role": "assistant", "content": "Well"}], "max_tokens": 2,
+        "add_generation_prompt": False, "continue_final_message": True}).json()
+    assert continued["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_logprob_tokens_as_token_ids(server, client):
+    """--return-tokens-as-token-ids names every logprob token "token_id:N"; a request can opt out."""
+    result = client.completions.create(model=MODEL_NAME, prompt="Name the ids", max_tokens=4, temperature=0,
+                                       logprobs=2, extra_body={"ignore_eos": True, "return_token_ids": True})
+    choice = result.choices[0]
+    assert choice.logprobs.tokens == [f"token_id:{t}" for t in choice.model_extra["token_ids"]]
+    assert all(key.startswith("token_id:") for top in choice.logprobs.top_logprobs for key in top)
+    # text_offset counts the names, as vLLM's does
+    lengths = [len(t) for t in choice.logprobs.tokens]
+    assert choice.logprobs.text_offset == [sum(lengths[:i]) for i in range(len(lengths))]
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True, "return_token_ids": True})
+    entries = chat.choices[0].logprobs.content
+    assert [e.token for e in entries] == [f"token_id:{t}" for t in chat.choices[0].model_extra["token_ids"]]
+    assert all(top.token.startswith("token_id:") for e in entries for top in e.top_logprobs)
+    opted_out = client.completions.create(model=MODEL_NAME, prompt="Name the ids", max_tokens=4, temperature=0,
+                                          logprobs=2, extra_body={"ignore_eos": True,
+                                                                  "return_tokens_as_token_ids": False})
+    assert "".join(opted_out.choices[0].logprobs.tokens) == opted_out.choices[0].text
+
+
+def test_client_request_ids(server):
+    """The reply's id comes from X-Request-Id, else the body's request_id; the header is echoed
+    (--enable-request-id-headers); a repeated id is no conflict for the engine."""
+    body = {"prompt": "ids", "max_tokens": 2}
+    named = _post(server, "/v1/completions", body, {"X-Request-Id": "trace-42"})
+    assert named.json()["id"] == "cmpl-trace-42"
+    assert named.headers["x-request-id"] == "trace-42"
+    from_body = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                       "max_tokens": 2, "request_id": "mine"})
+    assert from_body.json()["id"] == "chatcmpl-mine"
+    assert len(from_body.headers["x-request-id"]) == 32  # none sent: a new one
+
+    async def twice():
+        async with httpx.AsyncClient(base_url=server.url, headers={**AUTH, "X-Request-Id": "same"},
+                                     timeout=60) as http:
+            return await asyncio.gather(*(http.post("/v1/completions", json={**body, "max_tokens": 8})
+                                          for _ in range(2)))
+
+    assert [r.status_code for r in asyncio.run(twice())] == [200, 200]
+    # 401s carry the header too
+    assert httpx.get(server.url + "/v1/models", headers={"X-Request-Id": "r"}).headers["x-request-id"] == "r"
+    wait_until_idle(server)
+
+
+def test_usage_details_and_forced_stream_usage(server, tiny_model):
+    body = {"prompt": "A shared prefix for the cache " * 3, "max_tokens": 3, "ignore_eos": True}
+    _post(server, "/v1/completions", body)
+    usage = _post(server, "/v1/completions", body).json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0  # --enable-prompt-tokens-details
+    chunks = _events(_post(server, "/v1/completions", {**body, "stream": True}))  # no stream_options
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    chat = _events(_post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "u"}],
+                                                          "max_tokens": 2, "ignore_eos": True, "stream": True}))
+    assert chat[-1]["choices"] == [] and chat[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_default_chat_template_kwargs(server, tiny_model):
+    def prompt_tokens(kwargs: dict | None) -> int:
+        body = {"messages": [{"role": "user", "content": "abc"}], "max_tokens": 1, "chat_template": TEMPLATE}
+        if kwargs is not None:
+            body["chat_template_kwargs"] = kwargs
+        return _post(server, "/v1/chat/completions", body).json()["usage"]["prompt_tokens"]
+
+    def count(text: str) -> int:
+        return len(tiny_model.tokenizer.encode(text, add_special_tokens=False))
+
+    assert prompt_tokens(None) == count("hello|abc")  # the server's default
+    assert prompt_tokens({"greeting": "good evening"}) == count("good evening|abc")  # the request's wins
+
+
+def test_server_load(server):
+    """GET /load counts the model requests being answered (from their first byte to their last)."""
+    assert httpx.get(server.url + "/load").json() == {"server_load": 0}
+    body = json.dumps({"prompt": "load", "max_tokens": 4}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(head.encode() + body[:5])  # the request is in, its body is not yet
+        deadline = time.time() + 10
+        while httpx.get(server.url + "/load").json() != {"server_load": 1}:
+            assert time.time() < deadline, "the pending request was never counted"
+            time.sleep(0.05)
+        sock.sendall(body[5:])
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert httpx.get(server.url + "/load").json() == {"server_load": 0}
+    httpx.get(server.url + "/v1/models", headers=AUTH)  # not a model request: not counted
+    assert httpx.get(server.url + "/load").json() == {"server_load": 0}
