@@ -96,13 +96,12 @@ class ChatJob:
         params.structured_outputs = chat_constraint(body, self.tool_plan)
         if self.tool_plan is not None and self.tool_plan.keeps_special_tokens:
             params.skip_special_tokens = False  # the parser's call marker is a special token (vLLM's)
-        self.reasoning_parser = reasoning_parser_for(
-            ctx.reasoning_parser, {**ctx.default_chat_template_kwargs, **(body.chat_template_kwargs or {})})
+        template_kwargs = {**ctx.default_chat_template_kwargs, **(body.chat_template_kwargs or {})}
+        self.reasoning_parser = reasoning_parser_for(ctx.reasoning_parser, template_kwargs)
         if params.structured_outputs is not None and self.reasoning_parser is not None:
             # vLLM's order: the model thinks freely, the constraint applies after `</think>`
             params.structured_outputs.after_token_ids = ctx.tokenizer.encode(END, add_special_tokens=False)
         ctx.check_limits(params, logprobs_param="top_logprobs")  # before the template renders
-        template_kwargs = {**ctx.default_chat_template_kwargs, **(body.chat_template_kwargs or {})}
         if self.tool_plan is not None:
             template_kwargs["tools"] = self.tool_plan.tools
         prompt = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template,
