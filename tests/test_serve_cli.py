@@ -30,7 +30,7 @@ SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-
                 "--disable-log-requests", "--enable-update-weights-route", "--enable-log-requests", "--max-log-len",
                 "--disable-uvicorn-access-log", "--root-path", "--response-role", "--return-tokens-as-token-ids",
                 "--enable-prompt-tokens-details", "--enable-force-include-usage", "--enable-request-id-headers",
-                "--enable-server-load-tracking", "--default-chat-template-kwargs"]
+                "--enable-server-load-tracking", "--default-chat-template-kwargs", "--override-generation-config"]
 # Small buckets, so that only two programs compile: one forward shape and one sampler.
 SMALL_ENGINE = ["--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "16",
                 "--num-gpu-blocks-override", "32"]

@@ -167,6 +167,10 @@ def test_generation_config_settings(tmp_path):
     assert load_generation_defaults(str(tmp_path), "/elsewhere") == expected
     assert load_generation_defaults("vllm", str(tmp_path)) == {}
     assert load_generation_defaults("auto", str(tmp_path / "model.gguf")) == {}
+    # --override-generation-config: merged over the file's, or alone with "vllm"; other keys ignored
+    overrides = {"temperature": 0.2, "top_k": 5, "do_sample": False}
+    assert load_generation_defaults("auto", str(tmp_path), overrides) == {**expected, "temperature": 0.2, "top_k": 5}
+    assert load_generation_defaults("vllm", str(tmp_path), overrides) == {"temperature": 0.2, "top_k": 5}
     with pytest.raises(ValueError, match="does not exist"):
         load_generation_defaults(str(tmp_path / "missing"), str(tmp_path))
 
