@@ -42,7 +42,8 @@ class AsyncLLM:
         self.errored = False
         # request id -> (its consumer's event loop, its asyncio queue); touched on event loops only.
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._adds: collections.deque = collections.deque()  # (request_id, prompt, params, arrival_time)
+        # (request_id, prompt, params, arrival_time, lora_request, priority, cache_salt)
+        self._adds: collections.deque = collections.deque()
         self._aborts: collections.deque = collections.deque()  # request ids
         self._weight_updates: collections.deque = collections.deque()  # (params, loop, future)
         self._wake = threading.Event()
@@ -64,14 +65,15 @@ class AsyncLLM:
     # ---- public API --------------------------------------------------------------------------
 
     async def generate(self, prompt, sampling_params: SamplingParams | None, request_id: str,
-                       arrival_time: float | None = None,
-                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Streams RequestOutputs for one prompt (str, token ids, or a prompt dict).
 
         Yields per sampling_params.output_kind. Raises ValueError before the first yield for an
         invalid request. If the consumer stops iterating, the request is aborted. `arrival_time`
         (time.time(); default: this call) is when queue time and TTFT start counting.
-        lora_request: the LoRA adapter to run it with (an engine with enable_lora).
+        lora_request: the LoRA adapter to run it with (an engine with enable_lora). priority,
+        cache_salt: as LLMEngine.add_request takes them.
         """
         arrival_time = time.time() if arrival_time is None else arrival_time
         if self.errored or self._closed:
@@ -86,7 +88,7 @@ class AsyncLLM:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (loop, queue)
         params = SamplingParams() if sampling_params is None else sampling_params
-        self._adds.append((request_id, prompt, params, arrival_time, lora_request))
+        self._adds.append((request_id, prompt, params, arrival_time, lora_request, priority, cache_salt))
         self._ensure_thread()
         finished = False
         try:
@@ -192,11 +194,11 @@ class AsyncLLM:
 
     def _apply_queued(self) -> None:
         while self._adds:
-            request_id, prompt, params, arrival_time, lora_request = self._adds.popleft()
+            request_id, prompt, params, arrival_time, lora_request, priority, cache_salt = self._adds.popleft()
             if request_id not in self._queues:  # the consumer left before it was added
                 continue
             try:
-                self.engine.add_request(request_id, prompt, params, arrival_time, lora_request)
+                self.engine.add_request(request_id, prompt, params, arrival_time, lora_request, priority, cache_salt)
             except ValueError as e:
                 self._put(request_id, e)
         aborted = []

@@ -25,6 +25,8 @@ KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8", "fp8_e4m3", "fp
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 # --max-lora-rank values (vLLM's).
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# --scheduling-policy values (vLLM's); the first is the default.
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 def _field(default, help: str, choices=None, type=None, nargs=None):
@@ -88,6 +90,12 @@ class EngineArgs:
         "costs less than that step's stall of those finishers (estimated from the latest steps' latencies): requests "
         "about to end end first, and their replacements prefill together. Lower TPOT under steady load for a "
         "somewhat higher TTFT (docs/scheduler.md).")
+    scheduling_policy: str = _field(
+        SCHEDULING_POLICIES[0], "The scheduling policy (vLLM's). fcfs: first come first served, requests are handled "
+        "in order of arrival (a request's priority must be 0). priority: requests are handled by their priority "
+        "(lower value = earlier), then arrival time; when the KV cache is full, the running request with the largest "
+        "(priority, arrival time) is preempted. A waiting request never preempts a running one (docs/scheduler.md).",
+        choices=list(SCHEDULING_POLICIES))
     enable_prefix_caching: bool = _field(True, "Reuse KV blocks of identical prompt prefixes.")
     enable_chunked_prefill: bool = _field(True, "Split long prompts across steps.")
     quantization: str | None = _field(
@@ -241,6 +249,7 @@ class EngineArgs:
                               ("kv_cache_dtype", list(KV_CACHE_DTYPES)),
                               ("attention_backend", ["auto", "reference", "pallas", "cpu"]),
                               ("logprobs_mode", list(LOGPROBS_MODES)),
+                              ("scheduling_policy", list(SCHEDULING_POLICIES)),
                               ("max_lora_rank", list(MAX_LORA_RANKS))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}.")

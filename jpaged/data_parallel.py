@@ -108,8 +108,8 @@ class DataParallelAsyncLLM:
     # ---- public API: AsyncLLM's --------------------------------------------------------------
 
     async def generate(self, prompt, sampling_params: SamplingParams | None, request_id: str,
-                       arrival_time: float | None = None,
-                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """AsyncLLM.generate on the replica the router picks (same outputs, errors and abort on close)."""
         arrival_time = time.time() if arrival_time is None else arrival_time
         if request_id in self._owners:
@@ -121,7 +121,8 @@ class DataParallelAsyncLLM:
         params = SamplingParams() if sampling_params is None else sampling_params
         index = self.router.dispatch(token_ids, params.n, available)
         self._owners[request_id] = index
-        stream = self.replicas[index].generate(prompt, params, request_id, arrival_time, lora_request)
+        stream = self.replicas[index].generate(prompt, params, request_id, arrival_time, lora_request, priority,
+                                               cache_salt)
         try:
             async for output in stream:
                 yield output

@@ -64,13 +64,16 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True,
-                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
         """Completes every prompt; returns one finished RequestOutput per prompt, in order.
 
         prompts: a str, a list of str, a list of token ids, a list of token-id lists, a
-        {"prompt": ...} / {"prompt_token_ids": ...} dict or a list of them.
+        {"prompt": ...} / {"prompt_token_ids": ...} dict (with an optional "cache_salt": prompts
+        share prefix-cache blocks only with prompts of the same salt) or a list of them.
         sampling_params: one for all prompts or one per prompt (default SamplingParams()).
         lora_request: a LoRA adapter for all prompts or one (or None) per prompt (needs enable_lora=True).
+        priority: one int per prompt, lower first (needs scheduling_policy="priority"); default all 0.
         """
         if self.host_id != 0:
             raise RuntimeError(f"generate() runs on host 0 of a multi-host engine; this is host {self.host_id}.")
@@ -90,15 +93,20 @@ class LLM:
         if len(lora_request) != len(prompts):
             raise ValueError(f"got {len(lora_request)} lora_request entries for {len(prompts)} prompts; "
                              f"pass one, or one per prompt.")
+        if priority is None:
+            priority = [0] * len(prompts)
+        if len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priority entries for {len(prompts)} prompts; pass one per prompt.")
         if self.data_parallel is not None:
             with tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm, unit="prompt") as bar:
-                return _run_to_completion(self._generate_data_parallel(prompts, sampling_params, lora_request, bar))
+                return _run_to_completion(self._generate_data_parallel(prompts, sampling_params, lora_request,
+                                                                       priority, bar))
         engine = self.llm_engine
         ids = []
         try:
-            for prompt, params, adapter in zip(prompts, sampling_params, lora_request):
+            for prompt, params, adapter, request_priority in zip(prompts, sampling_params, lora_request, priority):
                 request_id = self._new_request_id()
-                engine.add_request(request_id, prompt, params, lora_request=adapter)
+                engine.add_request(request_id, prompt, params, lora_request=adapter, priority=request_priority)
                 ids.append(request_id)
         except ValueError:
             for request_id in ids:
@@ -153,17 +161,19 @@ class LLM:
         return results
 
     async def _generate_data_parallel(self, prompts: list, sampling_params: list[SamplingParams],
-                                      lora_requests: list[LoRARequest | None], bar: tqdm) -> list[RequestOutput]:
+                                      lora_requests: list[LoRARequest | None], priorities: list[int],
+                                      bar: tqdm) -> list[RequestOutput]:
         """Runs every prompt through the data-parallel front at once; the first error aborts the rest."""
 
-        async def run(prompt, params: SamplingParams, request_id: str, adapter) -> RequestOutput:
-            async for output in self.data_parallel.generate(prompt, params, request_id, lora_request=adapter):
+        async def run(prompt, params: SamplingParams, request_id: str, adapter, priority: int) -> RequestOutput:
+            async for output in self.data_parallel.generate(prompt, params, request_id, lora_request=adapter,
+                                                            priority=priority):
                 final = output
             bar.update(1)
             return final
 
-        tasks = [asyncio.create_task(run(prompt, params, self._new_request_id(), adapter))
-                 for prompt, params, adapter in zip(prompts, sampling_params, lora_requests)]
+        tasks = [asyncio.create_task(run(prompt, params, self._new_request_id(), adapter, priority))
+                 for prompt, params, adapter, priority in zip(prompts, sampling_params, lora_requests, priorities)]
         try:
             return await asyncio.gather(*tasks)
         except BaseException:

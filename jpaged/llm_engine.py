@@ -18,7 +18,7 @@ from jpaged import kv_pool, kv_quantization, lora, multihost, sharding
 from jpaged.config import EngineArgs, server_max_num_batched_tokens
 from jpaged.cpu_features import resolve_cpu_dtype
 from jpaged.detokenizer import IncrementalDetokenizer
-from jpaged.engine import Request, RequestStatus, Scheduler
+from jpaged.engine import Request, RequestStatus, Scheduler, block_pool
 from jpaged.loaders import load_model
 from jpaged.models.quantization import param_bytes
 from jpaged.outputs import (ITERATION_TOKENS_BUCKETS, CompletionOutput, EngineStats, Logprob, RequestMetrics,
@@ -101,6 +101,19 @@ def resolve_max_model_len(args: EngineArgs, model_config, platform: str) -> int:
     return args.max_model_len
 
 
+def _cache_salt(prompt, cache_salt: str | None) -> str | None:
+    """A request's cache_salt: the argument or the prompt dict's "cache_salt" (not both); a
+    non-empty str or None, else InvalidRequestError (vLLM's message)."""
+    if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
+        if cache_salt is not None:
+            raise InvalidRequestError("cache_salt is given twice: in the prompt dict and as an argument.",
+                                      param="cache_salt")
+        cache_salt = prompt["cache_salt"]
+    if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
+        raise InvalidRequestError("Parameter 'cache_salt' must be a non-empty string if provided.", param="cache_salt")
+    return cache_salt
+
+
 class LLMEngine:
     """Loads the model, sizes and allocates the KV pool, precompiles every step bucket (blocking).
 
@@ -147,7 +160,8 @@ class LLMEngine:
             enable_chunked_prefill=args.enable_chunked_prefill, num_swap_blocks=self.runner.num_swap_blocks,
             num_scheduler_steps=self.runner.num_scheduler_steps,
             scheduler_delay_factor=args.scheduler_delay_factor,
-            scheduler_finish_first=args.scheduler_finish_first, max_loras=args.max_loras if args.enable_lora else 0)
+            scheduler_finish_first=args.scheduler_finish_first, max_loras=args.max_loras if args.enable_lora else 0,
+            scheduling_policy=args.scheduling_policy)
         # LoRA adapters (jpaged/lora.py): host copies and which one sits in which device slot.
         self.lora_adapters = self.lora_slot_table = None
         if args.enable_lora:
@@ -181,13 +195,17 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, lora_request: lora.LoRARequest | None = None) -> None:
-        """Queues a prompt (str, token ids, or {"prompt"| "prompt_token_ids": ...}).
+                    arrival_time: float | None = None, lora_request: lora.LoRARequest | None = None,
+                    priority: int = 0, cache_salt: str | None = None) -> None:
+        """Queues a prompt (str, token ids, or {"prompt"| "prompt_token_ids": ..., "cache_salt": ...}).
 
         InvalidRequestError (a ValueError; jpaged/request_validation.py) or ValueError, with the
         numbers and the flag to change, for a request that cannot run (an adapter that cannot be
         loaded too); EngineDeadError once the engine lost its device state. `arrival_time`
-        (time.time()) defaults to now. lora_request: the LoRA adapter to run it with.
+        (time.time()) defaults to now. lora_request: the LoRA adapter to run it with. priority:
+        lower runs earlier, with scheduling_policy "priority" (else it must be 0). cache_salt (or
+        the prompt dict's, not both): a non-empty str; requests share prefix-cache blocks only
+        with requests of the same salt (vLLM's, e.g. one per tenant).
         """
         params = SamplingParams() if params is None else params
         if self.dead_reason is not None:
@@ -196,7 +214,8 @@ class LLMEngine:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         prompt_text, prompt_ids = self.tokenizer.prompt_and_ids(prompt)
         self.validator.validate(prompt_ids, params)
-        block_hash_seed = None if lora_request is None else self._adapter(lora_request).digest
+        adapter_digest = None if lora_request is None else self._adapter(lora_request).digest
+        block_hash_seed = block_pool.block_hash_seed(adapter_digest, _cache_salt(prompt, cache_salt))
         if params.structured_outputs is not None:
             self.structured_output.compile(params.structured_outputs)  # ValueError before anything is queued
         base_seed = params.seed if params.seed is not None else int(self._seed_stream.integers(0, 2**31))
@@ -217,7 +236,7 @@ class LLMEngine:
                 child_params = params.clone()
                 child_params.n = 1
                 request = Request(child_id, prompt_ids, child_params, self.model_config.eos_token_ids, arrival_time,
-                                  lora_request, block_hash_seed)
+                                  lora_request, block_hash_seed, priority)
                 self.scheduler.add_request(request)
                 added.append(child_id)
                 detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params) if params.detokenize else None

@@ -83,6 +83,24 @@ def test_invalid_request_raises_before_the_first_yield(engine):
     assert_idle(engine)
 
 
+def test_priority_and_cache_salt_reach_the_engine(engine):
+    prompt = {"prompt_token_ids": list(range(400, 440))}  # 2 full blocks of 16 tokens, then 8
+    params = SamplingParams(temperature=0, max_tokens=2)
+
+    async def cached_tokens(request_id, cache_salt):
+        outputs = [out async for out in engine.generate(prompt, params, request_id, cache_salt=cache_salt)]
+        return outputs[-1].num_cached_tokens
+
+    async def main():
+        gen = engine.generate(prompt, params, "priority", priority=1)
+        with pytest.raises(ValueError, match="Got priority 1 but Priority scheduling is not enabled."):
+            await gen.__anext__()
+        return [await cached_tokens(request_id, salt) for request_id, salt in [("x1", "x"), ("y", "y"), ("x2", "x")]]
+
+    assert asyncio.run(main()) == [0, 0, 32]
+    assert_idle(engine)
+
+
 def test_consumer_that_stops_iterating_aborts_the_request(engine):
     params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
 

@@ -3,7 +3,7 @@
 import pytest
 
 from jpaged.engine.block_manager import KVCacheManager
-from jpaged.engine.block_pool import BlockPool, FreeKVCacheBlockQueue, KVCacheBlock, hash_block_tokens
+from jpaged.engine.block_pool import BlockPool, FreeKVCacheBlockQueue, KVCacheBlock, block_hash_seed, hash_block_tokens
 from jpaged.engine.request import Request
 from jpaged.sampling_params import SamplingParams
 
@@ -38,6 +38,14 @@ def test_hashes_chain_over_the_whole_prefix():
     assert hash_block_tokens(a, [5, 6, 7, 8]) != hash_block_tokens(hash_block_tokens(None, [0, 2, 3, 4]), [5, 6, 7, 8])
     # Large token ids do not alias small ones.
     assert hash_block_tokens(None, [2**32 + 1]) != hash_block_tokens(None, [1])
+
+
+def test_block_hash_seed_keeps_adapters_and_salts_apart():
+    digest = bytes(range(32))
+    assert block_hash_seed(None, None) is None and block_hash_seed(digest, None) == digest  # as before salts
+    seeds = [block_hash_seed(d, salt) for d in (None, digest) for salt in ("tenant-a", "tenant-b")]
+    assert len({None, digest, *seeds}) == 6
+    assert block_hash_seed(digest, "tenant-a") == block_hash_seed(digest, "tenant-a")
 
 
 def test_free_queue_is_a_linked_list_in_eviction_order():
@@ -171,6 +179,35 @@ def test_growing_a_request_appends_blocks_only_at_block_boundaries():
     assert table(manager, request) == [1, 2]
     # The first block became full when token 4 was computed: it is cached now.
     assert manager.block_pool.blocks[1].block_hash == request.block_hashes[0]
+
+
+def test_trim_to_computed_undoes_a_steps_allocation():
+    """The priority scheduler may preempt a request already scheduled in the step: the block its
+    decode token fills was indexed when scheduled but will not be written, so it is no hit, and a
+    block taken for that token alone is given back (a swap-out would copy it to a host slot)."""
+    manager = KVCacheManager(num_blocks=11, block_size=BLOCK_SIZE)
+    filling = make_request("a", [1, 2, 3, 4, 5, 6, 7])
+    admit(manager, filling)  # block 1 full and cached, block 2 holds 3 tokens
+    filling.append_output_token(8, now=0.0)
+    manager.allocate_slots(filling, 1)  # token 8 will fill block 2: indexed now
+    assert manager.block_pool.blocks[2].block_hash == filling.block_hashes[1]
+    manager.trim_to_computed(filling)
+    assert table(manager, filling) == [1, 2]
+    assert manager.block_pool.blocks[2].block_hash is None
+    assert manager.block_pool.get_cached_block(filling.block_hashes[1]) is None
+    assert manager.block_pool.blocks[1].block_hash == filling.block_hashes[0]
+
+    opening = make_request("b", [11, 12, 13, 14])
+    admit(manager, opening)
+    opening.append_output_token(15, now=0.0)
+    assert [b.block_id for b in manager.allocate_slots(opening, 1)] == [4]  # token 15 opens block 4
+    manager.trim_to_computed(opening)
+    assert table(manager, opening) == [3] and free_ids(manager)[0] == 4
+    assert manager.block_pool.blocks[3].block_hash == opening.block_hashes[0]
+    manager.free(filling)
+    manager.free(opening)
+    assert free_ids(manager) == [2, 4, *range(5, 11), 1, 3]  # uncached blocks are reused first
+    assert manager.get_computed_blocks(make_request("c", filling.all_token_ids + [9, 10]))[1] == BLOCK_SIZE
 
 
 def test_swap_out_and_in_move_whole_tables_through_host_slots():

@@ -311,6 +311,38 @@ def test_invalid_requests_raise_with_numbers(tiny_llm):
     assert_pool_free(tiny_llm)
 
 
+def test_cache_salt_shares_prefix_blocks_only_within_a_salt(tiny_llm):
+    """vLLM's cache_salt: the same prompt under another salt (or none) gets no prefix-cache hit,
+    under the same salt the hits an unsalted repeat gets; greedy tokens are the same every time."""
+    prompt = list(range(300, 340))  # 2 full blocks of 16 tokens, then 8
+    params = SamplingParams(temperature=0, max_tokens=4)
+
+    def run(**salt):
+        (output,) = tiny_llm.generate([{"prompt_token_ids": prompt, **salt}], params, use_tqdm=False)
+        return output
+
+    outputs = [run(cache_salt="tenant-a"), run(cache_salt="tenant-b"), run(), run(cache_salt="tenant-a"), run()]
+    engine = tiny_llm.llm_engine
+    engine.add_request("keyword-salt", prompt, params, cache_salt="tenant-b")  # the server's way
+    while engine.has_unfinished_requests():
+        outputs += [output for output in engine.step() if output.finished]
+    assert [output.num_cached_tokens for output in outputs] == [0, 0, 0, 32, 32, 32]
+    assert len({tuple(output.outputs[0].token_ids) for output in outputs}) == 1
+    with pytest.raises(ValueError, match="Parameter 'cache_salt' must be a non-empty string if provided."):
+        run(cache_salt="")
+    with pytest.raises(ValueError, match="cache_salt is given twice"):
+        engine.add_request("twice", {"prompt_token_ids": prompt, "cache_salt": "a"}, params, cache_salt="b")
+    assert_pool_free(tiny_llm)
+
+
+def test_priority_needs_the_priority_scheduling_policy(tiny_llm):
+    with pytest.raises(ValueError, match="Got priority 1 but Priority scheduling is not enabled."):
+        tiny_llm.generate(["a", "b"], use_tqdm=False, priority=[0, 1])
+    with pytest.raises(ValueError, match="got 1 priority entries for 2 prompts"):
+        tiny_llm.generate(["a", "b"], use_tqdm=False, priority=[0])
+    assert_pool_free(tiny_llm)
+
+
 def test_prompt_logprobs_match_dense_log_softmax(tiny_llm):
     """A 50-token prompt (two 32-token chunks), asked twice so the second could hit the prefix cache."""
     engine = tiny_llm.llm_engine

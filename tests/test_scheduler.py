@@ -202,8 +202,9 @@ class Harness:
         self.finished: dict[str, Request] = {}
         self.batches: list = []
 
-    def add(self, request_id: str, prompt: list[int], lora_request=None, **params) -> Request:
-        request = Request(request_id, prompt, SamplingParams(**params), eos_token_ids=(EOS,), lora_request=lora_request)
+    def add(self, request_id: str, prompt: list[int], lora_request=None, priority: int = 0, **params) -> Request:
+        request = Request(request_id, prompt, SamplingParams(**params), eos_token_ids=(EOS,), lora_request=lora_request,
+                          priority=priority)
         self.scheduler.add_request(request)
         self.expected[request_id] = oracle_output(
             prompt, request.sampling_params, request.max_tokens, self.scheduler.max_model_len
@@ -215,7 +216,8 @@ class Harness:
         num_preemptions_before = self.scheduler.num_preemptions
         out = self.scheduler.schedule()
         check_step(self.scheduler, out)
-        if self.scheduler.num_preemptions > num_preemptions_before:
+        # fcfs: the victim heads the queue and blocks it. With priority a request ahead of it may fit.
+        if self.scheduler.num_preemptions > num_preemptions_before and self.scheduler.scheduling_policy == "fcfs":
             assert {s.request_id for s in out.scheduled} <= running_before, "admitted in a step that preempted"
         self.batches.append(out)
         updated = []
@@ -343,6 +345,52 @@ def test_waiting_requests_are_admitted_first_come_first_served():
     assert first_seen == [f"r{i}" for i in range(6)]
     times = [harness.finished[f"r{i}"].first_scheduled_time for i in range(6)]
     assert times == sorted(times)
+
+
+def first_scheduled_order(harness: Harness) -> list[str]:
+    first_seen = []
+    for out in harness.batches:
+        first_seen += [s.request_id for s in out.scheduled if s.request_id not in first_seen]
+    return first_seen
+
+
+def test_priority_policy_admits_by_priority_then_arrival_and_never_preempts_for_a_waiting_request():
+    harness = Harness(num_blocks=40, block_size=4, max_num_seqs=2, max_num_batched_tokens=8, max_model_len=64,
+                      scheduling_policy="priority")
+    priorities = [2, 0, 1, 0, 2, 1]
+    for i, priority in enumerate(priorities):
+        harness.add(f"r{i}", [i + 1] * (3 + 2 * i), priority=priority, max_tokens=3, ignore_eos=True)
+    harness.step()
+    harness.step()
+    assert [r.request_id for r in harness.scheduler.running] == ["r1", "r3"]
+    harness.add("urgent", [9] * 4, priority=-1, max_tokens=3, ignore_eos=True)  # overtakes the queue, not r1 or r3
+    harness.run()
+    assert first_scheduled_order(harness) == ["r1", "r3", "urgent", "r2", "r5", "r0", "r4"]
+    assert harness.scheduler.num_preemptions == 0
+    check_all_free(harness.scheduler)
+
+
+@pytest.mark.parametrize("policy, victim", [("fcfs", "high"), ("priority", "low")])
+@pytest.mark.parametrize("num_blocks", [8, 9])
+def test_priority_policy_preempts_the_lowest_priority_running_request_not_the_newest(policy, victim, num_blocks):
+    """Blocks of 4 tokens: "low" (admitted first) and "high" grow until the pool is full. With 7
+    usable blocks "high" finds no block for its 25th token, "low" being scheduled in that step
+    already; with 8 "low" finds none for its 33rd. fcfs preempts the newest request, "high";
+    priority preempts "low", taking it out of the step or preempting it before "high" runs."""
+    harness = Harness(num_blocks=num_blocks, block_size=4, max_num_seqs=4, max_num_batched_tokens=64,
+                      max_model_len=32, scheduling_policy=policy)
+    low = harness.add("low", list(range(1, 9)), priority=1 if policy == "priority" else 0, max_tokens=20,
+                      ignore_eos=True)
+    harness.step()
+    high = harness.add("high", list(range(11, 17)), max_tokens=20, ignore_eos=True)
+    while not harness.scheduler.num_preemptions:
+        harness.step()
+    survivor = "low" if victim == "high" else "high"
+    assert [s.request_id for s in harness.batches[-1].scheduled] == [survivor]
+    assert [r.request_id for r in harness.scheduler.waiting] == [victim]
+    harness.run()
+    assert (low.num_preemptions, high.num_preemptions) == ((0, 1) if victim == "high" else (1, 0))
+    check_all_free(harness.scheduler)
 
 
 def test_a_request_that_does_not_fit_yet_blocks_the_queue_behind_it():
@@ -562,6 +610,21 @@ def test_duplicate_ids_and_bad_flags_are_rejected():
                   scheduler_delay_factor=-1.0)
 
 
+def test_priority_needs_the_priority_policy_and_the_policy_must_be_known():
+    scheduler = Scheduler(num_blocks=13, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    with pytest.raises(ValueError, match="^Got priority 1 but Priority scheduling is not enabled.$"):
+        scheduler.add_request(Request("x", [1], SamplingParams(), priority=1))
+    assert not scheduler.has_unfinished_requests()
+    scheduler = Scheduler(num_blocks=13, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
+                          scheduling_policy="priority")
+    with pytest.raises(ValueError, match="priority must be an int, got 'high'"):
+        scheduler.add_request(Request("x", [1], SamplingParams(), priority="high"))
+    scheduler.add_request(Request("x", [1], SamplingParams(), priority=-3))
+    with pytest.raises(ValueError, match="scheduling_policy must be one of"):
+        Scheduler(num_blocks=13, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
+                  scheduling_policy="lifo")
+
+
 def test_empty_scheduler_output():
     out = SchedulerOutput.make_empty()
     assert (out.scheduled, out.total_num_scheduled_tokens, out.finished_request_ids) == ([], 0, set())
@@ -586,8 +649,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         prefix_caching=st.booleans(),
         chunked_prefill=st.booleans(),
         num_swap_blocks=st.sampled_from([0, 4, 32]),
+        scheduling_policy=st.sampled_from(["fcfs", "priority"]),
     )
-    def setup(self, block_size, num_blocks, max_num_seqs, budget, prefix_caching, chunked_prefill, num_swap_blocks):
+    def setup(self, block_size, num_blocks, max_num_seqs, budget, prefix_caching, chunked_prefill, num_swap_blocks,
+              scheduling_policy):
         # A clock that ticks per call: the finish-first hold reads step latencies, and hypothesis
         # replays each example, so wall-clock time (slower under load) made replays diverge.
         ticks = itertools.count()
@@ -601,6 +666,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             enable_prefix_caching=prefix_caching,
             enable_chunked_prefill=chunked_prefill,
             num_swap_blocks=num_swap_blocks,
+            scheduling_policy=scheduling_policy,
         )
         self.next_id = 0
 
@@ -611,14 +677,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_tokens=st.integers(1, 10),
         ignore_eos=st.booleans(),
         prompt_logprobs=st.booleans(),
+        priority=st.integers(-1, 1),
     )
-    def add(self, base, shared, tail, max_tokens, ignore_eos, prompt_logprobs):
+    def add(self, base, shared, tail, max_tokens, ignore_eos, prompt_logprobs, priority):
         prompt = base[:shared] + tail
         scheduler = self.harness.scheduler
         request_id = f"r{self.next_id}"
         self.next_id += 1
         needed = cdiv(len(prompt) + max_tokens - 1, scheduler.block_size)
-        params = dict(max_tokens=max_tokens, ignore_eos=ignore_eos, prompt_logprobs=1 if prompt_logprobs else None)
+        params = dict(max_tokens=max_tokens, ignore_eos=ignore_eos, prompt_logprobs=1 if prompt_logprobs else None,
+                      priority=priority if scheduler.scheduling_policy == "priority" else 0)
         if not prompt or len(prompt) + max_tokens > scheduler.max_model_len or needed > scheduler.kv_cache_manager.num_usable_blocks:
             with pytest.raises(ValueError):
                 self.harness.add(request_id, prompt, **params)

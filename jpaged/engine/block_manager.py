@@ -114,6 +114,22 @@ class KVCacheManager:
             self.block_pool.cache_full_block(blocks[i], hashes[i])
         self._num_cached_blocks[request.request_id] = num_full
 
+    def trim_to_computed(self, request: Request) -> None:
+        """Undo what allocate_slots did for tokens the request has not computed (it is preempted
+        after its step was scheduled, so that step will not write them): blocks indexed for such
+        tokens leave the prefix-cache index, and blocks holding none of its computed tokens are
+        freed. Nobody shares them: hits come only from admissions, later in the step."""
+        request_id = request.request_id
+        blocks, block_ids = self.req_to_blocks[request_id], self.req_to_block_ids[request_id]
+        num_full_blocks = request.num_computed_tokens // self.block_size
+        num_cached_blocks = self._num_cached_blocks.get(request_id, 0)
+        for block in blocks[num_full_blocks:num_cached_blocks]:
+            self.block_pool.uncache_block(block)
+        self._num_cached_blocks[request_id] = min(num_cached_blocks, num_full_blocks)
+        num_kept = cdiv(request.num_computed_tokens, self.block_size)
+        self.block_pool.free_blocks(list(reversed(blocks[num_kept:])))
+        del blocks[num_kept:], block_ids[num_kept:]
+
     def get_block_ids(self, request_id: str) -> list[int]:
         """A copy of the request's block table."""
         return list(self.req_to_block_ids.get(request_id, ()))

@@ -27,6 +27,15 @@ def hash_block_tokens(parent_block_hash: BlockHash | None, block_token_ids: list
     return digest.digest()
 
 
+def block_hash_seed(adapter_digest: bytes | None, cache_salt: str | None) -> BlockHash | None:
+    """What a request's first block hash chains from: its LoRA adapter's digest (32 bytes, None
+    without an adapter), or with a cache_salt sha256(the digest or 32 zero bytes, the salt's
+    UTF-8), so requests with different salts (or none) never share a block."""
+    if cache_salt is None:
+        return adapter_digest
+    return hashlib.sha256((adapter_digest or bytes(32)) + cache_salt.encode()).digest()
+
+
 class KVCacheBlock:
     """One block of `block_size` KV slots in every layer's pool."""
 
@@ -137,6 +146,10 @@ class BlockPool:
         if block.block_hash is not None:
             del self.cached_block_hash_to_block[block.block_hash]
             block.block_hash = None
+
+    def uncache_block(self, block: KVCacheBlock) -> None:
+        """Take a block out of the prefix-cache index (nothing if it is not in it)."""
+        self._evict(block)
 
     def touch(self, blocks: list[KVCacheBlock]) -> None:
         """Take one more reference on each of `blocks` (prefix-cache hits), reviving free ones."""

@@ -43,6 +43,7 @@ class Request:
         arrival_time: float | None = None,
         lora_request=None,
         block_hash_seed: bytes | None = None,
+        priority: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -50,9 +51,10 @@ class Request:
         self.eos_token_ids = tuple(eos_token_ids)
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.lora_request = lora_request  # jpaged.lora.LoRARequest or None
-        # The first block's hash starts from this (a LoRA adapter's digest): KV computed under other
-        # weights is never reused.
+        # The first block's hash starts from this (block_pool.block_hash_seed: a LoRA adapter's digest
+        # and the cache_salt): KV computed under other weights, or another salt, is never reused.
         self.block_hash_seed = block_hash_seed
+        self.priority = priority  # the priority scheduling policy's: lower values are scheduled first
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
         self._all_token_ids = list(self.prompt_token_ids)  # prompt + outputs, kept in step

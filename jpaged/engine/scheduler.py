@@ -12,6 +12,12 @@ Each step, `schedule()` lets every request's num_computed_tokens catch up with i
    adapter is passed over (deferred, keeping its place at the head of the queue) until one of
    them is no longer running, and the requests behind it are admitted meanwhile (vLLM's rule).
 
+With scheduling_policy "priority" (vLLM V1's), the waiting queue is kept in (priority, arrival_time)
+order (lower first; a preempted request goes back to its place in it), and the request preempted
+is the running one with the largest (priority, arrival_time), even one scheduled earlier in the
+step (it is taken out of the step again). A waiting request never preempts a running one, but
+one ahead of a victim in the queue may be admitted in the step that preempted it.
+
 The engine calls schedule(), runs the step, then update_from_output() with the sampled tokens.
 With num_scheduler_steps = k > 1, a decode-only batch that needs nothing from the host between
 tokens becomes a round of k steps (SchedulerOutput.num_steps): blocks for all k tokens are
@@ -28,15 +34,17 @@ prefill step, and the replacements then prefill together.
 Not thread-safe: abort/finish calls must not run concurrently with schedule/update.
 """
 
+import bisect
 import collections
 import dataclasses
 import time
 from collections.abc import Callable
 
+from jpaged.config import SCHEDULING_POLICIES
 from jpaged.engine.block_manager import KVCacheManager, cdiv
 from jpaged.engine.request import Request, RequestStatus
 from jpaged.engine.scheduler_output import ScheduledRequest, SchedulerOutput
-from jpaged.request_validation import check_context_length
+from jpaged.request_validation import InvalidRequestError, check_context_length
 
 
 def chunk_length(num_remaining: int, budget: int, full_budget: int) -> int:
@@ -51,6 +59,11 @@ def chunk_length(num_remaining: int, budget: int, full_budget: int) -> int:
     if num_tokens >= 2:
         return num_tokens
     return budget if budget == full_budget else 0
+
+
+def _priority_key(request: Request) -> tuple[int, float]:
+    """The priority policy's order: lower priority values first, then earlier arrivals."""
+    return request.priority, request.arrival_time
 
 
 def _samples_ahead(request: Request) -> bool:
@@ -98,6 +111,7 @@ class Scheduler:
         scheduler_delay_factor: float = 0.0,
         scheduler_finish_first: bool = True,
         max_loras: int = 0,
+        scheduling_policy: str = "fcfs",
         clock: Callable[[], float] = time.time,
     ) -> None:
         for name, value in [
@@ -118,6 +132,8 @@ class Scheduler:
             raise ValueError(f"scheduler_delay_factor must be non-negative, got {scheduler_delay_factor}.")
         if num_swap_blocks < 0:
             raise ValueError(f"num_swap_blocks must be non-negative, got {num_swap_blocks}.")
+        if scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {scheduling_policy!r}.")
         if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({max_num_batched_tokens}) is smaller than max_model_len "
@@ -133,6 +149,7 @@ class Scheduler:
         self.scheduler_delay_factor = scheduler_delay_factor
         self.scheduler_finish_first = scheduler_finish_first
         self.max_loras = max_loras  # 0: LoRA off
+        self.scheduling_policy = scheduling_policy
         # Wall-clock seconds (time.time()): step latencies steer admission, stamps go on requests.
         # Tests that replay schedules pass a deterministic one.
         self._clock = clock
@@ -143,8 +160,9 @@ class Scheduler:
             num_swap_blocks=num_swap_blocks,
         )
         self.requests: dict[str, Request] = {}  # every unfinished request
+        # fcfs: in arrival order, preempted requests at the front; priority: in _priority_key order.
         self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self.running: list[Request] = []  # in admission order: with fcfs the last is preempted first
         self._finished_request_ids: set[str] = set()
         self.num_preemptions = 0
         self.prefix_cache_queries = 0
@@ -174,9 +192,16 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         """Queue a request; resolves its max_tokens. ValueError (with the numbers and the flag
         to change) for a request that could never finish: its length is checked by the same
-        function the engine validates requests with (jpaged/request_validation.py)."""
+        function the engine validates requests with (jpaged/request_validation.py).
+        InvalidRequestError for a priority that is not an int, or not 0 with the fcfs policy
+        (vLLM's message)."""
         if request.request_id in self.requests:
             raise ValueError(f"Request id {request.request_id!r} is already in use.")
+        if not isinstance(request.priority, int):
+            raise InvalidRequestError(f"priority must be an int, got {request.priority!r}.", param="priority")
+        if request.priority != 0 and self.scheduling_policy != "priority":
+            raise InvalidRequestError(f"Got priority {request.priority} but Priority scheduling is not enabled.",
+                                      param="priority")
         num_prompt = request.num_prompt_tokens
         check_context_length(num_prompt, request.sampling_params.max_tokens, self.max_model_len)
         max_tokens = request.sampling_params.max_tokens
@@ -195,7 +220,17 @@ class Scheduler:
         request.max_tokens = max_tokens
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._enqueue(request, front=False)
+
+    def _enqueue(self, request: Request, front: bool) -> None:
+        """Put a request into the waiting queue: with fcfs at its back, or at its front (`front`:
+        a preempted request); with priority in (priority, arrival_time) order, after equal keys."""
+        if self.scheduling_policy == "priority":
+            bisect.insort(self.waiting, request, key=_priority_key)
+        elif front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's requests and token counts; allocate, preempt, swap as needed. The
@@ -212,7 +247,7 @@ class Scheduler:
         # that does not finish its tokens takes the whole budget, so nothing is admitted after
         # it), hence no decode ever waits behind a prefill chunk.
         index = 0
-        while index < len(self.running) and budget > 0:  # victims leave from the end
+        while index < len(self.running) and budget > 0:  # fcfs victims leave from the end
             request = self.running[index]
             num_remaining = request.num_tokens - request.num_computed_tokens
             num_new_tokens = chunk_length(num_remaining, budget, self.max_num_batched_tokens)
@@ -220,16 +255,19 @@ class Scheduler:
                 budget = 0
                 break
             # A multi-step decode writes the KV of its later steps' tokens too.
-            if not self._allocate_or_preempt(request, num_new_tokens + num_steps - 1, blocks_to_swap_out):
-                break
-            scheduled[request.request_id] = num_new_tokens
-            # A partial chunk takes the whole budget, even when it leaves a token of it unused.
-            budget = budget - num_new_tokens if num_new_tokens == num_remaining else 0
-            index += 1
+            fits, refund = self._allocate_or_preempt(request, num_new_tokens + num_steps - 1, scheduled,
+                                                     blocks_to_swap_out)
+            budget += refund
+            if fits:
+                scheduled[request.request_id] = num_new_tokens
+                # A partial chunk takes the whole budget, even when it leaves a token of it unused.
+                budget = budget - num_new_tokens if num_new_tokens == num_remaining else 0
+            index = len(scheduled)  # running[:index] are the scheduled ones, whoever was preempted
 
-        # After a preemption the head of the queue is the oldest victim, which needs more blocks
-        # than are free, so FCFS admits nobody: host slots freed by a swap-in are never reused
-        # by a swap-out of the same step.
+        # With fcfs, after a preemption the head of the queue is the oldest victim, which needs
+        # more blocks than are free, so nobody is admitted. Either way every swap-out comes
+        # before this step's swap-ins (as the runner copies them), so host slots freed by a
+        # swap-in are never reused by a swap-out of the same step.
         if admission_due:
             budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in)
         self._last_step_ran_prompt = any(
@@ -315,16 +353,26 @@ class Scheduler:
             return 1
         return steps
 
-    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, blocks_to_swap_out: list) -> bool:
-        """Allocate room for a running request's new tokens, preempting the newest running
-        request (never one scheduled already this step: those are older) until it fits.
-        False when `request` itself was the one preempted."""
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, scheduled: dict[str, int],
+                             blocks_to_swap_out: list) -> tuple[bool, int]:
+        """Allocate room for a running request's new tokens, preempting until it fits. With fcfs
+        the victim is the newest running request (never one scheduled already this step: those
+        are older); with priority the one with the largest (priority, arrival_time), the newest
+        among equals, which may be in `scheduled` (request id -> tokens): it leaves it. Returns
+        whether `request` got its room (False: it was preempted itself) and the tokens that
+        victims scheduled earlier give back to the budget."""
+        refund = 0
         while self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
             victim = self.running[-1]
+            if self.scheduling_policy == "priority":
+                victim = max(reversed(self.running), key=_priority_key)
+            if victim.request_id in scheduled:
+                refund += scheduled.pop(victim.request_id)
+                self.kv_cache_manager.trim_to_computed(victim)  # blocks it took for this step
             self._preempt(victim, blocks_to_swap_out)
             if victim is request:
-                return False
-        return True
+                return False, refund
+        return True, refund
 
     def _preempt(self, request: Request, blocks_to_swap_out: list[tuple[int, int]]) -> None:
         self.running.remove(request)
@@ -338,10 +386,10 @@ class Scheduler:
         else:
             blocks_to_swap_out.extend(mapping)
             request.status = RequestStatus.SWAPPED
-        self.waiting.appendleft(request)
+        self._enqueue(request, front=True)
 
     def _schedule_waiting(self, budget: int, scheduled: dict[str, int], blocks_to_swap_in: list) -> int:
-        """Admit waiting requests in FCFS order while they fit; returns the budget left. A request
+        """Admit waiting requests in queue order while they fit; returns the budget left. A request
         whose LoRA adapter does not fit max_loras is passed over and keeps its place."""
         now = self._clock()
         running_loras = {r.lora_int_id for r in self.running} - {0}
