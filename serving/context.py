@@ -210,9 +210,10 @@ class ServingContext:
                 self.validator.validate(prompt_token_ids, params, param)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       arrival_time: float | None = None,
-                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
-        """AsyncLLM.generate (with the LoRA adapter `lora_request`), plus metrics when the request finishes.
+                       arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """AsyncLLM.generate (with the LoRA adapter `lora_request`, the priority and the
+        cache_salt), plus metrics when the request finishes.
 
         The engine's ValueError for an invalid request (raised before the first output) becomes
         a 400, a stopped engine a 503, a failed engine step (output.error) a 500 naming the
@@ -222,7 +223,8 @@ class ServingContext:
         delta = params.output_kind == RequestOutputKind.DELTA
         tokens_per_output: dict[int, int] = {}
         self._log_request(request_id, prompt_token_ids, params)
-        outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time, lora_request)
+        outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time, lora_request, priority,
+                                       cache_salt)
         last_output_time = None
         finished = False
         try:
@@ -248,18 +250,21 @@ class ServingContext:
             await outputs.aclose()
 
     async def beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams, request_id: str,
-                          arrival_time: float, lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+                          arrival_time: float, lora_request: LoRARequest | None = None, priority: int = 0,
+                          cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """A beam search (jpaged/beam_search.py) as `generate` would stream it: one final
         RequestOutput, a CompletionOutput per returned beam (best first, index 0..), each without
-        the prompt and, unless include_stop_str_in_output, without its EOS. Metrics count it as
-        one request; errors map as in `generate`."""
+        the prompt and, unless include_stop_str_in_output, without its EOS. Every step's requests
+        run with `priority` and `cache_salt`. Metrics count it as one request; errors map as in
+        `generate`."""
         self._log_request(request_id, prompt_token_ids, params)
         search = BeamSearch(prompt_token_ids, params, self.tokenizer.eos_token_ids)
         step_params = params.step_params()
         metrics = RequestMetrics(arrival_time=arrival_time)
 
         async def run_step(tokens: list[int], step_id: str) -> RequestOutput:
-            outputs = self._engine_outputs(tokens, step_params, f"{request_id}-{step_id}", lora_request=lora_request)
+            outputs = self._engine_outputs(tokens, step_params, f"{request_id}-{step_id}", lora_request=lora_request,
+                                           priority=priority, cache_salt=cache_salt)
             try:
                 async for output in outputs:
                     _raise_if_failed(output)
@@ -303,12 +308,12 @@ class ServingContext:
                     len(prompt_token_ids), prompt, head, params)
 
     async def _engine_outputs(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                              arrival_time: float | None = None,
-                              lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+                              arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                              priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """AsyncLLM.generate with its exceptions as APIErrors: an invalid request 400, a stopped
         engine 503."""
         outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time,
-                                       lora_request)
+                                       lora_request, priority, cache_salt)
         try:
             async for output in outputs:
                 yield output

@@ -33,7 +33,7 @@ class StreamOptions(BaseModel):
 # vLLM request fields jpaged does not implement, with the value that means "not used". A request
 # setting one to anything else gets a 400 naming it instead of being silently served without it.
 UNSUPPORTED_EXTRA_FIELDS: dict[str, Any] = {
-    "logits_processors": None, "priority": 0, "cache_salt": None,
+    "logits_processors": None,
     "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_embeds": None,
     "guided_decoding_backend": None, "guided_whitespace_pattern": None,
     "documents": None, "echo_last_message": False,
@@ -94,6 +94,8 @@ class SamplingFields(BaseModel):
     return_token_ids: bool = False  # the reply carries the prompt's and each choice's token ids
     return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:N" (None: the server's flag)
     request_id: str | None = None  # the response id's base when no X-Request-Id header names one
+    priority: int = 0  # with --scheduling-policy priority: lower runs earlier
+    cache_salt: str | None = None  # prefix-cache blocks are shared only among requests of one salt
 
     def check_unsupported_extras(self) -> None:
         """400 naming each vLLM extra field this request sets that jpaged does not implement;

@@ -389,6 +389,10 @@ def test_vllm_defaults_of_the_serving_flags(server):
         assert httpx.get(server.url + "/load").json() == {"server_load": 0}
         payloads = [line for line in [first, *lines] if line]
     assert payloads[-1] == "data: [DONE]" and all('"usage"' not in p for p in payloads)
+    # priority needs --scheduling-policy priority (vLLM's message)
+    refused = httpx.post(server.url + "/v1/completions", headers=AUTH, json={"prompt": "p", "priority": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "priority"
+    assert "Priority scheduling is not enabled" in refused.json()["error"]["message"]
 
 
 def _metric(text: str, name: str, *labels: str) -> float:

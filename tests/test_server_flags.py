@@ -1,5 +1,5 @@
-"""vLLM's serving flags and per-request extras that change a reply's shape: return_token_ids,
-tokens as "token_id:N", client request ids (X-Request-Id), --response-role,
+"""vLLM's serving flags and per-request extras: return_token_ids, tokens as "token_id:N", client
+request ids (X-Request-Id), priority (--scheduling-policy priority), cache_salt, --response-role,
 --enable-prompt-tokens-details, --enable-force-include-usage, --default-chat-template-kwargs,
 --enable-request-id-headers and GET /load with --enable-server-load-tracking.
 
@@ -29,7 +29,8 @@ TEMPLATE = "{{ greeting }}|{% for m in messages %}{{ m['content'] }}{% endfor %}
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     engine_args = EngineArgs(model=str(tiny_model_dir), max_model_len=128, max_num_seqs=8,
-                             max_num_batched_tokens=16, num_gpu_blocks_override=64, compilation_cache_dir="")
+                             max_num_batched_tokens=16, num_gpu_blocks_override=64, compilation_cache_dir="",
+                             scheduling_policy="priority")
     srv = ThreadedServer(engine_args, app_kwargs={"enable_request_id_headers": True,
                                                   "enable_server_load_tracking": True},
                          response_role="narrator", return_tokens_as_token_ids=True,
@@ -192,3 +193,23 @@ def test_server_load(server):
     assert httpx.get(server.url + "/load").json() == {"server_load": 0}
     httpx.get(server.url + "/v1/models", headers=AUTH)  # not a model request: not counted
     assert httpx.get(server.url + "/load").json() == {"server_load": 0}
+
+
+def test_cache_salt_and_priority(server, tiny_model):
+    """Prefix-cache hits only within one cache_salt; priority runs with the priority policy."""
+    body = {"prompt": "Salted prefixes stay apart " * 8, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+
+    def run(**fields) -> tuple[int, str]:
+        reply = _post(server, "/v1/completions", {**body, **fields}).json()
+        return reply["usage"]["prompt_tokens_details"]["cached_tokens"], reply["choices"][0]["text"]
+
+    first = run(cache_salt="tenant-a")
+    assert first[0] == 0
+    again = run(cache_salt="tenant-a")
+    assert again[0] > 0 and again[1] == first[1]
+    assert run(cache_salt="tenant-b") == (0, first[1])
+    assert run(priority=-5)[0] == 0  # no salt: none of the salted blocks
+    assert run(priority=3, cache_salt="tenant-a")[0] > 0
+    empty = _post(server, "/v1/completions", {**body, "cache_salt": ""})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "cache_salt"
+    wait_until_idle(server)
