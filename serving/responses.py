@@ -48,7 +48,7 @@ _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 _RESPONSES_PARAM = {"messages": "input", "max_completion_tokens": "max_output_tokens",
                     "max_tokens": "max_output_tokens", "response_format": "text", "logprobs": "include"}
 # SamplingFields that a Responses request does not have, with the value that means "not set".
-_NOT_RESPONSES_FIELDS = {"n": 1, "stream_options": None, "prompt_logprobs": None}
+_NOT_RESPONSES_FIELDS = {"n": 1, "stream_options": None, "prompt_logprobs": None, "return_token_ids": False}
 
 
 class ResponsesRequest(SamplingFields):
@@ -358,14 +358,19 @@ class _ResponseJob:
 
     def __init__(self, ctx: ServingContext, body: ResponsesRequest, model_name: str, arrival_time: float):
         self.body, self.model_name = body, model_name
-        self.id = _new_id("resp")
+        self.id = body.request_id or _new_id("resp")  # vLLM's: the client's request_id is the response's id
         self.created_at = int(time.time())
         self.store = ctx.responses_store if body.store else None
+        if body.request_id is not None and ctx.responses_store is not None and (
+                ctx.responses_store.get(body.request_id) is not None or body.request_id in ctx.responses_store.running):
+            raise APIError(f"A response with id {body.request_id!r} is already stored; pick another request_id.",
+                           param="request_id")
         try:
             new_messages, continue_final = input_messages(body.input)
             self.conversation = _previous_conversation(ctx.responses_store, body.previous_response_id) + new_messages
             self.chat = ChatJob(ctx, body.to_chat_request(self.conversation, continue_final), model_name,
-                                arrival_time, request_id=self.id, prompt_param="input")
+                                arrival_time, request_id=self.id, prompt_param="input",
+                                client_request_id=body.request_id)
         except APIError as exc:
             exc.param = _RESPONSES_PARAM.get(exc.param, exc.param)
             raise

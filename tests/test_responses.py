@@ -239,6 +239,7 @@ def test_tool_round_trip_input_is_rendered(server, tiny_model):
     ({"conversation": "conv_1"}, 400, "conversation", "keeps no conversations"),
     ({"prompt": {"id": "pmpt_1"}}, 400, "prompt", "prompt template"),
     ({"n": 2}, 400, "n", "not a field of the Responses API"),
+    ({"return_token_ids": True}, 400, "return_token_ids", "not a field of the Responses API"),
     ({"tools": [{"type": "web_search_preview"}]}, 400, "tools", "function tools only"),
     ({"tool_choice": "required"}, 400, "tool_choice", "`tools` must be set"),
     ({"input": "word " * 600}, 400, "input", "maximum context length"),
@@ -253,6 +254,16 @@ def test_bad_requests_get_openai_errors_and_queue_nothing(server, body, status, 
     error = response.json()["error"]
     assert response.status_code == status and error["param"] == param and fragment in error["message"], error
     assert wait_until_idle(server).num_running == 0
+
+
+def test_request_id_names_the_response(server):
+    """vLLM's: a client's request_id is the response's id (stored under it); an id already
+    stored is a 400."""
+    response = _post(server, input="Hi", max_output_tokens=2, request_id="resp_client_1").json()
+    assert response["id"] == "resp_client_1"
+    assert httpx.get(server.url + "/v1/responses/resp_client_1", headers=AUTH).json()["id"] == "resp_client_1"
+    again = _post(server, input="Hi", max_output_tokens=2, request_id="resp_client_1")
+    assert again.status_code == 400 and again.json()["error"]["param"] == "request_id"
 
 
 def _oracle_text(server, tiny_model, messages: list[dict], num_tokens: int) -> tuple[str, int]:
