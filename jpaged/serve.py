@@ -124,6 +124,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="Split a reasoning model's replies into `reasoning` (the <think>...</think> "
                              "text) and content, in chat and /v1/responses: 'deepseek_r1' (DeepSeek-R1 "
                              "and its distills) or 'qwen3'.")
+    server.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                        help="With tool_choice 'none', render the chat template without the request's "
+                             "tools (by default the model still sees them, as in vLLM).")
     server.add_argument("--enable-responses-store", action="store_true",
                         help=f"Keep the last {RESPONSES_STORE_CAPACITY} /v1/responses replies (those with "
                              "store true, the default) in memory for previous_response_id and "
@@ -134,9 +137,9 @@ def make_parser() -> argparse.ArgumentParser:
                              "vLLM's JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'. "
                              "With VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, /v1/load_lora_adapter and "
                              "/v1/unload_lora_adapter add and remove them while serving.")
-    server.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
+    server.add_argument("--graceful-shutdown-timeout", "--shutdown-timeout", type=float, default=30.0,
                         help="Seconds in-flight requests may run after SIGTERM before they are "
-                             "ended with finish_reason 'abort'.")
+                             "ended with finish_reason 'abort' (--shutdown-timeout: vLLM's name for it).")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="Log level of uvicorn (access log at 'info').")
@@ -261,7 +264,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
                          return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                          enable_prompt_tokens_details=args.enable_prompt_tokens_details,
                          enable_force_include_usage=args.enable_force_include_usage,
-                         default_chat_template_kwargs=args.default_chat_template_kwargs)
+                         default_chat_template_kwargs=args.default_chat_template_kwargs,
+                         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none)
     for module in args.lora_modules or ():
         try:
             await ctx.load_lora_adapter(module["name"], module["path"], module["base_model_name"])

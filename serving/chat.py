@@ -102,7 +102,8 @@ class ChatJob:
             # vLLM's order: the model thinks freely, the constraint applies after `</think>`
             params.structured_outputs.after_token_ids = ctx.tokenizer.encode(END, add_special_tokens=False)
         ctx.check_limits(params, logprobs_param="top_logprobs")  # before the template renders
-        if self.tool_plan is not None:
+        if self.tool_plan is not None and not (self.tool_plan.mode == "none"
+                                               and ctx.exclude_tools_when_tool_choice_none):
             template_kwargs["tools"] = self.tool_plan.tools
         prompt = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template,
                                     template_kwargs, body.continue_final_message)

@@ -30,7 +30,8 @@ SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-
                 "--disable-log-requests", "--enable-update-weights-route", "--enable-log-requests", "--max-log-len",
                 "--disable-uvicorn-access-log", "--root-path", "--response-role", "--return-tokens-as-token-ids",
                 "--enable-prompt-tokens-details", "--enable-force-include-usage", "--enable-request-id-headers",
-                "--enable-server-load-tracking", "--default-chat-template-kwargs", "--override-generation-config"]
+                "--enable-server-load-tracking", "--default-chat-template-kwargs", "--override-generation-config",
+                "--exclude-tools-when-tool-choice-none", "--shutdown-timeout"]
 # Small buckets, so that only two programs compile: one forward shape and one sampler.
 SMALL_ENGINE = ["--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "16",
                 "--num-gpu-blocks-override", "32"]

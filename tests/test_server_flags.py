@@ -23,7 +23,7 @@ from test_server import AUTH, dense_greedy, sse_payloads
 
 # A template that shows its arguments in the prompt: `greeting` comes from the server's defaults
 # or the request.
-TEMPLATE = "{{ greeting }}|{% for m in messages %}{{ m['content'] }}{% endfor %}"
+TEMPLATE = "{{ greeting }}|{% if tools %}TOOLS|{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def server(tiny_model_dir):
                          response_role="narrator", return_tokens_as_token_ids=True,
                          enable_prompt_tokens_details=True, enable_force_include_usage=True,
                          default_chat_template_kwargs={"greeting": "hello", "unused": 1},
-                         trust_request_chat_template=True)
+                         trust_request_chat_template=True, exclude_tools_when_tool_choice_none=True)
     yield srv
     srv.stop()
 
@@ -171,6 +171,22 @@ def test_default_chat_template_kwargs(server, tiny_model):
 
     assert prompt_tokens(None) == count("hello|abc")  # the server's default
     assert prompt_tokens({"greeting": "good evening"}) == count("good evening|abc")  # the request's wins
+
+
+def test_tools_left_out_when_tool_choice_is_none(server, tiny_model):
+    """--exclude-tools-when-tool-choice-none: the template sees no tools under tool_choice none."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+
+    def prompt_tokens(tool_choice: str) -> int:
+        body = {"messages": [{"role": "user", "content": "abc"}], "max_tokens": 1, "chat_template": TEMPLATE,
+                "tools": tools, "tool_choice": tool_choice}
+        return _post(server, "/v1/chat/completions", body).json()["usage"]["prompt_tokens"]
+
+    def count(text: str) -> int:
+        return len(tiny_model.tokenizer.encode(text, add_special_tokens=False))
+
+    assert prompt_tokens("none") == count("hello|abc")
+    assert prompt_tokens("required") == count("hello|TOOLS|abc")
 
 
 def test_server_load(server):
