@@ -137,19 +137,16 @@ class BlockPool:
         blocks = []
         for _ in range(num_blocks):
             block = self.free_block_queue.popleft()
-            self._evict(block)
+            self.uncache_block(block)
             block.ref_cnt = 1
             blocks.append(block)
         return blocks
 
-    def _evict(self, block: KVCacheBlock) -> None:
+    def uncache_block(self, block: KVCacheBlock) -> None:
+        """Take a block out of the prefix-cache index (nothing if it is not in it)."""
         if block.block_hash is not None:
             del self.cached_block_hash_to_block[block.block_hash]
             block.block_hash = None
-
-    def uncache_block(self, block: KVCacheBlock) -> None:
-        """Take a block out of the prefix-cache index (nothing if it is not in it)."""
-        self._evict(block)
 
     def touch(self, blocks: list[KVCacheBlock]) -> None:
         """Take one more reference on each of `blocks` (prefix-cache hits), reviving free ones."""

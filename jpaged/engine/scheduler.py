@@ -363,9 +363,8 @@ class Scheduler:
         victims scheduled earlier give back to the budget."""
         refund = 0
         while self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
-            victim = self.running[-1]
-            if self.scheduling_policy == "priority":
-                victim = max(reversed(self.running), key=_priority_key)
+            victim = (max(reversed(self.running), key=_priority_key) if self.scheduling_policy == "priority"
+                      else self.running[-1])
             if victim.request_id in scheduled:
                 refund += scheduled.pop(victim.request_id)
                 self.kv_cache_manager.trim_to_computed(victim)  # blocks it took for this step
