@@ -6,7 +6,9 @@
 
 import argparse
 import dataclasses
+import json
 import os
+import re
 
 # On CPU the KV pool lives in host memory; this is its budget when --kv-cache-memory is unset.
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
@@ -27,6 +29,40 @@ LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # --scheduling-policy values (vLLM's); the first is the default.
 SCHEDULING_POLICIES = ("fcfs", "priority")
+# --tokenizer-mode values: vLLM's names for the Hugging Face tokenizer ("auto" picks it for every
+# model jpaged loads; vLLM's other modes are Mistral's and DeepSeek's own tokenizer libraries).
+TOKENIZER_MODES = ("auto", "hf")
+_DECIMAL_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY_SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_readable_int(value: str) -> int:
+    """A flag's integer as vLLM writes it: 1000, '1k' (10^3), '25.6k', '1K' (2^10), '4G' (2^30)."""
+    value = value.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT])", value)
+    if match is None:
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer such as 4294967296, 4G or 4.5g, got {value!r}")
+    number, suffix = match.groups()
+    if suffix in _DECIMAL_SUFFIXES:
+        return int(float(number) * _DECIMAL_SUFFIXES[suffix])
+    if "." in number:
+        raise argparse.ArgumentTypeError(f"decimals are not allowed with the binary suffix {suffix} "
+                                         f"(did you mean {number}{suffix.lower()}?)")
+    return int(number) * _BINARY_SUFFIXES[suffix]
+
+
+def json_object(value: str) -> dict:
+    """A flag's JSON object ('{"key": value}')."""
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON {value!r}: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
 
 
 def _field(default, help: str, choices=None, type=None, nargs=None):
@@ -42,7 +78,16 @@ class EngineArgs:
         "Without a value, or 'smollm2-135m-instruct': the bundled SmolLM2-135M-Instruct (Q4_1 GGUF).",
         type=str, nargs="?")
     tokenizer: str | None = _field(None, "Tokenizer folder or hub id (default: the model's).", type=str)
+    tokenizer_mode: str = _field(
+        TOKENIZER_MODES[0], "Tokenizer implementation (vLLM's names): auto and hf both use the Hugging Face "
+        "tokenizer (fast where the folder has tokenizer.json).", choices=list(TOKENIZER_MODES))
     revision: str | None = _field(None, "Hub revision of the model.", type=str)
+    tokenizer_revision: str | None = _field(
+        None, "Hub revision of the tokenizer (default: --revision). With a hub model and no --tokenizer, "
+        "the model repo's tokenizer is read at this revision.", type=str)
+    hf_overrides: dict | None = _field(
+        None, "JSON object of config.json fields that replace the checkpoint's (a .gguf's metadata is read "
+        "as the same fields), e.g. '{\"max_position_embeddings\": 4096}' or a rope_scaling.", type=json_object)
     load_format: str = _field("auto", "Weights format.", choices=["auto", "safetensors", "gguf", "orbax", "dummy"])
     dtype: str = _field(
         "auto", "Params and compute dtype. auto: float32 on CPU, the checkpoint's dtype on GPU. On a CPU "
@@ -61,6 +106,9 @@ class EngineArgs:
     kv_cache_memory: float | None = _field(
         None, f"KV-cache size in GiB (overrides --gpu-memory-utilization). On CPU the default "
         f"is min({DEFAULT_CPU_KV_CACHE_GIB:g} GiB, utilization x available memory).", type=float)
+    kv_cache_memory_bytes: int | None = _field(
+        None, "KV-cache size in bytes, vLLM's flag for --kv-cache-memory (4G = 4 GiB, 4g = 4 x 10^9 bytes); "
+        "give one of the two.", type=human_readable_int)
     num_gpu_blocks_override: int | None = _field(
         None, "Exact number of KV blocks (including the null block 0); wins over memory sizing.", type=int)
     swap_space: float = _field(
@@ -96,6 +144,13 @@ class EngineArgs:
         "(lower value = earlier), then arrival time; when the KV cache is full, the running request with the largest "
         "(priority, arrival time) is preempted. A waiting request never preempts a running one (docs/scheduler.md).",
         choices=list(SCHEDULING_POLICIES))
+    disable_sliding_window: bool = _field(
+        False, "Run a sliding-window model (Mistral) with full attention, its context capped at the window "
+        "(vLLM's flag; models without a window are unchanged).")
+    stream_interval: int = _field(
+        1, "Tokens per streamed output: a request's first token and its last output are sent at once, "
+        "the others once this many new tokens are ready (fewer SSE chunks for the host to write; a "
+        "request's own stream_interval can only raise it).", type=int)
     enable_prefix_caching: bool = _field(True, "Reuse KV blocks of identical prompt prefixes.")
     enable_chunked_prefill: bool = _field(True, "Split long prompts across steps.")
     quantization: str | None = _field(
@@ -211,7 +266,7 @@ class EngineArgs:
             raise ValueError("--swap-space is not supported with --num-hosts > 1 (each host would keep its own "
                              "swapped blocks); leave it 0, preemption then recomputes.")
         for name in ("tensor_parallel_size", "num_hosts", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "max_n", "data_parallel_size", "max_loras"):
+                     "max_n", "data_parallel_size", "max_loras", "stream_interval"):
             if name == "max_num_batched_tokens" and self.max_num_batched_tokens is None:
                 continue  # the server's default, per device (server_max_num_batched_tokens)
             if getattr(self, name) < 1:
@@ -242,6 +297,16 @@ class EngineArgs:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization} "
                 f"(--gpu-memory-utilization).")
+        if self.kv_cache_memory_bytes is not None:
+            if self.kv_cache_memory is not None:
+                raise ValueError("give the KV-cache size once: --kv-cache-memory (GiB) or --kv-cache-memory-bytes.")
+            if self.kv_cache_memory_bytes < 1:
+                raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes} "
+                                 f"(--kv-cache-memory-bytes).")
+            self.kv_cache_memory = self.kv_cache_memory_bytes / 2**30
+            self.kv_cache_memory_bytes = None  # one size from here on (and dataclasses.replace keeps working)
+        if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
+            raise ValueError(f"hf_overrides must be a dict of config.json fields, got {self.hf_overrides!r}.")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space} (--swap-space).")
         for name, choices in (("load_format", ["auto", "safetensors", "gguf", "orbax", "dummy"]),
@@ -250,6 +315,7 @@ class EngineArgs:
                               ("attention_backend", ["auto", "reference", "pallas", "cpu"]),
                               ("logprobs_mode", list(LOGPROBS_MODES)),
                               ("scheduling_policy", list(SCHEDULING_POLICIES)),
+                              ("tokenizer_mode", list(TOKENIZER_MODES)),
                               ("max_lora_rank", list(MAX_LORA_RANKS))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}.")

@@ -2,7 +2,7 @@
 
 Sizing (first rule that applies):
 1. --num-gpu-blocks-override: exactly that many blocks (including the null block).
-2. --kv-cache-memory GiB.
+2. --kv-cache-memory GiB (--kv-cache-memory-bytes arrives as the same GiB).
 3. GPU: --gpu-memory-utilization x the device's TOTAL memory (vLLM's meaning), minus what is
    already in use (the weights) and minus what the largest compiled step needs besides the
    weights and the pool (its temporaries and outputs, from `compiled.memory_analysis()`).

@@ -54,7 +54,7 @@ class _Sample:
     grammar_started: bool = True  # False until the output holds structured_outputs.after_token_ids
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    # What DELTA outputs already carried:
+    # What outputs already carried (text: DELTA only):
     sent_text_len: int = 0
     sent_tokens: int = 0
 
@@ -139,11 +139,17 @@ class LLMEngine:
         # Also for update_weights_from_disk, which must load a checkpoint the same way.
         self.keep_gguf_blocks = packs_gguf_blocks(args, platform, dtype, flax_model)
         loaded = load_model(args.model, dtype=dtype, load_format=args.load_format, revision=args.revision,
-                            tokenizer=args.tokenizer, chat_template=args.chat_template,
-                            download_dir=args.download_dir, trust_remote_code=args.trust_remote_code,
-                            quantization=args.quantization, keep_gguf_blocks=self.keep_gguf_blocks)
+                            tokenizer=args.tokenizer, tokenizer_revision=args.tokenizer_revision,
+                            chat_template=args.chat_template, download_dir=args.download_dir,
+                            trust_remote_code=args.trust_remote_code, quantization=args.quantization,
+                            keep_gguf_blocks=self.keep_gguf_blocks, hf_overrides=args.hf_overrides)
         logger.info("weights: %.1f MiB (quantization: %s)", param_bytes(loaded.params) / 2**20, loaded.quantization)
         self.model_config = loaded.config
+        if args.disable_sliding_window and loaded.config.sliding_window is not None:
+            window = loaded.config.sliding_window
+            logger.info("--disable-sliding-window: full attention, context capped at the window (%d tokens)", window)
+            self.model_config = loaded.config.replace(
+                sliding_window=None, max_position_embeddings=min(window, loaded.config.max_position_embeddings))
         if flax_model is not None:
             self.model_config = flax_model.config.replace(eos_token_ids=loaded.tokenizer.eos_token_ids)
             flax_model = flax_model.clone(config=self.model_config)
@@ -528,17 +534,28 @@ class LLMEngine:
             logprobs=logprobs, finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
 
     def _make_output(self, parent: _Parent, samples: list[_Sample]) -> RequestOutput | None:
-        """The RequestOutput for `parent` after `samples` changed, per its output_kind (None: nothing to send)."""
+        """The RequestOutput for `parent` after `samples` changed, per its output_kind and stream
+        interval (None: nothing to send)."""
         finished = parent.finished
         kind = parent.params.output_kind
         if finished:
             self._forget(parent)
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
+        interval = max(self.engine_args.stream_interval, parent.params.stream_interval or 1)
+        if interval > 1 and not finished:
+            # A sample is due with its first token, its finish, or `interval` tokens since it was last sent;
+            # the others keep theirs for a later output (DELTA slices from what was sent).
+            samples = [s for s in samples if s.sent_tokens == 0 or s.finish_reason is not None
+                       or len(s.request.output_token_ids) - s.sent_tokens >= interval]
+            if not samples:
+                return None
         if kind == RequestOutputKind.DELTA:
             completions = [self._completion(s, delta=True) for s in samples]
         else:
             completions = [self._completion(s, delta=False) for s in parent.samples]
+            for s in parent.samples:
+                s.sent_tokens = len(s.request.output_token_ids)
         first = parent.samples[0].request
         prompt_logprobs = None
         if parent.prompt_logprobs is not None and len(parent.prompt_logprobs) == len(parent.prompt_token_ids):

@@ -57,6 +57,9 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these may be sampled (jpaged/token_restrictions.py)
     bad_words: list[str] | None = None  # words never generated (their last token is banned after the rest)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Streamed outputs (CUMULATIVE, DELTA) once this many new tokens are ready, the first token and the
+    # finish at once; None or below the engine's --stream-interval: the engine's.
+    stream_interval: int | None = None
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (jpaged.structured_output)
 
     def __post_init__(self) -> None:
@@ -124,6 +127,8 @@ class SamplingParams:
             raise ValueError(f"allowed_token_ids must be non-negative token ids, got {self.allowed_token_ids[:8]}.")
         if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
             raise ValueError(f"bad_words must be non-blank strings, got {self.bad_words[:8]!r}.")
+        if self.stream_interval is not None and (not isinstance(self.stream_interval, int) or self.stream_interval < 1):
+            raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval!r}.")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):

@@ -96,6 +96,7 @@ class SamplingFields(BaseModel):
     request_id: str | None = None  # the response id's base when no X-Request-Id header names one
     priority: int = 0  # with --scheduling-policy priority: lower runs earlier
     cache_salt: str | None = None  # prefix-cache blocks are shared only among requests of one salt
+    stream_interval: int | None = Field(None, ge=1)  # streamed tokens per chunk (raises --stream-interval)
 
     def check_unsupported_extras(self) -> None:
         """400 naming each vLLM extra field this request sets that jpaged does not implement;
@@ -180,6 +181,7 @@ class SamplingFields(BaseModel):
                 allowed_token_ids=self.allowed_token_ids,
                 bad_words=self.bad_words,
                 output_kind=output_kind,
+                stream_interval=self.stream_interval,
             )
         except ValueError as exc:
             field = str(exc).split(" ", 1)[0]

@@ -1,6 +1,7 @@
 """The paged engine end to end: greedy equality with a dense no-cache loop, seeds, compiles, the pool."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from jpaged import LLM, EngineArgs, SamplingParams, kv_pool
 from jpaged.buckets import Buckets
 from jpaged.models import llama
 from jpaged.models.config import ModelConfig
+from jpaged.sampling_params import RequestOutputKind
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -335,6 +337,44 @@ def test_cache_salt_shares_prefix_blocks_only_within_a_salt(tiny_llm):
     assert_pool_free(tiny_llm)
 
 
+def test_stream_interval_sends_the_first_token_then_every_nth_and_the_finish(tiny_llm):
+    """vLLM's stream interval: streamed (DELTA) outputs carry a sample's first token at once, then
+    `interval` new tokens each, then the rest with the finish; joined, they are the unbatched
+    stream. A request's stream_interval only raises the engine's --stream-interval."""
+    engine = tiny_llm.llm_engine
+    prompt = mixed_prompts()[1]
+
+    def stream(request_id, **interval):
+        params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=11, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA, **interval)
+        engine.add_request(request_id, prompt, params)
+        chunks = {0: [], 1: []}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                for c in output.outputs:
+                    chunks[c.index].append((c.token_ids, c.text, c.finish_reason))
+        return chunks
+
+    def joined(chunks):
+        return [t for ids, _, _ in chunks for t in ids], "".join(text for _, text, _ in chunks)
+
+    plain = stream("plain")
+    batched = {3: stream("interval-3", stream_interval=3)}
+    engine_args = engine.engine_args
+    engine.engine_args = dataclasses.replace(engine_args, stream_interval=4)
+    try:
+        batched[4] = stream("engine-4", stream_interval=2)
+    finally:
+        engine.engine_args = engine_args
+    for index in (0, 1):
+        assert [len(ids) for ids, _, _ in plain[index]] == [1] * 11
+        for interval, sizes in ((3, [1, 3, 3, 3, 1]), (4, [1, 4, 4, 2])):
+            assert [len(ids) for ids, _, _ in batched[interval][index]] == sizes
+            assert joined(batched[interval][index]) == joined(plain[index])
+            assert [f for _, _, f in batched[interval][index]] == [None] * (len(sizes) - 1) + ["length"]
+    assert_pool_free(tiny_llm)
+
+
 def test_priority_needs_the_priority_scheduling_policy(tiny_llm):
     with pytest.raises(ValueError, match="Got priority 1 but Priority scheduling is not enabled."):
         tiny_llm.generate(["a", "b"], use_tqdm=False, priority=[0, 1])
@@ -606,3 +646,35 @@ def test_chat_takes_text_parts_and_continues_the_final_message(tiny_llm):
         tiny_llm.chat(opened, params, continue_final_message=True)
     with pytest.raises(ValueError, match="text content parts"):
         tiny_llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], params)
+
+
+def test_chat_template_content_format(tiny_llm):
+    """LLM.chat's chat_template_content_format (vLLM's keyword): "auto" hands a template that
+    loops over the parts a list of them, "string" one string."""
+    template = ("{% for m in messages %}{% if m.content is string %}S:{{ m.content }}"
+                "{% else %}{% for p in m.content %}P:{{ p.text }};{% endfor %}{% endif %}{% endfor %}")
+    params = SamplingParams(temperature=0, max_tokens=1)
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "One."}, {"type": "text", "text": "Two."}]}]
+    prompts = {fmt: tiny_llm.chat(conversation, params, use_tqdm=False, chat_template=template,
+                                  chat_template_content_format=fmt)[0].prompt for fmt in ("auto", "openai", "string")}
+    assert prompts == {"auto": "P:One.;P:Two.;", "openai": "P:One.;P:Two.;", "string": "S:One.\nTwo."}
+
+
+def test_disable_sliding_window_caps_the_context_at_the_window(tiny_model_dir):
+    """vLLM's --disable-sliding-window on a sliding-window model (the tiny Llama made a Mistral with a
+    window of 48 by --hf-overrides): full attention, max_model_len capped at the window (a larger
+    --max-model-len is refused), greedy tokens those of the dense model without a window."""
+    window = {"architectures": ["MistralForCausalLM"], "sliding_window": 48}
+    kwargs = {**ENGINE_KWARGS, "hf_overrides": window, "enforce_eager": True}
+    windowed = LLM(str(tiny_model_dir), **kwargs).llm_engine
+    assert (windowed.model_config.sliding_window, windowed.max_model_len) == (48, 128)
+    with pytest.raises(ValueError, match="--max-model-len 128 exceeds .* \\(48\\)"):
+        LLM(str(tiny_model_dir), disable_sliding_window=True, **kwargs)
+    llm = LLM(str(tiny_model_dir), disable_sliding_window=True, **{**kwargs, "max_model_len": None})
+    engine = llm.llm_engine
+    assert (engine.model_config.sliding_window, engine.max_model_len) == (None, 48)
+    prompt = mixed_prompts()[0][:20]
+    (out,) = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                          use_tqdm=False)
+    assert out.outputs[0].token_ids == dense_greedy(engine.runner.params, engine.model_config, [prompt], 8, 32)[0]
+    assert_pool_free(llm)

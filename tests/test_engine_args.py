@@ -38,7 +38,33 @@ def test_vllm_flag_names_and_booleans():
     (dict(scheduler_delay_factor=float("nan")), "--scheduler-delay-factor"),
     (dict(logprobs_mode="logprobs"), "logprobs_mode='logprobs' is not one of"),
     (dict(scheduling_policy="lifo"), "scheduling_policy='lifo' is not one of"),
+    (dict(stream_interval=0), "--stream-interval"),
+    (dict(tokenizer_mode="mistral"), "tokenizer_mode='mistral' is not one of"),
+    (dict(kv_cache_memory_bytes=0), "--kv-cache-memory-bytes"),
+    (dict(kv_cache_memory_bytes=2**30, kv_cache_memory=1.0), "--kv-cache-memory \\(GiB\\) or --kv-cache-memory-bytes"),
+    (dict(hf_overrides="rope_theta=1"), "hf_overrides must be a dict"),
 ])
 def test_bad_values_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EngineArgs(**kwargs)
+
+
+def test_vllm_flags_with_their_value_formats():
+    """--kv-cache-memory-bytes takes vLLM's human-readable sizes (K/M/G/T binary, k/m/g/t decimal)
+    and becomes the pool's GiB; --hf-overrides is a JSON object; --stream-interval, --tokenizer-mode,
+    --tokenizer-revision and --disable-sliding-window keep their values."""
+    for text, size in (("4G", 4 * 2**30), ("1.5g", 1_500_000_000), ("512M", 512 * 2**20), ("123456", 123456)):
+        args = parse(["--kv-cache-memory-bytes", text])
+        assert (args.kv_cache_memory, args.kv_cache_memory_bytes) == (size / 2**30, None)
+    assert EngineArgs().kv_cache_memory is None
+    for bad in ("1.5G", "lots", "-"):
+        with pytest.raises(SystemExit):
+            parse(["--kv-cache-memory-bytes", bad])
+    args = parse(["--hf-overrides", '{"max_position_embeddings": 64, "rope_theta": 5e5}', "--stream-interval", "8",
+                  "--tokenizer-mode", "hf", "--tokenizer-revision", "v2", "--disable-sliding-window"])
+    assert args.hf_overrides == {"max_position_embeddings": 64, "rope_theta": 5e5}
+    assert (args.stream_interval, args.tokenizer_mode, args.tokenizer_revision) == (8, "hf", "v2")
+    assert args.disable_sliding_window and not EngineArgs().disable_sliding_window
+    for argv in (["--hf-overrides", "[1]"], ["--hf-overrides", "{bad"], ["--tokenizer-mode", "mistral"]):
+        with pytest.raises(SystemExit):
+            parse(argv)

@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from jpaged.generate import greedy_generate, main
 from jpaged.loaders import ModelLoadError, load_model, save_orbax
+from jpaged.loaders import gguf as gguf_loader
 from jpaged.loaders.gguf_file import read_gguf
 from jpaged.loaders.hf_names import params_to_hf_state_dict
 from jpaged.models import llama
@@ -235,6 +236,37 @@ def test_hub_id_from_local_cache(tiny_model_dir, tiny, tmp_path, monkeypatch):
     loaded = load_model("acme/tiny-llama")
     assert loaded.model_path == str(snapshot)
     _assert_params_equal(loaded.params, tiny.params)
+
+
+def test_tokenizer_revision_reads_the_hub_models_tokenizer_at_that_revision(tiny_model_dir, tmp_path, monkeypatch):
+    """vLLM's --tokenizer-revision: the weights at --revision (main), the tokenizer at its own."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    repo = tmp_path / "models--acme--tiny-llama"
+    for commit, ref, template in (("a" * 40, "main", "{{ 'main' }}"), ("b" * 40, "v2", "{{ 'v2' }}")):
+        shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+        (repo / "snapshots" / commit / "chat_template.jinja").write_text(template)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for tokenizer_revision, template in ((None, "main"), ("main", "main"), ("v2", "v2")):
+        loaded = load_model("acme/tiny-llama", load_format="dummy", tokenizer_revision=tokenizer_revision)
+        assert loaded.model_path == str(repo / "snapshots" / ("a" * 40))
+        assert loaded.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]) == template
+    with pytest.raises(ModelLoadError, match="not in the Hugging Face cache"):
+        load_model("acme/tiny-llama", load_format="dummy", tokenizer_revision="v3")
+
+
+def test_hf_overrides_replace_config_fields_of_folders_and_gguf_files(tiny_model_dir, smollm2_path, tmp_path):
+    overrides = {"architectures": ["MistralForCausalLM"], "sliding_window": 48, "rope_theta": 1234.0}
+    config = load_model(str(tiny_model_dir), load_format="dummy", hf_overrides=overrides).config
+    assert (config.architecture, config.sliding_window, config.rope_theta) == ("MistralForCausalLM", 48, 1234.0)
+    assert load_model(str(tiny_model_dir), load_format="dummy").config.rope_theta != 1234.0
+    gguf = gguf_loader.read_gguf_config(read_gguf(smollm2_path), "float32", {"max_position_embeddings": 512})
+    assert gguf.max_position_embeddings == 512
+    assert gguf_loader.read_gguf_config(read_gguf(smollm2_path), "float32").max_position_embeddings == 8192
+    with pytest.raises(ModelLoadError, match="unsupported architecture.*GPT2LMHeadModel"):
+        load_model(str(tiny_model_dir), load_format="dummy", hf_overrides={"architectures": ["GPT2LMHeadModel"]})
 
 
 def test_hub_id_offline_gives_clear_error(tmp_path, monkeypatch):

@@ -62,11 +62,13 @@ def load_model(
     load_format: str = "auto",
     revision: str | None = None,
     tokenizer: str | None = None,
+    tokenizer_revision: str | None = None,
     chat_template: str | None = None,
     download_dir: str | None = None,
     trust_remote_code: bool = False,
     quantization: str | None = None,
     keep_gguf_blocks: bool = False,
+    hf_overrides: dict | None = None,
 ) -> LoadedModel:
     """Loads config, params (on the default device, in the resolved dtype) and tokenizer.
 
@@ -76,6 +78,8 @@ def load_model(
       load_format: auto|safetensors|gguf|orbax|dummy. dummy: random weights from config.json.
       revision: hub revision (branch, tag or commit) for hub ids.
       tokenizer: a folder (or hub id) to take the tokenizer from instead of the model's.
+      tokenizer_revision: hub revision of the tokenizer (None: `revision`); with a hub model and
+        no `tokenizer`, the model repo's tokenizer is read at this revision.
       chat_template: a file path or template text that replaces the tokenizer's chat template.
       download_dir: where hub models are downloaded and cached (default: the HF cache).
       trust_remote_code: accepted for vLLM compatibility; jpaged never runs a repo's Python code,
@@ -86,6 +90,8 @@ def load_model(
         file's Q8_0/Q4_0/Q4_1 tensors, embedding included, stay in their blocks.
       keep_gguf_blocks: with quantization None, load a .gguf as with "gguf" (the engine sets it
         where the C++ CPU kernel multiplies those blocks in float32, docs/quantization.md).
+      hf_overrides: config.json fields that replace the checkpoint's before the config is built
+        (a .gguf's metadata is read as those fields first); not for an Orbax folder.
     Raises:
       ModelLoadError naming the path and the problem.
     """
@@ -112,19 +118,25 @@ def load_model(
         raise ModelLoadError(f"{path} is a {checkpoint_quantization} checkpoint; --quantization {quantization} "
                              f"cannot convert it (leave --quantization unset)")
 
+    if hf_overrides and load_format == "orbax":
+        raise ModelLoadError(f"--hf-overrides changes config.json fields, but {path} is an Orbax folder "
+                             f"(its config is jpaged's own); load the HF folder or .gguf instead")
     try:
         if load_format == "gguf":
             gguf_file = read_gguf(path)
-            config = gguf_loader.read_gguf_config(gguf_file, dtype)
+            config = gguf_loader.read_gguf_config(gguf_file, dtype, hf_overrides)
         elif load_format == "orbax":
             config = orbax_loader.read_orbax_config(path, dtype)
         else:
-            config = hf_loader.read_hf_config(path, dtype)
+            config = hf_loader.read_hf_config(path, dtype, hf_overrides)
     except ValueError as e:
         raise e if isinstance(e, ModelLoadError) else ModelLoadError(f"{path}: {e}") from e
 
+    tokenizer_revision = revision if tokenizer_revision is None else tokenizer_revision
+    if tokenizer is None and tokenizer_revision != revision and not os.path.exists(os.path.expanduser(model or "")):
+        tokenizer = model  # a hub model's own tokenizer, at another revision
     if tokenizer is not None:
-        tokenizer_path = _resolve_path(tokenizer, revision, download_dir)
+        tokenizer_path = _resolve_path(tokenizer, tokenizer_revision, download_dir)
         tok = _folder_tokenizer(tokenizer_path, config, chat_template)
     elif load_format == "gguf":
         tok = gguf_loader.load_gguf_tokenizer(gguf_file, config.eos_token_ids, chat_template)

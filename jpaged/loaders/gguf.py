@@ -59,9 +59,10 @@ _SPECIAL_TOKENS = {
 }
 
 
-def read_gguf_config(gguf_file: GgufFile, dtype: str) -> ModelConfig:
-    """ModelConfig from GGUF metadata ("{arch}.block_count", ...). dtype "auto" -> float32 on CPU,
-    bfloat16 on accelerators (the weights are dequantized, so there is no native dtype)."""
+def read_gguf_config(gguf_file: GgufFile, dtype: str, hf_overrides: dict | None = None) -> ModelConfig:
+    """ModelConfig from GGUF metadata ("{arch}.block_count", ...), read as config.json fields, then
+    `hf_overrides`' fields in their place. dtype "auto" -> float32 on CPU, bfloat16 on
+    accelerators (the weights are dequantized, so there is no native dtype)."""
     path, meta = gguf_file.path, gguf_file.metadata
     arch = _field(gguf_file, "general.architecture")
     if arch not in ARCHITECTURES:
@@ -95,6 +96,7 @@ def read_gguf_config(gguf_file: GgufFile, dtype: str) -> ModelConfig:
         "eos_token_id": eos,
         "dtype": "bfloat16",
     }
+    hf_config.update(hf_overrides or {})
     try:
         return ModelConfig.from_hf_config(hf_config, dtype)
     except ValueError as e:

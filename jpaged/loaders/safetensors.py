@@ -19,8 +19,9 @@ from jpaged.models.config import ModelConfig
 from jpaged.models.llama import param_shapes
 
 
-def read_hf_config(folder: str, dtype: str) -> ModelConfig:
-    """ModelConfig from folder/config.json, with extra EOS ids from generation_config.json."""
+def read_hf_config(folder: str, dtype: str, hf_overrides: dict | None = None) -> ModelConfig:
+    """ModelConfig from folder/config.json, with extra EOS ids from generation_config.json, then
+    `hf_overrides`' fields in place of the file's."""
     hf_config = read_json(os.path.join(folder, "config.json"))
     generation_path = os.path.join(folder, "generation_config.json")
     if os.path.isfile(generation_path):
@@ -29,6 +30,7 @@ def read_hf_config(folder: str, dtype: str) -> ModelConfig:
             config_eos = hf_config.get("eos_token_id")
             as_list = lambda x: [] if x is None else x if isinstance(x, list) else [x]
             hf_config["eos_token_id"] = list(dict.fromkeys(as_list(config_eos) + as_list(generation_eos)))
+    hf_config.update(hf_overrides or {})
     try:
         return ModelConfig.from_hf_config(hf_config, dtype)
     except (KeyError, ValueError, TypeError) as e:
