@@ -190,12 +190,15 @@ class LLM:
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict] | None = None,
              chat_template_kwargs: dict | None = None,
-             lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+             lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+             chat_template_content_format: str = "auto") -> list[RequestOutput]:
         """Generates replies to one conversation (a list of {"role", "content"} dicts) or a list of them.
 
-        As vLLM's: content is a string or a list of {"type": "text", "text": ...} parts (joined one
-        per line); continue_final_message leaves the last message open for the model to continue
-        (not with add_generation_prompt); tools and chat_template_kwargs go to the chat template;
+        As vLLM's: content is a string or a list of {"type": "text", "text": ...} parts;
+        chat_template_content_format says how it reaches the template: "string" (one string, the
+        parts one per line), "openai" (a list of text parts) or "auto" (what the template expects).
+        continue_final_message leaves the last message open for the model to continue (not with
+        add_generation_prompt); tools and chat_template_kwargs go to the chat template;
         lora_request as for generate.
         """
         if continue_final_message and add_generation_prompt:
@@ -210,7 +213,8 @@ class LLM:
         prompts = []
         for conversation in conversations:
             text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                 chat_template=chat_template, **kwargs)
+                                                 chat_template=chat_template,
+                                                 content_format=chat_template_content_format, **kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 

@@ -20,6 +20,7 @@ import uvicorn
 
 from jpaged import kv_pool, multihost
 from jpaged.async_llm import AsyncLLM
+from jpaged.chat_content import CONTENT_FORMATS
 from jpaged.config import EngineArgs
 from jpaged.data_parallel import DataParallelAsyncLLM
 from jpaged.generation_config import load_generation_defaults
@@ -107,6 +108,11 @@ def make_parser() -> argparse.ArgumentParser:
                         help="Route POST /update_weights_from_disk {\"model_path\": ...}: load a checkpoint "
                              "of the same shapes and swap it in between steps (RL rollouts). Guarded by "
                              "--api-key when one is set.")
+    server.add_argument("--chat-template-content-format", default="auto", choices=CONTENT_FORMATS,
+                        help="How a chat message's content reaches the chat template: 'string' (one "
+                             "string, text parts one per line), 'openai' (a list of "
+                             "{\"type\": \"text\", \"text\": ...} parts) or 'auto' (whichever the "
+                             "template expects: 'openai' when it loops over a message's content).")
     server.add_argument("--trust-request-chat-template", action="store_true",
                         help="Accept a `chat_template` field in chat requests (refused by default: "
                              "it runs client-supplied jinja and may name a file on the server).")
@@ -265,7 +271,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
                          enable_prompt_tokens_details=args.enable_prompt_tokens_details,
                          enable_force_include_usage=args.enable_force_include_usage,
                          default_chat_template_kwargs=args.default_chat_template_kwargs,
-                         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none)
+                         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+                         chat_template_content_format=args.chat_template_content_format)
     for module in args.lora_modules or ():
         try:
             await ctx.load_lora_adapter(module["name"], module["path"], module["base_model_name"])

@@ -4,6 +4,8 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
+from jpaged.chat_content import message_parts, message_text, resolve_content_format
+
 
 class Tokenizer:
     """Encodes, decodes and renders chat templates the way the model's HF tokenizer does.
@@ -63,12 +65,15 @@ class Tokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        content_format: str = "auto",
         **kwargs,
     ) -> str:
         """Renders `messages` with the model's (or the given) jinja2 chat template, as HF does.
 
-        As vLLM does: content given as text parts, [{"type": "text", "text": ...}], reaches the
-        template as one string, a part per line; `developer` messages become `system` ones for a
+        As vLLM does: `content_format` (--chat-template-content-format) says how a message's
+        content reaches the template: "string", one string with a text part per line; "openai",
+        a list of text parts [{"type": "text", "text": ...}]; "auto", whichever the template
+        expects (jpaged/chat_content.py). `developer` messages become `system` ones for a
         template that never names the developer role (SmolLM2's would render an unknown role
         after its own default system prompt), and the system messages are then merged into one
         at the start. Raises ValueError when there is no template (pass --chat-template), or for
@@ -80,10 +85,11 @@ class Tokenizer:
                 f"the tokenizer of {self.hf.name_or_path!r} has no chat template; pass one with "
                 "--chat-template (a file path or the template text)"
             )
-        messages = [{**m, "content": message_text(m.get("content"))} for m in messages]
         source = template if template is not None else self.hf.chat_template
         if any(m.get("role") == "developer" for m in messages) and not _names_developer_role(source):
             messages = _developer_as_system(messages)
+        as_content = message_parts if resolve_content_format(content_format, source) == "openai" else message_text
+        messages = [{**m, "content": as_content(m.get("content"))} for m in messages]
         return self.hf.apply_chat_template(
             messages,
             tokenize=False,
@@ -91,19 +97,6 @@ class Tokenizer:
             chat_template=template,
             **kwargs,
         )
-
-
-def message_text(content) -> str:
-    """A chat message's content as one string: text parts joined one per line (vLLM's rule for
-    templates that read content as a string); None as ""."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ValueError(f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, got {part!r}")
-        texts.append(part["text"])
-    return "\n".join(texts)
 
 
 def _names_developer_role(template) -> bool:
@@ -120,7 +113,8 @@ def _developer_as_system(messages: list[dict]) -> list[dict]:
     system_at = [i for i, m in enumerate(messages) if m.get("role") == "system"]
     if system_at in ([], [0]):
         return messages
-    merged = "\n\n".join(messages[i].get("content") or "" for i in system_at if messages[i].get("content"))
+    texts = [message_text(messages[i].get("content")) for i in system_at]
+    merged = "\n\n".join(text for text in texts if text)
     return [{"role": "system", "content": merged}] + [m for m in messages if m.get("role") != "system"]
 
 

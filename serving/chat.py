@@ -33,6 +33,7 @@ def render_chat_prompt(ctx: ServingContext, messages, add_generation_prompt: boo
     `chat_template` from a request is refused unless the server trusts request templates: the
     tokenizer also accepts file paths, which would let a client read the server's files.
     `continue_final_message`: the last message is left open (no end-of-turn) for the model to go on.
+    Message content reaches the template as --chat-template-content-format says.
     """
     if chat_template is not None and not ctx.trust_request_chat_template:
         raise APIError("This server does not accept chat templates in requests; start it with "
@@ -47,7 +48,7 @@ def render_chat_prompt(ctx: ServingContext, messages, add_generation_prompt: boo
     try:
         return ctx.tokenizer.apply_chat_template(
             [m.to_template_message() for m in messages], add_generation_prompt=add_generation_prompt,
-            chat_template=chat_template, **kwargs)
+            chat_template=chat_template, content_format=ctx.chat_template_content_format, **kwargs)
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise APIError(f"The chat template could not render these messages: {exc}",
                        param="messages") from None

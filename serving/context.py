@@ -43,7 +43,7 @@ class ServingContext:
                  response_role: str = "assistant", return_tokens_as_token_ids: bool = False,
                  enable_prompt_tokens_details: bool = False, enable_force_include_usage: bool = False,
                  max_log_len: int | None = None, default_chat_template_kwargs: dict | None = None,
-                 exclude_tools_when_tool_choice_none: bool = False):
+                 exclude_tools_when_tool_choice_none: bool = False, chat_template_content_format: str = "auto"):
         """The keywords are the server's flags of the same names (`python -m jpaged.serve --help`)."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -68,6 +68,8 @@ class ServingContext:
         self.default_chat_template_kwargs = dict(default_chat_template_kwargs or {})  # under the request's
         # tool_choice "none": render the prompt without the request's tools
         self.exclude_tools_when_tool_choice_none = exclude_tools_when_tool_choice_none
+        # how message content reaches the chat template: "string", "openai" parts, or "auto" (jpaged/chat_content.py)
+        self.chat_template_content_format = chat_template_content_format
         self.max_prompts_per_request = max_prompts_per_request
         self.metrics = ServerMetrics(engine, self.served_model_name)
         # /v1/responses replies kept for previous_response_id (--enable-responses-store)

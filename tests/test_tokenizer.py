@@ -1,6 +1,8 @@
 """Tokenizer: the GGUF-built tokenizer against transformers' own GGUF tokenizer, chat templates
 against plain jinja2, and the small API the engine relies on."""
 
+import functools
+import json
 import os
 
 import jinja2
@@ -8,6 +10,7 @@ import pytest
 
 from jpaged.loaders.gguf import load_gguf_tokenizer
 from jpaged.loaders.gguf_file import read_gguf
+from jpaged.chat_content import detect_content_format
 from jpaged.tokenizer import Tokenizer
 
 TEXTS = [
@@ -110,3 +113,61 @@ def test_developer_role_becomes_system_unless_the_template_names_it(tokenizer):
             == tokenizer.apply_chat_template([{"role": "system", "content": "A.\n\nB."}, user, user]))
     naming = "{% for m in messages %}{% if m.role == 'developer' %}D:{% endif %}{{ m.content }};{% endfor %}"
     assert tokenizer.apply_chat_template(mixed, chat_template=naming) == "A.;Hi;D:B.;Hi;"
+
+
+# A template that shows how content reached it: "S:" a string, "P:" per text part.
+PARTS_TEMPLATE = ("{% for m in messages %}{{ m.role }}|{% if m.content is string %}S:{{ m.content }}"
+                  "{% else %}{% for p in m.content %}P:{{ p.text }};{% endfor %}{% endif %}/{% endfor %}")
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("{% for message in messages %}{{ message['content'] | trim }}{% endfor %}", "string"),
+    ("{% for message in messages %}{% for p in message['content'] %}{{ p.text }}{% endfor %}{% endfor %}",
+     "openai"),
+    ("{% for m in messages %}{% for p in m.content | selectattr('type', 'equalto', 'text') %}{{ p.text }}"
+     "{% endfor %}{% endfor %}", "openai"),
+    ("{% set loop_messages = messages[1:] %}{% for message in loop_messages %}{% set content = message['content'] %}"
+     "{% for p in content %}{{ p['text'] }}{% endfor %}{% endfor %}", "openai"),
+    ("{% for p in messages[0].content %}{{ p.text }}{% endfor %}", "openai"),
+    ("{% for tool in tools %}{% for p in tool.content %}{{ p }}{% endfor %}{% endfor %}", "string"),  # not a message
+    ("{% for m in messages %}{% for c in m.content %}{% break %}{% endfor %}{% generation %}x{% endgeneration %}"
+     "{% endfor %}", "openai"),  # transformers' extensions parse
+    ("{% for message in messages %}{{ message.content }", "string"),  # unparsable
+    (None, "string"),
+])
+def test_content_format_detection(template, expected):
+    assert detect_content_format(template) == expected
+
+
+def test_content_formats_render_parts_or_one_string(tokenizer):
+    """"openai" hands the template text parts (a string is one part, None none), "string" one
+    string (parts one per line); "auto" picks parts for a template that loops over them and a
+    string for SmolLM2's."""
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "One."}, {"type": "text", "text": "Two."}]},
+                {"role": "assistant", "content": None}]
+    as_parts = "system|P:Be brief.;/user|P:One.;P:Two.;/assistant|/"
+    as_string = "system|S:Be brief./user|S:One.\nTwo./assistant|S:/"
+    render = functools.partial(tokenizer.apply_chat_template, messages, chat_template=PARTS_TEMPLATE)
+    assert render(content_format="openai") == render(content_format="auto") == render() == as_parts
+    assert render(content_format="string") == as_string
+    # SmolLM2's template adds content to strings: "auto" keeps handing it one string
+    assert tokenizer.apply_chat_template(messages) == tokenizer.apply_chat_template(messages,
+                                                                                    content_format="string")
+    with pytest.raises(ValueError, match="text content parts"):
+        tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image_url"}]}],
+                                      chat_template=PARTS_TEMPLATE)
+    with pytest.raises(ValueError, match="chat_template_content_format must be one of"):
+        render(content_format="parts")
+
+
+def test_developer_messages_merge_with_text_parts(tokenizer):
+    """Developer and system contents given as parts merge into one system message, which reaches
+    a part-reading template as one part."""
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "developer", "content": [{"type": "text", "text": "A."}, {"type": "text", "text": "B."}]},
+                {"role": "system", "content": "C."}]
+    expected = "system|P:A.\nB.\n\nC.;/user|P:Hi;/"
+    rendered = tokenizer.apply_chat_template(messages, chat_template=PARTS_TEMPLATE, add_generation_prompt=False)
+    assert rendered == expected
+
