@@ -94,6 +94,10 @@ def make_parser() -> argparse.ArgumentParser:
                              "stream_options.include_usage.")
     server.add_argument("--enable-request-id-headers", action="store_true",
                         help="Answer every request with an X-Request-Id header: the request's own, or a new id.")
+    server.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                        help="Route GET /tokenizer_info: the tokenizer's settings (its init arguments), "
+                             "class and chat template; off by default, as it shows the chat template. "
+                             "Guarded by --api-key when one is set.")
     server.add_argument("--enable-server-load-tracking", action="store_true",
                         help="Count the completions, chat and responses requests in flight; GET /load "
                              "reports the count as {\"server_load\": N} (0 without this flag).")
@@ -288,7 +292,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
     app = build_app(ctx, api_key=api_key, cors=cors, enable_update_weights_route=args.enable_update_weights_route,
                     enable_lora_updating=lora_updating, max_header_bytes=args.max_header_bytes,
                     enable_request_id_headers=args.enable_request_id_headers,
-                    enable_server_load_tracking=args.enable_server_load_tracking, root_path=args.root_path or "")
+                    enable_server_load_tracking=args.enable_server_load_tracking, root_path=args.root_path or "",
+                    enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             lifespan="off", h11_max_incomplete_event_size=h11_buffer_bytes(args.max_header_bytes),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,

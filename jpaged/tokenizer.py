@@ -1,6 +1,7 @@
 """Tokenizer: a thin, typed face over a transformers fast tokenizer (no torch needed)."""
 
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 
@@ -60,6 +61,18 @@ class Tokenizer:
     def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(list(token_ids))
 
+    def info(self) -> dict:
+        """vLLM's GET /tokenizer_info: the HF tokenizer's init_kwargs (less the vocab and merges
+        file paths) as JSON values, its class name, and the chat template it renders with (the
+        model's or --chat-template) when there is one."""
+        init_kwargs = getattr(self.hf, "init_kwargs", None) or {}
+        info = {key: _json_value(value) for key, value in init_kwargs.items()
+                if key not in ("vocab_file", "merges_file")}
+        info["tokenizer_class"] = type(self.hf).__name__
+        if self.hf.chat_template is not None:
+            info["chat_template"] = _json_value(self.hf.chat_template)
+        return info
+
     def apply_chat_template(
         self,
         messages: list[dict],
@@ -97,6 +110,21 @@ class Tokenizer:
             chat_template=template,
             **kwargs,
         )
+
+
+def _json_value(value):
+    """`value` as JSON can hold it: an AddedToken-like object (one with a string `content`) as
+    that string, containers item by item, and anything else JSON has no value for as str()."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_json_value(item) for item in value]
+    content = getattr(value, "content", None)
+    return content if isinstance(content, str) else str(value)
 
 
 def _names_developer_role(template) -> bool:

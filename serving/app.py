@@ -44,7 +44,7 @@ def _digest(value: bytes) -> bytes:
 
 
 # Routes that reach the model; /health, /ping, /version and /metrics stay open, as in vLLM.
-GUARDED_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/update_weights_from_disk")
+GUARDED_PREFIXES = ("/v1", "/tokenize", "/tokenizer_info", "/detokenize", "/update_weights_from_disk")
 
 
 class RootPathMiddleware:
@@ -225,6 +225,12 @@ async def detokenize(request: Request) -> JSONResponse:
     return JSONResponse(DetokenizeResponse(prompt=text).model_dump(mode="json"))
 
 
+async def tokenizer_info(request: Request) -> JSONResponse:
+    """vLLM's GET /tokenizer_info: the tokenizer's settings, class and chat template
+    (Tokenizer.info); only routed with --enable-tokenizer-info-endpoint."""
+    return JSONResponse(_context(request).tokenizer.info())
+
+
 async def metrics(request: Request) -> Response:
     return Response(_context(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -262,11 +268,12 @@ async def unload_lora_adapter(request: Request) -> PlainTextResponse:
 def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSettings | None = None,
               enable_update_weights_route: bool = False, enable_lora_updating: bool = False,
               max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, enable_request_id_headers: bool = False,
-              enable_server_load_tracking: bool = False, root_path: str = "") -> Starlette:
+              enable_server_load_tracking: bool = False, root_path: str = "",
+              enable_tokenizer_info_endpoint: bool = False) -> Starlette:
     """The ASGI app serving `ctx`'s engine; `api_key` (if set) guards GUARDED_PREFIXES, `cors`
     (if set) answers browsers' cross-origin requests; enable_lora_updating routes
-    /v1/load_lora_adapter and /v1/unload_lora_adapter; the last two are the server's flags of
-    those names."""
+    /v1/load_lora_adapter and /v1/unload_lora_adapter; the other keywords are the server's flags
+    of those names."""
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/ping", health, methods=["GET", "POST"]),  # vLLM's (SageMaker's) name for the same check
@@ -285,6 +292,8 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
     ]
     if enable_update_weights_route:
         routes.append(Route("/update_weights_from_disk", update_weights_from_disk, methods=["POST"]))
+    if enable_tokenizer_info_endpoint:
+        routes.append(Route("/tokenizer_info", tokenizer_info, methods=["GET"]))
     if enable_lora_updating:
         routes += [Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
                    Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"])]

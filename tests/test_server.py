@@ -374,7 +374,7 @@ def test_models_version_tokenize_detokenize(server, tiny_model):
 def test_vllm_defaults_of_the_serving_flags(server):
     """Without tests/test_server_flags.py's flags, vLLM's defaults: no prompt_tokens_details, no
     usage chunk unless asked, no X-Request-Id header, /load at 0, the assistant's role, logprob
-    tokens as text."""
+    tokens as text, no /tokenizer_info."""
     reply = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json={
         "messages": [{"role": "user", "content": "u"}], "max_tokens": 2, "logprobs": True})
     data = reply.json()
@@ -393,6 +393,8 @@ def test_vllm_defaults_of_the_serving_flags(server):
     refused = httpx.post(server.url + "/v1/completions", headers=AUTH, json={"prompt": "p", "priority": 1})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "priority"
     assert "Priority scheduling is not enabled" in refused.json()["error"]["message"]
+    # GET /tokenizer_info only with --enable-tokenizer-info-endpoint (vLLM's 404)
+    assert httpx.get(server.url + "/tokenizer_info", headers=AUTH).status_code == 404
 
 
 def _metric(text: str, name: str, *labels: str) -> float:

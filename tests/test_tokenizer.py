@@ -171,3 +171,32 @@ def test_developer_messages_merge_with_text_parts(tokenizer):
     rendered = tokenizer.apply_chat_template(messages, chat_template=PARTS_TEMPLATE, add_generation_prompt=False)
     assert rendered == expected
 
+
+class _Token:
+    """Stands for transformers' AddedToken: a `content` string."""
+
+    def __init__(self, content):
+        self.content = content
+
+    def __str__(self):
+        return f"Token({self.content!r})"
+
+
+def test_info_is_json_with_class_and_serving_chat_template(tokenizer, tiny_model_dir, tmp_path):
+    info = tokenizer.info()
+    assert json.loads(json.dumps(info, allow_nan=False)) == info
+    assert info["tokenizer_class"] == type(tokenizer.hf).__name__
+    assert info["eos_token"] == "<|im_end|>" and info["chat_template"] == tokenizer.hf.chat_template
+    # The template the server renders with (--chat-template), not the one the files name.
+    template = tmp_path / "template.jinja"
+    template.write_text(PARTS_TEMPLATE)
+    overridden = Tokenizer.from_pretrained(str(tiny_model_dir), chat_template=str(template))
+    overridden.hf.init_kwargs.update(vocab_file="/srv/vocab.json", merges_file="/srv/merges.txt",
+                                     extra={"tokens": [_Token("<a>"), _Token(7)], 3: (1.5, float("nan"))},
+                                     opaque=object)
+    info = overridden.info()
+    assert info["chat_template"] == PARTS_TEMPLATE
+    assert "vocab_file" not in info and "merges_file" not in info
+    assert info["extra"] == {"tokens": ["<a>", "Token(7)"], "3": [1.5, "nan"]}
+    assert info["opaque"] == str(object)
+    json.dumps(info, allow_nan=False)
