@@ -49,6 +49,9 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="127.0.0.1",
                         help="Address to listen on (0.0.0.0 for every interface).")
     server.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port).")
+    server.add_argument("--uds", default=None, metavar="PATH",
+                        help="Listen on a Unix domain socket at PATH instead of --host/--port "
+                             "(HTTPS still with --ssl-keyfile/--ssl-certfile).")
     server.add_argument("--api-key", default=None,
                         help="Require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
                              "(/health, /version and /metrics stay open). Default: the JPAGED_API_KEY "
@@ -172,10 +175,16 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
-        if self.started:
+        if not self.started:
+            return
+        scheme = "https" if self.config.is_ssl else "http"
+        if self.config.uds is not None:
+            logger.info("jpaged is ready: serving %s on unix socket %s (%s; OpenAI API at /v1)",
+                        self.model_name, self.config.uds, scheme)
+        else:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             logger.info("jpaged is ready: serving %s on %s://%s:%d (OpenAI API at /v1)",
-                        self.model_name, "https" if self.config.is_ssl else "http", host, port)
+                        self.model_name, scheme, host, port)
 
     def handle_exit(self, sig: int, frame) -> None:
         super().handle_exit(sig, frame)
@@ -294,7 +303,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
                     enable_request_id_headers=args.enable_request_id_headers,
                     enable_server_load_tracking=args.enable_server_load_tracking, root_path=args.root_path or "",
                     enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+    config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, log_level=args.uvicorn_log_level,
                             lifespan="off", h11_max_incomplete_event_size=h11_buffer_bytes(args.max_header_bytes),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,
                             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
@@ -323,6 +332,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Engin
         args.model = args.model_tag
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         parser.error("--ssl-keyfile and --ssl-certfile go together: give both or neither.")
+    if args.uds is not None:
+        _check_uds(parser, args.uds)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser.")
     if args.lora_modules and not args.enable_lora:
@@ -331,6 +342,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Engin
         return args, EngineArgs.from_cli_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+# sun_path holds 108 bytes on Linux, the last a NUL
+MAX_UDS_PATH_BYTES = 107
+
+
+def _check_uds(parser: argparse.ArgumentParser, path: str) -> None:
+    """Refuses an --uds path the socket cannot bind to, before the model loads."""
+    if len(os.fsencode(path)) > MAX_UDS_PATH_BYTES:
+        parser.error(f"--uds {path!r} is {len(os.fsencode(path))} bytes long; a Unix socket path holds "
+                     f"at most {MAX_UDS_PATH_BYTES}.")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        parser.error(f"--uds {path!r}: the folder {folder!r} does not exist.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,8 @@ SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-
                 "--disable-uvicorn-access-log", "--root-path", "--response-role", "--return-tokens-as-token-ids",
                 "--enable-prompt-tokens-details", "--enable-force-include-usage", "--enable-request-id-headers",
                 "--enable-server-load-tracking", "--default-chat-template-kwargs", "--override-generation-config",
-                "--exclude-tools-when-tool-choice-none", "--shutdown-timeout"]
+                "--exclude-tools-when-tool-choice-none", "--shutdown-timeout", "--uds",
+                "--enable-tokenizer-info-endpoint", "--chat-template-content-format"]
 # Small buckets, so that only two programs compile: one forward shape and one sampler.
 SMALL_ENGINE = ["--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "16",
                 "--num-gpu-blocks-override", "32"]
@@ -71,6 +72,9 @@ def test_positional_model_and_vllm_list_flags():
     (["--max-n", "0"], "--max-n"),
     (["--max-log-len", "-1"], "--max-log-len"),
     (["--default-chat-template-kwargs", "[1]"], "--default-chat-template-kwargs"),
+    (["--chat-template-content-format", "parts"], "--chat-template-content-format"),
+    (["--uds", "/" + "s" * 120], "--uds"),
+    (["--uds", "/no/such/folder/jpaged.sock"], "--uds"),
 ])
 def test_conflicting_or_bad_flags_exit_2_naming_them(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_info:
@@ -96,9 +100,12 @@ class ServeProcess:
             except queue.Empty:
                 self.proc.kill()
                 raise AssertionError("the server did not log readiness:\n" + "".join(self.log)) from None
-            match = re.search(r"jpaged is ready: serving (\S+) on (https?://127\.0\.0\.1:\d+)", line)
+            match = re.search(r"jpaged is ready: serving (\S+) on (?:(https?://127\.0\.0\.1:\d+)|"
+                              r"unix socket (\S+) \((https?);)", line)
             if match:
-                self.model_name, self.url = match.groups()
+                self.model_name, self.url, self.uds, scheme = match.groups()
+                if self.uds is not None:  # the socket's URL, for a client with an HTTPTransport(uds=...)
+                    self.url = f"{scheme}://127.0.0.1"
                 return
             if self.proc.poll() is not None and self.lines.empty():
                 raise AssertionError("the server exited:\n" + "".join(self.log))
@@ -167,28 +174,43 @@ def test_bundled_smollm2_end_to_end():
 
 
 def test_vllm_style_invocation_over_https(tiny_model_dir, tmp_path):
-    """`python -m jpaged.serve MODEL` with vLLM's flags: TLS, two names, enforce-eager, a path
-    prefix behind a proxy (the key still guards it), request logs without the key, the prompt cut
-    to --max-log-len, no access log."""
+    """`python -m jpaged.serve MODEL` with vLLM's flags: TLS on a Unix socket (--uds), two names,
+    enforce-eager, a path prefix behind a proxy (the key still guards it), request logs without the
+    key, the prompt cut to --max-log-len, no access log, GET /tokenizer_info (the --chat-template
+    it renders with) and --chat-template-content-format reaching the template."""
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
                     str(cert)], check=True, capture_output=True)
-    secret = "sk-do-not-log-me"
+    # Shows how content reached it: "S:" a string ("auto" would pick parts, "P:", for this template).
+    template = ("{% for m in messages %}{% if m.content is string %}S:{{ m.content }}"
+                "{% else %}{% for p in m.content %}P:{{ p.text }}{% endfor %}{% endif %}{% endfor %}")
+    (tmp_path / "template.jinja").write_text(template)
+    secret, sock = "sk-do-not-log-me", tmp_path / "jpaged.sock"
     server = ServeProcess([str(tiny_model_dir), "--served-model-name", "tiny", "alias", "--enforce-eager",
                            "--api-key", secret, "--ssl-keyfile", str(key), "--ssl-certfile", str(cert),
-                           "--root-path", "/proxy", "--enable-log-requests", "--max-log-len", "3",
-                           "--disable-uvicorn-access-log", *SMALL_ENGINE])
+                           "--uds", str(sock), "--root-path", "/proxy", "--enable-log-requests", "--max-log-len", "3",
+                           "--disable-uvicorn-access-log", "--enable-tokenizer-info-endpoint",
+                           "--chat-template", str(tmp_path / "template.jinja"),
+                           "--chat-template-content-format", "string", *SMALL_ENGINE])
     try:
-        assert server.url.startswith("https://") and server.model_name == "tiny"
+        assert server.uds == str(sock) and server.url.startswith("https://") and server.model_name == "tiny"
         verify = ssl.create_default_context(cafile=str(cert))
-        client = openai.OpenAI(base_url=server.url + "/proxy/v1", api_key=secret, max_retries=0,
-                               http_client=httpx.Client(verify=verify))
+        http = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock), verify=verify), base_url=server.url)
+        auth = {"Authorization": f"Bearer {secret}"}
+        assert http.get("/health").status_code == 200
+        client = openai.OpenAI(base_url=server.url + "/proxy/v1", api_key=secret, max_retries=0, http_client=http)
         assert [m.id for m in client.models.list().data] == ["tiny", "alias"]
-        for path in ("/proxy/v1/models", "/v1/models"):  # behind the prefix or not, the key is needed
-            assert httpx.get(server.url + path, verify=verify).status_code == 401
+        for path in ("/proxy/v1/models", "/v1/models", "/proxy/tokenizer_info"):  # the key is needed
+            assert http.get(path).status_code == 401
         result = client.completions.create(model="alias", prompt="a secret prompt", max_tokens=3)
         assert result.model == "alias" and result.usage.completion_tokens >= 1
+        info = http.get("/proxy/tokenizer_info", headers=auth).json()
+        assert info["chat_template"] == template and info["eos_token"] == "<|im_end|>"
+        assert info["tokenizer_class"] and "vocab_file" not in info
+        messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+        tokens = http.post("/proxy/tokenize", json={"messages": messages}, headers=auth).json()["tokens"]
+        assert http.post("/proxy/detokenize", json={"tokens": tokens}, headers=auth).json()["prompt"] == "S:hi"
     finally:
         assert server.stop() == 0
     log = "".join(server.log)
