@@ -119,7 +119,9 @@ class DataParallelAsyncLLM:
             raise EngineDeadError("the engine is not running (it failed or was shut down)")
         prompt, token_ids = self._with_token_ids(prompt)
         params = SamplingParams() if sampling_params is None else sampling_params
-        index = self.router.dispatch(token_ids, params.n, available)
+        salt = prompt.get("cache_salt", cache_salt) if isinstance(prompt, dict) else cache_salt
+        seed = self.router.prefix_seed(None if lora_request is None else lora_request.lora_name, salt)
+        index = self.router.dispatch(token_ids, params.n, available, seed)
         self._owners[request_id] = index
         stream = self.replicas[index].generate(prompt, params, request_id, arrival_time, lora_request, priority,
                                                cache_salt)

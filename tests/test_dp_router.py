@@ -87,3 +87,21 @@ def test_prefix_hashes_are_the_prefix_cache_hashes():
     tokens = prompt(4, 10)
     first = hash_block_tokens(None, tokens[:4])
     assert router.prefix_hashes(tokens) == [first, hash_block_tokens(first, tokens[4:8])]
+
+
+def test_prompts_under_another_salt_or_adapter_have_no_affinity():
+    """The prefix cache never shares blocks across cache_salts or LoRA adapters, so the same prompt
+    under another salt or adapter goes to the least-loaded replica, and under the same one back
+    to its replica."""
+    router = DataParallelRouter(2, BLOCK, affinity_slack=4)
+    tokens = prompt(5, 8)
+    tenant_a = router.prefix_seed(None, "tenant-a")
+    assert router.dispatch(tokens, seed=tenant_a) == 0
+    assert router.dispatch(tokens, seed=router.prefix_seed(None, "tenant-b")) == 1  # no affinity: least loaded
+    assert router.dispatch(tokens) == 0  # unsalted: least loaded (tie)
+    assert router.dispatch(tokens, seed=router.prefix_seed("sql-adapter", None)) == 1
+    assert router.loads == [2, 2]
+    assert router.dispatch(tokens, seed=tenant_a) == 0
+    assert router.dispatch(tokens, seed=router.prefix_seed(None, "tenant-b")) == 1
+    assert router.prefix_seed(None, None) is None
+    assert len({router.prefix_seed(*key) for key in (("x", None), ("y", None), ("x", "s"), (None, "s"))}) == 4
