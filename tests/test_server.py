@@ -147,6 +147,22 @@ def test_completion_stream_equals_non_stream(server, client):
     assert len({c.id for c in chunks}) == 1
 
 
+def test_stream_interval_batches_tokens_into_fewer_chunks(server, client):
+    """vLLM's stream_interval: the first token at once, then chunks of 4 new tokens (with their
+    logprobs), the rest with the finish; the same text and tokens as the non-streamed reply."""
+    kwargs = dict(model=MODEL_NAME, prompt="Interval test:", max_tokens=11, temperature=0, logprobs=1,
+                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    whole = client.completions.create(**kwargs).choices[0]
+    kwargs["extra_body"]["stream_interval"] = 4
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs)]
+    assert [len(c.token_ids) for c in chunks] == [1, 4, 4, 2]
+    assert [len(c.logprobs.tokens) for c in chunks] == [1, 4, 4, 2]
+    assert [c.finish_reason for c in chunks] == [None, None, None, "length"]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert [t for c in chunks for t in c.logprobs.token_logprobs] == whole.logprobs.token_logprobs
+
+
 def test_completion_sse_framing(server):
     body = {"prompt": "SSE framing", "max_tokens": 4, "stream": True, "temperature": 0, "ignore_eos": True}
     response = httpx.post(server.url + "/v1/completions", json=body, headers=AUTH)
@@ -510,6 +526,8 @@ ERROR_CASES = {
     "empty_prompt_in_batch": ("/v1/completions", {"prompt": [[5, 6], []]}, 400, None, ["prompt"]),
     "top_k_over_int32": ("/v1/completions", {"prompt": "hi", "top_k": 10**12}, 400, None, ["top_k"]),
     "n_zero": ("/v1/completions", {"prompt": "hi", "n": 0}, 400, None, ["n"]),
+    "stream_interval_zero": ("/v1/completions", {"prompt": "hi", "stream_interval": 0}, 400, None,
+                             ["stream_interval"]),
     "min_tokens_over_max_tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, 400,
                                    None, ["min_tokens"]),
     # Checked by the engine itself (ValueError before its first output), not by the server:
