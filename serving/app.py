@@ -62,9 +62,12 @@ class RootPathMiddleware:
 
 
 def _route_path(scope: Scope) -> str:
-    """The path routes match: without the --root-path prefix (Starlette's router drops it too)."""
+    """The path routes match: without the --root-path prefix where it is a whole first segment
+    (Starlette's router drops it the same way; "/proxyv1" under "/proxy" stays as it is)."""
     root, path = scope.get("root_path", ""), scope["path"]
-    return path[len(root):] if root and path.startswith(root) else path
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):]
+    return path
 
 
 class APIKeyMiddleware:

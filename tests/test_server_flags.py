@@ -229,3 +229,21 @@ def test_cache_salt_and_priority(server, tiny_model):
     empty = _post(server, "/v1/completions", {**body, "cache_salt": ""})
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "cache_salt"
     wait_until_idle(server)
+
+
+@pytest.mark.parametrize("root_path", ["/v", "/v1", "/tok", "/proxy"])
+def test_root_path_never_unguards_a_route(root_path):
+    """--root-path is dropped only as a whole first segment, as Starlette's router drops it: with
+    --root-path /v, /v1/models is the route /v1/models (not /v + "1/models"), so the key guards it."""
+    from starlette.testclient import TestClient
+
+    from serving.app import build_app
+
+    app = build_app(None, api_key="secret", root_path=root_path)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for path in ("/v1/models", "/tokenize", "/proxyv1/models"):  # 404 where no route is left
+            response = client.request("GET" if "models" in path else "POST", path)
+            assert response.status_code in (401, 404), (path, response.status_code)
+        assert client.get(root_path + "/v1/models").status_code == 401
+        assert client.post(root_path + "/tokenize").status_code == 401
+        assert client.get("/health").status_code != 401
