@@ -21,7 +21,7 @@ import uvicorn
 from jpaged import kv_pool, multihost
 from jpaged.async_llm import AsyncLLM
 from jpaged.chat_content import CONTENT_FORMATS
-from jpaged.config import EngineArgs
+from jpaged.config import EngineArgs, json_object
 from jpaged.data_parallel import DataParallelAsyncLLM
 from jpaged.generation_config import load_generation_defaults
 from jpaged.llm_engine import LLMEngine
@@ -104,10 +104,10 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--enable-server-load-tracking", action="store_true",
                         help="Count the completions, chat and responses requests in flight; GET /load "
                              "reports the count as {\"server_load\": N} (0 without this flag).")
-    server.add_argument("--default-chat-template-kwargs", type=_json_object, default=None,
+    server.add_argument("--default-chat-template-kwargs", type=json_object, default=None,
                         help="JSON object of chat template arguments for every request, e.g. "
                              "'{\"enable_thinking\": false}'; a request's chat_template_kwargs override them.")
-    server.add_argument("--override-generation-config", type=_json_object, default=None,
+    server.add_argument("--override-generation-config", type=json_object, default=None,
                         help="JSON object of sampling defaults over --generation-config's, as "
                              "generation_config.json names them (temperature, top_p, top_k, min_p, "
                              "repetition_penalty, max_new_tokens), e.g. '{\"temperature\": 0.5}'.")
@@ -214,16 +214,6 @@ def _non_negative_int(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
     return number
-
-
-def _json_object(value: str) -> dict:
-    try:
-        parsed = json.loads(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid JSON {value!r}: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
-    return parsed
 
 
 def _lora_module(value: str) -> dict:
