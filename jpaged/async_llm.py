@@ -45,7 +45,9 @@ class AsyncLLM:
         # (request_id, prompt, params, arrival_time, lora_request, priority, cache_salt)
         self._adds: collections.deque = collections.deque()
         self._aborts: collections.deque = collections.deque()  # request ids
-        self._weight_updates: collections.deque = collections.deque()  # (params, loop, future)
+        # Calls to run on the engine thread between two steps: (fn, ready or None, loop, future); one whose
+        # ready() is False waits (steps go on) until it holds.
+        self._calls: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
@@ -125,13 +127,33 @@ class AsyncLLM:
     async def update_weights(self, params) -> None:
         """Swaps in new params between two steps (LLMEngine.update_weights: same structure,
         shapes and dtypes, else ValueError). Requests keep running; later tokens use the new weights."""
+        await self._on_engine_thread(lambda: self.engine.update_weights(params))
+
+    async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """LLMEngine.sleep between two steps. mode "wait": no new request is admitted, the running
+        ones finish, then the engine sleeps (the queued ones run after wake_up)."""
+        self.engine.check_sleep_args(level, mode)
+        ready = self.engine.drained_for_sleep if mode == "wait" else None
+        for output in await self._on_engine_thread(lambda: self.engine.sleep(level, mode), ready):
+            self._deliver(output)
+
+    async def wake_up(self, tags: list[str] | None = None) -> bool:
+        """LLMEngine.wake_up between two steps; whether the engine is fully awake."""
+        return await self._on_engine_thread(lambda: self.engine.wake_up(tags))
+
+    async def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping()
+
+    async def _on_engine_thread(self, fn, ready=None):
+        """fn()'s result (or its ValueError), run on the engine thread between two steps once
+        ready() holds."""
         if self.errored or self._closed:
             raise EngineDeadError("the engine is not running (it failed or was shut down)")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._weight_updates.append((params, loop, done))
+        self._calls.append((fn, ready, loop, done))
         self._ensure_thread()
-        await done
+        return await done
 
     async def update_weights_from_disk(self, model_path: str, load_format: str = "auto") -> None:
         """Loads a checkpoint's params (in a thread, in the served dtype) and swaps them in with
@@ -163,8 +185,8 @@ class AsyncLLM:
         while self._adds:
             request_id = self._adds.popleft()[0]
             self._put(request_id, EngineDeadError("the engine was shut down"))
-        while self._weight_updates:
-            self._weight_updates.popleft()[2].set_exception(EngineDeadError("the engine was shut down"))
+        while self._calls:
+            self._calls.popleft()[3].set_exception(EngineDeadError("the engine was shut down"))
         self._stats = self.engine.get_stats()
         self._grammar_executor.shutdown(wait=True)
 
@@ -208,11 +230,15 @@ class AsyncLLM:
         self._stats = self.engine.get_stats()  # before delivering: a finished consumer sees it
         for output in aborted:
             self._deliver(output)
-        while self._weight_updates:
-            params, loop, done = self._weight_updates.popleft()
+        for _ in range(len(self._calls)):
+            fn, ready, loop, done = self._calls.popleft()
+            if ready is not None and not ready():
+                self._calls.append((fn, ready, loop, done))
+                continue
             try:
-                self.engine.update_weights(params)
-                loop.call_soon_threadsafe(done.set_result, None)
+                result = fn()
+                self._stats = self.engine.get_stats()  # e.g. the sleep state, before the caller sees the result
+                loop.call_soon_threadsafe(done.set_result, result)
             except ValueError as e:
                 loop.call_soon_threadsafe(done.set_exception, e)
 
@@ -221,7 +247,7 @@ class AsyncLLM:
             while not self._closed:
                 self._wake.clear()
                 self._apply_queued()
-                if not self.engine.has_unfinished_requests():
+                if not self.engine.has_unfinished_requests() or self.engine.is_sleeping():
                     self._wake.wait()
                     continue
                 outputs = self.engine.step()

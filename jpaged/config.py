@@ -144,6 +144,10 @@ class EngineArgs:
         "(lower value = earlier), then arrival time; when the KV cache is full, the running request with the largest "
         "(priority, arrival time) is preempted. A waiting request never preempts a running one (docs/scheduler.md).",
         choices=list(SCHEDULING_POLICIES))
+    enable_sleep_mode: bool = _field(
+        False, "Allow sleep() / wake_up() (vLLM's sleep mode; the server's POST /sleep, POST /wake_up, GET "
+        "/is_sleeping): release the KV cache's memory, and the weights' (level 2, or level 1 on a GPU, "
+        "which keeps a host copy), between uses, e.g. while an RL trainer shares the device (docs/engine.md).")
     disable_sliding_window: bool = _field(
         False, "Run a sliding-window model (Mistral) with full attention, its context capped at the window "
         "(vLLM's flag; models without a window are unchanged).")

@@ -158,6 +158,17 @@ class DataParallelAsyncLLM:
         """AsyncLLM.update_weights on every replica (each copies the params to its devices)."""
         await asyncio.gather(*(replica.update_weights(params) for replica in self.replicas))
 
+    async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """AsyncLLM.sleep on every replica."""
+        await asyncio.gather(*(replica.sleep(level, mode) for replica in self.replicas))
+
+    async def wake_up(self, tags: list[str] | None = None) -> bool:
+        """AsyncLLM.wake_up on every replica; whether all are fully awake."""
+        return all(await asyncio.gather(*(replica.wake_up(tags) for replica in self.replicas)))
+
+    async def is_sleeping(self) -> bool:
+        return any([await replica.is_sleeping() for replica in self.replicas])
+
     async def update_weights_from_disk(self, model_path: str, load_format: str = "auto") -> None:
         """Loads a checkpoint once and swaps it into every replica (see AsyncLLM's)."""
         loaded = await asyncio.to_thread(load_model, model_path, dtype=self.model_config.dtype,
@@ -177,6 +188,8 @@ class DataParallelAsyncLLM:
                 totals[field.name] = tuple(dict.fromkeys(name for names in values for name in names))
             elif field.name == "iteration_tokens_counts":
                 totals[field.name] = tuple(map(sum, zip(*values)))
+            elif field.name == "sleep_level":  # the replicas sleep and wake together
+                totals[field.name] = values[0]
             else:
                 totals[field.name] = sum(values)
         totals["kv_cache_usage"] /= len(per_engine)

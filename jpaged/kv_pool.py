@@ -336,6 +336,22 @@ def advise_huge_pages(zeroed: jax.Array) -> int:
     return end - begin if _madvise(begin, end, _MADV_DONTNEED) else 0
 
 
+def release_pages(array: jax.Array) -> int:
+    """Gives the whole pages of an array's CPU shards back to the OS (Linux, anonymous memory:
+    MADV_DONTNEED) before the array is deleted; the allocator may otherwise keep freed memory
+    mapped for its next allocations (sleep mode frees the pool and the weights this way).
+    Returns the bytes released."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    released = 0
+    for shard in array.addressable_shards:
+        if shard.device.platform == "cpu":
+            begin, end = _page_range(shard.data.unsafe_buffer_pointer(), shard.data.nbytes)
+            if end > begin and _is_anonymous(begin, end) and _madvise(begin, end, _MADV_DONTNEED):
+                released += end - begin
+    return released
+
+
 def zero_pages(array: jax.Array) -> int:
     """Zeroes a CPU array (Linux) mostly without writing it: its whole pages are dropped
     (MADV_DONTNEED; anonymous pages come back zero-filled when first touched, as transparent

@@ -62,6 +62,26 @@ class LLM:
         else:
             _run_to_completion(self.data_parallel.update_weights(params))
 
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """vLLM's sleep mode (needs enable_sleep_mode=True): release the KV cache's memory (level 1,
+        and the weights' device memory on a GPU, kept on the host) or also drop the weights (level
+        2; update_weights gives new ones); level 0 only pauses. See LLMEngine.sleep."""
+        if self.llm_engine is not None:
+            self.llm_engine.sleep(level, mode)
+        else:
+            _run_to_completion(self.data_parallel.sleep(level, mode))
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Takes back what sleep released ("weights", "kv_cache", "scheduling"; None: all); whether
+        the engine is fully awake (generate needs that)."""
+        if self.llm_engine is not None:
+            return self.llm_engine.wake_up(tags)
+        return _run_to_completion(self.data_parallel.wake_up(tags))
+
+    def is_sleeping(self) -> bool:
+        return (self.llm_engine.is_sleeping() if self.llm_engine is not None
+                else _run_to_completion(self.data_parallel.is_sleeping()))
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True,
                  lora_request: LoRARequest | list[LoRARequest | None] | None = None,
@@ -77,6 +97,8 @@ class LLM:
         """
         if self.host_id != 0:
             raise RuntimeError(f"generate() runs on host 0 of a multi-host engine; this is host {self.host_id}.")
+        if self.is_sleeping():
+            raise RuntimeError("the engine is asleep: call wake_up() before generate().")
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()

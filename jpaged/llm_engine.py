@@ -33,6 +33,10 @@ from jpaged.token_restrictions import allowed_bitmask, bad_words_token_ids, bann
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 5.0
+# Sleep mode (vLLM's values): levels, what happens to requests in flight, what wake_up takes back.
+SLEEP_LEVELS = (0, 1, 2)
+SLEEP_MODES = ("abort", "wait", "keep")
+SLEEP_TAGS = ("weights", "kv_cache", "scheduling")
 
 
 class EngineDeadError(RuntimeError):
@@ -196,6 +200,8 @@ class LLMEngine:
         self._prefill_tokens_total = 0  # prompt tokens computed (recomputed ones again), for the stats log
         self._iteration_tokens_counts = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)  # see EngineStats
         self._iteration_tokens_sum = 0
+        self._asleep: set[str] = set()  # of SLEEP_TAGS: what sleep() released and wake_up() has not taken back
+        self.sleep_level = 0  # the deepest level slept at since fully awake (0: awake, or only scheduling paused)
         self._last_log = (time.monotonic(), 0, 0)  # (time, prefill tokens, generation tokens) at the last stats log
 
     # ---- requests ----------------------------------------------------------------------------
@@ -309,10 +315,92 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
+    # ---- sleep mode --------------------------------------------------------------------------
+
+    def sleep(self, level: int = 1, mode: str = "abort") -> list[RequestOutput]:
+        """vLLM's sleep mode (needs enable_sleep_mode): stops scheduling and, from level 1, releases
+        the KV cache's memory (its blocks and the prefix cache are forgotten) and the weights'
+        (level 1 keeps a host copy, which on CPU is the weights themselves; level 2 drops them:
+        update_weights gives new ones). The requests in flight: "abort" ends them (their outputs
+        are returned), "keep" keeps them queued, to recompute after wake_up, and "wait" needs no
+        request running (AsyncLLM waits for that, admitting no new ones). New requests may be
+        added while asleep; they run after wake_up."""
+        self.check_sleep_args(level, mode)
+        outputs = []
+        if mode == "abort":
+            outputs = [output for output in self.abort_all_requests() if output is not None]
+        elif mode == "wait" and self.scheduler.num_running:
+            raise ValueError(f"sleep(mode='wait') needs the running requests to finish first "
+                             f"({self.scheduler.num_running} are running).")
+        self._asleep.add("scheduling")
+        if level >= 1:
+            self.scheduler.preempt_all()  # "keep": they recompute; a swapped request keeps its host blocks
+            self.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+            if "kv_cache" not in self._asleep:
+                self.runner.release_kv_cache()
+                self._asleep.add("kv_cache")
+            if "weights" not in self._asleep or level == 2:
+                self.runner.release_weights(keep_on_host=level == 1)
+                self._asleep.add("weights")
+        self.sleep_level = max(self.sleep_level, level)
+        logger.info("sleeping (level %d): %s released", level, ", ".join(sorted(self._asleep)))
+        return outputs
+
+    def check_sleep_args(self, level: int, mode: str) -> None:
+        """ValueError unless sleep mode is enabled and level and mode are sleep()'s."""
+        if not self.engine_args.enable_sleep_mode:
+            raise ValueError("sleep mode is not enabled: start the engine with enable_sleep_mode=True "
+                             "(--enable-sleep-mode).")
+        if self.engine_args.num_hosts > 1:
+            raise ValueError("sleep mode is not supported with --num-hosts > 1 (the other hosts would keep "
+                             "their memory).")
+        if level not in SLEEP_LEVELS:
+            raise ValueError(f"sleep level must be one of {SLEEP_LEVELS}, got {level!r}.")
+        if mode not in SLEEP_MODES:
+            raise ValueError(f"sleep mode must be one of {SLEEP_MODES}, got {mode!r}.")
+
+    def drained_for_sleep(self) -> bool:
+        """For sleep(mode="wait"): admits no new request from now on; whether none is running."""
+        self.scheduler.admission_paused = True
+        return self.scheduler.num_running == 0
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Takes back what sleep released: tags among "weights", "kv_cache" and "scheduling" (None:
+        all). Returns whether the engine is fully awake. Scheduling resumes only once the weights
+        and the KV cache are back; weights dropped at level 2 come back only through update_weights."""
+        tags = list(SLEEP_TAGS) if tags is None else list(tags)
+        unknown = sorted(set(tags) - set(SLEEP_TAGS))
+        if unknown:
+            raise ValueError(f"wake_up tags must be among {SLEEP_TAGS}, got {unknown}.")
+        if "weights" in tags and "weights" in self._asleep:
+            if not self.runner.restore_weights():
+                raise ValueError("sleep level 2 dropped the weights: load new ones with update_weights(params) "
+                                 "(or update_weights_from_disk), then wake_up.")
+            self._asleep.discard("weights")
+        if "kv_cache" in tags and "kv_cache" in self._asleep:
+            self.runner.allocate_kv_cache()
+            self._asleep.discard("kv_cache")
+        if "scheduling" in tags and "scheduling" in self._asleep:
+            still_asleep = sorted(self._asleep - {"scheduling"})
+            if still_asleep:
+                raise ValueError(f"wake_up: scheduling cannot resume before {' and '.join(still_asleep)} "
+                                 f"(wake_up(tags=None) takes back everything).")
+            self._asleep.discard("scheduling")
+            self.scheduler.admission_paused = False
+        if not self._asleep:
+            self.sleep_level = 0
+        return not self._asleep
+
+    def is_sleeping(self) -> bool:
+        """Whether any of the weights, the KV cache or scheduling is still asleep."""
+        return bool(self._asleep)
+
     # ---- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedules and runs one batch; returns the outputs it produced."""
+        """Schedules and runs one batch; returns the outputs it produced (none while asleep)."""
+        if "scheduling" in self._asleep:
+            return []
         scheduler_output = self.scheduler.schedule()
         scheduled = scheduler_output.scheduled
         if not scheduled:
@@ -596,11 +684,14 @@ class LLMEngine:
             iteration_tokens_counts=tuple(self._iteration_tokens_counts),
             iteration_tokens_sum=self._iteration_tokens_sum,
             running_lora_adapters=stats.running_lora_adapters, waiting_lora_adapters=stats.waiting_lora_adapters,
-            num_kv_blocks=self.runner.pool_spec.num_blocks, num_swap_blocks=self.runner.num_swap_blocks)
+            num_kv_blocks=self.runner.pool_spec.num_blocks, num_swap_blocks=self.runner.num_swap_blocks,
+            sleep_level=self.sleep_level if self._asleep else None)
 
     def update_weights(self, params) -> None:
         """Swaps in new params of the same structure, shapes and dtypes (between steps; no recompile).
 
-        The prefix cache is emptied: its blocks hold KV computed with the old weights."""
+        The prefix cache is emptied: its blocks hold KV computed with the old weights. While
+        asleep, the new weights end the weights' sleep (the way back from level 2)."""
         self.runner.update_weights(params)
         self.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+        self._asleep.discard("weights")

@@ -84,3 +84,4 @@ class EngineStats:
     waiting_lora_adapters: tuple[str, ...]
     num_kv_blocks: int  # the KV pool's blocks, the null block included (vLLM's num_gpu_blocks)
     num_swap_blocks: int  # host blocks for swapped-out KV (--swap-space)
+    sleep_level: int | None = None  # sleep mode: None awake, else the level slept at (0: scheduling paused only)

@@ -309,6 +309,9 @@ class ModelRunner:
         self._decode_steps = {}  # (num_tokens, num_seqs, pages_per_seq) -> compiled, with num_scheduler_steps > 1
         self._sample = {}  # (num_seqs, num_entries, masked) -> compiled
         self._swap = {}  # ("out" | "in", count bucket) -> compiled
+        # Sleep mode: while the weights are released, their shardings and (level 1 on a GPU) a host copy.
+        self._host_params = None
+        self._param_shardings = None
         self.num_swap_blocks = num_swap_blocks
         self.swap_buckets = ()
         if num_swap_blocks:
@@ -556,6 +559,61 @@ class ModelRunner:
         """True when a failed step consumed the donated KV pool (its buffers are deleted)."""
         return any(array.is_deleted() for array in jax.tree.leaves(self.kv_cache))
 
+    # ---- sleep mode: release and take back the KV pool's and the weights' memory -------------
+
+    def release_kv_cache(self) -> None:
+        """Frees the KV pool's memory; its contents are gone (allocate_kv_cache makes a new one)."""
+        released = 0
+        for array in jax.tree.leaves(self.kv_cache):
+            released += kv_pool.release_pages(array)
+            array.delete()
+        self.kv_cache = None
+        logger.info("KV cache released (%.2f GiB of host pages)", released / kv_pool.GIB)
+
+    def allocate_kv_cache(self) -> None:
+        """A new KV pool of the same spec (zeros where it is read before written)."""
+        self.kv_cache = kv_pool.allocate(self.pool_spec, self.kv_sharding)
+
+    def release_weights(self, keep_on_host: bool) -> None:
+        """Lets go of the weights (LoRA slots stay), keeping a host copy with `keep_on_host` for
+        restore_weights; on CPU the device memory is the host's, so a kept copy stays in place.
+        Their memory is freed where the runner held the last reference: arrays a caller passed to
+        update_weights (on the same device, so not copied) stay the caller's, untouched."""
+        if keep_on_host and self.mesh.devices.flat[0].platform == "cpu":
+            return
+        base = self._base_params()
+        if self._param_shardings is None:  # not released already (a level-1 sleep on a GPU, then level 2)
+            self._host_params = jax.device_get(base) if keep_on_host else None
+            self._param_shardings = jax.tree.map(lambda x: x.sharding, base)
+        elif not keep_on_host:
+            self._host_params = None
+        self.params = {"lora": self.params["lora"]} if self._has_lora_slots() else {}
+
+    def restore_weights(self) -> bool:
+        """Puts the weights kept by release_weights back on the devices; False when they were
+        not kept (only update_weights can give the runner weights then)."""
+        if not self.weights_released:
+            return True
+        if self._host_params is None:
+            return False
+        restored = jax.device_put(self._host_params, self._param_shardings)
+        self.params = {**restored, "lora": self.params["lora"]} if self._has_lora_slots() else restored
+        self._host_params = self._param_shardings = None
+        return True
+
+    @property
+    def weights_released(self) -> bool:
+        return self._param_shardings is not None
+
+    def _base_params(self):
+        """The params without the LoRA slots (which sleep mode leaves in place)."""
+        if self._has_lora_slots():
+            return {k: v for k, v in self.params.items() if k != "lora"}
+        return self.params
+
+    def _has_lora_slots(self) -> bool:
+        return isinstance(self.params, dict) and "lora" in self.params
+
     def update_weights(self, params) -> None:
         """Replaces the params with a pytree of the same structure, shapes and dtypes (no recompile):
         those of the params the runner was built with, or of `self.params` (packed, with pack_params)."""
@@ -580,6 +638,7 @@ class ModelRunner:
                                  f"the model's is {a.dtype}{list(a.shape)}.")
         params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, expected))
         self.params = params if pack is None else pack(params)
+        self._host_params = self._param_shardings = None  # new weights supersede any kept by release_weights
         if self._recalibrate_kv is not None:
             self.kv_scales = jax.device_put(self._recalibrate_kv(self.params), self.kv_scale_sharding)
 

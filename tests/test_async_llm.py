@@ -174,3 +174,37 @@ def test_shutdown_aborts_in_flight_requests(tiny_model_dir):
     assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
     assert not own.is_ready
     assert not own.engine.has_unfinished_requests()
+
+
+def test_sleep_wait_lets_running_requests_finish_and_holds_new_ones(engine):
+    """sleep(mode="wait"): the running request finishes all its tokens, a request added meanwhile
+    waits in the queue through the sleep and runs after wake_up; level 1 frees the KV pool."""
+    import dataclasses
+
+    llm_engine = engine.engine
+    engine_args = llm_engine.engine_args
+    llm_engine.engine_args = dataclasses.replace(engine_args, enable_sleep_mode=True)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    async def main():
+        first = asyncio.create_task(collect(engine, {"prompt_token_ids": PROMPTS[0]}, params, "first"))
+        while not llm_engine.scheduler.num_running:
+            await asyncio.sleep(0.001)
+        sleeping = asyncio.create_task(engine.sleep(level=1, mode="wait"))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(collect(engine, {"prompt_token_ids": PROMPTS[1]}, params, "second"))
+        await sleeping
+        first_outputs = await first
+        assert await engine.is_sleeping() and llm_engine.runner.kv_cache is None
+        await asyncio.sleep(0.2)
+        assert not second.done() and llm_engine.scheduler.num_waiting == 1
+        assert await engine.wake_up() is True
+        return first_outputs, await second
+
+    try:
+        first, second = (outputs[-1] for outputs in asyncio.run(main()))
+    finally:
+        llm_engine.engine_args = engine_args
+    assert [o.finish_reason for o in (first.outputs[0], second.outputs[0])] == ["length", "length"]
+    assert len(first.outputs[0].token_ids) == len(second.outputs[0].token_ids) == 10
+    assert_idle(engine)

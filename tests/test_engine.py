@@ -678,3 +678,81 @@ def test_disable_sliding_window_caps_the_context_at_the_window(tiny_model_dir):
                           use_tqdm=False)
     assert out.outputs[0].token_ids == dense_greedy(engine.runner.params, engine.model_config, [prompt], 8, 32)[0]
     assert_pool_free(llm)
+
+
+def test_sleep_releases_memory_and_wake_up_gives_the_same_tokens(tiny_llm):
+    """vLLM's sleep mode: refused unless enabled; level 1 aborts (or keeps) the requests in flight,
+    frees the KV pool and forgets the prefix cache; wake_up takes back what its tags name and
+    scheduling only last; greedy tokens after waking (and a kept request's) equal those before.
+    Level 2 drops the weights: update_weights brings them back."""
+    engine = tiny_llm.llm_engine
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts()[:3]]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with pytest.raises(ValueError, match="sleep mode is not enabled"):
+        tiny_llm.sleep()
+    engine_args = engine.engine_args
+    engine.engine_args = dataclasses.replace(engine_args, enable_sleep_mode=True)
+    try:
+        before = [o.outputs[0].token_ids for o in tiny_llm.generate(prompts, greedy, use_tqdm=False)]
+        engine.add_request("in-flight", prompts[0], greedy)
+        engine.step()
+        aborted = engine.sleep(level=1, mode="abort")
+        assert [(o.request_id, o.finished, o.outputs[0].finish_reason) for o in aborted] == [
+            ("in-flight", True, "abort")]
+        assert engine.runner.kv_cache is None and tiny_llm.is_sleeping()
+        assert_pool_free(tiny_llm)
+        with pytest.raises(RuntimeError, match="asleep"):
+            tiny_llm.generate(prompts, greedy, use_tqdm=False)
+        assert tiny_llm.wake_up(["kv_cache"]) is False
+        with pytest.raises(ValueError, match="scheduling cannot resume before weights"):
+            tiny_llm.wake_up(["scheduling"])
+        assert tiny_llm.wake_up() is True and not tiny_llm.is_sleeping()
+        assert [o.outputs[0].token_ids for o in tiny_llm.generate(prompts, greedy, use_tqdm=False)] == before
+
+        # "keep": a request halfway through its tokens sleeps with the engine, then finishes as it would have.
+        engine.add_request("kept", prompts[1], greedy)
+        for _ in range(3):
+            engine.step()
+        assert engine.sleep(level=1, mode="keep") == [] and engine.step() == []
+        assert engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 1
+        assert engine.wake_up() is True
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += [o for o in engine.step() if o.finished]
+        assert [o.outputs[0].token_ids for o in outputs] == [before[1]]
+
+        # Level 2: the weights are gone until update_weights gives them back.
+        weights = jax.tree.map(np.array, engine.runner.params)
+        engine.sleep(level=2)
+        assert engine.runner.weights_released
+        with pytest.raises(ValueError, match="update_weights"):
+            tiny_llm.wake_up()
+        tiny_llm.update_weights(weights)
+        assert tiny_llm.wake_up() is True
+        assert [o.outputs[0].token_ids for o in tiny_llm.generate(prompts, greedy, use_tqdm=False)] == before
+        # Arrays a caller gave update_weights (kept as they are on the same device) stay the caller's.
+        mine = jax.tree.map(jnp.asarray, weights)
+        tiny_llm.update_weights(mine)
+        engine.sleep(level=2)
+        assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(mine))
+        jax.tree.map(np.testing.assert_array_equal, mine, weights)
+        tiny_llm.update_weights(mine)
+        assert tiny_llm.wake_up() is True
+        with pytest.raises(ValueError, match="sleep level must be one of"):
+            tiny_llm.sleep(level=3)
+    finally:
+        engine.engine_args = engine_args
+        if engine.is_sleeping():
+            engine.wake_up()
+    assert_pool_free(tiny_llm)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_DONTNEED is Linux's")
+def test_release_pages_gives_an_arrays_pages_back():
+    """What sleep mode runs before deleting the pool and the weights: the array's whole pages are
+    dropped (they read back as zeros), so the memory leaves the process even where the allocator
+    would keep it."""
+    array = jax.jit(lambda: jnp.ones((4096, 1024), jnp.float32))()  # 16 MiB that XLA allocated
+    assert float(jnp.sum(array)) == array.size
+    assert kv_pool.release_pages(array) >= array.nbytes - 2 * 4096
+    assert float(jnp.sum(array)) < 0.01 * array.size

@@ -164,6 +164,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # in admission order: with fcfs the last is preempted first
         self._finished_request_ids: set[str] = set()
+        self.admission_paused = False  # True: waiting requests stay waiting (the engine is going to sleep)
         self.num_preemptions = 0
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -268,7 +269,7 @@ class Scheduler:
         # more blocks than are free, so nobody is admitted. Either way every swap-out comes
         # before this step's swap-ins (as the runner copies them), so host slots freed by a
         # swap-in are never reused by a swap-out of the same step.
-        if admission_due:
+        if admission_due and not self.admission_paused:
             budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in)
         self._last_step_ran_prompt = any(
             self.requests[request_id].num_computed_tokens < self.requests[request_id].num_prompt_tokens
@@ -372,6 +373,17 @@ class Scheduler:
             if victim is request:
                 return False, refund
         return True, refund
+
+    def preempt_all(self) -> None:
+        """Every running request back to the front of the queue (newest first, so the queue keeps
+        their order), its blocks freed: it recomputes its prompt and output when scheduled again.
+        For an engine that releases its KV cache with requests kept."""
+        while self.running:
+            request = self.running.pop()
+            self.kv_cache_manager.free(request)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+            self._enqueue(request, front=True)
 
     def _preempt(self, request: Request, blocks_to_swap_out: list[tuple[int, int]]) -> None:
         self.running.remove(request)
