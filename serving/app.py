@@ -44,7 +44,8 @@ def _digest(value: bytes) -> bytes:
 
 
 # Routes that reach the model; /health, /ping, /version and /metrics stay open, as in vLLM.
-GUARDED_PREFIXES = ("/v1", "/tokenize", "/tokenizer_info", "/detokenize", "/update_weights_from_disk")
+GUARDED_PREFIXES = ("/v1", "/tokenize", "/tokenizer_info", "/detokenize", "/update_weights_from_disk", "/sleep",
+                    "/wake_up", "/is_sleeping")
 
 
 class RootPathMiddleware:
@@ -238,6 +239,41 @@ async def metrics(request: Request) -> Response:
     return Response(_context(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+async def sleep(request: Request) -> JSONResponse:
+    """vLLM's POST /sleep?level=1&mode=abort (sleep mode, --enable-sleep-mode): AsyncLLM.sleep;
+    400 for a bad level or mode."""
+    ctx = _context(request)
+    ctx.check_ready()
+    try:
+        level = int(request.query_params.get("level", "1"))
+    except ValueError:
+        raise APIError(f"sleep: level must be 0, 1 or 2, got {request.query_params['level']!r}",
+                       param="level") from None
+    mode = request.query_params.get("mode", "abort")
+    try:
+        await ctx.engine.sleep(level, mode)
+    except ValueError as exc:
+        raise APIError(f"sleep: {exc}", param="mode" if "mode must" in str(exc) else "level") from None
+    return JSONResponse({"status": "sleeping", "level": level})
+
+
+async def wake_up(request: Request) -> JSONResponse:
+    """vLLM's POST /wake_up?tags=weights&tags=kv_cache (no tags: all): AsyncLLM.wake_up."""
+    ctx = _context(request)
+    ctx.check_ready()
+    tags = request.query_params.getlist("tags") or None
+    try:
+        awake = await ctx.engine.wake_up(tags)
+    except ValueError as exc:
+        raise APIError(f"wake_up: {exc}", param="tags") from None
+    return JSONResponse({"status": "awake" if awake else "sleeping", "tags": tags})
+
+
+async def is_sleeping(request: Request) -> JSONResponse:
+    """vLLM's GET /is_sleeping: {"is_sleeping": bool}."""
+    return JSONResponse({"is_sleeping": await _context(request).engine.is_sleeping()})
+
+
 async def update_weights_from_disk(request: Request) -> JSONResponse:
     """Loads the checkpoint at `model_path` on the server and swaps its params in between two
     steps (same structure, shapes and dtypes as the served model, else 400). For RL rollouts;
@@ -272,7 +308,7 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
               enable_update_weights_route: bool = False, enable_lora_updating: bool = False,
               max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, enable_request_id_headers: bool = False,
               enable_server_load_tracking: bool = False, root_path: str = "",
-              enable_tokenizer_info_endpoint: bool = False) -> Starlette:
+              enable_tokenizer_info_endpoint: bool = False, enable_sleep_mode: bool = False) -> Starlette:
     """The ASGI app serving `ctx`'s engine; `api_key` (if set) guards GUARDED_PREFIXES, `cors`
     (if set) answers browsers' cross-origin requests; enable_lora_updating routes
     /v1/load_lora_adapter and /v1/unload_lora_adapter; the other keywords are the server's flags
@@ -293,6 +329,9 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
         Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
     ]
+    if enable_sleep_mode:
+        routes += [Route("/sleep", sleep, methods=["POST"]), Route("/wake_up", wake_up, methods=["POST"]),
+                   Route("/is_sleeping", is_sleeping, methods=["GET"])]
     if enable_update_weights_route:
         routes.append(Route("/update_weights_from_disk", update_weights_from_disk, methods=["POST"]))
     if enable_tokenizer_info_endpoint:

@@ -53,6 +53,10 @@ class EngineStatsCollector:
              "for room in the batch or pool), deferred (held back by the LoRA budget, --max-loras); they sum to "
              "num_requests_waiting.", "reason", {"capacity": lambda s: s.num_waiting - s.num_waiting_deferred,
                                                  "deferred": lambda s: s.num_waiting_deferred}),
+            (GaugeMetricFamily, "engine_sleep_state", "Engine sleep state (sleep mode): awake 1 while awake, 0 "
+             "while asleep; weights_offloaded 1 at sleep level 1; discard_all 1 at level 2.", "sleep_state",
+             {"awake": lambda s: int(s.sleep_level is None), "weights_offloaded": lambda s: int(s.sleep_level == 1),
+              "discard_all": lambda s: int(s.sleep_level == 2)}),
             (CounterMetricFamily, "prompt_tokens_by_source", "Prompt tokens of requests when first scheduled, by "
              "source.", "source", {"local_compute": lambda s: s.prompt_tokens_computed,
                                    "local_cache_hit": lambda s: s.prompt_tokens_cached,

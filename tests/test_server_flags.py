@@ -8,6 +8,7 @@ non-streamed reply for the streamed one, and a server without the flags for the 
 """
 
 import asyncio
+import concurrent.futures
 import json
 import socket
 import time
@@ -30,9 +31,9 @@ TEMPLATE = "{{ greeting }}|{% if tools %}TOOLS|{% endif %}{% for m in messages %
 def server(tiny_model_dir):
     engine_args = EngineArgs(model=str(tiny_model_dir), max_model_len=128, max_num_seqs=8,
                              max_num_batched_tokens=16, num_gpu_blocks_override=64, compilation_cache_dir="",
-                             scheduling_policy="priority")
+                             scheduling_policy="priority", enable_sleep_mode=True)
     srv = ThreadedServer(engine_args, app_kwargs={"enable_request_id_headers": True,
-                                                  "enable_server_load_tracking": True},
+                                                  "enable_server_load_tracking": True, "enable_sleep_mode": True},
                          response_role="narrator", return_tokens_as_token_ids=True,
                          enable_prompt_tokens_details=True, enable_force_include_usage=True,
                          default_chat_template_kwargs={"greeting": "hello", "unused": 1},
@@ -247,3 +248,42 @@ def test_root_path_never_unguards_a_route(root_path):
         assert client.get(root_path + "/v1/models").status_code == 401
         assert client.post(root_path + "/tokenize").status_code == 401
         assert client.get("/health").status_code != 401
+
+
+def _sleep_state(server) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics").text
+    return {state: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            for state in ("awake", "weights_offloaded", "discard_all")
+            if line.startswith("vllm:engine_sleep_state{") and f'sleep_state="{state}"' in line}
+
+
+def test_sleep_and_wake_up_routes(server, client):
+    """vLLM's sleep-mode routes: POST /sleep (level 1 frees the KV pool), GET /is_sleeping, a
+    request sent while asleep waits and is answered after POST /wake_up with the same greedy
+    tokens; /metrics' engine_sleep_state follows; the key guards the routes; bad values are 400s."""
+    kwargs = dict(model=MODEL_NAME, prompt="Sleep test", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    before = client.completions.create(**kwargs).choices[0].text
+    assert _sleep_state(server) == {"awake": 1, "weights_offloaded": 0, "discard_all": 0}
+    assert httpx.post(server.url + "/sleep").status_code == 401
+    response = httpx.post(server.url + "/sleep?level=1", headers=AUTH)
+    assert response.status_code == 200 and response.json() == {"status": "sleeping", "level": 1}
+    assert httpx.get(server.url + "/is_sleeping", headers=AUTH).json() == {"is_sleeping": True}
+    assert _sleep_state(server) == {"awake": 0, "weights_offloaded": 1, "discard_all": 0}
+    runner = server.engine.engine.runner
+    assert runner.kv_cache is None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(lambda: client.completions.create(**kwargs).choices[0].text)
+        time.sleep(0.5)
+        assert not pending.done()
+        response = httpx.post(server.url + "/wake_up?tags=kv_cache", headers=AUTH)
+        assert response.json() == {"status": "sleeping", "tags": ["kv_cache"]}
+        response = httpx.post(server.url + "/wake_up", headers=AUTH)
+        assert response.json() == {"status": "awake", "tags": None}
+        assert pending.result(timeout=60) == before
+    assert httpx.get(server.url + "/is_sleeping", headers=AUTH).json() == {"is_sleeping": False}
+    assert _sleep_state(server) == {"awake": 1, "weights_offloaded": 0, "discard_all": 0}
+    for query, param in (("level=3", "level"), ("level=x", "level"), ("mode=later", "mode")):
+        response = httpx.post(server.url + f"/sleep?{query}", headers=AUTH)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    assert httpx.post(server.url + "/wake_up?tags=gpu", headers=AUTH).status_code == 400
+    assert httpx.get(server.url + "/is_sleeping", headers=AUTH).json() == {"is_sleeping": False}
