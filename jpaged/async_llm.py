@@ -160,7 +160,7 @@ class AsyncLLM:
         `update_weights`. ModelLoadError (a ValueError) when it cannot be loaded or does not fit."""
         loaded = await asyncio.to_thread(load_model, model_path, dtype=self.model_config.dtype,
                                          load_format=load_format, quantization=self.engine_args.quantization,
-                                         hf_overrides=self.engine_args.hf_overrides,
+                                         hf_overrides=self.engine_args.hf_overrides, hf_token=self.engine_args.hf_token,
                                          keep_gguf_blocks=self.engine.keep_gguf_blocks)
         await self.update_weights(loaded.params)
 

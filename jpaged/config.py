@@ -209,6 +209,9 @@ class EngineArgs:
     served_model_name: list[str] | None = _field(
         None, "Model names the API answers to; the first is reported in responses (default: --model).",
         type=str, nargs="+")
+    hf_token: str | None = _field(
+        None, "Hugging Face token for gated or private hub models and adapters (default: huggingface_hub's: "
+        "$HF_TOKEN or the stored login).", type=str)
     download_dir: str | None = _field(
         None, "Folder to download and cache hub models in (default: the Hugging Face cache).", type=str)
     generation_config: str = _field(

@@ -173,7 +173,7 @@ class DataParallelAsyncLLM:
         """Loads a checkpoint once and swaps it into every replica (see AsyncLLM's)."""
         loaded = await asyncio.to_thread(load_model, model_path, dtype=self.model_config.dtype,
                                          load_format=load_format, quantization=self.engine_args.quantization,
-                                         hf_overrides=self.engine_args.hf_overrides,
+                                         hf_overrides=self.engine_args.hf_overrides, hf_token=self.engine_args.hf_token,
                                          keep_gguf_blocks=self.replicas[0].engine.keep_gguf_blocks)
         await self.update_weights(loaded.params)
 

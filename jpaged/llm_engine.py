@@ -146,7 +146,8 @@ class LLMEngine:
                             tokenizer=args.tokenizer, tokenizer_revision=args.tokenizer_revision,
                             chat_template=args.chat_template, download_dir=args.download_dir,
                             trust_remote_code=args.trust_remote_code, quantization=args.quantization,
-                            keep_gguf_blocks=self.keep_gguf_blocks, hf_overrides=args.hf_overrides)
+                            keep_gguf_blocks=self.keep_gguf_blocks, hf_overrides=args.hf_overrides,
+                            hf_token=args.hf_token)
         logger.info("weights: %.1f MiB (quantization: %s)", param_bytes(loaded.params) / 2**20, loaded.quantization)
         self.model_config = loaded.config
         if args.disable_sliding_window and loaded.config.sliding_window is not None:
@@ -177,7 +178,7 @@ class LLMEngine:
         if args.enable_lora:
             self.lora_adapters = lora.AdapterCache(args.max_cpu_loras, functools.partial(
                 lora.load_adapter, model_config=self.model_config, max_lora_rank=args.max_lora_rank,
-                download_dir=args.download_dir))
+                download_dir=args.download_dir, token=args.hf_token))
             self.lora_slot_table = lora.SlotTable(args.max_loras)
         self.structured_output = StructuredOutputManager(self.tokenizer.hf, self.model_config.vocab_size,
                                                          self.model_config.eos_token_ids)

@@ -88,8 +88,9 @@ class LoRAAdapter:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
-def resolve_adapter_path(path: str, download_dir: str | None = None) -> str:
-    """A local folder with the adapter: `path` itself, or a hub id's snapshot (downloaded)."""
+def resolve_adapter_path(path: str, download_dir: str | None = None, token: str | None = None) -> str:
+    """A local folder with the adapter: `path` itself, or a hub id's snapshot (downloaded; `token`
+    for a gated or private repo)."""
     if os.path.isdir(path):
         return path
     if os.path.exists(path) or path.count("/") != 1:
@@ -99,7 +100,7 @@ def resolve_adapter_path(path: str, download_dir: str | None = None) -> str:
 
     try:
         return huggingface_hub.snapshot_download(path, cache_dir=download_dir,
-                                                 allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+                                                 allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS], token=token)
     except Exception as e:  # offline, unknown or gated repo: the same answer for the user
         raise ValueError(f"LoRA adapter {path!r} is not a local folder, and downloading it from the hub failed "
                          f"({type(e).__name__}: {e}). This machine may be offline: pass a local folder.") from e
@@ -143,14 +144,14 @@ def _check_config(config: dict, path: str, max_lora_rank: int) -> None:
 
 
 def load_adapter(request: LoRARequest, model_config, max_lora_rank: int,
-                 download_dir: str | None = None) -> LoRAAdapter:
+                 download_dir: str | None = None, token: str | None = None) -> LoRAAdapter:
     """Reads a PEFT LoRA adapter for `model_config`'s model. ValueError, saying why, for a
     missing or unreadable adapter, a feature jpaged does not serve (DoRA, biases,
     modules_to_save, ...), a rank above max_lora_rank, a module other than the seven Llama
     projections, or a shape that does not fit the model."""
     from safetensors import safe_open
 
-    folder = resolve_adapter_path(request.lora_path, download_dir)
+    folder = resolve_adapter_path(request.lora_path, download_dir, token)
     config_path, weights_path = os.path.join(folder, ADAPTER_CONFIG), os.path.join(folder, ADAPTER_WEIGHTS)
     if not os.path.isfile(config_path):
         raise ValueError(f"LoRA adapter {request.lora_path!r} has no {ADAPTER_CONFIG}.")

@@ -257,6 +257,17 @@ def test_tokenizer_revision_reads_the_hub_models_tokenizer_at_that_revision(tiny
         load_model("acme/tiny-llama", load_format="dummy", tokenizer_revision="v3")
 
 
+def test_hf_token_reaches_the_hub_download(tiny_model_dir, tmp_path, monkeypatch):
+    """--hf-token: a gated repo's download gets the token (here the download is a stand-in)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: calls.append((repo_id, kwargs["token"])) or str(tiny_model_dir))
+    loaded = load_model("acme/gated-llama", load_format="dummy", hf_token="hf_secret")
+    assert calls == [("acme/gated-llama", "hf_secret")] and loaded.model_path == str(tiny_model_dir)
+
+
 def test_hf_overrides_replace_config_fields_of_folders_and_gguf_files(tiny_model_dir, smollm2_path, tmp_path):
     overrides = {"architectures": ["MistralForCausalLM"], "sliding_window": 48, "rope_theta": 1234.0}
     config = load_model(str(tiny_model_dir), load_format="dummy", hf_overrides=overrides).config

@@ -69,6 +69,7 @@ def load_model(
     quantization: str | None = None,
     keep_gguf_blocks: bool = False,
     hf_overrides: dict | None = None,
+    hf_token: str | None = None,
 ) -> LoadedModel:
     """Loads config, params (on the default device, in the resolved dtype) and tokenizer.
 
@@ -92,6 +93,7 @@ def load_model(
         where the C++ CPU kernel multiplies those blocks in float32, docs/quantization.md).
       hf_overrides: config.json fields that replace the checkpoint's before the config is built
         (a .gguf's metadata is read as those fields first); not for an Orbax folder.
+      hf_token: for hub downloads of gated or private repos (default: huggingface_hub's).
     Raises:
       ModelLoadError naming the path and the problem.
     """
@@ -103,7 +105,7 @@ def load_model(
         quantization_lib.check_method(quantization, jax.devices()[0].platform)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
-    path = _resolve_path(model, revision, download_dir)
+    path = _resolve_path(model, revision, download_dir, hf_token)
     _refuse_remote_code(path, trust_remote_code)
     if load_format == "auto":
         load_format = _detect_format(path)
@@ -136,7 +138,7 @@ def load_model(
     if tokenizer is None and tokenizer_revision != revision and not os.path.exists(os.path.expanduser(model or "")):
         tokenizer = model  # a hub model's own tokenizer, at another revision
     if tokenizer is not None:
-        tokenizer_path = _resolve_path(tokenizer, tokenizer_revision, download_dir)
+        tokenizer_path = _resolve_path(tokenizer, tokenizer_revision, download_dir, hf_token)
         tok = _folder_tokenizer(tokenizer_path, config, chat_template)
     elif load_format == "gguf":
         tok = gguf_loader.load_gguf_tokenizer(gguf_file, config.eos_token_ids, chat_template)
@@ -163,14 +165,15 @@ def save_orbax(loaded: LoadedModel, folder: str) -> None:
     orbax_loader.save_orbax(folder, loaded.config, loaded.params, loaded.tokenizer)
 
 
-def _resolve_path(model: str | None, revision: str | None, download_dir: str | None = None) -> str:
+def _resolve_path(model: str | None, revision: str | None, download_dir: str | None = None,
+                  token: str | None = None) -> str:
     if not model or model == DEFAULT_MODEL:
         return default_model_path()
     expanded = os.path.expanduser(model)
     if os.path.exists(expanded):
         return expanded
     if _HUB_ID.fullmatch(model) and not model.startswith("."):
-        return resolve_hub_model(model, revision, download_dir)
+        return resolve_hub_model(model, revision, download_dir, token)
     raise ModelLoadError(
         f"model {model!r} does not exist: pass a .gguf file, an HF model folder, an Orbax folder "
         f"saved by jpaged, a hub id like 'org/name', or omit --model for {DEFAULT_MODEL}"

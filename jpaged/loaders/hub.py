@@ -18,10 +18,12 @@ ALLOW_PATTERNS = [
 ]
 
 
-def resolve_hub_model(repo_id: str, revision: str | None, download_dir: str | None = None) -> str:
+def resolve_hub_model(repo_id: str, revision: str | None, download_dir: str | None = None,
+                      token: str | None = None) -> str:
     """The local snapshot folder of `repo_id`, downloading config/safetensors/tokenizer if needed.
 
-    `download_dir` (--download-dir): the cache folder to look in and download to (default: HF's)."""
+    `download_dir` (--download-dir): the cache folder to look in and download to (default: HF's).
+    `token` (--hf-token): for gated or private repos (default: huggingface_hub's own)."""
     import huggingface_hub
 
     cached_config = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", cache_dir=download_dir,
@@ -30,7 +32,7 @@ def resolve_hub_model(repo_id: str, revision: str | None, download_dir: str | No
         return os.path.dirname(cached_config)
     try:
         return huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=download_dir,
-                                                 allow_patterns=ALLOW_PATTERNS)
+                                                 allow_patterns=ALLOW_PATTERNS, token=token)
     except Exception as e:  # offline, unknown repo, gated repo, ...: all end the same way for the user
         raise ModelLoadError(
             f"model {repo_id!r} is not a local path and is not in the Hugging Face cache "
