@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
 
 import uvicorn
+import yaml
 
 from jpaged import kv_pool, multihost
 from jpaged.async_llm import AsyncLLM
@@ -45,6 +47,10 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                         help="The model, as `vllm serve MODEL` takes it (same as --model).")
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="vLLM's config file: a YAML mapping of flag names (without --) to values, e.g. "
+                             "'port: 8001', 'max-model-len: 2048', 'enable-prefix-caching: false'; flags given on "
+                             "the command line win over the file's.")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="Address to listen on (0.0.0.0 for every interface).")
@@ -70,6 +76,11 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--ssl-keyfile", default=None, help="Serve HTTPS with this private key file.")
     server.add_argument("--ssl-certfile", default=None, help="Serve HTTPS with this certificate file.")
     server.add_argument("--ssl-ca-certs", default=None, help="CA certificates file (for client certificates).")
+    server.add_argument("--ssl-cert-reqs", type=int, default=int(ssl.CERT_NONE),
+                        help="Whether client certificates are required: Python's ssl.VerifyMode (0 none, 1 optional, "
+                             "2 required; with --ssl-ca-certs).")
+    server.add_argument("--ssl-ciphers", default=None,
+                        help="Cipher suites for HTTPS up to TLS 1.2, in OpenSSL's format (default: uvicorn's).")
     server.add_argument("--enable-log-requests", action="store_true",
                         help="Log one line per request: its id, prompt length and sampling parameters "
                              "(the prompt only with --max-log-len).")
@@ -79,6 +90,9 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-log-len", type=_non_negative_int, default=None,
                         help="With --enable-log-requests, also log each prompt's first N characters and "
                              "token ids (default: no prompt text or ids in the log).")
+    server.add_argument("--disable-access-log-for-endpoints", type=_comma_list, default=None,
+                        metavar="PATH,PATH", help="No access-log lines for these paths, e.g. '/health,/metrics,/ping' "
+                                                  "(their query strings aside).")
     server.add_argument("--disable-uvicorn-access-log", action="store_true",
                         help="No access-log line per HTTP request.")
     server.add_argument("--root-path", default=None,
@@ -209,6 +223,23 @@ def _str_list(value: str) -> list[str]:
     return [value]
 
 
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+class _AccessLogFilter(logging.Filter):
+    """Drops uvicorn's access-log records of the given paths (--disable-access-log-for-endpoints)."""
+
+    def __init__(self, paths: list[str]):
+        super().__init__()
+        self.paths = set(paths)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's access record: (client address, method, path with query, HTTP version, status)
+        args = record.args if isinstance(record.args, tuple) else ()
+        return len(args) < 3 or str(args[2]).split("?", 1)[0] not in self.paths
+
+
 def _non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -298,7 +329,11 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
                             lifespan="off", h11_max_incomplete_event_size=h11_buffer_bytes(args.max_header_bytes),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,
                             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-                            ssl_ca_certs=args.ssl_ca_certs, access_log=not args.disable_uvicorn_access_log)
+                            ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
+                            **({} if args.ssl_ciphers is None else {"ssl_ciphers": args.ssl_ciphers}),
+                            access_log=not args.disable_uvicorn_access_log)
+    if args.disable_access_log_for_endpoints:  # after uvicorn.Config, which configures its loggers
+        logging.getLogger("uvicorn.access").addFilter(_AccessLogFilter(args.disable_access_log_for_endpoints))
     server = _Server(config, engine, args.graceful_shutdown_timeout, names[0])
     ender = asyncio.create_task(server.end_in_flight_requests())
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; these
@@ -316,7 +351,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EngineArgs]:
     """The server's flags and the EngineArgs; exits 2 (argparse's way) naming a bad flag."""
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_with_config_file(parser, sys.argv[1:] if argv is None else list(argv)))
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
             parser.error(f"the positional MODEL ({args.model_tag}) and --model ({args.model}) differ; give one.")
@@ -333,6 +368,40 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Engin
         return args, EngineArgs.from_cli_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def _with_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with vLLM's `--config FILE.yaml` replaced by the file's flags, put first so that the
+    command line's win: `key: value` -> --key value, true -> --key, false -> --no-key (where the
+    flag has one), a list -> --key item ..., a mapping -> --key '<its JSON>'."""
+    at = next((i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")), None)
+    if at is None:
+        return argv
+    inline = argv[at].startswith("--config=")
+    path = argv[at].split("=", 1)[1] if inline else (argv[at + 1] if at + 1 < len(argv) else None)
+    rest = argv[:at] + argv[at + (1 if inline else 2):]
+    if not path or not path.endswith((".yaml", ".yml")):
+        parser.error(f"--config needs a .yaml or .yml file, got {path!r}.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        parser.error(f"--config {path}: {exc}")
+    if not isinstance(config, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values, got {type(config).__name__}.")
+    flags = []
+    for key, value in config.items():
+        flag = "--" + str(key).replace("_", "-")
+        if isinstance(value, bool):
+            negative = "--no-" + flag[2:]
+            flags += [flag] if value else [negative] if negative in parser._option_string_actions else []
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)] if value else []
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags + rest
 
 
 # sun_path holds 108 bytes on Linux, the last a NUL

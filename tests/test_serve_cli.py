@@ -1,6 +1,7 @@
 """`python -m jpaged.serve` as a user runs it: flags, readiness log, API key from the environment,
 SIGTERM with a request in flight (exit 0), and the bundled SmolLM2 end to end (slow)."""
 
+import logging
 import os
 import queue
 import re
@@ -22,7 +23,9 @@ ENGINE_FLAGS = ["--max-model-len", "--block-size", "--gpu-memory-utilization", "
                 "--no-enable-prefix-caching", "--quantization", "--kv-cache-dtype", "--dtype", "--seed",
                 "--tensor-parallel-size", "--data-parallel-size", "--attention-backend", "--disable-log-stats", "--enforce-eager",
                 "--download-dir", "--generation-config", "--trust-remote-code", "--max-logprobs", "--max-logit-bias",
-                "--max-stop-sequences", "--max-stop-token-ids", "--max-n", "--logprobs-mode"]
+                "--max-stop-sequences", "--max-stop-token-ids", "--max-n", "--logprobs-mode", "--stream-interval",
+                "--kv-cache-memory-bytes", "--hf-overrides", "--disable-sliding-window", "--tokenizer-revision",
+                "--tokenizer-mode", "--enable-sleep-mode", "--hf-token"]
 SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-template",
                 "--max-request-bytes", "--graceful-shutdown-timeout", "--trust-request-chat-template",
                 "--max-header-bytes", "--max-prompts-per-request", "--allowed-origins", "--allow-credentials",
@@ -32,7 +35,8 @@ SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-
                 "--enable-prompt-tokens-details", "--enable-force-include-usage", "--enable-request-id-headers",
                 "--enable-server-load-tracking", "--default-chat-template-kwargs", "--override-generation-config",
                 "--exclude-tools-when-tool-choice-none", "--shutdown-timeout", "--uds",
-                "--enable-tokenizer-info-endpoint", "--chat-template-content-format"]
+                "--enable-tokenizer-info-endpoint", "--chat-template-content-format", "--config", "--ssl-cert-reqs",
+                "--ssl-ciphers", "--disable-access-log-for-endpoints"]
 # Small buckets, so that only two programs compile: one forward shape and one sampler.
 SMALL_ENGINE = ["--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "16",
                 "--num-gpu-blocks-override", "32"]
@@ -52,6 +56,33 @@ def test_bad_flag_value_names_the_flag(capsys):
         main(["--block-size", "0"])
     assert exit_info.value.code == 2
     assert "--block-size" in capsys.readouterr().err
+
+
+def test_config_file_flags_under_the_command_line(tmp_path):
+    """vLLM's --config: YAML keys are flag names (- or _), true / false / lists / mappings become
+    flags, and the command line wins; a missing or non-YAML file exits 2 naming --config."""
+    config = tmp_path / "serve.yml"
+    config.write_text("port: 8001\nmax_model_len: 512\nenable-prefix-caching: false\nenforce-eager: true\n"
+                      "served-model-name: [a, b]\ndefault-chat-template-kwargs: {enable_thinking: false}\n"
+                      "ssl-ciphers: ECDHE+AESGCM\nswap-space: null\n")
+    args, engine_args = parse_args(["m", "--config", str(config), "--port", "9"])
+    assert (args.port, args.ssl_ciphers, args.default_chat_template_kwargs) == (9, "ECDHE+AESGCM",
+                                                                                {"enable_thinking": False})
+    assert (engine_args.model, engine_args.max_model_len, engine_args.served_model_name) == ("m", 512, ["a", "b"])
+    assert not engine_args.enable_prefix_caching and engine_args.enforce_eager and engine_args.swap_space == 0
+    assert parse_args([f"--config={config}"])[0].port == 8001
+
+
+def test_access_log_filter_drops_the_given_paths():
+    from jpaged.serve import _AccessLogFilter
+
+    def record(path):
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:5", "GET", path, "1.1", 200), None)
+
+    keep = _AccessLogFilter(["/health", "/metrics"])
+    assert [keep.filter(record(p)) for p in ("/health", "/metrics?x=1", "/v1/models", "/healthz")] == [
+        False, False, True, True]
 
 
 def test_positional_model_and_vllm_list_flags():
@@ -75,6 +106,8 @@ def test_positional_model_and_vllm_list_flags():
     (["--chat-template-content-format", "parts"], "--chat-template-content-format"),
     (["--uds", "/" + "s" * 120], "--uds"),
     (["--uds", "/no/such/folder/jpaged.sock"], "--uds"),
+    (["--config", "/no/such/serve.yaml"], "--config"),
+    (["--config", "serve.json"], "--config"),
 ])
 def test_conflicting_or_bad_flags_exit_2_naming_them(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_info:
@@ -122,10 +155,15 @@ class ServeProcess:
         return self.proc.wait(timeout=60)
 
 
-def test_sigterm_ends_in_flight_requests_and_exits_0(tiny_model_dir):
-    server = ServeProcess(["--model", str(tiny_model_dir), "--served-model-name", "tiny",
-                           "--graceful-shutdown-timeout", "0.5", "--disable-log-requests", *SMALL_ENGINE],
-                          env={"JPAGED_API_KEY": "from-env"})
+def test_sigterm_ends_in_flight_requests_and_exits_0(tiny_model_dir, tmp_path):
+    """Also: the flags come from vLLM's --config YAML (the command line's --port 0 wins over its port), and
+    --disable-access-log-for-endpoints leaves /health out of the access log."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nserved-model-name: [tiny]\ngraceful_shutdown_timeout: 0.5\n"
+                      f"disable-log-requests: true\nport: 1\ndisable-access-log-for-endpoints: /health,/ping\n"
+                      f"max-model-len: 64\nmax-num-seqs: 8\nmax-num-batched-tokens: 16\n"
+                      f"num-gpu-blocks-override: 32\n")
+    server = ServeProcess(["--config", str(config)], env={"JPAGED_API_KEY": "from-env"})
     try:
         assert httpx.get(server.url + "/v1/models").status_code == 401
         auth = {"Authorization": "Bearer from-env"}
@@ -150,7 +188,9 @@ def test_sigterm_ends_in_flight_requests_and_exits_0(tiny_model_dir):
         server.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health")
-    assert "request cmpl-" not in "".join(server.log)  # --disable-log-requests
+    log = "".join(server.log)
+    assert "request cmpl-" not in log  # --disable-log-requests
+    assert '"GET /v1/models HTTP/1.1" 200' in log and '"GET /health HTTP/1.1"' not in log
 
 
 @pytest.mark.slow
