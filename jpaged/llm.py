@@ -79,8 +79,8 @@ class LLM:
         return _run_to_completion(self.data_parallel.wake_up(tags))
 
     def is_sleeping(self) -> bool:
-        return (self.llm_engine.is_sleeping() if self.llm_engine is not None
-                else _run_to_completion(self.data_parallel.is_sleeping()))
+        engines = [self.llm_engine] if self.llm_engine is not None else [r.engine for r in self.data_parallel.replicas]
+        return any(engine.is_sleeping() for engine in engines)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True,
