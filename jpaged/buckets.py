@@ -93,7 +93,8 @@ class Buckets:
             yield t, self.seqs_for_tokens(t), p
 
     def for_step(self, num_tokens: int, num_seqs: int, max_context: int, block_size: int):
-        """The bucket of a step with these real sizes (num_seqs <= num_tokens)."""
+        """The bucket of a step with these real sizes. num_seqs: its sequences or, with drafts,
+        its sampled rows (ScheduledRequest.num_sample_rows), either way <= num_tokens."""
         t = pick(self.num_tokens, num_tokens)
         s = self.seqs_for_tokens(t)
         if num_seqs > s:

@@ -127,6 +127,14 @@ class EngineArgs:
         "runs this many steps, feeding each sampled token to the next, and the tokens arrive together. "
         f"Saves the host's work between steps; a request arriving meanwhile waits for the round. "
         f"Default: {DEFAULT_CPU_SCHEDULER_STEPS} on CPU, 1 (off) elsewhere.", type=int)
+    speculative_config: dict | None = _field(
+        None, "Speculative decoding, vLLM's JSON object: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+        "drafts up to 4 tokens per step by prompt lookup (the tokens that followed an earlier occurrence of the "
+        "request's last prompt_lookup_min..prompt_lookup_max tokens, default 5..5; "
+        "num_speculative_tokens_per_batch_size [[first, last, k], ...] sets k by running batch size) and verifies "
+        "them in one forward: the same tokens, several per step where the text repeats its context. Requests "
+        "with penalties, logit_bias, pending min_tokens or token masks decode without drafts. Only method "
+        "ngram (docs/engine.md).", type=json_object)
     scheduler_delay_factor: float = _field(
         0.0, "While requests run, admit waiting requests only once the oldest has waited this factor x the "
         "latency of the last step that ran prompt tokens (vLLM V0's flag), so arrivals gather into fewer prefill "
@@ -312,6 +320,12 @@ class EngineArgs:
                                  f"(--kv-cache-memory-bytes).")
             self.kv_cache_memory = self.kv_cache_memory_bytes / 2**30
             self.kv_cache_memory_bytes = None  # one size from here on (and dataclasses.replace keeps working)
+        if self.speculative_config is not None:
+            from jpaged.engine.speculative import SpeculativeConfig  # jpaged.engine imports this module
+
+            if not isinstance(self.speculative_config, dict):
+                raise ValueError(f"speculative_config must be a dict (vLLM's keys), got {self.speculative_config!r}.")
+            SpeculativeConfig.from_dict(self.speculative_config)  # its errors now, not at engine start
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             raise ValueError(f"hf_overrides must be a dict of config.json fields, got {self.hf_overrides!r}.")
         if self.swap_space < 0:

@@ -186,7 +186,7 @@ class DataParallelAsyncLLM:
             values = [getattr(s, field.name) for s in per_engine]
             if field.name.endswith("_lora_adapters"):
                 totals[field.name] = tuple(dict.fromkeys(name for names in values for name in names))
-            elif field.name == "iteration_tokens_counts":
+            elif field.name in ("iteration_tokens_counts", "spec_accepted_tokens_per_pos"):
                 totals[field.name] = tuple(map(sum, zip(*values)))
             elif field.name == "sleep_level":  # the replicas sleep and wake together
                 totals[field.name] = values[0]

@@ -19,6 +19,7 @@ from jpaged.config import EngineArgs, server_max_num_batched_tokens
 from jpaged.cpu_features import resolve_cpu_dtype
 from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine import Request, RequestStatus, Scheduler, block_pool
+from jpaged.engine.speculative import SpeculativeConfig
 from jpaged.loaders import load_model
 from jpaged.models.quantization import param_bytes
 from jpaged.outputs import (ITERATION_TOKENS_BUCKETS, CompletionOutput, EngineStats, Logprob, RequestMetrics,
@@ -164,6 +165,12 @@ class LLMEngine:
         self.runner = build_runner(self.model_config, loaded.params if params is None else params, args,
                                    self.max_model_len, devices=devices, model=flax_model, tokenizer=self.tokenizer,
                                    model_path=self.model_path)
+        speculative_config = None
+        if args.speculative_config is not None:
+            speculative_config = SpeculativeConfig.from_dict(args.speculative_config)
+            logger.info("speculative decoding: prompt lookup (ngram %d-%d), up to %d drafts per step",
+                        speculative_config.prompt_lookup_min, speculative_config.prompt_lookup_max,
+                        speculative_config.num_speculative_tokens)
         self.scheduler = Scheduler(
             num_blocks=self.runner.pool_spec.num_blocks, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -172,7 +179,7 @@ class LLMEngine:
             num_scheduler_steps=self.runner.num_scheduler_steps,
             scheduler_delay_factor=args.scheduler_delay_factor,
             scheduler_finish_first=args.scheduler_finish_first, max_loras=args.max_loras if args.enable_lora else 0,
-            scheduling_policy=args.scheduling_policy)
+            scheduling_policy=args.scheduling_policy, speculative_config=speculative_config)
         # LoRA adapters (jpaged/lora.py): host copies and which one sits in which device slot.
         self.lora_adapters = self.lora_slot_table = None
         if args.enable_lora:
@@ -201,6 +208,11 @@ class LLMEngine:
         self._prefill_tokens_total = 0  # prompt tokens computed (recomputed ones again), for the stats log
         self._iteration_tokens_counts = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)  # see EngineStats
         self._iteration_tokens_sum = 0
+        # Speculative decoding counters (EngineStats.spec_*).
+        self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
+        self.spec_accepted_tokens_per_pos = [0] * (0 if speculative_config is None
+                                                   else speculative_config.num_speculative_tokens)
+        self._last_spec_log = (0, 0, 0)  # (drafts, draft tokens, kept) at the last stats log
         self._asleep: set[str] = set()  # of SLEEP_TAGS: what sleep() released and wake_up() has not taken back
         self.sleep_level = 0  # the deepest level slept at since fully awake (0: awake, or only scheduling paused)
         self._last_log = (time.monotonic(), 0, 0)  # (time, prefill tokens, generation tokens) at the last stats log
@@ -418,16 +430,19 @@ class LLMEngine:
             return self._fail_step(scheduled, exc)
         if result.prompt_logprobs is not None:
             self._record_prompt_logprobs(scheduled, result.prompt_logprobs)
-        rows = {r.request_id: i for i, r in enumerate(scheduled) if r.sample}
+        new_tokens = self._new_tokens(scheduler_output, result.token_ids)
         outputs = []
-        # One row of ids per decode step the runner ran (several for a multi-step decode): each
-        # is recorded as its own step, so a request that stops drops the ids sampled after it.
-        for step, ids in enumerate(np.reshape(result.token_ids, (scheduler_output.num_steps, -1))):
-            sampled = {rid: int(ids[i]) for rid, i in rows.items() if rid in self.scheduler.requests}
+        # A request's tokens are recorded one at a time (a multi-step round's, or drafts kept and
+        # the token after them), so a request that stops drops the tokens after its stop.
+        for step in range(max((len(tokens) for tokens, _ in new_tokens.values()), default=1)):
+            sampled, rows = {}, {}
+            for rid, (tokens, token_rows) in new_tokens.items():
+                if step < len(tokens) and rid in self.scheduler.requests:
+                    sampled[rid], rows[rid] = tokens[step], token_rows[step]
             if step and not sampled:
                 break
             generated_before = self.generation_tokens_total
-            outputs += self._record_step(scheduler_output, sampled, result, rows)
+            outputs += self._record_step(scheduler_output, sampled, result, rows, step)
             step_tokens = (0 if step else num_prompt_tokens) + self.generation_tokens_total - generated_before
             self._iteration_tokens_counts[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, step_tokens)] += 1
             self._iteration_tokens_sum += step_tokens
@@ -435,10 +450,45 @@ class LLMEngine:
             self._maybe_log_stats()
         return outputs
 
-    def _record_step(self, scheduler_output, sampled: dict[str, int], result,
-                     rows: dict[str, int]) -> list[RequestOutput]:
-        """Appends one decode step's sampled ids (request id -> token id) and returns the outputs."""
-        updated = self.scheduler.update_from_output(scheduler_output, sampled)
+    def _new_tokens(self, scheduler_output, token_ids: np.ndarray) -> dict[str, tuple[list[int], list[int]]]:
+        """Each sampling request's new tokens in order, with the runner-output row of each (where
+        its logprobs are): request id -> (token ids, rows). token_ids: the runner's ids,
+        i32[num_steps, rows] for a multi-step round, else i32[rows].
+
+        A request with drafts keeps the drafts up to the first one that differs from the token
+        sampled in its place, then that sampled token (or the one after the last draft): every
+        kept token is the one a plain decode would have sampled there (the sampler draws by
+        (seed, output index)), so drafts change how many tokens a step gives, not which."""
+        token_ids = np.reshape(token_ids, (scheduler_output.num_steps, -1))
+        new_tokens = {}
+        row = 0
+        for r in scheduler_output.scheduled:
+            if r.sample and scheduler_output.num_steps > 1:
+                new_tokens[r.request_id] = (token_ids[:, row].tolist(), [row] * scheduler_output.num_steps)
+            elif r.sample:
+                sampled = token_ids[0, row:row + r.num_sample_rows].tolist()
+                drafts = r.token_ids[len(r.token_ids) - r.num_draft_tokens:]
+                kept = 0
+                while kept < len(drafts) and drafts[kept] == sampled[kept]:
+                    kept += 1
+                new_tokens[r.request_id] = (sampled[:kept + 1], list(range(row, row + kept + 1)))
+                if r.num_draft_tokens:
+                    self._record_drafts(r.num_draft_tokens, kept)
+            row += r.num_sample_rows
+        return new_tokens
+
+    def _record_drafts(self, num_drafts: int, num_kept: int) -> None:
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += num_drafts
+        self.spec_num_accepted_tokens += num_kept
+        for position in range(num_kept):
+            self.spec_accepted_tokens_per_pos[position] += 1
+
+    def _record_step(self, scheduler_output, sampled: dict[str, int], result, rows: dict[str, int],
+                     token_index: int) -> list[RequestOutput]:
+        """Appends one token per request (request id -> token id; rows: request id -> its
+        runner-output row) and returns the outputs."""
+        updated = self.scheduler.update_from_output(scheduler_output, sampled, token_index)
         self.generation_tokens_total += len(updated)
         touched: dict[str, tuple[_Parent, list[_Sample]]] = {}
         for request in updated:
@@ -554,6 +604,15 @@ class LLMEngine:
             (self._prefill_tokens_total - prompt_then) / (now - then),
             (self.generation_tokens_total - generation_then) / (now - then), stats.num_running, stats.num_waiting,
             100 * stats.kv_cache_usage, 100 * hit_rate, stats.num_preemptions)
+        drafts, draft_tokens, kept = (self.spec_num_drafts - self._last_spec_log[0],
+                                      self.spec_num_draft_tokens - self._last_spec_log[1],
+                                      self.spec_num_accepted_tokens - self._last_spec_log[2])
+        if drafts:  # vLLM's line (its per-position rates are cumulative here)
+            self._last_spec_log = (self.spec_num_drafts, self.spec_num_draft_tokens, self.spec_num_accepted_tokens)
+            logger.info("SpecDecoding metrics: Mean acceptance length: %.2f, Accepted throughput: %.2f tokens/s, "
+                        "Drafted throughput: %.2f tokens/s, Accepted: %d tokens, Drafted: %d tokens, "
+                        "Avg Draft acceptance rate: %.1f%%", 1 + kept / drafts, kept / (now - then),
+                        draft_tokens / (now - then), kept, draft_tokens, 100 * kept / draft_tokens)
 
     def _append_token(self, sample: _Sample, request: Request, result, row: int) -> None:
         token_id = request.output_token_ids[-1]
@@ -686,7 +745,9 @@ class LLMEngine:
             iteration_tokens_sum=self._iteration_tokens_sum,
             running_lora_adapters=stats.running_lora_adapters, waiting_lora_adapters=stats.waiting_lora_adapters,
             num_kv_blocks=self.runner.pool_spec.num_blocks, num_swap_blocks=self.runner.num_swap_blocks,
-            sleep_level=self.sleep_level if self._asleep else None)
+            sleep_level=self.sleep_level if self._asleep else None, spec_num_drafts=self.spec_num_drafts,
+            spec_num_draft_tokens=self.spec_num_draft_tokens, spec_num_accepted_tokens=self.spec_num_accepted_tokens,
+            spec_accepted_tokens_per_pos=tuple(self.spec_accepted_tokens_per_pos))
 
     def update_weights(self, params) -> None:
         """Swaps in new params of the same structure, shapes and dtypes (between steps; no recompile).

@@ -85,3 +85,9 @@ class EngineStats:
     num_kv_blocks: int  # the KV pool's blocks, the null block included (vLLM's num_gpu_blocks)
     num_swap_blocks: int  # host blocks for swapped-out KV (--swap-space)
     sleep_level: int | None = None  # sleep mode: None awake, else the level slept at (0: scheduling paused only)
+    # Speculative decoding (--speculative-config), cumulative: requests' steps with drafts, their
+    # drafts, the drafts kept, and per draft position the drafts kept there (empty when off).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_tokens_per_pos: tuple[int, ...] = ()

@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 
 def _forward(params, kv_cache, kv_scales, meta: StepMetadata, *, model, attention_fn, write_kv_fn):
-    """The model over one step's packed tokens: (logits f32[num_seqs, vocab], hidden, kv_cache).
+    """The model over one step's packed tokens: (logits f32[num_seqs, vocab] at meta.logits_indices, hidden,
+    kv_cache).
     model: a Flax module with the engine's model contract (docs/models.md)."""
     hidden, kv_cache = _forward_hidden(params, kv_cache, kv_scales, meta, model=model, attention_fn=attention_fn,
                                        write_kv_fn=write_kv_fn)
@@ -60,10 +61,10 @@ def _forward_hidden(params, kv_cache, kv_scales, meta: StepMetadata, *, model, a
 
 
 def _real_rows(model, method: str, meta: StepMetadata) -> dict:
-    """{"num_rows": the number of real sequences} when the model's `method` takes num_rows
-    (docs/models.md): the padded sequences after them need no lm_head rows. Else {}."""
+    """{"num_rows": the number of real logits rows} when the model's `method` takes num_rows
+    (docs/models.md): the padded rows after them need no lm_head. Else {}."""
     if "num_rows" in inspect.signature(getattr(type(model), method)).parameters:
-        return {"num_rows": jnp.sum(jnp.diff(meta.attn.cu_q_lens) > 0, dtype=jnp.int32)}
+        return {"num_rows": meta.num_logits_rows()}
     return {}
 
 
@@ -181,7 +182,8 @@ def _prompt_targets(scheduled, num_tokens: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class RunnerOutput:
-    """Host copies of one step's samples; row i belongs to scheduled[i]."""
+    """Host copies of one step's samples, one row per sampled row: scheduled[i] has
+    num_sample_rows of them (one, or with drafts one more per draft), in batch order."""
 
     token_ids: np.ndarray  # i32[num_seqs]; i32[num_steps, num_seqs] for a multi-step decode
     # Present only when a scheduled request asked for logprobs:
@@ -476,8 +478,9 @@ class ModelRunner:
                 lora_slots: list[int] | None = None) -> RunnerOutput:
         """Runs one scheduled step. `seeds[i]` is scheduled[i]'s resolved sampling seed.
 
-        token_bitmask: None, or i32[len(scheduled), cdiv(vocab, 32)] of the tokens each row may
-        sample (structured outputs); it travels in the same device_put as the step's blobs.
+        token_bitmask: None, or i32[len(scheduled), cdiv(vocab, 32)] of the tokens each request may
+        sample (structured outputs), the same for each of its rows; it travels in the same
+        device_put as the step's blobs.
         lora_slots: None, or scheduled[i]'s LoRA slot (0: none; set_lora_slot filled them).
         On several hosts, host 0 first sends the step to the others (jpaged/multihost.py).
         """
@@ -487,11 +490,13 @@ class ModelRunner:
             return self._execute_decode_steps(scheduler_output, seeds, lora_slots)
         scheduled = scheduler_output.scheduled
         max_context = max(r.start_position + len(r.token_ids) for r in scheduled)
-        t, s, p = self.buckets.for_step(scheduler_output.total_num_scheduled_tokens, len(scheduled), max_context,
+        num_rows = [r.num_sample_rows for r in scheduled]
+        t, s, p = self.buckets.for_step(scheduler_output.total_num_scheduled_tokens, sum(num_rows), max_context,
                                         self.block_size)
         entries = [logit_entries(r) for r in scheduled]
         e = pick(self.buckets.entries_for_seqs(s), sum(map(len, entries)))
         if token_bitmask is not None:  # padded rows allow every token
+            token_bitmask = np.repeat(token_bitmask, num_rows, axis=0)
             token_bitmask = np.pad(token_bitmask, ((0, s - len(token_bitmask)), (0, 0)), constant_values=-1)
         step = multihost.StepInputs(
             t, s, p, e, decode_only=self._decode_jit is not None and all(len(r.token_ids) == 1 for r in scheduled),

@@ -29,12 +29,19 @@ class StepMetadata:
     token_ids: jax.Array  # i32[num_tokens]
     positions: jax.Array  # i32[num_tokens]
     attn: AttentionMetadata
-    logits_indices: jax.Array  # i32[num_seqs]: packed row of each sequence's last token
+    # i32[num_seqs]: the packed rows whose logits are sampled, in increasing order, then padding 0s:
+    # each sequence's last token and, before it, its pending token and drafts but the last
+    # (ScheduledRequest.num_sample_rows rows per sequence; at most num_seqs in all)
+    logits_indices: jax.Array
     lora_slots: jax.Array  # i32[num_tokens]: each token's LoRA adapter slot (0: none; jpaged/lora.py)
 
     @staticmethod
     def blob_size(num_tokens: int, num_seqs: int, pages_per_seq: int) -> int:
         return 4 * num_tokens + num_seqs * pages_per_seq + 3 * num_seqs + 2
+
+    def num_logits_rows(self) -> jax.Array:
+        """i32[]: how many logits_indices are real (they increase; the padding after them is 0)."""
+        return 1 + jnp.sum(jnp.diff(self.logits_indices) > 0, dtype=jnp.int32)
 
     @classmethod
     def unpack(cls, blob, num_tokens: int, num_seqs: int, pages_per_seq: int) -> "StepMetadata":
@@ -67,6 +74,7 @@ def pack_step(scheduled, num_tokens: int, num_seqs: int, pages_per_seq: int, blo
     num_decode_tokens = blob[off + 3 * s + 1:off + 3 * s + 2]
     token_lora_slots = blob[off + 3 * s + 2:]
     start = 0
+    row = 0
     decodes_so_far = True
     for i, req in enumerate(scheduled):
         n = len(req.token_ids)
@@ -80,7 +88,8 @@ def pack_step(scheduled, num_tokens: int, num_seqs: int, pages_per_seq: int, blo
         tables[i, :used] = table[:used]
         kv_lens[i] = req.start_position + n
         cu_q_lens[i + 1] = end
-        logits_indices[i] = end - 1
+        logits_indices[row:row + req.num_sample_rows] = np.arange(end - req.num_sample_rows, end)
+        row += req.num_sample_rows
         if lora_slots is not None:
             token_lora_slots[start:end] = lora_slots[i]
         decodes_so_far = decodes_so_far and req.is_decode
@@ -163,8 +172,10 @@ def logit_entries(req) -> list[tuple[int, float, int, int]]:
 
 
 def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int, entries) -> np.ndarray:
-    """Packs the sampling blob. `seeds[i]` is the resolved seed of scheduled[i] and `entries[i]`
-    its `logit_entries` (their total at most num_entries)."""
+    """Packs the sampling blob, one row per sampled row (ScheduledRequest.num_sample_rows per
+    request: a draft's row samples the output index after the previous row's). `seeds[i]` is
+    the resolved seed of scheduled[i] and `entries[i]` its `logit_entries` (their total at most
+    num_entries; a request with drafts has none: the scheduler's rule)."""
     s, e = num_seqs, num_entries
     blob = np.zeros(SamplingMetadata.blob_size(s, e), np.int32)
     cols = blob[:11 * s].reshape(11, s)
@@ -176,26 +187,29 @@ def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int, 
     packed = blob[11 * s:].reshape(5, e)
     packed_floats = packed.view(np.float32)
     k = 0
+    row = 0
     for i, req in enumerate(scheduled):
         params = req.sampling_params
-        floats[0, i] = params.temperature if params.temperature >= 1e-5 else _GREEDY
-        cols[1, i] = min(max(params.top_k, 0), np.iinfo(np.int32).max)  # any k >= vocab means off
-        floats[2, i] = params.top_p
-        floats[3, i] = params.min_p
-        floats[4, i] = params.presence_penalty
-        floats[5, i] = params.frequency_penalty
-        floats[6, i] = params.repetition_penalty
-        cols[7, i] = np.uint32(seeds[i] & 0xFFFFFFFF).view(np.int32)
-        cols[8, i] = len(req.output_token_ids)
-        cols[9, i] = -1 if params.logprobs is None else params.logprobs
-        cols[10, i] = params.structured_outputs is not None
+        rows = slice(row, row + req.num_sample_rows)
+        floats[0, rows] = params.temperature if params.temperature >= 1e-5 else _GREEDY
+        cols[1, rows] = min(max(params.top_k, 0), np.iinfo(np.int32).max)  # any k >= vocab means off
+        floats[2, rows] = params.top_p
+        floats[3, rows] = params.min_p
+        floats[4, rows] = params.presence_penalty
+        floats[5, rows] = params.frequency_penalty
+        floats[6, rows] = params.repetition_penalty
+        cols[7, rows] = np.uint32(seeds[i] & 0xFFFFFFFF).view(np.int32)
+        cols[8, rows] = np.arange(len(req.output_token_ids), len(req.output_token_ids) + req.num_sample_rows)
+        cols[9, rows] = -1 if params.logprobs is None else params.logprobs
+        cols[10, rows] = params.structured_outputs is not None
         if entries[i]:
             tokens, bias, counts, seen = zip(*entries[i])
             end = k + len(tokens)
-            packed[0, k:end] = i
+            packed[0, k:end] = row
             packed[1, k:end] = tokens
             packed_floats[2, k:end] = bias
             packed_floats[3, k:end] = counts
             packed[4, k:end] = seen
             k = end
+        row += req.num_sample_rows
     return blob

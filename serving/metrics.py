@@ -89,6 +89,25 @@ class EngineStatsCollector:
             yield self._cache_config_info(prefix, per_engine)
             if self.engine.engine_args.enable_lora:
                 yield self._lora_requests_info(prefix, per_engine)
+            if self.engine.engine_args.speculative_config is not None:
+                yield from self._spec_decode_counters(prefix, per_engine)
+
+    def _spec_decode_counters(self, prefix: str, per_engine: list[EngineStats]):
+        """vLLM's speculative-decoding counters (with --speculative-config)."""
+        for name, documentation, field in (
+                ("spec_decode_num_drafts", "Number of spec decoding drafts.", "spec_num_drafts"),
+                ("spec_decode_num_draft_tokens", "Number of draft tokens.", "spec_num_draft_tokens"),
+                ("spec_decode_num_accepted_tokens", "Number of accepted tokens.", "spec_num_accepted_tokens")):
+            family = CounterMetricFamily(f"{prefix}:{name}", documentation, labels=["model_name", "engine"])
+            for index, stats in enumerate(per_engine):
+                family.add_metric([self.model_name, str(index)], getattr(stats, field))
+            yield family
+        family = CounterMetricFamily(f"{prefix}:spec_decode_num_accepted_tokens_per_pos",
+                                     "Accepted tokens per draft position.", labels=["model_name", "engine", "position"])
+        for index, stats in enumerate(per_engine):
+            for position, count in enumerate(stats.spec_accepted_tokens_per_pos):
+                family.add_metric([self.model_name, str(index), str(position)], count)
+        yield family
 
     def _cache_config_info(self, prefix: str, per_engine: list[EngineStats]) -> GaugeMetricFamily:
         """vLLM's info gauge (1, the settings as labels) of each engine's KV cache."""

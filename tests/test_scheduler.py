@@ -11,6 +11,7 @@ or swap bug changes the outputs, which are compared with an unpaged oracle.
 import collections
 import itertools
 import random
+import sys
 
 import hypothesis.strategies as st
 import pytest
@@ -22,6 +23,7 @@ from jpaged.engine.request import Request, RequestStatus
 from jpaged.engine import scheduler as scheduler_module
 from jpaged.engine.scheduler import Scheduler
 from jpaged.engine.scheduler_output import SchedulerOutput
+from jpaged.engine.speculative import SpeculativeConfig
 from jpaged.lora import LoRARequest
 from jpaged.sampling_params import SamplingParams
 
@@ -56,10 +58,25 @@ class FakeRunner:
         self.host: dict[int, dict[int, int]] = {}  # host slot -> offset -> token id
 
     def execute(self, scheduler_output) -> list[dict[str, int]]:
-        """The sampled token of each sampling request, one dict per decode step of the step."""
+        """The new tokens of each sampling request, one dict per token index: a multi-step
+        round's steps, or a request's drafts kept and the token after them (as the engine keeps them)."""
         if scheduler_output.num_steps > 1:
             return self.execute_decode_steps(scheduler_output)
-        return [self.execute_step(scheduler_output)]
+        contexts = self.write_and_read(scheduler_output)
+        steps = [{}]
+        for scheduled in scheduler_output.scheduled:
+            if not scheduled.sample:
+                continue
+            context, num_drafts = contexts[scheduled.request_id], scheduled.num_draft_tokens
+            known = len(context) - num_drafts
+            for index in range(num_drafts + 1):
+                token = next_token(context[:known + index])
+                if index == len(steps):
+                    steps.append({})
+                steps[index][scheduled.request_id] = token
+                if index == num_drafts or context[known + index] != token:
+                    break
+        return steps
 
     def execute_decode_steps(self, scheduler_output) -> list[dict[str, int]]:
         """A multi-step decode: each step writes the token the previous one sampled."""
@@ -79,6 +96,14 @@ class FakeRunner:
         return steps
 
     def execute_step(self, scheduler_output) -> dict[str, int]:
+        """A step without drafts: each sampling request's next token."""
+        contexts = self.write_and_read(scheduler_output)
+        return {s.request_id: next_token(contexts[s.request_id]) for s in scheduler_output.scheduled if s.sample}
+
+    def write_and_read(self, scheduler_output) -> dict[str, list[int]]:
+        """Runs the block copies, writes every scheduled token (drafts too) through the block
+        tables, then reads each request's context back (its known tokens checked against the
+        truth): request id -> the tokens at positions 0 .. its last scheduled one."""
         bs = self.block_size
         for block_id, slot in scheduler_output.blocks_to_swap_out:
             self.host[slot] = {o: self.device[(block_id, o)] for o in range(bs) if (block_id, o) in self.device}
@@ -96,17 +121,19 @@ class FakeRunner:
                     f"block {block_id} has two writers in one step"
                 )
                 self.device[(block_id, position % bs)] = token
-        sampled = {}
+        contexts = {}
         for scheduled in scheduler_output.scheduled:
             end = scheduled.start_position + scheduled.num_scheduled_tokens
+            known_end = end - scheduled.num_draft_tokens
             truth = scheduled.prompt_token_ids + scheduled.output_token_ids
-            assert scheduled.token_ids == truth[scheduled.start_position : end]
-            assert scheduled.sample == (end == len(truth))
+            start = scheduled.start_position
+            assert scheduled.token_ids[:known_end - start] == truth[start:known_end]
+            assert scheduled.sample == (known_end == len(truth))
             context = [self.device.get((scheduled.block_table[p // bs], p % bs)) for p in range(end)]
-            assert context == truth[:end], f"request {scheduled.request_id} reads a corrupted KV context"
-            if scheduled.sample:
-                sampled[scheduled.request_id] = next_token(context)
-        return sampled
+            assert context[:known_end] == truth[:known_end], (
+                f"request {scheduled.request_id} reads a corrupted KV context")
+            contexts[scheduled.request_id] = context
+        return contexts
 
 
 def check_step(scheduler: Scheduler, scheduler_output) -> None:
@@ -114,6 +141,7 @@ def check_step(scheduler: Scheduler, scheduler_output) -> None:
     assert scheduler_output.total_num_scheduled_tokens == sum(s.num_scheduled_tokens for s in scheduled)
     assert scheduler_output.total_num_scheduled_tokens <= scheduler.max_num_batched_tokens
     assert len(scheduled) <= scheduler.max_num_seqs
+    assert sum(s.num_sample_rows for s in scheduled) <= scheduler.max_num_seqs
     assert len({s.request_id for s in scheduled}) == len(scheduled)
     # The engine may skip a step with nothing scheduled, so block copies never come alone.
     assert scheduled or not (scheduler_output.blocks_to_swap_out or scheduler_output.blocks_to_swap_in)
@@ -153,6 +181,8 @@ def check_invariants(scheduler: Scheduler) -> None:
     assert all(pool.cached_block_hash_to_block[b.block_hash] is b for b in pool.blocks if b.block_hash is not None)
     assert pool.null_block.block_hash is None and pool.null_block.ref_cnt == 0
 
+    # Blocks taken for drafts that were not kept stay with their request (its next drafts use them).
+    lookahead = 0 if scheduler.speculative_config is None else scheduler.speculative_config.num_speculative_tokens
     running_ids = [r.request_id for r in scheduler.running]
     waiting_ids = [r.request_id for r in scheduler.waiting]
     assert len(running_ids) <= scheduler.max_num_seqs
@@ -163,8 +193,8 @@ def check_invariants(scheduler: Scheduler) -> None:
         assert request.status == RequestStatus.RUNNING
         assert 0 < request.num_computed_tokens < request.num_tokens
         num_blocks = len(manager.req_to_blocks[request.request_id])
-        assert num_blocks == cdiv(request.num_computed_tokens, bs)
-        assert num_blocks * bs - request.num_computed_tokens < bs, "KV waste of a block or more"
+        assert cdiv(request.num_computed_tokens, bs) <= num_blocks <= cdiv(request.num_computed_tokens + lookahead, bs)
+        assert num_blocks * bs - request.num_computed_tokens < bs + lookahead, "KV waste of a block or more"
     for request in scheduler.waiting:
         assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED, RequestStatus.SWAPPED)
         assert request.request_id not in manager.req_to_blocks
@@ -177,7 +207,7 @@ def check_invariants(scheduler: Scheduler) -> None:
     all_slots = held_slots + manager._free_host_slots
     assert sorted(all_slots) == list(range(manager.num_swap_blocks))
     stats = scheduler.get_stats()
-    assert stats.kv_waste_slots < bs * max(1, len(scheduler.running))
+    assert stats.kv_waste_slots < (bs + lookahead) * max(1, len(scheduler.running))
     assert 0.0 <= stats.kv_cache_usage <= 1.0
 
 
@@ -201,6 +231,7 @@ class Harness:
         self.expected: dict[str, list[int]] = {}
         self.finished: dict[str, Request] = {}
         self.batches: list = []
+        self.drafts_kept = 0  # of the drafts scheduled (ScheduledRequest.num_draft_tokens)
 
     def add(self, request_id: str, prompt: list[int], lora_request=None, priority: int = 0, **params) -> Request:
         request = Request(request_id, prompt, SamplingParams(**params), eos_token_ids=(EOS,), lora_request=lora_request,
@@ -223,10 +254,12 @@ class Harness:
         updated = []
         # As the engine does: each decode step's tokens in turn, for the requests still running.
         for step, sampled in enumerate(self.runner.execute(out)):
+            if out.num_steps == 1:
+                self.drafts_kept += len(sampled) if step else 0
             sampled = {rid: token for rid, token in sampled.items() if rid in self.scheduler.requests}
             if step and not sampled:
                 break
-            updated += self.scheduler.update_from_output(out, sampled)
+            updated += self.scheduler.update_from_output(out, sampled, step)
         for request in updated:
             expected = self.expected[request.request_id]
             assert request.output_token_ids == expected[: request.num_output_tokens]
@@ -938,3 +971,55 @@ def test_blocks_a_last_round_fills_stay_in_the_prefix_cache():
     blocks, num_cached = scheduler.kv_cache_manager.get_computed_blocks(follow_up)
     assert num_cached == 12
     check_all_free(scheduler)
+
+
+def markov_token(context: list[int]) -> int:
+    """A fake model whose text soon repeats itself: the next token follows from the last one."""
+    return context[-1] % 5 + 1
+
+
+@pytest.mark.parametrize("num_swap_blocks", [0, 8])
+def test_speculative_drafts_keep_every_output_and_the_blocks_consistent(monkeypatch, num_swap_blocks):
+    """Prompt-lookup drafts through a tiny pool (preemption, swapping, prefix caching): every
+    request's tokens equal the oracle's, drafts were kept and rejected, every block comes back;
+    requests whose sampling needs the host (penalties, logit_bias, min_tokens) never get drafts."""
+    monkeypatch.setattr(sys.modules[__name__], "next_token", markov_token)
+    config = SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3)
+    harness = Harness(num_blocks=16, block_size=4, max_num_seqs=6, max_num_batched_tokens=24, max_model_len=48,
+                      num_swap_blocks=num_swap_blocks, speculative_config=config)
+    rng = random.Random(3)
+    host_bound = set()
+    for i, prompt in enumerate(random_prompts(rng, 24, 20)):
+        extra = [{}, {}, {"presence_penalty": 0.5}, {"logit_bias": {3: 1.0}}, {"min_tokens": 5}][i % 5]
+        if extra:
+            host_bound.add(f"r{i}")
+        harness.add(f"r{i}", prompt, max_tokens=rng.randint(6, 48 - len(prompt)), ignore_eos=rng.random() < 0.5,
+                    **extra)
+    harness.run()
+    assert sorted(harness.finished) == sorted(harness.expected)
+    drafted = [s for out in harness.batches for s in out.scheduled if s.num_draft_tokens]
+    num_drafts = sum(s.num_draft_tokens for s in drafted)
+    assert 0 < harness.drafts_kept < num_drafts, "drafts should be both kept and rejected"
+    assert all(s.num_draft_tokens <= 3 for s in drafted)
+    min_tokens_drafts = [s for s in drafted if s.sampling_params.min_tokens]
+    assert not {s.request_id for s in drafted if not s.sampling_params.min_tokens} & host_bound
+    assert all(len(s.output_token_ids) >= 5 for s in min_tokens_drafts), "drafted before min_tokens were out"
+    assert harness.scheduler.get_stats().num_preemptions > 0
+    check_all_free(harness.scheduler)
+
+
+def test_speculative_drafts_follow_the_batch_size_schedule(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "next_token", markov_token)
+    config = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=2,
+                               num_speculative_tokens_per_batch_size=((1, 1, 4), (2, 2, 1), (3, 8, 0)))
+    harness = Harness(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64,
+                      speculative_config=config)
+    for i in range(3):
+        harness.add(f"r{i}", [5, 9, 5, 9, 5, 9], max_tokens=12 + 8 * i, ignore_eos=True)
+    harness.run()
+    for out in harness.batches:
+        most = max((s.num_draft_tokens for s in out.scheduled), default=0)
+        running = len(out.scheduled)
+        assert most <= {1: 4, 2: 1}.get(running, 0)
+    assert {max(s.num_draft_tokens for s in out.scheduled) for out in harness.batches} >= {1, 4}
+    check_all_free(harness.scheduler)

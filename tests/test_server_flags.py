@@ -31,7 +31,9 @@ TEMPLATE = "{{ greeting }}|{% if tools %}TOOLS|{% endif %}{% for m in messages %
 def server(tiny_model_dir):
     engine_args = EngineArgs(model=str(tiny_model_dir), max_model_len=128, max_num_seqs=8,
                              max_num_batched_tokens=16, num_gpu_blocks_override=64, compilation_cache_dir="",
-                             scheduling_policy="priority", enable_sleep_mode=True)
+                             scheduling_policy="priority", enable_sleep_mode=True,
+                             speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                 "prompt_lookup_min": 1, "prompt_lookup_max": 2})
     srv = ThreadedServer(engine_args, app_kwargs={"enable_request_id_headers": True,
                                                   "enable_server_load_tracking": True, "enable_sleep_mode": True},
                          response_role="narrator", return_tokens_as_token_ids=True,
@@ -287,3 +289,22 @@ def test_sleep_and_wake_up_routes(server, client):
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     assert httpx.post(server.url + "/wake_up?tags=gpu", headers=AUTH).status_code == 400
     assert httpx.get(server.url + "/is_sleeping", headers=AUTH).json() == {"is_sleeping": False}
+
+
+def test_speculative_decoding_counters(server):
+    """With --speculative-config the server's greedy text is the plain engine's (the engine's
+    tests check that) and /metrics carries vLLM's spec_decode counters."""
+    phrase = "red green blue " * 6
+    response = _post(server, "/v1/completions", {"prompt": phrase, "max_tokens": 32, "temperature": 0,
+                                                  "ignore_eos": True})
+    assert response.status_code == 200
+    text = httpx.get(server.url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:spec_decode_"):
+            name = line.split("{", 1)[0]
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    assert values["vllm:spec_decode_num_drafts_total"] > 0
+    assert values["vllm:spec_decode_num_draft_tokens_total"] >= values["vllm:spec_decode_num_drafts_total"]
+    assert (values["vllm:spec_decode_num_accepted_tokens_per_pos_total"]
+            == values["vllm:spec_decode_num_accepted_tokens_total"])

@@ -31,6 +31,11 @@ requests are held if the running requests closest to their max_tokens reach it s
 prompt step takes and the waiting requests' summed wait costs less than one prompt step's stall
 of those finishers: a request about to end ends instead of sitting through its replacement's
 prefill step, and the replacements then prefill together.
+With a speculative_config (jpaged/engine/speculative.py), a decoding request whose sampling needs
+nothing from the host between tokens (as for a round, but logprobs are fine) gets prompt-lookup
+drafts: its chunk is its pending token plus the drafts (KV blocks allocated for all of them, one
+token of the budget each, at most max_num_seqs sampled rows per step), and the engine calls
+update_from_output() once per token it keeps. A step with drafts is never a multi-step round.
 Not thread-safe: abort/finish calls must not run concurrently with schedule/update.
 """
 
@@ -44,6 +49,7 @@ from jpaged.config import SCHEDULING_POLICIES
 from jpaged.engine.block_manager import KVCacheManager, cdiv
 from jpaged.engine.request import Request, RequestStatus
 from jpaged.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from jpaged.engine.speculative import SpeculativeConfig
 from jpaged.request_validation import InvalidRequestError, check_context_length
 
 
@@ -66,14 +72,20 @@ def _priority_key(request: Request) -> tuple[int, float]:
     return request.priority, request.arrival_time
 
 
-def _samples_ahead(request: Request) -> bool:
-    """Whether the request's next tokens can be sampled without the host in between: the
-    sampler needs neither entries (penalties, logit_bias, min_tokens masks) nor logprobs, and no
-    token bitmask (a grammar, allowed_token_ids, bad_words) limits the tokens."""
+def _samples_without_host(request: Request) -> bool:
+    """Whether a token sampled after any of the request's next tokens needs nothing the host
+    computes from the tokens before it: no sampler entries (penalties, logit_bias, min_tokens
+    masks) and no token bitmask (a grammar, allowed_token_ids, bad_words). Such a request can
+    verify drafts: each draft's row samples what a plain decode would have."""
     params = request.sampling_params
-    return (params.logprobs is None and not params.logit_bias and params.structured_outputs is None
-            and not params.restricts_tokens and request.num_output_tokens >= params.min_tokens
-            and not params.has_penalties)
+    return (not params.logit_bias and params.structured_outputs is None and not params.restricts_tokens
+            and request.num_output_tokens >= params.min_tokens and not params.has_penalties)
+
+
+def _samples_ahead(request: Request) -> bool:
+    """Whether the request's next tokens can be sampled without the host in between (a
+    multi-step round, which returns no logprobs)."""
+    return request.sampling_params.logprobs is None and _samples_without_host(request)
 
 
 @dataclasses.dataclass
@@ -112,6 +124,7 @@ class Scheduler:
         scheduler_finish_first: bool = True,
         max_loras: int = 0,
         scheduling_policy: str = "fcfs",
+        speculative_config: SpeculativeConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         for name, value in [
@@ -150,6 +163,7 @@ class Scheduler:
         self.scheduler_finish_first = scheduler_finish_first
         self.max_loras = max_loras  # 0: LoRA off
         self.scheduling_policy = scheduling_policy
+        self.speculative_config = speculative_config
         # Wall-clock seconds (time.time()): step latencies steer admission, stamps go on requests.
         # Tests that replay schedules pass a deterministic one.
         self._clock = clock
@@ -243,6 +257,9 @@ class Scheduler:
         blocks_to_swap_in: list[tuple[int, int]] = []
         admission_due = self._admission_due(self._clock())
         num_steps = self._num_steps_ahead(admission_due)
+        drafts = self._propose_drafts()  # request id -> its drafts this step (kept: those that fit)
+        if drafts:
+            num_steps = 1
 
         # Admission order. Only the newest running request can be mid-prefill (a prefill chunk
         # that does not finish its tokens takes the whole budget, so nothing is admitted after
@@ -255,6 +272,10 @@ class Scheduler:
             if num_new_tokens == 0:  # it waits for a fuller budget, and nobody is admitted before it
                 budget = 0
                 break
+            if request.request_id in drafts:  # a decode: its drafts take the budget it leaves
+                drafts[request.request_id] = drafts[request.request_id][:budget - num_new_tokens]
+                num_remaining += len(drafts[request.request_id])
+                num_new_tokens = num_remaining
             # A multi-step decode writes the KV of its later steps' tokens too.
             fits, refund = self._allocate_or_preempt(request, num_new_tokens + num_steps - 1, scheduled,
                                                      blocks_to_swap_out)
@@ -269,8 +290,10 @@ class Scheduler:
         # more blocks than are free, so nobody is admitted. Either way every swap-out comes
         # before this step's swap-ins (as the runner copies them), so host slots freed by a
         # swap-in are never reused by a swap-out of the same step.
+        drafts = {request_id: d for request_id, d in drafts.items() if d and request_id in scheduled}
         if admission_due and not self.admission_paused:
-            budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in)
+            num_draft_rows = sum(map(len, drafts.values()))
+            budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in, num_draft_rows)
         self._last_step_ran_prompt = any(
             self.requests[request_id].num_computed_tokens < self.requests[request_id].num_prompt_tokens
             for request_id in scheduled)
@@ -278,7 +301,7 @@ class Scheduler:
 
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, set()
         return SchedulerOutput(
-            scheduled=self._make_scheduled_requests(scheduled),
+            scheduled=self._make_scheduled_requests(scheduled, drafts),
             total_num_scheduled_tokens=sum(scheduled.values()),
             finished_request_ids=finished_request_ids,
             blocks_to_swap_out=blocks_to_swap_out,
@@ -354,6 +377,32 @@ class Scheduler:
             return 1
         return steps
 
+    def _propose_drafts(self) -> dict[str, list[int]]:
+        """Prompt-lookup drafts (speculative_config) of the running requests that decode their
+        one pending token and can verify drafts (_samples_without_host): request id -> drafts,
+        each list cut so the request's tokens stay within max_tokens and max_model_len and the
+        step's sampled rows (one per request and draft) within max_num_seqs."""
+        config = self.speculative_config
+        if config is None or not self.running:
+            return {}
+        most = config.num_drafts(len(self.running))
+        rows_left = self.max_num_seqs - len(self.running)
+        drafts = {}
+        for request in self.running:
+            if rows_left <= 0 or most <= 0:
+                break
+            if (request.num_tokens - request.num_computed_tokens != 1
+                    or request.num_computed_tokens < request.num_prompt_tokens or not _samples_without_host(request)):
+                continue
+            # Each draft kept brings one more output token, whose KV position must exist.
+            num = min(most, rows_left, request.max_tokens - request.num_output_tokens - 1,
+                      self.max_model_len - request.num_tokens)
+            proposed = config.propose(request.all_token_ids, num)
+            if proposed:
+                drafts[request.request_id] = proposed
+                rows_left -= len(proposed)
+        return drafts
+
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int, scheduled: dict[str, int],
                              blocks_to_swap_out: list) -> tuple[bool, int]:
         """Allocate room for a running request's new tokens, preempting until it fits. With fcfs
@@ -399,13 +448,15 @@ class Scheduler:
             request.status = RequestStatus.SWAPPED
         self._enqueue(request, front=True)
 
-    def _schedule_waiting(self, budget: int, scheduled: dict[str, int], blocks_to_swap_in: list) -> int:
+    def _schedule_waiting(self, budget: int, scheduled: dict[str, int], blocks_to_swap_in: list,
+                          num_draft_rows: int = 0) -> int:
         """Admit waiting requests in queue order while they fit; returns the budget left. A request
-        whose LoRA adapter does not fit max_loras is passed over and keeps its place."""
+        whose LoRA adapter does not fit max_loras is passed over and keeps its place. The step's
+        sampled rows (one per request, plus num_draft_rows) stay within max_num_seqs."""
         now = self._clock()
         running_loras = {r.lora_int_id for r in self.running} - {0}
         deferred = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + num_draft_rows < self.max_num_seqs:
             request = self.waiting[0]
             if request.lora_int_id and request.lora_int_id not in running_loras:
                 if len(running_loras) >= self.max_loras:
@@ -447,22 +498,26 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
         return budget
 
-    def _make_scheduled_requests(self, scheduled: dict[str, int]) -> list[ScheduledRequest]:
+    def _make_scheduled_requests(self, scheduled: dict[str, int],
+                                 drafts: dict[str, list[int]]) -> list[ScheduledRequest]:
         out = []
         for request_id, num_new_tokens in scheduled.items():
             request = self.requests[request_id]
             start = request.num_computed_tokens
+            request_drafts = drafts.get(request_id, [])
+            end = start + num_new_tokens - len(request_drafts)  # past the request's known tokens it computes
             out.append(
                 ScheduledRequest(
                     request_id=request_id,
-                    token_ids=request.all_token_ids[start : start + num_new_tokens],
+                    token_ids=request.all_token_ids[start:end] + request_drafts,
                     start_position=start,
                     block_table=self.kv_cache_manager.get_block_ids(request_id),
-                    sample=start + num_new_tokens == request.num_tokens,
+                    sample=end == request.num_tokens,
                     sampling_params=request.sampling_params,
                     prompt_token_ids=request.prompt_token_ids,
                     output_token_ids=request.output_token_ids,
                     eos_token_ids=request.eos_token_ids,
+                    num_draft_tokens=len(request_drafts),
                 )
             )
         # Decodes (chunks of generated tokens only) first, then chunks with prompt tokens (a
@@ -471,17 +526,29 @@ class Scheduler:
         out.sort(key=lambda s: not s.is_decode)
         return out
 
-    def update_from_output(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+    def update_from_output(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int],
+                           token_index: int = 0) -> list[Request]:
         """Record a finished step: advance num_computed_tokens, append each sampled token, stop
         requests that hit a length cap or a token stop (freeing their blocks). Returns the
-        requests that got a new token, finished or not, in batch order."""
+        requests that got a new token, finished or not, in batch order.
+
+        A step that gives a request several tokens (a multi-step round, or drafts kept) is
+        recorded once per token, token_index 0, 1, ...: call k > 0 holds the requests that got a
+        k-th token (whose previous token's KV the step computed: a round's later step, or a kept
+        draft), so a request that stops drops the tokens after the stop."""
         now = self._clock()
         updated = []
         for scheduled_request in scheduler_output.scheduled:
             request = self.requests.get(scheduled_request.request_id)
             if request is None:  # aborted while the step ran
                 continue
-            request.num_computed_tokens += scheduled_request.num_scheduled_tokens
+            if token_index == 0:
+                num_known = scheduled_request.num_scheduled_tokens - scheduled_request.num_draft_tokens
+                request.num_computed_tokens += num_known
+            elif request.request_id in sampled_token_ids:
+                request.num_computed_tokens += 1
+            else:
+                continue
             if not scheduled_request.sample:
                 continue
             if request.request_id not in sampled_token_ids:

@@ -20,10 +20,19 @@ class ScheduledRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: tuple[int, ...]  # banned while fewer than min_tokens outputs exist
+    # Speculative decoding: the last num_draft_tokens of token_ids are drafts (proposed, not yet
+    # known to be the request's). A token is sampled after the pending token and after each draft.
+    num_draft_tokens: int = 0
 
     @property
     def num_scheduled_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_sample_rows(self) -> int:
+        """The chunk's rows in the step's logits and sampler outputs (padding-free order): its last
+        token's and, with drafts, the pending token's and every draft's."""
+        return 1 + self.num_draft_tokens
 
     @property
     def is_decode(self) -> bool:
@@ -34,7 +43,8 @@ class ScheduledRequest:
     def __repr__(self) -> str:
         return (
             f"ScheduledRequest(request_id={self.request_id!r}, num_scheduled_tokens={self.num_scheduled_tokens}, "
-            f"start_position={self.start_position}, num_blocks={len(self.block_table)}, sample={self.sample})"
+            f"start_position={self.start_position}, num_blocks={len(self.block_table)}, sample={self.sample}, "
+            f"num_draft_tokens={self.num_draft_tokens})"
         )
 
 
