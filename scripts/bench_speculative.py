@@ -82,8 +82,7 @@ def main() -> None:
             f.write(render_corpus())
         args.dataset_path = f.name
     texts = passages(read_corpus(args.dataset_path), args.num_prompts, args.passage_chars, seed=0)
-    common = dict(max_num_seqs=max(args.num_prompts, 8), kv_cache_memory=args.kv_cache_memory,
-                  disable_log_stats=True)
+    common = dict(kv_cache_memory=args.kv_cache_memory, disable_log_stats=True)
     engines = {"plain": LLM(args.model, **common),
                "spec": LLM(args.model, speculative_config=json.loads(args.speculative_config), **common)}
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)

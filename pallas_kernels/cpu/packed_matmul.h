@@ -21,12 +21,15 @@ constexpr int64_t kChunkK = 128;
 constexpr int64_t kQuantBlock = 32;  // rows of a GGUF block: one scale (and offset) per column
 
 // fn(std::integral_constant<int, R>, r) for blocks of R rows starting at row r that cover
-// `rows` rows (any count): blocks of ROWS, then of halves of it.
+// `rows` rows (any count): blocks of ROWS, then the rest as one block of its size. A block
+// passes over the weights once, so 3 rows cost one pass, not two (a block of 2, then of 1): where
+// the weights stream from memory per block (few rows, dequantized in registers) that is most of
+// a pass's cost. Each row's sums are the same in any block.
 template <int ROWS, typename F>
 inline void ForRowBlocks(int64_t rows, const F& fn, int64_t r = 0) {
   for (; rows >= ROWS; rows -= ROWS, r += ROWS) fn(std::integral_constant<int, ROWS>(), r);
   if constexpr (ROWS > 1) {
-    if (rows > 0) ForRowBlocks<ROWS / 2>(rows, fn, r);
+    if (rows > 0) ForRowBlocks<ROWS - 1>(rows, fn, r);
   }
 }
 
