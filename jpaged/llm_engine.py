@@ -278,7 +278,6 @@ class LLMEngine:
                 del self._samples[child_id]
             raise
         self._parents[request_id] = parent
-        self.prompt_tokens_total += len(prompt_ids) * params.n
 
     def add_lora(self, lora_request: lora.LoRARequest) -> bool:
         """Loads an adapter into host memory (if it is not there); True. ValueError when LoRA is
@@ -492,6 +491,8 @@ class LLMEngine:
         self.generation_tokens_total += len(updated)
         touched: dict[str, tuple[_Parent, list[_Sample]]] = {}
         for request in updated:
+            if request.num_output_tokens == 1:  # vLLM counts a prompt once its first token is out
+                self.prompt_tokens_total += request.num_prompt_tokens
             parent, sample = self._samples[request.request_id]
             self._append_token(sample, request, result, rows[request.request_id])
             if sample.matcher is not None and sample.finish_reason is None:

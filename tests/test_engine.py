@@ -201,6 +201,13 @@ def test_abort_frees_blocks(tiny_llm):
     engine.abort_request("b")
     assert not engine.has_unfinished_requests()
     assert_pool_free(tiny_llm)
+    # vLLM's prompt_tokens counts a prompt when its first token comes: not one aborted before.
+    before = engine.get_stats().prompt_tokens_total
+    engine.add_request("c", {"prompt_token_ids": list(range(600, 620))}, SamplingParams(max_tokens=5, n=2))
+    engine.abort_request("c")
+    assert engine.get_stats().prompt_tokens_total == before
+    tiny_llm.generate({"prompt_token_ids": list(range(600, 620))}, SamplingParams(max_tokens=2, n=2), use_tqdm=False)
+    assert engine.get_stats().prompt_tokens_total == before + 2 * 20
 
 
 def test_stop_strings_finish_reasons_n_and_logprobs(tiny_llm):
