@@ -210,3 +210,30 @@ def test_serving_benchmark_against_jpaged_serve(tmp_path, tiny_model_dir, corpus
         assert sweep_plot.stat().st_size > 10_000
     finally:
         assert server.stop() == 0
+
+
+def test_bench_speculative_compares_the_two_engines(tiny_model_dir, tmp_path, monkeypatch):
+    """bench_speculative.py end to end on the tiny model (its arithmetic, not its speed): the
+    continuation workload in both modes, a result row per mode with the same tokens from both
+    engines, and the drafts it counted."""
+    import bench_speculative
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i % 7} of the text repeats itself, line {i % 7}" for i in range(400)))
+    out = tmp_path / "spec.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_speculative.py", "--model", str(tiny_model_dir), "--tasks", "continue", "--num-prompts", "2",
+        "--max-tokens", "8", "--repeats", "1", "--kv-cache-memory", "0.05", "--dataset-path", str(corpus),
+        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1}',
+        "--output-json", str(out)])
+    bench_speculative.main()
+    result = json.loads(out.read_text())
+    assert result["speculative_config"]["num_speculative_tokens"] == 2
+    rows = result["results"]
+    assert [(r["task"], r["mode"]) for r in rows] == [("continue", "single"), ("continue", "batch")]
+    for row in rows:
+        assert row["output_tokens"] == 2 * 8  # the tiny model has no EOS
+        assert row["identical"] is True
+        assert row["ratio"] == pytest.approx(row["spec_tok_s"] / row["plain_tok_s"], rel=0.01)
+        if row["drafted_steps"]:
+            assert 1 <= row["mean_acceptance_length"] <= 3 and 0 <= row["acceptance_rate"] <= 1
