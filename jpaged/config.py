@@ -133,8 +133,8 @@ class EngineArgs:
         "request's last prompt_lookup_min..prompt_lookup_max tokens, default 5..5; "
         "num_speculative_tokens_per_batch_size [[first, last, k], ...] sets k by running batch size) and verifies "
         "them in one forward: the same tokens, several per step where the text repeats its context. Requests "
-        "with penalties, logit_bias, pending min_tokens or token masks decode without drafts. Only method "
-        "ngram (docs/engine.md).", type=json_object)
+        "with structured outputs or bad_words decode without drafts. Only method ngram (docs/engine.md).",
+        type=json_object)
     scheduler_delay_factor: float = _field(
         0.0, "While requests run, admit waiting requests only once the oldest has waited this factor x the "
         "latency of the last step that ran prompt tokens (vLLM V0's flag), so arrivals gather into fewer prefill "

@@ -34,7 +34,7 @@ from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.config import DEFAULT_CPU_SCHEDULER_STEPS, LOGPROBS_MODES
 from jpaged.models import llama, quantization
 from jpaged.sampler import SamplingKernels, sample
-from jpaged.step_metadata import SamplingMetadata, StepMetadata, logit_entries, pack_sampling, pack_step
+from jpaged.step_metadata import SamplingMetadata, StepMetadata, pack_sampling, pack_step, row_entries
 from jpaged.structured_output.manager import bitmask_width
 
 logger = logging.getLogger(__name__)
@@ -493,7 +493,7 @@ class ModelRunner:
         num_rows = [r.num_sample_rows for r in scheduled]
         t, s, p = self.buckets.for_step(scheduler_output.total_num_scheduled_tokens, sum(num_rows), max_context,
                                         self.block_size)
-        entries = [logit_entries(r) for r in scheduled]
+        entries = [e for r in scheduled for e in row_entries(r)]  # one list per sampled row
         e = pick(self.buckets.entries_for_seqs(s), sum(map(len, entries)))
         if token_bitmask is not None:  # padded rows allow every token
             token_bitmask = np.repeat(token_bitmask, num_rows, axis=0)

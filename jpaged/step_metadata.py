@@ -146,11 +146,12 @@ class SamplingMetadata:
             entry_bias=as_f32(parts[13]), entry_output_counts=as_f32(parts[14]), entry_seen=parts[15])
 
 
-def bias_entries(req) -> list[tuple[int, float]]:
-    """(token id, additive value) pairs for a request's logit_bias and min_tokens masks."""
+def bias_entries(req, num_outputs: int | None = None) -> list[tuple[int, float]]:
+    """(token id, additive value) pairs for a request's logit_bias and min_tokens masks, for the
+    token sampled after num_outputs outputs (default: its outputs so far)."""
     params = req.sampling_params
     entries = list((params.logit_bias or {}).items())
-    if len(req.output_token_ids) < params.min_tokens:
+    if (len(req.output_token_ids) if num_outputs is None else num_outputs) < params.min_tokens:
         banned = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             banned.update(req.eos_token_ids)
@@ -158,24 +159,33 @@ def bias_entries(req) -> list[tuple[int, float]]:
     return entries
 
 
-def logit_entries(req) -> list[tuple[int, float, int, int]]:
+def logit_entries(req, drafts=()) -> list[tuple[int, float, int, int]]:
     """A request's sampler entries, (token id, bias, output count, seen): its logit_bias and
     min_tokens masks (bias only), then, with penalties, one per distinct prompt or output token
-    (prompt-only tokens count 0: seen for the repetition penalty, not for the others)."""
-    entries = [(tok, value, 0, 0) for tok, value in bias_entries(req)]
+    (prompt-only tokens count 0: seen for the repetition penalty, not for the others). drafts:
+    outputs to count after the request's own (a draft's row samples as if they were kept)."""
+    entries = [(tok, value, 0, 0) for tok, value in bias_entries(req, len(req.output_token_ids) + len(drafts))]
     if req.sampling_params.has_penalties:
         counts = collections.Counter(req.output_token_ids)
+        counts.update(drafts)
         for tok in set(req.prompt_token_ids).difference(counts):
             counts[tok] = 0
         entries += [(tok, 0.0, n, 1) for tok, n in counts.items()]
     return entries
 
 
+def row_entries(req) -> list[list[tuple[int, float, int, int]]]:
+    """`logit_entries` for each of a scheduled request's sampled rows: after its pending token,
+    then after each draft (counting the drafts before it as outputs)."""
+    drafts = req.token_ids[len(req.token_ids) - req.num_draft_tokens:]
+    return [logit_entries(req, drafts[:j]) for j in range(req.num_sample_rows)]
+
+
 def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int, entries) -> np.ndarray:
     """Packs the sampling blob, one row per sampled row (ScheduledRequest.num_sample_rows per
     request: a draft's row samples the output index after the previous row's). `seeds[i]` is
-    the resolved seed of scheduled[i] and `entries[i]` its `logit_entries` (their total at most
-    num_entries; a request with drafts has none: the scheduler's rule)."""
+    the resolved seed of scheduled[i]; `entries[row]` the `logit_entries` of each sampled row in
+    order (`row_entries` per request; one row each without drafts), their total at most num_entries."""
     s, e = num_seqs, num_entries
     blob = np.zeros(SamplingMetadata.blob_size(s, e), np.int32)
     cols = blob[:11 * s].reshape(11, s)
@@ -202,14 +212,15 @@ def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int, 
         cols[8, rows] = np.arange(len(req.output_token_ids), len(req.output_token_ids) + req.num_sample_rows)
         cols[9, rows] = -1 if params.logprobs is None else params.logprobs
         cols[10, rows] = params.structured_outputs is not None
-        if entries[i]:
-            tokens, bias, counts, seen = zip(*entries[i])
-            end = k + len(tokens)
-            packed[0, k:end] = row
-            packed[1, k:end] = tokens
-            packed_floats[2, k:end] = bias
-            packed_floats[3, k:end] = counts
-            packed[4, k:end] = seen
-            k = end
-        row += req.num_sample_rows
+        for _ in range(req.num_sample_rows):
+            if entries[row]:
+                tokens, bias, counts, seen = zip(*entries[row])
+                end = k + len(tokens)
+                packed[0, k:end] = row
+                packed[1, k:end] = tokens
+                packed_floats[2, k:end] = bias
+                packed_floats[3, k:end] = counts
+                packed[4, k:end] = seen
+                k = end
+            row += 1
     return blob

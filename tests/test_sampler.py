@@ -1,7 +1,6 @@
 """The on-device sampler against numpy oracles and sampling statistics."""
 
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import pytest
 
 from jpaged.sampler import MAX_LOGPROBS, SamplingKernels, apply_adjustments, argmax, sample
 from jpaged.sampling_params import SamplingParams
+from jpaged.engine.scheduler_output import ScheduledRequest
 from jpaged.step_metadata import SamplingMetadata, logit_entries, pack_sampling
 from pallas_kernels import cpu
 from pallas_kernels.reference import apply_min_p, apply_top_k_top_p
@@ -219,8 +219,10 @@ def test_raw_logprobs_ignore_every_processor_but_a_grammar_mask(backend, mode):
 
 
 def _request(params, prompt, output, eos=(2,)):
-    return types.SimpleNamespace(sampling_params=params, prompt_token_ids=prompt, output_token_ids=output,
-                                 eos_token_ids=eos)
+    """A decode step's ScheduledRequest for pack_sampling: its pending token, no drafts."""
+    return ScheduledRequest(request_id="r", token_ids=(prompt + output)[-1:], start_position=len(prompt + output) - 1,
+                            block_table=[], sample=True, sampling_params=params, prompt_token_ids=prompt,
+                            output_token_ids=output, eos_token_ids=eos)
 
 
 def test_packed_logit_bias_and_min_tokens_masks():

@@ -148,3 +148,29 @@ def test_drafts_respect_stops_max_tokens_and_n(engines):
     first = spec.generate(prompts[0], params[0], use_tqdm=False)[0].outputs[0]
     assert first.token_ids[-1] == stop_token and first.finish_reason == "stop"
     assert len(spec.generate(prompts[1], params[1], use_tqdm=False)[0].outputs[0].token_ids) == 7
+
+
+def test_drafts_with_penalties_logit_bias_min_tokens_and_allowed_tokens(engines):
+    """Each drafted row's sampler entries count the drafts before it (penalties, min_tokens) and
+    carry the request's logit_bias; allowed_token_ids masks every row: tokens and logprobs equal
+    the plain engine's, and drafts were kept under each feature."""
+    plain, spec = engines
+    prompts = [{"prompt_token_ids": p} for p in looping_prompts(2)[:4]]
+    loop_tokens = plain.generate(prompts[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                                 use_tqdm=False)[0].outputs[0].token_ids
+    features = [dict(frequency_penalty=0.05, presence_penalty=0.05),
+                dict(repetition_penalty=1.02, logprobs=1),
+                dict(logit_bias={loop_tokens[3]: 0.5, 17: -2.0}, min_tokens=6, stop_token_ids=[loop_tokens[1]]),
+                dict(allowed_token_ids=sorted(set(loop_tokens) | set(prompts[3]["prompt_token_ids"])))]
+    for feature in features:
+        for temperature, extra in ((0.0, {}), (1.0, dict(top_k=3, seed=11))):
+            params = SamplingParams(temperature=temperature, max_tokens=20, ignore_eos=True, **extra, **feature)
+            before = spec.llm_engine.get_stats().spec_num_accepted_tokens
+            got = spec.generate(prompts, params, use_tqdm=False)
+            kept = spec.llm_engine.get_stats().spec_num_accepted_tokens - before
+            want = plain.generate(prompts, params, use_tqdm=False)
+            for g, w in zip(got, want):
+                assert g.outputs[0].token_ids == w.outputs[0].token_ids, (feature, temperature)
+                if feature.get("logprobs") is not None:
+                    assert g.outputs[0].cumulative_logprob == pytest.approx(w.outputs[0].cumulative_logprob, abs=1e-3)
+            assert kept > 0, (feature, temperature)

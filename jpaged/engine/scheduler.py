@@ -31,10 +31,10 @@ requests are held if the running requests closest to their max_tokens reach it s
 prompt step takes and the waiting requests' summed wait costs less than one prompt step's stall
 of those finishers: a request about to end ends instead of sitting through its replacement's
 prefill step, and the replacements then prefill together.
-With a speculative_config (jpaged/engine/speculative.py), a decoding request whose sampling needs
-nothing from the host between tokens (as for a round, but logprobs are fine) gets prompt-lookup
-drafts: its chunk is its pending token plus the drafts (KV blocks allocated for all of them, one
-token of the budget each, at most max_num_seqs sampled rows per step), and the engine calls
+With a speculative_config (jpaged/engine/speculative.py), a decoding request without a grammar
+or bad_words (whose masks the host builds one token at a time) gets prompt-lookup drafts: its
+chunk is its pending token plus the drafts (KV blocks allocated for all of them, one token of the
+budget each, at most max_num_seqs sampled rows per step), and the engine calls
 update_from_output() once per token it keeps. A step with drafts is never a multi-step round.
 Not thread-safe: abort/finish calls must not run concurrently with schedule/update.
 """
@@ -72,20 +72,24 @@ def _priority_key(request: Request) -> tuple[int, float]:
     return request.priority, request.arrival_time
 
 
-def _samples_without_host(request: Request) -> bool:
-    """Whether a token sampled after any of the request's next tokens needs nothing the host
-    computes from the tokens before it: no sampler entries (penalties, logit_bias, min_tokens
-    masks) and no token bitmask (a grammar, allowed_token_ids, bad_words). Such a request can
-    verify drafts: each draft's row samples what a plain decode would have."""
-    params = request.sampling_params
-    return (not params.logit_bias and params.structured_outputs is None and not params.restricts_tokens
-            and request.num_output_tokens >= params.min_tokens and not params.has_penalties)
-
-
 def _samples_ahead(request: Request) -> bool:
-    """Whether the request's next tokens can be sampled without the host in between (a
-    multi-step round, which returns no logprobs)."""
-    return request.sampling_params.logprobs is None and _samples_without_host(request)
+    """Whether the request's next tokens can be sampled without the host in between: the
+    sampler needs neither entries (penalties, logit_bias, min_tokens masks) nor logprobs, and no
+    token bitmask (a grammar, allowed_token_ids, bad_words) limits the tokens."""
+    params = request.sampling_params
+    return (params.logprobs is None and not params.logit_bias and params.structured_outputs is None
+            and not params.restricts_tokens and request.num_output_tokens >= params.min_tokens
+            and not params.has_penalties)
+
+
+def _verifies_drafts(request: Request) -> bool:
+    """Whether the request can take drafts: each draft's row must sample what a plain decode
+    would there. Sampler entries (penalties, logit_bias, min_tokens) are computed per row with
+    the drafts before it counted (step_metadata.row_entries), and allowed_token_ids is the same
+    mask in every row; a grammar's or bad_words' mask depends on the tokens before it, which the
+    host builds one token at a time."""
+    params = request.sampling_params
+    return params.structured_outputs is None and not params.bad_words
 
 
 @dataclasses.dataclass
@@ -379,7 +383,7 @@ class Scheduler:
 
     def _propose_drafts(self) -> dict[str, list[int]]:
         """Prompt-lookup drafts (speculative_config) of the running requests that decode their
-        one pending token and can verify drafts (_samples_without_host): request id -> drafts,
+        one pending token and can verify drafts (_verifies_drafts): request id -> drafts,
         each list cut so the request's tokens stay within max_tokens and max_model_len and the
         step's sampled rows (one per request and draft) within max_num_seqs."""
         config = self.speculative_config
@@ -392,7 +396,7 @@ class Scheduler:
             if rows_left <= 0 or most <= 0:
                 break
             if (request.num_tokens - request.num_computed_tokens != 1
-                    or request.num_computed_tokens < request.num_prompt_tokens or not _samples_without_host(request)):
+                    or request.num_computed_tokens < request.num_prompt_tokens or not _verifies_drafts(request)):
                 continue
             # Each draft kept brings one more output token, whose KV position must exist.
             num = min(most, rows_left, request.max_tokens - request.num_output_tokens - 1,
