@@ -10,6 +10,7 @@ import bisect
 import dataclasses
 import functools
 import logging
+import threading
 import time
 
 import numpy as np
@@ -213,6 +214,7 @@ class LLMEngine:
         self.spec_accepted_tokens_per_pos = [0] * (0 if speculative_config is None
                                                    else speculative_config.num_speculative_tokens)
         self._last_spec_log = (0, 0, 0)  # (drafts, draft tokens, kept) at the last stats log
+        self._populates_kv_cache = False  # populate_kv_cache was called: wake_up populates the new pool
         self._asleep: set[str] = set()  # of SLEEP_TAGS: what sleep() released and wake_up() has not taken back
         self.sleep_level = 0  # the deepest level slept at since fully awake (0: awake, or only scheduling paused)
         self._last_log = (time.monotonic(), 0, 0)  # (time, prefill tokens, generation tokens) at the last stats log
@@ -392,6 +394,8 @@ class LLMEngine:
         if "kv_cache" in tags and "kv_cache" in self._asleep:
             self.runner.allocate_kv_cache()
             self._asleep.discard("kv_cache")
+            if self._populates_kv_cache:
+                self.populate_kv_cache()
         if "scheduling" in tags and "scheduling" in self._asleep:
             still_asleep = sorted(self._asleep - {"scheduling"})
             if still_asleep:
@@ -406,6 +410,26 @@ class LLMEngine:
     def is_sleeping(self) -> bool:
         """Whether any of the weights, the KV cache or scheduling is still asleep."""
         return bool(self._asleep)
+
+    def populate_kv_cache(self) -> threading.Thread:
+        """Faults in the CPU KV pool's pages on a background thread (`kv_pool.populate`: no-op
+        elsewhere) instead of inside the steps that first write them; again for the new pool
+        after each wake_up. Steps may run meanwhile (the pool's contents do not change). The
+        server does this at start when blocks are reused last (prefix caching): every block then
+        gets written. Returns the thread."""
+        self._populates_kv_cache = True
+        ranges = kv_pool.page_ranges(self.runner.kv_cache)
+
+        def populate():
+            start = time.perf_counter()
+            populated = kv_pool.populate(ranges)
+            if populated:
+                logger.info("KV cache: %.2f GiB populated in %.1f s", populated / kv_pool.GIB,
+                            time.perf_counter() - start)
+
+        thread = threading.Thread(target=populate, name="populate-kv-cache", daemon=True)
+        thread.start()
+        return thread
 
     # ---- the step ----------------------------------------------------------------------------
 

@@ -14,13 +14,11 @@ import os
 import signal
 import ssl
 import sys
-import threading
-import time
 
 import uvicorn
 import yaml
 
-from jpaged import kv_pool, multihost
+from jpaged import multihost
 from jpaged.async_llm import AsyncLLM
 from jpaged.chat_content import CONTENT_FORMATS
 from jpaged.config import EngineArgs, json_object
@@ -269,13 +267,6 @@ def _flatten(values: list) -> list[str]:
     return [v for group in values for v in ([group] if isinstance(group, str) else group)]
 
 
-def _populate_kv_cache(ranges: list[tuple[int, int]]) -> None:
-    start = time.perf_counter()
-    populated = kv_pool.populate(ranges)
-    if populated:
-        logger.info("KV cache: %.2f GiB populated in %.1f s", populated / kv_pool.GIB, time.perf_counter() - start)
-
-
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str | None) -> None:
     engine_cls = DataParallelAsyncLLM if engine_args.data_parallel_size > 1 else AsyncLLM
     engine = engine_cls.from_engine_args(engine_args)
@@ -284,10 +275,9 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
         # in the background (seconds on a VM), not as page faults inside steps (`LLM` keeps the
         # pool lazy: an offline run holds only what it uses; without caching, freed blocks are
         # reused first and the touched part stays the working set). Contents never change, so
-        # steps may run meanwhile.
-        replicas = engine.replicas if isinstance(engine, DataParallelAsyncLLM) else [engine]
-        ranges = [r for replica in replicas for r in kv_pool.page_ranges(replica.engine.runner.kv_cache)]
-        threading.Thread(target=_populate_kv_cache, args=(ranges,), name="populate-kv-cache", daemon=True).start()
+        # steps may run meanwhile; a pool allocated again by wake_up is populated too.
+        for replica in engine.replicas if isinstance(engine, DataParallelAsyncLLM) else [engine]:
+            replica.engine.populate_kv_cache()
     names = engine_args.served_model_name or [engine_args.model or DEFAULT_MODEL]
     ctx = ServingContext(engine, served_model_name=names,
                          trust_request_chat_template=args.trust_request_chat_template,

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -687,7 +688,7 @@ def test_disable_sliding_window_caps_the_context_at_the_window(tiny_model_dir):
     assert_pool_free(llm)
 
 
-def test_sleep_releases_memory_and_wake_up_gives_the_same_tokens(tiny_llm):
+def test_sleep_releases_memory_and_wake_up_gives_the_same_tokens(tiny_llm, monkeypatch):
     """vLLM's sleep mode: refused unless enabled; level 1 aborts (or keeps) the requests in flight,
     frees the KV pool and forgets the prefix cache; wake_up takes back what its tags name and
     scheduling only last; greedy tokens after waking (and a kept request's) equal those before.
@@ -715,6 +716,18 @@ def test_sleep_releases_memory_and_wake_up_gives_the_same_tokens(tiny_llm):
             tiny_llm.wake_up(["scheduling"])
         assert tiny_llm.wake_up() is True and not tiny_llm.is_sleeping()
         assert [o.outputs[0].token_ids for o in tiny_llm.generate(prompts, greedy, use_tqdm=False)] == before
+
+        # An engine that populates its pool (the server's) populates the pool wake_up allocates.
+        populated = []
+        monkeypatch.setattr(kv_pool, "populate", lambda ranges: populated.append(ranges) or 0)
+        engine.populate_kv_cache().join()
+        engine.sleep(level=1)
+        assert tiny_llm.wake_up() is True
+        deadline = time.monotonic() + 30
+        while len(populated) < 2 and time.monotonic() < deadline:  # wake_up's thread
+            time.sleep(0.01)
+        assert len(populated) == 2 and populated[1] == kv_pool.page_ranges(engine.runner.kv_cache)
+        engine._populates_kv_cache = False
 
         # "keep": a request halfway through its tokens sleeps with the engine, then finishes as it would have.
         engine.add_request("kept", prompts[1], greedy)
