@@ -82,6 +82,9 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--enable-log-requests", action="store_true",
                         help="Log one line per request: its id, prompt length and sampling parameters "
                              "(the prompt only with --max-log-len).")
+    server.add_argument("--enable-log-outputs", action="store_true",
+                        help="With --enable-log-requests, also log each finished request's outputs: text and "
+                             "finish reason at INFO, token ids at DEBUG (vLLM's flag).")
     server.add_argument("--disable-log-requests", action="store_true",
                         help="Older vLLM flag, kept so its command lines run: requests are not logged "
                              "unless --enable-log-requests.")
@@ -287,6 +290,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
                                                                       engine.model_path,
                                                                       args.override_generation_config),
                          log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
+                         log_outputs=args.enable_log_outputs,
                          enable_auto_tool_choice=args.enable_auto_tool_choice,
                          tool_call_parser=args.tool_call_parser,
                          enable_responses_store=args.enable_responses_store,
@@ -350,6 +354,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Engin
         parser.error("--ssl-keyfile and --ssl-certfile go together: give both or neither.")
     if args.uds is not None:
         _check_uds(parser, args.uds)
+    if args.enable_log_outputs and not args.enable_log_requests:
+        parser.error("--enable-log-outputs requires --enable-log-requests.")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser.")
     if args.lora_modules and not args.enable_lora:

@@ -36,7 +36,7 @@ class ServingContext:
 
     def __init__(self, engine: AsyncLLM, *, served_model_name: str | list[str],
                  trust_request_chat_template: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 generation_defaults: dict | None = None, log_requests: bool = False,
+                 generation_defaults: dict | None = None, log_requests: bool = False, log_outputs: bool = False,
                  max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
                  enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
                  enable_responses_store: bool = False, reasoning_parser: str | None = None,
@@ -60,6 +60,7 @@ class ServingContext:
         # Sampling defaults from generation_config.json (--generation-config); request fields win.
         self.generation_defaults = dict(generation_defaults or {})
         self.log_requests = log_requests
+        self.log_outputs = log_outputs  # with log_requests: each finished request's outputs too
         self.max_log_len = max_log_len  # with log_requests: log this much of each prompt (None: none of it)
         self.response_role = response_role  # a chat reply's role when a generation prompt is added
         self.return_tokens_as_token_ids = return_tokens_as_token_ids  # default of the request field
@@ -228,6 +229,7 @@ class ServingContext:
         delta = params.output_kind == RequestOutputKind.DELTA
         tokens_per_output: dict[int, int] = {}
         self._log_request(request_id, prompt_token_ids, params)
+        logged: dict[int, tuple] = {}  # --enable-log-outputs: index -> (text, token ids, finish reason)
         outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time, lora_request, priority,
                                        cache_salt)
         last_output_time = None
@@ -236,6 +238,10 @@ class ServingContext:
             async for output in outputs:
                 now = time.time()
                 for completion in output.outputs:
+                    if self.log_requests and self.log_outputs:
+                        text, ids, _ = logged.get(completion.index, ("", [], None)) if delta else ("", [], None)
+                        logged[completion.index] = (text + completion.text, ids + list(completion.token_ids),
+                                                    completion.finish_reason)
                     count = len(completion.token_ids)
                     tokens_per_output[completion.index] = (
                         tokens_per_output.get(completion.index, 0) + count if delta else count)
@@ -245,6 +251,7 @@ class ServingContext:
                 if output.finished:
                     finished = True
                     self._observe_finished(output, tokens_per_output, delta, params.n, params.max_tokens)
+                    self._log_outputs(request_id, logged)
                 _raise_if_failed(output)
                 yield output
         except (GeneratorExit, asyncio.CancelledError):  # the client went away: the engine aborts it
@@ -297,6 +304,7 @@ class ServingContext:
         output = RequestOutput(request_id, None, prompt_token_ids, None, completions, True, metrics)
         self._observe_finished(output, {c.index: len(c.token_ids) for c in completions}, False,
                                params.beam_width, params.max_tokens)
+        self._log_outputs(request_id, {c.index: (c.text, c.token_ids, c.finish_reason) for c in completions})
         yield output
 
     def _log_request(self, request_id: str, prompt_token_ids: list[int], params) -> None:
@@ -311,6 +319,16 @@ class ServingContext:
         prompt = self.tokenizer.decode(head, skip_special_tokens=False)[:self.max_log_len]
         logger.info("request %s: %d prompt tokens, prompt: %r, prompt_token_ids: %s, %s", request_id,
                     len(prompt_token_ids), prompt, head, params)
+
+    def _log_outputs(self, request_id: str, completions: dict[int, tuple]) -> None:
+        """--enable-log-outputs (with --enable-log-requests): a finished request's outputs
+        (index -> (text, token ids, finish reason)), vLLM's split: each output's text and finish
+        reason at INFO, its token ids at DEBUG."""
+        if not (self.log_requests and self.log_outputs):
+            return
+        for index, (text, token_ids, finish_reason) in sorted(completions.items()):
+            logger.info("request %s: output %d: %r, finish_reason: %s", request_id, index, text, finish_reason)
+            logger.debug("request %s: output %d token ids: %s", request_id, index, token_ids)
 
     async def _engine_outputs(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                               arrival_time: float | None = None, lora_request: LoRARequest | None = None,

@@ -36,7 +36,7 @@ SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-
                 "--enable-server-load-tracking", "--default-chat-template-kwargs", "--override-generation-config",
                 "--exclude-tools-when-tool-choice-none", "--shutdown-timeout", "--uds",
                 "--enable-tokenizer-info-endpoint", "--chat-template-content-format", "--config", "--ssl-cert-reqs",
-                "--ssl-ciphers", "--disable-access-log-for-endpoints"]
+                "--ssl-ciphers", "--disable-access-log-for-endpoints", "--enable-log-outputs"]
 # Small buckets, so that only two programs compile: one forward shape and one sampler.
 SMALL_ENGINE = ["--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "16",
                 "--num-gpu-blocks-override", "32"]
@@ -102,6 +102,7 @@ def test_positional_model_and_vllm_list_flags():
     (["--max-logprobs", "-1"], "--max-logprobs"),
     (["--max-n", "0"], "--max-n"),
     (["--max-log-len", "-1"], "--max-log-len"),
+    (["--enable-log-outputs"], "--enable-log-outputs requires --enable-log-requests"),
     (["--default-chat-template-kwargs", "[1]"], "--default-chat-template-kwargs"),
     (["--chat-template-content-format", "parts"], "--chat-template-content-format"),
     (["--uds", "/" + "s" * 120], "--uds"),
@@ -216,7 +217,7 @@ def test_bundled_smollm2_end_to_end():
 def test_vllm_style_invocation_over_https(tiny_model_dir, tmp_path):
     """`python -m jpaged.serve MODEL` with vLLM's flags: TLS on a Unix socket (--uds), two names,
     enforce-eager, a path prefix behind a proxy (the key still guards it), request logs without the
-    key, the prompt cut to --max-log-len, no access log, GET /tokenizer_info (the --chat-template
+    key, the prompt cut to --max-log-len, the outputs (--enable-log-outputs), no access log, GET /tokenizer_info (the --chat-template
     it renders with) and --chat-template-content-format reaching the template."""
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
@@ -230,6 +231,7 @@ def test_vllm_style_invocation_over_https(tiny_model_dir, tmp_path):
     server = ServeProcess([str(tiny_model_dir), "--served-model-name", "tiny", "alias", "--enforce-eager",
                            "--api-key", secret, "--ssl-keyfile", str(key), "--ssl-certfile", str(cert),
                            "--uds", str(sock), "--root-path", "/proxy", "--enable-log-requests", "--max-log-len", "3",
+                           "--enable-log-outputs",
                            "--disable-uvicorn-access-log", "--enable-tokenizer-info-endpoint",
                            "--chat-template", str(tmp_path / "template.jinja"),
                            "--chat-template-content-format", "string", *SMALL_ENGINE])
@@ -256,5 +258,7 @@ def test_vllm_style_invocation_over_https(tiny_model_dir, tmp_path):
     log = "".join(server.log)
     assert "enforce_eager: no precompilation" in log and "Compiling step buckets" not in log
     assert re.search(r"request cmpl-\w+-0: \d+ prompt tokens, prompt: 'a s'", log)
+    assert re.search(r"request cmpl-\w+-0: output 0: " + re.escape(repr(result.choices[0].text))
+                     + f", finish_reason: {result.choices[0].finish_reason}", log)  # --enable-log-outputs
     assert secret not in log and "a secret prompt" not in log
     assert not re.search(r'"GET \S*/v1/models HTTP/1.1" 200', log)  # --disable-uvicorn-access-log

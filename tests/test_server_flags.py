@@ -10,6 +10,7 @@ non-streamed reply for the streamed one, and a server without the flags for the 
 import asyncio
 import concurrent.futures
 import json
+import logging
 import socket
 import time
 
@@ -39,7 +40,8 @@ def server(tiny_model_dir):
                          response_role="narrator", return_tokens_as_token_ids=True,
                          enable_prompt_tokens_details=True, enable_force_include_usage=True,
                          default_chat_template_kwargs={"greeting": "hello", "unused": 1},
-                         trust_request_chat_template=True, exclude_tools_when_tool_choice_none=True)
+                         trust_request_chat_template=True, exclude_tools_when_tool_choice_none=True,
+                         log_requests=True, log_outputs=True)
     yield srv
     srv.stop()
 
@@ -308,3 +310,16 @@ def test_speculative_decoding_counters(server):
     assert values["vllm:spec_decode_num_draft_tokens_total"] >= values["vllm:spec_decode_num_drafts_total"]
     assert (values["vllm:spec_decode_num_accepted_tokens_per_pos_total"]
             == values["vllm:spec_decode_num_accepted_tokens_total"])
+
+
+def test_log_outputs_joins_a_streamed_reply(server, caplog):
+    """--enable-log-outputs: a finished request's whole text and finish reason, streamed
+    (delta outputs joined) as not."""
+    caplog.set_level(logging.INFO, logger="jpaged.serve")
+    body = {"prompt": "hello there", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    text = _post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    streamed = "".join(c["choices"][0]["text"] for c in _events(_post(server, "/v1/completions",
+                                                                      {**body, "stream": True})) if c["choices"])
+    assert streamed == text
+    lines = [r.getMessage() for r in caplog.records if ": output 0: " in r.getMessage()]
+    assert len(lines) == 2 and all(line.endswith(f"output 0: {text!r}, finish_reason: length") for line in lines)
