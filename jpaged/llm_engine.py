@@ -490,7 +490,7 @@ class LLMEngine:
                 new_tokens[r.request_id] = (token_ids[:, row].tolist(), [row] * scheduler_output.num_steps)
             elif r.sample:
                 sampled = token_ids[0, row:row + r.num_sample_rows].tolist()
-                drafts = r.token_ids[len(r.token_ids) - r.num_draft_tokens:]
+                drafts = r.draft_token_ids
                 kept = 0
                 while kept < len(drafts) and drafts[kept] == sampled[kept]:
                     kept += 1

@@ -177,7 +177,7 @@ def logit_entries(req, drafts=()) -> list[tuple[int, float, int, int]]:
 def row_entries(req) -> list[list[tuple[int, float, int, int]]]:
     """`logit_entries` for each of a scheduled request's sampled rows: after its pending token,
     then after each draft (counting the drafts before it as outputs)."""
-    drafts = req.token_ids[len(req.token_ids) - req.num_draft_tokens:]
+    drafts = req.draft_token_ids
     return [logit_entries(req, drafts[:j]) for j in range(req.num_sample_rows)]
 
 

@@ -29,6 +29,11 @@ class ScheduledRequest:
         return len(self.token_ids)
 
     @property
+    def draft_token_ids(self) -> list[int]:
+        """The chunk's drafts: the last num_draft_tokens of token_ids (empty without drafts)."""
+        return self.token_ids[len(self.token_ids) - self.num_draft_tokens:]
+
+    @property
     def num_sample_rows(self) -> int:
         """The chunk's rows in the step's logits and sampler outputs (padding-free order): its last
         token's and, with drafts, the pending token's and every draft's."""
