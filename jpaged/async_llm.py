@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+from jpaged.admission import Admission
 from jpaged.config import EngineArgs
 from jpaged.llm_engine import EngineDeadError, LLMEngine
 from jpaged.loaders import load_model
@@ -56,6 +57,10 @@ class AsyncLLM:
                                                                        thread_name_prefix="jpaged-grammar")
         self._stats = engine.get_stats()
         self._closed = False
+        # --max-num-queued-reqs / --max-num-queued-tokens (a data-parallel front shares its own).
+        self.admission = Admission(self.engine_args.max_num_queued_reqs, self.engine_args.max_num_queued_tokens)
+        # Added requests without a token yet, while the admission counts prefill (engine thread only).
+        self._prefilling: set[str] = set()
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "AsyncLLM":
@@ -72,7 +77,8 @@ class AsyncLLM:
         """Streams RequestOutputs for one prompt (str, token ids, or a prompt dict).
 
         Yields per sampling_params.output_kind. Raises ValueError before the first yield for an
-        invalid request. If the consumer stops iterating, the request is aborted. `arrival_time`
+        invalid request, jpaged.admission.QueueFullError for one over --max-num-queued-reqs or
+        --max-num-queued-tokens. If the consumer stops iterating, the request is aborted. `arrival_time`
         (time.time(); default: this call) is when queue time and TTFT start counting.
         lora_request: the LoRA adapter to run it with (an engine with enable_lora). priority,
         cache_salt: as LLMEngine.add_request takes them.
@@ -80,20 +86,23 @@ class AsyncLLM:
         arrival_time = time.time() if arrival_time is None else arrival_time
         if self.errored or self._closed:
             raise EngineDeadError("the engine is not running (it failed or was shut down)")
-        if sampling_params is not None and sampling_params.structured_outputs is not None:
-            # Compiles (or finds cached) the grammar; ValueError for an invalid one, before queueing.
-            await asyncio.get_running_loop().run_in_executor(
-                self._grammar_executor, self.engine.structured_output.compile, sampling_params.structured_outputs)
         if request_id in self._queues:
             raise ValueError(f"Request id {request_id!r} is already in use.")
+        params = SamplingParams() if sampling_params is None else sampling_params
+        num_prompt_tokens = len(self.tokenizer.prompt_and_ids(prompt)[1]) if self.admission.counts_prefill else 0
+        self.admission.admit(request_id, params.n, num_prompt_tokens)  # before any await: concurrent calls see it
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (loop, queue)
-        params = SamplingParams() if sampling_params is None else sampling_params
-        self._adds.append((request_id, prompt, params, arrival_time, lora_request, priority, cache_salt))
-        self._ensure_thread()
-        finished = False
+        finished = queued = False
         try:
+            if params.structured_outputs is not None:
+                # Compiles (or finds cached) the grammar; ValueError for an invalid one, before queueing.
+                await loop.run_in_executor(self._grammar_executor, self.engine.structured_output.compile,
+                                           params.structured_outputs)
+            self._adds.append((request_id, prompt, params, arrival_time, lora_request, priority, cache_salt))
+            queued = True
+            self._ensure_thread()
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -103,7 +112,8 @@ class AsyncLLM:
                 yield item
         finally:
             self._queues.pop(request_id, None)
-            if not finished:
+            self.admission.release(request_id)
+            if queued and not finished:
                 self._aborts.append(request_id)
                 self._wake.set()
 
@@ -224,6 +234,9 @@ class AsyncLLM:
                 self.engine.add_request(request_id, prompt, params, arrival_time, lora_request, priority, cache_salt)
             except ValueError as e:
                 self._put(request_id, e)
+                continue
+            if self.admission.counts_prefill:
+                self._prefilling.add(request_id)
         aborted = []
         while self._aborts:
             aborted.append(self.engine.abort_request(self._aborts.popleft()))
@@ -242,6 +255,12 @@ class AsyncLLM:
             except ValueError as e:
                 loop.call_soon_threadsafe(done.set_exception, e)
 
+    def _end_prefills(self) -> None:
+        """Takes the requests that sampled a first token (or ended) out of the prefill backlog."""
+        for request_id in [r for r in self._prefilling if not self.engine.is_prefilling(r)]:
+            self._prefilling.discard(request_id)
+            self.admission.prefill_done(request_id)
+
     def _run(self) -> None:
         try:
             while not self._closed:
@@ -252,6 +271,8 @@ class AsyncLLM:
                     continue
                 outputs = self.engine.step()
                 self._stats = self.engine.get_stats()  # before delivering: a finished consumer sees it
+                if self._prefilling:
+                    self._end_prefills()
                 for output in outputs:
                     self._deliver(output)
         except Exception as e:  # a device or engine failure: fail every request, accept no more

@@ -115,6 +115,14 @@ class EngineArgs:
         0.0, "Host memory in GiB for swapping preempted requests' KV blocks. 0 (default) "
         "preempts by recomputation instead.", type=float)
     max_num_seqs: int = _field(64, "Most requests in one step.", type=int)
+    max_num_queued_reqs: int | None = _field(
+        None, "Most unfinished requests (waiting or running; a request of n sequences counts n) the engine's front "
+        "takes; a request over it is refused, by the server with a 503, so that clients retry later or elsewhere. "
+        "Default: no limit. With --data-parallel-size, over all replicas.", type=int)
+    max_num_queued_tokens: int | None = _field(
+        None, "Most prompt tokens of requests still in prefill (queued, or no token sampled yet; each sequence counts "
+        "its whole prompt): while the backlog is at or over it, new requests are refused with a 503. Set it to the "
+        "TTFT you promise x the prefill speed (tokens/s). Default: no limit.", type=int)
     max_num_batched_tokens: int | None = _field(
         DEFAULT_MAX_NUM_BATCHED_TOKENS, f"Most tokens in one step: the prefill chunk size. Default "
         f"{DEFAULT_MAX_NUM_BATCHED_TOKENS}; python -m jpaged.serve's default (None) is "
@@ -286,8 +294,9 @@ class EngineArgs:
                 continue  # the server's default, per device (server_max_num_batched_tokens)
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
-        for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids"):
-            if getattr(self, name) < 0:
+        for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids",
+                     "max_num_queued_reqs", "max_num_queued_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (--{name.replace('_', '-')}).")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras

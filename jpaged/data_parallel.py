@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 import jax
 
 from jpaged import kv_pool
+from jpaged.admission import Admission
 from jpaged.async_llm import AsyncLLM
 from jpaged.config import EngineArgs
 from jpaged.dp_router import DEFAULT_MAX_AFFINITY_BLOCKS, DataParallelRouter
@@ -74,6 +75,10 @@ class DataParallelAsyncLLM:
             len(replicas), args.block_size, affinity_slack,
             max_affinity_blocks=DEFAULT_MAX_AFFINITY_BLOCKS if args.enable_prefix_caching else 0)
         self._owners: dict[str, int] = {}  # request id -> index of the replica running it
+        # The queue limits count all replicas' requests together.
+        self.admission = Admission(args.max_num_queued_reqs, args.max_num_queued_tokens)
+        for replica in replicas:
+            replica.admission = self.admission
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "DataParallelAsyncLLM":

@@ -41,7 +41,9 @@ class LLM:
         # Exactly one of the two is set:
         self.llm_engine: LLMEngine | None = None if args.data_parallel_size > 1 else LLMEngine(
             args, flax_model=flax_model, params=params)
-        self.data_parallel = DataParallelAsyncLLM.from_engine_args(args) if self.llm_engine is None else None
+        # LLM queues every prompt it is given: the servers' queue limits do not apply.
+        self.data_parallel = None if self.llm_engine is not None else DataParallelAsyncLLM.from_engine_args(
+            dataclasses.replace(args, max_num_queued_reqs=None, max_num_queued_tokens=None))
         self._next_id = 0
         if self.host_id != 0:  # multi-host: run host 0's steps until its shutdown()
             self.llm_engine.follow()

@@ -329,6 +329,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
+    def is_prefilling(self, request_id: str) -> bool:
+        """Whether the request is unfinished and none of its sequences has sampled a token yet."""
+        parent = self._parents.get(request_id)
+        return parent is not None and all(not s.request.output_token_ids for s in parent.samples)
+
     # ---- sleep mode --------------------------------------------------------------------------
 
     def sleep(self, level: int = 1, mode: str = "abort") -> list[RequestOutput]:

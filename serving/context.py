@@ -12,6 +12,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from jpaged.admission import QueueFullError
 from jpaged.async_llm import AsyncLLM, EngineDeadError
 from jpaged.beam_search import BeamSearch, BeamSearchParams, run_beam_search
 from jpaged.lora import LoRARequest
@@ -222,9 +223,9 @@ class ServingContext:
         cache_salt), plus metrics when the request finishes.
 
         The engine's ValueError for an invalid request (raised before the first output) becomes
-        a 400, a stopped engine a 503, a failed engine step (output.error) a 500 naming the
-        fault. Closing this stream closes the engine's, which aborts the request if it is still
-        running. `arrival_time`: when the HTTP request arrived (time.time()).
+        a 400, a stopped engine or a full queue (--max-num-queued-reqs / -tokens) a 503, a failed
+        engine step (output.error) a 500 naming the fault. Closing this stream closes the engine's,
+        which aborts the request if it is still running. `arrival_time`: when the HTTP request arrived (time.time()).
         """
         delta = params.output_kind == RequestOutputKind.DELTA
         tokens_per_output: dict[int, int] = {}
@@ -334,7 +335,7 @@ class ServingContext:
                               arrival_time: float | None = None, lora_request: LoRARequest | None = None,
                               priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """AsyncLLM.generate with its exceptions as APIErrors: an invalid request 400, a stopped
-        engine 503."""
+        engine or a full queue 503."""
         outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time,
                                        lora_request, priority, cache_salt)
         try:
@@ -347,6 +348,10 @@ class ServingContext:
         except EngineDeadError as exc:
             raise APIError(f"{exc}; restart the server.", status_code=HTTPStatus.SERVICE_UNAVAILABLE,
                            type="service_unavailable") from None
+        except QueueFullError as exc:
+            self.metrics.observe_rejected(exc.reason)
+            raise APIError(str(exc), status_code=HTTPStatus.SERVICE_UNAVAILABLE, type="service_unavailable",
+                           code=exc.reason) from None
         finally:
             await outputs.aclose()
 

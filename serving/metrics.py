@@ -13,6 +13,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from jpaged.admission import QUEUE_LIMIT_REASONS
 from jpaged.async_llm import AsyncLLM
 from jpaged.outputs import ITERATION_TOKENS_BUCKETS, EngineStats, RequestOutput
 
@@ -199,6 +200,13 @@ class ServerMetrics:
         for counter in self.request_success:  # every reason's series from the start, at 0, as vLLM's
             for reason in ("stop", "length", "abort", "error"):
                 counter.labels(model_name, reason)
+        self.admission_rejections = [Counter(f"{prefix}:admission_rejections", "Requests refused by a queue limit "
+                                             "(--max-num-queued-reqs / --max-num-queued-tokens), by reason.",
+                                             ["model_name", "reason"], registry=self.registry)
+                                     for prefix in PREFIXES]
+        for counter in self.admission_rejections:
+            for reason in QUEUE_LIMIT_REASONS:
+                counter.labels(model_name, reason)
 
     def observe_token_gap(self, gap_s: float, num_tokens: int) -> None:
         """A streamed output carried `num_tokens` new tokens `gap_s` after the previous one."""
@@ -247,6 +255,11 @@ class ServerMetrics:
         """A request whose client went away before it finished (`finished_reason` "abort")."""
         for counter in self.request_success:
             counter.labels(self.model_name, "abort").inc()
+
+    def observe_rejected(self, reason: str) -> None:
+        """A request refused by the queue limit `reason` (jpaged.admission.QUEUE_LIMIT_REASONS)."""
+        for counter in self.admission_rejections:
+            counter.labels(self.model_name, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,6 +19,7 @@ import jax
 import openai
 
 from jpaged import LLM, BeamSearchParams, EngineArgs, SamplingParams
+from jpaged.admission import QueueFullError
 from jpaged.sampling_params import RequestOutputKind
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -98,6 +99,15 @@ def check_abort_reaches_the_owner(front) -> None:
             raise AssertionError("a running request id was accepted twice")
         except ValueError as exc:
             assert "already in use" in str(exc)
+        # The queue limit counts both replicas' requests: r0 and r1 alone (one on each) fill it.
+        front.admission.max_num_queued_reqs = 2
+        try:
+            await front.generate({"prompt_token_ids": [1, 2]}, short, "over-limit").__anext__()
+            raise AssertionError("a request over --max-num-queued-reqs was accepted")
+        except QueueFullError as exc:
+            assert exc.reason == "max_num_queued_reqs"
+        finally:
+            front.admission.max_num_queued_reqs = None
         await front.abort("r0")
         await front.abort("r1")
         await front.abort("no-such-request")
@@ -113,6 +123,8 @@ def check_abort_reaches_the_owner(front) -> None:
         else:
             assert final.finish_reason == "length" and tokens == 6, (request_id, final, tokens)
     assert front.router.loads == [0, 0] and not front._owners
+    assert all(replica.admission is front.admission for replica in front.replicas)
+    assert (front.admission.num_unfinished_seqs, front.admission.num_queued_tokens) == (0, 0)
     assert_no_blocks_held(front)
 
 

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from jpaged import AsyncLLM, EngineArgs, SamplingParams
+from jpaged.admission import Admission, QueueFullError
 from jpaged.sampling_params import RequestOutputKind
 
 PROMPTS = [list(range(300, 300 + n)) for n in (5, 23, 40, 11)]
@@ -207,4 +208,71 @@ def test_sleep_wait_lets_running_requests_finish_and_holds_new_ones(engine):
         llm_engine.engine_args = engine_args
     assert [o.finish_reason for o in (first.outputs[0], second.outputs[0])] == ["length", "length"]
     assert len(first.outputs[0].token_ids) == len(second.outputs[0].token_ids) == 10
+    assert_idle(engine)
+
+
+@pytest.fixture
+def admission(engine):
+    """Installs queue limits on the module's engine for one test: admission(max_reqs, max_tokens)."""
+    saved = engine.admission
+
+    def install(max_num_queued_reqs=None, max_num_queued_tokens=None):
+        engine.admission = Admission(max_num_queued_reqs, max_num_queued_tokens)
+        return engine.admission
+
+    yield install
+    engine.admission = saved
+
+
+def test_max_num_queued_reqs_counts_sequences_and_refuses_without_counting(engine, admission):
+    limits = admission(max_num_queued_reqs=3)
+    long = SamplingParams(n=2, temperature=0, max_tokens=60, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+
+    async def main():
+        running = asyncio.create_task(collect(engine, {"prompt_token_ids": PROMPTS[0]}, long, "long"))
+        await asyncio.sleep(0)  # the task runs to its first await: admitted, n = 2 counting 2
+        assert limits.num_unfinished_seqs == 2
+        refused = []
+        for n in (2, 1):  # 2 + 2 > 3 is refused; 2 + 1 fits
+            gen = engine.generate({"prompt_token_ids": PROMPTS[2]}, SamplingParams(n=n, max_tokens=2), f"n{n}")
+            try:
+                outputs = [out async for out in gen]
+            except QueueFullError as exc:
+                refused.append((n, exc.reason, limits.num_unfinished_seqs))
+            else:
+                assert outputs[-1].finished
+        return refused, await running
+
+    refused, long_outputs = asyncio.run(main())
+    assert refused == [(2, "max_num_queued_reqs", 2)]
+    assert long_outputs[-1].finished
+    assert (limits.num_unfinished_seqs, limits.num_queued_tokens) == (0, 0)
+    assert_idle(engine)
+
+
+def test_max_num_queued_tokens_counts_prompts_until_their_first_token(engine, admission):
+    """The backlog is the prompts of requests without a token yet: a non-streamed request (no
+    output before its last) leaves it when its first token is sampled, not when it finishes."""
+    limits = admission(max_num_queued_tokens=50)
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    prompt = {"prompt_token_ids": PROMPTS[2]}  # 40 tokens
+
+    async def main():
+        first = [asyncio.create_task(collect(engine, prompt, params, f"q{i}")) for i in range(2)]
+        await asyncio.sleep(0)
+        backlog = limits.num_queued_tokens  # 40 < 50 admitted the second, now 80 >= 50
+        with pytest.raises(QueueFullError) as info:
+            await engine.generate("refused", SamplingParams(max_tokens=1), "refused").__anext__()
+        while limits.num_queued_tokens and not all(task.done() for task in first):
+            await asyncio.sleep(0.001)
+        drained_while_running = not any(task.done() for task in first)
+        after = await collect(engine, {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=2), "after")
+        return backlog, info.value.reason, drained_while_running, after, await asyncio.gather(*first)
+
+    backlog, reason, drained_while_running, after, finals = asyncio.run(main())
+    assert (backlog, reason) == (80, "max_num_queued_tokens")
+    assert drained_while_running, "the prompts stayed in the backlog until their requests finished"
+    assert after[-1].finished and all(len(f[-1].outputs[0].token_ids) == 80 for f in finals)
+    assert (limits.num_unfinished_seqs, limits.num_queued_tokens) == (0, 0)
+    assert not engine._prefilling
     assert_idle(engine)

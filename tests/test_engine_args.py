@@ -43,6 +43,8 @@ def test_vllm_flag_names_and_booleans():
     (dict(kv_cache_memory_bytes=0), "--kv-cache-memory-bytes"),
     (dict(kv_cache_memory_bytes=2**30, kv_cache_memory=1.0), "--kv-cache-memory \\(GiB\\) or --kv-cache-memory-bytes"),
     (dict(hf_overrides="rope_theta=1"), "hf_overrides must be a dict"),
+    (dict(max_num_queued_reqs=-1), "--max-num-queued-reqs"),
+    (dict(max_num_queued_tokens=-1), "--max-num-queued-tokens"),
 ])
 def test_bad_values_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -68,3 +70,10 @@ def test_vllm_flags_with_their_value_formats():
     for argv in (["--hf-overrides", "[1]"], ["--hf-overrides", "{bad"], ["--tokenizer-mode", "mistral"]):
         with pytest.raises(SystemExit):
             parse(argv)
+
+
+def test_queue_limit_flags():
+    """vLLM's --max-num-queued-reqs / --max-num-queued-tokens (default: no limit)."""
+    args = parse(["--max-num-queued-reqs", "100", "--max-num-queued-tokens", "8192"])
+    assert (args.max_num_queued_reqs, args.max_num_queued_tokens) == (100, 8192)
+    assert (EngineArgs().max_num_queued_reqs, EngineArgs().max_num_queued_tokens) == (None, None)

@@ -19,6 +19,7 @@ import numpy as np
 import openai
 import pytest
 
+from jpaged.admission import QUEUE_LIMIT_REASONS, Admission
 from jpaged.config import EngineArgs
 from jpaged.loaders import load_model
 from jpaged.models import llama
@@ -635,3 +636,34 @@ def test_non_stream_disconnect_aborts_and_frees_blocks(server):
     assert stats.generation_tokens_total - generated_before < max_tokens, "the request ran to the end"
     assert _aborted_total(server) == aborted_before + 1
     assert health_ok(server)
+
+
+@pytest.mark.parametrize("limits, reason", [((0, None), "max_num_queued_reqs"), ((None, 0), "max_num_queued_tokens")])
+def test_queue_limits_answer_503_and_count_rejections(server, client, limits, reason):
+    """--max-num-queued-reqs / --max-num-queued-tokens (here at 0: every request is over) refuse
+    with vLLM's 503, streamed or not, before any header of a stream; the server keeps serving."""
+    saved = server.engine.admission
+    server.engine.admission = Admission(*limits)
+    before = httpx.get(server.url + "/metrics").text
+    try:
+        body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2}
+        plain = httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=60)
+        chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True}
+        streamed = httpx.post(server.url + "/v1/chat/completions", json=chat, headers=AUTH, timeout=60)
+        with pytest.raises(openai.APIStatusError) as info:
+            client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2)
+    finally:
+        server.engine.admission = saved
+    for response in (plain, streamed):
+        assert response.status_code == 503 and response.headers["content-type"] == "application/json"
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("service_unavailable", reason)
+        assert "Please try again later or on a different instance." in error["message"]
+    assert info.value.status_code == 503
+    after = httpx.get(server.url + "/metrics").text
+    for prefix in ("jpaged", "vllm"):
+        rejected = [_metric(text, f"{prefix}:admission_rejections_total", f'reason="{name}"')
+                    for text in (before, after) for name in QUEUE_LIMIT_REASONS]
+        assert rejected[2 + QUEUE_LIMIT_REASONS.index(reason)] - rejected[QUEUE_LIMIT_REASONS.index(reason)] == 3
+    assert client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2).choices[0].finish_reason
+    wait_until_idle(server)
