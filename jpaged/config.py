@@ -143,6 +143,13 @@ class EngineArgs:
         "them in one forward: the same tokens, several per step where the text repeats its context. Requests "
         "with structured outputs or bad_words decode without drafts. Only method ngram (docs/engine.md).",
         type=json_object)
+    spec_method: str | None = _field(
+        None, "Shorthand for --speculative-config's method (e.g. ngram); not with that key in --speculative-config.")
+    spec_model: str | None = _field(
+        None, "Shorthand for --speculative-config's model (jpaged runs no draft model: ngram only).")
+    spec_tokens: int | None = _field(
+        None, "Shorthand for --speculative-config's num_speculative_tokens: --spec-method ngram --spec-tokens 4.",
+        type=int)
     scheduler_delay_factor: float = _field(
         0.0, "While requests run, admit waiting requests only once the oldest has waited this factor x the "
         "latency of the last step that ran prompt tokens (vLLM V0's flag), so arrivals gather into fewer prefill "
@@ -329,6 +336,16 @@ class EngineArgs:
                                  f"(--kv-cache-memory-bytes).")
             self.kv_cache_memory = self.kv_cache_memory_bytes / 2**30
             self.kv_cache_memory_bytes = None  # one size from here on (and dataclasses.replace keeps working)
+        for flag, key, value in (("--spec-method", "method", self.spec_method),
+                                 ("--spec-model", "model", self.spec_model),
+                                 ("--spec-tokens", "num_speculative_tokens", self.spec_tokens)):
+            if value is None:
+                continue
+            self.speculative_config = dict(self.speculative_config or {})
+            if key in self.speculative_config:
+                raise ValueError(f"{flag} and --speculative-config['{key}'] are mutually exclusive")
+            self.speculative_config[key] = value
+        self.spec_method = self.spec_model = self.spec_tokens = None  # in speculative_config from here on
         if self.speculative_config is not None:
             from jpaged.engine.speculative import SpeculativeConfig  # jpaged.engine imports this module
 

@@ -45,6 +45,9 @@ def test_vllm_flag_names_and_booleans():
     (dict(hf_overrides="rope_theta=1"), "hf_overrides must be a dict"),
     (dict(max_num_queued_reqs=-1), "--max-num-queued-reqs"),
     (dict(max_num_queued_tokens=-1), "--max-num-queued-tokens"),
+    (dict(spec_tokens=2, speculative_config={"method": "ngram", "num_speculative_tokens": 3}),
+     "--spec-tokens and --speculative-config\\['num_speculative_tokens'\\] are mutually exclusive"),
+    (dict(spec_model="some/draft-model", spec_tokens=2), "draft model 'some/draft-model' is not supported"),
 ])
 def test_bad_values_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -72,8 +75,16 @@ def test_vllm_flags_with_their_value_formats():
             parse(argv)
 
 
-def test_queue_limit_flags():
-    """vLLM's --max-num-queued-reqs / --max-num-queued-tokens (default: no limit)."""
+def test_queue_limit_and_speculative_shorthand_flags():
+    """vLLM's --max-num-queued-reqs / --max-num-queued-tokens (default: no limit) and its
+    --spec-method / --spec-tokens, merged into speculative_config (the caller's dict untouched)."""
     args = parse(["--max-num-queued-reqs", "100", "--max-num-queued-tokens", "8192"])
     assert (args.max_num_queued_reqs, args.max_num_queued_tokens) == (100, 8192)
     assert (EngineArgs().max_num_queued_reqs, EngineArgs().max_num_queued_tokens) == (None, None)
+    args = parse(["--spec-method", "ngram", "--spec-tokens", "3"])
+    assert args.speculative_config == {"method": "ngram", "num_speculative_tokens": 3}
+    assert (args.spec_method, args.spec_tokens) == (None, None)
+    given = {"method": "ngram", "prompt_lookup_max": 4}
+    args = EngineArgs(speculative_config=given, spec_tokens=2)
+    assert args.speculative_config == {**given, "num_speculative_tokens": 2} and "num_speculative_tokens" not in given
+    assert EngineArgs().speculative_config is None
