@@ -23,19 +23,22 @@ from jpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOut
 from server_harness import API_KEY, MODEL_NAME, wait_until_idle
 from test_server import client, server  # noqa: F401 (fixtures: the tiny model's server and an openai client)
 
-PADDED_LEN = 96
+PADDED_LENS = (32, 64, 96)  # the oracle's padded lengths: the dense forward costs rows x length
+DENSE_ROWS = 3  # the oracle's batch, padded: one program per model and length for every width and step
+_forward_dense = jax.jit(llama.forward_dense, static_argnums=1)
 
 
 def dense_beam_search(params, config, prompt, width, max_tokens, length_penalty, eos_ids, ignore_eos=False):
     """[(tokens, cum_logprob)] of the best `width` sequences, best first (tokens include the prompt)."""
-    forward = jax.jit(lambda p, ids: llama.forward_dense(p, config, ids))
+    assert width <= DENSE_ROWS
     live, finished = [(list(prompt), 0.0)], []
     for _ in range(max_tokens):
-        ids = np.zeros((len(live), PADDED_LEN), np.int32)
+        padded_len = next(n for n in PADDED_LENS if n >= max(len(tokens) for tokens, _ in live))
+        ids = np.zeros((DENSE_ROWS, padded_len), np.int32)
         for i, (tokens, _) in enumerate(live):
             ids[i, :len(tokens)] = tokens
-        logits = forward(params, jnp.asarray(ids))
-        last = jnp.stack([logits[i, len(tokens) - 1] for i, (tokens, _) in enumerate(live)])
+        logits = _forward_dense(params, config, jnp.asarray(ids))
+        last = logits[np.arange(len(live)), np.array([len(tokens) - 1 for tokens, _ in live])]
         logprobs = np.asarray(jax.nn.log_softmax(last.astype(jnp.float32), axis=-1))
         candidates = []
         for (tokens, cum), row in zip(live, logprobs):
