@@ -34,6 +34,7 @@ from serving.response_store import DEFAULT_CAPACITY as RESPONSES_STORE_CAPACITY
 from serving.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("jpaged.serve")
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET")  # --log-level, vLLM's
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -168,6 +169,9 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--graceful-shutdown-timeout", "--shutdown-timeout", type=float, default=30.0,
                         help="Seconds in-flight requests may run after SIGTERM before they are "
                              "ended with finish_reason 'abort' (--shutdown-timeout: vLLM's name for it).")
+    server.add_argument("--log-level", type=str.upper, default="INFO", choices=LOG_LEVELS,
+                        help="Log level of jpaged's own loggers (the engine's stats and the request logs; DEBUG adds "
+                             "--enable-log-outputs' token ids), vLLM's flag; other libraries stay at INFO.")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="Log level of uvicorn (access log at 'info').")
@@ -414,9 +418,16 @@ def _check_uds(parser: argparse.ArgumentParser, path: str) -> None:
         parser.error(f"--uds {path!r}: the folder {folder!r} does not exist.")
 
 
+def configure_logging(level: str) -> None:
+    """Logs at INFO to stderr, jpaged's loggers (jpaged.*, serving.*) at `level` (LOG_LEVELS)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("jpaged", "serving"):
+        logging.getLogger(name).setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, engine_args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     api_key = args.api_key or os.environ.get("JPAGED_API_KEY") or None
     if engine_args.host_id != 0:  # multi-host: run host 0's steps; host 0 serves
         LLMEngine(engine_args).follow()

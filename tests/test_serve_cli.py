@@ -36,7 +36,7 @@ SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-
                 "--enable-server-load-tracking", "--default-chat-template-kwargs", "--override-generation-config",
                 "--exclude-tools-when-tool-choice-none", "--shutdown-timeout", "--uds",
                 "--enable-tokenizer-info-endpoint", "--chat-template-content-format", "--config", "--ssl-cert-reqs",
-                "--ssl-ciphers", "--disable-access-log-for-endpoints", "--enable-log-outputs"]
+                "--ssl-ciphers", "--disable-access-log-for-endpoints", "--enable-log-outputs", "--log-level"]
 # Small buckets, so that only two programs compile: one forward shape and one sampler.
 SMALL_ENGINE = ["--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "16",
                 "--num-gpu-blocks-override", "32"]
@@ -109,6 +109,7 @@ def test_positional_model_and_vllm_list_flags():
     (["--uds", "/no/such/folder/jpaged.sock"], "--uds"),
     (["--config", "/no/such/serve.yaml"], "--config"),
     (["--config", "serve.json"], "--config"),
+    (["--log-level", "loud"], "--log-level"),
 ])
 def test_conflicting_or_bad_flags_exit_2_naming_them(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_info:
@@ -231,7 +232,7 @@ def test_vllm_style_invocation_over_https(tiny_model_dir, tmp_path):
     server = ServeProcess([str(tiny_model_dir), "--served-model-name", "tiny", "alias", "--enforce-eager",
                            "--api-key", secret, "--ssl-keyfile", str(key), "--ssl-certfile", str(cert),
                            "--uds", str(sock), "--root-path", "/proxy", "--enable-log-requests", "--max-log-len", "3",
-                           "--enable-log-outputs",
+                           "--enable-log-outputs", "--log-level", "debug",
                            "--disable-uvicorn-access-log", "--enable-tokenizer-info-endpoint",
                            "--chat-template", str(tmp_path / "template.jinja"),
                            "--chat-template-content-format", "string", *SMALL_ENGINE])
@@ -260,5 +261,6 @@ def test_vllm_style_invocation_over_https(tiny_model_dir, tmp_path):
     assert re.search(r"request cmpl-\w+-0: \d+ prompt tokens, prompt: 'a s'", log)
     assert re.search(r"request cmpl-\w+-0: output 0: " + re.escape(repr(result.choices[0].text))
                      + f", finish_reason: {result.choices[0].finish_reason}", log)  # --enable-log-outputs
+    assert re.search(r"DEBUG jpaged.serve: request cmpl-\w+-0: output 0 token ids: \[\d+", log)  # --log-level debug
     assert secret not in log and "a secret prompt" not in log
     assert not re.search(r'"GET \S*/v1/models HTTP/1.1" 200', log)  # --disable-uvicorn-access-log
