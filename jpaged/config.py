@@ -128,6 +128,13 @@ class EngineArgs:
         f"{DEFAULT_MAX_NUM_BATCHED_TOKENS}; python -m jpaged.serve's default (None) is "
         f"{SERVER_CPU_MAX_NUM_BATCHED_TOKENS} on CPU, where smaller chunks give a burst of requests its first "
         f"tokens sooner, and {DEFAULT_MAX_NUM_BATCHED_TOKENS} elsewhere.", type=int)
+    long_prefill_token_threshold: int = _field(
+        0, "While other requests run or wait, a request's chunk is at most this many tokens (0: off, the default), "
+        "so a long prompt shares each step's token budget instead of taking it: the others' first tokens come "
+        "sooner, its own later (vLLM's flag).", type=int)
+    long_prefill_token_threshold_adaptive: bool = _field(
+        False, "Never cap a chunk below the budget's fair share, --max-num-batched-tokens / the requests running "
+        "and waiting (vLLM's flag; with --long-prefill-token-threshold).")
     num_scheduler_steps: int | None = _field(
         None, "Decode steps per scheduling round (multi-step scheduling): when every running request is "
         "decoding with at least this many tokens left, nothing waits to be admitted and no request needs the host "
@@ -302,7 +309,7 @@ class EngineArgs:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
         for name in ("max_logprobs", "max_logit_bias", "max_stop_sequences", "max_stop_token_ids",
-                     "max_num_queued_reqs", "max_num_queued_tokens"):
+                     "max_num_queued_reqs", "max_num_queued_tokens", "long_prefill_token_threshold"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (--{name.replace('_', '-')}).")
         if self.max_cpu_loras is None:

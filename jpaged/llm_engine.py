@@ -180,7 +180,9 @@ class LLMEngine:
             num_scheduler_steps=self.runner.num_scheduler_steps,
             scheduler_delay_factor=args.scheduler_delay_factor,
             scheduler_finish_first=args.scheduler_finish_first, max_loras=args.max_loras if args.enable_lora else 0,
-            scheduling_policy=args.scheduling_policy, speculative_config=speculative_config)
+            scheduling_policy=args.scheduling_policy, speculative_config=speculative_config,
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
+            long_prefill_token_threshold_adaptive=args.long_prefill_token_threshold_adaptive)
         # LoRA adapters (jpaged/lora.py): host copies and which one sits in which device slot.
         self.lora_adapters = self.lora_slot_table = None
         if args.enable_lora:

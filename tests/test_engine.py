@@ -88,8 +88,9 @@ def mixed_prompts(seed=0):
     return prompts
 
 
-@pytest.mark.parametrize("swap_space", [0.0, 0.001])
-def test_greedy_matches_dense_with_chunking_prefix_cache_and_preemption(tiny_model_dir, tiny_llm, swap_space):
+@pytest.mark.parametrize("swap_space, long_prefill_token_threshold", [(0.0, 0), (0.001, 0), (0.0, 5)])
+def test_greedy_matches_dense_with_chunking_prefix_cache_and_preemption(tiny_model_dir, tiny_llm, swap_space,
+                                                                         long_prefill_token_threshold):
     if swap_space:
         llm = LLM(str(tiny_model_dir), swap_space=swap_space, **ENGINE_KWARGS)
         llm.update_weights(tiny_llm.llm_engine.runner.params)
@@ -99,8 +100,12 @@ def test_greedy_matches_dense_with_chunking_prefix_cache_and_preemption(tiny_mod
     engine = llm.llm_engine
     prompts = mixed_prompts()
     before = engine.get_stats()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    engine.scheduler.long_prefill_token_threshold = long_prefill_token_threshold  # several prompts mid-prefill
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                               SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    finally:
+        engine.scheduler.long_prefill_token_threshold = 0
     after = engine.get_stats()
     expect = dense_greedy(engine.runner.params, engine.model_config, prompts, 16, 128)
     for prompt, output, want in zip(prompts, outputs, expect):

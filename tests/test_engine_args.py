@@ -20,7 +20,10 @@ def test_model_flag_without_a_value_means_the_default_model():
 def test_vllm_flag_names_and_booleans():
     args = parse(["--max-model-len", "512", "--no-enable-prefix-caching", "--num-gpu-blocks-override", "40",
                   "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--scheduler-delay-factor", "0.5",
-                  "--logprobs-mode", "processed_logits", "--scheduling-policy", "priority"])
+                  "--logprobs-mode", "processed_logits", "--scheduling-policy", "priority",
+                  "--long-prefill-token-threshold", "128", "--long-prefill-token-threshold-adaptive"])
+    assert (args.long_prefill_token_threshold, args.long_prefill_token_threshold_adaptive) == (128, True)
+    assert (EngineArgs().long_prefill_token_threshold, EngineArgs().long_prefill_token_threshold_adaptive) == (0, False)
     assert (args.max_model_len, args.enable_prefix_caching, args.num_gpu_blocks_override) == (512, False, 40)
     assert args.logprobs_mode == "processed_logits" and EngineArgs().logprobs_mode == "raw_logprobs"
     assert (args.max_num_seqs, args.max_num_batched_tokens, args.scheduler_delay_factor) == (8, 64, 0.5)
@@ -44,6 +47,7 @@ def test_vllm_flag_names_and_booleans():
     (dict(kv_cache_memory_bytes=2**30, kv_cache_memory=1.0), "--kv-cache-memory \\(GiB\\) or --kv-cache-memory-bytes"),
     (dict(hf_overrides="rope_theta=1"), "hf_overrides must be a dict"),
     (dict(max_num_queued_reqs=-1), "--max-num-queued-reqs"),
+    (dict(long_prefill_token_threshold=-1), "--long-prefill-token-threshold"),
     (dict(max_num_queued_tokens=-1), "--max-num-queued-tokens"),
     (dict(spec_tokens=2, speculative_config={"method": "ngram", "num_speculative_tokens": 3}),
      "--spec-tokens and --speculative-config\\['num_speculative_tokens'\\] are mutually exclusive"),

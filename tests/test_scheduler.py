@@ -189,7 +189,8 @@ def check_invariants(scheduler: Scheduler) -> None:
     assert len(running_ids) <= scheduler.max_num_seqs
     assert sorted(running_ids + waiting_ids) == sorted(scheduler.requests)
     mid_prefill = [r for r in scheduler.running if r.num_tokens - r.num_computed_tokens > 1]
-    assert mid_prefill in ([], scheduler.running[-1:]), "only the newest running request may be mid-prefill"
+    if not scheduler.long_prefill_token_threshold:  # with a chunk cap several prompts share the steps
+        assert mid_prefill in ([], scheduler.running[-1:]), "only the newest running request may be mid-prefill"
     for request in scheduler.running:
         assert request.status == RequestStatus.RUNNING
         assert 0 < request.num_computed_tokens < request.num_tokens
@@ -289,9 +290,10 @@ def random_prompts(rng: random.Random, num: int, max_len: int) -> list[list[int]
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
-@pytest.mark.parametrize("chunked_prefill", [True, False])
+@pytest.mark.parametrize("chunked_prefill, long_prefill_token_threshold", [(True, 0), (False, 0), (True, 5)])
 @pytest.mark.parametrize("num_swap_blocks", [0, 6, 64])
-def test_tiny_pool_preempts_and_every_request_matches_the_oracle(prefix_caching, chunked_prefill, num_swap_blocks):
+def test_tiny_pool_preempts_and_every_request_matches_the_oracle(prefix_caching, chunked_prefill,
+                                                                 long_prefill_token_threshold, num_swap_blocks):
     harness = Harness(
         num_blocks=14,
         block_size=4,
@@ -301,6 +303,7 @@ def test_tiny_pool_preempts_and_every_request_matches_the_oracle(prefix_caching,
         enable_prefix_caching=prefix_caching,
         enable_chunked_prefill=chunked_prefill,
         num_swap_blocks=num_swap_blocks,
+        long_prefill_token_threshold=long_prefill_token_threshold,
     )
     rng = random.Random(0)
     for i, prompt in enumerate(random_prompts(rng, 24, 30)):
@@ -366,6 +369,27 @@ def test_decodes_are_never_starved_by_a_long_prefill():
             if request.is_finished():
                 harness.finished[request.request_id] = request
     assert harness.finished["long"].output_token_ids == harness.expected["long"]
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_long_prefill_token_threshold_caps_chunks_while_other_requests_run_or_wait(adaptive):
+    """vLLM's --long-prefill-token-threshold: a long prompt alone takes the whole budget; while
+    another request waits or runs its chunks are capped (adaptive: at least 16 // 2 requests = 8),
+    the rest of the budget admits the other at once, and the outputs are unchanged."""
+    harness = Harness(num_blocks=200, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128,
+                      long_prefill_token_threshold=3 if adaptive else 6,
+                      long_prefill_token_threshold_adaptive=adaptive)
+    harness.add("long", list(range(1, 61)), max_tokens=2, ignore_eos=True)
+    harness.step()
+    harness.add("short", [7, 8, 9, 10, 11], max_tokens=3, ignore_eos=True)
+    harness.run()
+    chunks = {request_id: [s.num_scheduled_tokens for out in harness.batches for s in out.scheduled
+                           if s.request_id == request_id] for request_id in ("long", "short")}
+    cap = 8 if adaptive else 6
+    assert chunks["long"][:5] == [16, cap, cap, cap, 16]  # short runs in steps 2-4, then long is alone again
+    assert chunks["short"] == [5, 1, 1]
+    assert sorted(harness.finished) == ["long", "short"]
+    check_all_free(harness.scheduler)
 
 
 def test_waiting_requests_are_admitted_first_come_first_served():
@@ -684,9 +708,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         chunked_prefill=st.booleans(),
         num_swap_blocks=st.sampled_from([0, 4, 32]),
         scheduling_policy=st.sampled_from(["fcfs", "priority"]),
+        long_prefill_token_threshold=st.sampled_from([0, 0, 1, 3]),
     )
     def setup(self, block_size, num_blocks, max_num_seqs, budget, prefix_caching, chunked_prefill, num_swap_blocks,
-              scheduling_policy):
+              scheduling_policy, long_prefill_token_threshold):
         # A clock that ticks per call: the finish-first hold reads step latencies, and hypothesis
         # replays each example, so wall-clock time (slower under load) made replays diverge.
         ticks = itertools.count()
@@ -701,6 +726,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             enable_chunked_prefill=chunked_prefill,
             num_swap_blocks=num_swap_blocks,
             scheduling_policy=scheduling_policy,
+            long_prefill_token_threshold=long_prefill_token_threshold,
         )
         self.next_id = 0
 

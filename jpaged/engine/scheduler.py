@@ -129,6 +129,8 @@ class Scheduler:
         max_loras: int = 0,
         scheduling_policy: str = "fcfs",
         speculative_config: SpeculativeConfig | None = None,
+        long_prefill_token_threshold: int = 0,
+        long_prefill_token_threshold_adaptive: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         for name, value in [
@@ -149,6 +151,8 @@ class Scheduler:
             raise ValueError(f"scheduler_delay_factor must be non-negative, got {scheduler_delay_factor}.")
         if num_swap_blocks < 0:
             raise ValueError(f"num_swap_blocks must be non-negative, got {num_swap_blocks}.")
+        if long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be non-negative, got {long_prefill_token_threshold}.")
         if scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {scheduling_policy!r}.")
         if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
@@ -168,6 +172,10 @@ class Scheduler:
         self.max_loras = max_loras  # 0: LoRA off
         self.scheduling_policy = scheduling_policy
         self.speculative_config = speculative_config
+        # A request's chunk is at most this many tokens while other requests run or wait (0: off);
+        # adaptive: never below the budget's fair share, max_num_batched_tokens / those requests.
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.long_prefill_token_threshold_adaptive = long_prefill_token_threshold_adaptive
         # Wall-clock seconds (time.time()): step latencies steer admission, stamps go on requests.
         # Tests that replay schedules pass a deterministic one.
         self._clock = clock
@@ -256,6 +264,8 @@ class Scheduler:
         output's block tables are copies and its token lists slices: safe to read while the
         step runs."""
         budget = self.max_num_batched_tokens
+        chunk_cap = self._chunk_cap()
+        num_preemptions_before = self.num_preemptions
         scheduled: dict[str, int] = {}  # request id -> num_scheduled_tokens, in scheduling order
         blocks_to_swap_out: list[tuple[int, int]] = []
         blocks_to_swap_in: list[tuple[int, int]] = []
@@ -265,14 +275,15 @@ class Scheduler:
         if drafts:
             num_steps = 1
 
-        # Admission order. Only the newest running request can be mid-prefill (a prefill chunk
-        # that does not finish its tokens takes the whole budget, so nothing is admitted after
-        # it), hence no decode ever waits behind a prefill chunk.
+        # Admission order. Without a chunk cap only the newest running request can be mid-prefill
+        # (a prefill chunk that does not finish its tokens takes the whole budget, so nothing is
+        # admitted after it), hence no decode ever waits behind a prefill chunk. With one
+        # (long_prefill_token_threshold) several can, each chunk at most the cap.
         index = 0
         while index < len(self.running) and budget > 0:  # fcfs victims leave from the end
             request = self.running[index]
             num_remaining = request.num_tokens - request.num_computed_tokens
-            num_new_tokens = chunk_length(num_remaining, budget, self.max_num_batched_tokens)
+            num_new_tokens, capped = self._chunk(num_remaining, budget, chunk_cap)
             if num_new_tokens == 0:  # it waits for a fuller budget, and nobody is admitted before it
                 budget = 0
                 break
@@ -286,18 +297,21 @@ class Scheduler:
             budget += refund
             if fits:
                 scheduled[request.request_id] = num_new_tokens
-                # A partial chunk takes the whole budget, even when it leaves a token of it unused.
-                budget = budget - num_new_tokens if num_new_tokens == num_remaining else 0
+                # A partial chunk takes the whole budget, even when it leaves a token of it unused
+                # (unless the chunk cap, not the budget, cut it).
+                budget = budget - num_new_tokens if num_new_tokens == num_remaining or capped else 0
             index = len(scheduled)  # running[:index] are the scheduled ones, whoever was preempted
 
-        # With fcfs, after a preemption the head of the queue is the oldest victim, which needs
-        # more blocks than are free, so nobody is admitted. Either way every swap-out comes
-        # before this step's swap-ins (as the runner copies them), so host slots freed by a
-        # swap-in are never reused by a swap-out of the same step.
+        # With fcfs nobody is admitted after a preemption: the head of the queue is the oldest
+        # victim, which (without a chunk cap) needs more blocks than are free anyway; a capped
+        # first chunk could fit, and recomputing it at once would only preempt again. Either way
+        # every swap-out comes before this step's swap-ins (as the runner copies them), so host
+        # slots freed by a swap-in are never reused by a swap-out of the same step.
         drafts = {request_id: d for request_id, d in drafts.items() if d and request_id in scheduled}
-        if admission_due and not self.admission_paused:
+        preempted = self.num_preemptions > num_preemptions_before
+        if admission_due and not self.admission_paused and not (preempted and self.scheduling_policy == "fcfs"):
             num_draft_rows = sum(map(len, drafts.values()))
-            budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in, num_draft_rows)
+            budget = self._schedule_waiting(budget, scheduled, blocks_to_swap_in, num_draft_rows, chunk_cap)
         self._last_step_ran_prompt = any(
             self.requests[request_id].num_computed_tokens < self.requests[request_id].num_prompt_tokens
             for request_id in scheduled)
@@ -452,8 +466,27 @@ class Scheduler:
             request.status = RequestStatus.SWAPPED
         self._enqueue(request, front=True)
 
+    def _chunk_cap(self) -> int:
+        """This step's long_prefill_token_threshold: off (0) unless another request runs or
+        waits (one alone starves nobody), then at least the fair share with the adaptive rule."""
+        num_requests = len(self.running) + len(self.waiting)
+        if not self.long_prefill_token_threshold or num_requests < 2 or not self.enable_chunked_prefill:
+            return 0
+        # Under 3 tokens a capped chunk would leave or be a lone token (see chunk_length).
+        cap = max(self.long_prefill_token_threshold, 3)
+        if self.long_prefill_token_threshold_adaptive:
+            return max(cap, self.max_num_batched_tokens // num_requests)
+        return cap
+
+    def _chunk(self, num_remaining: int, budget: int, chunk_cap: int) -> tuple[int, bool]:
+        """(tokens of a request's next chunk, whether chunk_cap rather than the budget limits it):
+        chunk_length within min(budget, chunk_cap); a cap under the budget is that chunk's full budget."""
+        if 0 < chunk_cap < min(budget, num_remaining):
+            return chunk_length(num_remaining, chunk_cap, chunk_cap), True
+        return chunk_length(num_remaining, budget, self.max_num_batched_tokens), False
+
     def _schedule_waiting(self, budget: int, scheduled: dict[str, int], blocks_to_swap_in: list,
-                          num_draft_rows: int = 0) -> int:
+                          num_draft_rows: int = 0, chunk_cap: int = 0) -> int:
         """Admit waiting requests in queue order while they fit; returns the budget left. A request
         whose LoRA adapter does not fit max_loras is passed over and keeps its place. The step's
         sampled rows (one per request, plus num_draft_rows) stay within max_num_seqs."""
@@ -473,7 +506,7 @@ class Scheduler:
             num_remaining = request.num_tokens - num_cached_tokens
             if num_remaining > budget and not self.enable_chunked_prefill:
                 break
-            num_new_tokens = chunk_length(num_remaining, budget, self.max_num_batched_tokens)
+            num_new_tokens, capped = self._chunk(num_remaining, budget, chunk_cap)
             if num_new_tokens == 0:
                 break
             if request.status == RequestStatus.SWAPPED:
@@ -498,7 +531,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled[request.request_id] = num_new_tokens
-            budget = budget - num_new_tokens if num_new_tokens == num_remaining else 0
+            budget = budget - num_new_tokens if num_new_tokens == num_remaining or capped else 0
         self.waiting.extendleft(reversed(deferred))
         return budget
 
