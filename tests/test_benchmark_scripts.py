@@ -237,3 +237,25 @@ def test_bench_speculative_compares_the_two_engines(tiny_model_dir, tmp_path, mo
         assert row["ratio"] == pytest.approx(row["spec_tok_s"] / row["plain_tok_s"], rel=0.01)
         if row["drafted_steps"]:
             assert 1 <= row["mean_acceptance_length"] <= 3 and 0 <= row["acceptance_rate"] <= 1
+
+
+def test_bench_long_prefill_times_both_engines(tiny_model_dir, tmp_path, monkeypatch):
+    """bench_long_prefill.py end to end on the tiny model (its bookkeeping, not its speed): a row
+    per engine and turn, the threshold-off engine first, every time measured."""
+    import bench_long_prefill
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i} says something else about item {i * 7 % 13}" for i in range(400)))
+    out = tmp_path / "long_prefill.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_long_prefill.py", "--model", str(tiny_model_dir), "--thresholds", "4", "--long-len", "60",
+        "--short-len", "5", "--num-short", "2", "--output-len", "3", "--max-num-batched-tokens", "16",
+        "--max-num-seqs", "4", "--delay", "0", "--repeats", "1", "--kv-cache-memory", "0.05", "--dataset-path", str(corpus),
+        "--output-json", str(out)])
+    bench_long_prefill.main()
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["threshold"], r["turn"]) for r in rows] == [(0, 0), (4, 0)]
+    for row in rows:
+        assert 0 < row["long_ttft_s"] <= row["long_e2e_s"]
+        assert 0 < row["short_ttft_mean_s"] <= row["short_ttft_max_s"]
+        assert row["short_ttft_mean_s"] <= row["short_e2e_mean_s"]
