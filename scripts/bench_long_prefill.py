@@ -15,13 +15,11 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_prompts import read_corpus  # noqa: E402
-from make_corpus import render_corpus  # noqa: E402
+from bench_prompts import corpus_text  # noqa: E402
 
 from jpaged import AsyncLLM, EngineArgs, SamplingParams  # noqa: E402
 from jpaged.sampling_params import RequestOutputKind  # noqa: E402
@@ -56,7 +54,7 @@ async def run(args) -> list[dict]:
     engines = {t: AsyncLLM.from_engine_args(EngineArgs(**common, long_prefill_token_threshold=t))
                for t in [0, *args.thresholds]}
     tokenizer = next(iter(engines.values())).tokenizer
-    text = read_corpus(args.dataset_path)
+    text = corpus_text(args.dataset_path)
     long_ids = tokenizer.encode(text[:args.long_len * 16])[:args.long_len]
     offset = len(text) // 2
     short_ids = [tokenizer.encode(text[offset + 997 * i:offset + 997 * i + args.short_len * 16])[:args.short_len]
@@ -93,10 +91,6 @@ def main() -> None:
     parser.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB per engine")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
-    if args.dataset_path is None:
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-            f.write(render_corpus())
-        args.dataset_path = f.name
     rows = asyncio.run(run(args))
     if args.output_json:
         with open(args.output_json, "w") as f:

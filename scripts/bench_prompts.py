@@ -56,6 +56,15 @@ def read_corpus(path: str) -> str:
         return f.read()
 
 
+def corpus_text(path: str | None) -> str:
+    """The corpus at `path`, or (None) make_corpus.py's, rendered here."""
+    if path is None:
+        from make_corpus import render_corpus
+
+        return render_corpus()
+    return read_corpus(path)
+
+
 def make_prompts(num_prompts: int, low: int, high: int, seed: int, *,
                  corpus_ids: Sequence[int] | None = None, vocab_size: int | None = None) -> list[list[int]]:
     """num_prompts token-id lists with lengths uniform in [low, high], from numpy's default_rng(seed).

@@ -17,13 +17,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_prompts import read_corpus  # noqa: E402
-from make_corpus import render_corpus  # noqa: E402
+from bench_prompts import corpus_text  # noqa: E402
 
 from jpaged import LLM, SamplingParams  # noqa: E402
 
@@ -77,11 +75,7 @@ def main() -> None:
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
 
-    if args.dataset_path is None:
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-            f.write(render_corpus())
-        args.dataset_path = f.name
-    texts = passages(read_corpus(args.dataset_path), args.num_prompts, args.passage_chars, seed=0)
+    texts = passages(corpus_text(args.dataset_path), args.num_prompts, args.passage_chars, seed=0)
     common = dict(kv_cache_memory=args.kv_cache_memory, disable_log_stats=True)
     engines = {"plain": LLM(args.model, **common),
                "spec": LLM(args.model, speculative_config=json.loads(args.speculative_config), **common)}
