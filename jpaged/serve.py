@@ -42,7 +42,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m jpaged.serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
                     "/v1/chat/completions, /v1/responses, /v1/models, /tokenize, /detokenize, /health, "
-                    "/ping, /version, /metrics).",
+                    "/ping, /version, /metrics), and Anthropic's Messages API (/v1/messages).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                         help="The model, as `vllm serve MODEL` takes it (same as --model).")
@@ -58,7 +58,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="Listen on a Unix domain socket at PATH instead of --host/--port "
                              "(HTTPS still with --ssl-keyfile/--ssl-certfile).")
     server.add_argument("--api-key", default=None,
-                        help="Require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
+                        help="Require 'Authorization: Bearer KEY' (or Anthropic's 'x-api-key: KEY') on /v1, /tokenize and /detokenize "
                              "(/health, /version and /metrics stay open). Default: the JPAGED_API_KEY "
                              "environment variable; unset means no key.")
     server.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
@@ -118,7 +118,7 @@ def make_parser() -> argparse.ArgumentParser:
                              "class and chat template; off by default, as it shows the chat template. "
                              "Guarded by --api-key when one is set.")
     server.add_argument("--enable-server-load-tracking", action="store_true",
-                        help="Count the completions, chat and responses requests in flight; GET /load "
+                        help="Count the completions, chat, responses and messages requests in flight; GET /load "
                              "reports the count as {\"server_load\": N} (0 without this flag).")
     server.add_argument("--default-chat-template-kwargs", type=json_object, default=None,
                         help="JSON object of chat template arguments for every request, e.g. "

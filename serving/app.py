@@ -23,6 +23,7 @@ from serving.completions import create_completion
 from serving.context import ServingContext
 from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
+from serving.messages import count_message_tokens, create_message
 from serving.protocol import (DetokenizeRequest, DetokenizeResponse, LoadLoRAAdapterRequest, ModelCard, ModelList,
                               TokenizeRequest, TokenizeResponse, UnloadLoRAAdapterRequest, UpdateWeightsRequest)
 from serving.responses import cancel_response, create_response, delete_response, retrieve_response
@@ -72,21 +73,24 @@ def _route_path(scope: Scope) -> str:
 
 
 class APIKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on every route that reaches the model
-    (GUARDED_PREFIXES), comparing digests in constant time. It holds only the expected header's
-    digest, so the key itself is nowhere in the app to be logged or echoed."""
+    """Requires `Authorization: Bearer <key>`, or Anthropic's `x-api-key: <key>`, on every route
+    that reaches the model (GUARDED_PREFIXES), comparing digests in constant time. It holds only
+    the expected headers' digests, so the key itself is nowhere in the app to be logged or echoed."""
 
-    def __init__(self, app: ASGIApp, expected_digest: bytes):
+    def __init__(self, app: ASGIApp, expected_authorization: bytes, expected_x_api_key: bytes):
         self.app = app
-        self.expected = expected_digest
+        self.expected_authorization, self.expected_x_api_key = expected_authorization, expected_x_api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guarded = scope["type"] == "http" and _route_path(scope).startswith(GUARDED_PREFIXES)
         if guarded and scope["method"] != "OPTIONS":  # CORS preflights carry no credentials
-            given = _digest(Headers(scope=scope).get("authorization", "").encode())
-            if not hmac.compare_digest(given, self.expected):
-                error = APIError("Missing or incorrect API key: send 'Authorization: Bearer <key>' "
-                                 "with the key the server was started with (--api-key or "
+            headers = Headers(scope=scope)
+            bearer = hmac.compare_digest(_digest(headers.get("authorization", "").encode()),
+                                         self.expected_authorization)
+            x_api_key = hmac.compare_digest(_digest(headers.get("x-api-key", "").encode()), self.expected_x_api_key)
+            if not (bearer or x_api_key):
+                error = APIError("Missing or incorrect API key: send 'Authorization: Bearer <key>' (or "
+                                 "'x-api-key: <key>') with the key the server was started with (--api-key or "
                                  "JPAGED_API_KEY).", status_code=HTTPStatus.UNAUTHORIZED,
                                  code="invalid_api_key")
                 await error.to_response()(scope, receive, send)
@@ -148,7 +152,7 @@ class RequestIdHeaderMiddleware:
 
 
 # The routes that run the model, counted by --enable-server-load-tracking (GET /load).
-LOAD_TRACKED_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+LOAD_TRACKED_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages")
 
 
 class ServerLoadMiddleware:
@@ -325,6 +329,8 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/v1/responses", create_response, methods=["POST"]),
+        Route("/v1/messages", create_message, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_message_tokens, methods=["POST"]),
         Route("/v1/responses/{response_id}", retrieve_response, methods=["GET"]),
         Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
@@ -349,7 +355,8 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
     if enable_request_id_headers:  # outside the key check, so a 401 carries the id too
         middleware.append(Middleware(RequestIdHeaderMiddleware))
     if api_key:
-        middleware.append(Middleware(APIKeyMiddleware, expected_digest=_digest(f"Bearer {api_key}".encode())))
+        middleware.append(Middleware(APIKeyMiddleware, expected_authorization=_digest(f"Bearer {api_key}".encode()),
+                                     expected_x_api_key=_digest(api_key.encode())))
     if enable_server_load_tracking:
         middleware.append(Middleware(ServerLoadMiddleware))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={

@@ -77,7 +77,8 @@ async def create_chat_completion(request: Request) -> Response:
 
 class ChatJob:
     """One validated chat request: the rendered prompt and its engine stream (also what
-    /v1/responses runs; serving/responses.py shapes its replies)."""
+    /v1/responses and /v1/messages run; serving/responses.py and serving/messages.py shape their
+    replies)."""
 
     def __init__(self, ctx: ServingContext, body: ChatCompletionRequest, model_name: str, arrival_time: float,
                  request_id: str | None = None, prompt_param: str = "messages", client_request_id: str | None = None):

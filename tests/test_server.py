@@ -574,9 +574,11 @@ def test_oversized_body_then_healthy(server):
 
 
 def test_api_key_guards_v1_only(server):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}, {"x-api-key": "wrong"},
+                    {"x-api-key": f"Bearer {API_KEY}"}):
         error = _error(httpx.get(server.url + "/v1/models", headers=headers), 401)
         assert error["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models", headers={"x-api-key": API_KEY}).status_code == 200  # Anthropic's
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(server.url + "/metrics").status_code == 200
