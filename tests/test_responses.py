@@ -417,7 +417,7 @@ def test_cancel_and_delete_end_a_running_background_response(server, monkeypatch
         queued = _post(server, input="Go on.", max_output_tokens=8, background=True).json()
         while queued["id"] not in started:
             time.sleep(0.005)
-        assert _poll(server, queued["id"], ())["status"] == "in_progress"
+        assert _poll(server, queued["id"], ("in_progress",))["status"] == "in_progress"
         if end == "cancel":
             cancelled = httpx.post(server.url + f"/v1/responses/{queued['id']}/cancel", headers=AUTH).json()
             assert cancelled["status"] == "cancelled" and cancelled["id"] == queued["id"]
