@@ -178,8 +178,8 @@ def chat_messages(system: str | list[dict[str, Any]] | None, messages: list[Mess
             if calls:
                 turn["tool_calls"] = calls
             chat.append(turn)
-    continue_final = messages[-1].role == "assistant" and chat[-1:] and chat[-1]["role"] == "assistant"
-    return chat, bool(continue_final)
+    continue_final = messages[-1].role == "assistant" and bool(chat) and chat[-1]["role"] == "assistant"
+    return chat, continue_final
 
 
 def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
