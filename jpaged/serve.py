@@ -57,10 +57,11 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--uds", default=None, metavar="PATH",
                         help="Listen on a Unix domain socket at PATH instead of --host/--port "
                              "(HTTPS still with --ssl-keyfile/--ssl-certfile).")
-    server.add_argument("--api-key", default=None,
-                        help="Require 'Authorization: Bearer KEY' (or Anthropic's 'x-api-key: KEY') on /v1, /tokenize and /detokenize "
-                             "(/health, /version and /metrics stay open). Default: the JPAGED_API_KEY "
-                             "environment variable; unset means no key.")
+    server.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
+                        help="One or more keys: require 'Authorization: Bearer KEY' (or Anthropic's "
+                             "'x-api-key: KEY') with any of them on /v1, /tokenize and /detokenize (/health, "
+                             "/version and /metrics stay open). Default: the JPAGED_API_KEY environment "
+                             "variable, else vLLM's VLLM_API_KEY; unset means no key.")
     server.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                         help="Largest request body accepted; larger ones get 413.")
     server.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
@@ -274,7 +275,7 @@ def _flatten(values: list) -> list[str]:
     return [v for group in values for v in ([group] if isinstance(group, str) else group)]
 
 
-async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str | None) -> None:
+async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_keys: list[str]) -> None:
     engine_cls = DataParallelAsyncLLM if engine_args.data_parallel_size > 1 else AsyncLLM
     engine = engine_cls.from_engine_args(engine_args)
     if engine_args.enable_prefix_caching:
@@ -317,7 +318,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_key: str
     if lora_updating:
         logger.warning("LoRA adapters may be loaded and unloaded over HTTP (VLLM_ALLOW_RUNTIME_LORA_UPDATING): "
                        "meant for development only.")
-    app = build_app(ctx, api_key=api_key, cors=cors, enable_update_weights_route=args.enable_update_weights_route,
+    app = build_app(ctx, api_keys=api_keys, cors=cors, enable_update_weights_route=args.enable_update_weights_route,
                     enable_lora_updating=lora_updating, max_header_bytes=args.max_header_bytes,
                     enable_request_id_headers=args.enable_request_id_headers,
                     enable_server_load_tracking=args.enable_server_load_tracking, root_path=args.root_path or "",
@@ -425,14 +426,21 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def resolve_api_keys(flag_keys: list[str] | None, environ) -> list[str]:
+    """The server's API keys: --api-key's, else $JPAGED_API_KEY, else vLLM's $VLLM_API_KEY; empty
+    keys are dropped (no key: the routes are open)."""
+    keys = flag_keys or [environ.get("JPAGED_API_KEY") or environ.get("VLLM_API_KEY")]
+    return [key for key in keys if key]
+
+
 def main(argv: list[str] | None = None) -> int:
     args, engine_args = parse_args(argv)
     configure_logging(args.log_level)
-    api_key = args.api_key or os.environ.get("JPAGED_API_KEY") or None
+    api_keys = resolve_api_keys(args.api_key, os.environ)
     if engine_args.host_id != 0:  # multi-host: run host 0's steps; host 0 serves
         LLMEngine(engine_args).follow()
         return 0
-    asyncio.run(_serve(args, engine_args, api_key))
+    asyncio.run(_serve(args, engine_args, api_keys))
     # Interpreter teardown resets Python-level signal handlers to the default, so a second
     # SIGTERM arriving now (an impatient supervisor) would end the process with -15; the server
     # has already stopped, so ignore it (SIG_IGN survives teardown).

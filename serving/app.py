@@ -73,25 +73,32 @@ def _route_path(scope: Scope) -> str:
 
 
 class APIKeyMiddleware:
-    """Requires `Authorization: Bearer <key>`, or Anthropic's `x-api-key: <key>`, on every route
-    that reaches the model (GUARDED_PREFIXES), comparing digests in constant time. It holds only
-    the expected headers' digests, so the key itself is nowhere in the app to be logged or echoed."""
+    """Requires one of the keys, as `Authorization: Bearer <key>` (the scheme in any case, as vLLM
+    reads it) or as Anthropic's `x-api-key: <key>`, on every route that reaches the model
+    (GUARDED_PREFIXES), comparing digests in constant time against every key. It holds only the
+    keys' digests, so no key is anywhere in the app to be logged or echoed."""
 
-    def __init__(self, app: ASGIApp, expected_authorization: bytes, expected_x_api_key: bytes):
+    def __init__(self, app: ASGIApp, key_digests: list[bytes]):
         self.app = app
-        self.expected_authorization, self.expected_x_api_key = expected_authorization, expected_x_api_key
+        self.key_digests = key_digests
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        given = [_digest(token.encode()) if scheme.lower() == "bearer" else b"",
+                 _digest(headers.get("x-api-key", "").encode())]
+        matched = False
+        for key in self.key_digests:  # every comparison runs, whichever matches
+            for digest in given:
+                matched |= hmac.compare_digest(digest, key)
+        return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guarded = scope["type"] == "http" and _route_path(scope).startswith(GUARDED_PREFIXES)
         if guarded and scope["method"] != "OPTIONS":  # CORS preflights carry no credentials
-            headers = Headers(scope=scope)
-            bearer = hmac.compare_digest(_digest(headers.get("authorization", "").encode()),
-                                         self.expected_authorization)
-            x_api_key = hmac.compare_digest(_digest(headers.get("x-api-key", "").encode()), self.expected_x_api_key)
-            if not (bearer or x_api_key):
+            if not self._authorized(Headers(scope=scope)):
                 error = APIError("Missing or incorrect API key: send 'Authorization: Bearer <key>' (or "
-                                 "'x-api-key: <key>') with the key the server was started with (--api-key or "
-                                 "JPAGED_API_KEY).", status_code=HTTPStatus.UNAUTHORIZED,
+                                 "'x-api-key: <key>') with a key the server was started with (--api-key, or "
+                                 "JPAGED_API_KEY / VLLM_API_KEY).", status_code=HTTPStatus.UNAUTHORIZED,
                                  code="invalid_api_key")
                 await error.to_response()(scope, receive, send)
                 return
@@ -308,12 +315,12 @@ async def unload_lora_adapter(request: Request) -> PlainTextResponse:
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
-def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSettings | None = None,
+def build_app(ctx: ServingContext, *, api_keys: list[str] | None = None, cors: CORSSettings | None = None,
               enable_update_weights_route: bool = False, enable_lora_updating: bool = False,
               max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, enable_request_id_headers: bool = False,
               enable_server_load_tracking: bool = False, root_path: str = "",
               enable_tokenizer_info_endpoint: bool = False, enable_sleep_mode: bool = False) -> Starlette:
-    """The ASGI app serving `ctx`'s engine; `api_key` (if set) guards GUARDED_PREFIXES, `cors`
+    """The ASGI app serving `ctx`'s engine; `api_keys` (if any) guard GUARDED_PREFIXES, `cors`
     (if set) answers browsers' cross-origin requests; enable_lora_updating routes
     /v1/load_lora_adapter and /v1/unload_lora_adapter; the other keywords are the server's flags
     of those names."""
@@ -354,9 +361,8 @@ def build_app(ctx: ServingContext, *, api_key: str | None = None, cors: CORSSett
                                      allow_headers=cors.allowed_headers))
     if enable_request_id_headers:  # outside the key check, so a 401 carries the id too
         middleware.append(Middleware(RequestIdHeaderMiddleware))
-    if api_key:
-        middleware.append(Middleware(APIKeyMiddleware, expected_authorization=_digest(f"Bearer {api_key}".encode()),
-                                     expected_x_api_key=_digest(api_key.encode())))
+    if api_keys:
+        middleware.append(Middleware(APIKeyMiddleware, key_digests=[_digest(key.encode()) for key in api_keys]))
     if enable_server_load_tracking:
         middleware.append(Middleware(ServerLoadMiddleware))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={

@@ -47,7 +47,7 @@ class ThreadedServer:
         self.engine = engine_cls.from_engine_args(self.engine_args)
         self.ctx = ServingContext(self.engine, **self.context_kwargs)
         max_header_bytes = self.app_kwargs.get("max_header_bytes", DEFAULT_MAX_HEADER_BYTES)
-        config = uvicorn.Config(build_app(self.ctx, api_key=API_KEY, **self.app_kwargs), host="127.0.0.1", port=0,
+        config = uvicorn.Config(build_app(self.ctx, api_keys=[API_KEY], **self.app_kwargs), host="127.0.0.1", port=0,
                                 log_level="warning", lifespan="off",
                                 h11_max_incomplete_event_size=h11_buffer_bytes(max_header_bytes))
         self.server = uvicorn.Server(config)

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from jpaged.serve import main, parse_args
+from jpaged.serve import main, parse_args, resolve_api_keys
 
 ENGINE_FLAGS = ["--max-model-len", "--block-size", "--gpu-memory-utilization", "--num-gpu-blocks-override",
                 "--max-num-seqs", "--max-num-batched-tokens", "--swap-space", "--enable-prefix-caching",
@@ -94,6 +94,14 @@ def test_positional_model_and_vllm_list_flags():
     # Unset, the token budget is the server's chunk for the device (LLMEngine sets it).
     assert parse_args([])[1].max_num_batched_tokens is None
     assert parse_args(["--max-num-batched-tokens", "64"])[1].max_num_batched_tokens == 64
+
+
+def test_api_keys_from_the_flag_or_the_environment():
+    """vLLM's --api-key K1 K2, else $JPAGED_API_KEY, else vLLM's $VLLM_API_KEY; an empty key is none."""
+    assert resolve_api_keys(parse_args(["--api-key", "k1", "k2"])[0].api_key, {"JPAGED_API_KEY": "env"}) == ["k1", "k2"]
+    assert resolve_api_keys(None, {"JPAGED_API_KEY": "j", "VLLM_API_KEY": "v"}) == ["j"]
+    assert resolve_api_keys(None, {"VLLM_API_KEY": "v"}) == ["v"]
+    assert resolve_api_keys(None, {"JPAGED_API_KEY": ""}) == resolve_api_keys(None, {}) == []
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -244,7 +244,7 @@ def test_root_path_never_unguards_a_route(root_path):
 
     from serving.app import build_app
 
-    app = build_app(None, api_key="secret", root_path=root_path)
+    app = build_app(None, api_keys=["secret"], root_path=root_path)
     with TestClient(app, raise_server_exceptions=False) as client:
         for path in ("/v1/models", "/tokenize", "/proxyv1/models"):  # 404 where no route is left
             response = client.request("GET" if "models" in path else "POST", path)
@@ -252,6 +252,21 @@ def test_root_path_never_unguards_a_route(root_path):
         assert client.get(root_path + "/v1/models").status_code == 401
         assert client.post(root_path + "/tokenize").status_code == 401
         assert client.get("/health").status_code != 401
+
+
+def test_any_of_several_api_keys_opens_the_guarded_routes():
+    """vLLM's --api-key K1 K2: any of the keys, as a bearer token (the scheme in any case, as vLLM
+    reads it) or as Anthropic's x-api-key header."""
+    from starlette.testclient import TestClient
+
+    from serving.app import build_app
+
+    with TestClient(build_app(None, api_keys=["k1", "k2"]), raise_server_exceptions=False) as client:
+        for headers in ({"Authorization": "Bearer k1"}, {"Authorization": "bearer k2"}, {"x-api-key": "k2"}):
+            assert client.post("/tokenize", headers=headers).status_code != 401, headers  # (no engine: a 500)
+        for headers in ({}, {"Authorization": "Bearer k3"}, {"Authorization": "Basic k1"}, {"Authorization": "k1"},
+                        {"x-api-key": "Bearer k1"}, {"Authorization": "Bearer"}):
+            assert client.post("/tokenize", headers=headers).status_code == 401, headers
 
 
 def _sleep_state(server) -> dict[str, float]:
