@@ -42,7 +42,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m jpaged.serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
                     "/v1/chat/completions, /v1/responses, /v1/models, /tokenize, /detokenize, /health, "
-                    "/ping, /version, /metrics), and Anthropic's Messages API (/v1/messages).",
+                    "/ping, /invocations, /version, /metrics), and Anthropic's Messages API (/v1/messages).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                         help="The model, as `vllm serve MODEL` takes it (same as --model).")
@@ -59,8 +59,8 @@ def make_parser() -> argparse.ArgumentParser:
                              "(HTTPS still with --ssl-keyfile/--ssl-certfile).")
     server.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
                         help="One or more keys: require 'Authorization: Bearer KEY' (or Anthropic's "
-                             "'x-api-key: KEY') with any of them on /v1, /tokenize and /detokenize (/health, "
-                             "/version and /metrics stay open). Default: the JPAGED_API_KEY environment "
+                             "'x-api-key: KEY') with any of them on /v1, /invocations, /tokenize and /detokenize "
+                             "(/health, /version and /metrics stay open). Default: the JPAGED_API_KEY environment "
                              "variable, else vLLM's VLLM_API_KEY; unset means no key.")
     server.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                         help="Largest request body accepted; larger ones get 413.")
@@ -119,8 +119,8 @@ def make_parser() -> argparse.ArgumentParser:
                              "class and chat template; off by default, as it shows the chat template. "
                              "Guarded by --api-key when one is set.")
     server.add_argument("--enable-server-load-tracking", action="store_true",
-                        help="Count the completions, chat, responses and messages requests in flight; GET /load "
-                             "reports the count as {\"server_load\": N} (0 without this flag).")
+                        help="Count the completions, chat, responses, messages and invocations requests in "
+                             "flight; GET /load reports the count as {\"server_load\": N} (0 without this flag).")
     server.add_argument("--default-chat-template-kwargs", type=json_object, default=None,
                         help="JSON object of chat template arguments for every request, e.g. "
                              "'{\"enable_thinking\": false}'; a request's chat_template_kwargs override them.")

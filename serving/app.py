@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.chat import create_chat_completion, render_chat_prompt
 from serving.completions import create_completion
-from serving.context import ServingContext
+from serving.context import ServingContext, parse_json
 from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
 from serving.messages import count_message_tokens, create_message
@@ -45,8 +45,9 @@ def _digest(value: bytes) -> bytes:
 
 
 # Routes that reach the model; /health, /ping, /version and /metrics stay open, as in vLLM.
-GUARDED_PREFIXES = ("/v1", "/tokenize", "/tokenizer_info", "/detokenize", "/update_weights_from_disk", "/sleep",
-                    "/wake_up", "/is_sleeping")
+# /invocations is guarded too (vLLM leaves it open, a limitation its docs warn about).
+GUARDED_PREFIXES = ("/v1", "/invocations", "/tokenize", "/tokenizer_info", "/detokenize", "/update_weights_from_disk",
+                    "/sleep", "/wake_up", "/is_sleeping")
 
 
 class RootPathMiddleware:
@@ -159,7 +160,7 @@ class RequestIdHeaderMiddleware:
 
 
 # The routes that run the model, counted by --enable-server-load-tracking (GET /load).
-LOAD_TRACKED_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages")
+LOAD_TRACKED_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/invocations")
 
 
 class ServerLoadMiddleware:
@@ -208,6 +209,31 @@ async def list_models(request: Request) -> JSONResponse:
     cards += [ModelCard(id=name, root=lora.lora_path, parent=lora.base_model_name or ctx.served_model_name,
                         max_model_len=ctx.max_model_len) for name, lora in ctx.lora_requests.items()]
     return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+
+async def invocations(request: Request) -> Response:
+    """SageMaker's POST /invocations (vLLM's): a body with `messages` is a chat completion, one
+    with `prompt` a completion; the handler reads the body again from a replay of its bytes."""
+    body = await _context(request).read_bytes(request)
+    data = parse_json(body)
+    fields = data if isinstance(data, dict) else {}
+    if "messages" in fields:
+        handler = create_chat_completion
+    elif "prompt" in fields:
+        handler = create_completion
+    else:
+        raise APIError("Cannot find a handler for this request: send a chat completion (with `messages`) or "
+                       "a completion (with `prompt`).")
+    replayed = False
+
+    async def receive() -> dict:
+        nonlocal replayed
+        if replayed:  # then the client's own messages: a disconnect aborts the request
+            return await request.receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return await handler(Request(request.scope, receive))
 
 
 async def tokenize(request: Request) -> JSONResponse:
@@ -338,6 +364,7 @@ def build_app(ctx: ServingContext, *, api_keys: list[str] | None = None, cors: C
         Route("/v1/responses", create_response, methods=["POST"]),
         Route("/v1/messages", create_message, methods=["POST"]),
         Route("/v1/messages/count_tokens", count_message_tokens, methods=["POST"]),
+        Route("/invocations", invocations, methods=["POST"]),
         Route("/v1/responses/{response_id}", retrieve_response, methods=["GET"]),
         Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -156,6 +156,16 @@ class ServingContext:
     async def read_body(self, request: Request, model_cls: type[ModelT]) -> ModelT:
         """Reads and validates a JSON body: 415 for a non-JSON content type, 413 over
         --max-request-bytes, 400 for bad JSON, 400/422 for values/schema."""
+        data = parse_json(await self.read_bytes(request))
+        try:
+            return model_cls.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        except RecursionError:  # nesting pydantic cannot walk
+            raise APIError("The request body is nested too deeply.") from None
+
+    async def read_bytes(self, request: Request) -> bytes:
+        """A JSON request's body: 415 for a non-JSON content type, 413 over --max-request-bytes."""
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if content_type != "application/json" and not content_type.endswith("+json"):
             raise APIError(f"The request body must be JSON: send 'Content-Type: application/json', not "
@@ -170,16 +180,7 @@ class ServingContext:
             body += chunk
             if len(body) > limit:
                 raise _too_large(len(body), limit)
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, >4300-digit ints, deep nesting
-            raise APIError(f"The request body is not valid JSON: {exc}.") from None
-        try:
-            return model_cls.model_validate(data)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-        except RecursionError:  # nesting pydantic cannot walk
-            raise APIError("The request body is nested too deeply.") from None
+        return bytes(body)
 
     def check_limits(self, params: SamplingParams, logprobs_param: str = "logprobs") -> None:
         """400 when the request is over a request-size flag (before any tokenizing)."""
@@ -361,6 +362,14 @@ class ServingContext:
         reason = next((r for r in ("error", "abort", "length") if r in reasons), "stop")
         self.metrics.observe_finished(output, sum(tokens_per_output.values()),
                                       max(tokens_per_output.values(), default=0), reason, streamed, n, max_tokens)
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body's JSON; 400 when it is not JSON."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, >4300-digit ints, deep nesting
+        raise APIError(f"The request body is not valid JSON: {exc}.") from None
 
 
 def _raise_if_failed(output: RequestOutput) -> None:

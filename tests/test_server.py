@@ -499,6 +499,28 @@ def test_lora_and_waiting_families_join_the_engines(server):
 # --------------------------------------------------------------------------- errors
 
 
+def test_invocations_routes_by_the_body(server, client):
+    """SageMaker's /invocations (vLLM's): `messages` is a chat completion, `prompt` a completion,
+    streamed or not, answered as their own routes answer; anything else is a 400; the key guards it."""
+    greedy = {"model": MODEL_NAME, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    chat = {**greedy, "messages": [{"role": "user", "content": "Hello"}]}
+    reply = httpx.post(server.url + "/invocations", json=chat, headers=AUTH, timeout=60).json()
+    direct = httpx.post(server.url + "/v1/chat/completions", json=chat, headers=AUTH, timeout=60).json()
+    assert reply["object"] == "chat.completion" and reply["choices"] == direct["choices"]
+    assert reply["usage"] == direct["usage"]
+    completion = {**greedy, "prompt": "Once upon a time", "stream": True}
+    streamed = sse_payloads(httpx.post(server.url + "/invocations", json=completion, headers=AUTH, timeout=60).text)
+    expected = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=6, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+    assert streamed[-1] == "[DONE]"
+    assert "".join(json.loads(p)["choices"][0]["text"] for p in streamed[:-1]) == expected
+    error = _error(httpx.post(server.url + "/invocations", json={"input": "Hi"}, headers=AUTH), 400)
+    assert "`messages`" in error["message"] and "`prompt`" in error["message"]
+    _error(httpx.post(server.url + "/invocations", content=b"{not json", headers=AUTH), 400)
+    _error(httpx.post(server.url + "/invocations", json=chat), 401)
+    wait_until_idle(server)
+
+
 def _error(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
