@@ -93,6 +93,11 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-log-len", type=_non_negative_int, default=None,
                         help="With --enable-log-requests, also log each prompt's first N characters and "
                              "token ids (default: no prompt text or ids in the log).")
+    server.add_argument("--sse-keep-alive-interval", type=_non_negative_int, default=0, metavar="SECONDS",
+                        help="Send an SSE comment line (': keep-alive') whenever a streamed /v1/chat/completions or "
+                             "/v1/completions reply is idle this long (queued, prefilling, between tokens), so "
+                             "proxies with read timeouts keep the connection; the stream then starts before the "
+                             "first token, and an error of the request arrives as an error event. 0: never.")
     server.add_argument("--disable-access-log-for-endpoints", type=_comma_list, default=None,
                         metavar="PATH,PATH", help="No access-log lines for these paths, e.g. '/health,/metrics,/ping' "
                                                   "(their query strings aside).")
@@ -305,7 +310,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_keys: li
                          enable_force_include_usage=args.enable_force_include_usage,
                          default_chat_template_kwargs=args.default_chat_template_kwargs,
                          exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
-                         chat_template_content_format=args.chat_template_content_format)
+                         chat_template_content_format=args.chat_template_content_format,
+                         sse_keep_alive_interval=args.sse_keep_alive_interval)
     for module in args.lora_modules or ():
         try:
             await ctx.load_lora_adapter(module["name"], module["path"], module["base_model_name"])

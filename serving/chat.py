@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import jinja2
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import RequestOutputKind
@@ -20,7 +20,7 @@ from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCom
                               UsageInfo)
 from serving.reasoning_parsers import (END, ReasoningStream, ThinkReasoningParser, reasoning_parser_for,
                                       reasoning_token_count)
-from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, prepend, sse_error, sse_event,
+from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, prepend, sse_error, sse_event, start_stream,
                                unless_disconnected)
 from serving.tool_calls import ToolCallStream, ToolPlan, chat_constraint, plan_tools
 
@@ -207,12 +207,8 @@ class ChatJob:
         return JSONResponse(response.model_dump(mode="json"))
 
     async def stream(self, request: Request) -> Response:
-        # Wait for the first output so an invalid request still gets a 400, not a broken stream.
-        completed, first = await unless_disconnected(request, anext(self.outputs))
-        if not completed:
-            await self.outputs.aclose()
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return StreamingResponse(self._events(first), media_type="text/event-stream")
+        return await start_stream(request, self.outputs, self._events, self.ctx.sse_keep_alive_interval,
+                                  lambda exc: [sse_error(exc), SSE_DONE])
 
     def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None,
                prompt_token_ids: list[int] | None = None) -> str:

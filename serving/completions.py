@@ -6,7 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
@@ -15,8 +15,8 @@ from serving.errors import APIError
 from serving.logprobs import completion_logprobs, prompt_logprobs
 from serving.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                               CompletionResponse, UsageInfo)
-from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, merge_async_iterators, prepend,
-                               sse_error, sse_event, unless_disconnected)
+from serving.streaming import (CLIENT_CLOSED_REQUEST, SSE_DONE, merge_async_iterators, prepend, sse_error,
+                               sse_event, start_stream, unless_disconnected)
 from serving.structured_outputs import structured_outputs_from_request
 
 
@@ -228,12 +228,8 @@ class _CompletionJob:
         return JSONResponse(self._response(choices, usage).model_dump(mode="json"))
 
     async def stream(self, request: Request) -> Response:
-        # Wait for the first output so an invalid request still gets a 400, not a broken stream.
-        completed, first = await unless_disconnected(request, anext(self.outputs))
-        if not completed:
-            await self.outputs.aclose()
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return StreamingResponse(self._events(first), media_type="text/event-stream")
+        return await start_stream(request, self.outputs, self._events, self.ctx.sse_keep_alive_interval,
+                                  lambda exc: [sse_error(exc), SSE_DONE])
 
     async def _events(self, first) -> AsyncIterator[str]:
         options = self.body.stream_options

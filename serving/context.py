@@ -44,7 +44,8 @@ class ServingContext:
                  response_role: str = "assistant", return_tokens_as_token_ids: bool = False,
                  enable_prompt_tokens_details: bool = False, enable_force_include_usage: bool = False,
                  max_log_len: int | None = None, default_chat_template_kwargs: dict | None = None,
-                 exclude_tools_when_tool_choice_none: bool = False, chat_template_content_format: str = "auto"):
+                 exclude_tools_when_tool_choice_none: bool = False, chat_template_content_format: str = "auto",
+                 sse_keep_alive_interval: float = 0):
         """The keywords are the server's flags of the same names (`python -m jpaged.serve --help`)."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -73,6 +74,8 @@ class ServingContext:
         # how message content reaches the chat template: "string", "openai" parts, or "auto" (jpaged/chat_content.py)
         self.chat_template_content_format = chat_template_content_format
         self.max_prompts_per_request = max_prompts_per_request
+        # seconds of silence after which a chat or completions stream sends an SSE comment (0: never)
+        self.sse_keep_alive_interval = sse_keep_alive_interval
         self.metrics = ServerMetrics(engine, self.served_model_name)
         # /v1/responses replies kept for previous_response_id (--enable-responses-store)
         self.responses_store = ResponseStore() if enable_responses_store else None

@@ -27,14 +27,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from jpaged.outputs import RequestOutput
 from serving.chat import ChatJob, render_chat_prompt
 from serving.context import ServingContext
 from serving.errors import APIError, validation_error
 from serving.protocol import ChatCompletionRequest, DeltaToolCall, SamplingFields
-from serving.streaming import CLIENT_CLOSED_REQUEST, prepend, unless_disconnected
+from serving.streaming import CLIENT_CLOSED_REQUEST, prepend, start_stream, unless_disconnected
 
 logger = logging.getLogger("jpaged.serve")
 
@@ -340,12 +340,7 @@ class _MessageJob:
         return JSONResponse(self._message(content or [{"type": "text", "text": ""}], stop, usage))
 
     async def stream(self, request: Request) -> Response:
-        # Wait for the first output so an invalid request still gets a 400, not a broken stream.
-        completed, first = await unless_disconnected(request, anext(self.chat.outputs))
-        if not completed:
-            await self.chat.outputs.aclose()
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return StreamingResponse(self._events(first), media_type="text/event-stream")
+        return await start_stream(request, self.chat.outputs, self._events)
 
     async def _events(self, first: RequestOutput) -> AsyncIterator[str]:
         yield _sse("message_start", message=self._message([], (None, None), self._usage(0, first.num_cached_tokens)))

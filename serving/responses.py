@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from jpaged.outputs import RequestOutput
 from serving.chat import ChatJob
@@ -37,7 +37,7 @@ from serving.context import ServingContext
 from serving.errors import APIError, validation_error
 from serving.protocol import ChatCompletionRequest, SamplingFields
 from serving.response_store import ResponseStore, StoredResponse
-from serving.streaming import CLIENT_CLOSED_REQUEST, prepend, unless_disconnected
+from serving.streaming import CLIENT_CLOSED_REQUEST, prepend, start_stream, unless_disconnected
 
 logger = logging.getLogger("jpaged.serve")
 
@@ -478,12 +478,7 @@ class _ResponseJob:
         return response
 
     async def stream(self, request: Request) -> Response:
-        # Wait for the first output so an invalid request still gets a 400, not a broken stream.
-        completed, first = await unless_disconnected(request, anext(self.chat.outputs))
-        if not completed:
-            await self.chat.outputs.aclose()
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return StreamingResponse(self._events(first), media_type="text/event-stream")
+        return await start_stream(request, self.chat.outputs, self._events)
 
     async def _events(self, first: RequestOutput) -> AsyncIterator[str]:
         events = _OutputEvents()

@@ -2,17 +2,20 @@
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 
+from jpaged.outputs import RequestOutput
 from serving.errors import APIError
 
 T = TypeVar("T")
 
 SSE_DONE = "data: [DONE]\n\n"
+SSE_KEEP_ALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the connection in use
 # nginx's status for a request whose client went away; nobody reads it, the logs do.
 CLIENT_CLOSED_REQUEST = 499
 
@@ -92,3 +95,67 @@ async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> tupl
     if work.cancelled():
         return False, None
     return True, work.result()
+
+
+async def start_stream(request: Request, outputs: AsyncIterator[RequestOutput],
+                       events: Callable[[RequestOutput], AsyncIterator[str]], keep_alive_interval: float = 0,
+                       error_events: Callable[[APIError], list[str]] | None = None) -> Response:
+    """A streamed reply: `events(first)` once the request's first output is there.
+
+    It waits for that output before any header, so an invalid request (or one the queue limits
+    refuse) gets its 4xx rather than a broken stream; 499 when the client leaves first. With
+    `keep_alive_interval` (seconds, --sse-keep-alive-interval) it waits that long at most: the
+    stream then starts without the first output, and an SSE comment goes out whenever it is idle
+    that long (queued, prefilling, between tokens), so proxies with read timeouts keep the
+    connection; an error of the first output then arrives as `error_events(exc)`.
+    """
+    first = asyncio.ensure_future(anext(outputs))
+    completed, _ = await unless_disconnected(request, asyncio.wait([first], timeout=keep_alive_interval or None))
+    if not completed:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await outputs.aclose()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    if first.done():
+        stream = events(first.result())  # its error, e.g. an APIError's 4xx, before any header
+    else:
+        stream = _after_first(first, outputs, events, error_events)
+    if keep_alive_interval:
+        stream = _with_keep_alive(stream, keep_alive_interval)
+    return StreamingResponse(stream, media_type="text/event-stream")
+
+
+async def _after_first(first: asyncio.Future, outputs: AsyncIterator[RequestOutput],
+                       events: Callable[[RequestOutput], AsyncIterator[str]],
+                       error_events: Callable[[APIError], list[str]]) -> AsyncIterator[str]:
+    try:
+        output = await first
+    except APIError as exc:
+        for event in error_events(exc):
+            yield event
+        return
+    finally:
+        if not first.done() or first.cancelled():  # the client left while the request waited
+            await outputs.aclose()
+    async for event in events(output):
+        yield event
+
+
+async def _with_keep_alive(stream: AsyncIterator[str], interval: float) -> AsyncIterator[str]:
+    """`stream`'s events, and SSE_KEEP_ALIVE whenever none came for `interval` seconds."""
+    pending = asyncio.ensure_future(anext(stream, None))
+    try:
+        while True:
+            done, _ = await asyncio.wait([pending], timeout=interval)
+            if not done:
+                yield SSE_KEEP_ALIVE
+                continue
+            event = pending.result()
+            if event is None:
+                return
+            yield event
+            pending = asyncio.ensure_future(anext(stream, None))
+    finally:
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
+        await stream.aclose()

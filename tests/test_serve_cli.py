@@ -36,7 +36,8 @@ SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-
                 "--enable-server-load-tracking", "--default-chat-template-kwargs", "--override-generation-config",
                 "--exclude-tools-when-tool-choice-none", "--shutdown-timeout", "--uds",
                 "--enable-tokenizer-info-endpoint", "--chat-template-content-format", "--config", "--ssl-cert-reqs",
-                "--ssl-ciphers", "--disable-access-log-for-endpoints", "--enable-log-outputs", "--log-level"]
+                "--ssl-ciphers", "--disable-access-log-for-endpoints", "--enable-log-outputs", "--log-level",
+                "--sse-keep-alive-interval"]
 # Small buckets, so that only two programs compile: one forward shape and one sampler.
 SMALL_ENGINE = ["--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "16",
                 "--num-gpu-blocks-override", "32"]
@@ -118,6 +119,7 @@ def test_api_keys_from_the_flag_or_the_environment():
     (["--config", "/no/such/serve.yaml"], "--config"),
     (["--config", "serve.json"], "--config"),
     (["--log-level", "loud"], "--log-level"),
+    (["--sse-keep-alive-interval", "-1"], "--sse-keep-alive-interval"),
 ])
 def test_conflicting_or_bad_flags_exit_2_naming_them(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_info:

@@ -21,6 +21,7 @@ import pytest
 from jpaged.config import EngineArgs
 from jpaged.loaders import load_model
 from server_harness import API_KEY, MODEL_NAME, ThreadedServer, wait_until_idle
+from serving.errors import APIError
 from test_server import AUTH, dense_greedy, sse_payloads
 
 # A template that shows its arguments in the prompt: `greeting` comes from the server's defaults
@@ -338,3 +339,70 @@ def test_log_outputs_joins_a_streamed_reply(server, caplog):
     assert streamed == text
     lines = [r.getMessage() for r in caplog.records if ": output 0: " in r.getMessage()]
     assert len(lines) == 2 and all(line.endswith(f"output 0: {text!r}, finish_reason: length") for line in lines)
+
+
+def _keep_alive_split(raw: str) -> tuple[list[int], str]:
+    """(the number of keep-alive comments before each data event and after the last, the
+    stream without them)."""
+    counts, count, kept = [], 0, []
+    for event in raw[:-2].split("\n\n"):
+        if event == ": keep-alive":
+            count += 1
+        else:
+            counts.append(count)
+            count = 0
+            kept.append(event)
+    return counts + [count], "\n\n".join(kept) + "\n\n"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "Keep alive"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Keep alive"}]}),
+])
+def test_sse_keep_alive_comments_fill_the_silences(server, monkeypatch, path, body):
+    """--sse-keep-alive-interval (0.5 s here): the request waits 1.5 s for its first output and
+    1.5 s between outputs; comments fill those silences, the stream starts before the first
+    output and carries what it carries without the flag; an error of the first output is an
+    error event; a client that leaves while the request waits closes the request."""
+    body = {"model": MODEL_NAME, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "stream": True, **body}
+    plain = _events(_post(server, path, {**body, "cache_salt": "plain"}))  # salts: no prefix-cache hits
+    real, closed = server.ctx.generate, []
+
+    async def slow(*args, **kwargs):
+        try:
+            await asyncio.sleep(1.5)
+            async for output in real(*args, **kwargs):
+                yield output
+                await asyncio.sleep(1.5)
+        finally:
+            closed.append(True)
+
+    monkeypatch.setattr(server.ctx, "generate", slow)
+    monkeypatch.setattr(server.ctx, "sse_keep_alive_interval", 0.5)
+    counts, stream = _keep_alive_split(_post(server, path, {**body, "cache_salt": "kept alive"}).text)
+    kept = _events(httpx.Response(200, text=stream))
+    strip = lambda chunks: [{k: v for k, v in c.items() if k not in ("id", "created")} for c in chunks]  # noqa: E731
+    assert strip(kept) == strip(plain)
+    assert counts[0] >= 2 and sum(counts[1:]) >= 1, counts  # before the first output, and between two
+
+    async def failing(*args, **kwargs):
+        await asyncio.sleep(1.2)
+        raise APIError("The engine failed while running this request: boom.", status_code=500,
+                       code="engine_step_failed")
+        yield  # never reached: makes this an async generator
+
+    monkeypatch.setattr(server.ctx, "generate", failing)
+    response = _post(server, path, body)
+    counts, stream = _keep_alive_split(response.text)
+    assert response.status_code == 200 and counts[0] >= 1
+    assert sse_payloads(stream)[-1] == "[DONE]" and "boom" in json.loads(sse_payloads(stream)[0])["error"]["message"]
+
+    monkeypatch.setattr(server.ctx, "generate", slow)
+    closed.clear()
+    with httpx.stream("POST", server.url + path, json=body, headers=AUTH, timeout=60) as streamed:
+        assert next(streamed.iter_lines()) == ": keep-alive"  # the stream is open before any output
+    deadline = time.time() + 10
+    while not closed and time.time() < deadline:
+        time.sleep(0.05)
+    assert closed, "the request should end when its client leaves"
+    wait_until_idle(server)
