@@ -1,6 +1,7 @@
 """A real uvicorn + AsyncLLM on 127.0.0.1 in a background thread, for the server tests."""
 
 import asyncio
+import json
 import threading
 import time
 
@@ -85,3 +86,17 @@ def wait_until_idle(server, timeout: float = 20.0):
 
 def health_ok(server) -> bool:
     return httpx.get(server.url + "/health").status_code == 200
+
+
+def named_sse_events(raw: str) -> list[dict]:
+    """The JSON events of an SSE body whose events are named by their type (`event: T` then
+    `data: {"type": T, ...}`: the Responses and Messages streams), checking that framing; such a
+    stream has no `[DONE]` line."""
+    assert raw.endswith("\n\n") and "[DONE]" not in raw
+    events = []
+    for block in raw[:-2].split("\n\n"):
+        name_line, data_line = block.split("\n")
+        event = json.loads(data_line.removeprefix("data: "))
+        assert name_line == f"event: {event['type']}"
+        events.append(event)
+    return events

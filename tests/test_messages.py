@@ -22,7 +22,7 @@ from jpaged.admission import Admission
 from jpaged.config import EngineArgs
 from serving.errors import APIError
 from serving.messages import MessagesRequest, chat_messages
-from server_harness import API_KEY, MODEL_NAME, ThreadedServer, wait_until_idle
+from server_harness import API_KEY, MODEL_NAME, ThreadedServer, named_sse_events, wait_until_idle
 
 ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
                     "input_schema": t["function"]["parameters"]} for t in TOOLS]
@@ -53,15 +53,9 @@ def _post(server, path: str = "/v1/messages", **body) -> httpx.Response:
 def _events(server, **body) -> list[dict]:
     """A streamed message's events, each checked: SSE name = type, valid as the anthropic
     package's RawMessageStreamEvent."""
-    raw = _post(server, stream=True, **body).text
-    assert raw.endswith("\n\n") and "[DONE]" not in raw
-    events = []
-    for block in raw[:-2].split("\n\n"):
-        name_line, data_line = block.split("\n")
-        event = json.loads(data_line.removeprefix("data: "))
-        assert name_line == f"event: {event['type']}"
+    events = named_sse_events(_post(server, stream=True, **body).text)
+    for event in events:
         STREAM_EVENT.validate_python(event)
-        events.append(event)
     return events
 
 

@@ -23,7 +23,7 @@ from jpaged.config import EngineArgs
 from serving.errors import APIError
 from serving.response_store import ResponseStore
 from serving.responses import ResponsesRequest, input_messages
-from server_harness import MODEL_NAME, ThreadedServer, wait_until_idle
+from server_harness import MODEL_NAME, ThreadedServer, named_sse_events, wait_until_idle
 
 RESPONSES_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]
 STREAM_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
@@ -45,15 +45,10 @@ def _post(server, **body) -> httpx.Response:
 def _events(server, **body) -> list[dict]:
     """A streamed response's events, each checked: SSE name = type, numbered 0, 1, ..., and valid
     as the openai package's ResponseStreamEvent."""
-    raw = _post(server, stream=True, **body).text
-    assert raw.endswith("\n\n") and "[DONE]" not in raw
-    events = []
-    for block in raw[:-2].split("\n\n"):
-        name_line, data_line = block.split("\n")
-        event = json.loads(data_line.removeprefix("data: "))
-        assert name_line == f"event: {event['type']}" and event["sequence_number"] == len(events)
+    events = named_sse_events(_post(server, stream=True, **body).text)
+    for number, event in enumerate(events):
+        assert event["sequence_number"] == number
         STREAM_EVENT.validate_python(event)
-        events.append(event)
     return events
 
 
