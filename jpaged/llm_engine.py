@@ -174,8 +174,9 @@ class LLMEngine:
                         speculative_config.num_speculative_tokens)
         self.scheduler = Scheduler(
             num_blocks=self.runner.pool_spec.num_blocks, block_size=args.block_size,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=self.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
+            max_num_seqs=args.max_num_active_seqs or args.max_num_seqs,  # the runner's shapes: max_num_seqs
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=self.max_model_len,
+            enable_prefix_caching=args.enable_prefix_caching,
             enable_chunked_prefill=args.enable_chunked_prefill, num_swap_blocks=self.runner.num_swap_blocks,
             num_scheduler_steps=self.runner.num_scheduler_steps,
             scheduler_delay_factor=args.scheduler_delay_factor,

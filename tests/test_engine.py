@@ -80,6 +80,27 @@ def tiny_llm(tiny_model_dir):
     assert_pool_free(llm)
 
 
+def test_max_num_active_seqs_caps_the_running_batch_below_max_num_seqs(tiny_model_dir, tiny_llm):
+    """vLLM's --max-num-active-seqs: at most 2 requests run at once while the step shapes stay
+    --max-num-seqs' (8); the greedy tokens are the dense oracle's."""
+    llm = LLM(str(tiny_model_dir), **{**ENGINE_KWARGS, "max_num_active_seqs": 2, "enforce_eager": True})
+    engine = llm.llm_engine
+    llm.update_weights(tiny_llm.llm_engine.runner.params)  # the sharpened weights
+    assert engine.runner.buckets.num_seqs[-1] == 8
+    prompts = mixed_prompts()[:5]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, SamplingParams(max_tokens=6, temperature=0,
+                                                                                ignore_eos=True))
+    most_running, tokens = 0, {}
+    while engine.has_unfinished_requests():
+        tokens.update({out.request_id: out.outputs[0].token_ids for out in engine.step() if out.finished})
+        most_running = max(most_running, engine.scheduler.num_running)
+    assert most_running == 2
+    expected = dense_greedy(engine.runner.params, engine.model_config, prompts, 6, 128)
+    assert [list(tokens[str(i)]) for i in range(len(prompts))] == expected
+    assert_pool_free(llm)
+
+
 def mixed_prompts(seed=0):
     rng = np.random.default_rng(seed)
     shared = rng.integers(100, 40000, size=40).tolist()

@@ -34,6 +34,8 @@ def test_vllm_flag_names_and_booleans():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_num_seqs=0), "--max-num-seqs"),
+    (dict(max_num_active_seqs=0), "--max-num-active-seqs"),
+    (dict(max_num_seqs=8, max_num_active_seqs=9), "max_num_active_seqs \\(9\\) cannot be greater than max_num_s"),
     (dict(gpu_memory_utilization=1.5), "--gpu-memory-utilization"),
     (dict(swap_space=-1.0), "--swap-space"),
     (dict(tensor_parallel_size=0), "--tensor-parallel-size"),
