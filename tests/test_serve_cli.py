@@ -19,8 +19,8 @@ import pytest
 from jpaged.serve import main, parse_args, resolve_api_keys
 
 ENGINE_FLAGS = ["--max-model-len", "--block-size", "--gpu-memory-utilization", "--num-gpu-blocks-override",
-                "--max-num-seqs", "--max-num-active-seqs", "--max-num-batched-tokens", "--swap-space", "--enable-prefix-caching",
-                "--no-enable-prefix-caching", "--quantization", "--kv-cache-dtype", "--dtype", "--seed",
+                "--max-num-seqs", "--max-num-active-seqs", "--max-num-batched-tokens", "--swap-space",
+                "--enable-prefix-caching", "--no-enable-prefix-caching", "--quantization", "--kv-cache-dtype", "--dtype", "--seed",
                 "--tensor-parallel-size", "--data-parallel-size", "--attention-backend", "--disable-log-stats", "--enforce-eager",
                 "--download-dir", "--generation-config", "--trust-remote-code", "--max-logprobs", "--max-logit-bias",
                 "--max-stop-sequences", "--max-stop-token-ids", "--max-n", "--logprobs-mode", "--stream-interval",
