@@ -360,8 +360,9 @@ def _keep_alive_split(raw: str) -> tuple[list[int], str]:
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Keep alive"}]}),
 ])
 def test_sse_keep_alive_comments_fill_the_silences(server, monkeypatch, path, body):
-    """--sse-keep-alive-interval (0.5 s here): the request waits 1.5 s for its first output and
-    1.5 s between outputs; comments fill those silences, the stream starts before the first
+    """--sse-keep-alive-interval (0.5 s here): the request waits 2.5 s for its first output and
+    1.5 s between outputs (a second of slack for a loaded machine's event loop beyond the comments
+    counted); comments fill those silences, the stream starts before the first
     output and carries what it carries without the flag; an error of the first output is an
     error event; a client that leaves while the request waits closes the request."""
     body = {"model": MODEL_NAME, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "stream": True, **body}
@@ -370,7 +371,7 @@ def test_sse_keep_alive_comments_fill_the_silences(server, monkeypatch, path, bo
 
     async def slow(*args, **kwargs):
         try:
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(2.5)
             async for output in real(*args, **kwargs):
                 yield output
                 await asyncio.sleep(1.5)
@@ -386,7 +387,7 @@ def test_sse_keep_alive_comments_fill_the_silences(server, monkeypatch, path, bo
     assert counts[0] >= 2 and sum(counts[1:]) >= 1, counts  # before the first output, and between two
 
     async def failing(*args, **kwargs):
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(2.0)
         raise APIError("The engine failed while running this request: boom.", status_code=500,
                        code="engine_step_failed")
         yield  # never reached: makes this an async generator
