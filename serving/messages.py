@@ -283,7 +283,7 @@ class _MessageJob:
 
     def __init__(self, ctx: ServingContext, body: MessagesRequest, model_name: str, arrival_time: float,
                  message_id: str, client_request_id: str | None):
-        self.ctx, self.body, self.model_name, self.id = ctx, body, model_name, message_id
+        self.ctx, self.model_name, self.id = ctx, model_name, message_id
         self.chat = ChatJob(ctx, body.to_chat_request(), model_name, arrival_time, request_id=message_id,
                             client_request_id=client_request_id)
 
