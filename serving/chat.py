@@ -54,6 +54,12 @@ def render_chat_prompt(ctx: ServingContext, messages, add_generation_prompt: boo
                        param="messages") from None
 
 
+def shows_tools(ctx: ServingContext, body: ChatCompletionRequest) -> bool:
+    """Whether the prompt renders the request's tools: unless there are none, or tool_choice is
+    "none" under --exclude-tools-when-tool-choice-none."""
+    return bool(body.tools) and not (body.tool_choice == "none" and ctx.exclude_tools_when_tool_choice_none)
+
+
 def _check_request(body: ChatCompletionRequest) -> None:
     body.check_unsupported_extras()
     if body.top_logprobs is not None and not body.logprobs:
@@ -104,8 +110,7 @@ class ChatJob:
             # vLLM's order: the model thinks freely, the constraint applies after `</think>`
             params.structured_outputs.after_token_ids = ctx.tokenizer.encode(END, add_special_tokens=False)
         ctx.check_limits(params, logprobs_param="top_logprobs")  # before the template renders
-        if self.tool_plan is not None and not (self.tool_plan.mode == "none"
-                                               and ctx.exclude_tools_when_tool_choice_none):
+        if shows_tools(ctx, body):
             template_kwargs["tools"] = self.tool_plan.tools
         prompt = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template,
                                     template_kwargs, body.continue_final_message)
@@ -173,13 +178,14 @@ class ChatJob:
                          prompt_tokens_details=self.ctx.prompt_tokens_details(cached_tokens),
                          completion_tokens_details=details)
 
-    async def complete(self, request: Request) -> Response:
-        async def last() -> RequestOutput:
-            async for final in self.outputs:
-                pass
-            return final
+    async def final_output(self) -> RequestOutput:
+        """The engine stream's last output (a FINAL_ONLY request's only one)."""
+        async for final in self.outputs:
+            pass
+        return final
 
-        completed, final = await unless_disconnected(request, last())
+    async def complete(self, request: Request) -> Response:
+        completed, final = await unless_disconnected(request, self.final_output())
         if not completed:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = []

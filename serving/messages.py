@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from jpaged.outputs import RequestOutput
-from serving.chat import ChatJob, render_chat_prompt
+from serving.chat import ChatJob, render_chat_prompt, shows_tools
 from serving.context import ServingContext
 from serving.errors import APIError, validation_error
 from serving.protocol import ChatCompletionRequest, DeltaToolCall, SamplingFields
@@ -269,8 +269,8 @@ async def count_message_tokens(request: Request) -> Response:
         ctx.check_model(body.model)
         chat = body.to_chat_request()
         template_kwargs = {**ctx.default_chat_template_kwargs, **(chat.chat_template_kwargs or {})}
-        if chat.tools and not (chat.tool_choice == "none" and ctx.exclude_tools_when_tool_choice_none):
-            template_kwargs["tools"] = chat.tools  # as ChatJob renders them
+        if shows_tools(ctx, chat):
+            template_kwargs["tools"] = chat.tools
         prompt = render_chat_prompt(ctx, chat.messages, chat.add_generation_prompt, None, template_kwargs,
                                     chat.continue_final_message)
     except APIError as exc:
@@ -315,12 +315,7 @@ class _MessageJob:
                 "stop_reason": stop[0], "stop_sequence": stop[1], "usage": usage}
 
     async def complete(self, request: Request) -> Response:
-        async def last() -> RequestOutput:
-            async for final in self.chat.outputs:
-                pass
-            return final
-
-        completed, final = await unless_disconnected(request, last())
+        completed, final = await unless_disconnected(request, self.chat.final_output())
         if not completed:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         completion = final.outputs[0]

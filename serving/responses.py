@@ -408,13 +408,8 @@ class _ResponseJob:
                 "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
                 "total_tokens": input_tokens + output_tokens}
 
-    async def _last(self) -> RequestOutput:
-        async for final in self.chat.outputs:
-            pass
-        return final
-
     async def complete(self, request: Request) -> Response:
-        completed, final = await unless_disconnected(request, self._last())
+        completed, final = await unless_disconnected(request, self.chat.final_output())
         if not completed:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(self._reply(final))
@@ -432,7 +427,7 @@ class _ResponseJob:
     async def _run_in_background(self) -> None:
         self._store_if_kept(self._response("in_progress", [], None))
         try:
-            self._reply(await self._last())
+            self._reply(await self.chat.final_output())
         except asyncio.CancelledError:
             self._store_if_kept(self._response("cancelled", [], None))
             raise
