@@ -143,9 +143,31 @@ class AsyncLLM:
         """LLMEngine.sleep between two steps. mode "wait": no new request is admitted, the running
         ones finish, then the engine sleeps (the queued ones run after wake_up)."""
         self.engine.check_sleep_args(level, mode)
-        ready = self.engine.drained_for_sleep if mode == "wait" else None
-        for output in await self._on_engine_thread(lambda: self.engine.sleep(level, mode), ready):
+        await self._pause_with(lambda: self.engine.sleep(level, mode), mode)
+
+    async def pause_generation(self, *, mode: str = "abort", clear_cache: bool = True) -> None:
+        """vLLM's: LLMEngine.pause between two steps; mode "wait": no new request is admitted, the
+        running ones finish, then scheduling pauses. The aborted requests' final outputs are
+        delivered before it returns."""
+        await self._pause_with(lambda: self.engine.pause(mode, clear_cache), mode)
+
+    async def _pause_with(self, pause, mode: str) -> None:
+        """pause() (the engine's pause or sleep) on the engine thread, once drained for mode "wait";
+        delivers the outputs of the requests it aborted."""
+        ready = self.engine.drained_for_pause if mode == "wait" else None
+        for output in await self._on_engine_thread(pause, ready):
             self._deliver(output)
+
+    async def resume_generation(self) -> None:
+        """LLMEngine.resume between two steps."""
+        await self._on_engine_thread(self.engine.resume)
+
+    async def is_paused(self) -> bool:
+        return self.engine.is_paused()
+
+    async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """LLMEngine.reset_prefix_cache between two steps."""
+        return await self._on_engine_thread(lambda: self.engine.reset_prefix_cache(reset_running_requests))
 
     async def wake_up(self, tags: list[str] | None = None) -> bool:
         """LLMEngine.wake_up between two steps; whether the engine is fully awake."""

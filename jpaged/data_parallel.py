@@ -167,6 +167,22 @@ class DataParallelAsyncLLM:
         """AsyncLLM.sleep on every replica."""
         await asyncio.gather(*(replica.sleep(level, mode) for replica in self.replicas))
 
+    async def pause_generation(self, *, mode: str = "abort", clear_cache: bool = True) -> None:
+        """AsyncLLM.pause_generation on every replica."""
+        await asyncio.gather(*(replica.pause_generation(mode=mode, clear_cache=clear_cache)
+                               for replica in self.replicas))
+
+    async def resume_generation(self) -> None:
+        await asyncio.gather(*(replica.resume_generation() for replica in self.replicas))
+
+    async def is_paused(self) -> bool:
+        return any([await replica.is_paused() for replica in self.replicas])
+
+    async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """AsyncLLM.reset_prefix_cache on every replica."""
+        return all(await asyncio.gather(*(replica.reset_prefix_cache(reset_running_requests)
+                                          for replica in self.replicas)))
+
     async def wake_up(self, tags: list[str] | None = None) -> bool:
         """AsyncLLM.wake_up on every replica; whether all are fully awake."""
         return all(await asyncio.gather(*(replica.wake_up(tags) for replica in self.replicas)))

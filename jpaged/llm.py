@@ -64,6 +64,13 @@ class LLM:
         else:
             _run_to_completion(self.data_parallel.update_weights(params))
 
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """Later prompts find no cached prefix (e.g. between a benchmark's passes); see
+        LLMEngine.reset_prefix_cache. True (it does not fail while blocks are in use, unlike vLLM's)."""
+        if self.llm_engine is not None:
+            return self.llm_engine.reset_prefix_cache(reset_running_requests)
+        return _run_to_completion(self.data_parallel.reset_prefix_cache(reset_running_requests))
+
     def sleep(self, level: int = 1, mode: str = "abort") -> None:
         """vLLM's sleep mode (needs enable_sleep_mode=True): release the KV cache's memory (level 1,
         and the weights' device memory on a GPU, kept on the host) or also drop the weights (level

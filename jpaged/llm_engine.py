@@ -348,16 +348,10 @@ class LLMEngine:
         request running (AsyncLLM waits for that, admitting no new ones). New requests may be
         added while asleep; they run after wake_up."""
         self.check_sleep_args(level, mode)
-        outputs = []
-        if mode == "abort":
-            outputs = [output for output in self.abort_all_requests() if output is not None]
-        elif mode == "wait" and self.scheduler.num_running:
-            raise ValueError(f"sleep(mode='wait') needs the running requests to finish first "
-                             f"({self.scheduler.num_running} are running).")
-        self._asleep.add("scheduling")
+        outputs = self.pause(mode, clear_cache=False)
         if level >= 1:
-            self.scheduler.preempt_all()  # "keep": they recompute; a swapped request keeps its host blocks
-            self.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+            # "keep": they recompute; a swapped request keeps its host blocks
+            self.reset_prefix_cache(reset_running_requests=True)
             if "kv_cache" not in self._asleep:
                 self.runner.release_kv_cache()
                 self._asleep.add("kv_cache")
@@ -367,6 +361,44 @@ class LLMEngine:
         self.sleep_level = max(self.sleep_level, level)
         logger.info("sleeping (level %d): %s released", level, ", ".join(sorted(self._asleep)))
         return outputs
+
+    def pause(self, mode: str = "abort", clear_cache: bool = True) -> list[RequestOutput]:
+        """vLLM's pause_generation (sleep level 0; needs no enable_sleep_mode), e.g. around a weight
+        update: nothing is scheduled until resume(); requests may still be added, and wait. The
+        requests in flight: "abort" ends them (their outputs are returned), "keep" freezes them
+        where they are (their KV blocks kept), "wait" needs none running (AsyncLLM waits for that,
+        admitting no new ones). clear_cache (ignored with "keep"): reset_prefix_cache() too."""
+        if mode not in SLEEP_MODES:
+            raise ValueError(f"pause mode must be one of {SLEEP_MODES}, got {mode!r}.")
+        outputs = []
+        if mode == "abort":
+            outputs = [output for output in self.abort_all_requests() if output is not None]
+        elif mode == "wait" and self.scheduler.num_running:
+            raise ValueError(f"mode='wait' needs the running requests to finish first "
+                             f"({self.scheduler.num_running} are running).")
+        self._asleep.add("scheduling")
+        if clear_cache and mode != "keep":
+            self.reset_prefix_cache()
+        return outputs
+
+    def resume(self) -> None:
+        """Scheduling goes on after pause() (wake_up(["scheduling"]): ValueError while the weights
+        or the KV cache still sleep)."""
+        self.wake_up(["scheduling"])
+
+    def is_paused(self) -> bool:
+        """Whether scheduling is paused (by pause() or sleep()), or about to be (a "wait" draining)."""
+        return "scheduling" in self._asleep or self.scheduler.admission_paused
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """vLLM's reset_prefix_cache: later requests find no cached prefix (a benchmark's passes
+        must not reuse each other's KV; KV computed under replaced weights). Blocks in use stay
+        with their requests, uncached; reset_running_requests preempts the running requests first,
+        so they recompute their KV. Unlike vLLM's, it also succeeds while blocks are in use: True."""
+        if reset_running_requests:
+            self.scheduler.preempt_all()
+        self.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+        return True
 
     def check_sleep_args(self, level: int, mode: str) -> None:
         """ValueError unless sleep mode is enabled and level and mode are sleep()'s."""
@@ -381,8 +413,8 @@ class LLMEngine:
         if mode not in SLEEP_MODES:
             raise ValueError(f"sleep mode must be one of {SLEEP_MODES}, got {mode!r}.")
 
-    def drained_for_sleep(self) -> bool:
-        """For sleep(mode="wait"): admits no new request from now on; whether none is running."""
+    def drained_for_pause(self) -> bool:
+        """For pause / sleep with mode "wait": admits no new request from now on; whether none is running."""
         self.scheduler.admission_paused = True
         return self.scheduler.num_running == 0
 
@@ -788,5 +820,5 @@ class LLMEngine:
         The prefix cache is emptied: its blocks hold KV computed with the old weights. While
         asleep, the new weights end the weights' sleep (the way back from level 2)."""
         self.runner.update_weights(params)
-        self.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+        self.reset_prefix_cache()
         self._asleep.discard("weights")

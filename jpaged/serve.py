@@ -87,6 +87,9 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--enable-log-outputs", action="store_true",
                         help="With --enable-log-requests, also log each finished request's outputs: text and "
                              "finish reason at INFO, token ids at DEBUG (vLLM's flag).")
+    server.add_argument("--enable-log-deltas", action=argparse.BooleanOptionalAction, default=True,
+                        help="With --enable-log-outputs, also log each piece of a streamed reply as it is sent "
+                             "(vLLM's flag and default; --no-enable-log-deltas: only the finished reply).")
     server.add_argument("--disable-log-requests", action="store_true",
                         help="Older vLLM flag, kept so its command lines run: requests are not logged "
                              "unless --enable-log-requests.")
@@ -300,7 +303,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_keys: li
                                                                       engine.model_path,
                                                                       args.override_generation_config),
                          log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
-                         log_outputs=args.enable_log_outputs,
+                         log_outputs=args.enable_log_outputs, log_deltas=args.enable_log_deltas,
                          enable_auto_tool_choice=args.enable_auto_tool_choice,
                          tool_call_parser=args.tool_call_parser,
                          enable_responses_store=args.enable_responses_store,
@@ -320,16 +323,20 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_keys: li
             raise SystemExit(f"--lora-modules {module['name']}: {exc.message}") from None
     cors = CORSSettings(allowed_origins=_flatten(args.allowed_origins), allow_credentials=args.allow_credentials,
                         allowed_methods=_flatten(args.allowed_methods), allowed_headers=_flatten(args.allowed_headers))
-    lora_updating = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() in ("1", "true")
+    lora_updating = _env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
     if lora_updating:
         logger.warning("LoRA adapters may be loaded and unloaded over HTTP (VLLM_ALLOW_RUNTIME_LORA_UPDATING): "
                        "meant for development only.")
+    server_dev_mode = _env_flag("VLLM_SERVER_DEV_MODE")
+    if server_dev_mode:
+        logger.warning("Development routes are on (VLLM_SERVER_DEV_MODE): /pause, /resume, /is_paused, "
+                       "/abort_requests, /reset_prefix_cache. Do not expose this server to untrusted clients.")
     app = build_app(ctx, api_keys=api_keys, cors=cors, enable_update_weights_route=args.enable_update_weights_route,
                     enable_lora_updating=lora_updating, max_header_bytes=args.max_header_bytes,
                     enable_request_id_headers=args.enable_request_id_headers,
                     enable_server_load_tracking=args.enable_server_load_tracking, root_path=args.root_path or "",
                     enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
-                    enable_sleep_mode=args.enable_sleep_mode)
+                    enable_sleep_mode=args.enable_sleep_mode, server_dev_mode=server_dev_mode)
     config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, log_level=args.uvicorn_log_level,
                             lifespan="off", h11_max_incomplete_event_size=h11_buffer_bytes(args.max_header_bytes),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,
@@ -430,6 +437,11 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("jpaged", "serving"):
         logging.getLogger(name).setLevel(level)
+
+
+def _env_flag(name: str) -> bool:
+    """Whether the environment variable `name` is set to 1 or true (vLLM's switches)."""
+    return os.environ.get(name, "0").strip().lower() in ("1", "true")
 
 
 def resolve_api_keys(flag_keys: list[str] | None, environ) -> list[str]:

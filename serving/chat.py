@@ -138,11 +138,13 @@ class ChatJob:
                                param="tool_choice")
             ctx.validate(self.prompt_ids, beam_params, prompt_param)
             self.outputs = ctx.beam_search(self.prompt_ids, beam_params, engine_id, arrival_time,
-                                           ctx.lora_request(model_name), body.priority, body.cache_salt)
+                                           ctx.lora_request(model_name), body.priority, body.cache_salt,
+                                           reply_id=self.request_id)
         else:
             ctx.validate(self.prompt_ids, params, prompt_param)
             self.outputs = ctx.generate(self.prompt_ids, params, engine_id, arrival_time,
-                                        ctx.lora_request(model_name), body.priority, body.cache_salt)
+                                        ctx.lora_request(model_name), body.priority, body.cache_salt,
+                                        reply_id=self.request_id)
 
     def logprobs(self, completion: CompletionOutput) -> ChatLogprobs | None:
         if self.num_top is None:

@@ -197,7 +197,8 @@ class _CompletionJob:
         run = ctx.beam_search if body.use_beam_search else ctx.generate
         lora_request = ctx.lora_request(model_name)
         self.outputs = merge_async_iterators([run(p.token_ids, params, f"{engine_id}-{i}", arrival_time,
-                                                  lora_request, body.priority, body.cache_salt)
+                                                  lora_request, body.priority, body.cache_salt,
+                                                  reply_id=self.request_id)
                                               for i, p in enumerate(self.prompts)])
 
     def _response(self, choices: list[CompletionChoice], usage: UsageInfo | None = None):

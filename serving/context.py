@@ -38,6 +38,7 @@ class ServingContext:
     def __init__(self, engine: AsyncLLM, *, served_model_name: str | list[str],
                  trust_request_chat_template: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  generation_defaults: dict | None = None, log_requests: bool = False, log_outputs: bool = False,
+                 log_deltas: bool = True,
                  max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
                  enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
                  enable_responses_store: bool = False, reasoning_parser: str | None = None,
@@ -63,6 +64,7 @@ class ServingContext:
         self.generation_defaults = dict(generation_defaults or {})
         self.log_requests = log_requests
         self.log_outputs = log_outputs  # with log_requests: each finished request's outputs too
+        self.log_deltas = log_deltas  # with log_outputs: each streamed piece as well
         self.max_log_len = max_log_len  # with log_requests: log this much of each prompt (None: none of it)
         self.response_role = response_role  # a chat reply's role when a generation prompt is added
         self.return_tokens_as_token_ids = return_tokens_as_token_ids  # default of the request field
@@ -82,6 +84,8 @@ class ServingContext:
         # LoRA adapters served as models of their own (--lora-modules, /v1/load_lora_adapter): name -> request
         self.lora_requests: dict[str, LoRARequest] = {}
         self._next_lora_id = 1
+        # Engine request id -> the id of the reply it is part of, while the engine runs it.
+        self.in_flight: dict[str, str] = {}
 
     @staticmethod
     def client_request_id(request: Request, body_request_id: str | None) -> str | None:
@@ -222,9 +226,11 @@ class ServingContext:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        arrival_time: float | None = None, lora_request: LoRARequest | None = None,
-                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, cache_salt: str | None = None,
+                       reply_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """AsyncLLM.generate (with the LoRA adapter `lora_request`, the priority and the
-        cache_salt), plus metrics when the request finishes.
+        cache_salt), plus metrics when the request finishes. `reply_id`: the id of the reply it
+        is part of (default: request_id), which abort_requests also finds it by.
 
         The engine's ValueError for an invalid request (raised before the first output) becomes
         a 400, a stopped engine or a full queue (--max-num-queued-reqs / -tokens) a 503, a failed
@@ -236,7 +242,7 @@ class ServingContext:
         self._log_request(request_id, prompt_token_ids, params)
         logged: dict[int, tuple] = {}  # --enable-log-outputs: index -> (text, token ids, finish reason)
         outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time, lora_request, priority,
-                                       cache_salt)
+                                       cache_salt, reply_id)
         last_output_time = None
         finished = False
         try:
@@ -244,6 +250,8 @@ class ServingContext:
                 now = time.time()
                 for completion in output.outputs:
                     if self.log_requests and self.log_outputs:
+                        if delta and self.log_deltas and completion.text:
+                            self._log_delta(request_id, completion)
                         text, ids, _ = logged.get(completion.index, ("", [], None)) if delta else ("", [], None)
                         logged[completion.index] = (text + completion.text, ids + list(completion.token_ids),
                                                     completion.finish_reason)
@@ -268,12 +276,12 @@ class ServingContext:
 
     async def beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams, request_id: str,
                           arrival_time: float, lora_request: LoRARequest | None = None, priority: int = 0,
-                          cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                          cache_salt: str | None = None, reply_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """A beam search (jpaged/beam_search.py) as `generate` would stream it: one final
         RequestOutput, a CompletionOutput per returned beam (best first, index 0..), each without
         the prompt and, unless include_stop_str_in_output, without its EOS. Every step's requests
         run with `priority` and `cache_salt`. Metrics count it as one request; errors map as in
-        `generate`."""
+        `generate`; abort_requests(request_id or reply_id) ends it (its beams as "abort")."""
         self._log_request(request_id, prompt_token_ids, params)
         search = BeamSearch(prompt_token_ids, params, self.tokenizer.eos_token_ids)
         step_params = params.step_params()
@@ -281,7 +289,7 @@ class ServingContext:
 
         async def run_step(tokens: list[int], step_id: str) -> RequestOutput:
             outputs = self._engine_outputs(tokens, step_params, f"{request_id}-{step_id}", lora_request=lora_request,
-                                           priority=priority, cache_salt=cache_salt)
+                                           priority=priority, cache_salt=cache_salt, reply_id=reply_id or request_id)
             try:
                 async for output in outputs:
                     _raise_if_failed(output)
@@ -325,6 +333,15 @@ class ServingContext:
         logger.info("request %s: %d prompt tokens, prompt: %r, prompt_token_ids: %s, %s", request_id,
                     len(prompt_token_ids), prompt, head, params)
 
+    @staticmethod
+    def _log_delta(request_id: str, completion: CompletionOutput) -> None:
+        """--enable-log-deltas (on unless --no-enable-log-deltas), with --enable-log-outputs: each
+        piece of a streamed reply as it is sent, vLLM's way; its token ids at DEBUG."""
+        logger.info("request %s (streaming delta): output %d: %r, finish_reason: %s", request_id,
+                    completion.index, completion.text, completion.finish_reason)
+        logger.debug("request %s (streaming delta): output %d token ids: %s", request_id, completion.index,
+                     list(completion.token_ids))
+
     def _log_outputs(self, request_id: str, completions: dict[int, tuple]) -> None:
         """--enable-log-outputs (with --enable-log-requests): a finished request's outputs
         (index -> (text, token ids, finish reason)), vLLM's split: each output's text and finish
@@ -337,11 +354,13 @@ class ServingContext:
 
     async def _engine_outputs(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                               arrival_time: float | None = None, lora_request: LoRARequest | None = None,
-                              priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                              priority: int = 0, cache_salt: str | None = None,
+                              reply_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """AsyncLLM.generate with its exceptions as APIErrors: an invalid request 400, a stopped
-        engine or a full queue 503."""
+        engine or a full queue 503. In `in_flight` (under reply_id, default request_id) while it runs."""
         outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time,
                                        lora_request, priority, cache_salt)
+        self.in_flight[request_id] = reply_id or request_id
         try:
             async for output in outputs:
                 yield output
@@ -357,7 +376,20 @@ class ServingContext:
             raise APIError(str(exc), status_code=HTTPStatus.SERVICE_UNAVAILABLE, type="service_unavailable",
                            code=exc.reason) from None
         finally:
+            self.in_flight.pop(request_id, None)
             await outputs.aclose()
+
+    async def abort_requests(self, request_ids: list[str] | None = None) -> int:
+        """vLLM's /abort_requests: ends the requests in flight named by `request_ids`, each a
+        reply's id (`chatcmpl-...`, `cmpl-...`, `msg_...`, `resp_...`) or an engine request id; all
+        of them when it is empty or None. They finish with finish_reason "abort" (a beam search:
+        its beams so far). Returns how many engine requests it ended."""
+        names = set(request_ids or ())
+        ended = [engine_id for engine_id, reply_id in self.in_flight.items()
+                 if not names or engine_id in names or reply_id in names]
+        for engine_id in ended:
+            await self.engine.abort(engine_id)
+        return len(ended)
 
     def _observe_finished(self, output: RequestOutput, tokens_per_output: dict[int, int], streamed: bool,
                           n: int, max_tokens: int | None) -> None:

@@ -301,6 +301,13 @@ class UnloadLoRAAdapterRequest(BaseModel):
     lora_name: str = ""
 
 
+class AbortRequestsRequest(BaseModel):
+    """POST /abort_requests (VLLM_SERVER_DEV_MODE): the requests to end, by reply or engine id;
+    none named: every request in flight."""
+
+    request_ids: list[str] | None = None
+
+
 class UpdateWeightsRequest(BaseModel):
     """POST /update_weights_from_disk: a checkpoint folder (or .gguf) on the server."""
 

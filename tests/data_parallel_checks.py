@@ -5,7 +5,8 @@
 MODE "tiny": greedy outputs and beam searches of LLM(data_parallel_size=2) equal one engine's; abort reaches the
 owning replica and no replica keeps a block; update_weights reaches every replica on its own
 device; a server over 2 replicas answers completions, streams, beam searches and /metrics per engine; a
-replica whose engine loop failed gets no more requests. MODE "bundled": greedy equality only. CACHE_DIR: a persistent
+replica whose engine loop failed gets no more requests; pausing and reset_prefix_cache reach every
+replica. MODE "bundled": greedy equality only. CACHE_DIR: a persistent
 compilation cache shared by the engines of the run (an engine on cpu:0 or cpu:1 compiles once).
 Exits non-zero (an AssertionError) on the first failed check.
 """
@@ -128,6 +129,24 @@ def check_abort_reaches_the_owner(front) -> None:
     assert_no_blocks_held(front)
 
 
+def check_pause_and_reset_prefix_cache(llm: LLM) -> None:
+    """pause_generation, is_paused, resume_generation and reset_prefix_cache reach every replica."""
+    front = llm.data_parallel
+
+    async def pause_and_resume():
+        await front.pause_generation(mode="keep")
+        paused = [replica.engine.is_paused() for replica in front.replicas]
+        assert await front.is_paused()
+        await front.resume_generation()
+        return paused, await front.is_paused()
+
+    assert asyncio.run(pause_and_resume()) == ([True, True], False)
+    pools = [replica.engine.scheduler.kv_cache_manager.block_pool for replica in front.replicas]
+    assert all(pool.cached_block_hash_to_block for pool in pools)  # the greedy check's prompts
+    assert llm.reset_prefix_cache() is True
+    assert not any(pool.cached_block_hash_to_block for pool in pools)
+
+
 def check_update_weights(llm: LLM) -> None:
     """LLM.update_weights swaps a copy (made on device 0) into every replica, on its own device."""
     front = llm.data_parallel
@@ -207,6 +226,7 @@ def main() -> None:
     start = time.perf_counter()
     check_abort_reaches_the_owner(llm.data_parallel)
     print(f"abort routed, no blocks held: {time.perf_counter() - start:.1f} s", flush=True)
+    check_pause_and_reset_prefix_cache(llm)
     check_update_weights(llm)
     start = time.perf_counter()
     # After the weight swap: the server's fresh replicas must agree with these.

@@ -211,6 +211,69 @@ def test_sleep_wait_lets_running_requests_finish_and_holds_new_ones(engine):
     assert_idle(engine)
 
 
+def test_pause_keep_freezes_requests_and_resume_gives_the_same_tokens(engine):
+    """pause_generation(mode="keep") (no sleep mode needed): the running request makes no progress
+    and a request added meanwhile waits; after resume_generation both finish with the tokens of an
+    unpaused run. mode "abort" ends the request in flight; is_paused follows."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    llm_engine = engine.engine
+
+    async def reference():
+        return [await collect(engine, {"prompt_token_ids": p}, params, f"ref{i}") for i, p in enumerate(PROMPTS[:2])]
+
+    async def paused_run():
+        first = asyncio.create_task(collect(engine, {"prompt_token_ids": PROMPTS[0]}, params, "kept"))
+        while not llm_engine.scheduler.num_running:
+            await asyncio.sleep(0.001)
+        await engine.pause_generation(mode="keep")
+        assert await engine.is_paused()
+        computed = [r.num_computed_tokens for r in llm_engine.scheduler.running]
+        second = asyncio.create_task(collect(engine, {"prompt_token_ids": PROMPTS[1]}, params, "added"))
+        await asyncio.sleep(0.3)
+        assert [r.num_computed_tokens for r in llm_engine.scheduler.running] == computed
+        assert not first.done() and not second.done() and llm_engine.scheduler.num_waiting == 1
+        await engine.resume_generation()
+        assert not await engine.is_paused()
+        return [await first, await second]
+
+    async def aborted_run():
+        running = asyncio.create_task(collect(engine, {"prompt_token_ids": PROMPTS[2]}, params, "ended"))
+        while not llm_engine.scheduler.num_running:
+            await asyncio.sleep(0.001)
+        await engine.pause_generation(mode="abort")
+        outputs = await running  # delivered by the time pause_generation returns
+        assert await engine.is_paused()
+        await engine.resume_generation()
+        return outputs
+
+    expected = asyncio.run(reference())
+    got = asyncio.run(paused_run())
+    for want, have in zip(expected, got):
+        assert [t for o in have for t in o.outputs[0].token_ids] == [t for o in want for t in o.outputs[0].token_ids]
+        assert have[-1].outputs[0].finish_reason == "length"
+    ended = asyncio.run(aborted_run())
+    assert ended[-1].finished and ended[-1].outputs[0].finish_reason == "abort"
+    assert sum(len(o.outputs[0].token_ids) for o in ended) < params.max_tokens
+    assert_idle(engine)
+
+
+def test_reset_prefix_cache(engine):
+    """After reset_prefix_cache a repeated prompt finds no cached block, and is cached again."""
+    prompt = {"prompt_token_ids": list(range(500, 540))}  # two full blocks of 16 and a partial one
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def cached_tokens(request_id):
+        return (await collect(engine, prompt, params, request_id))[-1].num_cached_tokens
+
+    async def main():
+        counts = [await cached_tokens("p0"), await cached_tokens("p1")]
+        assert await engine.reset_prefix_cache() is True
+        return counts + [await cached_tokens("p2"), await cached_tokens("p3")]
+
+    assert asyncio.run(main()) == [0, 32, 0, 32]
+    assert_idle(engine)
+
+
 @pytest.fixture
 def admission(engine):
     """Installs queue limits on the module's engine for one test: admission(max_reqs, max_tokens)."""

@@ -714,6 +714,33 @@ def test_disable_sliding_window_caps_the_context_at_the_window(tiny_model_dir):
     assert_pool_free(llm)
 
 
+def test_reset_prefix_cache_with_running_requests(tiny_llm):
+    """LLM.reset_prefix_cache: a repeated prompt finds nothing cached afterwards; with
+    reset_running_requests=True a request halfway through its tokens goes back to the queue with
+    nothing computed, recomputes without the (reset) cache and ends with the undisturbed tokens."""
+    engine = tiny_llm.llm_engine
+    prompt = {"prompt_token_ids": mixed_prompts()[1]}
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    (first,) = tiny_llm.generate([prompt], greedy, use_tqdm=False)
+    assert tiny_llm.reset_prefix_cache() is True
+    (second,) = tiny_llm.generate([prompt], greedy, use_tqdm=False)
+    assert second.num_cached_tokens == 0 and second.outputs[0].token_ids == first.outputs[0].token_ids
+    engine.add_request("halfway", prompt, greedy)
+    while not engine.scheduler.running or not engine.scheduler.running[0].output_token_ids:
+        engine.step()
+    assert engine.reset_prefix_cache(reset_running_requests=True) is True
+    hits = engine.scheduler.prefix_cache_hits
+    assert engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 1
+    (waiting,) = engine.scheduler.waiting
+    assert waiting.num_computed_tokens == 0 and waiting.output_token_ids
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.finished]
+    assert [o.outputs[0].token_ids for o in outputs] == [first.outputs[0].token_ids]
+    assert engine.scheduler.prefix_cache_hits == hits  # the recompute found its own old blocks uncached
+    assert_pool_free(tiny_llm)
+
+
 def test_sleep_releases_memory_and_wake_up_gives_the_same_tokens(tiny_llm, monkeypatch):
     """vLLM's sleep mode: refused unless enabled; level 1 aborts (or keeps) the requests in flight,
     frees the KV pool and forgets the prefix cache; wake_up takes back what its tags name and

@@ -66,7 +66,7 @@ def _scripted(pieces: list[str], tokenizer, requests: list):
     ids = [tokenizer.encode(piece, add_special_tokens=False) for piece in pieces]
 
     async def generate(prompt_token_ids, params, request_id, arrival_time=None, lora_request=None, priority=0,
-                       cache_salt=None):
+                       cache_salt=None, reply_id=None):
         requests.append(params)
         delta = params.output_kind == RequestOutputKind.DELTA
         for i, piece in enumerate(pieces):

@@ -399,7 +399,7 @@ def test_cancel_and_delete_end_a_running_background_response(server, monkeypatch
     started, closed = [], []
 
     async def endless(prompt_token_ids, params, request_id, arrival_time=None, lora_request=None, priority=0,
-                      cache_salt=None):
+                      cache_salt=None, reply_id=None):
         started.append(request_id)
         try:
             await asyncio.Event().wait()
@@ -428,7 +428,7 @@ def test_cancel_and_delete_end_a_running_background_response(server, monkeypatch
 
 def test_a_failed_background_response_says_why(server, monkeypatch):
     async def failing(prompt_token_ids, params, request_id, arrival_time=None, lora_request=None, priority=0,
-                      cache_salt=None):
+                      cache_salt=None, reply_id=None):
         raise APIError("The engine failed while running this request: boom.", status_code=500,
                        code="engine_step_failed")
         yield  # never reached: makes this an async generator

@@ -410,8 +410,11 @@ def test_vllm_defaults_of_the_serving_flags(server):
     refused = httpx.post(server.url + "/v1/completions", headers=AUTH, json={"prompt": "p", "priority": 1})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "priority"
     assert "Priority scheduling is not enabled" in refused.json()["error"]["message"]
-    # GET /tokenizer_info only with --enable-tokenizer-info-endpoint (vLLM's 404)
+    # GET /tokenizer_info only with --enable-tokenizer-info-endpoint (vLLM's 404), the dev routes only in dev mode
     assert httpx.get(server.url + "/tokenizer_info", headers=AUTH).status_code == 404
+    for path in ("/pause", "/resume", "/abort_requests", "/reset_prefix_cache"):
+        assert httpx.post(server.url + path, headers=AUTH, json={}).status_code == 404, path
+    assert httpx.get(server.url + "/is_paused", headers=AUTH).status_code == 404
 
 
 def _metric(text: str, name: str, *labels: str) -> float:

@@ -7,6 +7,7 @@ Oracles: the tokenizer (prompt ids), a dense no-cache greedy loop (generated ids
 non-streamed reply for the streamed one, and a server without the flags for the defaults.
 """
 
+import ast
 import asyncio
 import concurrent.futures
 import json
@@ -37,7 +38,8 @@ def server(tiny_model_dir):
                              speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                                  "prompt_lookup_min": 1, "prompt_lookup_max": 2})
     srv = ThreadedServer(engine_args, app_kwargs={"enable_request_id_headers": True,
-                                                  "enable_server_load_tracking": True, "enable_sleep_mode": True},
+                                                  "enable_server_load_tracking": True, "enable_sleep_mode": True,
+                                                  "server_dev_mode": True},
                          response_role="narrator", return_tokens_as_token_ids=True,
                          enable_prompt_tokens_details=True, enable_force_include_usage=True,
                          default_chat_template_kwargs={"greeting": "hello", "unused": 1},
@@ -309,6 +311,64 @@ def test_sleep_and_wake_up_routes(server, client):
     assert httpx.get(server.url + "/is_sleeping", headers=AUTH).json() == {"is_sleeping": False}
 
 
+def _wait_in_flight(server, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(server.ctx.in_flight) < count:
+        assert time.monotonic() < deadline, server.ctx.in_flight
+        time.sleep(0.01)
+
+
+def test_dev_routes_pause_abort_and_reset_prefix_cache(server, client):
+    """VLLM_SERVER_DEV_MODE's routes: /pause?mode=keep holds the requests sent meanwhile
+    (/is_paused), /abort_requests ends one by its reply id (X-Request-Id) and then all the rest
+    with finish_reason "abort", /resume answers what is left with the unpaused greedy text;
+    /reset_prefix_cache empties the prefix cache (usage's cached_tokens); the key guards them and
+    bad values are 400s; /resume is refused while sleep mode holds the KV pool released."""
+    kwargs = dict(model=MODEL_NAME, prompt="Pause test", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    before = client.completions.create(**kwargs).choices[0].text
+    assert httpx.post(server.url + "/pause").status_code == 401
+    assert httpx.get(server.url + "/is_paused", headers=AUTH).json() == {"is_paused": False}
+    response = httpx.post(server.url + "/pause?mode=keep", headers=AUTH)
+    assert response.status_code == 200 and response.json() == {"status": "paused"}
+    assert httpx.get(server.url + "/is_paused", headers=AUTH).json() == {"is_paused": True}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(lambda i=i: client.completions.create(**kwargs, extra_headers={"X-Request-Id": f"held{i}"}))
+                for i in range(3)]
+        _wait_in_flight(server, 3)
+        response = _post(server, "/abort_requests", {"request_ids": ["cmpl-held0"]})
+        assert response.json() == {"status": "aborted", "aborted": 1}
+        assert held[0].result(timeout=60).choices[0].finish_reason == "abort"
+        kept = pool.submit(lambda: client.completions.create(**kwargs))
+        _wait_in_flight(server, 3)
+        assert not kept.done() and not held[1].done()
+        response = _post(server, "/abort_requests", {"request_ids": [f"cmpl-held{i}" for i in (1, 2)] + ["nobody"]})
+        assert response.json() == {"status": "aborted", "aborted": 2}
+        assert [f.result(timeout=60).choices[0].finish_reason for f in held[1:]] == ["abort", "abort"]
+        response = httpx.post(server.url + "/resume", headers=AUTH)
+        assert response.status_code == 200 and response.json() == {"status": "resumed"}
+        assert kept.result(timeout=60).choices[0].text == before
+    assert _post(server, "/abort_requests", {}).json() == {"status": "aborted", "aborted": 0}
+    assert httpx.get(server.url + "/is_paused", headers=AUTH).json() == {"is_paused": False}
+
+    long_prompt = dict(kwargs, prompt="Prefix cache test " * 8, max_tokens=1)
+    cached = [client.completions.create(**long_prompt).usage.prompt_tokens_details.cached_tokens for _ in range(2)]
+    response = httpx.post(server.url + "/reset_prefix_cache", headers=AUTH)
+    assert response.status_code == 200 and response.json() == {"success": True}
+    cached.append(client.completions.create(**long_prompt).usage.prompt_tokens_details.cached_tokens)
+    assert cached[0] == cached[2] == 0 < cached[1]
+
+    for path, param in (("/pause?mode=later", "mode"), ("/pause?clear_cache=maybe", "clear_cache"),
+                        ("/reset_prefix_cache?reset_running_requests=2", "reset_running_requests")):
+        response = httpx.post(server.url + path, headers=AUTH)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    assert _post(server, "/abort_requests", {"request_ids": "cmpl-x"}).status_code in (400, 422)
+    assert httpx.post(server.url + "/sleep?level=1", headers=AUTH).status_code == 200
+    response = httpx.post(server.url + "/resume", headers=AUTH)
+    assert response.status_code == 400 and "scheduling cannot resume" in response.json()["error"]["message"]
+    assert httpx.post(server.url + "/wake_up", headers=AUTH).json()["status"] == "awake"
+    assert client.completions.create(**kwargs).choices[0].text == before
+
+
 def test_speculative_decoding_counters(server):
     """With --speculative-config the server's greedy text is the plain engine's (the engine's
     tests check that) and /metrics carries vLLM's spec_decode counters."""
@@ -328,17 +388,33 @@ def test_speculative_decoding_counters(server):
             == values["vllm:spec_decode_num_accepted_tokens_total"])
 
 
-def test_log_outputs_joins_a_streamed_reply(server, caplog):
+def test_log_outputs_joins_a_streamed_reply(server, caplog, monkeypatch):
     """--enable-log-outputs: a finished request's whole text and finish reason, streamed
-    (delta outputs joined) as not."""
+    (delta outputs joined) as not; a stream's pieces too as they are sent (--enable-log-deltas,
+    on by default as in vLLM), not with --no-enable-log-deltas."""
     caplog.set_level(logging.INFO, logger="jpaged.serve")
     body = {"prompt": "hello there", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
-    text = _post(server, "/v1/completions", body).json()["choices"][0]["text"]
-    streamed = "".join(c["choices"][0]["text"] for c in _events(_post(server, "/v1/completions",
-                                                                      {**body, "stream": True})) if c["choices"])
-    assert streamed == text
-    lines = [r.getMessage() for r in caplog.records if ": output 0: " in r.getMessage()]
-    assert len(lines) == 2 and all(line.endswith(f"output 0: {text!r}, finish_reason: length") for line in lines)
+
+    def logged(stream: bool) -> tuple[str, list[str], list[str]]:
+        caplog.clear()
+        if stream:
+            events = _events(_post(server, "/v1/completions", {**body, "stream": True}))
+            text = "".join(c["choices"][0]["text"] for c in events if c["choices"])
+        else:
+            text = _post(server, "/v1/completions", body).json()["choices"][0]["text"]
+        lines = [r.getMessage() for r in caplog.records if ": output 0: " in r.getMessage()]
+        return text, [line for line in lines if "(streaming delta)" in line], [
+            line for line in lines if "(streaming delta)" not in line]
+
+    text, deltas, finals = logged(stream=False)
+    assert deltas == [] and finals == [f"{finals[0].split(':')[0]}: output 0: {text!r}, finish_reason: length"]
+    streamed, deltas, finals = logged(stream=True)
+    assert streamed == text and len(finals) == 1 and finals[0].endswith(f"output 0: {text!r}, finish_reason: length")
+    pieces = [ast.literal_eval(line.split("output 0: ", 1)[1].rsplit(", finish_reason: ", 1)[0]) for line in deltas]
+    assert len(pieces) > 1 and "".join(pieces) == text and deltas[0].endswith("finish_reason: None")
+    monkeypatch.setattr(server.ctx, "log_deltas", False)
+    _, deltas, finals = logged(stream=True)
+    assert deltas == [] and len(finals) == 1
 
 
 def _keep_alive_split(raw: str) -> tuple[list[int], str]:

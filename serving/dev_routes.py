@@ -1,0 +1,85 @@
+"""vLLM's development routes (routed only with VLLM_SERVER_DEV_MODE=1, as vLLM does): pause and
+resume scheduling around a weight update, end requests in flight, and empty the prefix cache.
+For RL loops and benchmarks driving a server they own; guarded by --api-key."""
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from serving.context import ServingContext
+from serving.errors import APIError
+from serving.protocol import AbortRequestsRequest
+
+PAUSE_MODES = ("abort", "wait", "keep")
+
+
+def _query_bool(request: Request, name: str, default: bool) -> bool:
+    """A boolean query parameter as FastAPI (vLLM) reads it: true/false, 1/0, yes/no, on/off."""
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise APIError(f"{name} must be true or false, got {value!r}.", param=name)
+
+
+def _ready_context(request: Request) -> ServingContext:
+    ctx: ServingContext = request.app.state.ctx
+    ctx.check_ready()
+    return ctx
+
+
+async def pause(request: Request) -> JSONResponse:
+    """POST /pause?mode=abort&clear_cache=true: AsyncLLM.pause_generation. Requests sent while
+    paused wait; mode "abort" ends those in flight, "wait" lets them finish first (the reply
+    comes then), "keep" freezes them; clear_cache (not with "keep") empties the prefix cache."""
+    ctx = _ready_context(request)
+    mode = request.query_params.get("mode", "abort")
+    if mode not in PAUSE_MODES:
+        raise APIError(f"mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}.", param="mode")
+    await ctx.engine.pause_generation(mode=mode, clear_cache=_query_bool(request, "clear_cache", True))
+    return JSONResponse({"status": "paused"})
+
+
+async def resume(request: Request) -> JSONResponse:
+    """POST /resume: scheduling goes on (400 while --enable-sleep-mode's sleep keeps memory released)."""
+    ctx = _ready_context(request)
+    try:
+        await ctx.engine.resume_generation()
+    except ValueError as exc:
+        raise APIError(f"resume: {exc}") from None
+    return JSONResponse({"status": "resumed"})
+
+
+async def is_paused(request: Request) -> JSONResponse:
+    """GET /is_paused: {"is_paused": bool}."""
+    return JSONResponse({"is_paused": await request.app.state.ctx.engine.is_paused()})
+
+
+async def abort_requests(request: Request) -> JSONResponse:
+    """POST /abort_requests {"request_ids": [...]}: ServingContext.abort_requests (no ids: all);
+    {"status": "aborted", "aborted": number of engine requests ended}."""
+    ctx: ServingContext = request.app.state.ctx
+    body = await ctx.read_body(request, AbortRequestsRequest)
+    return JSONResponse({"status": "aborted", "aborted": await ctx.abort_requests(body.request_ids)})
+
+
+async def reset_prefix_cache(request: Request) -> JSONResponse:
+    """POST /reset_prefix_cache?reset_running_requests=false: AsyncLLM.reset_prefix_cache;
+    {"success": true}. reset_external is accepted for vLLM's clients: there is no external
+    (connector) cache to reset."""
+    ctx = _ready_context(request)
+    _query_bool(request, "reset_external", False)
+    success = await ctx.engine.reset_prefix_cache(_query_bool(request, "reset_running_requests", False))
+    return JSONResponse({"success": success})
+
+
+DEV_ROUTES = [
+    Route("/pause", pause, methods=["POST"]),
+    Route("/resume", resume, methods=["POST"]),
+    Route("/is_paused", is_paused, methods=["GET"]),
+    Route("/abort_requests", abort_requests, methods=["POST"]),
+    Route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"]),
+]
