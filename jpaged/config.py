@@ -251,6 +251,10 @@ class EngineArgs:
     generation_config: str = _field(
         "auto", "Default sampling parameters: 'auto' or a folder applies the model's (or that folder's) "
         "generation_config.json, 'vllm' uses vLLM's defaults. A request's own fields always win.", type=str)
+    override_generation_config: dict | None = _field(
+        None, "JSON object of sampling defaults over --generation-config's, as generation_config.json names "
+        "them (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), e.g. "
+        "'{\"temperature\": 0.5}'.", type=json_object)
     trust_remote_code: bool = _field(
         False, "Accepted for vLLM compatibility; jpaged runs no model code from the hub and refuses a "
         "model whose config needs it.")
@@ -371,6 +375,9 @@ class EngineArgs:
             SpeculativeConfig.from_dict(self.speculative_config)  # its errors now, not at engine start
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             raise ValueError(f"hf_overrides must be a dict of config.json fields, got {self.hf_overrides!r}.")
+        if self.override_generation_config is not None and not isinstance(self.override_generation_config, dict):
+            raise ValueError("override_generation_config must be a dict of generation_config.json fields, got "
+                             f"{self.override_generation_config!r}.")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space} (--swap-space).")
         for name, choices in (("load_format", ["auto", "safetensors", "gguf", "orbax", "dummy"]),

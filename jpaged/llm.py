@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from jpaged.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from jpaged.config import EngineArgs
 from jpaged.data_parallel import DataParallelAsyncLLM
+from jpaged.generation_config import load_generation_defaults
 from jpaged.llm_engine import LLMEngine
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
@@ -45,6 +46,7 @@ class LLM:
         self.data_parallel = None if self.llm_engine is not None else DataParallelAsyncLLM.from_engine_args(
             dataclasses.replace(args, max_num_queued_reqs=None, max_num_queued_tokens=None))
         self._next_id = 0
+        self._default_sampling_params: dict | None = None  # get_default_sampling_params' fields, once read
         if self.host_id != 0:  # multi-host: run host 0's steps until its shutdown()
             self.llm_engine.follow()
 
@@ -55,6 +57,18 @@ class LLM:
 
     def get_tokenizer(self):
         return (self.llm_engine or self.data_parallel).tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: what generate and chat sample with when given no SamplingParams: the sampling
+        fields of the model's generation_config.json (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_new_tokens as max_tokens; engine args generation_config and
+        override_generation_config, as the server applies them), else SamplingParams()'s."""
+        if self._default_sampling_params is None:
+            engine = self.llm_engine or self.data_parallel
+            args = engine.engine_args
+            self._default_sampling_params = load_generation_defaults(args.generation_config, engine.model_path,
+                                                                     args.override_generation_config)
+        return SamplingParams(**self._default_sampling_params)
 
     def update_weights(self, params) -> None:
         """Replaces the weights with a params pytree of the same structure, shapes and dtypes
@@ -100,7 +114,7 @@ class LLM:
         prompts: a str, a list of str, a list of token ids, a list of token-id lists, a
         {"prompt": ...} / {"prompt_token_ids": ...} dict (with an optional "cache_salt": prompts
         share prefix-cache blocks only with prompts of the same salt) or a list of them.
-        sampling_params: one for all prompts or one per prompt (default SamplingParams()).
+        sampling_params: one for all prompts or one per prompt (default: get_default_sampling_params()).
         lora_request: a LoRA adapter for all prompts or one (or None) per prompt (needs enable_lora=True).
         priority: one int per prompt, lower first (needs scheduling_policy="priority"); default all 0.
         """
@@ -110,7 +124,7 @@ class LLM:
             raise RuntimeError("the engine is asleep: call wake_up() before generate().")
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):

@@ -132,10 +132,6 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--default-chat-template-kwargs", type=json_object, default=None,
                         help="JSON object of chat template arguments for every request, e.g. "
                              "'{\"enable_thinking\": false}'; a request's chat_template_kwargs override them.")
-    server.add_argument("--override-generation-config", type=json_object, default=None,
-                        help="JSON object of sampling defaults over --generation-config's, as "
-                             "generation_config.json names them (temperature, top_p, top_k, min_p, "
-                             "repetition_penalty, max_new_tokens), e.g. '{\"temperature\": 0.5}'.")
     server.add_argument("--enable-update-weights-route", action="store_true",
                         help="Route POST /update_weights_from_disk {\"model_path\": ...}: load a checkpoint "
                              "of the same shapes and swap it in between steps (RL rollouts). Guarded by "
@@ -301,7 +297,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_keys: li
                          max_prompts_per_request=args.max_prompts_per_request,
                          generation_defaults=load_generation_defaults(engine_args.generation_config,
                                                                       engine.model_path,
-                                                                      args.override_generation_config),
+                                                                      engine_args.override_generation_config),
                          log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
                          log_outputs=args.enable_log_outputs, log_deltas=args.enable_log_deltas,
                          enable_auto_tool_choice=args.enable_auto_tool_choice,

@@ -25,7 +25,8 @@ ENGINE_FLAGS = ["--max-model-len", "--block-size", "--gpu-memory-utilization", "
                 "--download-dir", "--generation-config", "--trust-remote-code", "--max-logprobs", "--max-logit-bias",
                 "--max-stop-sequences", "--max-stop-token-ids", "--max-n", "--logprobs-mode", "--stream-interval",
                 "--kv-cache-memory-bytes", "--hf-overrides", "--disable-sliding-window", "--tokenizer-revision",
-                "--tokenizer-mode", "--enable-sleep-mode", "--hf-token"]
+                "--tokenizer-mode", "--enable-sleep-mode", "--hf-token",
+                "--override-generation-config"]
 SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-template",
                 "--max-request-bytes", "--graceful-shutdown-timeout", "--trust-request-chat-template",
                 "--max-header-bytes", "--max-prompts-per-request", "--allowed-origins", "--allow-credentials",
@@ -33,7 +34,7 @@ SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-
                 "--disable-log-requests", "--enable-update-weights-route", "--enable-log-requests", "--max-log-len",
                 "--disable-uvicorn-access-log", "--root-path", "--response-role", "--return-tokens-as-token-ids",
                 "--enable-prompt-tokens-details", "--enable-force-include-usage", "--enable-request-id-headers",
-                "--enable-server-load-tracking", "--default-chat-template-kwargs", "--override-generation-config",
+                "--enable-server-load-tracking", "--default-chat-template-kwargs",
                 "--exclude-tools-when-tool-choice-none", "--shutdown-timeout", "--uds",
                 "--enable-tokenizer-info-endpoint", "--chat-template-content-format", "--config", "--ssl-cert-reqs",
                 "--ssl-ciphers", "--disable-access-log-for-endpoints", "--enable-log-outputs", "--log-level",

@@ -175,6 +175,29 @@ def test_generation_config_settings(tmp_path):
         load_generation_defaults(str(tmp_path / "missing"), str(tmp_path))
 
 
+def test_llm_given_no_sampling_params_uses_the_generation_config_defaults(tiny_model_dir, tmp_path):
+    """vLLM's LLM.get_default_sampling_params: generate (and chat) without SamplingParams sample
+    with the generation_config.json fields (here a folder's, under override_generation_config)."""
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "repetition_penalty": 1.5,
+                                                                "max_new_tokens": 3}))
+    llm = LLM(str(tiny_model_dir), generation_config=str(tmp_path), override_generation_config={"max_new_tokens": 5},
+              **ENGINE_KWARGS)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.repetition_penalty, defaults.max_tokens) == (0.0, 1.5, 5)
+    prompts = [{"prompt_token_ids": list(range(100, 100 + n))} for n in (3, 20)]
+    explicit = SamplingParams(temperature=0, repetition_penalty=1.5, max_tokens=5)
+    greedy = llm.generate(prompts, explicit, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, use_tqdm=False)] == [
+        o.outputs[0].token_ids for o in greedy]
+    chat = [{"role": "user", "content": "hi"}]
+    assert llm.chat(chat, use_tqdm=False)[0].outputs[0].token_ids == llm.chat(
+        chat, explicit, use_tqdm=False)[0].outputs[0].token_ids
+    assert LLM(str(tiny_model_dir), generation_config="vllm", **ENGINE_KWARGS).get_default_sampling_params() == \
+        SamplingParams()
+    with pytest.raises(ValueError, match="override_generation_config must be a dict"):
+        EngineArgs(model=str(tiny_model_dir), override_generation_config="temperature=0")
+
+
 def test_remote_code_models_are_refused_with_a_clear_message(tmp_path, tiny_model_dir):
     config = json.loads((tiny_model_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({
