@@ -169,6 +169,15 @@ class AsyncLLM:
         """LLMEngine.reset_prefix_cache between two steps."""
         return await self._on_engine_thread(lambda: self.engine.reset_prefix_cache(reset_running_requests))
 
+    async def start_profile(self, profile_prefix: str | None = None, delay_iterations: int | None = None,
+                            max_iterations: int | None = None) -> None:
+        """LLMEngine.start_profile between two steps."""
+        await self._on_engine_thread(lambda: self.engine.start_profile(profile_prefix, delay_iterations,
+                                                                       max_iterations))
+
+    async def stop_profile(self) -> None:
+        await self._on_engine_thread(self.engine.stop_profile)
+
     async def wake_up(self, tags: list[str] | None = None) -> bool:
         """LLMEngine.wake_up between two steps; whether the engine is fully awake."""
         return await self._on_engine_thread(lambda: self.engine.wake_up(tags))

@@ -255,6 +255,11 @@ class EngineArgs:
         None, "JSON object of sampling defaults over --generation-config's, as generation_config.json names "
         "them (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), e.g. "
         "'{\"temperature\": 0.5}'.", type=json_object)
+    profiler_config: dict | None = _field(
+        None, "JSON object that turns on JAX's profiler for LLM.start_profile / stop_profile and the server's "
+        "POST /start_profile, /stop_profile (vLLM's flag): '{\"profiler\": \"jax\", \"jax_profiler_dir\": "
+        "\"/abs/dir\"}' writes traces of the engine's steps there (TensorBoard, Perfetto); optional "
+        "\"delay_iterations\" and \"max_iterations\" count steps.", type=json_object)
     trust_remote_code: bool = _field(
         False, "Accepted for vLLM compatibility; jpaged runs no model code from the hub and refuses a "
         "model whose config needs it.")
@@ -375,6 +380,12 @@ class EngineArgs:
             SpeculativeConfig.from_dict(self.speculative_config)  # its errors now, not at engine start
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             raise ValueError(f"hf_overrides must be a dict of config.json fields, got {self.hf_overrides!r}.")
+        if self.profiler_config is not None:
+            if not isinstance(self.profiler_config, dict):
+                raise ValueError(f"profiler_config must be a dict, got {self.profiler_config!r}.")
+            from jpaged.profiler import check_profiler_config  # imports jax: only when one is given
+
+            check_profiler_config(self.profiler_config)
         if self.override_generation_config is not None and not isinstance(self.override_generation_config, dict):
             raise ValueError("override_generation_config must be a dict of generation_config.json fields, got "
                              f"{self.override_generation_config!r}.")

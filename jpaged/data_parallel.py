@@ -183,6 +183,15 @@ class DataParallelAsyncLLM:
         return all(await asyncio.gather(*(replica.reset_prefix_cache(reset_running_requests)
                                           for replica in self.replicas)))
 
+    async def start_profile(self, profile_prefix: str | None = None, delay_iterations: int | None = None,
+                            max_iterations: int | None = None) -> None:
+        """AsyncLLM.start_profile on replica 0: JAX traces the whole process, so every replica's
+        steps; replica 0's steps count delay_iterations and max_iterations."""
+        await self.replicas[0].start_profile(profile_prefix, delay_iterations, max_iterations)
+
+    async def stop_profile(self) -> None:
+        await self.replicas[0].stop_profile()
+
     async def wake_up(self, tags: list[str] | None = None) -> bool:
         """AsyncLLM.wake_up on every replica; whether all are fully awake."""
         return all(await asyncio.gather(*(replica.wake_up(tags) for replica in self.replicas)))

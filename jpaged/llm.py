@@ -85,6 +85,21 @@ class LLM:
             return self.llm_engine.reset_prefix_cache(reset_running_requests)
         return _run_to_completion(self.data_parallel.reset_prefix_cache(reset_running_requests))
 
+    def start_profile(self, profile_prefix: str | None = None, *, delay_iterations: int | None = None,
+                      max_iterations: int | None = None) -> None:
+        """vLLM's: a JAX trace of the engine's next steps (needs profiler_config; see
+        LLMEngine.start_profile), until stop_profile() or max_iterations steps."""
+        if self.llm_engine is not None:
+            self.llm_engine.start_profile(profile_prefix, delay_iterations, max_iterations)
+        else:
+            _run_to_completion(self.data_parallel.start_profile(profile_prefix, delay_iterations, max_iterations))
+
+    def stop_profile(self) -> None:
+        if self.llm_engine is not None:
+            self.llm_engine.stop_profile()
+        else:
+            _run_to_completion(self.data_parallel.stop_profile())
+
     def sleep(self, level: int = 1, mode: str = "abort") -> None:
         """vLLM's sleep mode (needs enable_sleep_mode=True): release the KV cache's memory (level 1,
         and the weights' device memory on a GPU, kept on the host) or also drop the weights (level

@@ -25,6 +25,7 @@ from jpaged.loaders import load_model
 from jpaged.models.quantization import param_bytes
 from jpaged.outputs import (ITERATION_TOKENS_BUCKETS, CompletionOutput, EngineStats, Logprob, RequestMetrics,
                              RequestOutput)
+from jpaged.profiler import StepProfiler
 from jpaged.request_validation import InvalidRequestError, RequestValidator
 from jpaged.runner import build_runner, device_platform, packs_gguf_blocks
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
@@ -218,6 +219,7 @@ class LLMEngine:
                                                    else speculative_config.num_speculative_tokens)
         self._last_spec_log = (0, 0, 0)  # (drafts, draft tokens, kept) at the last stats log
         self._populates_kv_cache = False  # populate_kv_cache was called: wake_up populates the new pool
+        self.profiler = None if args.profiler_config is None else StepProfiler(args.profiler_config)
         self._asleep: set[str] = set()  # of SLEEP_TAGS: what sleep() released and wake_up() has not taken back
         self.sleep_level = 0  # the deepest level slept at since fully awake (0: awake, or only scheduling paused)
         self._last_log = (time.monotonic(), 0, 0)  # (time, prefill tokens, generation tokens) at the last stats log
@@ -511,7 +513,25 @@ class LLMEngine:
             self._iteration_tokens_sum += step_tokens
         if not self.engine_args.disable_log_stats:
             self._maybe_log_stats()
+        if self.profiler is not None:
+            self.profiler.on_step()
         return outputs
+
+    def start_profile(self, profile_prefix: str | None = None, delay_iterations: int | None = None,
+                      max_iterations: int | None = None) -> None:
+        """vLLM's: a JAX trace of the next steps into profiler_config's jax_profiler_dir (under
+        profile_prefix if given), from now or after delay_iterations steps, until stop_profile()
+        or max_iterations steps (jpaged/profiler.py). ValueError without profiler_config."""
+        self._profiler().start(profile_prefix, delay_iterations, max_iterations)
+
+    def stop_profile(self) -> None:
+        self._profiler().stop()
+
+    def _profiler(self) -> StepProfiler:
+        if self.profiler is None:
+            raise ValueError("profiling is off: start the engine with profiler_config={\"profiler\": \"jax\", "
+                             "\"jax_profiler_dir\": \"/abs/dir\"} (--profiler-config).")
+        return self.profiler
 
     def _new_tokens(self, scheduler_output, token_ids: np.ndarray) -> dict[str, tuple[list[int], list[int]]]:
         """Each sampling request's new tokens in order, with the runner-output row of each (where

@@ -332,7 +332,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_keys: li
                     enable_request_id_headers=args.enable_request_id_headers,
                     enable_server_load_tracking=args.enable_server_load_tracking, root_path=args.root_path or "",
                     enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
-                    enable_sleep_mode=args.enable_sleep_mode, server_dev_mode=server_dev_mode)
+                    enable_sleep_mode=args.enable_sleep_mode, server_dev_mode=server_dev_mode,
+                    enable_profiler=engine_args.profiler_config is not None)
     config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, log_level=args.uvicorn_log_level,
                             lifespan="off", h11_max_incomplete_event_size=h11_buffer_bytes(args.max_header_bytes),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serving.chat import create_chat_completion, render_chat_prompt
 from serving.completions import create_completion
 from serving.context import ServingContext, parse_json
-from serving.dev_routes import DEV_ROUTES
+from serving.dev_routes import DEV_ROUTES, PROFILE_ROUTES
 from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
 from serving.messages import count_message_tokens, create_message
@@ -48,7 +48,7 @@ def _digest(value: bytes) -> bytes:
 # Routes that reach the model; /health, /ping, /version and /metrics stay open, as in vLLM.
 # /invocations is guarded too (vLLM leaves it open, a limitation its docs warn about).
 GUARDED_PREFIXES = ("/v1", "/invocations", "/tokenize", "/tokenizer_info", "/detokenize", "/update_weights_from_disk",
-                    "/sleep", "/wake_up", "/is_sleeping", *(route.path for route in DEV_ROUTES))
+                    "/sleep", "/wake_up", "/is_sleeping", *(route.path for route in DEV_ROUTES + PROFILE_ROUTES))
 
 
 class RootPathMiddleware:
@@ -347,11 +347,12 @@ def build_app(ctx: ServingContext, *, api_keys: list[str] | None = None, cors: C
               max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, enable_request_id_headers: bool = False,
               enable_server_load_tracking: bool = False, root_path: str = "",
               enable_tokenizer_info_endpoint: bool = False, enable_sleep_mode: bool = False,
-              server_dev_mode: bool = False) -> Starlette:
+              server_dev_mode: bool = False, enable_profiler: bool = False) -> Starlette:
     """The ASGI app serving `ctx`'s engine; `api_keys` (if any) guard GUARDED_PREFIXES, `cors`
     (if set) answers browsers' cross-origin requests; enable_lora_updating routes
     /v1/load_lora_adapter and /v1/unload_lora_adapter, server_dev_mode (VLLM_SERVER_DEV_MODE)
-    serving/dev_routes.py's; the other keywords are the server's flags of those names."""
+    serving/dev_routes.py's, enable_profiler (the engine's profiler_config) /start_profile and
+    /stop_profile; the other keywords are the server's flags of those names."""
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/ping", health, methods=["GET", "POST"]),  # vLLM's (SageMaker's) name for the same check
@@ -376,6 +377,8 @@ def build_app(ctx: ServingContext, *, api_keys: list[str] | None = None, cors: C
                    Route("/is_sleeping", is_sleeping, methods=["GET"])]
     if server_dev_mode:
         routes += DEV_ROUTES
+    if enable_profiler:
+        routes += PROFILE_ROUTES
     if enable_update_weights_route:
         routes.append(Route("/update_weights_from_disk", update_weights_from_disk, methods=["POST"]))
     if enable_tokenizer_info_endpoint:

@@ -1,14 +1,15 @@
-"""vLLM's development routes (routed only with VLLM_SERVER_DEV_MODE=1, as vLLM does): pause and
-resume scheduling around a weight update, end requests in flight, and empty the prefix cache.
-For RL loops and benchmarks driving a server they own; guarded by --api-key."""
+"""vLLM's development routes: with VLLM_SERVER_DEV_MODE=1 (as vLLM routes them), pause and
+resume scheduling around a weight update, end requests in flight, and empty the prefix cache;
+with --profiler-config, start and stop a JAX trace of the engine's steps. For RL loops,
+benchmarks and profiling on a server one owns; guarded by --api-key."""
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving.context import ServingContext
 from serving.errors import APIError
-from serving.protocol import AbortRequestsRequest
+from serving.protocol import AbortRequestsRequest, StartProfileRequest
 
 PAUSE_MODES = ("abort", "wait", "keep")
 
@@ -75,6 +76,30 @@ async def reset_prefix_cache(request: Request) -> JSONResponse:
     success = await ctx.engine.reset_prefix_cache(_query_bool(request, "reset_running_requests", False))
     return JSONResponse({"success": success})
 
+
+async def start_profile(request: Request) -> Response:
+    """POST /start_profile, optionally {"profile_prefix", "delay_iterations", "max_iterations"}:
+    AsyncLLM.start_profile (400 while a trace runs); 200 with no body, as vLLM's."""
+    ctx = _ready_context(request)
+    has_body = request.headers.get("content-length", "0") != "0"
+    body = await ctx.read_body(request, StartProfileRequest) if has_body else StartProfileRequest()
+    try:
+        await ctx.engine.start_profile(body.profile_prefix, body.delay_iterations, body.max_iterations)
+    except ValueError as exc:
+        raise APIError(f"start_profile: {exc}") from None
+    return Response(status_code=200)
+
+
+async def stop_profile(request: Request) -> Response:
+    """POST /stop_profile: the trace is written; 200 with no body."""
+    await _ready_context(request).engine.stop_profile()
+    return Response(status_code=200)
+
+
+PROFILE_ROUTES = [
+    Route("/start_profile", start_profile, methods=["POST"]),
+    Route("/stop_profile", stop_profile, methods=["POST"]),
+]
 
 DEV_ROUTES = [
     Route("/pause", pause, methods=["POST"]),

@@ -308,6 +308,14 @@ class AbortRequestsRequest(BaseModel):
     request_ids: list[str] | None = None
 
 
+class StartProfileRequest(BaseModel):
+    """POST /start_profile (with --profiler-config): this trace's overrides of the config's."""
+
+    profile_prefix: str | None = None
+    delay_iterations: int | None = None
+    max_iterations: int | None = None
+
+
 class UpdateWeightsRequest(BaseModel):
     """POST /update_weights_from_disk: a checkpoint folder (or .gguf) on the server."""
 

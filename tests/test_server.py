@@ -412,7 +412,7 @@ def test_vllm_defaults_of_the_serving_flags(server):
     assert "Priority scheduling is not enabled" in refused.json()["error"]["message"]
     # GET /tokenizer_info only with --enable-tokenizer-info-endpoint (vLLM's 404), the dev routes only in dev mode
     assert httpx.get(server.url + "/tokenizer_info", headers=AUTH).status_code == 404
-    for path in ("/pause", "/resume", "/abort_requests", "/reset_prefix_cache"):
+    for path in ("/pause", "/resume", "/abort_requests", "/reset_prefix_cache", "/start_profile", "/stop_profile"):
         assert httpx.post(server.url + path, headers=AUTH, json={}).status_code == 404, path
     assert httpx.get(server.url + "/is_paused", headers=AUTH).status_code == 404
 

@@ -31,15 +31,21 @@ TEMPLATE = "{{ greeting }}|{% if tools %}TOOLS|{% endif %}{% for m in messages %
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
+def profile_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("profiles")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, profile_dir):
     engine_args = EngineArgs(model=str(tiny_model_dir), max_model_len=128, max_num_seqs=8,
                              max_num_batched_tokens=16, num_gpu_blocks_override=64, compilation_cache_dir="",
                              scheduling_policy="priority", enable_sleep_mode=True,
+                             profiler_config={"profiler": "jax", "jax_profiler_dir": str(profile_dir)},
                              speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                                  "prompt_lookup_min": 1, "prompt_lookup_max": 2})
     srv = ThreadedServer(engine_args, app_kwargs={"enable_request_id_headers": True,
                                                   "enable_server_load_tracking": True, "enable_sleep_mode": True,
-                                                  "server_dev_mode": True},
+                                                  "server_dev_mode": True, "enable_profiler": True},
                          response_role="narrator", return_tokens_as_token_ids=True,
                          enable_prompt_tokens_details=True, enable_force_include_usage=True,
                          default_chat_template_kwargs={"greeting": "hello", "unused": 1},
@@ -367,6 +373,26 @@ def test_dev_routes_pause_abort_and_reset_prefix_cache(server, client):
     assert response.status_code == 400 and "scheduling cannot resume" in response.json()["error"]["message"]
     assert httpx.post(server.url + "/wake_up", headers=AUTH).json()["status"] == "awake"
     assert client.completions.create(**kwargs).choices[0].text == before
+
+
+def test_profile_routes_write_a_trace(server, profile_dir):
+    """--profiler-config: POST /start_profile (no body, or vLLM's overrides), a request, POST
+    /stop_profile: a JAX trace of the steps under the directory (and the prefix); a second start
+    while tracing and bad values are 400s; the key guards the routes."""
+    assert httpx.post(server.url + "/start_profile").status_code == 401
+    response = httpx.post(server.url + "/start_profile", headers=AUTH)
+    assert response.status_code == 200 and response.content == b""
+    again = httpx.post(server.url + "/start_profile", headers=AUTH)
+    assert again.status_code == 400 and "already running" in again.json()["error"]["message"]
+    assert _post(server, "/v1/completions", {"prompt": "trace me", "max_tokens": 4}).status_code == 200
+    assert httpx.post(server.url + "/stop_profile", headers=AUTH).status_code == 200
+    assert len(list(profile_dir.glob("plugins/profile/*/*.xplane.pb"))) == 1
+    assert _post(server, "/start_profile", {"profile_prefix": "named", "max_iterations": 1}).status_code == 200
+    assert _post(server, "/v1/completions", {"prompt": "trace me", "max_tokens": 4}).status_code == 200
+    assert httpx.post(server.url + "/stop_profile", headers=AUTH).status_code == 200
+    assert len(list((profile_dir / "named").rglob("*.xplane.pb"))) == 1
+    response = _post(server, "/start_profile", {"delay_iterations": -2})
+    assert response.status_code == 400 and "delay_iterations" in response.json()["error"]["message"]
 
 
 def test_speculative_decoding_counters(server):
