@@ -23,6 +23,43 @@ class RequestOutputKind(enum.Enum):
 
 
 @dataclasses.dataclass
+class RepetitionDetectionParams:
+    """vLLM's: end a request (finish_reason "repetition", stop_reason "repetition_detected") once
+    its output ends in a pattern of min_pattern_size..max_pattern_size tokens repeated min_count
+    times in a row (e.g. "abcabcabc": size 3, count 3), such as a small model looping. Checked
+    after each token, once min_tokens are out. max_pattern_size 0: off."""
+
+    max_pattern_size: int = 0
+    min_pattern_size: int = 0  # 0: 1
+    min_count: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_pattern_size", "min_pattern_size", "min_count"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"repetition_detection needs an integer {name}, got {value!r}.")
+        if self.max_pattern_size < 0 or self.min_pattern_size < 0 or self.min_pattern_size > self.max_pattern_size:
+            raise ValueError("repetition_detection needs max_pattern_size and min_pattern_size >= 0, with "
+                             f"min_pattern_size <= max_pattern_size (got {self.min_pattern_size} and "
+                             f"{self.max_pattern_size}); both 0 turn detection off.")
+        if self.max_pattern_size > 0 and self.min_count < 2:
+            raise ValueError(f"repetition_detection needs min_count >= 2 to detect a repetition, got "
+                             f"{self.min_count} (max_pattern_size 0 turns detection off).")
+
+    def ends_in_repetition(self, token_ids: list[int]) -> bool:
+        """Whether token_ids ends with a pattern of an allowed size repeated min_count times."""
+        for size in range(max(self.min_pattern_size, 1), self.max_pattern_size + 1):
+            span = size * self.min_count
+            if span > len(token_ids):
+                return False
+            tail = token_ids[-size:]
+            start = len(token_ids) - span
+            if all(token_ids[start + k * size:start + (k + 1) * size] == tail for k in range(self.min_count - 1)):
+                return True
+        return False
+
+
+@dataclasses.dataclass
 class SamplingParams:
     """How to sample the completion of one prompt (vLLM's fields and defaults).
 
@@ -61,6 +98,8 @@ class SamplingParams:
     # finish at once; None or below the engine's --stream-interval: the engine's.
     stream_interval: int | None = None
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (jpaged.structured_output)
+    # End the request when its output starts repeating itself (a dict of the fields is accepted too).
+    repetition_detection: RepetitionDetectionParams | None = None
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -133,6 +172,17 @@ class SamplingParams:
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}.")
+        if isinstance(self.repetition_detection, dict):
+            unknown = sorted(set(self.repetition_detection) - {f.name for f in dataclasses.fields(
+                RepetitionDetectionParams)})
+            if unknown:
+                raise ValueError(f"repetition_detection has unknown fields {unknown}; its fields are "
+                                 "max_pattern_size, min_pattern_size and min_count.")
+            self.repetition_detection = RepetitionDetectionParams(**self.repetition_detection)
+        if self.repetition_detection is not None and not isinstance(self.repetition_detection,
+                                                                    RepetitionDetectionParams):
+            raise ValueError(f"repetition_detection must be a RepetitionDetectionParams, got "
+                             f"{self.repetition_detection!r}.")
 
     @property
     def sampling_type(self) -> SamplingType:

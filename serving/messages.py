@@ -304,6 +304,8 @@ class _MessageJob:
             return "max_tokens", None
         if finish_reason == "abort":
             return None, None
+        if finish_reason == "repetition":  # repetition_detection ended a looping reply
+            return "end_turn", None
         if called:
             return "tool_use", None
         if isinstance(stop_reason, str):

@@ -198,7 +198,7 @@ class ServerMetrics:
                                         ["model_name", "finished_reason"], registry=self.registry)
                                 for prefix in PREFIXES]
         for counter in self.request_success:  # every reason's series from the start, at 0, as vLLM's
-            for reason in ("stop", "length", "abort", "error"):
+            for reason in ("stop", "length", "abort", "error", "repetition"):
                 counter.labels(model_name, reason)
         self.admission_rejections = [Counter(f"{prefix}:admission_rejections", "Requests refused by a queue limit "
                                              "(--max-num-queued-reqs / --max-num-queued-tokens), by reason.",

@@ -48,7 +48,7 @@ BEAM_SEARCH_UNUSED_FIELDS: dict[str, tuple] = {
     "frequency_penalty": (0.0,), "repetition_penalty": (None, 1.0), "logit_bias": (None, {}),
     "prompt_logprobs": (None,), "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,),
     "guided_choice": (None,), "guided_grammar": (None,), "response_format": (None, {"type": "text"}),
-    "allowed_token_ids": (None,), "bad_words": (None, []),
+    "allowed_token_ids": (None,), "bad_words": (None, []), "repetition_detection": (None,),
 }
 
 
@@ -97,6 +97,8 @@ class SamplingFields(BaseModel):
     priority: int = 0  # with --scheduling-policy priority: lower runs earlier
     cache_salt: str | None = None  # prefix-cache blocks are shared only among requests of one salt
     stream_interval: int | None = Field(None, ge=1)  # streamed tokens per chunk (raises --stream-interval)
+    # end a reply that repeats itself: {"max_pattern_size", "min_pattern_size", "min_count"}
+    repetition_detection: dict[str, Any] | None = None
 
     def check_unsupported_extras(self) -> None:
         """400 naming each vLLM extra field this request sets that jpaged does not implement;
@@ -182,6 +184,7 @@ class SamplingFields(BaseModel):
                 bad_words=self.bad_words,
                 output_kind=output_kind,
                 stream_interval=self.stream_interval,
+                repetition_detection=self.repetition_detection,
             )
         except ValueError as exc:
             field = str(exc).split(" ", 1)[0]

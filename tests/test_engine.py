@@ -297,6 +297,49 @@ def test_stop_strings_finish_reasons_n_and_logprobs(tiny_llm):
         assert above[0] <= out.logprobs[step][token_id].rank <= above[1]
 
 
+def first_repetition(token_ids, max_size, count, from_len):
+    """The shortest prefix of token_ids, at least from_len long, ending in a pattern of 1..max_size
+    tokens repeated `count` times (None if none): the oracle of repetition_detection."""
+    for end in range(max(from_len, 1), len(token_ids) + 1):
+        head = token_ids[:end]
+        for size in range(1, max_size + 1):
+            if size * count <= end and all(head[end - size * (k + 1):end - size * k] == head[end - size:]
+                                           for k in range(count)):
+                return head
+    return None
+
+
+def test_repetition_detection_ends_a_looping_output(tiny_llm):
+    """vLLM's repetition_detection: the output ends at the first token that completes a pattern of
+    up to max_pattern_size tokens repeated min_count times (finish_reason "repetition",
+    stop_reason "repetition_detected"), never before min_tokens; tokens before it are those of
+    the run without it. Multi-step rounds drop the tokens after the stop."""
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts()[:4]]
+    free = tiny_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True), use_tqdm=False)
+    detect = {"max_pattern_size": 4, "min_count": 2}
+    cut = [first_repetition(o.outputs[0].token_ids, 4, 2, 1) for o in free]
+    assert any(c is not None for c in cut), "the tiny model's greedy outputs should repeat somewhere"
+    for params_min_tokens in (0, 20):
+        params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, min_tokens=params_min_tokens,
+                                repetition_detection=detect)
+        for output, full in zip(tiny_llm.generate(prompts, params, use_tqdm=False), free):
+            full_ids = full.outputs[0].token_ids
+            expected = first_repetition(full_ids, 4, 2, params_min_tokens)
+            completion = output.outputs[0]
+            if expected is None:
+                assert (completion.token_ids, completion.finish_reason) == (full_ids, "length")
+            else:
+                assert completion.token_ids == expected
+                assert (completion.finish_reason, completion.stop_reason) == ("repetition", "repetition_detected")
+    assert_pool_free(tiny_llm)
+    with pytest.raises(ValueError, match="repetition_detection needs min_count >= 2"):
+        SamplingParams(repetition_detection={"max_pattern_size": 3, "min_count": 1})
+    with pytest.raises(ValueError, match="min_pattern_size <= max_pattern_size"):
+        SamplingParams(repetition_detection={"max_pattern_size": 2, "min_pattern_size": 3, "min_count": 2})
+    with pytest.raises(ValueError, match="unknown fields"):
+        SamplingParams(repetition_detection={"max_pattern": 2})
+
+
 def test_multi_step_rounds_give_the_tokens_of_single_steps(tiny_model_dir, tiny_llm):
     """--num-scheduler-steps 4 against 1 on the same weights: the same greedy and seeded tokens
     and texts, stops on a string or a token id inside a round (the round's later tokens dropped),

@@ -23,6 +23,7 @@ from jpaged.config import EngineArgs
 from jpaged.loaders import load_model
 from server_harness import API_KEY, MODEL_NAME, ThreadedServer, wait_until_idle
 from serving.errors import APIError
+from test_engine import first_repetition
 from test_server import AUTH, dense_greedy, sse_payloads
 
 # A template that shows its arguments in the prompt: `greeting` comes from the server's defaults
@@ -315,6 +316,31 @@ def test_sleep_and_wake_up_routes(server, client):
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     assert httpx.post(server.url + "/wake_up?tags=gpu", headers=AUTH).status_code == 400
     assert httpx.get(server.url + "/is_sleeping", headers=AUTH).json() == {"is_sleeping": False}
+
+
+def test_repetition_detection_field(server):
+    """vLLM's repetition_detection request field reaches the engine (test_engine.py checks where
+    it cuts): a reply that repeats itself ends with finish_reason "repetition" and stop_reason
+    "repetition_detected", streamed or not; bad values are 400s naming the field."""
+    detect = {"max_pattern_size": 6, "min_count": 2}
+    cut = []
+    for prompt in ("Loop:", "Again and again", "abc abc", "1 2 1 2"):
+        body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        free = _post(server, "/v1/completions", body).json()["choices"][0]["token_ids"]
+        expected = first_repetition(free, 6, 2, 1)
+        if expected is None:
+            continue
+        choice = _post(server, "/v1/completions", {**body, "repetition_detection": detect}).json()["choices"][0]
+        assert choice["token_ids"] == expected
+        assert (choice["finish_reason"], choice["stop_reason"]) == ("repetition", "repetition_detected")
+        chunks = _events(_post(server, "/v1/completions", {**body, "repetition_detection": detect, "stream": True}))
+        last = [c["choices"][0] for c in chunks if c["choices"]][-1]
+        assert (last["finish_reason"], last["stop_reason"]) == ("repetition", "repetition_detected")
+        cut.append(prompt)
+    assert cut, "some greedy reply of the tiny model should repeat itself within 40 tokens"
+    for bad in ({"max_pattern_size": 2, "min_count": 1}, {"max_pattern_size": -1}, {"size": 2}):
+        response = _post(server, "/v1/completions", {"prompt": "x", "repetition_detection": bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "repetition_detection", bad
 
 
 def _wait_in_flight(server, count: int) -> None:

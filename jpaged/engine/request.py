@@ -14,6 +14,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()  # eos, a stop token id or a stop string
     FINISHED_LENGTH_CAPPED = enum.auto()  # max_tokens or max_model_len reached
     FINISHED_ABORTED = enum.auto()  # aborted by the caller
+    FINISHED_REPETITION = enum.auto()  # the output repeats itself (SamplingParams.repetition_detection)
 
     def is_finished(self) -> bool:
         return self in _FINISH_REASONS
@@ -23,6 +24,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_REPETITION: "repetition",
 }
 
 
@@ -107,7 +109,7 @@ class Request:
 
     @property
     def finish_reason(self) -> str | None:
-        """"stop", "length", "abort", or None while unfinished."""
+        """"stop", "length", "abort", "repetition", or None while unfinished."""
         return _FINISH_REASONS.get(self.status)
 
     def __repr__(self) -> str:

@@ -597,10 +597,11 @@ class Scheduler:
                 self._finish(request, status, stop_reason, now)
         return updated
 
-    def _check_stop(self, request: Request) -> tuple[RequestStatus | None, int | None]:
+    def _check_stop(self, request: Request) -> tuple[RequestStatus | None, int | str | None]:
         """vLLM v1's order (0.32's check_stop): once min_tokens are out, eos (unless ignore_eos)
         and stop_token_ids, so a stop token that is also the last allowed token ends as "stop";
-        then the length caps (max_tokens, max_model_len), which min_tokens never holds back."""
+        then the length caps (max_tokens, max_model_len), which min_tokens never holds back; then,
+        once min_tokens are out, repetition_detection."""
         params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens:
             last_token_id = request.output_token_ids[-1]
@@ -610,6 +611,10 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED, last_token_id
         if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED, None
+        detection = params.repetition_detection
+        if (detection is not None and request.num_output_tokens >= params.min_tokens
+                and detection.ends_in_repetition(request.output_token_ids)):
+            return RequestStatus.FINISHED_REPETITION, "repetition_detected"
         return None, None
 
     def finish_requests(
