@@ -47,6 +47,9 @@ class LLM:
             dataclasses.replace(args, max_num_queued_reqs=None, max_num_queued_tokens=None))
         self._next_id = 0
         self._default_sampling_params: dict | None = None  # get_default_sampling_params' fields, once read
+        self._enqueued: list[str] = []  # ids enqueue() returned that wait_for_completion() has not yet
+        self._finished_enqueued: dict[str, RequestOutput] = {}  # those a generate() call ran to the end
+        self._pending_data_parallel: list[tuple] = []  # enqueued requests a data-parallel front has not started
         if self.host_id != 0:  # multi-host: run host 0's steps until its shutdown()
             self.llm_engine.follow()
 
@@ -123,7 +126,7 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True,
                  lora_request: LoRARequest | list[LoRARequest | None] | None = None,
-                 priority: list[int] | None = None) -> list[RequestOutput]:
+                 priority: int | list[int] | None = None) -> list[RequestOutput]:
         """Completes every prompt; returns one finished RequestOutput per prompt, in order.
 
         prompts: a str, a list of str, a list of token ids, a list of token-id lists, a
@@ -131,12 +134,56 @@ class LLM:
         share prefix-cache blocks only with prompts of the same salt) or a list of them.
         sampling_params: one for all prompts or one per prompt (default: get_default_sampling_params()).
         lora_request: a LoRA adapter for all prompts or one (or None) per prompt (needs enable_lora=True).
-        priority: one int per prompt, lower first (needs scheduling_policy="priority"); default all 0.
+        priority: an int for all prompts or one per prompt, lower first (needs
+        scheduling_policy="priority"); default 0.
         """
+        self._check_can_run("generate")
+        batch = self._batch(prompts, sampling_params, lora_request, priority)
+        ids = [self._new_request_id() for _ in batch]
+        if self.data_parallel is not None:
+            return self._run_data_parallel(batch, ids, use_tqdm)
+        self._add(batch, ids)
+        return self._run(ids, use_tqdm)
+
+    def enqueue(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+                priority: int | list[int] | None = None, use_tqdm: bool = True) -> list[str]:
+        """vLLM's: queues the prompts (as generate takes them, checked now) without running them
+        and returns their request ids; wait_for_completion() runs them. A generate call meanwhile
+        runs them too but returns only its own outputs. Allowed while scheduling is paused (e.g.
+        sleep(level=0)), so a whole batch is queued before the first step. use_tqdm: vLLM's bar
+        over the adding, accepted for its signature (adding is immediate here)."""
         if self.host_id != 0:
-            raise RuntimeError(f"generate() runs on host 0 of a multi-host engine; this is host {self.host_id}.")
+            raise RuntimeError(f"enqueue() runs on host 0 of a multi-host engine; this is host {self.host_id}.")
+        batch = self._batch(prompts, sampling_params, lora_request, priority)
+        ids = [self._new_request_id() for _ in batch]
+        if self.data_parallel is not None:  # the front runs requests as tasks: they start in wait_for_completion
+            tokenizer = self.get_tokenizer()
+            for prompt, params, _, _ in batch:
+                self.data_parallel.validator.validate(tokenizer.prompt_and_ids(prompt)[1], params)
+            self._pending_data_parallel += batch
+        else:
+            self._add(batch, ids)
+        self._enqueued += ids
+        return ids
+
+    def wait_for_completion(self, use_tqdm: bool = True) -> list[RequestOutput]:
+        """vLLM's: runs every enqueued request to its end; their final outputs, in enqueue order."""
+        self._check_can_run("wait_for_completion")
+        ids, self._enqueued = self._enqueued, []
+        if self.data_parallel is not None:
+            batch, self._pending_data_parallel = self._pending_data_parallel, []
+            return self._run_data_parallel(batch, ids, use_tqdm)
+        return self._run(ids, use_tqdm)
+
+    def _check_can_run(self, method: str) -> None:
+        if self.host_id != 0:
+            raise RuntimeError(f"{method}() runs on host 0 of a multi-host engine; this is host {self.host_id}.")
         if self.is_sleeping():
-            raise RuntimeError("the engine is asleep: call wake_up() before generate().")
+            raise RuntimeError(f"the engine is asleep: call wake_up() before {method}().")
+
+    def _batch(self, prompts, sampling_params, lora_request, priority) -> list[tuple]:
+        """generate's arguments as one (prompt, SamplingParams, LoRARequest | None, priority) per prompt."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -153,32 +200,45 @@ class LLM:
         if len(lora_request) != len(prompts):
             raise ValueError(f"got {len(lora_request)} lora_request entries for {len(prompts)} prompts; "
                              f"pass one, or one per prompt.")
-        if priority is None:
-            priority = [0] * len(prompts)
+        if priority is None or isinstance(priority, int):
+            priority = [priority or 0] * len(prompts)
         if len(priority) != len(prompts):
-            raise ValueError(f"got {len(priority)} priority entries for {len(prompts)} prompts; pass one per prompt.")
-        if self.data_parallel is not None:
-            with tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm, unit="prompt") as bar:
-                return _run_to_completion(self._generate_data_parallel(prompts, sampling_params, lora_request,
-                                                                       priority, bar))
-        engine = self.llm_engine
-        ids = []
+            raise ValueError(f"got {len(priority)} priority entries for {len(prompts)} prompts; "
+                             f"pass one, or one per prompt.")
+        return list(zip(prompts, sampling_params, lora_request, priority))
+
+    def _add(self, batch: list[tuple], ids: list[str]) -> None:
+        """Adds the batch's requests to the engine; the first invalid one aborts those added before it."""
+        added = []
         try:
-            for prompt, params, adapter, request_priority in zip(prompts, sampling_params, lora_request, priority):
-                request_id = self._new_request_id()
-                engine.add_request(request_id, prompt, params, lora_request=adapter, priority=request_priority)
-                ids.append(request_id)
+            for (prompt, params, adapter, priority), request_id in zip(batch, ids):
+                self.llm_engine.add_request(request_id, prompt, params, lora_request=adapter, priority=priority)
+                added.append(request_id)
         except ValueError:
-            for request_id in ids:
-                engine.abort_request(request_id)
+            for request_id in added:
+                self.llm_engine.abort_request(request_id)
             raise
-        finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, unit="prompt") as bar:
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Steps the engine until the requests `ids` finished; their final outputs in that order.
+        Enqueued requests that finish meanwhile keep their outputs for wait_for_completion."""
+        wanted = set(ids)
+        finished = {request_id: self._finished_enqueued.pop(request_id) for request_id in ids
+                    if request_id in self._finished_enqueued}
+        with tqdm(total=len(ids), initial=len(finished), desc="Processed prompts", disable=not use_tqdm,
+                  unit="prompt") as bar:
             while len(finished) < len(ids):
-                for output in engine.step():
-                    if output.finished:
+                for output in self.llm_engine.step():
+                    if not output.finished:
+                        continue
+                    if output.request_id in wanted:
                         finished[output.request_id] = output
                         bar.update(1)
+                    else:
+                        self._finished_enqueued[output.request_id] = output
+                if len(finished) < len(ids) and not self.llm_engine.has_unfinished_requests():
+                    missing = [request_id for request_id in ids if request_id not in finished]
+                    raise RuntimeError(f"requests {missing[:8]} left the engine without a final output.")
         return [finished[request_id] for request_id in ids]
 
     def beam_search(self, prompts, params: BeamSearchParams, lora_request: LoRARequest | None = None,
@@ -220,20 +280,21 @@ class LLM:
             results.append(BeamSearchOutput(best))
         return results
 
-    async def _generate_data_parallel(self, prompts: list, sampling_params: list[SamplingParams],
-                                      lora_requests: list[LoRARequest | None], priorities: list[int],
-                                      bar: tqdm) -> list[RequestOutput]:
-        """Runs every prompt through the data-parallel front at once; the first error aborts the rest."""
+    def _run_data_parallel(self, batch: list[tuple], ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        with tqdm(total=len(batch), desc="Processed prompts", disable=not use_tqdm, unit="prompt") as bar:
+            return _run_to_completion(self._generate_data_parallel(batch, ids, bar))
 
-        async def run(prompt, params: SamplingParams, request_id: str, adapter, priority: int) -> RequestOutput:
+    async def _generate_data_parallel(self, batch: list[tuple], ids: list[str], bar: tqdm) -> list[RequestOutput]:
+        """Runs every request through the data-parallel front at once; the first error aborts the rest."""
+
+        async def run(prompt, params: SamplingParams, adapter, priority: int, request_id: str) -> RequestOutput:
             async for output in self.data_parallel.generate(prompt, params, request_id, lora_request=adapter,
                                                             priority=priority):
                 final = output
             bar.update(1)
             return final
 
-        tasks = [asyncio.create_task(run(prompt, params, self._new_request_id(), adapter, priority))
-                 for prompt, params, adapter, priority in zip(prompts, sampling_params, lora_requests, priorities)]
+        tasks = [asyncio.create_task(run(*request, request_id)) for request, request_id in zip(batch, ids)]
         try:
             return await asyncio.gather(*tasks)
         except BaseException:

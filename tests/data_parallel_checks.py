@@ -6,7 +6,7 @@ MODE "tiny": greedy outputs and beam searches of LLM(data_parallel_size=2) equal
 owning replica and no replica keeps a block; update_weights reaches every replica on its own
 device; a server over 2 replicas answers completions, streams, beam searches and /metrics per engine; a
 replica whose engine loop failed gets no more requests; pausing and reset_prefix_cache reach every
-replica. MODE "bundled": greedy equality only. CACHE_DIR: a persistent
+replica; enqueue / wait_for_completion run over the replicas. MODE "bundled": greedy equality only. CACHE_DIR: a persistent
 compilation cache shared by the engines of the run (an engine on cpu:0 or cpu:1 compiles once).
 Exits non-zero (an AssertionError) on the first failed check.
 """
@@ -147,6 +147,15 @@ def check_pause_and_reset_prefix_cache(llm: LLM) -> None:
     assert not any(pool.cached_block_hash_to_block for pool in pools)
 
 
+def check_enqueue(llm: LLM) -> None:
+    """enqueue / wait_for_completion over the replicas give generate's tokens, in enqueue order."""
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    ids = llm.enqueue(PROMPTS[:3], GREEDY) + llm.enqueue(PROMPTS[3:], GREEDY)
+    outputs = llm.wait_for_completion(use_tqdm=False)
+    assert [o.request_id for o in outputs] == ids
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
 def check_update_weights(llm: LLM) -> None:
     """LLM.update_weights swaps a copy (made on device 0) into every replica, on its own device."""
     front = llm.data_parallel
@@ -227,6 +236,7 @@ def main() -> None:
     check_abort_reaches_the_owner(llm.data_parallel)
     print(f"abort routed, no blocks held: {time.perf_counter() - start:.1f} s", flush=True)
     check_pause_and_reset_prefix_cache(llm)
+    check_enqueue(llm)
     check_update_weights(llm)
     start = time.perf_counter()
     # After the weight swap: the server's fresh replicas must agree with these.

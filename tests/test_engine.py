@@ -297,6 +297,36 @@ def test_stop_strings_finish_reasons_n_and_logprobs(tiny_llm):
         assert above[0] <= out.logprobs[step][token_id].rank <= above[1]
 
 
+def test_enqueue_and_wait_for_completion(tiny_llm):
+    """vLLM's enqueue / wait_for_completion: enqueued prompts run when waited for (or during a
+    generate call, which returns only its own outputs) and come back in enqueue order with the
+    tokens generate gives; an invalid prompt enqueues nothing; enqueueing works while scheduling
+    is paused, waiting does not."""
+    engine = tiny_llm.llm_engine
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts()[:3]]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in tiny_llm.generate(prompts, greedy, use_tqdm=False)]
+    first = tiny_llm.enqueue(prompts[:2], greedy)
+    (own,) = tiny_llm.generate(prompts[2], greedy, use_tqdm=False)
+    assert own.request_id not in first and own.outputs[0].token_ids == expected[2]
+    second = tiny_llm.enqueue(prompts[2], greedy, priority=0)
+    outputs = tiny_llm.wait_for_completion(use_tqdm=False)
+    assert [o.request_id for o in outputs] == first + second
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert tiny_llm.wait_for_completion(use_tqdm=False) == []
+    with pytest.raises(ValueError, match="vocabulary|token"):
+        tiny_llm.enqueue([prompts[0], {"prompt_token_ids": [10 ** 8]}], greedy)
+    assert not engine.has_unfinished_requests() and tiny_llm.wait_for_completion(use_tqdm=False) == []
+    engine.pause(mode="keep")
+    queued = tiny_llm.enqueue(prompts, greedy)
+    with pytest.raises(RuntimeError, match="asleep"):
+        tiny_llm.wait_for_completion()
+    engine.resume()
+    outputs = tiny_llm.wait_for_completion(use_tqdm=False)
+    assert [o.request_id for o in outputs] == queued and [o.outputs[0].token_ids for o in outputs] == expected
+    assert_pool_free(tiny_llm)
+
+
 def first_repetition(token_ids, max_size, count, from_len):
     """The shortest prefix of token_ids, at least from_len long, ending in a pattern of 1..max_size
     tokens repeated `count` times (None if none): the oracle of repetition_detection."""
