@@ -322,6 +322,25 @@ class LLM:
         add_generation_prompt); tools and chat_template_kwargs go to the chat template;
         lora_request as for generate.
         """
+        prompts = self._chat_prompts(messages, chat_template, add_generation_prompt, continue_final_message, tools,
+                                     chat_template_kwargs, chat_template_content_format)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+
+    def enqueue_chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                     use_tqdm: bool = True, lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+                     priority: int | list[int] | None = None, chat_template: str | None = None,
+                     chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+                     continue_final_message: bool = False, tools: list[dict] | None = None,
+                     chat_template_kwargs: dict | None = None) -> list[str]:
+        """vLLM's: chat's conversations rendered as chat renders them, then enqueue()d; their
+        request ids. wait_for_completion() runs them."""
+        prompts = self._chat_prompts(messages, chat_template, add_generation_prompt, continue_final_message, tools,
+                                     chat_template_kwargs, chat_template_content_format)
+        return self.enqueue(prompts, sampling_params, lora_request, priority, use_tqdm)
+
+    def _chat_prompts(self, messages, chat_template, add_generation_prompt, continue_final_message, tools,
+                      chat_template_kwargs, chat_template_content_format) -> list[dict]:
+        """One {"prompt": text, "prompt_token_ids": ids} per conversation, through the chat template."""
         if continue_final_message and add_generation_prompt:
             raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -337,7 +356,7 @@ class LLM:
                                                  chat_template=chat_template,
                                                  content_format=chat_template_content_format, **kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+        return prompts
 
 
 def _show_info_logs() -> None:

@@ -298,7 +298,7 @@ def test_stop_strings_finish_reasons_n_and_logprobs(tiny_llm):
 
 
 def test_enqueue_and_wait_for_completion(tiny_llm):
-    """vLLM's enqueue / wait_for_completion: enqueued prompts run when waited for (or during a
+    """vLLM's enqueue (enqueue_chat) / wait_for_completion: enqueued prompts run when waited for (or during a
     generate call, which returns only its own outputs) and come back in enqueue order with the
     tokens generate gives; an invalid prompt enqueues nothing; enqueueing works while scheduling
     is paused, waiting does not."""
@@ -317,6 +317,11 @@ def test_enqueue_and_wait_for_completion(tiny_llm):
     with pytest.raises(ValueError, match="vocabulary|token"):
         tiny_llm.enqueue([prompts[0], {"prompt_token_ids": [10 ** 8]}], greedy)
     assert not engine.has_unfinished_requests() and tiny_llm.wait_for_completion(use_tqdm=False) == []
+    chat = [{"role": "user", "content": "Hello there"}]
+    (chat_id,) = tiny_llm.enqueue_chat(chat, greedy)
+    (replied,) = tiny_llm.wait_for_completion(use_tqdm=False)
+    assert replied.request_id == chat_id
+    assert replied.outputs[0].token_ids == tiny_llm.chat(chat, greedy, use_tqdm=False)[0].outputs[0].token_ids
     engine.pause(mode="keep")
     queued = tiny_llm.enqueue(prompts, greedy)
     with pytest.raises(RuntimeError, match="asleep"):
