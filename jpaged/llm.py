@@ -124,7 +124,7 @@ class LLM:
         return any(engine.is_sleeping() for engine in engines)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True,
+                 use_tqdm=True,
                  lora_request: LoRARequest | list[LoRARequest | None] | None = None,
                  priority: int | list[int] | None = None) -> list[RequestOutput]:
         """Completes every prompt; returns one finished RequestOutput per prompt, in order.
@@ -133,6 +133,7 @@ class LLM:
         {"prompt": ...} / {"prompt_token_ids": ...} dict (with an optional "cache_salt": prompts
         share prefix-cache blocks only with prompts of the same salt) or a list of them.
         sampling_params: one for all prompts or one per prompt (default: get_default_sampling_params()).
+        use_tqdm: show a progress bar (True), none (False), or vLLM's form: the tqdm class to use.
         lora_request: a LoRA adapter for all prompts or one (or None) per prompt (needs enable_lora=True).
         priority: an int for all prompts or one per prompt, lower first (needs
         scheduling_policy="priority"); default 0.
@@ -225,8 +226,7 @@ class LLM:
         wanted = set(ids)
         finished = {request_id: self._finished_enqueued.pop(request_id) for request_id in ids
                     if request_id in self._finished_enqueued}
-        with tqdm(total=len(ids), initial=len(finished), desc="Processed prompts", disable=not use_tqdm,
-                  unit="prompt") as bar:
+        with _progress_bar(use_tqdm, total=len(ids), initial=len(finished)) as bar:
             while len(finished) < len(ids):
                 for output in self.llm_engine.step():
                     if not output.finished:
@@ -281,7 +281,7 @@ class LLM:
         return results
 
     def _run_data_parallel(self, batch: list[tuple], ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        with tqdm(total=len(batch), desc="Processed prompts", disable=not use_tqdm, unit="prompt") as bar:
+        with _progress_bar(use_tqdm, total=len(batch)) as bar:
             return _run_to_completion(self._generate_data_parallel(batch, ids, bar))
 
     async def _generate_data_parallel(self, batch: list[tuple], ids: list[str], bar: tqdm) -> list[RequestOutput]:
@@ -357,6 +357,12 @@ class LLM:
                                                  content_format=chat_template_content_format, **kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return prompts
+
+
+def _progress_bar(use_tqdm, total: int, initial: int = 0) -> tqdm:
+    """generate's bar over finished prompts; use_tqdm: a bool, or (as vLLM takes it) a tqdm-like class."""
+    bar_class = use_tqdm if callable(use_tqdm) else tqdm
+    return bar_class(total=total, initial=initial, desc="Processed prompts", disable=not use_tqdm, unit="prompt")
 
 
 def _show_info_logs() -> None:

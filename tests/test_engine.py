@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tqdm.auto import tqdm
 
 import pallas_kernels.cpu as cpu_kernels
 from jpaged import LLM, EngineArgs, SamplingParams, kv_pool
@@ -310,7 +311,15 @@ def test_enqueue_and_wait_for_completion(tiny_llm):
     (own,) = tiny_llm.generate(prompts[2], greedy, use_tqdm=False)
     assert own.request_id not in first and own.outputs[0].token_ids == expected[2]
     second = tiny_llm.enqueue(prompts[2], greedy, priority=0)
-    outputs = tiny_llm.wait_for_completion(use_tqdm=False)
+    bars = []
+
+    class RecordingBar(tqdm):  # vLLM's use_tqdm may be the progress bar's class
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    outputs = tiny_llm.wait_for_completion(use_tqdm=RecordingBar)
+    assert [(bar.total, bar.n) for bar in bars] == [(3, 3)]  # one of them finished during generate
     assert [o.request_id for o in outputs] == first + second
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert tiny_llm.wait_for_completion(use_tqdm=False) == []
