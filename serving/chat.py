@@ -104,7 +104,7 @@ class ChatJob:
         params.structured_outputs = chat_constraint(body, self.tool_plan)
         if self.tool_plan is not None and self.tool_plan.keeps_special_tokens:
             params.skip_special_tokens = False  # the parser's call marker is a special token (vLLM's)
-        template_kwargs = {**ctx.default_chat_template_kwargs, **(body.chat_template_kwargs or {})}
+        template_kwargs = body.template_kwargs(ctx.default_chat_template_kwargs)
         self.reasoning_parser = reasoning_parser_for(ctx.reasoning_parser, template_kwargs)
         if params.structured_outputs is not None and self.reasoning_parser is not None:
             # vLLM's order: the model thinks freely, the constraint applies after `</think>`
@@ -120,7 +120,7 @@ class ChatJob:
         echoes = body.echo and last.role == self.role
         self.echoed = message_text(last.to_template_message()["content"]) if echoes else ""
         prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
-        self.prompt_ids = ctx.truncate_prompt(prompt_ids, body.truncate_prompt_tokens)
+        self.prompt_ids = ctx.truncate_prompt(prompt_ids, body.truncate_prompt_tokens, body.truncation_side)
         self.request_id = request_id or f"chatcmpl-{client_request_id or uuid.uuid4().hex}"
         # A client's id may repeat; the engine's must not.
         engine_id = self.request_id if client_request_id is None else f"{self.request_id}-{uuid.uuid4().hex[:8]}"

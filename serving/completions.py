@@ -38,7 +38,7 @@ class _Prompt:
         else:
             token_ids = list(prompt)
             ctx.check_token_ids(token_ids, "prompt")
-        self.token_ids = ctx.truncate_prompt(token_ids, body.truncate_prompt_tokens)
+        self.token_ids = ctx.truncate_prompt(token_ids, body.truncate_prompt_tokens, body.truncation_side)
         self.text = ""
 
     def decode_for_echo(self, ctx: ServingContext, truncated: bool) -> None:

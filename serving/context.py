@@ -205,14 +205,16 @@ class ServingContext:
                            f"{self.max_prompts_per_request} (--max-prompts-per-request).", param="prompt",
                            code="request_limit_exceeded")
 
-    def truncate_prompt(self, token_ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:
-        """vLLM's `truncate_prompt_tokens`: keep the last k tokens (-1: the last max_model_len - 1)."""
+    def truncate_prompt(self, token_ids: list[int], truncate_prompt_tokens: int | None,
+                        truncation_side: str | None = None) -> list[int]:
+        """vLLM's `truncate_prompt_tokens`: keep the last k tokens (-1: max_model_len - 1 of them),
+        or the first k with truncation_side "right"."""
         if truncate_prompt_tokens is None:
             return token_ids
         if truncate_prompt_tokens == 0:
             raise APIError("truncate_prompt_tokens must be -1 or at least 1, got 0.", param="truncate_prompt_tokens")
         keep = self.max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
-        return token_ids[-keep:]
+        return token_ids[:keep] if truncation_side == "right" else token_ids[-keep:]
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams | BeamSearchParams, param: str) -> None:
         """The engine's own check of a whole request (jpaged/request_validation.py), as a 400;

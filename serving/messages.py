@@ -268,7 +268,7 @@ async def count_message_tokens(request: Request) -> Response:
         body = await ctx.read_body(request, CountTokensRequest)
         ctx.check_model(body.model)
         chat = body.to_chat_request()
-        template_kwargs = {**ctx.default_chat_template_kwargs, **(chat.chat_template_kwargs or {})}
+        template_kwargs = chat.template_kwargs(ctx.default_chat_template_kwargs)
         if shows_tools(ctx, chat):
             template_kwargs["tools"] = chat.tools
         prompt = render_chat_prompt(ctx, chat.messages, chat.add_generation_prompt, None, template_kwargs,

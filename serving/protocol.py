@@ -37,6 +37,8 @@ UNSUPPORTED_EXTRA_FIELDS: dict[str, Any] = {
     "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_embeds": None,
     "guided_decoding_backend": None, "guided_whitespace_pattern": None,
     "documents": None, "echo_last_message": False,
+    "thinking_token_budget": None, "logprob_token_ids": None, "watermarking": None, "return_token_offsets": False,
+    "return_prompt_text": None, "media_io_kwargs": None, "return_mm_kwargs": None, "ec_transfer_params": None,
 }
 
 
@@ -87,6 +89,7 @@ class SamplingFields(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None  # truncate_prompt_tokens keeps the last (left) / first
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     bad_words: list[str] | None = None  # words the output never contains (jpaged/token_restrictions.py)
     use_beam_search: bool = False  # n beams (jpaged/beam_search.py) instead of n samples
@@ -266,6 +269,19 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False
     include_reasoning: bool = True  # with --reasoning-parser: false leaves `reasoning` out of the reply
+    # OpenAI's: handed to the chat template as `reasoning_effort`, and `enable_thinking` (effort != "none")
+    # unless chat_template_kwargs sets it (vLLM's rule)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+
+    def template_kwargs(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """The chat template's extra arguments: the server's defaults (--default-chat-template-kwargs),
+        then the request's chat_template_kwargs, then reasoning_effort as vLLM passes it."""
+        kwargs = {**defaults, **(self.chat_template_kwargs or {})}
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
+            if "enable_thinking" not in (self.chat_template_kwargs or {}):
+                kwargs["enable_thinking"] = self.reasoning_effort != "none"
+        return kwargs
 
     def reply_role(self, response_role: str = "assistant") -> str:
         """The role of the reply, as vLLM names it: `response_role` (--response-role) when a

@@ -65,7 +65,7 @@ class ResponsesRequest(SamplingFields):
     parallel_tool_calls: bool = True
     truncation: Literal["auto", "disabled"] = "disabled"  # auto: drop the oldest tokens to fit
     metadata: dict[str, str] | None = None
-    reasoning: dict[str, Any] | None = None  # echoed; the served models do not reason
+    reasoning: dict[str, Any] | None = None  # echoed; its `effort` reaches the chat template as chat's reasoning_effort
     service_tier: str = "auto"
     max_tool_calls: int | None = None
     store: bool = True  # kept for previous_response_id, with --enable-responses-store
@@ -117,7 +117,7 @@ class ResponsesRequest(SamplingFields):
                       tools=_chat_tools(self.tools), tool_choice=_chat_tool_choice(self.effective_tool_choice()),
                       parallel_tool_calls=self.parallel_tool_calls, response_format=_response_format(self.text),
                       logprobs=self.wants_logprobs(), chat_template_kwargs=self.chat_template_kwargs,
-                      include_reasoning=self.include_reasoning,
+                      include_reasoning=self.include_reasoning, reasoning_effort=(self.reasoning or {}).get("effort"),
                       continue_final_message=continue_final, add_generation_prompt=not continue_final)
         if self.wants_logprobs():
             fields["top_logprobs"] = self.top_logprobs or 0

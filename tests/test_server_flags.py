@@ -23,6 +23,7 @@ from jpaged.config import EngineArgs
 from jpaged.loaders import load_model
 from server_harness import API_KEY, MODEL_NAME, ThreadedServer, wait_until_idle
 from serving.errors import APIError
+from serving.responses import ResponsesRequest
 from test_engine import first_repetition
 from test_server import AUTH, dense_greedy, sse_payloads
 
@@ -316,6 +317,37 @@ def test_sleep_and_wake_up_routes(server, client):
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     assert httpx.post(server.url + "/wake_up?tags=gpu", headers=AUTH).status_code == 400
     assert httpx.get(server.url + "/is_sleeping", headers=AUTH).json() == {"is_sleeping": False}
+
+
+def test_reasoning_effort_reaches_the_chat_template(server, tiny_model):
+    """OpenAI's reasoning_effort, as vLLM hands it to the template: `reasoning_effort`, and
+    `enable_thinking` (effort != "none") unless chat_template_kwargs sets it; /v1/responses'
+    reasoning.effort is the same field."""
+    template = "{{ reasoning_effort }}|{{ enable_thinking }}|{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+    def prompt(**fields) -> str:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "chat_template": template,
+                "return_token_ids": True, **fields}
+        reply = _post(server, "/v1/chat/completions", body).json()
+        return tiny_model.tokenizer.decode(reply["prompt_token_ids"])
+
+    assert prompt() == "||hi"  # neither is set: the template sees nothing
+    assert prompt(reasoning_effort="low") == "low|True|hi"
+    assert prompt(reasoning_effort="none") == "none|False|hi"
+    assert prompt(reasoning_effort="none", chat_template_kwargs={"enable_thinking": True}) == "none|True|hi"
+    assert prompt(reasoning_effort="high", chat_template_kwargs={"reasoning_effort": "x"}) == "high|True|hi"
+    request = ResponsesRequest(input="hi", reasoning={"effort": "medium"})
+    assert request.to_chat_request([{"role": "user", "content": "hi"}], False).reasoning_effort == "medium"
+
+
+def test_truncation_side_picks_the_kept_end(server):
+    """vLLM's truncation_side: truncate_prompt_tokens keeps the last tokens (left, the default) or
+    the first ones (right)."""
+    ids = list(range(200, 210))
+    body = {"prompt": ids, "max_tokens": 1, "truncate_prompt_tokens": 3, "return_token_ids": True}
+    kept = {side: _post(server, "/v1/completions", {**body, **({"truncation_side": side} if side else {})})
+            .json()["choices"][0]["prompt_token_ids"] for side in (None, "left", "right")}
+    assert kept == {None: ids[-3:], "left": ids[-3:], "right": ids[:3]}
 
 
 def test_repetition_detection_field(server):
