@@ -326,7 +326,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_keys: li
     server_dev_mode = _env_flag("VLLM_SERVER_DEV_MODE")
     if server_dev_mode:
         logger.warning("Development routes are on (VLLM_SERVER_DEV_MODE): /pause, /resume, /is_paused, "
-                       "/abort_requests, /reset_prefix_cache. Do not expose this server to untrusted clients.")
+                       "/abort_requests, /reset_prefix_cache, /server_info. Do not expose this server to untrusted "
+                       "clients.")
     app = build_app(ctx, api_keys=api_keys, cors=cors, enable_update_weights_route=args.enable_update_weights_route,
                     enable_lora_updating=lora_updating, max_header_bytes=args.max_header_bytes,
                     enable_request_id_headers=args.enable_request_id_headers,

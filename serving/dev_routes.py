@@ -1,12 +1,19 @@
 """vLLM's development routes: with VLLM_SERVER_DEV_MODE=1 (as vLLM routes them), pause and
-resume scheduling around a weight update, end requests in flight, and empty the prefix cache;
-with --profiler-config, start and stop a JAX trace of the engine's steps. For RL loops,
-benchmarks and profiling on a server one owns; guarded by --api-key."""
+resume scheduling around a weight update, end requests in flight, empty the prefix cache and
+show the server's settings; with --profiler-config, start and stop a JAX trace of the engine's
+steps. For RL loops, benchmarks and profiling on a server one owns; guarded by --api-key."""
 
+import dataclasses
+import os
+import platform
+
+import jax
+import jaxlib
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from jpaged.cpu_features import cpu_flags
 from serving.context import ServingContext
 from serving.errors import APIError
 from serving.protocol import AbortRequestsRequest, StartProfileRequest
@@ -77,6 +84,40 @@ async def reset_prefix_cache(request: Request) -> JSONResponse:
     return JSONResponse({"success": success})
 
 
+SECRET_ENGINE_ARGS = ("hf_token",)
+
+
+async def server_info(request: Request) -> JSONResponse:
+    """GET /server_info?config_format=text|json (VLLM_SERVER_DEV_MODE): what this server runs with,
+    in vLLM's three parts: `engine_args` (EngineArgs; the hub token left out; text: its repr),
+    `env` (the VLLM_* and JPAGED_* variables set, none whose name holds KEY or TOKEN) and
+    `system_env` (Python, jax and jaxlib versions, the devices, the CPU's vector features)."""
+    ctx: ServingContext = request.app.state.ctx
+    config_format = request.query_params.get("config_format", "text")
+    if config_format not in ("text", "json"):
+        raise APIError(f"config_format must be text or json, got {config_format!r}.", param="config_format")
+    engine_args = dataclasses.replace(ctx.engine.engine_args, **{name: None for name in SECRET_ENGINE_ARGS})
+    env = {name: value for name, value in os.environ.items()
+           if name.startswith(("VLLM_", "JPAGED_")) and "KEY" not in name and "TOKEN" not in name}
+    flags = cpu_flags()
+    system_env = {"python": platform.python_version(), "platform": platform.platform(),
+                  "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                  "devices": [str(device) for device in jax.devices()],
+                  "cpu_features": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "neon", "sve")))}
+    return JSONResponse({
+        "engine_args": repr(engine_args) if config_format == "text" else _jsonable(dataclasses.asdict(engine_args)),
+        "env": env, "system_env": system_env})
+
+
+def _jsonable(value):
+    """EngineArgs' values as JSON: containers walked, anything else not JSON-native as its str."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 async def start_profile(request: Request) -> Response:
     """POST /start_profile, optionally {"profile_prefix", "delay_iterations", "max_iterations"}:
     AsyncLLM.start_profile (400 while a trace runs); 200 with no body, as vLLM's."""
@@ -107,4 +148,5 @@ DEV_ROUTES = [
     Route("/is_paused", is_paused, methods=["GET"]),
     Route("/abort_requests", abort_requests, methods=["POST"]),
     Route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"]),
+    Route("/server_info", server_info, methods=["GET"]),
 ]

@@ -415,6 +415,7 @@ def test_vllm_defaults_of_the_serving_flags(server):
     for path in ("/pause", "/resume", "/abort_requests", "/reset_prefix_cache", "/start_profile", "/stop_profile"):
         assert httpx.post(server.url + path, headers=AUTH, json={}).status_code == 404, path
     assert httpx.get(server.url + "/is_paused", headers=AUTH).status_code == 404
+    assert httpx.get(server.url + "/server_info", headers=AUTH).status_code == 404
 
 
 def _metric(text: str, name: str, *labels: str) -> float:

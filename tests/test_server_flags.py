@@ -10,12 +10,14 @@ non-streamed reply for the streamed one, and a server without the flags for the 
 import ast
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import socket
 import time
 
 import httpx
+import jax
 import openai
 import pytest
 
@@ -431,6 +433,28 @@ def test_dev_routes_pause_abort_and_reset_prefix_cache(server, client):
     assert response.status_code == 400 and "scheduling cannot resume" in response.json()["error"]["message"]
     assert httpx.post(server.url + "/wake_up", headers=AUTH).json()["status"] == "awake"
     assert client.completions.create(**kwargs).choices[0].text == before
+
+
+def test_server_info_shows_the_settings_and_no_secret(server, monkeypatch):
+    """VLLM_SERVER_DEV_MODE's GET /server_info: the engine args (json or text) without the hub
+    token, the VLLM_* / JPAGED_* variables without keys or tokens, the versions and devices."""
+    monkeypatch.setattr(server.engine, "engine_args", dataclasses.replace(server.engine.engine_args,
+                                                                          hf_token="hf_secret_value"))
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    monkeypatch.setenv("VLLM_API_KEY", "secret-key-value")
+    monkeypatch.setenv("JPAGED_HF_TOKEN", "secret-token-value")
+    assert httpx.get(server.url + "/server_info").status_code == 401
+    info = httpx.get(server.url + "/server_info?config_format=json", headers=AUTH).json()
+    assert info["engine_args"]["max_num_seqs"] == 8 and info["engine_args"]["hf_token"] is None
+    assert info["engine_args"]["profiler_config"]["profiler"] == "jax"
+    assert info["env"]["VLLM_SERVER_DEV_MODE"] == "1"
+    assert info["system_env"]["jax"] == jax.__version__ and info["system_env"]["devices"]
+    text = httpx.get(server.url + "/server_info", headers=AUTH)
+    assert "max_num_seqs=8" in text.json()["engine_args"]
+    for secret in ("hf_secret_value", "secret-key-value", "secret-token-value"):
+        assert secret not in text.text + json.dumps(info)
+    response = httpx.get(server.url + "/server_info?config_format=yaml", headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "config_format"
 
 
 def test_profile_routes_write_a_trace(server, profile_dir):
