@@ -151,7 +151,8 @@ class LLM:
                 priority: int | list[int] | None = None, use_tqdm: bool = True) -> list[str]:
         """vLLM's: queues the prompts (as generate takes them, checked now) without running them
         and returns their request ids; wait_for_completion() runs them. A generate call meanwhile
-        runs them too but returns only its own outputs. Allowed while scheduling is paused (e.g.
+        runs them too (one engine; a data-parallel front starts them at the wait) but returns only
+        its own outputs. Allowed while scheduling is paused (e.g.
         sleep(level=0)), so a whole batch is queued before the first step. use_tqdm: vLLM's bar
         over the adding, accepted for its signature (adding is immediate here)."""
         if self.host_id != 0:
