@@ -25,6 +25,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# Every Python run here imports this checkout's jpaged, not the one an editable install in $PY's
+# venv points at (a git worktree borrowing another checkout's .venv would measure that checkout).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 CACHE=${CACHE:-$HOME/.cache/jpaged/compare_vllm}
 OUT=${OUT:-$ROOT/bench_results/compare_vllm}
 PHASES=${PHASES:-"offline hf serving"}
