@@ -64,30 +64,47 @@ class StepProfiler:
             self._begin()
 
     def stop(self) -> None:
-        """Ends the trace (writing it) or a delayed start that has not begun."""
-        if self.tracing:
-            jax.profiler.stop_trace()
-            logger.info("profile written under %s (%d engine steps)", self._armed[0], self._steps_traced)
+        """Ends the trace (writing it) or a delayed start that has not begun. ValueError when the
+        trace cannot be written."""
+        directory, tracing = (self._armed or ("", False))[0], self.tracing
         self.tracing = False
         self._armed = None
+        if tracing:
+            try:
+                jax.profiler.stop_trace()
+            except (OSError, RuntimeError) as exc:
+                raise ValueError(f"the JAX profiler could not write its trace under {directory}: {exc}") from exc
+            logger.info("profile written under %s (%d engine steps)", directory, self._steps_traced)
 
     def on_step(self) -> None:
-        """After an engine step that ran a batch: counts down the delay, or the trace's steps."""
+        """After an engine step that ran a batch: counts down the delay, or the trace's steps. A
+        trace that cannot start or be written here is logged and dropped: the step's requests
+        go on."""
         if self._armed is None:
             return
         directory, delay, max_steps = self._armed
-        if not self.tracing:
-            self._armed = (directory, delay - 1, max_steps)
-            if delay - 1 <= 0:
-                self._begin()
-            return
-        self._steps_traced += 1
-        if max_steps and self._steps_traced >= max_steps:
-            self.stop()
+        try:
+            if not self.tracing:
+                self._armed = (directory, delay - 1, max_steps)
+                if delay - 1 <= 0:
+                    self._begin()
+                return
+            self._steps_traced += 1
+            if max_steps and self._steps_traced >= max_steps:
+                self.stop()
+        except ValueError as exc:
+            logger.error("profiling stopped: %s", exc)
+            self._armed = None
 
     def _begin(self) -> None:
-        os.makedirs(self._armed[0], exist_ok=True)
-        jax.profiler.start_trace(self._armed[0])
+        """Starts the armed trace; ValueError (nothing armed any more) when JAX's profiler cannot."""
+        directory = self._armed[0]
+        try:
+            os.makedirs(directory, exist_ok=True)
+            jax.profiler.start_trace(directory)
+        except (OSError, RuntimeError) as exc:
+            self._armed = None
+            raise ValueError(f"the JAX profiler could not start a trace in {directory}: {exc}") from exc
         self.tracing = True
         self._steps_traced = 0
-        logger.info("profiling into %s", self._armed[0])
+        logger.info("profiling into %s", directory)

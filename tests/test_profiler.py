@@ -7,6 +7,7 @@ The server's /start_profile and /stop_profile are in test_server_flags.py.
 
 from pathlib import Path
 
+import jax
 import pytest
 
 from jpaged import LLM, EngineArgs, SamplingParams
@@ -60,6 +61,25 @@ def test_start_and_stop_profile_write_a_trace_of_the_steps(tiny_model_dir, tmp_p
     assert not profiler.tracing
     llm.stop_profile()
     assert traces(tmp_path / "delayed") == []
+
+    # A trace JAX cannot start (another one runs in the process, or the folder cannot be made)
+    # is a ValueError from start_profile, or logged and dropped when a delayed start hits it; the
+    # engine serves on either way.
+    jax.profiler.start_trace(str(tmp_path / "someone_else"))
+    try:
+        with pytest.raises(ValueError, match="could not start a trace"):
+            llm.start_profile("clash")
+        llm.start_profile("clash_later", delay_iterations=1)
+        outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        assert not profiler.tracing and profiler._armed is None
+    finally:
+        jax.profiler.stop_trace()
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="could not start a trace"):
+        llm.start_profile("a_file/below")
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)] == [
+        o.outputs[0].token_ids for o in expected]
 
     llm.llm_engine.profiler = None
     with pytest.raises(ValueError, match="profiling is off"):
