@@ -15,7 +15,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from jpaged.admission import Admission
 from jpaged.config import EngineArgs
@@ -117,9 +117,10 @@ class AsyncLLM:
                 self._aborts.append(request_id)
                 self._wake.set()
 
-    async def abort(self, request_id: str) -> None:
-        """Ends the request; its generator yields a final output with finish_reason "abort"."""
-        self._aborts.append(request_id)
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        """Ends the request (or each of several, as vLLM's takes them); its generator yields a final
+        output with finish_reason "abort". Unknown or finished ids are ignored."""
+        self._aborts.extend([request_id] if isinstance(request_id, str) else request_id)
         self._ensure_thread()
 
     async def add_lora(self, lora_request: LoRARequest) -> bool:

@@ -14,7 +14,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import jax
 
@@ -138,11 +138,12 @@ class DataParallelAsyncLLM:
             self.router.release(index, params.n)
             del self._owners[request_id]
 
-    async def abort(self, request_id: str) -> None:
-        """Ends the request on the replica running it (nothing when the id is unknown)."""
-        index = self._owners.get(request_id)
-        if index is not None:
-            await self.replicas[index].abort(request_id)
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        """Ends the request (or each of several) on the replica running it (nothing for an unknown id)."""
+        for one_id in [request_id] if isinstance(request_id, str) else request_id:
+            index = self._owners.get(one_id)
+            if index is not None:
+                await self.replicas[index].abort(one_id)
 
     def replica_of(self, request_id: str) -> int | None:
         """The index of the replica running `request_id` (None: not running here)."""

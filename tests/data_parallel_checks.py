@@ -110,8 +110,7 @@ def check_abort_reaches_the_owner(front) -> None:
         finally:
             front.admission.max_num_queued_reqs = None
         await front.abort("r0")
-        await front.abort("r1")
-        await front.abort("no-such-request")
+        await front.abort(["r1", "no-such-request"])  # vLLM's form: several ids, unknown ones ignored
         await asyncio.gather(*tasks)
         return outputs, owners
 

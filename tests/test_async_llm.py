@@ -148,12 +148,18 @@ def test_abort_ends_the_stream_with_abort(engine, monkeypatch):
         first = await gen.__anext__()
         await engine.abort("to-abort")
         rest = [out async for out in gen]
-        return first, rest
+        # vLLM's form: several ids at once (unknown ones ignored)
+        gens = [engine.generate({"prompt_token_ids": p}, params, f"many-{i}") for i, p in enumerate(PROMPTS[:2])]
+        firsts = [await g.__anext__() for g in gens]
+        await engine.abort(["many-0", "many-1", "nobody"])
+        ends = [[out async for out in g][-1] for g in gens]
+        return first, rest, firsts, ends
 
-    first, rest = asyncio.run(main())
-    assert not first.finished
+    first, rest, firsts, ends = asyncio.run(main())
+    assert not first.finished and not any(o.finished for o in firsts)
     assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
     assert len(rest[-1].outputs[0].token_ids) < 80
+    assert [(o.finished, o.outputs[0].finish_reason) for o in ends] == [(True, "abort")] * 2
     assert_idle(engine)
 
 
