@@ -227,14 +227,14 @@ class LLM:
         wanted = set(ids)
         finished = {request_id: self._finished_enqueued.pop(request_id) for request_id in ids
                     if request_id in self._finished_enqueued}
-        with _progress_bar(use_tqdm, total=len(ids), initial=len(finished)) as bar:
+        with _Progress(use_tqdm, total=len(ids), initial=len(finished)) as progress:
             while len(finished) < len(ids):
                 for output in self.llm_engine.step():
                     if not output.finished:
                         continue
                     if output.request_id in wanted:
                         finished[output.request_id] = output
-                        bar.update(1)
+                        progress.finished(output)
                     else:
                         self._finished_enqueued[output.request_id] = output
                 if len(finished) < len(ids) and not self.llm_engine.has_unfinished_requests():
@@ -282,17 +282,18 @@ class LLM:
         return results
 
     def _run_data_parallel(self, batch: list[tuple], ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        with _progress_bar(use_tqdm, total=len(batch)) as bar:
-            return _run_to_completion(self._generate_data_parallel(batch, ids, bar))
+        with _Progress(use_tqdm, total=len(batch)) as progress:
+            return _run_to_completion(self._generate_data_parallel(batch, ids, progress))
 
-    async def _generate_data_parallel(self, batch: list[tuple], ids: list[str], bar: tqdm) -> list[RequestOutput]:
+    async def _generate_data_parallel(self, batch: list[tuple], ids: list[str],
+                                      progress: "_Progress") -> list[RequestOutput]:
         """Runs every request through the data-parallel front at once; the first error aborts the rest."""
 
         async def run(prompt, params: SamplingParams, adapter, priority: int, request_id: str) -> RequestOutput:
             async for output in self.data_parallel.generate(prompt, params, request_id, lora_request=adapter,
                                                             priority=priority):
                 final = output
-            bar.update(1)
+            progress.finished(final)
             return final
 
         tasks = [asyncio.create_task(run(*request, request_id)) for request, request_id in zip(batch, ids)]
@@ -360,10 +361,30 @@ class LLM:
         return prompts
 
 
-def _progress_bar(use_tqdm, total: int, initial: int = 0) -> tqdm:
-    """generate's bar over finished prompts; use_tqdm: a bool, or (as vLLM takes it) a tqdm-like class."""
-    bar_class = use_tqdm if callable(use_tqdm) else tqdm
-    return bar_class(total=total, initial=initial, desc="Processed prompts", disable=not use_tqdm, unit="prompt")
+class _Progress:
+    """generate's bar over finished prompts, with vLLM's estimate of input and output tokens/s over
+    the finished ones; use_tqdm: a bool, or (as vLLM takes it) a tqdm-like class."""
+
+    def __init__(self, use_tqdm, total: int, initial: int = 0):
+        bar_class = use_tqdm if callable(use_tqdm) else tqdm
+        self.bar = bar_class(total=total, initial=initial, desc="Processed prompts", disable=not use_tqdm,
+                             unit="prompt")
+        self.prompt_tokens = self.output_tokens = 0
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.close()
+
+    def finished(self, output: RequestOutput) -> None:
+        self.prompt_tokens += len(output.prompt_token_ids or ())
+        self.output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
+        elapsed = 0.0 if self.bar.disable else self.bar.format_dict["elapsed"]
+        if elapsed > 0:
+            self.bar.set_postfix_str(f"est. speed input: {self.prompt_tokens / elapsed:.2f} toks/s, "
+                                     f"output: {self.output_tokens / elapsed:.2f} toks/s", refresh=False)
+        self.bar.update(1)
 
 
 def _show_info_logs() -> None:

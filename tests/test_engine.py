@@ -320,6 +320,7 @@ def test_enqueue_and_wait_for_completion(tiny_llm):
 
     outputs = tiny_llm.wait_for_completion(use_tqdm=RecordingBar)
     assert [(bar.total, bar.n) for bar in bars] == [(3, 3)]  # one of them finished during generate
+    assert "est. speed input: " in bars[0].postfix and " toks/s, output: " in bars[0].postfix  # vLLM's
     assert [o.request_id for o in outputs] == first + second
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert tiny_llm.wait_for_completion(use_tqdm=False) == []
