@@ -155,8 +155,7 @@ class LLM:
         its own outputs. Allowed while scheduling is paused (e.g.
         sleep(level=0)), so a whole batch is queued before the first step. use_tqdm: vLLM's bar
         over the adding, accepted for its signature (adding is immediate here)."""
-        if self.host_id != 0:
-            raise RuntimeError(f"enqueue() runs on host 0 of a multi-host engine; this is host {self.host_id}.")
+        self._check_host("enqueue")
         batch = self._batch(prompts, sampling_params, lora_request, priority)
         ids = [self._new_request_id() for _ in batch]
         if self.data_parallel is not None:  # the front runs requests as tasks: they start in wait_for_completion
@@ -178,9 +177,12 @@ class LLM:
             return self._run_data_parallel(batch, ids, use_tqdm)
         return self._run(ids, use_tqdm)
 
-    def _check_can_run(self, method: str) -> None:
+    def _check_host(self, method: str) -> None:
         if self.host_id != 0:
             raise RuntimeError(f"{method}() runs on host 0 of a multi-host engine; this is host {self.host_id}.")
+
+    def _check_can_run(self, method: str) -> None:
+        self._check_host(method)
         if self.is_sleeping():
             raise RuntimeError(f"the engine is asleep: call wake_up() before {method}().")
 

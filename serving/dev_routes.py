@@ -18,9 +18,6 @@ from serving.context import ServingContext
 from serving.errors import APIError
 from serving.protocol import AbortRequestsRequest, StartProfileRequest
 
-PAUSE_MODES = ("abort", "wait", "keep")
-
-
 def _query_bool(request: Request, name: str, default: bool) -> bool:
     """A boolean query parameter as FastAPI (vLLM) reads it: true/false, 1/0, yes/no, on/off."""
     value = request.query_params.get(name)
@@ -44,10 +41,11 @@ async def pause(request: Request) -> JSONResponse:
     paused wait; mode "abort" ends those in flight, "wait" lets them finish first (the reply
     comes then), "keep" freezes them; clear_cache (not with "keep") empties the prefix cache."""
     ctx = _ready_context(request)
-    mode = request.query_params.get("mode", "abort")
-    if mode not in PAUSE_MODES:
-        raise APIError(f"mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}.", param="mode")
-    await ctx.engine.pause_generation(mode=mode, clear_cache=_query_bool(request, "clear_cache", True))
+    clear_cache = _query_bool(request, "clear_cache", True)
+    try:  # the engine checks the mode (LLMEngine.pause)
+        await ctx.engine.pause_generation(mode=request.query_params.get("mode", "abort"), clear_cache=clear_cache)
+    except ValueError as exc:
+        raise APIError(f"pause: {exc}", param="mode") from None
     return JSONResponse({"status": "paused"})
 
 
