@@ -10,6 +10,8 @@ import json
 import os
 import re
 
+from jpaged.reasoning import REASONING_MARKERS, check_reasoning_config
+
 # On CPU the KV pool lives in host memory; this is its budget when --kv-cache-memory is unset.
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
 # On CPU the host's work between decode steps is ~10% of a small model's step (docs/performance.md);
@@ -260,6 +262,15 @@ class EngineArgs:
         "POST /start_profile, /stop_profile (vLLM's flag): '{\"profiler\": \"jax\", \"jax_profiler_dir\": "
         "\"/abs/dir\"}' writes traces of the engine's steps there (TensorBoard, Perfetto); optional "
         "\"delay_iterations\" and \"max_iterations\" count steps.", type=json_object)
+    reasoning_parser: str | None = _field(
+        None, "The reasoning model's markers: the server splits its chat replies into `reasoning` (the "
+        "<think>...</think> text) and content, and requests may set thinking_token_budget. 'deepseek_r1' "
+        "(DeepSeek-R1 and its distills) or 'qwen3'.", type=str, choices=sorted(REASONING_MARKERS))
+    reasoning_config: dict | None = _field(
+        None, "JSON object of the reasoning markers thinking_token_budget counts between (vLLM's flag): "
+        "'{\"reasoning_start_str\": \"<think>\", \"reasoning_end_str\": \"</think>\"}'; each "
+        "defaults to --reasoning-parser's. reasoning_end_str is what is forced once the budget runs out "
+        "(it may lead into the end marker with a phrase).", type=json_object)
     trust_remote_code: bool = _field(
         False, "Accepted for vLLM compatibility; jpaged runs no model code from the hub and refuses a "
         "model whose config needs it.")
@@ -386,6 +397,10 @@ class EngineArgs:
             from jpaged.profiler import check_profiler_config  # imports jax: only when one is given
 
             check_profiler_config(self.profiler_config)
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_MARKERS:
+            raise ValueError(f"reasoning_parser={self.reasoning_parser!r} is not one of {sorted(REASONING_MARKERS)}.")
+        if self.reasoning_config is not None:
+            check_reasoning_config(self.reasoning_config)
         if self.override_generation_config is not None and not isinstance(self.override_generation_config, dict):
             raise ValueError("override_generation_config must be a dict of generation_config.json fields, got "
                              f"{self.override_generation_config!r}.")

@@ -26,6 +26,7 @@ from jpaged.models.quantization import param_bytes
 from jpaged.outputs import (ITERATION_TOKENS_BUCKETS, CompletionOutput, EngineStats, Logprob, RequestMetrics,
                              RequestOutput)
 from jpaged.profiler import StepProfiler
+from jpaged.reasoning import ThinkingBudget, reasoning_tokens
 from jpaged.request_validation import InvalidRequestError, RequestValidator
 from jpaged.runner import build_runner, device_platform, packs_gguf_blocks
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
@@ -59,6 +60,7 @@ class _Sample:
     cumulative_logprob: float = 0.0
     matcher: object | None = None  # llguidance LLMatcher of a structured-outputs request, fed every output token
     grammar_started: bool = True  # False until the output holds structured_outputs.after_token_ids
+    thinking_budget: ThinkingBudget | None = None  # of a thinking_token_budget request, fed every output token
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     # What outputs already carried (text: DELTA only):
@@ -195,6 +197,7 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(self.tokenizer.hf, self.model_config.vocab_size,
                                                          self.model_config.eos_token_ids)
         self.validator = RequestValidator.from_engine_args(args, self.model_config.vocab_size, self.max_model_len)
+        self.reasoning_tokens = reasoning_tokens(args.reasoning_parser, args.reasoning_config, self.tokenizer)
         if args.enforce_eager:
             logger.info("enforce_eager: no precompilation; each step shape compiles on first use")
         else:
@@ -250,6 +253,10 @@ class LLMEngine:
         block_hash_seed = block_pool.block_hash_seed(adapter_digest, _cache_salt(prompt, cache_salt))
         if params.structured_outputs is not None:
             self.structured_output.compile(params.structured_outputs)  # ValueError before anything is queued
+        if params.thinking_token_budget is not None and self.reasoning_tokens is None:
+            raise InvalidRequestError("thinking_token_budget is set but reasoning_config is not configured. Please "
+                                      "set --reasoning-parser and/or --reasoning-config to use thinking_token_budget.",
+                                      param="thinking_token_budget")
         base_seed = params.seed if params.seed is not None else int(self._seed_stream.integers(0, 2**31))
         parent = _Parent(request_id, prompt_text, prompt_ids, params, [],
                          [None] if params.prompt_logprobs is not None else None)
@@ -277,6 +284,9 @@ class LLMEngine:
                 if params.structured_outputs is not None:
                     sample.matcher = self.structured_output.new_matcher(params.structured_outputs)
                     sample.grammar_started = params.structured_outputs.after_token_ids is None
+                if params.thinking_token_budget is not None:
+                    sample.thinking_budget = ThinkingBudget(self.reasoning_tokens, params.thinking_token_budget,
+                                                            prompt_ids)
                 parent.samples.append(sample)
                 self._samples[child_id] = (parent, sample)
         except ValueError:
@@ -581,6 +591,8 @@ class LLMEngine:
             self._append_token(sample, request, result, rows[request.request_id])
             if sample.matcher is not None and sample.finish_reason is None:
                 self._advance_grammar(sample, request)
+            if sample.thinking_budget is not None:
+                sample.thinking_budget.append(request.output_token_ids[-1])
             touched.setdefault(parent.request_id, (parent, []))[1].append(sample)
         outputs = []
         for parent, samples in touched.values():
@@ -590,16 +602,18 @@ class LLMEngine:
         return outputs
 
     def _token_bitmask(self, scheduled) -> np.ndarray | None:
-        """The allowed tokens of the rows sampled this step under a grammar, allowed_token_ids or
-        bad_words (None when there are none)."""
-        grammar_rows, restricted = [], []
+        """The allowed tokens of the rows sampled this step under a grammar, allowed_token_ids,
+        bad_words or a thinking budget's forced token (None when there are none)."""
+        grammar_rows, restricted, forced = [], [], []
         for i, r in enumerate(scheduled):
             parent, sample = self._samples[r.request_id]
             if r.sample and sample.matcher is not None and sample.grammar_started:
                 grammar_rows.append((i, sample.matcher, r.sampling_params.stop_token_ids))
             if r.sample and r.sampling_params.restricts_tokens:
                 restricted.append((i, parent, sample.request))
-        if not grammar_rows and not restricted:
+            if r.sample and sample.thinking_budget is not None and sample.thinking_budget.forced_token() is not None:
+                forced.append((i, sample.thinking_budget.forced_token()))
+        if not grammar_rows and not restricted and not forced:
             return None
         if grammar_rows:
             bitmask = self.structured_output.fill_bitmask(grammar_rows, len(scheduled))
@@ -609,6 +623,8 @@ class LLMEngine:
             if parent.allowed_bitmask is not None:
                 bitmask[i] &= parent.allowed_bitmask
             clear_bits(bitmask[i], banned_tokens(parent.bad_words_token_ids, request.output_token_ids))
+        for i, token_id in forced:
+            bitmask[i] = allowed_bitmask([token_id], self.model_config.vocab_size)
         return bitmask
 
     def _lora_slots(self, scheduled) -> list[int] | None:

@@ -100,8 +100,13 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (jpaged.structured_output)
     # End the request when its output starts repeating itself (a dict of the fields is accepted too).
     repetition_detection: RepetitionDetectionParams | None = None
+    # Most reasoning tokens before the end marker is forced (jpaged/reasoning.py); -1 or None: no limit.
+    # Needs the engine's reasoning_parser or reasoning_config.
+    thinking_token_budget: int | None = None
 
     def __post_init__(self) -> None:
+        if type(self.thinking_token_budget) is int and self.thinking_token_budget == -1:
+            self.thinking_token_budget = None
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -172,6 +177,10 @@ class SamplingParams:
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}.")
+        budget = self.thinking_token_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError("thinking_token_budget must be a non-negative integer or -1 for unlimited, "
+                             f"got {budget!r}.")
         if isinstance(self.repetition_detection, dict):
             unknown = sorted(set(self.repetition_detection) - {f.name for f in dataclasses.fields(
                 RepetitionDetectionParams)})

@@ -29,7 +29,6 @@ from jpaged.loaders import DEFAULT_MODEL
 from serving.app import DEFAULT_MAX_HEADER_BYTES, CORSSettings, build_app, h11_buffer_bytes
 from serving.context import DEFAULT_MAX_PROMPTS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, ServingContext
 from serving.errors import APIError
-from serving.reasoning_parsers import REASONING_PARSERS
 from serving.response_store import DEFAULT_CAPACITY as RESPONSES_STORE_CAPACITY
 from serving.tool_parsers import TOOL_PARSERS
 
@@ -154,10 +153,6 @@ def make_parser() -> argparse.ArgumentParser:
                              "(a Python list of calls, [f(a=1), g(b='x')], as Llama 3.2/4 pythonic "
                              "templates ask) or 'mistral' ([TOOL_CALLS] then the calls, as Mistral "
                              "models write them).")
-    server.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
-                        help="Split a reasoning model's replies into `reasoning` (the <think>...</think> "
-                             "text) and content, in chat and /v1/responses: 'deepseek_r1' (DeepSeek-R1 "
-                             "and its distills) or 'qwen3'.")
     server.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                         help="With tool_choice 'none', render the chat template without the request's "
                              "tools (by default the model still sees them, as in vLLM).")
@@ -303,7 +298,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_keys: li
                          enable_auto_tool_choice=args.enable_auto_tool_choice,
                          tool_call_parser=args.tool_call_parser,
                          enable_responses_store=args.enable_responses_store,
-                         reasoning_parser=args.reasoning_parser, response_role=args.response_role,
+                         reasoning_parser=engine_args.reasoning_parser, response_role=args.response_role,
                          return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                          enable_prompt_tokens_details=args.enable_prompt_tokens_details,
                          enable_force_include_usage=args.enable_force_include_usage,

@@ -7,7 +7,9 @@ A conversation that ends with an assistant turn is continued, not answered: Anth
 the reply holding only the continuation. Client tools (`input_schema`) become chat functions,
 `tool_choice` auto / any / tool / none chat's auto / required / named / none (the chat route's
 rules and flags then apply), `output_config.format` a JSON-schema response_format, and
-`thinking: {"type": "disabled"}` the chat template's `enable_thinking: false`.
+`thinking: {"type": "disabled"}` the chat template's `enable_thinking: false`, and `{"type":
+"enabled", "budget_tokens": B}` a thinking_token_budget of B (vLLM's; the server needs
+--reasoning-parser or --reasoning-config for it).
 
 The reply is a `message`: a `thinking` block (with --reasoning-parser), a `text` block and one
 `tool_use` block per parsed call; `stop_reason` is end_turn, max_tokens, stop_sequence (with the
@@ -82,7 +84,8 @@ class MessagesRequest(SamplingFields):
                 raise APIError(f"{name} is not a field of the Messages API{hint}.", param=name)
         messages, continue_final = chat_messages(self.system, self.messages)
         template_kwargs = dict(self.chat_template_kwargs or {})
-        if _thinking_type(self.thinking, self.max_tokens) == "disabled":
+        thinking = _thinking_type(self.thinking, self.max_tokens)
+        if thinking == "disabled":
             template_kwargs.setdefault("enable_thinking", False)
         fields = self.model_dump(include=set(SamplingFields.model_fields) - set(_NOT_MESSAGES_FIELDS),
                                  exclude_unset=True)
@@ -92,6 +95,8 @@ class MessagesRequest(SamplingFields):
                       add_generation_prompt=not continue_final)
         if self.tool_choice is not None:
             fields["tool_choice"], fields["parallel_tool_calls"] = _chat_tool_choice(self.tool_choice)
+        if thinking == "enabled":  # vLLM's: enforced as thinking_token_budget (needs --reasoning-parser)
+            fields["thinking_token_budget"] = self.thinking["budget_tokens"]
         try:
             return ChatCompletionRequest.model_validate(fields)
         except ValidationError as exc:

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer
 
 from jpaged.beam_search import BeamSearchParams
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
@@ -37,7 +37,7 @@ UNSUPPORTED_EXTRA_FIELDS: dict[str, Any] = {
     "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_embeds": None,
     "guided_decoding_backend": None, "guided_whitespace_pattern": None,
     "documents": None, "echo_last_message": False,
-    "thinking_token_budget": None, "logprob_token_ids": None, "watermarking": None, "return_token_offsets": False,
+    "logprob_token_ids": None, "watermarking": None, "return_token_offsets": False,
     "return_prompt_text": None, "media_io_kwargs": None, "return_mm_kwargs": None, "ec_transfer_params": None,
 }
 
@@ -51,6 +51,7 @@ BEAM_SEARCH_UNUSED_FIELDS: dict[str, tuple] = {
     "prompt_logprobs": (None,), "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,),
     "guided_choice": (None,), "guided_grammar": (None,), "response_format": (None, {"type": "text"}),
     "allowed_token_ids": (None,), "bad_words": (None, []), "repetition_detection": (None,),
+    "thinking_token_budget": (None, -1),
 }
 
 
@@ -102,6 +103,8 @@ class SamplingFields(BaseModel):
     stream_interval: int | None = Field(None, ge=1)  # streamed tokens per chunk (raises --stream-interval)
     # end a reply that repeats itself: {"max_pattern_size", "min_pattern_size", "min_count"}
     repetition_detection: dict[str, Any] | None = None
+    # most reasoning tokens before `</think>` is forced; needs --reasoning-parser or --reasoning-config
+    thinking_token_budget: StrictInt | None = None
 
     def check_unsupported_extras(self) -> None:
         """400 naming each vLLM extra field this request sets that jpaged does not implement;
@@ -188,6 +191,7 @@ class SamplingFields(BaseModel):
                 output_kind=output_kind,
                 stream_interval=self.stream_interval,
                 repetition_detection=self.repetition_detection,
+                thinking_token_budget=self.thinking_token_budget,
             )
         except ValueError as exc:
             field = str(exc).split(" ", 1)[0]

@@ -17,7 +17,9 @@ the text decides it), so a stream sends the differences.
 import dataclasses
 from typing import Any
 
-START, END = "<think>", "</think>"
+from jpaged.reasoning import REASONING_MARKERS
+
+START, END = REASONING_MARKERS["deepseek_r1"]  # qwen3's are the same
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -18,6 +18,7 @@ from jpaged import LLM, EngineArgs, SamplingParams, kv_pool
 from jpaged.buckets import Buckets
 from jpaged.models import llama
 from jpaged.models.config import ModelConfig
+from jpaged.reasoning import reasoning_tokens
 from jpaged.sampling_params import RequestOutputKind
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -383,6 +384,56 @@ def test_repetition_detection_ends_a_looping_output(tiny_llm):
         SamplingParams(repetition_detection={"max_pattern_size": 2, "min_pattern_size": 3, "min_count": 2})
     with pytest.raises(ValueError, match="unknown fields"):
         SamplingParams(repetition_detection={"max_pattern": 2})
+
+
+def test_thinking_token_budget_forces_the_end_marker(tiny_llm, monkeypatch):
+    """vLLM's thinking_token_budget: once a reply has `budget` reasoning tokens after the latest
+    start marker (the prompt's count), reasoning_end_str's tokens are forced one by one; before
+    that the tokens are the free run's (greedy, and each of n seeded samples), after it those of
+    a free run from the prompt plus what came so far. A reasoning the prompt already closed is not
+    limited. No compiles, no leaked blocks; refused without reasoning markers."""
+    engine = tiny_llm.llm_engine
+    budget_params = SamplingParams(max_tokens=4, thinking_token_budget=2)
+    with pytest.raises(ValueError, match="reasoning_config is not configured"):
+        engine.add_request("no-markers", {"prompt_token_ids": [5, 6]}, budget_params)
+    assert "no-markers" not in engine.scheduler.requests
+    markers = reasoning_tokens(None, {"reasoning_start_str": "<think>", "reasoning_end_str": "So: </think>"},
+                               engine.tokenizer)
+    assert len(markers.end) > 1 and markers.natural_end == markers.end
+    monkeypatch.setattr(engine, "reasoning_tokens", markers)
+    base = mixed_prompts()[2]
+    opened = base + list(markers.start) + [300, 301]  # the prompt opens the reasoning: 2 tokens so far
+    closed = opened + list(markers.end) + [302]  # ... and closes it
+    plain = {"prompt_token_ids": base}
+    greedy = dict(temperature=0, max_tokens=24, ignore_eos=True)
+    free = tiny_llm.generate([{"prompt_token_ids": opened}, {"prompt_token_ids": closed}, plain],
+                             SamplingParams(**greedy), use_tqdm=False)
+    free = [o.outputs[0].token_ids for o in free]
+    seeded = dict(temperature=1.0, seed=7, n=2, max_tokens=12, ignore_eos=True)
+    free_seeded = [c.token_ids for c in tiny_llm.generate({"prompt_token_ids": opened}, SamplingParams(**seeded),
+                                                          use_tqdm=False)[0].outputs]
+    with count_compiles() as compiles:
+        limited = tiny_llm.generate([{"prompt_token_ids": opened}, {"prompt_token_ids": closed}, plain,
+                                     {"prompt_token_ids": opened}],
+                                    [SamplingParams(**greedy, thinking_token_budget=b) for b in (5, 0, 1, 0)],
+                                    use_tqdm=False)
+        limited_seeded = tiny_llm.generate({"prompt_token_ids": opened},
+                                           SamplingParams(**seeded, thinking_token_budget=4), use_tqdm=False)
+    assert not compiles
+    end = list(markers.end)
+    thought = free[0][:3]  # 2 reasoning tokens in the prompt, 3 more reach the budget of 5
+    rest = tiny_llm.generate({"prompt_token_ids": opened + thought + end},
+                             SamplingParams(**{**greedy, "max_tokens": 24 - 3 - len(end)}), use_tqdm=False)
+    assert limited[0].outputs[0].token_ids == thought + end + rest[0].outputs[0].token_ids
+    assert limited[1].outputs[0].token_ids == free[1]  # the prompt closed its reasoning
+    assert limited[2].outputs[0].token_ids == free[2]  # no start marker at all
+    assert limited[3].outputs[0].token_ids[:len(end)] == end  # over budget already: forced at once
+    for completion, alone in zip(limited_seeded[0].outputs, free_seeded):
+        assert completion.token_ids[:2 + len(end)] == alone[:2] + end
+    assert_pool_free(tiny_llm)
+    with pytest.raises(ValueError, match="thinking_token_budget must be a non-negative integer or -1"):
+        SamplingParams(thinking_token_budget=-2)
+    assert SamplingParams(thinking_token_budget=-1).thinking_token_budget is None
 
 
 def test_multi_step_rounds_give_the_tokens_of_single_steps(tiny_model_dir, tiny_llm):

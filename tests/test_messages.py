@@ -115,6 +115,7 @@ def test_request_fields_map_to_the_chat_request():
     thinking = MessagesRequest(model="m", max_tokens=2000, messages=[{"role": "user", "content": "Hi"}],
                                thinking={"type": "enabled", "budget_tokens": 1024})
     assert thinking.to_chat_request().chat_template_kwargs is None
+    assert thinking.to_chat_request().thinking_token_budget == 1024  # vLLM's: the budget is enforced
 
 
 @pytest.mark.parametrize("content, fragment", [

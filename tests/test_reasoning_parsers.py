@@ -12,8 +12,10 @@ from openai.types.responses import Response
 from test_responses import RESPONSES_TOOLS, _events, _post, server  # noqa: F401 (server: the fixture)
 
 from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jpaged.reasoning import reasoning_tokens
 from jpaged.sampling_params import RequestOutputKind
-from serving.reasoning_parsers import REASONING_PARSERS, ReasoningStream, reasoning_parser_for, reasoning_token_count
+from serving.reasoning_parsers import (END, REASONING_PARSERS, START, ReasoningStream, reasoning_parser_for,
+                                      reasoning_token_count)
 from server_harness import MODEL_NAME
 from test_server import AUTH
 
@@ -223,3 +225,28 @@ def test_mistral_tool_calls_keep_special_tokens(server, scripted, monkeypatch): 
     assert requests[-1].skip_special_tokens is False
     _chat(server, False, tools=tools, tool_choice="none")
     assert requests[-1].skip_special_tokens is True
+
+
+def test_thinking_token_budget_over_http(server, monkeypatch):  # noqa: F811
+    """thinking_token_budget through /v1/completions: a 400 naming the flags while the engine has
+    no reasoning markers; with deepseek_r1's, a prompt that opened `<think>` gets the free run's
+    first `budget` tokens, then `</think>`'s tokens, in the ids and in the text."""
+    tokenizer = server.ctx.tokenizer
+    start = tokenizer.encode(START, add_special_tokens=False)
+    body = {"model": MODEL_NAME, "prompt": tokenizer.encode("Is it so?", add_special_tokens=False) + start,
+            "max_tokens": 12, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+
+    def complete(**fields):
+        return httpx.post(server.url + "/v1/completions", json={**body, **fields}, headers=AUTH, timeout=60)
+
+    refused = complete(thinking_token_budget=3)
+    assert refused.status_code == 400, refused.text
+    assert "--reasoning-parser" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["param"] == "thinking_token_budget"
+    markers = reasoning_tokens("deepseek_r1", None, tokenizer)
+    monkeypatch.setattr(server.engine.engine, "reasoning_tokens", markers)
+    free = complete().json()["choices"][0]
+    limited = complete(thinking_token_budget=3).json()["choices"][0]
+    end = list(markers.end)
+    assert limited["token_ids"][:3 + len(end)] == free["token_ids"][:3] + end
+    assert limited["text"].startswith(tokenizer.decode(free["token_ids"][:3]) + END)

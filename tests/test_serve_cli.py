@@ -26,7 +26,8 @@ ENGINE_FLAGS = ["--max-model-len", "--block-size", "--gpu-memory-utilization", "
                 "--max-stop-sequences", "--max-stop-token-ids", "--max-n", "--logprobs-mode", "--stream-interval",
                 "--kv-cache-memory-bytes", "--hf-overrides", "--disable-sliding-window", "--tokenizer-revision",
                 "--tokenizer-mode", "--enable-sleep-mode", "--hf-token",
-                "--override-generation-config", "--profiler-config"]
+                "--override-generation-config", "--profiler-config", "--reasoning-parser",
+                "--reasoning-config"]
 SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-template",
                 "--max-request-bytes", "--graceful-shutdown-timeout", "--trust-request-chat-template",
                 "--max-header-bytes", "--max-prompts-per-request", "--allowed-origins", "--allow-credentials",

@@ -75,10 +75,12 @@ def _priority_key(request: Request) -> tuple[int, float]:
 def _samples_ahead(request: Request) -> bool:
     """Whether the request's next tokens can be sampled without the host in between: the
     sampler needs neither entries (penalties, logit_bias, min_tokens masks) nor logprobs, and no
-    token bitmask (a grammar, allowed_token_ids, bad_words) limits the tokens."""
+    token bitmask (a grammar, allowed_token_ids, bad_words, a thinking_token_budget) limits the
+    tokens."""
     params = request.sampling_params
     return (params.logprobs is None and not params.logit_bias and params.structured_outputs is None
             and not params.restricts_tokens and request.num_output_tokens >= params.min_tokens
+            and params.thinking_token_budget is None
             and not params.has_penalties)
 
 
@@ -87,9 +89,9 @@ def _verifies_drafts(request: Request) -> bool:
     would there. Sampler entries (penalties, logit_bias, min_tokens) are computed per row with
     the drafts before it counted (step_metadata.row_entries), and allowed_token_ids is the same
     mask in every row; a grammar's or bad_words' mask depends on the tokens before it, which the
-    host builds one token at a time."""
+    host builds one token at a time, as is a thinking_token_budget's forced end marker."""
     params = request.sampling_params
-    return params.structured_outputs is None and not params.bad_words
+    return params.structured_outputs is None and not params.bad_words and params.thinking_token_budget is None
 
 
 @dataclasses.dataclass
