@@ -80,6 +80,10 @@ def make_parser() -> argparse.ArgumentParser:
                              "2 required; with --ssl-ca-certs).")
     server.add_argument("--ssl-ciphers", default=None,
                         help="Cipher suites for HTTPS up to TLS 1.2, in OpenSSL's format (default: uvicorn's).")
+    server.add_argument("--enable-scale-out", action="store_true",
+                        help="Serve vLLM's token-in / token-out API: POST /inference/v1/generate (token ids and "
+                             "SamplingParams fields in, token ids out) and /inference/v1/abort_requests; without "
+                             "it they answer 403, as in vLLM.")
     server.add_argument("--enable-log-requests", action="store_true",
                         help="Log one line per request: its id, prompt length and sampling parameters "
                              "(the prompt only with --max-log-len).")
@@ -329,7 +333,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, api_keys: li
                     enable_server_load_tracking=args.enable_server_load_tracking, root_path=args.root_path or "",
                     enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
                     enable_sleep_mode=args.enable_sleep_mode, server_dev_mode=server_dev_mode,
-                    enable_profiler=engine_args.profiler_config is not None)
+                    enable_profiler=engine_args.profiler_config is not None, enable_scale_out=args.enable_scale_out)
     config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, log_level=args.uvicorn_log_level,
                             lifespan="off", h11_max_incomplete_event_size=h11_buffer_bytes(args.max_header_bytes),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,

@@ -24,6 +24,7 @@ from serving.context import ServingContext, parse_json
 from serving.dev_routes import DEV_ROUTES, PROFILE_ROUTES
 from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
+from serving.generate_tokens import abort_generate_requests, create_generate, scale_out_disabled
 from serving.messages import count_message_tokens, create_message
 from serving.protocol import (DetokenizeRequest, DetokenizeResponse, LoadLoRAAdapterRequest, ModelCard, ModelList,
                               TokenizeRequest, TokenizeResponse, UnloadLoRAAdapterRequest, UpdateWeightsRequest)
@@ -47,8 +48,8 @@ def _digest(value: bytes) -> bytes:
 
 # Routes that reach the model; /health, /ping, /version and /metrics stay open, as in vLLM.
 # /invocations is guarded too (vLLM leaves it open, a limitation its docs warn about).
-GUARDED_PREFIXES = ("/v1", "/invocations", "/tokenize", "/tokenizer_info", "/detokenize", "/update_weights_from_disk",
-                    "/sleep", "/wake_up", "/is_sleeping", *(route.path for route in DEV_ROUTES + PROFILE_ROUTES))
+GUARDED_PREFIXES = ("/v1", "/inference", "/invocations", "/tokenize", "/tokenizer_info", "/detokenize",
+                    "/update_weights_from_disk", "/sleep", "/wake_up", "/is_sleeping", *(route.path for route in DEV_ROUTES + PROFILE_ROUTES))
 
 
 class RootPathMiddleware:
@@ -347,12 +348,14 @@ def build_app(ctx: ServingContext, *, api_keys: list[str] | None = None, cors: C
               max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, enable_request_id_headers: bool = False,
               enable_server_load_tracking: bool = False, root_path: str = "",
               enable_tokenizer_info_endpoint: bool = False, enable_sleep_mode: bool = False,
-              server_dev_mode: bool = False, enable_profiler: bool = False) -> Starlette:
+              server_dev_mode: bool = False, enable_profiler: bool = False,
+              enable_scale_out: bool = False) -> Starlette:
     """The ASGI app serving `ctx`'s engine; `api_keys` (if any) guard GUARDED_PREFIXES, `cors`
     (if set) answers browsers' cross-origin requests; enable_lora_updating routes
     /v1/load_lora_adapter and /v1/unload_lora_adapter, server_dev_mode (VLLM_SERVER_DEV_MODE)
     serving/dev_routes.py's, enable_profiler (the engine's profiler_config) /start_profile and
-    /stop_profile; the other keywords are the server's flags of those names."""
+    /stop_profile, enable_scale_out (--enable-scale-out) serving/generate_tokens.py's routes (else
+    they answer 403); the other keywords are the server's flags of those names."""
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/ping", health, methods=["GET", "POST"]),  # vLLM's (SageMaker's) name for the same check
@@ -372,6 +375,10 @@ def build_app(ctx: ServingContext, *, api_keys: list[str] | None = None, cors: C
         Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
     ]
+    routes += [Route("/inference/v1/generate", create_generate if enable_scale_out else scale_out_disabled,
+                     methods=["POST"]),
+               Route("/inference/v1/abort_requests",
+                     abort_generate_requests if enable_scale_out else scale_out_disabled, methods=["POST"])]
     if enable_sleep_mode:
         routes += [Route("/sleep", sleep, methods=["POST"]), Route("/wake_up", wake_up, methods=["POST"]),
                    Route("/is_sleeping", is_sleeping, methods=["GET"])]

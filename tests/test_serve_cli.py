@@ -39,7 +39,7 @@ SERVER_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--chat-
                 "--exclude-tools-when-tool-choice-none", "--shutdown-timeout", "--uds",
                 "--enable-tokenizer-info-endpoint", "--chat-template-content-format", "--config", "--ssl-cert-reqs",
                 "--ssl-ciphers", "--disable-access-log-for-endpoints", "--enable-log-outputs", "--log-level",
-                "--sse-keep-alive-interval", "--enable-log-deltas"]
+                "--sse-keep-alive-interval", "--enable-log-deltas", "--enable-scale-out"]
 # Small buckets, so that only two programs compile: one forward shape and one sampler.
 SMALL_ENGINE = ["--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "16",
                 "--num-gpu-blocks-override", "32"]

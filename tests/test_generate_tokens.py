@@ -1,0 +1,194 @@
+"""POST /inference/v1/generate (vLLM's token-in / token-out API) on the tiny random model.
+
+Oracles: the dense no-cache greedy loop for the token ids; the tokenizer for output_mode "text";
+the same seeded request whole and streamed; vLLM 0.32's field names (its GenerateResponse and
+stream chunk models, read from its source); the engine's stats for freed KV blocks.
+"""
+
+import json
+import threading
+
+import httpx
+import pytest
+from test_server import AUTH, dense_greedy, tiny_model  # noqa: F401 (tiny_model: a fixture)
+
+from jpaged.config import EngineArgs
+from server_harness import MODEL_NAME, ThreadedServer, wait_until_idle
+
+PROMPT = [504, 1142, 314, 253, 1837, 30, 216, 4917, 28, 1142]
+# vLLM's GenerateTokensResponse.model_dump() keys, and its choices'
+RESPONSE_KEYS = {"request_id", "model", "created", "usage", "prompt_logprobs", "prompt_token_id_logprobs",
+                 "prompt_token_ids", "mm_placeholders", "metrics", "kv_transfer_params", "ec_transfer_params",
+                 "output_mode", "choices"}
+CHOICE_KEYS = {"index", "finish_reason", "stop_reason", "token_ids", "routed_experts", "sampling_mask",
+               "weight_versions", "logprobs"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    args = EngineArgs(model=str(tiny_model_dir), max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+                      num_gpu_blocks_override=64, compilation_cache_dir="")
+    srv = ThreadedServer(args, app_kwargs={"enable_scale_out": True, "server_dev_mode": True})  # dev: /pause
+    yield srv
+    srv.stop()
+
+
+def _generate(server, headers=None, **body) -> httpx.Response:
+    return httpx.post(server.url + "/inference/v1/generate", json={"token_ids": PROMPT, **body},
+                      headers={**AUTH, **(headers or {})}, timeout=120)
+
+
+def _chunks(response: httpx.Response) -> list[dict]:
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert lines[-1] == "data: [DONE]", lines[-1]
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_greedy_tokens_match_the_dense_oracle(server, tiny_model):  # noqa: F811
+    """Token ids in, token ids out: the dense loop's greedy tokens, vLLM's response fields, the
+    reply id from X-Request-Id, usage, the prompt's ids with return_token_ids; max_tokens unset
+    is generation_config's, not SamplingParams' 16."""
+    response = _generate(server, headers={"X-Request-Id": "rl-7"}, return_token_ids=True, model=MODEL_NAME,
+                         sampling_params={"temperature": 0, "max_tokens": 20, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert set(data) == RESPONSE_KEYS and data["output_mode"] == "tokens"
+    assert data["request_id"] == "generate-tokens-rl-7" and data["model"] == MODEL_NAME
+    (choice,) = data["choices"]
+    assert set(choice) == CHOICE_KEYS
+    expected = dense_greedy(tiny_model, PROMPT, 20)
+    assert choice["token_ids"] == expected
+    assert (choice["finish_reason"], choice["stop_reason"], choice["logprobs"]) == ("length", None, None)
+    assert data["prompt_token_ids"] == PROMPT
+    assert data["usage"]["prompt_tokens"] == len(PROMPT) and data["usage"]["completion_tokens"] == 20
+    assert data["usage"]["total_tokens"] == len(PROMPT) + 20
+    server.ctx.generation_defaults["max_tokens"] = 24
+    try:
+        unset = _generate(server, sampling_params={"temperature": 0, "ignore_eos": True}).json()["choices"][0]
+    finally:
+        del server.ctx.generation_defaults["max_tokens"]
+    assert unset["token_ids"] == dense_greedy(tiny_model, PROMPT, 24)
+    wait_until_idle(server)
+
+
+def test_text_mode_and_logprobs(server, tiny_model):  # noqa: F811
+    """output_mode "text": the text is the tokens' decoding, logprobs in chat's shape; tokens mode
+    gives the same logprobs keyed by token id, the sampled token first in top_logprobs."""
+    params = {"temperature": 0, "max_tokens": 6, "ignore_eos": True, "logprobs": 2}
+    text = _generate(server, output_mode="text", sampling_params=params).json()
+    tokens = _generate(server, sampling_params=params).json()
+    assert text["output_mode"] == "text" and "text" in text["choices"][0] and "text" not in tokens["choices"][0]
+    ids = tokens["choices"][0]["token_ids"]
+    assert ids == text["choices"][0]["token_ids"] == dense_greedy(tiny_model, PROMPT, 6)
+    assert text["choices"][0]["text"] == server.ctx.tokenizer.decode(ids)
+    text_steps = text["choices"][0]["logprobs"]["content"]
+    token_steps = tokens["choices"][0]["logprobs"]["content"]
+    for token_id, text_step, step in zip(ids, text_steps, token_steps, strict=True):
+        assert step["token_id"] == token_id and step["rank"] == 1  # greedy: the best token
+        assert step["logprob"] == pytest.approx(text_step["logprob"])
+        assert text_step["token"] == server.ctx.tokenizer.decode([token_id])
+        assert [t["token_id"] for t in step["top_logprobs"]][0] == token_id and len(step["top_logprobs"]) == 2
+        assert [t["logprob"] for t in step["top_logprobs"]] == pytest.approx([t["logprob"] for t in
+                                                                             text_step["top_logprobs"]])
+    wait_until_idle(server)
+
+
+def test_stream_gives_the_whole_replys_tokens(server):
+    """Streamed, n=2 seeded samples: each index's chunks add up to the whole reply's tokens;
+    vLLM's chunk fields (prompt_token_ids in the first only), continuous usage per chunk and a
+    last usage chunk without choices."""
+    params = {"temperature": 1.0, "seed": 11, "n": 2, "max_tokens": 9, "ignore_eos": True}
+    whole = _generate(server, sampling_params=params).json()["choices"]
+    streamed = _generate(server, stream=True, return_token_ids=True, sampling_params=params,
+                         stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert streamed.status_code == 200, streamed.text
+    chunks = _chunks(streamed)
+    *pieces, last = chunks
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 18
+    assert set(pieces[0]) == {"request_id", "usage", "output_mode", "choices", "prompt_token_ids"}
+    assert pieces[0]["prompt_token_ids"] == PROMPT
+    assert all(set(chunk) == {"request_id", "usage", "output_mode", "choices"} for chunk in pieces[1:])
+    tokens, finish = {0: [], 1: []}, {}
+    for chunk in pieces:
+        (choice,) = chunk["choices"]
+        tokens[choice["index"]] += choice["token_ids"]
+        assert chunk["usage"]["completion_tokens"] == len(tokens[choice["index"]])
+        finish[choice["index"]] = choice["finish_reason"] or finish.get(choice["index"])
+    assert [tokens[c["index"]] for c in whole] == [c["token_ids"] for c in whole]
+    assert finish == {0: "length", 1: "length"}
+    wait_until_idle(server)
+
+
+def test_abort_by_the_reply_id(server):
+    """/inference/v1/abort_requests ends a streamed request by the id its chunks carry; an empty
+    list ends nothing; a body without request_ids is a 400. The request is held by /pause?mode=keep
+    (the tiny model would finish it before any abort arrives)."""
+    result = {}
+
+    def run():
+        result["response"] = _generate(server, headers={"X-Request-Id": "long"}, stream=True,
+                                       sampling_params={"temperature": 0, "max_tokens": 200, "ignore_eos": True})
+
+    def post(path, **kwargs):
+        return httpx.post(server.url + path, headers=AUTH, timeout=30, **kwargs)
+
+    assert post("/pause?mode=keep").status_code == 200
+    thread = threading.Thread(target=run)
+    try:
+        thread.start()
+        while not server.ctx.in_flight:
+            thread.join(0.01)
+        assert post("/inference/v1/abort_requests", json={"request_ids": []}).status_code == 200
+        missing = post("/inference/v1/abort_requests", json={})
+        assert missing.status_code == 400 and "request_ids" in missing.json()["error"]["message"]
+        thread.join(0.3)
+        assert list(server.ctx.in_flight.values()) == ["generate-tokens-long"]
+        abort = post("/inference/v1/abort_requests", json={"request_ids": ["generate-tokens-long"]})
+        assert abort.status_code == 200 and abort.content == b""
+        thread.join(60)
+    finally:
+        assert post("/resume").status_code == 200
+    chunks = _chunks(result["response"])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "abort"
+    assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 0
+    wait_until_idle(server)
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"sampling_params": {"temperature": 0, "beam": 2}}, 400, "unknown fields ['beam']"),
+    ({"sampling_params": {"logprob_token_ids": [3]}}, 400, "sampling_params.logprob_token_ids is not supported"),
+    ({"sampling_params": {"flat_logprobs": False, "output_kind": 2, "max_tokens": 1}}, 200, ""),
+    ({"sampling_params": {"temperature": -1}}, 400, "temperature must be non-negative"),
+    ({"sampling_params": {"n": "two"}}, 400, "sampling_params"),
+    ({"sampling_params": {"structured_outputs": {"regex": "a", "backend": "x"}}}, 400, "backend"),
+    ({"sampling_params": {"detokenize": False}, "output_mode": "text"}, 400, "requires sampling_params.detokenize"),
+    ({"sampling_params": {}, "features": {"mm_hashes": {}}}, 400, "features is not supported"),
+    ({"sampling_params": {}, "kv_transfer_params": {"do_remote_decode": True}}, 400, "kv_transfer_params"),
+    ({"sampling_params": {}, "token_ids": []}, 400, "token_ids"),
+    ({"sampling_params": {}, "token_ids": [-1]}, 400, "token_ids"),
+    ({"sampling_params": {}, "token_ids": [10**7]}, 400, "token_ids"),
+    ({"sampling_params": {"max_tokens": 300}}, 400, "maximum context length"),
+    ({}, 422, "sampling_params"),
+    ({"sampling_params": {}, "model": "other"}, 404, "other"),
+])
+def test_bad_requests(server, body, status, fragment):
+    response = _generate(server, **body)
+    assert response.status_code == status, response.text
+    if status != 200:
+        assert fragment in response.json()["error"]["message"]
+    wait_until_idle(server)
+
+
+def test_disabled_without_the_flag(tiny_model_dir):
+    """Without --enable-scale-out both routes answer vLLM's 403."""
+    args = EngineArgs(model=str(tiny_model_dir), max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16,
+                      num_gpu_blocks_override=16, compilation_cache_dir="", enforce_eager=True)
+    srv = ThreadedServer(args)
+    try:
+        for path, body in (("/inference/v1/generate", {"token_ids": [1], "sampling_params": {}}),
+                           ("/inference/v1/abort_requests", {"request_ids": ["x"]})):
+            response = httpx.post(srv.url + path, json=body, headers=AUTH)
+            assert response.status_code == 403 and "--enable-scale-out" in response.json()["error"]["message"]
+        assert httpx.post(srv.url + "/inference/v1/generate", json={}).status_code == 401  # the key guards it
+    finally:
+        srv.stop()
