@@ -103,6 +103,9 @@ class SamplingParams:
     # Most reasoning tokens before the end marker is forced (jpaged/reasoning.py); -1 or None: no limit.
     # Needs the engine's reasoning_parser or reasoning_config.
     thinking_token_budget: int | None = None
+    # True: this request finds no prefix in the cache (its blocks are still cached for later
+    # ones); None: True exactly when prompt_logprobs is set (they need every prompt token computed).
+    skip_reading_prefix_cache: bool | None = None
 
     def __post_init__(self) -> None:
         if type(self.thinking_token_budget) is int and self.thinking_token_budget == -1:
@@ -122,6 +125,8 @@ class SamplingParams:
             self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
         self.bad_words = [] if self.bad_words is None else list(dict.fromkeys(self.bad_words))
         self._verify_args()
+        if self.skip_reading_prefix_cache is None:
+            self.skip_reading_prefix_cache = self.prompt_logprobs is not None
         if self.temperature < _SAMPLING_EPS:
             self.temperature = 0.0
             self.top_p = 1.0
@@ -177,6 +182,9 @@ class SamplingParams:
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}.")
+        if self.skip_reading_prefix_cache is False and self.prompt_logprobs is not None:
+            raise ValueError("skip_reading_prefix_cache cannot be False with prompt_logprobs: they need every "
+                             "prompt token computed.")
         budget = self.thinking_token_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
             raise ValueError("thinking_token_budget must be a non-negative integer or -1 for unlimited, "

@@ -43,7 +43,7 @@ _UNSUPPORTED_FIELDS: dict[str, tuple] = {
 _UNSUPPORTED_SAMPLING_FIELDS: dict[str, tuple | None] = {
     "watermarking": (None,), "prompt_logprob_token_ids": (None,), "prompt_logprob_start": (None, 0),
     "logprob_token_ids": (None,), "flat_logprobs": (False,), "extra_args": (None, {}),
-    "skip_reading_prefix_cache": (None, False), "routed_experts_prompt_start": (0,),
+"routed_experts_prompt_start": (0,),
     "trace_decode_token_ids": (None,), "output_text_buffer_length": (0,), "output_kind": None, "skip_clone": None,
 }
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {"output_kind"}

@@ -510,6 +510,23 @@ def test_cache_salt_shares_prefix_blocks_only_within_a_salt(tiny_llm):
     assert_pool_free(tiny_llm)
 
 
+def test_skip_reading_prefix_cache(tiny_llm):
+    """vLLM's skip_reading_prefix_cache: such a request finds no cached prefix (a later one still
+    finds its blocks); unset it is True exactly with prompt_logprobs, which cannot have it False."""
+    prompt = {"prompt_token_ids": list(range(500, 540))}  # 2 full blocks of 16 tokens, then 8
+    greedy = dict(temperature=0, max_tokens=4, ignore_eos=True)
+    skip = SamplingParams(**greedy, skip_reading_prefix_cache=True)
+    outputs = [tiny_llm.generate(prompt, params, use_tqdm=False)[0]
+               for params in (skip, skip, SamplingParams(**greedy), SamplingParams(**greedy, prompt_logprobs=1))]
+    assert [output.num_cached_tokens for output in outputs] == [0, 0, 32, 0]
+    assert len({tuple(output.outputs[0].token_ids) for output in outputs}) == 1
+    assert SamplingParams(prompt_logprobs=0).skip_reading_prefix_cache is True
+    assert SamplingParams().skip_reading_prefix_cache is False
+    with pytest.raises(ValueError, match="skip_reading_prefix_cache cannot be False with prompt_logprobs"):
+        SamplingParams(prompt_logprobs=1, skip_reading_prefix_cache=False)
+    assert_pool_free(tiny_llm)
+
+
 def test_stream_interval_sends_the_first_token_then_every_nth_and_the_finish(tiny_llm):
     """vLLM's stream interval: streamed (DELTA) outputs carry a sample's first token at once, then
     `interval` new tokens each, then the rest with the finish; joined, they are the unbatched

@@ -58,9 +58,11 @@ class KVCacheManager:
         a lone token would be computed with decode arithmetic, other bits than the same token
         got in the chunk that cached it (docs/kernels_cpu.md, "Batch invariance"). So a prompt
         that hits in full recomputes its last block, and one of 16k + 1 tokens its last two
-        blocks' tokens. Requests with prompt_logprobs skip the cache.
+        blocks' tokens. Requests with skip_reading_prefix_cache (by default those with
+        prompt_logprobs) find nothing.
         """
-        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+        params = request.sampling_params
+        if not self.enable_caching or params.skip_reading_prefix_cache or params.prompt_logprobs is not None:
             return [], 0
         hashes = self._update_block_hashes(request)
         max_hit_blocks = max(request.num_tokens - 2, 0) // self.block_size
