@@ -122,8 +122,7 @@ class ChatJob:
         prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
         self.prompt_ids = ctx.truncate_prompt(prompt_ids, body.truncate_prompt_tokens, body.truncation_side)
         self.request_id = request_id or f"chatcmpl-{client_request_id or uuid.uuid4().hex}"
-        # A client's id may repeat; the engine's must not.
-        engine_id = self.request_id if client_request_id is None else f"{self.request_id}-{uuid.uuid4().hex[:8]}"
+        engine_id = ctx.engine_request_id(self.request_id, client_request_id)
         self.as_token_ids = (ctx.return_tokens_as_token_ids if body.return_tokens_as_token_ids is None
                              else body.return_tokens_as_token_ids)
         self.created = int(time.time())

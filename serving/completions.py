@@ -189,8 +189,7 @@ class _CompletionJob:
             for prompt in self.prompts:
                 prompt.decode_for_echo(ctx, body.truncate_prompt_tokens is not None)
         self.request_id = f"cmpl-{client_request_id or uuid.uuid4().hex}"
-        # A client's id may repeat; the engine's must not.
-        engine_id = self.request_id if client_request_id is None else f"{self.request_id}-{uuid.uuid4().hex[:8]}"
+        engine_id = ctx.engine_request_id(self.request_id, client_request_id)
         self.created = int(time.time())
         self.choices = [[_Choice(ctx, body, p, i * body.n + j) for j in range(body.n)]
                         for i, p in enumerate(self.prompts)]

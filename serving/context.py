@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Any, TypeVar
@@ -92,6 +93,12 @@ class ServingContext:
         """The id a client named for its request (vLLM's rule: the X-Request-Id header, else the
         body's `request_id`); None when it named none."""
         return request.headers.get("x-request-id") or body_request_id or None
+
+    @staticmethod
+    def engine_request_id(reply_id: str, client_request_id: str | None) -> str:
+        """The engine's id for a reply's request: the reply's id, with a random suffix when the
+        client named it (a client's id may repeat; the engine's must not)."""
+        return reply_id if client_request_id is None else f"{reply_id}-{uuid.uuid4().hex[:8]}"
 
     def prompt_tokens_details(self, cached_tokens: int) -> PromptTokensDetails | None:
         """usage.prompt_tokens_details: only with --enable-prompt-tokens-details (vLLM's default)."""

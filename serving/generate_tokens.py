@@ -197,8 +197,7 @@ class _GenerateJob:
         ctx.check_token_ids(body.token_ids, "token_ids")
         ctx.validate(body.token_ids, params, "token_ids")
         self.request_id = f"generate-tokens-{client_request_id or uuid.uuid4().hex}"
-        # A client's id may repeat; the engine's must not.
-        engine_id = self.request_id if client_request_id is None else f"{self.request_id}-{uuid.uuid4().hex[:8]}"
+        engine_id = ctx.engine_request_id(self.request_id, client_request_id)
         self.text_mode = body.output_mode == "text"
         self.outputs = ctx.generate(body.token_ids, params, engine_id, arrival_time, ctx.lora_request(model_name),
                                     body.priority, body.cache_salt, reply_id=self.request_id)
