@@ -10,14 +10,13 @@ Multimodal `features` / `content_parts`, disaggregated `kv_transfer_params` /
 naming them.
 """
 
-import dataclasses
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StrictInt
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -27,7 +26,7 @@ from jpaged.structured_output import StructuredOutputsParams
 from serving.context import ServingContext
 from serving.errors import APIError
 from serving.logprobs import MIN_LOGPROB, chat_logprobs, prompt_logprobs
-from serving.protocol import ChatLogprobs, PromptLogprobs, StreamOptions, UsageInfo
+from serving.protocol import INT32_MAX, ChatLogprobs, PromptLogprobs, StreamOptions, UsageInfo
 from serving.streaming import CLIENT_CLOSED_REQUEST, SSE_DONE, prepend, sse_error, start_stream, unless_disconnected
 
 SCALE_OUT_DISABLED = ("Scale-out endpoints are disabled. Restart python -m jpaged.serve with --enable-scale-out "
@@ -46,7 +45,42 @@ _UNSUPPORTED_SAMPLING_FIELDS: dict[str, tuple | None] = {
 "routed_experts_prompt_start": (0,),
     "trace_decode_token_ids": (None,), "output_text_buffer_length": (0,), "output_kind": None, "skip_clone": None,
 }
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {"output_kind"}
+
+
+class GenerateSamplingParams(BaseModel):
+    """SamplingParams' fields as JSON types (the checks of their values are SamplingParams'); the
+    extra fields are vLLM's, refused unless off (_UNSUPPORTED_SAMPLING_FIELDS), or unknown."""
+
+    model_config = ConfigDict(extra="allow")
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = Field(0, le=INT32_MAX)  # the engine packs it as int32
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    stream_interval: int | None = None
+    structured_outputs: dict[str, Any] | None = None
+    repetition_detection: dict[str, Any] | None = None
+    thinking_token_budget: StrictInt | None = None
+    skip_reading_prefix_cache: bool | None = None
 
 
 class GenerateRequest(BaseModel):
@@ -54,7 +88,7 @@ class GenerateRequest(BaseModel):
 
     request_id: str | None = None  # the reply's id is generate-tokens-<X-Request-Id header, else this>
     token_ids: list[NonNegativeInt] = Field(min_length=1)
-    sampling_params: dict[str, Any]  # SamplingParams' fields, vLLM's names
+    sampling_params: GenerateSamplingParams  # vLLM's SamplingParams field names
     model: str | None = None
     return_token_ids: bool | None = None  # the reply carries the prompt's ids (streamed: the first chunk)
     output_mode: Literal["tokens", "text"] = "tokens"
@@ -134,12 +168,12 @@ def _check_off(values: dict[str, Any], unsupported: dict[str, tuple | None], pre
 def _sampling_params(ctx: ServingContext, body: GenerateRequest) -> SamplingParams:
     """body.sampling_params as SamplingParams: max_tokens, when not given, generation_config's or
     up to the context (vLLM's server default, not SamplingParams' 16); 400 naming a bad field."""
-    fields = dict(body.sampling_params)
-    unknown = sorted(set(fields) - _SAMPLING_FIELDS - set(_UNSUPPORTED_SAMPLING_FIELDS))
+    extra = body.sampling_params.model_extra or {}
+    unknown = sorted(set(extra) - set(_UNSUPPORTED_SAMPLING_FIELDS))
     if unknown:
         raise APIError(f"sampling_params has unknown fields {unknown}.", param="sampling_params")
-    _check_off(fields, _UNSUPPORTED_SAMPLING_FIELDS, "sampling_params.")
-    fields = {name: value for name, value in fields.items() if name in _SAMPLING_FIELDS}
+    _check_off(extra, _UNSUPPORTED_SAMPLING_FIELDS, "sampling_params.")
+    fields = body.sampling_params.model_dump(exclude_unset=True, exclude=set(extra))
     if "max_tokens" not in fields:
         fields["max_tokens"] = ctx.generation_defaults.get("max_tokens")
     try:

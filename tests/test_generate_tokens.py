@@ -5,6 +5,7 @@ the same seeded request whole and streamed; vLLM 0.32's field names (its Generat
 stream chunk models, read from its source); the engine's stats for freed KV blocks.
 """
 
+import dataclasses
 import json
 import threading
 
@@ -13,6 +14,8 @@ import pytest
 from test_server import AUTH, dense_greedy, tiny_model  # noqa: F401 (tiny_model: a fixture)
 
 from jpaged.config import EngineArgs
+from jpaged.sampling_params import SamplingParams
+from serving.generate_tokens import GenerateSamplingParams
 from server_harness import MODEL_NAME, ThreadedServer, wait_until_idle
 
 PROMPT = [504, 1142, 314, 253, 1837, 30, 216, 4917, 28, 1142]
@@ -159,7 +162,7 @@ def test_abort_by_the_reply_id(server):
     ({"sampling_params": {"logprob_token_ids": [3]}}, 400, "sampling_params.logprob_token_ids is not supported"),
     ({"sampling_params": {"flat_logprobs": False, "output_kind": 2, "max_tokens": 1}}, 200, ""),
     ({"sampling_params": {"temperature": -1}}, 400, "temperature must be non-negative"),
-    ({"sampling_params": {"n": "two"}}, 400, "sampling_params"),
+    ({"sampling_params": {"n": "two"}}, 422, "sampling_params.n"),
     ({"sampling_params": {"structured_outputs": {"regex": "a", "backend": "x"}}}, 400, "backend"),
     ({"sampling_params": {"detokenize": False}, "output_mode": "text"}, 400, "requires sampling_params.detokenize"),
     ({"sampling_params": {}, "features": {"mm_hashes": {}}}, 400, "features is not supported"),
@@ -169,6 +172,10 @@ def test_abort_by_the_reply_id(server):
     ({"sampling_params": {}, "token_ids": [10**7]}, 400, "token_ids"),
     ({"sampling_params": {"max_tokens": 300}}, 400, "maximum context length"),
     ({}, 422, "sampling_params"),
+    ({"sampling_params": {"seed": "x"}}, 422, "seed"),
+    ({"sampling_params": {"logit_bias": [1]}}, 422, "logit_bias"),
+    ({"sampling_params": {"min_tokens": 10**30, "max_tokens": 4}}, 400, "min_tokens"),
+    ({"sampling_params": {"logprobs": 10**30}}, 400, "logprobs"),
     ({"sampling_params": {}, "model": "other"}, 404, "other"),
 ])
 def test_bad_requests(server, body, status, fragment):
@@ -177,6 +184,12 @@ def test_bad_requests(server, body, status, fragment):
     if status != 200:
         assert fragment in response.json()["error"]["message"]
     wait_until_idle(server)
+
+
+def test_sampling_fields_are_samplingparams_fields():
+    """The route's typed sampling_params cover SamplingParams' fields (output_kind is the server's)."""
+    assert set(GenerateSamplingParams.model_fields) == {f.name for f in dataclasses.fields(SamplingParams)} - {
+        "output_kind"}
 
 
 def test_disabled_without_the_flag(tiny_model_dir):
