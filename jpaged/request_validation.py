@@ -58,6 +58,10 @@ class RequestValidator:
         self.check_limits(params)
         self.check_token_ids(prompt_token_ids, prompt_param)
         self.check_context_length(len(prompt_token_ids), params.max_tokens, prompt_param)
+        room = self.max_model_len - len(prompt_token_ids)
+        if params.max_tokens is None and params.min_tokens > room:  # vLLM's check of the resolved max_tokens
+            raise InvalidRequestError(f"min_tokens must be less than or equal to max_tokens={room}, got "
+                                      f"{params.min_tokens}.", param="min_tokens")
         self._check_vocab("stop_token_ids", params.stop_token_ids)
         self._check_vocab("logit_bias", list(params.logit_bias or ()))
         self._check_vocab("allowed_token_ids", params.allowed_token_ids or [])

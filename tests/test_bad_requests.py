@@ -104,6 +104,8 @@ CORPUS = {
     "logprobs_over_limit": ("POST", CMPL, cmpl(logprobs=6), 400, ["logprobs is 6", "--max-logprobs"]),
     "logprobs_negative": ("POST", CMPL, cmpl(logprobs=-1), 400, ["logprobs"]),
     "min_tokens_over_max_tokens": ("POST", CMPL, cmpl(min_tokens=3), 400, ["min_tokens"]),
+    "min_tokens_over_the_context": ("POST", CHAT, chat(max_tokens=None, min_tokens=10**6), 400,
+                                    ["min_tokens must be less than or equal to max_tokens="]),
     "seed_string": ("POST", CMPL, cmpl(seed="abc"), 422, ["seed"]),
     "stream_string": ("POST", CMPL, cmpl(stream="yes please"), 422, ["stream"]),
     # --- stop and logit_bias lists

@@ -175,6 +175,8 @@ def test_abort_by_the_reply_id(server):
     ({"sampling_params": {"seed": "x"}}, 422, "seed"),
     ({"sampling_params": {"logit_bias": [1]}}, 422, "logit_bias"),
     ({"sampling_params": {"min_tokens": 10**30, "max_tokens": 4}}, 400, "min_tokens"),
+    ({"sampling_params": {"min_tokens": 247}}, 400, "min_tokens must be less than or equal to max_tokens=246"),
+    ({"sampling_params": {"min_tokens": 246, "ignore_eos": True}}, 200, ""),
     ({"sampling_params": {"logprobs": 10**30}}, 400, "logprobs"),
     ({"sampling_params": {}, "model": "other"}, 404, "other"),
 ])
