@@ -18,14 +18,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.chat import create_chat_completion, render_chat_prompt
-from serving.completions import create_completion
+from serving.chat import create_chat_completion, render_chat_completion, render_chat_prompt
+from serving.completions import create_completion, render_completion
 from serving.context import ServingContext, parse_json
 from serving.dev_routes import DEV_ROUTES, PROFILE_ROUTES
 from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
 from serving.generate_tokens import abort_generate_requests, create_generate, scale_out_disabled
-from serving.messages import count_message_tokens, create_message
+from serving.messages import count_message_tokens, create_message, render_message
 from serving.protocol import (DetokenizeRequest, DetokenizeResponse, LoadLoRAAdapterRequest, ModelCard, ModelList,
                               TokenizeRequest, TokenizeResponse, UnloadLoRAAdapterRequest, UpdateWeightsRequest)
 from serving.responses import cancel_response, create_response, delete_response, retrieve_response
@@ -49,7 +49,8 @@ def _digest(value: bytes) -> bytes:
 # Routes that reach the model; /health, /ping, /version and /metrics stay open, as in vLLM.
 # /invocations is guarded too (vLLM leaves it open, a limitation its docs warn about).
 GUARDED_PREFIXES = ("/v1", "/inference", "/invocations", "/tokenize", "/tokenizer_info", "/detokenize",
-                    "/update_weights_from_disk", "/sleep", "/wake_up", "/is_sleeping", *(route.path for route in DEV_ROUTES + PROFILE_ROUTES))
+                    "/update_weights_from_disk", "/sleep", "/wake_up", "/is_sleeping",
+                    *(route.path for route in DEV_ROUTES + PROFILE_ROUTES))
 
 
 class RootPathMiddleware:
@@ -375,10 +376,11 @@ def build_app(ctx: ServingContext, *, api_keys: list[str] | None = None, cors: C
         Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
     ]
-    routes += [Route("/inference/v1/generate", create_generate if enable_scale_out else scale_out_disabled,
-                     methods=["POST"]),
-               Route("/inference/v1/abort_requests",
-                     abort_generate_requests if enable_scale_out else scale_out_disabled, methods=["POST"])]
+    scale_out = {"/inference/v1/generate": create_generate, "/inference/v1/abort_requests": abort_generate_requests,
+                 "/v1/chat/completions/render": render_chat_completion, "/v1/completions/render": render_completion,
+                 "/v1/messages/render": render_message}
+    routes += [Route(path, handler if enable_scale_out else scale_out_disabled, methods=["POST"])
+               for path, handler in scale_out.items()]
     if enable_sleep_mode:
         routes += [Route("/sleep", sleep, methods=["POST"]), Route("/wake_up", wake_up, methods=["POST"]),
                    Route("/is_sleeping", is_sleeping, methods=["GET"])]

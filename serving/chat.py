@@ -13,6 +13,7 @@ from jpaged.sampling_params import RequestOutputKind
 from jpaged.tokenizer import message_text
 from serving.context import ServingContext
 from serving.errors import APIError
+from serving.generate_tokens import generate_request
 from serving.logprobs import chat_logprobs, prompt_logprobs
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
@@ -81,16 +82,33 @@ async def create_chat_completion(request: Request) -> Response:
     return await (job.stream(request) if body.stream else job.complete(request))
 
 
-class ChatJob:
-    """One validated chat request: the rendered prompt and its engine stream (also what
-    /v1/responses and /v1/messages run; serving/responses.py and serving/messages.py shape their
-    replies)."""
+async def render_chat_completion(request: Request) -> JSONResponse:
+    """POST /v1/chat/completions/render (--enable-scale-out, vLLM's): the GenerateRequest this chat
+    request becomes for /inference/v1/generate (the reply's tool calls and reasoning are then the
+    client's to parse)."""
+    ctx: ServingContext = request.app.state.ctx
+    body = await ctx.read_body(request, ChatCompletionRequest)
+    ctx.check_model(body.model)
+    _check_request(body)
+    return JSONResponse(render_generate_request(ctx, body, ctx.client_request_id(request, body.request_id)))
 
-    def __init__(self, ctx: ServingContext, body: ChatCompletionRequest, model_name: str, arrival_time: float,
-                 request_id: str | None = None, prompt_param: str = "messages", client_request_id: str | None = None):
-        """`request_id`: the reply's id (default: `chatcmpl-` and `client_request_id`, the id the
-        client named, or a new one); `prompt_param`: the field a prompt over the context is blamed on."""
-        self.ctx, self.body, self.model_name = ctx, body, model_name
+
+def render_generate_request(ctx: ServingContext, body: ChatCompletionRequest, client_request_id: str | None) -> dict:
+    """The GenerateRequest JSON of a chat request (its checks run as when it is served)."""
+    if body.use_beam_search:
+        raise APIError("Beam search is not supported by the render endpoint.", param="use_beam_search")
+    rendered = ChatPrompt(ctx, body)
+    ctx.validate(rendered.prompt_ids, rendered.params, "messages")
+    request_id = f"chatcmpl-{client_request_id or uuid.uuid4().hex}"
+    return generate_request(ctx, request_id, rendered.prompt_ids, rendered.params, body)
+
+
+class ChatPrompt:
+    """A chat request rendered for the engine: its prompt's token ids and SamplingParams, and the
+    tool plan and reasoning parser its reply is read with (what ChatJob runs, and what
+    /v1/chat/completions/render returns)."""
+
+    def __init__(self, ctx: ServingContext, body: ChatCompletionRequest):
         self.tool_plan = plan_tools(body, enable_auto_tool_choice=ctx.enable_auto_tool_choice,
                                     tool_call_parser=ctx.tool_call_parser)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -114,13 +132,29 @@ class ChatJob:
             template_kwargs["tools"] = self.tool_plan.tools
         prompt = render_chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template,
                                     template_kwargs, body.continue_final_message)
+        prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
+        self.prompt_ids = ctx.truncate_prompt(prompt_ids, body.truncate_prompt_tokens, body.truncation_side)
+
+
+class ChatJob:
+    """One validated chat request: the rendered prompt and its engine stream (also what
+    /v1/responses and /v1/messages run; serving/responses.py and serving/messages.py shape their
+    replies)."""
+
+    def __init__(self, ctx: ServingContext, body: ChatCompletionRequest, model_name: str, arrival_time: float,
+                 request_id: str | None = None, prompt_param: str = "messages", client_request_id: str | None = None):
+        """`request_id`: the reply's id (default: `chatcmpl-` and `client_request_id`, the id the
+        client named, or a new one); `prompt_param`: the field a prompt over the context is blamed on."""
+        self.ctx, self.body, self.model_name = ctx, body, model_name
+        rendered = ChatPrompt(ctx, body)
+        self.tool_plan, self.reasoning_parser = rendered.tool_plan, rendered.reasoning_parser
+        self.num_top, self.prompt_ids = rendered.num_top, rendered.prompt_ids
+        self.params = params = rendered.params
         self.role = body.reply_role(ctx.response_role)
         last = body.messages[-1]
         # echo: the reply repeats the last message first when it is the reply's own role (vLLM's rule).
         echoes = body.echo and last.role == self.role
         self.echoed = message_text(last.to_template_message()["content"]) if echoes else ""
-        prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
-        self.prompt_ids = ctx.truncate_prompt(prompt_ids, body.truncate_prompt_tokens, body.truncation_side)
         self.request_id = request_id or f"chatcmpl-{client_request_id or uuid.uuid4().hex}"
         engine_id = ctx.engine_request_id(self.request_id, client_request_id)
         self.as_token_ids = (ctx.return_tokens_as_token_ids if body.return_tokens_as_token_ids is None

@@ -12,6 +12,7 @@ from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.context import ServingContext
 from serving.errors import APIError
+from serving.generate_tokens import generate_request
 from serving.logprobs import completion_logprobs, prompt_logprobs
 from serving.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                               CompletionResponse, UsageInfo)
@@ -167,6 +168,29 @@ async def create_completion(request: Request) -> Response:
     _check_request(body)
     job = _CompletionJob(ctx, body, model_name, arrival_time, ctx.client_request_id(request, body.request_id))
     return await (job.stream(request) if body.stream else job.complete(request))
+
+
+async def render_completion(request: Request) -> JSONResponse:
+    """POST /v1/completions/render (--enable-scale-out, vLLM's): one GenerateRequest per prompt
+    for /inference/v1/generate (ids cmpl-<id>, or cmpl-<id>-<i> for several prompts)."""
+    ctx: ServingContext = request.app.state.ctx
+    body = await ctx.read_body(request, CompletionRequest)
+    ctx.check_model(body.model)
+    _check_request(body)
+    for name, used in (("use_beam_search", body.use_beam_search), ("echo", body.echo),
+                       ("best_of", body.best_of is not None and body.best_of > body.n)):
+        if used:
+            raise APIError(f"{name} is not supported by the render endpoint.", param=name)
+    params = _sampling_params(ctx, body, RequestOutputKind.FINAL_ONLY)
+    ctx.check_limits(params)
+    prompts = _prompt_list(body.prompt)
+    ctx.check_num_prompts(len(prompts))
+    rendered = [_Prompt(ctx, p, body) for p in prompts]
+    for prompt in rendered:
+        ctx.validate(prompt.token_ids, params, "prompt")
+    base = f"cmpl-{ctx.client_request_id(request, body.request_id) or uuid.uuid4().hex}"
+    return JSONResponse([generate_request(ctx, base if len(rendered) == 1 else f"{base}-{i}", prompt.token_ids,
+                                          params, body) for i, prompt in enumerate(rendered)])
 
 
 class _CompletionJob:

@@ -3,13 +3,15 @@ vLLM; without it the route answers 403). A prompt as token ids and vLLM's Sampli
 in; the sampled token ids out (with `output_mode: "text"` their text too), whole or streamed as
 server-sent events. For RL rollouts and front ends that render prompts and read tokens
 themselves: no chat template, no generation_config defaults but max_tokens', and logprobs keyed
-by token id. POST /inference/v1/abort_requests ends requests by the ids the replies carry.
+by token id. POST /inference/v1/abort_requests ends requests by the ids the replies carry; the
+/v1/*/render routes (serving/chat.py, completions.py, messages.py) build requests for it.
 
 Multimodal `features` / `content_parts`, disaggregated `kv_transfer_params` /
 `ec_transfer_params` and the sampling fields jpaged lacks (`logprob_token_ids`, ...) are 400s
 naming them.
 """
 
+import dataclasses
 import json
 import time
 import uuid
@@ -205,6 +207,24 @@ def _token_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_t
         content.append(GenerateLogProbsContent(token_id=token_id, logprob=clamp(chosen.logprob),
                                                rank=chosen.rank or None, top_logprobs=top))
     return GenerateLogProbs(content=content)
+
+
+def generate_request(ctx: ServingContext, request_id: str, token_ids: list[int], params: SamplingParams,
+                     body) -> dict:
+    """The GenerateRequest JSON a rendered chat, messages or completions request (`body`) becomes
+    (vLLM's /v1/*/render): the prompt's ids and its SamplingParams, max_tokens resolved (unset:
+    up to the context), ready for /inference/v1/generate."""
+    fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams) if f.name != "output_kind"}
+    for name in ("structured_outputs", "repetition_detection"):
+        if fields[name] is not None:
+            fields[name] = dataclasses.asdict(fields[name])
+    if fields["max_tokens"] is None:
+        fields["max_tokens"] = ctx.max_model_len - len(token_ids)
+    request = GenerateRequest(request_id=request_id, token_ids=token_ids,
+                              sampling_params=GenerateSamplingParams(**fields), model=body.model, stream=body.stream,
+                              stream_options=body.stream_options if body.stream else None,
+                              cache_salt=body.cache_salt, priority=body.priority)
+    return request.model_dump(mode="json")
 
 
 async def create_generate(request: Request) -> Response:

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from jpaged.outputs import RequestOutput
-from serving.chat import ChatJob, render_chat_prompt, shows_tools
+from serving.chat import ChatJob, render_chat_prompt, render_generate_request, shows_tools
 from serving.context import ServingContext
 from serving.errors import APIError, validation_error
 from serving.protocol import ChatCompletionRequest, DeltaToolCall, SamplingFields
@@ -264,6 +264,17 @@ async def create_message(request: Request) -> Response:
         return await (job.stream(request) if body.stream else job.complete(request))
     except APIError as exc:
         return _error_response(exc)
+
+
+async def render_message(request: Request) -> JSONResponse:
+    """POST /v1/messages/render (--enable-scale-out, vLLM's): the GenerateRequest a Messages
+    request becomes, through the chat request it is served as (errors in OpenAI's shape, as
+    vLLM's render routes answer)."""
+    ctx: ServingContext = request.app.state.ctx
+    body = await ctx.read_body(request, MessagesRequest)
+    ctx.check_model(body.model)
+    return JSONResponse(render_generate_request(ctx, body.to_chat_request(),
+                                                ctx.client_request_id(request, body.request_id)))
 
 
 async def count_message_tokens(request: Request) -> Response:

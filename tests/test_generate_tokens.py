@@ -157,6 +157,59 @@ def test_abort_by_the_reply_id(server):
     wait_until_idle(server)
 
 
+GENERATE_REQUEST_KEYS = {"request_id", "token_ids", "token_offsets", "features", "content_parts", "sampling_params",
+                         "model", "reasoning_ended", "reasoning_parser_kwargs", "return_token_ids", "output_mode",
+                         "stream", "stream_options", "cache_salt", "priority", "kv_transfer_params",
+                         "ec_transfer_params"}
+MESSAGES = [{"role": "user", "content": "Name a colour."}]
+
+
+def _post(server, path: str, body: dict, headers=None) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, headers={**AUTH, **(headers or {})}, timeout=120)
+
+
+def test_render_then_generate_is_the_chat_reply(server):
+    """/v1/chat/completions/render gives vLLM's GenerateRequest: the prompt the chat route runs and
+    its sampling fields (max_tokens unset: up to the context); sent to /inference/v1/generate it
+    gives the chat reply's tokens. /v1/messages/render goes through the same chat request."""
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "temperature": 0, "max_tokens": 7, "seed": 3,
+            "logit_bias": {"11": 2.5}, "stop": ["zz"]}
+    rendered = _post(server, "/v1/chat/completions/render", body, {"X-Request-Id": "r1"})
+    assert rendered.status_code == 200, rendered.text
+    request = rendered.json()
+    assert set(request) == GENERATE_REQUEST_KEYS and request["request_id"] == "chatcmpl-r1"
+    assert request["sampling_params"]["max_tokens"] == 7 and request["sampling_params"]["logit_bias"] == {"11": 2.5}
+    chat = _post(server, "/v1/chat/completions", {**body, "return_token_ids": True}).json()
+    assert request["token_ids"] == chat["prompt_token_ids"]
+    generated = _post(server, "/inference/v1/generate", request).json()
+    assert generated["choices"][0]["token_ids"] == chat["choices"][0]["token_ids"]
+    unset = _post(server, "/v1/chat/completions/render", {"messages": MESSAGES}).json()
+    assert unset["sampling_params"]["max_tokens"] == 256 - len(unset["token_ids"])
+    messages = _post(server, "/v1/messages/render", {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 7,
+                                                     "temperature": 0}).json()
+    assert messages["token_ids"] == request["token_ids"] and messages["request_id"].startswith("chatcmpl-")
+    wait_until_idle(server)
+
+
+def test_completions_render_one_request_per_prompt(server, tiny_model):  # noqa: F811
+    rendered = _post(server, "/v1/completions/render", {"prompt": [PROMPT, PROMPT[:5]], "max_tokens": 5,
+                                                          "temperature": 0, "ignore_eos": True},
+                     {"X-Request-Id": "c"}).json()
+    assert [r["request_id"] for r in rendered] == ["cmpl-c-0", "cmpl-c-1"]
+    assert [r["token_ids"] for r in rendered] == [PROMPT, PROMPT[:5]]
+    (text,) = _post(server, "/v1/completions/render", {"prompt": "Hello there"}).json()
+    assert text["token_ids"] == server.ctx.tokenizer.encode("Hello there")
+    assert text["sampling_params"]["max_tokens"] == 16  # the completions default, as in vLLM
+    generated = _post(server, "/inference/v1/generate", rendered[0]).json()
+    assert generated["choices"][0]["token_ids"] == dense_greedy(tiny_model, PROMPT, 5)
+    for field, fragment in (("use_beam_search", "use_beam_search is not supported"), ("echo", "echo")):
+        refused = _post(server, "/v1/completions/render", {"prompt": "a", field: True})
+        assert refused.status_code == 400 and fragment in refused.json()["error"]["message"]
+    over = _post(server, "/v1/completions/render", {"prompt": "a", "max_tokens": 1000})
+    assert over.status_code == 400 and "maximum context length" in over.json()["error"]["message"]
+    wait_until_idle(server)
+
+
 @pytest.mark.parametrize("body, status, fragment", [
     ({"sampling_params": {"temperature": 0, "beam": 2}}, 400, "unknown fields ['beam']"),
     ({"sampling_params": {"logprob_token_ids": [3]}}, 400, "sampling_params.logprob_token_ids is not supported"),
@@ -195,13 +248,16 @@ def test_sampling_fields_are_samplingparams_fields():
 
 
 def test_disabled_without_the_flag(tiny_model_dir):
-    """Without --enable-scale-out both routes answer vLLM's 403."""
+    """Without --enable-scale-out the routes answer vLLM's 403."""
     args = EngineArgs(model=str(tiny_model_dir), max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16,
                       num_gpu_blocks_override=16, compilation_cache_dir="", enforce_eager=True)
     srv = ThreadedServer(args)
     try:
         for path, body in (("/inference/v1/generate", {"token_ids": [1], "sampling_params": {}}),
-                           ("/inference/v1/abort_requests", {"request_ids": ["x"]})):
+                           ("/inference/v1/abort_requests", {"request_ids": ["x"]}),
+                           ("/v1/chat/completions/render", {"messages": MESSAGES}),
+                           ("/v1/completions/render", {"prompt": "a"}),
+                           ("/v1/messages/render", {"messages": MESSAGES, "max_tokens": 1})):
             response = httpx.post(srv.url + path, json=body, headers=AUTH)
             assert response.status_code == 403 and "--enable-scale-out" in response.json()["error"]["message"]
         assert httpx.post(srv.url + "/inference/v1/generate", json={}).status_code == 401  # the key guards it
