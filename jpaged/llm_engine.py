@@ -280,7 +280,7 @@ class LLMEngine:
                 added.append(child_id)
                 detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params) if params.detokenize else None
                 sample = _Sample(request, index, base_seed + index, detokenizer,
-                                 [] if params.logprobs is not None else None)
+                                 [] if params.num_logprobs is not None else None)
                 if params.structured_outputs is not None:
                     sample.matcher = self.structured_output.new_matcher(params.structured_outputs)
                     sample.grammar_started = params.structured_outputs.after_token_ids is None
@@ -717,12 +717,15 @@ class LLMEngine:
 
     def _append_token(self, sample: _Sample, request: Request, result, row: int) -> None:
         token_id = request.output_token_ids[-1]
-        if sample.logprobs is not None:
-            sample.logprobs.append(self._logprob_entry(
-                sample.request.sampling_params.logprobs, token_id, result.logprobs[row], result.ranks[row],
-                result.top_token_ids[row], result.top_logprobs[row]))
-            sample.cumulative_logprob += float(result.logprobs[row])
         params = request.sampling_params
+        if sample.logprobs is not None:
+            entry = self._logprob_entry(params.logprobs or 0, token_id, result.logprobs[row], result.ranks[row],
+                                        result.top_token_ids[row], result.top_logprobs[row])
+            if params.logprob_token_ids is not None:  # in place of the top ones
+                entry = {token_id: entry[token_id]}
+                self._add_listed_logprobs(entry, params.logprob_token_ids, result.listed_logprobs[row])
+            sample.logprobs.append(entry)
+            sample.cumulative_logprob += float(result.logprobs[row])
         stopped_by_token = request.finish_reason == "stop"
         if sample.detokenizer is not None and not (stopped_by_token and not params.include_stop_str_in_output):
             stop_str = sample.detokenizer.append(token_id)
@@ -759,6 +762,13 @@ class LLMEngine:
             if tok not in entry:
                 entry[tok] = Logprob(float(lp), top_rank, decode([tok], skip_special_tokens=False))
         return entry
+
+    def _add_listed_logprobs(self, entry: dict[int, Logprob], token_ids: list[int], logprobs) -> None:
+        """logprob_token_ids' entries after the sampled token's; each one's rank is its place in the
+        list (1-based), as vLLM reports them."""
+        for place, (tok, lp) in enumerate(zip(token_ids, logprobs), 1):
+            if tok not in entry:
+                entry[tok] = Logprob(float(lp), place, self.tokenizer.decode([tok], skip_special_tokens=False))
 
     # ---- outputs -----------------------------------------------------------------------------
 

@@ -65,6 +65,7 @@ class RequestValidator:
         self._check_vocab("stop_token_ids", params.stop_token_ids)
         self._check_vocab("logit_bias", list(params.logit_bias or ()))
         self._check_vocab("allowed_token_ids", params.allowed_token_ids or [])
+        self._check_vocab("logprob_token_ids", params.logprob_token_ids or [])
         if params.structured_outputs is not None:
             self._check_vocab("structured_outputs", params.structured_outputs.after_token_ids or [])
 

@@ -34,6 +34,7 @@ from jpaged.buckets import Buckets, next_power_of_2, pick, power_of_2_buckets
 from jpaged.config import DEFAULT_CPU_SCHEDULER_STEPS, LOGPROBS_MODES
 from jpaged.models import llama, quantization
 from jpaged.sampler import SamplingKernels, sample
+from jpaged.sampling_params import MAX_LOGPROB_TOKEN_IDS
 from jpaged.step_metadata import SamplingMetadata, StepMetadata, pack_sampling, pack_step, row_entries
 from jpaged.structured_output.manager import bitmask_width
 
@@ -180,6 +181,19 @@ def _prompt_targets(scheduled, num_tokens: int) -> np.ndarray:
     return targets
 
 
+def _listed_logprobs(scheduled, entries, entry_logprobs: np.ndarray) -> list[np.ndarray | None]:
+    """Per sampled row, the logprobs of its request's logprob_token_ids (the last entries of the
+    row's, step_metadata.logit_entries), or None."""
+    listed, end, row = [], 0, 0
+    for r in scheduled:
+        token_ids = r.sampling_params.logprob_token_ids
+        for _ in range(r.num_sample_rows):
+            end += len(entries[row])
+            listed.append(None if token_ids is None else entry_logprobs[end - len(token_ids):end])
+            row += 1
+    return listed
+
+
 @dataclasses.dataclass
 class RunnerOutput:
     """Host copies of one step's samples, one row per sampled row: scheduled[i] has
@@ -191,6 +205,8 @@ class RunnerOutput:
     ranks: np.ndarray | None = None  # i32[num_seqs]
     top_logprobs: np.ndarray | None = None  # f32[num_seqs, max_logprobs]
     top_token_ids: np.ndarray | None = None  # i32[num_seqs, max_logprobs]
+    # per row, f32[len(logprob_token_ids)] of a request with logprob_token_ids, else None
+    listed_logprobs: list[np.ndarray | None] | None = None
     # Present only when a scheduled request asked for prompt_logprobs; one row per packed token
     # (row r of scheduled[i] is at position start_position + r - its offset and predicts the next token):
     prompt_logprobs: tuple[np.ndarray, ...] | None = None  # (logprob f32[T], rank i32[T], top f32[T, K], ids i32[T, K])
@@ -508,10 +524,11 @@ class ModelRunner:
             multihost.send_step(step)
         out, prompt_logprobs = self._run(step)
         prompt_logprobs = None if prompt_logprobs is None else _to_host(prompt_logprobs)
-        if any(r.sampling_params.logprobs is not None for r in scheduled):
-            ids, lps, ranks, top_lps, top_ids = _to_host(
-                (out.token_ids, out.logprobs, out.ranks, out.top_logprobs, out.top_token_ids))
-            return RunnerOutput(ids, lps, ranks, top_lps, top_ids, prompt_logprobs)
+        if any(r.sampling_params.num_logprobs is not None for r in scheduled):
+            ids, lps, ranks, top_lps, top_ids, entry_lps = _to_host(
+                (out.token_ids, out.logprobs, out.ranks, out.top_logprobs, out.top_token_ids, out.entry_logprobs))
+            return RunnerOutput(ids, lps, ranks, top_lps, top_ids, _listed_logprobs(scheduled, entries, entry_lps),
+                                prompt_logprobs)
         return RunnerOutput(_to_host(out.token_ids), prompt_logprobs=prompt_logprobs)
 
     def _execute_decode_steps(self, scheduler_output, seeds: list[int], lora_slots: list[int] | None) -> RunnerOutput:
@@ -751,9 +768,10 @@ def packs_gguf_blocks(args, platform: str, dtype: str, model=None) -> bool:
 
 def max_sampler_entries(model_config, args, max_model_len: int) -> int:
     """The most sampler entries one request can bring: logit_bias, a min_tokens mask over its
-    stop_token_ids and EOS ids, one penalty entry per distinct token of its context."""
+    stop_token_ids and EOS ids, one penalty entry per distinct token of its context, its
+    logprob_token_ids."""
     return (args.max_logit_bias + args.max_stop_token_ids + len(model_config.eos_token_ids)
-            + max_model_len)
+            + max_model_len + MAX_LOGPROB_TOKEN_IDS)
 
 
 def largest_step_bytes(model_config, params, attention_fn, write_kv_fn, args, max_model_len: int, kv_dtype: str, *,

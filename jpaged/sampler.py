@@ -38,6 +38,9 @@ class SamplerOutput:
     ranks: jax.Array  # i32[num_seqs]: its 1-based rank
     top_logprobs: jax.Array  # f32[num_seqs, min(max_logprobs, vocab_size)]
     top_token_ids: jax.Array  # i32[num_seqs, min(max_logprobs, vocab_size)]
+    # f32[num_entries]: each sampler entry's token scored as the logprobs are (logprob_token_ids'
+    # entries; 0 for rows without logprobs)
+    entry_logprobs: jax.Array
 
 
 class SamplingKernels(NamedTuple):
@@ -137,13 +140,21 @@ def sample(logits, meta: SamplingMetadata, token_bitmask=None, max_logprobs: int
         if logprobs_mode.startswith("processed"):
             scores = reference.processed_logits(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p,
                                                 kernels.apply_top_k_top_p)
-        return kernels.logprob_outputs(scores, token_ids, wanted, top, normalize=logprobs_mode.endswith("logprobs"))
+        normalize = logprobs_mode.endswith("logprobs")
+        chosen, ranks, top_logprobs, top_ids = kernels.logprob_outputs(scores, token_ids, wanted, top,
+                                                                       normalize=normalize)
+        entries = scores[meta.entry_rows, meta.entry_token_ids]
+        if normalize:  # a row's log-normalizer, from its sampled token: score - logprob
+            log_norm = scores[jnp.arange(num_seqs), token_ids] - chosen
+            entries = entries - log_norm[meta.entry_rows]
+        return chosen, ranks, top_logprobs, top_ids, entries
 
     def no_logprobs(raw, logits, token_ids):
         return (jnp.zeros(num_seqs, jnp.float32), jnp.zeros(num_seqs, jnp.int32),
-                jnp.zeros((num_seqs, top), jnp.float32), jnp.zeros((num_seqs, top), jnp.int32))
+                jnp.zeros((num_seqs, top), jnp.float32), jnp.zeros((num_seqs, top), jnp.int32),
+                jnp.zeros(meta.entry_rows.shape, jnp.float32))
 
-    chosen, ranks, top_logprobs, top_ids = jax.lax.cond(jnp.any(wanted), with_logprobs, no_logprobs, raw, logits,
-                                                        token_ids)
-    return SamplerOutput(token_ids=token_ids, logprobs=chosen, ranks=ranks,
-                         top_logprobs=top_logprobs, top_token_ids=top_ids)
+    chosen, ranks, top_logprobs, top_ids, entry_logprobs = jax.lax.cond(
+        jnp.any(wanted), with_logprobs, no_logprobs, raw, logits, token_ids)
+    return SamplerOutput(token_ids=token_ids, logprobs=chosen, ranks=ranks, top_logprobs=top_logprobs,
+                         top_token_ids=top_ids, entry_logprobs=entry_logprobs)

@@ -8,6 +8,7 @@ from jpaged.structured_output.params import StructuredOutputsParams
 
 # Temperatures below this are greedy: dividing logits by them would overflow float32.
 _SAMPLING_EPS = 1e-5
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's bound on logprob_token_ids
 
 
 class SamplingType(enum.IntEnum):
@@ -106,6 +107,10 @@ class SamplingParams:
     # True: this request finds no prefix in the cache (its blocks are still cached for later
     # ones); None: True exactly when prompt_logprobs is set (they need every prompt token computed).
     skip_reading_prefix_cache: bool | None = None
+    # Token ids whose logprobs each sampled token reports in place of the top ones (e.g. a
+    # classifier's label tokens; vLLM's), at most MAX_LOGPROB_TOKEN_IDS; with logprobs unset,
+    # they alone turn logprobs on.
+    logprob_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if type(self.thinking_token_budget) is int and self.thinking_token_budget == -1:
@@ -124,6 +129,8 @@ class SamplingParams:
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
         self.bad_words = [] if self.bad_words is None else list(dict.fromkeys(self.bad_words))
+        if self.logprob_token_ids is not None:
+            self.logprob_token_ids = [int(t) for t in self.logprob_token_ids]
         self._verify_args()
         if self.skip_reading_prefix_cache is None:
             self.skip_reading_prefix_cache = self.prompt_logprobs is not None
@@ -182,6 +189,11 @@ class SamplingParams:
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}.")
+        if self.logprob_token_ids is not None and not 0 < len(self.logprob_token_ids) <= MAX_LOGPROB_TOKEN_IDS:
+            raise ValueError(f"logprob_token_ids must list 1 to {MAX_LOGPROB_TOKEN_IDS} token ids, got "
+                             f"{len(self.logprob_token_ids)}.")
+        if self.logprob_token_ids is not None and any(t < 0 for t in self.logprob_token_ids):
+            raise ValueError(f"logprob_token_ids must be non-negative token ids, got {self.logprob_token_ids[:8]}.")
         if self.skip_reading_prefix_cache is False and self.prompt_logprobs is not None:
             raise ValueError("skip_reading_prefix_cache cannot be False with prompt_logprobs: they need every "
                              "prompt token computed.")
@@ -217,6 +229,14 @@ class SamplingParams:
     def restricts_tokens(self) -> bool:
         """Whether allowed_token_ids or bad_words limit what may be sampled (a token bitmask row)."""
         return self.allowed_token_ids is not None or bool(self.bad_words)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Logprob entries per sampled token besides its own (vLLM's): logprobs, else as many as
+        logprob_token_ids lists; None when neither asks for logprobs."""
+        if self.logprobs is not None:
+            return self.logprobs
+        return None if self.logprob_token_ids is None else len(self.logprob_token_ids)
 
     @property
     def has_penalties(self) -> bool:

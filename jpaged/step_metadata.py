@@ -162,8 +162,10 @@ def bias_entries(req, num_outputs: int | None = None) -> list[tuple[int, float]]
 def logit_entries(req, drafts=()) -> list[tuple[int, float, int, int]]:
     """A request's sampler entries, (token id, bias, output count, seen): its logit_bias and
     min_tokens masks (bias only), then, with penalties, one per distinct prompt or output token
-    (prompt-only tokens count 0: seen for the repetition penalty, not for the others). drafts:
-    outputs to count after the request's own (a draft's row samples as if they were kept)."""
+    (prompt-only tokens count 0: seen for the repetition penalty, not for the others), then one
+    per logprob_token_ids token (all zero: the sampler only reads its logprob there, the last
+    len(logprob_token_ids) entries of the row). drafts: outputs to count after the request's
+    own (a draft's row samples as if they were kept)."""
     entries = [(tok, value, 0, 0) for tok, value in bias_entries(req, len(req.output_token_ids) + len(drafts))]
     if req.sampling_params.has_penalties:
         counts = collections.Counter(req.output_token_ids)
@@ -171,6 +173,7 @@ def logit_entries(req, drafts=()) -> list[tuple[int, float, int, int]]:
         for tok in set(req.prompt_token_ids).difference(counts):
             counts[tok] = 0
         entries += [(tok, 0.0, n, 1) for tok, n in counts.items()]
+    entries += [(tok, 0.0, 0, 0) for tok in req.sampling_params.logprob_token_ids or ()]
     return entries
 
 
@@ -210,7 +213,7 @@ def pack_sampling(scheduled, seeds: list[int], num_seqs: int, num_entries: int, 
         floats[6, rows] = params.repetition_penalty
         cols[7, rows] = np.uint32(seeds[i] & 0xFFFFFFFF).view(np.int32)
         cols[8, rows] = np.arange(len(req.output_token_ids), len(req.output_token_ids) + req.num_sample_rows)
-        cols[9, rows] = -1 if params.logprobs is None else params.logprobs
+        cols[9, rows] = -1 if params.num_logprobs is None else params.logprobs or 0  # the top-k count
         cols[10, rows] = params.structured_outputs is not None
         for _ in range(req.num_sample_rows):
             if entries[row]:

@@ -43,7 +43,7 @@ _UNSUPPORTED_FIELDS: dict[str, tuple] = {
 # (output_kind is the server's to set, skip_clone an in-process hint).
 _UNSUPPORTED_SAMPLING_FIELDS: dict[str, tuple | None] = {
     "watermarking": (None,), "prompt_logprob_token_ids": (None,), "prompt_logprob_start": (None, 0),
-    "logprob_token_ids": (None,), "flat_logprobs": (False,), "extra_args": (None, {}),
+    "flat_logprobs": (False,), "extra_args": (None, {}),
 "routed_experts_prompt_start": (0,),
     "trace_decode_token_ids": (None,), "output_text_buffer_length": (0,), "output_kind": None, "skip_clone": None,
 }
@@ -83,6 +83,7 @@ class GenerateSamplingParams(BaseModel):
     repetition_detection: dict[str, Any] | None = None
     thinking_token_budget: StrictInt | None = None
     skip_reading_prefix_cache: bool | None = None
+    logprob_token_ids: list[int] | None = None
 
 
 class GenerateRequest(BaseModel):
@@ -190,9 +191,10 @@ def _sampling_params(ctx: ServingContext, body: GenerateRequest) -> SamplingPara
     return params
 
 
-def _token_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_top: int) -> GenerateLogProbs:
+def _token_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_top: int | None) -> GenerateLogProbs:
     """vLLM's generate logprobs: per token its id, logprob and rank, and the first max(num_top, 1)
-    entries of the engine's dict (the sampled token first, then the best)."""
+    entries of the engine's dict (the sampled token first, then the best); num_top None: all of
+    them (logprob_token_ids' tokens after the sampled one)."""
     def clamp(value: float) -> float:
         return max(value, MIN_LOGPROB)
 
@@ -203,7 +205,7 @@ def _token_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_t
             content.append(GenerateLogProbsContent(token_id=token_id, logprob=MIN_LOGPROB))
             continue
         top = [GenerateLogProb(token_id=tid, logprob=clamp(lp.logprob), rank=lp.rank or None)
-               for tid, lp in list(step.items())[:max(num_top, 1)]]
+               for tid, lp in list(step.items())[:None if num_top is None else max(num_top, 1)]]
         content.append(GenerateLogProbsContent(token_id=token_id, logprob=clamp(chosen.logprob),
                                                rank=chosen.rank or None, top_logprobs=top))
     return GenerateLogProbs(content=content)
@@ -258,11 +260,13 @@ class _GenerateJob:
 
     def _choice(self, completion: CompletionOutput, finish_reason: str | None) -> GenerateChoice:
         logprobs = None
-        if self.params.logprobs is not None:
+        params = self.params
+        if params.num_logprobs is not None:
             token_ids, steps = list(completion.token_ids), completion.logprobs
-            logprobs = (chat_logprobs(token_ids, steps, self.params.logprobs, self.ctx.tokenizer,
+            logprobs = (chat_logprobs(token_ids, steps, params.num_logprobs, self.ctx.tokenizer,
                                       self.ctx.return_tokens_as_token_ids) if self.text_mode
-                        else _token_logprobs(token_ids, steps, self.params.logprobs))
+                        else _token_logprobs(token_ids, steps,
+                                             params.logprobs if params.logprob_token_ids is None else None))
         return GenerateChoice(index=completion.index, text=completion.text if self.text_mode else None,
                               finish_reason=finish_reason, stop_reason=completion.stop_reason,
                               token_ids=list(completion.token_ids), logprobs=logprobs)

@@ -510,6 +510,46 @@ def test_cache_salt_shares_prefix_blocks_only_within_a_salt(tiny_llm):
     assert_pool_free(tiny_llm)
 
 
+def test_logprob_token_ids_match_dense_log_softmax(tiny_llm):
+    """vLLM's logprob_token_ids: each sampled token's logprobs are its own and those of the listed
+    tokens (in place of the top ones, ranked by their place in the list), the dense model's
+    log-softmax there; in a batch beside penalties, logit_bias and a plain request, with n=2
+    seeded samples, and alone turning logprobs on. No compiles; greedy tokens unchanged."""
+    engine = tiny_llm.llm_engine
+    prompt = mixed_prompts()[2]
+    listed = [7, 500, 12345, 49151, 500 + 1]
+    plain = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with count_compiles() as compiles:
+        outputs = tiny_llm.generate(
+            [{"prompt_token_ids": prompt}] * 3,
+            [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprob_token_ids=listed),
+             SamplingParams(temperature=0.8, seed=5, n=2, max_tokens=4, ignore_eos=True, logprobs=2,
+                            logprob_token_ids=listed[:2], presence_penalty=0.5, logit_bias={9: 1.0}),
+             plain], use_tqdm=False)
+    assert not compiles
+    assert outputs[0].outputs[0].token_ids == outputs[2].outputs[0].token_ids
+    assert outputs[2].outputs[0].logprobs is None
+    for output, ids in ((outputs[0], listed), (outputs[1], listed[:2])):
+        for completion in output.outputs:
+            tokens = completion.token_ids
+            dense = jax.nn.log_softmax(llama.forward_dense(
+                engine.runner.params, engine.model_config, jnp.asarray([prompt + tokens[:-1]]))[0], axis=-1)
+            for step, (token_id, entry) in enumerate(zip(tokens, completion.logprobs, strict=True)):
+                row = np.asarray(dense[len(prompt) - 1 + step])
+                assert list(entry) == [token_id] + [t for t in ids if t != token_id]
+                above = [1 + int((row > row[token_id] + d).sum()) for d in (1e-4, -1e-4)]
+                assert above[0] <= entry[token_id].rank <= above[1]
+                for place, t in enumerate(ids, 1):
+                    assert entry[t].logprob == pytest.approx(float(row[t]), abs=1e-4)
+                    if t != token_id:
+                        assert entry[t].rank == place
+    assert_pool_free(tiny_llm)
+    with pytest.raises(ValueError, match="logprob_token_ids must list 1 to 128 token ids"):
+        SamplingParams(logprob_token_ids=list(range(129)))
+    with pytest.raises(ValueError, match="logprob_token_ids has token ids outside the vocabulary"):
+        tiny_llm.generate("hi", SamplingParams(logprob_token_ids=[10**6]), use_tqdm=False)
+
+
 def test_skip_reading_prefix_cache(tiny_llm):
     """vLLM's skip_reading_prefix_cache: such a request finds no cached prefix (a later one still
     finds its blocks); unset it is True exactly with prompt_logprobs, which cannot have it False."""

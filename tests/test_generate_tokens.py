@@ -96,6 +96,24 @@ def test_text_mode_and_logprobs(server, tiny_model):  # noqa: F811
     wait_until_idle(server)
 
 
+def test_logprob_token_ids(server):
+    """sampling_params.logprob_token_ids (vLLM's): each token's top_logprobs are the sampled token,
+    then the listed ones; the sampled token's logprob is the one logprobs reports."""
+    listed = [5, 9, 4000]
+    params = {"temperature": 0, "max_tokens": 4, "ignore_eos": True}
+    scored = _generate(server, sampling_params={**params, "logprob_token_ids": listed}).json()["choices"][0]
+    plain = _generate(server, sampling_params={**params, "logprobs": 0}).json()["choices"][0]
+    assert scored["token_ids"] == plain["token_ids"]
+    for step, plain_step in zip(scored["logprobs"]["content"], plain["logprobs"]["content"], strict=True):
+        assert [t["token_id"] for t in step["top_logprobs"]] == [step["token_id"], *listed]
+        assert [t["rank"] for t in step["top_logprobs"][1:]] == [1, 2, 3]  # places in the list, as vLLM's
+        assert step["logprob"] == pytest.approx(plain_step["logprob"])
+        assert all(t["logprob"] < 0 for t in step["top_logprobs"])
+    refused = _generate(server, sampling_params={"logprob_token_ids": [10**7]})
+    assert refused.status_code == 400 and "logprob_token_ids" in refused.json()["error"]["message"]
+    wait_until_idle(server)
+
+
 def test_stream_gives_the_whole_replys_tokens(server):
     """Streamed, n=2 seeded samples: each index's chunks add up to the whole reply's tokens;
     vLLM's chunk fields (prompt_token_ids in the first only), continuous usage per chunk and a
@@ -212,7 +230,8 @@ def test_completions_render_one_request_per_prompt(server, tiny_model):  # noqa:
 
 @pytest.mark.parametrize("body, status, fragment", [
     ({"sampling_params": {"temperature": 0, "beam": 2}}, 400, "unknown fields ['beam']"),
-    ({"sampling_params": {"logprob_token_ids": [3]}}, 400, "sampling_params.logprob_token_ids is not supported"),
+    ({"sampling_params": {"prompt_logprob_token_ids": [[3]]}}, 400,
+     "sampling_params.prompt_logprob_token_ids is not supported"),
     ({"sampling_params": {"flat_logprobs": False, "output_kind": 2, "max_tokens": 1}}, 200, ""),
     ({"sampling_params": {"temperature": -1}}, 400, "temperature must be non-negative"),
     ({"sampling_params": {"n": "two"}}, 422, "sampling_params.n"),

@@ -78,7 +78,7 @@ def _samples_ahead(request: Request) -> bool:
     token bitmask (a grammar, allowed_token_ids, bad_words, a thinking_token_budget) limits the
     tokens."""
     params = request.sampling_params
-    return (params.logprobs is None and not params.logit_bias and params.structured_outputs is None
+    return (params.num_logprobs is None and not params.logit_bias and params.structured_outputs is None
             and not params.restricts_tokens and request.num_output_tokens >= params.min_tokens
             and params.thinking_token_budget is None
             and not params.has_penalties)
@@ -89,9 +89,11 @@ def _verifies_drafts(request: Request) -> bool:
     would there. Sampler entries (penalties, logit_bias, min_tokens) are computed per row with
     the drafts before it counted (step_metadata.row_entries), and allowed_token_ids is the same
     mask in every row; a grammar's or bad_words' mask depends on the tokens before it, which the
-    host builds one token at a time, as is a thinking_token_budget's forced end marker."""
+    host builds one token at a time, as is a thinking_token_budget's forced end marker; the
+    runner reads logprob_token_ids' logprobs for one row per request."""
     params = request.sampling_params
-    return params.structured_outputs is None and not params.bad_words and params.thinking_token_budget is None
+    return (params.structured_outputs is None and not params.bad_words and params.thinking_token_budget is None
+            and params.logprob_token_ids is None)
 
 
 @dataclasses.dataclass
