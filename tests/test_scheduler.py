@@ -228,6 +228,10 @@ class Harness:
     """A scheduler, the fake runner and the oracle's expected outputs."""
 
     def __init__(self, **scheduler_kwargs) -> None:
+        # By default a clock that ticks per call: the finish-first hold reads step latencies, which
+        # the wall clock makes depend on the machine's load (the tests then held requests at random).
+        ticks = itertools.count()
+        scheduler_kwargs.setdefault("clock", lambda: next(ticks) * 0.01)
         self.scheduler = Scheduler(**scheduler_kwargs)
         self.runner = FakeRunner(self.scheduler.block_size)
         self.expected: dict[str, list[int]] = {}
@@ -712,11 +716,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     )
     def setup(self, block_size, num_blocks, max_num_seqs, budget, prefix_caching, chunked_prefill, num_swap_blocks,
               scheduling_policy, long_prefill_token_threshold):
-        # A clock that ticks per call: the finish-first hold reads step latencies, and hypothesis
-        # replays each example, so wall-clock time (slower under load) made replays diverge.
-        ticks = itertools.count()
-        self.harness = Harness(
-            clock=lambda: next(ticks) * 0.01,
+        self.harness = Harness(  # its ticking clock: hypothesis replays each example the same
             num_blocks=num_blocks,
             block_size=block_size,
             max_num_seqs=max_num_seqs,
