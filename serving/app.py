@@ -25,6 +25,7 @@ from serving.dev_routes import DEV_ROUTES, PROFILE_ROUTES
 from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
 from serving.generate_tokens import abort_generate_requests, create_generate, scale_out_disabled
+from serving.generative_scoring import create_generative_scoring
 from serving.messages import count_message_tokens, create_message, render_message
 from serving.protocol import (DetokenizeRequest, DetokenizeResponse, LoadLoRAAdapterRequest, ModelCard, ModelList,
                               TokenizeRequest, TokenizeResponse, UnloadLoRAAdapterRequest, UpdateWeightsRequest)
@@ -48,8 +49,8 @@ def _digest(value: bytes) -> bytes:
 
 # Routes that reach the model; /health, /ping, /version and /metrics stay open, as in vLLM.
 # /invocations is guarded too (vLLM leaves it open, a limitation its docs warn about).
-GUARDED_PREFIXES = ("/v1", "/inference", "/invocations", "/tokenize", "/tokenizer_info", "/detokenize",
-                    "/update_weights_from_disk", "/sleep", "/wake_up", "/is_sleeping",
+GUARDED_PREFIXES = ("/v1", "/inference", "/generative_scoring", "/invocations", "/tokenize", "/tokenizer_info",
+                    "/detokenize", "/update_weights_from_disk", "/sleep", "/wake_up", "/is_sleeping",
                     *(route.path for route in DEV_ROUTES + PROFILE_ROUTES))
 
 
@@ -372,6 +373,7 @@ def build_app(ctx: ServingContext, *, api_keys: list[str] | None = None, cors: C
         Route("/v1/messages", create_message, methods=["POST"]),
         Route("/v1/messages/count_tokens", count_message_tokens, methods=["POST"]),
         Route("/invocations", invocations, methods=["POST"]),
+        Route("/generative_scoring", create_generative_scoring, methods=["POST"]),
         Route("/v1/responses/{response_id}", retrieve_response, methods=["GET"]),
         Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),

@@ -1,4 +1,5 @@
-"""POST /inference/v1/generate (vLLM's token-in / token-out API) on the tiny random model.
+"""vLLM's token-in / token-out API (POST /inference/v1/generate, the /v1/*/render routes) and
+its generative scoring (POST /generative_scoring) on the tiny random model.
 
 Oracles: the dense no-cache greedy loop for the token ids; the tokenizer for output_mode "text";
 the same seeded request whole and streamed; vLLM 0.32's field names (its GenerateResponse and
@@ -10,10 +11,13 @@ import json
 import threading
 
 import httpx
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from test_server import AUTH, dense_greedy, tiny_model  # noqa: F401 (tiny_model: a fixture)
 
 from jpaged.config import EngineArgs
+from jpaged.models import llama
 from jpaged.sampling_params import SamplingParams
 from serving.generate_tokens import GenerateSamplingParams
 from server_harness import MODEL_NAME, ThreadedServer, wait_until_idle
@@ -282,3 +286,45 @@ def test_disabled_without_the_flag(tiny_model_dir):
         assert httpx.post(srv.url + "/inference/v1/generate", json={}).status_code == 401  # the key guards it
     finally:
         srv.stop()
+
+
+def test_generative_scoring_matches_the_dense_next_token_distribution(server, tiny_model):  # noqa: F811
+    """vLLM's /generative_scoring: per item, the first label's next-token probability after
+    query + item (item + query with item_first), over the labels or the whole vocabulary: the
+    dense forward's softmax at the prompt's last position."""
+    labels = [11, 4000, 3]
+    items = [[100, 200, 300], [7, 8]]
+
+    def dense_probs(prompt):
+        logits = _forward_dense_logits(tiny_model, prompt)
+        return np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+
+    for apply_softmax, item_first in ((True, False), (False, True)):
+        response = _post(server, "/generative_scoring", {"model": MODEL_NAME, "query": PROMPT, "items": items,
+                                                         "label_token_ids": labels, "apply_softmax": apply_softmax,
+                                                         "item_first": item_first}, {"X-Request-Id": "s"})
+        assert response.status_code == 200, response.text
+        data = response.json()
+        assert data["id"] == "generative-scoring-s" and data["object"] == "list" and data["model"] == MODEL_NAME
+        assert data["usage"]["prompt_tokens"] == 2 * len(PROMPT) + 5 and data["usage"]["completion_tokens"] == 2
+        for index, (item, result) in enumerate(zip(items, data["data"], strict=True)):
+            probs = dense_probs(item + PROMPT if item_first else PROMPT + item)
+            expected = probs[labels[0]] / probs[labels].sum() if apply_softmax else probs[labels[0]]
+            assert result == {"index": index, "object": "score", "score": pytest.approx(float(expected), rel=1e-3)}
+    text = _post(server, "/generative_scoring", {"query": "Is the sky blue?", "items": [" Yes", " No"],
+                                                 "label_token_ids": labels}).json()
+    assert [r["index"] for r in text["data"]] == [0, 1] and all(0 < r["score"] < 1 for r in text["data"])
+    for body, fragment in (({"label_token_ids": []}, "at least one token ID"),
+                           ({"label_token_ids": [10**7]}, "out of vocabulary range"),
+                           ({"items": []}, "at least one item")):
+        bad = _post(server, "/generative_scoring", {"query": PROMPT, "items": items, "label_token_ids": labels,
+                                                    **body})
+        assert bad.status_code == 400 and fragment in bad.json()["error"]["message"]
+    assert httpx.post(server.url + "/generative_scoring", json={}).status_code == 401
+    wait_until_idle(server)
+
+
+def _forward_dense_logits(model, prompt: list[int]) -> np.ndarray:
+    """The dense no-cache forward's logits after `prompt` (f32[vocab])."""
+    logits = llama.forward_dense(model.params, model.config, jnp.asarray([prompt], dtype=jnp.int32))
+    return np.asarray(logits[0, -1], dtype=np.float64)
