@@ -65,6 +65,8 @@ def _check_request(body: ChatCompletionRequest) -> None:
     body.check_unsupported_extras()
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
+    if body.logprob_token_ids and not body.logprobs:
+        raise APIError("when using `logprob_token_ids`, `logprobs` must be set to true.", param="logprob_token_ids")
     if body.stream_options is not None and not body.stream:
         raise APIError("stream_options can only be set when stream is true.", param="stream_options")
     body.check_prompt_logprobs()
@@ -182,7 +184,8 @@ class ChatJob:
     def logprobs(self, completion: CompletionOutput) -> ChatLogprobs | None:
         if self.num_top is None:
             return None
-        return chat_logprobs(completion.token_ids, completion.logprobs, self.num_top, self.ctx.tokenizer,
+        num_top = None if self.params.logprob_token_ids else self.num_top
+        return chat_logprobs(completion.token_ids, completion.logprobs, num_top, self.ctx.tokenizer,
                              self.as_token_ids)
 
     def split_reasoning(self, text: str) -> tuple[str | None, str]:

@@ -131,8 +131,9 @@ class _Choice:
                                                self.body.logprobs, self.ctx.tokenizer, 0, self.as_token_ids)
         if self.body.logprobs is not None:
             offset = self.chars_sent + (len(self.prompt.text) if logprobs is not None else 0)
+            num_top = None if self.body.logprob_token_ids else self.body.logprobs  # vLLM's: all the listed ones
             generated = completion_logprobs(completion.token_ids, completion.logprobs,
-                                            self.body.logprobs, self.ctx.tokenizer, offset, self.as_token_ids)
+                                            num_top, self.ctx.tokenizer, offset, self.as_token_ids)
             logprobs = _concat(logprobs, generated)
         self.chars_sent += len(text)
         prompt_token_ids = self.prompt.token_ids if self.prompt_ids_pending else None

@@ -21,18 +21,22 @@ def _clamp(value: float) -> float:
     return max(value, MIN_LOGPROB)
 
 
-def _top_entries(step: dict[int, Logprob], num_top: int) -> list[tuple[int, Logprob]]:
-    """The step's `num_top` best tokens (rank 1..num_top), best first."""
+def _top_entries(step: dict[int, Logprob], num_top: int | None) -> list[tuple[int, Logprob]]:
+    """The step's `num_top` best tokens (rank 1..num_top), best first; num_top None: every entry
+    in the engine's order (the sampled token, then logprob_token_ids', as vLLM lists them)."""
+    if num_top is None:
+        return list(step.items())
     ranked = [(tid, lp) for tid, lp in step.items() if lp.rank is not None and lp.rank <= num_top]
     return sorted(ranked, key=lambda item: item[1].rank)
 
 
-def completion_logprobs(token_ids: list[int], steps: list[dict[int, Logprob] | None],
-                        num_top: int, tokenizer, text_offset: int, as_token_ids: bool = False) -> CompletionLogprobs:
+def completion_logprobs(token_ids: list[int], steps: list[dict[int, Logprob] | None], num_top: int | None,
+                        tokenizer, text_offset: int, as_token_ids: bool = False) -> CompletionLogprobs:
     """OpenAI completions `logprobs` for `token_ids` whose text starts at char `text_offset`.
 
     A None step (the first prompt token under echo) has logprob None and top_logprobs None.
-    Each top_logprobs dict holds the `num_top` best tokens and the chosen one, as vLLM's does.
+    Each top_logprobs dict holds the `num_top` best tokens and the chosen one, as vLLM's does
+    (num_top None: every entry, for logprob_token_ids).
     `as_token_ids`: tokens are named "token_id:N" (text_offset then counts those names, as vLLM's).
     """
     result = CompletionLogprobs()
@@ -54,9 +58,10 @@ def completion_logprobs(token_ids: list[int], steps: list[dict[int, Logprob] | N
     return result
 
 
-def chat_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_top: int,
+def chat_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_top: int | None,
                   tokenizer, as_token_ids: bool = False) -> ChatLogprobs:
-    """OpenAI chat `logprobs.content`: per token its text, logprob, UTF-8 bytes and top list.
+    """OpenAI chat `logprobs.content`: per token its text, logprob, UTF-8 bytes and top list (num_top
+    None: every entry, for logprob_token_ids).
     `as_token_ids`: tokens are named "token_id:N"; a sampled token's bytes stay its text's (vLLM's)."""
     content = []
     for token_id, step in zip(token_ids, steps, strict=True):

@@ -37,7 +37,7 @@ UNSUPPORTED_EXTRA_FIELDS: dict[str, Any] = {
     "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_embeds": None,
     "guided_decoding_backend": None, "guided_whitespace_pattern": None,
     "documents": None, "echo_last_message": False,
-    "logprob_token_ids": None, "watermarking": None, "return_token_offsets": False,
+    "watermarking": None, "return_token_offsets": False,
     "return_prompt_text": None, "media_io_kwargs": None, "return_mm_kwargs": None, "ec_transfer_params": None,
 }
 
@@ -51,7 +51,7 @@ BEAM_SEARCH_UNUSED_FIELDS: dict[str, tuple] = {
     "prompt_logprobs": (None,), "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,),
     "guided_choice": (None,), "guided_grammar": (None,), "response_format": (None, {"type": "text"}),
     "allowed_token_ids": (None,), "bad_words": (None, []), "repetition_detection": (None,),
-    "thinking_token_budget": (None, -1),
+    "thinking_token_budget": (None, -1), "logprob_token_ids": (None, []),
 }
 
 
@@ -105,6 +105,8 @@ class SamplingFields(BaseModel):
     repetition_detection: dict[str, Any] | None = None
     # most reasoning tokens before `</think>` is forced; needs --reasoning-parser or --reasoning-config
     thinking_token_budget: StrictInt | None = None
+    # with logprobs: these tokens' logprobs at every step (top lists: the sampled token, then these)
+    logprob_token_ids: list[int] | None = None
 
     def check_unsupported_extras(self) -> None:
         """400 naming each vLLM extra field this request sets that jpaged does not implement;
@@ -180,7 +182,8 @@ class SamplingFields(BaseModel):
                 ignore_eos=self.ignore_eos,
                 max_tokens=max_tokens,
                 min_tokens=self.min_tokens,
-                logprobs=logprobs,
+                logprobs=None if self.logprob_token_ids else logprobs,  # vLLM's: the listed ones instead
+                logprob_token_ids=self.logprob_token_ids or None,
                 prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,

@@ -118,6 +118,32 @@ def test_logprob_token_ids(server):
     wait_until_idle(server)
 
 
+def test_logprob_token_ids_in_chat_and_completions(server):
+    """Chat (with logprobs) and completions take logprob_token_ids as vLLM's do: each token's top
+    list is the sampled token, then the listed ones, with the generate route's logprobs."""
+    listed = [500, 4000]
+    decode = server.ctx.tokenizer.decode
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "temperature": 0, "max_tokens": 3}
+    chat = _post(server, "/v1/chat/completions", {**body, "logprobs": True, "logprob_token_ids": listed,
+                                                  "return_token_ids": True}).json()["choices"][0]
+    request = _post(server, "/v1/chat/completions/render", body).json()
+    request["sampling_params"]["logprob_token_ids"] = listed
+    generated = _post(server, "/inference/v1/generate", request).json()["choices"][0]
+    assert chat["token_ids"] == generated["token_ids"]
+    for item, step in zip(chat["logprobs"]["content"], generated["logprobs"]["content"], strict=True):
+        assert [t["token"] for t in item["top_logprobs"]] == [item["token"], *map(decode, [[t] for t in listed])]
+        assert [t["logprob"] for t in item["top_logprobs"]] == pytest.approx(
+            [t["logprob"] for t in step["top_logprobs"]])
+    completion = _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "logprobs": 0,
+                                                   "logprob_token_ids": listed}).json()["choices"][0]
+    for token, top in zip(completion["logprobs"]["tokens"], completion["logprobs"]["top_logprobs"], strict=True):
+        assert list(top) == [token, decode([500]), decode([4000])]
+    beam = _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "use_beam_search": True,
+                                             "logprob_token_ids": listed})
+    assert beam.status_code == 400 and "logprob_token_ids" in beam.json()["error"]["message"]
+    wait_until_idle(server)
+
+
 def test_stream_gives_the_whole_replys_tokens(server):
     """Streamed, n=2 seeded samples: each index's chunks add up to the whole reply's tokens;
     vLLM's chunk fields (prompt_token_ids in the first only), continuous usage per chunk and a
