@@ -83,8 +83,8 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--enable-scale-out", action="store_true",
                         help="Serve vLLM's token-in / token-out API: POST /inference/v1/generate (token ids and "
                              "SamplingParams fields in, token ids out), /inference/v1/abort_requests and "
-                             "/v1/{chat/completions,completions,messages}/render (a request as the generate request "
-                             "it becomes); without it they answer 403, as in vLLM.")
+                             "/v1/{chat/completions,completions,messages,responses}/render (a request as the "
+                             "generate request it becomes); without it they answer 403, as in vLLM.")
     server.add_argument("--enable-log-requests", action="store_true",
                         help="Log one line per request: its id, prompt length and sampling parameters "
                              "(the prompt only with --max-log-len).")

@@ -29,7 +29,7 @@ from serving.generative_scoring import create_generative_scoring
 from serving.messages import count_message_tokens, create_message, render_message
 from serving.protocol import (DetokenizeRequest, DetokenizeResponse, LoadLoRAAdapterRequest, ModelCard, ModelList,
                               TokenizeRequest, TokenizeResponse, UnloadLoRAAdapterRequest, UpdateWeightsRequest)
-from serving.responses import cancel_response, create_response, delete_response, retrieve_response
+from serving.responses import cancel_response, create_response, delete_response, render_response, retrieve_response
 
 
 @dataclasses.dataclass
@@ -380,7 +380,7 @@ def build_app(ctx: ServingContext, *, api_keys: list[str] | None = None, cors: C
     ]
     scale_out = {"/inference/v1/generate": create_generate, "/inference/v1/abort_requests": abort_generate_requests,
                  "/v1/chat/completions/render": render_chat_completion, "/v1/completions/render": render_completion,
-                 "/v1/messages/render": render_message}
+                 "/v1/messages/render": render_message, "/v1/responses/render": render_response}
     routes += [Route(path, handler if enable_scale_out else scale_out_disabled, methods=["POST"])
                for path, handler in scale_out.items()]
     if enable_sleep_mode:

@@ -92,16 +92,18 @@ async def render_chat_completion(request: Request) -> JSONResponse:
     body = await ctx.read_body(request, ChatCompletionRequest)
     ctx.check_model(body.model)
     _check_request(body)
-    return JSONResponse(render_generate_request(ctx, body, ctx.client_request_id(request, body.request_id)))
+    client_request_id = ctx.client_request_id(request, body.request_id)
+    return JSONResponse(render_generate_request(ctx, body, f"chatcmpl-{client_request_id or uuid.uuid4().hex}"))
 
 
-def render_generate_request(ctx: ServingContext, body: ChatCompletionRequest, client_request_id: str | None) -> dict:
-    """The GenerateRequest JSON of a chat request (its checks run as when it is served)."""
+def render_generate_request(ctx: ServingContext, body: ChatCompletionRequest, request_id: str,
+                            prompt_param: str = "messages") -> dict:
+    """The GenerateRequest JSON of a chat request, under `request_id` (its checks run as when it
+    is served; `prompt_param`: the field a prompt over the context is blamed on)."""
     if body.use_beam_search:
         raise APIError("Beam search is not supported by the render endpoint.", param="use_beam_search")
     rendered = ChatPrompt(ctx, body)
-    ctx.validate(rendered.prompt_ids, rendered.params, "messages")
-    request_id = f"chatcmpl-{client_request_id or uuid.uuid4().hex}"
+    ctx.validate(rendered.prompt_ids, rendered.params, prompt_param)
     return generate_request(ctx, request_id, rendered.prompt_ids, rendered.params, body)
 
 

@@ -273,8 +273,9 @@ async def render_message(request: Request) -> JSONResponse:
     ctx: ServingContext = request.app.state.ctx
     body = await ctx.read_body(request, MessagesRequest)
     ctx.check_model(body.model)
+    client_request_id = ctx.client_request_id(request, body.request_id)
     return JSONResponse(render_generate_request(ctx, body.to_chat_request(),
-                                                ctx.client_request_id(request, body.request_id)))
+                                                f"chatcmpl-{client_request_id or uuid.uuid4().hex}"))
 
 
 async def count_message_tokens(request: Request) -> Response:

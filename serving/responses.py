@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from jpaged.outputs import RequestOutput
-from serving.chat import ChatJob
+from serving.chat import ChatJob, render_generate_request
 from serving.context import ServingContext
 from serving.errors import APIError, validation_error
 from serving.protocol import ChatCompletionRequest, SamplingFields
@@ -293,6 +293,26 @@ async def create_response(request: Request) -> Response:
     if body.background:
         return job.start_in_background()
     return await (job.stream(request) if body.stream else job.complete(request))
+
+
+async def render_response(request: Request) -> Response:
+    """POST /v1/responses/render (--enable-scale-out, vLLM's): the /inference/v1/generate request a
+    Responses request becomes, under its response id; stateless, so previous_response_id is a 400
+    (vLLM's message)."""
+    ctx: ServingContext = request.app.state.ctx
+    body = await ctx.read_body(request, ResponsesRequest)
+    ctx.check_model(body.model)
+    body.check_supported(ctx.responses_store)
+    if body.previous_response_id is not None:
+        raise APIError("previous_response_id is not supported by the stateless render endpoint.",
+                       param="previous_response_id")
+    try:
+        messages, continue_final = input_messages(body.input)
+        return JSONResponse(render_generate_request(ctx, body.to_chat_request(messages, continue_final),
+                                                    body.request_id or _new_id("resp"), prompt_param="input"))
+    except APIError as exc:
+        exc.param = _RESPONSES_PARAM.get(exc.param, exc.param)
+        raise
 
 
 def _stored(request: Request) -> tuple[ResponseStore, StoredResponse]:

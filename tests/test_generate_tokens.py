@@ -219,7 +219,8 @@ def _post(server, path: str, body: dict, headers=None) -> httpx.Response:
 def test_render_then_generate_is_the_chat_reply(server):
     """/v1/chat/completions/render gives vLLM's GenerateRequest: the prompt the chat route runs and
     its sampling fields (max_tokens unset: up to the context); sent to /inference/v1/generate it
-    gives the chat reply's tokens. /v1/messages/render goes through the same chat request."""
+    gives the chat reply's tokens. /v1/messages/render and /v1/responses/render go through the
+    same chat request (the latter stateless: no previous_response_id)."""
     body = {"model": MODEL_NAME, "messages": MESSAGES, "temperature": 0, "max_tokens": 7, "seed": 3,
             "logit_bias": {"11": 2.5}, "stop": ["zz"]}
     rendered = _post(server, "/v1/chat/completions/render", body, {"X-Request-Id": "r1"})
@@ -236,6 +237,12 @@ def test_render_then_generate_is_the_chat_reply(server):
     messages = _post(server, "/v1/messages/render", {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 7,
                                                      "temperature": 0}).json()
     assert messages["token_ids"] == request["token_ids"] and messages["request_id"].startswith("chatcmpl-")
+    responses = _post(server, "/v1/responses/render", {"model": MODEL_NAME, "input": MESSAGES[0]["content"],
+                                                       "max_output_tokens": 7, "request_id": "resp_x"}).json()
+    assert responses["token_ids"] == request["token_ids"] and responses["request_id"] == "resp_x"
+    assert responses["sampling_params"]["max_tokens"] == 7
+    stateful = _post(server, "/v1/responses/render", {"input": "Hi", "previous_response_id": "resp_y"})
+    assert stateful.status_code == 400 and "stateless render endpoint" in stateful.json()["error"]["message"]
     wait_until_idle(server)
 
 
@@ -306,7 +313,8 @@ def test_disabled_without_the_flag(tiny_model_dir):
                            ("/inference/v1/abort_requests", {"request_ids": ["x"]}),
                            ("/v1/chat/completions/render", {"messages": MESSAGES}),
                            ("/v1/completions/render", {"prompt": "a"}),
-                           ("/v1/messages/render", {"messages": MESSAGES, "max_tokens": 1})):
+                           ("/v1/messages/render", {"messages": MESSAGES, "max_tokens": 1}),
+                           ("/v1/responses/render", {"input": "Hi"})):
             response = httpx.post(srv.url + path, json=body, headers=AUTH)
             assert response.status_code == 403 and "--enable-scale-out" in response.json()["error"]["message"]
         assert httpx.post(srv.url + "/inference/v1/generate", json={}).status_code == 401  # the key guards it
