@@ -611,8 +611,9 @@ class LLMEngine:
                 grammar_rows.append((i, sample.matcher, r.sampling_params.stop_token_ids))
             if r.sample and r.sampling_params.restricts_tokens:
                 restricted.append((i, parent, sample.request))
-            if r.sample and sample.thinking_budget is not None and sample.thinking_budget.forced_token() is not None:
-                forced.append((i, sample.thinking_budget.forced_token()))
+            if (r.sample and sample.thinking_budget is not None
+                    and (token := sample.thinking_budget.forced_token()) is not None):
+                forced.append((i, token))
         if not grammar_rows and not restricted and not forced:
             return None
         if grammar_rows:
@@ -719,11 +720,11 @@ class LLMEngine:
         token_id = request.output_token_ids[-1]
         params = request.sampling_params
         if sample.logprobs is not None:
-            entry = self._logprob_entry(params.logprobs or 0, token_id, result.logprobs[row], result.ranks[row],
-                                        result.top_token_ids[row], result.top_logprobs[row])
-            if params.logprob_token_ids is not None:  # in place of the top ones
-                entry = {token_id: entry[token_id]}
-                self._add_listed_logprobs(entry, params.logprob_token_ids, result.listed_logprobs[row])
+            listed = params.logprob_token_ids  # in place of the top ones
+            entry = self._logprob_entry(0 if listed else params.logprobs, token_id, result.logprobs[row],
+                                        result.ranks[row], result.top_token_ids[row], result.top_logprobs[row])
+            if listed:
+                self._add_listed_logprobs(entry, listed, result.listed_logprobs[row])
             sample.logprobs.append(entry)
             sample.cumulative_logprob += float(result.logprobs[row])
         stopped_by_token = request.finish_reason == "stop"

@@ -84,8 +84,9 @@ async def create_generative_scoring(request: Request) -> Response:
         raise APIError(str(exc), param="label_token_ids") from None
     for prompt in prompts:
         ctx.validate(prompt, params, "items")
-    request_id = f"generative-scoring-{ctx.client_request_id(request, body.request_id) or uuid.uuid4().hex}"
-    engine_id = ctx.engine_request_id(request_id, ctx.client_request_id(request, body.request_id))
+    client_request_id = ctx.client_request_id(request, body.request_id)
+    request_id = f"generative-scoring-{client_request_id or uuid.uuid4().hex}"
+    engine_id = ctx.engine_request_id(request_id, client_request_id)
     lora_request = ctx.lora_request(model_name)
     outputs = merge_async_iterators([ctx.generate(prompt, params, f"{engine_id}-{i}", time.time(), lora_request,
                                                   body.priority, body.cache_salt, reply_id=request_id)
