@@ -185,7 +185,7 @@ class EngineArgs:
         "/is_sleeping): release the KV cache's memory, and the weights' (level 2, or level 1 on a GPU, "
         "which keeps a host copy), between uses, e.g. while an RL trainer shares the device (docs/engine.md).")
     disable_sliding_window: bool = _field(
-        False, "Run a sliding-window model (Mistral) with full attention, its context capped at the window "
+        False, "Run a sliding-window model (Mistral, Gemma 2/3) with full attention, its context capped at the window "
         "(vLLM's flag; models without a window are unchanged).")
     stream_interval: int = _field(
         1, "Tokens per streamed output: a request's first token and its last output are sent at once, "

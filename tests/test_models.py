@@ -49,14 +49,29 @@ ARCHITECTURES = {
     "mistral_sliding_window": ("mistral", "MistralForCausalLM", dict(sliding_window=7)),
     "qwen2_qkv_bias": ("qwen2", "Qwen2ForCausalLM", dict(num_key_value_heads=1)),
     "qwen3_qk_norm": ("qwen3", "Qwen3ForCausalLM", dict(head_dim=32, num_key_value_heads=4)),
+    # Gemma: (1 + w) norms, scaled embeddings, the tanh GELU, tied lm_head by default.
+    "gemma": ("gemma", "GemmaForCausalLM", dict(hidden_act="gelu", tie_word_embeddings=None)),
+    # Gemma 2: sandwich norms, query_pre_attn_scalar, soft-capped scores and logits, every other
+    # layer windowed (3 layers: windowed, full, windowed).
+    "gemma2_softcap_alternating_window": ("gemma2", "Gemma2ForCausalLM", dict(
+        num_hidden_layers=3, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=6)),
+    # Gemma 3: q/k norms, five windowed layers in six with their own RoPE base, linear scaling on the
+    # full layers (layer_types given, transformers 4's rope fields).
+    "gemma3_local_rope": ("gemma3_text", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=5, rope_theta=1000.0, rope_local_base_freq=20.0,
+        rope_scaling=dict(rope_type="linear", factor=4.0), query_pre_attn_scalar=16)),
 }
 SEQ_LENS = (29, 11, 18)  # off block boundaries
 BLOCK_SIZE = 4
 
 
 def _hf_config(name):
+    """(model_type, config.json fields); an extra field set to None is left out of the file."""
     model_type, architecture, extra = ARCHITECTURES[name]
-    return model_type, {**TINY, **extra, "architectures": [architecture]}
+    fields = {k: v for k, v in {**TINY, **extra}.items() if v is not None}
+    return model_type, {**fields, "architectures": [architecture]}
 
 
 def _random_params(config, seed):
@@ -64,6 +79,8 @@ def _random_params(config, seed):
     params = llama.init_params(config, jax.random.key(seed))
     rng = np.random.default_rng(seed)
     scale = lambda path, x: x if "norm" in str(path[-1]) else x * 6.0 + rng.normal(0, 0.01, x.shape)
+    if config.norm_unit_offset:  # Gemma's norms scale by 1 + w: spread w too
+        scale = lambda path, x: x * 3.0 if "norm" in str(path[-1]) else x * 6.0 + rng.normal(0, 0.01, x.shape)
     return jax.tree.map_with_path(lambda p, x: jnp.asarray(scale(p, np.asarray(x)), jnp.float32), params)
 
 
@@ -197,6 +214,9 @@ def test_bfloat16_params_and_forward_dtypes():
         (dict(hidden_act="gelu"), "hidden_act"),
         (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "rope_scaling type 'yarn'"),
         (dict(use_sliding_window=True), "use_sliding_window"),
+        (dict(architectures=["Gemma3ForConditionalGeneration"]), "unsupported architecture"),
+        (dict(architectures=["Gemma2ForCausalLM"], hidden_activation="relu"), "hidden_act 'relu'"),
+        (dict(architectures=["Gemma2ForCausalLM"], layer_types=["chunked_attention"] * 2), "layer_types"),
     ],
 )
 def test_from_hf_config_rejects_unsupported(change, message):

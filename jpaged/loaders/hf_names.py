@@ -16,6 +16,10 @@ LAYER_NAMES = {
     "q_norm": "self_attn.q_norm.weight",
     "k_norm": "self_attn.k_norm.weight",
     "post_attention_norm": "post_attention_layernorm.weight",
+    # Gemma 2/3 (sandwich norms): HF's post_attention_layernorm is the attention output's norm there.
+    "attn_output_norm": "post_attention_layernorm.weight",
+    "mlp_input_norm": "pre_feedforward_layernorm.weight",
+    "mlp_output_norm": "post_feedforward_layernorm.weight",
     "gate_proj": "mlp.gate_proj.weight",
     "up_proj": "mlp.up_proj.weight",
     "down_proj": "mlp.down_proj.weight",

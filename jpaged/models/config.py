@@ -1,4 +1,5 @@
-"""ModelConfig: the static description of a Llama-family decoder, built from an HF config.json."""
+"""ModelConfig: the static description of a Llama-family decoder (Gemma's included), built from
+an HF config.json."""
 
 import dataclasses
 import math
@@ -11,7 +12,13 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
 )
+GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# HF activation names -> what the MLP's gate goes through. Gemma's legacy "gelu" means the tanh form.
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_ROPE_TYPES = ("llama3", "linear")
 
@@ -20,7 +27,7 @@ SUPPORTED_ROPE_TYPES = ("llama3", "linear")
 class ModelConfig:
     """Hashable (a static jit argument). Field names follow jpaged's glossary, not HF's."""
 
-    architecture: str  # "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM"
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -35,10 +42,20 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool  # biases on q/k/v (Qwen2 always; Llama/Qwen3 also on o_proj)
     qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
-    sliding_window: int | None  # Mistral: a query at p sees keys at positions > p - sliding_window
+    sliding_window: int | None  # Mistral, Gemma 2/3: a query at p sees keys at positions > p - sliding_window
     dtype: str  # "float32" | "bfloat16" | "float16": params and matmul inputs
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Gemma's differences (the defaults are Llama's; old saved configs lack these fields):
+    hidden_act: str = "silu"  # one of HIDDEN_ACTS, on the MLP's gate
+    norm_unit_offset: bool = False  # Gemma: every RMSNorm scales by (1 + weight)
+    embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size), rounded to dtype
+    sandwich_norms: bool = False  # Gemma 2/3: RMSNorms on the attention's and the MLP's outputs too
+    query_pre_attn_scalar: float | None = None  # Gemma 2/3: scores scaled by its -1/2 power, not head_dim's
+    attn_logit_softcap: float | None = None  # Gemma 2: attention scores become c * tanh(scores / c)
+    final_logit_softcap: float | None = None  # Gemma 2: logits become c * tanh(logits / c)
+    sliding_window_layers: tuple[bool, ...] | None = None  # Gemma 2/3: which layers use the window (None: all)
+    local_rope_theta: float | None = None  # Gemma 3: the windowed layers' RoPE base (unscaled RoPE)
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -48,6 +65,10 @@ class ModelConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES} (set --dtype)")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {HIDDEN_ACTS}")
+        if self.sliding_window_layers is not None and len(self.sliding_window_layers) != self.num_layers:
+            raise ValueError(f"{len(self.sliding_window_layers)} layer types for {self.num_layers} layers")
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_q_heads} is not a multiple of "
@@ -58,6 +79,23 @@ class ModelConfig:
     def o_proj_bias(self) -> bool:
         """Qwen2 has q/k/v biases only; Llama-style attention_bias also biases o_proj."""
         return self.attention_bias and self.architecture != "Qwen2ForCausalLM"
+
+    @property
+    def sm_scale(self) -> float:
+        """The attention scores' scale: query_pre_attn_scalar ** -0.5 where set, else head_dim ** -0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        """The window of layer `layer`'s attention (None: it sees the whole context)."""
+        if self.sliding_window_layers is not None and not self.sliding_window_layers[layer]:
+            return None
+        return self.sliding_window
+
+    def layer_uses_local_rope(self, layer: int) -> bool:
+        """Gemma 3's windowed layers rotate with local_rope_theta (with --disable-sliding-window too)."""
+        if self.local_rope_theta is None:
+            return False
+        return self.sliding_window_layers is None or self.sliding_window_layers[layer]
 
     @property
     def rope_scaling_dict(self) -> dict | None:
@@ -76,6 +114,8 @@ class ModelConfig:
         if fields.get("rope_scaling") is not None:
             fields["rope_scaling"] = tuple(tuple(item) for item in fields["rope_scaling"])
         fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+        if fields.get("sliding_window_layers") is not None:
+            fields["sliding_window_layers"] = tuple(fields["sliding_window_layers"])
         return cls(**fields)
 
     @classmethod
@@ -93,25 +133,31 @@ class ModelConfig:
                 f"config.json; jpaged supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         architecture = architectures[0]
-        hidden_act = hf_config.get("hidden_act", "silu")
-        if hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {hidden_act!r} in config.json (only 'silu')")
+        gemma = architecture in GEMMA_ARCHITECTURES
+        hidden_act = _hidden_act(hf_config, architecture)
         if hf_config.get("mlp_bias"):
             raise ValueError("unsupported mlp_bias=true in config.json")
 
         num_q_heads = hf_config["num_attention_heads"]
         head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // num_q_heads
-        rope_theta, rope_scaling = _rope_fields(hf_config)
+        if architecture == "Gemma3ForCausalLM":
+            rope_theta, rope_scaling, local_rope_theta = _gemma3_rope_fields(hf_config)
+        else:
+            (rope_theta, rope_scaling), local_rope_theta = _rope_fields(hf_config), None
 
         if architecture == "Qwen2ForCausalLM":
             attention_bias = True
         else:
             attention_bias = bool(hf_config.get("attention_bias", False))
         sliding_window = hf_config.get("sliding_window")
-        if architecture != "MistralForCausalLM":
+        sliding_window_layers = None
+        if architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+            sliding_window_layers = _gemma_sliding_window_layers(hf_config, architecture)
+        elif architecture != "MistralForCausalLM":
             if hf_config.get("use_sliding_window", False):
                 raise ValueError(f"unsupported use_sliding_window=true for {architecture} in config.json")
             sliding_window = None  # Qwen configs carry a window they do not use
+        sandwich = architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
         eos = hf_config.get("eos_token_id")
         eos_token_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
@@ -128,13 +174,22 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=hf_config.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", gemma)),  # Gemma ties by default
             attention_bias=attention_bias,
-            qk_norm=architecture == "Qwen3ForCausalLM",
+            qk_norm=architecture in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
             sliding_window=sliding_window,
             dtype=resolve_dtype(dtype, hf_config.get("dtype") or hf_config.get("torch_dtype")),
             bos_token_id=hf_config.get("bos_token_id"),
             eos_token_ids=eos_token_ids,
+            hidden_act=hidden_act,
+            norm_unit_offset=gemma,
+            embed_scale=hf_config["hidden_size"] ** 0.5 if gemma else None,
+            sandwich_norms=sandwich,
+            query_pre_attn_scalar=float(hf_config.get("query_pre_attn_scalar", 256)) if sandwich else None,
+            attn_logit_softcap=_optional_float(hf_config.get("attn_logit_softcapping")) if sandwich else None,
+            final_logit_softcap=_optional_float(hf_config.get("final_logit_softcapping")) if sandwich else None,
+            sliding_window_layers=sliding_window_layers,
+            local_rope_theta=local_rope_theta,
         )
 
 
@@ -147,6 +202,57 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     return dtype
+
+
+def _hidden_act(hf_config: dict, architecture: str) -> str:
+    """The MLP's activation: HF's `hidden_activation` (Gemma 2/3) or `hidden_act`."""
+    if architecture in GEMMA_ARCHITECTURES:
+        name = hf_config.get("hidden_activation") or hf_config.get("hidden_act") or "gelu_pytorch_tanh"
+        name = "gelu_pytorch_tanh" if name in ("gelu", "gelu_tanh") else name  # Gemma's legacy names, as HF reads them
+    else:
+        name = hf_config.get("hidden_act", "silu")
+    if name not in HIDDEN_ACTS:
+        raise ValueError(f"unsupported hidden_act {name!r} in config.json for {architecture} "
+                         f"(jpaged implements {', '.join(HIDDEN_ACTS)})")
+    return name
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _gemma_sliding_window_layers(hf_config: dict, architecture: str) -> tuple[bool, ...]:
+    """Which layers attend through the window: HF's `layer_types`, else its default pattern (Gemma 2
+    alternates from a windowed first layer; Gemma 3 windows five layers of every six)."""
+    num_layers = hf_config["num_hidden_layers"]
+    layer_types = hf_config.get("layer_types")
+    if layer_types is None:
+        default_pattern = 2 if architecture == "Gemma2ForCausalLM" else 6
+        pattern = hf_config.get("sliding_window_pattern") or default_pattern
+        return tuple(bool((i + 1) % pattern) for i in range(num_layers))
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown or len(layer_types) != num_layers:
+        raise ValueError(f"unsupported layer_types {layer_types!r} in config.json (one of 'sliding_attention', "
+                         f"'full_attention' per layer)")
+    return tuple(t == "sliding_attention" for t in layer_types)
+
+
+def _gemma3_rope_fields(hf_config: dict) -> tuple[float, tuple | None, float]:
+    """(rope_theta, rope_scaling, local_rope_theta) of Gemma 3: the full-attention layers' RoPE
+    (scaled as rope_scaling says) and the windowed layers' base, from transformers 4's
+    rope_theta / rope_scaling / rope_local_base_freq or transformers 5's per-layer-type
+    rope_parameters."""
+    params = hf_config.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"unsupported rope_type {local['rope_type']!r} for sliding_attention in config.json")
+        full.setdefault("rope_theta", 1_000_000.0)
+        rope_theta, rope_scaling = _rope_fields({"rope_parameters": full})
+        return rope_theta, rope_scaling, float(local.get("rope_theta", 10_000.0))
+    rope_theta, rope_scaling = _rope_fields({"rope_theta": 1_000_000.0, **hf_config})
+    return rope_theta, rope_scaling, float(hf_config.get("rope_local_base_freq", 10_000.0))
 
 
 def _rope_fields(hf_config: dict) -> tuple[float, tuple | None]:
@@ -167,12 +273,13 @@ def _rope_fields(hf_config: dict) -> tuple[float, tuple | None]:
     return rope_theta, tuple(sorted(params.items()))
 
 
-def rope_inv_freq(config: ModelConfig):
-    """float64 numpy [head_dim // 2] inverse frequencies, with llama3/linear scaling applied."""
+def rope_inv_freq(config: ModelConfig, local: bool = False):
+    """float64 numpy [head_dim // 2] inverse frequencies, with llama3/linear scaling applied;
+    `local`: Gemma 3's windowed layers' (base local_rope_theta, unscaled)."""
     exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
-    inv_freq = 1.0 / (config.rope_theta**exponents)
+    inv_freq = 1.0 / ((config.local_rope_theta if local else config.rope_theta) ** exponents)
     scaling = config.rope_scaling_dict
-    if scaling is None:
+    if scaling is None or local:
         return inv_freq
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"]

@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) as a functional Flax module.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 1/2/3) as a functional Flax module.
 
 `LlamaForCausalLM(config)` is a flax.linen Module applied functionally over a plain params
 pytree (weights stored [in, out]):
@@ -10,8 +10,10 @@ pytree (weights stored [in, out]):
          "q_bias"/"k_bias"/"v_bias": [out]   (config.attention_bias),
          "o_bias": [hidden]                  (config.o_proj_bias),
          "q_norm"/"k_norm": [head_dim]        (config.qk_norm),
-         "post_attention_norm": [hidden], "gate_proj"/"up_proj": [hidden, intermediate],
-         "down_proj": [intermediate, hidden]}, ...],
+         "post_attention_norm": [hidden]       (the MLP's input norm; "mlp_input_norm" when
+                                               config.sandwich_norms, with "attn_output_norm" and
+                                               "mlp_output_norm" on the two blocks' outputs),
+         "gate_proj"/"up_proj": [hidden, intermediate], "down_proj": [intermediate, hidden]}, ...],
      "final_norm": [hidden_size],
      "lm_head": [hidden_size, vocab_size],   (absent when config.tie_word_embeddings, unless
                                                quantization.pack_linears added a packed copy)
@@ -30,7 +32,11 @@ All weights are in config.dtype, except that a projection, the embedding or the 
 bfloat16 projections and the lm_head (and, in a float32 step, GGUF-block ones) into
 `quantization.PackedWeight` panels for the C++ matmul kernel.
 Matmuls go through `quantization.linear`: they take config.dtype inputs and accumulate in
-float32; RMSNorm, RoPE, SiLU and softmax run in float32.
+float32; RMSNorm, RoPE, the MLP's activation and softmax run in float32.
+
+Gemma's differences are config fields (jpaged/models/config.py): norms scaling by (1 + weight),
+scaled embeddings, the GELU gate, sandwich norms, the query_pre_attn_scalar scale, soft-capped
+scores and logits, windowed layers among full ones, and a second RoPE base for the windowed ones.
 """
 
 import dataclasses
@@ -57,15 +63,15 @@ class ParamSpec:
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
-    is_norm: bool = False  # norms draw N(1, 0.1), everything else N(0, 0.02)
+    mean: float = 0.0  # dummy weights draw N(mean, std): norms N(1, 0.1) (N(0, 0.1) where they
+    std: float = 0.02  # scale by 1 + weight), everything else N(0, 0.02)
 
     def initializer(self, dtype):
         """A flax initializer (key, shape, dtype) -> array, boxed with the logical axes."""
-        normal = jax.nn.initializers.normal(0.1 if self.is_norm else 0.02)
-        offset = 1.0 if self.is_norm else 0.0
+        normal = jax.nn.initializers.normal(self.std)
 
         def init(key, shape, dtype):
-            return (offset + normal(key, shape, jnp.float32)).astype(dtype)
+            return (self.mean + normal(key, shape, jnp.float32)).astype(dtype)
 
         return nn.with_logical_partitioning(init, self.axes)
 
@@ -75,25 +81,29 @@ def param_specs(config: ModelConfig) -> dict:
     hidden, inter = config.hidden_size, config.intermediate_size
     q_size = config.num_q_heads * config.head_dim
     kv_size = config.num_kv_heads * config.head_dim
-    norm = ParamSpec((hidden,), ("norm",), is_norm=True)
+    norm_mean = 0.0 if config.norm_unit_offset else 1.0
+    norm = ParamSpec((hidden,), ("norm",), mean=norm_mean, std=0.1)
     layer = {
         "input_norm": norm,
         "q_proj": ParamSpec((hidden, q_size), ("embed", "heads")),
         "k_proj": ParamSpec((hidden, kv_size), ("embed", "kv_heads")),
         "v_proj": ParamSpec((hidden, kv_size), ("embed", "kv_heads")),
         "o_proj": ParamSpec((q_size, hidden), ("heads", "embed")),
-        "post_attention_norm": norm,
         "gate_proj": ParamSpec((hidden, inter), ("embed", "mlp")),
         "up_proj": ParamSpec((hidden, inter), ("embed", "mlp")),
         "down_proj": ParamSpec((inter, hidden), ("mlp", "embed")),
     }
+    if config.sandwich_norms:
+        layer.update(attn_output_norm=norm, mlp_input_norm=norm, mlp_output_norm=norm)
+    else:
+        layer["post_attention_norm"] = norm
     if config.attention_bias:
         layer.update(q_bias=ParamSpec((q_size,), ("heads",)), k_bias=ParamSpec((kv_size,), ("kv_heads",)),
                      v_bias=ParamSpec((kv_size,), ("kv_heads",)))
     if config.o_proj_bias:
         layer["o_bias"] = ParamSpec((hidden,), ("embed",))
     if config.qk_norm:
-        head_norm = ParamSpec((config.head_dim,), ("head_dim",), is_norm=True)
+        head_norm = ParamSpec((config.head_dim,), ("head_dim",), mean=norm_mean, std=0.1)
         layer.update(q_norm=head_norm, k_norm=head_norm)
     specs = {
         "embed": ParamSpec((config.vocab_size, hidden), ("vocab", "embed")),
@@ -162,8 +172,8 @@ class LlamaForCausalLM(nn.Module):
           (hidden [num_tokens, hidden_size] in config.dtype with the final norm applied, new kv_cache).
         """
         config, params = self.config, self.weights()
-        rope = rope_tables(config, positions)
-        x = embed(params["embed"], token_ids, config.dtype)  # [T, hidden]
+        ropes = _rope_tables_per_kind(config, positions)
+        x = _embed(params["embed"], token_ids, config)  # [T, hidden]
         # The real tokens (the linears skip the padding after them), decode tokens first.
         rows = dict(num_rows=attn_meta.cu_q_lens[-1], num_decode_rows=attn_meta.num_decode_tokens)
         # A batch with no adapter token skips every LoRA delta (a branch, not a second program).
@@ -172,6 +182,7 @@ class LlamaForCausalLM(nn.Module):
         for i, (layer, (k_pages, v_pages)) in enumerate(zip(params["layers"], kv_cache)):
             scales = {} if kv_scales is None else dict(zip(("k_scale", "v_scale"), kv_scales[i]))
             lora = None if lora_slots is None else (params["lora"][i], lora_slots, any_adapter)
+            rope = ropes[config.layer_uses_local_rope(i)]
             q, k, v = _attention_inputs(layer, config, x, rope, lora, **rows)  # [T, heads, head_dim]
             k_pages, v_pages = write_kv_fn(k_pages, v_pages, k, v, attn_meta.slot_mapping, **scales)
             attn = attention_fn(
@@ -181,14 +192,14 @@ class LlamaForCausalLM(nn.Module):
                 attn_meta.kv_lens,
                 attn_meta.block_tables,
                 attn_meta.cu_q_lens,
-                sm_scale=config.head_dim**-0.5,
-                sliding_window=config.sliding_window,
-                soft_cap=None,
+                sm_scale=config.sm_scale,
+                sliding_window=config.layer_sliding_window(i),
+                soft_cap=config.attn_logit_softcap,
                 **scales,
             )
             x = _attention_output_and_mlp(layer, config, x, attn, lora, **rows)
             new_cache.append((k_pages, v_pages))
-        return _rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
+        return _rms_norm(x, params["final_norm"], config), new_cache
 
     def compute_logits(self, hidden, num_rows=None):
         """f32[n, vocab_size] from hidden [n, hidden_size] (tied to the embedding when configured).
@@ -202,19 +213,22 @@ class LlamaForCausalLM(nn.Module):
         past_packed_copy = (self.config.tie_word_embeddings and not isinstance(params["embed"], QuantizedWeight)
                             and hidden.shape[0] > PACKED_LM_HEAD_MAX_ROWS)
         if "lm_head" in params and not past_packed_copy:
-            return _linear(hidden, params["lm_head"], out_dtype=jnp.float32, num_rows=num_rows)
-        if not isinstance(params["embed"], QuantizedWeight):
-            return jnp.einsum("nh,vh->nv", hidden, params["embed"], preferred_element_type=jnp.float32)
-        return _linear(hidden, params["embed"], out_dtype=jnp.float32, num_rows=num_rows)  # [out=vocab, in]
+            logits = _linear(hidden, params["lm_head"], out_dtype=jnp.float32, num_rows=num_rows)
+        elif not isinstance(params["embed"], QuantizedWeight):
+            logits = jnp.einsum("nh,vh->nv", hidden, params["embed"], preferred_element_type=jnp.float32)
+        else:
+            logits = _linear(hidden, params["embed"], out_dtype=jnp.float32, num_rows=num_rows)  # [out=vocab, in]
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def compute_greedy_ids(self, hidden, num_rows=None):
         """i32[n]: each row's argmax of compute_logits(hidden, num_rows) (the first index on ties).
         Where the lm_head has its C++ kernel operands ("lm_head_greedy", `quantization.pack_linears`)
         and compute_logits reads the packed lm_head, the same ids come from
-        `quantization.greedy_token_ids`, which skips the logits that cannot win; otherwise from
-        the logits."""
+        `quantization.greedy_token_ids`, which skips the logits that cannot win; otherwise (and
+        under a final soft cap, whose rounding may tie logits) from the logits."""
         params = self.weights()
-        greedy = params.get("lm_head_greedy")
+        greedy = None if self.config.final_logit_softcap is not None else params.get("lm_head_greedy")
         # A tied float embedding's packed copy, the kernel's order of sums, serves up to its row limit.
         if greedy is not None and (greedy.row_scale is not None or hidden.shape[0] <= PACKED_LM_HEAD_MAX_ROWS):
             return greedy_token_ids(hidden, greedy, num_rows)
@@ -228,13 +242,13 @@ class LlamaForCausalLM(nn.Module):
         config, params = self.config, self.weights()
         batch, seq = token_ids.shape
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        rope = rope_tables(config, positions)
-        x = embed(params["embed"], token_ids, config.dtype)  # [B, S, hidden]
-        for layer in params["layers"]:
-            q, k, v = _attention_inputs(layer, config, x, rope)  # [B, S, heads, D]
-            attn = _dense_causal_attention(q, k, v, config.sliding_window)
+        ropes = _rope_tables_per_kind(config, positions)
+        x = _embed(params["embed"], token_ids, config)  # [B, S, hidden]
+        for i, layer in enumerate(params["layers"]):
+            q, k, v = _attention_inputs(layer, config, x, ropes[config.layer_uses_local_rope(i)])  # [B, S, heads, D]
+            attn = _dense_causal_attention(q, k, v, config, config.layer_sliding_window(i))
             x = _attention_output_and_mlp(layer, config, x, attn)
-        hidden = _rms_norm(x, params["final_norm"], config.rms_norm_eps)
+        hidden = _rms_norm(x, params["final_norm"], config)
         logits = self.compute_logits(hidden.reshape(batch * seq, -1))
         return logits.reshape(batch, seq, -1)
 
@@ -254,22 +268,21 @@ def init_params(config: ModelConfig, key: jax.Array) -> dict:
     if jax.default_backend() != "cpu":
         leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
         keys = jax.random.split(key, len(leaves))
-        return jax.tree.unflatten(treedef, [_draw_on_device(k, spec.shape, spec.is_norm, dtype)
+        return jax.tree.unflatten(treedef, [_draw_on_device(k, spec.shape, spec.mean, spec.std, dtype)
                                             for k, spec in zip(keys, leaves)])
     key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     rng = np.random.default_rng(np.asarray(key_data, np.uint32))
 
     def draw(spec):
         noise = rng.standard_normal(spec.shape, dtype=np.float32)
-        return jnp.asarray(((1.0 + 0.1 * noise) if spec.is_norm else 0.02 * noise).astype(dtype))
+        return jnp.asarray((spec.mean + spec.std * noise).astype(dtype))
 
     return jax.tree.map(draw, specs, is_leaf=_is_spec)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _draw_on_device(key, shape, is_norm, dtype):
-    noise = jax.random.normal(key, shape, jnp.float32)
-    return ((1.0 + 0.1 * noise) if is_norm else 0.02 * noise).astype(dtype)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _draw_on_device(key, shape, mean, std, dtype):
+    return (mean + std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def forward(params, config: ModelConfig, token_ids, positions, kv_cache, attn_meta, attention_fn,
@@ -325,42 +338,74 @@ def _attention_inputs(layer, config, x, rope, lora=None, **rows):
     rope: `rope_tables(config, positions)`. lora: None, or (the layer's LoRA slots, token slots)
     for x of [num_tokens, hidden]. rows: `quantization.linear`'s num_rows (the real rows of x,
     flattened; the linears may skip the padding after them) and num_decode_rows."""
-    h = _rms_norm(x, layer["input_norm"], config.rms_norm_eps)
+    h = _rms_norm(x, layer["input_norm"], config)
     lead = h.shape[:-1]
     q = _project(h, layer, "q_proj", lora, layer.get("q_bias"), **rows).reshape(*lead, config.num_q_heads, -1)
     k = _project(h, layer, "k_proj", lora, layer.get("k_bias"), **rows).reshape(*lead, config.num_kv_heads, -1)
     v = _project(h, layer, "v_proj", lora, layer.get("v_bias"), **rows).reshape(*lead, config.num_kv_heads, -1)
     if config.qk_norm:
-        q = _rms_norm(q, layer["q_norm"], config.rms_norm_eps)
-        k = _rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+        q = _rms_norm(q, layer["q_norm"], config)
+        k = _rms_norm(k, layer["k_norm"], config)
     return _rope(q, *rope), _rope(k, *rope), v
 
 
 def _attention_output_and_mlp(layer, config, x, attn, lora=None, **rows):
-    """The residual stream after o_proj and the SwiGLU MLP. attn: [..., num_q_heads, head_dim];
-    lora and rows as for `_attention_inputs`."""
+    """The residual stream after o_proj and the gated MLP (SwiGLU, or Gemma's GELU), with Gemma
+    2/3's norms on both blocks' outputs. attn: [..., num_q_heads, head_dim]; lora and rows as for
+    `_attention_inputs`."""
     attn = attn.reshape(*attn.shape[:-2], -1).astype(x.dtype)
-    x = x + _project(attn, layer, "o_proj", lora, layer.get("o_bias"), **rows)
-    h = _rms_norm(x, layer["post_attention_norm"], config.rms_norm_eps)
+    out = _project(attn, layer, "o_proj", lora, layer.get("o_bias"), **rows)
+    if config.sandwich_norms:
+        out = _rms_norm(out, layer["attn_output_norm"], config)
+    x = x + out
+    h = _rms_norm(x, layer["mlp_input_norm" if config.sandwich_norms else "post_attention_norm"], config)
     gate = _project(h, layer, "gate_proj", lora, **rows).astype(jnp.float32)
     up = _project(h, layer, "up_proj", lora, **rows).astype(jnp.float32)
-    return x + _project((jax.nn.silu(gate) * up).astype(x.dtype), layer, "down_proj", lora, **rows)
+    out = _project((_activation(gate, config.hidden_act) * up).astype(x.dtype), layer, "down_proj", lora, **rows)
+    if config.sandwich_norms:
+        out = _rms_norm(out, layer["mlp_output_norm"], config)
+    return x + out
 
 
-def _rms_norm(x, weight, eps):
+def _activation(gate, hidden_act: str):
+    """The MLP gate's activation in float32 (HF's silu, or gelu_pytorch_tanh: GELU's tanh form)."""
+    return jax.nn.silu(gate) if hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+
+
+def _embed(embedding, token_ids, config: ModelConfig):
+    """The token rows of the embedding in config.dtype; Gemma's times sqrt(hidden_size), the
+    factor rounded to config.dtype first (as HF multiplies them)."""
+    x = embed(embedding, token_ids, config.dtype)
+    if config.embed_scale is None:
+        return x
+    return x * jnp.asarray(config.embed_scale, x.dtype)
+
+
+def _rms_norm(x, weight, config: ModelConfig):
+    """RMSNorm over the last axis in float32, scaled by weight (Gemma: by 1 + weight)."""
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + config.rms_norm_eps)
+    scale = weight.astype(jnp.float32)
+    if config.norm_unit_offset:
+        scale = 1.0 + scale
+    return (normed * scale).astype(x.dtype)
 
 
-def rope_tables(config: ModelConfig, positions):
+def _rope_tables_per_kind(config: ModelConfig, positions) -> dict:
+    """{False: the global RoPE tables, True: Gemma 3's windowed layers' (or None)}, keyed by
+    `config.layer_uses_local_rope(layer)`."""
+    local = None if config.local_rope_theta is None else rope_tables(config, positions, local=True)
+    return {False: rope_tables(config, positions), True: local}
+
+
+def rope_tables(config: ModelConfig, positions, local: bool = False):
     """(cos, signed_sin), each f32[..., 1, head_dim], for `_rope` at i32 positions [...].
 
     Computed once per step and shared by every layer: left to XLA:CPU, the cos/sin were fused
     into each layer's q and k rotation and evaluated again per head (8x slower at 512 tokens).
-    The optimization barrier keeps them one materialized pair.
+    The optimization barrier keeps them one materialized pair. `local`: Gemma 3's windowed layers'.
     """
-    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
+    inv_freq = jnp.asarray(rope_inv_freq(config, local), jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., head_dim // 2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     tables = (jnp.concatenate([cos, cos], axis=-1)[..., None, :], jnp.concatenate([-sin, sin], axis=-1)[..., None, :])
@@ -375,12 +420,14 @@ def _rope(x, cos, signed_sin):
     return (x32 * cos + jnp.concatenate([x2, x1], axis=-1) * signed_sin).astype(x.dtype)
 
 
-def _dense_causal_attention(q, k, v, sliding_window):
+def _dense_causal_attention(q, k, v, config: ModelConfig, sliding_window):
     """q [B, S, Hq, D], k/v [B, S, Hkv, D] -> [B, S, Hq, D]; softmax in float32."""
     batch, seq, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     qg = q.astype(jnp.float32).reshape(batch, seq, num_kv_heads, -1, head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32)) * head_dim**-0.5
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32)) * config.sm_scale
+    if config.attn_logit_softcap is not None:
+        scores = config.attn_logit_softcap * jnp.tanh(scores / config.attn_logit_softcap)
     pos = jnp.arange(seq)
     visible = pos[None, :] <= pos[:, None]  # [q, s]
     if sliding_window is not None:
