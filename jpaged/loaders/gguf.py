@@ -12,7 +12,11 @@ from jpaged.models.llama import param_shapes
 from jpaged.tokenizer import Tokenizer
 
 # general.architecture -> HF architecture.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+# Gemma's layer count of its 27B model, where llama.cpp scales the scores by (hidden / heads) ** -0.5
+# rather than head_dim ** -0.5 (the HF configs' query_pre_attn_scalar; GGUF does not store it).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # GGUF per-layer tensor name (after "blk.{i}.") -> jpaged layer key.
 LAYER_NAMES = {
     "attn_norm.weight": "input_norm",
@@ -29,6 +33,12 @@ LAYER_NAMES = {
     "ffn_gate.weight": "gate_proj",
     "ffn_up.weight": "up_proj",
     "ffn_down.weight": "down_proj",
+}
+# Gemma 2/3's sandwich norms: llama.cpp's ffn_norm is their MLP's input norm there.
+SANDWICH_NORM_NAMES = {
+    "post_attention_norm.weight": "attn_output_norm",
+    "ffn_norm.weight": "mlp_input_norm",
+    "post_ffw_norm.weight": "mlp_output_norm",
 }
 TOP_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "final_norm", "output.weight": "lm_head"}
 # GGUF tokenizer metadata -> the names transformers' GGUF tokenizer converter takes.
@@ -69,8 +79,10 @@ def read_gguf_config(gguf_file: GgufFile, dtype: str, hf_overrides: dict | None 
         raise ModelLoadError(
             f"{path}: unsupported GGUF architecture {arch!r}; jpaged loads {', '.join(ARCHITECTURES)}"
         )
-    if meta.get(f"{arch}.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in gguf_file.tensors:
-        raise ModelLoadError(f"{path}: GGUF RoPE scaling is not supported; load the HF folder instead")
+    rope_scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
+    if rope_scaling_type not in ("none", "linear") or "rope_freqs.weight" in gguf_file.tensors:
+        raise ModelLoadError(f"{path}: GGUF RoPE scaling other than linear is not supported; "
+                             "load the HF folder instead")
     num_q_heads = _field(gguf_file, f"{arch}.attention.head_count")
     hidden_size = _field(gguf_file, f"{arch}.embedding_length")
     head_dim = _field(gguf_file, f"{arch}.attention.key_length", hidden_size // num_q_heads)
@@ -96,6 +108,10 @@ def read_gguf_config(gguf_file: GgufFile, dtype: str, hf_overrides: dict | None 
         "eos_token_id": eos,
         "dtype": "bfloat16",
     }
+    if rope_scaling_type == "linear":
+        hf_config["rope_scaling"] = {"rope_type": "linear", "factor": _field(gguf_file, f"{arch}.rope.scaling.factor")}
+    if arch in _GEMMA_27B_LAYERS:
+        hf_config.update(_gemma_fields(gguf_file, arch, hf_config))
     hf_config.update(hf_overrides or {})
     try:
         return ModelConfig.from_hf_config(hf_config, dtype)
@@ -103,9 +119,33 @@ def read_gguf_config(gguf_file: GgufFile, dtype: str, hf_overrides: dict | None 
         raise ModelLoadError(f"{path}: {e}") from e
 
 
+def _gemma_fields(gguf_file: GgufFile, arch: str, hf_config: dict) -> dict:
+    """Gemma 2/3's config.json fields that llama.cpp reads from its metadata or fixes in code: the
+    window, the soft caps (Gemma 2), the windowed layers' pattern and RoPE base (Gemma 3: five in
+    six at base 10,000) and the score scale."""
+    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    is_27b = hf_config["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch]
+    fields = {
+        "sliding_window": _field(gguf_file, f"{arch}.attention.sliding_window"),
+        "query_pre_attn_scalar": hidden // heads if is_27b else hf_config["head_dim"],
+    }
+    fields["final_logit_softcapping"] = _field(gguf_file, f"{arch}.final_logit_softcapping", None)
+    if arch == "gemma2":
+        fields["attn_logit_softcapping"] = _field(gguf_file, "gemma2.attn_logit_softcapping", None)
+    else:
+        pattern = _field(gguf_file, "gemma3.attention.sliding_window_pattern", 6)  # or one bool per layer
+        if isinstance(pattern, int):
+            fields["sliding_window_pattern"] = pattern
+        else:
+            fields["layer_types"] = ["sliding_attention" if windowed else "full_attention" for windowed in pattern]
+        fields["rope_local_base_freq"] = 10000.0
+    return fields
+
+
 def load_gguf_params(gguf_file: GgufFile, config: ModelConfig, kept_formats: tuple[str, ...] = (),
                      keep_embedding: bool = False) -> dict:
-    """Params in config.dtype, with llama.cpp's Q/K row permutation undone.
+    """Params in config.dtype, with llama.cpp's Q/K row permutation undone (llama) and the 1 it adds
+    to Gemma's norm weights taken off.
 
     Tensors whose GGUF type is in kept_formats (of quantization.GGUF_FORMATS: "q8_0", "q4_0",
     "q4_1") stay quantized as QuantizedWeight leaves: every linear, plus the embedding and lm_head
@@ -119,7 +159,7 @@ def load_gguf_params(gguf_file: GgufFile, config: ModelConfig, kept_formats: tup
     dtype = jnp.dtype(config.dtype)
     permuted = config.architecture == "LlamaForCausalLM"  # llama.cpp permutes only llama's Q/K
     for tensor in gguf_file.tensors.values():
-        key, layer = _jpaged_key(tensor.name)
+        key, layer = _jpaged_key(tensor.name, config.sandwich_norms)
         if key is None:
             continue
         expected = shapes[key] if layer is None else shapes["layers"][layer][key]
@@ -146,6 +186,8 @@ def load_gguf_params(gguf_file: GgufFile, config: ModelConfig, kept_formats: tup
             raise ModelLoadError(f"{path}: tensor {tensor.name} has shape {tuple(array.shape)}, expected {hf_shape}")
         if not keep and array.ndim == 2 and key != "embed":
             array = array.T
+        if config.norm_unit_offset and not keep and key.endswith("norm"):
+            array = array - np.float32(1.0)  # llama.cpp stores Gemma's norms as 1 + weight
         target = params if layer is None else params["layers"][layer]
         target[key] = array if keep else jnp.asarray(np.ascontiguousarray(array, dtype=dtype))
     missing = [k for k in shapes if k != "layers" and k not in params]
@@ -187,11 +229,13 @@ def load_gguf_tokenizer(gguf_file: GgufFile, eos_token_ids, chat_template: str |
     return Tokenizer(hf, eos_token_ids=eos_token_ids, chat_template=chat_template)
 
 
-def _jpaged_key(name: str) -> tuple[str | None, int | None]:
+def _jpaged_key(name: str, sandwich_norms: bool) -> tuple[str | None, int | None]:
     if name in TOP_NAMES:
         return TOP_NAMES[name], None
     if name.startswith("blk."):
         _, index, rest = name.split(".", 2)
+        if sandwich_norms and rest in SANDWICH_NORM_NAMES:
+            return SANDWICH_NORM_NAMES[rest], int(index)
         return LAYER_NAMES.get(rest), int(index)
     return None, None
 
