@@ -162,3 +162,57 @@ def test_gguf_as_llama_cpp_writes_it_loads_the_same_model(gemma_dir, tmp_path):
                                   jax.tree.leaves(hf.params)):
         tolerance = 1e-6 if "norm" in jax.tree_util.keystr(path_) else 0.0
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tolerance, rtol=0)
+
+
+def test_gemma3_checkpoint_with_a_vision_tower_serves_its_text_model(tiny_model_dir, tmp_path):
+    """A Gemma 3 4B+ style folder (Gemma3ForConditionalGeneration; a text_config that lists only
+    what differs from transformers' defaults; tensors under transformers 4's "language_model."
+    beside a vision tower) loads its text model, which answers as transformers' whole model does
+    on text: logits, and the engine's greedy tokens against generate."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    text_config = dict(model_type="gemma3_text", vocab_size=49152, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       query_pre_attn_scalar=16, sliding_window=8, sliding_window_pattern=2,
+                       rope_scaling=dict(rope_type="linear", factor=8.0))
+    vision_config = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, image_size=28, patch_size=14)
+    hf_config = dict(architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3", text_config=text_config,
+                     vision_config=vision_config, mm_tokens_per_image=4, eos_token_id=[1, 106], torch_dtype="float32")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    for name in tiny_model_dir.iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(name, tmp_path / name.name)
+    config = ModelConfig.from_hf_config(hf_config, dtype="float32")
+    assert (config.architecture, config.rope_theta, config.local_rope_theta, config.rms_norm_eps) == (
+        "Gemma3ForCausalLM", 1e6, 1e4, 1e-6)
+    assert config.rope_scaling_dict == {"rope_type": "linear", "factor": 8.0} and config.eos_token_ids == (1, 106)
+    params = jax.tree.map_with_path(lambda p, x: x if "norm" in str(p[-1]) else x * 4.0,
+                                    llama.init_params(config, jax.random.key(3)))
+    text_state = {k: np.array(v, order="C") for k, v in params_to_hf_state_dict(params).items()}
+    model = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(**{k: v for k, v in hf_config.items() if k != "architectures"})).eval()
+    vision_state = {k: v.numpy() for k, v in model.state_dict().items() if "language_model" not in k
+                    and k != "lm_head.weight"}
+    state = {"model.language_model." + k.removeprefix("model."): torch.from_numpy(v) for k, v in text_state.items()}
+    state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
+    model.load_state_dict({**state, **{k: torch.from_numpy(v) for k, v in vision_state.items()}}, strict=True)
+    # On disk as the hub's checkpoints are: transformers 4's names, the vision tower beside.
+    on_disk = {"language_model." + k: v for k, v in text_state.items()}
+    on_disk.update({k.removeprefix("model."): np.ascontiguousarray(v) for k, v in vision_state.items()})
+    save_file(on_disk, str(tmp_path / "model.safetensors"))
+
+    loaded = load_model(str(tmp_path))
+    assert loaded.config.replace(eos_token_ids=config.eos_token_ids) == config  # (the tokenizer adds its EOS)
+    ids = loaded.tokenizer.encode(PROMPTS[1])
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits.numpy()
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(ids):].tolist()
+    logits = np.asarray(jax.jit(llama.forward_dense, static_argnums=1)(loaded.params, loaded.config,
+                                                                       np.asarray([ids], np.int32)))
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    llm = LLM(str(tmp_path), max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32, num_gpu_blocks_override=16,
+              compilation_cache_dir="", seed=0)
+    output = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    assert list(output[0].outputs[0].token_ids) == greedy

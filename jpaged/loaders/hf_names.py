@@ -31,6 +31,20 @@ TOP_NAMES = {
 }
 
 
+# A text model inside a checkpoint that also reads images (Gemma 3 4B+): transformers 4 saved its
+# tensors under "language_model.", transformers 5 under "model.language_model.".
+_TEXT_MODEL_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
+                        "model.language_model.": "model."}
+
+
+def text_model_name(name: str) -> str:
+    """A checkpoint tensor's name as a text-only model names it (other names are unchanged)."""
+    for prefix, plain in _TEXT_MODEL_PREFIXES.items():
+        if name.startswith(prefix):
+            return plain + name[len(prefix):]
+    return name
+
+
 def hf_name(key: str, layer: int | None = None) -> str:
     return TOP_NAMES[key] if layer is None else f"model.layers.{layer}.{LAYER_NAMES[key]}"
 

@@ -13,7 +13,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jpaged.loaders.errors import ModelLoadError
-from jpaged.loaders.hf_names import LAYER_NAMES, TOP_NAMES, hf_name
+from jpaged.loaders.hf_names import LAYER_NAMES, TOP_NAMES, hf_name, text_model_name
 from jpaged.models import quantization
 from jpaged.models.config import ModelConfig
 from jpaged.models.llama import param_shapes
@@ -91,17 +91,18 @@ def load_safetensors_params(folder: str, config: ModelConfig) -> dict:
     for path in files:
         try:
             with safe_open(path, framework="numpy") as f:
-                for name in f.keys():
+                for stored_name in f.keys():
+                    name = text_model_name(stored_name)
                     if quantized and name.endswith(".weight_scale"):
-                        scales[name.removesuffix("_scale")] = f.get_tensor(name).astype(np.float32)
+                        scales[name.removesuffix("_scale")] = f.get_tensor(stored_name).astype(np.float32)
                     if name not in wanted:
-                        continue  # e.g. rotary inv_freq buffers, lm_head when tied, zero points
+                        continue  # e.g. rotary inv_freq buffers, lm_head when tied, zero points, a vision tower
                     key, layer = wanted.pop(name)
                     expected = shapes[key] if layer is None else shapes["layers"][layer][key]
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(stored_name)
                     if tensor.shape != _hf_shape(key, expected):
                         raise ModelLoadError(
-                            f"{path}: tensor {name} has shape {tensor.shape}, but config.json "
+                            f"{path}: tensor {stored_name} has shape {tensor.shape}, but config.json "
                             f"implies {_hf_shape(key, expected)}"
                         )
                     target = params if layer is None else params["layers"][layer]

@@ -17,6 +17,17 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma3ForCausalLM",
 )
 GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# Checkpoints of a model that also reads images, whose text model jpaged serves alone: their
+# architecture -> the text model's (its fields are config.json's text_config).
+TEXT_MODEL_OF = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+# transformers' Gemma3TextConfig defaults, for the fields a config.json leaves out (the 4B-27B
+# checkpoints' text_config lists only where they differ).
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1,
+    "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+}
 # HF activation names -> what the MLP's gate goes through. Gemma's legacy "gelu" means the tanh form.
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -127,12 +138,19 @@ class ModelConfig:
         Raises ValueError naming the field for anything jpaged does not implement.
         """
         architectures = hf_config.get("architectures") or []
+        if len(architectures) == 1 and architectures[0] in TEXT_MODEL_OF:
+            hf_config = _text_model_fields(hf_config, TEXT_MODEL_OF[architectures[0]])
+            architectures = hf_config["architectures"]
         if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture {architectures or hf_config.get('model_type')!r} in "
-                f"config.json; jpaged supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"config.json; jpaged supports {', '.join(SUPPORTED_ARCHITECTURES + tuple(TEXT_MODEL_OF))}"
             )
         architecture = architectures[0]
+        if architecture == "Gemma3ForCausalLM":
+            hf_config = {**GEMMA3_TEXT_DEFAULTS, **hf_config}
+            if hf_config.get("use_bidirectional_attention"):
+                raise ValueError("unsupported use_bidirectional_attention=true (an embedding model) in config.json")
         gemma = architecture in GEMMA_ARCHITECTURES
         hidden_act = _hidden_act(hf_config, architecture)
         if hf_config.get("mlp_bias"):
@@ -202,6 +220,17 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     return dtype
+
+
+def _text_model_fields(hf_config: dict, text_architecture: str) -> dict:
+    """The text model's config.json fields of a checkpoint that also reads images: its text_config,
+    with the top level's token ids and dtype (generation_config.json's EOS ids are merged there)."""
+    fields = dict(hf_config.get("text_config") or {})
+    for key in ("eos_token_id", "bos_token_id", "dtype", "torch_dtype"):
+        if hf_config.get(key) is not None:
+            fields[key] = hf_config[key]
+    fields["architectures"] = [text_architecture]
+    return fields
 
 
 def _hidden_act(hf_config: dict, architecture: str) -> str:
