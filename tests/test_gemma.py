@@ -13,11 +13,11 @@ from safetensors.numpy import save_file
 
 from jpaged import LLM, SamplingParams
 from jpaged.loaders import default_model_path, load_model
-from jpaged.loaders.gguf_file import read_gguf
 from jpaged.loaders.hf_names import params_to_hf_state_dict
 from jpaged.models import llama
 from jpaged.models.config import ModelConfig
 from test_engine import assert_pool_free, count_compiles
+from test_loaders import add_smollm2_tokenizer
 
 # SmolLM2's vocabulary (the tokenizer of tiny_model_dir), 3 layers: windowed, full, windowed.
 BASE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -104,7 +104,6 @@ def _write_gguf(path, loaded, arch):
     (tied), SmolLM2's tokenizer."""
     gguf = pytest.importorskip("gguf")
     config, params = loaded.config, loaded.params
-    meta = read_gguf(default_model_path()).metadata
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -120,13 +119,7 @@ def _write_gguf(path, loaded, arch):
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(config.attn_logit_softcap)
         writer.add_final_logit_softcapping(config.final_logit_softcap)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
-    writer.add_token_list(meta["tokenizer.ggml.tokens"])
-    writer.add_token_types(meta["tokenizer.ggml.token_type"])
-    writer.add_token_merges(meta["tokenizer.ggml.merges"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    add_smollm2_tokenizer(writer, default_model_path())
     names = {"input_norm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
              "o_proj": "attn_output", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",
              "attn_output_norm": "post_attention_norm", "mlp_input_norm": "ffn_norm",

@@ -116,6 +116,20 @@ def _llama_cpp_permute(weight, num_heads):
     return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def add_smollm2_tokenizer(writer, smollm2_path):
+    """Writes the bundled SmolLM2's tokenizer (BPE vocabulary, merges, chat template) to a
+    gguf.GGUFWriter, with BOS 1 and EOS 2."""
+    meta = read_gguf(smollm2_path).metadata
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_types(meta["tokenizer.ggml.token_type"])
+    writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template(meta["tokenizer.chat_template"])
+
+
 def _write_tiny_gguf(path, tiny, smollm2_path, qtypes=None):
     """A GGUF of the tiny model, Q/K permuted as llama.cpp does, with SmolLM2's tokenizer.
 
@@ -131,7 +145,6 @@ def _write_tiny_gguf(path, tiny, smollm2_path, qtypes=None):
             writer.add_tensor(name, array)
 
     config = tiny.config
-    meta = read_gguf(smollm2_path).metadata
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(config.num_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -141,14 +154,7 @@ def _write_tiny_gguf(path, tiny, smollm2_path, qtypes=None):
     writer.add_head_count_kv(config.num_kv_heads)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
-    writer.add_token_list(meta["tokenizer.ggml.tokens"])
-    writer.add_token_types(meta["tokenizer.ggml.token_type"])
-    writer.add_token_merges(meta["tokenizer.ggml.merges"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_chat_template(meta["tokenizer.chat_template"])
+    add_smollm2_tokenizer(writer, smollm2_path)
     names = {"input_norm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
              "o_proj": "attn_output", "post_attention_norm": "ffn_norm", "gate_proj": "ffn_gate",
              "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
