@@ -121,8 +121,9 @@ def read_gguf_config(gguf_file: GgufFile, dtype: str, hf_overrides: dict | None 
 
 def _gemma_fields(gguf_file: GgufFile, arch: str, hf_config: dict) -> dict:
     """Gemma 2/3's config.json fields that llama.cpp reads from its metadata or fixes in code: the
-    window, the soft caps (Gemma 2), the windowed layers' pattern and RoPE base (Gemma 3: five in
-    six at base 10,000) and the score scale."""
+    window, the soft caps, the score scale and Gemma 3's windowed layers where the file lists
+    them (else llama.cpp's five in six at RoPE base 10,000, which are transformers' defaults too:
+    `config.GEMMA3_TEXT_DEFAULTS`)."""
     hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
     is_27b = hf_config["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch]
     fields = {
@@ -133,12 +134,11 @@ def _gemma_fields(gguf_file: GgufFile, arch: str, hf_config: dict) -> dict:
     if arch == "gemma2":
         fields["attn_logit_softcapping"] = _field(gguf_file, "gemma2.attn_logit_softcapping", None)
     else:
-        pattern = _field(gguf_file, "gemma3.attention.sliding_window_pattern", 6)  # or one bool per layer
+        pattern = _field(gguf_file, "gemma3.attention.sliding_window_pattern", None)  # or one bool per layer
         if isinstance(pattern, int):
             fields["sliding_window_pattern"] = pattern
-        else:
+        elif pattern is not None:
             fields["layer_types"] = ["sliding_attention" if windowed else "full_attention" for windowed in pattern]
-        fields["rope_local_base_freq"] = 10000.0
     return fields
 
 

@@ -26,7 +26,8 @@ GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
     "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
     "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1,
-    "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
 }
 # HF activation names -> what the MLP's gate goes through. Gemma's legacy "gelu" means the tanh form.
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
@@ -170,7 +171,7 @@ class ModelConfig:
         sliding_window = hf_config.get("sliding_window")
         sliding_window_layers = None
         if architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
-            sliding_window_layers = _gemma_sliding_window_layers(hf_config, architecture)
+            sliding_window_layers = _gemma_sliding_window_layers(hf_config)
         elif architecture != "MistralForCausalLM":
             if hf_config.get("use_sliding_window", False):
                 raise ValueError(f"unsupported use_sliding_window=true for {architecture} in config.json")
@@ -250,14 +251,13 @@ def _optional_float(value) -> float | None:
     return None if value is None else float(value)
 
 
-def _gemma_sliding_window_layers(hf_config: dict, architecture: str) -> tuple[bool, ...]:
+def _gemma_sliding_window_layers(hf_config: dict) -> tuple[bool, ...]:
     """Which layers attend through the window: HF's `layer_types`, else its default pattern (Gemma 2
     alternates from a windowed first layer; Gemma 3 windows five layers of every six)."""
     num_layers = hf_config["num_hidden_layers"]
     layer_types = hf_config.get("layer_types")
     if layer_types is None:
-        default_pattern = 2 if architecture == "Gemma2ForCausalLM" else 6
-        pattern = hf_config.get("sliding_window_pattern") or default_pattern
+        pattern = hf_config.get("sliding_window_pattern") or 2  # Gemma 3's is in GEMMA3_TEXT_DEFAULTS
         return tuple(bool((i + 1) % pattern) for i in range(num_layers))
     unknown = set(layer_types) - {"sliding_attention", "full_attention"}
     if unknown or len(layer_types) != num_layers:
@@ -270,18 +270,18 @@ def _gemma3_rope_fields(hf_config: dict) -> tuple[float, tuple | None, float]:
     """(rope_theta, rope_scaling, local_rope_theta) of Gemma 3: the full-attention layers' RoPE
     (scaled as rope_scaling says) and the windowed layers' base, from transformers 4's
     rope_theta / rope_scaling / rope_local_base_freq or transformers 5's per-layer-type
-    rope_parameters."""
+    rope_parameters (GEMMA3_TEXT_DEFAULTS filled in)."""
     params = hf_config.get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:
         full = dict(params.get("full_attention") or {})
         local = dict(params.get("sliding_attention") or {})
         if local.get("rope_type", "default") != "default":
             raise ValueError(f"unsupported rope_type {local['rope_type']!r} for sliding_attention in config.json")
-        full.setdefault("rope_theta", 1_000_000.0)
+        full.setdefault("rope_theta", hf_config["rope_theta"])
         rope_theta, rope_scaling = _rope_fields({"rope_parameters": full})
-        return rope_theta, rope_scaling, float(local.get("rope_theta", 10_000.0))
-    rope_theta, rope_scaling = _rope_fields({"rope_theta": 1_000_000.0, **hf_config})
-    return rope_theta, rope_scaling, float(hf_config.get("rope_local_base_freq", 10_000.0))
+        return rope_theta, rope_scaling, float(local.get("rope_theta", hf_config["rope_local_base_freq"]))
+    rope_theta, rope_scaling = _rope_fields(hf_config)
+    return rope_theta, rope_scaling, float(hf_config["rope_local_base_freq"])
 
 
 def _rope_fields(hf_config: dict) -> tuple[float, tuple | None]:
