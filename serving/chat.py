@@ -92,8 +92,13 @@ async def render_chat_completion(request: Request) -> JSONResponse:
     body = await ctx.read_body(request, ChatCompletionRequest)
     ctx.check_model(body.model)
     _check_request(body)
-    client_request_id = ctx.client_request_id(request, body.request_id)
-    return JSONResponse(render_generate_request(ctx, body, f"chatcmpl-{client_request_id or uuid.uuid4().hex}"))
+    reply_id = chat_reply_id(ctx.client_request_id(request, body.request_id))
+    return JSONResponse(render_generate_request(ctx, body, reply_id))
+
+
+def chat_reply_id(client_request_id: str | None) -> str:
+    """A chat completion's id: `chatcmpl-` and the id the client named, or a new one."""
+    return f"chatcmpl-{client_request_id or uuid.uuid4().hex}"
 
 
 def render_generate_request(ctx: ServingContext, body: ChatCompletionRequest, request_id: str,
@@ -159,7 +164,7 @@ class ChatJob:
         # echo: the reply repeats the last message first when it is the reply's own role (vLLM's rule).
         echoes = body.echo and last.role == self.role
         self.echoed = message_text(last.to_template_message()["content"]) if echoes else ""
-        self.request_id = request_id or f"chatcmpl-{client_request_id or uuid.uuid4().hex}"
+        self.request_id = request_id or chat_reply_id(client_request_id)
         engine_id = ctx.engine_request_id(self.request_id, client_request_id)
         self.as_token_ids = (ctx.return_tokens_as_token_ids if body.return_tokens_as_token_ids is None
                              else body.return_tokens_as_token_ids)

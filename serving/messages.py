@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from jpaged.outputs import RequestOutput
-from serving.chat import ChatJob, render_chat_prompt, render_generate_request, shows_tools
+from serving.chat import ChatJob, chat_reply_id, render_chat_prompt, render_generate_request, shows_tools
 from serving.context import ServingContext
 from serving.errors import APIError, validation_error
 from serving.protocol import ChatCompletionRequest, DeltaToolCall, SamplingFields
@@ -273,9 +273,8 @@ async def render_message(request: Request) -> JSONResponse:
     ctx: ServingContext = request.app.state.ctx
     body = await ctx.read_body(request, MessagesRequest)
     ctx.check_model(body.model)
-    client_request_id = ctx.client_request_id(request, body.request_id)
     return JSONResponse(render_generate_request(ctx, body.to_chat_request(),
-                                                f"chatcmpl-{client_request_id or uuid.uuid4().hex}"))
+                                                chat_reply_id(ctx.client_request_id(request, body.request_id))))
 
 
 async def count_message_tokens(request: Request) -> Response:
