@@ -32,13 +32,15 @@ TOP_NAMES = {
 
 
 # A text model inside a checkpoint that also reads images (Gemma 3 4B+): transformers 4 saved its
-# tensors under "language_model.", transformers 5 under "model.language_model.".
+# tensors under "language_model.", transformers 5 under "model.language_model.". A bare decoder
+# (config.BARE_MODEL_OF, or an embedding model saved from one) has no "model." before its names.
 _TEXT_MODEL_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
-                        "model.language_model.": "model."}
+                        "model.language_model.": "model.", "layers.": "model.layers.",
+                        "embed_tokens.": "model.embed_tokens.", "norm.": "model.norm."}
 
 
 def text_model_name(name: str) -> str:
-    """A checkpoint tensor's name as a text-only model names it (other names are unchanged)."""
+    """A checkpoint tensor's name as a text-only causal LM names it (other names are unchanged)."""
     for prefix, plain in _TEXT_MODEL_PREFIXES.items():
         if name.startswith(prefix):
             return plain + name[len(prefix):]

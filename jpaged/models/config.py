@@ -20,6 +20,11 @@ GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausal
 # Checkpoints of a model that also reads images, whose text model jpaged serves alone: their
 # architecture -> the text model's (its fields are config.json's text_config).
 TEXT_MODEL_OF = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+# Checkpoints of the bare decoder (transformers' AutoModel: no lm_head; embedding models such as
+# e5-mistral and gte-Qwen2): their architecture -> the causal LM's, loaded tied (no lm_head to read).
+BARE_MODEL_OF = {"LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
+                 "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM", "GemmaModel": "GemmaForCausalLM",
+                 "Gemma2Model": "Gemma2ForCausalLM", "Gemma3TextModel": "Gemma3ForCausalLM"}
 # transformers' Gemma3TextConfig defaults, for the fields a config.json leaves out (the 4B-27B
 # checkpoints' text_config lists only where they differ).
 GEMMA3_TEXT_DEFAULTS = {
@@ -142,10 +147,14 @@ class ModelConfig:
         if len(architectures) == 1 and architectures[0] in TEXT_MODEL_OF:
             hf_config = _text_model_fields(hf_config, TEXT_MODEL_OF[architectures[0]])
             architectures = hf_config["architectures"]
+        if len(architectures) == 1 and architectures[0] in BARE_MODEL_OF:
+            hf_config = {**hf_config, "architectures": [BARE_MODEL_OF[architectures[0]]], "tie_word_embeddings": True}
+            architectures = hf_config["architectures"]
         if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
+            supported = SUPPORTED_ARCHITECTURES + tuple(TEXT_MODEL_OF) + tuple(BARE_MODEL_OF)
             raise ValueError(
                 f"unsupported architecture {architectures or hf_config.get('model_type')!r} in "
-                f"config.json; jpaged supports {', '.join(SUPPORTED_ARCHITECTURES + tuple(TEXT_MODEL_OF))}"
+                f"config.json; jpaged supports {', '.join(supported)}"
             )
         architecture = architectures[0]
         if architecture == "Gemma3ForCausalLM":
