@@ -18,6 +18,9 @@ _EXPORTS = {
     "RequestOutput": "jpaged.outputs",
     "CompletionOutput": "jpaged.outputs",
     "LoRARequest": "jpaged.lora",
+    "PoolingParams": "jpaged.pooling",
+    "EmbeddingRequestOutput": "jpaged.outputs",
+    "PoolingRequestOutput": "jpaged.outputs",
 }
 
 __all__ = list(_EXPORTS)

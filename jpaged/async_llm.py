@@ -22,7 +22,8 @@ from jpaged.config import EngineArgs
 from jpaged.llm_engine import EngineDeadError, LLMEngine
 from jpaged.loaders import load_model
 from jpaged.lora import LoRARequest
-from jpaged.outputs import EngineStats, RequestOutput
+from jpaged.outputs import EngineStats, PoolingRequestOutput, RequestOutput
+from jpaged.pooling import PoolingParams
 from jpaged.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class AsyncLLM:
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.model_path = engine.model_path
+        self.pooler_config = engine.pooler_config  # None unless --runner pooling
         self.max_model_len: int = engine.max_model_len
         self.validator = engine.validator  # immutable: safe to call from any task
         self.is_ready = True
@@ -83,20 +85,38 @@ class AsyncLLM:
         lora_request: the LoRA adapter to run it with (an engine with enable_lora). priority,
         cache_salt: as LLMEngine.add_request takes them.
         """
+        params = SamplingParams() if sampling_params is None else sampling_params
+        async for output in self._stream(prompt, params, request_id, arrival_time, lora_request, priority, cache_salt):
+            yield output
+
+    async def encode(self, prompt, pooling_params: PoolingParams | None, request_id: str,
+                     arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                     priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[PoolingRequestOutput]:
+        """vLLM's: the embedding of one prompt from a pooling engine (--runner pooling), as one
+        finished PoolingRequestOutput (outputs None if it was aborted or its step failed). The
+        other arguments and the errors are generate's."""
+        params = PoolingParams() if pooling_params is None else pooling_params
+        async for output in self._stream(prompt, params, request_id, arrival_time, lora_request, priority, cache_salt):
+            yield output
+
+    async def _stream(self, prompt, params: SamplingParams | PoolingParams, request_id: str, arrival_time: float | None,
+                      lora_request: LoRARequest | None, priority: int, cache_salt: str | None):
+        """generate's and encode's body: queues the request and yields its outputs."""
         arrival_time = time.time() if arrival_time is None else arrival_time
         if self.errored or self._closed:
             raise EngineDeadError("the engine is not running (it failed or was shut down)")
         if request_id in self._queues:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        params = SamplingParams() if sampling_params is None else sampling_params
+        sampling = isinstance(params, SamplingParams)
         num_prompt_tokens = len(self.tokenizer.prompt_and_ids(prompt)[1]) if self.admission.counts_prefill else 0
-        self.admission.admit(request_id, params.n, num_prompt_tokens)  # before any await: concurrent calls see it
+        # Before any await: concurrent calls see it.
+        self.admission.admit(request_id, params.n if sampling else 1, num_prompt_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (loop, queue)
         finished = queued = False
         try:
-            if params.structured_outputs is not None:
+            if sampling and params.structured_outputs is not None:
                 # Compiles (or finds cached) the grammar; ValueError for an invalid one, before queueing.
                 await loop.run_in_executor(self._grammar_executor, self.engine.structured_output.compile,
                                            params.structured_outputs)

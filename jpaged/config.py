@@ -10,6 +10,7 @@ import json
 import os
 import re
 
+from jpaged.pooling import RUNNERS, resolve_pooler_config
 from jpaged.reasoning import REASONING_MARKERS, check_reasoning_config
 
 # On CPU the KV pool lives in host memory; this is its budget when --kv-cache-memory is unset.
@@ -90,6 +91,14 @@ class EngineArgs:
     hf_overrides: dict | None = _field(
         None, "JSON object of config.json fields that replace the checkpoint's (a .gguf's metadata is read "
         "as the same fields), e.g. '{\"max_position_embeddings\": 4096}' or a rope_scaling.", type=json_object)
+    runner: str = _field(
+        "auto", "What the model runs for: generate (text), or pooling (embeddings: LLM.embed and /v1/embeddings; no "
+        "text generation). auto: pooling for a checkpoint of a bare model (architectures such as LlamaModel or "
+        "Qwen3Model, which have no lm_head), generate otherwise. docs/embeddings.md.", choices=list(RUNNERS))
+    pooler_config: dict | None = _field(
+        None, "JSON object of the pooling runner's settings, over the model folder's sentence-transformers files: "
+        "pooling_type (LAST, MEAN or CLS; default LAST) and normalize (default true), e.g. "
+        "'{\"pooling_type\": \"MEAN\"}'.", type=json_object)
     load_format: str = _field("auto", "Weights format.", choices=["auto", "safetensors", "gguf", "orbax", "dummy"])
     dtype: str = _field(
         "auto", "Params and compute dtype. auto: float32 on CPU, the checkpoint's dtype on GPU. On a CPU "
@@ -389,6 +398,8 @@ class EngineArgs:
             if not isinstance(self.speculative_config, dict):
                 raise ValueError(f"speculative_config must be a dict (vLLM's keys), got {self.speculative_config!r}.")
             SpeculativeConfig.from_dict(self.speculative_config)  # its errors now, not at engine start
+        if self.pooler_config is not None:
+            resolve_pooler_config(None, self.pooler_config, None)  # its errors now, not at engine start
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             raise ValueError(f"hf_overrides must be a dict of config.json fields, got {self.hf_overrides!r}.")
         if self.profiler_config is not None:
@@ -407,6 +418,7 @@ class EngineArgs:
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space} (--swap-space).")
         for name, choices in (("load_format", ["auto", "safetensors", "gguf", "orbax", "dummy"]),
+                              ("runner", list(RUNNERS)),
                               ("dtype", ["auto", "float32", "bfloat16", "float16"]),
                               ("kv_cache_dtype", list(KV_CACHE_DTYPES)),
                               ("attention_backend", ["auto", "reference", "pallas", "cpu"]),

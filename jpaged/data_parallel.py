@@ -65,6 +65,7 @@ class DataParallelAsyncLLM:
         self.tokenizer = first.tokenizer
         self.model_config = first.model_config
         self.model_path = first.model_path
+        self.pooler_config = None  # a pooling engine runs alone (LLMEngine refuses data parallelism)
         self.max_model_len: int = first.max_model_len
         self.validator = first.validator
         args = self.engine_args

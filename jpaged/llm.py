@@ -17,7 +17,8 @@ from jpaged.data_parallel import DataParallelAsyncLLM
 from jpaged.generation_config import load_generation_defaults
 from jpaged.llm_engine import LLMEngine
 from jpaged.lora import LoRARequest
-from jpaged.outputs import RequestOutput
+from jpaged.outputs import EmbeddingRequestOutput, RequestOutput
+from jpaged.pooling import PoolingParams
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -146,6 +147,25 @@ class LLM:
         self._add(batch, ids)
         return self._run(ids, use_tqdm)
 
+    def embed(self, prompts, pooling_params: PoolingParams | list[PoolingParams] | None = None, use_tqdm=True,
+              lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[EmbeddingRequestOutput]:
+        """vLLM's: one embedding per prompt, in order (`outputs[i].outputs.embedding`, a list of
+        floats), from an engine that runs runner="pooling" (docs/embeddings.md). prompts as
+        generate takes them; pooling_params: one for all prompts or one per prompt (default
+        PoolingParams()). RuntimeError when a prompt's step failed."""
+        self._check_can_run("embed")
+        if self.llm_engine is None or self.llm_engine.pooler_config is None:
+            raise ValueError("LLM.embed() needs a pooling model: construct the LLM with runner='pooling' (one engine, "
+                             "no data_parallel_size).")
+        batch = self._batch(prompts, pooling_params or PoolingParams(), lora_request, None)
+        ids = [self._new_request_id() for _ in batch]
+        self._add(batch, ids)
+        outputs = self._run(ids, use_tqdm)
+        for output in outputs:
+            if output.outputs is None:
+                raise RuntimeError(f"request {output.request_id} was not embedded: {output.error or 'aborted'}")
+        return [EmbeddingRequestOutput.from_base(output) for output in outputs]
+
     def enqueue(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                 lora_request: LoRARequest | list[LoRARequest | None] | None = None,
                 priority: int | list[int] | None = None, use_tqdm: bool = True) -> list[str]:
@@ -187,18 +207,20 @@ class LLM:
             raise RuntimeError(f"the engine is asleep: call wake_up() before {method}().")
 
     def _batch(self, prompts, sampling_params, lora_request, priority) -> list[tuple]:
-        """generate's arguments as one (prompt, SamplingParams, LoRARequest | None, priority) per prompt."""
+        """generate's (or embed's) arguments as one (prompt, SamplingParams or PoolingParams,
+        LoRARequest | None, priority) per prompt."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        if isinstance(sampling_params, SamplingParams):
+        if isinstance(sampling_params, (SamplingParams, PoolingParams)):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts; "
                              f"pass one, or one per prompt.")
         sampling_params = [params.clone() for params in sampling_params]
         for params in sampling_params:
-            params.output_kind = RequestOutputKind.FINAL_ONLY
+            if isinstance(params, SamplingParams):
+                params.output_kind = RequestOutputKind.FINAL_ONLY
         if not isinstance(lora_request, list):
             lora_request = [lora_request] * len(prompts)
         if len(lora_request) != len(prompts):
@@ -379,9 +401,11 @@ class _Progress:
     def __exit__(self, *exc_info) -> None:
         self.bar.close()
 
-    def finished(self, output: RequestOutput) -> None:
+    def finished(self, output) -> None:
+        """output: a finished RequestOutput or PoolingRequestOutput."""
         self.prompt_tokens += len(output.prompt_token_ids or ())
-        self.output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
+        if isinstance(output, RequestOutput):
+            self.output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
         elapsed = 0.0 if self.bar.disable else self.bar.format_dict["elapsed"]
         if elapsed > 0:
             self.bar.set_postfix_str(f"est. speed input: {self.prompt_tokens / elapsed:.2f} toks/s, "

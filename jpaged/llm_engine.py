@@ -23,11 +23,12 @@ from jpaged.engine import Request, RequestStatus, Scheduler, block_pool
 from jpaged.engine.speculative import SpeculativeConfig
 from jpaged.loaders import load_model
 from jpaged.models.quantization import param_bytes
-from jpaged.outputs import (ITERATION_TOKENS_BUCKETS, CompletionOutput, EngineStats, Logprob, RequestMetrics,
-                             RequestOutput)
+from jpaged.outputs import (ITERATION_TOKENS_BUCKETS, CompletionOutput, EngineStats, Logprob, PoolingOutput,
+                             PoolingRequestOutput, RequestMetrics, RequestOutput)
+from jpaged.pooling import PoolingParams, PromptPooler, resolve_pooler_config, resolve_runner
 from jpaged.profiler import StepProfiler
 from jpaged.reasoning import ThinkingBudget, reasoning_tokens
-from jpaged.request_validation import InvalidRequestError, RequestValidator
+from jpaged.request_validation import ContextLengthError, InvalidRequestError, RequestValidator
 from jpaged.runner import build_runner, device_platform, packs_gguf_blocks
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from jpaged.structured_output import StructuredOutputManager
@@ -82,6 +83,9 @@ class _Parent:
     # allowed_token_ids as a token bitmask row, bad_words as token sequences (jpaged/token_restrictions.py)
     allowed_bitmask: np.ndarray | None = None
     bad_words_token_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    # A pooling request's settings and the pooling of its prompt's hidden states (jpaged/pooling.py).
+    pooling_params: PoolingParams | None = None
+    pooler: PromptPooler | None = None
 
     @property
     def finished(self) -> bool:
@@ -165,10 +169,20 @@ class LLMEngine:
             flax_model = flax_model.clone(config=self.model_config)
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.model_path
+        params = loaded.params if params is None else params
+        # --runner pooling: embeddings (jpaged/pooling.py); None for a generating engine.
+        self.pooler_config = None
+        if resolve_runner(args.runner, self.model_path) == "pooling":
+            self.pooler_config = self._pooling_setup(args)
+            logger.info("pooling runner: %s pooling, normalize=%s", self.pooler_config.pooling_type,
+                        self.pooler_config.normalize)
+            params = {name: value for name, value in params.items() if name != "lm_head"}  # it computes no logits
+            self.model_config = self.model_config.replace(tie_word_embeddings=True)
+            flax_model = None if flax_model is None else flax_model.clone(config=self.model_config)
         self.max_model_len = resolve_max_model_len(args, self.model_config, platform)
-        self.runner = build_runner(self.model_config, loaded.params if params is None else params, args,
-                                   self.max_model_len, devices=devices, model=flax_model, tokenizer=self.tokenizer,
-                                   model_path=self.model_path)
+        self.runner = build_runner(self.model_config, params, args, self.max_model_len, devices=devices,
+                                   model=flax_model, tokenizer=self.tokenizer, model_path=self.model_path,
+                                   pooling=self.pooler_config is not None)
         speculative_config = None
         if args.speculative_config is not None:
             speculative_config = SpeculativeConfig.from_dict(args.speculative_config)
@@ -227,9 +241,18 @@ class LLMEngine:
         self.sleep_level = 0  # the deepest level slept at since fully awake (0: awake, or only scheduling paused)
         self._last_log = (time.monotonic(), 0, 0)  # (time, prefill tokens, generation tokens) at the last stats log
 
+    def _pooling_setup(self, args: EngineArgs):
+        """The PoolerConfig of a pooling engine; ValueError for a setting that generates tokens."""
+        if args.speculative_config is not None:
+            raise ValueError("--speculative-config drafts tokens, which a pooling runner never generates.")
+        if args.data_parallel_size > 1 or args.num_hosts > 1:
+            raise ValueError("--runner pooling runs on one engine on one host (no --data-parallel-size, no "
+                             "multi-host).")
+        return resolve_pooler_config(self.model_path, args.pooler_config, args.hf_overrides)
+
     # ---- requests ----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt, params: SamplingParams | PoolingParams | None = None,
                     arrival_time: float | None = None, lora_request: lora.LoRARequest | None = None,
                     priority: int = 0, cache_salt: str | None = None) -> None:
         """Queues a prompt (str, token ids, or {"prompt"| "prompt_token_ids": ..., "cache_salt": ...}).
@@ -240,14 +263,18 @@ class LLMEngine:
         (time.time()) defaults to now. lora_request: the LoRA adapter to run it with. priority:
         lower runs earlier, with scheduling_policy "priority" (else it must be 0). cache_salt (or
         the prompt dict's, not both): a non-empty str; requests share prefix-cache blocks only
-        with requests of the same salt (vLLM's, e.g. one per tenant).
+        with requests of the same salt (vLLM's, e.g. one per tenant). A pooling engine (--runner
+        pooling) takes PoolingParams (None: the defaults) and gives one PoolingRequestOutput.
         """
-        params = SamplingParams() if params is None else params
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
         if request_id in self._parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         prompt_text, prompt_ids = self.tokenizer.prompt_and_ids(prompt)
+        pooling_params = None
+        if self.pooler_config is not None or isinstance(params, PoolingParams):
+            pooling_params, params = params, self._pooling_request(params, len(prompt_ids))
+        params = SamplingParams() if params is None else params
         self.validator.validate(prompt_ids, params)
         adapter_digest = None if lora_request is None else self._adapter(lora_request).digest
         block_hash_seed = block_pool.block_hash_seed(adapter_digest, _cache_salt(prompt, cache_salt))
@@ -260,6 +287,9 @@ class LLMEngine:
         base_seed = params.seed if params.seed is not None else int(self._seed_stream.integers(0, 2**31))
         parent = _Parent(request_id, prompt_text, prompt_ids, params, [],
                          [None] if params.prompt_logprobs is not None else None)
+        if pooling_params is not None:
+            parent.pooling_params = pooling_params
+            parent.pooler = PromptPooler(self.pooler_config.pooling_type, len(prompt_ids))
         if params.allowed_token_ids is not None:
             parent.allowed_bitmask = allowed_bitmask(params.allowed_token_ids, self.model_config.vocab_size)
         if params.bad_words:
@@ -295,6 +325,32 @@ class LLMEngine:
                 del self._samples[child_id]
             raise
         self._parents[request_id] = parent
+
+    def _pooling_request(self, params: PoolingParams | None, num_prompt_tokens: int) -> SamplingParams:
+        """The SamplingParams a pooling request runs with: its prompt, then one placeholder token
+        (never sampled: the runner computes no logits) that ends it. ValueError for a request the
+        engine cannot pool."""
+        if self.pooler_config is None:
+            raise ValueError("PoolingParams need a pooling engine; this one generates text. Start it with "
+                             "--runner pooling to compute embeddings.")
+        if params is None:
+            params = PoolingParams()
+        if not isinstance(params, PoolingParams):
+            raise ValueError("this engine runs --runner pooling (embeddings): requests take PoolingParams "
+                             f"(LLM.embed, /v1/embeddings), not {type(params).__name__}.")
+        try:
+            self.pooler_config.check(params, (self.engine_args.served_model_name or [self.model_path])[0],
+                                     self.model_config.hidden_size)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="dimensions") from None
+        if num_prompt_tokens >= self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{num_prompt_tokens} tokens in the input for embedding generation (at most "
+                f"{self.max_model_len - 1} fit). Please reduce the length of the input.", param="input")
+        return SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False,
+                              skip_reading_prefix_cache=self.pooler_config.skips_prefix_cache,
+                              output_kind=RequestOutputKind.FINAL_ONLY)
 
     def add_lora(self, lora_request: lora.LoRARequest) -> bool:
         """Loads an adapter into host memory (if it is not there); True. ValueError when LoRA is
@@ -505,6 +561,8 @@ class LLMEngine:
             return self._fail_step(scheduled, exc)
         if result.prompt_logprobs is not None:
             self._record_prompt_logprobs(scheduled, result.prompt_logprobs)
+        if result.hidden is not None:
+            self._pool_chunks(scheduled, result.hidden)
         new_tokens = self._new_tokens(scheduler_output, result.token_ids)
         outputs = []
         # A request's tokens are recorded one at a time (a multi-step round's, or drafts kept and
@@ -570,6 +628,14 @@ class LLMEngine:
             row += r.num_sample_rows
         return new_tokens
 
+    def _pool_chunks(self, scheduled, hidden: np.ndarray) -> None:
+        """Hands each scheduled prompt chunk's rows of a pooling step's hidden states to its pooler."""
+        start = 0
+        for r in scheduled:
+            end = start + len(r.token_ids)
+            self._samples[r.request_id][0].pooler.add_chunk(hidden[start:end], r.start_position)
+            start = end
+
     def _record_drafts(self, num_drafts: int, num_kept: int) -> None:
         self.spec_num_drafts += 1
         self.spec_num_draft_tokens += num_drafts
@@ -582,7 +648,8 @@ class LLMEngine:
         """Appends one token per request (request id -> token id; rows: request id -> its
         runner-output row) and returns the outputs."""
         updated = self.scheduler.update_from_output(scheduler_output, sampled, token_index)
-        self.generation_tokens_total += len(updated)
+        if self.pooler_config is None:  # a pooling request's one token is a placeholder
+            self.generation_tokens_total += len(updated)
         touched: dict[str, tuple[_Parent, list[_Sample]]] = {}
         for request in updated:
             if request.num_output_tokens == 1:  # vLLM counts a prompt once its first token is out
@@ -793,10 +860,12 @@ class LLMEngine:
             cumulative_logprob=sample.cumulative_logprob if sample.logprobs is not None else None,
             logprobs=logprobs, finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
 
-    def _make_output(self, parent: _Parent, samples: list[_Sample]) -> RequestOutput | None:
+    def _make_output(self, parent: _Parent, samples: list[_Sample]) -> RequestOutput | PoolingRequestOutput | None:
         """The RequestOutput for `parent` after `samples` changed, per its output_kind and stream
-        interval (None: nothing to send)."""
+        interval (None: nothing to send); a pooling request's PoolingRequestOutput once it ends."""
         finished = parent.finished
+        if parent.pooler is not None:
+            return self._pooling_output(parent) if finished else None
         kind = parent.params.output_kind
         if finished:
             self._forget(parent)
@@ -836,6 +905,19 @@ class LLMEngine:
             request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
             prompt_logprobs=prompt_logprobs, outputs=completions, finished=finished, metrics=metrics,
             num_cached_tokens=first.num_cached_tokens, error=parent.error)
+
+    def _pooling_output(self, parent: _Parent) -> PoolingRequestOutput:
+        """A finished pooling request's output: its vector, or None when it was aborted or failed."""
+        self._forget(parent)
+        request = parent.samples[0].request
+        outputs = None
+        if parent.samples[0].finish_reason == "length":  # its placeholder token: the prompt is pooled
+            outputs = PoolingOutput(self.pooler_config.finish(parent.pooler.pooled(), parent.pooling_params))
+        metrics = RequestMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.first_scheduled_time,
+                                 first_token_time=request.first_token_time, last_token_time=request.last_token_time,
+                                 finished_time=time.time(), num_preemptions=request.num_preemptions)
+        return PoolingRequestOutput(parent.request_id, parent.prompt_token_ids, outputs, True, metrics,
+                                    request.num_cached_tokens, parent.error)
 
     def _forget(self, parent: _Parent) -> None:
         self._parents.pop(parent.request_id, None)

@@ -1,6 +1,9 @@
-"""vLLM-shaped results of generation: RequestOutput holding one CompletionOutput per sample."""
+"""vLLM-shaped results: RequestOutput holding one CompletionOutput per sample (generation), and
+PoolingRequestOutput / EmbeddingRequestOutput holding a prompt's pooled vector (--runner pooling)."""
 
 import dataclasses
+
+import numpy as np
 
 
 @dataclasses.dataclass
@@ -54,6 +57,48 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # Set (with finish_reason "error") when a step running this request failed; the message says why.
     error: str | None = None
+
+
+@dataclasses.dataclass
+class PoolingOutput:
+    data: np.ndarray  # f32[dimensions]: the prompt's pooled (and maybe normalized) hidden state
+
+
+@dataclasses.dataclass
+class PoolingRequestOutput:
+    """A pooling request's result (jpaged/pooling.py); outputs is None when it was aborted or failed."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: PoolingOutput | None
+    finished: bool
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+    error: str | None = None  # why a failed step ended it
+
+
+@dataclasses.dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclasses.dataclass
+class EmbeddingRequestOutput:
+    """What LLM.embed returns per prompt (vLLM's shape: `output.outputs.embedding`)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool
+
+    @classmethod
+    def from_base(cls, output: PoolingRequestOutput) -> "EmbeddingRequestOutput":
+        return cls(output.request_id, EmbeddingOutput(output.outputs.data.tolist()), output.prompt_token_ids,
+                   output.finished)
 
 
 # Upper bounds of the engine-step size histogram (tokens run in one step), vLLM's.

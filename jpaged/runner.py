@@ -61,6 +61,12 @@ def _forward_hidden(params, kv_cache, kv_scales, meta: StepMetadata, *, model, a
                        write_kv_fn, **extra)
 
 
+def _hidden_step(params, kv_cache, kv_scales, blob, *, num_tokens, num_seqs, pages_per_seq, **model_fns):
+    """A pooling runner's step (no lm_head): (hidden [num_tokens, hidden_size], kv_cache)."""
+    return _forward_hidden(params, kv_cache, kv_scales, StepMetadata.unpack(blob, num_tokens, num_seqs, pages_per_seq),
+                           **model_fns)
+
+
 def _real_rows(model, method: str, meta: StepMetadata) -> dict:
     """{"num_rows": the number of real logits rows} when the model's `method` takes num_rows
     (docs/models.md): the padded rows after them need no lm_head. Else {}."""
@@ -210,6 +216,9 @@ class RunnerOutput:
     # Present only when a scheduled request asked for prompt_logprobs; one row per packed token
     # (row r of scheduled[i] is at position start_position + r - its offset and predicts the next token):
     prompt_logprobs: tuple[np.ndarray, ...] | None = None  # (logprob f32[T], rank i32[T], top f32[T, K], ids i32[T, K])
+    # A pooling runner's only output (its token_ids are placeholders): the final-norm hidden states
+    # f32[T, hidden_size] of the step's T scheduled tokens, packed in batch order.
+    hidden: np.ndarray | None = None
 
 
 class ModelRunner:
@@ -239,6 +248,8 @@ class ModelRunner:
       num_scheduler_steps: decode steps one multi-step program runs (`_decode_steps`); 1: none.
       executable_cache_dir: None, or a folder where compiled programs are kept and loaded from
         without tracing (`jpaged.executable_cache`).
+      pooling: a pooling runner (jpaged/pooling.py): its steps return hidden states, with no
+        lm_head, sampler or decode programs (it needs num_scheduler_steps 1 and no decode_attention_fn).
     """
 
     def __init__(self, model_config, params, *, pool_spec, num_swap_blocks: int, max_num_batched_tokens: int,
@@ -246,8 +257,12 @@ class ModelRunner:
                  max_entries_per_seq: int, max_logprobs: int, decode_attention_fn=None, model=None, kv_scales=None,
                  recalibrate_kv=None, pack_params=None, num_scheduler_steps: int = 1,
                  sampling_kernels=SamplingKernels(), logprobs_mode: str = LOGPROBS_MODES[0],
-                 executable_cache_dir: str | None = None):
+                 executable_cache_dir: str | None = None, pooling: bool = False):
+        if pooling and (num_scheduler_steps != 1 or decode_attention_fn is not None):
+            raise ValueError("a pooling runner runs single steps of its own program: num_scheduler_steps=1 "
+                             "and no decode_attention_fn")
         self.model_config = model_config
+        self.pooling = pooling
         self.model = llama.LlamaForCausalLM(model_config) if model is None else model
         self._param_avals = self._abstract(params)  # what update_weights must be given
         self._pack_params = pack_params
@@ -291,8 +306,9 @@ class ModelRunner:
         steps = dict(static_argnames=("num_tokens", "num_seqs", "pages_per_seq"), donate_argnums=(1,),
                      compiler_options=options)
         programs = {  # name -> (function, jax.jit options)
-            "forward": (functools.partial(_forward_step, model=self.model, attention_fn=attention_fn,
-                                          write_kv_fn=write_kv_fn), dict(steps, out_shardings=forward_out)),
+            "forward": (functools.partial(_hidden_step if pooling else _forward_step, model=self.model,
+                                          attention_fn=attention_fn, write_kv_fn=write_kv_fn),
+                        dict(steps, out_shardings=forward_out[1:] if pooling and forward_out else forward_out)),
             "decode_steps": (functools.partial(_decode_steps, model=self.model,
                                                attention_fn=decode_attention_fn or attention_fn,
                                                write_kv_fn=write_kv_fn, num_steps=num_scheduler_steps,
@@ -426,19 +442,21 @@ class ModelRunner:
         """Compiles every program a step can run: the forward per bucket, the sampler per
         (num_seqs, num_entries) bucket, plain and token-masked (structured outputs), prompt
         logprobs per token bucket, the swap copies and, with num_scheduler_steps > 1, the
-        multi-step decode per decode bucket. Returns (the number of programs, how many of them
-        were loaded from the executable cache without tracing).
+        multi-step decode per decode bucket (a pooling runner: the forward and the copies).
+        Returns (the number of programs, how many of them were loaded from the executable cache
+        without tracing).
 
         Tracing and lowering hold the GIL; XLA's compiling (or loading from a cache) does not, so
         it runs on a thread pool while the next programs are traced."""
         programs = [("forward", (*shape, False)) for shape in self.buckets.step_shapes()]
-        if self._decode_jit is not None:
-            programs += [("forward", (*shape, True)) for shape in self._decode_shapes()]
-        if self.num_scheduler_steps > 1:
-            programs += [("decode_steps", shape) for shape in self._decode_shapes()]
-        programs += [("sample", (*shape, masked))
-                     for shape in self.buckets.sampler_shapes() for masked in (False, True)]
-        programs += [("prompt_logprobs", t) for t in self.buckets.num_tokens]
+        if not self.pooling:  # a pooling runner's forward is its whole step
+            if self._decode_jit is not None:
+                programs += [("forward", (*shape, True)) for shape in self._decode_shapes()]
+            if self.num_scheduler_steps > 1:
+                programs += [("decode_steps", shape) for shape in self._decode_shapes()]
+            programs += [("sample", (*shape, masked))
+                         for shape in self.buckets.sampler_shapes() for masked in (False, True)]
+            programs += [("prompt_logprobs", t) for t in self.buckets.num_tokens]
         programs += [("swap", (d, n)) for d in ("out", "in") for n in self.swap_buckets]
         if "lora" in self.params:
             programs.append(("set_lora", 0))
@@ -502,6 +520,8 @@ class ModelRunner:
         """
         self.swap_out(scheduler_output.blocks_to_swap_out)
         self.swap_in(scheduler_output.blocks_to_swap_in)
+        if self.pooling:
+            return self._execute_pooling(scheduler_output, lora_slots)
         if scheduler_output.num_steps > 1:
             return self._execute_decode_steps(scheduler_output, seeds, lora_slots)
         scheduled = scheduler_output.scheduled
@@ -546,6 +566,21 @@ class ModelRunner:
             self._compile("decode_steps", (t, s, p))
         sampled, self.kv_cache = self._decode_steps[(t, s, p)](self.params, self.kv_cache, self.kv_scales, *blobs)
         return RunnerOutput(_to_host(sampled))
+
+    def _execute_pooling(self, scheduler_output, lora_slots: list[int] | None) -> RunnerOutput:
+        """A pooling runner's step: the hidden states of its tokens on the host, one placeholder
+        token id (0) per request."""
+        scheduled = scheduler_output.scheduled
+        num_tokens = scheduler_output.total_num_scheduled_tokens
+        max_context = max(r.start_position + len(r.token_ids) for r in scheduled)
+        t, s, p = self.buckets.for_step(num_tokens, len(scheduled), max_context, self.block_size)
+        blob = jax.device_put(pack_step(scheduled, t, s, p, self.block_size, lora_slots), self.replicated)
+        if (t, s, p, False) not in self._forward:  # only with enforce_eager
+            self._compile("forward", (t, s, p, False))
+        hidden, self.kv_cache = self._forward[(t, s, p, False)](self.params, self.kv_cache, self.kv_scales, blob)
+        # The whole padded array: a slice on the device would be a program of its own per shape.
+        hidden = np.asarray(_to_host(hidden)[:num_tokens], np.float32)
+        return RunnerOutput(token_ids=np.zeros(len(scheduled), np.int32), hidden=hidden)
 
     def _run(self, step: "multihost.StepInputs"):
         """The device part of a step: (sampler output, prompt logprobs or None), on device."""
@@ -696,7 +731,7 @@ def scheduler_steps(args) -> int:
 
 
 def build_runner(model_config, params, args, max_model_len: int, devices=None, model=None, *, tokenizer=None,
-                 model_path: str | None = None) -> ModelRunner:
+                 model_path: str | None = None, pooling: bool = False) -> ModelRunner:
     """Builds the mesh, picks the attention backend, places the params, sizes the KV pool (per
     device) and swap space from EngineArgs.
 
@@ -704,6 +739,7 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
     jax.devices()[:tensor_parallel_size]. model: the Flax module (None: `LlamaForCausalLM(model_config)`).
     For an int8 / fp8 KV cache the scales come from the checkpoint at `model_path`, else from a
     calibration pass over `tokenizer`'s encoding of the built-in text (`jpaged.kv_quantization`).
+    pooling: a pooling runner (`ModelRunner`'s pooling).
     """
     enable_compilation_cache(args.compilation_cache_dir)
     tp = args.tensor_parallel_size
@@ -714,7 +750,7 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
     mesh = sharding.make_mesh(devices)
     model = llama.LlamaForCausalLM(model_config) if model is None else model
     backend, attention_fn = select_attention(args.attention_backend, device_platform())
-    decode_attention_fn = decode_only_attention(backend)
+    decode_attention_fn = None if pooling else decode_only_attention(backend)
     logger.info("attention backend: %s on %s", backend, ", ".join(map(str, devices)))
     if tp > 1:
         logger.info("tensor parallel over %d devices: %s", tp, sharding.describe(model_config, tp))
@@ -725,7 +761,7 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
     if args.enable_lora:
         params = {**params, "lora": lora.empty_lora_params(model_config, args.max_loras, args.max_lora_rank,
                                                            NamedSharding(mesh, PartitionSpec()))}
-    pack_params = (functools.partial(quantization.pack_linears, dtype=model_config.dtype)
+    pack_params = (functools.partial(quantization.pack_linears, dtype=model_config.dtype, with_lm_head=not pooling)
                    if packs_linears(backend, tp, type(model)) else None)
     kv_scales, recalibrate_kv = kv_quantization.kv_cache_scales(model_config, kv_dtype, args.block_size, tokenizer,
                                                                 model_path)
@@ -742,9 +778,9 @@ def build_runner(model_config, params, args, max_model_len: int, devices=None, m
                        max_entries_per_seq=max_sampler_entries(model_config, args, max_model_len),
                        max_logprobs=args.max_logprobs, decode_attention_fn=decode_attention_fn, model=model,
                        kv_scales=kv_scales, recalibrate_kv=recalibrate_kv, pack_params=pack_params,
-                       num_scheduler_steps=scheduler_steps(args), sampling_kernels=select_sampling_kernels(backend, tp),
-                       logprobs_mode=args.logprobs_mode,
-                       executable_cache_dir=executable_cache_dir(args.compilation_cache_dir))
+                       num_scheduler_steps=1 if pooling else scheduler_steps(args),
+                       sampling_kernels=select_sampling_kernels(backend, tp), logprobs_mode=args.logprobs_mode,
+                       executable_cache_dir=executable_cache_dir(args.compilation_cache_dir), pooling=pooling)
 
 
 def packs_linears(backend: str, tp: int, model_class) -> bool:

@@ -243,7 +243,7 @@ def quantize_params(params: dict, fmt: str) -> dict:
     return {**params, "layers": [convert(layer) for layer in params["layers"]]}
 
 
-def pack_linears(params: dict, dtype="float32") -> dict:
+def pack_linears(params: dict, dtype="float32", with_lm_head: bool = True) -> dict:
     """The params with their linears (a layer's "*_proj" and the "lm_head") as PackedWeights for
     the C++ CPU matmul kernel: float32 or bfloat16 [in, out] arrays (bfloat16 ones with an even
     `in`), and, when the step computes in float32 (`dtype`), GGUF Q4_0 / Q4_1 / Q8_0
@@ -252,7 +252,8 @@ def pack_linears(params: dict, dtype="float32") -> dict:
     embedding tied to the lm_head stays for the token lookup and gets a packed "lm_head" copy of
     its transpose (vocab x hidden elements more, or its blocks again). In a float32 step, a Q8_0
     lm_head or a tied float32 embedding also gets "lm_head_greedy" (`GreedyLmHead`, vocab x hidden
-    bytes more) where the CPU runs `pallas_kernels.cpu.greedy_lm_head`."""
+    bytes more) where the CPU runs `pallas_kernels.cpu.greedy_lm_head`. with_lm_head False (a
+    pooling runner, which computes no logits): neither copy."""
     gguf = jnp.dtype(dtype) == jnp.float32
 
     def pack(name, w):
@@ -267,6 +268,8 @@ def pack_linears(params: dict, dtype="float32") -> dict:
     packed = {name: pack(name, w) for name, w in params.items() if name != "layers"}
     packed["layers"] = [{name: pack(name, w) for name, w in layer.items()} for layer in params["layers"]]
     embed = params["embed"]
+    if not with_lm_head:
+        return packed
     if gguf and cpu_kernels.greedy_lm_head_supported():
         greedy = _greedy_lm_head(params)
         if greedy is not None:
