@@ -66,7 +66,8 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
                         help="Largest total size of a request's headers; larger ones get 431.")
     server.add_argument("--max-prompts-per-request", type=int, default=DEFAULT_MAX_PROMPTS_PER_REQUEST,
-                        help="Most prompts in one /v1/completions batch (`prompt` as a list).")
+                        help="Most prompts in one /v1/completions batch (`prompt` as a list) or /v1/embeddings "
+                             "request (`input` as a list).")
     server.add_argument("--allowed-origins", type=_str_list, nargs="+", default=["*"],
                         help="CORS: origins browsers may call from (names, or one JSON list as vLLM takes).")
     server.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials.")

@@ -22,6 +22,7 @@ from serving.chat import create_chat_completion, render_chat_completion, render_
 from serving.completions import create_completion, render_completion
 from serving.context import ServingContext, parse_json
 from serving.dev_routes import DEV_ROUTES, PROFILE_ROUTES
+from serving.embeddings import create_embedding
 from serving.errors import (APIError, api_error_handler, http_exception_handler,
                             unexpected_error_handler)
 from serving.generate_tokens import abort_generate_requests, create_generate, scale_out_disabled
@@ -217,11 +218,15 @@ async def list_models(request: Request) -> JSONResponse:
 
 async def invocations(request: Request) -> Response:
     """SageMaker's POST /invocations (vLLM's): a body with `messages` is a chat completion, one
-    with `prompt` a completion; the handler reads the body again from a replay of its bytes."""
-    body = await _context(request).read_bytes(request)
+    with `prompt` a completion; on a pooling server (--runner pooling) every body is an embedding
+    request. The handler reads the body again from a replay of its bytes."""
+    ctx = _context(request)
+    body = await ctx.read_bytes(request)
     data = parse_json(body)
     fields = data if isinstance(data, dict) else {}
-    if "messages" in fields:
+    if ctx.engine.pooler_config is not None:
+        handler = create_embedding
+    elif "messages" in fields:
         handler = create_chat_completion
     elif "prompt" in fields:
         handler = create_completion
@@ -374,6 +379,7 @@ def build_app(ctx: ServingContext, *, api_keys: list[str] | None = None, cors: C
         Route("/v1/messages/count_tokens", count_message_tokens, methods=["POST"]),
         Route("/invocations", invocations, methods=["POST"]),
         Route("/generative_scoring", create_generative_scoring, methods=["POST"]),
+        Route("/v1/embeddings", create_embedding, methods=["POST"]),
         Route("/v1/responses/{response_id}", retrieve_response, methods=["GET"]),
         Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),

@@ -17,7 +17,8 @@ from jpaged.admission import QueueFullError
 from jpaged.async_llm import AsyncLLM, EngineDeadError
 from jpaged.beam_search import BeamSearch, BeamSearchParams, run_beam_search
 from jpaged.lora import LoRARequest
-from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jpaged.outputs import CompletionOutput, PoolingRequestOutput, RequestMetrics, RequestOutput
+from jpaged.pooling import PoolingParams
 from jpaged.request_validation import InvalidRequestError, RequestValidator
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.errors import APIError, not_found_model, validation_error
@@ -283,6 +284,20 @@ class ServingContext:
         finally:
             await outputs.aclose()
 
+    async def encode(self, prompt_token_ids: list[int], params: PoolingParams, request_id: str, arrival_time: float,
+                     lora_request: LoRARequest | None = None, priority: int = 0,
+                     reply_id: str | None = None) -> AsyncIterator[PoolingRequestOutput]:
+        """AsyncLLM.encode (a pooling engine's one final output); errors map as in `generate`."""
+        self._log_request(request_id, prompt_token_ids, params)
+        outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time, lora_request, priority,
+                                       None, reply_id)
+        try:
+            async for output in outputs:
+                _raise_if_failed(output)
+                yield output
+        finally:
+            await outputs.aclose()
+
     async def beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams, request_id: str,
                           arrival_time: float, lora_request: LoRARequest | None = None, priority: int = 0,
                           cache_salt: str | None = None, reply_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -361,14 +376,20 @@ class ServingContext:
             logger.info("request %s: output %d: %r, finish_reason: %s", request_id, index, text, finish_reason)
             logger.debug("request %s: output %d token ids: %s", request_id, index, token_ids)
 
-    async def _engine_outputs(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                              arrival_time: float | None = None, lora_request: LoRARequest | None = None,
-                              priority: int = 0, cache_salt: str | None = None,
-                              reply_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """AsyncLLM.generate with its exceptions as APIErrors: an invalid request 400, a stopped
-        engine or a full queue 503. In `in_flight` (under reply_id, default request_id) while it runs."""
-        outputs = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time,
-                                       lora_request, priority, cache_salt)
+    async def _engine_outputs(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
+                              request_id: str, arrival_time: float | None = None,
+                              lora_request: LoRARequest | None = None, priority: int = 0,
+                              cache_salt: str | None = None, reply_id: str | None = None) -> AsyncIterator:
+        """AsyncLLM.generate (AsyncLLM.encode for PoolingParams) with its exceptions as APIErrors:
+        an invalid request 400, a stopped engine or a full queue 503. In `in_flight` (under
+        reply_id, default request_id) while it runs."""
+        pooling = isinstance(params, PoolingParams)
+        if not pooling and self.engine.pooler_config is not None:
+            raise APIError("This server computes embeddings (--runner pooling): it serves /v1/embeddings, not text "
+                           "generation.")
+        stream = self.engine.encode if pooling else self.engine.generate
+        outputs = stream({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time, lora_request,
+                         priority, cache_salt)
         self.in_flight[request_id] = reply_id or request_id
         try:
             async for output in outputs:
@@ -416,7 +437,7 @@ def parse_json(body: bytes) -> Any:
         raise APIError(f"The request body is not valid JSON: {exc}.") from None
 
 
-def _raise_if_failed(output: RequestOutput) -> None:
+def _raise_if_failed(output: RequestOutput | PoolingRequestOutput) -> None:
     """A 500 naming the fault when a step running this request failed (output.error)."""
     if output.error is not None:
         raise APIError(f"The engine failed while running this request: {output.error}. "
