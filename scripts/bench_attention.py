@@ -5,7 +5,8 @@ in the same run.
     python scripts/bench_attention.py [--quick] [--out docs/kernels_cpu.png] [--kv-dtype int8]
 
 Shapes are SmolLM2-135M's: 9 query heads, 3 KV heads, head_dim 64, block size 16, fp32 KV
-(--kv-dtype: bfloat16, or int8 / float8_e4m3fn / float8_e5m2 pages with per-head scales).
+(--kv-dtype: bfloat16, or int8 / float8_e4m3fn / float8_e5m2 pages with per-head scales;
+--soft-cap C: Gemma 2's C * tanh(score / C) on every score).
 Block tables are as wide as the engine buckets them (the batch's longest context in blocks,
 rounded up to a power of two). Pools are made as the engine makes them: zeros handed to
 transparent huge pages on Linux (`jpaged.kv_pool.advise_huge_pages`; --no-huge-pages keeps
@@ -36,6 +37,7 @@ PREFILL_TOKENS = 2048
 HUGE_PAGES = True  # --no-huge-pages sets False
 KV_DTYPE = jnp.dtype(jnp.float32)  # --kv-dtype
 KV_SCALE = jnp.asarray([0.03, 0.02, 0.025], jnp.float32)  # per KV head, for int8 / fp8 pages
+SOFT_CAP = None  # --soft-cap
 
 
 def kv_scales():
@@ -146,7 +148,7 @@ def time_case(q_lens, kv_lens, fns, num_pools=1):
     for name, fn, on_gpu in fns:
         if name == "pallas decode" and max(q_lens) > 1:
             continue
-        jitted = jax.jit(lambda *a, fn=fn: fn(*a, sm_scale=SM_SCALE, **kv_scales()))
+        jitted = jax.jit(lambda *a, fn=fn: fn(*a, sm_scale=SM_SCALE, soft_cap=SOFT_CAP, **kv_scales()))
         args = [jax.device_put(p, jax.devices("gpu")[0]) if on_gpu else p for p in pools]
         if num_pools == 1:
             times[name] = best_time(jitted, *args[0])
@@ -191,15 +193,17 @@ def main():
     parser.add_argument("--kv-dtype", default="float32",
                         choices=["float32", "bfloat16", "int8", "float8_e4m3fn", "float8_e5m2"],
                         help="KV page dtype (1-byte dtypes with per-head scales)")
+    parser.add_argument("--soft-cap", type=float, default=None, help="cap every score at C * tanh(score / C)")
     args = parser.parse_args()
-    global HUGE_PAGES, KV_DTYPE
+    global HUGE_PAGES, KV_DTYPE, SOFT_CAP
+    SOFT_CAP = args.soft_cap
     HUGE_PAGES = not args.no_huge_pages
     KV_DTYPE = jnp.dtype(args.kv_dtype)
     fns = backends(with_reference=not args.no_reference)
     names = [name for name, _, _ in fns]
     probe = bandwidth_probe()
     print(f"{os.cpu_count()} CPU cores; {jax.devices()[0].device_kind}; KV pools on "
-          f"{'huge' if HUGE_PAGES else '4 KiB'} pages; {KV_DTYPE.name} KV; load average {os.getloadavg()[0]:.1f}\n")
+          f"{'huge' if HUGE_PAGES else '4 KiB'} pages; {KV_DTYPE.name} KV; soft cap {SOFT_CAP}; load average {os.getloadavg()[0]:.1f}\n")
 
     cases = [(b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS] + [(64, 400)]
     if args.quick:

@@ -55,6 +55,7 @@ using jpaged_cpu::ExpV;
 using jpaged_cpu::LoadV;
 using jpaged_cpu::MulAdd;
 using jpaged_cpu::ParallelFor;
+using jpaged_cpu::SoftCapV;
 using jpaged_cpu::SplatV;
 using jpaged_cpu::StoreV;
 namespace ffi = xla::ffi;
@@ -506,9 +507,7 @@ inline void AttendBlockRows(const Shapes& sh, const Options& opt, const Item& it
     v8f vmax = neg_inf;
     for (int64_t j = 0; j < width; j += kLanes) {
       v8f x = Load(sc + j);
-      if (opt.soft_cap > 0.0f) {
-        for (int e = 0; e < kLanes; ++e) x[e] = opt.soft_cap * std::tanh(x[e] / opt.soft_cap);
-      }
+      if (opt.soft_cap > 0.0f) x = SoftCapV<v8f, v8i>(x, opt.soft_cap);
       const v8i key = lane + static_cast<int32_t>(j);
       x = (key >= begin) & (key < end) ? x : neg_inf;
       Store(sc + j, x);
@@ -637,9 +636,7 @@ inline void AttendGroupLanes(const Options& opt, int64_t d, int64_t rp, const Ke
     for (int64_t j = 0; j < n; ++j) {
       float* sj = st + j * rp + c * kWide;
       vwf x = LoadV<vwf>(sj);
-      if (opt.soft_cap > 0.0f) {
-        for (int e = 0; e < kWide; ++e) x[e] = opt.soft_cap * std::tanh(x[e] / opt.soft_cap);
-      }
+      if (opt.soft_cap > 0.0f) x = SoftCapV<vwf, vwi>(x, opt.soft_cap);
       if (!visible) {
         const vwf key = SplatV<vwf>(static_cast<float>(first_key + j));
         x = ((key <= pos) & (key >= lo)) ? x : neg_inf;

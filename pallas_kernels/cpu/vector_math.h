@@ -69,6 +69,18 @@ inline VF ExpV(VF x) {
   return underflow ? SplatV<VF>(0.0f) : p * two_n;
 }
 
+// cap * tanh(x / cap), Gemma 2's soft cap on attention scores: cap * (1 - e) / (1 + e) with
+// e = exp(-2|x| / cap), signed as x. Off by at most a few ulp of cap (std::tanh is closer for
+// |x| << cap, where the capped score is then off by ~1e-7 x cap); +-inf give +-cap, NaN stays NaN.
+template <typename VF, typename VI>
+inline VF SoftCapV(VF x, float cap) {
+  const VI negative = x < SplatV<VF>(0.0f);
+  const VF magnitude = negative ? -x : x;
+  const VF e = ExpV<VF, VI>(magnitude * SplatV<VF>(-2.0f / cap));
+  const VF capped = SplatV<VF>(cap) * (SplatV<VF>(1.0f) - e) / (SplatV<VF>(1.0f) + e);
+  return negative ? -capped : capped;
+}
+
 }  // namespace jpaged_cpu
 
 #endif  // JPAGED_CPU_VECTOR_MATH_H_
