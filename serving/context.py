@@ -312,8 +312,9 @@ class ServingContext:
         metrics = RequestMetrics(arrival_time=arrival_time)
 
         async def run_step(tokens: list[int], step_id: str) -> RequestOutput:
-            outputs = self._engine_outputs(tokens, step_params, f"{request_id}-{step_id}", lora_request=lora_request,
-                                           priority=priority, cache_salt=cache_salt, reply_id=reply_id or request_id)
+            # The search's arrival: each step queues where the search would (fcfs by arrival).
+            outputs = self._engine_outputs(tokens, step_params, f"{request_id}-{step_id}", arrival_time,
+                                           lora_request, priority, cache_salt, reply_id or request_id)
             try:
                 async for output in outputs:
                     _raise_if_failed(output)

@@ -416,6 +416,25 @@ def first_scheduled_order(harness: Harness) -> list[str]:
     return first_seen
 
 
+def test_fcfs_queues_by_arrival_so_an_earlier_arrival_overtakes_later_ones():
+    """A request that arrived before others in the queue (a beam search's next step carries the
+    search's arrival time) is admitted before them; equal times keep the order they were added in."""
+    harness = Harness(num_blocks=40, block_size=4, max_num_seqs=1, max_num_batched_tokens=8, max_model_len=64)
+    for i, arrival in enumerate([10.0, 20.0, 20.0, 30.0]):
+        request = Request(f"r{i}", [i + 1] * 3, SamplingParams(max_tokens=2, ignore_eos=True), eos_token_ids=(EOS,),
+                          arrival_time=arrival)
+        harness.scheduler.add_request(request)
+    harness.scheduler.add_request(Request("step", [7] * 3, SamplingParams(max_tokens=1, ignore_eos=True),
+                                          eos_token_ids=(EOS,), arrival_time=15.0))
+    assert [r.request_id for r in harness.scheduler.waiting] == ["r0", "step", "r1", "r2", "r3"]
+    while harness.scheduler.has_unfinished_requests():
+        out = harness.scheduler.schedule()
+        harness.scheduler.update_from_output(out, {r.request_id: 5 for r in out.scheduled if r.sample})
+        harness.batches.append(out)
+    assert first_scheduled_order(harness) == ["r0", "step", "r1", "r2", "r3"]
+    check_all_free(harness.scheduler)
+
+
 def test_priority_policy_admits_by_priority_then_arrival_and_never_preempts_for_a_waiting_request():
     harness = Harness(num_blocks=40, block_size=4, max_num_seqs=2, max_num_batched_tokens=8, max_model_len=64,
                       scheduling_policy="priority")

@@ -254,14 +254,20 @@ class Scheduler:
         self._enqueue(request, front=False)
 
     def _enqueue(self, request: Request, front: bool) -> None:
-        """Put a request into the waiting queue: with fcfs at its back, or at its front (`front`:
-        a preempted request); with priority in (priority, arrival_time) order, after equal keys."""
+        """Put a request into the waiting queue: with fcfs after every request that arrived no
+        later (its back, unless it arrived before them: a beam search's next step keeps the
+        search's arrival time, so a long search is not sent to the back of a busy queue at every
+        token), or at its front (`front`: a preempted request); with priority in (priority,
+        arrival_time) order, after equal keys."""
         if self.scheduling_policy == "priority":
             bisect.insort(self.waiting, request, key=_priority_key)
         elif front:
             self.waiting.appendleft(request)
         else:
-            self.waiting.append(request)
+            position = len(self.waiting)
+            while position and self.waiting[position - 1].arrival_time > request.arrival_time:
+                position -= 1
+            self.waiting.insert(position, request)
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's requests and token counts; allocate, preempt, swap as needed. The
