@@ -18,13 +18,12 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from jpaged.outputs import PoolingRequestOutput
 from jpaged.pooling import PoolingParams
 from serving.chat import render_chat_prompt
 from serving.context import ServingContext
 from serving.errors import APIError
 from serving.protocol import ChatMessage, UsageInfo
-from serving.streaming import CLIENT_CLOSED_REQUEST, merge_async_iterators, unless_disconnected
+from serving.streaming import CLIENT_CLOSED_REQUEST, final_outputs
 
 
 class EmbeddingRequest(BaseModel):
@@ -110,18 +109,10 @@ async def create_embedding(request: Request) -> Response:
     engine_id = ctx.engine_request_id(request_id, client_request_id)
     lora_request = ctx.lora_request(model_name)
     now = time.time()
-    outputs = merge_async_iterators([ctx.encode(token_ids, params, f"{engine_id}-{i}", now, lora_request,
-                                                body.priority, reply_id=request_id)
-                                     for i, token_ids in enumerate(inputs)])
-
-    async def collect() -> list[PoolingRequestOutput]:
-        finals = [None] * len(inputs)
-        async for i, output in outputs:
-            finals[i] = output
-        return finals
-
-    completed, finals = await unless_disconnected(request, collect())
-    if not completed:
+    finals = await final_outputs(request, [ctx.encode(token_ids, params, f"{engine_id}-{i}", now, lora_request,
+                                                      body.priority, reply_id=request_id)
+                                           for i, token_ids in enumerate(inputs)])
+    if finals is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     data = [{"index": i, "object": "embedding", "embedding": _encode(final.outputs.data, body.encoding_format)}
             for i, final in enumerate(finals)]

@@ -15,12 +15,11 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 from serving.context import ServingContext
 from serving.errors import APIError
 from serving.protocol import UsageInfo
-from serving.streaming import CLIENT_CLOSED_REQUEST, merge_async_iterators, unless_disconnected
+from serving.streaming import CLIENT_CLOSED_REQUEST, final_outputs
 
 
 class GenerativeScoringRequest(BaseModel):
@@ -88,18 +87,10 @@ async def create_generative_scoring(request: Request) -> Response:
     request_id = f"generative-scoring-{client_request_id or uuid.uuid4().hex}"
     engine_id = ctx.engine_request_id(request_id, client_request_id)
     lora_request = ctx.lora_request(model_name)
-    outputs = merge_async_iterators([ctx.generate(prompt, params, f"{engine_id}-{i}", time.time(), lora_request,
-                                                  body.priority, body.cache_salt, reply_id=request_id)
-                                     for i, prompt in enumerate(prompts)])
-
-    async def collect() -> list[RequestOutput]:
-        finals = [None] * len(prompts)
-        async for i, output in outputs:
-            finals[i] = output
-        return finals
-
-    completed, finals = await unless_disconnected(request, collect())
-    if not completed:
+    finals = await final_outputs(request, [ctx.generate(prompt, params, f"{engine_id}-{i}", time.time(), lora_request,
+                                                        body.priority, body.cache_salt, reply_id=request_id)
+                                           for i, prompt in enumerate(prompts)])
+    if finals is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     data = []
     for i, final in enumerate(finals):

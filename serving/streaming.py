@@ -77,6 +77,22 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
+async def final_outputs(request: Request, streams: list[AsyncIterator[T]]) -> list[T] | None:
+    """Each stream's last item, in the streams' order, once all ended (they run concurrently);
+    None when the client disconnected first (every stream is then closed: their requests abort).
+    The first exception of a stream is raised. Call it only after the request body was read."""
+    merged = merge_async_iterators(streams)
+
+    async def collect() -> list[T]:
+        finals = [None] * len(streams)
+        async for i, item in merged:
+            finals[i] = item
+        return finals
+
+    completed, finals = await unless_disconnected(request, collect())
+    return finals if completed else None
+
+
 async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> tuple[bool, T | None]:
     """Awaits `awaitable` unless the client disconnects first, in which case it is cancelled.
 
