@@ -239,6 +239,29 @@ def test_bench_speculative_compares_the_two_engines(tiny_model_dir, tmp_path, mo
             assert 1 <= row["mean_acceptance_length"] <= 3 and 0 <= row["acceptance_rate"] <= 1
 
 
+def test_benchmark_embeddings_reports_and_compares(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """benchmark_embeddings.py end to end on the tiny model with jpaged (its bookkeeping, not its
+    speed): the workload's tokens, unit vectors saved in prompt order, and --compare on them."""
+    import benchmark_embeddings
+
+    vectors, out = tmp_path / "vectors.npy", tmp_path / "embeddings.json"
+    monkeypatch.setattr(sys, "argv", [
+        "benchmark_embeddings.py", "--model", str(tiny_model_dir), "--num-prompts", "3", "--input-len-range", "8",
+        "20", "--max-model-len", "64", "--warmup-passes", "0", "--vectors-out", str(vectors),
+        "--output-json", str(out)])
+    benchmark_embeddings.main()
+    result = json.loads(out.read_text())
+    prompts = bench_prompts.make_prompts(3, 8, 20, 0, vocab_size=49152)
+    assert result["prompt_tokens"] == sum(map(len, prompts)) and result["num_prompts"] == 3
+    assert result["prompt_tokens_per_s"] == pytest.approx(result["prompt_tokens"] / result["elapsed_s"], rel=0.01)
+    saved = np.load(vectors)
+    assert saved.shape == (3, 64) and np.allclose(np.linalg.norm(saved, axis=1), 1.0, atol=1e-5)
+    monkeypatch.setattr(sys, "argv", ["benchmark_embeddings.py", "--compare", str(vectors), str(vectors)])
+    capsys.readouterr()
+    benchmark_embeddings.main()
+    assert "cosine similarity min 1.0000000" in capsys.readouterr().out
+
+
 def test_bench_long_prefill_times_both_engines(tiny_model_dir, tmp_path, monkeypatch):
     """bench_long_prefill.py end to end on the tiny model (its bookkeeping, not its speed): a row
     per engine and turn, the threshold-off engine first, every time measured."""
