@@ -287,14 +287,23 @@ class ServingContext:
     async def encode(self, prompt_token_ids: list[int], params: PoolingParams, request_id: str, arrival_time: float,
                      lora_request: LoRARequest | None = None, priority: int = 0,
                      reply_id: str | None = None) -> AsyncIterator[PoolingRequestOutput]:
-        """AsyncLLM.encode (a pooling engine's one final output); errors map as in `generate`."""
+        """AsyncLLM.encode (a pooling engine's one final output); errors and metrics as in
+        `generate` (no generation tokens; finish reason "stop", or "abort" / "error" without a vector)."""
         self._log_request(request_id, prompt_token_ids, params)
         outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time, lora_request, priority,
                                        None, reply_id)
+        finished = False
         try:
             async for output in outputs:
+                finished = True
+                reason = "error" if output.error is not None else "stop" if output.outputs is not None else "abort"
+                self.metrics.observe_finished(output, 0, 0, reason, False, 1, None)
                 _raise_if_failed(output)
                 yield output
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away: the engine aborts it
+            if not finished:
+                self.metrics.observe_aborted()
+            raise
         finally:
             await outputs.aclose()
 

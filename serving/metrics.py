@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from jpaged.admission import QUEUE_LIMIT_REASONS
 from jpaged.async_llm import AsyncLLM
-from jpaged.outputs import ITERATION_TOKENS_BUCKETS, EngineStats, RequestOutput
+from jpaged.outputs import ITERATION_TOKENS_BUCKETS, EngineStats, PoolingRequestOutput, RequestOutput
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -213,10 +213,11 @@ class ServerMetrics:
         for _ in range(num_tokens):
             self.inter_token_latency.observe(self.model_name, gap_s / num_tokens)
 
-    def observe_finished(self, output: RequestOutput, num_generation_tokens: int, longest_output: int,
-                         finish_reason: str, streamed: bool, n: int, max_tokens: int | None) -> None:
-        """Records one finished request; `longest_output` = tokens of its longest sample; `n` and
-        `max_tokens`: its parameters (max_tokens None when unset)."""
+    def observe_finished(self, output: RequestOutput | PoolingRequestOutput, num_generation_tokens: int,
+                         longest_output: int, finish_reason: str, streamed: bool, n: int,
+                         max_tokens: int | None) -> None:
+        """Records one finished request (an embedding's too: no generation tokens); `longest_output`
+        = tokens of its longest sample; `n` and `max_tokens`: its parameters (max_tokens None when unset)."""
         m = output.metrics
         finished = m.finished_time or time.time()
         label = self.model_name

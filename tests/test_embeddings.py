@@ -227,6 +227,19 @@ def test_v1_embeddings_floats_base64_usage_and_order(server, last_llm, prompts):
     wait_until_idle(server)
 
 
+def _metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_embedding_requests_count_in_the_server_metrics(server, prompts):
+    success = 'vllm:request_success_total{finished_reason="stop",model_name="tiny"}'
+    before, tokens_before = _metric(server, success), _metric(server, "vllm:request_prompt_tokens_sum")
+    assert _post(server, "/v1/embeddings", {"input": prompts[:2]}).status_code == 200
+    assert _metric(server, success) - before == 2
+    assert _metric(server, "vllm:request_prompt_tokens_sum") - tokens_before == LENGTHS[0] + LENGTHS[1]
+
+
 @pytest.mark.parametrize("path, body, status, message", [
     ("/v1/embeddings", {"input": [1, 2], "dimensions": 20}, 400, "only supports"),
     ("/v1/embeddings", {"input": []}, 400, "input is empty"),
