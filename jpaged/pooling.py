@@ -11,7 +11,6 @@ defaults for a decoder model (LAST, normalized).
 """
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -148,10 +147,13 @@ def _sentence_transformers_pooling(folder: str) -> dict:
 
 
 def _read_json(path: str, default=None):
+    """The loaders' read_json (a ModelLoadError naming a file that is not JSON), or `default` ({})
+    when the file does not exist."""
+    from jpaged.loaders.safetensors import read_json  # imports JAX, which this module's users need not
+
     if not os.path.isfile(path):
         return {} if default is None else default
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
 
 
 class PromptPooler:

@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 from conftest import TINY_HF_CONFIG
 from jpaged import LLM, PoolingParams, SamplingParams
 from jpaged.config import EngineArgs
+from jpaged.loaders.errors import ModelLoadError
 from jpaged.loaders.hf_names import params_to_hf_state_dict
 from jpaged.models import llama
 from jpaged.models.config import ModelConfig
@@ -178,6 +179,9 @@ def test_pooler_settings_from_sentence_transformers_files_flags_and_config(tmp_p
     assert resolve_pooler_config(str(tmp_path), None, overrides) == PoolerConfig("MEAN", True, True, (64, 128))
     assert resolve_pooler_config(str(tmp_path), {"pooling_type": "cls", "normalize": False}, None) == PoolerConfig(
         "CLS", False, True, None)
+    (tmp_path / "modules.json").write_text("[{")
+    with pytest.raises(ModelLoadError, match="modules.json is not valid JSON"):
+        resolve_pooler_config(str(tmp_path), None, None)
     with pytest.raises(ValueError, match="unsupported keys"):
         resolve_pooler_config(None, {"pooling_type": "LAST", "softmax": True}, None)
     with pytest.raises(ValueError, match="is not one of LAST, MEAN, CLS"):
