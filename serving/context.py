@@ -254,7 +254,6 @@ class ServingContext:
         outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time, lora_request, priority,
                                        cache_salt, reply_id)
         last_output_time = None
-        finished = False
         try:
             async for output in outputs:
                 now = time.time()
@@ -272,15 +271,10 @@ class ServingContext:
                         self.metrics.observe_token_gap(now - last_output_time, count)
                 last_output_time = now
                 if output.finished:
-                    finished = True
                     self._observe_finished(output, tokens_per_output, delta, params.n, params.max_tokens)
                     self._log_outputs(request_id, logged)
                 _raise_if_failed(output)
                 yield output
-        except (GeneratorExit, asyncio.CancelledError):  # the client went away: the engine aborts it
-            if not finished:
-                self.metrics.observe_aborted()
-            raise
         finally:
             await outputs.aclose()
 
@@ -292,18 +286,12 @@ class ServingContext:
         self._log_request(request_id, prompt_token_ids, params)
         outputs = self._engine_outputs(prompt_token_ids, params, request_id, arrival_time, lora_request, priority,
                                        None, reply_id)
-        finished = False
         try:
             async for output in outputs:
-                finished = True
                 reason = "error" if output.error is not None else "stop" if output.outputs is not None else "abort"
                 self.metrics.observe_finished(output, 0, 0, reason, False, 1, None)
                 _raise_if_failed(output)
                 yield output
-        except (GeneratorExit, asyncio.CancelledError):  # the client went away: the engine aborts it
-            if not finished:
-                self.metrics.observe_aborted()
-            raise
         finally:
             await outputs.aclose()
 
@@ -323,7 +311,8 @@ class ServingContext:
         async def run_step(tokens: list[int], step_id: str) -> RequestOutput:
             # The search's arrival: each step queues where the search would (fcfs by arrival).
             outputs = self._engine_outputs(tokens, step_params, f"{request_id}-{step_id}", arrival_time,
-                                           lora_request, priority, cache_salt, reply_id or request_id)
+                                           lora_request, priority, cache_salt, reply_id or request_id,
+                                           count_aborted=False)
             try:
                 async for output in outputs:
                     _raise_if_failed(output)
@@ -389,10 +378,13 @@ class ServingContext:
     async def _engine_outputs(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
                               request_id: str, arrival_time: float | None = None,
                               lora_request: LoRARequest | None = None, priority: int = 0,
-                              cache_salt: str | None = None, reply_id: str | None = None) -> AsyncIterator:
+                              cache_salt: str | None = None, reply_id: str | None = None,
+                              count_aborted: bool = True) -> AsyncIterator:
         """AsyncLLM.generate (AsyncLLM.encode for PoolingParams) with its exceptions as APIErrors:
         an invalid request 400, a stopped engine or a full queue 503. In `in_flight` (under
-        reply_id, default request_id) while it runs."""
+        reply_id, default request_id) while it runs. Closed or cancelled before its final output
+        (the client went away: the engine aborts it), it counts an aborted request unless
+        `count_aborted` is False (a beam search's steps: the search counts itself)."""
         pooling = isinstance(params, PoolingParams)
         if not pooling and self.engine.pooler_config is not None:
             raise APIError("This server computes embeddings (--runner pooling): it serves /v1/embeddings, not text "
@@ -401,9 +393,15 @@ class ServingContext:
         outputs = stream({"prompt_token_ids": prompt_token_ids}, params, request_id, arrival_time, lora_request,
                          priority, cache_salt)
         self.in_flight[request_id] = reply_id or request_id
+        finished = False
         try:
             async for output in outputs:
+                finished = output.finished
                 yield output
+        except (GeneratorExit, asyncio.CancelledError):
+            if count_aborted and not finished:
+                self.metrics.observe_aborted()
+            raise
         except InvalidRequestError as exc:
             raise _api_error(exc) from None
         except ValueError as exc:
