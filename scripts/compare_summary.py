@@ -5,7 +5,9 @@ files in OUT_DIR (whichever exist), printed and written to OUT_DIR/summary.md an
 
 Reads offline_vllm.json, offline_jpaged.json, offline_jpaged_bf16.json, offline_hf.json
 (benchmark_throughput*.py), serving_vllm.json, serving_jpaged.json (benchmark_serving.py) and startup_vllm.txt,
-startup_jpaged.txt (server start to ready, seconds, written by compare_vllm.sh). The ratio is
+startup_jpaged.txt (server start to ready, seconds, written by compare_vllm.sh), and the
+offline files of further rounds (offline_*.round<r>.json, OFFLINE_ROUNDS=N): with two or more
+rounds the table adds the median of the rounds' ratios and their range. The ratio is
 always jpaged / vLLM; each measure says whether higher or lower is better. The header names the
 date, the CPU model and the CPU flags that matter to the kernels (/proc/cpuinfo).
 """
@@ -13,6 +15,7 @@ date, the CPU model and the CPU flags that matter to the kernels (/proc/cpuinfo)
 import argparse
 import json
 import os
+import statistics
 from datetime import datetime, timezone
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -84,6 +87,17 @@ def summary_rows(out_dir: str) -> list[dict]:
             rows.append({"measure": f"offline greedy, jpaged {label}: requests identical to vLLM's / all; "
                                     "ratio: tokens before the first difference / all", "jpaged": same["requests"],
                          "vllm": len(vllm_ids), "ratio": same["tokens"] / max(1, sum(map(len, vllm_ids)))})
+    rounds = offline_rounds(out_dir)
+    for name, label in (("offline_jpaged", "fp32"), ("offline_jpaged_bf16", "jpaged bfloat16 vs vLLM fp32")):
+        pairs = [(r[name]["output_tokens_per_second"], r["offline_vllm"]["output_tokens_per_second"])
+                 for r in rounds if r[name] is not None]
+        if len(pairs) < 2:
+            continue
+        ratios = [ours / theirs for ours, theirs in pairs]
+        rows.append({"measure": f"offline output tok/s, {label}, median of {len(pairs)} rounds (ratio: median of "
+                                f"the rounds' ratios, {min(ratios):.2f}-{max(ratios):.2f}x; higher is better)",
+                     "jpaged": statistics.median(p[0] for p in pairs),
+                     "vllm": statistics.median(p[1] for p in pairs), "ratio": statistics.median(ratios)})
     add("offline start-up (load + compile) s (lower is better)",
         field("offline_jpaged.json", "startup_time"), field("offline_vllm.json", "startup_time"))
     for stat, label in (("mean_ttft_ms", "TTFT mean ms"), ("p99_ttft_ms", "TTFT p99 ms"),
@@ -96,6 +110,20 @@ def summary_rows(out_dir: str) -> list[dict]:
     add("server start-up to ready s (lower is better)",
         field("startup_jpaged.txt", "startup_s"), field("startup_vllm.txt", "startup_s"))
     return rows
+
+
+def offline_rounds(out_dir: str) -> list[dict]:
+    """The offline rounds in order, round 1 from offline_<engine>.json and round r > 1 from
+    offline_<engine>.round<r>.json, up to the first round without both fp32 files:
+    [{"offline_vllm": result, "offline_jpaged": result, "offline_jpaged_bf16": result or None}]."""
+    rounds = []
+    while True:
+        suffix = "" if not rounds else f".round{len(rounds) + 1}"
+        found = {name: _load(out_dir, f"{name}{suffix}.json")
+                 for name in ("offline_vllm", "offline_jpaged", "offline_jpaged_bf16")}
+        if found["offline_vllm"] is None or found["offline_jpaged"] is None:
+            return rounds
+        rounds.append(found)
 
 
 def greedy_agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, int]:
@@ -117,6 +145,13 @@ def workloads(out_dir: str) -> list[str]:
             lines.append(f"{name}: {data['num_requests']} requests, {data['prompt_tokens']} prompt + "
                          f"{data['output_tokens']} output tokens, {data.get('warmup_passes', 0)} warm-up passes, "
                          f"{data['elapsed_time']:.1f} s timed")
+    rounds = offline_rounds(out_dir)
+    for number, r in enumerate(rounds if len(rounds) > 1 else [], 1):
+        ours, theirs = r["offline_jpaged"]["output_tokens_per_second"], r["offline_vllm"]["output_tokens_per_second"]
+        bf16 = "" if r["offline_jpaged_bf16"] is None else \
+            f", jpaged bfloat16 {r['offline_jpaged_bf16']['output_tokens_per_second']:.1f}"
+        lines.append(f"offline round {number}: jpaged fp32 {ours:.1f}{bf16}, vLLM {theirs:.1f} output tok/s "
+                     f"({ours / theirs:.2f}x)")
     for name in ("serving_vllm.json", "serving_jpaged.json"):
         data = _load(out_dir, name)
         if data:

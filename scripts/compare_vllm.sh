@@ -3,6 +3,7 @@
 #
 #   bash scripts/compare_vllm.sh            # offline (fp32, then jpaged --dtype bfloat16), HF, serving
 #   PHASES="offline" bash scripts/compare_vllm.sh      # any of: offline hf serving
+#   OFFLINE_ROUNDS=3 PHASES=offline bash scripts/compare_vllm.sh   # the offline trio 3 times over
 #   NUM_PROMPTS=4 INPUT_MAX=64 OUTPUT_LEN=8 SERVING_PROMPTS=4 SERVING_OUTPUT_LEN=8 \
 #       WARMUP_REQUESTS=2 VLLM_KV_SPACE=1 bash scripts/compare_vllm.sh      # a quick smoke run
 #   MAX_MODEL_LEN=8192 SERVING_INPUT_MIN=1500 SERVING_INPUT_MAX=6000 SERVING_PROMPTS=16 \
@@ -14,6 +15,8 @@
 #            tokens, ignore_eos), one warm-up pass then one timed pass, per engine
 #            (benchmark_throughput_vllm.py, benchmark_throughput.py; the same prompt ids; prefix
 #            caching off in both, or the timed pass would reuse the warm-up's KV blocks);
+#            OFFLINE_ROUNDS=N runs the three N times, jpaged first in even rounds (round r > 1
+#            writes offline_*.round<r>.json), and the table adds the median of the rounds' ratios;
 #   hf:      the same workload through HF transformers' generate, one padded batch, no warm-up
 #            (benchmark_throughput_hf.py): the baseline a user starts from;
 #   serving: 64 requests, 16 concurrent streams (prompts 74..213 tokens, 64 out, ignore_eos, after
@@ -38,6 +41,7 @@ INPUT_MIN=${INPUT_MIN:-32}
 INPUT_MAX=${INPUT_MAX:-512}
 OUTPUT_LEN=${OUTPUT_LEN:-128}
 WARMUP_PASSES=${WARMUP_PASSES:-1}
+OFFLINE_ROUNDS=${OFFLINE_ROUNDS:-1}
 SERVING_PROMPTS=${SERVING_PROMPTS:-64}
 SERVING_CONCURRENCY=${SERVING_CONCURRENCY:-16}
 SERVING_INPUT_MIN=${SERVING_INPUT_MIN:-74}
@@ -85,17 +89,28 @@ VLLM_ENV=(env VLLM_CPU_OMP_THREADS_BIND=0-$(( $(nproc) - 1 )) VLLM_CPU_KVCACHE_S
 
 OFFLINE_FLAGS=(--num-prompts "$NUM_PROMPTS" --input-len-range "$INPUT_MIN" "$INPUT_MAX" --output-len "$OUTPUT_LEN"
                --dataset-path "$CORPUS" --warmup-passes "$WARMUP_PASSES")
-if [[ " $PHASES " == *" offline "* ]]; then
+offline_vllm() {  # result-file suffix
     echo "== offline: vLLM-cpu fp32"
     "${VLLM_ENV[@]}" "$VENV/bin/python" scripts/benchmark_throughput_vllm.py --model "$HF_DIR" --dtype float32 \
         --max-model-len "$MAX_MODEL_LEN" --no-enable-prefix-caching "${OFFLINE_FLAGS[@]}" \
-        --output-json "$OUT/offline_vllm.json"
+        --output-json "$OUT/offline_vllm$1.json"
+}
+offline_jpaged() {  # result-file suffix
     echo "== offline: jpaged fp32"
     "$PY" scripts/benchmark_throughput.py --dtype float32 --no-enable-prefix-caching "${OFFLINE_FLAGS[@]}" \
-        --output-json "$OUT/offline_jpaged.json"
+        --output-json "$OUT/offline_jpaged$1.json"
     echo "== offline: jpaged bfloat16"
     "$PY" scripts/benchmark_throughput.py --dtype bfloat16 --no-enable-prefix-caching "${OFFLINE_FLAGS[@]}" \
-        --output-json "$OUT/offline_jpaged_bf16.json"
+        --output-json "$OUT/offline_jpaged_bf16$1.json"
+}
+if [[ " $PHASES " == *" offline "* ]]; then
+    rm -f "$OUT"/offline_*.round*.json  # an earlier run's extra rounds would join this run's median
+    for round in $(seq "$OFFLINE_ROUNDS"); do
+        suffix=$([ "$round" = 1 ] || echo ".round$round")
+        [ "$OFFLINE_ROUNDS" = 1 ] || echo "== offline round $round of $OFFLINE_ROUNDS"
+        if (( round % 2 )); then offline_vllm "$suffix"; offline_jpaged "$suffix"
+        else offline_jpaged "$suffix"; offline_vllm "$suffix"; fi
+    done
 fi
 
 if [[ " $PHASES " == *" hf "* ]]; then  # the baseline a user starts from: one padded batch, no warm-up

@@ -116,6 +116,32 @@ def test_compare_summary_ratios(tmp_path):
     assert "avx512f" in markdown
 
 
+def test_compare_summary_takes_the_median_of_offline_rounds(tmp_path):
+    def write(name, tok_s):
+        (tmp_path / name).write_text(json.dumps({"output_tokens_per_second": tok_s, "num_requests": 64,
+                                                 "prompt_tokens": 1, "output_tokens": 1, "elapsed_time": 1.0}))
+
+    for suffix, ours, bf16, theirs in (("", 110.0, 120.0, 100.0), (".round2", 90.0, None, 100.0),
+                                       (".round3", 150.0, 100.0, 120.0), (".round5", 1.0, 1.0, 1.0)):
+        write(f"offline_jpaged{suffix}.json", ours)
+        write(f"offline_vllm{suffix}.json", theirs)
+        if bf16 is not None:
+            write(f"offline_jpaged_bf16{suffix}.json", bf16)
+    write("offline_jpaged.round4.json", 1.0)  # round 4 has no vLLM file: rounds end at 3
+    rows = {r["measure"].split(" (")[0]: r for r in compare_summary.summary_rows(str(tmp_path))}
+    fp32 = rows["offline output tok/s, fp32, median of 3 rounds"]
+    assert (fp32["jpaged"], fp32["vllm"], fp32["ratio"]) == (110.0, 100.0, pytest.approx(1.1))
+    assert "0.90-1.25x" in fp32["measure"]
+    bf16 = rows["offline output tok/s, jpaged bfloat16 vs vLLM fp32, median of 2 rounds"]
+    assert bf16["ratio"] == pytest.approx((1.2 + 100 / 120) / 2)
+    assert rows["offline output tok/s, fp32"]["ratio"] == pytest.approx(1.1)  # round 1 alone, as before
+    lines = compare_summary.workloads(str(tmp_path))
+    assert "offline round 2: jpaged fp32 90.0, vLLM 100.0 output tok/s (0.90x)" in lines
+    assert "offline round 3: jpaged fp32 150.0, jpaged bfloat16 100.0, vLLM 120.0 output tok/s (1.25x)" in lines
+    (tmp_path / "offline_vllm.round2.json").unlink()
+    assert not any("median" in r["measure"] for r in compare_summary.summary_rows(str(tmp_path)))
+
+
 @pytest.fixture(scope="module")
 def corpus_text(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
