@@ -34,8 +34,12 @@ def message_parts(content) -> list[dict]:
 def _part_texts(parts) -> list[str]:
     texts = []
     for part in parts:
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ValueError(f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, got {part!r}")
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text":  # the part itself is left out: an image's data URL can be megabytes
+            raise ValueError(f"a content part of type {kind!r} is not supported: the model is not multimodal "
+                             "and reads only text content parts ({'type': 'text', 'text': ...})")
+        if not isinstance(part.get("text"), str):
+            raise ValueError("a text content part needs its 'text' as a string")
         texts.append(part["text"])
     return texts
 

@@ -236,9 +236,17 @@ class TextContentPart(BaseModel):
     text: str
 
 
+class MediaContentPart(BaseModel):
+    """A content part that OpenAI's and vLLM's clients send (an image, audio, a file): well formed,
+    so it reaches the chat template's content check and gets a 400 naming its type, not a 422."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url", "input_audio", "file", "video_url", "audio_url", "image_embeds"]
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
+    content: str | list[Annotated[TextContentPart | MediaContentPart, Field(discriminator="type")]] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls
     tool_call_id: str | None = None  # a tool turn's answer to that call
@@ -469,6 +477,15 @@ class ChatResponseMessage(BaseModel):
     content: str | None = None
     reasoning: str | None = None  # with --reasoning-parser (vLLM's field)
     tool_calls: list[ToolCall] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_tool_calls(self, handler):
+        """No `tool_calls` key when there are none, as OpenAI and vLLM answer: JavaScript clients
+        test `if (message.tool_calls)`, which an empty list passes."""
+        data = handler(self)
+        if not data.get("tool_calls"):
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatCompletionChoice(BaseModel):

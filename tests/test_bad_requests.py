@@ -169,7 +169,15 @@ CORPUS = {
     "unknown_role": ("POST", CHAT, chat(messages=[{"role": "wizard", "content": "x"}]), 422, ["role"]),
     "content_number": ("POST", CHAT, chat(messages=[{"role": "user", "content": 5}]), 422, ["content"]),
     "image_part": ("POST", CHAT, chat(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), 422, ["messages"]),
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), 400, ["'image_url'", "not multimodal"]),
+    "audio_part_after_text": ("POST", CHAT, chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]), 400, ["'input_audio'"]),
+    "tokenize_image_part": ("POST", "/tokenize", {"json": {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}}, 400, ["'image_url'"]),
+    "unknown_part_type": ("POST", CHAT, chat(messages=[{"role": "user", "content": [{"type": "hologram"}]}]), 422,
+                          ["hologram"]),
+    "text_part_without_text": ("POST", CHAT, chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), 422,
+                               ["text"]),
     "tools_auto_without_flag": ("POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
                                 ["--enable-auto-tool-choice"]),
     "response_format_schema": ("POST", CHAT, chat(response_format={"type": "json_schema"}), 400,

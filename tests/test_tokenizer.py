@@ -154,8 +154,11 @@ def test_content_formats_render_parts_or_one_string(tokenizer):
     # SmolLM2's template adds content to strings: "auto" keeps handing it one string
     assert tokenizer.apply_chat_template(messages) == tokenizer.apply_chat_template(messages,
                                                                                     content_format="string")
-    with pytest.raises(ValueError, match="text content parts"):
+    with pytest.raises(ValueError, match="type 'image_url' is not supported"):
         tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image_url"}]}],
+                                      chat_template=PARTS_TEMPLATE)
+    with pytest.raises(ValueError, match="needs its 'text' as a string"):
+        tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": 5}]}],
                                       chat_template=PARTS_TEMPLATE)
     with pytest.raises(ValueError, match="chat_template_content_format must be one of"):
         render(content_format="parts")
