@@ -95,7 +95,7 @@ def summary_rows(out_dir: str) -> list[dict]:
             continue
         ratios = [ours / theirs for ours, theirs in pairs]
         rows.append({"measure": f"offline output tok/s, {label}, median of {len(pairs)} rounds (ratio: median of "
-                                f"the rounds' ratios, {min(ratios):.2f}-{max(ratios):.2f}x; higher is better)",
+                                f"the rounds' ratios, {min(ratios):.2f}-{max(ratios):.2f}×; higher is better)",
                      "jpaged": statistics.median(p[0] for p in pairs),
                      "vllm": statistics.median(p[1] for p in pairs), "ratio": statistics.median(ratios)})
     add("offline start-up (load + compile) s (lower is better)",
@@ -151,7 +151,7 @@ def workloads(out_dir: str) -> list[str]:
         bf16 = "" if r["offline_jpaged_bf16"] is None else \
             f", jpaged bfloat16 {r['offline_jpaged_bf16']['output_tokens_per_second']:.1f}"
         lines.append(f"offline round {number}: jpaged fp32 {ours:.1f}{bf16}, vLLM {theirs:.1f} output tok/s "
-                     f"({ours / theirs:.2f}x)")
+                     f"({ours / theirs:.2f}×)")
     for name in ("serving_vllm.json", "serving_jpaged.json"):
         data = _load(out_dir, name)
         if data:

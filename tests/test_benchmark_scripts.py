@@ -131,13 +131,13 @@ def test_compare_summary_takes_the_median_of_offline_rounds(tmp_path):
     rows = {r["measure"].split(" (")[0]: r for r in compare_summary.summary_rows(str(tmp_path))}
     fp32 = rows["offline output tok/s, fp32, median of 3 rounds"]
     assert (fp32["jpaged"], fp32["vllm"], fp32["ratio"]) == (110.0, 100.0, pytest.approx(1.1))
-    assert "0.90-1.25x" in fp32["measure"]
+    assert "0.90-1.25×" in fp32["measure"]
     bf16 = rows["offline output tok/s, jpaged bfloat16 vs vLLM fp32, median of 2 rounds"]
     assert bf16["ratio"] == pytest.approx((1.2 + 100 / 120) / 2)
     assert rows["offline output tok/s, fp32"]["ratio"] == pytest.approx(1.1)  # round 1 alone, as before
     lines = compare_summary.workloads(str(tmp_path))
-    assert "offline round 2: jpaged fp32 90.0, vLLM 100.0 output tok/s (0.90x)" in lines
-    assert "offline round 3: jpaged fp32 150.0, jpaged bfloat16 100.0, vLLM 120.0 output tok/s (1.25x)" in lines
+    assert "offline round 2: jpaged fp32 90.0, vLLM 100.0 output tok/s (0.90×)" in lines
+    assert "offline round 3: jpaged fp32 150.0, jpaged bfloat16 100.0, vLLM 120.0 output tok/s (1.25×)" in lines
     (tmp_path / "offline_vllm.round2.json").unlink()
     assert not any("median" in r["measure"] for r in compare_summary.summary_rows(str(tmp_path)))
 
