@@ -279,17 +279,21 @@ struct Partials {
   std::vector<float> m, l, acc;
 };
 
-// Cache lines of the next KV block, requested a few at a time from inside the compute loops.
+// Cache lines of the next KV blocks, requested a few at a time from inside the compute loops.
 // Issued all at once they would fill the core's miss buffers and stall the loads of the block
 // being computed; spread evenly over the block's work they keep misses in flight throughout.
-// They are requested into L2 (prefetcht1), whose miss queue is deeper than L1's: on a Zen 4 a
-// read-only walk over the decode blocks ran at 30 GB/s on one core with prefetcht1 and at 16
-// with prefetcht0 (slower than with no prefetching, 19); the loads then find each line in L2.
+// A range goes to L1 (prefetcht0) or only to L2 (prefetcht1). L2's miss queue is deeper: on a
+// Zen 4 a read-only walk over decode blocks in memory ran at 30 GB/s on one core with
+// prefetcht1 one block ahead and at 16 with prefetcht0 (19 without prefetching). So a decode
+// step requests the block after next into L2 and the next block, by then mostly in L2, into L1.
 struct PrefetchCursor {
-  static constexpr int kMaxRanges = 2 * kGroupBlocksMax;  // K and V of each block of a group
+  // K and V of each block of a prefill group, or of a decode step's two blocks ahead
+  static constexpr int kMaxRanges = 2 * std::max(kGroupBlocksMax, 2);
   const char *at = nullptr, *end = nullptr;  // lines being requested: [at, end)
+  bool to_l1 = true;                         // where they go
   const char* queued_at[kMaxRanges];         // the ranges after it: [queued_at[r], queued_end[r])
   const char* queued_end[kMaxRanges];        // for r in [taken, queued)
+  bool queued_to_l1[kMaxRanges];
   int queued = 0, taken = 0;
   int per_step = 1;
 
@@ -297,8 +301,9 @@ struct PrefetchCursor {
     at = end = nullptr;
     queued = taken = 0;
   }
-  // Queues the K and the V of one block (`bytes` each).
-  void Add(const char* k, const char* v, int64_t bytes) {
+  // Queues the K and the V of one block (`bytes` each), for L1 or for L2 only.
+  void Add(const char* k, const char* v, int64_t bytes, bool into_l1) {
+    queued_to_l1[queued] = queued_to_l1[queued + 1] = into_l1;
     queued_at[queued] = k;
     queued_end[queued++] = k + bytes;
     queued_at[queued] = v;
@@ -314,7 +319,11 @@ struct PrefetchCursor {
   inline void Step() {
     for (int i = 0; i < per_step; ++i) {
       if (at >= end && !Refill()) return;
-      __builtin_prefetch(at, 0, 2);  // prefetcht1: see the struct's comment
+      if (to_l1) {
+        __builtin_prefetch(at, 0, 3);  // prefetcht0
+      } else {
+        __builtin_prefetch(at, 0, 2);  // prefetcht1
+      }
       at += 64;
     }
   }
@@ -322,7 +331,8 @@ struct PrefetchCursor {
   __attribute__((noinline)) bool Refill() {
     if (taken >= queued) return false;
     at = queued_at[taken];
-    end = queued_end[taken++];
+    end = queued_end[taken];
+    to_l1 = queued_to_l1[taken++];
     return true;
   }
   // Requests every line still queued.
@@ -739,37 +749,40 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
     return std::min<int64_t>(sh.block_size, bit.kv_len - b * sh.block_size);
   };
   // Blocks are scattered over the pool, beyond what hardware prefetchers predict: the K and V
-  // of the next step's blocks (after the last, the first of the thread's next piece) are
-  // requested while a step is computed, a few lines at a time: over all of a decode block's
-  // loops, over the score loop of a prefill group (requested at once, they stalled the tile:
-  // its first prefetches waited for free miss buffers, 17 % of a long prompt's attention time).
+  // of the blocks ahead (past the last, those of the thread's next piece) are requested while a
+  // step is computed, a few lines at a time: over all of a decode block's loops (the next block
+  // into L1, the one after into L2), over the score loop of a prefill group (the next group;
+  // requested at once, they stalled the tile: its first prefetches waited for free miss
+  // buffers, 17 % of a long prompt's attention time).
   PrefetchCursor pf;
-  auto queue = [&](const Item& qit, int64_t b, int64_t blk_end) {
+  auto queue = [&](const Item& qit, int64_t b, int64_t blk_end, bool into_l1) {
     for (int64_t e = step_end(qit, b, blk_end); b < e; ++b) {
       const KVT *kb, *vb;
       const int64_t n = block_at(qit, b, &kb, &vb);
       pf.Add(reinterpret_cast<const char*>(kb), reinterpret_cast<const char*>(vb),
-             n * d * int64_t{sizeof(KVT)});
+             n * d * int64_t{sizeof(KVT)}, into_l1);
+    }
+  };
+  // Queues the step starting at block e of this piece, else the next piece's first step, or
+  // (e past blk_end) the decode block `e - blk_end` steps into a decode piece, if there is one.
+  auto queue_step = [&](int64_t e, bool into_l1) {
+    if (e < pc.blk_end) {
+      queue(it, e, pc.blk_end, into_l1);
+    } else if (next != nullptr && (e == pc.blk_end || !items[next->item].lanes) &&
+               next->blk_begin + (e - pc.blk_end) < next->blk_end) {
+      queue(items[next->item], next->blk_begin + (e - pc.blk_end), next->blk_end, into_l1);
     }
   };
   if (pc.blk_begin < pc.blk_end) {
-    queue(it, pc.blk_begin, pc.blk_end);
+    queue(it, pc.blk_begin, pc.blk_end, true);
     pf.Drain();
   }
-  // Before each step: the previous step's lines all requested, the next step's queued.
-  auto next_step = [&](int64_t e) {
-    pf.Drain();
-    pf.Clear();
-    if (e < pc.blk_end) {
-      queue(it, e, pc.blk_end);
-    } else if (next != nullptr && next->blk_begin < next->blk_end) {
-      queue(items[next->item], next->blk_begin, next->blk_end);
-    }
-  };
   if (lanes) {  // prefill tiles compute long enough per block to widen it into scratch
     for (int64_t b = pc.blk_begin; b < pc.blk_end;) {
       const int64_t e = step_end(it, b, pc.blk_end);
-      next_step(e);
+      pf.Drain();  // the previous step's lines all requested, the next step's queued
+      pf.Clear();
+      queue_step(e, true);
       KeyGroup group;
       group.first_key = b * sh.block_size;
       for (; b < e; ++b, ++group.count) {
@@ -786,7 +799,10 @@ void RunPiece(const Shapes& sh, const Options& opt, const QT* q, const KVT* k_pa
     }
   } else {  // decode rows do too little work per element to copy it: they widen in registers
     for (int64_t b = pc.blk_begin; b < pc.blk_end; ++b) {
-      next_step(b + 1);
+      pf.Drain();
+      pf.Clear();
+      queue_step(b + 1, true);
+      queue_step(b + 2, false);
       const KVT *kb, *vb;
       const int64_t n = block_at(it, b, &kb, &vb);
       pf.Pace(RowsSteps(rows, n, d));
