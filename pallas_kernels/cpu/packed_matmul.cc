@@ -217,7 +217,7 @@ inline void StoreBlock(const vec (&acc)[ROWS][kVectors], float* out, int64_t ldo
 // out[r, 0:kSliceCols] (+)= x[r, 0:kc] @ w[0:kc, slice] for ROWS rows, where the slice's panel
 // rows start at b, kDepth * kPanel elements apart. With `prefetch`, the panel rows
 // kPrefetchRows ahead are requested into L2 (prefetcht1, whose miss queue is deeper than L1's:
-// on a Zen 4 the 210 fp32 linears took 20 ms at 16 rows so, 23-27 with prefetcht0). The
+// on a Zen 4 the 210 fp32 linears took 20 ms at 16 rows with it, 23-27 with prefetcht0). The
 // chunk's sum starts from zero and is added to `out` at the end: sums of short runs round less
 // than one long running sum.
 template <typename Format, int ROWS>

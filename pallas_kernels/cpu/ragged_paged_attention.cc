@@ -108,8 +108,8 @@ inline void Store(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
 // v, kept in a register: GCC otherwise folds a load into every multiply-add that uses its
 // value, reading the same bytes once per use (the decode scores loaded twice per multiply-add,
-// load-bound at ~1.7x the multiply-adds' time on a Zen 4).
-// (Only with AVX, where a v8f is one register; elsewhere GCC keeps the pair of halves.)
+// load-bound at ~1.7x the multiply-adds' time on a Zen 4). Only with AVX, where a v8f is one
+// register; without it the constraint is impossible and GCC keeps the pair of halves.
 inline v8f InRegister(v8f v) {
 #if defined(__AVX__)
   __asm__("" : "+x"(v));
