@@ -6,8 +6,9 @@ files in OUT_DIR (whichever exist), printed and written to OUT_DIR/summary.md an
 Reads offline_vllm.json, offline_jpaged.json, offline_jpaged_bf16.json, offline_hf.json
 (benchmark_throughput*.py), serving_vllm.json, serving_jpaged.json (benchmark_serving.py) and startup_vllm.txt,
 startup_jpaged.txt (server start to ready, seconds, written by compare_vllm.sh), and the
-offline files of further rounds (offline_*.round<r>.json, OFFLINE_ROUNDS=N): with two or more
-rounds the table adds the median of the rounds' ratios and their range. The ratio is
+files of further rounds (offline_*.round<r>.json, OFFLINE_ROUNDS=N; serving_*.round<r>.json,
+SERVING_ROUNDS=N): with two or more rounds the table adds the median of the rounds' ratios and
+their range. The ratio is
 always jpaged / vLLM; each measure says whether higher or lower is better. The header names the
 date, the CPU model and the CPU flags that matter to the kernels (/proc/cpuinfo).
 """
@@ -91,13 +92,7 @@ def summary_rows(out_dir: str) -> list[dict]:
     for name, label in (("offline_jpaged", "fp32"), ("offline_jpaged_bf16", "jpaged bfloat16 vs vLLM fp32")):
         pairs = [(r[name]["output_tokens_per_second"], r["offline_vllm"]["output_tokens_per_second"])
                  for r in rounds if r[name] is not None]
-        if len(pairs) < 2:
-            continue
-        ratios = [ours / theirs for ours, theirs in pairs]
-        rows.append({"measure": f"offline output tok/s, {label}, median of {len(pairs)} rounds (ratio: median of "
-                                f"the rounds' ratios, {min(ratios):.2f}-{max(ratios):.2f}×; higher is better)",
-                     "jpaged": statistics.median(p[0] for p in pairs),
-                     "vllm": statistics.median(p[1] for p in pairs), "ratio": statistics.median(ratios)})
+        add_median(rows, f"offline output tok/s, {label}", "higher", pairs)
     add("offline start-up (load + compile) s (lower is better)",
         field("offline_jpaged.json", "startup_time"), field("offline_vllm.json", "startup_time"))
     for stat, label in (("mean_ttft_ms", "TTFT mean ms"), ("p99_ttft_ms", "TTFT p99 ms"),
@@ -107,23 +102,49 @@ def summary_rows(out_dir: str) -> list[dict]:
     add("serving output tok/s (higher is better)",
         field("serving_jpaged.json", "output_throughput"), field("serving_vllm.json", "output_throughput"))
     add("serving failed requests", field("serving_jpaged.json", "failed"), field("serving_vllm.json", "failed"))
+    rounds = serving_rounds(out_dir)
+    for stat, label, better in (("mean_ttft_ms", "serving TTFT mean ms", "lower"),
+                                ("mean_tpot_ms", "serving TPOT mean ms", "lower"),
+                                ("output_throughput", "serving output tok/s", "higher")):
+        add_median(rows, label, better, [(r["serving_jpaged"][stat], r["serving_vllm"][stat]) for r in rounds])
     add("server start-up to ready s (lower is better)",
         field("startup_jpaged.txt", "startup_s"), field("startup_vllm.txt", "startup_s"))
     return rows
 
 
-def offline_rounds(out_dir: str) -> list[dict]:
-    """The offline rounds in order, round 1 from offline_<engine>.json and round r > 1 from
-    offline_<engine>.round<r>.json, up to the first round without both fp32 files:
-    [{"offline_vllm": result, "offline_jpaged": result, "offline_jpaged_bf16": result or None}]."""
+def add_median(rows: list[dict], measure: str, better: str, pairs: list[tuple[float, float]]) -> None:
+    """Appends the row of (jpaged, vLLM) `pairs`, one per round, where there are two or more:
+    each engine's median, and the median of the rounds' ratios with their range."""
+    if len(pairs) < 2:
+        return
+    ratios = [ours / theirs for ours, theirs in pairs]
+    rows.append({"measure": f"{measure}, median of {len(pairs)} rounds (ratio: median of the rounds' ratios, "
+                            f"{min(ratios):.2f}-{max(ratios):.2f}×; {better} is better)",
+                 "jpaged": statistics.median(p[0] for p in pairs),
+                 "vllm": statistics.median(p[1] for p in pairs), "ratio": statistics.median(ratios)})
+
+
+def _rounds(out_dir: str, names: tuple[str, ...]) -> list[dict]:
+    """Round 1 from <name>.json and round r > 1 from <name>.round<r>.json, in order, up to the first
+    round without the files of names[0] and names[1] (vLLM's and jpaged's): [{name: result or None}]."""
     rounds = []
     while True:
         suffix = "" if not rounds else f".round{len(rounds) + 1}"
-        found = {name: _load(out_dir, f"{name}{suffix}.json")
-                 for name in ("offline_vllm", "offline_jpaged", "offline_jpaged_bf16")}
-        if found["offline_vllm"] is None or found["offline_jpaged"] is None:
+        found = {name: _load(out_dir, f"{name}{suffix}.json") for name in names}
+        if found[names[0]] is None or found[names[1]] is None:
             return rounds
         rounds.append(found)
+
+
+def offline_rounds(out_dir: str) -> list[dict]:
+    """[{"offline_vllm": result, "offline_jpaged": result, "offline_jpaged_bf16": result or None}]
+    for each offline round (OFFLINE_ROUNDS)."""
+    return _rounds(out_dir, ("offline_vllm", "offline_jpaged", "offline_jpaged_bf16"))
+
+
+def serving_rounds(out_dir: str) -> list[dict]:
+    """[{"serving_vllm": result, "serving_jpaged": result}] for each serving round (SERVING_ROUNDS)."""
+    return _rounds(out_dir, ("serving_vllm", "serving_jpaged"))
 
 
 def greedy_agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, int]:
@@ -152,6 +173,13 @@ def workloads(out_dir: str) -> list[str]:
             f", jpaged bfloat16 {r['offline_jpaged_bf16']['output_tokens_per_second']:.1f}"
         lines.append(f"offline round {number}: jpaged fp32 {ours:.1f}{bf16}, vLLM {theirs:.1f} output tok/s "
                      f"({ours / theirs:.2f}×)")
+    rounds = serving_rounds(out_dir)
+    for number, r in enumerate(rounds if len(rounds) > 1 else [], 1):
+        ours, theirs = r["serving_jpaged"], r["serving_vllm"]
+        lines.append(f"serving round {number}: TTFT mean {ours['mean_ttft_ms']:,.0f} vs {theirs['mean_ttft_ms']:,.0f} ms "
+                     f"({ours['mean_ttft_ms'] / theirs['mean_ttft_ms']:.2f}×), TPOT mean {ours['mean_tpot_ms']:.1f} vs "
+                     f"{theirs['mean_tpot_ms']:.1f} ms ({ours['mean_tpot_ms'] / theirs['mean_tpot_ms']:.2f}×), output "
+                     f"{ours['output_throughput']:.0f} vs {theirs['output_throughput']:.0f} tok/s (jpaged vs vLLM)")
     for name in ("serving_vllm.json", "serving_jpaged.json"):
         data = _load(out_dir, name)
         if data:

