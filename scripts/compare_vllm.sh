@@ -108,14 +108,18 @@ offline_jpaged() {  # result-file suffix
     "$PY" scripts/benchmark_throughput.py --dtype bfloat16 --no-enable-prefix-caching "${OFFLINE_FLAGS[@]}" \
         --output-json "$OUT/offline_jpaged_bf16$1.json"
 }
+run_rounds() {  # phase, rounds, vLLM's function, jpaged's function (each takes the result-file suffix)
+    local round suffix
+    for round in $(seq "$2"); do
+        suffix=$([ "$round" = 1 ] || echo ".round$round")
+        [ "$2" = 1 ] || echo "== $1 round $round of $2"
+        if (( round % 2 )); then "$3" "$suffix"; "$4" "$suffix"
+        else "$4" "$suffix"; "$3" "$suffix"; fi  # jpaged first in even rounds
+    done
+}
 if [[ " $PHASES " == *" offline "* ]]; then
     rm -f "$OUT"/offline_*.round*.json  # an earlier run's extra rounds would join this run's median
-    for round in $(seq "$OFFLINE_ROUNDS"); do
-        suffix=$([ "$round" = 1 ] || echo ".round$round")
-        [ "$OFFLINE_ROUNDS" = 1 ] || echo "== offline round $round of $OFFLINE_ROUNDS"
-        if (( round % 2 )); then offline_vllm "$suffix"; offline_jpaged "$suffix"
-        else offline_jpaged "$suffix"; offline_vllm "$suffix"; fi
-    done
+    run_rounds offline "$OFFLINE_ROUNDS" offline_vllm offline_jpaged
 fi
 
 if [[ " $PHASES " == *" hf "* ]]; then  # the baseline a user starts from: one padded batch, no warm-up
@@ -172,12 +176,7 @@ serving_jpaged() {  # result-file suffix
 }
 if [[ " $PHASES " == *" serving "* ]]; then
     rm -f "$OUT"/serving_*.round*.json "$OUT"/startup_*.round*.txt  # an earlier run's extra rounds
-    for round in $(seq "$SERVING_ROUNDS"); do
-        suffix=$([ "$round" = 1 ] || echo ".round$round")
-        [ "$SERVING_ROUNDS" = 1 ] || echo "== serving round $round of $SERVING_ROUNDS"
-        if (( round % 2 )); then serving_vllm "$suffix"; serving_jpaged "$suffix"
-        else serving_jpaged "$suffix"; serving_vllm "$suffix"; fi
-    done
+    run_rounds serving "$SERVING_ROUNDS" serving_vllm serving_jpaged
 fi
 
 "$PY" scripts/compare_summary.py "$OUT"
