@@ -10,6 +10,7 @@ import json
 import os
 import re
 
+from jpaged.cpu_features import has_amx
 from jpaged.pooling import RUNNERS, resolve_pooler_config
 from jpaged.reasoning import REASONING_MARKERS, check_reasoning_config
 
@@ -19,11 +20,14 @@ DEFAULT_CPU_KV_CACHE_GIB = 4.0
 # four steps per round take most of it away without holding new requests back long.
 DEFAULT_CPU_SCHEDULER_STEPS = 4
 # The prefill chunk (--max-num-batched-tokens): 512 for offline throughput. The server leaves the
-# flag unset (None), which means 384 on CPU: a burst of arrivals gets its first tokens sooner
-# (mean TTFT -13 to -19 % for +2-3 % TPOT on two machines; 384 cost offline throughput 3 %).
-# vLLM too gives its server a smaller CPU chunk than its LLM class.
+# flag unset (None), which on CPU means a chunk that splits the server's latency between TTFT and
+# TPOT by what the CPU's prefill costs against its decode (docs/performance.md, run 25): 384 with
+# AMX, where a burst of arrivals gets its first tokens sooner (mean TTFT -13 to -19 % for +2-3 %
+# TPOT), 768 without it, where decoding requests wait through fewer mixed steps (TPOT -8 to -15 %
+# for TTFT +2-5 % on AVX-512 machines). vLLM too gives its server its own CPU chunk (2,048).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
-SERVER_CPU_MAX_NUM_BATCHED_TOKENS = 384
+SERVER_CPU_MAX_NUM_BATCHED_TOKENS = 768
+SERVER_CPU_AMX_MAX_NUM_BATCHED_TOKENS = 384
 # --kv-cache-dtype values, vLLM's names (fp8 is fp8_e4m3); jpaged/kv_quantization.py maps them to page dtypes.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")
 # --logprobs-mode values, vLLM's names (jpaged/sampler.py); the first is the default.
@@ -141,8 +145,9 @@ class EngineArgs:
     max_num_batched_tokens: int | None = _field(
         DEFAULT_MAX_NUM_BATCHED_TOKENS, f"Most tokens in one step: the prefill chunk size. Default "
         f"{DEFAULT_MAX_NUM_BATCHED_TOKENS}; python -m jpaged.serve's default (None) is "
-        f"{SERVER_CPU_MAX_NUM_BATCHED_TOKENS} on CPU, where smaller chunks give a burst of requests its first "
-        f"tokens sooner, and {DEFAULT_MAX_NUM_BATCHED_TOKENS} elsewhere.", type=int)
+        f"{SERVER_CPU_MAX_NUM_BATCHED_TOKENS} on CPU ({SERVER_CPU_AMX_MAX_NUM_BATCHED_TOKENS} on CPUs with AMX, "
+        f"whose fast prefill gives a burst of requests its first tokens sooner in smaller chunks) and "
+        f"{DEFAULT_MAX_NUM_BATCHED_TOKENS} elsewhere. Larger chunks: lower TPOT, higher TTFT.", type=int)
     long_prefill_token_threshold: int = _field(
         0, "While other requests run or wait, a request's chunk is at most this many tokens (0: off, the default), "
         "so a long prompt shares each step's token budget instead of taking it: the others' first tokens come "
@@ -430,7 +435,9 @@ class EngineArgs:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}.")
 
 
-def server_max_num_batched_tokens(platform: str) -> int:
+def server_max_num_batched_tokens(platform: str, flags: frozenset[str] | None = None) -> int:
     """The prefill chunk where --max-num-batched-tokens is None (the server's default), for this
-    device platform ("cpu", "gpu", ...)."""
-    return SERVER_CPU_MAX_NUM_BATCHED_TOKENS if platform == "cpu" else DEFAULT_MAX_NUM_BATCHED_TOKENS
+    device platform ("cpu", "gpu", ...) and, on CPU, the CPU's feature `flags` (None: this host's)."""
+    if platform != "cpu":
+        return DEFAULT_MAX_NUM_BATCHED_TOKENS
+    return SERVER_CPU_AMX_MAX_NUM_BATCHED_TOKENS if has_amx(flags) else SERVER_CPU_MAX_NUM_BATCHED_TOKENS

@@ -29,6 +29,12 @@ def has_fast_bf16(flags: frozenset[str] | None = None) -> bool:
     return any(flag in flags for flag in BF16_FLAGS)
 
 
+def has_amx(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU has AMX tiles (the C++ kernels multiply prompt rows on them)."""
+    flags = cpu_flags() if flags is None else flags
+    return "amx_tile" in flags
+
+
 def resolve_cpu_dtype(dtype: str, flags: frozenset[str] | None = None) -> str:
     """The compute dtype to use on a CPU backend for --dtype `dtype`.
 

@@ -840,13 +840,15 @@ def test_cpu_dtype_falls_back_without_native_bf16(caplog):
 
 def test_unset_token_budget_is_the_servers_chunk_for_the_device(tiny_model_dir):
     """--max-num-batched-tokens None (what `python -m jpaged.serve` passes when the flag is not
-    given) becomes the server's chunk for the platform: the scheduler's budget and the runner's
-    largest token bucket; LLM's default stays 512."""
+    given) becomes the server's chunk for the platform (on CPU: 384 with AMX, else 768): the
+    scheduler's budget and the runner's largest token bucket; LLM's default stays 512."""
     from jpaged.config import server_max_num_batched_tokens
     from jpaged.llm_engine import LLMEngine
 
     assert EngineArgs().max_num_batched_tokens == 512
-    assert (server_max_num_batched_tokens("cpu"), server_max_num_batched_tokens("gpu")) == (384, 512)
+    avx512, amx = frozenset({"avx2", "avx512f"}), frozenset({"avx2", "avx512f", "amx_tile", "amx_bf16"})
+    assert server_max_num_batched_tokens("cpu", avx512) == 768 and server_max_num_batched_tokens("cpu", amx) == 384
+    assert server_max_num_batched_tokens("gpu", amx) == 512
     kwargs = dict(ENGINE_KWARGS, max_num_batched_tokens=None, max_model_len=32, num_gpu_blocks_override=8)
     engine = LLMEngine(EngineArgs(model=str(tiny_model_dir), **kwargs), show_progress=False)
     expected = server_max_num_batched_tokens(jax.devices()[0].platform)
