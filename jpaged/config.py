@@ -23,8 +23,8 @@ DEFAULT_CPU_SCHEDULER_STEPS = 4
 # flag unset (None), which on CPU means a chunk that splits the server's latency between TTFT and
 # TPOT by what the CPU's prefill costs against its decode (docs/performance.md, run 25): 384 with
 # AMX, where a burst of arrivals gets its first tokens sooner (mean TTFT -13 to -19 % for +2-3 %
-# TPOT), 768 without it, where decoding requests wait through fewer mixed steps (TPOT -8 to -15 %
-# for TTFT +2-5 % on AVX-512 machines). vLLM too gives its server its own CPU chunk (2,048).
+# TPOT), 768 without it, where TTFT has room and decoding requests wait through fewer mixed steps
+# (a Zen 4: TPOT -5 to -12 %, TTFT +4 to +9 %). vLLM too gives its server its own CPU chunk (2,048).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 SERVER_CPU_MAX_NUM_BATCHED_TOKENS = 768
 SERVER_CPU_AMX_MAX_NUM_BATCHED_TOKENS = 384
